@@ -1,0 +1,131 @@
+"""Which Ensembl gene each column of a source file is.
+
+Rules, in order:
+1. ``--gene-column`` names the var column (or ``var_names``) to use; otherwise every var column
+   of strings and ``var_names`` are candidates.
+2. The candidate whose values are most often Ensembl ids (at least half of them) gives the ids;
+   its empty or non-Ensembl entries are filled from a symbol column through the symbol table,
+   when one is supplied.
+3. With no Ensembl candidate, a symbol column is mapped through ``--symbol-table``; without a
+   table the file is refused (symbols are not a stable identity across files).
+4. Placeholder names (``g0, g1, ...``, plain numbers) are not identifiers: a file with nothing
+   else is refused with an error that says how to supply gene ids.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from .readers import SourceError
+from .vocab import is_ensembl, strip_version
+
+_SYMBOL_COLUMN_NAMES = ("gene_symbol", "gene_symbols", "symbol", "symbols", "gene_name",
+                        "gene_names", "feature_name", "gene_short_name", "name", "genes")
+_TRAILING_NUMBER = re.compile(r"^(.*?)(\d+)$")
+
+
+@dataclass
+class GeneIdentity:
+    """Per source column: Ensembl id (version stripped) or "" when unresolved.  ``ids``: [n_vars]"""
+
+    ids: np.ndarray
+    how: str                # e.g. "var['ensembl_id'] (+ symbols via table for 120)"
+    n_from_symbols: int
+    n_unresolved: int
+
+
+def _candidates(var: pd.DataFrame) -> list[tuple[str, np.ndarray]]:
+    out = [("var_names", var.index.to_numpy(dtype=object).astype(str))]
+    for col in var.columns:
+        series = var[col]
+        if series.dtype == object or isinstance(series.dtype, (pd.CategoricalDtype, pd.StringDtype)):
+            out.append((f"var['{col}']", series.astype(str).fillna("").to_numpy(dtype=object)))
+    return out
+
+
+def looks_like_placeholders(values: np.ndarray) -> bool:
+    """True for generated names such as ``g0..gN``, ``gene1..``, or plain numbers."""
+    values = [str(v) for v in values[:5000]]
+    if not values:
+        return True
+    prefixes = set()
+    numbered = 0
+    for v in values:
+        m = _TRAILING_NUMBER.match(v)
+        if m:
+            numbered += 1
+            prefixes.add(m.group(1))
+    return numbered >= 0.9 * len(values) and len(prefixes) <= 2
+
+
+def resolve_gene_ids(var: pd.DataFrame, source: str, gene_column: str | None = None,
+                     symbol_table: dict[str, str] | None = None) -> GeneIdentity:
+    """Resolve each var row of ``source`` to an Ensembl id; raise SourceError naming the fix."""
+    candidates = _candidates(var)
+    columns = [name for name, _ in candidates]
+    if gene_column:
+        wanted = "var_names" if gene_column in ("var_names", "index", "_index") else f"var['{gene_column}']"
+        candidates = [c for c in candidates if c[0] == wanted]
+        if not candidates:
+            raise SourceError(f"{source}: --gene-column {gene_column!r} is not a var column of "
+                              f"strings (available: {', '.join(columns)})")
+    scored = [(float(is_ensembl(vals).mean()) if len(vals) else 0.0, name, vals)
+              for name, vals in candidates]
+    best_frac, best_name, best_vals = max(scored, key=lambda t: t[0])
+    symbol_col = _pick_symbol_column(candidates, symbol_table, exclude=best_name if best_frac >= 0.5 else None)
+
+    if best_frac >= 0.5:
+        mask = is_ensembl(best_vals)
+        ids = np.where(mask, [strip_version(v) for v in best_vals], "").astype(object)
+        n_from_symbols = 0
+        how = best_name
+        if symbol_table and symbol_col is not None and not mask.all():
+            name, syms = symbol_col
+            filled = np.array([symbol_table.get(s, "") for s in syms], dtype=object)
+            take = (~mask) & (filled != "")
+            ids[take] = filled[take]
+            n_from_symbols = int(take.sum())
+            if n_from_symbols:
+                how += f" (+ {n_from_symbols} from {name} via the symbol table)"
+        return GeneIdentity(ids, how, n_from_symbols, int((ids == "").sum()))
+
+    if symbol_col is not None:
+        name, syms = symbol_col
+        if not symbol_table:
+            raise SourceError(
+                f"{source}: genes are named by symbols ({name}, e.g. {', '.join(map(str, syms[:3]))}) "
+                "but no var column holds Ensembl IDs; pass --symbol-table FILE (a symbol->Ensembl "
+                "CSV/TSV or pickled dict) or --gene-column naming a column of Ensembl IDs")
+        ids = np.array([symbol_table.get(s, "") for s in syms], dtype=object)
+        n = int((ids != "").sum())
+        return GeneIdentity(ids, f"{name} via the symbol table", n, len(ids) - n)
+
+    example = ", ".join(map(str, candidates[0][1][:3])) if len(candidates[0][1]) else "none"
+    raise SourceError(
+        f"{source}: no gene identifiers: var_names look like placeholders ({example}, ...) and no "
+        f"var column holds Ensembl IDs or gene symbols (columns: {', '.join(columns)}). Add a var "
+        "column of Ensembl IDs or symbols and pass --gene-column NAME (with --symbol-table for "
+        "symbols), or convert this file without it")
+
+
+def _pick_symbol_column(candidates, symbol_table, exclude):
+    """The candidate most likely to hold gene symbols, or None."""
+    pool = [(name, vals) for name, vals in candidates if name != exclude and len(vals)
+            and is_ensembl(vals[:2000]).mean() < 0.5 and not looks_like_placeholders(vals)]
+    if not pool:
+        return None
+    if symbol_table:
+        scored = [(np.mean([v in symbol_table for v in vals[:5000]]), name, vals) for name, vals in pool]
+        frac, name, vals = max(scored, key=lambda t: t[0])
+        return (name, vals) if frac > 0.2 else None
+
+    def rank(item):
+        name = item[0]
+        col = name[5:-2].lower() if name.startswith("var[") else ""
+        return (0 if col in _SYMBOL_COLUMN_NAMES else 1 if name == "var_names" else 2)
+
+    return min(pool, key=rank)

@@ -1,0 +1,201 @@
+"""Gene vocabulary: token ids for Ensembl genes plus special tokens, and the tables that feed it.
+
+`vocab.tsv` (one per corpus) has a header and one row per token::
+
+    token_id    ensembl_id      symbol
+    0           <pad>           <pad>
+    1           <cls>           <cls>
+    2           <mask>          <mask>
+    3           ENSG00000000003 TSPAN6
+
+Special tokens carry their own name in both name columns. Ensembl ids are stored without the
+version suffix (``ENSG00000000003.15`` -> ``ENSG00000000003``). Token ids are dense from 0.
+
+Also here: reading a Geneformer token dictionary or median dictionary (Python pickles of plain
+dicts) with a restricted unpickler, and symbol -> Ensembl tables (CSV/TSV or pickle).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import io
+import pickle
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+SPECIAL_TOKENS = ("<pad>", "<cls>", "<mask>")
+ENSEMBL_RE = re.compile(r"^ENS[A-Z]*G\d{11}(\.\d+)?$")
+_VERSION_RE = re.compile(r"\.\d+$")
+
+
+def strip_version(gene_id: str) -> str:
+    """``ENSG00000000003.15`` -> ``ENSG00000000003``; other strings unchanged."""
+    return _VERSION_RE.sub("", gene_id) if gene_id.startswith("ENS") else gene_id
+
+
+def is_ensembl(values) -> np.ndarray:
+    """Boolean mask: which strings look like Ensembl gene ids (any species, optional version)."""
+    return np.array([bool(ENSEMBL_RE.match(str(v))) for v in values], dtype=bool)
+
+
+@dataclass
+class Vocabulary:
+    """Token ids for genes and special tokens.
+
+    ``ensembl_ids[i]`` / ``symbols[i]`` describe token ``i``; special tokens have their name in
+    both lists. ``index`` maps Ensembl id -> token id for genes only.
+    """
+
+    ensembl_ids: list[str]
+    symbols: list[str]
+    index: dict[str, int] = field(init=False, repr=False)
+
+    def __post_init__(self):
+        if len(self.ensembl_ids) != len(self.symbols):
+            raise ValueError("vocabulary: ensembl_ids and symbols differ in length")
+        self.index = {g: i for i, g in enumerate(self.ensembl_ids) if g not in SPECIAL_TOKENS}
+        if len(self.index) + sum(g in SPECIAL_TOKENS for g in self.ensembl_ids) != len(self.ensembl_ids):
+            raise ValueError("vocabulary: an Ensembl id appears twice; each gene needs one token id")
+
+    def __len__(self) -> int:
+        return len(self.ensembl_ids)
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return {g: i for i, g in enumerate(self.ensembl_ids) if g in SPECIAL_TOKENS}
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.index)
+
+    @property
+    def token_dtype(self) -> np.dtype:
+        """Smallest unsigned dtype that holds every token id."""
+        return np.dtype("<u2") if len(self) <= 1 << 16 else np.dtype("<u4")
+
+    @classmethod
+    def from_genes(cls, ensembl_ids, symbols=None) -> "Vocabulary":
+        """Special tokens 0..2, then the given genes in the given order."""
+        ensembl_ids = [strip_version(str(g)) for g in ensembl_ids]
+        symbols = list(symbols) if symbols is not None else ["" for _ in ensembl_ids]
+        return cls(list(SPECIAL_TOKENS) + ensembl_ids, list(SPECIAL_TOKENS) + [str(s) for s in symbols])
+
+    def to_tsv(self) -> bytes:
+        out = io.StringIO()
+        out.write("token_id\tensembl_id\tsymbol\n")
+        for i, (g, s) in enumerate(zip(self.ensembl_ids, self.symbols)):
+            out.write(f"{i}\t{g}\t{s}\n")
+        return out.getvalue().encode()
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.to_tsv()).hexdigest()
+
+    def lookup(self, ensembl_ids) -> np.ndarray:
+        """Token id per Ensembl id, -1 where the gene is not in the vocabulary.  [n] int64"""
+        get = self.index.get
+        return np.array([get(strip_version(str(g)), -1) for g in ensembl_ids], dtype=np.int64)
+
+
+def read_vocab(path: str | Path) -> Vocabulary:
+    """Read our ``vocab.tsv`` or a Geneformer-style token dictionary (``.pkl``: Ensembl id -> id).
+
+    A Geneformer dictionary keeps its token ids (so a corpus stays compatible with models trained
+    on it); special tokens it lacks (``<cls>``) are appended after its largest id.
+    """
+    path = Path(path)
+    if path.suffix == ".pkl":
+        mapping = read_pickled_dict(path)
+        size = max(int(v) for v in mapping.values()) + 1
+        ids = [""] * size
+        for key, tok in mapping.items():
+            ids[int(tok)] = strip_version(str(key))
+        for special in SPECIAL_TOKENS:
+            if special not in mapping:
+                ids.append(special)
+        holes = [i for i, g in enumerate(ids) if not g]
+        if holes:
+            raise ValueError(f"{path}: token ids are not dense (missing e.g. {holes[:5]}); "
+                             "a token dictionary must map genes to 0..N-1")
+        symbols = [g if g in SPECIAL_TOKENS else "" for g in ids]
+        return Vocabulary(ids, symbols)
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh, delimiter="\t"))
+    if not rows or [c.strip() for c in rows[0][:2]] != ["token_id", "ensembl_id"]:
+        raise ValueError(f"{path}: not a vocab.tsv (expected a header 'token_id<TAB>ensembl_id"
+                         "<TAB>symbol'); pass our vocab.tsv or a Geneformer token dictionary .pkl")
+    body = rows[1:]
+    for expect, row in enumerate(body):
+        if int(row[0]) != expect:
+            raise ValueError(f"{path}: token ids must be 0..N-1 in order; row {expect + 2} has {row[0]}")
+    return Vocabulary([r[1] for r in body], [r[2] if len(r) > 2 else "" for r in body])
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Unpickles dicts of str/int/float, including numpy scalars; refuses any other global."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return getattr(np, "dtype") if name == "dtype" else _numpy_scalar
+        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: only plain dicts of "
+                                     "strings and numbers are accepted")
+
+
+def _numpy_scalar(dtype, data=None):
+    return np.frombuffer(data, dtype=dtype)[0] if data is not None else dtype.type()
+
+
+def read_pickled_dict(path: str | Path) -> dict:
+    """A dict from a pickle holding only plain data (never executes code from the file)."""
+    with open(path, "rb") as fh:
+        obj = _PlainDataUnpickler(fh).load()
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a pickled dict, found {type(obj).__name__}")
+    return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in obj.items()}
+
+
+def _open_text(path: Path):
+    return gzip.open(path, "rt", newline="") if path.suffix == ".gz" else open(path, newline="")
+
+
+def read_symbol_table(path: str | Path) -> dict[str, str]:
+    """Map gene symbol -> Ensembl id (version stripped).
+
+    Accepts a pickled dict (Geneformer's ``gene_name_id_dict``) or a CSV/TSV (optionally .gz),
+    with or without a header; the Ensembl column is the one whose values look like Ensembl ids,
+    the symbol column the first other column. Symbols that map to several Ensembl ids keep the
+    first one listed (the table's order decides, so a curated table can put its choice first).
+    """
+    path = Path(path)
+    if path.suffix == ".pkl":
+        return {str(k): strip_version(str(v)) for k, v in read_pickled_dict(path).items()}
+    name = path.name.removesuffix(".gz")
+    delim = "\t" if name.endswith((".tsv", ".txt")) else ","
+    with _open_text(path) as fh:
+        rows = [r for r in csv.reader(fh, delimiter=delim) if r]
+    if not rows:
+        raise ValueError(f"{path}: empty symbol table")
+    width = min(len(r) for r in rows[: min(len(rows), 1000)])
+    sample = rows[1 : min(len(rows), 1000)]
+    ens_col = next((c for c in range(width) if is_ensembl([r[c] for r in sample]).mean() > 0.9), None)
+    if ens_col is None or width < 2:
+        raise ValueError(f"{path}: no column of Ensembl ids found; a symbol table needs an Ensembl "
+                         "id column and a symbol column")
+    sym_col = 1 if ens_col == 0 else 0
+    start = 0 if ENSEMBL_RE.match(rows[0][ens_col]) else 1
+    table: dict[str, str] = {}
+    for r in rows[start:]:
+        sym = r[sym_col].strip()
+        if sym and sym not in table:
+            table[sym] = strip_version(r[ens_col].strip())
+    return table
