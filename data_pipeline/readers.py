@@ -3,20 +3,25 @@
 Every reader presents a file as a `Source`: cells x genes, read in row ranges as CSR, never loaded
 whole where the format allows random access:
 
-- h5ad / zarr CSR: only the row range's slice of ``data``/``indices`` is read.
+- h5ad / zarr CSR: only the row range's slice of ``indptr``/``data``/``indices`` is read.
 - h5ad / zarr CSC: each row range scans the matrix column block by column block (bounded
   memory, but the whole matrix is read once per range; prefer CSR for very large files).
 - h5ad / zarr dense: rows are read directly.
 - 10x h5 (v2 and v3): per-cell pointers, read like CSR.
 - 10x mtx: MatrixMarket has no index, so the file is parsed once, whole, when first read.
 
+Cell metadata is read per row range too (`Source.obs_names`, `Source.obs_values`), so a work unit
+of a converter touches only its own slice of obs.
+
 ``matrix`` picks what is read in AnnData files: ``"X"`` (default), ``"raw.X"`` or
-``"layers/<name>"`` (``"<name>"`` alone is taken as a layer).
+``"layers/<name>"`` (``"<name>"`` alone is taken as a layer). In a 10x v2 ``.h5`` holding several
+genomes it names the genome group.
 """
 
 from __future__ import annotations
 
 import gzip
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +30,7 @@ import scipy.sparse as sp
 
 # Elements read per slice when scanning CSC or dense matrices (bounds memory per read).
 _SCAN_ELEMENTS = 1 << 24
+_DEFAULT_MATRIX = (None, "", "X")
 
 
 class SourceError(ValueError):
@@ -49,22 +55,25 @@ def detect_format(path: Path) -> str:
         import h5py
 
         with h5py.File(path, "r") as f:
-            return "h5ad" if "X" in f else "10x-h5"
+            return "h5ad" if "X" in f or "obs" in f else "10x-h5"
     raise SourceError(f"{path}: unknown input type; expected .h5ad, an AnnData .zarr store, a 10x "
                       "matrix.mtx(.gz) folder or a 10x .h5 file")
 
 
-def open_source(path: str | Path, matrix: str = "X") -> "Source":
+def open_source(path: str | Path, matrix: str | None = "X") -> Source:
+    """Open ``path`` (any supported format) as a `Source`; SourceError (naming the path) if it
+    cannot be read."""
     path = Path(path)
     if not path.exists():
         raise SourceError(f"{path}: no such file or folder")
-    fmt = detect_format(path)
+    fmt = "input"
     try:
+        fmt = detect_format(path)
         if fmt in ("h5ad", "zarr"):
             return AnnDataSource(path, fmt, matrix)
         if fmt == "10x-h5":
-            return TenXH5Source(path)
-        return TenXMtxSource(path)
+            return TenXH5Source(path, matrix)
+        return TenXMtxSource(path, matrix)
     except SourceError:
         raise
     except Exception as exc:  # corrupt or truncated files surface here with their cause
@@ -76,6 +85,8 @@ class Source:
 
     Attributes: ``path``, ``format``, ``matrix`` (what is read), ``n_cells``, ``n_vars``,
     ``var`` (DataFrame indexed by var names, with the file's gene annotation columns).
+    Subclasses implement ``_read_rows``; the public methods check ranges and turn low-level
+    read failures (a corrupt chunk deep in a file) into SourceError naming the file.
     """
 
     path: Path
@@ -88,33 +99,107 @@ class Source:
     def read_rows(self, start: int, stop: int) -> sp.csr_matrix:
         """Rows ``start:stop`` as CSR ``[stop-start, n_vars]`` (source dtype; may hold explicit
         zeros; indices sorted or not, as stored)."""
-        raise NotImplementedError
+        start, stop = self._range(start, stop)
+        with self._reading(f"rows {start}:{stop}"):
+            return self._read_rows(start, stop)
 
-    def obs_names(self) -> np.ndarray:
-        """Cell ids ``[n_cells]`` as str."""
-        raise NotImplementedError
+    def obs_names(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Cell ids of rows ``start:stop``: object array of str ``[stop-start]``."""
+        start, stop = self._range(start, stop)
+        with self._reading(f"obs names {start}:{stop}"):
+            return self._obs_names(start, stop)
 
     def obs_columns(self) -> list[str]:
+        """Names of the per-cell metadata columns (empty for 10x files)."""
         return []
 
-    def obs_column(self, name: str) -> pd.Series:
-        """An obs column as a pandas Series ``[n_cells]``."""
-        raise KeyError(name)
+    def obs_values(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Column ``name`` of obs for rows ``start:stop``: object array ``[stop-start]`` of str,
+        None where missing. Numbers become their str() (integral floats without ".0").
+        KeyError if there is no such column."""
+        if name not in self.obs_columns():
+            raise KeyError(f"{self.path}: no obs column {name!r} (columns: "
+                           f"{', '.join(self.obs_columns()) or 'none'})")
+        start, stop = self._range(start, stop)
+        with self._reading(f"obs[{name!r}] {start}:{stop}"):
+            return self._obs_values(name, start, stop)
 
     def close(self):
         pass
 
+    def __enter__(self):
+        return self
 
-def _read_dataframe_index(group) -> np.ndarray:
-    index_key = group.attrs.get("_index", "_index")
-    values = group[index_key][...]
-    return np.asarray([v.decode() if isinstance(v, bytes) else str(v) for v in values], dtype=object)
+    def __exit__(self, *exc):
+        self.close()
+
+    def _read_rows(self, start: int, stop: int) -> sp.csr_matrix:
+        raise NotImplementedError
+
+    def _obs_names(self, start: int, stop: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def _obs_values(self, name: str, start: int, stop: int) -> np.ndarray:
+        raise KeyError(name)
+
+    def _range(self, start: int, stop: int | None) -> tuple[int, int]:
+        stop = self.n_cells if stop is None else int(stop)
+        start = int(start)
+        if not 0 <= start <= stop <= self.n_cells:
+            raise IndexError(f"{self.path}: row range {start}:{stop} is outside 0:{self.n_cells}")
+        return start, stop
+
+    @contextmanager
+    def _reading(self, what: str):
+        try:
+            yield
+        except (SourceError, KeyError, IndexError):
+            raise
+        except Exception as exc:
+            raise SourceError(f"{self.path}: cannot read {what} ({type(exc).__name__}: {exc})") from exc
+
+
+def _to_str_array(values) -> np.ndarray:
+    """Values of any stored dtype -> object array of str, None for NaN / None.  [n]"""
+    values = np.asarray(values)
+    kind = values.dtype.kind
+    if kind in "iu":
+        return np.array([str(v) for v in values.tolist()], dtype=object)
+    if kind == "f":
+        # numpy scalars keep their own precision in str(): float32 0.1 prints "0.1", not 0.1000000015
+        return np.array([None if v != v else str(int(v)) if float(v).is_integer() else str(v)
+                         for v in values], dtype=object)
+    out = np.empty(len(values), dtype=object)
+    for i, v in enumerate(values.tolist()):
+        if isinstance(v, bytes):
+            v = v.decode()
+        elif isinstance(v, float):
+            v = None if v != v else str(int(v)) if v.is_integer() else str(v)
+        out[i] = v if v is None or isinstance(v, str) else str(v)
+    return out
+
+
+def _has(root, key: str) -> bool:
+    node = root
+    for part in key.split("/"):
+        if not _is_group(node) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _read_elem(elem):
+    try:
+        from anndata.io import read_elem
+    except ImportError:  # anndata < 0.11
+        from anndata.experimental import read_elem
+    return read_elem(elem)
 
 
 class AnnDataSource(Source):
     """An `.h5ad` file (via h5py) or an AnnData zarr store (via zarr), without anndata's loader."""
 
-    def __init__(self, path: Path, fmt: str, matrix: str):
+    def __init__(self, path: Path, fmt: str, matrix: str | None):
         self.path, self.format = path, fmt
         if fmt == "h5ad":
             import h5py
@@ -124,33 +209,49 @@ class AnnDataSource(Source):
             import zarr
 
             self._root = zarr.open_group(str(path), mode="r")
-        root = self._root
-        if matrix in ("X", "", None):
+        try:
+            self._open_matrix(matrix)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_matrix(self, matrix: str | None):
+        root, path = self._root, self.path
+        if matrix in _DEFAULT_MATRIX:
             key, var_key = "X", "var"
         elif matrix in ("raw.X", "raw/X"):
             key, var_key = "raw/X", "raw/var"
         else:
-            name = matrix.removeprefix("layers/")
-            key, var_key = f"layers/{name}", "var"
-        if key not in root:
-            have = ["X"] + (["raw.X"] if "raw" in root and "X" in root["raw"] else [])
-            if "layers" in root:
+            key, var_key = f"layers/{matrix.removeprefix('layers/')}", "var"
+        if not _has(root, key):
+            have = (["X"] if _has(root, "X") else []) + (["raw.X"] if _has(root, "raw/X") else [])
+            if _has(root, "layers"):
                 have += [f"layers/{k}" for k in root["layers"].keys()]
-            raise SourceError(f"{path}: has no matrix '{matrix}'; it has {', '.join(have)} "
+            raise SourceError(f"{path}: has no matrix '{matrix}'; it has {', '.join(have) or 'none'} "
                               "(choose with --matrix)")
         self.matrix = {"X": "X", "raw/X": "raw.X"}.get(key, key)
         self._x = root[key]
         attrs = dict(self._x.attrs)
         encoding = attrs.get("encoding-type") or attrs.get("h5sparse_format", "")
         encoding = {"csr": "csr_matrix", "csc": "csc_matrix"}.get(encoding, encoding)
-        if hasattr(self._x, "shape") and not _is_group(self._x):
+        if not _is_group(self._x):
             self._layout = "dense"
+            if len(self._x.shape) != 2:
+                raise SourceError(f"{path}: matrix '{self.matrix}' has shape {self._x.shape}, not 2-D")
             self.n_cells, self.n_vars = (int(s) for s in self._x.shape)
         elif encoding in ("csr_matrix", "csc_matrix"):
             self._layout = encoding[:3]
             shape = attrs.get("shape", attrs.get("h5sparse_shape"))
             self.n_cells, self.n_vars = (int(s) for s in shape)
-            self._indptr = np.asarray(self._x["indptr"][...], dtype=np.int64)
+            n_ptr = self.n_cells if self._layout == "csr" else self.n_vars
+            if self._x["indptr"].shape[0] != n_ptr + 1:
+                raise SourceError(f"{path}: matrix '{self.matrix}' is {self.n_cells} x {self.n_vars} "
+                                  f"{self._layout.upper()} but its indptr has {self._x['indptr'].shape[0]} "
+                                  "entries")
+            # CSC column pointers are needed by every read and are only n_vars + 1 long; CSR row
+            # pointers (n_cells + 1, possibly 10^8) are sliced per read instead.
+            if self._layout == "csc":
+                self._indptr = np.asarray(self._x["indptr"][...], dtype=np.int64)
         else:
             raise SourceError(f"{path}: matrix '{self.matrix}' has encoding '{encoding}', not a "
                               "CSR/CSC/dense count matrix")
@@ -160,44 +261,59 @@ class AnnDataSource(Source):
                               f"{self.n_vars} columns")
 
     def _read_var(self, var_key: str) -> pd.DataFrame:
-        from anndata.io import read_elem
-
         group = self._root[var_key]
         try:
-            df = read_elem(group)
+            df = _read_elem(group)
         except Exception:  # unusual encodings: fall back to the index alone
-            df = pd.DataFrame(index=_read_dataframe_index(group))
-        df.index = df.index.astype(str)
+            df = pd.DataFrame(index=self._index(group)[...])
+        df.index = _to_str_array(df.index.to_numpy())
         return df
 
-    def obs_names(self) -> np.ndarray:
-        return _read_dataframe_index(self._root["obs"])
+    @staticmethod
+    def _index(group):
+        return group[group.attrs.get("_index", "_index")]
+
+    def _obs_names(self, start: int, stop: int) -> np.ndarray:
+        return _to_str_array(self._index(self._root["obs"])[start:stop])
 
     def obs_columns(self) -> list[str]:
         group = self._root["obs"]
         index_key = group.attrs.get("_index", "_index")
-        return [k for k in group.keys() if k != index_key and not k.startswith("__")]
+        keys = [k for k in group.keys() if k != index_key and not k.startswith("__")]
+        order = [str(k) for k in np.atleast_1d(group.attrs.get("column-order", [])) if str(k) in keys]
+        return order + [k for k in keys if k not in order]
 
-    def obs_column(self, name: str) -> pd.Series:
-        from anndata.io import read_elem
+    def _obs_values(self, name: str, start: int, stop: int) -> np.ndarray:
+        obs = self._root["obs"]
+        elem = obs[name]
+        if _is_group(elem):
+            keys = set(elem.keys())
+            if {"codes", "categories"} <= keys:
+                return _decode_categorical(elem["codes"][start:stop], elem["categories"][...])
+            if {"values", "mask"} <= keys:  # nullable integer / boolean / string
+                out = _to_str_array(elem["values"][start:stop])
+                out[np.asarray(elem["mask"][start:stop], dtype=bool)] = None
+                return out
+            raise SourceError(f"{self.path}: obs column {name!r} has encoding "
+                              f"'{elem.attrs.get('encoding-type')}', not a column of values")
+        if _has(obs, f"__categories/{name}"):  # anndata < 0.7 kept categories beside the codes
+            return _decode_categorical(elem[start:stop], obs["__categories"][name][...])
+        return _to_str_array(elem[start:stop])
 
-        group = self._root["obs"]
-        if name not in group:
-            raise KeyError(name)
-        return pd.Series(read_elem(group[name]))
-
-    def read_rows(self, start: int, stop: int) -> sp.csr_matrix:
+    def _read_rows(self, start: int, stop: int) -> sp.csr_matrix:
         n = stop - start
         if self._layout == "csr":
-            lo, hi = int(self._indptr[start]), int(self._indptr[stop])
+            indptr = np.asarray(self._x["indptr"][start : stop + 1], dtype=np.int64)
+            lo, hi = int(indptr[0]), int(indptr[-1])
             data = np.asarray(self._x["data"][lo:hi])
             indices = np.asarray(self._x["indices"][lo:hi])
-            return sp.csr_matrix((data, indices, self._indptr[start : stop + 1] - lo),
-                                 shape=(n, self.n_vars))
+            return sp.csr_matrix((data, indices, indptr - lo), shape=(n, self.n_vars))
         if self._layout == "dense":
             rows_per_read = max(1, _SCAN_ELEMENTS // max(self.n_vars, 1))
             parts = [sp.csr_matrix(np.asarray(self._x[s : min(s + rows_per_read, stop)]))
                      for s in range(start, stop, rows_per_read)]
+            if not parts:
+                return sp.csr_matrix((0, self.n_vars), dtype=self._x.dtype)
             return sp.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
         return self._read_rows_csc(start, stop)
 
@@ -205,8 +321,8 @@ class AnnDataSource(Source):
         rows, cols, vals = [], [], []
         indptr = self._indptr
         col = 0
-        while col < self.n_vars:
-            # a block of columns holding about _SCAN_ELEMENTS nonzeros
+        while col < self.n_vars and start < stop:
+            # a block of columns holding about _SCAN_ELEMENTS nonzeros (at least one column)
             end = int(np.searchsorted(indptr, indptr[col] + _SCAN_ELEMENTS, side="right")) - 1
             end = min(max(end, col + 1), self.n_vars)
             lo, hi = int(indptr[col]), int(indptr[end])
@@ -230,6 +346,12 @@ class AnnDataSource(Source):
             self._root.close()
 
 
+def _decode_categorical(codes, categories) -> np.ndarray:
+    """Category per code, None for code -1 (missing).  [n] object"""
+    labels = np.append(_to_str_array(categories), None)  # code -1 indexes the appended None
+    return labels[np.asarray(codes, dtype=np.int64)]
+
+
 def _is_group(obj) -> bool:
     import h5py
 
@@ -243,8 +365,15 @@ def _is_group(obj) -> bool:
         return False
 
 
-def _decode(values) -> np.ndarray:
-    return np.asarray([v.decode() if isinstance(v, bytes) else str(v) for v in values], dtype=object)
+def _check_single_matrix(path: Path, matrix: str | None, fmt: str):
+    if matrix not in _DEFAULT_MATRIX and matrix != "matrix":
+        raise SourceError(f"{path}: a {fmt} file holds one count matrix; --matrix {matrix!r} "
+                          "applies to AnnData files only (leave it out)")
+
+
+def _var_frame(ids: np.ndarray, names: np.ndarray) -> pd.DataFrame:
+    """10x gene annotation: index = feature ids (Ensembl for Cell Ranger references)."""
+    return pd.DataFrame({"gene_ids": ids, "gene_symbol": names}, index=pd.Index(ids, dtype=object))
 
 
 class TenXH5Source(Source):
@@ -254,45 +383,66 @@ class TenXH5Source(Source):
     Only "Gene Expression" features are presented (antibody / CRISPR features are dropped).
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, matrix: str | None = None):
         import h5py
 
-        self.path, self.format, self.matrix = path, "10x-h5", "matrix"
+        self.path, self.format = path, "10x-h5"
         self._f = h5py.File(path, "r")
-        if "matrix" in self._f:
-            g = self._f["matrix"]
-            ids, names = _decode(g["features/id"][...]), _decode(g["features/name"][...])
-            ftype = (_decode(g["features/feature_type"][...]) if "feature_type" in g["features"]
+        try:
+            self._open(matrix)
+        except BaseException:
+            self._f.close()
+            raise
+
+    def _open(self, matrix: str | None):
+        f, path = self._f, self.path
+        if "matrix" in f:
+            _check_single_matrix(path, matrix, "10x v3 .h5")
+            self.matrix = "matrix"
+            g = f["matrix"]
+            ids, names = _to_str_array(g["features/id"][...]), _to_str_array(g["features/name"][...])
+            ftype = (_to_str_array(g["features/feature_type"][...]) if "feature_type" in g["features"]
                      else np.full(len(ids), "Gene Expression", dtype=object))
         else:
-            groups = [k for k in self._f.keys() if isinstance(self._f[k], h5py.Group) and "indptr" in self._f[k]]
-            if not groups:
+            import h5py
+
+            genomes = [k for k, v in f.items() if isinstance(v, h5py.Group) and "indptr" in v]
+            if not genomes:
                 raise SourceError(f"{path}: not a 10x h5 (no 'matrix' group and no genome group "
                                   "with indptr)")
-            g = self._f[groups[0]]
-            ids, names = _decode(g["genes"][...]), _decode(g["gene_names"][...])
+            if matrix in genomes:
+                genome = matrix
+            elif matrix in _DEFAULT_MATRIX and len(genomes) == 1:
+                genome = genomes[0]
+            else:
+                raise SourceError(f"{path}: a 10x v2 .h5 with genome groups {', '.join(genomes)}; "
+                                  "choose one with --matrix GENOME")
+            self.matrix = genome
+            g = f[genome]
+            ids, names = _to_str_array(g["genes"][...]), _to_str_array(g["gene_names"][...])
             ftype = np.full(len(ids), "Gene Expression", dtype=object)
         self._g = g
         n_features, self.n_cells = (int(s) for s in g["shape"][...])
-        self._indptr = np.asarray(g["indptr"][...], dtype=np.int64)
+        if n_features != len(ids):
+            raise SourceError(f"{path}: shape says {n_features} features but {len(ids)} are listed")
+        if g["indptr"].shape[0] != self.n_cells + 1:
+            raise SourceError(f"{path}: {self.n_cells} cells but indptr has {g['indptr'].shape[0]} entries")
         gex = ftype == "Gene Expression"
-        # map stored feature index -> presented column (-1: dropped)
+        # stored feature index -> presented column (-1: dropped)
         self._feature_map = np.where(gex, np.cumsum(gex) - 1, -1).astype(np.int64)
         self._all_gex = bool(gex.all())
         self.n_vars = int(gex.sum())
-        self.var = pd.DataFrame({"gene_ids": ids[gex], "gene_symbol": names[gex]}, index=ids[gex])
-        self._barcodes = g["barcodes"]
-        if n_features != len(ids):
-            raise SourceError(f"{path}: shape says {n_features} features but {len(ids)} are listed")
+        self.var = _var_frame(ids[gex], names[gex])
 
-    def obs_names(self) -> np.ndarray:
-        return _decode(self._barcodes[...])
+    def _obs_names(self, start: int, stop: int) -> np.ndarray:
+        return _to_str_array(self._g["barcodes"][start:stop])
 
-    def read_rows(self, start: int, stop: int) -> sp.csr_matrix:
-        lo, hi = int(self._indptr[start]), int(self._indptr[stop])
+    def _read_rows(self, start: int, stop: int) -> sp.csr_matrix:
+        indptr = np.asarray(self._g["indptr"][start : stop + 1], dtype=np.int64)
+        lo, hi = int(indptr[0]), int(indptr[-1])
+        indptr = indptr - lo
         data = np.asarray(self._g["data"][lo:hi])
         indices = np.asarray(self._g["indices"][lo:hi], dtype=np.int64)
-        indptr = self._indptr[start : stop + 1] - lo
         if not self._all_gex:
             mapped = self._feature_map[indices]
             keep = mapped >= 0
@@ -306,20 +456,23 @@ class TenXH5Source(Source):
         self._f.close()
 
 
+def _read_tsv_column_table(path: Path) -> pd.DataFrame:
+    # every field as a literal string: a gene called "NA" or "nan" must not become NaN
+    return pd.read_csv(path, sep="\t", header=None, dtype=str, keep_default_na=False, na_filter=False)
+
+
 class TenXMtxSource(Source):
     """A 10x folder: ``matrix.mtx(.gz)`` (genes x cells) with ``features.tsv.gz`` (v3) or
     ``genes.tsv`` (v2) and ``barcodes.tsv(.gz)``. Parsed whole on first read (no index in mtx)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, matrix: str | None = None):
         self.format, self.matrix = "10x-mtx", "matrix.mtx"
         folder = path if path.is_dir() else path.parent
         self.path = folder
+        _check_single_matrix(folder, matrix, "10x matrix.mtx")
 
         def find(*names):
-            for n in names:
-                if (folder / n).exists():
-                    return folder / n
-            return None
+            return next((folder / n for n in names if (folder / n).exists()), None)
 
         self._mtx = find("matrix.mtx.gz", "matrix.mtx")
         feats = find("features.tsv.gz", "features.tsv", "genes.tsv.gz", "genes.tsv")
@@ -327,53 +480,71 @@ class TenXMtxSource(Source):
         if self._mtx is None or feats is None or barcodes is None:
             raise SourceError(f"{folder}: a 10x folder needs matrix.mtx(.gz), features.tsv.gz or "
                               "genes.tsv, and barcodes.tsv(.gz)")
-        table = pd.read_csv(feats, sep="\t", header=None, dtype=str)
+        table = _read_tsv_column_table(feats)
         ids = table[0].to_numpy(dtype=object)
         names = table[1].to_numpy(dtype=object) if table.shape[1] > 1 else ids
         ftype = (table[2].to_numpy(dtype=object) if table.shape[1] > 2
                  else np.full(len(ids), "Gene Expression", dtype=object))
         gex = ftype == "Gene Expression"
         self._feature_map = np.where(gex, np.cumsum(gex) - 1, -1).astype(np.int64)
-        self._barcodes = pd.read_csv(barcodes, sep="\t", header=None, dtype=str)[0].to_numpy(dtype=object)
-        n_features, n_cells = self._read_header()
+        self._barcodes = _read_tsv_column_table(barcodes)[0].to_numpy(dtype=object)
+        self._field, (n_features, n_cells, self._nnz), self._header_lines = self._read_header()
         if n_features != len(ids) or n_cells != len(self._barcodes):
             raise SourceError(f"{folder}: matrix.mtx is {n_features} x {n_cells} but the folder "
                               f"lists {len(ids)} features and {len(self._barcodes)} barcodes")
         self.n_cells, self.n_vars = n_cells, int(gex.sum())
-        self.var = pd.DataFrame({"gene_ids": ids[gex], "gene_symbol": names[gex]}, index=ids[gex])
+        self.var = _var_frame(ids[gex], names[gex])
         self._csr: sp.csr_matrix | None = None
 
     def _open(self):
         return gzip.open(self._mtx, "rb") if self._mtx.suffix == ".gz" else open(self._mtx, "rb")
 
-    def _read_header(self) -> tuple[int, int]:
+    def _read_header(self) -> tuple[str, tuple[int, int, int], int]:
+        """(value field, (rows, cols, nnz), number of lines before the first entry)."""
         with self._open() as fh:
-            first = fh.readline().decode()
-            if not first.startswith("%%MatrixMarket matrix coordinate"):
+            banner = fh.readline().decode().split()
+            if (len(banner) < 5 or banner[0].lower() != "%%matrixmarket"
+                    or banner[2].lower() != "coordinate"):
                 raise SourceError(f"{self._mtx}: not a MatrixMarket coordinate file")
-            self._field = first.split()[3]
+            field, symmetry = banner[3].lower(), banner[4].lower()
+            if field not in ("integer", "real", "double", "pattern") or symmetry != "general":
+                raise SourceError(f"{self._mtx}: MatrixMarket '{field} {symmetry}' is not supported "
+                                  "(expected 'integer general' or 'real general' counts)")
+            n_lines = 1
             line = fh.readline()
-            while line.startswith(b"%"):
+            while line.startswith(b"%") or not line.strip():
+                if not line:
+                    raise SourceError(f"{self._mtx}: no size line after the MatrixMarket header")
+                n_lines += 1
                 line = fh.readline()
-            rows, cols, _ = (int(x) for x in line.split())
-        return rows, cols
+            rows, cols, nnz = (int(x) for x in line.split())
+        return field, (rows, cols, nnz), n_lines + 1
 
     def _load(self) -> sp.csr_matrix:
         if self._csr is None:
-            dtype = np.float64 if self._field in ("real", "double") else np.int64
-            entries = pd.read_csv(self._mtx, sep=r"\s+", comment="%", header=None, skiprows=1,
-                                  dtype={0: np.int64, 1: np.int64, 2: dtype}, engine="c")
-            entries = entries.iloc[1:] if len(entries) and entries.shape[1] == 3 else entries
-            genes = self._feature_map[entries[0].to_numpy() - 1]
-            cells = entries[1].to_numpy() - 1
-            vals = entries[2].to_numpy()
+            n_cols = 2 if self._field == "pattern" else 3
+            value_dtype = np.float64 if self._field in ("real", "double") else np.int64
+            entries = pd.read_csv(self._mtx, sep=r"\s+", header=None, skiprows=self._header_lines,
+                                  comment="%", usecols=range(n_cols), engine="c",
+                                  dtype={0: np.int64, 1: np.int64, 2: value_dtype}
+                                  if n_cols == 3 else np.int64)
+            if len(entries) != self._nnz:
+                raise SourceError(f"{self._mtx}: the size line promises {self._nnz} entries but "
+                                  f"{len(entries)} were read (truncated file?)")
+            genes1, cells1 = entries[0].to_numpy(), entries[1].to_numpy()
+            if len(entries) and (genes1.min() < 1 or cells1.min() < 1 or genes1.max() > len(self._feature_map)
+                                 or cells1.max() > self.n_cells):
+                raise SourceError(f"{self._mtx}: entry indices outside the declared size (MatrixMarket "
+                                  "is 1-based)")
+            vals = entries[2].to_numpy() if n_cols == 3 else np.ones(len(entries), dtype=np.int64)
+            genes = self._feature_map[genes1 - 1]
             keep = genes >= 0
-            self._csr = sp.csr_matrix((vals[keep], (cells[keep], genes[keep])),
+            self._csr = sp.csr_matrix((vals[keep], (cells1[keep] - 1, genes[keep])),
                                       shape=(self.n_cells, self.n_vars))
         return self._csr
 
-    def obs_names(self) -> np.ndarray:
-        return self._barcodes
+    def _obs_names(self, start: int, stop: int) -> np.ndarray:
+        return self._barcodes[start:stop].copy()
 
-    def read_rows(self, start: int, stop: int) -> sp.csr_matrix:
+    def _read_rows(self, start: int, stop: int) -> sp.csr_matrix:
         return self._load()[start:stop]

@@ -9,18 +9,36 @@ For every token id (genes; special tokens stay zero):
   each gene's nonzero median of exactly these values; ``total_counts`` is the cell's total before
   vocabulary filtering, as Geneformer uses ``n_counts``).
 
-The sketch is a log-linear histogram over the float32 bit pattern: a value's bucket is its
-exponent and the top ``MANTISSA_BITS`` mantissa bits, so a bucket spans a relative width of at
-most ``2**-MANTISSA_BITS`` and its midpoint is within ``RELATIVE_ERROR = 2**-(MANTISSA_BITS+1)``
-of every value in it. Merging sketches adds bucket counts, so partial results from any number of
-workers or nodes merge to exactly the single-pass sketch.
+Explicit zeros in the input CSR are skipped (they are neither counted in ``nonzero_count`` nor
+put in the sketch); negative or non-finite counts, out-of-range token ids and non-positive
+``total_counts`` of a cell with nonzero counts are rejected with ``ValueError`` before anything
+is changed.
 
-Error bound of ``nonzero_medians()``: with ``lo``/``hi`` the lower/upper middle values of a
-gene's sorted nonzero normalized values (equal for an odd count), the estimate ``m`` satisfies
-``lo * (1 - RELATIVE_ERROR) <= m <= hi * (1 + RELATIVE_ERROR)``; for an odd count this is a
-relative error of at most 2**-8 = 0.39%. (The estimate is the midpoint of the bucket holding
-the lower middle value, or, when the two middle values fall in different buckets, the mean of
-the two bucket midpoints.)
+The normalized value is computed in float64 as ``count * (1e4 / total_counts)`` and rounded to
+float32 for the sketch. The sketch is a log-linear histogram over the float32 bit pattern: a
+value's bucket is its exponent and the top ``MANTISSA_BITS`` mantissa bits, so a bucket spans
+``[2**e * (1 + k/2**MANTISSA_BITS), 2**e * (1 + (k+1)/2**MANTISSA_BITS))`` and its midpoint is
+within ``RELATIVE_ERROR = 2**-(MANTISSA_BITS+1)`` (relative) of every value in it (the worst case
+is the lower edge of the ``k = 0`` bucket). Merging sketches adds bucket counts, so partial
+results from any number of workers or nodes merge to exactly the single-pass sketch, in any
+order. ``nonzero_count`` is exact; ``count_sum``/``cp10k_sum`` are accumulated per gene in cell
+order, so they are bit-identical however cells are split into ``add_cells`` calls, and depend
+only on the grouping (order) of ``merge`` calls beyond that.
+
+Error bound of ``nonzero_medians()``: let ``lo``/``hi`` be the lower/upper middle values of a
+gene's sorted nonzero normalized values (equal for an odd count; the exact median is
+``(lo + hi) / 2`` as ``np.median`` defines it for an even count). The estimate is
+``(mid(bucket(lo)) + mid(bucket(hi))) / 2`` (the midpoint of the one bucket when both middle
+values share it). Each midpoint is within a relative ``RELATIVE_ERROR`` of its value and both
+values are positive, so the mean of the two midpoints is within a relative ``RELATIVE_ERROR`` of
+``(lo + hi) / 2`` too: for odd and even counts alike,
+
+    |estimate - median| <= RELATIVE_ERROR * median          (2**-8 = 0.39%)
+
+where the values are the float32-rounded normalized values. Against the median of the exact
+(float64) normalized values, add float32 rounding (rounding is monotone, so it keeps the middle
+ranks): the relative error is at most ``RELATIVE_ERROR + 2**-23``. This holds for values in the
+normal float32 range (>= 2**-126, i.e. always for real ``count / total * 1e4``).
 """
 
 from __future__ import annotations
@@ -29,11 +47,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from numba import njit
 
 MANTISSA_BITS = 7
 RELATIVE_ERROR = 2.0 ** -(MANTISSA_BITS + 1)
 _SHIFT = 23 - MANTISSA_BITS
 _BUCKETS = 1 << (31 - _SHIFT)  # positive float32 values only: sign bit is always 0
+
+# Pending (token, value) pairs are folded into the sparse sketch once there are at least
+# max(_FLUSH_MIN, len(sketch)) of them: the fold is linear in the pending pairs plus the sketch,
+# so this keeps its amortized cost per nonzero bounded while pending memory stays <= ~8 B/nonzero.
+_FLUSH_MIN = 1 << 23
+# Hard cap of pending pairs (per-flush counters are int32); larger blocks are added in pieces.
+_PENDING_MAX = 1 << 30
+
+_FLT32_MAX = float(np.finfo(np.float32).max)
+
+_ERRORS = {
+    1: "indptr must be non-decreasing, start >= 0 and end <= len(genes)",
+    2: "token id out of range [0, vocab_size)",
+    3: "counts must be finite and >= 0",
+    4: "total_counts must be finite and > 0 for a cell with nonzero counts",
+    5: "normalized value count / total_counts * 1e4 overflows float32",
+}
 
 
 def sketch_buckets(values: np.ndarray) -> np.ndarray:
@@ -49,12 +85,226 @@ def bucket_midpoints(buckets: np.ndarray) -> np.ndarray:
     return (lo + hi) / 2
 
 
+# --- numba kernels -------------------------------------------------------------------------------
+
+@njit(cache=True, nogil=True)
+def _check_block(genes, counts, indptr, total_counts, vocab_size):  # pragma: no cover - numba
+    """0 if the block is valid, else an error code of ``_ERRORS``.  Reads only."""
+    n = len(indptr) - 1
+    if indptr[0] < 0 or indptr[n] > len(genes):
+        return 1
+    for i in range(n):
+        a = indptr[i]
+        b = indptr[i + 1]
+        if a > b:
+            return 1
+        gmin = np.int64(0)
+        gmax = np.int64(0)
+        bad = False
+        cmax = 0.0
+        for j in range(a, b):
+            g = np.int64(genes[j])
+            gmin = min(gmin, g)
+            gmax = max(gmax, g)
+            c = np.float64(counts[j])
+            bad |= not (c >= 0.0)  # also catches NaN
+            cmax = max(cmax, c)
+        if gmin < 0 or gmax >= vocab_size:
+            return 2
+        if bad or cmax == np.inf:
+            return 3
+        if cmax > 0.0:
+            t = np.float64(total_counts[i])
+            if not (t > 0.0) or t == np.inf:
+                return 4
+            if cmax * (1e4 / t) > _FLT32_MAX:  # would round to float32 inf (or close to it)
+                return 5
+    return 0
+
+
+@njit(cache=True, nogil=True)
+def _add_block(genes, counts, indptr, total_counts, nonzero_count, count_sum, cp10k_sum,
+               pend_genes, pend_vals, n_pending):  # pragma: no cover - numba
+    """Accumulate a validated block; append its (token, float32 value) pairs to the pending
+    buffers from ``n_pending`` on.  Returns the new number of pending pairs."""
+    p = n_pending
+    for i in range(len(indptr) - 1):
+        a = indptr[i]
+        b = indptr[i + 1]
+        if a == b:
+            continue
+        scale = 1e4 / np.float64(total_counts[i])
+        for j in range(a, b):
+            c = np.float64(counts[j])
+            if c == 0.0:
+                continue
+            g = genes[j]
+            v = c * scale
+            count_sum[g] += c
+            cp10k_sum[g] += v
+            nonzero_count[g] += 1
+            pend_genes[p] = g
+            pend_vals[p] = np.float32(v)
+            p += 1
+    return p
+
+
+@njit(cache=True, nogil=True)
+def _insertion_sort(a, s, e):  # pragma: no cover - numba
+    for i in range(s + 1, e):
+        x = a[i]
+        j = i - 1
+        while j >= s and a[j] > x:
+            a[j + 1] = a[j]
+            j -= 1
+        a[j + 1] = x
+
+
+@njit(cache=True, nogil=True)
+def _pending_to_sketch(pend_genes, pend_bits, n, vocab_size):  # pragma: no cover - numba
+    """Sorted unique sketch keys and their counts of ``n`` pending (token, value-bits) pairs.
+
+    Counting sort by token (stable, two linear passes), then per token a local dense histogram
+    over its bucket range when that range is small against its number of values, else a sort
+    of its (few) buckets.
+    """
+    start = np.zeros(vocab_size + 1, np.int64)
+    for i in range(n):
+        start[pend_genes[i] + 1] += 1
+    for g in range(vocab_size):
+        start[g + 1] += start[g]
+    pos = start[:vocab_size].copy()
+    buckets = np.empty(n, np.uint16)
+    for i in range(n):
+        g = pend_genes[i]
+        buckets[pos[g]] = pend_bits[i] >> _SHIFT
+        pos[g] += 1
+
+    # per token: unique buckets, compacted in place at the token's start; counts beside them
+    ucounts = np.empty(n, np.int32)
+    n_unique = pos  # reuse: unique buckets per token
+    hist = np.zeros(_BUCKETS, np.int32)
+    total = 0
+    for g in range(vocab_size):
+        s = start[g]
+        e = start[g + 1]
+        m = e - s
+        if m == 0:
+            n_unique[g] = 0
+            continue
+        lo = buckets[s]
+        hi = lo
+        for j in range(s + 1, e):
+            b = buckets[j]
+            lo = min(lo, b)
+            hi = max(hi, b)
+        k = s
+        if np.int64(hi) - np.int64(lo) < 4 * m + 64:
+            for j in range(s, e):
+                hist[buckets[j]] += 1
+            for b in range(np.int64(lo), np.int64(hi) + 1):
+                c = hist[b]
+                if c:
+                    buckets[k] = b
+                    ucounts[k] = c
+                    hist[b] = 0
+                    k += 1
+        else:
+            if m <= 32:
+                _insertion_sort(buckets, s, e)
+            else:
+                buckets[s:e].sort()
+            j = s
+            while j < e:
+                b = buckets[j]
+                r = j + 1
+                while r < e and buckets[r] == b:
+                    r += 1
+                buckets[k] = b
+                ucounts[k] = r - j
+                k += 1
+                j = r
+        n_unique[g] = k - s
+        total += k - s
+
+    keys = np.empty(total, np.int64)
+    kcounts = np.empty(total, np.int64)
+    q = 0
+    for g in range(vocab_size):
+        s = start[g]
+        base = np.int64(g) * _BUCKETS
+        for j in range(s, s + n_unique[g]):
+            keys[q] = base + buckets[j]
+            kcounts[q] = ucounts[j]
+            q += 1
+    return keys, kcounts
+
+
+@njit(cache=True, nogil=True)
+def _merge_sorted(k1, c1, k2, c2):  # pragma: no cover - numba
+    """Merge two sorted unique sparse (key, count) lists, adding counts of equal keys."""
+    n1 = len(k1)
+    n2 = len(k2)
+    i = 0
+    j = 0
+    common = 0
+    while i < n1 and j < n2:
+        a = k1[i]
+        b = k2[j]
+        common += a == b
+        i += a <= b
+        j += b <= a
+    m = n1 + n2 - common
+    keys = np.empty(m, np.int64)
+    counts = np.empty(m, np.int64)
+    i = 0
+    j = 0
+    q = 0
+    while i < n1 and j < n2:
+        a = k1[i]
+        b = k2[j]
+        if a < b:
+            keys[q] = a
+            counts[q] = c1[i]
+            i += 1
+        elif b < a:
+            keys[q] = b
+            counts[q] = c2[j]
+            j += 1
+        else:
+            keys[q] = a
+            counts[q] = c1[i] + c2[j]
+            i += 1
+            j += 1
+        q += 1
+    while i < n1:
+        keys[q] = k1[i]
+        counts[q] = c1[i]
+        i += 1
+        q += 1
+    while j < n2:
+        keys[q] = k2[j]
+        counts[q] = c2[j]
+        j += 1
+        q += 1
+    return keys, counts
+
+
+def _nonzero_count_from_sketch(keys: np.ndarray, counts: np.ndarray, vocab_size: int) -> np.ndarray:
+    out = np.zeros(vocab_size, np.int64)
+    np.add.at(out, keys // _BUCKETS, counts)  # exact integer sum (bincount would go via float64)
+    return out
+
+
+# --- statistics ----------------------------------------------------------------------------------
+
 @dataclass
 class GeneStats:
     """Mergeable per-gene statistics over ``vocab_size`` tokens.
 
     The sketch is kept sparse: ``sketch_keys`` (sorted, unique; key = token * _BUCKETS + bucket)
-    with ``sketch_counts``.
+    with ``sketch_counts``. ``add_cells`` buffers values; the sketch arrays are up to date after
+    ``finalize()`` (which ``merge``, ``nonzero_medians`` and the writers call).
     """
 
     vocab_size: int
@@ -64,7 +314,9 @@ class GeneStats:
     cp10k_sum: np.ndarray = field(default=None)
     sketch_keys: np.ndarray = field(default=None)
     sketch_counts: np.ndarray = field(default=None)
-    _pending: list = field(default_factory=list, repr=False)
+    _pend_genes: np.ndarray = field(default=None, init=False, repr=False)
+    _pend_vals: np.ndarray = field(default=None, init=False, repr=False)
+    _n_pending: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self):
         v = self.vocab_size
@@ -77,66 +329,99 @@ class GeneStats:
         if self.sketch_keys is None:
             self.sketch_keys = np.zeros(0, np.int64)
             self.sketch_counts = np.zeros(0, np.int64)
+        self.nonzero_count = np.ascontiguousarray(self.nonzero_count, np.int64)
+        self.count_sum = np.ascontiguousarray(self.count_sum, np.float64)
+        self.cp10k_sum = np.ascontiguousarray(self.cp10k_sum, np.float64)
+        self.sketch_keys = np.ascontiguousarray(self.sketch_keys, np.int64)
+        self.sketch_counts = np.ascontiguousarray(self.sketch_counts, np.int64)
 
     def add_cells(self, genes: np.ndarray, counts: np.ndarray, indptr: np.ndarray,
                   total_counts: np.ndarray) -> None:
         """Add a CSR block of cells: ``genes``/``counts`` [nnz], ``indptr`` [n+1],
-        ``total_counts`` [n] (per cell, before vocabulary filtering)."""
+        ``total_counts`` [n] (per cell, before vocabulary filtering).
+
+        The block is validated before anything is changed (``ValueError``, see module doc)."""
+        genes = np.asarray(genes)
+        counts = np.asarray(counts)
+        indptr = np.asarray(indptr)
+        total_counts = np.asarray(total_counts)
         n = len(indptr) - 1
-        if n == 0:
+        if n <= 0:
             return
+        if genes.ndim != 1 or counts.shape != genes.shape or total_counts.shape != (n,):
+            raise ValueError("add_cells: genes/counts must be [nnz] and total_counts [n_cells]")
+        if genes.dtype.kind not in "iu" or indptr.dtype.kind not in "iu":
+            raise ValueError("add_cells: genes and indptr must be integer arrays")
+        if counts.dtype.kind not in "iuf" or total_counts.dtype.kind not in "iuf":
+            raise ValueError("add_cells: counts and total_counts must be numeric")
+        err = _check_block(genes, counts, indptr, total_counts, self.vocab_size)
+        if err:
+            raise ValueError(f"add_cells: {_ERRORS[err]}")
+        nnz = int(indptr[-1] - indptr[0])
+        if nnz > _PENDING_MAX:  # rare: add in pieces so the pending buffer stays bounded
+            if n == 1:
+                raise ValueError("add_cells: a single cell with more than 2**30 entries")
+            cut = int(np.searchsorted(indptr, indptr[0] + _PENDING_MAX, side="right")) - 1
+            cut = max(cut, 1)
+            self.add_cells(genes, counts, indptr[:cut + 1], total_counts[:cut])
+            self.add_cells(genes, counts, indptr[cut:], total_counts[cut:])
+            return
+        if self._n_pending + nnz > _PENDING_MAX:
+            self._flush()
+        self._reserve(self._n_pending + nnz)
+        self._n_pending = int(_add_block(genes, counts, indptr, total_counts, self.nonzero_count,
+                                         self.count_sum, self.cp10k_sum, self._pend_genes,
+                                         self._pend_vals, self._n_pending))
         self.n_cells += n
-        counts64 = counts.astype(np.float64, copy=False)
-        scale = np.repeat(1e4 / np.asarray(total_counts, np.float64), np.diff(indptr))
-        normalized = counts64 * scale
-        v = self.vocab_size
-        self.count_sum += np.bincount(genes, weights=counts64, minlength=v)
-        self.cp10k_sum += np.bincount(genes, weights=normalized, minlength=v)
-        self._pending.append(genes.astype(np.int64) * _BUCKETS + sketch_buckets(normalized))
-        if sum(len(p) for p in self._pending) > (1 << 24):
+        if self._n_pending >= max(_FLUSH_MIN, len(self.sketch_keys)):
             self._flush()
 
-    def _flush(self) -> None:
-        if not self._pending:
+    def _reserve(self, size: int) -> None:
+        cap = 0 if self._pend_genes is None else len(self._pend_genes)
+        if size <= cap:
             return
-        keys = np.sort(np.concatenate(self._pending))
-        self._pending = []
-        starts = np.concatenate([[0], np.flatnonzero(keys[1:] != keys[:-1]) + 1])
-        counts = np.diff(np.concatenate([starts, [len(keys)]]))
-        self._merge_sketch(keys[starts], counts)
+        new_cap = max(size, min(2 * cap, _PENDING_MAX), 1 << 16)
+        genes = np.empty(new_cap, np.int32)
+        vals = np.empty(new_cap, np.float32)
+        if self._n_pending:
+            genes[:self._n_pending] = self._pend_genes[:self._n_pending]
+            vals[:self._n_pending] = self._pend_vals[:self._n_pending]
+        self._pend_genes, self._pend_vals = genes, vals
+
+    def _flush(self) -> None:
+        n = self._n_pending
+        if n:
+            keys, counts = _pending_to_sketch(self._pend_genes, self._pend_vals.view(np.int32), n,
+                                              self.vocab_size)
+            self._n_pending = 0
+            self._merge_sketch(keys, counts)
+        # release the buffers (a finalized partial result is usually stored or merged next)
+        self._pend_genes = self._pend_vals = None
 
     def _merge_sketch(self, keys: np.ndarray, counts: np.ndarray) -> None:
         if len(self.sketch_keys) == 0:
-            self.sketch_keys, self.sketch_counts = keys, counts.astype(np.int64)
-        else:
-            all_keys = np.concatenate([self.sketch_keys, keys])
-            all_counts = np.concatenate([self.sketch_counts, counts])
-            order = np.argsort(all_keys, kind="stable")
-            all_keys, all_counts = all_keys[order], all_counts[order]
-            starts = np.concatenate([[0], np.flatnonzero(all_keys[1:] != all_keys[:-1]) + 1])
-            self.sketch_keys = all_keys[starts]
-            self.sketch_counts = np.add.reduceat(all_counts, starts)
-        # nonzero counts follow from the sketch: every nonzero lands in exactly one bucket
-        genes = self.sketch_keys // _BUCKETS
-        self.nonzero_count = np.bincount(genes, weights=self.sketch_counts,
-                                         minlength=self.vocab_size).astype(np.int64)
+            self.sketch_keys, self.sketch_counts = keys, counts
+        elif len(keys):
+            self.sketch_keys, self.sketch_counts = _merge_sorted(
+                self.sketch_keys, self.sketch_counts,
+                np.ascontiguousarray(keys, np.int64), np.ascontiguousarray(counts, np.int64))
 
-    def finalize(self) -> "GeneStats":
+    def finalize(self) -> GeneStats:
         self._flush()
         return self
 
-    def merge(self, other: "GeneStats") -> "GeneStats":
+    def merge(self, other: GeneStats) -> GeneStats:
         """Add another partial result in place (sums are added in call order: merge partials in
-        a fixed order for bit-identical floats)."""
+        a fixed order for bit-identical floats; the sketch and counts are exact in any order)."""
         if other.vocab_size != self.vocab_size:
             raise ValueError("cannot merge statistics over different vocabularies")
         self.finalize()
         other.finalize()
         self.n_cells += other.n_cells
+        self.nonzero_count += other.nonzero_count
         self.count_sum += other.count_sum
         self.cp10k_sum += other.cp10k_sum
-        if len(other.sketch_keys):
-            self._merge_sketch(other.sketch_keys, other.sketch_counts)
+        self._merge_sketch(other.sketch_keys, other.sketch_counts)
         return self
 
     def nonzero_medians(self) -> np.ndarray:
@@ -144,19 +429,19 @@ class GeneStats:
         error bound in the module docstring).  [V] float64"""
         self.finalize()
         out = np.full(self.vocab_size, np.nan)
-        genes = self.sketch_keys // _BUCKETS
-        mids = bucket_midpoints(self.sketch_keys % _BUCKETS)
-        bounds = np.searchsorted(genes, np.arange(self.vocab_size + 1))
-        cum = np.cumsum(self.sketch_counts)
-        for g in np.flatnonzero(self.nonzero_count):
-            a, b = bounds[g], bounds[g + 1]
-            before = cum[a - 1] if a else 0
-            c = cum[a:b] - before
-            n = c[-1]
-            lo_rank, hi_rank = (n - 1) // 2, n // 2  # 0-based ranks of the middle values
-            i = np.searchsorted(c, lo_rank, side="right")
-            j = np.searchsorted(c, hi_rank, side="right")
-            out[g] = (mids[a + i] + mids[a + j]) / 2
+        keys, counts = self.sketch_keys, self.sketch_counts
+        if len(keys) == 0:
+            return out
+        genes = keys // _BUCKETS
+        starts = np.flatnonzero(np.concatenate([[True], genes[1:] != genes[:-1]]))
+        cum = np.cumsum(counts)
+        before = np.concatenate([[0], cum[starts[1:] - 1]])  # values of earlier tokens
+        total = np.concatenate([cum[starts[1:] - 1], cum[-1:]]) - before
+        # 0-based ranks of the two middle values -> index of the sketch entry holding each
+        i = np.searchsorted(cum, before + (total - 1) // 2, side="right")
+        j = np.searchsorted(cum, before + total // 2, side="right")
+        mids = bucket_midpoints(keys % _BUCKETS)
+        out[genes[starts]] = (mids[i] + mids[j]) / 2
         return out
 
     # --- storage ---------------------------------------------------------------------------
@@ -168,12 +453,11 @@ class GeneStats:
                      sketch_keys=self.sketch_keys, sketch_counts=self.sketch_counts)
 
     @classmethod
-    def from_npz(cls, path: Path) -> "GeneStats":
+    def from_npz(cls, path: Path) -> GeneStats:
         with np.load(path) as z:
             s = cls(int(z["vocab_size"]), int(z["n_cells"]), None, z["count_sum"].copy(),
                     z["cp10k_sum"].copy(), z["sketch_keys"].copy(), z["sketch_counts"].copy())
-        s.nonzero_count = np.bincount(s.sketch_keys // _BUCKETS, weights=s.sketch_counts,
-                                      minlength=s.vocab_size).astype(np.int64)
+        s.nonzero_count = _nonzero_count_from_sketch(s.sketch_keys, s.sketch_counts, s.vocab_size)
         return s
 
     def to_zarr(self, path: Path) -> None:
@@ -199,7 +483,7 @@ class GeneStats:
             root.create_array(name, data=np.ascontiguousarray(arr))
 
     @classmethod
-    def from_zarr(cls, path: Path) -> "GeneStats":
+    def from_zarr(cls, path: Path) -> GeneStats:
         import zarr
 
         root = zarr.open_group(str(path), mode="r")

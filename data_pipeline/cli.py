@@ -1,0 +1,163 @@
+"""``python -m data_pipeline COMMAND``: convert, merge, verify, inspect, to-h5ad, synthetic."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from .plan import ConvertError, ConvertOptions
+
+
+def _size(text: str) -> int:
+    """'256M', '1G', '4096' -> bytes."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().removesuffix("b")
+    if t and t[-1] in units:
+        return int(float(t[:-1]) * units[t[-1]])
+    return int(t)
+
+
+def _columns(text: str) -> list[str]:
+    return [c.strip() for c in text.split(",") if c.strip()]
+
+
+def _node_from_env(args) -> tuple[int, int]:
+    """--num-nodes/--node-rank, else a SLURM array's task id and count."""
+    if args.num_nodes is not None or args.node_rank is not None:
+        return args.num_nodes or 1, args.node_rank or 0
+    if "SLURM_ARRAY_TASK_ID" in os.environ and "SLURM_ARRAY_TASK_COUNT" in os.environ:
+        first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+        return int(os.environ["SLURM_ARRAY_TASK_COUNT"]), int(os.environ["SLURM_ARRAY_TASK_ID"]) - first
+    return 1, 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m data_pipeline",
+                                description="Single-cell count matrices -> sparse webdataset corpus.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="convert count matrices into a corpus (resumable)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c.add_argument("inputs", nargs="+", help=".h5ad files, AnnData .zarr stores, 10x matrix.mtx folders, 10x .h5 files")
+    c.add_argument("--out", required=True, help="corpus folder to create (or resume)")
+    c.add_argument("--matrix", default="X", help="what to read from AnnData inputs: X, raw.X or layers/NAME")
+    c.add_argument("--gene-column", help="var column holding gene ids (or 'var_names'); detected if omitted")
+    c.add_argument("--symbol-table", help="symbol -> Ensembl table (CSV/TSV[.gz] or pickled dict) for inputs named by symbols")
+    c.add_argument("--vocab", help="use this vocabulary (our vocab.tsv or a Geneformer token dictionary .pkl) instead of building one")
+    c.add_argument("--min-cells-per-gene", type=int, default=1, help="built vocabulary: keep genes positive in at least N cells")
+    c.add_argument("--min-genes", type=int, default=1, help="skip cells with fewer vocabulary genes")
+    c.add_argument("--allow-non-integer", action="store_true", help="keep non-integer (normalized) input as float32 instead of refusing it")
+    c.add_argument("--label-columns", type=_columns, default=[], help="comma-separated obs columns to carry as labels")
+    c.add_argument("--block-cells", type=int, default=1024, help="cells per webdataset sample")
+    c.add_argument("--unit-cells", type=int, default=16384, help="rows per work unit (a multiple of --block-cells)")
+    c.add_argument("--shard-size", type=_size, default=256 << 20, help="target shard size (e.g. 256M)")
+    c.add_argument("--skip-bad-files", action="store_true", help="count unusable input files as skipped instead of stopping")
+    c.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes")
+    c.add_argument("--num-nodes", type=int, help="nodes sharing this conversion (default: SLURM array size, else 1)")
+    c.add_argument("--node-rank", type=int, help="this node's rank (default: SLURM array index, else 0)")
+    c.add_argument("--wait", type=float, default=86400, help="multi-node: seconds to wait for other nodes' gene scans")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing corpus or unfinished conversion in --out")
+    c.add_argument("--keep-work", action="store_true", help="keep the .work folder of per-unit results")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    m = sub.add_parser("merge", help="build shards, stats and manifest after a multi-node conversion")
+    m.add_argument("corpus")
+    m.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    m.add_argument("--keep-work", action="store_true")
+    m.add_argument("--no-progress", action="store_true")
+
+    v = sub.add_parser("verify", help="re-read every shard; check checksums and accounting")
+    v.add_argument("corpus")
+
+    i = sub.add_parser("inspect", help="summary: cells, tokens, genes/cell histogram, sources, coverage")
+    i.add_argument("corpus")
+
+    h = sub.add_parser("to-h5ad", help="write corpus cells back as AnnData")
+    h.add_argument("corpus")
+    h.add_argument("--out", required=True, help="output .h5ad")
+    h.add_argument("--limit", type=int, help="only the first N cells")
+
+    s = sub.add_parser("synthetic", help="write a synthetic count matrix (.h5ad) for demos and tests",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("--out", required=True, help="output .h5ad")
+    s.add_argument("--cells", type=int, default=10000)
+    s.add_argument("--genes", type=int, default=20000)
+    s.add_argument("--cell-types", type=int, default=8)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _convert(args) -> int:
+    from .convert import convert
+    from .merge import print_report
+
+    options = ConvertOptions(
+        inputs=args.inputs, matrix=args.matrix, gene_column=args.gene_column,
+        symbol_table=args.symbol_table, vocab=args.vocab, min_cells_per_gene=args.min_cells_per_gene,
+        min_genes=args.min_genes, allow_non_integer=args.allow_non_integer,
+        label_columns=args.label_columns, block_cells=args.block_cells, unit_cells=args.unit_cells,
+        shard_bytes=args.shard_size, skip_bad_files=args.skip_bad_files)
+    num_nodes, node_rank = _node_from_env(args)
+    t0 = time.perf_counter()
+    manifest = convert(args.out, options, workers=args.workers, num_nodes=num_nodes, node_rank=node_rank,
+                       overwrite=args.overwrite, progress=not args.no_progress,
+                       keep_work=args.keep_work, wait_s=args.wait)
+    if manifest is None:
+        print(f"node {node_rank}/{num_nodes}: units done; when every node has finished run "
+              f"`python -m data_pipeline merge {args.out}`", file=sys.stderr)
+        return 0
+    print_report(manifest)
+    print(f"done in {time.perf_counter() - t0:.1f} s: {args.out}", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from .corpus import CorpusError
+    from .readers import SourceError
+
+    try:
+        if args.command == "convert":
+            return _convert(args)
+        if args.command == "merge":
+            from .merge import merge_corpus, print_report
+
+            print_report(merge_corpus(args.corpus, workers=args.workers, keep_work=args.keep_work,
+                                      progress=not args.no_progress))
+            return 0
+        if args.command == "verify":
+            from .corpus import verify
+
+            problems = verify(args.corpus)
+            for line in problems:
+                print(f"BAD {line}", file=sys.stderr)
+            if problems:
+                return 1
+            print(f"{args.corpus}: OK")
+            return 0
+        if args.command == "inspect":
+            from .corpus import summary
+
+            print(summary(args.corpus))
+            return 0
+        if args.command == "to-h5ad":
+            from .corpus import to_h5ad
+
+            n = to_h5ad(args.corpus, args.out, args.limit)
+            print(f"wrote {n:,} cells to {args.out}", file=sys.stderr)
+            return 0
+        if args.command == "synthetic":
+            from .synthetic import write_synthetic_h5ad
+
+            info = write_synthetic_h5ad(args.out, args.cells, n_genes=args.genes,
+                                        n_cell_types=args.cell_types, seed=args.seed,
+                                        progress=not args.no_progress)
+            print(f"wrote {args.out}: {info}", file=sys.stderr)
+            return 0
+    except (ConvertError, SourceError, CorpusError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 2

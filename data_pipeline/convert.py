@@ -1,0 +1,345 @@
+"""Corpus conversion: plan, (vocabulary scan), work units, then `merge` into shards.
+
+Stages, each resumable because each output is written atomically and its presence means "done":
+
+1. plan      ``.work/plan.json``            inputs opened, genes resolved, units cut (`plan.py`)
+2. scan      ``.work/scan/uNNNNNN.npy``     per-column cell counts, only when the vocabulary is
+                                            built from the corpus (``--vocab`` skips it)
+3. vocab     ``vocab.tsv``
+4. units     ``.work/units/uNNNNNN.{tar,stats.npz,json}``  blocks of one file x row range;
+                                            the ``.json`` is written last
+5. merge     ``shards/``, ``stats.zarr``, then ``manifest.json`` last (`merge.py`)
+
+Units run in a process pool (``workers``) and across nodes (unit ``u`` belongs to node
+``u % num_nodes``); neither changes any output byte.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .fsio import atomic_write_bytes, atomic_write_json, commit, remove_stale_temps, temp_path
+from .plan import (ConvertError, ConvertOptions, build_plan, label_codes, load_gene_table,
+                   load_plan, plan_hash, save_plan, source_label, unit_name)
+from .readers import open_source
+from .shards import CellBlock, encode_block
+from .stats import GeneStats
+from .validate import SKIP_REASONS, row_flags
+from .vocab import Vocabulary, read_vocab
+
+WORK = ".work"
+LENGTH_BINS = 18  # cells with 2**k <= genes < 2**(k+1), k = 0..17
+
+
+def length_histogram(lengths: np.ndarray) -> list[int]:
+    k = np.minimum(np.log2(np.maximum(lengths, 1)).astype(np.int64), LENGTH_BINS - 1)
+    return np.bincount(k, minlength=LENGTH_BINS).tolist()
+
+
+# --- per-process context (filled once per worker, so tasks carry only a unit number) ----------
+
+class _Context:
+    def __init__(self, work: Path, vocab: Vocabulary | None):
+        self.work = work
+        self.plan = load_plan(work)
+        self.options = ConvertOptions(**self.plan["options"])
+        self.vocab = vocab
+        self._sources = {}
+        self._colmaps = {}
+
+    def source(self, index: int):
+        if index not in self._sources:
+            entry = self.plan["sources"][index]
+            self._sources[index] = open_source(entry["path"], self.options.matrix)
+        return self._sources[index]
+
+    def colmap(self, index: int) -> np.ndarray:
+        """Token id per source column, -1 where the gene is unresolved or not in the vocabulary."""
+        if index not in self._colmaps:
+            ids = load_gene_table(self.work, index)["ids"]
+            self._colmaps[index] = self.vocab.lookup(ids) if ids else np.zeros(0, np.int64)
+        return self._colmaps[index]
+
+
+_CTX: _Context | None = None
+
+
+def _init_worker(work: Path, vocab_path: Path | None) -> None:
+    global _CTX
+    vocab = read_vocab(vocab_path) if vocab_path is not None and vocab_path.exists() else None
+    _CTX = _Context(work, vocab)
+
+
+def _read_unit(unit: int):
+    s, a, b = _CTX.plan["units"][unit]
+    entry = _CTX.plan["sources"][s]
+    x = _CTX.source(s).read_rows(a, b)
+    reason = row_flags(x, entry["integer_counts"])
+    return s, a, b, entry, x, reason
+
+
+# --- stage 2: scan (vocabulary from the corpus) -----------------------------------------------
+
+def scan_unit(unit: int) -> int:
+    """Cells with a positive count per source column, over cells passing the value checks."""
+    s, a, b, entry, x, reason = _read_unit(unit)
+    row_of = np.repeat(np.arange(b - a), np.diff(x.indptr))
+    hit = (x.data > 0) & (reason[row_of] < 0)
+    counts = np.bincount(x.indices[hit], minlength=entry["n_vars"]).astype(np.int64)
+    path = _CTX.work / "scan" / f"{unit_name(unit)}.npy"
+    tmp = temp_path(path)
+    with open(tmp, "wb") as fh:
+        np.save(fh, counts)
+        fh.flush()
+        os.fsync(fh.fileno())
+    commit(tmp, path)
+    return b - a
+
+
+def build_vocab(work: Path, plan: dict) -> Vocabulary:
+    """Genes positive in >= min_cells_per_gene cells over the whole corpus, sorted by Ensembl id."""
+    options = ConvertOptions(**plan["options"])
+    per_gene = {}
+    symbols = {}
+    for s in plan["sources"]:
+        if "refused" in s:
+            continue
+        table = load_gene_table(work, s["index"])
+        counts = np.zeros(s["n_vars"], np.int64)
+        for u, (us, _, _) in enumerate(plan["units"]):
+            if us == s["index"]:
+                counts += np.load(work / "scan" / f"{unit_name(u)}.npy")
+        frame = pd.DataFrame({"gene": table["ids"], "cells": counts})
+        for gene, cells in frame[frame.gene != ""].groupby("gene", sort=False)["cells"].sum().items():
+            per_gene[gene] = per_gene.get(gene, 0) + int(cells)
+        for gene, sym in zip(table["ids"], table["symbols"]):
+            if gene and sym and gene not in symbols:
+                symbols[gene] = sym
+    genes = sorted(g for g, c in per_gene.items() if c >= options.min_cells_per_gene)
+    if not genes:
+        raise ConvertError(f"no gene is positive in >= {options.min_cells_per_gene} cells; lower "
+                           "--min-cells-per-gene or check the inputs")
+    return Vocabulary.from_genes(genes, [symbols.get(g, "") for g in genes])
+
+
+# --- stage 4: units ---------------------------------------------------------------------------
+
+def _counts_array(data: np.ndarray, integer: bool) -> np.ndarray:
+    if not integer:
+        return data.astype("<f4")
+    top = int(data.max()) if data.size else 0
+    if top > np.iinfo(np.uint32).max:
+        raise ConvertError(f"a count of {top} does not fit uint32; is this matrix really raw counts?")
+    return data.astype("<u2" if top <= np.iinfo(np.uint16).max else "<u4")
+
+
+def convert_unit(unit: int) -> dict:
+    """Validate, map genes, and write one unit's blocks, statistics and accounting."""
+    s, a, b, entry, x, reason = _read_unit(unit)
+    opts, vocab = _CTX.options, _CTX.vocab
+    n = b - a
+    row_of = np.repeat(np.arange(n), np.diff(x.indptr))
+    values = x.data.astype(np.float64)
+    total_counts = np.bincount(row_of, weights=values, minlength=n)  # before vocabulary filtering
+    integer = entry["integer_counts"]
+    if integer:
+        values = np.rint(values).astype(np.int64)
+    token = _CTX.colmap(s)[x.indices]
+    keep = (x.data > 0) & (token >= 0) & (reason[row_of] < 0)
+    kept_indptr = np.concatenate([[0], np.cumsum(np.bincount(row_of[keep], minlength=n))])
+    # duplicate source columns of one gene become duplicate entries here; summing them is the rule
+    m = sp.csr_matrix((values[keep], token[keep], kept_indptr), shape=(n, len(vocab)))
+    m.sum_duplicates()
+    reason[(reason < 0) & (np.diff(m.indptr) < opts.min_genes)] = SKIP_REASONS.index("below_min_genes")
+    written = np.flatnonzero(reason < 0)
+    m = m[written]
+    m.sort_indices()
+    genes = m.indices.astype(vocab.token_dtype)
+    counts = _counts_array(m.data, integer)
+    indptr = m.indptr.astype(np.int64)
+    tc = total_counts[written]
+    labels = np.stack([label_codes(source_label(_CTX.source(s), col, a, b),
+                                   _CTX.plan["label_categories"][col], n)[written]
+                       for col in opts.label_columns], axis=1) if opts.label_columns else np.zeros((len(written), 0), np.int32)
+    cell_ids = _CTX.source(s).obs_names(a, b)[written]
+
+    parts, blocks, offset = [], [], 0
+    for k, lo in enumerate(range(0, len(written), opts.block_cells)):
+        hi = min(lo + opts.block_cells, len(written))
+        p, q = indptr[lo], indptr[hi]
+        block = CellBlock(indptr[lo : hi + 1] - p, genes[p:q], counts[p:q], tc[lo:hi],
+                          a + written[lo:hi], np.ascontiguousarray(labels[lo:hi], np.int32), s,
+                          [str(c) for c in cell_ids[lo:hi]])
+        key = f"{unit_name(unit)}-b{k:05d}"
+        payload = encode_block(key, block)
+        parts.append(payload)
+        blocks.append({"key": key, "offset": offset, "bytes": len(payload), "n_cells": hi - lo,
+                       "n_tokens": int(q - p), "counts_dtype": counts.dtype.str,
+                       "length_histogram": length_histogram(np.diff(block.indptr))})
+        offset += len(payload)
+
+    stats = GeneStats(len(vocab))
+    stats.add_cells(genes, counts, indptr, tc)
+    base = _CTX.work / "units" / unit_name(unit)
+    atomic_write_bytes(base.with_suffix(".tar"), b"".join(parts))
+    stats_path = base.with_suffix(".stats.npz")
+    tmp = temp_path(stats_path)
+    stats.to_npz(tmp)
+    commit(tmp, stats_path)
+    skipped = {r: int(c) for r, c in zip(SKIP_REASONS, np.bincount(reason[reason >= 0], minlength=len(SKIP_REASONS)))}
+    result = {
+        "unit": unit, "source": s, "start": a, "stop": b,
+        "cells_read": n, "cells_written": len(written), "cells_skipped": skipped,
+        "counts_total": float(tc.sum()), "counts_in_vocab": float(counts.sum(dtype=np.float64)),
+        "blocks": blocks,
+    }
+    atomic_write_json(base.with_suffix(".json"), result)  # last: marks the unit done
+    return result
+
+
+# --- orchestration ----------------------------------------------------------------------------
+
+def run_pool(fn, items: list[int], workers: int, init_args: tuple, on_done, init=None) -> None:
+    """Run ``fn(item)`` for every item, in ``workers`` forked processes (inline for 1), after
+    ``init(*init_args)`` (default: load the plan and vocabulary) in each."""
+    if not items:
+        return
+    init = init or _init_worker
+    if workers <= 1:
+        init(*init_args)
+        for it in items:
+            on_done(fn(it))
+        return
+    ctx = get_context("fork")
+    with ProcessPoolExecutor(min(workers, len(items)), mp_context=ctx, initializer=init,
+                             initargs=init_args) as pool:
+        for fut in as_completed([pool.submit(fn, it) for it in items]):
+            on_done(fut.result())
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    tqdm.monitor_interval = 0  # no monitor thread: the pool forks
+    return tqdm(total=total, desc=desc, unit="cell", unit_scale=True, disable=not enabled,
+                file=sys.stderr, dynamic_ncols=True)
+
+
+def prepare_out(out: Path, options: ConvertOptions, overwrite: bool) -> str:
+    """Check ``out`` against this command; returns 'complete', 'resume' or 'new'."""
+    work = out / WORK
+    manifest = out / "manifest.json"
+    h = plan_hash(options)
+    if overwrite and out.exists():
+        if any(out.iterdir()) and not (manifest.exists() or work.exists()):
+            raise ConvertError(f"--out {out} is a non-empty folder that is not a corpus; refusing to "
+                               "overwrite it: choose an empty or new folder")
+        for name in ("manifest.json", "vocab.tsv", "stats.zarr", "shards", WORK):
+            p = out / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    if manifest.exists():
+        if json.loads(manifest.read_text()).get("plan_hash") == h:
+            return "complete"
+        raise ConvertError(f"{out} already holds a corpus made from other inputs or options; choose "
+                           "a new --out, or pass --overwrite to replace it")
+    plan = load_plan(work)
+    if plan is not None:
+        if plan["plan_hash"] != h:
+            raise ConvertError(f"{out} holds an unfinished conversion of other inputs or options (or "
+                               "the inputs changed since); rerun that exact command to finish it, or "
+                               "pass --overwrite to start over")
+        return "resume"
+    if out.exists() and any(p.name != WORK for p in out.iterdir()):
+        raise ConvertError(f"--out {out} is not empty; choose an empty or new folder")
+    return "new"
+
+
+def ensure_vocab(out: Path, plan: dict, workers: int, mine: list[int], progress: bool,
+                 num_nodes: int, wait_s: float) -> Path:
+    """Write ``vocab.tsv`` (supplied, or scanned from the corpus) unless it is already there."""
+    vocab_path = out / "vocab.tsv"
+    if vocab_path.exists():
+        return vocab_path
+    options = ConvertOptions(**plan["options"])
+    if options.vocab:
+        atomic_write_bytes(vocab_path, read_vocab(options.vocab).to_tsv())
+        return vocab_path
+    work = out / WORK
+    (work / "scan").mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(work / "scan")
+    todo = [u for u in mine if not (work / "scan" / f"{unit_name(u)}.npy").exists()]
+    sizes = {u: b - a for u, (_, a, b) in enumerate(plan["units"])}
+    with _progress(sum(sizes[u] for u in todo), "scan genes", progress) as bar:
+        run_pool(scan_unit, todo, workers, (work, None), bar.update)
+    missing = _wait_for(lambda: [u for u in range(len(plan["units"]))
+                                 if not (work / "scan" / f"{unit_name(u)}.npy").exists()],
+                        num_nodes, wait_s, "gene scans")
+    if missing:
+        raise ConvertError(f"{len(missing)} units were not scanned by the other nodes within "
+                           f"{wait_s:.0f} s (e.g. {missing[:5]}); run every node, or pass --vocab")
+    vocab = build_vocab(work, plan)
+    atomic_write_bytes(vocab_path, vocab.to_tsv())
+    return vocab_path
+
+
+def _wait_for(missing_fn, num_nodes: int, wait_s: float, what: str) -> list:
+    missing = missing_fn()
+    if not missing or num_nodes <= 1:
+        return missing
+    deadline = time.monotonic() + wait_s
+    print(f"waiting for the other nodes' {what} ({len(missing)} units left)", file=sys.stderr)
+    while missing and time.monotonic() < deadline:
+        time.sleep(5)
+        missing = missing_fn()
+    return missing
+
+
+def convert(out: str | Path, options: ConvertOptions, workers: int = 1, num_nodes: int = 1,
+            node_rank: int = 0, overwrite: bool = False, progress: bool = True,
+            keep_work: bool = False, wait_s: float = 86400.0) -> dict | None:
+    """Convert ``options.inputs`` into the corpus folder ``out``; resumes an interrupted run.
+
+    Returns the manifest (None on a node of a multi-node run, which leaves merging to
+    `merge.merge_corpus`).
+    """
+    from .merge import finish_if_complete, merge_corpus
+
+    out = Path(out)
+    if not 0 <= node_rank < num_nodes:
+        raise ConvertError(f"--node-rank {node_rank} must be in [0, --num-nodes {num_nodes})")
+    state = prepare_out(out, options, overwrite)
+    if state == "complete":
+        return finish_if_complete(out, keep_work)
+    work = out / WORK
+    work.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(work)
+    if state == "new":
+        plan, genes = build_plan(options)
+        save_plan(work, plan, genes)
+    plan = load_plan(work)
+    mine = [u for u in range(len(plan["units"])) if u % num_nodes == node_rank]
+    vocab_path = ensure_vocab(out, plan, workers, mine, progress, num_nodes, wait_s)
+
+    (work / "units").mkdir(exist_ok=True)
+    remove_stale_temps(work / "units")
+    todo = [u for u in mine if not (work / "units" / f"{unit_name(u)}.json").exists()]
+    sizes = {u: b - a for u, (_, a, b) in enumerate(plan["units"])}
+    with _progress(sum(sizes[u] for u in todo), "convert", progress) as bar:
+        run_pool(convert_unit, todo, workers, (work, vocab_path), lambda r: bar.update(r["cells_read"]))
+    if num_nodes > 1:
+        return None
+    return merge_corpus(out, workers=workers, keep_work=keep_work, progress=progress)

@@ -1,0 +1,235 @@
+"""Reading a finished corpus: blocks in order, `verify`, `inspect`, and `to_h5ad`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .fsio import temp_path, commit
+from .shards import CellBlock, iter_shard
+from .validate import SKIP_REASONS
+from .vocab import Vocabulary, read_vocab
+
+
+class CorpusError(ValueError):
+    """A corpus folder that is missing pieces or fails its checks."""
+
+
+class Corpus:
+    """A corpus folder: ``manifest.json``, ``vocab.tsv``, ``shards/``, ``stats.zarr``."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        manifest = self.path / "manifest.json"
+        if not manifest.exists():
+            hint = (" (an unfinished conversion: rerun its convert command, or `merge` after a "
+                    "multi-node run)" if (self.path / ".work").exists() else "")
+            raise CorpusError(f"{self.path}: no manifest.json, so not a finished corpus{hint}")
+        self.manifest = json.loads(manifest.read_text())
+
+    @property
+    def vocab(self) -> Vocabulary:
+        return read_vocab(self.path / "vocab.tsv")
+
+    @property
+    def n_cells(self) -> int:
+        return self.manifest["totals"]["n_cells"]
+
+    def shard_paths(self) -> list[Path]:
+        return [self.path / s["file"] for s in self.manifest["shards"]]
+
+    def iter_blocks(self) -> Iterator[tuple[int, CellBlock]]:
+        """``(global index of the block's first cell, block)`` over the corpus, in order."""
+        for shard in self.manifest["shards"]:
+            first = shard["cell_offset"]
+            for _, block in iter_shard(self.path / shard["file"]):
+                yield first, block
+                first += block.n_cells
+
+
+# --- verify -----------------------------------------------------------------------------------
+
+def verify(path: str | Path) -> list[str]:
+    """Every problem found (empty list: the corpus is sound). Re-reads every shard."""
+    try:
+        corpus = Corpus(path)
+    except CorpusError as exc:
+        return [str(exc)]
+    m = corpus.manifest
+    problems = []
+    vocab_file = corpus.path / "vocab.tsv"
+    if not vocab_file.exists():
+        problems.append("vocab.tsv is missing")
+        vocab_size = None
+    else:
+        vocab = corpus.vocab
+        vocab_size = len(vocab)
+        if vocab.sha256() != m["vocab"]["sha256"]:
+            problems.append("vocab.tsv does not match the manifest's vocabulary hash")
+    for shard in m["shards"]:
+        problems += _verify_shard(corpus.path / shard["file"], shard, vocab_size)
+    acc = m["accounting"]
+    if acc["cells_read"] != acc["cells_written"] + sum(v or 0 for v in acc["cells_skipped"].values()):
+        problems.append("accounting: cells read != cells written + cells skipped")
+    for s in m["sources"]:
+        skipped = sum(v or 0 for v in s["cells_skipped"].values())
+        if s["cells_read"] is not None and s["cells_read"] != s["cells_written"] + skipped:
+            problems.append(f"accounting of {s['name']}: read {s['cells_read']} != written "
+                            f"{s['cells_written']} + skipped {skipped}")
+    written = sum(s["n_cells"] for s in m["shards"])
+    if written != acc["cells_written"] or written != m["totals"]["n_cells"]:
+        problems.append(f"shards hold {written} cells but the accounting says {acc['cells_written']} written")
+    if not (corpus.path / "stats.zarr").exists():
+        problems.append("stats.zarr is missing")
+    else:
+        import zarr
+
+        n = zarr.open_group(str(corpus.path / "stats.zarr"), mode="r").attrs.get("n_cells")
+        if n != m["totals"]["n_cells"]:
+            problems.append(f"stats.zarr covers {n} cells, the corpus {m['totals']['n_cells']}")
+    return problems
+
+
+def _verify_shard(path: Path, record: dict, vocab_size: int | None) -> list[str]:
+    name = record["file"]
+    if not path.exists():
+        return [f"{name}: missing"]
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    if path.stat().st_size != record["bytes"] or h.hexdigest() != record["sha256"]:
+        return [f"{name}: sha256/size differ from the manifest (truncated or edited)"]
+    cells = tokens = blocks = 0
+    try:
+        for key, block in iter_shard(path):
+            blocks += 1
+            cells += block.n_cells
+            tokens += block.n_tokens
+            bad = _block_problem(block, vocab_size)
+            if bad:
+                return [f"{name}: block {key}: {bad}"]
+    except (tarfile.TarError, KeyError, ValueError, json.JSONDecodeError) as exc:
+        return [f"{name}: unreadable ({type(exc).__name__}: {exc})"]
+    if (cells, tokens, blocks) != (record["n_cells"], record["n_tokens"], record["n_blocks"]):
+        return [f"{name}: holds {cells} cells / {tokens} tokens / {blocks} blocks, manifest says "
+                f"{record['n_cells']} / {record['n_tokens']} / {record['n_blocks']}"]
+    return []
+
+
+def _block_problem(block: CellBlock, vocab_size: int | None) -> str | None:
+    lengths = np.diff(block.indptr)
+    if block.indptr[0] != 0 or (lengths < 1).any() or block.indptr[-1] != len(block.genes):
+        return "bad indptr"
+    if len(block.counts) != len(block.genes) or len(block.cell_ids) != block.n_cells:
+        return "arrays of different lengths"
+    if (block.counts <= 0).any():
+        return "non-positive count"
+    if vocab_size is not None and len(block.genes) and int(block.genes.max()) >= vocab_size:
+        return "token id outside the vocabulary"
+    g = block.genes.astype(np.int64)
+    step = np.diff(g)
+    starts = block.indptr[1:-1]
+    step[starts - 1] = 1  # a cell boundary may step down
+    if len(step) and (step <= 0).any():
+        return "genes not strictly ascending within a cell"
+    return None
+
+
+# --- inspect ----------------------------------------------------------------------------------
+
+def summary(path: str | Path) -> str:
+    m = Corpus(path).manifest
+    t, acc = m["totals"], m["accounting"]
+    lines = [f"corpus {path}",
+             f"  cells {t['n_cells']:,}  tokens {t['n_tokens']:,}  shards {t['n_shards']}  "
+             f"bytes {t['bytes']:,} ({t['bytes'] / max(t['n_cells'], 1):.0f}/cell, "
+             f"{t['bytes'] / max(t['n_tokens'], 1):.2f}/nonzero)",
+             f"  vocabulary {m['vocab']['n_genes']:,} genes ({m['vocab']['origin']}), counts "
+             f"{m['block_format']['counts_kind']} {m['block_format']['counts_dtypes']}",
+             f"  mean genes/cell {t['n_tokens'] / max(t['n_cells'], 1):.0f}",
+             f"  accounting: read {acc['cells_read']:,} = written {acc['cells_written']:,} + skipped "
+             + ", ".join(f"{k} {v:,}" for k, v in acc["cells_skipped"].items() if v)
+             if any(acc["cells_skipped"].values()) else
+             f"  accounting: read {acc['cells_read']:,} = written {acc['cells_written']:,}"]
+    hist = np.sum([s["length_histogram"] for s in m["shards"]], axis=0) if m["shards"] else []
+    edges = m["length_histogram_edges"]
+    lines.append("  genes/cell histogram:")
+    top = max(hist) if len(hist) else 0
+    for k, c in enumerate(hist):
+        if c:
+            lines.append(f"    [{edges[k]:>6}, {2 * edges[k]:>6}) {c:>10,} {'#' * int(40 * c / top)}")
+    lines.append("  sources:")
+    for s in m["sources"]:
+        if "refused" in s:
+            lines.append(f"    {s['name']}: refused: {s['refused']}")
+            continue
+        fc = s["fraction_counts_in_vocab"]
+        lines.append(f"    {s['name']} ({s['format']}, {s['matrix']}): {s['cells_written']:,}/"
+                     f"{s['cells_read']:,} cells, genes in vocab {s['fraction_genes_in_vocab']:.1%}, "
+                     f"counts in vocab {fc:.1%}" + (f", {s['duplicate_columns_summed']} duplicate columns summed"
+                                                   if s["duplicate_columns_summed"] else ""))
+    for col in m["label_columns"]:
+        lines.append(f"  label {col['name']}: {len(col['categories'])} categories")
+    return "\n".join(lines)
+
+
+# --- to-h5ad ----------------------------------------------------------------------------------
+
+def to_h5ad(path: str | Path, out: str | Path, limit: int | None = None) -> int:
+    """Write the first ``limit`` cells (all by default) as AnnData: raw counts over the
+    vocabulary's genes, obs with cell id, source, source row, total counts and labels."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    corpus = Corpus(path)
+    m = corpus.manifest
+    vocab = corpus.vocab
+    special = set(vocab.special_tokens.values())
+    gene_tokens = np.array([i for i in range(len(vocab)) if i not in special])
+    column_of = np.full(len(vocab), -1, np.int64)
+    column_of[gene_tokens] = np.arange(len(gene_tokens))
+    limit = corpus.n_cells if limit is None else min(limit, corpus.n_cells)
+    parts, obs = [], {"cell_index": [], "cell_id": [], "source": [], "source_row": [], "total_counts": []}
+    labels = []
+    n = 0
+    for first, block in corpus.iter_blocks():
+        if n >= limit:
+            break
+        take = min(block.n_cells, limit - n)
+        end = block.indptr[take]
+        parts.append(sp.csr_matrix((block.counts[:end], column_of[block.genes[:end].astype(np.int64)],
+                                    block.indptr[: take + 1]), shape=(take, len(gene_tokens))))
+        obs["cell_index"] += range(first, first + take)
+        obs["cell_id"] += block.cell_ids[:take]
+        obs["source"] += [m["sources"][block.source]["name"]] * take
+        obs["source_row"] += block.source_row[:take].tolist()
+        obs["total_counts"] += block.total_counts[:take].tolist()
+        labels.append(block.labels[:take])
+        n += take
+    x = sp.vstack(parts, format="csr") if parts else sp.csr_matrix((0, len(gene_tokens)))
+    frame = pd.DataFrame(obs)
+    frame["source"] = frame["source"].astype("category")
+    label_codes = np.concatenate(labels) if labels else np.zeros((0, len(m["label_columns"])), np.int32)
+    for j, col in enumerate(m["label_columns"]):
+        frame[col["name"]] = pd.Categorical.from_codes(label_codes[:, j], categories=col["categories"])
+    frame.index = pd.Index(frame["cell_index"].astype(str).to_numpy(), name=None)
+    var = pd.DataFrame({"ensembl_id": [vocab.ensembl_ids[i] for i in gene_tokens],
+                        "gene_symbol": [vocab.symbols[i] for i in gene_tokens],
+                        "token_id": gene_tokens}, index=[vocab.ensembl_ids[i] for i in gene_tokens])
+    adata = ad.AnnData(X=x, obs=frame, var=var)
+    adata.uns["corpus"] = {"path": str(corpus.path), "plan_hash": m["plan_hash"], "n_cells": n}
+    out = Path(out)
+    tmp = temp_path(out)
+    adata.write_h5ad(tmp)
+    commit(tmp, out)
+    return n
+
+
+__all__ = ["Corpus", "CorpusError", "verify", "summary", "to_h5ad", "SKIP_REASONS"]

@@ -1,0 +1,82 @@
+"""Crash-safe file writes: temp name in the same folder, fsync, rename.
+
+A reader (or a resumed run) therefore sees either the old file or the complete new one, never a
+partial one. Temp names start with ``.`` and end with ``.tmp-<pid>`` so a rerun can sweep what a
+killed process left behind (`remove_stale_temps`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+_TMP_MARK = ".tmp-"
+
+
+def temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}")
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def commit(tmp: Path, path: Path) -> None:
+    """Rename a fully written, fsynced ``tmp`` onto ``path`` and make the rename durable."""
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> None:
+    path = Path(path)
+    tmp = temp_path(path)
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    commit(tmp, path)
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
+
+
+def atomic_replace_dir(tmp_dir: Path, path: Path) -> None:
+    """Replace folder ``path`` by ``tmp_dir``; a crash in between leaves ``path`` absent or old,
+    and the caller rebuilds it (folders cannot be swapped atomically on POSIX)."""
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp_dir, path)
+    fsync_dir(path.parent)
+
+
+def remove_stale_temps(folder: Path) -> int:
+    """Delete temp files/folders a killed writer left in ``folder``; returns how many."""
+    n = 0
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if p.name.startswith(".") and _TMP_MARK in p.name:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+                n += 1
+    return n
+
+
+def sha256_path(path: str | Path, chunk: int = 1 << 22) -> str:
+    """sha256 of a file, or of a folder (relative paths and contents of its files, sorted)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            while block := fh.read(chunk):
+                h.update(block)
+    return h.hexdigest()

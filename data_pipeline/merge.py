@@ -1,0 +1,240 @@
+"""Merge finished work units into the corpus: shards, ``stats.zarr``, ``manifest.json``.
+
+Shards are cut from the ordered list of all blocks by size (a shard closes once it reaches
+``shard_bytes``), so their content depends only on the plan. Each shard is the concatenation of
+its blocks' tar members (already final bytes in the units' ``.tar`` files) plus the end-of-archive
+marker; shards are written in parallel, each atomically. ``manifest.json`` is written last: a
+corpus without one is unfinished and a rerun of the same command completes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .convert import LENGTH_BINS, WORK, _progress, run_pool
+from .fsio import atomic_replace_dir, atomic_write_json, commit, remove_stale_temps, temp_path
+from .plan import ConvertError, ConvertOptions, load_gene_table, load_plan, unit_name
+from .shards import DTYPES, END_OF_ARCHIVE
+from .stats import GeneStats
+from .validate import SKIP_REASONS
+from .vocab import read_vocab
+
+SCHEMA_VERSION = 1
+_SHARD_JOBS: list = []
+
+
+def shard_name(i: int) -> str:
+    return f"shards/corpus-{i:06d}.tar"
+
+
+def cut_shards(blocks: list[dict], shard_bytes: int) -> list[list[dict]]:
+    shards, current, size = [], [], 0
+    for blk in blocks:
+        current.append(blk)
+        size += blk["bytes"]
+        if size >= shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+    if current:
+        shards.append(current)
+    return shards
+
+
+def _write_shard(i: int) -> dict:
+    out, blocks = _SHARD_JOBS[i]
+    path = out / shard_name(i)
+    tmp = temp_path(path)
+    h = hashlib.sha256()
+    handles = {}
+    try:
+        with open(tmp, "wb") as dst:
+            for blk in blocks:
+                src = handles.get(blk["unit"])
+                if src is None:
+                    src = handles[blk["unit"]] = open(out / WORK / "units" / f"{unit_name(blk['unit'])}.tar", "rb")
+                src.seek(blk["offset"])
+                data = src.read(blk["bytes"])
+                if len(data) != blk["bytes"]:
+                    raise ConvertError(f"{src.name} is shorter than its record says; delete its "
+                                       ".json and rerun to redo that unit")
+                h.update(data)
+                dst.write(data)
+            h.update(END_OF_ARCHIVE)
+            dst.write(END_OF_ARCHIVE)
+            dst.flush()
+            os.fsync(dst.fileno())
+    finally:
+        for f in handles.values():
+            f.close()
+    commit(tmp, path)
+    hist = np.sum([b["length_histogram"] for b in blocks], axis=0).astype(int).tolist()
+    return {"index": i, "sha256": h.hexdigest(), "bytes": path.stat().st_size,
+            "n_cells": sum(b["n_cells"] for b in blocks), "n_tokens": sum(b["n_tokens"] for b in blocks),
+            "n_blocks": len(blocks), "length_histogram": hist, "counts_dtypes": sorted({b["counts_dtype"] for b in blocks})}
+
+
+def _init_shard_worker(*_):
+    pass
+
+
+def finish_if_complete(out: Path, keep_work: bool) -> dict:
+    manifest = json.loads((out / "manifest.json").read_text())
+    if not keep_work and (out / WORK).exists():
+        shutil.rmtree(out / WORK)
+    return manifest
+
+
+def merge_corpus(out: str | Path, workers: int = 1, keep_work: bool = False, progress: bool = True) -> dict:
+    """Build shards, stats and manifest from finished units (after every node has run)."""
+    global _SHARD_JOBS
+    out = Path(out)
+    work = out / WORK
+    if (out / "manifest.json").exists():
+        return finish_if_complete(out, keep_work)
+    plan = load_plan(work)
+    if plan is None:
+        raise ConvertError(f"{out}: no conversion to merge (no {WORK}/plan.json); run "
+                           "`python -m data_pipeline convert ... --out` first")
+    units = plan["units"]
+    missing = [u for u in range(len(units)) if not (work / "units" / f"{unit_name(u)}.json").exists()]
+    if missing or not (out / "vocab.tsv").exists():
+        raise ConvertError(f"{out}: {len(missing)} of {len(units)} work units are not finished (e.g. "
+                           f"{missing[:5]}); rerun the convert command on every node (unit u belongs "
+                           "to node u % num_nodes), then merge")
+    options = ConvertOptions(**plan["options"])
+    vocab = read_vocab(out / "vocab.tsv")
+    results = [json.loads((work / "units" / f"{unit_name(u)}.json").read_text()) for u in range(len(units))]
+
+    blocks = [dict(b, unit=r["unit"]) for r in results for b in r["blocks"]]
+    shards = cut_shards(blocks, options.shard_bytes)
+    (out / "shards").mkdir(exist_ok=True)
+    remove_stale_temps(out / "shards")
+    for stale in (out / "shards").glob("corpus-*.tar"):
+        if int(stale.stem.split("-")[1]) >= len(shards):
+            stale.unlink()
+    _SHARD_JOBS = [(out, s) for s in shards]
+    written = {}
+    total_cells = sum(b["n_cells"] for b in blocks)
+    with _progress(total_cells, "write shards", progress) as bar:
+        def done(rec):
+            written[rec["index"]] = rec
+            bar.update(rec["n_cells"])
+        run_pool(_write_shard, list(range(len(shards))), workers, (), done, init=_init_shard_worker)
+
+    stats = GeneStats(len(vocab))
+    for u in range(len(units)):
+        stats.merge(GeneStats.from_npz(work / "units" / f"{unit_name(u)}.stats.npz"))
+    tmp = temp_path(out / "stats.zarr")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    stats.to_zarr(tmp)
+    atomic_replace_dir(tmp, out / "stats.zarr")
+
+    manifest = build_manifest(out, plan, vocab, results, [written[i] for i in range(len(shards))])
+    atomic_write_json(out / "manifest.json", manifest)
+    if not keep_work:
+        shutil.rmtree(work)
+    return manifest
+
+
+def _source_report(work: Path, entry: dict, vocab, results: list[dict], categories: dict) -> dict:
+    rep = {k: entry[k] for k in ("index", "path", "name") if k in entry}
+    if "refused" in entry:
+        n = entry.get("n_cells")
+        rep.update({"refused": entry["refused"], "cells_read": n, "cells_written": 0,
+                    "cells_skipped": {"file_refused": n}})
+        return rep
+    mine = [r for r in results if r["source"] == entry["index"]]
+    ids = load_gene_table(work, entry["index"])["ids"]
+    tokens = vocab.lookup(ids)
+    mapped = tokens[tokens >= 0]
+    counts_total = sum(r["counts_total"] for r in mine)
+    rep.update({k: entry[k] for k in ("format", "matrix", "sha256", "bytes", "n_cells", "n_vars",
+                                      "integer_counts", "gene_identity", "genes_resolved",
+                                      "genes_from_symbols", "label_columns_missing")})
+    rep.update({
+        "genes_in_vocab": int(len(mapped)),
+        "fraction_genes_in_vocab": round(len(mapped) / max(entry["n_vars"], 1), 6),
+        "fraction_counts_in_vocab": round(sum(r["counts_in_vocab"] for r in mine) / counts_total, 6) if counts_total else None,
+        "duplicate_columns_summed": int(len(mapped) - len(np.unique(mapped))),
+        "cells_read": sum(r["cells_read"] for r in mine),
+        "cells_written": sum(r["cells_written"] for r in mine),
+        "cells_skipped": {k: sum(r["cells_skipped"][k] for r in mine) for k in SKIP_REASONS},
+    })
+    return rep
+
+
+def build_manifest(out: Path, plan: dict, vocab, results: list[dict], shard_records: list[dict]) -> dict:
+    work = out / WORK
+    options = dict(plan["options"])
+    options.pop("inputs")
+    sources = [_source_report(work, e, vocab, results, plan["label_categories"]) for e in plan["sources"]]
+    skipped = {}
+    for s in sources:
+        for k, v in s["cells_skipped"].items():
+            skipped[k] = skipped.get(k, 0) + (v or 0)
+    cells_read = sum(s["cells_read"] or 0 for s in sources)
+    cells_written = sum(s["cells_written"] for s in sources)
+    offset = 0
+    shards = []
+    for rec in shard_records:
+        rec = dict(rec)
+        i = rec.pop("index")
+        shards.append({"file": shard_name(i), "cell_offset": offset, **rec})
+        offset += rec["n_cells"]
+    dtypes = sorted({d for s in shards for d in s.pop("counts_dtypes")})
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "scfm-corpus",
+        "plan_hash": plan["plan_hash"],
+        "vocab": {"file": "vocab.tsv", "sha256": vocab.sha256(), "size": len(vocab),
+                  "n_genes": vocab.n_genes, "special_tokens": vocab.special_tokens,
+                  "origin": (f"supplied: {plan['options']['vocab']}" if plan["options"]["vocab"] else
+                             f"built: genes positive in >= {plan['options']['min_cells_per_gene']} cells")},
+        "block_format": {
+            "members": ["indptr", "genes", "counts", "total_counts", "source_row", "labels", "meta.json"],
+            "dtype_codes": DTYPES,
+            "genes_dtype": vocab.token_dtype.str,
+            "counts_dtypes": dtypes,
+            "counts_kind": "integer" if all(s.get("integer_counts", True) for s in sources) else "float",
+            "key": "u{unit:06d}-b{block:05d}",
+        },
+        "label_columns": [{"name": c, "categories": plan["label_categories"][c]} for c in options["label_columns"]],
+        "length_histogram_edges": [2 ** k for k in range(LENGTH_BINS)],
+        "totals": {"n_cells": cells_written, "n_tokens": sum(s["n_tokens"] for s in shards),
+                   "n_shards": len(shards), "bytes": sum(s["bytes"] for s in shards)},
+        "accounting": {"cells_read": cells_read, "cells_written": cells_written,
+                       "cells_skipped": skipped,
+                       "balanced": cells_read == cells_written + sum(skipped.values())},
+        "sources": sources,
+        "shards": shards,
+        "conversion": options,
+    }
+
+
+def print_report(manifest: dict, file=sys.stderr) -> None:
+    """Per-source coverage and accounting, for people."""
+    acc = manifest["accounting"]
+    t = manifest["totals"]
+    print(f"corpus: {t['n_cells']:,} cells, {t['n_tokens']:,} tokens, {t['n_shards']} shards, "
+          f"{t['bytes'] / 1e6:.1f} MB; vocabulary {manifest['vocab']['n_genes']:,} genes", file=file)
+    print(f"cells read {acc['cells_read']:,} = written {acc['cells_written']:,} + skipped "
+          f"{sum(acc['cells_skipped'].values()):,} {acc['cells_skipped']}", file=file)
+    for s in manifest["sources"]:
+        if "refused" in s:
+            print(f"  {s['name']}: REFUSED ({s['refused']})", file=file)
+            continue
+        fc = s["fraction_counts_in_vocab"]
+        print(f"  {s['name']}: {s['cells_written']:,}/{s['cells_read']:,} cells; genes in vocab "
+              f"{s['fraction_genes_in_vocab']:.1%}, counts in vocab {fc:.1%}" if fc is not None else
+              f"  {s['name']}: {s['cells_written']:,}/{s['cells_read']:,} cells", file=file, end="")
+        if s["duplicate_columns_summed"]:
+            print(f"; {s['duplicate_columns_summed']} duplicate columns summed", file=file, end="")
+        print(f"; genes from {s['gene_identity']}", file=file)

@@ -1,0 +1,231 @@
+"""The conversion plan: options, sources, gene identity, label categories and work units.
+
+The plan is computed once, written to ``CORPUS/.work/plan.json``, and fixes everything the output
+depends on. Work units (source file x row range of ``unit_cells`` rows) depend only on the inputs
+and options, never on the worker or node count, which is why shards come out byte-identical
+whatever the parallelism. A rerun with the same command finds the same plan and resumes; a rerun
+with different inputs or options is refused instead of mixing two corpora.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .fsio import atomic_write_json, sha256_path
+from .gene_ids import resolve_gene_ids
+from .readers import Source, SourceError, open_source
+from .validate import check_integer_counts, non_integer_message, sample_rows
+from .vocab import read_symbol_table
+
+PLAN_VERSION = 1
+
+
+class ConvertError(RuntimeError):
+    """A conversion that cannot start or go on; the message names the problem and the fix."""
+
+
+@dataclass
+class ConvertOptions:
+    """Everything that decides the corpus bytes (runtime knobs such as workers live elsewhere)."""
+
+    inputs: list[str]
+    matrix: str = "X"                      # X | raw.X | layers/<name>
+    gene_column: str | None = None         # var column (or var_names) holding gene ids
+    symbol_table: str | None = None        # symbol -> Ensembl table (CSV/TSV or pickled dict)
+    vocab: str | None = None               # supplied vocab.tsv or Geneformer token dictionary
+    min_cells_per_gene: int = 1            # built vocabulary: genes positive in >= N cells
+    min_genes: int = 1                     # cells need >= N vocabulary genes with a count
+    allow_non_integer: bool = False        # keep fractional input as float32 instead of refusing
+    label_columns: list[str] = field(default_factory=list)
+    block_cells: int = 1024                # cells per webdataset sample
+    unit_cells: int = 16384                # rows per work unit
+    shard_bytes: int = 256 << 20           # target shard size
+    skip_bad_files: bool = False           # count unusable files as skipped instead of stopping
+
+    def validate(self) -> None:
+        if not self.inputs:
+            raise ConvertError("no inputs: pass one or more .h5ad / .zarr / 10x folders or .h5 files")
+        for name in ("block_cells", "unit_cells", "shard_bytes"):
+            if getattr(self, name) < 1:
+                raise ConvertError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.min_genes < 1:
+            raise ConvertError("--min-genes must be >= 1 (a cell with no vocabulary gene has no tokens)")
+        if self.unit_cells % self.block_cells:
+            raise ConvertError(f"--unit-cells ({self.unit_cells}) must be a multiple of --block-cells "
+                               f"({self.block_cells}) so blocks are full except at a file's end")
+
+
+def _identity_key(path: str) -> dict:
+    st = os.stat(path)
+    return {"path": str(Path(path).resolve()), "bytes": _size(Path(path)), "mtime_ns": st.st_mtime_ns}
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def plan_hash(options: ConvertOptions) -> str:
+    """Hash of the options and the identity (path, size, mtime) of every input."""
+    keys = []
+    for p in options.inputs:
+        try:
+            keys.append(_identity_key(p))
+        except OSError:
+            keys.append({"path": str(Path(p).resolve()), "missing": True})
+    blob = json.dumps({"version": PLAN_VERSION, "options": asdict(options), "inputs": keys}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def source_label(source: Source, column: str, start: int = 0, stop: int | None = None):
+    """Values of an obs label column as str/None, or None when the file lacks the column."""
+    try:
+        return source.obs_values(column, start, stop)
+    except KeyError:
+        return None
+
+
+def _alternatives(source: Source) -> list[str]:
+    root = getattr(source, "_root", None)
+    if root is None:
+        return []
+    out = ["raw.X"] if "raw" in root and "X" in root["raw"] else []
+    if "layers" in root:
+        out += [f"layers/{k}" for k in root["layers"].keys()]
+    return [m for m in out if m != source.matrix]
+
+
+def _plan_source(index: int, path: str, options: ConvertOptions, symbol_table) -> tuple[dict, dict]:
+    """(source entry, gene table) for one input; raises SourceError naming the fix."""
+    src = open_source(path, options.matrix)
+    try:
+        identity = resolve_gene_ids(src.var, path, options.gene_column, symbol_table)
+        a, b = sample_rows(src.n_cells)
+        frac, max_value = check_integer_counts(src.read_rows(a, b))
+        if frac > 0 and not options.allow_non_integer:
+            raise SourceError(non_integer_message(path, frac, max_value, src.matrix, _alternatives(src)))
+        labels = {}
+        for col in options.label_columns:
+            values = source_label(src, col)
+            labels[col] = None if values is None else sorted({v for v in values if v is not None})
+        entry = {
+            "index": index, "path": path, "name": Path(path).name, "format": src.format,
+            "matrix": src.matrix, "n_cells": src.n_cells, "n_vars": src.n_vars,
+            "integer_counts": frac == 0,
+            "gene_identity": identity.how,
+            "genes_resolved": int(len(identity.ids) - identity.n_unresolved),
+            "genes_from_symbols": identity.n_from_symbols,
+            "label_values": labels,
+            "label_columns_missing": [c for c, v in labels.items() if v is None],
+        }
+        genes = {"ids": [str(g) for g in identity.ids],
+                 "symbols": [str(s) for s in getattr(identity, "symbols", [""] * len(identity.ids))]}
+        return entry, genes
+    finally:
+        src.close()
+
+
+def build_plan(options: ConvertOptions, progress=None) -> tuple[dict, list[dict]]:
+    """Open every input, resolve genes, check counts, collect label categories, cut work units.
+
+    Returns ``(plan, gene_tables)``; raises ConvertError listing every unusable input (unless
+    ``skip_bad_files``, which records them as refused with all their cells skipped).
+    """
+    options.validate()
+    symbol_table = read_symbol_table(options.symbol_table) if options.symbol_table else None
+    sources, genes, errors = [], [], []
+    for i, path in enumerate(options.inputs):
+        try:
+            entry, table = _plan_source(i, path, options, symbol_table)
+            entry["sha256"] = sha256_path(path)
+            entry["bytes"] = _size(Path(path))
+        except SourceError as exc:
+            if not options.skip_bad_files:
+                errors.append(str(exc))
+                continue
+            entry = {"index": i, "path": path, "name": Path(path).name, "refused": str(exc),
+                     "n_cells": _cells_if_known(path, options.matrix)}
+            table = {"ids": [], "symbols": []}
+        sources.append(entry)
+        genes.append(table)
+        if progress:
+            progress(entry)
+    if errors:
+        more = "" if options.skip_bad_files else ("\n(fix these inputs, leave them out, or pass "
+                                                  "--skip-bad-files to count their cells as skipped)")
+        raise ConvertError("cannot convert:\n- " + "\n- ".join(errors) + more)
+    categories = {}
+    for col in options.label_columns:
+        seen = [s["label_values"][col] for s in sources if "refused" not in s]
+        if all(v is None for v in seen):
+            raise ConvertError(f"--label-columns: no input has an obs column '{col}'")
+        categories[col] = sorted({v for vals in seen if vals is not None for v in vals})
+    for s in sources:
+        s.pop("label_values", None)
+    units = []
+    for s in sources:
+        if "refused" in s:
+            continue
+        for a in range(0, s["n_cells"], options.unit_cells):
+            units.append([s["index"], a, min(a + options.unit_cells, s["n_cells"])])
+    plan = {
+        "plan_version": PLAN_VERSION,
+        "plan_hash": plan_hash(options),
+        "options": asdict(options),
+        "sources": sources,
+        "label_categories": categories,
+        "units": units,
+    }
+    return plan, genes
+
+
+def _cells_if_known(path: str, matrix: str) -> int | None:
+    try:
+        src = open_source(path, matrix)
+    except SourceError:
+        return None
+    try:
+        return src.n_cells
+    finally:
+        src.close()
+
+
+def save_plan(work: Path, plan: dict, genes: list[dict]) -> None:
+    (work / "sources").mkdir(parents=True, exist_ok=True)
+    for s, table in zip(plan["sources"], genes):
+        atomic_write_json(work / "sources" / f"s{s['index']:06d}.genes.json", table)
+    atomic_write_json(work / "plan.json", plan)  # last: its presence means the plan is whole
+
+
+def load_plan(work: Path) -> dict | None:
+    path = work / "plan.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def load_gene_table(work: Path, source_index: int) -> dict:
+    return json.loads((work / "sources" / f"s{source_index:06d}.genes.json").read_text())
+
+
+def options_from_plan(plan: dict) -> ConvertOptions:
+    return ConvertOptions(**plan["options"])
+
+
+def unit_name(unit: int) -> str:
+    return f"u{unit:06d}"
+
+
+def label_codes(values, categories: list[str], n: int) -> np.ndarray:
+    """Codes of ``values`` in ``categories`` (-1 for missing or unknown).  -> [n] int32"""
+    if values is None:
+        return np.full(n, -1, np.int32)
+    lookup = {c: i for i, c in enumerate(categories)}
+    return np.fromiter((lookup.get(v, -1) if v is not None else -1 for v in values), np.int32, n)

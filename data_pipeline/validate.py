@@ -1,0 +1,78 @@
+"""Which cells of a row range are kept, and why the others are skipped.
+
+Every cell read ends in exactly one bucket: written, or skipped for the first reason that applies,
+in this order (the accounting in ``manifest.json`` uses these names):
+
+- ``not_finite``        a NaN or inf value
+- ``negative``          a negative value
+- ``non_integer``       a fractional value where raw counts are expected (file passed the
+                        file-level check, so this is a stray cell, not a normalized matrix)
+- ``empty``             no positive value at all
+- ``below_min_genes``   fewer than ``--min-genes`` vocabulary genes with a positive count
+
+A whole file that looks normalized (fractional values in its first rows) is refused before any
+work starts (`check_integer_counts`), because silently skipping every cell would hide the mistake.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+SKIP_REASONS = ("not_finite", "negative", "non_integer", "empty", "below_min_genes")
+
+# Rows sampled per file by the file-level integer check.
+_SAMPLE_ROWS = 2000
+
+
+def row_flags(x: sp.csr_matrix, integer_counts: bool) -> np.ndarray:
+    """Index into SKIP_REASONS per row for the checks that do not depend on the vocabulary, -1
+    where the row passes them.  ``x``: [n, n_vars] -> [n] int8"""
+    n = x.shape[0]
+    reason = np.full(n, -1, np.int8)
+    data = x.data
+    row_of = np.repeat(np.arange(n), np.diff(x.indptr))
+
+    def mark(bad_entries: np.ndarray, code: int) -> None:
+        if bad_entries.any():
+            rows = np.zeros(n, bool)
+            rows[row_of[bad_entries]] = True
+            reason[rows & (reason < 0)] = code
+
+    if data.dtype.kind == "f":
+        finite = np.isfinite(data)
+        mark(~finite, 0)
+        mark(finite & (data < 0), 1)
+        if integer_counts:
+            mark(finite & (data != np.rint(data)), 2)
+    elif data.dtype.kind == "i":
+        mark(data < 0, 1)
+    positive_rows = np.zeros(n, bool)
+    positive_rows[row_of[data > 0]] = True
+    reason[~positive_rows & (reason < 0)] = 3
+    return reason
+
+
+def check_integer_counts(sample: sp.csr_matrix) -> tuple[float, float]:
+    """Fraction of finite nonzeros that are fractional, and the largest finite value, in a sample
+    of rows.  ``sample``: [n, n_vars]"""
+    data = sample.data
+    if data.dtype.kind != "f" or data.size == 0:
+        return 0.0, float(data.max()) if data.size else 0.0
+    data = data[np.isfinite(data) & (data != 0)]
+    if data.size == 0:
+        return 0.0, 0.0
+    return float(np.mean(data != np.rint(data))), float(data.max())
+
+
+def sample_rows(n_cells: int) -> tuple[int, int]:
+    return 0, min(n_cells, _SAMPLE_ROWS)
+
+
+def non_integer_message(path, frac: float, max_value: float, matrix: str, alternatives: list[str]) -> str:
+    looks = ("looks log-normalized (log1p of normalized counts)" if max_value < 30
+             else "looks normalized or scaled")
+    alt = f"; this file also has {', '.join(alternatives)} (choose with --matrix)" if alternatives else ""
+    return (f"{path}: matrix '{matrix}' holds non-integer values ({frac:.0%} of nonzeros in the first "
+            f"rows are fractional, max {max_value:.3g}): it {looks}, not raw counts. Pass the raw "
+            f"counts{alt}, or --allow-non-integer to store the values as float32")
