@@ -153,8 +153,8 @@ def convert_unit(unit: int) -> dict:
     values = x.data.astype(np.float64)
     total_counts = np.bincount(row_of, weights=values, minlength=n)  # before vocabulary filtering
     integer = entry["integer_counts"]
-    if integer:
-        values = np.rint(values).astype(np.int64)
+    if integer:  # non-finite values only occur in rows already marked skipped
+        values = np.rint(np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)).astype(np.int64)
     token = _CTX.colmap(s)[x.indices]
     keep = (x.data > 0) & (token >= 0) & (reason[row_of] < 0)
     kept_indptr = np.concatenate([[0], np.cumsum(np.bincount(row_of[keep], minlength=n))])

@@ -214,6 +214,8 @@ def to_h5ad(path: str | Path, out: str | Path, limit: int | None = None) -> int:
         labels.append(block.labels[:take])
         n += take
     x = sp.vstack(parts, format="csr") if parts else sp.csr_matrix((0, len(gene_tokens)))
+    # widen small storage dtypes so user arithmetic (sums over cells) cannot overflow
+    x = x.astype(np.float32 if x.dtype.kind == "f" else np.int32)
     frame = pd.DataFrame(obs)
     frame["source"] = frame["source"].astype("category")
     label_codes = np.concatenate(labels) if labels else np.zeros((0, len(m["label_columns"])), np.int32)

@@ -1,8 +1,10 @@
 """Which Ensembl gene each column of a source file is.
 
 Rules, in order:
-1. ``--gene-column`` names the var column (or ``var_names``) to use; otherwise every var column
-   of strings and ``var_names`` are candidates.
+1. ``--gene-column`` names the var column (or ``var_names``) that identifies genes (Ensembl ids,
+   or symbols with a table); otherwise every var column of strings and ``var_names`` are
+   candidates. Symbols, for filling gaps and for ``GeneIdentity.symbols``, may come from any
+   column.
 2. The candidate whose values are most often Ensembl ids (at least half of them) gives the ids;
    its empty or non-Ensembl entries are filled from a symbol column through the symbol table,
    when one is supplied.
@@ -30,21 +32,30 @@ _TRAILING_NUMBER = re.compile(r"^(.*?)(\d+)$")
 
 @dataclass
 class GeneIdentity:
-    """Per source column: Ensembl id (version stripped) or "" when unresolved.  ``ids``: [n_vars]"""
+    """Per source column: ``ids`` [n_vars] Ensembl id (version stripped) or "" when unresolved;
+    ``symbols`` [n_vars] the file's gene symbol or "" when it has none (for vocab.tsv)."""
 
     ids: np.ndarray
     how: str                # e.g. "var['ensembl_id'] (+ symbols via table for 120)"
     n_from_symbols: int
     n_unresolved: int
+    symbols: np.ndarray
 
 
 def _candidates(var: pd.DataFrame) -> list[tuple[str, np.ndarray]]:
-    out = [("var_names", var.index.to_numpy(dtype=object).astype(str))]
+    """(name, values as str with "" for missing) for var_names and every string column."""
+    out = [("var_names", _as_str(var.index))]
     for col in var.columns:
         series = var[col]
         if series.dtype == object or isinstance(series.dtype, (pd.CategoricalDtype, pd.StringDtype)):
-            out.append((f"var['{col}']", series.astype(str).fillna("").to_numpy(dtype=object)))
+            out.append((f"var['{col}']", _as_str(series)))
     return out
+
+
+def _as_str(values) -> np.ndarray:
+    # missing first: astype(str) would turn NaN into the string "nan"
+    values = pd.Series(np.asarray(values, dtype=object))
+    return values.where(values.notna(), "").astype(str).to_numpy(dtype=object)
 
 
 def looks_like_placeholders(values: np.ndarray) -> bool:
@@ -64,35 +75,43 @@ def looks_like_placeholders(values: np.ndarray) -> bool:
 
 def resolve_gene_ids(var: pd.DataFrame, source: str, gene_column: str | None = None,
                      symbol_table: dict[str, str] | None = None) -> GeneIdentity:
-    """Resolve each var row of ``source`` to an Ensembl id; raise SourceError naming the fix."""
-    candidates = _candidates(var)
-    columns = [name for name, _ in candidates]
+    """Resolve each var row of ``source`` to an Ensembl id; raise SourceError naming the fix.
+
+    ``var``: [n_vars rows] indexed by var names. ``gene_column`` restricts where ids are taken
+    from; symbols (to fill gaps through ``symbol_table`` and for ``GeneIdentity.symbols``) may
+    come from any column.
+    """
+    all_candidates = _candidates(var)
+    columns = [name for name, _ in all_candidates]
+    candidates = all_candidates
     if gene_column:
         wanted = "var_names" if gene_column in ("var_names", "index", "_index") else f"var['{gene_column}']"
-        candidates = [c for c in candidates if c[0] == wanted]
+        candidates = [c for c in all_candidates if c[0] == wanted]
         if not candidates:
             raise SourceError(f"{source}: --gene-column {gene_column!r} is not a var column of "
                               f"strings (available: {', '.join(columns)})")
     scored = [(float(is_ensembl(vals).mean()) if len(vals) else 0.0, name, vals)
               for name, vals in candidates]
     best_frac, best_name, best_vals = max(scored, key=lambda t: t[0])
-    symbol_col = _pick_symbol_column(candidates, symbol_table, exclude=best_name if best_frac >= 0.5 else None)
 
     if best_frac >= 0.5:
+        symbol_col = _pick_symbol_column(all_candidates, symbol_table, exclude=best_name)
+        symbols = symbol_col[1] if symbol_col is not None else np.full(len(best_vals), "", dtype=object)
         mask = is_ensembl(best_vals)
         ids = np.where(mask, [strip_version(v) for v in best_vals], "").astype(object)
         n_from_symbols = 0
         how = best_name
         if symbol_table and symbol_col is not None and not mask.all():
-            name, syms = symbol_col
-            filled = np.array([symbol_table.get(s, "") for s in syms], dtype=object)
+            filled = np.array([symbol_table.get(s, "") for s in symbols], dtype=object)
             take = (~mask) & (filled != "")
             ids[take] = filled[take]
             n_from_symbols = int(take.sum())
             if n_from_symbols:
-                how += f" (+ {n_from_symbols} from {name} via the symbol table)"
-        return GeneIdentity(ids, how, n_from_symbols, int((ids == "").sum()))
+                how += f" (+ {n_from_symbols} from {symbol_col[0]} via the symbol table)"
+        return GeneIdentity(ids, how, n_from_symbols, int((ids == "").sum()), symbols)
 
+    # an explicit --gene-column that is not Ensembl ids is the symbol column
+    symbol_col = _pick_symbol_column(candidates, symbol_table, exclude=None)
     if symbol_col is not None:
         name, syms = symbol_col
         if not symbol_table:
@@ -102,26 +121,34 @@ def resolve_gene_ids(var: pd.DataFrame, source: str, gene_column: str | None = N
                 "CSV/TSV or pickled dict) or --gene-column naming a column of Ensembl IDs")
         ids = np.array([symbol_table.get(s, "") for s in syms], dtype=object)
         n = int((ids != "").sum())
-        return GeneIdentity(ids, f"{name} via the symbol table", n, len(ids) - n)
+        return GeneIdentity(ids, f"{name} via the symbol table", n, len(ids) - n, syms)
 
     example = ", ".join(map(str, candidates[0][1][:3])) if len(candidates[0][1]) else "none"
     raise SourceError(
-        f"{source}: no gene identifiers: var_names look like placeholders ({example}, ...) and no "
-        f"var column holds Ensembl IDs or gene symbols (columns: {', '.join(columns)}). Add a var "
-        "column of Ensembl IDs or symbols and pass --gene-column NAME (with --symbol-table for "
+        f"{source}: no gene identifiers: {candidates[0][0]} look like placeholders ({example}, ...) "
+        f"and no var column holds Ensembl IDs or gene symbols (columns: {', '.join(columns)}). Add a "
+        "var column of Ensembl IDs or symbols and pass --gene-column NAME (with --symbol-table for "
         "symbols), or convert this file without it")
 
 
 def _pick_symbol_column(candidates, symbol_table, exclude):
-    """The candidate most likely to hold gene symbols, or None."""
+    """The (name, values) most likely to hold gene symbols, or None.
+
+    A symbol column is mostly distinct non-Ensembl, non-placeholder names (a column such as
+    feature_types = "Gene Expression" is not). With a table, the column most found in it wins;
+    otherwise (or when no column is found in the table, e.g. another species) the column's name
+    decides: known symbol column names, then var_names, then any other.
+    """
     pool = [(name, vals) for name, vals in candidates if name != exclude and len(vals)
-            and is_ensembl(vals[:2000]).mean() < 0.5 and not looks_like_placeholders(vals)]
+            and is_ensembl(vals[:2000]).mean() < 0.5 and not looks_like_placeholders(vals)
+            and len(set(vals[:5000])) >= 0.5 * min(len(vals), 5000)]
     if not pool:
         return None
     if symbol_table:
         scored = [(np.mean([v in symbol_table for v in vals[:5000]]), name, vals) for name, vals in pool]
         frac, name, vals = max(scored, key=lambda t: t[0])
-        return (name, vals) if frac > 0.2 else None
+        if frac > 0.2:
+            return name, vals
 
     def rank(item):
         name = item[0]

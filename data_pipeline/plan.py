@@ -24,6 +24,10 @@ from .validate import check_integer_counts, non_integer_message, sample_rows
 from .vocab import read_symbol_table
 
 PLAN_VERSION = 1
+# A file is taken as normalized (and refused) when more than this fraction of the nonzeros in its
+# first rows is fractional; a normalized matrix is ~100% fractional, while a stray bad cell in a
+# count matrix is skipped and counted as ``non_integer`` instead.
+NORMALIZED_FRACTION = 0.01
 
 
 class ConvertError(RuntimeError):
@@ -109,7 +113,7 @@ def _plan_source(index: int, path: str, options: ConvertOptions, symbol_table) -
         identity = resolve_gene_ids(src.var, path, options.gene_column, symbol_table)
         a, b = sample_rows(src.n_cells)
         frac, max_value = check_integer_counts(src.read_rows(a, b))
-        if frac > 0 and not options.allow_non_integer:
+        if frac > NORMALIZED_FRACTION and not options.allow_non_integer:
             raise SourceError(non_integer_message(path, frac, max_value, src.matrix, _alternatives(src)))
         labels = {}
         for col in options.label_columns:
@@ -118,7 +122,7 @@ def _plan_source(index: int, path: str, options: ConvertOptions, symbol_table) -
         entry = {
             "index": index, "path": path, "name": Path(path).name, "format": src.format,
             "matrix": src.matrix, "n_cells": src.n_cells, "n_vars": src.n_vars,
-            "integer_counts": frac == 0,
+            "integer_counts": frac <= NORMALIZED_FRACTION,
             "gene_identity": identity.how,
             "genes_resolved": int(len(identity.ids) - identity.n_unresolved),
             "genes_from_symbols": identity.n_from_symbols,

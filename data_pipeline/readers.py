@@ -223,13 +223,13 @@ class AnnDataSource(Source):
             key, var_key = "raw/X", "raw/var"
         else:
             key, var_key = f"layers/{matrix.removeprefix('layers/')}", "var"
+        self.matrix = {"X": "X", "raw/X": "raw.X"}.get(key, key)
         if not _has(root, key):
             have = (["X"] if _has(root, "X") else []) + (["raw.X"] if _has(root, "raw/X") else [])
             if _has(root, "layers"):
                 have += [f"layers/{k}" for k in root["layers"].keys()]
-            raise SourceError(f"{path}: has no matrix '{matrix}'; it has {', '.join(have) or 'none'} "
+            raise SourceError(f"{path}: has no matrix '{self.matrix}'; it has {', '.join(have) or 'none'} "
                               "(choose with --matrix)")
-        self.matrix = {"X": "X", "raw/X": "raw.X"}.get(key, key)
         self._x = root[key]
         attrs = dict(self._x.attrs)
         encoding = attrs.get("encoding-type") or attrs.get("h5sparse_format", "")

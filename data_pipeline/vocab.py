@@ -124,7 +124,8 @@ def read_vocab(path: str | Path) -> Vocabulary:
         symbols = [g if g in SPECIAL_TOKENS else "" for g in ids]
         return Vocabulary(ids, symbols)
     with open(path, newline="") as fh:
-        rows = list(csv.reader(fh, delimiter="\t"))
+        # QUOTE_NONE: a symbol is never quoted by to_tsv, so a '"' in one is part of the name
+        rows = [r for r in csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE) if r]
     if not rows or [c.strip() for c in rows[0][:2]] != ["token_id", "ensembl_id"]:
         raise ValueError(f"{path}: not a vocab.tsv (expected a header 'token_id<TAB>ensembl_id"
                          "<TAB>symbol'); pass our vocab.tsv or a Geneformer token dictionary .pkl")

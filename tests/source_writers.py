@@ -8,6 +8,7 @@ returns with the matrix it started from.
 from __future__ import annotations
 
 import gzip as gzip_module
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -118,7 +119,9 @@ def write_anndata(path, X, gene_ids, symbols, barcodes, layout="csr", matrix="X"
     else:
         raise ValueError(f"matrix must be X, raw.X or layers/<name>, not {matrix!r}")
     path = Path(path)
-    with ad.settings.override(zarr_write_format=zarr_format, allow_write_nullable_strings=nullable_strings):
+    with (ad.settings.override(zarr_write_format=zarr_format, allow_write_nullable_strings=nullable_strings),
+          warnings.catch_warnings()):
+        warnings.simplefilter("ignore", UserWarning)  # zarr/anndata notices about future defaults
         if path.suffix == ".zarr":
             adata.write_zarr(path)
         else:

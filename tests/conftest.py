@@ -1,0 +1,23 @@
+"""Shared fixtures: where the real data lives (tests skip cleanly without it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REFUSED_FILE = "scdcc_10X_PBMC_top2000.h5ad"
+
+
+def real_h5ad_files() -> list[Path]:
+    """The real count files a converter must accept (all but the one without gene ids)."""
+    folder = SHARED_DATA / "h5ad"
+    return sorted(p for p in folder.glob("*.h5ad") if p.name != REFUSED_FILE) if folder.is_dir() else []
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not (SHARED_DATA / "h5ad").is_dir():
+        pytest.skip("../shared/data is not present (real-data tests run where it is)")
+    return SHARED_DATA

@@ -1,0 +1,210 @@
+"""Conversion: round trip on real files, accounting of bad cells, refused files, formats."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from data_pipeline.convert import convert
+from data_pipeline.plan import ConvertError, ConvertOptions
+from data_pipeline.vocab import read_vocab, strip_version
+from tests.conftest import REFUSED_FILE, real_h5ad_files
+from tests.corpus_helpers import corpus_cells, ensembl, random_counts, write_h5ad
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _expected_matrix(path: Path, vocab) -> sp.csr_matrix:
+    """Plain reference: each nonzero's column -> its gene (var 'ensembl_id', else var_names) ->
+    its token; genes outside the vocabulary dropped; duplicates summed.  [n_cells, V]"""
+    a = ad.read_h5ad(path)
+    ids = a.var["ensembl_id"].astype(str) if "ensembl_id" in a.var else a.var.index.astype(str)
+    token = np.array([vocab.index.get(strip_version(g), -1) for g in ids])
+    x = sp.coo_matrix(a.X)
+    keep = (token[x.col] >= 0) & (x.data > 0)
+    return sp.csr_matrix((x.data[keep].astype(np.int64), (x.row[keep], token[x.col[keep]])),
+                         shape=(a.n_obs, len(vocab)))
+
+
+def _corpus_matrix(corpus: Path, source: int, n_rows: int, vocab_size: int) -> tuple[sp.csr_matrix, np.ndarray]:
+    """The corpus cells of one source placed at their source rows, and which rows were written."""
+    from data_pipeline.corpus import Corpus
+
+    rows, cols, vals, written = [], [], [], np.zeros(n_rows, bool)
+    for _, b in Corpus(corpus).iter_blocks():
+        if b.source == source:
+            rows.append(np.repeat(b.source_row, np.diff(b.indptr)))
+            cols.append(b.genes.astype(np.int64))
+            vals.append(b.counts.astype(np.int64))
+            assert not written[b.source_row].any(), "a cell written twice"
+            written[b.source_row] = True
+    m = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                      shape=(n_rows, vocab_size))
+    return m, written
+
+
+def test_round_trip_real_files(shared_data, tmp_path):
+    """Every nonzero of every written cell equals the source value after gene mapping, and the
+    cells not written are exactly those the accounting counts as skipped."""
+    files = real_h5ad_files()
+    out = tmp_path / "corpus"
+    manifest = convert(out, ConvertOptions([str(f) for f in files], unit_cells=4096, block_cells=512,
+                                           shard_bytes=8 << 20), workers=2, progress=False)
+    vocab = read_vocab(out / "vocab.tsv")
+    assert manifest["accounting"]["balanced"]
+    assert manifest["totals"]["n_shards"] > 1
+    for s, path in enumerate(files):
+        expect = _expected_matrix(path, vocab)
+        got, written = _corpus_matrix(out, s, expect.shape[0], len(vocab))
+        assert (got != expect).nnz == 0, path.name
+        # a cell is skipped exactly when it has no vocabulary gene (min_genes = 1; counts are clean)
+        np.testing.assert_array_equal(written, np.diff(expect.indptr) > 0)
+        rep = manifest["sources"][s]
+        assert rep["cells_read"] == expect.shape[0]
+        assert rep["cells_written"] == written.sum()
+        assert sum(rep["cells_skipped"].values()) == (~written).sum()
+        assert rep["fraction_counts_in_vocab"] > 0.5
+    assert manifest["accounting"]["cells_written"] == manifest["totals"]["n_cells"]
+
+
+def test_cell_metadata_and_labels(shared_data, tmp_path):
+    files = [shared_data / "h5ad" / "muscat_kang_se.h5ad", shared_data / "h5ad" / "harmony_kang_ctrl_stim.h5ad"]
+    out = tmp_path / "corpus"
+    manifest = convert(out, ConvertOptions([str(f) for f in files], label_columns=["cluster_id", "condition"]),
+                       progress=False)
+    cols = {c["name"]: c["categories"] for c in manifest["label_columns"]}
+    assert len(cols["cluster_id"]) == 8 and sorted(cols["condition"]) == ["ctrl", "stim"]
+    assert manifest["sources"][0]["label_columns_missing"] == ["condition"]
+    from data_pipeline.corpus import Corpus
+
+    for _, block in Corpus(out).iter_blocks():
+        src = ad.read_h5ad(files[block.source], backed="r")
+        names = src.obs_names[block.source_row]
+        assert list(names) == block.cell_ids
+        expect_total = np.asarray(src[block.source_row].to_memory().X.sum(axis=1)).ravel()
+        np.testing.assert_allclose(block.total_counts, expect_total)
+        for j, col in enumerate(["cluster_id", "condition"]):
+            if col in src.obs:
+                got = [cols[col][c] for c in block.labels[:, j]]
+                assert got == list(src.obs[col].astype(str).to_numpy()[block.source_row])
+            else:
+                assert (block.labels[:, j] == -1).all()
+        src.file.close()
+
+
+def test_bad_cells_are_counted(tmp_path):
+    x = random_counts(60, 40, seed=1).astype(np.float32).toarray()
+    x[3, 5] = np.nan
+    x[4, 6] = np.inf
+    x[7, 2] = -1
+    x[9, 1] = 2.5
+    x[11] = 0
+    x[12] = 0
+    x[12, 0] = 4  # only gene 0, which the supplied vocabulary lacks -> below_min_genes
+    path = write_h5ad(tmp_path / "bad.h5ad", sp.csr_matrix(x))
+    vocab = tmp_path / "vocab.tsv"
+    vocab.write_text("token_id\tensembl_id\tsymbol\n0\t<pad>\t<pad>\n1\t<cls>\t<cls>\n2\t<mask>\t<mask>\n"
+                     + "".join(f"{i + 2}\t{ensembl(i)}\tS\n" for i in range(1, 40)))
+    manifest = convert(tmp_path / "c", ConvertOptions([str(path)], vocab=str(vocab), min_genes=1),
+                       progress=False)
+    assert manifest["accounting"]["cells_skipped"] == {
+        "not_finite": 2, "negative": 1, "non_integer": 1, "empty": 1, "below_min_genes": 1}
+    assert manifest["accounting"]["cells_written"] == 54
+    manifest = convert(tmp_path / "c2", ConvertOptions([str(path)], vocab=str(vocab), min_genes=6),
+                       progress=False)
+    lengths = (np.nan_to_num(x[:, 1:]) > 0).sum(axis=1)
+    assert manifest["accounting"]["cells_skipped"]["below_min_genes"] == int(
+        ((lengths < 6) & np.isfinite(x).all(1) & (x >= 0).all(1) & (x == np.rint(x)).all(1) & (x.sum(1) > 0)).sum())
+    assert manifest["accounting"]["balanced"]
+
+
+def test_log_normalized_input_is_refused(tmp_path):
+    x = random_counts(50, 30, seed=2)
+    x.data = np.log1p(x.data / 7.0).astype(np.float32)
+    path = write_h5ad(tmp_path / "lognorm.h5ad", x)
+    with pytest.raises(ConvertError, match="log-normalized.*--allow-non-integer"):
+        convert(tmp_path / "c", ConvertOptions([str(path)]), progress=False)
+    manifest = convert(tmp_path / "c2", ConvertOptions([str(path)], allow_non_integer=True), progress=False)
+    assert manifest["block_format"]["counts_kind"] == "float"
+    cells = corpus_cells(tmp_path / "c2")
+    lo, hi = x.indptr[0], x.indptr[1]
+    assert cells[(0, 0)] == pytest.approx({ensembl(int(c)): float(v) for c, v in zip(x.indices[lo:hi], x.data[lo:hi])})
+
+
+def test_file_without_gene_ids_is_refused(shared_data, tmp_path):
+    bad = shared_data / "h5ad" / REFUSED_FILE
+    good = shared_data / "h5ad" / "celltypist_sample559.h5ad"
+    with pytest.raises(ConvertError) as err:
+        convert(tmp_path / "c", ConvertOptions([str(good), str(bad)]), progress=False)
+    msg = str(err.value)
+    assert REFUSED_FILE in msg and "no gene identifiers" in msg and "--gene-column" in msg
+    assert not (tmp_path / "c" / "manifest.json").exists()
+    manifest = convert(tmp_path / "c2", ConvertOptions([str(good), str(bad)], skip_bad_files=True), progress=False)
+    rep = manifest["sources"][1]
+    assert "no gene identifiers" in rep["refused"] and rep["cells_skipped"] == {"file_refused": 4271}
+    assert manifest["accounting"]["cells_read"] == 559 + 4271
+    assert manifest["accounting"]["balanced"]
+
+
+def test_unreadable_and_missing_inputs(tmp_path):
+    garbage = tmp_path / "garbage.h5ad"
+    garbage.write_bytes(b"not an hdf5 file" * 100)
+    with pytest.raises(ConvertError, match="garbage.h5ad.*cannot be read"):
+        convert(tmp_path / "c", ConvertOptions([str(garbage)]), progress=False)
+    with pytest.raises(ConvertError, match="nope.h5ad: no such file"):
+        convert(tmp_path / "c", ConvertOptions([str(tmp_path / "nope.h5ad")]), progress=False)
+
+
+def test_duplicate_gene_columns_are_summed(tmp_path):
+    x = random_counts(30, 10, seed=3)
+    ids = [ensembl(i) for i in range(10)]
+    ids[7] = ids[2]  # two columns of one gene, as after symbol -> Ensembl mapping
+    path = write_h5ad(tmp_path / "dup.h5ad", x, gene_ids=ids, var_names=[f"v{i}" for i in range(10)])
+    manifest = convert(tmp_path / "c", ConvertOptions([str(path)]), progress=False)
+    assert manifest["sources"][0]["duplicate_columns_summed"] == 1
+    cells = corpus_cells(tmp_path / "c")
+    dense = x.toarray()
+    for r in range(30):
+        if dense[r, 2] + dense[r, 7]:
+            assert cells[(0, r)][ids[2]] == dense[r, 2] + dense[r, 7]
+
+
+def test_rerun_and_conflicting_out(tmp_path):
+    path = write_h5ad(tmp_path / "a.h5ad", random_counts(40, 20, seed=4))
+    opts = ConvertOptions([str(path)])
+    first = convert(tmp_path / "c", opts, progress=False)
+    assert convert(tmp_path / "c", opts, progress=False) == first  # already complete
+    with pytest.raises(ConvertError, match="other inputs or options.*--overwrite"):
+        convert(tmp_path / "c", ConvertOptions([str(path)], min_genes=3), progress=False)
+    convert(tmp_path / "c", ConvertOptions([str(path)], min_genes=3), overwrite=True, progress=False)
+
+
+def test_cli_commands(tmp_path):
+    """The CLI end to end: convert, verify, inspect, to-h5ad; errors exit 2 with a message."""
+    path = write_h5ad(tmp_path / "a.h5ad", random_counts(300, 50, seed=5), obs={"kind": ["x", "y", "z"] * 100})
+    run = lambda *a: subprocess.run([sys.executable, "-m", "data_pipeline", *a], cwd=REPO,
+                                    capture_output=True, text=True)
+    r = run("convert", str(path), "--out", str(tmp_path / "c"), "--label-columns", "kind", "--workers", "2",
+            "--block-cells", "64", "--unit-cells", "128", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "cells read 300 = written 300" in r.stderr
+    assert run("verify", str(tmp_path / "c")).returncode == 0
+    r = run("inspect", str(tmp_path / "c"))
+    assert r.returncode == 0 and "cells 300" in r.stdout and "a.h5ad" in r.stdout
+    r = run("to-h5ad", str(tmp_path / "c"), "--out", str(tmp_path / "back.h5ad"), "--limit", "100")
+    assert r.returncode == 0, r.stderr
+    back = ad.read_h5ad(tmp_path / "back.h5ad")
+    src = ad.read_h5ad(path)
+    rows = back.obs["source_row"].to_numpy()
+    cols = [int(g[4:]) - 90000000000 for g in back.var["ensembl_id"]]
+    np.testing.assert_array_equal(back.X.toarray(), src.X[rows][:, cols].toarray())
+    assert list(back.obs["kind"].astype(str)) == list(src.obs["kind"].to_numpy()[rows])
+    r = run("convert", str(tmp_path / "missing.h5ad"), "--out", str(tmp_path / "c3"))
+    assert r.returncode == 2 and "error:" in r.stderr and "missing.h5ad" in r.stderr
