@@ -14,8 +14,9 @@ Cell metadata is read per row range too (`Source.obs_names`, `Source.obs_values`
 of a converter touches only its own slice of obs.
 
 ``matrix`` picks what is read in AnnData files: ``"X"`` (default), ``"raw.X"`` or
-``"layers/<name>"`` (``"<name>"`` alone is taken as a layer). In a 10x v2 ``.h5`` holding several
-genomes it names the genome group.
+``"layers/<name>"`` (``"<name>"`` alone is taken as a layer). 10x files hold one matrix and
+ignore it (so one ``--matrix`` serves a mixed set of inputs), except a 10x v2 ``.h5`` with several
+genome groups, where it names the genome.
 """
 
 from __future__ import annotations
@@ -365,12 +366,6 @@ def _is_group(obj) -> bool:
         return False
 
 
-def _check_single_matrix(path: Path, matrix: str | None, fmt: str):
-    if matrix not in _DEFAULT_MATRIX and matrix != "matrix":
-        raise SourceError(f"{path}: a {fmt} file holds one count matrix; --matrix {matrix!r} "
-                          "applies to AnnData files only (leave it out)")
-
-
 def _var_frame(ids: np.ndarray, names: np.ndarray) -> pd.DataFrame:
     """10x gene annotation: index = feature ids (Ensembl for Cell Ranger references)."""
     return pd.DataFrame({"gene_ids": ids, "gene_symbol": names}, index=pd.Index(ids, dtype=object))
@@ -397,7 +392,6 @@ class TenXH5Source(Source):
     def _open(self, matrix: str | None):
         f, path = self._f, self.path
         if "matrix" in f:
-            _check_single_matrix(path, matrix, "10x v3 .h5")
             self.matrix = "matrix"
             g = f["matrix"]
             ids, names = _to_str_array(g["features/id"][...]), _to_str_array(g["features/name"][...])
@@ -412,7 +406,7 @@ class TenXH5Source(Source):
                                   "with indptr)")
             if matrix in genomes:
                 genome = matrix
-            elif matrix in _DEFAULT_MATRIX and len(genomes) == 1:
+            elif len(genomes) == 1:
                 genome = genomes[0]
             else:
                 raise SourceError(f"{path}: a 10x v2 .h5 with genome groups {', '.join(genomes)}; "
@@ -469,7 +463,6 @@ class TenXMtxSource(Source):
         self.format, self.matrix = "10x-mtx", "matrix.mtx"
         folder = path if path.is_dir() else path.parent
         self.path = folder
-        _check_single_matrix(folder, matrix, "10x matrix.mtx")
 
         def find(*names):
             return next((folder / n for n in names if (folder / n).exists()), None)

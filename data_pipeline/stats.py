@@ -47,7 +47,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from llvmlite import ir
 from numba import njit
+from numba.core import types
+from numba.extending import intrinsic
 
 MANTISSA_BITS = 7
 RELATIVE_ERROR = 2.0 ** -(MANTISSA_BITS + 1)
@@ -122,11 +125,23 @@ def _check_block(genes, counts, indptr, total_counts, vocab_size):  # pragma: no
     return 0
 
 
+@intrinsic
+def _f32_bits(typingctx, x):  # pragma: no cover - numba
+    """Bit pattern of a float32 as int32 (a register bitcast)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(types.float32), codegen
+
+
 @njit(cache=True, nogil=True)
 def _add_block(genes, counts, indptr, total_counts, nonzero_count, count_sum, cp10k_sum,
-               pend_genes, pend_vals, n_pending):  # pragma: no cover - numba
-    """Accumulate a validated block; append its (token, float32 value) pairs to the pending
-    buffers from ``n_pending`` on.  Returns the new number of pending pairs."""
+               pend_genes, pend_buckets, n_pending):  # pragma: no cover - numba
+    """Accumulate a validated block; append its (token, bucket) pairs to the pending buffers
+    from ``n_pending`` on.  Returns the new number of pending pairs."""
     p = n_pending
     for i in range(len(indptr) - 1):
         a = indptr[i]
@@ -144,7 +159,7 @@ def _add_block(genes, counts, indptr, total_counts, nonzero_count, count_sum, cp
             cp10k_sum[g] += v
             nonzero_count[g] += 1
             pend_genes[p] = g
-            pend_vals[p] = np.float32(v)
+            pend_buckets[p] = _f32_bits(np.float32(v)) >> _SHIFT
             p += 1
     return p
 
@@ -160,83 +175,114 @@ def _insertion_sort(a, s, e):  # pragma: no cover - numba
         a[j + 1] = x
 
 
-@njit(cache=True, nogil=True)
-def _pending_to_sketch(pend_genes, pend_bits, n, vocab_size):  # pragma: no cover - numba
-    """Sorted unique sketch keys and their counts of ``n`` pending (token, value-bits) pairs.
+_PART_BITS = 8  # tokens per partition of the two-level counting sort: 2**_PART_BITS
+_PART_MASK = (1 << _PART_BITS) - 1
+_BUCKET_MASK = _BUCKETS - 1
 
-    Counting sort by token (stable, two linear passes), then per token a local dense histogram
-    over its bucket range when that range is small against its number of values, else a sort
-    of its (few) buckets.
+
+@njit(cache=True, nogil=True)
+def _pending_to_sketch(pend_genes, pend_buckets, part, n, vocab_size):  # pragma: no cover - numba
+    """Sorted unique sketch keys and their counts of ``n`` pending (token, bucket) pairs.
+
+    Two-level counting sort (cache friendly: few write streams per pass): by token partition
+    (``token >> _PART_BITS``) into ``part`` (entries ``(token & _PART_MASK) << 15 | bucket``),
+    then within each partition by token. Per token, the buckets are counted in a local dense
+    histogram when their range is small against their number, else sorted. The pending buffers
+    and ``part`` are scratch afterwards (``pend_genes`` is reused for per-key counts).
     """
-    start = np.zeros(vocab_size + 1, np.int64)
+    n_parts = (vocab_size + _PART_MASK) >> _PART_BITS
+    pstart = np.zeros(n_parts + 1, np.int64)
     for i in range(n):
-        start[pend_genes[i] + 1] += 1
-    for g in range(vocab_size):
-        start[g + 1] += start[g]
-    pos = start[:vocab_size].copy()
-    buckets = np.empty(n, np.uint16)
+        pstart[(pend_genes[i] >> _PART_BITS) + 1] += 1
+    for q in range(n_parts):
+        pstart[q + 1] += pstart[q]
+    ppos = pstart[:n_parts].copy()
     for i in range(n):
         g = pend_genes[i]
-        buckets[pos[g]] = pend_bits[i] >> _SHIFT
-        pos[g] += 1
+        q = g >> _PART_BITS
+        part[ppos[q]] = np.uint32(((g & _PART_MASK) << 15) | pend_buckets[i])
+        ppos[q] += 1
 
-    # per token: unique buckets, compacted in place at the token's start; counts beside them
-    ucounts = np.empty(n, np.int32)
-    n_unique = pos  # reuse: unique buckets per token
+    scratch = pend_buckets  # free now: buckets of one partition, grouped by token
+    ucounts = pend_genes  # free now: counts of the unique keys, beside them in ``part``
+    n_unique = ppos  # reuse: unique keys per partition
+    gstart = np.zeros((1 << _PART_BITS) + 1, np.int64)
+    gpos = np.zeros(1 << _PART_BITS, np.int64)
     hist = np.zeros(_BUCKETS, np.int32)
     total = 0
-    for g in range(vocab_size):
-        s = start[g]
-        e = start[g + 1]
-        m = e - s
-        if m == 0:
-            n_unique[g] = 0
-            continue
-        lo = buckets[s]
-        hi = lo
-        for j in range(s + 1, e):
-            b = buckets[j]
-            lo = min(lo, b)
-            hi = max(hi, b)
-        k = s
-        if np.int64(hi) - np.int64(lo) < 4 * m + 64:
-            for j in range(s, e):
-                hist[buckets[j]] += 1
-            for b in range(np.int64(lo), np.int64(hi) + 1):
-                c = hist[b]
-                if c:
-                    buckets[k] = b
-                    ucounts[k] = c
-                    hist[b] = 0
-                    k += 1
-        else:
-            if m <= 32:
-                _insertion_sort(buckets, s, e)
-            else:
-                buckets[s:e].sort()
-            j = s
-            while j < e:
-                b = buckets[j]
-                r = j + 1
-                while r < e and buckets[r] == b:
-                    r += 1
-                buckets[k] = b
-                ucounts[k] = r - j
+    for q in range(n_parts):
+        ps = pstart[q]
+        pe = pstart[q + 1]
+        gstart[:] = 0
+        for i in range(ps, pe):
+            gstart[(part[i] >> 15) + 1] += 1
+        gstart[0] = ps
+        for t in range(1 << _PART_BITS):
+            gstart[t + 1] += gstart[t]
+        gpos[:] = gstart[:-1]
+        for i in range(ps, pe):
+            x = part[i]
+            t = x >> 15
+            scratch[gpos[t]] = x & _BUCKET_MASK
+            gpos[t] += 1
+        k = ps  # unique keys are written back over the (consumed) partition
+        for t in range(1 << _PART_BITS):
+            s = gstart[t]
+            e = gstart[t + 1]
+            m = e - s
+            if m == 0:
+                continue
+            tkey = np.uint32(t << 15)
+            if m == 1:
+                part[k] = tkey | scratch[s]
+                ucounts[k] = 1
                 k += 1
-                j = r
-        n_unique[g] = k - s
-        total += k - s
+                continue
+            lo = scratch[s]
+            hi = lo
+            for j in range(s + 1, e):
+                b = scratch[j]
+                lo = min(lo, b)
+                hi = max(hi, b)
+            if np.int64(hi) - np.int64(lo) < 4 * m + 64:
+                for j in range(s, e):
+                    hist[scratch[j]] += 1
+                for b in range(np.int64(lo), np.int64(hi) + 1):
+                    c = hist[b]
+                    if c:
+                        part[k] = tkey | b
+                        ucounts[k] = c
+                        hist[b] = 0
+                        k += 1
+            else:
+                if m <= 32:
+                    _insertion_sort(scratch, s, e)
+                else:
+                    scratch[s:e].sort()
+                j = s
+                while j < e:
+                    b = scratch[j]
+                    r = j + 1
+                    while r < e and scratch[r] == b:
+                        r += 1
+                    part[k] = tkey | b
+                    ucounts[k] = r - j
+                    k += 1
+                    j = r
+        n_unique[q] = k - ps
+        total += k - ps
 
     keys = np.empty(total, np.int64)
     kcounts = np.empty(total, np.int64)
-    q = 0
-    for g in range(vocab_size):
-        s = start[g]
-        base = np.int64(g) * _BUCKETS
-        for j in range(s, s + n_unique[g]):
-            keys[q] = base + buckets[j]
-            kcounts[q] = ucounts[j]
-            q += 1
+    o = 0
+    for q in range(n_parts):
+        ps = pstart[q]
+        base = np.int64(q) << _PART_BITS
+        for i in range(ps, ps + n_unique[q]):
+            x = part[i]
+            keys[o] = (base + (x >> 15)) * _BUCKETS + (x & _BUCKET_MASK)
+            kcounts[o] = ucounts[i]
+            o += 1
     return keys, kcounts
 
 

@@ -2,7 +2,7 @@
 
 Generative model (all parameters derived from ``seed``):
 
-- Background: log gene weights ``b_g ~ Normal(0, 2)`` over all genes, i.e. log-normal gene means,
+- Background: log gene weights ``b_g ~ Normal(0, 1.7)`` over all genes, i.e. log-normal gene means,
   so a handful of genes take a large share of the UMIs, as in real scRNA-seq.
 - Cell types ``t = 0..K-1`` with unequal proportions. Each type expresses an *active* gene set
   (about 4k genes with the defaults): a shared core of ~3k genes at background weight with a
@@ -49,7 +49,7 @@ from numba import njit
 BLOCK_CELLS = 4096
 
 _LIB_SIGMA = 0.55            # log-sd of library sizes (10x data: ~0.4-0.8)
-_GENE_SIGMA = 1.6            # log-sd of background gene weights (heavy tail)
+_GENE_SIGMA = 1.7            # log-sd of background gene weights (heavy tail)
 _CORE_GENES = 3000           # shared "housekeeping" active genes
 _EXTRA_GENES = 1000          # type-specific active genes (non-marker)
 _MARKERS = (50, 200)         # marker genes per type, inclusive range

@@ -214,10 +214,11 @@ def test_missing_matrix_names_what_exists(suffix, counts, tmp_path):
         assert src.matrix == "layers/counts"
 
 
-def test_10x_files_refuse_a_matrix_choice(counts, tmp_path):
+def test_10x_files_ignore_the_anndata_matrix_choice(counts, tmp_path):
+    """One --matrix serves a mixed set of inputs: 10x files have only their one matrix."""
     X, ids, syms, bcs = counts
-    with pytest.raises(SourceError, match="--matrix"):
-        open_source(write_10x_mtx(tmp_path / "m", X, ids, syms, bcs), matrix="layers/counts")
+    with open_source(write_10x_mtx(tmp_path / "m", X, ids, syms, bcs), matrix="layers/counts") as src:
+        np.testing.assert_array_equal(src.read_rows(0, N_CELLS).toarray(), X.toarray())
 
 
 def test_10x_h5_v2_with_two_genomes_asks_which(counts, tmp_path):

@@ -1,0 +1,165 @@
+"""Determinism and crash safety: worker counts, nodes, SIGKILL and rerun, verify, stats merge."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from data_pipeline.convert import convert
+from data_pipeline.corpus import Corpus, verify
+from data_pipeline.plan import ConvertOptions
+from data_pipeline.stats import RELATIVE_ERROR, GeneStats
+from tests.corpus_helpers import corpus_files, random_counts, write_h5ad
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = dict(unit_cells=512, block_cells=128, shard_bytes=200 << 10)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> list[Path]:
+    d = tmp_path_factory.mktemp("inputs")
+    return [write_h5ad(d / "a.h5ad", random_counts(3000, 1500, seed=10, density=0.08),
+                       obs={"t": [str(i % 5) for i in range(3000)]}),
+            write_h5ad(d / "b.h5ad", random_counts(1700, 1200, seed=11, density=0.12))]
+
+
+def _options(inputs) -> ConvertOptions:
+    return ConvertOptions([str(p) for p in inputs], label_columns=["t"], **SMALL)
+
+
+@pytest.fixture(scope="module")
+def reference(inputs, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "corpus"
+    convert(out, _options(inputs), workers=1, progress=False)
+    return out
+
+
+def _assert_same_corpus(a: Path, b: Path) -> None:
+    fa, fb = corpus_files(a), corpus_files(b)
+    assert fa.keys() == fb.keys()
+    for name in fa:
+        assert fa[name] == fb[name], f"{name} differs"
+    za, zb = zarr.open_group(str(a / "stats.zarr"), mode="r"), zarr.open_group(str(b / "stats.zarr"), mode="r")
+    for key in ("nonzero_count", "count_sum", "cp10k_sum", "nonzero_median", "sketch_keys", "sketch_counts"):
+        np.testing.assert_array_equal(za[key][...], zb[key][...], err_msg=key)
+
+
+def test_workers_do_not_change_the_corpus(inputs, reference, tmp_path):
+    convert(tmp_path / "w4", _options(inputs), workers=4, progress=False)
+    _assert_same_corpus(reference, tmp_path / "w4")
+    assert verify(tmp_path / "w4") == []
+
+
+def _cli(*args) -> list[str]:
+    return [sys.executable, "-m", "data_pipeline", *args]
+
+
+def _convert_cmd(inputs, out: Path, *extra) -> list[str]:
+    return _cli("convert", *map(str, inputs), "--out", str(out), "--label-columns", "t",
+                "--unit-cells", str(SMALL["unit_cells"]), "--block-cells", str(SMALL["block_cells"]),
+                "--shard-size", str(SMALL["shard_bytes"]), "--no-progress", *extra)
+
+
+def test_multi_node_then_merge(inputs, reference, tmp_path):
+    out = tmp_path / "nodes"
+    procs = [subprocess.Popen(_convert_cmd(inputs, out, "--num-nodes", "2", "--node-rank", str(r),
+                                           "--workers", "1"), cwd=REPO, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        assert "merge" in err
+    assert not (out / "manifest.json").exists()
+    r = subprocess.run(_cli("merge", str(out), "--workers", "2", "--no-progress"), cwd=REPO,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    _assert_same_corpus(reference, out)
+
+
+def _count(folder: Path, pattern: str) -> int:
+    return len(list(folder.glob(pattern))) if folder.is_dir() else 0
+
+
+# (what to watch, how many must exist before the kill)
+KILL_POINTS = [
+    (".work/scan", "u*.npy", 2),
+    (".work/units", "u*.json", 1),
+    (".work/units", "u*.json", 6),
+    ("shards", "corpus-*.tar", 1),
+]
+
+
+@pytest.mark.parametrize("where,pattern,after", KILL_POINTS)
+def test_sigkill_then_rerun_gives_the_same_corpus(inputs, reference, tmp_path, where, pattern, after):
+    out = tmp_path / "killed"
+    cmd = _convert_cmd(inputs, out, "--workers", "2")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while _count(out / where, pattern) < after and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole group: workers die too, as on a node failure
+    proc.wait()
+    killed_midway = not (out / "manifest.json").exists()
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    _assert_same_corpus(reference, out)
+    assert not (out / ".work").exists()
+    assert killed_midway, "the run finished before the kill point; the test did not test a crash"
+
+
+def test_verify_names_damaged_shards(inputs, reference, tmp_path):
+    import shutil
+
+    out = tmp_path / "c"
+    shutil.copytree(reference, out)
+    assert verify(out) == []
+    shards = sorted((out / "shards").glob("*.tar"))
+    assert len(shards) >= 3
+    data = bytearray(shards[0].read_bytes())
+    data[5000] ^= 0xFF
+    shards[0].write_bytes(bytes(data))
+    shards[1].write_bytes(shards[1].read_bytes()[:-3000])
+    shards[2].unlink()
+    problems = verify(out)
+    assert any(shards[0].name in p and "edited" in p for p in problems)
+    assert any(shards[1].name in p for p in problems)
+    assert any(shards[2].name in p and "missing" in p for p in problems)
+    r = subprocess.run(_cli("verify", str(out)), cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 1 and shards[2].name in r.stderr
+
+
+def test_merged_stats_equal_single_pass(reference):
+    corpus = Corpus(reference)
+    one_pass = GeneStats(len(corpus.vocab))
+    genes, counts, indptr, totals = [], [], [0], []
+    for _, b in corpus.iter_blocks():
+        genes.append(b.genes)
+        counts.append(b.counts)
+        indptr.extend((b.indptr[1:] + indptr[-1]).tolist())
+        totals.append(b.total_counts)
+    genes, counts, totals = np.concatenate(genes), np.concatenate(counts), np.concatenate(totals)
+    one_pass.add_cells(genes, counts, np.array(indptr), totals)
+    merged = GeneStats.from_zarr(reference / "stats.zarr")
+    np.testing.assert_array_equal(merged.sketch_keys, one_pass.finalize().sketch_keys)
+    np.testing.assert_array_equal(merged.sketch_counts, one_pass.sketch_counts)
+    np.testing.assert_array_equal(merged.nonzero_count, one_pass.nonzero_count)
+    np.testing.assert_allclose(merged.count_sum, one_pass.count_sum, rtol=1e-12)
+    np.testing.assert_allclose(merged.cp10k_sum, one_pass.cp10k_sum, rtol=1e-12)
+    # sketch medians within the documented bound of the exact nonzero medians
+    normalized = counts * np.repeat(1e4 / totals, np.diff(indptr))
+    medians = zarr.open_group(str(reference / "stats.zarr"), mode="r")["nonzero_median"][...]
+    order = np.argsort(genes, kind="stable")
+    bounds = np.searchsorted(genes[order], np.arange(len(corpus.vocab) + 1))
+    for g in np.flatnonzero(merged.nonzero_count):
+        v = np.sort(normalized[order[bounds[g]:bounds[g + 1]]])
+        lo, hi = v[(len(v) - 1) // 2], v[len(v) // 2]
+        assert lo * (1 - RELATIVE_ERROR) <= medians[g] <= hi * (1 + RELATIVE_ERROR)
