@@ -102,15 +102,17 @@ def _convert(args) -> int:
         shard_bytes=args.shard_size, skip_bad_files=args.skip_bad_files)
     num_nodes, node_rank = _node_from_env(args)
     t0 = time.perf_counter()
+    timings = {}
     manifest = convert(args.out, options, workers=args.workers, num_nodes=num_nodes, node_rank=node_rank,
                        overwrite=args.overwrite, progress=not args.no_progress,
-                       keep_work=args.keep_work, wait_s=args.wait)
+                       keep_work=args.keep_work, wait_s=args.wait, timings=timings)
     if manifest is None:
         print(f"node {node_rank}/{num_nodes}: units done; when every node has finished run "
               f"`python -m data_pipeline merge {args.out}`", file=sys.stderr)
         return 0
     print_report(manifest)
-    print(f"done in {time.perf_counter() - t0:.1f} s: {args.out}", file=sys.stderr)
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
+    print(f"done in {time.perf_counter() - t0:.1f} s ({stages}): {args.out}", file=sys.stderr)
     return 0
 
 

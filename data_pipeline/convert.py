@@ -310,12 +310,21 @@ def _wait_for(missing_fn, num_nodes: int, wait_s: float, what: str) -> list:
 
 def convert(out: str | Path, options: ConvertOptions, workers: int = 1, num_nodes: int = 1,
             node_rank: int = 0, overwrite: bool = False, progress: bool = True,
-            keep_work: bool = False, wait_s: float = 86400.0) -> dict | None:
+            keep_work: bool = False, wait_s: float = 86400.0, timings: dict | None = None) -> dict | None:
     """Convert ``options.inputs`` into the corpus folder ``out``; resumes an interrupted run.
 
     Returns the manifest (None on a node of a multi-node run, which leaves merging to
-    `merge.merge_corpus`).
+    `merge.merge_corpus`). ``timings``, if given, receives seconds per stage.
     """
+    timings = {} if timings is None else timings
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[stage] = timings.get(stage, 0.0) + now - clock
+        clock = now
+
     from .merge import finish_if_complete, merge_corpus
 
     out = Path(out)
@@ -331,8 +340,10 @@ def convert(out: str | Path, options: ConvertOptions, workers: int = 1, num_node
         plan, genes = build_plan(options)
         save_plan(work, plan, genes)
     plan = load_plan(work)
+    lap("plan")
     mine = [u for u in range(len(plan["units"])) if u % num_nodes == node_rank]
     vocab_path = ensure_vocab(out, plan, workers, mine, progress, num_nodes, wait_s)
+    lap("vocab")
 
     (work / "units").mkdir(exist_ok=True)
     remove_stale_temps(work / "units")
@@ -340,6 +351,9 @@ def convert(out: str | Path, options: ConvertOptions, workers: int = 1, num_node
     sizes = {u: b - a for u, (_, a, b) in enumerate(plan["units"])}
     with _progress(sum(sizes[u] for u in todo), "convert", progress) as bar:
         run_pool(convert_unit, todo, workers, (work, vocab_path), lambda r: bar.update(r["cells_read"]))
+    lap("units")
     if num_nodes > 1:
         return None
-    return merge_corpus(out, workers=workers, keep_work=keep_work, progress=progress)
+    manifest = merge_corpus(out, workers=workers, keep_work=keep_work, progress=progress)
+    lap("merge")
+    return manifest

@@ -43,6 +43,7 @@ normal float32 range (>= 2**-126, i.e. always for real ``count / total * 1e4``).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -342,6 +343,55 @@ def _nonzero_count_from_sketch(keys: np.ndarray, counts: np.ndarray, vocab_size:
     return out
 
 
+class _Workspace:
+    """Pending (token, bucket) buffers plus the sort buffer of one ``GeneStats``.
+
+    Freshly allocated memory is expensive (page faults cost more than the passes over it), so a
+    finalized ``GeneStats`` gives its workspace back to a small process-wide pool and the next
+    one (e.g. the next work unit of a converter worker) reuses it.
+    """
+
+    _pool: list = []
+    _lock = threading.Lock()
+    POOL_SIZE = 2  # workspaces kept
+    POOL_MAX_CAPACITY = 1 << 25  # entries (10 B each); larger ones are freed
+
+    def __init__(self):
+        self.genes = np.empty(0, np.int32)
+        self.buckets = np.empty(0, np.uint16)
+        self.part = np.empty(0, np.uint32)
+
+    @classmethod
+    def take(cls) -> _Workspace:
+        with cls._lock:
+            if cls._pool:
+                return cls._pool.pop()
+        return cls()
+
+    def give_back(self) -> None:
+        if len(self.genes) > self.POOL_MAX_CAPACITY:
+            return
+        with self._lock:
+            if len(self._pool) < self.POOL_SIZE:
+                self._pool.append(self)
+
+    def reserve(self, size: int, keep: int) -> None:
+        cap = len(self.genes)
+        if size <= cap:
+            return
+        new_cap = max(size, min(2 * cap, _PENDING_MAX), 1 << 16)
+        genes = np.empty(new_cap, np.int32)
+        buckets = np.empty(new_cap, np.uint16)
+        genes[:keep] = self.genes[:keep]
+        buckets[:keep] = self.buckets[:keep]
+        self.genes, self.buckets = genes, buckets
+
+    def part_buffer(self) -> np.ndarray:
+        if len(self.part) < len(self.genes):
+            self.part = np.empty(len(self.genes), np.uint32)
+        return self.part
+
+
 # --- statistics ----------------------------------------------------------------------------------
 
 @dataclass
@@ -360,8 +410,7 @@ class GeneStats:
     cp10k_sum: np.ndarray = field(default=None)
     sketch_keys: np.ndarray = field(default=None)
     sketch_counts: np.ndarray = field(default=None)
-    _pend_genes: np.ndarray = field(default=None, init=False, repr=False)
-    _pend_vals: np.ndarray = field(default=None, init=False, repr=False)
+    _ws: _Workspace | None = field(default=None, init=False, repr=False)
     _n_pending: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self):
@@ -415,34 +464,30 @@ class GeneStats:
         if self._n_pending + nnz > _PENDING_MAX:
             self._flush()
         self._reserve(self._n_pending + nnz)
+        ws = self._ws
         self._n_pending = int(_add_block(genes, counts, indptr, total_counts, self.nonzero_count,
-                                         self.count_sum, self.cp10k_sum, self._pend_genes,
-                                         self._pend_vals, self._n_pending))
+                                         self.count_sum, self.cp10k_sum, ws.genes, ws.buckets,
+                                         self._n_pending))
         self.n_cells += n
         if self._n_pending >= max(_FLUSH_MIN, len(self.sketch_keys)):
             self._flush()
 
     def _reserve(self, size: int) -> None:
-        cap = 0 if self._pend_genes is None else len(self._pend_genes)
-        if size <= cap:
-            return
-        new_cap = max(size, min(2 * cap, _PENDING_MAX), 1 << 16)
-        genes = np.empty(new_cap, np.int32)
-        vals = np.empty(new_cap, np.float32)
-        if self._n_pending:
-            genes[:self._n_pending] = self._pend_genes[:self._n_pending]
-            vals[:self._n_pending] = self._pend_vals[:self._n_pending]
-        self._pend_genes, self._pend_vals = genes, vals
+        if self._ws is None:
+            self._ws = _Workspace.take()
+        self._ws.reserve(size, self._n_pending)
 
-    def _flush(self) -> None:
+    def _flush(self, release: bool = False) -> None:
         n = self._n_pending
         if n:
-            keys, counts = _pending_to_sketch(self._pend_genes, self._pend_vals.view(np.int32), n,
+            ws = self._ws
+            keys, counts = _pending_to_sketch(ws.genes, ws.buckets, ws.part_buffer(), n,
                                               self.vocab_size)
             self._n_pending = 0
             self._merge_sketch(keys, counts)
-        # release the buffers (a finalized partial result is usually stored or merged next)
-        self._pend_genes = self._pend_vals = None
+        if release and self._ws is not None:
+            self._ws.give_back()
+            self._ws = None
 
     def _merge_sketch(self, keys: np.ndarray, counts: np.ndarray) -> None:
         if len(self.sketch_keys) == 0:
@@ -453,7 +498,7 @@ class GeneStats:
                 np.ascontiguousarray(keys, np.int64), np.ascontiguousarray(counts, np.int64))
 
     def finalize(self) -> GeneStats:
-        self._flush()
+        self._flush(release=True)
         return self
 
     def merge(self, other: GeneStats) -> GeneStats:

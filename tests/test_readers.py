@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import h5py
@@ -48,7 +47,7 @@ def _obs(barcodes) -> pd.DataFrame:
         "batch": i % 2,
         "score": pd.array([None if k % 6 == 2 else k for k in i], dtype="Int64"),
         "flag": pd.array([None if k % 7 == 3 else k % 2 == 0 for k in i], dtype="boolean"),
-        "note": pd.array([None if k % 8 == 4 else f"n{k}" for k in i], dtype="string"),
+        "note": pd.array([None if k == 4 else f"n{k}" for k in i], dtype="string"),  # unique: not made categorical
     }, index=pd.Index(list(barcodes)))
 
 
@@ -239,18 +238,38 @@ def test_garbage_h5ad_names_the_path(tmp_path):
         open_source(path)
 
 
-def test_truncated_h5ad_names_the_path(tmp_path):
-    rng = np.random.default_rng(1)
-    X = sp.random(400, 300, density=0.2, format="csr", random_state=rng, dtype=np.float32)
-    whole = write_anndata(tmp_path / "whole.h5ad", X, [f"ENSG{i:011d}" for i in range(300)],
-                          [f"S{i}" for i in range(300)], [f"c{i}" for i in range(400)])
+@pytest.mark.parametrize("which", ["written", "real"])
+def test_truncated_h5ad_names_the_path(which, tmp_path):
+    if which == "real":
+        whole = SHARED_DATA / "h5ad" / "cider_baron_pancreas350.h5ad"
+        if not whole.exists():
+            pytest.skip(f"{whole} not present")
+    else:
+        rng = np.random.default_rng(1)
+        X = sp.random(400, 300, density=0.2, format="csr", random_state=rng, dtype=np.float32)
+        whole = write_anndata(tmp_path / "whole.h5ad", X, [f"ENSG{i:011d}" for i in range(300)],
+                              [f"S{i}" for i in range(300)], [f"c{i}" for i in range(400)])
     data = whole.read_bytes()
-    for keep in (len(data) // 2, len(data) - 100):
+    for keep in (4096, len(data) // 2, len(data) - 100):
         cut = tmp_path / f"cut{keep}.h5ad"
         cut.write_bytes(data[:keep])
         with pytest.raises(SourceError, match=str(cut)):
             with open_source(cut) as src:
                 src.read_rows(0, src.n_cells)
+
+
+def test_read_failures_deep_in_a_file_name_the_path(counts, tmp_path, monkeypatch):
+    """A corrupt chunk found only when rows are read surfaces as SourceError, not OSError."""
+    X, ids, syms, bcs = counts
+    path = write_anndata(tmp_path / "a.h5ad", X, ids, syms, bcs)
+
+    def broken(self, start, stop):
+        raise OSError("Can't read data (inflate() failed)")
+
+    with open_source(path) as src:
+        monkeypatch.setattr(type(src), "_read_rows", broken)
+        with pytest.raises(SourceError, match=rf"{path}: cannot read rows 2:5 .*inflate"):
+            src.read_rows(2, 5)
 
 
 def test_truncated_mtx_is_refused(counts, tmp_path):
