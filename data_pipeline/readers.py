@@ -181,6 +181,8 @@ def _to_str_array(values) -> np.ndarray:
 
 
 def _has(root, key: str) -> bool:
+    """Whether nested ``key`` ("raw/X") exists; walked part by part so that a dataset on the way
+    (an ``X`` array when asking for ``X/data``) answers False instead of raising."""
     node = root
     for part in key.split("/"):
         if not _is_group(node) or part not in node:

@@ -7,10 +7,12 @@ Generative model (all parameters derived from ``seed``):
 - Cell types ``t = 0..K-1`` with unequal proportions. Each type expresses an *active* gene set
   (about 4k genes with the defaults): a shared core of ~3k genes at background weight with a
   small per-type perturbation, ~1k type-specific genes at background weight, and 50-200 marker
-  genes (disjoint between types) set to the background's top-5% weight level. Genes outside
-  the active set are zero for that type, which bounds the cost per cell.
+  genes set to the background's top-5% weight level. Markers are disjoint between types and
+  silent outside their type. Genes outside the active set are zero for that type, which bounds
+  the cost per cell.
   ``p[t, g]`` = weights normalized to sum to 1 over the active set.
-- Per cell ``c`` of type ``t``: library size ``L_c = median * exp(0.55 * Normal(0, 1))`` and
+- Per cell ``c`` of type ``t``: library size ``L_c = median * exp(0.55 * Normal(0, 1))``
+  (clipped to [median / 8, median * 8]) and
   ``x[c, g] ~ Poisson(L_c * p[t, g] * Gamma(shape=1/phi_g, scale=phi_g))``, i.e. negative
   binomial with mean ``L_c * p[t, g]`` and gene-wise dispersion ``phi_g`` (log-normal around
   0.25); ``E[sum_g x[c, g]] = L_c``.
@@ -22,7 +24,8 @@ Determinism: cells are generated in fixed blocks of ``BLOCK_CELLS`` rows; block 
 its own generator seeded by ``(seed, k)``, and within a block cells are drawn one after another.
 The output therefore depends only on the arguments of the model (never on the chunk size asked
 for or on memory), and the first ``n`` cells of a larger data set equal a data set of ``n``
-cells. The same arguments give a byte-identical file.
+cells. The same arguments give a byte-identical file (with the same versions of numpy, numba,
+h5py and anndata: the samplers and the HDF5 layout come from them).
 
 Sampling: a negative binomial draw per (cell, active gene) is done in a numba kernel by
 inversion of the NB CDF with one uniform, with the squeeze ``u < 1 - mu <= P(x = 0)`` that
@@ -114,16 +117,16 @@ def synthetic_model(n_genes: int = 20000, n_cell_types: int = 8, seed: int = 0) 
     # Markers are disjoint between types so each type has genes that identify it.
     per_type = len(pool) // n_cell_types
     n_markers = np.minimum(rng.integers(_MARKERS[0], _MARKERS[1] + 1, n_cell_types), per_type)
-    n_extra = min(_EXTRA_GENES, len(pool) // 3)
+    bounds = np.concatenate([[0], np.cumsum(n_markers)])
+    markers = [np.sort(pool[bounds[t]:bounds[t + 1]]) for t in range(n_cell_types)]
+    # Type programs exclude every type's markers, so a marker is silent outside its own type.
+    candidates = pool[bounds[-1]:]
+    n_extra = min(_EXTRA_GENES, len(candidates) // 2)
 
-    ptr, genes, probs, markers = [0], [], [], []
-    taken = 0
+    ptr, genes, probs = [0], [], []
     for t in range(n_cell_types):
-        mk = pool[taken:taken + n_markers[t]]
-        taken += n_markers[t]
-        # Type programs may include other types' markers at background level ("leaky" markers).
-        candidates = np.setdiff1d(pool, mk, assume_unique=True)
-        extra = rng.choice(candidates, size=min(n_extra, len(candidates)), replace=False)
+        mk = markers[t]
+        extra = rng.choice(candidates, size=n_extra, replace=False)
         idx = np.concatenate([core, extra, mk])
         lw = np.concatenate([log_w[core] + rng.normal(0.0, 0.5, n_core),
                              log_w[extra],
@@ -133,7 +136,6 @@ def synthetic_model(n_genes: int = 20000, n_cell_types: int = 8, seed: int = 0) 
         w = np.exp(lw - lw.max())
         genes.append(idx.astype(np.int32))
         probs.append(w / w.sum())
-        markers.append(np.sort(mk).astype(np.int64))
         ptr.append(ptr[-1] + len(idx))
     active_genes = np.concatenate(genes)
     return SyntheticModel(
@@ -144,7 +146,7 @@ def synthetic_model(n_genes: int = 20000, n_cell_types: int = 8, seed: int = 0) 
         active_genes=active_genes,
         active_probs=np.concatenate(probs),
         active_r=1.0 / dispersion[active_genes],
-        markers=tuple(markers),
+        markers=tuple(m.astype(np.int64) for m in markers),
         dispersion=dispersion,
     )
 

@@ -93,7 +93,7 @@ def _layout(X, layout):
 
 
 def write_anndata(path, X, gene_ids, symbols, barcodes, layout="csr", matrix="X", obs=None,
-                  zarr_format=2, nullable_strings=False) -> Path:
+                  zarr_format=2) -> Path:
     """An ``.h5ad`` file or (path ending in ``.zarr``) an AnnData zarr store holding ``X`` at
     ``matrix`` ("X", "raw.X" or "layers/<name>") in ``layout``; var_names are the symbols and
     ``var['gene_ids']`` the ids.
@@ -119,8 +119,7 @@ def write_anndata(path, X, gene_ids, symbols, barcodes, layout="csr", matrix="X"
     else:
         raise ValueError(f"matrix must be X, raw.X or layers/<name>, not {matrix!r}")
     path = Path(path)
-    with (ad.settings.override(zarr_write_format=zarr_format, allow_write_nullable_strings=nullable_strings),
-          warnings.catch_warnings()):
+    with ad.settings.override(zarr_write_format=zarr_format), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # zarr/anndata notices about future defaults
         if path.suffix == ".zarr":
             adata.write_zarr(path)

@@ -43,7 +43,8 @@ def default_cells():
 def _stack(chunks):
     chunks = list(chunks)
     starts = [s for s, _, _ in chunks]
-    return starts, sp.vstack([m for _, m, _ in chunks], format="csr"), np.concatenate([c for _, _, c in chunks])
+    matrix = sp.vstack([m for _, m, _ in chunks], format="csr")
+    return starts, matrix, np.concatenate([c for _, _, c in chunks])
 
 
 def test_same_seed_same_bytes_different_seed_differs(small_file, tmp_path):
@@ -103,7 +104,8 @@ def test_h5ad_layout_and_valid_csr(small_file):
 
     assert adata.obs_names[0] == "syn-0000000" and adata.obs_names[-1] == f"syn-{N_CELLS - 1:07d}"
     assert adata.obs_names.is_unique
-    assert list(adata.obs["cell_type"].cat.categories) == [f"type_{t:02d}" for t in range(N_TYPES)]
+    type_names = [f"type_{t:02d}" for t in range(N_TYPES)]
+    assert list(adata.obs["cell_type"].cat.categories) == type_names
     assert set(adata.obs["cell_type"]) == set(adata.obs["cell_type"].cat.categories)
     assert list(adata.var.columns) == ["ensembl_id", "gene_symbol"]
     assert list(adata.var_names) == list(adata.var["ensembl_id"])
