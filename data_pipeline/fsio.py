@@ -11,13 +11,15 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
 _TMP_MARK = ".tmp-"
 
 
 def temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}")
+    # host and pid: nodes of a multi-node run may write the same file on a shared filesystem
+    return path.with_name(f".{path.name}{_TMP_MARK}{socket.gethostname()}-{os.getpid()}")
 
 
 def fsync_dir(folder: Path) -> None:

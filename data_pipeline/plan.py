@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -136,7 +137,7 @@ def _plan_source(index: int, path: str, options: ConvertOptions, symbol_table) -
         src.close()
 
 
-def build_plan(options: ConvertOptions, progress=None) -> tuple[dict, list[dict]]:
+def build_plan(options: ConvertOptions, workers: int = 1) -> tuple[dict, list[dict]]:
     """Open every input, resolve genes, check counts, collect label categories, cut work units.
 
     Returns ``(plan, gene_tables)``; raises ConvertError listing every unusable input (unless
@@ -148,7 +149,6 @@ def build_plan(options: ConvertOptions, progress=None) -> tuple[dict, list[dict]
     for i, path in enumerate(options.inputs):
         try:
             entry, table = _plan_source(i, path, options, symbol_table)
-            entry["sha256"] = sha256_path(path)
             entry["bytes"] = _size(Path(path))
         except SourceError as exc:
             if not options.skip_bad_files:
@@ -159,8 +159,6 @@ def build_plan(options: ConvertOptions, progress=None) -> tuple[dict, list[dict]
             table = {"ids": [], "symbols": []}
         sources.append(entry)
         genes.append(table)
-        if progress:
-            progress(entry)
     if errors:
         more = "" if options.skip_bad_files else ("\n(fix these inputs, leave them out, or pass "
                                                   "--skip-bad-files to count their cells as skipped)")
@@ -173,6 +171,11 @@ def build_plan(options: ConvertOptions, progress=None) -> tuple[dict, list[dict]
         categories[col] = sorted({v for vals in seen if vals is not None for v in vals})
     for s in sources:
         s.pop("label_values", None)
+    # hashing is I/O bound and hashlib releases the GIL: threads overlap the reads
+    readable = [s for s in sources if "refused" not in s]
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for s, digest in zip(readable, pool.map(sha256_path, [s["path"] for s in readable])):
+            s["sha256"] = digest
     units = []
     for s in sources:
         if "refused" in s:

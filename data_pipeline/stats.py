@@ -179,6 +179,7 @@ def _insertion_sort(a, s, e):  # pragma: no cover - numba
 _PART_BITS = 8  # tokens per partition of the two-level counting sort: 2**_PART_BITS
 _PART_MASK = (1 << _PART_BITS) - 1
 _BUCKET_MASK = _BUCKETS - 1
+_DENSE_FACTOR = 16  # per token: dense histogram if bucket range < _DENSE_FACTOR * n + 256
 
 
 @njit(cache=True, nogil=True)
@@ -245,16 +246,17 @@ def _pending_to_sketch(pend_genes, pend_buckets, part, n, vocab_size):  # pragma
                 b = scratch[j]
                 lo = min(lo, b)
                 hi = max(hi, b)
-            if np.int64(hi) - np.int64(lo) < 4 * m + 64:
+            if np.int64(hi) - np.int64(lo) < _DENSE_FACTOR * m + 256:
                 for j in range(s, e):
                     hist[scratch[j]] += 1
+                # branchless emission (about half the buckets are empty: branches mispredict);
+                # the slots written past the last nonzero bucket are overwritten later or unused
                 for b in range(np.int64(lo), np.int64(hi) + 1):
                     c = hist[b]
-                    if c:
-                        part[k] = tkey | b
-                        ucounts[k] = c
-                        hist[b] = 0
-                        k += 1
+                    part[k] = tkey | b
+                    ucounts[k] = c
+                    hist[b] = 0
+                    k += c != 0
             else:
                 if m <= 32:
                     _insertion_sort(scratch, s, e)
