@@ -27,15 +27,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
 from .fsio import atomic_write_bytes, atomic_write_json, commit, remove_stale_temps, temp_path
 from .plan import (ConvertError, ConvertOptions, build_plan, label_codes, load_gene_table,
                    load_plan, plan_hash, save_plan, source_label, unit_name)
 from .readers import open_source
-from .shards import CellBlock, encode_block
+from .shards import CellBlock, encode_block_parts
 from .stats import GeneStats
-from .validate import SKIP_REASONS, row_flags
+from .rowkernels import CountOverflow, convert_rows, scan_rows
+from .validate import SKIP_REASONS
 from .vocab import Vocabulary, read_vocab
 
 WORK = ".work"
@@ -84,19 +84,16 @@ def _init_worker(work: Path, vocab_path: Path | None) -> None:
 def _read_unit(unit: int):
     s, a, b = _CTX.plan["units"][unit]
     entry = _CTX.plan["sources"][s]
-    x = _CTX.source(s).read_rows(a, b)
-    reason = row_flags(x, entry["integer_counts"])
-    return s, a, b, entry, x, reason
+    return s, a, b, entry, _CTX.source(s).read_rows(a, b)
 
 
 # --- stage 2: scan (vocabulary from the corpus) -----------------------------------------------
 
 def scan_unit(unit: int) -> int:
     """Cells with a positive count per source column, over cells passing the value checks."""
-    s, a, b, entry, x, reason = _read_unit(unit)
-    row_of = np.repeat(np.arange(b - a), np.diff(x.indptr))
-    hit = (x.data > 0) & (reason[row_of] < 0)
-    counts = np.bincount(x.indices[hit], minlength=entry["n_vars"]).astype(np.int64)
+    s, a, b, entry, x = _read_unit(unit)
+    counts = np.zeros(entry["n_vars"], np.int64)
+    scan_rows(x.indptr.astype(np.int64), x.indices, x.data, entry["integer_counts"], counts)
     path = _CTX.work / "scan" / f"{unit_name(unit)}.npy"
     tmp = temp_path(path)
     with open(tmp, "wb") as fh:
@@ -135,39 +132,19 @@ def build_vocab(work: Path, plan: dict) -> Vocabulary:
 
 # --- stage 4: units ---------------------------------------------------------------------------
 
-def _counts_array(data: np.ndarray, integer: bool) -> np.ndarray:
-    if not integer:
-        return data.astype("<f4")
-    top = int(data.max()) if data.size else 0
-    if top > np.iinfo(np.uint32).max:
-        raise ConvertError(f"a count of {top} does not fit uint32; is this matrix really raw counts?")
-    return data.astype("<u2" if top <= np.iinfo(np.uint16).max else "<u4")
-
-
 def convert_unit(unit: int) -> dict:
     """Validate, map genes, and write one unit's blocks, statistics and accounting."""
-    s, a, b, entry, x, reason = _read_unit(unit)
+    s, a, b, entry, x = _read_unit(unit)
     opts, vocab = _CTX.options, _CTX.vocab
     n = b - a
-    row_of = np.repeat(np.arange(n), np.diff(x.indptr))
-    values = x.data.astype(np.float64)
-    total_counts = np.bincount(row_of, weights=values, minlength=n)  # before vocabulary filtering
     integer = entry["integer_counts"]
-    if integer:  # non-finite values only occur in rows already marked skipped
-        values = np.rint(np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)).astype(np.int64)
-    token = _CTX.colmap(s)[x.indices]
-    keep = (x.data > 0) & (token >= 0) & (reason[row_of] < 0)
-    kept_indptr = np.concatenate([[0], np.cumsum(np.bincount(row_of[keep], minlength=n))])
-    # duplicate source columns of one gene become duplicate entries here; summing them is the rule
-    m = sp.csr_matrix((values[keep], token[keep], kept_indptr), shape=(n, len(vocab)))
-    m.sum_duplicates()
-    reason[(reason < 0) & (np.diff(m.indptr) < opts.min_genes)] = SKIP_REASONS.index("below_min_genes")
+    # duplicate source columns of one gene are summed; tokens come out ascending per cell
+    try:
+        reason, total_counts, indptr, genes, counts = convert_rows(
+            x.indptr, x.indices, x.data, _CTX.colmap(s), integer, opts.min_genes, vocab.token_dtype)
+    except CountOverflow as exc:
+        raise ConvertError(f"{entry['path']} rows {a}-{b}: {exc}") from None
     written = np.flatnonzero(reason < 0)
-    m = m[written]
-    m.sort_indices()
-    genes = m.indices.astype(vocab.token_dtype)
-    counts = _counts_array(m.data, integer)
-    indptr = m.indptr.astype(np.int64)
     tc = total_counts[written]
     labels = np.stack([label_codes(source_label(_CTX.source(s), col, a, b),
                                    _CTX.plan["label_categories"][col], n)[written]
@@ -182,17 +159,18 @@ def convert_unit(unit: int) -> dict:
                           a + written[lo:hi], np.ascontiguousarray(labels[lo:hi], np.int32), s,
                           [str(c) for c in cell_ids[lo:hi]])
         key = f"{unit_name(unit)}-b{k:05d}"
-        payload = encode_block(key, block)
-        parts.append(payload)
-        blocks.append({"key": key, "offset": offset, "bytes": len(payload), "n_cells": hi - lo,
+        payload = encode_block_parts(key, block)
+        size = sum(memoryview(b).nbytes for b in payload)
+        parts += payload
+        blocks.append({"key": key, "offset": offset, "bytes": size, "n_cells": hi - lo,
                        "n_tokens": int(q - p), "counts_dtype": counts.dtype.str,
                        "length_histogram": length_histogram(np.diff(block.indptr))})
-        offset += len(payload)
+        offset += size
 
     stats = GeneStats(len(vocab))
     stats.add_cells(genes, counts, indptr, tc)
     base = _CTX.work / "units" / unit_name(unit)
-    atomic_write_bytes(base.with_suffix(".tar"), b"".join(parts))
+    atomic_write_bytes(base.with_suffix(".tar"), parts)
     stats_path = base.with_suffix(".stats.npz")
     tmp = temp_path(stats_path)
     stats.to_npz(tmp)

@@ -36,11 +36,12 @@ def commit(tmp: Path, path: Path) -> None:
     fsync_dir(path.parent)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> None:
+def atomic_write_bytes(path: str | Path, data) -> None:
+    """Write ``data`` (a buffer, or a list of buffers written in order) atomically."""
     path = Path(path)
     tmp = temp_path(path)
     with open(tmp, "wb") as fh:
-        fh.write(data)
+        fh.writelines(data if isinstance(data, list) else [data])
         fh.flush()
         os.fsync(fh.fileno())
     commit(tmp, path)

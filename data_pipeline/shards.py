@@ -60,27 +60,35 @@ class CellBlock:
         return int(self.indptr[-1])
 
 
-def _member(name: str, payload: bytes) -> bytes:
+def _member(name: str, payload) -> list:
+    """Tar header, payload (any buffer, not copied) and padding of one member."""
+    size = memoryview(payload).nbytes
     info = tarfile.TarInfo(name)
-    info.size = len(payload)
+    info.size = size
     info.mtime = 0
     info.mode = 0o644
     info.uname = info.gname = ""
     header = info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict")
-    return header + payload + b"\0" * (-len(payload) % 512)
+    return [header, payload, b"\0" * (-size % 512)]
 
 
-def encode_block(key: str, block: CellBlock) -> bytes:
-    """The tar members of one block, without an end-of-archive marker."""
+def encode_block_parts(key: str, block: CellBlock) -> list:
+    """The tar members of one block as a list of buffers (write them in order), without an
+    end-of-archive marker. Array payloads are views of the block's arrays, not copies."""
     parts = []
     for field, arr in (("indptr", block.indptr), ("genes", block.genes), ("counts", block.counts),
                        ("total_counts", block.total_counts), ("source_row", block.source_row),
                        ("labels", block.labels)):
-        arr = np.ascontiguousarray(arr)
-        parts.append(_member(f"{key}.{field}.{dtype_code(arr.dtype)}", arr.astype(arr.dtype.newbyteorder("<")).tobytes()))
+        arr = np.ascontiguousarray(arr, dtype=np.dtype(arr.dtype).newbyteorder("<"))
+        parts += _member(f"{key}.{field}.{dtype_code(arr.dtype)}", memoryview(arr.reshape(-1)).cast("B"))
     meta = json.dumps({"source": block.source, "cell_ids": list(block.cell_ids)}, separators=(",", ":"))
-    parts.append(_member(f"{key}.meta.json", meta.encode()))
-    return b"".join(parts)
+    parts += _member(f"{key}.meta.json", meta.encode())
+    return parts
+
+
+def encode_block(key: str, block: CellBlock) -> bytes:
+    """The tar members of one block as bytes, without an end-of-archive marker."""
+    return b"".join(encode_block_parts(key, block))
 
 
 def decode_block(members: dict[str, bytes], n_label_columns: int | None = None) -> CellBlock:
