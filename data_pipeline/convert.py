@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .fsio import atomic_write_bytes, atomic_write_json, commit, remove_stale_temps, temp_path
+from .fsio import atomic_write_bytes, atomic_write_json, commit, remove_stale_temps, sha256_path, temp_path
 from .plan import (ConvertError, ConvertOptions, build_plan, label_codes, load_gene_table,
                    load_plan, plan_hash, save_plan, source_label, unit_name)
 from .readers import open_source
@@ -182,6 +182,8 @@ def convert_unit(unit: int) -> dict:
         "counts_total": float(tc.sum()), "counts_in_vocab": float(counts.sum(dtype=np.float64)),
         "blocks": blocks,
     }
+    if a == 0:  # the source checksum rides on its first unit, so it overlaps other units' work
+        result["source_sha256"] = sha256_path(entry["path"])
     atomic_write_json(base.with_suffix(".json"), result)  # last: marks the unit done
     return result
 
@@ -315,7 +317,7 @@ def convert(out: str | Path, options: ConvertOptions, workers: int = 1, num_node
     work.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(work)
     if state == "new":
-        plan, genes = build_plan(options, workers)
+        plan, genes = build_plan(options)
         save_plan(work, plan, genes)
     plan = load_plan(work)
     lap("plan")

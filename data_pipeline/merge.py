@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .convert import LENGTH_BINS, WORK, _progress, run_pool
-from .fsio import atomic_replace_dir, atomic_write_json, commit, remove_stale_temps, temp_path
+from .fsio import atomic_replace_dir, atomic_write_json, commit, remove_stale_temps, sha256_path, temp_path
 from .plan import ConvertError, ConvertOptions, load_gene_table, load_plan, unit_name
 from .shards import DTYPES, END_OF_ARCHIVE
 from .stats import GeneStats
@@ -156,7 +156,9 @@ def _source_report(work: Path, entry: dict, vocab, results: list[dict], categori
     tokens = vocab.lookup(ids)
     mapped = tokens[tokens >= 0]
     counts_total = sum(r["counts_total"] for r in mine)
-    rep.update({k: entry[k] for k in ("format", "matrix", "sha256", "bytes", "n_cells", "n_vars",
+    first = [r for r in mine if r["start"] == 0]
+    rep["sha256"] = first[0]["source_sha256"] if first else sha256_path(entry["path"])  # no rows: no unit
+    rep.update({k: entry[k] for k in ("format", "matrix", "bytes", "n_cells", "n_vars",
                                       "integer_counts", "gene_identity", "genes_resolved",
                                       "genes_from_symbols", "label_columns_missing")})
     rep.update({

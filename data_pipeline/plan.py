@@ -12,13 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .fsio import atomic_write_json, sha256_path
+from .fsio import atomic_write_json
 from .gene_ids import resolve_gene_ids
 from .readers import Source, SourceError, open_source
 from .validate import check_integer_counts, non_integer_message, sample_rows
@@ -137,7 +136,7 @@ def _plan_source(index: int, path: str, options: ConvertOptions, symbol_table) -
         src.close()
 
 
-def build_plan(options: ConvertOptions, workers: int = 1) -> tuple[dict, list[dict]]:
+def build_plan(options: ConvertOptions) -> tuple[dict, list[dict]]:
     """Open every input, resolve genes, check counts, collect label categories, cut work units.
 
     Returns ``(plan, gene_tables)``; raises ConvertError listing every unusable input (unless
@@ -171,11 +170,6 @@ def build_plan(options: ConvertOptions, workers: int = 1) -> tuple[dict, list[di
         categories[col] = sorted({v for vals in seen if vals is not None for v in vals})
     for s in sources:
         s.pop("label_values", None)
-    # hashing is I/O bound and hashlib releases the GIL: threads overlap the reads
-    readable = [s for s in sources if "refused" not in s]
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        for s, digest in zip(readable, pool.map(sha256_path, [s["path"] for s in readable])):
-            s["sha256"] = digest
     units = []
     for s in sources:
         if "refused" in s:
