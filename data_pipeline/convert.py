@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from .fsio import atomic_write_bytes, atomic_write_json, commit, remove_stale_temps, sha256_path, temp_path
 from .plan import (ConvertError, ConvertOptions, build_plan, label_codes, load_gene_table,
@@ -81,10 +82,37 @@ def _init_worker(work: Path, vocab_path: Path | None) -> None:
     _CTX = _Context(work, vocab)
 
 
+def _cache_path(unit: int) -> Path:
+    return _CTX.work / "cache" / f"{unit_name(unit)}.npz"
+
+
 def _read_unit(unit: int):
+    """The unit's rows as CSR, from the scan's cache when it left one."""
     s, a, b = _CTX.plan["units"][unit]
     entry = _CTX.plan["sources"][s]
-    return s, a, b, entry, _CTX.source(s).read_rows(a, b)
+    cached = _cache_path(unit)
+    if cached.exists():
+        with np.load(cached) as z:
+            x = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=(b - a, entry["n_vars"]))
+    else:
+        x = _CTX.source(s).read_rows(a, b)
+    return s, a, b, entry, x
+
+
+def _write_cache(unit: int, x: sp.csr_matrix) -> None:
+    """Keep a compressed source's rows for the conversion pass: decompressing (or parsing) twice
+    costs far more than writing and re-reading raw arrays. Narrow dtypes keep it small."""
+    data = x.data
+    if data.dtype.kind in "iu" and data.size and data.min() >= 0 and data.max() <= np.iinfo(np.uint16).max:
+        data = data.astype(np.uint16)
+    indices = x.indices.astype(np.uint16 if x.shape[1] <= 1 << 16 else np.uint32)
+    path = _cache_path(unit)
+    tmp = temp_path(path)
+    with open(tmp, "wb") as fh:
+        np.savez(fh, indptr=x.indptr.astype(np.int64), indices=indices, data=data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    commit(tmp, path)
 
 
 # --- stage 2: scan (vocabulary from the corpus) -----------------------------------------------
@@ -94,6 +122,8 @@ def scan_unit(unit: int) -> int:
     s, a, b, entry, x = _read_unit(unit)
     counts = np.zeros(entry["n_vars"], np.int64)
     scan_rows(x.indptr.astype(np.int64), x.indices, x.data, entry["integer_counts"], counts)
+    if _CTX.source(s).compressed:
+        _write_cache(unit, x)
     path = _CTX.work / "scan" / f"{unit_name(unit)}.npy"
     tmp = temp_path(path)
     with open(tmp, "wb") as fh:
@@ -185,6 +215,7 @@ def convert_unit(unit: int) -> dict:
     if a == 0:  # the source checksum rides on its first unit, so it overlaps other units' work
         result["source_sha256"] = sha256_path(entry["path"])
     atomic_write_json(base.with_suffix(".json"), result)  # last: marks the unit done
+    _cache_path(unit).unlink(missing_ok=True)
     return result
 
 
@@ -259,8 +290,9 @@ def ensure_vocab(out: Path, plan: dict, workers: int, mine: list[int], progress:
         atomic_write_bytes(vocab_path, read_vocab(options.vocab).to_tsv())
         return vocab_path
     work = out / WORK
-    (work / "scan").mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(work / "scan")
+    for folder in ("scan", "cache"):
+        (work / folder).mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(work / folder)
     todo = [u for u in mine if not (work / "scan" / f"{unit_name(u)}.npy").exists()]
     sizes = {u: b - a for u, (_, a, b) in enumerate(plan["units"])}
     with _progress(sum(sizes[u] for u in todo), "scan genes", progress) as bar:

@@ -85,7 +85,8 @@ class Source:
     """A cells x genes count matrix read in row ranges.
 
     Attributes: ``path``, ``format``, ``matrix`` (what is read), ``n_cells``, ``n_vars``,
-    ``var`` (DataFrame indexed by var names, with the file's gene annotation columns).
+    ``var`` (DataFrame indexed by var names, with the file's gene annotation columns),
+    ``compressed`` (reading costs decompression or parsing, so a second pass should not re-read).
     Subclasses implement ``_read_rows``; the public methods check ranges and turn low-level
     read failures (a corrupt chunk deep in a file) into SourceError naming the file.
     """
@@ -96,6 +97,7 @@ class Source:
     n_cells: int
     n_vars: int
     var: pd.DataFrame
+    compressed: bool = True
 
     def read_rows(self, start: int, stop: int) -> sp.csr_matrix:
         """Rows ``start:stop`` as CSR ``[stop-start, n_vars]`` (source dtype; may hold explicit
@@ -170,6 +172,11 @@ def _to_str_array(values) -> np.ndarray:
         # numpy scalars keep their own precision in str(): float32 0.1 prints "0.1", not 0.1000000015
         return np.array([None if v != v else str(int(v)) if float(v).is_integer() else str(v)
                          for v in values], dtype=object)
+    if kind == "S" or (kind == "O" and values.size and all(type(v) is bytes for v in values)):
+        try:  # vectorized decode of the common case: ASCII bytes (h5py variable-length strings)
+            return values.astype("S").astype("U").astype(object)
+        except (UnicodeDecodeError, UnicodeEncodeError, TypeError, ValueError):
+            pass
     out = np.empty(len(values), dtype=object)
     for i, v in enumerate(values.tolist()):
         if isinstance(v, bytes):
@@ -258,6 +265,8 @@ class AnnDataSource(Source):
         else:
             raise SourceError(f"{path}: matrix '{self.matrix}' has encoding '{encoding}', not a "
                               "CSR/CSC/dense count matrix")
+        data = self._x if self._layout == "dense" else self._x["data"]
+        self.compressed = self.format == "zarr" or getattr(data, "compression", None) is not None
         self.var = self._read_var(var_key)
         if len(self.var) != self.n_vars:
             raise SourceError(f"{path}: {var_key} has {len(self.var)} rows but the matrix has "
@@ -427,6 +436,7 @@ class TenXH5Source(Source):
         # stored feature index -> presented column (-1: dropped)
         self._feature_map = np.where(gex, np.cumsum(gex) - 1, -1).astype(np.int64)
         self._all_gex = bool(gex.all())
+        self.compressed = g["data"].compression is not None
         self.n_vars = int(gex.sum())
         self.var = _var_frame(ids[gex], names[gex])
 

@@ -31,6 +31,7 @@ import numpy as np
 SPECIAL_TOKENS = ("<pad>", "<cls>", "<mask>")
 ENSEMBL_RE = re.compile(r"^ENS[A-Z]*G\d{11}(\.\d+)?$")
 _VERSION_RE = re.compile(r"\.\d+$")
+_VERSIONED_ENSEMBL = re.compile(r"^(ENS.*?)\.\d+$")
 
 
 def strip_version(gene_id: str) -> str:
@@ -97,8 +98,17 @@ class Vocabulary:
 
     def lookup(self, ensembl_ids) -> np.ndarray:
         """Token id per Ensembl id, -1 where the gene is not in the vocabulary.  [n] int64"""
-        get = self.index.get
-        return np.array([get(strip_version(str(g)), -1) for g in ensembl_ids], dtype=np.int64)
+        import pandas as pd
+
+        ids = pd.Series(np.asarray(ensembl_ids, dtype=object), dtype=object).astype(str)
+        versioned = ids.str.contains(".", regex=False)
+        if versioned.any():
+            ids[versioned] = ids[versioned].str.replace(_VERSIONED_ENSEMBL, r"\1", regex=True)
+        if not hasattr(self, "_gene_index"):
+            # special tokens are not genes: give them names no gene id can have
+            names = [g if g not in SPECIAL_TOKENS else f"\0{g}" for g in self.ensembl_ids]
+            self._gene_index = pd.Index(names)
+        return self._gene_index.get_indexer(ids.to_numpy()).astype(np.int64)
 
 
 def read_vocab(path: str | Path) -> Vocabulary:
