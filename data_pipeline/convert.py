@@ -349,7 +349,7 @@ def convert(out: str | Path, options: ConvertOptions, workers: int = 1, num_node
     work.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(work)
     if state == "new":
-        plan, genes = build_plan(options)
+        plan, genes = build_plan(options, workers)
         save_plan(work, plan, genes)
     plan = load_plan(work)
     lap("plan")

@@ -136,7 +136,15 @@ def _plan_source(index: int, path: str, options: ConvertOptions, symbol_table) -
         src.close()
 
 
-def build_plan(options: ConvertOptions) -> tuple[dict, list[dict]]:
+def _plan_one(args) -> tuple[dict, dict] | str:
+    i, path, options, symbol_table = args
+    try:
+        return _plan_source(i, path, options, symbol_table)
+    except SourceError as exc:
+        return str(exc)
+
+
+def build_plan(options: ConvertOptions, workers: int = 1) -> tuple[dict, list[dict]]:
     """Open every input, resolve genes, check counts, collect label categories, cut work units.
 
     Returns ``(plan, gene_tables)``; raises ConvertError listing every unusable input (unless
@@ -145,15 +153,23 @@ def build_plan(options: ConvertOptions) -> tuple[dict, list[dict]]:
     options.validate()
     symbol_table = read_symbol_table(options.symbol_table) if options.symbol_table else None
     sources, genes, errors = [], [], []
-    for i, path in enumerate(options.inputs):
-        try:
-            entry, table = _plan_source(i, path, options, symbol_table)
+    jobs = [(i, path, options, symbol_table) for i, path in enumerate(options.inputs)]
+    if workers > 1 and len(jobs) > 1:  # opening files and resolving genes is per-file work
+        from multiprocessing import get_context
+
+        with get_context("fork").Pool(min(workers, len(jobs))) as pool:
+            planned = pool.map(_plan_one, jobs, chunksize=1)
+    else:
+        planned = [_plan_one(j) for j in jobs]
+    for (i, path, *_), outcome in zip(jobs, planned):
+        if not isinstance(outcome, str):
+            entry, table = outcome
             entry["bytes"] = _size(Path(path))
-        except SourceError as exc:
+        else:
             if not options.skip_bad_files:
-                errors.append(str(exc))
+                errors.append(outcome)
                 continue
-            entry = {"index": i, "path": path, "name": Path(path).name, "refused": str(exc),
+            entry = {"index": i, "path": path, "name": Path(path).name, "refused": outcome,
                      "n_cells": _cells_if_known(path, options.matrix)}
             table = {"ids": [], "symbols": []}
         sources.append(entry)
