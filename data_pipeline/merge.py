@@ -80,6 +80,24 @@ def _write_shard(i: int) -> dict:
             "n_blocks": len(blocks), "length_histogram": hist, "counts_dtypes": sorted({b["counts_dtype"] for b in blocks})}
 
 
+def merge_stats(paths: list[Path], vocab_size: int) -> GeneStats:
+    """Merge per-unit statistics pairwise like a binary counter: each partial takes part in
+    O(log n) merges (a running total would re-merge the growing sketch n times), at most
+    O(log n) partials are held, and the fixed order keeps the result reproducible."""
+    stack: list[tuple[int, GeneStats]] = []  # (number of units merged, partial)
+    for path in paths:
+        size, part = 1, GeneStats.from_npz(path)
+        while stack and stack[-1][0] == size:
+            left = stack.pop()[1]
+            part = left.merge(part)
+            size *= 2
+        stack.append((size, part))
+    total = GeneStats(vocab_size)
+    for _, part in stack:
+        total.merge(part)
+    return total
+
+
 def _init_shard_worker(*_):
     pass
 
@@ -128,9 +146,7 @@ def merge_corpus(out: str | Path, workers: int = 1, keep_work: bool = False, pro
             bar.update(rec["n_cells"])
         run_pool(_write_shard, list(range(len(shards))), workers, (), done, init=_init_shard_worker)
 
-    stats = GeneStats(len(vocab))
-    for u in range(len(units)):
-        stats.merge(GeneStats.from_npz(work / "units" / f"{unit_name(u)}.stats.npz"))
+    stats = merge_stats([work / "units" / f"{unit_name(u)}.stats.npz" for u in range(len(units))], len(vocab))
     tmp = temp_path(out / "stats.zarr")
     if tmp.exists():
         shutil.rmtree(tmp)
