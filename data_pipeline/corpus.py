@@ -228,6 +228,7 @@ def to_h5ad(path: str | Path, out: str | Path, limit: int | None = None) -> int:
     adata = ad.AnnData(X=x, obs=frame, var=var)
     adata.uns["corpus"] = {"path": str(corpus.path), "plan_hash": m["plan_hash"], "n_cells": n}
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(out)
     adata.write_h5ad(tmp)
     commit(tmp, out)

@@ -48,6 +48,8 @@ import pandas as pd
 import scipy.sparse as sp
 from numba import njit
 
+from .fsio import temp_path
+
 # Fixed so that results do not depend on how many cells a caller asks for per chunk.
 BLOCK_CELLS = 4096
 
@@ -339,7 +341,8 @@ def write_synthetic_h5ad(path: str | os.PathLike, n_cells: int, n_genes: int = 2
     _check_args(n_cells, n_genes, n_cell_types, seed, median_library_size)
     write_elem = _write_elem()
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
     model = synthetic_model(n_genes, n_cell_types, seed)
     codes_all = np.empty(n_cells, np.int32)
     genes_per_cell = np.empty(n_cells, np.int32)
