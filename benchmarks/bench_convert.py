@@ -34,28 +34,38 @@ REFUSED = "scdcc_10X_PBMC_top2000.h5ad"
 DATA = REPO / "benchmarks" / "data"
 
 
-def real_inputs(min_cells: int) -> list[Path]:
-    """The shared real files, linked as many times as needed to reach ``min_cells``."""
+def real_inputs(min_cells: int, compression: str | None) -> list[Path]:
+    """Each shared real file with its cells repeated (cell ids suffixed) so that all of them
+    together hold >= ``min_cells``; written once per compression (the shared files are gzip
+    h5ad; None is the plain layout recommended for large conversions)."""
+    import anndata as ad
     import h5py
+    import scipy.sparse as sp
 
     files = sorted(p for p in SHARED.glob("*.h5ad") if p.name != REFUSED)
     if not files:
         return []
-    sizes = {}
+    total = 0
     for f in files:
         with h5py.File(f, "r") as h:
-            sizes[f] = int(h["X"].attrs["shape"][0])
-    per_round = sum(sizes.values())
-    rounds = -(-min_cells // per_round)
-    folder = DATA / "real"
+            total += int(h["X"].attrs["shape"][0])
+    rounds = -(-min_cells // total)
+    folder = DATA / f"real-x{rounds}-{compression or 'plain'}"
     folder.mkdir(parents=True, exist_ok=True)
     out = []
-    for r in range(rounds):
-        for f in files:
-            link = folder / f"r{r:02d}_{f.name}"
-            if not link.exists():
-                link.symlink_to(f.resolve())
-            out.append(link)
+    for f in files:
+        path = folder / f.name
+        if not path.exists():
+            a = ad.read_h5ad(f)
+            import pandas as pd
+
+            rep = ad.AnnData(X=sp.vstack([a.X] * rounds, format="csr"), var=a.var,
+                             obs=pd.concat([a.obs] * rounds).reset_index(drop=True))
+            rep.obs_names = [f"{n}-{r}" for r in range(rounds) for n in a.obs_names]
+            tmp = path.with_name(f".{path.name}.tmp")
+            rep.write_h5ad(tmp, compression=compression)
+            tmp.rename(path)
+        out.append(path)
     return out
 
 
@@ -107,10 +117,11 @@ def main() -> None:
     args = ap.parse_args()
 
     datasets = []
-    real = real_inputs(args.real_cells)
+    real = real_inputs(args.real_cells, "gzip") if args.real_cells else []
     if real:
-        datasets.append(("real_replicated", real))
-    else:
+        datasets.append(("real_replicated_gzip", real))
+        datasets.append(("real_replicated_plain", real_inputs(args.real_cells, None)))
+    elif args.real_cells:
         print("../shared/data is absent: skipping the real-data measurement", file=sys.stderr)
     if args.synthetic_cells:
         datasets.append(("synthetic", [synthetic_input(args.synthetic_cells)]))
