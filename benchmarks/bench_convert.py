@@ -7,8 +7,8 @@ synthetic cells. Writes ``benchmarks/results/convert.json``.
 
 Inputs are built once under ``benchmarks/data/`` (git-ignored) and reused. Each measurement
 converts into a fresh folder; the OS page cache is warm for the inputs (the second and later
-reads of a file), which is the steady state of a conversion reading from a parallel filesystem
-with read-ahead. The numbers are for this machine only: the JSON records which one.
+reads of a file; each measurement first reads its inputs once), which is the steady state of a
+conversion reading from a parallel filesystem with read-ahead. The numbers are for this machine only: the JSON records which one.
 """
 
 from __future__ import annotations
@@ -81,7 +81,16 @@ def synthetic_input(n_cells: int) -> Path:
     return path
 
 
+def warm_page_cache(inputs: list[Path]) -> None:
+    """Read every input once so each measurement starts from the same (warm) cache state."""
+    for p in inputs:
+        with open(p.resolve(), "rb") as fh:
+            while fh.read(1 << 24):
+                pass
+
+
 def measure(name: str, inputs: list[Path], workers: int, out_root: Path, vocab: str | None) -> dict:
+    warm_page_cache(inputs)
     out = out_root / f"{name}-w{workers}"
     shutil.rmtree(out, ignore_errors=True)
     timings = {}

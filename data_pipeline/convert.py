@@ -4,7 +4,9 @@ Stages, each resumable because each output is written atomically and its presenc
 
 1. plan      ``.work/plan.json``            inputs opened, genes resolved, units cut (`plan.py`)
 2. scan      ``.work/scan/uNNNNNN.npy``     per-column cell counts, only when the vocabulary is
-                                            built from the corpus (``--vocab`` skips it)
+                                            built from the corpus (``--vocab`` skips it); rows of
+                                            compressed sources are kept in ``.work/cache/`` so they
+                                            are decompressed once
 3. vocab     ``vocab.tsv``
 4. units     ``.work/units/uNNNNNN.{tar,stats.npz,json}``  blocks of one file x row range;
                                             the ``.json`` is written last
@@ -40,6 +42,7 @@ from .validate import SKIP_REASONS
 from .vocab import Vocabulary, read_vocab
 
 WORK = ".work"
+_OPEN_SOURCES = 8  # per worker; thousands of inputs must not exhaust file handles
 LENGTH_BINS = 18  # cells with 2**k <= genes < 2**(k+1), k = 0..17
 
 
@@ -61,6 +64,8 @@ class _Context:
 
     def source(self, index: int):
         if index not in self._sources:
+            if len(self._sources) >= _OPEN_SOURCES:  # units come in file order: close the oldest
+                self._sources.pop(next(iter(self._sources))).close()
             entry = self.plan["sources"][index]
             self._sources[index] = open_source(entry["path"], self.options.matrix)
         return self._sources[index]

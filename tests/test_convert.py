@@ -208,3 +208,42 @@ def test_cli_commands(tmp_path):
     assert list(back.obs["kind"].astype(str)) == list(src.obs["kind"].to_numpy()[rows])
     r = run("convert", str(tmp_path / "missing.h5ad"), "--out", str(tmp_path / "c3"))
     assert r.returncode == 2 and "error:" in r.stderr and "missing.h5ad" in r.stderr
+
+
+def test_symbols_through_a_symbol_table(shared_data, tmp_path):
+    """A file named by symbols only converts through --symbol-table; without one it is refused
+    with an error naming the option."""
+    src = ad.read_h5ad(shared_data / "h5ad" / "mudan_pbmcA.h5ad")
+    symbols_only = ad.AnnData(X=src.X, obs=src.obs[[]],
+                              var=src.var[[]].set_axis(src.var["gene_symbol"].astype(str).to_numpy()))
+    symbols_only.var_names_make_unique()
+    path = tmp_path / "symbols.h5ad"
+    symbols_only.write_h5ad(path)
+    with pytest.raises(ConvertError, match="--symbol-table"):
+        convert(tmp_path / "c", ConvertOptions([str(path)]), progress=False)
+    table = shared_data / "genes" / "geneformer_gene_name_id_dict.pkl"
+    manifest = convert(tmp_path / "c2", ConvertOptions([str(path)], symbol_table=str(table)), progress=False)
+    rep = manifest["sources"][0]
+    assert "symbol table" in rep["gene_identity"]
+    assert rep["genes_from_symbols"] > 0.5 * src.n_vars
+    assert rep["fraction_counts_in_vocab"] > 0.8
+    assert manifest["accounting"]["balanced"]
+
+
+def test_geneformer_token_dictionary_as_vocab(shared_data, tmp_path):
+    """--vocab with Geneformer's token dictionary keeps Geneformer's token ids."""
+    from data_pipeline.vocab import read_pickled_dict
+
+    tokens = read_pickled_dict(shared_data / "genes" / "geneformer_token_dictionary.pkl")
+    path = shared_data / "h5ad" / "muscat_kang_se.h5ad"
+    out = tmp_path / "c"
+    convert(out, ConvertOptions([str(path)], vocab=str(shared_data / "genes" / "geneformer_token_dictionary.pkl")),
+            progress=False)
+    vocab = read_vocab(out / "vocab.tsv")
+    for gene, token in list(tokens.items())[2:200]:
+        assert vocab.index[gene] == token
+    src = ad.read_h5ad(path)
+    cells = corpus_cells(out)
+    row = sp.csr_matrix(src.X)[0]
+    expect = {g: int(v) for g, v in zip(src.var_names[row.indices], row.data) if g in tokens and v > 0}
+    assert cells[(0, 0)] == expect
