@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .convert import LENGTH_BINS, WORK, _progress, run_pool
+from multiprocessing import get_context
+
+from .convert import LENGTH_BINS, WORK, _progress
 from .fsio import atomic_replace_dir, atomic_write_json, commit, remove_stale_temps, sha256_path, temp_path
 from .plan import ConvertError, ConvertOptions, load_gene_table, load_plan, unit_name
 from .shards import DTYPES, END_OF_ARCHIVE
@@ -98,10 +100,6 @@ def merge_stats(paths: list[Path], vocab_size: int) -> GeneStats:
     return total
 
 
-def _init_shard_worker(*_):
-    pass
-
-
 def finish_if_complete(out: Path, keep_work: bool) -> dict:
     manifest = json.loads((out / "manifest.json").read_text())
     if not keep_work and (out / WORK).exists():
@@ -139,14 +137,23 @@ def merge_corpus(out: str | Path, workers: int = 1, keep_work: bool = False, pro
             stale.unlink()
     _SHARD_JOBS = [(out, s) for s in shards]
     written = {}
-    total_cells = sum(b["n_cells"] for b in blocks)
-    with _progress(total_cells, "write shards", progress) as bar:
+    stats_paths = [work / "units" / f"{unit_name(u)}.stats.npz" for u in range(len(units))]
+    with _progress(sum(b["n_cells"] for b in blocks), "write shards", progress) as bar:
         def done(rec):
             written[rec["index"]] = rec
             bar.update(rec["n_cells"])
-        run_pool(_write_shard, list(range(len(shards))), workers, (), done, init=_init_shard_worker)
+        if workers > 1 and shards:
+            # shard copying/hashing runs in the pool while this process merges the statistics
+            with get_context("fork").Pool(min(workers, len(shards))) as pool:
+                pending = pool.imap_unordered(_write_shard, range(len(shards)))
+                stats = merge_stats(stats_paths, len(vocab))
+                for rec in pending:
+                    done(rec)
+        else:
+            for i in range(len(shards)):
+                done(_write_shard(i))
+            stats = merge_stats(stats_paths, len(vocab))
 
-    stats = merge_stats([work / "units" / f"{unit_name(u)}.stats.npz" for u in range(len(units))], len(vocab))
     tmp = temp_path(out / "stats.zarr")
     if tmp.exists():
         shutil.rmtree(tmp)

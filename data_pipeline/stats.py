@@ -603,17 +603,25 @@ class GeneStats:
 
     # --- storage ---------------------------------------------------------------------------
     def to_npz(self, path: Path) -> None:
+        """Partial results for a later merge; keys and counts are stored in the narrowest
+        unsigned type that holds them (a unit's sketch is ~10 bytes per nonzero otherwise)."""
         self.finalize()
+
+        def narrow(a: np.ndarray) -> np.ndarray:
+            top = int(a.max()) if a.size else 0
+            return a.astype(np.uint16 if top < 1 << 16 else np.uint32 if top < 1 << 32 else np.int64)
+
         with open(path, "wb") as fh:
             np.savez(fh, vocab_size=self.vocab_size, n_cells=self.n_cells,
                      count_sum=self.count_sum, cp10k_sum=self.cp10k_sum,
-                     sketch_keys=self.sketch_keys, sketch_counts=self.sketch_counts)
+                     sketch_keys=narrow(self.sketch_keys), sketch_counts=narrow(self.sketch_counts))
 
     @classmethod
     def from_npz(cls, path: Path) -> GeneStats:
         with np.load(path) as z:
             s = cls(int(z["vocab_size"]), int(z["n_cells"]), None, z["count_sum"].copy(),
-                    z["cp10k_sum"].copy(), z["sketch_keys"].copy(), z["sketch_counts"].copy())
+                    z["cp10k_sum"].copy(), z["sketch_keys"].astype(np.int64),
+                    z["sketch_counts"].astype(np.int64))
         s.nonzero_count = _nonzero_count_from_sketch(s.sketch_keys, s.sketch_counts, s.vocab_size)
         return s
 
