@@ -247,3 +247,17 @@ def test_geneformer_token_dictionary_as_vocab(shared_data, tmp_path):
     row = sp.csr_matrix(src.X)[0]
     expect = {g: int(v) for g, v in zip(src.var_names[row.indices], row.data) if g in tokens and v > 0}
     assert cells[(0, 0)] == expect
+
+
+def test_node_rank_from_a_slurm_array(monkeypatch):
+    from data_pipeline.cli import _node_from_env, build_parser
+
+    args = build_parser().parse_args(["convert", "x.h5ad", "--out", "c"])
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "12")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "10")
+    assert _node_from_env(args) == (4, 2)
+    explicit = build_parser().parse_args(["convert", "x.h5ad", "--out", "c", "--num-nodes", "3", "--node-rank", "1"])
+    assert _node_from_env(explicit) == (3, 1)
+    with pytest.raises(ConvertError, match="--node-rank 5"):
+        convert("unused", ConvertOptions(["x.h5ad"]), num_nodes=2, node_rank=5, progress=False)
