@@ -32,12 +32,22 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .fsio import atomic_write_bytes, atomic_write_json, commit, remove_stale_temps, sha256_path, temp_path
-from .plan import (ConvertError, ConvertOptions, build_plan, label_codes, load_gene_table,
-                   load_plan, plan_hash, save_plan, source_label, unit_name)
+from .plan import (
+    ConvertError,
+    ConvertOptions,
+    build_plan,
+    label_codes,
+    load_gene_table,
+    load_plan,
+    plan_hash,
+    save_plan,
+    source_label,
+    unit_name,
+)
 from .readers import open_source
+from .rowkernels import CountOverflow, convert_rows, scan_rows
 from .shards import CellBlock, encode_block_parts
 from .stats import GeneStats
-from .rowkernels import CountOverflow, convert_rows, scan_rows
 from .validate import SKIP_REASONS
 from .vocab import Vocabulary, read_vocab
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
-from .fsio import temp_path, commit
+from .fsio import commit, temp_path
 from .shards import CellBlock, iter_shard
 from .validate import SKIP_REASONS
 from .vocab import Vocabulary, read_vocab

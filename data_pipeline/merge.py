@@ -14,11 +14,10 @@ import json
 import os
 import shutil
 import sys
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
-
-from multiprocessing import get_context
 
 from .convert import LENGTH_BINS, WORK, _progress
 from .fsio import atomic_replace_dir, atomic_write_json, commit, remove_stale_temps, sha256_path, temp_path

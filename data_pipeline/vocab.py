@@ -80,7 +80,7 @@ class Vocabulary:
         return np.dtype("<u2") if len(self) <= 1 << 16 else np.dtype("<u4")
 
     @classmethod
-    def from_genes(cls, ensembl_ids, symbols=None) -> "Vocabulary":
+    def from_genes(cls, ensembl_ids, symbols=None) -> Vocabulary:
         """Special tokens 0..2, then the given genes in the given order."""
         ensembl_ids = [strip_version(str(g)) for g in ensembl_ids]
         symbols = list(symbols) if symbols is not None else ["" for _ in ensembl_ids]
@@ -157,7 +157,7 @@ class _PlainDataUnpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         if (module, name) in self._ALLOWED:
-            return getattr(np, "dtype") if name == "dtype" else _numpy_scalar
+            return np.dtype if name == "dtype" else _numpy_scalar
         raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: only plain dicts of "
                                      "strings and numbers are accepted")
 

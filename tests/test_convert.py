@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -189,8 +188,9 @@ def test_rerun_and_conflicting_out(tmp_path):
 def test_cli_commands(tmp_path):
     """The CLI end to end: convert, verify, inspect, to-h5ad; errors exit 2 with a message."""
     path = write_h5ad(tmp_path / "a.h5ad", random_counts(300, 50, seed=5), obs={"kind": ["x", "y", "z"] * 100})
-    run = lambda *a: subprocess.run([sys.executable, "-m", "data_pipeline", *a], cwd=REPO,
-                                    capture_output=True, text=True)
+    def run(*a):
+        return subprocess.run([sys.executable, "-m", "data_pipeline", *a], cwd=REPO,
+                              capture_output=True, text=True)
     r = run("convert", str(path), "--out", str(tmp_path / "c"), "--label-columns", "kind", "--workers", "2",
             "--block-cells", "64", "--unit-cells", "128", "--no-progress")
     assert r.returncode == 0, r.stderr
