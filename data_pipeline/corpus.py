@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tarfile
 from collections.abc import Iterator
@@ -10,9 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .fsio import commit, temp_path
+from .fsio import commit, sha256_path, temp_path
 from .shards import CellBlock, iter_shard
-from .validate import SKIP_REASONS
 from .vocab import Vocabulary, read_vocab
 
 
@@ -99,11 +97,7 @@ def _verify_shard(path: Path, record: dict, vocab_size: int | None) -> list[str]
     name = record["file"]
     if not path.exists():
         return [f"{name}: missing"]
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
-    if path.stat().st_size != record["bytes"] or h.hexdigest() != record["sha256"]:
+    if path.stat().st_size != record["bytes"] or sha256_path(path) != record["sha256"]:
         return [f"{name}: sha256/size differ from the manifest (truncated or edited)"]
     cells = tokens = blocks = 0
     try:
@@ -235,4 +229,4 @@ def to_h5ad(path: str | Path, out: str | Path, limit: int | None = None) -> int:
     return n
 
 
-__all__ = ["Corpus", "CorpusError", "verify", "summary", "to_h5ad", "SKIP_REASONS"]
+__all__ = ["Corpus", "CorpusError", "verify", "summary", "to_h5ad"]
