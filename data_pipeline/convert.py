@@ -19,7 +19,6 @@ Units run in a process pool (``workers``) and across nodes (unit ``u`` belongs t
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -31,7 +30,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .fsio import atomic_write_bytes, atomic_write_json, commit, remove_stale_temps, sha256_path, temp_path
+from .fsio import atomic_write_bytes, atomic_write_json, atomic_write_with, remove_stale_temps, sha256_path
 from .plan import (
     ConvertError,
     ConvertOptions,
@@ -39,6 +38,7 @@ from .plan import (
     label_codes,
     load_gene_table,
     load_plan,
+    options_from_plan,
     plan_hash,
     save_plan,
     source_label,
@@ -67,7 +67,7 @@ class _Context:
     def __init__(self, work: Path, vocab: Vocabulary | None):
         self.work = work
         self.plan = load_plan(work)
-        self.options = ConvertOptions(**self.plan["options"])
+        self.options = options_from_plan(self.plan)
         self.vocab = vocab
         self._sources = {}
         self._colmaps = {}
@@ -121,13 +121,8 @@ def _write_cache(unit: int, x: sp.csr_matrix) -> None:
     if data.dtype.kind in "iu" and data.size and data.min() >= 0 and data.max() <= np.iinfo(np.uint16).max:
         data = data.astype(np.uint16)
     indices = x.indices.astype(np.uint16 if x.shape[1] <= 1 << 16 else np.uint32)
-    path = _cache_path(unit)
-    tmp = temp_path(path)
-    with open(tmp, "wb") as fh:
-        np.savez(fh, indptr=x.indptr.astype(np.int64), indices=indices, data=data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    commit(tmp, path)
+    atomic_write_with(_cache_path(unit), lambda fh: np.savez(
+        fh, indptr=x.indptr.astype(np.int64), indices=indices, data=data))
 
 
 # --- stage 2: scan (vocabulary from the corpus) -----------------------------------------------
@@ -139,19 +134,13 @@ def scan_unit(unit: int) -> int:
     scan_rows(x.indptr.astype(np.int64), x.indices, x.data, entry["integer_counts"], counts)
     if _CTX.source(s).compressed:
         _write_cache(unit, x)
-    path = _CTX.work / "scan" / f"{unit_name(unit)}.npy"
-    tmp = temp_path(path)
-    with open(tmp, "wb") as fh:
-        np.save(fh, counts)
-        fh.flush()
-        os.fsync(fh.fileno())
-    commit(tmp, path)
+    atomic_write_with(_CTX.work / "scan" / f"{unit_name(unit)}.npy", lambda fh: np.save(fh, counts))
     return b - a
 
 
 def build_vocab(work: Path, plan: dict) -> Vocabulary:
     """Genes positive in >= min_cells_per_gene cells over the whole corpus, sorted by Ensembl id."""
-    options = ConvertOptions(**plan["options"])
+    options = options_from_plan(plan)
     per_gene = {}
     symbols = {}
     for s in plan["sources"]:
@@ -216,10 +205,7 @@ def convert_unit(unit: int) -> dict:
     stats.add_cells(genes, counts, indptr, tc)
     base = _CTX.work / "units" / unit_name(unit)
     atomic_write_bytes(base.with_suffix(".tar"), parts)
-    stats_path = base.with_suffix(".stats.npz")
-    tmp = temp_path(stats_path)
-    stats.to_npz(tmp)
-    commit(tmp, stats_path)
+    atomic_write_with(base.with_suffix(".stats.npz"), stats.to_npz)
     skipped = {r: int(c) for r, c in zip(SKIP_REASONS, np.bincount(reason[reason >= 0], minlength=len(SKIP_REASONS)))}
     result = {
         "unit": unit, "source": s, "start": a, "stop": b,
@@ -236,19 +222,18 @@ def convert_unit(unit: int) -> dict:
 
 # --- orchestration ----------------------------------------------------------------------------
 
-def run_pool(fn, items: list[int], workers: int, init_args: tuple, on_done, init=None) -> None:
+def run_pool(fn, items: list[int], workers: int, init_args: tuple, on_done) -> None:
     """Run ``fn(item)`` for every item, in ``workers`` forked processes (inline for 1), after
-    ``init(*init_args)`` (default: load the plan and vocabulary) in each."""
+    ``_init_worker(*init_args)`` (load the plan and vocabulary) in each."""
     if not items:
         return
-    init = init or _init_worker
     if workers <= 1:
-        init(*init_args)
+        _init_worker(*init_args)
         for it in items:
             on_done(fn(it))
         return
     ctx = get_context("fork")
-    with ProcessPoolExecutor(min(workers, len(items)), mp_context=ctx, initializer=init,
+    with ProcessPoolExecutor(min(workers, len(items)), mp_context=ctx, initializer=_init_worker,
                              initargs=init_args) as pool:
         for fut in as_completed([pool.submit(fn, it) for it in items]):
             on_done(fut.result())
@@ -300,7 +285,7 @@ def ensure_vocab(out: Path, plan: dict, workers: int, mine: list[int], progress:
     vocab_path = out / "vocab.tsv"
     if vocab_path.exists():
         return vocab_path
-    options = ConvertOptions(**plan["options"])
+    options = options_from_plan(plan)
     if options.vocab:
         atomic_write_bytes(vocab_path, read_vocab(options.vocab).to_tsv())
         return vocab_path

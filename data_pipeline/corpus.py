@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .fsio import commit, sha256_path, temp_path
+from .fsio import commit, fsync_file, sha256_path, temp_path
 from .shards import CellBlock, iter_shard
 from .vocab import Vocabulary, read_vocab
 
@@ -37,9 +37,6 @@ class Corpus:
     @property
     def n_cells(self) -> int:
         return self.manifest["totals"]["n_cells"]
-
-    def shard_paths(self) -> list[Path]:
-        return [self.path / s["file"] for s in self.manifest["shards"]]
 
     def iter_blocks(self) -> Iterator[tuple[int, CellBlock]]:
         """``(global index of the block's first cell, block)`` over the corpus, in order."""
@@ -225,6 +222,7 @@ def to_h5ad(path: str | Path, out: str | Path, limit: int | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(out)
     adata.write_h5ad(tmp)
+    fsync_file(tmp)
     commit(tmp, out)
     return n
 

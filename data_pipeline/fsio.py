@@ -23,7 +23,18 @@ def temp_path(path: Path) -> Path:
 
 
 def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a file written by a library that closed it itself (h5py, anndata, numpy)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -36,15 +47,20 @@ def commit(tmp: Path, path: Path) -> None:
     fsync_dir(path.parent)
 
 
-def atomic_write_bytes(path: str | Path, data) -> None:
-    """Write ``data`` (a buffer, or a list of buffers written in order) atomically."""
+def atomic_write_with(path: str | Path, write) -> None:
+    """Call ``write(fh)`` on a temp file, then fsync and rename it onto ``path``."""
     path = Path(path)
     tmp = temp_path(path)
     with open(tmp, "wb") as fh:
-        fh.writelines(data if isinstance(data, list) else [data])
+        write(fh)
         fh.flush()
         os.fsync(fh.fileno())
     commit(tmp, path)
+
+
+def atomic_write_bytes(path: str | Path, data) -> None:
+    """Write ``data`` (a buffer, or a list of buffers written in order) atomically."""
+    atomic_write_with(path, lambda fh: fh.writelines(data if isinstance(data, list) else [data]))
 
 
 def atomic_write_json(path: str | Path, obj) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import sys
 from multiprocessing import get_context
@@ -20,8 +19,15 @@ from pathlib import Path
 import numpy as np
 
 from .convert import LENGTH_BINS, WORK, _progress
-from .fsio import atomic_replace_dir, atomic_write_json, commit, remove_stale_temps, sha256_path, temp_path
-from .plan import ConvertError, ConvertOptions, load_gene_table, load_plan, unit_name
+from .fsio import (
+    atomic_replace_dir,
+    atomic_write_json,
+    atomic_write_with,
+    remove_stale_temps,
+    sha256_path,
+    temp_path,
+)
+from .plan import ConvertError, load_gene_table, load_plan, options_from_plan, unit_name
 from .shards import DTYPES, END_OF_ARCHIVE
 from .stats import GeneStats
 from .validate import SKIP_REASONS
@@ -51,30 +57,29 @@ def cut_shards(blocks: list[dict], shard_bytes: int) -> list[list[dict]]:
 def _write_shard(i: int) -> dict:
     out, blocks = _SHARD_JOBS[i]
     path = out / shard_name(i)
-    tmp = temp_path(path)
     h = hashlib.sha256()
     handles = {}
+
+    def copy_blocks(dst) -> None:
+        for blk in blocks:
+            src = handles.get(blk["unit"])
+            if src is None:
+                src = handles[blk["unit"]] = open(out / WORK / "units" / f"{unit_name(blk['unit'])}.tar", "rb")
+            src.seek(blk["offset"])
+            data = src.read(blk["bytes"])
+            if len(data) != blk["bytes"]:
+                raise ConvertError(f"{src.name} is shorter than its record says; delete its "
+                                   ".json and rerun to redo that unit")
+            h.update(data)
+            dst.write(data)
+        h.update(END_OF_ARCHIVE)
+        dst.write(END_OF_ARCHIVE)
+
     try:
-        with open(tmp, "wb") as dst:
-            for blk in blocks:
-                src = handles.get(blk["unit"])
-                if src is None:
-                    src = handles[blk["unit"]] = open(out / WORK / "units" / f"{unit_name(blk['unit'])}.tar", "rb")
-                src.seek(blk["offset"])
-                data = src.read(blk["bytes"])
-                if len(data) != blk["bytes"]:
-                    raise ConvertError(f"{src.name} is shorter than its record says; delete its "
-                                       ".json and rerun to redo that unit")
-                h.update(data)
-                dst.write(data)
-            h.update(END_OF_ARCHIVE)
-            dst.write(END_OF_ARCHIVE)
-            dst.flush()
-            os.fsync(dst.fileno())
+        atomic_write_with(path, copy_blocks)
     finally:
         for f in handles.values():
             f.close()
-    commit(tmp, path)
     hist = np.sum([b["length_histogram"] for b in blocks], axis=0).astype(int).tolist()
     return {"index": i, "sha256": h.hexdigest(), "bytes": path.stat().st_size,
             "n_cells": sum(b["n_cells"] for b in blocks), "n_tokens": sum(b["n_tokens"] for b in blocks),
@@ -123,7 +128,7 @@ def merge_corpus(out: str | Path, workers: int = 1, keep_work: bool = False, pro
         raise ConvertError(f"{out}: {len(missing)} of {len(units)} work units are not finished (e.g. "
                            f"{missing[:5]}); rerun the convert command on every node (unit u belongs "
                            "to node u % num_nodes), then merge")
-    options = ConvertOptions(**plan["options"])
+    options = options_from_plan(plan)
     vocab = read_vocab(out / "vocab.tsv")
     results = [json.loads((work / "units" / f"{unit_name(u)}.json").read_text()) for u in range(len(units))]
 
@@ -166,7 +171,7 @@ def merge_corpus(out: str | Path, workers: int = 1, keep_work: bool = False, pro
     return manifest
 
 
-def _source_report(work: Path, entry: dict, vocab, results: list[dict], categories: dict) -> dict:
+def _source_report(work: Path, entry: dict, vocab, results: list[dict]) -> dict:
     rep = {k: entry[k] for k in ("index", "path", "name") if k in entry}
     if "refused" in entry:
         n = entry.get("n_cells")
@@ -199,7 +204,7 @@ def build_manifest(out: Path, plan: dict, vocab, results: list[dict], shard_reco
     work = out / WORK
     options = dict(plan["options"])
     options.pop("inputs")
-    sources = [_source_report(work, e, vocab, results, plan["label_categories"]) for e in plan["sources"]]
+    sources = [_source_report(work, e, vocab, results) for e in plan["sources"]]
     skipped = {}
     for s in sources:
         for k, v in s["cells_skipped"].items():

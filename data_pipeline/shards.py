@@ -86,10 +86,6 @@ def encode_block_parts(key: str, block: CellBlock) -> list:
     return parts
 
 
-def encode_block(key: str, block: CellBlock) -> bytes:
-    """The tar members of one block as bytes, without an end-of-archive marker."""
-    return b"".join(encode_block_parts(key, block))
-
 
 def decode_block(members: dict[str, bytes], n_label_columns: int | None = None) -> CellBlock:
     """Rebuild a block from ``{"indptr.i64": bytes, ...}`` (extensions carry the dtypes)."""

@@ -51,6 +51,7 @@ the last one at ``finalize()``. Measured: about 10 ns per nonzero for add_cells 
 from __future__ import annotations
 
 import threading
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -602,16 +603,17 @@ class GeneStats:
         return out
 
     # --- storage ---------------------------------------------------------------------------
-    def to_npz(self, path: Path) -> None:
+    def to_npz(self, file) -> None:
         """Partial results for a later merge; keys and counts are stored in the narrowest
-        unsigned type that holds them (a unit's sketch is ~10 bytes per nonzero otherwise)."""
+        unsigned type that holds them (a unit's sketch is ~10 bytes per nonzero otherwise).
+        ``file``: a path or an open binary file."""
         self.finalize()
 
         def narrow(a: np.ndarray) -> np.ndarray:
             top = int(a.max()) if a.size else 0
             return a.astype(np.uint16 if top < 1 << 16 else np.uint32 if top < 1 << 32 else np.int64)
 
-        with open(path, "wb") as fh:
+        with open(file, "wb") if isinstance(file, (str, Path)) else nullcontext(file) as fh:
             np.savez(fh, vocab_size=self.vocab_size, n_cells=self.n_cells,
                      count_sum=self.count_sum, cp10k_sum=self.cp10k_sum,
                      sketch_keys=narrow(self.sketch_keys), sketch_counts=narrow(self.sketch_counts))

@@ -48,7 +48,7 @@ import pandas as pd
 import scipy.sparse as sp
 from numba import njit
 
-from .fsio import temp_path
+from .fsio import commit, fsync_file, temp_path
 
 # Fixed so that results do not depend on how many cells a caller asks for per chunk.
 BLOCK_CELLS = 4096
@@ -319,16 +319,6 @@ def _write_elem():
     return write_elem
 
 
-def _fsync_path(path: Path, directory: bool = False):
-    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
-    try:
-        os.fsync(fd)
-    except OSError:           # some filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_synthetic_h5ad(path: str | os.PathLike, n_cells: int, n_genes: int = 20000, n_cell_types: int = 8,
                          seed: int = 0, median_library_size: float = 5000, progress: bool = False) -> dict:
     """Write ``n_cells`` synthetic cells to ``path`` as an `.h5ad` with CSR ``X`` [n_cells, n_genes].
@@ -386,9 +376,8 @@ def write_synthetic_h5ad(path: str | os.PathLike, n_cells: int, n_genes: int = 2
             write_elem(f, "var", synthetic_var(n_genes))
             for name in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
                 write_elem(f, name, {})
-        _fsync_path(tmp)
-        os.replace(tmp, path)
-        _fsync_path(path.parent if str(path.parent) else Path("."), directory=True)
+        fsync_file(tmp)
+        commit(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

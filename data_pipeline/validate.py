@@ -27,7 +27,9 @@ _SAMPLE_ROWS = 2000
 
 def row_flags(x: sp.csr_matrix, integer_counts: bool) -> np.ndarray:
     """Index into SKIP_REASONS per row for the checks that do not depend on the vocabulary, -1
-    where the row passes them.  ``x``: [n, n_vars] -> [n] int8"""
+    where the row passes them.  ``x``: [n, n_vars] -> [n] int8
+
+    The plain numpy reference of the compiled `rowkernels` (the converter runs those)."""
     n = x.shape[0]
     reason = np.full(n, -1, np.int8)
     data = x.data
