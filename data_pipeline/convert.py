@@ -18,10 +18,12 @@ Units run in a process pool (``workers``) and across nodes (unit ``u`` belongs t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sys
 import time
+import zipfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
@@ -46,7 +48,7 @@ from .plan import (
 )
 from .readers import open_source
 from .rowkernels import CountOverflow, convert_rows, scan_rows
-from .shards import CellBlock, encode_block_parts
+from .shards import END_OF_ARCHIVE, CellBlock, encode_block_parts
 from .stats import GeneStats
 from .validate import SKIP_REASONS
 from .vocab import Vocabulary, read_vocab
@@ -97,43 +99,60 @@ def _init_worker(work: Path, vocab_path: Path | None) -> None:
     _CTX = _Context(work, vocab)
 
 
-def _cache_path(unit: int) -> Path:
-    return _CTX.work / "cache" / f"{unit_name(unit)}.npz"
+# Rows read and converted at once (in blocks): bounds a worker's memory whatever the unit size.
+_CHUNK_BLOCKS = 16
 
 
-def _read_unit(unit: int):
-    """The unit's rows as CSR, from the scan's cache when it left one."""
-    s, a, b = _CTX.plan["units"][unit]
-    entry = _CTX.plan["sources"][s]
-    cached = _cache_path(unit)
+def _chunks(unit: int) -> list[tuple[int, int]]:
+    """Row ranges a unit is read in."""
+    _, a, b = _CTX.plan["units"][unit]
+    step = _CTX.options.block_cells * _CHUNK_BLOCKS
+    return [(lo, min(lo + step, b)) for lo in range(a, b, step)]
+
+
+def _cache_path(unit: int, chunk: int) -> Path:
+    return _CTX.work / "cache" / f"{unit_name(unit)}-c{chunk:05d}.npz"
+
+
+def _read_chunk(unit: int, chunk: int, lo: int, hi: int) -> sp.csr_matrix:
+    """Rows ``lo:hi`` of the unit's source as CSR, from the scan's cache when it left them."""
+    s = _CTX.plan["units"][unit][0]
+    cached = _cache_path(unit, chunk)
     if cached.exists():
-        with np.load(cached) as z:
-            x = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=(b - a, entry["n_vars"]))
-    else:
-        x = _CTX.source(s).read_rows(a, b)
-    return s, a, b, entry, x
+        try:
+            with np.load(cached) as z:
+                return sp.csr_matrix((z["data"], z["indices"], z["indptr"]),
+                                     shape=(hi - lo, _CTX.plan["sources"][s]["n_vars"]))
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # torn by a crash: re-read
+            pass
+    return _CTX.source(s).read_rows(lo, hi)
 
 
-def _write_cache(unit: int, x: sp.csr_matrix) -> None:
+def _write_cache(unit: int, chunk: int, x: sp.csr_matrix) -> None:
     """Keep a compressed source's rows for the conversion pass: decompressing (or parsing) twice
-    costs far more than writing and re-reading raw arrays. Narrow dtypes keep it small."""
+    costs far more than writing and re-reading raw arrays. Narrow dtypes keep it small; no fsync
+    (a cache torn by a crash is detected and the rows re-read)."""
     data = x.data
     if data.dtype.kind in "iu" and data.size and data.min() >= 0 and data.max() <= np.iinfo(np.uint16).max:
         data = data.astype(np.uint16)
     indices = x.indices.astype(np.uint16 if x.shape[1] <= 1 << 16 else np.uint32)
-    atomic_write_with(_cache_path(unit), lambda fh: np.savez(
-        fh, indptr=x.indptr.astype(np.int64), indices=indices, data=data))
+    atomic_write_with(_cache_path(unit, chunk), lambda fh: np.savez(
+        fh, indptr=x.indptr.astype(np.int64), indices=indices, data=data), durable=False)
 
 
 # --- stage 2: scan (vocabulary from the corpus) -----------------------------------------------
 
 def scan_unit(unit: int) -> int:
     """Cells with a positive count per source column, over cells passing the value checks."""
-    s, a, b, entry, x = _read_unit(unit)
+    s, a, b = _CTX.plan["units"][unit]
+    entry = _CTX.plan["sources"][s]
+    src = _CTX.source(s)
     counts = np.zeros(entry["n_vars"], np.int64)
-    scan_rows(x.indptr.astype(np.int64), x.indices, x.data, entry["integer_counts"], counts)
-    if _CTX.source(s).compressed:
-        _write_cache(unit, x)
+    for k, (lo, hi) in enumerate(_chunks(unit)):
+        x = src.read_rows(lo, hi)
+        scan_rows(x.indptr.astype(np.int64), x.indices, x.data, entry["integer_counts"], counts)
+        if src.compressed:
+            _write_cache(unit, k, x)
     atomic_write_with(_CTX.work / "scan" / f"{unit_name(unit)}.npy", lambda fh: np.save(fh, counts))
     return b - a
 
@@ -167,56 +186,78 @@ def build_vocab(work: Path, plan: dict) -> Vocabulary:
 # --- stage 4: units ---------------------------------------------------------------------------
 
 def convert_unit(unit: int) -> dict:
-    """Validate, map genes, and write one unit's blocks, statistics and accounting."""
-    s, a, b, entry, x = _read_unit(unit)
+    """Validate, map genes, and write one unit's shard file, statistics and accounting.
+
+    The unit is read and converted in chunks of rows and streamed to its ``.tar``, hashed on the
+    way, so that `merge` can rename the file into place without reading it again."""
+    s, a, b = _CTX.plan["units"][unit]
+    entry = _CTX.plan["sources"][s]
+    src = _CTX.source(s)
     opts, vocab = _CTX.options, _CTX.vocab
-    n = b - a
     integer = entry["integer_counts"]
-    # duplicate source columns of one gene are summed; tokens come out ascending per cell
-    try:
-        reason, total_counts, indptr, genes, counts = convert_rows(
-            x.indptr, x.indices, x.data, _CTX.colmap(s), integer, opts.min_genes, vocab.token_dtype)
-    except CountOverflow as exc:
-        raise ConvertError(f"{entry['path']} rows {a}-{b}: {exc}") from None
-    written = np.flatnonzero(reason < 0)
-    tc = total_counts[written]
-    labels = np.stack([label_codes(source_label(_CTX.source(s), col, a, b),
-                                   _CTX.plan["label_categories"][col], n)[written]
-                       for col in opts.label_columns], axis=1) if opts.label_columns else np.zeros((len(written), 0), np.int32)
-    cell_ids = _CTX.source(s).obs_names(a, b)[written]
-
-    parts, blocks, offset = [], [], 0
-    for k, lo in enumerate(range(0, len(written), opts.block_cells)):
-        hi = min(lo + opts.block_cells, len(written))
-        p, q = indptr[lo], indptr[hi]
-        block = CellBlock(indptr[lo : hi + 1] - p, genes[p:q], counts[p:q], tc[lo:hi],
-                          a + written[lo:hi], np.ascontiguousarray(labels[lo:hi], np.int32), s,
-                          [str(c) for c in cell_ids[lo:hi]])
-        key = f"{unit_name(unit)}-b{k:05d}"
-        payload = encode_block_parts(key, block)
-        size = sum(memoryview(b).nbytes for b in payload)
-        parts += payload
-        blocks.append({"key": key, "offset": offset, "bytes": size, "n_cells": hi - lo,
-                       "n_tokens": int(q - p), "counts_dtype": counts.dtype.str,
-                       "length_histogram": length_histogram(np.diff(block.indptr))})
-        offset += size
-
     stats = GeneStats(len(vocab))
-    stats.add_cells(genes, counts, indptr, tc)
+    sha = hashlib.sha256()
+    blocks: list[dict] = []
+    reasons: list[np.ndarray] = []
+    sums = {"counts_total": 0.0, "counts_in_vocab": 0.0}
+
+    def write(fh) -> None:
+        offset = 0
+        for k, (lo, hi) in enumerate(_chunks(unit)):
+            x = _read_chunk(unit, k, lo, hi)
+            # duplicate source columns of one gene are summed; tokens come out ascending per cell
+            try:
+                reason, total_counts, indptr, genes, counts = convert_rows(
+                    x.indptr, x.indices, x.data, _CTX.colmap(s), integer, opts.min_genes, vocab.token_dtype)
+            except CountOverflow as exc:
+                raise ConvertError(f"{entry['path']} rows {lo}-{hi}: {exc}") from None
+            del x
+            written = np.flatnonzero(reason < 0)
+            tc = total_counts[written]
+            labels = (np.stack([label_codes(source_label(src, col, lo, hi), _CTX.plan["label_categories"][col],
+                                            hi - lo)[written] for col in opts.label_columns], axis=1)
+                      if opts.label_columns else np.zeros((len(written), 0), np.int32))
+            cell_ids = src.obs_names(lo, hi)[written]
+            for c0 in range(0, len(written), opts.block_cells):
+                c1 = min(c0 + opts.block_cells, len(written))
+                p, q = indptr[c0], indptr[c1]
+                block = CellBlock(indptr[c0 : c1 + 1] - p, genes[p:q], counts[p:q], tc[c0:c1],
+                                  lo + written[c0:c1], np.ascontiguousarray(labels[c0:c1], np.int32), s,
+                                  [str(c) for c in cell_ids[c0:c1]])
+                key = f"{unit_name(unit)}-b{len(blocks):05d}"
+                payload = encode_block_parts(key, block)
+                fh.writelines(payload)
+                for part in payload:
+                    sha.update(part)
+                size = sum(memoryview(part).nbytes for part in payload)
+                blocks.append({"key": key, "offset": offset, "bytes": size, "n_cells": c1 - c0,
+                               "n_tokens": int(q - p), "counts_dtype": counts.dtype.str,
+                               "length_histogram": length_histogram(np.diff(block.indptr))})
+                offset += size
+            stats.add_cells(genes, counts, indptr, tc)
+            reasons.append(reason)
+            sums["counts_total"] += float(tc.sum())
+            sums["counts_in_vocab"] += float(counts.sum(dtype=np.float64))
+        fh.write(END_OF_ARCHIVE)
+        sha.update(END_OF_ARCHIVE)
+
     base = _CTX.work / "units" / unit_name(unit)
-    atomic_write_bytes(base.with_suffix(".tar"), parts)
+    atomic_write_with(base.with_suffix(".tar"), write)
     atomic_write_with(base.with_suffix(".stats.npz"), stats.to_npz)
+    reason = np.concatenate(reasons) if reasons else np.zeros(0, np.int8)
     skipped = {r: int(c) for r, c in zip(SKIP_REASONS, np.bincount(reason[reason >= 0], minlength=len(SKIP_REASONS)))}
     result = {
         "unit": unit, "source": s, "start": a, "stop": b,
-        "cells_read": n, "cells_written": len(written), "cells_skipped": skipped,
-        "counts_total": float(tc.sum()), "counts_in_vocab": float(counts.sum(dtype=np.float64)),
+        "cells_read": b - a, "cells_written": sum(blk["n_cells"] for blk in blocks),
+        "cells_skipped": skipped, **sums,
+        "sha256": sha.hexdigest(), "bytes": base.with_suffix(".tar").stat().st_size,
         "blocks": blocks,
     }
     if a == 0:  # the source checksum rides on its first unit, so it overlaps other units' work
         result["source_sha256"] = sha256_path(entry["path"])
     atomic_write_json(base.with_suffix(".json"), result)  # last: marks the unit done
-    _cache_path(unit).unlink(missing_ok=True)
+    for k in range(len(_chunks(unit))):
+        _cache_path(unit, k).unlink(missing_ok=True)
     return result
 
 

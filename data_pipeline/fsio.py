@@ -47,15 +47,20 @@ def commit(tmp: Path, path: Path) -> None:
     fsync_dir(path.parent)
 
 
-def atomic_write_with(path: str | Path, write) -> None:
-    """Call ``write(fh)`` on a temp file, then fsync and rename it onto ``path``."""
+def atomic_write_with(path: str | Path, write, durable: bool = True) -> None:
+    """Call ``write(fh)`` on a temp file, then fsync and rename it onto ``path`` (``durable=False``:
+    no fsyncs, for caches whose loss or tearing by a power cut is detected and redone)."""
     path = Path(path)
     tmp = temp_path(path)
     with open(tmp, "wb") as fh:
         write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    commit(tmp, path)
+        if durable:
+            fh.flush()
+            os.fsync(fh.fileno())
+    if durable:
+        commit(tmp, path)
+    else:
+        os.replace(tmp, path)
 
 
 def atomic_write_bytes(path: str | Path, data) -> None:

@@ -1,16 +1,18 @@
 """Merge finished work units into the corpus: shards, ``stats.zarr``, ``manifest.json``.
 
-Shards are cut from the ordered list of all blocks by size (a shard closes once it reaches
-``shard_bytes``), so their content depends only on the plan. Each shard is the concatenation of
-its blocks' tar members (already final bytes in the units' ``.tar`` files) plus the end-of-archive
-marker; shards are written in parallel, each atomically. ``manifest.json`` is written last: a
-corpus without one is unfinished and a rerun of the same command completes it.
+A work unit is cut to about ``shard_bytes`` of output and writes a complete shard (tar with its
+end-of-archive marker, sha256 computed while writing), so a unit of at least half that size
+becomes a shard by a rename: the corpus bytes are written once. Runs of smaller units (small
+files, file ends) are concatenated into shards of about the target size. The grouping depends
+only on the plan and the units' sizes, never on the worker count. ``manifest.json`` is written
+last: a corpus without one is unfinished and a rerun of the same command completes it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import sys
 from multiprocessing import get_context
@@ -23,6 +25,7 @@ from .fsio import (
     atomic_replace_dir,
     atomic_write_json,
     atomic_write_with,
+    fsync_dir,
     remove_stale_temps,
     sha256_path,
     temp_path,
@@ -41,49 +44,71 @@ def shard_name(i: int) -> str:
     return f"shards/corpus-{i:06d}.tar"
 
 
-def cut_shards(blocks: list[dict], shard_bytes: int) -> list[list[dict]]:
-    shards, current, size = [], [], 0
-    for blk in blocks:
-        current.append(blk)
-        size += blk["bytes"]
-        if size >= shard_bytes:
-            shards.append(current)
+def group_units(results: list[dict], shard_bytes: int) -> list[list[dict]]:
+    """Units of each shard, in order: a unit of >= shard_bytes / 2 alone (renamed into place),
+    consecutive smaller ones together until they reach shard_bytes / 2 (copied). Units without
+    cells make no shard."""
+    groups, current, size = [], [], 0
+    for r in results:
+        if not r["blocks"]:
+            continue
+        if r["bytes"] >= shard_bytes // 2:
+            if current:
+                groups.append(current)
+                current, size = [], 0
+            groups.append([r])
+            continue
+        current.append(r)
+        size += r["bytes"]
+        if size >= shard_bytes // 2:
+            groups.append(current)
             current, size = [], 0
     if current:
-        shards.append(current)
-    return shards
+        groups.append(current)
+    return groups
+
+
+def _unit_tar(out: Path, unit: int) -> Path:
+    return out / WORK / "units" / f"{unit_name(unit)}.tar"
 
 
 def _write_shard(i: int) -> dict:
-    out, blocks = _SHARD_JOBS[i]
+    out, units = _SHARD_JOBS[i]
     path = out / shard_name(i)
-    h = hashlib.sha256()
-    handles = {}
+    if len(units) == 1:
+        src = _unit_tar(out, units[0]["unit"])
+        if src.exists():  # else renamed by an earlier, interrupted merge
+            os.replace(src, path)
+            fsync_dir(path.parent)
+        elif not path.exists():
+            raise ConvertError(f"{src} is missing; delete {src.with_suffix('.json')} and rerun the "
+                               "convert command to redo that unit")
+        digest = units[0]["sha256"]
+    else:
+        h = hashlib.sha256()
 
-    def copy_blocks(dst) -> None:
-        for blk in blocks:
-            src = handles.get(blk["unit"])
-            if src is None:
-                src = handles[blk["unit"]] = open(out / WORK / "units" / f"{unit_name(blk['unit'])}.tar", "rb")
-            src.seek(blk["offset"])
-            data = src.read(blk["bytes"])
-            if len(data) != blk["bytes"]:
-                raise ConvertError(f"{src.name} is shorter than its record says; delete its "
-                                   ".json and rerun to redo that unit")
-            h.update(data)
-            dst.write(data)
-        h.update(END_OF_ARCHIVE)
-        dst.write(END_OF_ARCHIVE)
+        def concatenate(dst) -> None:
+            for r in units:
+                src = _unit_tar(out, r["unit"])
+                size = r["bytes"] - len(END_OF_ARCHIVE)
+                with open(src, "rb") as fh:
+                    data = fh.read(size)
+                if len(data) != size:
+                    raise ConvertError(f"{src} is shorter than its record says; delete "
+                                       f"{src.with_suffix('.json')} and rerun to redo that unit")
+                h.update(data)
+                dst.write(data)
+            h.update(END_OF_ARCHIVE)
+            dst.write(END_OF_ARCHIVE)
 
-    try:
-        atomic_write_with(path, copy_blocks)
-    finally:
-        for f in handles.values():
-            f.close()
+        atomic_write_with(path, concatenate)
+        digest = h.hexdigest()
+    blocks = [b for r in units for b in r["blocks"]]
     hist = np.sum([b["length_histogram"] for b in blocks], axis=0).astype(int).tolist()
-    return {"index": i, "sha256": h.hexdigest(), "bytes": path.stat().st_size,
+    return {"index": i, "sha256": digest, "bytes": path.stat().st_size,
             "n_cells": sum(b["n_cells"] for b in blocks), "n_tokens": sum(b["n_tokens"] for b in blocks),
-            "n_blocks": len(blocks), "length_histogram": hist, "counts_dtypes": sorted({b["counts_dtype"] for b in blocks})}
+            "n_blocks": len(blocks), "length_histogram": hist,
+            "counts_dtypes": sorted({b["counts_dtype"] for b in blocks})}
 
 
 def merge_stats(paths: list[Path], vocab_size: int) -> GeneStats:
@@ -132,29 +157,32 @@ def merge_corpus(out: str | Path, workers: int = 1, keep_work: bool = False, pro
     vocab = read_vocab(out / "vocab.tsv")
     results = [json.loads((work / "units" / f"{unit_name(u)}.json").read_text()) for u in range(len(units))]
 
-    blocks = [dict(b, unit=r["unit"]) for r in results for b in r["blocks"]]
-    shards = cut_shards(blocks, options.shard_bytes)
+    groups = group_units(results, options.shard_bytes)
     (out / "shards").mkdir(exist_ok=True)
     remove_stale_temps(out / "shards")
     for stale in (out / "shards").glob("corpus-*.tar"):
-        if int(stale.stem.split("-")[1]) >= len(shards):
+        if int(stale.stem.split("-")[1]) >= len(groups):
             stale.unlink()
-    _SHARD_JOBS = [(out, s) for s in shards]
+    _SHARD_JOBS = [(out, g) for g in groups]
     written = {}
     stats_paths = [work / "units" / f"{unit_name(u)}.stats.npz" for u in range(len(units))]
-    with _progress(sum(b["n_cells"] for b in blocks), "write shards", progress) as bar:
+    copies = [i for i, g in enumerate(groups) if len(g) > 1]
+    with _progress(sum(r["cells_written"] for r in results), "write shards", progress) as bar:
         def done(rec):
             written[rec["index"]] = rec
             bar.update(rec["n_cells"])
-        if workers > 1 and shards:
-            # shard copying/hashing runs in the pool while this process merges the statistics
-            with get_context("fork").Pool(min(workers, len(shards))) as pool:
-                pending = pool.imap_unordered(_write_shard, range(len(shards)))
+        for i, g in enumerate(groups):
+            if len(g) == 1:
+                done(_write_shard(i))
+        if workers > 1 and len(copies) > 1:
+            # concatenating small units runs in the pool while this process merges the statistics
+            with get_context("fork").Pool(min(workers, len(copies))) as pool:
+                pending = pool.imap_unordered(_write_shard, copies)
                 stats = merge_stats(stats_paths, len(vocab))
                 for rec in pending:
                     done(rec)
         else:
-            for i in range(len(shards)):
+            for i in copies:
                 done(_write_shard(i))
             stats = merge_stats(stats_paths, len(vocab))
 
@@ -164,7 +192,7 @@ def merge_corpus(out: str | Path, workers: int = 1, keep_work: bool = False, pro
     stats.to_zarr(tmp)
     atomic_replace_dir(tmp, out / "stats.zarr")
 
-    manifest = build_manifest(out, plan, vocab, results, [written[i] for i in range(len(shards))])
+    manifest = build_manifest(out, plan, vocab, results, [written[i] for i in range(len(groups))])
     atomic_write_json(out / "manifest.json", manifest)
     if not keep_work:
         shutil.rmtree(work)

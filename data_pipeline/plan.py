@@ -23,7 +23,7 @@ from .readers import Source, SourceError, open_source
 from .validate import check_integer_counts, non_integer_message, sample_rows
 from .vocab import read_symbol_table
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 # A file is taken as normalized (and refused) when more than this fraction of the nonzeros in its
 # first rows is fractional; a normalized matrix is ~100% fractional, while a stray bad cell in a
 # count matrix is skipped and counted as ``non_integer`` instead.
@@ -48,8 +48,8 @@ class ConvertOptions:
     allow_non_integer: bool = False        # keep fractional input as float32 instead of refusing
     label_columns: list[str] = field(default_factory=list)
     block_cells: int = 1024                # cells per webdataset sample
-    unit_cells: int = 16384                # rows per work unit
-    shard_bytes: int = 256 << 20           # target shard size
+    unit_cells: int = 1 << 17              # most rows per work unit (= shard)
+    shard_bytes: int = 256 << 20           # target shard (work unit) size
     skip_bad_files: bool = False           # count unusable files as skipped instead of stopping
 
     def validate(self) -> None:
@@ -112,7 +112,8 @@ def _plan_source(index: int, path: str, options: ConvertOptions, symbol_table) -
     try:
         identity = resolve_gene_ids(src.var, path, options.gene_column, symbol_table)
         a, b = sample_rows(src.n_cells)
-        frac, max_value = check_integer_counts(src.read_rows(a, b))
+        sample = src.read_rows(a, b)
+        frac, max_value = check_integer_counts(sample)
         if frac > NORMALIZED_FRACTION and not options.allow_non_integer:
             raise SourceError(non_integer_message(path, frac, max_value, src.matrix, _alternatives(src)))
         labels = {}
@@ -128,12 +129,39 @@ def _plan_source(index: int, path: str, options: ConvertOptions, symbol_table) -
             "genes_from_symbols": identity.n_from_symbols,
             "label_values": labels,
             "label_columns_missing": [c for c, v in labels.items() if v is None],
+            "unit_bounds": unit_bounds(src.n_cells, src.row_pointers(), sample.nnz / max(b - a, 1), options),
         }
         genes = {"ids": [str(g) for g in identity.ids],
                  "symbols": [str(s) for s in getattr(identity, "symbols", [""] * len(identity.ids))]}
         return entry, genes
     finally:
         src.close()
+
+
+# Output bytes per stored nonzero (uint16 token + uint16 count) and per cell (pointers, totals,
+# source row, id), for cutting units of about --shard-size.
+_BYTES_PER_NONZERO = 4
+_BYTES_PER_CELL = 48
+
+
+def unit_bounds(n_cells: int, row_pointers: np.ndarray | None, nonzeros_per_row: float,
+                options: ConvertOptions) -> list[int]:
+    """Row boundaries ``[0, ..., n_cells]`` of one source's work units. A unit becomes one shard,
+    so it is cut at about ``shard_bytes`` of output (from the row pointers where the format has
+    them, else from the average row of a sample), at most ``unit_cells`` rows, in whole blocks."""
+    bc = options.block_cells
+    if row_pointers is not None:
+        est = _BYTES_PER_NONZERO * (row_pointers - row_pointers[0]) + _BYTES_PER_CELL * np.arange(n_cells + 1)
+    else:
+        rows = int(options.shard_bytes // (_BYTES_PER_NONZERO * nonzeros_per_row + _BYTES_PER_CELL))
+    bounds = [0]
+    while bounds[-1] < n_cells:
+        a = bounds[-1]
+        if row_pointers is not None:
+            rows = int(np.searchsorted(est, est[a] + options.shard_bytes, side="left")) - a
+        rows = min(max(-(-rows // bc) * bc, bc), options.unit_cells)
+        bounds.append(min(a + rows, n_cells))
+    return bounds
 
 
 def _plan_one(args) -> tuple[dict, dict] | str:
@@ -188,10 +216,8 @@ def build_plan(options: ConvertOptions, workers: int = 1) -> tuple[dict, list[di
         s.pop("label_values", None)
     units = []
     for s in sources:
-        if "refused" in s:
-            continue
-        for a in range(0, s["n_cells"], options.unit_cells):
-            units.append([s["index"], a, min(a + options.unit_cells, s["n_cells"])])
+        bounds = s.pop("unit_bounds", [])
+        units += [[s["index"], a, b] for a, b in zip(bounds[:-1], bounds[1:])]
     plan = {
         "plan_version": PLAN_VERSION,
         "plan_hash": plan_hash(options),

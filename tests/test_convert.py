@@ -12,7 +12,7 @@ import pytest
 import scipy.sparse as sp
 
 from data_pipeline.convert import convert
-from data_pipeline.plan import ConvertError, ConvertOptions
+from data_pipeline.plan import ConvertError, ConvertOptions, unit_bounds
 from data_pipeline.vocab import read_vocab, strip_version
 from tests.conftest import REFUSED_FILE, real_h5ad_files
 from tests.corpus_helpers import corpus_cells, ensembl, random_counts, write_h5ad
@@ -261,3 +261,22 @@ def test_node_rank_from_a_slurm_array(monkeypatch):
     assert _node_from_env(explicit) == (3, 1)
     with pytest.raises(ConvertError, match="--node-rank 5"):
         convert("unused", ConvertOptions(["x.h5ad"]), num_nodes=2, node_rank=5, progress=False)
+
+
+def test_units_are_cut_by_estimated_output_size():
+    rng = np.random.default_rng(3)
+    nnz = rng.integers(0, 3000, 10_000)
+    nnz[4000:4100] = 200_000  # a stretch of very dense rows
+    pointers = np.concatenate([[7], 7 + np.cumsum(nnz)])  # need not start at 0
+    opts = ConvertOptions(["x"], block_cells=64, unit_cells=4096, shard_bytes=4 << 20)
+    bounds = unit_bounds(len(nnz), pointers, 0.0, opts)
+    assert bounds[0] == 0 and bounds[-1] == len(nnz)
+    est = 4 * (pointers - pointers[0]) + 48 * np.arange(len(nnz) + 1)
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        assert 0 < b - a <= opts.unit_cells and (b - a) % 64 == 0 or b == len(nnz)
+        if b < len(nnz) and b - a < opts.unit_cells:  # cut by size: at least the target, by < 1 block
+            assert est[b] - est[a] >= opts.shard_bytes
+            assert est[b - 64] - est[a] < opts.shard_bytes
+    # without row pointers (CSC, dense, mtx): equal units from the sampled row density
+    assert unit_bounds(1000, None, 100.0, ConvertOptions(["x"], block_cells=10, unit_cells=500,
+                                                         shard_bytes=448 * 99)) == [0, 100, 200, 300, 400, 500, 600, 700, 800, 900, 1000]

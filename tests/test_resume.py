@@ -16,6 +16,7 @@ import zarr
 from data_pipeline.convert import convert
 from data_pipeline.corpus import Corpus, verify
 from data_pipeline.plan import ConvertOptions
+from data_pipeline.shards import iter_shard
 from data_pipeline.stats import RELATIVE_ERROR, GeneStats
 from tests.corpus_helpers import corpus_files, random_counts, write_h5ad
 
@@ -26,9 +27,13 @@ SMALL = dict(unit_cells=512, block_cells=128, shard_bytes=200 << 10)
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> list[Path]:
     d = tmp_path_factory.mktemp("inputs")
+    # two small files at the end: their units are concatenated into one shard (the others are
+    # renamed into place), so both ways of making a shard are crash-tested
     return [write_h5ad(d / "a.h5ad", random_counts(3000, 1500, seed=10, density=0.08),
                        obs={"t": [str(i % 5) for i in range(3000)]}),
-            write_h5ad(d / "b.h5ad", random_counts(1700, 1200, seed=11, density=0.12))]
+            write_h5ad(d / "b.h5ad", random_counts(1700, 1200, seed=11, density=0.12)),
+            write_h5ad(d / "c.h5ad", random_counts(150, 1500, seed=12, density=0.08)),
+            write_h5ad(d / "d.h5ad", random_counts(120, 1500, seed=13, density=0.08))]
 
 
 def _options(inputs) -> ConvertOptions:
@@ -50,6 +55,14 @@ def _assert_same_corpus(a: Path, b: Path) -> None:
     za, zb = zarr.open_group(str(a / "stats.zarr"), mode="r"), zarr.open_group(str(b / "stats.zarr"), mode="r")
     for key in ("nonzero_count", "count_sum", "cp10k_sum", "nonzero_median", "sketch_keys", "sketch_counts"):
         np.testing.assert_array_equal(za[key][...], zb[key][...], err_msg=key)
+
+
+def test_units_become_shards(reference):
+    manifest = Corpus(reference).manifest
+    keys = [{k.split("-")[0] for k, _ in iter_shard(reference / s["file"])} for s in manifest["shards"]]
+    assert [len(k) for k in keys].count(1) >= 10  # renamed units
+    assert sorted(len(k) for k in keys)[-1] == 2  # the two small files' units, concatenated
+    assert max(s["bytes"] for s in manifest["shards"]) < 2 * SMALL["shard_bytes"]
 
 
 def test_workers_do_not_change_the_corpus(inputs, reference, tmp_path):
