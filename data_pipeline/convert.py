@@ -3,14 +3,16 @@
 Stages, each resumable because each output is written atomically and its presence means "done":
 
 1. plan      ``.work/plan.json``            inputs opened, genes resolved, units cut (`plan.py`)
-2. scan      ``.work/scan/uNNNNNN.npy``     per-column cell counts, only when the vocabulary is
+2. scan      ``.work/scan/uNNNNNN.npz``     per-column cell counts, only when the vocabulary is
                                             built from the corpus (``--vocab`` skips it); rows of
                                             compressed sources are kept in ``.work/cache/`` so they
                                             are decompressed once
 3. vocab     ``vocab.tsv``
-4. units     ``.work/units/uNNNNNN.{tar,stats.npz,json}``  blocks of one file x row range;
-                                            the ``.json`` is written last
-5. merge     ``shards/``, ``stats.zarr``, then ``manifest.json`` last (`merge.py`)
+4. units     ``.work/units/uNNNNNN.{tar,stats.npz,json}``  a finished shard (row ranges of
+                                            one or more files), its statistics, and its record
+                                            (accounting, sha256), written last
+5. merge     shards renamed into ``shards/``, ``stats.zarr``, then ``manifest.json`` last
+             (`merge.py`)
 
 Units run in a process pool (``workers``) and across nodes (unit ``u`` belongs to node
 ``u % num_nodes``); neither changes any output byte.
@@ -103,20 +105,18 @@ def _init_worker(work: Path, vocab_path: Path | None) -> None:
 _CHUNK_BLOCKS = 16
 
 
-def _chunks(unit: int) -> list[tuple[int, int]]:
-    """Row ranges a unit is read in."""
-    _, a, b = _CTX.plan["units"][unit]
+def _chunks(unit: int) -> list[tuple[int, int, int]]:
+    """``(source, start, stop)`` row ranges a unit is read in, over all its pieces."""
     step = _CTX.options.block_cells * _CHUNK_BLOCKS
-    return [(lo, min(lo + step, b)) for lo in range(a, b, step)]
+    return [(s, lo, min(lo + step, b)) for s, a, b in _CTX.plan["units"][unit] for lo in range(a, b, step)]
 
 
 def _cache_path(unit: int, chunk: int) -> Path:
     return _CTX.work / "cache" / f"{unit_name(unit)}-c{chunk:05d}.npz"
 
 
-def _read_chunk(unit: int, chunk: int, lo: int, hi: int) -> sp.csr_matrix:
-    """Rows ``lo:hi`` of the unit's source as CSR, from the scan's cache when it left them."""
-    s = _CTX.plan["units"][unit][0]
+def _read_chunk(unit: int, chunk: int, s: int, lo: int, hi: int) -> sp.csr_matrix:
+    """Rows ``lo:hi`` of source ``s`` as CSR, from the scan's cache when it left them."""
     cached = _cache_path(unit, chunk)
     if cached.exists():
         try:
@@ -140,36 +140,47 @@ def _write_cache(unit: int, chunk: int, x: sp.csr_matrix) -> None:
         fh, indptr=x.indptr.astype(np.int64), indices=indices, data=data), durable=False)
 
 
+def unit_cells(plan: dict, unit: int) -> int:
+    return sum(b - a for _, a, b in plan["units"][unit])
+
+
 # --- stage 2: scan (vocabulary from the corpus) -----------------------------------------------
 
 def scan_unit(unit: int) -> int:
-    """Cells with a positive count per source column, over cells passing the value checks."""
-    s, a, b = _CTX.plan["units"][unit]
-    entry = _CTX.plan["sources"][s]
-    src = _CTX.source(s)
-    counts = np.zeros(entry["n_vars"], np.int64)
-    for k, (lo, hi) in enumerate(_chunks(unit)):
+    """Cells with a positive count per source column, over cells passing the value checks;
+    saved per source (``s{index}`` arrays)."""
+    counts = {}
+    for k, (s, lo, hi) in enumerate(_chunks(unit)):
+        entry = _CTX.plan["sources"][s]
+        src = _CTX.source(s)
+        per_column = counts.setdefault(f"s{s}", np.zeros(entry["n_vars"], np.int64))
         x = src.read_rows(lo, hi)
-        scan_rows(x.indptr.astype(np.int64), x.indices, x.data, entry["integer_counts"], counts)
+        scan_rows(x.indptr.astype(np.int64), x.indices, x.data, entry["integer_counts"], per_column)
         if src.compressed:
             _write_cache(unit, k, x)
-    atomic_write_with(_CTX.work / "scan" / f"{unit_name(unit)}.npy", lambda fh: np.save(fh, counts))
-    return b - a
+    atomic_write_with(_scan_path(_CTX.work, unit), lambda fh: np.savez(fh, **counts))
+    return unit_cells(_CTX.plan, unit)
+
+
+def _scan_path(work: Path, unit: int) -> Path:
+    return work / "scan" / f"{unit_name(unit)}.npz"
 
 
 def build_vocab(work: Path, plan: dict) -> Vocabulary:
     """Genes positive in >= min_cells_per_gene cells over the whole corpus, sorted by Ensembl id."""
     options = options_from_plan(plan)
+    per_source = {}
+    for u in range(len(plan["units"])):
+        with np.load(_scan_path(work, u)) as z:
+            for key in z.files:
+                per_source[key] = per_source[key] + z[key] if key in per_source else z[key]
     per_gene = {}
     symbols = {}
     for s in plan["sources"]:
         if "refused" in s:
             continue
         table = load_gene_table(work, s["index"])
-        counts = np.zeros(s["n_vars"], np.int64)
-        for u, (us, _, _) in enumerate(plan["units"]):
-            if us == s["index"]:
-                counts += np.load(work / "scan" / f"{unit_name(u)}.npy")
+        counts = per_source.get(f"s{s['index']}", np.zeros(s["n_vars"], np.int64))
         frame = pd.DataFrame({"gene": table["ids"], "cells": counts})
         for gene, cells in frame[frame.gene != ""].groupby("gene", sort=False)["cells"].sum().items():
             per_gene[gene] = per_gene.get(gene, 0) + int(cells)
@@ -189,26 +200,29 @@ def convert_unit(unit: int) -> dict:
     """Validate, map genes, and write one unit's shard file, statistics and accounting.
 
     The unit is read and converted in chunks of rows and streamed to its ``.tar``, hashed on the
-    way, so that `merge` can rename the file into place without reading it again."""
-    s, a, b = _CTX.plan["units"][unit]
-    entry = _CTX.plan["sources"][s]
-    src = _CTX.source(s)
+    way, so that `merge` can rename the file into place without reading it again. Blocks never
+    span two source files."""
     opts, vocab = _CTX.options, _CTX.vocab
-    integer = entry["integer_counts"]
     stats = GeneStats(len(vocab))
     sha = hashlib.sha256()
     blocks: list[dict] = []
-    reasons: list[np.ndarray] = []
-    sums = {"counts_total": 0.0, "counts_in_vocab": 0.0}
+    pieces = {(s, a): {"source": s, "start": a, "stop": b, "cells_read": b - a, "cells_written": 0,
+                       "reasons": [], "counts_total": 0.0, "counts_in_vocab": 0.0}
+              for s, a, b in _CTX.plan["units"][unit]}
 
     def write(fh) -> None:
         offset = 0
-        for k, (lo, hi) in enumerate(_chunks(unit)):
-            x = _read_chunk(unit, k, lo, hi)
+        piece = None
+        for k, (s, lo, hi) in enumerate(_chunks(unit)):
+            entry = _CTX.plan["sources"][s]
+            src = _CTX.source(s)
+            piece = pieces.get((s, lo), piece)
+            x = _read_chunk(unit, k, s, lo, hi)
             # duplicate source columns of one gene are summed; tokens come out ascending per cell
             try:
                 reason, total_counts, indptr, genes, counts = convert_rows(
-                    x.indptr, x.indices, x.data, _CTX.colmap(s), integer, opts.min_genes, vocab.token_dtype)
+                    x.indptr, x.indices, x.data, _CTX.colmap(s), entry["integer_counts"], opts.min_genes,
+                    vocab.token_dtype)
             except CountOverflow as exc:
                 raise ConvertError(f"{entry['path']} rows {lo}-{hi}: {exc}") from None
             del x
@@ -235,26 +249,28 @@ def convert_unit(unit: int) -> dict:
                                "length_histogram": length_histogram(np.diff(block.indptr))})
                 offset += size
             stats.add_cells(genes, counts, indptr, tc)
-            reasons.append(reason)
-            sums["counts_total"] += float(tc.sum())
-            sums["counts_in_vocab"] += float(counts.sum(dtype=np.float64))
+            piece["reasons"].append(reason)
+            piece["cells_written"] += len(written)
+            piece["counts_total"] += float(tc.sum())
+            piece["counts_in_vocab"] += float(counts.sum(dtype=np.float64))
         fh.write(END_OF_ARCHIVE)
         sha.update(END_OF_ARCHIVE)
 
     base = _CTX.work / "units" / unit_name(unit)
     atomic_write_with(base.with_suffix(".tar"), write)
     atomic_write_with(base.with_suffix(".stats.npz"), stats.to_npz)
-    reason = np.concatenate(reasons) if reasons else np.zeros(0, np.int8)
-    skipped = {r: int(c) for r, c in zip(SKIP_REASONS, np.bincount(reason[reason >= 0], minlength=len(SKIP_REASONS)))}
+    for piece in pieces.values():
+        reason = np.concatenate(piece.pop("reasons") or [np.zeros(0, np.int8)])
+        piece["cells_skipped"] = {r: int(c) for r, c in zip(
+            SKIP_REASONS, np.bincount(reason[reason >= 0], minlength=len(SKIP_REASONS)))}
+        if piece["start"] == 0:  # the source checksum rides on its first unit, overlapping other units
+            piece["source_sha256"] = sha256_path(_CTX.plan["sources"][piece["source"]]["path"])
     result = {
-        "unit": unit, "source": s, "start": a, "stop": b,
-        "cells_read": b - a, "cells_written": sum(blk["n_cells"] for blk in blocks),
-        "cells_skipped": skipped, **sums,
+        "unit": unit, "cells_read": unit_cells(_CTX.plan, unit),
+        "cells_written": sum(blk["n_cells"] for blk in blocks),
         "sha256": sha.hexdigest(), "bytes": base.with_suffix(".tar").stat().st_size,
-        "blocks": blocks,
+        "pieces": list(pieces.values()), "blocks": blocks,
     }
-    if a == 0:  # the source checksum rides on its first unit, so it overlaps other units' work
-        result["source_sha256"] = sha256_path(entry["path"])
     atomic_write_json(base.with_suffix(".json"), result)  # last: marks the unit done
     for k in range(len(_chunks(unit))):
         _cache_path(unit, k).unlink(missing_ok=True)
@@ -280,11 +296,11 @@ def run_pool(fn, items: list[int], workers: int, init_args: tuple, on_done) -> N
             on_done(fut.result())
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def _progress(total: int, desc: str, enabled: bool, unit: str = "cell"):
     from tqdm import tqdm
 
     tqdm.monitor_interval = 0  # no monitor thread: the pool forks
-    return tqdm(total=total, desc=desc, unit="cell", unit_scale=True, disable=not enabled,
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not enabled,
                 file=sys.stderr, dynamic_ncols=True)
 
 
@@ -334,12 +350,10 @@ def ensure_vocab(out: Path, plan: dict, workers: int, mine: list[int], progress:
     for folder in ("scan", "cache"):
         (work / folder).mkdir(parents=True, exist_ok=True)
         remove_stale_temps(work / folder)
-    todo = [u for u in mine if not (work / "scan" / f"{unit_name(u)}.npy").exists()]
-    sizes = {u: b - a for u, (_, a, b) in enumerate(plan["units"])}
-    with _progress(sum(sizes[u] for u in todo), "scan genes", progress) as bar:
+    todo = [u for u in mine if not _scan_path(work, u).exists()]
+    with _progress(sum(unit_cells(plan, u) for u in todo), "scan genes", progress) as bar:
         run_pool(scan_unit, todo, workers, (work, None), bar.update)
-    missing = _wait_for(lambda: [u for u in range(len(plan["units"]))
-                                 if not (work / "scan" / f"{unit_name(u)}.npy").exists()],
+    missing = _wait_for(lambda: [u for u in range(len(plan["units"])) if not _scan_path(work, u).exists()],
                         num_nodes, wait_s, "gene scans")
     if missing:
         raise ConvertError(f"{len(missing)} units were not scanned by the other nodes within "
@@ -401,12 +415,11 @@ def convert(out: str | Path, options: ConvertOptions, workers: int = 1, num_node
     (work / "units").mkdir(exist_ok=True)
     remove_stale_temps(work / "units")
     todo = [u for u in mine if not (work / "units" / f"{unit_name(u)}.json").exists()]
-    sizes = {u: b - a for u, (_, a, b) in enumerate(plan["units"])}
-    with _progress(sum(sizes[u] for u in todo), "convert", progress) as bar:
+    with _progress(sum(unit_cells(plan, u) for u in todo), "convert", progress) as bar:
         run_pool(convert_unit, todo, workers, (work, vocab_path), lambda r: bar.update(r["cells_read"]))
     lap("units")
     if num_nodes > 1:
         return None
-    manifest = merge_corpus(out, workers=workers, keep_work=keep_work, progress=progress)
+    manifest = merge_corpus(out, keep_work=keep_work, progress=progress)
     lap("merge")
     return manifest

@@ -1,123 +1,62 @@
 """Merge finished work units into the corpus: shards, ``stats.zarr``, ``manifest.json``.
 
-A work unit is cut to about ``shard_bytes`` of output and writes a complete shard (tar with its
-end-of-archive marker, sha256 computed while writing), so a unit of at least half that size
-becomes a shard by a rename: the corpus bytes are written once. Runs of smaller units (small
-files, file ends) are concatenated into shards of about the target size. The grouping depends
-only on the plan and the units' sizes, never on the worker count. ``manifest.json`` is written
-last: a corpus without one is unfinished and a rerun of the same command completes it.
+A work unit (about ``shard_bytes`` of output, see `plan.group_pieces`) writes a complete shard:
+a tar with its end-of-archive marker, hashed while it was written. Merging renames each unit's
+file into ``shards/`` (units whose cells were all skipped make no shard), so the corpus bytes are
+written once and never read back. ``manifest.json`` is written last: a corpus without one is
+unfinished and a rerun of the same command completes it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import sys
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 
 from .convert import LENGTH_BINS, WORK, _progress
-from .fsio import (
-    atomic_replace_dir,
-    atomic_write_json,
-    atomic_write_with,
-    fsync_dir,
-    remove_stale_temps,
-    sha256_path,
-    temp_path,
-)
-from .plan import ConvertError, load_gene_table, load_plan, options_from_plan, unit_name
-from .shards import DTYPES, END_OF_ARCHIVE
+from .fsio import atomic_replace_dir, atomic_write_json, fsync_dir, remove_stale_temps, sha256_path, temp_path
+from .plan import ConvertError, load_gene_table, load_plan, unit_name
+from .shards import DTYPES
 from .stats import GeneStats
 from .validate import SKIP_REASONS
 from .vocab import read_vocab
 
 SCHEMA_VERSION = 1
-_SHARD_JOBS: list = []
 
 
 def shard_name(i: int) -> str:
     return f"shards/corpus-{i:06d}.tar"
 
 
-def group_units(results: list[dict], shard_bytes: int) -> list[list[dict]]:
-    """Units of each shard, in order: a unit of >= shard_bytes / 2 alone (renamed into place),
-    consecutive smaller ones together until they reach shard_bytes / 2 (copied). Units without
-    cells make no shard."""
-    groups, current, size = [], [], 0
-    for r in results:
-        if not r["blocks"]:
-            continue
-        if r["bytes"] >= shard_bytes // 2:
-            if current:
-                groups.append(current)
-                current, size = [], 0
-            groups.append([r])
-            continue
-        current.append(r)
-        size += r["bytes"]
-        if size >= shard_bytes // 2:
-            groups.append(current)
-            current, size = [], 0
-    if current:
-        groups.append(current)
-    return groups
-
-
-def _unit_tar(out: Path, unit: int) -> Path:
-    return out / WORK / "units" / f"{unit_name(unit)}.tar"
-
-
-def _write_shard(i: int) -> dict:
-    out, units = _SHARD_JOBS[i]
+def _place_shard(out: Path, i: int, unit: dict) -> dict:
+    """Rename the unit's file to shard ``i`` (idempotent: an interrupted merge already moved it)."""
+    src = out / WORK / "units" / f"{unit_name(unit['unit'])}.tar"
     path = out / shard_name(i)
-    if len(units) == 1:
-        src = _unit_tar(out, units[0]["unit"])
-        if src.exists():  # else renamed by an earlier, interrupted merge
-            os.replace(src, path)
-            fsync_dir(path.parent)
-        elif not path.exists():
-            raise ConvertError(f"{src} is missing; delete {src.with_suffix('.json')} and rerun the "
-                               "convert command to redo that unit")
-        digest = units[0]["sha256"]
-    else:
-        h = hashlib.sha256()
-
-        def concatenate(dst) -> None:
-            for r in units:
-                src = _unit_tar(out, r["unit"])
-                size = r["bytes"] - len(END_OF_ARCHIVE)
-                with open(src, "rb") as fh:
-                    data = fh.read(size)
-                if len(data) != size:
-                    raise ConvertError(f"{src} is shorter than its record says; delete "
-                                       f"{src.with_suffix('.json')} and rerun to redo that unit")
-                h.update(data)
-                dst.write(data)
-            h.update(END_OF_ARCHIVE)
-            dst.write(END_OF_ARCHIVE)
-
-        atomic_write_with(path, concatenate)
-        digest = h.hexdigest()
-    blocks = [b for r in units for b in r["blocks"]]
+    if src.exists():
+        os.replace(src, path)
+    elif not path.exists() or path.stat().st_size != unit["bytes"]:
+        raise ConvertError(f"{src} is missing; delete {src.with_suffix('.json')} and rerun the "
+                           "convert command to redo that unit")
+    blocks = unit["blocks"]
     hist = np.sum([b["length_histogram"] for b in blocks], axis=0).astype(int).tolist()
-    return {"index": i, "sha256": digest, "bytes": path.stat().st_size,
+    return {"sha256": unit["sha256"], "bytes": unit["bytes"],
             "n_cells": sum(b["n_cells"] for b in blocks), "n_tokens": sum(b["n_tokens"] for b in blocks),
             "n_blocks": len(blocks), "length_histogram": hist,
             "counts_dtypes": sorted({b["counts_dtype"] for b in blocks})}
 
 
-def merge_stats(paths: list[Path], vocab_size: int) -> GeneStats:
+def merge_stats(paths: list[Path], vocab_size: int, on_each=lambda n: None) -> GeneStats:
     """Merge per-unit statistics pairwise like a binary counter: each partial takes part in
     O(log n) merges (a running total would re-merge the growing sketch n times), at most
     O(log n) partials are held, and the fixed order keeps the result reproducible."""
     stack: list[tuple[int, GeneStats]] = []  # (number of units merged, partial)
     for path in paths:
         size, part = 1, GeneStats.from_npz(path)
+        on_each(1)
         while stack and stack[-1][0] == size:
             left = stack.pop()[1]
             part = left.merge(part)
@@ -136,9 +75,8 @@ def finish_if_complete(out: Path, keep_work: bool) -> dict:
     return manifest
 
 
-def merge_corpus(out: str | Path, workers: int = 1, keep_work: bool = False, progress: bool = True) -> dict:
+def merge_corpus(out: str | Path, keep_work: bool = False, progress: bool = True) -> dict:
     """Build shards, stats and manifest from finished units (after every node has run)."""
-    global _SHARD_JOBS
     out = Path(out)
     work = out / WORK
     if (out / "manifest.json").exists():
@@ -153,38 +91,19 @@ def merge_corpus(out: str | Path, workers: int = 1, keep_work: bool = False, pro
         raise ConvertError(f"{out}: {len(missing)} of {len(units)} work units are not finished (e.g. "
                            f"{missing[:5]}); rerun the convert command on every node (unit u belongs "
                            "to node u % num_nodes), then merge")
-    options = options_from_plan(plan)
     vocab = read_vocab(out / "vocab.tsv")
     results = [json.loads((work / "units" / f"{unit_name(u)}.json").read_text()) for u in range(len(units))]
-
-    groups = group_units(results, options.shard_bytes)
+    with_cells = [r for r in results if r["blocks"]]
     (out / "shards").mkdir(exist_ok=True)
     remove_stale_temps(out / "shards")
     for stale in (out / "shards").glob("corpus-*.tar"):
-        if int(stale.stem.split("-")[1]) >= len(groups):
+        if int(stale.stem.split("-")[1]) >= len(with_cells):
             stale.unlink()
-    _SHARD_JOBS = [(out, g) for g in groups]
-    written = {}
-    stats_paths = [work / "units" / f"{unit_name(u)}.stats.npz" for u in range(len(units))]
-    copies = [i for i, g in enumerate(groups) if len(g) > 1]
-    with _progress(sum(r["cells_written"] for r in results), "write shards", progress) as bar:
-        def done(rec):
-            written[rec["index"]] = rec
-            bar.update(rec["n_cells"])
-        for i, g in enumerate(groups):
-            if len(g) == 1:
-                done(_write_shard(i))
-        if workers > 1 and len(copies) > 1:
-            # concatenating small units runs in the pool while this process merges the statistics
-            with get_context("fork").Pool(min(workers, len(copies))) as pool:
-                pending = pool.imap_unordered(_write_shard, copies)
-                stats = merge_stats(stats_paths, len(vocab))
-                for rec in pending:
-                    done(rec)
-        else:
-            for i in copies:
-                done(_write_shard(i))
-            stats = merge_stats(stats_paths, len(vocab))
+    shards = [_place_shard(out, i, r) for i, r in enumerate(with_cells)]
+    fsync_dir(out / "shards")
+    with _progress(len(units), "merge statistics", progress, unit="unit") as bar:
+        stats = merge_stats([work / "units" / f"{unit_name(u)}.stats.npz" for u in range(len(units))],
+                            len(vocab), bar.update)
 
     tmp = temp_path(out / "stats.zarr")
     if tmp.exists():
@@ -192,7 +111,7 @@ def merge_corpus(out: str | Path, workers: int = 1, keep_work: bool = False, pro
     stats.to_zarr(tmp)
     atomic_replace_dir(tmp, out / "stats.zarr")
 
-    manifest = build_manifest(out, plan, vocab, results, [written[i] for i in range(len(groups))])
+    manifest = build_manifest(out, plan, vocab, results, shards)
     atomic_write_json(out / "manifest.json", manifest)
     if not keep_work:
         shutil.rmtree(work)
@@ -206,7 +125,7 @@ def _source_report(work: Path, entry: dict, vocab, results: list[dict]) -> dict:
         rep.update({"refused": entry["refused"], "cells_read": n, "cells_written": 0,
                     "cells_skipped": {"file_refused": n}})
         return rep
-    mine = [r for r in results if r["source"] == entry["index"]]
+    mine = [p for r in results for p in r["pieces"] if p["source"] == entry["index"]]
     ids = load_gene_table(work, entry["index"])["ids"]
     tokens = vocab.lookup(ids)
     mapped = tokens[tokens >= 0]
@@ -241,9 +160,8 @@ def build_manifest(out: Path, plan: dict, vocab, results: list[dict], shard_reco
     cells_written = sum(s["cells_written"] for s in sources)
     offset = 0
     shards = []
-    for rec in shard_records:
+    for i, rec in enumerate(shard_records):
         rec = dict(rec)
-        i = rec.pop("index")
         shards.append({"file": shard_name(i), "cell_offset": offset, **rec})
         offset += rec["n_cells"]
     dtypes = sorted({d for s in shards for d in s.pop("counts_dtypes")})

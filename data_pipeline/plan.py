@@ -1,9 +1,9 @@
 """The conversion plan: options, sources, gene identity, label categories and work units.
 
 The plan is computed once, written to ``CORPUS/.work/plan.json``, and fixes everything the output
-depends on. Work units (source file x row range of ``unit_cells`` rows) depend only on the inputs
-and options, never on the worker or node count, which is why shards come out byte-identical
-whatever the parallelism. A rerun with the same command finds the same plan and resumes; a rerun
+depends on. Work units (row ranges of one or more files, about ``shard_bytes`` of output each: a
+unit writes one shard) depend only on the inputs and options, never on the worker or node count,
+which is why shards come out byte-identical whatever the parallelism. A rerun with the same command finds the same plan and resumes; a rerun
 with different inputs or options is refused instead of mixing two corpora.
 """
 
@@ -129,7 +129,7 @@ def _plan_source(index: int, path: str, options: ConvertOptions, symbol_table) -
             "genes_from_symbols": identity.n_from_symbols,
             "label_values": labels,
             "label_columns_missing": [c for c, v in labels.items() if v is None],
-            "unit_bounds": unit_bounds(src.n_cells, src.row_pointers(), sample.nnz / max(b - a, 1), options),
+            "pieces": source_pieces(src.n_cells, src.row_pointers(), sample.nnz / max(b - a, 1), options),
         }
         genes = {"ids": [str(g) for g in identity.ids],
                  "symbols": [str(s) for s in getattr(identity, "symbols", [""] * len(identity.ids))]}
@@ -139,29 +139,54 @@ def _plan_source(index: int, path: str, options: ConvertOptions, symbol_table) -
 
 
 # Output bytes per stored nonzero (uint16 token + uint16 count) and per cell (pointers, totals,
-# source row, id), for cutting units of about --shard-size.
+# source row, id, tar overhead), for cutting units of about --shard-size.
 _BYTES_PER_NONZERO = 4
-_BYTES_PER_CELL = 48
+_BYTES_PER_CELL = 64
 
 
-def unit_bounds(n_cells: int, row_pointers: np.ndarray | None, nonzeros_per_row: float,
-                options: ConvertOptions) -> list[int]:
-    """Row boundaries ``[0, ..., n_cells]`` of one source's work units. A unit becomes one shard,
-    so it is cut at about ``shard_bytes`` of output (from the row pointers where the format has
-    them, else from the average row of a sample), at most ``unit_cells`` rows, in whole blocks."""
+def source_pieces(n_cells: int, row_pointers: np.ndarray | None, nonzeros_per_row: float,
+                  options: ConvertOptions) -> list[list[int]]:
+    """One source's rows cut into pieces ``[start, stop, estimated output bytes]`` of about
+    ``shard_bytes`` (from the row pointers where the format has them, else from the average row
+    of a sample), at most ``unit_cells`` rows, in whole blocks; the last piece is what is left."""
     bc = options.block_cells
     if row_pointers is not None:
         est = _BYTES_PER_NONZERO * (row_pointers - row_pointers[0]) + _BYTES_PER_CELL * np.arange(n_cells + 1)
     else:
-        rows = int(options.shard_bytes // (_BYTES_PER_NONZERO * nonzeros_per_row + _BYTES_PER_CELL))
-    bounds = [0]
-    while bounds[-1] < n_cells:
-        a = bounds[-1]
-        if row_pointers is not None:
+        row_bytes = _BYTES_PER_NONZERO * nonzeros_per_row + _BYTES_PER_CELL
+        est = None
+    pieces, a = [], 0
+    while a < n_cells:
+        if est is not None:
             rows = int(np.searchsorted(est, est[a] + options.shard_bytes, side="left")) - a
-        rows = min(max(-(-rows // bc) * bc, bc), options.unit_cells)
-        bounds.append(min(a + rows, n_cells))
-    return bounds
+        else:
+            rows = int(options.shard_bytes // row_bytes)
+        b = min(a + min(max(-(-rows // bc) * bc, bc), options.unit_cells), n_cells)
+        size = int(est[b] - est[a]) if est is not None else int(round((b - a) * row_bytes))
+        pieces.append([a, b, size])
+        a = b
+    return pieces
+
+
+def group_pieces(sources: list[dict], options: ConvertOptions) -> list[list[list[int]]]:
+    """Work units: each a list of pieces ``[source, start, stop]``, in source order. A unit
+    becomes one shard, so pieces of about ``shard_bytes`` make a unit each, while consecutive
+    smaller ones (file ends, small files) share a unit up to ``shard_bytes`` / ``unit_cells``."""
+    units, current, size, rows = [], [], 0, 0
+    for s in sources:
+        for a, b, est in s.pop("pieces", []):
+            if current and (size + est > options.shard_bytes or rows + b - a > options.unit_cells):
+                units.append(current)
+                current, size, rows = [], 0, 0
+            current.append([s["index"], a, b])
+            size += est
+            rows += b - a
+            if size >= options.shard_bytes or rows >= options.unit_cells:
+                units.append(current)
+                current, size, rows = [], 0, 0
+    if current:
+        units.append(current)
+    return units
 
 
 def _plan_one(args) -> tuple[dict, dict] | str:
@@ -214,10 +239,7 @@ def build_plan(options: ConvertOptions, workers: int = 1) -> tuple[dict, list[di
         categories[col] = sorted({v for vals in seen if vals is not None for v in vals})
     for s in sources:
         s.pop("label_values", None)
-    units = []
-    for s in sources:
-        bounds = s.pop("unit_bounds", [])
-        units += [[s["index"], a, b] for a, b in zip(bounds[:-1], bounds[1:])]
+    units = group_pieces(sources, options)
     plan = {
         "plan_version": PLAN_VERSION,
         "plan_hash": plan_hash(options),

@@ -12,7 +12,7 @@ import pytest
 import scipy.sparse as sp
 
 from data_pipeline.convert import convert
-from data_pipeline.plan import ConvertError, ConvertOptions, unit_bounds
+from data_pipeline.plan import ConvertError, ConvertOptions, group_pieces, source_pieces
 from data_pipeline.vocab import read_vocab, strip_version
 from tests.conftest import REFUSED_FILE, real_h5ad_files
 from tests.corpus_helpers import corpus_cells, ensembl, random_counts, write_h5ad
@@ -269,14 +269,25 @@ def test_units_are_cut_by_estimated_output_size():
     nnz[4000:4100] = 200_000  # a stretch of very dense rows
     pointers = np.concatenate([[7], 7 + np.cumsum(nnz)])  # need not start at 0
     opts = ConvertOptions(["x"], block_cells=64, unit_cells=4096, shard_bytes=4 << 20)
-    bounds = unit_bounds(len(nnz), pointers, 0.0, opts)
-    assert bounds[0] == 0 and bounds[-1] == len(nnz)
-    est = 4 * (pointers - pointers[0]) + 48 * np.arange(len(nnz) + 1)
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        assert 0 < b - a <= opts.unit_cells and (b - a) % 64 == 0 or b == len(nnz)
-        if b < len(nnz) and b - a < opts.unit_cells:  # cut by size: at least the target, by < 1 block
-            assert est[b] - est[a] >= opts.shard_bytes
-            assert est[b - 64] - est[a] < opts.shard_bytes
-    # without row pointers (CSC, dense, mtx): equal units from the sampled row density
-    assert unit_bounds(1000, None, 100.0, ConvertOptions(["x"], block_cells=10, unit_cells=500,
-                                                         shard_bytes=448 * 99)) == [0, 100, 200, 300, 400, 500, 600, 700, 800, 900, 1000]
+    pieces = source_pieces(len(nnz), pointers, 0.0, opts)
+    est = 4 * (pointers - pointers[0]) + 64 * np.arange(len(nnz) + 1)
+    assert pieces[0][0] == 0 and pieces[-1][1] == len(nnz)
+    for (a, b, size), nxt in zip(pieces, pieces[1:] + [None]):
+        assert size == est[b] - est[a]
+        if nxt is None:
+            break
+        assert nxt[0] == b and 0 < b - a <= opts.unit_cells and (b - a) % 64 == 0
+        if b - a < opts.unit_cells:  # cut by size: the target reached, not by a block earlier
+            assert est[b] - est[a] >= opts.shard_bytes > est[b - 64] - est[a]
+    # without row pointers (CSC, dense, mtx): equal pieces from the sampled row density
+    flat = source_pieces(1000, None, 100.0, ConvertOptions(["x"], block_cells=10, unit_cells=500,
+                                                          shard_bytes=464 * 99))
+    assert [p[:2] for p in flat] == [[a, a + 100] for a in range(0, 1000, 100)]
+
+    # grouping: full pieces alone; small ones (file ends, small files) share units, in order
+    sources = [{"index": 0, "pieces": [[0, 100, 900], [100, 150, 300]]},
+               {"index": 1, "pieces": [[0, 20, 200]]},
+               {"index": 2, "pieces": [[0, 30, 600], [30, 40, 100]]},
+               {"index": 3, "pieces": [[0, 5, 50]]}]
+    units = group_pieces(sources, ConvertOptions(["x"], block_cells=5, unit_cells=1000, shard_bytes=1000))
+    assert units == [[[0, 0, 100]], [[0, 100, 150], [1, 0, 20]], [[2, 0, 30], [2, 30, 40], [3, 0, 5]]]
