@@ -296,6 +296,11 @@ def run_pool(fn, items: list[int], workers: int, init_args: tuple, on_done) -> N
             on_done(fut.result())
 
 
+def _largest_first(plan: dict, units: list[int]) -> list[int]:
+    """Submission order: big units first, so the pool does not end waiting on one late big unit."""
+    return sorted(units, key=lambda u: -plan["unit_bytes"][u])
+
+
 def _progress(total: int, desc: str, enabled: bool, unit: str = "cell"):
     from tqdm import tqdm
 
@@ -350,7 +355,7 @@ def ensure_vocab(out: Path, plan: dict, workers: int, mine: list[int], progress:
     for folder in ("scan", "cache"):
         (work / folder).mkdir(parents=True, exist_ok=True)
         remove_stale_temps(work / folder)
-    todo = [u for u in mine if not _scan_path(work, u).exists()]
+    todo = _largest_first(plan, [u for u in mine if not _scan_path(work, u).exists()])
     with _progress(sum(unit_cells(plan, u) for u in todo), "scan genes", progress) as bar:
         run_pool(scan_unit, todo, workers, (work, None), bar.update)
     missing = _wait_for(lambda: [u for u in range(len(plan["units"])) if not _scan_path(work, u).exists()],
@@ -414,7 +419,7 @@ def convert(out: str | Path, options: ConvertOptions, workers: int = 1, num_node
 
     (work / "units").mkdir(exist_ok=True)
     remove_stale_temps(work / "units")
-    todo = [u for u in mine if not (work / "units" / f"{unit_name(u)}.json").exists()]
+    todo = _largest_first(plan, [u for u in mine if not (work / "units" / f"{unit_name(u)}.json").exists()])
     with _progress(sum(unit_cells(plan, u) for u in todo), "convert", progress) as bar:
         run_pool(convert_unit, todo, workers, (work, vocab_path), lambda r: bar.update(r["cells_read"]))
     lap("units")

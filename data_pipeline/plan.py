@@ -49,7 +49,7 @@ class ConvertOptions:
     label_columns: list[str] = field(default_factory=list)
     block_cells: int = 1024                # cells per webdataset sample
     unit_cells: int = 1 << 17              # most rows per work unit (= shard)
-    shard_bytes: int = 256 << 20           # target shard (work unit) size
+    shard_bytes: int = 64 << 20            # target shard (work unit) size
     skip_bad_files: bool = False           # count unusable files as skipped instead of stopping
 
     def validate(self) -> None:
@@ -168,25 +168,31 @@ def source_pieces(n_cells: int, row_pointers: np.ndarray | None, nonzeros_per_ro
     return pieces
 
 
-def group_pieces(sources: list[dict], options: ConvertOptions) -> list[list[list[int]]]:
-    """Work units: each a list of pieces ``[source, start, stop]``, in source order. A unit
-    becomes one shard, so pieces of about ``shard_bytes`` make a unit each, while consecutive
-    smaller ones (file ends, small files) share a unit up to ``shard_bytes`` / ``unit_cells``."""
-    units, current, size, rows = [], [], 0, 0
+def group_pieces(sources: list[dict], options: ConvertOptions) -> tuple[list, list[int]]:
+    """Work units: each a list of pieces ``[source, start, stop]``, in source order, and each
+    unit's estimated output bytes. A unit becomes one shard, so pieces of about ``shard_bytes``
+    make a unit each, while consecutive smaller ones (file ends, small files) share a unit up to
+    ``shard_bytes`` / ``unit_cells``."""
+    units, sizes, current, size, rows = [], [], [], 0, 0
+
+    def close():
+        nonlocal current, size, rows
+        units.append(current)
+        sizes.append(size)
+        current, size, rows = [], 0, 0
+
     for s in sources:
         for a, b, est in s.pop("pieces", []):
             if current and (size + est > options.shard_bytes or rows + b - a > options.unit_cells):
-                units.append(current)
-                current, size, rows = [], 0, 0
+                close()
             current.append([s["index"], a, b])
             size += est
             rows += b - a
             if size >= options.shard_bytes or rows >= options.unit_cells:
-                units.append(current)
-                current, size, rows = [], 0, 0
+                close()
     if current:
-        units.append(current)
-    return units
+        close()
+    return units, sizes
 
 
 def _plan_one(args) -> tuple[dict, dict] | str:
@@ -239,7 +245,7 @@ def build_plan(options: ConvertOptions, workers: int = 1) -> tuple[dict, list[di
         categories[col] = sorted({v for vals in seen if vals is not None for v in vals})
     for s in sources:
         s.pop("label_values", None)
-    units = group_pieces(sources, options)
+    units, unit_bytes = group_pieces(sources, options)
     plan = {
         "plan_version": PLAN_VERSION,
         "plan_hash": plan_hash(options),
@@ -247,6 +253,7 @@ def build_plan(options: ConvertOptions, workers: int = 1) -> tuple[dict, list[di
         "sources": sources,
         "label_categories": categories,
         "units": units,
+        "unit_bytes": unit_bytes,
     }
     return plan, genes
 

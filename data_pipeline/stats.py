@@ -598,8 +598,7 @@ class GeneStats:
         # 0-based ranks of the two middle values -> index of the sketch entry holding each
         i = np.searchsorted(cum, before + (total - 1) // 2, side="right")
         j = np.searchsorted(cum, before + total // 2, side="right")
-        mids = bucket_midpoints(keys % _BUCKETS)
-        out[genes[starts]] = (mids[i] + mids[j]) / 2
+        out[genes[starts]] = (bucket_midpoints(keys[i] % _BUCKETS) + bucket_midpoints(keys[j] % _BUCKETS)) / 2
         return out
 
     # --- storage ---------------------------------------------------------------------------

@@ -289,5 +289,6 @@ def test_units_are_cut_by_estimated_output_size():
                {"index": 1, "pieces": [[0, 20, 200]]},
                {"index": 2, "pieces": [[0, 30, 600], [30, 40, 100]]},
                {"index": 3, "pieces": [[0, 5, 50]]}]
-    units = group_pieces(sources, ConvertOptions(["x"], block_cells=5, unit_cells=1000, shard_bytes=1000))
+    units, sizes = group_pieces(sources, ConvertOptions(["x"], block_cells=5, unit_cells=1000, shard_bytes=1000))
     assert units == [[[0, 0, 100]], [[0, 100, 150], [1, 0, 20]], [[2, 0, 30], [2, 30, 40], [3, 0, 5]]]
+    assert sizes == [900, 500, 750]
