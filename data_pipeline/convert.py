@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .buffers import Buffers
 from .fsio import atomic_write_bytes, atomic_write_json, atomic_write_with, remove_stale_temps, sha256_path
 from .plan import (
     ConvertError,
@@ -73,6 +74,7 @@ class _Context:
         self.plan = load_plan(work)
         self.options = options_from_plan(self.plan)
         self.vocab = vocab
+        self.buffers = Buffers()  # chunk arrays reused from one chunk to the next
         self._sources = {}
         self._colmaps = {}
 
@@ -125,7 +127,7 @@ def _read_chunk(unit: int, chunk: int, s: int, lo: int, hi: int) -> sp.csr_matri
                                      shape=(hi - lo, _CTX.plan["sources"][s]["n_vars"]))
         except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # torn by a crash: re-read
             pass
-    return _CTX.source(s).read_rows(lo, hi)
+    return _CTX.source(s).read_rows(lo, hi, _CTX.buffers)
 
 
 def _write_cache(unit: int, chunk: int, x: sp.csr_matrix) -> None:
@@ -154,7 +156,7 @@ def scan_unit(unit: int) -> int:
         entry = _CTX.plan["sources"][s]
         src = _CTX.source(s)
         per_column = counts.setdefault(f"s{s}", np.zeros(entry["n_vars"], np.int64))
-        x = src.read_rows(lo, hi)
+        x = src.read_rows(lo, hi, _CTX.buffers)
         scan_rows(x.indptr.astype(np.int64), x.indices, x.data, entry["integer_counts"], per_column)
         if src.compressed:
             _write_cache(unit, k, x)
@@ -222,7 +224,7 @@ def convert_unit(unit: int) -> dict:
             try:
                 reason, total_counts, indptr, genes, counts = convert_rows(
                     x.indptr, x.indices, x.data, _CTX.colmap(s), entry["integer_counts"], opts.min_genes,
-                    vocab.token_dtype)
+                    vocab.token_dtype, _CTX.buffers)
             except CountOverflow as exc:
                 raise ConvertError(f"{entry['path']} rows {lo}-{hi}: {exc}") from None
             del x

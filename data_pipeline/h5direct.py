@@ -76,8 +76,10 @@ class DirectReader:
             return None
         return cls(fd, dtype, n, chunk, t[:, 1].copy(), t[:, 2].copy(), t[:, 3].copy(), filters)
 
-    def read(self, lo: int, hi: int) -> np.ndarray:
-        out = np.empty(max(hi - lo, 0), self.dtype)
+    def read(self, lo: int, hi: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Elements ``lo:hi``, into ``out`` (``[hi-lo]``, the dataset's dtype) when given."""
+        if out is None or out.dtype != self.dtype or len(out) != max(hi - lo, 0):
+            out = np.empty(max(hi - lo, 0), self.dtype)
         if hi > lo:
             if self._filters:
                 self._read_filtered(lo, hi, out)

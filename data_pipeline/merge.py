@@ -21,7 +21,7 @@ from .convert import LENGTH_BINS, WORK, _progress
 from .fsio import atomic_replace_dir, atomic_write_json, fsync_dir, remove_stale_temps, sha256_path, temp_path
 from .plan import ConvertError, load_gene_table, load_plan, unit_name
 from .shards import DTYPES
-from .stats import GeneStats
+from .stats import merge_npz
 from .validate import SKIP_REASONS
 from .vocab import read_vocab
 
@@ -47,25 +47,6 @@ def _place_shard(out: Path, i: int, unit: dict) -> dict:
             "n_cells": sum(b["n_cells"] for b in blocks), "n_tokens": sum(b["n_tokens"] for b in blocks),
             "n_blocks": len(blocks), "length_histogram": hist,
             "counts_dtypes": sorted({b["counts_dtype"] for b in blocks})}
-
-
-def merge_stats(paths: list[Path], vocab_size: int, on_each=lambda n: None) -> GeneStats:
-    """Merge per-unit statistics pairwise like a binary counter: each partial takes part in
-    O(log n) merges (a running total would re-merge the growing sketch n times), at most
-    O(log n) partials are held, and the fixed order keeps the result reproducible."""
-    stack: list[tuple[int, GeneStats]] = []  # (number of units merged, partial)
-    for path in paths:
-        size, part = 1, GeneStats.from_npz(path)
-        on_each(1)
-        while stack and stack[-1][0] == size:
-            left = stack.pop()[1]
-            part = left.merge(part)
-            size *= 2
-        stack.append((size, part))
-    total = GeneStats(vocab_size)
-    for _, part in stack:
-        total.merge(part)
-    return total
 
 
 def finish_if_complete(out: Path, keep_work: bool) -> dict:
@@ -102,8 +83,8 @@ def merge_corpus(out: str | Path, keep_work: bool = False, progress: bool = True
     shards = [_place_shard(out, i, r) for i, r in enumerate(with_cells)]
     fsync_dir(out / "shards")
     with _progress(len(units), "merge statistics", progress, unit="unit") as bar:
-        stats = merge_stats([work / "units" / f"{unit_name(u)}.stats.npz" for u in range(len(units))],
-                            len(vocab), bar.update)
+        stats = merge_npz([work / "units" / f"{unit_name(u)}.stats.npz" for u in range(len(units))],
+                          len(vocab), bar.update)
 
     tmp = temp_path(out / "stats.zarr")
     if tmp.exists():

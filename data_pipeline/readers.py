@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .buffers import Buffers
 from .h5direct import DirectReader
 
 # Elements read per slice when scanning CSC or dense matrices (bounds memory per read).
@@ -102,12 +103,13 @@ class Source:
     var: pd.DataFrame
     compressed: bool = True
 
-    def read_rows(self, start: int, stop: int) -> sp.csr_matrix:
+    def read_rows(self, start: int, stop: int, buffers: Buffers | None = None) -> sp.csr_matrix:
         """Rows ``start:stop`` as CSR ``[stop-start, n_vars]`` (source dtype; may hold explicit
-        zeros; indices sorted or not, as stored)."""
+        zeros; indices sorted or not, as stored). With ``buffers``, the matrix's arrays may be
+        views of its arrays, valid until they are next used (a converter's chunk loop)."""
         start, stop = self._range(start, stop)
         with self._reading(f"rows {start}:{stop}"):
-            return self._read_rows(start, stop)
+            return self._read_rows(start, stop, buffers)
 
     def obs_names(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Cell ids of rows ``start:stop``: object array of str ``[stop-start]``."""
@@ -144,7 +146,7 @@ class Source:
     def __exit__(self, *exc):
         self.close()
 
-    def _read_rows(self, start: int, stop: int) -> sp.csr_matrix:
+    def _read_rows(self, start: int, stop: int, buffers: Buffers | None) -> sp.csr_matrix:
         raise NotImplementedError
 
     def _obs_names(self, start: int, stop: int) -> np.ndarray:
@@ -214,12 +216,15 @@ class _Ranges:
         self._fd = os.open(path, os.O_RDONLY)
         self._readers = {}
 
-    def read(self, dset, lo: int, hi: int) -> np.ndarray:
+    def read(self, dset, lo: int, hi: int, buffers: Buffers | None = None) -> np.ndarray:
         name = dset.name
         if name not in self._readers:
             self._readers[name] = DirectReader.open(dset, self._fd)
         reader = self._readers[name]
-        return reader.read(lo, hi) if reader is not None else np.asarray(dset[lo:hi])
+        if reader is None:
+            return np.asarray(dset[lo:hi])
+        out = buffers.get(name, hi - lo, reader.dtype) if buffers is not None else None
+        return reader.read(lo, hi, out)
 
     def close(self):
         if self._fd >= 0:
@@ -351,13 +356,13 @@ class AnnDataSource(Source):
             return _decode_categorical(elem[start:stop], obs["__categories"][name][...])
         return _to_str_array(elem[start:stop])
 
-    def _read_rows(self, start: int, stop: int) -> sp.csr_matrix:
+    def _read_rows(self, start: int, stop: int, buffers: Buffers | None) -> sp.csr_matrix:
         n = stop - start
         if self._layout == "csr":
             indptr = np.asarray(self._slice("indptr", start, stop + 1), dtype=np.int64)
             lo, hi = int(indptr[0]), int(indptr[-1])
-            data = self._slice("data", lo, hi)
-            indices = self._slice("indices", lo, hi)
+            data = self._slice("data", lo, hi, buffers)
+            indices = self._slice("indices", lo, hi, buffers)
             return sp.csr_matrix((data, indices, indptr - lo), shape=(n, self.n_vars))
         if self._layout == "dense":
             rows_per_read = max(1, _SCAN_ELEMENTS // max(self.n_vars, 1))
@@ -373,10 +378,10 @@ class AnnDataSource(Source):
             return None
         return np.asarray(self._slice("indptr", 0, self.n_cells + 1), dtype=np.int64)
 
-    def _slice(self, key: str, lo: int, hi: int) -> np.ndarray:
+    def _slice(self, key: str, lo: int, hi: int, buffers: Buffers | None = None) -> np.ndarray:
         """Elements ``lo:hi`` of the matrix's 1-D array ``key``."""
         if self.format == "h5ad":
-            return self._ranges.read(self._x[key], lo, hi)
+            return self._ranges.read(self._x[key], lo, hi, buffers)
         return np.asarray(self._x[key][lo:hi])
 
     def _read_rows_csc(self, start: int, stop: int) -> sp.csr_matrix:
@@ -498,12 +503,12 @@ class TenXH5Source(Source):
     def row_pointers(self) -> np.ndarray:
         return np.asarray(self._ranges.read(self._g["indptr"], 0, self.n_cells + 1), dtype=np.int64)
 
-    def _read_rows(self, start: int, stop: int) -> sp.csr_matrix:
+    def _read_rows(self, start: int, stop: int, buffers: Buffers | None) -> sp.csr_matrix:
         indptr = np.asarray(self._ranges.read(self._g["indptr"], start, stop + 1), dtype=np.int64)
         lo, hi = int(indptr[0]), int(indptr[-1])
         indptr = indptr - lo
-        data = self._ranges.read(self._g["data"], lo, hi)
-        indices = self._ranges.read(self._g["indices"], lo, hi)
+        data = self._ranges.read(self._g["data"], lo, hi, buffers)
+        indices = self._ranges.read(self._g["indices"], lo, hi, buffers)
         if not self._all_gex:
             indices = indices.astype(np.int64)
         if not self._all_gex:
@@ -609,5 +614,5 @@ class TenXMtxSource(Source):
     def _obs_names(self, start: int, stop: int) -> np.ndarray:
         return self._barcodes[start:stop].copy()
 
-    def _read_rows(self, start: int, stop: int) -> sp.csr_matrix:
+    def _read_rows(self, start: int, stop: int, buffers: Buffers | None) -> sp.csr_matrix:
         return self._load()[start:stop]

@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from .buffers import Buffers
+
 _NOT_FINITE, _NEGATIVE, _NON_INTEGER, _EMPTY, _BELOW_MIN_GENES = 0, 1, 2, 3, 4
 
 
@@ -159,21 +161,24 @@ class CountOverflow(ValueError):
     """A summed count that does not fit uint32."""
 
 
-def convert_rows(indptr, indices, data, colmap, integer_counts: bool, min_genes: int, token_dtype):
+def convert_rows(indptr, indices, data, colmap, integer_counts: bool, min_genes: int, token_dtype,
+                 buffers: Buffers | None = None):
     """Python entry of `map_rows`: allocates the outputs, trims them, narrows the counts.
 
     Returns ``reason`` [n] int8, ``total_counts`` [n] f64, and the written rows as CSR
     ``indptr`` [w+1] int64, ``tokens`` [nnz'] ``token_dtype``, ``values`` [nnz'] (uint16 when
-    every count fits, else uint32; float32 for non-integer input).
+    every count fits, else uint32; float32 for non-integer input). With ``buffers``, the outputs
+    are views of its arrays, valid until the next call with the same buffers.
     """
+    buf = buffers if buffers is not None else Buffers()
     n = len(indptr) - 1
     nnz = len(data)
     token_dtype = np.dtype(token_dtype)
-    reason = np.empty(n, np.int8)
-    total = np.empty(n, np.float64)
-    out_indptr = np.empty(n + 1, np.int64)
-    out_tokens = np.empty(nnz, token_dtype)
-    out_values = np.empty(nnz, np.uint32 if integer_counts else np.float32)
+    reason = buf.get("reason", n, np.int8)
+    total = buf.get("total_counts", n, np.float64)
+    out_indptr = buf.get("indptr", n + 1, np.int64)
+    out_tokens = buf.get("tokens", nnz, token_dtype)
+    out_values = buf.get("values", nnz, np.uint32 if integer_counts else np.float32)
     w, largest = map_rows(np.asarray(indptr, np.int64), indices, data, np.asarray(colmap, np.int64),
                           integer_counts, min_genes, token_dtype.itemsize * 8, reason, total,
                           out_indptr, out_tokens, out_values)
@@ -182,5 +187,7 @@ def convert_rows(indptr, indices, data, colmap, integer_counts: bool, min_genes:
     end = out_indptr[w]
     values = out_values[:end]
     if integer_counts and largest <= np.iinfo(np.uint16).max:
-        values = values.astype(np.uint16)
+        narrow = buf.get("values16", end, np.uint16)
+        np.copyto(narrow, values, casting="unsafe")
+        values = narrow
     return reason, total, out_indptr[: w + 1], out_tokens[:end], values

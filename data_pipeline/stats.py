@@ -61,6 +61,8 @@ from numba import njit
 from numba.core import types
 from numba.extending import intrinsic
 
+from .buffers import Buffers
+
 MANTISSA_BITS = 7
 RELATIVE_ERROR = 2.0 ** -(MANTISSA_BITS + 1)
 _SHIFT = 23 - MANTISSA_BITS
@@ -383,6 +385,94 @@ def _merge_sorted(k1, c1, k2, c2):
     return keys, counts
 
 
+@njit(cache=True, nogil=True)
+def _widen_ranges(keys, lo, hi):  # pragma: no cover
+    """Widen each token's bucket range [lo, hi] to the buckets of sketch ``keys``."""
+    for i in range(len(keys)):
+        k = np.int64(keys[i])
+        g = k // _BUCKETS
+        b = k - g * _BUCKETS
+        lo[g] = min(lo[g], b)
+        hi[g] = max(hi[g], b)
+
+
+@njit(cache=True, nogil=True)
+def _add_dense(keys, counts, lo, offset, dense):  # pragma: no cover
+    for i in range(len(keys)):
+        k = np.int64(keys[i])
+        g = k // _BUCKETS
+        dense[offset[g] + k - g * _BUCKETS - lo[g]] += counts[i]
+
+
+@njit(cache=True, nogil=True)
+def _dense_to_sparse(dense, lo, offset, keys, counts):  # pragma: no cover
+    """The nonzero entries of the dense per-token windows as sorted sparse keys; returns how many."""
+    o = 0
+    for g in range(len(lo)):
+        for j in range(offset[g], offset[g + 1]):
+            if dense[j]:
+                keys[o] = g * _BUCKETS + lo[g] + j - offset[g]
+                counts[o] = dense[j]
+                o += 1
+    return o
+
+
+# Dense windows larger than this many buckets in all are merged pairwise instead (memory).
+_DENSE_MERGE_MAX = 1 << 27
+
+
+def merge_npz(paths: list[Path], vocab_size: int, on_each=lambda n: None) -> GeneStats:
+    """Sum partial results written by ``to_npz`` (e.g. one per conversion work unit).
+
+    One pass finds each token's bucket range over all partials, a second adds every partial's
+    sketch into dense per-token windows: linear in the partials' entries, where merging sparse
+    sketches pairwise re-merges the growing result. Sums are added in ``paths`` order. Falls back
+    to pairwise merging when the windows would exceed ``_DENSE_MERGE_MAX`` buckets."""
+    total = GeneStats(vocab_size)
+    lo = np.full(vocab_size, _BUCKETS, np.int64)
+    hi = np.full(vocab_size, -1, np.int64)
+    for path in paths:
+        with np.load(path) as z:
+            if int(z["vocab_size"]) != vocab_size:
+                raise ValueError(f"{path}: statistics over {int(z['vocab_size'])} tokens, expected {vocab_size}")
+            total.n_cells += int(z["n_cells"])
+            total.count_sum += z["count_sum"]
+            total.cp10k_sum += z["cp10k_sum"]
+            _widen_ranges(z["sketch_keys"], lo, hi)
+    width = np.maximum(hi - lo + 1, 0)
+    offset = np.concatenate([[0], np.cumsum(width)])
+    if offset[-1] > _DENSE_MERGE_MAX:
+        return _merge_pairwise(paths, vocab_size, on_each)
+    dense = np.zeros(offset[-1], np.int64)
+    for path in paths:
+        with np.load(path) as z:
+            _add_dense(z["sketch_keys"], z["sketch_counts"], lo, offset, dense)
+        on_each(1)
+    n = int(np.count_nonzero(dense))
+    total.sketch_keys = np.empty(n, np.int64)
+    total.sketch_counts = np.empty(n, np.int64)
+    _dense_to_sparse(dense, lo, offset, total.sketch_keys, total.sketch_counts)
+    total.nonzero_count = _nonzero_count_from_sketch(total.sketch_keys, total.sketch_counts, vocab_size)
+    return total
+
+
+def _merge_pairwise(paths: list[Path], vocab_size: int, on_each) -> GeneStats:
+    """Merge partials like a binary counter: each takes part in O(log n) merges, at most
+    O(log n) partials are held, and the fixed order keeps the result reproducible."""
+    stack: list[tuple[int, GeneStats]] = []  # (number of partials merged, partial)
+    for path in paths:
+        size, part = 1, GeneStats.from_npz(path)
+        on_each(1)
+        while stack and stack[-1][0] == size:
+            part = stack.pop()[1].merge(part)
+            size *= 2
+        stack.append((size, part))
+    total = GeneStats(vocab_size)
+    for _, part in stack:
+        total.merge(part)
+    return total
+
+
 def _nonzero_count_from_sketch(keys: np.ndarray, counts: np.ndarray, vocab_size: int) -> np.ndarray:
     """Per-token sum of the sketch counts (exact, int64; keys sorted)."""
     out = np.zeros(vocab_size, np.int64)
@@ -410,6 +500,14 @@ class _Workspace:
         self.pending = np.empty(0, np.uint32)
         self.scratch = np.empty(0, np.uint16)
         self.hist = np.zeros(_BUCKETS, np.int64)  # all zero between folds
+        # a fold reads the sketch the previous fold wrote: outputs alternate between two sets
+        self.folds = (Buffers(), Buffers())
+        self.turn = 0
+
+    def fold_output(self, cap: int) -> tuple[np.ndarray, np.ndarray]:
+        out = self.folds[self.turn]
+        self.turn ^= 1
+        return out.get("keys", cap, np.int64), out.get("counts", cap, np.int64)
 
     @classmethod
     def take(cls) -> _Workspace:
@@ -548,17 +646,17 @@ class GeneStats:
             chunks = np.stack(self._chunks)
             largest = int(np.diff(chunks, axis=1).sum(axis=0).max())
             ws = self._ws
-            # sized for the worst case (all distinct); the tail past the result is never touched,
-            # so it costs address space only (allocated by numpy: transparent huge pages)
+            # sized for the worst case (all distinct); the tail past the result is never touched
             cap = len(self.sketch_keys) + self._n_pending + 1  # +1: see the branch-free emission
-            keys = np.empty(cap, np.int64)
-            counts = np.empty(cap, np.int64)
+            keys, counts = ws.fold_output(cap)
             m = _fold(ws.pending, chunks, self.vocab_size, self.nonzero_count, self.sketch_keys,
                       self.sketch_counts, ws.scratch_for(largest), ws.hist, keys, counts)
             self.sketch_keys, self.sketch_counts = keys[:m], counts[:m]
             self._chunks = []
             self._n_pending = 0
         if release and self._ws is not None:
+            # the sketch may live in the workspace's fold buffers, which the next owner reuses
+            self.sketch_keys, self.sketch_counts = self.sketch_keys.copy(), self.sketch_counts.copy()
             self._ws.give_back()
             self._ws = None
 

@@ -11,6 +11,7 @@ import pytest
 import scipy.sparse as sp
 
 from data_pipeline import readers
+from data_pipeline.buffers import Buffers
 from data_pipeline.readers import SourceError, open_source
 from tests.source_writers import write_10x_h5, write_10x_mtx, write_anndata
 
@@ -107,10 +108,13 @@ def test_read_rows_equal_written_matrix(case, counts, tmp_path):
     path, matrix = CASES[case](tmp_path, X, ids, syms, bcs)
     with open_source(path, matrix=matrix) as src:
         assert (src.n_cells, src.n_vars) == X.shape
+        buffers = Buffers()
         for a, b in RANGES:
             got = src.read_rows(a, b)
             assert isinstance(got, sp.csr_matrix) and got.shape == (b - a, N_GENES)
             np.testing.assert_array_equal(got.toarray(), X[a:b].toarray(), err_msg=f"rows {a}:{b}")
+            reused = src.read_rows(a, b, buffers)  # arrays kept from the previous range's read
+            np.testing.assert_array_equal(reused.toarray(), X[a:b].toarray(), err_msg=f"rows {a}:{b}")
         np.testing.assert_array_equal(src.obs_names(), bcs)
         np.testing.assert_array_equal(src.obs_names(20, 23), bcs[20:23])
         assert len(src.obs_names(4, 4)) == 0
@@ -263,7 +267,7 @@ def test_read_failures_deep_in_a_file_name_the_path(counts, tmp_path, monkeypatc
     X, ids, syms, bcs = counts
     path = write_anndata(tmp_path / "a.h5ad", X, ids, syms, bcs)
 
-    def broken(self, start, stop):
+    def broken(self, start, stop, buffers):
         raise OSError("Can't read data (inflate() failed)")
 
     with open_source(path) as src:

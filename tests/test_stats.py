@@ -212,6 +212,28 @@ def test_merged_partials_equal_one_pass(block, order):
     np.testing.assert_array_equal(total.nonzero_medians(), whole.nonzero_medians())
 
 
+@pytest.mark.parametrize("dense", [True, False])
+def test_merge_npz_equals_one_pass(block, tmp_path, monkeypatch, dense):
+    if not dense:  # windows over the limit: the pairwise fallback
+        monkeypatch.setattr(stats_mod, "_DENSE_MERGE_MAX", 10)
+    whole = one_pass(block, VOCAB)
+    paths = []
+    for i, part in enumerate(_partials(block, [0, 1, 200, 200, 731, 1100, 1499, 1500])):
+        paths.append(tmp_path / f"p{i}.npz")
+        part.to_npz(paths[-1])
+    seen = []
+    total = stats_mod.merge_npz(paths, VOCAB, seen.append)
+    assert len(seen) == len(paths)
+    assert total.n_cells == whole.n_cells
+    assert_same_sketch(total, whole)
+    np.testing.assert_array_equal(total.nonzero_count, whole.nonzero_count)
+    np.testing.assert_allclose(total.count_sum, whole.count_sum, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(total.cp10k_sum, whole.cp10k_sum, rtol=1e-12, atol=0)
+    np.testing.assert_array_equal(total.nonzero_medians(), whole.nonzero_medians())
+    with pytest.raises(ValueError):
+        stats_mod.merge_npz(paths, VOCAB + 1)
+
+
 def test_merge_is_deterministic_for_a_fixed_order(block):
     cuts = [0, 300, 900, 1500]
     a = _partials(block, cuts)
