@@ -35,7 +35,13 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .buffers import Buffers
-from .fsio import atomic_write_bytes, atomic_write_json, atomic_write_with, remove_stale_temps, sha256_path
+from .fsio import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_with,
+    remove_stale_temps,
+    source_checksum,
+)
 from .plan import (
     ConvertError,
     ConvertOptions,
@@ -266,7 +272,7 @@ def convert_unit(unit: int) -> dict:
         piece["cells_skipped"] = {r: int(c) for r, c in zip(
             SKIP_REASONS, np.bincount(reason[reason >= 0], minlength=len(SKIP_REASONS)))}
         if piece["start"] == 0:  # the source checksum rides on its first unit, overlapping other units
-            piece["source_sha256"] = sha256_path(_CTX.plan["sources"][piece["source"]]["path"])
+            piece["source_checksum"] = source_checksum(_CTX.plan["sources"][piece["source"]]["path"])
     result = {
         "unit": unit, "cells_read": unit_cells(_CTX.plan, unit),
         "cells_written": sum(blk["n_cells"] for blk in blocks),

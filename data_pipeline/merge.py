@@ -18,7 +18,14 @@ from pathlib import Path
 import numpy as np
 
 from .convert import LENGTH_BINS, WORK, _progress
-from .fsio import atomic_replace_dir, atomic_write_json, fsync_dir, remove_stale_temps, sha256_path, temp_path
+from .fsio import (
+    atomic_replace_dir,
+    atomic_write_json,
+    fsync_dir,
+    remove_stale_temps,
+    source_checksum,
+    temp_path,
+)
 from .plan import ConvertError, load_gene_table, load_plan, unit_name
 from .shards import DTYPES
 from .stats import merge_npz
@@ -112,7 +119,7 @@ def _source_report(work: Path, entry: dict, vocab, results: list[dict]) -> dict:
     mapped = tokens[tokens >= 0]
     counts_total = sum(r["counts_total"] for r in mine)
     first = [r for r in mine if r["start"] == 0]
-    rep["sha256"] = first[0]["source_sha256"] if first else sha256_path(entry["path"])  # no rows: no unit
+    rep["checksum"] = first[0]["source_checksum"] if first else source_checksum(entry["path"])  # no rows: no unit
     rep.update({k: entry[k] for k in ("format", "matrix", "bytes", "n_cells", "n_vars",
                                       "integer_counts", "gene_identity", "genes_resolved",
                                       "genes_from_symbols", "label_columns_missing")})

@@ -98,6 +98,16 @@ def test_cell_metadata_and_labels(shared_data, tmp_path):
         src.file.close()
 
 
+def test_sources_carry_checksums(tmp_path):
+    import xxhash
+
+    a = write_h5ad(tmp_path / "a.h5ad", random_counts(30, 40, seed=2))
+    b = write_h5ad(tmp_path / "b.h5ad", random_counts(0, 40, seed=3))  # no rows: no work unit
+    manifest = convert(tmp_path / "c", ConvertOptions([str(a), str(b)]), progress=False)
+    for path, rep in zip((a, b), manifest["sources"]):
+        assert rep["checksum"] == "xxh3_128:" + xxhash.xxh3_128(path.read_bytes()).hexdigest()
+
+
 def test_bad_cells_are_counted(tmp_path):
     x = random_counts(60, 40, seed=1).astype(np.float32).toarray()
     x[3, 5] = np.nan
