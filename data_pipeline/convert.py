@@ -215,7 +215,8 @@ def convert_unit(unit: int) -> dict:
     sha = hashlib.sha256()
     blocks: list[dict] = []
     pieces = {(s, a): {"source": s, "start": a, "stop": b, "cells_read": b - a, "cells_written": 0,
-                       "reasons": [], "counts_total": 0.0, "counts_in_vocab": 0.0}
+                       "cells_skipped": np.zeros(len(SKIP_REASONS), np.int64),
+                       "counts_total": 0.0, "counts_in_vocab": 0.0}
               for s, a, b in _CTX.plan["units"][unit]}
 
     def write(fh) -> None:
@@ -257,7 +258,7 @@ def convert_unit(unit: int) -> dict:
                                "length_histogram": length_histogram(np.diff(block.indptr))})
                 offset += size
             stats.add_cells(genes, counts, indptr, tc)
-            piece["reasons"].append(reason)
+            piece["cells_skipped"] += np.bincount(reason[reason >= 0], minlength=len(SKIP_REASONS))
             piece["cells_written"] += len(written)
             piece["counts_total"] += float(tc.sum())
             piece["counts_in_vocab"] += float(counts.sum(dtype=np.float64))
@@ -268,9 +269,7 @@ def convert_unit(unit: int) -> dict:
     atomic_write_with(base.with_suffix(".tar"), write)
     atomic_write_with(base.with_suffix(".stats.npz"), stats.to_npz)
     for piece in pieces.values():
-        reason = np.concatenate(piece.pop("reasons") or [np.zeros(0, np.int8)])
-        piece["cells_skipped"] = {r: int(c) for r, c in zip(
-            SKIP_REASONS, np.bincount(reason[reason >= 0], minlength=len(SKIP_REASONS)))}
+        piece["cells_skipped"] = dict(zip(SKIP_REASONS, piece["cells_skipped"].tolist()))
         if piece["start"] == 0:  # the source checksum rides on its first unit, overlapping other units
             piece["source_checksum"] = source_checksum(_CTX.plan["sources"][piece["source"]]["path"])
     result = {

@@ -3,8 +3,9 @@
 The plan is computed once, written to ``CORPUS/.work/plan.json``, and fixes everything the output
 depends on. Work units (row ranges of one or more files, about ``shard_bytes`` of output each: a
 unit writes one shard) depend only on the inputs and options, never on the worker or node count,
-which is why shards come out byte-identical whatever the parallelism. A rerun with the same command finds the same plan and resumes; a rerun
-with different inputs or options is refused instead of mixing two corpora.
+which is why shards come out byte-identical whatever the parallelism. A rerun with the same
+command finds the same plan and resumes; a rerun with different inputs or options is refused
+instead of mixing two corpora.
 """
 
 from __future__ import annotations

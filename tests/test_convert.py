@@ -126,6 +126,10 @@ def test_bad_cells_are_counted(tmp_path):
     assert manifest["accounting"]["cells_skipped"] == {
         "not_finite": 2, "negative": 1, "non_integer": 1, "empty": 1, "below_min_genes": 1}
     assert manifest["accounting"]["cells_written"] == 54
+    # the same with small blocks: units are read in several chunks (bad cells only in the first)
+    chunked = convert(tmp_path / "c3", ConvertOptions([str(path)], vocab=str(vocab), min_genes=1, block_cells=2,
+                                                      unit_cells=64), progress=False)
+    assert chunked["accounting"] == manifest["accounting"]
     manifest = convert(tmp_path / "c2", ConvertOptions([str(path)], vocab=str(vocab), min_genes=6),
                        progress=False)
     lengths = (np.nan_to_num(x[:, 1:]) > 0).sum(axis=1)
