@@ -266,7 +266,7 @@ def convert_unit(unit: int) -> dict:
         sha.update(END_OF_ARCHIVE)
 
     base = _CTX.work / "units" / unit_name(unit)
-    atomic_write_with(base.with_suffix(".tar"), write)
+    atomic_write_with(base.with_suffix(".tar"), write, drop_cache=True)
     atomic_write_with(base.with_suffix(".stats.npz"), stats.to_npz)
     for piece in pieces.values():
         piece["cells_skipped"] = dict(zip(SKIP_REASONS, piece["cells_skipped"].tolist()))

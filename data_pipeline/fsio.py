@@ -47,9 +47,11 @@ def commit(tmp: Path, path: Path) -> None:
     fsync_dir(path.parent)
 
 
-def atomic_write_with(path: str | Path, write, durable: bool = True) -> None:
+def atomic_write_with(path: str | Path, write, durable: bool = True, drop_cache: bool = False) -> None:
     """Call ``write(fh)`` on a temp file, then fsync and rename it onto ``path`` (``durable=False``:
-    no fsyncs, for caches whose loss or tearing by a power cut is detected and redone)."""
+    no fsyncs, for caches whose loss or tearing by a power cut is detected and redone).
+    ``drop_cache``: evict the written pages from the page cache (output not read again soon),
+    leaving the memory to the inputs still to be read."""
     path = Path(path)
     tmp = temp_path(path)
     with open(tmp, "wb") as fh:
@@ -57,6 +59,8 @@ def atomic_write_with(path: str | Path, write, durable: bool = True) -> None:
         if durable:
             fh.flush()
             os.fsync(fh.fileno())
+        if drop_cache and durable and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     if durable:
         commit(tmp, path)
     else:

@@ -11,7 +11,10 @@ Reason codes are indices into `validate.SKIP_REASONS` (-1: written).
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
 from numba import njit
+from numba.core import types
+from numba.extending import intrinsic
 
 from .buffers import Buffers
 
@@ -86,17 +89,35 @@ def _radix_sort_pairs(keys, vals, n, tmp_k, tmp_v, key_bits):
         vals[:n] = tmp_v[:n]
 
 
+@intrinsic
+def _trailing_zeros(typingctx, x):  # pragma: no cover
+    """Index of the lowest set bit of a nonzero uint64 (one instruction)."""
+    if x != types.uint64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.cttz(args[0], ir.Constant(ir.IntType(1), 1))
+
+    return types.uint64(types.uint64), codegen
+
+
 @njit(cache=True, nogil=True)
-def map_rows(indptr, indices, data, colmap, check_integer, min_genes, key_bits,
+def map_rows(indptr, indices, data, colmap, check_finite, check_integer, min_genes, key_bits, n_tokens,
              reason, total_counts, out_indptr, out_tokens, out_values):
     """Validate rows, map source columns to tokens, sort tokens, sum duplicate tokens.
 
-    In:  CSR ``indptr`` [n+1], ``indices``/``data`` [nnz] (any numeric dtype), ``colmap``
-         [n_vars] token per column (-1: dropped). Out (preallocated): ``reason`` [n] int8,
-         ``total_counts`` [n] f64 (row sum before vocabulary filtering), and the written rows as
-         CSR ``out_indptr`` [n+1], ``out_tokens`` [nnz] (the vocabulary's token dtype),
-         ``out_values`` [nnz] (uint32 for counts, float32 otherwise).
+    In:  CSR ``indptr`` [n+1], ``indices``/``data`` [nnz] (any numeric dtype; ``check_finite``
+         false for integer data, which cannot be non-finite or fractional), ``colmap``
+         [n_vars] token per column (-1: dropped; all < ``n_tokens``). Out (preallocated):
+         ``reason`` [n] int8, ``total_counts`` [n] f64 (row sum before vocabulary filtering),
+         and the written rows as CSR ``out_indptr`` [n+1], ``out_tokens`` [nnz] (the
+         vocabulary's token dtype), ``out_values`` [nnz] (uint32 for counts, float32 otherwise).
     Returns (rows written, largest summed value); the written arrays are ``out_*[:written(+1)]``.
+
+    A row whose tokens come out of ``colmap`` ascending (a source in vocabulary order) needs no
+    sort. Otherwise, when its tokens span few 64-token words for its length, it is ordered
+    through a bitmap over the tokens (set a bit per token, then walk the set bits: summing
+    duplicates on the way), else by a radix sort; both give the same rows.
     """
     n = len(indptr) - 1
     longest = 0
@@ -106,44 +127,95 @@ def map_rows(indptr, indices, data, colmap, check_integer, min_genes, key_bits,
     vals = np.empty(longest, np.float64)
     tmp_k = np.empty(longest, np.int64)
     tmp_v = np.empty(longest, np.float64)
+    seen = np.zeros((n_tokens + 63) >> 6, np.uint64)  # all zero between rows
+    dense = np.empty(n_tokens, np.float64)
+    one = np.uint64(1)
     written = 0
     pos = 0
     largest = 0.0
     out_indptr[0] = 0
+    float_input = check_finite
     for r in range(n):
         lo, hi = indptr[r], indptr[r + 1]
-        code, total = _row_reason(data, lo, hi, check_integer)
+        # one pass: value checks (as _row_reason) and the mapped positive entries
+        total = 0.0
+        not_finite = negative = non_integer = positive = False
+        m = 0
+        ordered = True
+        prev = -1
+        tmin = n_tokens
+        tmax = -1
+        for j in range(lo, hi):
+            v = np.float64(data[j])
+            total += v
+            if float_input:
+                if not np.isfinite(v):
+                    not_finite = True
+                elif check_integer and v != np.floor(v):
+                    non_integer = True
+            if v < 0:
+                negative = True
+            elif v > 0:
+                positive = True
+                t = colmap[indices[j]]
+                if t >= 0:
+                    keys[m] = t
+                    vals[m] = v
+                    if t <= prev:
+                        ordered = False
+                    prev = t
+                    tmin = min(tmin, t)
+                    tmax = max(tmax, t)
+                    m += 1
         total_counts[r] = total
+        code = (_NOT_FINITE if not_finite else _NEGATIVE if negative else _NON_INTEGER if non_integer
+                else _EMPTY if not positive else -1)
         if code >= 0:
             reason[r] = code
             continue
-        m = 0
-        ordered = True
-        for j in range(lo, hi):
-            v = np.float64(data[j])
-            t = colmap[indices[j]]
-            if v > 0 and t >= 0:
-                keys[m] = t
-                vals[m] = v
-                if m and t <= keys[m - 1]:
-                    ordered = False
-                m += 1
-        if not ordered:
-            _radix_sort_pairs(keys, vals, m, tmp_k, tmp_v, key_bits)
-        # sum runs of one token (several source columns of one gene) in float64, then store
         start = pos
-        i = 0
-        while i < m:
-            t = keys[i]
-            acc = vals[i]
-            i += 1
-            while i < m and keys[i] == t:
-                acc += vals[i]
+        if ordered:  # strictly ascending: no duplicates either
+            for i in range(m):
+                out_tokens[pos + i] = keys[i]
+                out_values[pos + i] = vals[i]
+                largest = max(largest, vals[i])
+            pos += m
+        elif (tmax >> 6) - (tmin >> 6) < 4 * m + 16:
+            for i in range(m):
+                t = keys[i]
+                w = t >> 6
+                bit = one << np.uint64(t & 63)
+                if seen[w] & bit:
+                    dense[t] += vals[i]
+                else:
+                    seen[w] |= bit
+                    dense[t] = vals[i]
+            for w in range(tmin >> 6, (tmax >> 6) + 1):
+                x = seen[w]
+                seen[w] = 0
+                while x:
+                    t = (w << 6) + np.int64(_trailing_zeros(x))
+                    x &= x - one
+                    acc = dense[t]
+                    largest = max(largest, acc)
+                    out_tokens[pos] = t
+                    out_values[pos] = acc
+                    pos += 1
+        else:
+            _radix_sort_pairs(keys, vals, m, tmp_k, tmp_v, key_bits)
+            # sum runs of one token (several source columns of one gene) in float64, then store
+            i = 0
+            while i < m:
+                t = keys[i]
+                acc = vals[i]
                 i += 1
-            largest = max(largest, acc)
-            out_tokens[pos] = t
-            out_values[pos] = acc
-            pos += 1
+                while i < m and keys[i] == t:
+                    acc += vals[i]
+                    i += 1
+                largest = max(largest, acc)
+                out_tokens[pos] = t
+                out_values[pos] = acc
+                pos += 1
         if pos - start < min_genes:
             reason[r] = _BELOW_MIN_GENES
             pos = start
@@ -179,9 +251,13 @@ def convert_rows(indptr, indices, data, colmap, integer_counts: bool, min_genes:
     out_indptr = buf.get("indptr", n + 1, np.int64)
     out_tokens = buf.get("tokens", nnz, token_dtype)
     out_values = buf.get("values", nnz, np.uint32 if integer_counts else np.float32)
-    w, largest = map_rows(np.asarray(indptr, np.int64), indices, data, np.asarray(colmap, np.int64),
-                          integer_counts, min_genes, token_dtype.itemsize * 8, reason, total,
-                          out_indptr, out_tokens, out_values)
+    colmap = np.asarray(colmap, np.int64)
+    n_tokens = int(colmap.max()) + 1 if len(colmap) else 0
+    float_input = np.asarray(data).dtype.kind == "f"
+    w, largest = map_rows(np.asarray(indptr, np.int64), indices, data, colmap, float_input,
+                          integer_counts and float_input, min_genes,
+                          token_dtype.itemsize * 8, n_tokens, reason, total, out_indptr, out_tokens,
+                          out_values)
     if integer_counts and largest > _UINT32_MAX:
         raise CountOverflow(f"a summed count of {largest:.0f} does not fit uint32; is this matrix raw counts?")
     end = out_indptr[w]

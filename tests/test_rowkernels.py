@@ -39,8 +39,10 @@ def _reference(x, colmap, integer, min_genes, vocab_size):
     return reason, total, m[np.flatnonzero(reason < 0)]
 
 
-@pytest.mark.parametrize("trial", range(12))
+@pytest.mark.parametrize("trial", range(18))
 def test_convert_rows_equals_reference(trial):
+    """Covers the three ways a row is ordered: already ascending (a source in vocabulary order,
+    every sixth trial), a bitmap over a narrow token range, a radix sort over a wide one."""
     rng = np.random.default_rng(trial)
     n, n_vars = int(rng.integers(1, 200)), int(rng.integers(1, 400))
     dtype = [np.int32, np.int64, np.float32, np.float64, np.uint16][trial % 5]
@@ -49,6 +51,9 @@ def test_convert_rows_equals_reference(trial):
     colmap = rng.integers(3, vocab_size, n_vars)
     colmap[rng.random(n_vars) < 0.2] = -1                 # genes not in the vocabulary
     colmap[rng.integers(0, n_vars, n_vars // 10)] = colmap[0]  # several columns of one gene
+    if trial % 6 == 5:  # columns in vocabulary order
+        vocab_size = max(vocab_size, 4 + 2 * n_vars)
+        colmap = np.where(rng.random(n_vars) < 0.2, -1, 3 + np.arange(n_vars) * (vocab_size // (n_vars + 3)))
     integer, min_genes = trial % 2 == 0 or dtype in (np.int32, np.int64, np.uint16), int(rng.integers(1, 6))
     token_dtype = np.uint16 if vocab_size <= 65536 else np.uint32
 
