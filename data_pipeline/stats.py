@@ -82,7 +82,7 @@ _BUCKETS = 1 << (31 - _SHIFT)  # positive float32 values only: sign bit is alway
 _PART_BITS = 10
 _PART_MASK = (1 << _PART_BITS) - 1
 _BUCKET_MASK = _BUCKETS - 1
-_FLUSH_MIN = 1 << 24
+_FLUSH_MIN = 1 << 25
 _FLUSH_RATIO = 4
 _PENDING_MAX = 1 << 30  # hard cap of pending pairs (a fold runs before more are added)
 # Blocks larger than this many entries are validated and added piece by piece (each piece is
