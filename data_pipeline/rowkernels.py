@@ -22,23 +22,24 @@ _NOT_FINITE, _NEGATIVE, _NON_INTEGER, _EMPTY, _BELOW_MIN_GENES = 0, 1, 2, 3, 4
 
 
 @njit(cache=True, nogil=True)
-def _row_reason(data, lo, hi, check_integer):
-    """(first skip reason of the value checks or -1, sum of the row's values)."""
+def _row_reason(data, lo, hi, check_finite, check_integer):
+    """(first skip reason of the value checks or -1, sum of the row's values). Integer data
+    (``check_finite`` false) cannot be non-finite or fractional: only its sign is checked."""
     not_finite = negative = non_integer = False
     positive = False
     total = 0.0
     for j in range(lo, hi):
         v = np.float64(data[j])
         total += v
-        if not np.isfinite(v):
-            not_finite = True
-        elif v < 0:
-            negative = True
-        else:
-            if v > 0:
-                positive = True
-            if check_integer and v != np.floor(v):
+        if check_finite:
+            if not np.isfinite(v):
+                not_finite = True
+            elif check_integer and v != np.floor(v):
                 non_integer = True
+        if v < 0:
+            negative = True
+        elif v > 0:
+            positive = True
     if not_finite:
         return _NOT_FINITE, total
     if negative:
@@ -51,12 +52,13 @@ def _row_reason(data, lo, hi, check_integer):
 
 
 @njit(cache=True, nogil=True)
-def scan_rows(indptr, indices, data, check_integer, cells_per_column):
+def scan_rows(indptr, indices, data, check_finite, check_integer, cells_per_column):
     """Add to ``cells_per_column`` [n_vars] the cells with a positive value, over rows passing
-    the value checks (the input of a vocabulary built from the corpus)."""
+    the value checks (the input of a vocabulary built from the corpus; ``check_finite``: float
+    data)."""
     for r in range(len(indptr) - 1):
         lo, hi = indptr[r], indptr[r + 1]
-        code, _ = _row_reason(data, lo, hi, check_integer)
+        code, _ = _row_reason(data, lo, hi, check_finite, check_integer)
         if code < 0:
             for j in range(lo, hi):
                 if data[j] > 0:
@@ -137,7 +139,7 @@ def map_rows(indptr, indices, data, colmap, check_finite, check_integer, min_gen
     float_input = check_finite
     for r in range(n):
         lo, hi = indptr[r], indptr[r + 1]
-        # one pass: value checks (as _row_reason) and the mapped positive entries
+        # one pass: the value checks of _row_reason, and the mapped positive entries
         total = 0.0
         not_finite = negative = non_integer = positive = False
         m = 0

@@ -71,11 +71,13 @@ def test_convert_rows_equals_reference(trial):
         assert values.dtype == (np.uint16 if ref.data.max(initial=0) <= 65535 else np.uint32)
 
 
-def test_scan_rows_counts_cells_of_valid_rows():
+@pytest.mark.parametrize("dtype", [np.float32, np.int32])
+def test_scan_rows_counts_cells_of_valid_rows(dtype):
     rng = np.random.default_rng(7)
-    x = _random_source(rng, 150, 90, np.float32, bad=True)
+    x = _random_source(rng, 150, 90, dtype, bad=True)
     counts = np.zeros(90, np.int64)
-    scan_rows(x.indptr.astype(np.int64), x.indices, x.data, True, counts)
+    is_float = np.dtype(dtype).kind == "f"
+    scan_rows(x.indptr.astype(np.int64), x.indices, x.data, is_float, is_float, counts)
     ok = row_flags(x, True) < 0
     expect = ((x[np.flatnonzero(ok)] > 0).astype(np.int64)).sum(axis=0).A1
     np.testing.assert_array_equal(counts, expect)
