@@ -57,7 +57,7 @@ from .plan import (
     unit_name,
 )
 from .readers import open_source
-from .rowkernels import CountOverflow, convert_rows, scan_rows
+from .rowkernels import CountOverflow, convert_rows, scan_counts
 from .shards import END_OF_ARCHIVE, CellBlock, encode_block_parts
 from .stats import GeneStats
 from .validate import SKIP_REASONS
@@ -154,7 +154,7 @@ def _write_cache(unit: int, chunk: int, x: sp.csr_matrix) -> None:
         fh, indptr=x.indptr.astype(np.int64), indices=indices, data=data), durable=False)
 
 
-def unit_cells(plan: dict, unit: int) -> int:
+def unit_rows(plan: dict, unit: int) -> int:
     return sum(b - a for _, a, b in plan["units"][unit])
 
 
@@ -169,13 +169,11 @@ def scan_unit(unit: int) -> int:
         src = _CTX.source(s)
         per_column = counts.setdefault(f"s{s}", np.zeros(entry["n_vars"], np.int64))
         x = src.read_rows(lo, hi, _CTX.buffers)
-        float_input = x.data.dtype.kind == "f"
-        scan_rows(x.indptr.astype(np.int64), x.indices, x.data, float_input,
-                  float_input and entry["integer_counts"], per_column)
+        scan_counts(x, entry["integer_counts"], per_column)
         if src.compressed:
             _write_cache(unit, k, x)
     atomic_write_with(_scan_path(_CTX.work, unit), lambda fh: np.savez(fh, **counts))
-    return unit_cells(_CTX.plan, unit)
+    return unit_rows(_CTX.plan, unit)
 
 
 def _scan_path(work: Path, unit: int) -> Path:
@@ -281,7 +279,7 @@ def convert_unit(unit: int) -> dict:
         if piece["start"] == 0:  # the source checksum rides on its first unit, overlapping other units
             piece["source_checksum"] = source_checksum(_CTX.plan["sources"][piece["source"]]["path"])
     result = {
-        "unit": unit, "cells_read": unit_cells(_CTX.plan, unit),
+        "unit": unit, "cells_read": unit_rows(_CTX.plan, unit),
         "cells_written": sum(blk["n_cells"] for blk in blocks),
         "sha256": sha.hexdigest(), "bytes": base.with_suffix(".tar").stat().st_size,
         "pieces": list(pieces.values()), "blocks": blocks,
@@ -323,9 +321,7 @@ def _load_kernels(init_args: tuple) -> None:
             return
         entry = _CTX.plan["sources"][s]
         x = _CTX.source(s).read_rows(a, min(a + 64, b))
-        float_input = x.data.dtype.kind == "f"
-        scan_rows(x.indptr.astype(np.int64), x.indices, x.data, float_input,
-                  float_input and entry["integer_counts"], np.zeros(x.shape[1], np.int64))
+        scan_counts(x, entry["integer_counts"], np.zeros(x.shape[1], np.int64))
         if _CTX.vocab is not None:
             reason, total, indptr, genes, counts = convert_rows(
                 x.indptr, x.indices, x.data, _CTX.colmap(s), entry["integer_counts"], 1, _CTX.vocab.token_dtype)
@@ -398,7 +394,7 @@ def ensure_vocab(out: Path, plan: dict, workers: int, mine: list[int], progress:
         (work / folder).mkdir(parents=True, exist_ok=True)
         remove_stale_temps(work / folder)
     todo = _largest_first(plan, [u for u in mine if not _scan_path(work, u).exists()])
-    with _progress(sum(unit_cells(plan, u) for u in todo), "scan genes", progress) as bar:
+    with _progress(sum(unit_rows(plan, u) for u in todo), "scan genes", progress) as bar:
         run_pool(scan_unit, todo, workers, (work, None), bar.update)
     missing = _wait_for(lambda: [u for u in range(len(plan["units"])) if not _scan_path(work, u).exists()],
                         num_nodes, wait_s, "gene scans")
@@ -462,7 +458,7 @@ def convert(out: str | Path, options: ConvertOptions, workers: int = 1, num_node
     (work / "units").mkdir(exist_ok=True)
     remove_stale_temps(work / "units")
     todo = _largest_first(plan, [u for u in mine if not (work / "units" / f"{unit_name(u)}.json").exists()])
-    with _progress(sum(unit_cells(plan, u) for u in todo), "convert", progress) as bar:
+    with _progress(sum(unit_rows(plan, u) for u in todo), "convert", progress) as bar:
         run_pool(convert_unit, todo, workers, (work, vocab_path), lambda r: bar.update(r["cells_read"]))
     lap("units")
     if num_nodes > 1:

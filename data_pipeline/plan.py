@@ -152,19 +152,15 @@ def source_pieces(n_cells: int, row_pointers: np.ndarray | None, nonzeros_per_ro
     of a sample), at most ``unit_cells`` rows, in whole blocks; the last piece is what is left."""
     bc = options.block_cells
     if row_pointers is not None:
-        est = _BYTES_PER_NONZERO * (row_pointers - row_pointers[0]) + _BYTES_PER_CELL * np.arange(n_cells + 1)
+        nonzeros_before = row_pointers - row_pointers[0]
     else:
-        row_bytes = _BYTES_PER_NONZERO * nonzeros_per_row + _BYTES_PER_CELL
-        est = None
+        nonzeros_before = nonzeros_per_row * np.arange(n_cells + 1)
+    est = _BYTES_PER_NONZERO * nonzeros_before + _BYTES_PER_CELL * np.arange(n_cells + 1)
     pieces, a = [], 0
     while a < n_cells:
-        if est is not None:
-            rows = int(np.searchsorted(est, est[a] + options.shard_bytes, side="left")) - a
-        else:
-            rows = int(options.shard_bytes // row_bytes)
+        rows = int(np.searchsorted(est, est[a] + options.shard_bytes, side="left")) - a
         b = min(a + min(max(-(-rows // bc) * bc, bc), options.unit_cells), n_cells)
-        size = int(est[b] - est[a]) if est is not None else int(round((b - a) * row_bytes))
-        pieces.append([a, b, size])
+        pieces.append([a, b, int(round(est[b] - est[a]))])
         a = b
     return pieces
 

@@ -21,34 +21,58 @@ from .buffers import Buffers
 _NOT_FINITE, _NEGATIVE, _NON_INTEGER, _EMPTY, _BELOW_MIN_GENES = 0, 1, 2, 3, 4
 
 
+_IS_NOT_FINITE, _IS_NEGATIVE, _IS_FRACTIONAL, _IS_POSITIVE = 1, 2, 4, 8
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _value_flags(v, check_finite, check_integer):
+    """Bits of ``_IS_*`` for one float64 value. Integer data (``check_finite`` false) cannot be
+    non-finite or fractional: only its sign is checked."""
+    flags = 0
+    if check_finite:
+        if not np.isfinite(v):
+            flags |= _IS_NOT_FINITE
+        elif check_integer and v != np.floor(v):
+            flags |= _IS_FRACTIONAL
+    if v < 0:
+        flags |= _IS_NEGATIVE
+    elif v > 0:
+        flags |= _IS_POSITIVE
+    return flags
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _reason_of(flags):
+    """First skip reason of a row's OR-ed value flags, or -1."""
+    if flags & _IS_NOT_FINITE:
+        return _NOT_FINITE
+    if flags & _IS_NEGATIVE:
+        return _NEGATIVE
+    if flags & _IS_FRACTIONAL:
+        return _NON_INTEGER
+    if not flags & _IS_POSITIVE:
+        return _EMPTY
+    return -1
+
+
 @njit(cache=True, nogil=True)
 def _row_reason(data, lo, hi, check_finite, check_integer):
-    """(first skip reason of the value checks or -1, sum of the row's values). Integer data
-    (``check_finite`` false) cannot be non-finite or fractional: only its sign is checked."""
-    not_finite = negative = non_integer = False
-    positive = False
+    """(first skip reason of the value checks or -1, sum of the row's values)."""
+    flags = 0
     total = 0.0
     for j in range(lo, hi):
         v = np.float64(data[j])
         total += v
-        if check_finite:
-            if not np.isfinite(v):
-                not_finite = True
-            elif check_integer and v != np.floor(v):
-                non_integer = True
-        if v < 0:
-            negative = True
-        elif v > 0:
-            positive = True
-    if not_finite:
-        return _NOT_FINITE, total
-    if negative:
-        return _NEGATIVE, total
-    if non_integer:
-        return _NON_INTEGER, total
-    if not positive:
-        return _EMPTY, total
-    return -1, total
+        flags |= _value_flags(v, check_finite, check_integer)
+    return _reason_of(flags), total
+
+
+def scan_counts(x, integer_counts: bool, cells_per_column: np.ndarray) -> None:
+    """Python entry of `scan_rows` for a CSR matrix ``x``: float data gets the finite (and, for
+    counts, integer) checks; integer data cannot fail them."""
+    float_input = x.data.dtype.kind == "f"
+    scan_rows(np.asarray(x.indptr, np.int64), x.indices, x.data, float_input,
+              float_input and integer_counts, cells_per_column)
 
 
 @njit(cache=True, nogil=True)
@@ -136,12 +160,11 @@ def map_rows(indptr, indices, data, colmap, check_finite, check_integer, min_gen
     pos = 0
     largest = 0.0
     out_indptr[0] = 0
-    float_input = check_finite
     for r in range(n):
         lo, hi = indptr[r], indptr[r + 1]
         # one pass: the value checks of _row_reason, and the mapped positive entries
         total = 0.0
-        not_finite = negative = non_integer = positive = False
+        flags = 0
         m = 0
         ordered = True
         prev = -1
@@ -150,15 +173,8 @@ def map_rows(indptr, indices, data, colmap, check_finite, check_integer, min_gen
         for j in range(lo, hi):
             v = np.float64(data[j])
             total += v
-            if float_input:
-                if not np.isfinite(v):
-                    not_finite = True
-                elif check_integer and v != np.floor(v):
-                    non_integer = True
-            if v < 0:
-                negative = True
-            elif v > 0:
-                positive = True
+            flags |= _value_flags(v, check_finite, check_integer)
+            if v > 0:
                 t = colmap[indices[j]]
                 if t >= 0:
                     keys[m] = t
@@ -170,8 +186,7 @@ def map_rows(indptr, indices, data, colmap, check_finite, check_integer, min_gen
                     tmax = max(tmax, t)
                     m += 1
         total_counts[r] = total
-        code = (_NOT_FINITE if not_finite else _NEGATIVE if negative else _NON_INTEGER if non_integer
-                else _EMPTY if not positive else -1)
+        code = _reason_of(flags)
         if code >= 0:
             reason[r] = code
             continue

@@ -320,26 +320,9 @@ def _fold(pending, chunks, vocab_size, nonzero_count, old_keys, old_counts, scra
 
 
 @njit(cache=True, nogil=True)
-def _merged_size(k1, k2):  # pragma: no cover
-    """Number of distinct keys of two sorted unique key lists."""
-    n1 = len(k1)
-    n2 = len(k2)
-    i = 0
-    j = 0
-    common = 0
-    while i < n1 and j < n2:
-        a = k1[i]
-        b = k2[j]
-        common += a == b
-        i += a <= b
-        j += b <= a
-    return n1 + n2 - common
-
-
-@njit(cache=True, nogil=True)
 def _merge_into(k1, c1, k2, c2, keys, counts):  # pragma: no cover
-    """Merge two sorted unique sparse (key, count) lists into ``keys``/``counts`` (of the merged
-    size), adding the counts of equal keys."""
+    """Merge two sorted unique sparse (key, count) lists into ``keys``/``counts`` (room for both),
+    adding the counts of equal keys; returns the merged length."""
     n1 = len(k1)
     n2 = len(k2)
     i = 0
@@ -372,17 +355,17 @@ def _merge_into(k1, c1, k2, c2, keys, counts):  # pragma: no cover
         counts[q] = c2[j]
         j += 1
         q += 1
+    return q
 
 
 def _merge_sorted(k1, c1, k2, c2):
     """Merge two sorted unique sparse (key, count) lists, adding the counts of equal keys.
     (Large arrays are allocated by numpy, which asks for transparent huge pages: far fewer page
     faults than numba's allocator.)"""
-    m = int(_merged_size(k1, k2))
-    keys = np.empty(m, np.int64)
-    counts = np.empty(m, np.int64)
-    _merge_into(k1, c1, k2, c2, keys, counts)
-    return keys, counts
+    keys = np.empty(len(k1) + len(k2), np.int64)
+    counts = np.empty(len(k1) + len(k2), np.int64)
+    m = _merge_into(k1, c1, k2, c2, keys, counts)
+    return keys[:m], counts[:m]
 
 
 @njit(cache=True, nogil=True)
