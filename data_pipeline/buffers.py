@@ -26,3 +26,7 @@ class Buffers:
             grow = len(a) + len(a) // 4 if a is not None and a.dtype == dtype else 0
             a = self._arrays[name] = np.empty(max(n, grow), dtype)
         return a[:n]
+
+    def held(self) -> list[np.ndarray]:
+        """The kept arrays (to tell whether an array is a view of one)."""
+        return list(self._arrays.values())

@@ -8,7 +8,7 @@ Stages, each resumable because each output is written atomically and its presenc
                                             compressed sources are kept in ``.work/cache/`` so they
                                             are decompressed once
 3. vocab     ``vocab.tsv``
-4. units     ``.work/units/uNNNNNN.{tar,stats.npz,json}``  a finished shard (row ranges of
+4. units     ``.work/units/uNNNNNN.{tar,stats,json}``  a finished shard (row ranges of
                                             one or more files), its statistics, and its record
                                             (accounting, sha256), written last
 5. merge     shards renamed into ``shards/``, ``stats.zarr``, then ``manifest.json`` last
@@ -39,6 +39,7 @@ from .buffers import Buffers
 from .fsio import (
     atomic_write_bytes,
     atomic_write_json,
+    atomic_write_stream,
     atomic_write_with,
     remove_stale_temps,
     source_checksum,
@@ -272,8 +273,8 @@ def convert_unit(unit: int) -> dict:
         sha.update(END_OF_ARCHIVE)
 
     base = _CTX.work / "units" / unit_name(unit)
-    atomic_write_with(base.with_suffix(".tar"), write, drop_cache=True)
-    atomic_write_with(base.with_suffix(".stats.npz"), stats.to_npz)
+    atomic_write_stream(base.with_suffix(".tar"), write)
+    atomic_write_with(base.with_suffix(".stats"), stats.save_partial)
     for piece in pieces.values():
         piece["cells_skipped"] = dict(zip(SKIP_REASONS, piece["cells_skipped"].tolist()))
         if piece["start"] == 0:  # the source checksum rides on its first unit, overlapping other units
@@ -327,7 +328,7 @@ def _load_kernels(init_args: tuple) -> None:
                 x.indptr, x.indices, x.data, _CTX.colmap(s), entry["integer_counts"], 1, _CTX.vocab.token_dtype)
             stats = GeneStats(len(_CTX.vocab))
             stats.add_cells(genes, counts, indptr, total[reason < 0])
-            stats.to_npz(io.BytesIO())
+            stats.save_partial(io.BytesIO())
     except Exception:  # noqa: BLE001 - only a warm-up
         pass
     finally:

@@ -47,11 +47,9 @@ def commit(tmp: Path, path: Path) -> None:
     fsync_dir(path.parent)
 
 
-def atomic_write_with(path: str | Path, write, durable: bool = True, drop_cache: bool = False) -> None:
+def atomic_write_with(path: str | Path, write, durable: bool = True) -> None:
     """Call ``write(fh)`` on a temp file, then fsync and rename it onto ``path`` (``durable=False``:
-    no fsyncs, for caches whose loss or tearing by a power cut is detected and redone).
-    ``drop_cache``: evict the written pages from the page cache (output not read again soon),
-    leaving the memory to the inputs still to be read."""
+    no fsyncs, for caches whose loss or tearing by a power cut is detected and redone)."""
     path = Path(path)
     tmp = temp_path(path)
     with open(tmp, "wb") as fh:
@@ -59,12 +57,154 @@ def atomic_write_with(path: str | Path, write, durable: bool = True, drop_cache:
         if durable:
             fh.flush()
             os.fsync(fh.fileno())
-        if drop_cache and durable and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     if durable:
         commit(tmp, path)
     else:
         os.replace(tmp, path)
+
+
+# Writes of a streamed file go through this many buffers of _STREAM_BUFFER bytes: the caller
+# fills one while a thread writes another.
+_STREAM_BUFFER = 8 << 20
+_STREAM_BUFFERS = 3
+_ALIGN = 4096  # O_DIRECT wants offsets, lengths and memory aligned to the logical block size
+
+
+class StreamWriter:
+    """A large file written sequentially, with the writing overlapped with the caller's work.
+
+    ``write``/``writelines`` copy into page-aligned buffers; full buffers are written by one
+    background thread with ``O_DIRECT`` where the filesystem allows it. A converter's output is
+    not read again soon, and on the page cache it cost more than all of its computing: fresh
+    pages for every byte, then an fsync waiting for the disk. Direct writes come from the same
+    few buffers and are done by the disk's DMA while the caller converts the next rows.
+    ``close()`` writes the tail, trims the block padding and fsyncs. Where ``O_DIRECT`` is
+    refused (tmpfs, some network filesystems, not Linux) the thread writes through the page cache.
+    """
+
+    def __init__(self, path: Path):
+        from concurrent.futures import ThreadPoolExecutor
+
+        direct = getattr(os, "O_DIRECT", 0)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        try:
+            self._fd = os.open(path, flags | direct, 0o644)
+        except OSError:
+            self._fd = os.open(path, flags, 0o644)
+        self._bufs = _take_buffers()
+        self._views = [memoryview(b) for b in self._bufs]
+        self._pending = [None] * _STREAM_BUFFERS  # the write in flight from each buffer
+        self._pool = ThreadPoolExecutor(1)
+        self._cur = 0
+        self._fill = 0
+        self._offset = 0  # file bytes handed to the thread so far
+        self.size = 0
+
+    def write(self, data) -> int:
+        src = memoryview(data).cast("B")
+        n = len(src)
+        done = 0
+        while done < n:
+            take = min(n - done, _STREAM_BUFFER - self._fill)
+            self._views[self._cur][self._fill : self._fill + take] = src[done : done + take]
+            self._fill += take
+            done += take
+            if self._fill == _STREAM_BUFFER:
+                self._submit(_STREAM_BUFFER)
+        self.size += n
+        return n
+
+    def writelines(self, parts) -> None:
+        for part in parts:
+            self.write(part)
+
+    def _submit(self, length: int) -> None:
+        k = self._cur
+        self._pending[k] = self._pool.submit(_pwrite_all, self._fd, self._views[k][:length], self._offset)
+        self._offset += length
+        self._cur = (k + 1) % _STREAM_BUFFERS
+        self._fill = 0
+        if self._pending[self._cur] is not None:  # the next buffer is free once its write is done
+            self._pending[self._cur].result()
+            self._pending[self._cur] = None
+
+    def close(self, durable: bool = True) -> None:
+        """Write what is buffered, set the exact size, fsync (``durable``) and close."""
+        try:
+            if self._fill:
+                tail = -self._fill % _ALIGN
+                self._views[self._cur][self._fill : self._fill + tail] = bytes(tail)
+                self._submit(self._fill + tail)
+            for f in self._pending:
+                if f is not None:
+                    f.result()
+            os.ftruncate(self._fd, self.size)
+            if durable:
+                os.fsync(self._fd)
+        finally:
+            self._abort()
+
+    def _abort(self) -> None:
+        self._pool.shutdown(wait=True)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        for v in self._views:
+            v.release()
+        if self._bufs:
+            _free_buffers.append(self._bufs)
+        self._views, self._bufs = [], []
+
+
+# Buffers of finished writers, reused by the next one in this process: fresh pages cost more
+# than the copies into them (page faults; on a VM, often the host's too).
+_free_buffers: list[list] = []
+
+
+def _take_buffers() -> list:
+    import mmap
+
+    if _free_buffers:
+        return _free_buffers.pop()
+    # private: a shared anonymous map (mmap's default) would be one buffer for forked workers
+    flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+    bufs = [mmap.mmap(-1, _STREAM_BUFFER, flags=flags) if flags else mmap.mmap(-1, _STREAM_BUFFER)
+            for _ in range(_STREAM_BUFFERS)]
+    for b in bufs:
+        if hasattr(b, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
+            b.madvise(mmap.MADV_HUGEPAGE)
+    return bufs
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        try:
+            done += os.pwrite(fd, view[done:], offset + done)
+        except OSError as exc:
+            import errno
+            import fcntl
+
+            direct = getattr(os, "O_DIRECT", 0)
+            fl = fcntl.fcntl(fd, fcntl.F_GETFL)
+            if exc.errno != errno.EINVAL or not fl & direct:
+                raise
+            fcntl.fcntl(fd, fcntl.F_SETFL, fl & ~direct)  # the filesystem refuses direct writes
+
+
+def atomic_write_stream(path: str | Path, write) -> None:
+    """`atomic_write_with` for a large output written once and not read again soon: ``write(fh)``
+    gets a `StreamWriter`."""
+    path = Path(path)
+    tmp = temp_path(path)
+    fh = StreamWriter(tmp)
+    try:
+        write(fh)
+    except BaseException:
+        fh._abort()
+        raise
+    fh.close()
+    commit(tmp, path)
 
 
 def atomic_write_bytes(path: str | Path, data) -> None:

@@ -17,9 +17,13 @@ tests compare both on every layout we write.
 from __future__ import annotations
 
 import os
-import zlib
 
 import numpy as np
+
+try:  # zlib-ng inflates about 2.4 times faster than zlib: gzip inputs are bound by inflation
+    from zlib_ng.zlib_ng import decompress as _inflate
+except ImportError:  # pragma: no cover - optional speed-up
+    from zlib import decompress as _inflate
 
 _DEFLATE, _SHUFFLE = 1, 2
 # Compressed chunks of one read are fetched with one pread when their bytes lie this close together.
@@ -124,7 +128,10 @@ class DirectReader:
                 if mask >> i & 1:
                     continue
                 if self._filters[i] == _DEFLATE:
-                    buf = zlib.decompress(buf, bufsize=full)
+                    try:
+                        buf = _inflate(buf, bufsize=full)
+                    except Exception as exc:  # zlib.error or zlib_ng.error
+                        raise ValueError(f"chunk {c} does not inflate ({exc}): the file is corrupt") from None
                 else:
                     buf = np.frombuffer(buf, np.uint8).reshape(item, -1).T.tobytes()
             if len(buf) != full:

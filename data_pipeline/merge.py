@@ -28,7 +28,7 @@ from .fsio import (
 )
 from .plan import ConvertError, load_gene_table, load_plan, unit_name
 from .shards import DTYPES
-from .stats import merge_npz
+from .stats import merge_partials
 from .validate import SKIP_REASONS
 from .vocab import read_vocab
 
@@ -90,7 +90,7 @@ def merge_corpus(out: str | Path, keep_work: bool = False, progress: bool = True
     shards = [_place_shard(out, i, r) for i, r in enumerate(with_cells)]
     fsync_dir(out / "shards")
     with _progress(len(units), "merge statistics", progress, unit="unit") as bar:
-        stats = merge_npz([work / "units" / f"{unit_name(u)}.stats.npz" for u in range(len(units))],
+        stats = merge_partials([work / "units" / f"{unit_name(u)}.stats" for u in range(len(units))],
                           len(vocab), bar.update)
 
     tmp = temp_path(out / "stats.zarr")

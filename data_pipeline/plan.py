@@ -24,7 +24,7 @@ from .readers import Source, SourceError, open_source
 from .validate import check_integer_counts, non_integer_message, sample_rows
 from .vocab import read_symbol_table
 
-PLAN_VERSION = 2
+PLAN_VERSION = 3
 # A file is taken as normalized (and refused) when more than this fraction of the nonzeros in its
 # first rows is fractional; a normalized matrix is ~100% fractional, while a stray bad cell in a
 # count matrix is skipped and counted as ``non_integer`` instead.

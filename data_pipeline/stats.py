@@ -50,6 +50,7 @@ the last one at ``finalize()``. Measured: about 10 ns per nonzero for add_cells 
 
 from __future__ import annotations
 
+import json
 import threading
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -404,32 +405,32 @@ def _dense_to_sparse(dense, lo, offset, keys, counts):  # pragma: no cover
 _DENSE_MERGE_MAX = 1 << 27
 
 
-def merge_npz(paths: list[Path], vocab_size: int, on_each=lambda n: None) -> GeneStats:
-    """Sum partial results written by ``to_npz`` (e.g. one per conversion work unit).
+def merge_partials(paths: list[Path], vocab_size: int, on_each=lambda n: None) -> GeneStats:
+    """Sum partial results written by `GeneStats.save_partial` (e.g. one per conversion unit).
 
-    One pass finds each token's bucket range over all partials, a second adds every partial's
-    sketch into dense per-token windows: linear in the partials' entries, where merging sparse
-    sketches pairwise re-merges the growing result. Sums are added in ``paths`` order. Falls back
-    to pairwise merging when the windows would exceed ``_DENSE_MERGE_MAX`` buckets."""
+    A first pass reads only each partial's small arrays (sums, per-token bucket ranges), a second
+    adds every partial's sketch into dense per-token windows: each sketch is read once, and the
+    work is linear in the partials' entries, where merging sparse sketches pairwise re-merges
+    the growing result. Sums are added in ``paths`` order. Falls back to pairwise merging when
+    the windows would exceed ``_DENSE_MERGE_MAX`` buckets."""
     total = GeneStats(vocab_size)
     lo = np.full(vocab_size, _BUCKETS, np.int64)
     hi = np.full(vocab_size, -1, np.int64)
     for path in paths:
-        with np.load(path) as z:
-            if int(z["vocab_size"]) != vocab_size:
-                raise ValueError(f"{path}: statistics over {int(z['vocab_size'])} tokens, expected {vocab_size}")
-            total.n_cells += int(z["n_cells"])
-            total.count_sum += z["count_sum"]
-            total.cp10k_sum += z["cp10k_sum"]
-            _widen_ranges(z["sketch_keys"], lo, hi)
+        head, a = _read_partial(path, vocab_size, ("count_sum", "cp10k_sum", "bucket_lo", "bucket_hi"))
+        total.n_cells += head["n_cells"]
+        total.count_sum += a["count_sum"]
+        total.cp10k_sum += a["cp10k_sum"]
+        np.minimum(lo, a["bucket_lo"], out=lo)
+        np.maximum(hi, a["bucket_hi"], out=hi)
     width = np.maximum(hi - lo + 1, 0)
     offset = np.concatenate([[0], np.cumsum(width)])
     if offset[-1] > _DENSE_MERGE_MAX:
         return _merge_pairwise(paths, vocab_size, on_each)
     dense = np.zeros(offset[-1], np.int64)
     for path in paths:
-        with np.load(path) as z:
-            _add_dense(z["sketch_keys"], z["sketch_counts"], lo, offset, dense)
+        _, a = _read_partial(path, vocab_size, ("sketch_keys", "sketch_counts"))
+        _add_dense(a["sketch_keys"], a["sketch_counts"], lo, offset, dense)
         on_each(1)
     n = int(np.count_nonzero(dense))
     total.sketch_keys = np.empty(n, np.int64)
@@ -439,12 +440,50 @@ def merge_npz(paths: list[Path], vocab_size: int, on_each=lambda n: None) -> Gen
     return total
 
 
+# A partial result file: _PARTIAL_MAGIC, the header's length (8 bytes, little-endian), a JSON
+# header (vocab_size, n_cells, and the arrays' names, dtypes and lengths in file order), then
+# the arrays' raw bytes. Plain arrays: no archive to build or checksum to compute on the way
+# (npz cost a conversion unit more than its fold); a torn file fails the length checks.
+_PARTIAL_MAGIC = b"GENESTATS1\n"
+
+
+def _write_partial(fh, head: dict, arrays: dict[str, np.ndarray]) -> None:
+    arrays = {k: np.ascontiguousarray(v, np.dtype(v.dtype).newbyteorder("<")) for k, v in arrays.items()}
+    head = dict(head, arrays=[[k, v.dtype.str, len(v)] for k, v in arrays.items()])
+    blob = json.dumps(head).encode()
+    fh.write(_PARTIAL_MAGIC + len(blob).to_bytes(8, "little") + blob)
+    for v in arrays.values():
+        fh.write(memoryview(v).cast("B"))
+
+
+def _read_partial(path: Path, vocab_size: int, names) -> tuple[dict, dict[str, np.ndarray]]:
+    """(header, {name: array}) of a partial file, reading only the arrays named."""
+    with open(path, "rb") as fh:
+        magic = fh.read(len(_PARTIAL_MAGIC))
+        size = int.from_bytes(fh.read(8), "little")
+        if magic != _PARTIAL_MAGIC:
+            raise ValueError(f"{path}: not a statistics partial (written by another version?)")
+        head = json.loads(fh.read(size))
+        if head["vocab_size"] != vocab_size:
+            raise ValueError(f"{path}: statistics over {head['vocab_size']} tokens, expected {vocab_size}")
+        out, pos = {}, fh.tell()
+        for name, dtype, n in head["arrays"]:
+            nbytes = np.dtype(dtype).itemsize * n
+            if name in names:
+                fh.seek(pos)
+                out[name] = np.fromfile(fh, dtype, n)
+                if len(out[name]) != n:
+                    raise ValueError(f"{path}: truncated (array {name})")
+            pos += nbytes
+    return head, out
+
+
 def _merge_pairwise(paths: list[Path], vocab_size: int, on_each) -> GeneStats:
     """Merge partials like a binary counter: each takes part in O(log n) merges, at most
     O(log n) partials are held, and the fixed order keeps the result reproducible."""
     stack: list[tuple[int, GeneStats]] = []  # (number of partials merged, partial)
     for path in paths:
-        size, part = 1, GeneStats.from_npz(path)
+        size, part = 1, GeneStats.load_partial(path, vocab_size)
         on_each(1)
         while stack and stack[-1][0] == size:
             part = stack.pop()[1].merge(part)
@@ -491,6 +530,9 @@ class _Workspace:
         out = self.folds[self.turn]
         self.turn ^= 1
         return out.get("keys", cap, np.int64), out.get("counts", cap, np.int64)
+
+    def fold_buffers(self) -> list[np.ndarray]:
+        return [a for out in self.folds for a in out.held()]
 
     @classmethod
     def take(cls) -> _Workspace:
@@ -639,7 +681,8 @@ class GeneStats:
             self._n_pending = 0
         if release and self._ws is not None:
             # the sketch may live in the workspace's fold buffers, which the next owner reuses
-            self.sketch_keys, self.sketch_counts = self.sketch_keys.copy(), self.sketch_counts.copy()
+            if any(np.shares_memory(self.sketch_keys, b) for b in self._ws.fold_buffers()):
+                self.sketch_keys, self.sketch_counts = self.sketch_keys.copy(), self.sketch_counts.copy()
             self._ws.give_back()
             self._ws = None
 
@@ -683,27 +726,34 @@ class GeneStats:
         return out
 
     # --- storage ---------------------------------------------------------------------------
-    def to_npz(self, file) -> None:
-        """Partial results for a later merge; keys and counts are stored in the narrowest
-        unsigned type that holds them (a unit's sketch is ~10 bytes per nonzero otherwise).
-        ``file``: a path or an open binary file."""
-        self.finalize()
+    def save_partial(self, file) -> None:
+        """Write this partial result for `merge_partials` (``file``: a path or an open binary
+        file). Sketch keys and counts are stored in the narrowest unsigned type that holds them (a
+        unit's sketch is ~10 bytes per nonzero otherwise), and the sketch arrays of this object
+        are left in those types: saving is the last use of a partial."""
+        self._flush()
 
         def narrow(a: np.ndarray) -> np.ndarray:
             top = int(a.max()) if a.size else 0
             return a.astype(np.uint16 if top < 1 << 16 else np.uint32 if top < 1 << 32 else np.int64)
 
+        lo = np.full(self.vocab_size, _BUCKETS, np.int32)
+        hi = np.full(self.vocab_size, -1, np.int32)
+        _widen_ranges(self.sketch_keys, lo, hi)
+        # narrowed copies: the workspace buffers holding the sketch go back to the pool uncopied
+        self.sketch_keys, self.sketch_counts = narrow(self.sketch_keys), narrow(self.sketch_counts)
+        self._flush(release=True)
+        arrays = {"count_sum": self.count_sum, "cp10k_sum": self.cp10k_sum, "bucket_lo": lo,
+                  "bucket_hi": hi, "sketch_keys": self.sketch_keys, "sketch_counts": self.sketch_counts}
+        head = {"vocab_size": self.vocab_size, "n_cells": self.n_cells}
         with open(file, "wb") if isinstance(file, (str, Path)) else nullcontext(file) as fh:
-            np.savez(fh, vocab_size=self.vocab_size, n_cells=self.n_cells,
-                     count_sum=self.count_sum, cp10k_sum=self.cp10k_sum,
-                     sketch_keys=narrow(self.sketch_keys), sketch_counts=narrow(self.sketch_counts))
+            _write_partial(fh, head, arrays)
 
     @classmethod
-    def from_npz(cls, path: Path) -> GeneStats:
-        with np.load(path) as z:
-            s = cls(int(z["vocab_size"]), int(z["n_cells"]), None, z["count_sum"].copy(),
-                    z["cp10k_sum"].copy(), z["sketch_keys"].astype(np.int64),
-                    z["sketch_counts"].astype(np.int64))
+    def load_partial(cls, path: Path, vocab_size: int) -> GeneStats:
+        head, a = _read_partial(path, vocab_size, ("count_sum", "cp10k_sum", "sketch_keys", "sketch_counts"))
+        s = cls(vocab_size, head["n_cells"], None, a["count_sum"], a["cp10k_sum"],
+                a["sketch_keys"].astype(np.int64), a["sketch_counts"].astype(np.int64))
         s.nonzero_count = _nonzero_count_from_sketch(s.sketch_keys, s.sketch_counts, s.vocab_size)
         return s
 

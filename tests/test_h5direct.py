@@ -82,7 +82,7 @@ def test_corrupt_chunk_raises(tmp_path):
         with h5py.File(path, "r") as f:
             reader = DirectReader.open(f["x"], fd)
             np.testing.assert_array_equal(reader.read(0, 3000), np.arange(3000))
-            with pytest.raises((zlib.error, ValueError)):
+            with pytest.raises(ValueError, match="corrupt"):
                 reader.read(2500, 4500)
     finally:
         os.close(fd)

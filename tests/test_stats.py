@@ -213,16 +213,16 @@ def test_merged_partials_equal_one_pass(block, order):
 
 
 @pytest.mark.parametrize("dense", [True, False])
-def test_merge_npz_equals_one_pass(block, tmp_path, monkeypatch, dense):
+def test_merge_partials_equals_one_pass(block, tmp_path, monkeypatch, dense):
     if not dense:  # windows over the limit: the pairwise fallback
         monkeypatch.setattr(stats_mod, "_DENSE_MERGE_MAX", 10)
     whole = one_pass(block, VOCAB)
     paths = []
     for i, part in enumerate(_partials(block, [0, 1, 200, 200, 731, 1100, 1499, 1500])):
-        paths.append(tmp_path / f"p{i}.npz")
-        part.to_npz(paths[-1])
+        paths.append(tmp_path / f"p{i}.stats")
+        part.save_partial(paths[-1])
     seen = []
-    total = stats_mod.merge_npz(paths, VOCAB, seen.append)
+    total = stats_mod.merge_partials(paths, VOCAB, seen.append)
     assert len(seen) == len(paths)
     assert total.n_cells == whole.n_cells
     assert_same_sketch(total, whole)
@@ -231,7 +231,7 @@ def test_merge_npz_equals_one_pass(block, tmp_path, monkeypatch, dense):
     np.testing.assert_allclose(total.cp10k_sum, whole.cp10k_sum, rtol=1e-12, atol=0)
     np.testing.assert_array_equal(total.nonzero_medians(), whole.nonzero_medians())
     with pytest.raises(ValueError):
-        stats_mod.merge_npz(paths, VOCAB + 1)
+        stats_mod.merge_partials(paths, VOCAB + 1)
 
 
 def test_merge_is_deterministic_for_a_fixed_order(block):
@@ -358,16 +358,22 @@ def _assert_same_stats(a: GeneStats, b: GeneStats) -> None:
     np.testing.assert_array_equal(a.nonzero_medians(), b.nonzero_medians())
 
 
-def test_npz_round_trip(block, tmp_path):
+def test_partial_round_trip(block, tmp_path):
     s = one_pass(block, VOCAB)
-    s.to_npz(tmp_path / "s.npz")
-    back = GeneStats.from_npz(tmp_path / "s.npz")
+    one_pass(block, VOCAB).save_partial(tmp_path / "s.stats")
+    back = GeneStats.load_partial(tmp_path / "s.stats", VOCAB)
     _assert_same_stats(s, back)
+    with pytest.raises(ValueError, match="tokens"):
+        GeneStats.load_partial(tmp_path / "s.stats", VOCAB + 1)
+    blob = (tmp_path / "s.stats").read_bytes()
+    (tmp_path / "torn.stats").write_bytes(blob[: len(blob) - 3])
+    with pytest.raises(ValueError, match="truncated"):
+        GeneStats.load_partial(tmp_path / "torn.stats", VOCAB)
     # a loaded partial goes on accumulating like one pass
     first = GeneStats(VOCAB)
     first.add_cells(*cell_slice(block, 0, 600))
-    first.to_npz(tmp_path / "p.npz")
-    resumed = GeneStats.from_npz(tmp_path / "p.npz")
+    first.save_partial(tmp_path / "p.stats")
+    resumed = GeneStats.load_partial(tmp_path / "p.stats", VOCAB)
     resumed.add_cells(*cell_slice(block, 600, 1500))
     assert_same_sketch(resumed.finalize(), s)
 
@@ -389,9 +395,9 @@ def test_zarr_round_trip(block, tmp_path):
 def test_empty_round_trips(tmp_path):
     pytest.importorskip("zarr")
     s = GeneStats(8)
-    s.to_npz(tmp_path / "e.npz")
+    GeneStats(8).save_partial(tmp_path / "e.stats")
     s.to_zarr(tmp_path / "e.zarr")
-    for back in (GeneStats.from_npz(tmp_path / "e.npz"), GeneStats.from_zarr(tmp_path / "e.zarr")):
+    for back in (GeneStats.load_partial(tmp_path / "e.stats", 8), GeneStats.from_zarr(tmp_path / "e.zarr")):
         _assert_same_stats(s, back)
         assert np.isnan(back.nonzero_medians()).all()
 
