@@ -274,7 +274,7 @@ def convert_unit(unit: int) -> dict:
 
     base = _CTX.work / "units" / unit_name(unit)
     atomic_write_stream(base.with_suffix(".tar"), write)
-    atomic_write_with(base.with_suffix(".stats"), stats.save_partial)
+    atomic_write_stream(base.with_suffix(".stats"), stats.save_partial)
     for piece in pieces.values():
         piece["cells_skipped"] = dict(zip(SKIP_REASONS, piece["cells_skipped"].tolist()))
         if piece["start"] == 0:  # the source checksum rides on its first unit, overlapping other units

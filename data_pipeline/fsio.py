@@ -192,6 +192,50 @@ def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
             fcntl.fcntl(fd, fcntl.F_SETFL, fl & ~direct)  # the filesystem refuses direct writes
 
 
+_read_buffer: list = []  # [mmap] reused by read_whole
+
+
+def read_whole(path: str | Path, limit: int | None = None) -> memoryview:
+    """A file's bytes (at most its first ``limit``), read with ``O_DIRECT`` where allowed (a file written by `StreamWriter` is
+    not in the page cache, and reading it through the cache would fill fresh pages only to copy
+    them out), into a buffer reused by the next call: the view is valid until then."""
+    import mmap
+
+    flags = os.O_RDONLY | getattr(os, "O_DIRECT", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size if limit is None else min(limit, os.fstat(fd).st_size)
+        cap = -(-max(size, 1) // _STREAM_BUFFER) * _STREAM_BUFFER
+        if not _read_buffer or len(_read_buffer[0]) < cap:
+            if _read_buffer:
+                _read_buffer.pop()  # freed once no view of it is left
+            map_flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+            _read_buffer.append(mmap.mmap(-1, cap, flags=map_flags) if map_flags else mmap.mmap(-1, cap))
+        view = memoryview(_read_buffer[0])
+        done = 0
+        while done < size:
+            try:
+                got = os.preadv(fd, [view[done : -(-size // _ALIGN) * _ALIGN]], done)
+            except OSError as exc:
+                import errno
+                import fcntl
+
+                fl = fcntl.fcntl(fd, fcntl.F_GETFL)
+                if exc.errno != errno.EINVAL or not fl & getattr(os, "O_DIRECT", 0):
+                    raise
+                fcntl.fcntl(fd, fcntl.F_SETFL, fl & ~os.O_DIRECT)
+                continue
+            if got <= 0:
+                break
+            done += got
+        return view[: min(done, size)]
+    finally:
+        os.close(fd)
+
+
 def atomic_write_stream(path: str | Path, write) -> None:
     """`atomic_write_with` for a large output written once and not read again soon: ``write(fh)``
     gets a `StreamWriter`."""

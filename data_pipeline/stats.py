@@ -457,24 +457,34 @@ def _write_partial(fh, head: dict, arrays: dict[str, np.ndarray]) -> None:
 
 
 def _read_partial(path: Path, vocab_size: int, names) -> tuple[dict, dict[str, np.ndarray]]:
-    """(header, {name: array}) of a partial file, reading only the arrays named."""
-    with open(path, "rb") as fh:
-        magic = fh.read(len(_PARTIAL_MAGIC))
-        size = int.from_bytes(fh.read(8), "little")
-        if magic != _PARTIAL_MAGIC:
-            raise ValueError(f"{path}: not a statistics partial (written by another version?)")
-        head = json.loads(fh.read(size))
-        if head["vocab_size"] != vocab_size:
-            raise ValueError(f"{path}: statistics over {head['vocab_size']} tokens, expected {vocab_size}")
-        out, pos = {}, fh.tell()
-        for name, dtype, n in head["arrays"]:
-            nbytes = np.dtype(dtype).itemsize * n
-            if name in names:
-                fh.seek(pos)
-                out[name] = np.fromfile(fh, dtype, n)
-                if len(out[name]) != n:
-                    raise ValueError(f"{path}: truncated (array {name})")
-            pos += nbytes
+    """(header, {name: array}) of a partial file, reading it only as far as the arrays named
+    (the sketch is the bulk and comes last). The arrays are views of a buffer that the next
+    call reuses: copy what is kept."""
+    from .fsio import read_whole
+
+    start = len(_PARTIAL_MAGIC) + 8
+    blob = read_whole(path, 1 << 16)
+    if bytes(blob[: len(_PARTIAL_MAGIC)]) != _PARTIAL_MAGIC or len(blob) < start:
+        raise ValueError(f"{path}: not a statistics partial (written by another version?)")
+    size = int.from_bytes(blob[len(_PARTIAL_MAGIC) : start], "little")
+    if start + size > len(blob):
+        raise ValueError(f"{path}: truncated (header)")
+    head = json.loads(bytes(blob[start : start + size]))
+    if head["vocab_size"] != vocab_size:
+        raise ValueError(f"{path}: statistics over {head['vocab_size']} tokens, expected {vocab_size}")
+    spans, pos = {}, start + size
+    for name, dtype, n in head["arrays"]:
+        spans[name] = (pos, np.dtype(dtype), n)
+        pos += np.dtype(dtype).itemsize * n
+    end = max(off + dt.itemsize * n for off, dt, n in (spans[k] for k in names))
+    if end > len(blob):
+        blob = read_whole(path, end)
+    out = {}
+    for name in names:
+        off, dt, n = spans[name]
+        if off + dt.itemsize * n > len(blob):
+            raise ValueError(f"{path}: truncated (array {name})")
+        out[name] = np.frombuffer(blob, dt, n, off)
     return head, out
 
 
@@ -752,7 +762,7 @@ class GeneStats:
     @classmethod
     def load_partial(cls, path: Path, vocab_size: int) -> GeneStats:
         head, a = _read_partial(path, vocab_size, ("count_sum", "cp10k_sum", "sketch_keys", "sketch_counts"))
-        s = cls(vocab_size, head["n_cells"], None, a["count_sum"], a["cp10k_sum"],
+        s = cls(vocab_size, head["n_cells"], None, a["count_sum"].copy(), a["cp10k_sum"].copy(),
                 a["sketch_keys"].astype(np.int64), a["sketch_counts"].astype(np.int64))
         s.nonzero_count = _nonzero_count_from_sketch(s.sketch_keys, s.sketch_counts, s.vocab_size)
         return s
