@@ -60,7 +60,7 @@ from .plan import (
 from .readers import open_source
 from .rowkernels import CountOverflow, convert_rows, scan_counts
 from .shards import END_OF_ARCHIVE, CellBlock, encode_block_parts
-from .stats import GeneStats
+from .stats import PARTITION_BITS, GeneStats
 from .validate import SKIP_REASONS
 from .vocab import Vocabulary, read_vocab
 
@@ -236,14 +236,14 @@ def convert_unit(unit: int) -> dict:
             x = _read_chunk(unit, k, s, lo, hi)
             # duplicate source columns of one gene are summed; tokens come out ascending per cell
             try:
-                reason, total_counts, indptr, genes, counts = convert_rows(
-                    x.indptr, x.indices, x.data, _CTX.colmap(s), entry["integer_counts"], opts.min_genes,
-                    vocab.token_dtype, _CTX.buffers)
+                rows = convert_rows(x.indptr, x.indices, x.data, _CTX.colmap(s), entry["integer_counts"],
+                                    opts.min_genes, vocab.token_dtype, _CTX.buffers, PARTITION_BITS)
             except CountOverflow as exc:
                 raise ConvertError(f"{entry['path']} rows {lo}-{hi}: {exc}") from None
             del x
+            reason, indptr, genes, counts = rows.reason, rows.indptr, rows.tokens, rows.values
             written = np.flatnonzero(reason < 0)
-            tc = total_counts[written]
+            tc = rows.total_counts[written]
             labels = (np.stack([label_codes(source_label(src, col, lo, hi), _CTX.plan["label_categories"][col],
                                             hi - lo)[written] for col in opts.label_columns], axis=1)
                       if opts.label_columns else np.zeros((len(written), 0), np.int32))
@@ -264,7 +264,7 @@ def convert_unit(unit: int) -> dict:
                                "n_tokens": int(q - p), "counts_dtype": counts.dtype.str,
                                "length_histogram": length_histogram(np.diff(block.indptr))})
                 offset += size
-            stats.add_cells(genes, counts, indptr, tc)
+            stats.add_cells(genes, counts, indptr, tc, rows.partition_counts)
             piece["cells_skipped"] += np.bincount(reason[reason >= 0], minlength=len(SKIP_REASONS))
             piece["cells_written"] += len(written)
             piece["counts_total"] += float(tc.sum())
@@ -324,10 +324,11 @@ def _load_kernels(init_args: tuple) -> None:
         x = _CTX.source(s).read_rows(a, min(a + 64, b))
         scan_counts(x, entry["integer_counts"], np.zeros(x.shape[1], np.int64))
         if _CTX.vocab is not None:
-            reason, total, indptr, genes, counts = convert_rows(
-                x.indptr, x.indices, x.data, _CTX.colmap(s), entry["integer_counts"], 1, _CTX.vocab.token_dtype)
+            rows = convert_rows(x.indptr, x.indices, x.data, _CTX.colmap(s), entry["integer_counts"], 1,
+                                _CTX.vocab.token_dtype, None, PARTITION_BITS)
             stats = GeneStats(len(_CTX.vocab))
-            stats.add_cells(genes, counts, indptr, total[reason < 0])
+            stats.add_cells(rows.tokens, rows.values, rows.indptr, rows.total_counts[rows.reason < 0],
+                            rows.partition_counts)
             stats.save_partial(io.BytesIO())
     except Exception:  # noqa: BLE001 - only a warm-up
         pass

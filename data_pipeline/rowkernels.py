@@ -10,6 +10,8 @@ Reason codes are indices into `validate.SKIP_REASONS` (-1: written).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from llvmlite import ir
 from numba import njit
@@ -82,11 +84,15 @@ def scan_rows(indptr, indices, data, check_finite, check_integer, cells_per_colu
     data)."""
     for r in range(len(indptr) - 1):
         lo, hi = indptr[r], indptr[r + 1]
-        code, _ = _row_reason(data, lo, hi, check_finite, check_integer)
-        if code < 0:
+        # one pass, counting as if the row passes; the rare row that fails is taken back out
+        flags = 0
+        for j in range(lo, hi):
+            v = np.float64(data[j])
+            flags |= _value_flags(v, check_finite, check_integer)
+            cells_per_column[indices[j]] += v > 0
+        if _reason_of(flags) >= 0:
             for j in range(lo, hi):
-                if data[j] > 0:
-                    cells_per_column[indices[j]] += 1
+                cells_per_column[indices[j]] -= data[j] > 0
 
 
 @njit(cache=True, nogil=True)
@@ -129,7 +135,7 @@ def _trailing_zeros(typingctx, x):  # pragma: no cover
 
 @njit(cache=True, nogil=True)
 def map_rows(indptr, indices, data, colmap, check_finite, check_integer, min_genes, key_bits, n_tokens,
-             reason, total_counts, out_indptr, out_tokens, out_values):
+             part_bits, reason, total_counts, out_indptr, out_tokens, out_values, part_counts):
     """Validate rows, map source columns to tokens, sort tokens, sum duplicate tokens.
 
     In:  CSR ``indptr`` [n+1], ``indices``/``data`` [nnz] (any numeric dtype; ``check_finite``
@@ -137,7 +143,9 @@ def map_rows(indptr, indices, data, colmap, check_finite, check_integer, min_gen
          [n_vars] token per column (-1: dropped; all < ``n_tokens``). Out (preallocated):
          ``reason`` [n] int8, ``total_counts`` [n] f64 (row sum before vocabulary filtering),
          and the written rows as CSR ``out_indptr`` [n+1], ``out_tokens`` [nnz] (the
-         vocabulary's token dtype), ``out_values`` [nnz] (uint32 for counts, float32 otherwise).
+         vocabulary's token dtype), ``out_values`` [nnz] (uint32 for counts, float32 otherwise);
+         ``part_counts`` [n_parts] (zeroed by the caller) gets the written tokens per
+         ``token >> part_bits`` (what `stats.GeneStats.add_cells` needs to lay out its pairs).
     Returns (rows written, largest summed value); the written arrays are ``out_*[:written(+1)]``.
 
     A row whose tokens come out of ``colmap`` ascending (a source in vocabulary order) needs no
@@ -237,6 +245,8 @@ def map_rows(indptr, indices, data, colmap, check_finite, check_integer, min_gen
             reason[r] = _BELOW_MIN_GENES
             pos = start
             continue
+        for i in range(start, pos):
+            part_counts[np.int64(out_tokens[i]) >> part_bits] += 1
         reason[r] = -1
         written += 1
         out_indptr[written] = pos
@@ -250,14 +260,26 @@ class CountOverflow(ValueError):
     """A summed count that does not fit uint32."""
 
 
+class Rows(NamedTuple):
+    """What `convert_rows` gives: ``reason`` [n] int8 (-1: written), ``total_counts`` [n] f64,
+    the written rows as CSR ``indptr`` [w+1] int64, ``tokens``/``values`` [nnz'], and
+    ``partition_counts`` [ceil(n_tokens / 2**partition_bits)] (tokens per partition)."""
+
+    reason: np.ndarray
+    total_counts: np.ndarray
+    indptr: np.ndarray
+    tokens: np.ndarray
+    values: np.ndarray
+    partition_counts: np.ndarray
+
+
 def convert_rows(indptr, indices, data, colmap, integer_counts: bool, min_genes: int, token_dtype,
-                 buffers: Buffers | None = None):
+                 buffers: Buffers | None = None, partition_bits: int = 10) -> Rows:
     """Python entry of `map_rows`: allocates the outputs, trims them, narrows the counts.
 
-    Returns ``reason`` [n] int8, ``total_counts`` [n] f64, and the written rows as CSR
-    ``indptr`` [w+1] int64, ``tokens`` [nnz'] ``token_dtype``, ``values`` [nnz'] (uint16 when
-    every count fits, else uint32; float32 for non-integer input). With ``buffers``, the outputs
-    are views of its arrays, valid until the next call with the same buffers.
+    ``values`` come out uint16 when every count fits, else uint32; float32 for non-integer input.
+    With ``buffers``, the outputs are views of its arrays, valid until the next call with the
+    same buffers.
     """
     buf = buffers if buffers is not None else Buffers()
     n = len(indptr) - 1
@@ -270,11 +292,13 @@ def convert_rows(indptr, indices, data, colmap, integer_counts: bool, min_genes:
     out_values = buf.get("values", nnz, np.uint32 if integer_counts else np.float32)
     colmap = np.asarray(colmap, np.int64)
     n_tokens = int(colmap.max()) + 1 if len(colmap) else 0
+    part_counts = buf.get("partition_counts", (n_tokens >> partition_bits) + 1, np.int64)
+    part_counts[:] = 0
     float_input = np.asarray(data).dtype.kind == "f"
     w, largest = map_rows(np.asarray(indptr, np.int64), indices, data, colmap, float_input,
                           integer_counts and float_input, min_genes,
-                          token_dtype.itemsize * 8, n_tokens, reason, total, out_indptr, out_tokens,
-                          out_values)
+                          token_dtype.itemsize * 8, n_tokens, partition_bits, reason, total, out_indptr,
+                          out_tokens, out_values, part_counts)
     if integer_counts and largest > _UINT32_MAX:
         raise CountOverflow(f"a summed count of {largest:.0f} does not fit uint32; is this matrix raw counts?")
     end = out_indptr[w]
@@ -283,4 +307,4 @@ def convert_rows(indptr, indices, data, colmap, integer_counts: bool, min_genes:
         narrow = buf.get("values16", end, np.uint16)
         np.copyto(narrow, values, casting="unsafe")
         values = narrow
-    return reason, total, out_indptr[: w + 1], out_tokens[:end], values
+    return Rows(reason, total, out_indptr[: w + 1], out_tokens[:end], values, part_counts)

@@ -57,8 +57,9 @@ def test_convert_rows_equals_reference(trial):
     integer, min_genes = trial % 2 == 0 or dtype in (np.int32, np.int64, np.uint16), int(rng.integers(1, 6))
     token_dtype = np.uint16 if vocab_size <= 65536 else np.uint32
 
-    reason, total, indptr, tokens, values = convert_rows(x.indptr, x.indices, x.data, colmap, integer,
-                                                         min_genes, token_dtype)
+    part_bits = int(rng.integers(2, 12))
+    reason, total, indptr, tokens, values, parts = convert_rows(x.indptr, x.indices, x.data, colmap, integer,
+                                                                min_genes, token_dtype, None, part_bits)
     ref_reason, ref_total, ref = _reference(x, colmap, integer, min_genes, vocab_size)
     np.testing.assert_array_equal(reason, ref_reason)
     ok = ref_reason < 0
@@ -67,6 +68,8 @@ def test_convert_rows_equals_reference(trial):
     np.testing.assert_array_equal(tokens, ref.indices)
     assert tokens.dtype == token_dtype
     np.testing.assert_allclose(values.astype(np.float64), ref.data, rtol=1e-6)
+    expect_parts = np.bincount(ref.indices.astype(np.int64) >> part_bits, minlength=len(parts))
+    np.testing.assert_array_equal(parts, expect_parts)
     if integer:
         assert values.dtype == (np.uint16 if ref.data.max(initial=0) <= 65535 else np.uint32)
 
@@ -86,7 +89,7 @@ def test_scan_rows_counts_cells_of_valid_rows(dtype):
 def test_large_counts_widen_and_overflow_is_refused():
     x = sp.csr_matrix(np.array([[70000, 1, 0], [4_000_000_000, 4_000_000_000, 0]], np.float64))
     colmap = np.array([3, 4, 5])
-    *_, values = convert_rows(x[:1].indptr, x[:1].indices, x[:1].data, colmap, True, 1, np.uint16)
+    values = convert_rows(x[:1].indptr, x[:1].indices, x[:1].data, colmap, True, 1, np.uint16).values
     assert values.dtype == np.uint32 and values.tolist() == [70000, 1]
     colmap = np.array([3, 3, 5])  # the two large columns are one gene: the sum overflows uint32
     with pytest.raises(CountOverflow, match="does not fit uint32"):

@@ -171,6 +171,24 @@ def test_many_calls_are_identical_to_one_pass(block, seed, monkeypatch):
     np.testing.assert_array_equal(s.cp10k_sum, whole.cp10k_sum)
 
 
+def test_trusted_blocks_equal_validated_ones(block):
+    """The converter passes its row kernel's per-partition token counts and skips validation."""
+    from data_pipeline.stats import PARTITION_BITS
+
+    whole = one_pass(block, VOCAB)
+    trusted = GeneStats(VOCAB)
+    for c0, c1 in [(0, 1), (1, 400), (400, 1100), (1100, 1500)]:
+        genes, counts, indptr, totals = cell_slice(block, c0, c1)
+        parts = np.bincount(genes[counts != 0].astype(np.int64) >> PARTITION_BITS)
+        trusted.add_cells(genes, counts, indptr, totals, parts)
+    trusted.finalize()
+    _assert_same_stats(whole, trusted)
+    assert trusted.n_cells == whole.n_cells
+    with pytest.raises(ValueError, match="token id"):  # counts for tokens past the vocabulary
+        GeneStats(8).add_cells(np.array([1]), np.array([1]), np.array([0, 1]), np.array([1.0]),
+                               np.array([1, 0, 0, 1]))
+
+
 def _partials(block, cuts) -> list[GeneStats]:
     out = []
     for c0, c1 in zip(cuts[:-1], cuts[1:]):
