@@ -26,7 +26,6 @@ import json
 import shutil
 import sys
 import time
-import zipfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
@@ -35,6 +34,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .arrayfile import read_arrays, write_arrays
 from .buffers import Buffers
 from .fsio import (
     atomic_write_bytes,
@@ -83,6 +83,7 @@ class _Context:
         self.options = options_from_plan(self.plan)
         self.vocab = vocab
         self.buffers = Buffers()  # chunk arrays reused from one chunk to the next
+        self.cache_buffers = Buffers()  # rows read back from the scan's cache
         self._sources = {}
         self._colmaps = {}
 
@@ -127,7 +128,10 @@ def _chunks(unit: int) -> list[tuple[int, int, int]]:
 
 
 def _cache_path(unit: int, chunk: int) -> Path:
-    return _CTX.work / "cache" / f"{unit_name(unit)}-c{chunk:05d}.npz"
+    return _CTX.work / "cache" / f"{unit_name(unit)}-c{chunk:05d}.rows"
+
+
+_CACHE_MAGIC = b"ROWCACHE1\n"  # an `arrayfile` of CSR indptr, indices, data
 
 
 def _read_chunk(unit: int, chunk: int, s: int, lo: int, hi: int) -> sp.csr_matrix:
@@ -135,24 +139,30 @@ def _read_chunk(unit: int, chunk: int, s: int, lo: int, hi: int) -> sp.csr_matri
     cached = _cache_path(unit, chunk)
     if cached.exists():
         try:
-            with np.load(cached) as z:
-                return sp.csr_matrix((z["data"], z["indices"], z["indptr"]),
-                                     shape=(hi - lo, _CTX.plan["sources"][s]["n_vars"]))
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # torn by a crash: re-read
+            _, a = read_arrays(cached, _CACHE_MAGIC, buffers=_CTX.cache_buffers)
+            return sp.csr_matrix((a["data"], a["indices"], a["indptr"]),
+                                 shape=(hi - lo, _CTX.plan["sources"][s]["n_vars"]))
+        except (OSError, ValueError, KeyError):  # torn by a crash: re-read
             pass
     return _CTX.source(s).read_rows(lo, hi, _CTX.buffers)
 
 
 def _write_cache(unit: int, chunk: int, x: sp.csr_matrix) -> None:
     """Keep a compressed source's rows for the conversion pass: decompressing (or parsing) twice
-    costs far more than writing and re-reading raw arrays. Narrow dtypes keep it small; no fsync
-    (a cache torn by a crash is detected and the rows re-read)."""
+    costs more than writing and re-reading raw arrays. Counts that fit uint16 are kept so (also
+    float ones, which are integers after the value checks); no fsync (a cache torn by a crash is
+    detected and the rows re-read)."""
     data = x.data
-    if data.dtype.kind in "iu" and data.size and data.min() >= 0 and data.max() <= np.iinfo(np.uint16).max:
-        data = data.astype(np.uint16)
-    indices = x.indices.astype(np.uint16 if x.shape[1] <= 1 << 16 else np.uint32)
-    atomic_write_with(_cache_path(unit, chunk), lambda fh: np.savez(
-        fh, indptr=x.indptr.astype(np.int64), indices=indices, data=data), durable=False)
+    if data.size and data.dtype.itemsize > 2 and data.min() >= 0 and data.max() <= np.iinfo(np.uint16).max:
+        narrow = _CTX.buffers.get("cache_data", len(data), np.uint16)
+        np.copyto(narrow, data, casting="unsafe")
+        if data.dtype.kind in "iu" or np.array_equal(narrow, data):
+            data = narrow
+    indices = _CTX.buffers.get("cache_indices", len(x.indices), np.uint16 if x.shape[1] <= 1 << 16 else np.uint32)
+    np.copyto(indices, x.indices, casting="unsafe")
+    atomic_write_with(_cache_path(unit, chunk), lambda fh: write_arrays(
+        fh, _CACHE_MAGIC, {"indptr": np.asarray(x.indptr, np.int64), "indices": indices, "data": data}),
+        durable=False)
 
 
 def unit_rows(plan: dict, unit: int) -> int:

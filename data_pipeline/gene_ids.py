@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from .readers import SourceError
-from .vocab import is_ensembl, strip_version
+from .vocab import ensembl_ids, is_ensembl
 
 _SYMBOL_COLUMN_NAMES = ("gene_symbol", "gene_symbols", "symbol", "symbols", "gene_name",
                         "gene_names", "feature_name", "gene_short_name", "name", "genes")
@@ -98,8 +98,8 @@ def resolve_gene_ids(var: pd.DataFrame, source: str, gene_column: str | None = N
     if best_frac >= 0.5:
         symbol_col = _pick_symbol_column(all_candidates, symbol_table, exclude=best_name)
         symbols = symbol_col[1] if symbol_col is not None else np.full(len(best_vals), "", dtype=object)
-        mask = is_ensembl(best_vals)
-        ids = np.where(mask, [strip_version(v) for v in best_vals], "").astype(object)
+        ids = ensembl_ids(best_vals)
+        mask = ids != ""
         n_from_symbols = 0
         how = best_name
         if symbol_table and symbol_col is not None and not mask.all():

@@ -112,7 +112,8 @@ def _plan_source(index: int, path: str, options: ConvertOptions, symbol_table) -
     src = open_source(path, options.matrix)
     try:
         identity = resolve_gene_ids(src.var, path, options.gene_column, symbol_table)
-        a, b = sample_rows(src.n_cells)
+        row_pointers = src.row_pointers()
+        a, b = sample_rows(src.n_cells, row_pointers)
         sample = src.read_rows(a, b)
         frac, max_value = check_integer_counts(sample)
         if frac > NORMALIZED_FRACTION and not options.allow_non_integer:
@@ -130,7 +131,7 @@ def _plan_source(index: int, path: str, options: ConvertOptions, symbol_table) -
             "genes_from_symbols": identity.n_from_symbols,
             "label_values": labels,
             "label_columns_missing": [c for c, v in labels.items() if v is None],
-            "pieces": source_pieces(src.n_cells, src.row_pointers(), sample.nnz / max(b - a, 1), options),
+            "pieces": source_pieces(src.n_cells, row_pointers, sample.nnz / max(b - a, 1), options),
         }
         genes = {"ids": [str(g) for g in identity.ids],
                  "symbols": [str(s) for s in getattr(identity, "symbols", [""] * len(identity.ids))]}

@@ -50,7 +50,6 @@ the last one at ``finalize()``. Measured: about 10 ns per nonzero for add_cells 
 
 from __future__ import annotations
 
-import json
 import threading
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -62,6 +61,7 @@ from numba import njit
 from numba.core import types
 from numba.extending import intrinsic
 
+from .arrayfile import read_arrays, write_arrays
 from .buffers import Buffers
 
 MANTISSA_BITS = 7
@@ -441,52 +441,17 @@ def merge_partials(paths: list[Path], vocab_size: int, on_each=lambda n: None) -
     return total
 
 
-# A partial result file: _PARTIAL_MAGIC, the header's length (8 bytes, little-endian), a JSON
-# header (vocab_size, n_cells, and the arrays' names, dtypes and lengths in file order), then
-# the arrays' raw bytes. Plain arrays: no archive to build or checksum to compute on the way
-# (npz cost a conversion unit more than its fold); a torn file fails the length checks.
-_PARTIAL_MAGIC = b"GENESTATS1\n"
-
-
-def _write_partial(fh, head: dict, arrays: dict[str, np.ndarray]) -> None:
-    arrays = {k: np.ascontiguousarray(v, np.dtype(v.dtype).newbyteorder("<")) for k, v in arrays.items()}
-    head = dict(head, arrays=[[k, v.dtype.str, len(v)] for k, v in arrays.items()])
-    blob = json.dumps(head).encode()
-    fh.write(_PARTIAL_MAGIC + len(blob).to_bytes(8, "little") + blob)
-    for v in arrays.values():
-        fh.write(memoryview(v).cast("B"))
+_PARTIAL_MAGIC = b"GENESTATS1\n"  # an `arrayfile` of sums, bucket ranges and the sketch
 
 
 def _read_partial(path: Path, vocab_size: int, names) -> tuple[dict, dict[str, np.ndarray]]:
-    """(header, {name: array}) of a partial file, reading it only as far as the arrays named
-    (the sketch is the bulk and comes last). The arrays are views of a buffer that the next
-    call reuses: copy what is kept."""
-    from .fsio import read_whole
-
-    start = len(_PARTIAL_MAGIC) + 8
-    blob = read_whole(path, 1 << 16)
-    if bytes(blob[: len(_PARTIAL_MAGIC)]) != _PARTIAL_MAGIC or len(blob) < start:
-        raise ValueError(f"{path}: not a statistics partial (written by another version?)")
-    size = int.from_bytes(blob[len(_PARTIAL_MAGIC) : start], "little")
-    if start + size > len(blob):
-        raise ValueError(f"{path}: truncated (header)")
-    head = json.loads(bytes(blob[start : start + size]))
+    """(header, {name: array}) of a partial file for the arrays named, read direct (the
+    converter writes partials with `fsio.StreamWriter`): views of a buffer that the next call
+    reuses, so copy what is kept."""
+    head, arrays = read_arrays(path, _PARTIAL_MAGIC, names, direct=True)
     if head["vocab_size"] != vocab_size:
         raise ValueError(f"{path}: statistics over {head['vocab_size']} tokens, expected {vocab_size}")
-    spans, pos = {}, start + size
-    for name, dtype, n in head["arrays"]:
-        spans[name] = (pos, np.dtype(dtype), n)
-        pos += np.dtype(dtype).itemsize * n
-    end = max(off + dt.itemsize * n for off, dt, n in (spans[k] for k in names))
-    if end > len(blob):
-        blob = read_whole(path, end)
-    out = {}
-    for name in names:
-        off, dt, n = spans[name]
-        if off + dt.itemsize * n > len(blob):
-            raise ValueError(f"{path}: truncated (array {name})")
-        out[name] = np.frombuffer(blob, dt, n, off)
-    return head, out
+    return head, arrays
 
 
 def _merge_pairwise(paths: list[Path], vocab_size: int, on_each) -> GeneStats:
@@ -789,9 +754,8 @@ class GeneStats:
         self._flush(release=True)
         arrays = {"count_sum": self.count_sum, "cp10k_sum": self.cp10k_sum, "bucket_lo": lo,
                   "bucket_hi": hi, "sketch_keys": self.sketch_keys, "sketch_counts": self.sketch_counts}
-        head = {"vocab_size": self.vocab_size, "n_cells": self.n_cells}
         with open(file, "wb") if isinstance(file, (str, Path)) else nullcontext(file) as fh:
-            _write_partial(fh, head, arrays)
+            write_arrays(fh, _PARTIAL_MAGIC, arrays, vocab_size=self.vocab_size, n_cells=self.n_cells)
 
     @classmethod
     def load_partial(cls, path: Path, vocab_size: int) -> GeneStats:

@@ -21,8 +21,10 @@ import scipy.sparse as sp
 
 SKIP_REASONS = ("not_finite", "negative", "non_integer", "empty", "below_min_genes")
 
-# Rows sampled per file by the file-level integer check.
+# Rows sampled per file by the file-level integer check: the first _SAMPLE_ROWS, or fewer when
+# they already hold _SAMPLE_NONZEROS values (dense rows make a long read, of compressed chunks).
 _SAMPLE_ROWS = 2000
+_SAMPLE_NONZEROS = 200_000
 
 
 def row_flags(x: sp.csr_matrix, integer_counts: bool) -> np.ndarray:
@@ -67,8 +69,12 @@ def check_integer_counts(sample: sp.csr_matrix) -> tuple[float, float]:
     return float(np.mean(data != np.rint(data))), float(data.max())
 
 
-def sample_rows(n_cells: int) -> tuple[int, int]:
-    return 0, min(n_cells, _SAMPLE_ROWS)
+def sample_rows(n_cells: int, row_pointers: np.ndarray | None = None) -> tuple[int, int]:
+    """Row range ``[a, b)`` the file-level checks read (``row_pointers``: CSR [n_cells+1], if known)."""
+    b = min(n_cells, _SAMPLE_ROWS)
+    if row_pointers is not None and b > 1:
+        b = min(b, max(1, int(np.searchsorted(row_pointers, row_pointers[0] + _SAMPLE_NONZEROS))))
+    return 0, b
 
 
 def non_integer_message(path, frac: float, max_value: float, matrix: str, alternatives: list[str]) -> str:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 SPECIAL_TOKENS = ("<pad>", "<cls>", "<mask>")
-ENSEMBL_RE = re.compile(r"^ENS[A-Z]*G\d{11}(\.\d+)?$")
+ENSEMBL_RE = re.compile(r"^(ENS[A-Z]*G\d{11})(?:\.\d+)?$")  # group 1: the id without version
 _VERSION_RE = re.compile(r"\.\d+$")
 _VERSIONED_ENSEMBL = re.compile(r"^(ENS.*?)\.\d+$")
 
@@ -37,6 +37,14 @@ _VERSIONED_ENSEMBL = re.compile(r"^(ENS.*?)\.\d+$")
 def strip_version(gene_id: str) -> str:
     """``ENSG00000000003.15`` -> ``ENSG00000000003``; other strings unchanged."""
     return _VERSION_RE.sub("", gene_id) if gene_id.startswith("ENS") else gene_id
+
+
+def ensembl_ids(values) -> np.ndarray:
+    """Each string's Ensembl gene id without its version, or "" where it is not one (one regex
+    per value: this runs over every gene column of every input).  [n] -> [n] object"""
+    match = ENSEMBL_RE.match
+    out = [match(str(v)) for v in values]
+    return np.array([m.group(1) if m else "" for m in out], dtype=object)
 
 
 def is_ensembl(values) -> np.ndarray:

@@ -28,13 +28,14 @@ def random_counts(n_cells: int, n_genes: int, seed: int, density: float = 0.1) -
     return (x + ensure).tocsr()
 
 
-def write_h5ad(path: Path, x, gene_ids=None, obs: dict | None = None, var_names=None) -> Path:
+def write_h5ad(path: Path, x, gene_ids=None, obs: dict | None = None, var_names=None,
+               compression: str | None = None) -> Path:
     n_cells, n_genes = x.shape
     gene_ids = gene_ids if gene_ids is not None else [ensembl(i) for i in range(n_genes)]
     var = pd.DataFrame({"ensembl_id": gene_ids, "gene_symbol": [f"SYM{i}" for i in range(n_genes)]},
                        index=var_names if var_names is not None else gene_ids)
     obs_frame = pd.DataFrame(obs or {}, index=[f"{path.stem}-cell{i}" for i in range(n_cells)])
-    ad.AnnData(X=x, obs=obs_frame, var=var).write_h5ad(path)
+    ad.AnnData(X=x, obs=obs_frame, var=var).write_h5ad(path, compression=compression)
     return path
 
 

@@ -30,7 +30,8 @@ def inputs(tmp_path_factory) -> list[Path]:
     # two small files at the end: a file's end and a small file share a work unit
     return [write_h5ad(d / "a.h5ad", random_counts(3000, 1500, seed=10, density=0.08),
                        obs={"t": [str(i % 5) for i in range(3000)]}),
-            write_h5ad(d / "b.h5ad", random_counts(1700, 1200, seed=11, density=0.12)),
+            # compressed: the gene scan keeps its rows in .work/cache for the conversion pass
+            write_h5ad(d / "b.h5ad", random_counts(1700, 1200, seed=11, density=0.12), compression="gzip"),
             write_h5ad(d / "c.h5ad", random_counts(150, 1500, seed=12, density=0.08)),
             write_h5ad(d / "d.h5ad", random_counts(120, 1500, seed=13, density=0.08))]
 
@@ -104,6 +105,7 @@ def _count(folder: Path, pattern: str) -> int:
 # (what to watch, how many must exist before the kill)
 KILL_POINTS = [
     (".work/scan", "u*.npz", 2),
+    (".work/cache", "u*.rows", 1),
     (".work/units", "u*.json", 1),
     (".work/units", "u*.json", 6),
     ("shards", "corpus-*.tar", 1),
@@ -176,3 +178,24 @@ def test_merged_stats_equal_single_pass(reference):
         v = np.sort(normalized[order[bounds[g]:bounds[g + 1]]])
         lo, hi = v[(len(v) - 1) // 2], v[len(v) // 2]
         assert lo * (1 - RELATIVE_ERROR) <= medians[g] <= hi * (1 + RELATIVE_ERROR)
+
+
+def test_torn_or_missing_row_cache_is_read_again(inputs, reference, tmp_path):
+    """A cache file torn by a crash (no fsync) or lost is detected and its rows re-read."""
+    from data_pipeline.convert import WORK, ensure_vocab, prepare_out
+    from data_pipeline.plan import build_plan, load_plan, save_plan
+
+    out = tmp_path / "corpus"
+    options = _options(inputs)
+    assert prepare_out(out, options, overwrite=False) == "new"
+    (out / WORK).mkdir(parents=True)
+    save_plan(out / WORK, *build_plan(options))
+    plan = load_plan(out / WORK)
+    ensure_vocab(out, plan, 1, list(range(len(plan["units"]))), False, 1, 0.0)
+    caches = sorted((out / WORK / "cache").glob("u*.rows"))
+    assert len(caches) >= 2
+    blob = caches[0].read_bytes()
+    caches[0].write_bytes(blob[: len(blob) // 2])
+    caches[1].unlink()
+    convert(out, options, workers=1, progress=False)
+    _assert_same_corpus(reference, out)
