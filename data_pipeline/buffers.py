@@ -19,11 +19,15 @@ class Buffers:
         self._arrays: dict[str, np.ndarray] = {}
 
     def get(self, name: str, n: int, dtype) -> np.ndarray:
-        """An uninitialized ``[n]`` array of ``dtype`` (a view of the kept array)."""
+        """An uninitialized ``[n]`` array of ``dtype`` (a view of the kept array).
+
+        The kept array is replaced when it is too small, and also when ``n`` is under half of it:
+        scipy's sparse constructors copy a view of less than half its base (``csr_matrix`` prunes
+        it), which would cost a fresh array per chunk instead of one when the size changes."""
         dtype = np.dtype(dtype)
         a = self._arrays.get(name)
-        if a is None or a.dtype != dtype or len(a) < n:
-            grow = len(a) + len(a) // 4 if a is not None and a.dtype == dtype else 0
+        if a is None or a.dtype != dtype or len(a) < n or n < len(a) // 2:
+            grow = len(a) + len(a) // 4 if a is not None and a.dtype == dtype and len(a) < n else 0
             a = self._arrays[name] = np.empty(max(n, grow), dtype)
         return a[:n]
 

@@ -127,6 +127,18 @@ def test_read_rows_equal_written_matrix(case, counts, tmp_path):
             np.testing.assert_array_equal(src.var["gene_ids"], ids)
 
 
+def test_buffer_views_are_kept_by_scipy():
+    """csr_matrix copies a view of less than half its base; Buffers never hands one out."""
+    b = Buffers()
+    b.get("x", 1000, np.float32)
+    small = b.get("x", 300, np.float32)
+    small[:] = 1
+    m = sp.csr_matrix((small, np.arange(300, dtype=np.int32) % 5, np.array([0, 300])), shape=(1, 5))
+    assert np.shares_memory(m.data, small)
+    assert np.shares_memory(b.get("x", 200, np.float32), small)  # reused while >= half
+    assert not np.shares_memory(b.get("x", 301, np.float32), small)  # grown
+
+
 @pytest.mark.parametrize("case", ["h5ad-csc", "h5ad-dense", "zarr3-csc"])
 def test_block_scans_cross_block_boundaries(case, counts, tmp_path, monkeypatch):
     """CSC and dense reads go block by block; tiny blocks make every range cross several."""
