@@ -45,23 +45,23 @@ def _layout(path, magic: bytes, start_bytes) -> tuple[dict, dict, int]:
 
 
 def read_arrays(path: str | Path, magic: bytes, names=None, direct: bool = False,
-                buffers: Buffers | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+                buffers: Buffers | None = None, slot: int = 0) -> tuple[dict, dict[str, np.ndarray]]:
     """(header, {name: array}) for the arrays named (all by default), reading the file only as
     far as the last of them.
 
     ``direct``: read with `fsio.read_whole` (``O_DIRECT``; for files written by `StreamWriter`);
-    the arrays are then views of a buffer that the next such read reuses. Otherwise the arrays
+    the arrays are then views of buffer ``slot``, which the next such read reuses. Otherwise the arrays
     are read into ``buffers`` (views valid until the same names are asked for again) or into new
     arrays."""
     from .fsio import read_whole
 
     if direct:
-        blob = read_whole(path, _HEAD_MAX)
+        blob = read_whole(path, _HEAD_MAX, slot)
         head, spans, _ = _layout(path, magic, blob)
         names = list(spans) if names is None else names
         end = max((spans[k][0] + spans[k][1].itemsize * spans[k][2] for k in names), default=0)
         if end > len(blob):
-            blob = read_whole(path, end)
+            blob = read_whole(path, end, slot)
         out = {}
         for name in names:
             off, dt, n = spans[name]

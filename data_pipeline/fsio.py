@@ -68,6 +68,7 @@ def atomic_write_with(path: str | Path, write, durable: bool = True) -> None:
 _STREAM_BUFFER = 8 << 20
 _STREAM_BUFFERS = 3
 _ALIGN = 4096  # O_DIRECT wants offsets, lengths and memory aligned to the logical block size
+_O_DIRECT = getattr(os, "O_DIRECT", 0)  # absent off Linux: page-cache I/O
 
 
 class StreamWriter:
@@ -85,10 +86,9 @@ class StreamWriter:
     def __init__(self, path: Path):
         from concurrent.futures import ThreadPoolExecutor
 
-        direct = getattr(os, "O_DIRECT", 0)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         try:
-            self._fd = os.open(path, flags | direct, 0o644)
+            self._fd = os.open(path, flags | _O_DIRECT, 0o644)
         except OSError:
             self._fd = os.open(path, flags, 0o644)
         self._bufs = _take_buffers()
@@ -162,18 +162,33 @@ _free_buffers: list[list] = []
 
 
 def _take_buffers() -> list:
-    import mmap
-
     if _free_buffers:
         return _free_buffers.pop()
-    # private: a shared anonymous map (mmap's default) would be one buffer for forked workers
+    return [_private_map(_STREAM_BUFFER) for _ in range(_STREAM_BUFFERS)]
+
+
+def _private_map(size: int):
+    """Page-aligned anonymous memory (what O_DIRECT needs), private: a shared map (mmap's
+    default) would be one buffer for forked workers. Huge pages where offered: fewer faults."""
+    import mmap
+
     flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
-    bufs = [mmap.mmap(-1, _STREAM_BUFFER, flags=flags) if flags else mmap.mmap(-1, _STREAM_BUFFER)
-            for _ in range(_STREAM_BUFFERS)]
-    for b in bufs:
-        if hasattr(b, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
-            b.madvise(mmap.MADV_HUGEPAGE)
-    return bufs
+    m = mmap.mmap(-1, size, flags=flags) if flags else mmap.mmap(-1, size)
+    if hasattr(m, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
+        m.madvise(mmap.MADV_HUGEPAGE)
+    return m
+
+
+def _stop_direct(fd: int, exc: OSError) -> None:
+    """After EINVAL from a direct read or write (a filesystem that accepts O_DIRECT at open but
+    not for I/O), turn O_DIRECT off so that the caller can retry; re-raise anything else."""
+    import errno
+    import fcntl
+
+    fl = fcntl.fcntl(fd, fcntl.F_GETFL)
+    if exc.errno != errno.EINVAL or not fl & _O_DIRECT:
+        raise exc
+    fcntl.fcntl(fd, fcntl.F_SETFL, fl & ~_O_DIRECT)
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
@@ -182,51 +197,33 @@ def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
         try:
             done += os.pwrite(fd, view[done:], offset + done)
         except OSError as exc:
-            import errno
-            import fcntl
-
-            direct = getattr(os, "O_DIRECT", 0)
-            fl = fcntl.fcntl(fd, fcntl.F_GETFL)
-            if exc.errno != errno.EINVAL or not fl & direct:
-                raise
-            fcntl.fcntl(fd, fcntl.F_SETFL, fl & ~direct)  # the filesystem refuses direct writes
+            _stop_direct(fd, exc)
 
 
-_read_buffer: list = []  # [mmap] reused by read_whole
+_read_buffers: dict = {}  # slot -> mmap reused by read_whole
 
 
-def read_whole(path: str | Path, limit: int | None = None) -> memoryview:
-    """A file's bytes (at most its first ``limit``), read with ``O_DIRECT`` where allowed (a file written by `StreamWriter` is
-    not in the page cache, and reading it through the cache would fill fresh pages only to copy
-    them out), into a buffer reused by the next call: the view is valid until then."""
-    import mmap
-
-    flags = os.O_RDONLY | getattr(os, "O_DIRECT", 0)
+def read_whole(path: str | Path, limit: int | None = None, slot: int = 0) -> memoryview:
+    """A file's bytes (at most its first ``limit``), read with ``O_DIRECT`` where allowed (a file
+    written by `StreamWriter` is not in the page cache, and reading it through the cache would
+    fill fresh pages only to copy them out), into buffer ``slot``, reused by the next call with
+    the same slot: the view is valid until then."""
     try:
-        fd = os.open(path, flags)
+        fd = os.open(path, os.O_RDONLY | _O_DIRECT)
     except OSError:
         fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size if limit is None else min(limit, os.fstat(fd).st_size)
         cap = -(-max(size, 1) // _STREAM_BUFFER) * _STREAM_BUFFER
-        if not _read_buffer or len(_read_buffer[0]) < cap:
-            if _read_buffer:
-                _read_buffer.pop()  # freed once no view of it is left
-            map_flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
-            _read_buffer.append(mmap.mmap(-1, cap, flags=map_flags) if map_flags else mmap.mmap(-1, cap))
-        view = memoryview(_read_buffer[0])
+        if slot not in _read_buffers or len(_read_buffers[slot]) < cap:
+            _read_buffers[slot] = _private_map(cap)  # the old one is freed once no view is left
+        view = memoryview(_read_buffers[slot])
         done = 0
         while done < size:
             try:
                 got = os.preadv(fd, [view[done : -(-size // _ALIGN) * _ALIGN]], done)
             except OSError as exc:
-                import errno
-                import fcntl
-
-                fl = fcntl.fcntl(fd, fcntl.F_GETFL)
-                if exc.errno != errno.EINVAL or not fl & getattr(os, "O_DIRECT", 0):
-                    raise
-                fcntl.fcntl(fd, fcntl.F_SETFL, fl & ~os.O_DIRECT)
+                _stop_direct(fd, exc)
                 continue
             if got <= 0:
                 break

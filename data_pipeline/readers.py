@@ -317,8 +317,15 @@ class AnnDataSource(Source):
         return self._var
 
     def _read_var(self, var_key: str) -> pd.DataFrame:
+        """The var index and its text columns (what gene identity is read from), decoded here:
+        anndata's reader builds every column and costs several times as much per file."""
         group = self._root[var_key]
-        try:
+        if _is_group(group):
+            index = _to_str_array(self._index(group)[...])
+            columns = {name: self._column(group, name, 0, len(index)) for name in self._columns(group)
+                       if _is_text(group, name)}
+            return pd.DataFrame(columns, index=index)
+        try:  # anndata < 0.7: a structured array
             df = _read_elem(group)
         except Exception:  # unusual encodings: fall back to the index alone
             df = pd.DataFrame(index=self._index(group)[...])
@@ -333,15 +340,22 @@ class AnnDataSource(Source):
         return _to_str_array(self._index(self._root["obs"])[start:stop])
 
     def obs_columns(self) -> list[str]:
-        group = self._root["obs"]
+        return self._columns(self._root["obs"])
+
+    @staticmethod
+    def _columns(group) -> list[str]:
+        """Column names of an AnnData dataframe group, in its column order."""
         index_key = group.attrs.get("_index", "_index")
         keys = [k for k in group.keys() if k != index_key and not k.startswith("__")]
         order = [str(k) for k in np.atleast_1d(group.attrs.get("column-order", [])) if str(k) in keys]
         return order + [k for k in keys if k not in order]
 
     def _obs_values(self, name: str, start: int, stop: int) -> np.ndarray:
-        obs = self._root["obs"]
-        elem = obs[name]
+        return self._column(self._root["obs"], name, start, stop)
+
+    def _column(self, frame, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of column ``name`` of dataframe group ``frame`` as str / None."""
+        elem = frame[name]
         if _is_group(elem):
             keys = set(elem.keys())
             if {"codes", "categories"} <= keys:
@@ -350,10 +364,10 @@ class AnnDataSource(Source):
                 out = _to_str_array(elem["values"][start:stop])
                 out[np.asarray(elem["mask"][start:stop], dtype=bool)] = None
                 return out
-            raise SourceError(f"{self.path}: obs column {name!r} has encoding "
+            raise SourceError(f"{self.path}: column {name!r} of {frame.name} has encoding "
                               f"'{elem.attrs.get('encoding-type')}', not a column of values")
-        if _has(obs, f"__categories/{name}"):  # anndata < 0.7 kept categories beside the codes
-            return _decode_categorical(elem[start:stop], obs["__categories"][name][...])
+        if _has(frame, f"__categories/{name}"):  # anndata < 0.7 kept categories beside the codes
+            return _decode_categorical(elem[start:stop], frame["__categories"][name][...])
         return _to_str_array(elem[start:stop])
 
     def _read_rows(self, start: int, stop: int, buffers: Buffers | None) -> sp.csr_matrix:
@@ -418,6 +432,19 @@ def _decode_categorical(codes, categories) -> np.ndarray:
     """Category per code, None for code -1 (missing).  [n] object"""
     labels = np.append(_to_str_array(categories), None)  # code -1 indexes the appended None
     return labels[np.asarray(codes, dtype=np.int64)]
+
+
+def _is_text(frame, name: str) -> bool:
+    """Whether column ``name`` of an AnnData dataframe group holds strings (plain, categorical
+    or nullable), not numbers."""
+    elem = frame[name]
+    if _is_group(elem):
+        keys = set(elem.keys())
+        values = elem["categories"] if "categories" in keys else elem["values"] if "values" in keys else None
+        return values is not None and values.dtype.kind in "OSUT"
+    if _has(frame, f"__categories/{name}"):
+        return frame["__categories"][name].dtype.kind in "OSUT"
+    return elem.dtype.kind in "OSUT"
 
 
 def _is_group(obj) -> bool:

@@ -51,6 +51,7 @@ the last one at ``finalize()``. Measured: about 10 ns per nonzero for add_cells 
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -429,10 +430,16 @@ def merge_partials(paths: list[Path], vocab_size: int, on_each=lambda n: None) -
     if offset[-1] > _DENSE_MERGE_MAX:
         return _merge_pairwise(paths, vocab_size, on_each)
     dense = np.zeros(offset[-1], np.int64)
-    for path in paths:
-        _, a = _read_partial(path, vocab_size, ("sketch_keys", "sketch_counts"))
-        _add_dense(a["sketch_keys"], a["sketch_counts"], lo, offset, dense)
-        on_each(1)
+    names = ("sketch_keys", "sketch_counts")
+    # the next partial is read (by the disk, in a thread) while this one is added
+    with ThreadPoolExecutor(1) as reader:
+        ahead = reader.submit(_read_partial, paths[0], vocab_size, names, 0) if paths else None
+        for i in range(len(paths)):
+            _, a = ahead.result()
+            if i + 1 < len(paths):
+                ahead = reader.submit(_read_partial, paths[i + 1], vocab_size, names, (i + 1) % 2)
+            _add_dense(a["sketch_keys"], a["sketch_counts"], lo, offset, dense)
+            on_each(1)
     n = int(np.count_nonzero(dense))
     total.sketch_keys = np.empty(n, np.int64)
     total.sketch_counts = np.empty(n, np.int64)
@@ -444,11 +451,11 @@ def merge_partials(paths: list[Path], vocab_size: int, on_each=lambda n: None) -
 _PARTIAL_MAGIC = b"GENESTATS1\n"  # an `arrayfile` of sums, bucket ranges and the sketch
 
 
-def _read_partial(path: Path, vocab_size: int, names) -> tuple[dict, dict[str, np.ndarray]]:
+def _read_partial(path: Path, vocab_size: int, names, slot: int = 0) -> tuple[dict, dict[str, np.ndarray]]:
     """(header, {name: array}) of a partial file for the arrays named, read direct (the
-    converter writes partials with `fsio.StreamWriter`): views of a buffer that the next call
-    reuses, so copy what is kept."""
-    head, arrays = read_arrays(path, _PARTIAL_MAGIC, names, direct=True)
+    converter writes partials with `fsio.StreamWriter`): views of buffer ``slot``, which the
+    next call with that slot reuses, so copy what is kept."""
+    head, arrays = read_arrays(path, _PARTIAL_MAGIC, names, direct=True, slot=slot)
     if head["vocab_size"] != vocab_size:
         raise ValueError(f"{path}: statistics over {head['vocab_size']} tokens, expected {vocab_size}")
     return head, arrays
