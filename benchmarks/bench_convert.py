@@ -91,6 +91,40 @@ def warm_page_cache(inputs: list[Path]) -> None:
                 pass
 
 
+def _spin(n: int) -> float:
+    t = time.perf_counter()
+    x = 0
+    for i in range(n):
+        x += i * i % 7
+    return time.perf_counter() - t
+
+
+def _stream(n: int) -> float:
+    import numpy as np
+
+    a = np.ones(1 << 25)  # 256 MB: far beyond the caches
+    t = time.perf_counter()
+    for _ in range(n):
+        a.sum()
+    return time.perf_counter() - t
+
+
+def machine_scaling(workers: int) -> dict:
+    """How this machine itself scales from 1 to ``workers`` processes: a pure compute loop and a
+    memory-streaming loop, each timed alone and then in ``workers`` processes at once (speed per
+    process relative to alone). A conversion streams GBs through memory, so the second bounds
+    what its scaling can be here."""
+    from multiprocessing import get_context
+
+    out = {}
+    for name, fn, n in (("compute", _spin, 20_000_000), ("memory_stream", _stream, 40)):
+        alone = min(fn(n) for _ in range(2))
+        with get_context("fork").Pool(workers) as pool:
+            together = pool.map(fn, [n] * workers)
+        out[name] = round(alone / max(together), 3)
+    return out
+
+
 def warm_up(out_root: Path) -> None:
     """Convert tiny inputs once (int and float counts, plain and gzip) so that no measurement
     pays for compiling the numba kernels after a code change: a user's later conversions find
@@ -198,6 +232,7 @@ def main() -> None:
         "target": ">= 20,000 cells/s per core end to end; near-linear scaling with workers",
         "runs": runs,
         "scaling_efficiency": scaling,
+        "machine_scaling": machine_scaling(max(args.workers)),
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
     }
     args.result.parent.mkdir(parents=True, exist_ok=True)

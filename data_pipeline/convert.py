@@ -149,9 +149,9 @@ def _read_chunk(unit: int, chunk: int, s: int, lo: int, hi: int) -> sp.csr_matri
 
 def _write_cache(unit: int, chunk: int, x: sp.csr_matrix) -> None:
     """Keep a compressed source's rows for the conversion pass: decompressing (or parsing) twice
-    costs more than writing and re-reading raw arrays. Counts that fit uint16 are kept so (also
-    float ones, which are integers after the value checks); no fsync (a cache torn by a crash is
-    detected and the rows re-read)."""
+    costs more than writing and re-reading raw arrays. Counts that fit uint16 are kept so (float
+    ones too, when every value is an integer); no fsync (a cache torn by a crash is detected and
+    the rows re-read)."""
     data = x.data
     if data.size and data.dtype.itemsize > 2 and data.min() >= 0 and data.max() <= np.iinfo(np.uint16).max:
         narrow = _CTX.buffers.get("cache_data", len(data), np.uint16)

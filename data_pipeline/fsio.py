@@ -253,8 +253,10 @@ def atomic_write_bytes(path: str | Path, data) -> None:
     atomic_write_with(path, lambda fh: fh.writelines(data if isinstance(data, list) else [data]))
 
 
-def atomic_write_json(path: str | Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
+def atomic_write_json(path: str | Path, obj, indent: int | None = None) -> None:
+    """Compact by default: work files can hold 10^5-10^6 values (gene tables, block lists), and
+    json's indenting encoder is pure Python (several times slower than the compact one)."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=indent) + "\n").encode())
 
 
 def atomic_replace_dir(tmp_dir: Path, path: Path) -> None:

@@ -100,7 +100,7 @@ def merge_corpus(out: str | Path, keep_work: bool = False, progress: bool = True
     atomic_replace_dir(tmp, out / "stats.zarr")
 
     manifest = build_manifest(out, plan, vocab, results, shards)
-    atomic_write_json(out / "manifest.json", manifest)
+    atomic_write_json(out / "manifest.json", manifest, indent=1)  # read by people too
     if not keep_work:
         shutil.rmtree(work)
     return manifest
