@@ -199,19 +199,20 @@ def build_vocab(work: Path, plan: dict) -> Vocabulary:
         with np.load(_scan_path(work, u)) as z:
             for key in z.files:
                 per_source[key] = per_source[key] + z[key] if key in per_source else z[key]
-    per_gene = {}
-    symbols = {}
+    ids, cells, syms = [], [], []
     for s in plan["sources"]:
         if "refused" in s:
             continue
         table = load_gene_table(work, s["index"])
-        counts = per_source.get(f"s{s['index']}", np.zeros(s["n_vars"], np.int64))
-        frame = pd.DataFrame({"gene": table["ids"], "cells": counts})
-        for gene, cells in frame[frame.gene != ""].groupby("gene", sort=False)["cells"].sum().items():
-            per_gene[gene] = per_gene.get(gene, 0) + int(cells)
-        for gene, sym in zip(table["ids"], table["symbols"]):
-            if gene and sym and gene not in symbols:
-                symbols[gene] = sym
+        ids += table["ids"]
+        syms += table["symbols"]
+        cells.append(per_source.get(f"s{s['index']}", np.zeros(s["n_vars"], np.int64)))
+    frame = pd.DataFrame({"gene": ids, "cells": np.concatenate(cells) if cells else [], "symbol": syms})
+    frame = frame[frame.gene != ""]
+    # columns of one gene (in a file or across files) add up; its symbol is the first one given
+    per_gene = frame.groupby("gene", sort=False)["cells"].sum().to_dict()
+    named = frame[frame.symbol != ""].drop_duplicates("gene")
+    symbols = dict(zip(named.gene, named.symbol))
     genes = sorted(g for g, c in per_gene.items() if c >= options.min_cells_per_gene)
     if not genes:
         raise ConvertError(f"no gene is positive in >= {options.min_cells_per_gene} cells; lower "
