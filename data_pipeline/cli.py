@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import time
@@ -159,5 +160,12 @@ def main(argv=None) -> int:
             return 0
     except (ConvertError, SourceError, CorpusError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise
+        print(f"error: {exc.strerror} while writing{f' {exc.filename}' if exc.filename else ''}: free "
+              "disk space (or raise the quota) and rerun the same command; a conversion resumes from "
+              "the work units it finished", file=sys.stderr)
         return 2
     return 2

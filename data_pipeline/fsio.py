@@ -128,8 +128,8 @@ class StreamWriter:
             self._pending[self._cur].result()
             self._pending[self._cur] = None
 
-    def close(self, durable: bool = True) -> None:
-        """Write what is buffered, set the exact size, fsync (``durable``) and close."""
+    def close(self) -> None:
+        """Write what is buffered, set the exact size, fsync and close."""
         try:
             if self._fill:
                 tail = -self._fill % _ALIGN
@@ -139,8 +139,7 @@ class StreamWriter:
                 if f is not None:
                     f.result()
             os.ftruncate(self._fd, self.size)
-            if durable:
-                os.fsync(self._fd)
+            os.fsync(self._fd)
         finally:
             self._abort()
 

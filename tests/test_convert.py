@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 import scipy.sparse as sp
 
 from data_pipeline.convert import convert
+from data_pipeline.corpus import verify
 from data_pipeline.plan import ConvertError, ConvertOptions, group_pieces, source_pieces
 from data_pipeline.vocab import read_vocab, strip_version
 from tests.conftest import REFUSED_FILE, real_h5ad_files
@@ -222,6 +224,33 @@ def test_cli_commands(tmp_path):
     assert list(back.obs["kind"].astype(str)) == list(src.obs["kind"].to_numpy()[rows])
     r = run("convert", str(tmp_path / "missing.h5ad"), "--out", str(tmp_path / "c3"))
     assert r.returncode == 2 and "error:" in r.stderr and "missing.h5ad" in r.stderr
+
+
+def test_disk_full_is_a_clear_error_and_the_rerun_finishes(tmp_path, monkeypatch, capsys):
+    """A write failing for lack of space exits 2 saying what to do; rerunning then completes."""
+    import errno
+
+    from data_pipeline import fsio
+    from data_pipeline.cli import main
+
+    path = write_h5ad(tmp_path / "a.h5ad", random_counts(400, 60, seed=6))
+    argv = ["convert", str(path), "--out", str(tmp_path / "c"), "--workers", "1", "--block-cells", "64",
+            "--unit-cells", "128", "--no-progress"]
+    real_pwrite, calls = os.pwrite, []
+
+    def pwrite(fd, data, offset):
+        calls.append(1)
+        if len(calls) == 2:  # the second direct write: the first unit's statistics
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(fsio.os, "pwrite", pwrite)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "rerun the same command" in err
+    monkeypatch.setattr(fsio.os, "pwrite", real_pwrite)
+    assert main(argv) == 0
+    assert verify(tmp_path / "c") == []
 
 
 def test_symbols_through_a_symbol_table(shared_data, tmp_path):
