@@ -157,8 +157,8 @@ def convert_once(name: str, inputs: list[Path], workers: int, out_root: Path, vo
     default: measurements after the first find memory already in use, as a long conversion does
     after its first minute. ``fresh``: in a new Python process, as a user's single `python -m
     data_pipeline convert` (after its imports), paying the one-off costs of a new process: numba
-    loading its cached kernels, and first touches of a worker's buffers (on this VM ~2.7 s per GB
-    of memory the guest has not touched before, against ~0.15 s on bare metal)."""
+    loading its cached kernels, and first touches of a worker's buffers (on this VM, memory the
+    guest has not touched before cost ~2.7 s per GB in a numpy fill, against ~0.15 s once touched)."""
     warm_page_cache(inputs)
     out = out_root / f"{name}-w{workers}"
     shutil.rmtree(out, ignore_errors=True)

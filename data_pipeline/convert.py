@@ -60,7 +60,7 @@ from .plan import (
 from .readers import open_source
 from .rowkernels import CountOverflow, convert_rows, scan_counts
 from .shards import END_OF_ARCHIVE, CellBlock, encode_block_parts
-from .stats import PARTITION_BITS, GeneStats
+from .stats import GeneStats
 from .validate import SKIP_REASONS
 from .vocab import Vocabulary, read_vocab
 
@@ -248,7 +248,7 @@ def convert_unit(unit: int) -> dict:
             # duplicate source columns of one gene are summed; tokens come out ascending per cell
             try:
                 rows = convert_rows(x.indptr, x.indices, x.data, _CTX.colmap(s), entry["integer_counts"],
-                                    opts.min_genes, vocab.token_dtype, _CTX.buffers, PARTITION_BITS)
+                                    opts.min_genes, vocab.token_dtype, _CTX.buffers)
             except CountOverflow as exc:
                 raise ConvertError(f"{entry['path']} rows {lo}-{hi}: {exc}") from None
             del x
@@ -336,7 +336,7 @@ def _load_kernels(init_args: tuple) -> None:
         scan_counts(x, entry["integer_counts"], np.zeros(x.shape[1], np.int64))
         if _CTX.vocab is not None:
             rows = convert_rows(x.indptr, x.indices, x.data, _CTX.colmap(s), entry["integer_counts"], 1,
-                                _CTX.vocab.token_dtype, None, PARTITION_BITS)
+                                _CTX.vocab.token_dtype)
             stats = GeneStats(len(_CTX.vocab))
             stats.add_cells(rows.tokens, rows.values, rows.indptr, rows.total_counts[rows.reason < 0],
                             rows.partition_counts)

@@ -91,7 +91,7 @@ def merge_corpus(out: str | Path, keep_work: bool = False, progress: bool = True
     fsync_dir(out / "shards")
     with _progress(len(units), "merge statistics", progress, unit="unit") as bar:
         stats = merge_partials([work / "units" / f"{unit_name(u)}.stats" for u in range(len(units))],
-                          len(vocab), bar.update)
+                               len(vocab), bar.update)
 
     tmp = temp_path(out / "stats.zarr")
     if tmp.exists():

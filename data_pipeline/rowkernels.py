@@ -19,6 +19,7 @@ from numba.core import types
 from numba.extending import intrinsic
 
 from .buffers import Buffers
+from .stats import PARTITION_BITS
 
 _NOT_FINITE, _NEGATIVE, _NON_INTEGER, _EMPTY, _BELOW_MIN_GENES = 0, 1, 2, 3, 4
 
@@ -55,18 +56,6 @@ def _reason_of(flags):
     if not flags & _IS_POSITIVE:
         return _EMPTY
     return -1
-
-
-@njit(cache=True, nogil=True)
-def _row_reason(data, lo, hi, check_finite, check_integer):
-    """(first skip reason of the value checks or -1, sum of the row's values)."""
-    flags = 0
-    total = 0.0
-    for j in range(lo, hi):
-        v = np.float64(data[j])
-        total += v
-        flags |= _value_flags(v, check_finite, check_integer)
-    return _reason_of(flags), total
 
 
 def scan_counts(x, integer_counts: bool, cells_per_column: np.ndarray) -> None:
@@ -170,7 +159,7 @@ def map_rows(indptr, indices, data, colmap, check_finite, check_integer, min_gen
     out_indptr[0] = 0
     for r in range(n):
         lo, hi = indptr[r], indptr[r + 1]
-        # one pass: the value checks of _row_reason, and the mapped positive entries
+        # one pass: the row's value checks, and its mapped positive entries
         total = 0.0
         flags = 0
         m = 0
@@ -274,7 +263,7 @@ class Rows(NamedTuple):
 
 
 def convert_rows(indptr, indices, data, colmap, integer_counts: bool, min_genes: int, token_dtype,
-                 buffers: Buffers | None = None, partition_bits: int = 10) -> Rows:
+                 buffers: Buffers | None = None, partition_bits: int = PARTITION_BITS) -> Rows:
     """Python entry of `map_rows`: allocates the outputs, trims them, narrows the counts.
 
     ``values`` come out uint16 when every count fits, else uint32; float32 for non-integer input.

@@ -86,7 +86,6 @@ def encode_block_parts(key: str, block: CellBlock) -> list:
     return parts
 
 
-
 def decode_block(members: dict[str, bytes], n_label_columns: int | None = None) -> CellBlock:
     """Rebuild a block from ``{"indptr.i64": bytes, ...}`` (extensions carry the dtypes)."""
     arrays = {}

@@ -49,7 +49,7 @@ def ensembl_ids(values) -> np.ndarray:
 
 def is_ensembl(values) -> np.ndarray:
     """Boolean mask: which strings look like Ensembl gene ids (any species, optional version)."""
-    return np.array([bool(ENSEMBL_RE.match(str(v))) for v in values], dtype=bool)
+    return ensembl_ids(values) != ""
 
 
 @dataclass
