@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("merge", help="build shards, stats and manifest after a multi-node conversion")
     m.add_argument("corpus")
+    m.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="threads merging the statistics")
     m.add_argument("--keep-work", action="store_true")
     m.add_argument("--no-progress", action="store_true")
 
@@ -127,7 +128,8 @@ def main(argv=None) -> int:
         if args.command == "merge":
             from .merge import merge_corpus, print_report
 
-            print_report(merge_corpus(args.corpus, keep_work=args.keep_work, progress=not args.no_progress))
+            print_report(merge_corpus(args.corpus, keep_work=args.keep_work, progress=not args.no_progress,
+                                      workers=args.workers))
             return 0
         if args.command == "verify":
             from .corpus import verify

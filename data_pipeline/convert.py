@@ -111,6 +111,13 @@ class _Context:
 _CTX: _Context | None = None
 
 
+def vocabulary_coverage(colmap: np.ndarray) -> dict:
+    """A source's columns in the vocabulary, and how many of them were summed into another
+    column of the same gene (``colmap``: token per column, -1 for none)."""
+    mapped = colmap[colmap >= 0]
+    return {"genes_in_vocab": int(len(mapped)), "duplicate_columns_summed": int(len(mapped) - len(np.unique(mapped)))}
+
+
 def _init_worker(work: Path, vocab_path: Path | None) -> None:
     global _CTX
     vocab = read_vocab(vocab_path) if vocab_path is not None and vocab_path.exists() else None
@@ -288,8 +295,9 @@ def convert_unit(unit: int) -> dict:
     atomic_write_stream(base.with_suffix(".stats"), stats.save_partial)
     for piece in pieces.values():
         piece["cells_skipped"] = dict(zip(SKIP_REASONS, piece["cells_skipped"].tolist()))
-        if piece["start"] == 0:  # the source checksum rides on its first unit, overlapping other units
+        if piece["start"] == 0:  # per-source facts ride on its first unit, overlapping other units
             piece["source_checksum"] = source_checksum(_CTX.plan["sources"][piece["source"]]["path"])
+            piece["vocabulary_coverage"] = vocabulary_coverage(_CTX.colmap(piece["source"]))
     result = {
         "unit": unit, "cells_read": unit_rows(_CTX.plan, unit),
         "cells_written": sum(blk["n_cells"] for blk in blocks),
@@ -335,7 +343,11 @@ def _load_kernels(init_args: tuple) -> None:
         x = _CTX.source(s).read_rows(a, min(a + 64, b))
         scan_counts(x, entry["integer_counts"], np.zeros(x.shape[1], np.int64))
         if _CTX.vocab is not None:
-            rows = convert_rows(x.indptr, x.indices, x.data, _CTX.colmap(s), entry["integer_counts"], 1,
+            colmap = _CTX.colmap(s)
+            # both row kernels: reversed, the columns are out of vocabulary order
+            convert_rows(x.indptr, x.indices, x.data, colmap[::-1].copy(), entry["integer_counts"], 1,
+                         _CTX.vocab.token_dtype)
+            rows = convert_rows(x.indptr, x.indices, x.data, colmap, entry["integer_counts"], 1,
                                 _CTX.vocab.token_dtype)
             stats = GeneStats(len(_CTX.vocab))
             stats.add_cells(rows.tokens, rows.values, rows.indptr, rows.total_counts[rows.reason < 0],
@@ -476,6 +488,6 @@ def convert(out: str | Path, options: ConvertOptions, workers: int = 1, num_node
     lap("units")
     if num_nodes > 1:
         return None
-    manifest = merge_corpus(out, keep_work=keep_work, progress=progress)
+    manifest = merge_corpus(out, keep_work=keep_work, progress=progress, workers=workers)
     lap("merge")
     return manifest

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .convert import LENGTH_BINS, WORK, _progress
+from .convert import LENGTH_BINS, WORK, _progress, vocabulary_coverage
 from .fsio import (
     atomic_replace_dir,
     atomic_write_json,
@@ -63,8 +63,9 @@ def finish_if_complete(out: Path, keep_work: bool) -> dict:
     return manifest
 
 
-def merge_corpus(out: str | Path, keep_work: bool = False, progress: bool = True) -> dict:
-    """Build shards, stats and manifest from finished units (after every node has run)."""
+def merge_corpus(out: str | Path, keep_work: bool = False, progress: bool = True, workers: int = 1) -> dict:
+    """Build shards, stats and manifest from finished units (after every node has run), with
+    ``workers`` threads merging the statistics."""
     out = Path(out)
     work = out / WORK
     if (out / "manifest.json").exists():
@@ -91,7 +92,7 @@ def merge_corpus(out: str | Path, keep_work: bool = False, progress: bool = True
     fsync_dir(out / "shards")
     with _progress(len(units), "merge statistics", progress, unit="unit") as bar:
         stats = merge_partials([work / "units" / f"{unit_name(u)}.stats" for u in range(len(units))],
-                               len(vocab), bar.update)
+                               len(vocab), bar.update, workers)
 
     tmp = temp_path(out / "stats.zarr")
     if tmp.exists():
@@ -114,20 +115,20 @@ def _source_report(work: Path, entry: dict, vocab, results: list[dict]) -> dict:
                     "cells_skipped": {"file_refused": n}})
         return rep
     mine = [p for r in results for p in r["pieces"] if p["source"] == entry["index"]]
-    ids = load_gene_table(work, entry["index"])["ids"]
-    tokens = vocab.lookup(ids)
-    mapped = tokens[tokens >= 0]
     counts_total = sum(r["counts_total"] for r in mine)
     first = [r for r in mine if r["start"] == 0]
     rep["checksum"] = first[0]["source_checksum"] if first else source_checksum(entry["path"])  # no rows: no unit
+    coverage = first[0].get("vocabulary_coverage") if first else None
+    if coverage is None:  # no unit, or one written by a version that did not record it
+        coverage = vocabulary_coverage(vocab.lookup(load_gene_table(work, entry["index"])["ids"]))
     rep.update({k: entry[k] for k in ("format", "matrix", "bytes", "n_cells", "n_vars",
                                       "integer_counts", "gene_identity", "genes_resolved",
                                       "genes_from_symbols", "label_columns_missing")})
     rep.update({
-        "genes_in_vocab": int(len(mapped)),
-        "fraction_genes_in_vocab": round(len(mapped) / max(entry["n_vars"], 1), 6),
+        "genes_in_vocab": coverage["genes_in_vocab"],
+        "fraction_genes_in_vocab": round(coverage["genes_in_vocab"] / max(entry["n_vars"], 1), 6),
         "fraction_counts_in_vocab": round(sum(r["counts_in_vocab"] for r in mine) / counts_total, 6) if counts_total else None,
-        "duplicate_columns_summed": int(len(mapped) - len(np.unique(mapped))),
+        "duplicate_columns_summed": coverage["duplicate_columns_summed"],
         "cells_read": sum(r["cells_read"] for r in mine),
         "cells_written": sum(r["cells_written"] for r in mine),
         "cells_skipped": {k: sum(r["cells_skipped"][k] for r in mine) for k in SKIP_REASONS},

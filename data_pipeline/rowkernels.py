@@ -242,6 +242,82 @@ def map_rows(indptr, indices, data, colmap, check_finite, check_integer, min_gen
     return written, largest
 
 
+@njit(cache=True, nogil=True)
+def map_rows_scattered(indptr, indices, data, colmap, check_finite, check_integer, min_genes, n_tokens,
+                       part_bits, reason, total_counts, out_indptr, out_tokens, out_values, part_counts):
+    """`map_rows` for a source whose columns are not in vocabulary order (most real files: genes
+    by chromosome position, the vocabulary by Ensembl id), where nearly every row needs sorting.
+    Each mapped entry goes straight into a bitmap over the tokens (duplicates summed in source
+    order, as `map_rows` does), and the row is emitted by walking the set bits: no per-row key
+    array, no sort. Same arguments (without ``key_bits``), outputs and return value."""
+    n = len(indptr) - 1
+    seen = np.zeros((n_tokens + 63) >> 6, np.uint64)  # all zero between rows
+    dense = np.empty(n_tokens, np.float64)
+    one = np.uint64(1)
+    written = 0
+    pos = 0
+    largest = 0.0
+    out_indptr[0] = 0
+    for r in range(n):
+        lo, hi = indptr[r], indptr[r + 1]
+        total = 0.0
+        flags = 0
+        wmin = len(seen)
+        wmax = -1
+        for j in range(lo, hi):
+            v = np.float64(data[j])
+            total += v
+            flags |= _value_flags(v, check_finite, check_integer)
+            if v > 0:
+                t = colmap[indices[j]]
+                if t >= 0:
+                    w = t >> 6
+                    bit = one << np.uint64(t & 63)
+                    if seen[w] & bit:
+                        dense[t] += v
+                    else:
+                        seen[w] |= bit
+                        dense[t] = v
+                    wmin = min(wmin, w)
+                    wmax = max(wmax, w)
+        total_counts[r] = total
+        code = _reason_of(flags)
+        start = pos
+        for w in range(wmin, wmax + 1):  # emit (or, for a skipped row, just clear) the bits
+            x = seen[w]
+            seen[w] = 0
+            if code < 0:
+                while x:
+                    t = (w << 6) + np.int64(_trailing_zeros(x))
+                    x &= x - one
+                    acc = dense[t]
+                    largest = max(largest, acc)
+                    out_tokens[pos] = t
+                    out_values[pos] = acc
+                    part_counts[t >> part_bits] += 1
+                    pos += 1
+        if code >= 0:
+            reason[r] = code
+            continue
+        if pos - start < min_genes:
+            for i in range(start, pos):
+                part_counts[np.int64(out_tokens[i]) >> part_bits] -= 1
+            reason[r] = _BELOW_MIN_GENES
+            pos = start
+            continue
+        reason[r] = -1
+        written += 1
+        out_indptr[written] = pos
+    return written, largest
+
+
+def columns_in_token_order(colmap: np.ndarray) -> bool:
+    """Whether the mapped columns of ``colmap`` (-1: dropped) have strictly ascending tokens,
+    so that every row comes out sorted as read (`map_rows`; else `map_rows_scattered`)."""
+    mapped = colmap[colmap >= 0]
+    return bool(np.all(mapped[1:] > mapped[:-1]))
+
+
 _UINT32_MAX = float(np.iinfo(np.uint32).max)
 
 
@@ -279,15 +355,20 @@ def convert_rows(indptr, indices, data, colmap, integer_counts: bool, min_genes:
     out_indptr = buf.get("indptr", n + 1, np.int64)
     out_tokens = buf.get("tokens", nnz, token_dtype)
     out_values = buf.get("values", nnz, np.uint32 if integer_counts else np.float32)
-    colmap = np.asarray(colmap, np.int64)
+    colmap = np.asarray(colmap, np.int32)
     n_tokens = int(colmap.max()) + 1 if len(colmap) else 0
     part_counts = buf.get("partition_counts", (n_tokens >> partition_bits) + 1, np.int64)
     part_counts[:] = 0
     float_input = np.asarray(data).dtype.kind == "f"
-    w, largest = map_rows(np.asarray(indptr, np.int64), indices, data, colmap, float_input,
-                          integer_counts and float_input, min_genes,
-                          token_dtype.itemsize * 8, n_tokens, partition_bits, reason, total, out_indptr,
-                          out_tokens, out_values, part_counts)
+    checks = (float_input, integer_counts and float_input, min_genes)
+    outputs = (reason, total, out_indptr, out_tokens, out_values, part_counts)
+    indptr = np.asarray(indptr, np.int64)
+    if columns_in_token_order(colmap):
+        w, largest = map_rows(indptr, indices, data, colmap, *checks, token_dtype.itemsize * 8, n_tokens,
+                              partition_bits, *outputs)
+    else:
+        w, largest = map_rows_scattered(indptr, indices, data, colmap, *checks, n_tokens, partition_bits,
+                                        *outputs)
     if integer_counts and largest > _UINT32_MAX:
         raise CountOverflow(f"a summed count of {largest:.0f} does not fit uint32; is this matrix raw counts?")
     end = out_indptr[w]

@@ -407,14 +407,23 @@ def _dense_to_sparse(dense, lo, offset, keys, counts):  # pragma: no cover
 _DENSE_MERGE_MAX = 1 << 27
 
 
-def merge_partials(paths: list[Path], vocab_size: int, on_each=lambda n: None) -> GeneStats:
+def _token_splits(offset: np.ndarray, parts: int) -> np.ndarray:
+    """Token boundaries ``[k+1]`` (0 ... vocab_size, k <= parts) cutting the dense windows
+    (``offset``: [vocab_size+1] window starts) into about equal contiguous parts."""
+    cuts = np.searchsorted(offset, np.linspace(0, offset[-1], parts + 1)[1:-1])
+    return np.unique(np.concatenate([[0], cuts, [len(offset) - 1]]))
+
+
+def merge_partials(paths: list[Path], vocab_size: int, on_each=lambda n: None,
+                   threads: int = 1) -> GeneStats:
     """Sum partial results written by `GeneStats.save_partial` (e.g. one per conversion unit).
 
     A first pass reads only each partial's small arrays (sums, per-token bucket ranges), a second
     adds every partial's sketch into dense per-token windows: each sketch is read once, and the
     work is linear in the partials' entries, where merging sparse sketches pairwise re-merges
-    the growing result. Sums are added in ``paths`` order. Falls back to pairwise merging when
-    the windows would exceed ``_DENSE_MERGE_MAX`` buckets."""
+    the growing result. ``threads`` add disjoint token ranges of each sketch at once (the result
+    does not depend on their number). Sums are added in ``paths`` order. Falls back to pairwise
+    merging when the windows would exceed ``_DENSE_MERGE_MAX`` buckets."""
     total = GeneStats(vocab_size)
     lo = np.full(vocab_size, _BUCKETS, np.int64)
     hi = np.full(vocab_size, -1, np.int64)
@@ -431,14 +440,22 @@ def merge_partials(paths: list[Path], vocab_size: int, on_each=lambda n: None) -
         return _merge_pairwise(paths, vocab_size, on_each)
     dense = np.zeros(offset[-1], np.int64)
     names = ("sketch_keys", "sketch_counts")
+    first_keys = _token_splits(offset, max(1, threads)) * _BUCKETS  # sketch keys sort by token
     # the next partial is read (by the disk, in a thread) while this one is added
-    with ThreadPoolExecutor(1) as reader:
+    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(max(1, threads)) as adders:
         ahead = reader.submit(_read_partial, paths[0], vocab_size, names, 0) if paths else None
         for i in range(len(paths)):
             _, a = ahead.result()
             if i + 1 < len(paths):
                 ahead = reader.submit(_read_partial, paths[i + 1], vocab_size, names, (i + 1) % 2)
-            _add_dense(a["sketch_keys"], a["sketch_counts"], lo, offset, dense)
+            keys, counts = a["sketch_keys"], a["sketch_counts"]
+            # any monotone cuts are race-free (one key, one dense element); clipped to the
+            # keys' narrow type so that numpy does not compare them as float64
+            cuts = np.searchsorted(keys, np.minimum(first_keys, np.iinfo(keys.dtype).max).astype(keys.dtype))
+            cuts[0], cuts[-1] = 0, len(keys)
+            for done in [adders.submit(_add_dense, keys[p:q], counts[p:q], lo, offset, dense)
+                         for p, q in zip(cuts[:-1], cuts[1:]) if q > p]:
+                done.result()
             on_each(1)
     n = int(np.count_nonzero(dense))
     total.sketch_keys = np.empty(n, np.int64)
@@ -446,6 +463,12 @@ def merge_partials(paths: list[Path], vocab_size: int, on_each=lambda n: None) -
     _dense_to_sparse(dense, lo, offset, total.sketch_keys, total.sketch_counts)
     total.nonzero_count = _nonzero_count_from_sketch(total.sketch_keys, total.sketch_counts, vocab_size)
     return total
+
+
+def _narrowest(a: np.ndarray) -> np.ndarray:
+    """Non-negative integers in the narrowest of uint16 / uint32 / int64 that holds them."""
+    top = int(a.max()) if a.size else 0
+    return a.astype(np.uint16 if top < 1 << 16 else np.uint32 if top < 1 << 32 else np.int64)
 
 
 _PARTIAL_MAGIC = b"GENESTATS1\n"  # an `arrayfile` of sums, bucket ranges and the sketch
@@ -749,15 +772,11 @@ class GeneStats:
         are left in those types: saving is the last use of a partial."""
         self._flush()
 
-        def narrow(a: np.ndarray) -> np.ndarray:
-            top = int(a.max()) if a.size else 0
-            return a.astype(np.uint16 if top < 1 << 16 else np.uint32 if top < 1 << 32 else np.int64)
-
         lo = np.full(self.vocab_size, _BUCKETS, np.int32)
         hi = np.full(self.vocab_size, -1, np.int32)
         _widen_ranges(self.sketch_keys, lo, hi)
         # narrowed copies: the workspace buffers holding the sketch go back to the pool uncopied
-        self.sketch_keys, self.sketch_counts = narrow(self.sketch_keys), narrow(self.sketch_counts)
+        self.sketch_keys, self.sketch_counts = _narrowest(self.sketch_keys), _narrowest(self.sketch_counts)
         self._flush(release=True)
         arrays = {"count_sum": self.count_sum, "cp10k_sum": self.cp10k_sum, "bucket_lo": lo,
                   "bucket_hi": hi, "sketch_keys": self.sketch_keys, "sketch_counts": self.sketch_counts}
@@ -775,6 +794,7 @@ class GeneStats:
     def to_zarr(self, path: Path) -> None:
         """Write ``stats.zarr`` (zarr v3 group)."""
         import zarr
+        from zarr.codecs import BloscCodec
 
         self.finalize()
         root = zarr.open_group(str(path), mode="w")
@@ -789,10 +809,13 @@ class GeneStats:
         arrays = {
             "nonzero_count": self.nonzero_count, "count_sum": self.count_sum,
             "cp10k_sum": self.cp10k_sum, "nonzero_median": self.nonzero_medians(),
-            "sketch_keys": self.sketch_keys, "sketch_counts": self.sketch_counts,
+            "sketch_keys": _narrowest(self.sketch_keys), "sketch_counts": _narrowest(self.sketch_counts),
         }
+        # one chunk per array, blosc-lz4 with byte shuffle: smaller than zarr's default chunks of
+        # zstd and several times faster to write (readers take whole arrays anyway)
+        codec = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
         for name, arr in arrays.items():
-            root.create_array(name, data=np.ascontiguousarray(arr))
+            root.create_array(name, data=np.ascontiguousarray(arr), chunks=(max(len(arr), 1),), compressors=codec)
 
     @classmethod
     def from_zarr(cls, path: Path) -> GeneStats:
@@ -801,5 +824,5 @@ class GeneStats:
         root = zarr.open_group(str(path), mode="r")
         s = cls(int(root.attrs["vocab_size"]), int(root.attrs["n_cells"]),
                 root["nonzero_count"][...], root["count_sum"][...], root["cp10k_sum"][...],
-                root["sketch_keys"][...], root["sketch_counts"][...])
+                root["sketch_keys"][...].astype(np.int64), root["sketch_counts"][...].astype(np.int64))
         return s

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from data_pipeline.rowkernels import CountOverflow, convert_rows, scan_rows
+from data_pipeline.rowkernels import CountOverflow, columns_in_token_order, convert_rows, scan_rows
 from data_pipeline.validate import SKIP_REASONS, row_flags
 
 
-def _random_source(rng, n, n_vars, dtype, bad: bool):
+def _random_source(rng, n, n_vars, dtype, bad: bool, shuffle: bool):
     x = sp.random(n, n_vars, density=rng.uniform(0.02, 0.3), format="csr", random_state=rng,
                   data_rvs=lambda k: rng.integers(1, 300, k)).astype(dtype)
     x.data[rng.random(x.nnz) < 0.02] = 0  # explicit zeros are not genes
@@ -19,7 +19,7 @@ def _random_source(rng, n, n_vars, dtype, bad: bool):
             x.data[rng.integers(0, x.nnz, 2)] = value
     elif bad and np.dtype(dtype).kind == "i":
         x.data[rng.integers(0, x.nnz, 2)] = -3
-    if rng.random() < 0.5:  # unsorted column indices within rows, as some writers leave them
+    if shuffle:  # unsorted column indices within rows, as some writers leave them
         perm = rng.permutation(n_vars)
         x = sp.csr_matrix((x.data, perm[x.indices], x.indptr), shape=x.shape)
     return x
@@ -39,21 +39,25 @@ def _reference(x, colmap, integer, min_genes, vocab_size):
     return reason, total, m[np.flatnonzero(reason < 0)]
 
 
-@pytest.mark.parametrize("trial", range(18))
+@pytest.mark.parametrize("trial", range(24))
 def test_convert_rows_equals_reference(trial):
-    """Covers the three ways a row is ordered: already ascending (a source in vocabulary order,
-    every sixth trial), a bitmap over a narrow token range, a radix sort over a wide one."""
+    """Covers every way a row gets ordered: a source in vocabulary order (every third trial)
+    with rows stored sorted (as read), or unsorted (a bitmap over a narrow token range, a radix
+    sort over a wide one); any other source (`map_rows_scattered`)."""
     rng = np.random.default_rng(trial)
     n, n_vars = int(rng.integers(1, 200)), int(rng.integers(1, 400))
     dtype = [np.int32, np.int64, np.float32, np.float64, np.uint16][trial % 5]
-    x = _random_source(rng, n, n_vars, dtype, bad=trial % 3 == 0)
+    in_vocab_order = trial % 3 == 2
+    shuffle = trial % 2 == 0 if in_vocab_order else rng.random() < 0.5
+    x = _random_source(rng, n, n_vars, dtype, bad=trial % 3 == 0, shuffle=shuffle)
     vocab_size = int(rng.integers(3, 300_000 if trial % 4 == 0 else 3000))
     colmap = rng.integers(3, vocab_size, n_vars)
     colmap[rng.random(n_vars) < 0.2] = -1                 # genes not in the vocabulary
     colmap[rng.integers(0, n_vars, n_vars // 10)] = colmap[0]  # several columns of one gene
-    if trial % 6 == 5:  # columns in vocabulary order
+    if in_vocab_order:
         vocab_size = max(vocab_size, 4 + 2 * n_vars)
         colmap = np.where(rng.random(n_vars) < 0.2, -1, 3 + np.arange(n_vars) * (vocab_size // (n_vars + 3)))
+    assert columns_in_token_order(colmap) == in_vocab_order
     integer, min_genes = trial % 2 == 0 or dtype in (np.int32, np.int64, np.uint16), int(rng.integers(1, 6))
     token_dtype = np.uint16 if vocab_size <= 65536 else np.uint32
 
@@ -77,7 +81,7 @@ def test_convert_rows_equals_reference(trial):
 @pytest.mark.parametrize("dtype", [np.float32, np.int32])
 def test_scan_rows_counts_cells_of_valid_rows(dtype):
     rng = np.random.default_rng(7)
-    x = _random_source(rng, 150, 90, dtype, bad=True)
+    x = _random_source(rng, 150, 90, dtype, bad=True, shuffle=True)
     counts = np.zeros(90, np.int64)
     is_float = np.dtype(dtype).kind == "f"
     scan_rows(x.indptr.astype(np.int64), x.indices, x.data, is_float, is_float, counts)

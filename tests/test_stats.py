@@ -230,8 +230,8 @@ def test_merged_partials_equal_one_pass(block, order):
     np.testing.assert_array_equal(total.nonzero_medians(), whole.nonzero_medians())
 
 
-@pytest.mark.parametrize("dense", [True, False])
-def test_merge_partials_equals_one_pass(block, tmp_path, monkeypatch, dense):
+@pytest.mark.parametrize("dense, threads", [(True, 1), (True, 3), (True, 64), (False, 1)])
+def test_merge_partials_equals_one_pass(block, tmp_path, monkeypatch, dense, threads):
     if not dense:  # windows over the limit: the pairwise fallback
         monkeypatch.setattr(stats_mod, "_DENSE_MERGE_MAX", 10)
     whole = one_pass(block, VOCAB)
@@ -240,7 +240,7 @@ def test_merge_partials_equals_one_pass(block, tmp_path, monkeypatch, dense):
         paths.append(tmp_path / f"p{i}.stats")
         part.save_partial(paths[-1])
     seen = []
-    total = stats_mod.merge_partials(paths, VOCAB, seen.append)
+    total = stats_mod.merge_partials(paths, VOCAB, seen.append, threads)
     assert len(seen) == len(paths)
     assert total.n_cells == whole.n_cells
     assert_same_sketch(total, whole)
