@@ -11,7 +11,8 @@ Stages, each resumable because each output is written atomically and its presenc
 4. units     ``.work/units/uNNNNNN.{tar,stats,json}``  a finished shard (row ranges of
                                             one or more files), its statistics, and its record
                                             (accounting, sha256), written last
-5. merge     shards renamed into ``shards/``, ``stats.zarr``, then ``manifest.json`` last
+5. merge     shards renamed into ``shards/``, ``cell_lengths.npy``, ``stats.zarr``, then
+             ``manifest.json`` last
              (`merge.py`)
 
 Units run in a process pool (``workers``) and across nodes (unit ``u`` belongs to node
@@ -239,6 +240,7 @@ def convert_unit(unit: int) -> dict:
     stats = GeneStats(len(vocab))
     sha = hashlib.sha256()
     blocks: list[dict] = []
+    lengths: list[np.ndarray] = []  # genes per written cell, for the corpus's length index
     pieces = {(s, a): {"source": s, "start": a, "stop": b, "cells_read": b - a, "cells_written": 0,
                        "cells_skipped": np.zeros(len(SKIP_REASONS), np.int64),
                        "counts_total": 0.0, "counts_in_vocab": 0.0}
@@ -282,6 +284,7 @@ def convert_unit(unit: int) -> dict:
                                "n_tokens": int(q - p), "counts_dtype": counts.dtype.str,
                                "length_histogram": length_histogram(np.diff(block.indptr))})
                 offset += size
+            lengths.append(np.diff(indptr))
             stats.add_cells(genes, counts, indptr, tc, rows.partition_counts)
             piece["cells_skipped"] += np.bincount(reason[reason >= 0], minlength=len(SKIP_REASONS))
             piece["cells_written"] += len(written)
@@ -293,6 +296,8 @@ def convert_unit(unit: int) -> dict:
     base = _CTX.work / "units" / unit_name(unit)
     atomic_write_stream(base.with_suffix(".tar"), write)
     atomic_write_stream(base.with_suffix(".stats"), stats.save_partial)
+    cell_lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    atomic_write_with(base.with_suffix(".lengths"), lambda fh: np.save(fh, cell_lengths.astype(np.uint32)))
     for piece in pieces.values():
         piece["cells_skipped"] = dict(zip(SKIP_REASONS, piece["cells_skipped"].tolist()))
         if piece["start"] == 0:  # per-source facts ride on its first unit, overlapping other units
@@ -381,7 +386,7 @@ def prepare_out(out: Path, options: ConvertOptions, overwrite: bool) -> str:
         if any(out.iterdir()) and not (manifest.exists() or work.exists()):
             raise ConvertError(f"--out {out} is a non-empty folder that is not a corpus; refusing to "
                                "overwrite it: choose an empty or new folder")
-        for name in ("manifest.json", "vocab.tsv", "stats.zarr", "shards", WORK):
+        for name in ("manifest.json", "vocab.tsv", "stats.zarr", "cell_lengths.npy", "shards", WORK):
             p = out / name
             if p.is_dir():
                 shutil.rmtree(p)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .fsio import commit, fsync_file, sha256_path, temp_path
-from .shards import CellBlock, iter_shard
+from .shards import END_OF_ARCHIVE, CellBlock, iter_shard
 from .vocab import Vocabulary, read_vocab
 
 
@@ -66,8 +66,10 @@ def verify(path: str | Path) -> list[str]:
         vocab_size = len(vocab)
         if vocab.sha256() != m["vocab"]["sha256"]:
             problems.append("vocab.tsv does not match the manifest's vocabulary hash")
+    lengths = []
     for shard in m["shards"]:
-        problems += _verify_shard(corpus.path / shard["file"], shard, vocab_size)
+        problems += _verify_shard(corpus.path / shard["file"], shard, vocab_size, lengths)
+    problems += _verify_cell_lengths(corpus, lengths)
     acc = m["accounting"]
     if acc["cells_read"] != acc["cells_written"] + sum(v or 0 for v in acc["cells_skipped"].values()):
         problems.append("accounting: cells read != cells written + cells skipped")
@@ -90,7 +92,27 @@ def verify(path: str | Path) -> list[str]:
     return problems
 
 
-def _verify_shard(path: Path, record: dict, vocab_size: int | None) -> list[str]:
+def _verify_cell_lengths(corpus: Corpus, lengths: list[np.ndarray]) -> list[str]:
+    """The length index against the genes per cell read from the shards (``lengths``: one array
+    per block in corpus order; incomplete when a shard was bad, which is reported already)."""
+    record = corpus.manifest.get("cell_lengths")
+    if record is None:
+        return ["manifest has no cell_lengths record (a corpus from an older converter: convert again)"]
+    path = corpus.path / record["file"]
+    if not path.exists():
+        return [f"{record['file']} is missing"]
+    if sha256_path(path) != record["sha256"]:
+        return [f"{record['file']}: sha256 differs from the manifest (edited or truncated)"]
+    found = np.load(path)
+    if len(found) != corpus.n_cells:
+        return [f"{record['file']} holds {len(found)} cells, the corpus {corpus.n_cells}"]
+    read = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    if len(read) == len(found) and not np.array_equal(read, found):
+        return [f"{record['file']} disagrees with the genes per cell in the shards"]
+    return []
+
+
+def _verify_shard(path: Path, record: dict, vocab_size: int | None, lengths: list) -> list[str]:
     name = record["file"]
     if not path.exists():
         return [f"{name}: missing"]
@@ -105,11 +127,23 @@ def _verify_shard(path: Path, record: dict, vocab_size: int | None) -> list[str]
             bad = _block_problem(block, vocab_size)
             if bad:
                 return [f"{name}: block {key}: {bad}"]
+            lengths.append(np.diff(block.indptr))
     except (tarfile.TarError, KeyError, ValueError, json.JSONDecodeError) as exc:
         return [f"{name}: unreadable ({type(exc).__name__}: {exc})"]
     if (cells, tokens, blocks) != (record["n_cells"], record["n_tokens"], record["n_blocks"]):
         return [f"{name}: holds {cells} cells / {tokens} tokens / {blocks} blocks, manifest says "
                 f"{record['n_cells']} / {record['n_tokens']} / {record['n_blocks']}"]
+    return _block_records_problem(record, path.stat().st_size)
+
+
+def _block_records_problem(record: dict, size: int) -> list[str]:
+    """The manifest's block records (offset, bytes, cells, tokens) must tile the shard and add up."""
+    table = np.asarray(record.get("blocks", []), np.int64).reshape(-1, 4)
+    starts = np.concatenate([[0], np.cumsum(table[:, 1])])
+    if (len(table) != record["n_blocks"] or not np.array_equal(table[:, 0], starts[:-1])
+            or starts[-1] + len(END_OF_ARCHIVE) != size or table[:, 2].sum() != record["n_cells"]
+            or table[:, 3].sum() != record["n_tokens"]):
+        return [f"{record['file']}: the manifest's block records do not match the shard"]
     return []
 
 

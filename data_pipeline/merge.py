@@ -21,8 +21,10 @@ from .convert import LENGTH_BINS, WORK, _progress, vocabulary_coverage
 from .fsio import (
     atomic_replace_dir,
     atomic_write_json,
+    atomic_write_with,
     fsync_dir,
     remove_stale_temps,
+    sha256_path,
     source_checksum,
     temp_path,
 )
@@ -32,7 +34,7 @@ from .stats import merge_partials
 from .validate import SKIP_REASONS
 from .vocab import read_vocab
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: per-block offsets in shard records, cell_lengths.npy
 
 
 def shard_name(i: int) -> str:
@@ -53,6 +55,8 @@ def _place_shard(out: Path, i: int, unit: dict) -> dict:
     return {"sha256": unit["sha256"], "bytes": unit["bytes"],
             "n_cells": sum(b["n_cells"] for b in blocks), "n_tokens": sum(b["n_tokens"] for b in blocks),
             "n_blocks": len(blocks), "length_histogram": hist,
+            # where each block (tar members of one sample) lies: random access without tar parsing
+            "blocks": [[b["offset"], b["bytes"], b["n_cells"], b["n_tokens"]] for b in blocks],
             "counts_dtypes": sorted({b["counts_dtype"] for b in blocks})}
 
 
@@ -94,6 +98,8 @@ def merge_corpus(out: str | Path, keep_work: bool = False, progress: bool = True
         stats = merge_partials([work / "units" / f"{unit_name(u)}.stats" for u in range(len(units))],
                                len(vocab), bar.update, workers)
 
+    lengths = write_cell_lengths(out, [work / "units" / f"{unit_name(r['unit'])}.lengths" for r in with_cells])
+
     tmp = temp_path(out / "stats.zarr")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -101,10 +107,23 @@ def merge_corpus(out: str | Path, keep_work: bool = False, progress: bool = True
     atomic_replace_dir(tmp, out / "stats.zarr")
 
     manifest = build_manifest(out, plan, vocab, results, shards)
+    manifest["cell_lengths"] = lengths
     atomic_write_json(out / "manifest.json", manifest, indent=1)  # read by people too
     if not keep_work:
         shutil.rmtree(work)
     return manifest
+
+
+CELL_LENGTHS = "cell_lengths.npy"
+
+
+def write_cell_lengths(out: Path, unit_files: list[Path]) -> dict:
+    """``CELL_LENGTHS``: genes per cell, in corpus order (what a loader groups cells by, without
+    reading the shards); returns its manifest record."""
+    lengths = np.concatenate([np.load(f) for f in unit_files]) if unit_files else np.zeros(0, np.uint32)
+    lengths = lengths.astype(np.uint16 if lengths.max(initial=0) < 1 << 16 else np.uint32)
+    atomic_write_with(out / CELL_LENGTHS, lambda fh: np.save(fh, lengths))
+    return {"file": CELL_LENGTHS, "dtype": lengths.dtype.str, "sha256": sha256_path(out / CELL_LENGTHS)}
 
 
 def _source_report(work: Path, entry: dict, vocab, results: list[dict]) -> dict:

@@ -22,6 +22,7 @@ identical blocks give identical bytes.
 from __future__ import annotations
 
 import json
+import os
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -93,12 +94,34 @@ def decode_block(members: dict[str, bytes], n_label_columns: int | None = None) 
         field, _, code = name.rpartition(".")
         if code in DTYPES:
             arrays[field] = np.frombuffer(payload, dtype=DTYPES[code])
-    meta = json.loads(members["meta.json"])
+    meta = json.loads(bytes(members["meta.json"]))
     n = len(arrays["indptr"]) - 1
     labels = arrays.get("labels", np.zeros(0, np.int32))
     labels = labels.reshape(n, -1) if n else labels.reshape(0, n_label_columns or 0)
     return CellBlock(arrays["indptr"], arrays["genes"], arrays["counts"], arrays["total_counts"],
                      arrays["source_row"], labels, int(meta["source"]), meta["cell_ids"])
+
+
+def read_block(fd: int, offset: int, nbytes: int) -> CellBlock:
+    """The block whose tar members are bytes ``offset:offset+nbytes`` of the shard open as ``fd``
+    (the manifest's block records), without reading anything else of the shard. Arrays are
+    views of one buffer read for the block."""
+    buf = bytearray(nbytes)
+    view = memoryview(buf)
+    got = os.preadv(fd, [view], offset)
+    if got != nbytes:
+        raise ValueError(f"block at byte {offset} is cut short ({got} of {nbytes} bytes): truncated shard?")
+    members, pos = {}, 0
+    while pos < nbytes:
+        header = view[pos : pos + 512]
+        if bytes(header[257:262]) != b"ustar":
+            raise ValueError(f"no tar header at byte {offset + pos}: the manifest's block records do "
+                             "not match this shard (run `python -m data_pipeline verify`)")
+        name = bytes(header[:100]).rstrip(b"\0").decode()
+        size = int(bytes(header[124:136]).strip(b"\0 ") or b"0", 8)
+        members[name.partition(".")[2]] = view[pos + 512 : pos + 512 + size]
+        pos += 512 + size + (-size % 512)
+    return decode_block(members)
 
 
 def iter_shard(path: str | Path) -> Iterator[tuple[str, CellBlock]]:

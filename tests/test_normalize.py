@@ -1,0 +1,136 @@
+"""Each normalization mode equals its plain per-cell definition, on real cells and random ones."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from data_pipeline import normalize_reference as ref
+from data_pipeline.convert import convert
+from data_pipeline.corpus import Corpus
+from data_pipeline.normalize import Normalization, medians_for_vocab, normalize
+from data_pipeline.plan import ConvertOptions
+from data_pipeline.stats import GeneStats
+from data_pipeline.vocab import read_pickled_dict
+from tests.conftest import SHARED_DATA as SHARED
+
+
+@pytest.fixture(scope="module")
+def real_corpus(tmp_path_factory):
+    """Three real files with different depths (PBMC, tumour, pancreas), as a corpus."""
+    files = [SHARED / "h5ad" / n for n in ("mudan_pbmcA.h5ad", "copykat_tumor302.h5ad", "cider_baron_pancreas350.h5ad")]
+    if not all(f.exists() for f in files):
+        pytest.skip("../shared/data is absent")
+    out = tmp_path_factory.mktemp("norm") / "corpus"
+    convert(out, ConvertOptions([str(f) for f in files]), workers=1, progress=False)
+    return Corpus(out)
+
+
+def _blocks(corpus: Corpus):
+    return [b for _, b in corpus.iter_blocks()]
+
+
+def _random_block(seed: int):
+    """Cells with many ties (small counts), lengths 1..300, totals above their vocabulary sums."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 60))
+    lengths = rng.integers(1, 300, n)
+    genes = np.concatenate([np.sort(rng.choice(5000, k, replace=False)) for k in lengths]) + 3
+    counts = np.where(rng.random(len(genes)) < 0.6, rng.integers(1, 4, len(genes)), rng.integers(1, 2000, len(genes)))
+    indptr = np.concatenate([[0], np.cumsum(lengths)])
+    totals = np.add.reduceat(counts, indptr[:-1]) * rng.uniform(1.0, 1.5, n)
+    return indptr, genes.astype(np.uint16), counts.astype(np.uint16), totals
+
+
+def _check(norm: Normalization, indptr, genes, counts, totals, reference):
+    got = normalize(norm, indptr, genes, counts, totals)
+    assert got.indptr[-1] == len(got.genes) == len(got.values)
+    for i in range(len(indptr) - 1):
+        lo, hi = indptr[i], indptr[i + 1]
+        want_genes, want_values = reference(genes[lo:hi].astype(np.int64), counts[lo:hi], totals[i])
+        a, b = got.indptr[i], got.indptr[i + 1]
+        np.testing.assert_array_equal(got.genes[a:b], want_genes)
+        np.testing.assert_array_equal(got.values[a:b], want_values)
+        assert got.values.dtype == want_values.dtype
+
+
+def _modes(medians):
+    edges = Normalization(n_bins=7).edges
+    return {
+        "log1p_bins": (Normalization("log1p_bins", n_bins=7),
+                       lambda g, c, t: ref.log1p_bins(g, c, t, edges, 7)),
+        "log1p_bins_edges": (Normalization("log1p_bins", n_bins=5, bin_edges=(0.5, 2.25, 3.0)),
+                             lambda g, c, t: ref.log1p_bins(g, c, t, (0.5, 2.25, 3.0), 5)),
+        "quantile_bins": (Normalization("quantile_bins", n_bins=51),
+                          lambda g, c, t: ref.quantile_bins(g, c, t, 51)),
+        "quantile_bins_few": (Normalization("quantile_bins", n_bins=5),
+                              lambda g, c, t: ref.quantile_bins(g, c, t, 5)),
+        "continuous": (Normalization("continuous"), lambda g, c, t: ref.continuous(g, c, t)),
+        "rank": (Normalization("rank", medians=medians, max_genes=2048),
+                 lambda g, c, t: ref.rank_value(g, c, t, medians, 2048)),
+        "rank_short": (Normalization("rank", medians=medians, max_genes=25),
+                       lambda g, c, t: ref.rank_value(g, c, t, medians, 25)),
+    }
+
+
+@pytest.mark.parametrize("mode", ["log1p_bins", "log1p_bins_edges", "quantile_bins", "quantile_bins_few",
+                                  "continuous", "rank", "rank_short"])
+def test_modes_equal_reference_on_real_cells(real_corpus, mode):
+    medians = GeneStats.from_zarr(real_corpus.path / "stats.zarr").nonzero_medians()
+    norm, reference = _modes(medians)[mode]
+    for b in _blocks(real_corpus):
+        _check(norm, b.indptr, b.genes, b.counts, b.total_counts, reference)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("mode", ["log1p_bins", "quantile_bins", "quantile_bins_few", "continuous", "rank_short"])
+def test_modes_equal_reference_on_random_cells(seed, mode):
+    rng = np.random.default_rng(100 + seed)
+    medians = rng.uniform(0.5, 20, 5003)
+    medians[rng.random(5003) < 0.1] = np.nan  # genes without a median are dropped in rank mode
+    norm, reference = _modes(medians)[mode]
+    _check(norm, *_random_block(seed), reference)
+
+
+def test_rank_mode_with_the_geneformer_median_dictionary(real_corpus):
+    """Geneformer's algorithm with its published medians: count / total * 1e4 / median, genes
+    outside its dictionary dropped, sorted descending, truncated to 2048."""
+    path = SHARED / "genes" / "geneformer_gene_median_dictionary.pkl"
+    medians = medians_for_vocab(real_corpus.vocab.ensembl_ids, read_pickled_dict(path))
+    assert np.isfinite(medians).sum() > 5000
+    norm = Normalization("rank", medians=medians, max_genes=2048)
+    for b in _blocks(real_corpus):
+        _check(norm, b.indptr, b.genes, b.counts, b.total_counts,
+               lambda g, c, t: ref.rank_value(g, c, t, medians, 2048))
+
+
+def test_max_genes_keeps_a_random_subset_in_order():
+    indptr, genes, counts, totals = _random_block(3)
+    full = normalize(Normalization("log1p_bins", n_bins=7), indptr, genes, counts, totals)
+    cap = 40
+    seen = []
+    for seed in range(2):
+        got = normalize(Normalization("log1p_bins", n_bins=7, max_genes=cap), indptr, genes, counts, totals,
+                        np.random.default_rng(seed))
+        for i in range(len(indptr) - 1):
+            a, b = got.indptr[i], got.indptr[i + 1]
+            lo, hi = full.indptr[i], full.indptr[i + 1]
+            assert b - a == min(cap, hi - lo)
+            kept = got.genes[a:b]
+            assert np.all(np.diff(kept) > 0)
+            pos = np.searchsorted(full.genes[lo:hi], kept)
+            np.testing.assert_array_equal(full.genes[lo:hi][pos], kept)
+            np.testing.assert_array_equal(full.values[lo:hi][pos], got.values[a:b])
+        seen.append(got.genes.copy())
+    assert len(seen[0]) != len(genes) and not np.array_equal(seen[0], seen[1])
+    with pytest.raises(ValueError, match="rng"):
+        normalize(Normalization("log1p_bins", max_genes=cap), indptr, genes, counts, totals)
+
+
+def test_bad_settings_name_the_fix():
+    with pytest.raises(ValueError, match="medians"):
+        Normalization("rank")
+    with pytest.raises(ValueError, match="not one of"):
+        Normalization("log2")
+    with pytest.raises(ValueError, match="at least 3"):
+        Normalization("quantile_bins", n_bins=2)
