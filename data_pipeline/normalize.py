@@ -35,8 +35,8 @@ MODES = ("log1p_bins", "quantile_bins", "rank", "continuous")
 @dataclass(frozen=True)
 class Normalization:
     """How cells become model input. ``medians`` (rank mode): nonzero median of
-    ``count / total * target_sum`` per token, NaN where unknown (from ``stats.zarr`` or a
-    Geneformer median dictionary, see `medians_for_vocab`)."""
+    ``count / total * target_sum`` per token, NaN where unknown (from ``stats.zarr``, which a
+    CellLoader fills in when None, or a Geneformer median dictionary, see `medians_for_vocab`)."""
 
     mode: str = "log1p_bins"
     n_bins: int = 51
@@ -50,9 +50,6 @@ class Normalization:
             raise ValueError(f"normalization mode {self.mode!r} is not one of {', '.join(MODES)}")
         if self.mode in ("log1p_bins", "quantile_bins") and self.n_bins < 3:
             raise ValueError(f"n_bins={self.n_bins}: binned modes need at least 3 (bin 0 is zero expression)")
-        if self.mode == "rank" and self.medians is None:
-            raise ValueError("rank mode needs per-token nonzero medians: pass medians= (from stats.zarr "
-                             "or a Geneformer median dictionary, see medians_for_vocab)")
         if self.max_genes is not None and self.max_genes < 1:
             raise ValueError(f"max_genes={self.max_genes} must be >= 1 (or None for no cap)")
 
@@ -93,9 +90,14 @@ def normalize(norm: Normalization, indptr, genes, counts, total_counts,
     indptr = np.asarray(indptr, np.int64)
     genes = np.asarray(genes, np.int64)
     if norm.mode == "rank":
+        if norm.medians is None:
+            raise ValueError("rank mode needs per-token nonzero medians: pass medians= (a CellLoader "
+                             "takes them from the corpus's stats.zarr; see also medians_for_vocab)")
         return _rank(norm, indptr, genes, counts, total_counts)
     x = log1p_cp10k(counts, indptr, total_counts, norm.target_sum)
-    if norm.mode == "log1p_bins":
+    if norm.mode == "log1p_bins" and norm.bin_edges is None:  # edges 1, 2, ...: counting them is floor
+        values = np.minimum(np.floor(x), norm.n_bins - 2).astype(np.int64) + 1
+    elif norm.mode == "log1p_bins":
         values = np.minimum(np.searchsorted(norm.edges, x, side="right") + 1, norm.n_bins - 1)
     elif norm.mode == "quantile_bins":
         values = np.empty(len(x), np.int64)
@@ -136,17 +138,32 @@ def _quantile_bins(indptr, x, q, out):  # pragma: no cover
             out[j] = np.searchsorted(edges, x[j], side="right")
 
 
+def choose_within_cells(indptr: np.ndarray, picks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A uniformly random subset of ``picks[i]`` entries of each cell ``i`` (all of them when it has
+    fewer).  [nnz] bool"""
+    chosen = np.empty(int(indptr[-1]), np.bool_)
+    _selection_sample(np.asarray(indptr, np.int64), np.asarray(picks, np.int64), rng.random(len(chosen)), chosen)
+    return chosen
+
+
+@njit(cache=True, nogil=True)
+def _selection_sample(indptr, picks, u, chosen):  # pragma: no cover
+    """Knuth's selection sampling (Algorithm S): one pass, one uniform per entry; entry j of a
+    cell is taken with probability (still needed) / (still left), which makes every subset of the
+    asked size equally likely."""
+    for i in range(len(indptr) - 1):
+        lo, hi = indptr[i], indptr[i + 1]
+        need = min(picks[i], hi - lo)
+        for j in range(lo, hi):
+            take = u[j] * (hi - j) < need
+            chosen[j] = take
+            need -= take
+
+
 def _random_subset(indptr: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
     """Entry positions keeping a uniform random ``cap`` of each cell's entries (all of a cell with
     at most ``cap``), in their original order.  [sum(min(len, cap))]"""
-    lengths = np.diff(indptr)
-    keys = rng.random(int(indptr[-1]))
-    cell = np.repeat(np.arange(len(lengths)), lengths)
-    # within each cell, rank entries by their random key; keep ranks < cap
-    order = np.lexsort((keys, cell))
-    rank = np.empty(len(order), np.int64)
-    rank[order] = np.arange(len(order)) - np.repeat(indptr[:-1], lengths)
-    return np.flatnonzero(rank < cap)
+    return np.flatnonzero(choose_within_cells(indptr, np.full(len(indptr) - 1, cap), rng))
 
 
 def _rank(norm: Normalization, indptr, genes, counts, total_counts) -> Normalized:

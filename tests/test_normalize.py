@@ -129,7 +129,7 @@ def test_max_genes_keeps_a_random_subset_in_order():
 
 def test_bad_settings_name_the_fix():
     with pytest.raises(ValueError, match="medians"):
-        Normalization("rank")
+        normalize(Normalization("rank"), np.array([0, 1]), np.array([3]), np.array([1]), np.array([1.0]))
     with pytest.raises(ValueError, match="not one of"):
         Normalization("log2")
     with pytest.raises(ValueError, match="at least 3"):

@@ -1,0 +1,302 @@
+"""`CellLoader`: corpus shards -> normalized, masked, length-grouped `PackedBatch` streams.
+
+Per epoch, `epoch_plan.EpochPlan` decides from the corpus index alone which cells form which
+batch on which rank and DataLoader worker (every cell once per epoch, the same number of batches
+on every rank, token budgets kept). Each worker then reads only the blocks of its megabatches
+(random access through the manifest's block records), gathers their cells in batch order, makes
+the contrastive views, normalizes, masks, and cuts the megabatch into batches; all of it
+vectorized over the megabatch. Random draws come from generators seeded by (seed, epoch,
+megabatch), so a megabatch gives the same batches whichever process makes it and whenever.
+
+Resume: ``state_dict()`` records the epoch and how many batches this rank has yielded in it; a
+loader given that state (same corpus, seed, world size and worker count) yields exactly the
+batches that would have followed. With another world size or worker count the epoch's layout
+differs, so `load_state_dict` refuses the state unless ``restart_epoch=True``: the interrupted
+epoch then starts over under the new layout (cells of that epoch before the interruption are
+seen again; later epochs are unaffected).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .batch import PackedBatch
+from .epoch_plan import Batching, BlockTable, EpochPlan, worker_skip
+from .masking import Masking, Views, apply_masking, make_views
+from .normalize import Normalization, normalize
+from .shards import read_block
+
+STATE_VERSION = 1
+DEFAULT_MASKING = Masking()  # 15 % of each cell's genes; 80 % mask id, 10 % random, 10 % kept
+
+
+def rank_and_world_size(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """Explicit values, else torch.distributed's (when initialized), else ``RANK``/``WORLD_SIZE``
+    from the environment (set by the deepspeed and torchrun launchers), else (0, 1)."""
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def corpus_medians(corpus: str | Path) -> np.ndarray:
+    """Per-token nonzero medians of ``count / total * 1e4`` from the corpus's ``stats.zarr``
+    (what rank mode divides by).  [vocab_size] float64, NaN for tokens never expressed"""
+    from .stats import GeneStats
+
+    return GeneStats.from_zarr(Path(corpus) / "stats.zarr").nonzero_medians()
+
+
+class _Spec:
+    """What every process needs to make its batches (picklable; arrays loaded lazily)."""
+
+    def __init__(self, corpus: Path, normalization: Normalization, batching: Batching, masking: Masking | None,
+                 views: Views | None, seed: int, rank: int, world_size: int, streams_per_rank: int,
+                 extra_tokens_per_cell: int):
+        self.corpus = corpus
+        self.manifest = json.loads((corpus / "manifest.json").read_text())
+        if "cell_lengths" not in self.manifest or any("blocks" not in s for s in self.manifest["shards"]):
+            raise ValueError(f"{corpus}: the corpus has no random-access index (block records, cell_lengths.npy); "
+                             "it was made by an older converter: convert the inputs again")
+        self.normalization, self.batching, self.masking, self.views = normalization, batching, masking, views
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.streams_per_rank, self.extra_tokens_per_cell = streams_per_rank, extra_tokens_per_cell
+        self.vocab_size = self.manifest["vocab"]["size"]
+        special = self.manifest["vocab"]["special_tokens"]  # name -> token id
+        if "<mask>" not in special:
+            raise ValueError(f"{corpus}: the vocabulary has no <mask> token (special tokens: {special})")
+        self.mask_token = special["<mask>"]
+        self.n_special = max(special.values()) + 1  # gene tokens follow the special ones
+        self.n_label_columns = len(self.manifest["label_columns"])
+        self._table = None
+        self._cost = None
+
+    @property
+    def table(self) -> BlockTable:
+        if self._table is None:
+            self._table = BlockTable.from_manifest(self.manifest)
+        return self._table
+
+    @property
+    def cost(self) -> np.ndarray:
+        """Tokens each cell can take in a batch (capped length plus special tokens, per view).  [N]"""
+        if self._cost is None:
+            lengths = np.load(self.corpus / self.manifest["cell_lengths"]["file"]).astype(np.int64)
+            if self.normalization.max_genes is not None:
+                lengths = np.minimum(lengths, self.normalization.max_genes)
+            self._cost = (lengths + self.extra_tokens_per_cell) * (2 if self.views else 1)
+        return self._cost
+
+    def plan(self, epoch: int) -> EpochPlan:
+        return EpochPlan(self.table, self.cost, self.batching, self.seed, epoch, self.world_size,
+                         self.streams_per_rank)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_table"] = state["_cost"] = None  # rebuilt in the worker rather than pickled
+        return state
+
+
+class _EpochStream(IterableDataset):
+    """One epoch of one rank from batch ``start`` on; in a DataLoader, worker w makes stream
+    ``rank * W + w`` and the DataLoader's round-robin over workers gives the rank's order."""
+
+    def __init__(self, spec: _Spec, epoch: int, start: int):
+        self.spec, self.epoch, self.start = spec, epoch, start
+
+    def __iter__(self):
+        info = get_worker_info()
+        spec = self.spec
+        # the DataLoader asks its workers round-robin from worker 0: after ``start`` batches the
+        # next one is due from stream ``start % W``, so worker 0 plays that stream, and so on
+        worker = ((info.id if info is not None else 0) + self.start) % spec.streams_per_rank
+        plan = spec.plan(self.epoch)
+        skip = worker_skip(self.start, spec.streams_per_rank, worker)
+        reader = _BlockReader(spec)
+        try:
+            for m in plan.stream_megabatches(spec.rank * spec.streams_per_rank + worker):
+                if skip >= m.n_batches:
+                    skip -= m.n_batches
+                    continue
+                yield from _megabatch_batches(spec, plan, m, reader, first=skip, epoch=self.epoch)
+                skip = 0
+        finally:
+            reader.close()
+
+
+class _BlockReader:
+    def __init__(self, spec: _Spec):
+        self.spec = spec
+        self.fds: dict[int, int] = {}
+
+    def read(self, block: int):
+        t = self.spec.table
+        s = int(t.shard[block])
+        if s not in self.fds:
+            self.fds[s] = os.open(self.spec.corpus / t.shard_files[s], os.O_RDONLY)
+        return read_block(self.fds[s], int(t.offset[block]), int(t.nbytes[block]))
+
+    def close(self):
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def _gather(blocks: list, first_cells: np.ndarray, cells: np.ndarray):
+    """Rows ``cells`` (global indices) of ``blocks`` (whose first cells are ``first_cells``, sorted)
+    as CSR arrays in that order: indptr, genes, counts, total_counts, labels."""
+    lengths = np.concatenate([np.diff(b.indptr) for b in blocks])
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    row_base = np.concatenate([[0], np.cumsum([b.n_cells for b in blocks])])
+    which = np.searchsorted(first_cells, cells, side="right") - 1
+    rows = row_base[which] + cells - first_cells[which]
+    take = lengths[rows]
+    indptr = np.concatenate([[0], np.cumsum(take)])
+    # entry positions of each taken row, concatenated
+    pos = np.repeat(starts[rows] - indptr[:-1], take) + np.arange(indptr[-1])
+    genes = np.concatenate([b.genes for b in blocks])[pos]
+    counts = np.concatenate([b.counts for b in blocks])[pos]
+    totals = np.concatenate([b.total_counts for b in blocks])[rows]
+    labels = np.concatenate([b.labels.reshape(b.n_cells, -1) for b in blocks]).astype(np.int64)[rows]
+    return indptr, genes, counts, totals, labels
+
+
+def _megabatch_batches(spec: _Spec, plan: EpochPlan, m, reader: _BlockReader, first: int, epoch: int):
+    """The batches of megabatch ``m`` from its batch ``first`` on."""
+    block_ids = np.sort(plan.blocks_of(m.index))
+    blocks = [reader.read(int(b)) for b in block_ids]
+    indptr, genes, counts, totals, labels = _gather(blocks, spec.table.first_cell[block_ids], m.cells)
+    rng = np.random.default_rng([spec.seed, epoch, m.index, 1])
+    per_cell = 1
+    if spec.views is not None:
+        indptr, genes, counts, totals = make_views(spec.views, indptr, genes, counts, totals, rng)
+        per_cell = 2
+    norm = normalize(spec.normalization, indptr, genes, counts, totals, rng)
+    values, genes = norm.values, norm.genes
+    if spec.masking is not None:
+        if spec.normalization.mode == "rank":  # Geneformer: the gene is what is masked and predicted
+            genes, mlm, targets = apply_masking(spec.masking, norm.indptr, genes, spec.mask_token,
+                                                (spec.n_special, spec.vocab_size), rng)
+        elif spec.normalization.mode == "continuous":
+            values, mlm, targets = apply_masking(spec.masking, norm.indptr, values, -1.0,
+                                                 (0.0, float(values.max(initial=1.0))), rng)
+        else:
+            values, mlm, targets = apply_masking(spec.masking, norm.indptr, values, spec.normalization.n_bins,
+                                                 (1, spec.normalization.n_bins), rng)
+    else:
+        mlm = np.zeros(len(genes), bool)
+        targets = np.zeros_like(values)
+    seq_ptr = norm.indptr
+    for j in range(first, m.n_batches):
+        c0, c1 = int(m.bounds[j]), int(m.bounds[j + 1])
+        s0, s1 = c0 * per_cell, c1 * per_cell
+        t0, t1 = int(seq_ptr[s0]), int(seq_ptr[s1])
+        cu = (seq_ptr[s0 : s1 + 1] - t0).astype(np.int32)
+        n_seqs = s1 - s0
+        yield PackedBatch(
+            gene_ids=torch.from_numpy(genes[t0:t1].astype(np.int64)),
+            values=torch.from_numpy(values[t0:t1].copy()),
+            cu_seqlens=torch.from_numpy(cu),
+            max_seqlen=int(np.diff(cu).max(initial=0)),
+            mlm_mask=torch.from_numpy(mlm[t0:t1].copy()),
+            mlm_targets=torch.from_numpy(targets[t0:t1].copy()),
+            labels=torch.from_numpy(np.repeat(labels[c0:c1], per_cell, axis=0)),
+            view_index=torch.from_numpy(np.repeat(np.arange(c1 - c0, dtype=np.int64), per_cell)[:n_seqs]),
+            cell_index=torch.from_numpy(np.repeat(m.cells[c0:c1], per_cell)),
+        )
+
+
+class CellLoader:
+    """Batches of a corpus for one rank, epoch after epoch.
+
+    ``corpus``: a corpus folder. ``normalization`` (default log1p_cp10k in 51 bins; rank mode
+    without medians takes them from the corpus's ``stats.zarr``), ``batching`` (token budget,
+    megabatch size), ``masking`` (None: no masked-expression targets), ``views`` (None: one
+    sequence per cell; else two views per cell, linked by ``view_index``). ``rank`` /
+    ``world_size``: default from torch.distributed or the launcher's environment.
+    ``num_workers``: DataLoader worker processes (0: batches made in this process).
+    ``extra_tokens_per_cell``: tokens the model adds per sequence (e.g. 1 for ``<cls>``),
+    counted in the token budget. Iterating gives one epoch; the next iteration the next epoch.
+    """
+
+    def __init__(self, corpus: str | Path, normalization: Normalization | None = None,
+                 batching: Batching | None = None, masking: Masking | None = DEFAULT_MASKING, views: Views | None = None,
+                 seed: int = 0, rank: int | None = None, world_size: int | None = None, num_workers: int = 0,
+                 pin_memory: bool = False, prefetch_factor: int = 4, extra_tokens_per_cell: int = 0):
+        corpus = Path(corpus)
+        if not (corpus / "manifest.json").exists():
+            raise ValueError(f"{corpus}: no manifest.json; pass a finished corpus folder "
+                             "(`python -m data_pipeline convert ... --out CORPUS`)")
+        normalization = normalization or Normalization()
+        if normalization.mode == "rank" and normalization.medians is None:
+            normalization = Normalization(**{**asdict(normalization), "medians": corpus_medians(corpus)})
+        rank, world_size = rank_and_world_size(rank, world_size)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.num_workers, self.pin_memory, self.prefetch_factor = num_workers, pin_memory, prefetch_factor
+        self.spec = _Spec(corpus, normalization, batching or Batching(), masking, views, seed, rank, world_size,
+                          max(1, num_workers), extra_tokens_per_cell)
+        vocab_size = self.spec.vocab_size
+        if normalization.medians is not None and len(normalization.medians) != vocab_size:
+            raise ValueError(f"{len(normalization.medians)} medians for a vocabulary of {vocab_size} tokens")
+        self.epoch = 0
+        self.batches_done = 0  # in the current epoch, by this rank
+        self._lengths: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (the same on every rank)."""
+        if self.epoch not in self._lengths:
+            plan = self.spec.plan(self.epoch)
+            self._lengths = {self.epoch: plan.batches_per_stream * self.spec.streams_per_rank}
+        return self._lengths[self.epoch]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.batches_done = epoch, 0
+
+    def __iter__(self):
+        if self.batches_done >= len(self):  # a state saved after the epoch's last batch
+            self.set_epoch(self.epoch + 1)
+        stream = _EpochStream(self.spec, self.epoch, self.batches_done)
+        if self.num_workers == 0:
+            source = iter(stream)
+        else:
+            source = iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+                                     pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor))
+        for batch in source:
+            if self.pin_memory and self.num_workers == 0:
+                batch = batch.pin_memory()
+            self.batches_done += 1
+            yield batch
+        self.set_epoch(self.epoch + 1)
+
+    def state_dict(self) -> dict:
+        s = self.spec
+        return {"version": STATE_VERSION, "epoch": self.epoch, "batches_done": self.batches_done, "seed": s.seed,
+                "world_size": s.world_size, "streams_per_rank": s.streams_per_rank,
+                "corpus": s.manifest["plan_hash"], "batching": asdict(s.batching)}
+
+    def load_state_dict(self, state: dict, restart_epoch: bool = False) -> None:
+        s = self.spec
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
+        if state["corpus"] != s.manifest["plan_hash"]:
+            raise ValueError("the loader state is from another corpus")
+        if state["seed"] != s.seed or state["batching"] != asdict(s.batching):
+            raise ValueError("the loader state was taken with another seed or batching; pass the same ones")
+        same_layout = (state["world_size"], state["streams_per_rank"]) == (s.world_size, s.streams_per_rank)
+        if not same_layout and not restart_epoch:
+            raise ValueError(f"the loader state was taken with world size {state['world_size']} and "
+                             f"{state['streams_per_rank']} streams per rank, this loader has {s.world_size} "
+                             f"and {s.streams_per_rank}: the epoch's layout differs, so it cannot continue "
+                             "exactly; pass restart_epoch=True to start that epoch over")
+        self.set_epoch(state["epoch"])
+        if same_layout:
+            self.batches_done = state["batches_done"]

@@ -1,0 +1,96 @@
+"""The epoch plan: every cell exactly once, equal batch counts per stream, budgets kept."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from data_pipeline.epoch_plan import Batching, BlockTable, EpochPlan, worker_skip
+
+
+def _table(block_cells: list[int]) -> BlockTable:
+    n = len(block_cells)
+    return BlockTable(("s0.tar", "s1.tar"), np.arange(n) % 2, np.zeros(n, np.int64), np.ones(n, np.int64),
+                      np.concatenate([[0], np.cumsum(block_cells)]))
+
+
+def _random_corpus(seed: int):
+    rng = np.random.default_rng(seed)
+    blocks = [int(rng.integers(1, 300)) for _ in range(int(rng.integers(3, 40)))]
+    table = _table(blocks)
+    cost = rng.integers(1, 500, table.n_cells)
+    return table, cost
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+@pytest.mark.parametrize("streams", [1, 2, 3])
+def test_every_cell_once_equal_batches_budget_kept(seed, world_size, streams):
+    table, cost = _random_corpus(seed)
+    batching = Batching(token_budget=int(np.random.default_rng(seed).integers(500, 4000)), megabatch_cells=257,
+                        max_batch_cells=None if seed % 2 else 37)
+    plan = EpochPlan(table, cost, batching, seed=seed, epoch=3, world_size=world_size, streams_per_rank=streams)
+    seen = []
+    for s in range(plan.n_streams):
+        mbs = plan.stream_megabatches(s)
+        assert sum(m.n_batches for m in mbs) == plan.batches_per_stream  # equal for every stream
+        for m in mbs:
+            assert np.array_equal(np.sort(m.cells), np.sort(plan.megabatch_cells(m.index)))
+            for j in range(m.n_batches):
+                batch = m.cells[m.bounds[j]:m.bounds[j + 1]]
+                assert len(batch) >= 1
+                assert cost[batch].sum() <= batching.token_budget
+                if batching.max_batch_cells:
+                    assert len(batch) <= batching.max_batch_cells
+                seen.append(batch)
+            # the blocks a megabatch reads hold all its cells
+            blocks = plan.blocks_of(m.index)
+            held = np.concatenate([np.arange(table.first_cell[b], table.first_cell[b + 1]) for b in blocks])
+            assert np.isin(m.cells, held).all()
+    seen = np.concatenate(seen)
+    assert len(seen) == table.n_cells and np.array_equal(np.sort(seen), np.arange(table.n_cells))
+
+
+def test_deterministic_and_epochs_differ():
+    table, cost = _random_corpus(1)
+    batching = Batching(token_budget=3000, megabatch_cells=200)
+
+    def order(epoch, seed=0):
+        plan = EpochPlan(table, cost, batching, seed=seed, epoch=epoch, world_size=2, streams_per_rank=2)
+        return np.concatenate([m.cells for s in range(4) for m in plan.stream_megabatches(s)])
+
+    assert np.array_equal(order(0), order(0))
+    assert not np.array_equal(order(0), order(1))
+    assert not np.array_equal(order(0), order(0, seed=1))
+
+
+def test_length_grouping_sorts_within_batches_of_a_megabatch():
+    table, cost = _random_corpus(2)
+    plan = EpochPlan(table, cost, Batching(token_budget=5000, megabatch_cells=400), seed=0, epoch=0,
+                     world_size=1, streams_per_rank=1)
+    for m in plan.stream_megabatches(0):
+        spans = [(cost[m.cells[m.bounds[j]:m.bounds[j + 1]]].min(), cost[m.cells[m.bounds[j]:m.bounds[j + 1]]].max())
+                 for j in range(m.n_batches)]
+        # batches hold disjoint length ranges of the megabatch (they were cut from one sorted run)
+        spans.sort()
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+
+
+def test_clear_errors():
+    table, cost = _random_corpus(3)
+    with pytest.raises(ValueError, match="token_budget"):
+        EpochPlan(table, cost, Batching(token_budget=int(cost.max()) - 1), 0, 0, 1, 1)
+    with pytest.raises(ValueError, match="stale"):
+        EpochPlan(table, cost[:-1], Batching(), 0, 0, 1, 1)
+    tiny = _table([2, 1])
+    with pytest.raises(ValueError, match="fewer ranks or workers"):
+        EpochPlan(tiny, np.ones(3, np.int64), Batching(token_budget=10), 0, 0, 2, 2).stream_megabatches(0)
+
+
+def test_worker_skip_matches_round_robin():
+    for workers in (1, 2, 3):
+        for done in range(20):
+            produced = [0] * workers
+            for i in range(done):
+                produced[i % workers] += 1
+            assert [worker_skip(done, workers, w) for w in range(workers)] == produced

@@ -1,0 +1,179 @@
+"""CellLoader: exactly-once coverage across ranks and workers, determinism, exact resume, budgets,
+content equal to the per-cell normalization reference, views and labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from data_pipeline import normalize_reference as ref
+from data_pipeline.convert import convert
+from data_pipeline.corpus import Corpus
+from data_pipeline.epoch_plan import Batching
+from data_pipeline.loader import CellLoader
+from data_pipeline.masking import Views
+from data_pipeline.normalize import Normalization
+from data_pipeline.plan import ConvertOptions
+from tests.corpus_helpers import random_counts, write_h5ad
+
+BUDGET = 3000
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """~1,500 cells in shards and blocks of uneven sizes, with a label column."""
+    tmp = tmp_path_factory.mktemp("loader")
+    inputs = []
+    for i, (n, density) in enumerate([(530, 0.05), (770, 0.15), (203, 0.3)]):
+        path = tmp / f"s{i}.h5ad"
+        write_h5ad(path, random_counts(n, 400, seed=10 + i, density=density),
+                   obs={"kind": [f"k{(j * 7 + i) % 4}" for j in range(n)]})
+        inputs.append(str(path))
+    out = tmp / "corpus"
+    convert(out, ConvertOptions(inputs, block_cells=64, unit_cells=256, label_columns=["kind"]), workers=2,
+            progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def cells(corpus):
+    """Global cell index -> (genes, counts, total, labels) read straight from the shards."""
+    out = {}
+    for first, b in Corpus(corpus).iter_blocks():
+        for i in range(b.n_cells):
+            lo, hi = b.indptr[i], b.indptr[i + 1]
+            out[first + i] = (b.genes[lo:hi].astype(np.int64), b.counts[lo:hi], b.total_counts[i], b.labels[i])
+    return out
+
+
+def _loader(corpus, **kw):
+    kw.setdefault("batching", Batching(token_budget=BUDGET, megabatch_cells=200))
+    return CellLoader(corpus, **kw)
+
+
+def _same(a, b) -> bool:
+    return all(torch.equal(getattr(a, f), getattr(b, f)) for f in
+               ("gene_ids", "values", "cu_seqlens", "mlm_mask", "mlm_targets", "labels", "view_index", "cell_index"))
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+@pytest.mark.parametrize("workers", [0, 1, 2, 3])
+def test_every_cell_once_per_epoch_and_equal_batches(corpus, cells, world_size, workers):
+    seen, lengths = [], set()
+    for rank in range(world_size):
+        loader = _loader(corpus, rank=rank, world_size=world_size, num_workers=workers, masking=None)
+        n = len(loader)  # of epoch 0 (epochs differ)
+        batches = list(loader)
+        assert len(batches) == n
+        lengths.add(len(batches))
+        for b in batches:
+            assert b.cu_seqlens[-1] == b.n_tokens <= BUDGET  # packed: no padding, budget kept
+            seen.append(b.cell_index.numpy())
+    assert len(lengths) == 1, "ranks got different numbers of batches"
+    seen = np.concatenate(seen)
+    assert len(seen) == len(cells) and np.array_equal(np.sort(seen), np.arange(len(cells)))
+
+
+def test_batches_hold_the_normalized_cells(corpus, cells):
+    """Unmasked values equal the per-cell reference, masked targets too, masks ~15%."""
+    loader = _loader(corpus, num_workers=2, normalization=Normalization("log1p_bins", n_bins=7))
+    edges = Normalization(n_bins=7).edges
+    masked = total = 0
+    for b in loader:
+        cu = b.cu_seqlens.numpy()
+        for s, cell in enumerate(b.cell_index.numpy()):
+            genes, counts, tc, labels = cells[cell]
+            want_g, want_v = ref.log1p_bins(genes, counts, tc, edges, 7)
+            sl = slice(cu[s], cu[s + 1])
+            m = b.mlm_mask[sl].numpy()
+            np.testing.assert_array_equal(b.gene_ids[sl].numpy(), want_g)
+            np.testing.assert_array_equal(b.mlm_targets[sl].numpy()[m], want_v[m])
+            v = b.values[sl].numpy()
+            np.testing.assert_array_equal(v[~m], want_v[~m])
+            assert set(v[m]) <= set(range(1, 8))  # mask id 7, a random bin, or the value kept
+            assert m.sum() == max(1, round(0.15 * len(genes)))
+            np.testing.assert_array_equal(b.labels[s].numpy(), labels)
+            masked, total = masked + m.sum(), total + len(m)
+    assert 0.14 < masked / total < 0.17
+
+
+def test_deterministic_and_epochs_differ(corpus):
+    a = [list(_loader(corpus, seed=5, views=Views())) for _ in range(1)][0]
+    b = list(_loader(corpus, seed=5, views=Views()))
+    assert len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    loader = _loader(corpus, seed=5, views=Views())
+    first, second = list(loader), list(loader)  # two epochs
+    assert all(_same(x, y) for x, y in zip(first, a))
+    assert not np.array_equal(np.concatenate([x.cell_index for x in first]),
+                              np.concatenate([x.cell_index for x in second]))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_gives_the_uninterrupted_batches(corpus, workers):
+    kw = dict(seed=3, num_workers=workers, views=Views(), normalization=Normalization("quantile_bins", n_bins=11,
+                                                                                      max_genes=40))
+    whole = _loader(corpus, **kw)
+    n = len(whole)
+    expected = list(whole) + list(whole)  # epochs 0 and 1
+    for stop in (1, n // 2 + 1, n):
+        first = _loader(corpus, **kw)
+        it = iter(first)
+        got = [next(it) for _ in range(stop)]
+        state = first.state_dict()
+        del it
+        resumed = _loader(corpus, **kw)
+        resumed.load_state_dict(state)
+        got += list(resumed)
+        if stop < n:
+            got += list(resumed)  # then the next epoch, whole
+        assert len(got) == len(expected), stop
+        assert all(_same(x, y) for x, y in zip(got, expected)), stop
+
+
+def test_state_from_another_layout_is_refused_or_restarts(corpus):
+    first = _loader(corpus, world_size=2, rank=0)
+    it = iter(first)
+    next(it)
+    state = first.state_dict()
+    other = _loader(corpus, world_size=1, rank=0)
+    with pytest.raises(ValueError, match="restart_epoch"):
+        other.load_state_dict(state)
+    other.load_state_dict(state, restart_epoch=True)
+    assert (other.epoch, other.batches_done) == (0, 0)
+    with pytest.raises(ValueError, match="seed"):
+        _loader(corpus, world_size=2, rank=0, seed=9).load_state_dict(state)
+
+
+def test_views_are_linked_and_from_the_same_cell(corpus, cells):
+    for b in _loader(corpus, views=Views(gene_dropout=0.3, min_depth=0.3), masking=None,
+                     normalization=Normalization("continuous")):
+        vi, ci = b.view_index.numpy(), b.cell_index.numpy()
+        assert np.array_equal(vi, np.repeat(np.arange(len(vi) // 2), 2))
+        assert np.array_equal(ci[0::2], ci[1::2])
+        cu = b.cu_seqlens.numpy()
+        for s in range(b.n_seqs):
+            genes = b.gene_ids[cu[s]:cu[s + 1]].numpy()
+            assert len(genes) >= 1 and np.all(np.diff(genes) > 0)
+            assert np.isin(genes, cells[ci[s]][0]).all()  # a view only drops genes
+
+
+def test_rank_mode_masks_genes(corpus):
+    loader = _loader(corpus, normalization=Normalization("rank", max_genes=30), views=None)
+    b = next(iter(loader))
+    m = b.mlm_mask.numpy()
+    assert m.any() and (b.gene_ids.numpy()[m] != b.mlm_targets.numpy()[m]).any()
+    cu = b.cu_seqlens.numpy()
+    assert np.diff(cu).max() <= 30
+    assert np.array_equal(b.values[cu[0]:cu[1]].numpy(), np.arange(cu[1] - cu[0]))
+
+
+def test_to_padded_layout(corpus):
+    b = next(iter(_loader(corpus)))
+    p = b.to_padded(pad_id=0)
+    lengths = (b.cu_seqlens[1:] - b.cu_seqlens[:-1]).long()
+    assert p["gene_ids"].shape == (b.n_seqs, b.max_seqlen)
+    assert torch.equal(p["key_padding_mask"].sum(1), lengths)
+    assert torch.equal(p["gene_ids"][p["key_padding_mask"]], b.gene_ids)
+    assert torch.equal(p["values"][p["key_padding_mask"]], b.values)
+    assert (p["gene_ids"][~p["key_padding_mask"]] == 0).all()

@@ -1,0 +1,61 @@
+"""Masked positions, BERT-style replacement, and augmented views of raw counts."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from data_pipeline.masking import Masking, Views, apply_masking, make_views, mask_positions
+from data_pipeline.normalize import choose_within_cells
+
+
+def test_selection_is_uniform_over_subsets():
+    indptr = np.arange(0, 4 * 30_001, 4)  # 30,000 cells of 4 entries, choose 2 of each
+    chosen = choose_within_cells(indptr, np.full(30_000, 2), np.random.default_rng(0)).reshape(-1, 4)
+    assert (chosen.sum(1) == 2).all()
+    freq = Counter(map(tuple, chosen.astype(int)))
+    assert len(freq) == 6
+    for n in freq.values():  # each of the 6 pairs ~5,000 times (sd ~65)
+        assert abs(n - 5000) < 300
+
+
+def test_mask_counts_and_replacement_policy():
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(1, 400, 500)
+    indptr = np.concatenate([[0], np.cumsum(lengths)])
+    values = rng.integers(1, 51, indptr[-1])
+    masking = Masking(ratio=0.2, mask_prob=0.7, random_prob=0.2)
+    out, mlm, targets = apply_masking(masking, indptr, values, 51, (1, 51), rng)
+    per_cell = np.add.reduceat(mlm, indptr[:-1])
+    assert np.array_equal(per_cell, np.maximum(1, np.rint(0.2 * lengths)))
+    assert np.array_equal(targets, values) and np.array_equal(out[~mlm], values[~mlm])
+    is_mask = out[mlm] == 51
+    assert abs(is_mask.mean() - 0.7) < 0.02
+    changed = (out[mlm] != values[mlm]) & ~is_mask
+    assert 0.15 < changed.mean() < 0.2  # random draws (a few land on the value itself)
+    assert not mask_positions(indptr, 0.0, rng).any()
+    with pytest.raises(ValueError):
+        Masking(mask_prob=0.9, random_prob=0.2)
+
+
+def test_views_only_drop_and_thin_counts():
+    rng = np.random.default_rng(2)
+    lengths = rng.integers(1, 200, 300)
+    indptr = np.concatenate([[0], np.cumsum(lengths)])
+    genes = np.concatenate([np.sort(rng.choice(5000, k, replace=False)) for k in lengths])
+    counts = rng.integers(1, 30, indptr[-1])
+    totals = np.add.reduceat(counts, indptr[:-1]) * 1.3
+    v_ptr, v_genes, v_counts, v_totals = make_views(Views(gene_dropout=0.5, min_depth=0.2), indptr, genes, counts,
+                                                    totals, rng)
+    assert len(v_ptr) == 2 * len(lengths) + 1
+    for i in range(len(lengths)):
+        source = dict(zip(genes[indptr[i]:indptr[i + 1]], counts[indptr[i]:indptr[i + 1]]))
+        for v in (2 * i, 2 * i + 1):
+            g, c = v_genes[v_ptr[v]:v_ptr[v + 1]], v_counts[v_ptr[v]:v_ptr[v + 1]]
+            assert len(g) >= 1 and np.all(np.diff(g) > 0) and (c >= 1).all()
+            assert all(c_ <= source[g_] for g_, c_ in zip(g, c))
+            assert np.isclose(v_totals[v], totals[i] * c.sum() / sum(source.values()))
+    kept = v_counts.sum() / (2 * counts.sum())
+    assert 0.2 < kept < 0.5  # half the genes dropped, depth ~U(0.2, 1)
