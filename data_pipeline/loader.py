@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from numba import njit
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .batch import PackedBatch
@@ -158,15 +159,24 @@ def _gather(blocks: list, first_cells: np.ndarray, cells: np.ndarray):
     row_base = np.concatenate([[0], np.cumsum([b.n_cells for b in blocks])])
     which = np.searchsorted(first_cells, cells, side="right") - 1
     rows = row_base[which] + cells - first_cells[which]
-    take = lengths[rows]
-    indptr = np.concatenate([[0], np.cumsum(take)])
-    # entry positions of each taken row, concatenated
-    pos = np.repeat(starts[rows] - indptr[:-1], take) + np.arange(indptr[-1])
-    genes = np.concatenate([b.genes for b in blocks])[pos]
-    counts = np.concatenate([b.counts for b in blocks])[pos]
+    indptr = np.concatenate([[0], np.cumsum(lengths[rows])])
+    all_genes = np.concatenate([b.genes for b in blocks])
+    all_counts = np.concatenate([b.counts for b in blocks])
+    genes = np.empty(int(indptr[-1]), all_genes.dtype)
+    counts = np.empty(int(indptr[-1]), all_counts.dtype)
+    _gather_rows(starts, rows, indptr, all_genes, all_counts, genes, counts)
     totals = np.concatenate([b.total_counts for b in blocks])[rows]
     labels = np.concatenate([b.labels.reshape(b.n_cells, -1) for b in blocks]).astype(np.int64)[rows]
     return indptr, genes, counts, totals, labels
+
+
+@njit(cache=True, nogil=True)
+def _gather_rows(starts, rows, indptr, src_genes, src_counts, genes, counts):  # pragma: no cover
+    for i in range(len(rows)):
+        a = starts[rows[i]]
+        for j in range(indptr[i + 1] - indptr[i]):
+            genes[indptr[i] + j] = src_genes[a + j]
+            counts[indptr[i] + j] = src_counts[a + j]
 
 
 def _megabatch_batches(spec: _Spec, plan: EpochPlan, m, reader: _BlockReader, first: int, epoch: int):
@@ -194,23 +204,28 @@ def _megabatch_batches(spec: _Spec, plan: EpochPlan, m, reader: _BlockReader, fi
     else:
         mlm = np.zeros(len(genes), bool)
         targets = np.zeros_like(values)
+    # per sequence, for the whole megabatch; batches below are views (a DataLoader worker's
+    # batches are copied into shared memory when sent, so views cost no copy of their own)
     seq_ptr = norm.indptr
+    genes = genes.astype(np.int64, copy=False)
+    seq_labels = np.repeat(labels, per_cell, axis=0)
+    seq_cells = np.repeat(m.cells, per_cell)
+    seq_view = np.arange(len(seq_cells), dtype=np.int64) // per_cell
     for j in range(first, m.n_batches):
         c0, c1 = int(m.bounds[j]), int(m.bounds[j + 1])
         s0, s1 = c0 * per_cell, c1 * per_cell
         t0, t1 = int(seq_ptr[s0]), int(seq_ptr[s1])
         cu = (seq_ptr[s0 : s1 + 1] - t0).astype(np.int32)
-        n_seqs = s1 - s0
         yield PackedBatch(
-            gene_ids=torch.from_numpy(genes[t0:t1].astype(np.int64)),
-            values=torch.from_numpy(values[t0:t1].copy()),
+            gene_ids=torch.from_numpy(genes[t0:t1]),
+            values=torch.from_numpy(values[t0:t1]),
             cu_seqlens=torch.from_numpy(cu),
-            max_seqlen=int(np.diff(cu).max(initial=0)),
-            mlm_mask=torch.from_numpy(mlm[t0:t1].copy()),
-            mlm_targets=torch.from_numpy(targets[t0:t1].copy()),
-            labels=torch.from_numpy(np.repeat(labels[c0:c1], per_cell, axis=0)),
-            view_index=torch.from_numpy(np.repeat(np.arange(c1 - c0, dtype=np.int64), per_cell)[:n_seqs]),
-            cell_index=torch.from_numpy(np.repeat(m.cells[c0:c1], per_cell)),
+            max_seqlen=int((cu[1:] - cu[:-1]).max(initial=0)),
+            mlm_mask=torch.from_numpy(mlm[t0:t1]),
+            mlm_targets=torch.from_numpy(targets[t0:t1]),
+            labels=torch.from_numpy(seq_labels[s0:s1]),
+            view_index=torch.from_numpy(seq_view[s0:s1] - c0),
+            cell_index=torch.from_numpy(seq_cells[s0:s1]),
         )
 
 

@@ -52,11 +52,11 @@ def mask_positions(indptr: np.ndarray, ratio: float, rng: np.random.Generator) -
 
 def apply_masking(masking: Masking, indptr, inputs: np.ndarray, mask_id, random_ids: tuple,
                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(new inputs, mlm_mask, targets)``: ``targets`` are the original ``inputs`` (meaningful
-    where ``mlm_mask``); masked inputs become ``mask_id``, or a random draw from
+    """``(new inputs, mlm_mask, targets)``: ``targets`` is ``inputs`` itself (unchanged;
+    meaningful where ``mlm_mask``); masked inputs become ``mask_id``, or a random draw from
     ``random_ids = (low, high)`` (ints in [low, high), or floats uniform in it), or stay."""
     mlm = mask_positions(indptr, masking.ratio, rng)
-    targets = inputs.copy()
+    targets = inputs
     out = inputs.copy()
     where = np.flatnonzero(mlm)
     u = rng.random(len(where))

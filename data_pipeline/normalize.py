@@ -61,6 +61,13 @@ class Normalization:
         return np.arange(1, self.n_bins - 1, dtype=np.float64)
 
     @property
+    def thresholds(self) -> np.ndarray:
+        """`log1p_thresholds` of the edges (cached: they take a few hundred log1p calls)."""
+        if "_thresholds" not in self.__dict__:
+            object.__setattr__(self, "_thresholds", np.sort(log1p_thresholds(self.edges)))
+        return self.__dict__["_thresholds"]
+
+    @property
     def value_dtype(self):
         return np.float32 if self.mode == "continuous" else np.int64
 
@@ -77,10 +84,62 @@ class Normalized:
 
 def log1p_cp10k(counts: np.ndarray, indptr: np.ndarray, total_counts: np.ndarray,
                 target_sum: float = 1e4) -> np.ndarray:
-    """``log1p(count / total * target_sum)`` per nonzero, float64 (the one formula every mode and
-    reference uses, so that they agree bit for bit).  [nnz]"""
+    """``log1p(count / total * target_sum)`` per nonzero, float64: the one formula every mode and
+    reference uses, so that they agree bit for bit (the compiled kernels below compute it with
+    the same operations and the same libm ``log1p``).  [nnz]"""
     per_entry_total = np.repeat(np.asarray(total_counts, np.float64), np.diff(indptr))
     return np.log1p(np.asarray(counts, np.float64) / per_entry_total * target_sum)
+
+
+def log1p_thresholds(edges: np.ndarray) -> np.ndarray:
+    """For each edge e, the smallest float64 y with ``np.log1p(y) >= e``, so that counting edges
+    below log1p(y) is counting thresholds below y: bins without computing a logarithm per value,
+    equal to binning ``np.log1p`` (found with np.log1p itself, whatever its last-bit rounding
+    on this machine).  [len(edges)]"""
+    out = np.empty(len(edges))
+    for k, e in enumerate(np.asarray(edges, np.float64)):
+        if e <= 0:  # every positive value is above
+            out[k] = -np.inf
+            continue
+        y = np.expm1(e)
+        while np.log1p(y) >= e:
+            y = np.nextafter(y, -np.inf)
+        while np.log1p(y) < e:
+            y = np.nextafter(y, np.inf)
+        out[k] = y
+    return out
+
+
+_SMALL_COUNTS = 64  # integer counts below this get their bin from a per-cell table
+
+
+@njit(cache=True, nogil=True)
+def _threshold_bins(indptr, counts, totals, target_sum, thresholds, top, out):  # pragma: no cover
+    """``min(1 + #(thresholds <= count / total * target_sum), top)`` per entry (thresholds ascending;
+    the division and product are the float64 operations of `log1p_cp10k`). In a cell the bin
+    depends only on the count, so small integer counts (most of them) look it up in a table
+    filled on first use: no division and no unpredictable threshold loop per entry."""
+    n_thr = len(thresholds)
+    table = np.empty(_SMALL_COUNTS, np.int64)
+    for i in range(len(indptr) - 1):
+        t = totals[i]
+        table[:] = -1
+        for j in range(indptr[i], indptr[i + 1]):
+            c = counts[j]
+            small = c == np.floor(c) and 0 <= c < _SMALL_COUNTS
+            if small:
+                b = table[np.int64(c)]
+                if b >= 0:
+                    out[j] = b
+                    continue
+            y = np.float64(c) / t * target_sum
+            b = 0
+            while b < n_thr and y >= thresholds[b]:
+                b += 1
+            b = min(b + 1, top)
+            if small:
+                table[np.int64(c)] = b
+            out[j] = b
 
 
 def normalize(norm: Normalization, indptr, genes, counts, total_counts,
@@ -94,16 +153,21 @@ def normalize(norm: Normalization, indptr, genes, counts, total_counts,
             raise ValueError("rank mode needs per-token nonzero medians: pass medians= (a CellLoader "
                              "takes them from the corpus's stats.zarr; see also medians_for_vocab)")
         return _rank(norm, indptr, genes, counts, total_counts)
+    if norm.mode == "log1p_bins":
+        values = np.empty(int(indptr[-1]), np.int64)
+        _threshold_bins(indptr, counts, np.asarray(total_counts, np.float64), norm.target_sum, norm.thresholds,
+                        norm.n_bins - 1, values)
+        return _capped(norm, indptr, genes, values, rng)
     x = log1p_cp10k(counts, indptr, total_counts, norm.target_sum)
-    if norm.mode == "log1p_bins" and norm.bin_edges is None:  # edges 1, 2, ...: counting them is floor
-        values = np.minimum(np.floor(x), norm.n_bins - 2).astype(np.int64) + 1
-    elif norm.mode == "log1p_bins":
-        values = np.minimum(np.searchsorted(norm.edges, x, side="right") + 1, norm.n_bins - 1)
-    elif norm.mode == "quantile_bins":
+    if norm.mode == "quantile_bins":
         values = np.empty(len(x), np.int64)
-        _quantile_bins(indptr, x, np.linspace(0, 1, norm.n_bins - 1), values)
+        _quantile_bins(indptr, x, counts, np.linspace(0, 1, norm.n_bins - 1), values)
     else:
         values = x.astype(np.float32)
+    return _capped(norm, indptr, genes, values, rng)
+
+
+def _capped(norm: Normalization, indptr, genes, values, rng) -> Normalized:
     if norm.max_genes is not None and np.diff(indptr).max(initial=0) > norm.max_genes:
         if rng is None:
             raise ValueError("max_genes caps cells by a random subset: pass rng=")
@@ -114,50 +178,109 @@ def normalize(norm: Normalization, indptr, genes, counts, total_counts,
 
 
 @njit(cache=True, nogil=True)
-def _quantile_bins(indptr, x, q, out):  # pragma: no cover
-    """Per cell: edges = np.quantile(x_cell, q) (numpy's default 'linear' method, its rounding
-    included) and out = np.digitize(x_cell, edges)."""
+def _quantile_edges(s, q, edges):  # pragma: no cover
+    """np.quantile(s, q) of ascending ``s`` (numpy's default 'linear' method, its rounding included)."""
+    n = len(s)
+    for k in range(len(q)):
+        vi = (n - 1) * q[k]
+        if vi >= n - 1:
+            edges[k] = s[n - 1]
+            continue
+        p = np.int64(np.floor(vi))
+        a, b = s[p], s[p + 1]
+        t = vi - p
+        d = b - a
+        edges[k] = b - d * (1 - t) if t >= 0.5 else a + d * t
+
+
+_SORT_BUCKETS = 256  # integer counts below this are ordered by a counting sort
+
+
+@njit(cache=True, nogil=True)
+def _quantile_bins(indptr, x, counts, q, out):  # pragma: no cover
+    """Per cell: edges = np.quantile(x_cell, q) and out = np.digitize(x_cell, edges).
+
+    In a cell, x grows with the count, so ordering x is ordering integer counts: a counting sort
+    for the small ones (most), a sort for the rest, and one digitize per distinct small count.
+    Non-integer counts take a plain sort."""
     edges = np.empty(len(q), np.float64)
+    hist = np.zeros(_SORT_BUCKETS, np.int64)
+    x_of = np.empty(_SORT_BUCKETS, np.float64)
+    bin_of = np.empty(_SORT_BUCKETS, np.int64)
     for i in range(len(indptr) - 1):
         lo, hi = indptr[i], indptr[i + 1]
         n = hi - lo
         if n == 0:
             continue
-        s = np.sort(x[lo:hi])
-        for k in range(len(q)):
-            vi = (n - 1) * q[k]
-            if vi >= n - 1:
-                edges[k] = s[n - 1]
-                continue
-            p = np.int64(np.floor(vi))
-            a, b = s[p], s[p + 1]
-            t = vi - p
-            d = b - a
-            edges[k] = b - d * (1 - t) if t >= 0.5 else a + d * t
+        integer = True
         for j in range(lo, hi):
-            out[j] = np.searchsorted(edges, x[j], side="right")
+            c = counts[j]
+            if c != np.floor(c) or c < 0:
+                integer = False
+                break
+        if not integer:
+            s = np.sort(x[lo:hi])
+            _quantile_edges(s, q, edges)
+            for j in range(lo, hi):
+                out[j] = np.searchsorted(edges, x[j], side="right")
+            continue
+        big = 0
+        for j in range(lo, hi):
+            c = np.int64(counts[j])
+            if c < _SORT_BUCKETS:
+                hist[c] += 1
+                x_of[c] = x[j]
+            else:
+                big += 1
+        large = np.empty(big, np.float64)
+        b = 0
+        for j in range(lo, hi):
+            if counts[j] >= _SORT_BUCKETS:
+                large[b] = x[j]
+                b += 1
+        large.sort()
+        s = np.empty(n, np.float64)
+        o = 0
+        for c in range(_SORT_BUCKETS):
+            for _ in range(hist[c]):
+                s[o] = x_of[c]
+                o += 1
+        s[o:] = large
+        _quantile_edges(s, q, edges)
+        for c in range(_SORT_BUCKETS):
+            if hist[c]:
+                bin_of[c] = np.searchsorted(edges, x_of[c], side="right")
+                hist[c] = 0
+        for j in range(lo, hi):
+            c = np.int64(counts[j])
+            out[j] = bin_of[c] if c < _SORT_BUCKETS else np.searchsorted(edges, x[j], side="right")
 
 
 def choose_within_cells(indptr: np.ndarray, picks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A uniformly random subset of ``picks[i]`` entries of each cell ``i`` (all of them when it has
     fewer).  [nnz] bool"""
-    chosen = np.empty(int(indptr[-1]), np.bool_)
-    _selection_sample(np.asarray(indptr, np.int64), np.asarray(picks, np.int64), rng.random(len(chosen)), chosen)
+    indptr = np.asarray(indptr, np.int64)
+    picks = np.minimum(np.asarray(picks, np.int64), np.diff(indptr))
+    chosen = np.zeros(int(indptr[-1]), np.bool_)
+    _floyd_sample(indptr, picks, rng.random(int(picks.sum())), chosen)
     return chosen
 
 
 @njit(cache=True, nogil=True)
-def _selection_sample(indptr, picks, u, chosen):  # pragma: no cover
-    """Knuth's selection sampling (Algorithm S): one pass, one uniform per entry; entry j of a
-    cell is taken with probability (still needed) / (still left), which makes every subset of the
-    asked size equally likely."""
+def _floyd_sample(indptr, picks, u, chosen):  # pragma: no cover
+    """Floyd's sampling per cell: k draws give a uniform k-subset of the cell's n entries (for j
+    in n-k..n-1 take a uniform t in [0, j]; if t is taken already, take j), so random numbers are
+    needed only for the picks, not for every entry."""
+    d = 0
     for i in range(len(indptr) - 1):
-        lo, hi = indptr[i], indptr[i + 1]
-        need = min(picks[i], hi - lo)
-        for j in range(lo, hi):
-            take = u[j] * (hi - j) < need
-            chosen[j] = take
-            need -= take
+        lo, n, k = indptr[i], indptr[i + 1] - indptr[i], picks[i]
+        for j in range(n - k, n):
+            t = min(np.int64(u[d] * (j + 1)), j)
+            d += 1
+            if chosen[lo + t]:
+                chosen[lo + j] = True
+            else:
+                chosen[lo + t] = True
 
 
 def _random_subset(indptr: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
@@ -171,18 +294,37 @@ def _rank(norm: Normalization, indptr, genes, counts, total_counts) -> Normalize
     known = np.isfinite(medians) & (medians > 0)
     per_entry_total = np.repeat(np.asarray(total_counts, np.float64), np.diff(indptr))
     v = np.asarray(counts, np.float64) / per_entry_total * norm.target_sum / np.where(known, medians, 1.0)
-    cell = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
-    keep = np.flatnonzero(known)
-    # by cell, then descending value, then ascending token (the entries' order: stable)
-    order = keep[np.lexsort((-v[keep], cell[keep]))]
-    lengths = np.bincount(cell[keep], minlength=len(indptr) - 1)
-    starts = np.concatenate([[0], np.cumsum(lengths)])
-    rank = np.arange(len(order)) - np.repeat(starts[:-1], lengths)
-    if norm.max_genes is not None:
-        top = rank < norm.max_genes
-        order, rank = order[top], rank[top]
-        lengths = np.minimum(lengths, norm.max_genes)
-    return Normalized(np.concatenate([[0], np.cumsum(lengths)]), genes[order], rank)
+    cap = norm.max_genes if norm.max_genes is not None else 1 << 62
+    out_ptr = np.empty(len(indptr), np.int64)
+    order = np.empty(int(known.sum()), np.int64)
+    ranks = np.empty(len(order), np.int64)
+    m = _rank_cells(indptr, v, known, cap, out_ptr, order, ranks)
+    return Normalized(out_ptr, genes[order[:m]], ranks[:m])
+
+
+@njit(cache=True, nogil=True)
+def _rank_cells(indptr, v, known, cap, out_ptr, order, ranks):  # pragma: no cover
+    """Per cell: its known entries by descending ``v`` (ties: in entry order, i.e. ascending
+    token: a stable sort), the first ``cap``; entry positions to ``order``, ranks to ``ranks``."""
+    out_ptr[0] = 0
+    o = 0
+    for i in range(len(indptr) - 1):
+        lo, hi = indptr[i], indptr[i + 1]
+        idx = np.empty(hi - lo, np.int64)
+        neg = np.empty(hi - lo, np.float64)
+        k = 0
+        for j in range(lo, hi):
+            if known[j]:
+                idx[k] = j
+                neg[k] = -v[j]
+                k += 1
+        by = np.argsort(neg[:k], kind="mergesort")  # stable: ties in entry (token) order
+        for r in range(min(k, cap)):
+            order[o] = idx[by[r]]
+            ranks[o] = r
+            o += 1
+        out_ptr[i + 1] = o
+    return o
 
 
 def medians_for_vocab(ensembl_ids: list[str], medians_by_id: dict[str, float]) -> np.ndarray:
