@@ -51,6 +51,43 @@ class PackedBatch:
             out[name] = dense
         return out
 
+    # --- one buffer per batch between processes --------------------------------------------------
+    _TENSORS = ("gene_ids", "values", "cu_seqlens", "mlm_mask", "mlm_targets", "labels", "view_index", "cell_index")
+
+    def wire_bytes(self) -> int:
+        """Bytes `to_wire` needs."""
+        return sum(-(-getattr(self, n).numel() * getattr(self, n).element_size() // 8) * 8 for n in self._TENSORS)
+
+    def to_wire(self, buf: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """``(buffer, header)``: every tensor copied into the front of ``buf`` (uint8, at least
+        `wire_bytes`; shared memory in a DataLoader worker, reused batch after batch: fresh
+        shared memory per batch costs page faults that dominate on some VMs), 8-byte aligned, so
+        that a worker sends one shared segment per batch instead of one per tensor. `from_wire`
+        rebuilds the batch as views."""
+        parts = [getattr(self, n).contiguous() for n in self._TENSORS]
+        sizes = [t.numel() * t.element_size() for t in parts]
+        offsets, total = [], 0
+        for size in sizes:
+            offsets.append(total)
+            total += -(-size // 8) * 8
+        buf = buf[:total]
+        for t, off, size in zip(parts, offsets, sizes):
+            buf[off : off + size] = t.view(-1).view(torch.uint8)
+        header = tuple((off, t.dtype, tuple(t.shape)) for t, off in zip(parts, offsets))
+        return buf, (header, self.max_seqlen)
+
+    @classmethod
+    def from_wire(cls, buf: torch.Tensor, header: tuple) -> PackedBatch:
+        layout, max_seqlen = header
+        tensors = {}
+        for name, (off, dtype, shape) in zip(cls._TENSORS, layout):
+            n = 1
+            for d in shape:
+                n *= d
+            size = n * torch.empty(0, dtype=dtype).element_size()
+            tensors[name] = buf[off : off + size].view(dtype).view(shape)
+        return cls(max_seqlen=max_seqlen, **tensors)
+
     def _map(self, fn) -> PackedBatch:
         return PackedBatch(**{f.name: fn(v) if isinstance(v := getattr(self, f.name), torch.Tensor) else v
                               for f in fields(self)})

@@ -18,7 +18,9 @@ seen again; later epochs are unaffected).
 
 from __future__ import annotations
 
+import ctypes
 import json
+import multiprocessing
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -107,30 +109,76 @@ class _Spec:
 
 
 class _EpochStream(IterableDataset):
-    """One epoch of one rank from batch ``start`` on; in a DataLoader, worker w makes stream
-    ``rank * W + w`` and the DataLoader's round-robin over workers gives the rank's order."""
+    """The rest of one epoch of one rank: ``control`` (shared with the workers, which persist
+    from epoch to epoch) holds the epoch and how many of its batches the rank has had. In a
+    DataLoader, worker w makes stream ``rank * W + w`` and the DataLoader's round-robin over
+    workers gives the rank's order."""
 
-    def __init__(self, spec: _Spec, epoch: int, start: int):
-        self.spec, self.epoch, self.start = spec, epoch, start
+    def __init__(self, spec: _Spec, control, rings: list | None = None):
+        self.spec, self.control, self.rings = spec, control, rings
+        self._slot = -1
 
     def __iter__(self):
-        info = get_worker_info()
+        # in this CellLoader's own DataLoader worker (not in some outer one, nor in-process)
+        info = get_worker_info() if self.rings is not None else None
         spec = self.spec
+        epoch, start = int(self.control[0]), int(self.control[1])
         # the DataLoader asks its workers round-robin from worker 0: after ``start`` batches the
         # next one is due from stream ``start % W``, so worker 0 plays that stream, and so on
-        worker = ((info.id if info is not None else 0) + self.start) % spec.streams_per_rank
-        plan = spec.plan(self.epoch)
-        skip = worker_skip(self.start, spec.streams_per_rank, worker)
+        worker = ((info.id if info is not None else 0) + start) % spec.streams_per_rank
+        plan = spec.plan(epoch)
+        skip = worker_skip(start, spec.streams_per_rank, worker)
         reader = _BlockReader(spec)
         try:
             for m in plan.stream_megabatches(spec.rank * spec.streams_per_rank + worker):
                 if skip >= m.n_batches:
                     skip -= m.n_batches
                     continue
-                yield from _megabatch_batches(spec, plan, m, reader, first=skip, epoch=self.epoch)
+                for batch in _megabatch_batches(spec, plan, m, reader, first=skip, epoch=epoch):
+                    yield self._send(info.id, batch) if info is not None else batch
                 skip = 0
         finally:
             reader.close()
+
+
+    def _send(self, worker: int, batch: PackedBatch) -> tuple:
+        """Write ``batch`` into this worker's next ring buffer (shared memory the consumer mapped
+        when the workers started) and return what says where: ``(worker, slot, header)``.
+
+        The DataLoader asks a worker for at most ``prefetch_factor`` batches beyond the one the
+        consumer has just received, and `CellLoader` copies that one out before asking for more,
+        so a ring of ``prefetch_factor + 2`` buffers is never overwritten while in use. Sending
+        a slot number instead of a tensor spares a shared-memory handshake per batch."""
+        ring = self.rings[worker]
+        self._slot = (self._slot + 1) % len(ring)
+        if batch.wire_bytes() > ring[self._slot].numel():
+            raise RuntimeError("a batch outgrew its ring buffer: wire_bytes_bound is wrong")
+        _, header = batch.to_wire(ring[self._slot])
+        return worker, self._slot, header
+
+
+def wire_bytes_bound(token_budget: int, n_label_columns: int) -> int:
+    """Most bytes `PackedBatch.to_wire` can need: at most ``token_budget`` tokens (8-byte ids,
+    values, targets; 1-byte mask) in at most ``token_budget`` sequences (4-byte cu_seqlens; 8-byte
+    view and cell index and labels), each array padded to 8 bytes."""
+    return token_budget * 25 + (token_budget + 1) * 4 + token_budget * 8 * (2 + n_label_columns) + 8 * 9
+
+
+def tune_malloc() -> bool:
+    """Make glibc keep freed memory for reuse in this process: large arrays (a megabatch's are
+    tens of MB, a batch's copy a few MB) otherwise get fresh pages from the kernel at every
+    allocation, and first touches of fresh pages cost more than the loader's own work on a VM
+    measured here (`benchmarks/results/loader.json`). Sets the mmap threshold to 1 GB and the
+    trim threshold to 2 GB. Returns False where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, 1 << 30)) and bool(libc.mallopt(-1, (1 << 31) - 1))  # MMAP, TRIM
+    except (OSError, AttributeError):
+        return False
+
+
+def _worker_init(_: int) -> None:
+    tune_malloc()
 
 
 class _BlockReader:
@@ -239,13 +287,15 @@ class CellLoader:
     ``world_size``: default from torch.distributed or the launcher's environment.
     ``num_workers``: DataLoader worker processes (0: batches made in this process).
     ``extra_tokens_per_cell``: tokens the model adds per sequence (e.g. 1 for ``<cls>``),
-    counted in the token budget. Iterating gives one epoch; the next iteration the next epoch.
+    counted in the token budget. ``malloc_tuning``: `tune_malloc` in this process too (the
+    workers always do). Iterating gives one epoch; the next iteration the next epoch.
     """
 
     def __init__(self, corpus: str | Path, normalization: Normalization | None = None,
                  batching: Batching | None = None, masking: Masking | None = DEFAULT_MASKING, views: Views | None = None,
                  seed: int = 0, rank: int | None = None, world_size: int | None = None, num_workers: int = 0,
-                 pin_memory: bool = False, prefetch_factor: int = 4, extra_tokens_per_cell: int = 0):
+                 pin_memory: bool = False, prefetch_factor: int = 4, extra_tokens_per_cell: int = 0,
+                 malloc_tuning: bool = True):
         corpus = Path(corpus)
         if not (corpus / "manifest.json").exists():
             raise ValueError(f"{corpus}: no manifest.json; pass a finished corpus folder "
@@ -253,17 +303,28 @@ class CellLoader:
         normalization = normalization or Normalization()
         if normalization.mode == "rank" and normalization.medians is None:
             normalization = Normalization(**{**asdict(normalization), "medians": corpus_medians(corpus)})
+        if malloc_tuning:
+            tune_malloc()  # workers always do
         rank, world_size = rank_and_world_size(rank, world_size)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.num_workers, self.pin_memory, self.prefetch_factor = num_workers, pin_memory, prefetch_factor
         self.spec = _Spec(corpus, normalization, batching or Batching(), masking, views, seed, rank, world_size,
                           max(1, num_workers), extra_tokens_per_cell)
+        self.spec.prefetch_factor = prefetch_factor
         vocab_size = self.spec.vocab_size
         if normalization.medians is not None and len(normalization.medians) != vocab_size:
             raise ValueError(f"{len(normalization.medians)} medians for a vocabulary of {vocab_size} tokens")
         self.epoch = 0
         self.batches_done = 0  # in the current epoch, by this rank
+        self._control = multiprocessing.Array("q", 2, lock=False)  # read by the workers at each epoch
+        rings = None
+        if num_workers:
+            slot = wire_bytes_bound(self.spec.batching.token_budget, self.spec.n_label_columns)
+            rings = [[torch.empty(slot, dtype=torch.uint8).share_memory_() for _ in range(prefetch_factor + 2)]
+                     for _ in range(num_workers)]
+        self._stream = _EpochStream(self.spec, self._control, rings)
+        self._dataloader = None
         self._lengths: dict[int, int] = {}
 
     def __len__(self) -> int:
@@ -279,14 +340,21 @@ class CellLoader:
     def __iter__(self):
         if self.batches_done >= len(self):  # a state saved after the epoch's last batch
             self.set_epoch(self.epoch + 1)
-        stream = _EpochStream(self.spec, self.epoch, self.batches_done)
+        self._control[0], self._control[1] = self.epoch, self.batches_done
         if self.num_workers == 0:
-            source = iter(stream)
+            source = iter(self._stream)
         else:
-            source = iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                                     pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor))
+            if self._dataloader is None:
+                self._dataloader = DataLoader(self._stream, batch_size=None, num_workers=self.num_workers,
+                                              prefetch_factor=self.prefetch_factor, persistent_workers=True,
+                                              worker_init_fn=_worker_init)
+            source = iter(self._dataloader)
         for batch in source:
-            if self.pin_memory and self.num_workers == 0:
+            if self.num_workers:  # copied out of the worker's ring buffer before the next request
+                worker, slot, header = batch
+                buf = self._stream.rings[worker][slot]
+                batch = PackedBatch.from_wire(buf.pin_memory() if self.pin_memory else buf.clone(), header)
+            elif self.pin_memory:
                 batch = batch.pin_memory()
             self.batches_done += 1
             yield batch

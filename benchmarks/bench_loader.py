@@ -1,0 +1,192 @@
+"""Loader throughput and padding: cells/s and tokens/s per worker core for each normalization mode,
+on real cells (the shared files replicated) and synthetic cells; the padding a padded layout
+would carry under random batching vs length grouping vs packing; and reading the same cells
+through AnnData (backed h5ad, random minibatches of rows: the common practice) as a baseline.
+Writes ``benchmarks/results/loader.json``.
+
+    python benchmarks/bench_loader.py                          # ~10 min
+    python benchmarks/bench_loader.py --synthetic-cells 50000 --repeats 1 --workers 0   # quick
+
+Corpora are converted once under ``benchmarks/data/`` (git-ignored) and reused. Each measurement
+iterates one whole epoch after a warm-up epoch (kernels compiled, shards in the page cache), and
+the median of ``--repeats`` epochs is reported. ``workers`` 0 makes batches in the consuming
+process (one core); with W DataLoader workers the figure per worker core is the rate / W.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_convert import DATA, real_inputs, synthetic_input  # noqa: E402
+
+from data_pipeline.convert import convert  # noqa: E402
+from data_pipeline.epoch_plan import Batching, EpochPlan  # noqa: E402
+from data_pipeline.loader import CellLoader  # noqa: E402
+from data_pipeline.masking import Masking, Views  # noqa: E402
+from data_pipeline.normalize import Normalization  # noqa: E402
+from data_pipeline.plan import ConvertOptions  # noqa: E402
+
+MODES = {
+    "log1p_bins+mask": dict(normalization=Normalization("log1p_bins", n_bins=51), masking=Masking()),
+    "quantile_bins+mask": dict(normalization=Normalization("quantile_bins", n_bins=51), masking=Masking()),
+    "rank+mask (2048)": dict(normalization=Normalization("rank", max_genes=2048), masking=Masking()),
+    "continuous+mask": dict(normalization=Normalization("continuous"), masking=Masking()),
+    "log1p_bins+mask+2 views": dict(normalization=Normalization("log1p_bins", n_bins=51), masking=Masking(),
+                                    views=Views()),
+}
+
+
+def corpus_of(name: str, inputs: list[Path]) -> Path:
+    out = DATA / "corpora" / name
+    if not (out / "manifest.json").exists():
+        convert(out, ConvertOptions([str(p) for p in inputs]), workers=os.cpu_count() or 1, progress=True,
+                overwrite=True)
+    return out
+
+
+def epoch_rate(corpus: Path, mode: dict, workers: int, batching: Batching, repeats: int) -> dict:
+    loader = CellLoader(corpus, batching=batching, num_workers=workers, seed=0, **mode)
+    for _ in loader:  # warm-up epoch
+        pass
+    runs = []
+    for _ in range(repeats):
+        cells = tokens = batches = padded = 0
+        t = time.perf_counter()
+        for b in loader:
+            cells += b.n_seqs // 2 if mode.get("views") else b.n_seqs
+            tokens += b.n_tokens
+            padded += b.padded_tokens
+            batches += 1
+        runs.append((time.perf_counter() - t, cells, tokens, batches, padded))
+    seconds, cells, tokens, batches, padded = sorted(runs)[(len(runs) - 1) // 2]
+    per_core = max(workers, 1)
+    return {"workers": workers, "seconds": round(seconds, 3), "cells": cells, "tokens": tokens, "batches": batches,
+            "cells_per_s": round(cells / seconds), "tokens_per_s": round(tokens / seconds),
+            "cells_per_s_per_worker_core": round(cells / seconds / per_core),
+            "tokens_per_s_per_worker_core": round(tokens / seconds / per_core),
+            "padded_layout_waste": round(1 - tokens / padded, 4), "packed_waste": 0.0,
+            "seconds_of_each_run": [round(r[0], 3) for r in runs]}
+
+
+def padding_waste(corpus: Path, batching: Batching, seed: int = 0) -> dict:
+    """Share of a padded ``[B, max_len]`` layout that is padding: random batches (cells in random
+    order, as many per batch as length-grouped batches hold on average) vs length-grouped batches
+    (this loader's plan) vs packed (none)."""
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    from data_pipeline.epoch_plan import BlockTable
+
+    lengths = np.load(corpus / manifest["cell_lengths"]["file"]).astype(np.int64)
+    plan = EpochPlan(BlockTable.from_manifest(manifest), lengths, batching, seed, 0, 1, 1)
+    grouped_tokens = grouped_slots = n_batches = 0
+    for m in plan.stream_megabatches(0):
+        for j in range(m.n_batches):
+            cell_lengths = lengths[m.cells[m.bounds[j]:m.bounds[j + 1]]]
+            grouped_tokens += cell_lengths.sum()
+            grouped_slots += len(cell_lengths) * cell_lengths.max()
+            n_batches += 1
+    per_batch = max(1, round(len(lengths) / n_batches))
+    shuffled = np.random.default_rng(seed).permutation(lengths)
+    usable = len(shuffled) // per_batch * per_batch
+    rand = shuffled[:usable].reshape(-1, per_batch)
+    return {"cells_per_batch": per_batch, "token_budget": batching.token_budget,
+            "random_batches_padded": round(1 - rand.sum() / (rand.max(1).sum() * per_batch), 4),
+            "length_grouped_padded": round(1 - grouped_tokens / grouped_slots, 4),
+            "packed": 0.0,
+            "padded_slots_random_over_grouped": round(float(rand.max(1).sum() * per_batch / usable) /
+                                                      (grouped_slots / len(lengths)), 2)}
+
+
+def anndata_baseline(files: list[Path], batch_cells: int, seconds: float = 20.0, seed: int = 0) -> dict:
+    """Random minibatches of rows from backed h5ad files (``adata.X[sorted random rows]``), raw
+    counts only: no normalization, masking or packing."""
+    import anndata as ad
+
+    rng = np.random.default_rng(seed)
+    backed = [ad.read_h5ad(f, backed="r") for f in files]
+    sizes = np.array([a.n_obs for a in backed])
+    cells = nnz = 0
+    t = time.perf_counter()
+    while time.perf_counter() - t < seconds:
+        a = backed[rng.choice(len(backed), p=sizes / sizes.sum())]
+        rows = np.sort(rng.choice(a.n_obs, min(batch_cells, a.n_obs), replace=False))
+        x = a.X[rows]
+        cells += x.shape[0]
+        nnz += x.nnz
+    dt = time.perf_counter() - t
+    for a in backed:
+        a.file.close()
+    return {"batch_cells": batch_cells, "cells_per_s": round(cells / dt), "nonzeros_per_s": round(nnz / dt),
+            "what": "anndata backed='r', X[sorted random rows], raw counts"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--real-cells", type=int, default=200_000)
+    ap.add_argument("--synthetic-cells", type=int, default=200_000)
+    ap.add_argument("--workers", type=int, nargs="+", default=sorted({0, 1, os.cpu_count() or 1}))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--token-budget", type=int, default=65_536)
+    ap.add_argument("--megabatch-cells", type=int, default=8192)
+    ap.add_argument("--result", type=Path, default=REPO / "benchmarks" / "results" / "loader.json")
+    args = ap.parse_args()
+    batching = Batching(token_budget=args.token_budget, megabatch_cells=args.megabatch_cells)
+
+    datasets = []
+    real = real_inputs(args.real_cells, None) if args.real_cells else []
+    if real:
+        datasets.append(("real_replicated", corpus_of(f"real-{args.real_cells}", real), real))
+    elif args.real_cells:
+        print("../shared/data is absent: skipping the real-data measurement", file=sys.stderr)
+    if args.synthetic_cells:
+        syn = synthetic_input(args.synthetic_cells)
+        datasets.append(("synthetic", corpus_of(f"synthetic-{args.synthetic_cells}", [syn]), [syn]))
+
+    runs, padding, baseline = [], {}, {}
+    for name, corpus, files in datasets:
+        manifest = json.loads((corpus / "manifest.json").read_text())
+        padding[name] = padding_waste(corpus, batching)
+        for mode_name, mode in MODES.items():
+            for w in args.workers:
+                r = {"dataset": name, "mode": mode_name, "corpus_cells": manifest["totals"]["n_cells"],
+                     **epoch_rate(corpus, mode, w, batching, args.repeats)}
+                print(json.dumps(r), file=sys.stderr)
+                runs.append(r)
+        baseline[name] = anndata_baseline(files, padding[name]["cells_per_batch"])
+        ours = next(r for r in runs if r["dataset"] == name and r["mode"] == "log1p_bins+mask" and r["workers"] == 0)
+        baseline[name]["loader_log1p_bins_mask_over_anndata"] = round(ours["cells_per_s"] / baseline[name]["cells_per_s"], 2)
+        print(json.dumps({"padding": padding[name], "anndata": baseline[name]}), file=sys.stderr)
+
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    result = {
+        "benchmark": "loader",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": {"cpu": cpu, "cores": os.cpu_count(), "gpu": None, "platform": platform.platform()},
+        "versions": {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__},
+        "target": ">= 50,000 cells/s per worker core in log1p_cp10k-bins mode with masking; zero padding packed",
+        "batching": {"token_budget": batching.token_budget, "megabatch_cells": batching.megabatch_cells},
+        "runs": runs, "padding_waste": padding, "anndata_baseline": baseline,
+        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+    }
+    args.result.parent.mkdir(parents=True, exist_ok=True)
+    args.result.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.result}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
