@@ -4,7 +4,7 @@ would carry under random batching vs length grouping vs packing; and reading the
 through AnnData (backed h5ad, random minibatches of rows: the common practice) as a baseline.
 Writes ``benchmarks/results/loader.json``.
 
-    python benchmarks/bench_loader.py                          # ~10 min
+    python benchmarks/bench_loader.py                          # ~10 min, ~3 GB of corpora
     python benchmarks/bench_loader.py --synthetic-cells 50000 --repeats 1 --workers 0   # quick
 
 Corpora are converted once under ``benchmarks/data/`` (git-ignored) and reused. Each measurement
@@ -135,9 +135,9 @@ def anndata_baseline(files: list[Path], batch_cells: int, seconds: float = 20.0,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--real-cells", type=int, default=200_000)
-    ap.add_argument("--synthetic-cells", type=int, default=200_000)
-    ap.add_argument("--workers", type=int, nargs="+", default=sorted({0, 1, os.cpu_count() or 1}))
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--synthetic-cells", type=int, default=100_000)
+    ap.add_argument("--workers", type=int, nargs="+", default=sorted({0, os.cpu_count() or 1}))
+    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--token-budget", type=int, default=65_536)
     ap.add_argument("--megabatch-cells", type=int, default=8192)
     ap.add_argument("--result", type=Path, default=REPO / "benchmarks" / "results" / "loader.json")

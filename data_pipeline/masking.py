@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 from .normalize import choose_within_cells
 
@@ -73,43 +74,94 @@ def apply_masking(masking: Masking, indptr, inputs: np.ndarray, mask_id, random_
 
 def make_views(views: Views, indptr, genes, counts, total_counts, rng: np.random.Generator):
     """Two views of each cell, interleaved (view 0 of cell i is row 2i, view 1 is 2i+1): CSR
-    ``(indptr [2n+1], genes, counts, total_counts [2n])`` of raw counts."""
+    ``(indptr [2n+1], genes, counts, total_counts [2n])`` of raw counts. Integer counts are
+    thinned binomially; non-integer ones (a corpus converted with --allow-non-integer) are
+    scaled by the view's depth instead."""
     n = len(indptr) - 1
-    lengths = np.diff(indptr)
-    counts = np.asarray(counts, np.int64)
-    # each view: dropout mask and downsampled counts for every entry of its cell
-    rows_i, genes_out, counts_out, totals = [], [], [], []
+    indptr = np.asarray(indptr, np.int64)
     depth = rng.uniform(views.min_depth, 1.0, (n, 2))
-    top = _argmax_per_cell(indptr, counts)
-    cell = np.repeat(np.arange(n), lengths)
-    for v in range(2):
-        kept = rng.binomial(counts, np.repeat(depth[:, v], lengths))
-        kept[rng.random(len(kept)) < views.gene_dropout] = 0
-        empty = np.bincount(cell, weights=kept > 0, minlength=n) == 0
-        guard = top[empty & (lengths > 0)]
-        kept[guard] = np.maximum(kept[guard], 1)  # never an empty view
-        keep = kept > 0
-        rows_i.append(cell[keep] * 2 + v)
-        genes_out.append(np.asarray(genes)[keep])
-        counts_out.append(kept[keep])
-        frac = np.bincount(cell, weights=kept, minlength=n) / np.maximum(np.bincount(cell, weights=counts, minlength=n), 1)
-        totals.append(np.asarray(total_counts, np.float64) * frac)
-    rows = np.concatenate(rows_i)
-    order = np.argsort(rows, kind="stable")  # genes stay ascending within each view
-    new_lengths = np.bincount(rows, minlength=2 * n)
-    total = np.empty(2 * n)
-    total[0::2], total[1::2] = totals
-    return (np.concatenate([[0], np.cumsum(new_lengths)]), np.concatenate(genes_out)[order],
-            np.concatenate(counts_out)[order], total)
+    out_ptr = np.empty(2 * n + 1, np.int64)
+    out_genes = np.empty(2 * int(indptr[-1]), np.asarray(genes).dtype)
+    out_counts = np.empty(2 * int(indptr[-1]), np.float64)
+    kept_sum = np.empty(2 * n)
+    uniforms = rng.random(2 * int(indptr[-1]))
+    _views(indptr, genes, np.asarray(counts, np.float64), depth, views.gene_dropout, uniforms,
+           int(rng.integers(1 << 62)), out_ptr, out_genes, out_counts, kept_sum)
+    m = out_ptr[-1]
+    source_sum = np.add.reduceat(np.asarray(counts, np.float64), indptr[:-1]) if n and indptr[-1] else np.zeros(n)
+    source_sum = np.where(np.diff(indptr) > 0, source_sum, 1.0)
+    total = np.repeat(np.asarray(total_counts, np.float64), 2) * kept_sum / np.repeat(source_sum, 2)
+    integer = np.issubdtype(np.asarray(counts).dtype, np.integer)
+    return out_ptr, out_genes[:m], (out_counts[:m].astype(np.int64) if integer else out_counts[:m]), total
 
 
-def _argmax_per_cell(indptr: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Entry index of each cell's largest value (first on ties; -1 for an empty cell).  [n]"""
-    n = len(indptr) - 1
-    lengths = np.diff(indptr)
-    cell = np.repeat(np.arange(n), lengths)
-    order = np.lexsort((np.arange(len(values)), -values, cell))
-    out = np.full(n, -1, np.int64)
-    nonempty = lengths > 0
-    out[nonempty] = order[indptr[:-1][nonempty]]
-    return out
+_TABLE_COUNTS = 32  # counts up to this are drawn from a per-cell table with one uniform
+
+
+@njit(cache=True, nogil=True)
+def _views(indptr, genes, counts, depth, dropout, uniforms, seed, out_ptr, out_genes, out_counts,
+           kept_sum):  # pragma: no cover
+    """Per cell and view: drop each gene with probability ``dropout``, else thin its count to
+    Binomial(count, depth); keep the genes left with a count (at least the cell's first
+    highest-count gene), in order. ``uniforms`` [2 nnz] from the caller's generator; counts above
+    ``_TABLE_COUNTS`` use numba's binomial, seeded with ``seed``: reproducible.
+
+    Dropout and thinning together give count k with probability ``d [k=0] + (1-d) pmf(k)``; for
+    counts up to ``_TABLE_COUNTS`` (nearly all) that distribution's CDF is tabulated per cell and
+    view, a row when its count first occurs, so an entry costs one uniform and a short walk."""
+    np.random.seed(seed)
+    cdf = np.empty((_TABLE_COUNTS + 1, _TABLE_COUNTS + 1))
+    ready = np.zeros(_TABLE_COUNTS + 1, np.bool_)
+    o = 0
+    d = 0
+    out_ptr[0] = 0
+    for i in range(len(indptr) - 1):
+        lo, hi = indptr[i], indptr[i + 1]
+        top = lo
+        for j in range(lo, hi):
+            if counts[j] > counts[top]:
+                top = j
+        for v in range(2):
+            p = depth[i, v]
+            q = 1.0 - p
+            ratio = p / q if q > 0 else 0.0
+            ready[:] = False
+            start = o
+            total = 0.0
+            for j in range(lo, hi):
+                c = counts[j]
+                u = uniforms[d]
+                d += 1
+                if c == np.floor(c) and c <= _TABLE_COUNTS:
+                    ci = np.int64(c)
+                    if not ready[ci]:
+                        pmf = q ** ci
+                        acc = 0.0
+                        for k in range(ci):
+                            acc += pmf
+                            cdf[ci, k] = dropout + (1.0 - dropout) * acc
+                            pmf = pmf * (ci - k) / (k + 1) * ratio if q > 0 else (1.0 if k + 1 == ci else 0.0)
+                        cdf[ci, ci] = 1.0
+                        ready[ci] = True
+                    k = 0
+                    while k < ci and u >= cdf[ci, k]:
+                        k += 1
+                    kept = np.float64(k)
+                elif u < dropout:
+                    kept = 0.0
+                elif c == np.floor(c):
+                    kept = np.float64(np.random.binomial(np.int64(c), p))
+                else:  # non-integer counts are scaled
+                    kept = c * p
+                if kept > 0:
+                    out_genes[o] = genes[j]
+                    out_counts[o] = kept
+                    total += kept
+                    o += 1
+            if o == start and hi > lo:  # never an empty view
+                out_genes[o] = genes[top]
+                out_counts[o] = 1.0 if counts[top] >= 1 else counts[top]
+                total += out_counts[o]
+                o += 1
+            kept_sum[2 * i + v] = total
+            out_ptr[2 * i + v + 1] = o
