@@ -22,6 +22,7 @@ import ctypes
 import json
 import multiprocessing
 import os
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -252,8 +253,8 @@ def _megabatch_batches(spec: _Spec, plan: EpochPlan, m, reader: _BlockReader, fi
     else:
         mlm = np.zeros(len(genes), bool)
         targets = np.zeros_like(values)
-    # per sequence, for the whole megabatch; batches below are views (a DataLoader worker's
-    # batches are copied into shared memory when sent, so views cost no copy of their own)
+    # per sequence, for the whole megabatch; batches below are views of these arrays (a worker
+    # copies each into its ring buffer, so views cost no copy of their own)
     seq_ptr = norm.indptr
     genes = genes.astype(np.int64, copy=False)
     seq_labels = np.repeat(labels, per_cell, axis=0)
@@ -303,6 +304,10 @@ class CellLoader:
         normalization = normalization or Normalization()
         if normalization.mode == "rank" and normalization.medians is None:
             normalization = Normalization(**{**asdict(normalization), "medians": corpus_medians(corpus)})
+        if pin_memory and not torch.cuda.is_available():
+            warnings.warn("CellLoader(pin_memory=True) without CUDA: pinned memory needs an accelerator, "
+                          "so batches are left unpinned", stacklevel=2)
+            pin_memory = False
         if malloc_tuning:
             tune_malloc()  # workers always do
         rank, world_size = rank_and_world_size(rank, world_size)

@@ -177,3 +177,17 @@ def test_to_padded_layout(corpus):
     assert torch.equal(p["gene_ids"][p["key_padding_mask"]], b.gene_ids)
     assert torch.equal(p["values"][p["key_padding_mask"]], b.values)
     assert (p["gene_ids"][~p["key_padding_mask"]] == 0).all()
+
+
+def test_pinned_memory(corpus):
+    """Pinned batches where CUDA is present (as DataLoader does, a warning and unpinned without)."""
+    if not torch.cuda.is_available():
+        with pytest.warns(UserWarning, match="pin_memory"):
+            loader = _loader(corpus, num_workers=1, pin_memory=True)
+        assert not next(iter(loader)).gene_ids.is_pinned()
+        return
+    for workers in (0, 2):
+        b = next(iter(_loader(corpus, num_workers=workers, pin_memory=True)))
+        assert b.gene_ids.is_pinned() and b.cu_seqlens.is_pinned()
+        assert b.to("cuda").gene_ids.is_cuda
+
