@@ -109,7 +109,9 @@ class EpochPlan:
                  world_size: int, streams_per_rank: int):
         if world_size < 1 or streams_per_rank < 1:
             raise ValueError("world_size and streams_per_rank must be >= 1")
-        cost = np.asarray(cost, np.int64)
+        cost = np.asarray(cost)
+        if cost.dtype.kind not in "iu":
+            raise ValueError(f"cell costs must be integers, got {cost.dtype}")
         if len(cost) != blocks.n_cells:
             raise ValueError(f"{len(cost)} cell lengths for {blocks.n_cells} cells: the corpus index is stale")
         if len(cost) and cost.max() > batching.token_budget:

@@ -93,10 +93,13 @@ class _Spec:
     def cost(self) -> np.ndarray:
         """Tokens each cell can take in a batch (capped length plus special tokens, per view).  [N]"""
         if self._cost is None:
-            lengths = np.load(self.corpus / self.manifest["cell_lengths"]["file"]).astype(np.int64)
+            # int32: one per corpus cell in every process (30M cells: 120 MB)
+            cost = np.load(self.corpus / self.manifest["cell_lengths"]["file"]).astype(np.int32)
             if self.normalization.max_genes is not None:
-                lengths = np.minimum(lengths, self.normalization.max_genes)
-            self._cost = (lengths + self.extra_tokens_per_cell) * (2 if self.views else 1)
+                np.minimum(cost, self.normalization.max_genes, out=cost)
+            cost += self.extra_tokens_per_cell
+            cost *= 2 if self.views else 1
+            self._cost = cost
         return self._cost
 
     def plan(self, epoch: int) -> EpochPlan:

@@ -75,8 +75,8 @@ def apply_masking(masking: Masking, indptr, inputs: np.ndarray, mask_id, random_
 def make_views(views: Views, indptr, genes, counts, total_counts, rng: np.random.Generator):
     """Two views of each cell, interleaved (view 0 of cell i is row 2i, view 1 is 2i+1): CSR
     ``(indptr [2n+1], genes, counts, total_counts [2n])`` of raw counts. Integer counts are
-    thinned binomially; non-integer ones (a corpus converted with --allow-non-integer) are
-    scaled by the view's depth instead."""
+    thinned binomially; float ones (a corpus converted with --allow-non-integer) are scaled by
+    the view's depth instead."""
     n = len(indptr) - 1
     indptr = np.asarray(indptr, np.int64)
     depth = rng.uniform(views.min_depth, 1.0, (n, 2))
@@ -84,14 +84,14 @@ def make_views(views: Views, indptr, genes, counts, total_counts, rng: np.random
     out_genes = np.empty(2 * int(indptr[-1]), np.asarray(genes).dtype)
     out_counts = np.empty(2 * int(indptr[-1]), np.float64)
     kept_sum = np.empty(2 * n)
+    integer = np.issubdtype(np.asarray(counts).dtype, np.integer)
     uniforms = rng.random(2 * int(indptr[-1]))
-    _views(indptr, genes, np.asarray(counts, np.float64), depth, views.gene_dropout, uniforms,
+    _views(indptr, genes, np.asarray(counts, np.float64), integer, depth, views.gene_dropout, uniforms,
            int(rng.integers(1 << 62)), out_ptr, out_genes, out_counts, kept_sum)
     m = out_ptr[-1]
     source_sum = np.add.reduceat(np.asarray(counts, np.float64), indptr[:-1]) if n and indptr[-1] else np.zeros(n)
     source_sum = np.where(np.diff(indptr) > 0, source_sum, 1.0)
     total = np.repeat(np.asarray(total_counts, np.float64), 2) * kept_sum / np.repeat(source_sum, 2)
-    integer = np.issubdtype(np.asarray(counts).dtype, np.integer)
     return out_ptr, out_genes[:m], (out_counts[:m].astype(np.int64) if integer else out_counts[:m]), total
 
 
@@ -99,7 +99,7 @@ _TABLE_COUNTS = 32  # counts up to this are drawn from a per-cell table with one
 
 
 @njit(cache=True, nogil=True)
-def _views(indptr, genes, counts, depth, dropout, uniforms, seed, out_ptr, out_genes, out_counts,
+def _views(indptr, genes, counts, integer, depth, dropout, uniforms, seed, out_ptr, out_genes, out_counts,
            kept_sum):  # pragma: no cover
     """Per cell and view: drop each gene with probability ``dropout``, else thin its count to
     Binomial(count, depth); keep the genes left with a count (at least the cell's first
@@ -132,7 +132,7 @@ def _views(indptr, genes, counts, depth, dropout, uniforms, seed, out_ptr, out_g
                 c = counts[j]
                 u = uniforms[d]
                 d += 1
-                if c == np.floor(c) and c <= _TABLE_COUNTS:
+                if integer and c <= _TABLE_COUNTS:
                     ci = np.int64(c)
                     if not ready[ci]:
                         pmf = q ** ci
@@ -149,9 +149,9 @@ def _views(indptr, genes, counts, depth, dropout, uniforms, seed, out_ptr, out_g
                     kept = np.float64(k)
                 elif u < dropout:
                     kept = 0.0
-                elif c == np.floor(c):
+                elif integer:
                     kept = np.float64(np.random.binomial(np.int64(c), p))
-                else:  # non-integer counts are scaled
+                else:  # counts of a non-integer corpus are scaled
                     kept = c * p
                 if kept > 0:
                     out_genes[o] = genes[j]
@@ -160,7 +160,7 @@ def _views(indptr, genes, counts, depth, dropout, uniforms, seed, out_ptr, out_g
                     o += 1
             if o == start and hi > lo:  # never an empty view
                 out_genes[o] = genes[top]
-                out_counts[o] = 1.0 if counts[top] >= 1 else counts[top]
+                out_counts[o] = 1.0 if integer else counts[top] * p
                 total += out_counts[o]
                 o += 1
             kept_sum[2 * i + v] = total

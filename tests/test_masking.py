@@ -59,3 +59,17 @@ def test_views_only_drop_and_thin_counts():
             assert np.isclose(v_totals[v], totals[i] * c.sum() / sum(source.values()))
     kept = v_counts.sum() / (2 * counts.sum())
     assert 0.2 < kept < 0.5  # half the genes dropped, depth ~U(0.2, 1)
+
+
+def test_views_scale_non_integer_counts():
+    indptr = np.array([0, 3, 5])
+    counts = np.array([0.5, 2.25, 7.0, 1.5, 3.75])
+    ptr, genes, kept, totals = make_views(Views(gene_dropout=0.0, min_depth=0.4), indptr, np.arange(5) + 3,
+                                          counts, np.array([20.0, 10.0]), np.random.default_rng(0))
+    assert kept.dtype == np.float64 and len(ptr) == 5
+    for v in range(4):
+        c = kept[ptr[v]:ptr[v + 1]]
+        src = counts[indptr[v // 2]:indptr[v // 2 + 1]]
+        ratio = c / src[np.searchsorted(np.arange(5) + 3, genes[ptr[v]:ptr[v + 1]]) - indptr[v // 2]]
+        assert np.allclose(ratio, ratio[0]) and 0.4 <= ratio[0] <= 1.0  # one depth per view
+
