@@ -1,0 +1,195 @@
+"""Fused FAVOR+ forward in Triton over packed sequences (the definition is `naive.py`).
+
+Two kernels and a small deterministic combine in between:
+
+1. ``_key_state``: one program per (key chunk, head, block of features). A chunk is up to
+   ``CHUNK`` rows of one sequence (long sequences are split into several chunks, so their work
+   spreads over programs). It computes the key features in registers and accumulates
+   ``S_c = sum exp(Wk' - |k'|^2/2 - M_c) v`` and ``z_c = sum exp(...)`` in fp32, where ``M_c`` is
+   the running max of ``Wk'`` (rescaling the sums when it grows), plus ``sum v``.
+2. The combine (PyTorch, a fixed-order sum): the sequence's stabilizer is ``M = max_c M_c``; the
+   state is ``S = m^-1/2 (sum_c exp(M_c - M) S_c + eps sum v)`` and likewise ``z``; the ``eps``
+   term is added once, exactly as in the definition.
+3. ``_query_out``: one program per (query tile, head): query features in registers (a first
+   pass over the feature blocks finds each row's max), ``o = phi(q) S / (phi(q) z)``.
+
+No feature matrix is written to memory, and no atomics are used: results do not depend on
+scheduling. Shapes: q, k, v [T, H, D]; projection [m, D]; cu_seqlens [B+1].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+CHUNK = 1024  # most key rows per program of `_key_state`
+
+
+@triton.jit
+def _key_state(k_ptr, v_ptr, w_ptr, chunk_start_ptr, chunk_len_ptr, s_ptr, z_ptr, mx_ptr, vsum_ptr,
+               stride_kt, stride_kh, stride_vt, stride_vh, n_heads, n_fblocks, scale_in,
+               D: tl.constexpr, DV: tl.constexpr, BL: tl.constexpr, BM: tl.constexpr, M_FEAT: tl.constexpr,
+               PRECISION: tl.constexpr):
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    fb = tl.program_id(2)
+    start = tl.load(chunk_start_ptr + c)
+    n = tl.load(chunk_len_ptr + c)
+    d = tl.arange(0, D)
+    dv = tl.arange(0, DV)
+    f = fb * BM + tl.arange(0, BM)
+    w = tl.load(w_ptr + f[:, None] * D + d[None, :]).to(tl.float32)  # [BM, D]
+    acc = tl.zeros([BM, DV], dtype=tl.float32)
+    zacc = tl.zeros([BM], dtype=tl.float32)
+    vsum = tl.zeros([DV], dtype=tl.float32)
+    m_run = -float("inf")
+    for off in range(0, n, BL):
+        r = off + tl.arange(0, BL)
+        valid = r < n
+        rows = (start + r).to(tl.int64)
+        kt = tl.load(k_ptr + rows[:, None] * stride_kt + h * stride_kh + d[None, :], mask=valid[:, None],
+                     other=0.0).to(tl.float32) * scale_in
+        vt = tl.load(v_ptr + rows[:, None] * stride_vt + h * stride_vh + dv[None, :], mask=valid[:, None],
+                     other=0.0).to(tl.float32)
+        proj = tl.dot(kt, tl.trans(w), input_precision=PRECISION)  # [BL, BM]
+        half = tl.sum(kt * kt, 1) * 0.5
+        proj = tl.where(valid[:, None], proj, -float("inf"))
+        m_new = tl.maximum(m_run, tl.max(proj))
+        alpha = tl.exp(m_run - m_new)
+        e = tl.exp(proj - half[:, None] - m_new)  # padded rows: exp(-inf) = 0
+        acc = acc * alpha + tl.dot(tl.trans(e), vt, input_precision=PRECISION)
+        zacc = zacc * alpha + tl.sum(e, 0)
+        vsum += tl.sum(vt, 0)
+        m_run = m_new
+    base = (c * n_heads + h).to(tl.int64)
+    tl.store(s_ptr + (base * M_FEAT + f)[:, None] * DV + dv[None, :], acc)
+    tl.store(z_ptr + base * M_FEAT + f, zacc)
+    tl.store(mx_ptr + base * n_fblocks + fb, m_run)
+    if fb == 0:
+        tl.store(vsum_ptr + base * DV + dv, vsum)
+
+
+@triton.jit
+def _query_out(q_ptr, w_ptr, s_ptr, z_ptr, tile_start_ptr, tile_len_ptr, tile_seq_ptr, o_ptr, den_ptr,
+               stride_qt, stride_qh, stride_ot, stride_oh, n_heads, scale_in, eps, feat_scale,
+               D: tl.constexpr, DV: tl.constexpr, BL: tl.constexpr, BM: tl.constexpr, M_FEAT: tl.constexpr,
+               PRECISION: tl.constexpr):
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    start = tl.load(tile_start_ptr + t)
+    n = tl.load(tile_len_ptr + t)
+    seq = tl.load(tile_seq_ptr + t).to(tl.int64)
+    r = tl.arange(0, BL)
+    valid = r < n
+    rows = (start + r).to(tl.int64)
+    d = tl.arange(0, D)
+    dv = tl.arange(0, DV)
+    qt = tl.load(q_ptr + rows[:, None] * stride_qt + h * stride_qh + d[None, :], mask=valid[:, None],
+                 other=0.0).to(tl.float32) * scale_in
+    half = tl.sum(qt * qt, 1) * 0.5
+    rmax = tl.full([BL], -float("inf"), tl.float32)
+    for fb in tl.static_range(M_FEAT // BM):
+        f = fb * BM + tl.arange(0, BM)
+        w = tl.load(w_ptr + f[:, None] * D + d[None, :]).to(tl.float32)
+        rmax = tl.maximum(rmax, tl.max(tl.dot(qt, tl.trans(w), input_precision=PRECISION), 1))
+    num = tl.zeros([BL, DV], dtype=tl.float32)
+    den = tl.zeros([BL], dtype=tl.float32)
+    base = seq * n_heads + h
+    for fb in tl.static_range(M_FEAT // BM):
+        f = fb * BM + tl.arange(0, BM)
+        w = tl.load(w_ptr + f[:, None] * D + d[None, :]).to(tl.float32)
+        proj = tl.dot(qt, tl.trans(w), input_precision=PRECISION)
+        phi = feat_scale * (tl.exp(proj - half[:, None] - rmax[:, None]) + eps)
+        s_blk = tl.load(s_ptr + (base * M_FEAT + f)[:, None] * DV + dv[None, :])
+        z_blk = tl.load(z_ptr + base * M_FEAT + f)
+        num += tl.dot(phi, s_blk, input_precision=PRECISION)
+        den += tl.sum(phi * z_blk[None, :], 1)
+    out = num / den[:, None]
+    tl.store(o_ptr + rows[:, None] * stride_ot + h * stride_oh + dv[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=valid[:, None])
+    tl.store(den_ptr + rows * n_heads + h, den, mask=valid)
+
+
+def _feature_block(m: int) -> int:
+    for bm in (64, 32, 16):
+        if m % bm == 0:
+            return bm
+    raise ValueError(f"the number of features m={m} must be a multiple of 16")
+
+
+def _tiles(cu: list[int], size: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(start, length, sequence) of pieces of at most ``size`` rows, never across sequences."""
+    starts, lengths, seqs = [], [], []
+    for s, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
+        for x in range(a, b, size):
+            starts.append(x)
+            lengths.append(min(size, b - x))
+            seqs.append(s)
+    as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
+    return as_tensor(starts), as_tensor(lengths), as_tensor(seqs)
+
+
+def favor_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor,
+                  cu_seqlens: torch.Tensor, max_seqlen: int, eps: float = 1e-4, block_rows: int = 64,
+                  chunk_rows: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out [T, H, Dv], state S [B, H, m, Dv] fp32, normalizer z [B, H, m] fp32, den [T, H] fp32)``
+    of FAVOR+ over packed sequences; the state, normalizer and denominators are what the backward
+    pass reuses. ``block_rows``: rows per tile (>= 16); ``chunk_rows``: key rows per program."""
+    t, h, d = q.shape
+    dv = v.shape[-1]
+    m = projection.shape[0]
+    if d & (d - 1) or dv & (dv - 1) or d < 16 or dv < 16:
+        raise ValueError(f"head dims must be powers of two >= 16 (got D={d}, Dv={dv})")
+    bm = _feature_block(m)
+    device = q.device
+    cu = [int(x) for x in cu_seqlens.tolist()]
+    n_seq = len(cu) - 1
+    w = projection.to(device=device, dtype=torch.float32).contiguous()
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    scale_in = d ** -0.25
+
+    c_start, c_len, c_seq = _tiles(cu, chunk_rows, device)
+    n_chunks = len(c_start)
+    n_fb = m // bm
+    s_part = torch.empty(n_chunks, h, m, dv, device=device, dtype=torch.float32)
+    z_part = torch.empty(n_chunks, h, m, device=device, dtype=torch.float32)
+    mx = torch.empty(n_chunks, h, n_fb, device=device, dtype=torch.float32)
+    vsum = torch.empty(n_chunks, h, dv, device=device, dtype=torch.float32)
+    if n_chunks:
+        _key_state[(n_chunks, h, n_fb)](k, v, w, c_start, c_len, s_part, z_part, mx, vsum, k.stride(0), k.stride(1),
+                                       v.stride(0), v.stride(1), h, n_fb, scale_in, D=d, DV=dv, BL=block_rows,
+                                       BM=bm, M_FEAT=m, PRECISION=precision)
+
+    # combine the chunks of each sequence, in a fixed order: [B, most chunks per sequence, ...]
+    per_seq = torch.bincount(c_seq.long(), minlength=n_seq) if n_chunks else torch.zeros(n_seq, dtype=torch.long)
+    most = int(per_seq.max()) if n_seq else 0
+    slot = torch.arange(n_chunks, device=device) - torch.repeat_interleave(
+        torch.cumsum(per_seq, 0) - per_seq, per_seq).to(device)
+    grid_mx = torch.full((n_seq, most, h, n_fb), -math.inf, device=device)
+    grid_mx[c_seq.long(), slot] = mx
+    big = grid_mx.amax(dim=(1, 3), keepdim=True)  # the stabilizer M per sequence and head
+    scale = torch.exp(grid_mx - big)  # [B, C, H, F]
+    grid_s = torch.zeros(n_seq, most, h, m, dv, device=device)
+    grid_z = torch.zeros(n_seq, most, h, m, device=device)
+    grid_v = torch.zeros(n_seq, most, h, dv, device=device)
+    grid_s[c_seq.long(), slot] = s_part
+    grid_z[c_seq.long(), slot] = z_part
+    grid_v[c_seq.long(), slot] = vsum
+    per_feature = scale.repeat_interleave(bm, dim=3)  # [B, C, H, m]
+    lengths = torch.tensor([b - a for a, b in zip(cu[:-1], cu[1:])], device=device, dtype=torch.float32)
+    feat_scale = m ** -0.5
+    state = feat_scale * ((grid_s * per_feature[..., None]).sum(1) + eps * grid_v.sum(1)[:, :, None, :])
+    norm = feat_scale * ((grid_z * per_feature).sum(1) + eps * lengths[:, None, None])
+
+    out = torch.empty(t, h, dv, device=device, dtype=q.dtype)
+    den = torch.empty(t, h, device=device, dtype=torch.float32)
+    q_start, q_len, q_seq = _tiles(cu, block_rows, device)
+    if len(q_start):
+        _query_out[(len(q_start), h)](q, w, state.contiguous(), norm.contiguous(), q_start, q_len, q_seq, out, den,
+                                      q.stride(0), q.stride(1), out.stride(0), out.stride(1), h, scale_in, eps,
+                                      feat_scale, D=d, DV=dv, BL=block_rows, BM=bm, M_FEAT=m, PRECISION=precision)
+    return out, state, norm, den
