@@ -1,9 +1,46 @@
 """FAVOR+ (Performer) linear attention over packed sequences.
 
-`naive.py` holds the plain-PyTorch definition (``favor_attention``, the padded entry, and
-`draw_projection`); the fused Triton kernel is built against it.
+`favor_attention` is what the model's attention layer calls: the fused Triton kernels
+(`triton_forward`, `triton_backward`) on CUDA tensors (or anywhere under ``TRITON_INTERPRET=1``),
+the plain-PyTorch definition `naive.favor_attention` otherwise (a CPU run). `draw_projection`
+draws the projection; the caller decides when to redraw it.
 """
 
-from .naive import draw_projection
+from __future__ import annotations
 
-__all__ = ["draw_projection"]
+import os
+
+import torch
+
+from .naive import draw_projection
+from .naive import favor_attention as favor_attention_reference
+from .triton_backward import favor_backward
+from .triton_forward import favor_forward
+
+__all__ = ["draw_projection", "favor_attention", "favor_attention_reference"]
+
+
+class _FavorAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, projection, cu_seqlens, max_seqlen, eps):
+        out, state, norm, den, key_max = favor_forward(q, k, v, projection, cu_seqlens, max_seqlen, eps)
+        ctx.save_for_backward(q, k, v, projection, cu_seqlens, out, state, norm, den, key_max)
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, projection, cu_seqlens, out, state, norm, den, key_max = ctx.saved_tensors
+        dq, dk, dv = favor_backward(grad_out, q, k, v, projection, cu_seqlens, out, state, norm, den, key_max,
+                                    ctx.eps)
+        return dq, dk, dv, None, None, None, None
+
+
+def favor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor,
+                    cu_seqlens: torch.Tensor, max_seqlen: int, eps: float = 1e-4) -> torch.Tensor:
+    """Non-causal FAVOR+ attention over packed sequences: q, k, v [T, H, D] (fp32 / bf16 / fp16),
+    projection [m, D] (m a multiple of 16), cu_seqlens [B+1] -> [T, H, D] in q's dtype. The
+    projection gets no gradient. Definition: `naive.py`."""
+    if q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        return _FavorAttention.apply(q, k, v, projection, cu_seqlens, max_seqlen, eps)
+    return favor_attention_reference(q, k, v, projection, cu_seqlens, max_seqlen, eps)

@@ -134,10 +134,11 @@ def _tiles(cu: list[int], size: int, device) -> tuple[torch.Tensor, torch.Tensor
 
 def favor_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor,
                   cu_seqlens: torch.Tensor, max_seqlen: int, eps: float = 1e-4, block_rows: int = 64,
-                  chunk_rows: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(out [T, H, Dv], state S [B, H, m, Dv] fp32, normalizer z [B, H, m] fp32, den [T, H] fp32)``
-    of FAVOR+ over packed sequences; the state, normalizer and denominators are what the backward
-    pass reuses. ``block_rows``: rows per tile (>= 16); ``chunk_rows``: key rows per program."""
+                  chunk_rows: int = CHUNK) -> tuple[torch.Tensor, ...]:
+    """``(out [T, H, Dv], state S [B, H, m, Dv] fp32, normalizer z [B, H, m] fp32, den [T, H] fp32,
+    key stabilizer M [B, H] fp32)`` of FAVOR+ over packed sequences; all but ``out`` are what the
+    backward pass reuses. ``block_rows``: rows per tile (>= 16); ``chunk_rows``: key rows per
+    program."""
     t, h, d = q.shape
     dv = v.shape[-1]
     m = projection.shape[0]
@@ -192,4 +193,4 @@ def favor_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection:
         _query_out[(len(q_start), h)](q, w, state.contiguous(), norm.contiguous(), q_start, q_len, q_seq, out, den,
                                       q.stride(0), q.stride(1), out.stride(0), out.stride(1), h, scale_in, eps,
                                       feat_scale, D=d, DV=dv, BL=block_rows, BM=bm, M_FEAT=m, PRECISION=precision)
-    return out, state, norm, den
+    return out, state, norm, den, big.reshape(n_seq, h)
