@@ -73,3 +73,41 @@ def test_gradients_equal_reference(case):
     out.backward(grad)
     for name, a, b in zip("qkv", got_in, ref_in):
         assert _rel(a.grad, b.grad) < 1e-4, name
+
+
+def test_padded_entry_and_determinism():
+    from kernels.favor import favor_attention as fused
+    from kernels.favor import favor_attention_padded
+
+    q, k, v, cu = _inputs([9, 20], 2, 16, seed=5)
+    projection = draw_projection(32, 16, seed=6)
+    packed = fused(q, k, v, projection, cu, 20)
+    torch.testing.assert_close(fused(q, k, v, projection, cu, 20), packed, rtol=0, atol=0)  # run to run
+    pad = lambda t: torch.stack([torch.cat([t[:9], torch.zeros(11, 2, 16)]), t[9:]]).permute(0, 2, 1, 3)  # noqa: E731
+    mask = torch.tensor([[True] * 9 + [False] * 11, [True] * 20])
+    out = favor_attention_padded(pad(q), pad(k), pad(v), projection, mask).permute(0, 2, 1, 3)
+    torch.testing.assert_close(out[0, :9], packed[:9])
+    torch.testing.assert_close(out[1], packed[9:])
+    assert (out[0, 9:] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs(dtype):
+    """bf16 / fp16 in, the same dtype out, within half-precision rounding of the reference on the
+    same (rounded) inputs; gradients too."""
+    from kernels.favor import favor_attention as fused
+
+    q, k, v, cu = _inputs([1, 30, 12], 2, 16, seed=7)
+    q, k, v = (x.to(dtype).requires_grad_(True) for x in (q, k, v))
+    projection = draw_projection(32, 16, seed=8)
+    out = fused(q, k, v, projection, cu, 30)
+    assert out.dtype == dtype
+    ref_in = [x.detach().double().requires_grad_(True) for x in (q, k, v)]
+    ref = favor_attention(*ref_in, projection.double(), cu, 30)
+    assert _rel(out, ref) < 1e-2
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(9))
+    out.backward(grad.to(dtype))
+    ref.backward(grad.double())
+    for a, b in zip((q, k, v), ref_in):
+        assert a.grad.dtype == dtype and _rel(a.grad, b.grad) < 2e-2
+

@@ -14,10 +14,11 @@ import torch
 
 from .naive import draw_projection
 from .naive import favor_attention as favor_attention_reference
+from .naive import favor_attention_padded as _padded
 from .triton_backward import favor_backward
 from .triton_forward import favor_forward
 
-__all__ = ["draw_projection", "favor_attention", "favor_attention_reference"]
+__all__ = ["draw_projection", "favor_attention", "favor_attention_padded", "favor_attention_reference"]
 
 
 class _FavorAttention(torch.autograd.Function):
@@ -44,3 +45,11 @@ def favor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projectio
     if q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
         return _FavorAttention.apply(q, k, v, projection, cu_seqlens, max_seqlen, eps)
     return favor_attention_reference(q, k, v, projection, cu_seqlens, max_seqlen, eps)
+
+
+def favor_attention_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor,
+                           key_padding_mask: torch.Tensor | None = None, eps: float = 1e-4) -> torch.Tensor:
+    """`favor_attention` for padded q, k, v [B, H, L, D] with ``key_padding_mask`` [B, L] (True on
+    real tokens): the real tokens are packed, attended, and put back; padded outputs are zero."""
+    return _padded(q, k, v, projection, key_padding_mask, eps, attention=favor_attention)
+

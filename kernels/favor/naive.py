@@ -93,17 +93,20 @@ def favor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projectio
 
 
 def favor_attention_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor,
-                           key_padding_mask: torch.Tensor | None = None, eps: float = 1e-4) -> torch.Tensor:
+                           key_padding_mask: torch.Tensor | None = None, eps: float = 1e-4,
+                           attention=None) -> torch.Tensor:
     """The padded entry: q, k, v [B, H, L, D], ``key_padding_mask`` [B, L] bool (True on real
     tokens; None: all real). Sequences are the real tokens of each row (a prefix or not); padded
-    positions of the output are zero.  -> [B, H, L, D]"""
+    positions of the output are zero. ``attention``: the packed implementation to run (default
+    this module's definition).  -> [B, H, L, D]"""
+    attention = attention or favor_attention
     b, h, length, _ = q.shape
     real = torch.ones(b, length, dtype=torch.bool, device=q.device) if key_padding_mask is None else key_padding_mask
     pick = lambda t: t.permute(0, 2, 1, 3)[real]  # noqa: E731 - [T, H, D]
     lengths = real.sum(1)
     cu = torch.zeros(b + 1, dtype=torch.int32, device=q.device)
     cu[1:] = lengths.cumsum(0)
-    packed = favor_attention(pick(q), pick(k), pick(v), projection, cu, int(lengths.max().item()) if b else 0, eps)
+    packed = attention(pick(q), pick(k), pick(v), projection, cu, int(lengths.max().item()) if b else 0, eps)
     out = q.new_zeros(b, length, h, v.shape[-1])
     out[real] = packed
     return out.permute(0, 2, 1, 3)
