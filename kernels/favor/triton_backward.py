@@ -10,8 +10,9 @@ normalizer ``z = B^T 1``, ``o = A S / (A z)`` and the output gradient ``G``:
     dU = c dA * exp(U)        dx' = dU W - rowsum(dU) x'   dx = d^(-1/4) dx'
 
 Three kernels: ``_query_grad_state`` sums ``dS``, ``dz`` per (query chunk, head, feature block)
-(a fixed-order sum over chunks follows, as in the forward), ``_query_grad`` gives ``dq`` per
-query tile, ``_key_grad`` gives ``dk`` and ``dv`` per key tile. Saved from the forward: the output,
+(a fixed-order sum over chunks follows, as in the forward; each program first finds the rows'
+max over all features), ``_query_grad`` gives ``dq`` per query tile in one pass over the
+feature blocks (running max, as the forward), ``_key_grad`` gives ``dk`` and ``dv`` per key tile. Saved from the forward: the output,
 its denominators, ``S``, ``z`` and the key stabilizer per sequence and head, O(T D + B m D).
 """
 
@@ -94,7 +95,6 @@ def _query_grad(q_ptr, g_ptr, o_ptr, den_ptr, w_ptr, s_ptr, z_ptr, tile_start_pt
     qt = tl.load(q_ptr + rows[:, None] * stride_qt + h * stride_qh + d[None, :], mask=valid[:, None],
                  other=0.0).to(tl.float32) * scale_in
     half = tl.sum(qt * qt, 1) * 0.5
-    rmax = _row_max(qt, w_ptr, D, BM, M_FEAT, BL, PRECISION)
     g = tl.load(g_ptr + rows[:, None] * stride_gt + h * stride_gh + dv[None, :], mask=valid[:, None],
                 other=0.0).to(tl.float32)
     o = tl.load(o_ptr + rows[:, None] * stride_ot + h * stride_oh + dv[None, :], mask=valid[:, None],
@@ -103,18 +103,24 @@ def _query_grad(q_ptr, g_ptr, o_ptr, den_ptr, w_ptr, s_ptr, z_ptr, tile_start_pt
     dnum = g / den[:, None]
     dden = -tl.sum(g * o, 1) / den
     base = seq * n_heads + h
+    # one pass over the feature blocks, relative to each row's running max (as in the forward)
+    rmax = tl.full([BL], -float("inf"), tl.float32)
     dx = tl.zeros([BL, D], dtype=tl.float32)
     du_sum = tl.zeros([BL], dtype=tl.float32)
     for fb in tl.static_range(M_FEAT // BM):
         f = fb * BM + tl.arange(0, BM)
         w = tl.load(w_ptr + f[:, None] * D + d[None, :]).to(tl.float32)
-        e = tl.exp(tl.dot(qt, tl.trans(w), input_precision=PRECISION) - half[:, None] - rmax[:, None])
+        proj = tl.dot(qt, tl.trans(w), input_precision=PRECISION)
+        r_new = tl.maximum(rmax, tl.max(proj, 1))
+        alpha = tl.exp(rmax - r_new)
+        e = tl.exp(proj - half[:, None] - r_new[:, None])
         s_blk = tl.load(s_ptr + (base * M_FEAT + f)[:, None] * DV + dv[None, :])
         z_blk = tl.load(z_ptr + base * M_FEAT + f)
         da = tl.dot(dnum, tl.trans(s_blk), input_precision=PRECISION) + dden[:, None] * z_blk[None, :]
         du = feat_scale * da * e
-        dx += tl.dot(du, w, input_precision=PRECISION)
-        du_sum += tl.sum(du, 1)
+        dx = dx * alpha[:, None] + tl.dot(du, w, input_precision=PRECISION)
+        du_sum = du_sum * alpha + tl.sum(du, 1)
+        rmax = r_new
     dx = (dx - du_sum[:, None] * qt) * scale_in
     tl.store(dq_ptr + rows[:, None] * stride_dt + h * stride_dh + d[None, :], dx.to(dq_ptr.dtype.element_ty),
              mask=valid[:, None])

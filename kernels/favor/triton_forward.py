@@ -10,8 +10,9 @@ Two kernels and a small deterministic combine in between:
 2. The combine (PyTorch, a fixed-order sum): the sequence's stabilizer is ``M = max_c M_c``; the
    state is ``S = m^-1/2 (sum_c exp(M_c - M) S_c + eps sum v)`` and likewise ``z``; the ``eps``
    term is added once, exactly as in the definition.
-3. ``_query_out``: one program per (query tile, head): query features in registers (a first
-   pass over the feature blocks finds each row's max), ``o = phi(q) S / (phi(q) z)``.
+3. ``_query_out``: one program per (query tile, head): query features in registers, one pass
+   over the feature blocks with each row's running max (sums rescaled when it grows),
+   ``o = phi(q) S / (phi(q) z)``.
 
 No feature matrix is written to memory, and no atomics are used: results do not depend on
 scheduling. Shapes: q, k, v [T, H, D]; projection [m, D]; cu_seqlens [B+1].
@@ -90,23 +91,30 @@ def _query_out(q_ptr, w_ptr, s_ptr, z_ptr, tile_start_ptr, tile_len_ptr, tile_se
     qt = tl.load(q_ptr + rows[:, None] * stride_qt + h * stride_qh + d[None, :], mask=valid[:, None],
                  other=0.0).to(tl.float32) * scale_in
     half = tl.sum(qt * qt, 1) * 0.5
+    # one pass over the feature blocks: the sums are kept relative to each row's running max of
+    # Wq' and rescaled when it grows (the eps term does not depend on it: added at the end)
     rmax = tl.full([BL], -float("inf"), tl.float32)
-    for fb in tl.static_range(M_FEAT // BM):
-        f = fb * BM + tl.arange(0, BM)
-        w = tl.load(w_ptr + f[:, None] * D + d[None, :]).to(tl.float32)
-        rmax = tl.maximum(rmax, tl.max(tl.dot(qt, tl.trans(w), input_precision=PRECISION), 1))
     num = tl.zeros([BL, DV], dtype=tl.float32)
     den = tl.zeros([BL], dtype=tl.float32)
+    s_sum = tl.zeros([DV], dtype=tl.float32)
+    z_sum = 0.0
     base = seq * n_heads + h
     for fb in tl.static_range(M_FEAT // BM):
         f = fb * BM + tl.arange(0, BM)
         w = tl.load(w_ptr + f[:, None] * D + d[None, :]).to(tl.float32)
         proj = tl.dot(qt, tl.trans(w), input_precision=PRECISION)
-        phi = feat_scale * (tl.exp(proj - half[:, None] - rmax[:, None]) + eps)
+        r_new = tl.maximum(rmax, tl.max(proj, 1))
+        alpha = tl.exp(rmax - r_new)
+        e = tl.exp(proj - half[:, None] - r_new[:, None])
         s_blk = tl.load(s_ptr + (base * M_FEAT + f)[:, None] * DV + dv[None, :])
         z_blk = tl.load(z_ptr + base * M_FEAT + f)
-        num += tl.dot(phi, s_blk, input_precision=PRECISION)
-        den += tl.sum(phi * z_blk[None, :], 1)
+        num = num * alpha[:, None] + tl.dot(e, s_blk, input_precision=PRECISION)
+        den = den * alpha + tl.sum(e * z_blk[None, :], 1)
+        s_sum += tl.sum(s_blk, 0)
+        z_sum += tl.sum(z_blk)
+        rmax = r_new
+    num = feat_scale * (num + eps * s_sum[None, :])
+    den = feat_scale * (den + eps * z_sum)
     out = num / den[:, None]
     tl.store(o_ptr + rows[:, None] * stride_ot + h * stride_oh + dv[None, :], out.to(o_ptr.dtype.element_ty),
              mask=valid[:, None])
