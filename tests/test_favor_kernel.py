@@ -111,3 +111,27 @@ def test_half_precision_inputs(dtype):
     for a, b in zip((q, k, v), ref_in):
         assert a.grad.dtype == dtype and _rel(a.grad, b.grad) < 2e-2
 
+
+
+def test_pieces_tile_every_sequence_on_the_device():
+    from kernels.favor.triton_forward import pieces
+
+    lengths = [3, 0, 70, 1, 16, 33]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    p = pieces(cu, int(cu[-1]), max(lengths), 16)
+    used = p.length > 0
+    got = sorted(zip(p.start[used].tolist(), p.length[used].tolist(), p.seq[used].tolist(), p.slot[used].tolist()))
+    want = [(a + x, min(16, b - a - x), s, x // 16) for s, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist()))
+            for x in range(0, b - a, 16)]
+    assert got == sorted(want)
+    assert (p.home[~used] == len(lengths)).all() and p.per_seq == 5
+
+
+def test_empty_sequences_are_allowed():
+    from kernels.favor import favor_attention as fused
+
+    q, k, v, cu = _inputs([3, 0, 21], 2, 16, seed=12)
+    cu = torch.tensor([0, 3, 3, 24], dtype=torch.int32)
+    projection = draw_projection(32, 16, seed=13)
+    ref = favor_attention(q.double(), k.double(), v.double(), projection.double(), cu, 21)
+    assert _rel(fused(q, k, v, projection, cu, 21), ref) < 1e-4

@@ -26,22 +26,22 @@ class _FavorAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, projection, cu_seqlens, max_seqlen, eps):
         out, state, norm, den, key_max = favor_forward(q, k, v, projection, cu_seqlens, max_seqlen, eps)
         ctx.save_for_backward(q, k, v, projection, cu_seqlens, out, state, norm, den, key_max)
-        ctx.eps = eps
+        ctx.eps, ctx.max_seqlen = eps, max_seqlen
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, projection, cu_seqlens, out, state, norm, den, key_max = ctx.saved_tensors
-        dq, dk, dv = favor_backward(grad_out, q, k, v, projection, cu_seqlens, out, state, norm, den, key_max,
-                                    ctx.eps)
+        dq, dk, dv = favor_backward(grad_out, q, k, v, projection, cu_seqlens, ctx.max_seqlen, out, state, norm, den,
+                                    key_max, ctx.eps)
         return dq, dk, dv, None, None, None, None
 
 
 def favor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor,
                     cu_seqlens: torch.Tensor, max_seqlen: int, eps: float = 1e-4) -> torch.Tensor:
     """Non-causal FAVOR+ attention over packed sequences: q, k, v [T, H, D] (fp32 / bf16 / fp16),
-    projection [m, D] (m a multiple of 16), cu_seqlens [B+1] -> [T, H, D] in q's dtype. The
-    projection gets no gradient. Definition: `naive.py`."""
+    projection [m, D] (m a multiple of 16), cu_seqlens [B+1], max_seqlen at least the longest
+    sequence -> [T, H, D] in q's dtype. The projection gets no gradient. Definition: `naive.py`."""
     if q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
         return _FavorAttention.apply(q, k, v, projection, cu_seqlens, max_seqlen, eps)
     return favor_attention_reference(q, k, v, projection, cu_seqlens, max_seqlen, eps)

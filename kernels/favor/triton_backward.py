@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_forward import CHUNK, _feature_block, _tiles
+from .triton_forward import CHUNK, _feature_block, combine, pieces
 
 
 @triton.jit
@@ -170,16 +170,16 @@ def _key_grad(k_ptr, v_ptr, w_ptr, ds_ptr, dz_ptr, mx_ptr, tile_start_ptr, tile_
              mask=valid[:, None])
 
 
-def favor_backward(grad_out, q, k, v, projection, cu_seqlens, out, state, norm, den, key_max, eps: float = 1e-4,
-                   block_rows: int = 64, chunk_rows: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def favor_backward(grad_out, q, k, v, projection, cu_seqlens, max_seqlen: int, out, state, norm, den, key_max,
+                   eps: float = 1e-4, block_rows: int = 64, chunk_rows: int = CHUNK
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` [T, H, D] of FAVOR+ over packed sequences, from what `favor_forward` saved."""
     t, h, d = q.shape
     dv_dim = v.shape[-1]
     m = projection.shape[0]
     bm = _feature_block(m)
     device = q.device
-    cu = [int(x) for x in cu_seqlens.tolist()]
-    n_seq = len(cu) - 1
+    n_seq = cu_seqlens.numel() - 1
     w = projection.to(device=device, dtype=torch.float32).contiguous()
     grad_out = grad_out.contiguous()
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
@@ -187,37 +187,29 @@ def favor_backward(grad_out, q, k, v, projection, cu_seqlens, out, state, norm, 
     feat_scale = m ** -0.5
     consts = dict(D=d, DV=dv_dim, BL=block_rows, BM=bm, M_FEAT=m, PRECISION=precision)
 
-    c_start, c_len, c_seq = _tiles(cu, chunk_rows, device)
-    n_chunks = len(c_start)
+    chunks = pieces(cu_seqlens, t, max_seqlen, chunk_rows)
+    n_chunks = len(chunks.start)
     ds_part = torch.empty(n_chunks, h, m, dv_dim, device=device, dtype=torch.float32)
     dz_part = torch.empty(n_chunks, h, m, device=device, dtype=torch.float32)
     if n_chunks:
         _query_grad_state[(n_chunks, h, m // bm)](
-            q, grad_out, out, den, w, c_start, c_len, ds_part, dz_part, q.stride(0), q.stride(1), grad_out.stride(0),
-            grad_out.stride(1), out.stride(0), out.stride(1), h, scale_in, eps, feat_scale, **consts)
-    # fixed-order sum over each sequence's chunks
-    per_seq = torch.bincount(c_seq.long(), minlength=n_seq)
-    most = int(per_seq.max()) if n_seq else 0
-    slot = torch.arange(n_chunks, device=device) - torch.repeat_interleave(torch.cumsum(per_seq, 0) - per_seq, per_seq)
-    grid_ds = torch.zeros(n_seq, most, h, m, dv_dim, device=device)
-    grid_dz = torch.zeros(n_seq, most, h, m, device=device)
-    grid_ds[c_seq.long(), slot] = ds_part
-    grid_dz[c_seq.long(), slot] = dz_part
-    d_state = grid_ds.sum(1).contiguous()
-    d_norm = grid_dz.sum(1).contiguous()
+            q, grad_out, out, den, w, chunks.start, chunks.length, ds_part, dz_part, q.stride(0), q.stride(1),
+            grad_out.stride(0), grad_out.stride(1), out.stride(0), out.stride(1), h, scale_in, eps, feat_scale, **consts)
+    d_state = combine(chunks, n_seq, ds_part, 0.0).sum(1).contiguous()  # fixed-order sum over chunks
+    d_norm = combine(chunks, n_seq, dz_part, 0.0).sum(1).contiguous()
 
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    t_start, t_len, t_seq = _tiles(cu, block_rows, device)
-    n_tiles = len(t_start)
+    tiles = pieces(cu_seqlens, t, max_seqlen, block_rows)
+    n_tiles = len(tiles.start)
     if n_tiles:
         _query_grad[(n_tiles, h)](
-            q, grad_out, out, den, w, state, norm, t_start, t_len, t_seq, dq, q.stride(0), q.stride(1),
+            q, grad_out, out, den, w, state, norm, tiles.start, tiles.length, tiles.seq, dq, q.stride(0), q.stride(1),
             grad_out.stride(0), grad_out.stride(1), out.stride(0), out.stride(1), dq.stride(0), dq.stride(1), h,
             scale_in, eps, feat_scale, **consts)
         _key_grad[(n_tiles, h)](
-            k, v, w, d_state, d_norm, key_max.contiguous(), t_start, t_len, t_seq, dk, dv, k.stride(0),
+            k, v, w, d_state, d_norm, key_max.contiguous(), tiles.start, tiles.length, tiles.seq, dk, dv, k.stride(0),
             k.stride(1), v.stride(0), v.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), h,
             scale_in, eps, feat_scale, **consts)
     return dq, dk, dv

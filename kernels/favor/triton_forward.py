@@ -21,6 +21,7 @@ scheduling. Shapes: q, k, v [T, H, D]; projection [m, D]; cu_seqlens [B+1].
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -128,16 +129,45 @@ def _feature_block(m: int) -> int:
     raise ValueError(f"the number of features m={m} must be a multiple of 16")
 
 
-def _tiles(cu: list[int], size: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(start, length, sequence) of pieces of at most ``size`` rows, never across sequences."""
-    starts, lengths, seqs = [], [], []
-    for s, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
-        for x in range(a, b, size):
-            starts.append(x)
-            lengths.append(min(size, b - x))
-            seqs.append(s)
-    as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
-    return as_tensor(starts), as_tensor(lengths), as_tensor(seqs)
+class Pieces(NamedTuple):
+    """Row ranges of at most ``size`` rows, never across sequences, made on the device from
+    ``cu_seqlens`` without reading it on the host (no synchronization per call): ``start``,
+    ``length`` [N] int32, ``seq`` [N] int32 (clamped to a real sequence for the kernels), ``home``
+    [N] int64 (the sequence, or B for an unused slot: a row the combine throws away), ``slot`` [N]
+    int64 (the piece's number within its sequence), ``per_seq`` (most pieces of one sequence).
+    N = T // size + B is an upper bound; unused pieces have length 0."""
+
+    start: torch.Tensor
+    length: torch.Tensor
+    seq: torch.Tensor
+    home: torch.Tensor
+    slot: torch.Tensor
+    per_seq: int
+
+
+def pieces(cu_seqlens: torch.Tensor, total_rows: int, max_seqlen: int, size: int) -> Pieces:
+    cu = cu_seqlens.to(torch.int64)
+    n_seq = cu.numel() - 1
+    lengths = cu[1:] - cu[:-1]
+    count = (lengths + size - 1) // size
+    ends = torch.cumsum(count, 0)
+    i = torch.arange(total_rows // size + n_seq, device=cu.device)
+    home = torch.searchsorted(ends, i, right=True)  # B past the last real piece
+    valid = home < n_seq
+    seq = home.clamp(max=max(n_seq - 1, 0))
+    slot = torch.where(valid, i - (ends - count)[seq], 0)
+    start = cu[seq] + slot * size
+    length = torch.where(valid, (cu[seq + 1] - start).clamp(0, size), 0)
+    return Pieces(start.to(torch.int32), length.to(torch.int32), seq.to(torch.int32), home, slot,
+                  max(1, -(-max_seqlen // size)))
+
+
+def combine(pieces_: Pieces, n_seq: int, partial: torch.Tensor, fill: float) -> torch.Tensor:
+    """Per-piece partial results [N, ...] laid out per sequence: [B, per_seq, ...] (unused slots
+    ``fill``), for a reduction over dim 1 in a fixed order (no atomics)."""
+    grid = partial.new_full((n_seq + 1, pieces_.per_seq, *partial.shape[1:]), fill)
+    grid[pieces_.home, pieces_.slot] = partial
+    return grid[:n_seq]
 
 
 def favor_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor,
@@ -146,7 +176,7 @@ def favor_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection:
     """``(out [T, H, Dv], state S [B, H, m, Dv] fp32, normalizer z [B, H, m] fp32, den [T, H] fp32,
     key stabilizer M [B, H] fp32)`` of FAVOR+ over packed sequences; all but ``out`` are what the
     backward pass reuses. ``block_rows``: rows per tile (>= 16); ``chunk_rows``: key rows per
-    program."""
+    program. ``max_seqlen`` must be at least the longest sequence."""
     t, h, d = q.shape
     dv = v.shape[-1]
     m = projection.shape[0]
@@ -154,51 +184,40 @@ def favor_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection:
         raise ValueError(f"head dims must be powers of two >= 16 (got D={d}, Dv={dv})")
     bm = _feature_block(m)
     device = q.device
-    cu = [int(x) for x in cu_seqlens.tolist()]
-    n_seq = len(cu) - 1
+    n_seq = cu_seqlens.numel() - 1
     w = projection.to(device=device, dtype=torch.float32).contiguous()
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     scale_in = d ** -0.25
 
-    c_start, c_len, c_seq = _tiles(cu, chunk_rows, device)
-    n_chunks = len(c_start)
+    chunks = pieces(cu_seqlens, t, max_seqlen, chunk_rows)
+    n_chunks = len(chunks.start)
     n_fb = m // bm
     s_part = torch.empty(n_chunks, h, m, dv, device=device, dtype=torch.float32)
     z_part = torch.empty(n_chunks, h, m, device=device, dtype=torch.float32)
     mx = torch.empty(n_chunks, h, n_fb, device=device, dtype=torch.float32)
     vsum = torch.empty(n_chunks, h, dv, device=device, dtype=torch.float32)
     if n_chunks:
-        _key_state[(n_chunks, h, n_fb)](k, v, w, c_start, c_len, s_part, z_part, mx, vsum, k.stride(0), k.stride(1),
-                                       v.stride(0), v.stride(1), h, n_fb, scale_in, D=d, DV=dv, BL=block_rows,
-                                       BM=bm, M_FEAT=m, PRECISION=precision)
+        _key_state[(n_chunks, h, n_fb)](k, v, w, chunks.start, chunks.length, s_part, z_part, mx, vsum, k.stride(0),
+                                       k.stride(1), v.stride(0), v.stride(1), h, n_fb, scale_in, D=d, DV=dv,
+                                       BL=block_rows, BM=bm, M_FEAT=m, PRECISION=precision)
 
-    # combine the chunks of each sequence, in a fixed order: [B, most chunks per sequence, ...]
-    per_seq = torch.bincount(c_seq.long(), minlength=n_seq) if n_chunks else torch.zeros(n_seq, dtype=torch.long)
-    most = int(per_seq.max()) if n_seq else 0
-    slot = torch.arange(n_chunks, device=device) - torch.repeat_interleave(
-        torch.cumsum(per_seq, 0) - per_seq, per_seq).to(device)
-    grid_mx = torch.full((n_seq, most, h, n_fb), -math.inf, device=device)
-    grid_mx[c_seq.long(), slot] = mx
+    # combine the chunks of each sequence in a fixed order
+    grid_mx = combine(chunks, n_seq, mx, -math.inf)  # [B, C, H, F]
     big = grid_mx.amax(dim=(1, 3), keepdim=True)  # the stabilizer M per sequence and head
-    scale = torch.exp(grid_mx - big)  # [B, C, H, F]
-    grid_s = torch.zeros(n_seq, most, h, m, dv, device=device)
-    grid_z = torch.zeros(n_seq, most, h, m, device=device)
-    grid_v = torch.zeros(n_seq, most, h, dv, device=device)
-    grid_s[c_seq.long(), slot] = s_part
-    grid_z[c_seq.long(), slot] = z_part
-    grid_v[c_seq.long(), slot] = vsum
-    per_feature = scale.repeat_interleave(bm, dim=3)  # [B, C, H, m]
-    lengths = torch.tensor([b - a for a, b in zip(cu[:-1], cu[1:])], device=device, dtype=torch.float32)
+    per_feature = torch.exp(grid_mx - big).repeat_interleave(bm, dim=3)  # [B, C, H, m]
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.float32)
     feat_scale = m ** -0.5
-    state = feat_scale * ((grid_s * per_feature[..., None]).sum(1) + eps * grid_v.sum(1)[:, :, None, :])
-    norm = feat_scale * ((grid_z * per_feature).sum(1) + eps * lengths[:, None, None])
+    state = feat_scale * ((combine(chunks, n_seq, s_part, 0.0) * per_feature[..., None]).sum(1)
+                          + eps * combine(chunks, n_seq, vsum, 0.0).sum(1)[:, :, None, :])
+    norm = feat_scale * ((combine(chunks, n_seq, z_part, 0.0) * per_feature).sum(1) + eps * lengths[:, None, None])
 
     out = torch.empty(t, h, dv, device=device, dtype=q.dtype)
     den = torch.empty(t, h, device=device, dtype=torch.float32)
-    q_start, q_len, q_seq = _tiles(cu, block_rows, device)
-    if len(q_start):
-        _query_out[(len(q_start), h)](q, w, state.contiguous(), norm.contiguous(), q_start, q_len, q_seq, out, den,
-                                      q.stride(0), q.stride(1), out.stride(0), out.stride(1), h, scale_in, eps,
-                                      feat_scale, D=d, DV=dv, BL=block_rows, BM=bm, M_FEAT=m, PRECISION=precision)
+    tiles = pieces(cu_seqlens, t, max_seqlen, block_rows)
+    if len(tiles.start):
+        _query_out[(len(tiles.start), h)](q, w, state.contiguous(), norm.contiguous(), tiles.start, tiles.length,
+                                          tiles.seq, out, den, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+                                          h, scale_in, eps, feat_scale, D=d, DV=dv, BL=block_rows, BM=bm, M_FEAT=m,
+                                          PRECISION=precision)
     return out, state, norm, den, big.reshape(n_seq, h)
