@@ -270,12 +270,10 @@ def main() -> None:
     import numpy
     import scipy
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
     result = {
         "benchmark": "convert",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": {"cpu": cpu, "cores": os.cpu_count(), "gpu": None, "platform": platform.platform()},
+        "device": cpu_device(),
         "versions": {"python": platform.python_version(), "numpy": numpy.__version__, "scipy": scipy.__version__},
         "target": ">= 20,000 cells/s per core end to end; near-linear scaling with workers",
         "runs": runs,
@@ -283,9 +281,21 @@ def main() -> None:
         "machine_scaling": machine_scaling(max(args.workers)),
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
     }
-    args.result.parent.mkdir(parents=True, exist_ok=True)
-    args.result.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.result}", file=sys.stderr)
+    write_result(args.result, result)
+
+
+def cpu_device() -> dict:
+    """This machine, as results JSONs record it."""
+    info = Path("/proc/cpuinfo")
+    cpu = next((line.split(":", 1)[1].strip() for line in info.read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if info.exists() else platform.processor()
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": None, "platform": platform.platform()}
+
+
+def write_result(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_convert import DATA, real_inputs, synthetic_input  # noqa: E402
+from bench_convert import DATA, cpu_device, real_inputs, synthetic_input, write_result  # noqa: E402
 
 from data_pipeline.convert import convert  # noqa: E402
 from data_pipeline.epoch_plan import Batching, EpochPlan  # noqa: E402
@@ -171,21 +171,17 @@ def main() -> None:
 
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
     result = {
         "benchmark": "loader",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": {"cpu": cpu, "cores": os.cpu_count(), "gpu": None, "platform": platform.platform()},
+        "device": cpu_device(),
         "versions": {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__},
         "target": ">= 50,000 cells/s per worker core in log1p_cp10k-bins mode with masking; zero padding packed",
         "batching": {"token_budget": batching.token_budget, "megabatch_cells": batching.megabatch_cells},
         "runs": runs, "padding_waste": padding, "anndata_baseline": baseline,
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
     }
-    args.result.parent.mkdir(parents=True, exist_ok=True)
-    args.result.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.result}", file=sys.stderr)
+    write_result(args.result, result)
 
 
 if __name__ == "__main__":

@@ -85,12 +85,10 @@ class Batching:
 
 @dataclass
 class Megabatch:
-    """One megabatch of a stream: ``index`` (global megabatch number), ``span`` (its positions
-    in the epoch's permuted cell sequence), ``cells`` [n] (global cell indices, in batch order:
-    batch ``j`` is ``cells[bounds[j]:bounds[j+1]]``)."""
+    """One megabatch of a stream: ``index`` (global megabatch number), ``cells`` [n] (global cell
+    indices, in batch order: batch ``j`` is ``cells[bounds[j]:bounds[j+1]]``)."""
 
     index: int
-    span: tuple[int, int]
     cells: np.ndarray
     bounds: np.ndarray
 
@@ -137,7 +135,6 @@ class EpochPlan:
         per_stream = np.bincount(np.arange(self.n_megabatches) % self.n_streams, weights=counts,
                                  minlength=self.n_streams).astype(np.int64)
         self.batches_per_stream = int(per_stream.max())
-        self._stream_counts = per_stream
 
     # --- cells of a megabatch -----------------------------------------------------------------
     def megabatch_cells(self, k: int) -> np.ndarray:
@@ -200,9 +197,8 @@ class EpochPlan:
             bounds = np.asarray(bounds, np.int64)
             order = rng.permutation(len(bounds) - 1)
             sizes = np.diff(bounds)[order]
-            out.append(Megabatch(k, (int(self.mb_start[k]), int(self.mb_start[k + 1])),
-                                 np.concatenate([cells[bounds[j]:bounds[j + 1]] for j in order]) if len(order) else cells,
-                                 np.concatenate([[0], np.cumsum(sizes)])))
+            in_order = np.concatenate([cells[bounds[j]:bounds[j + 1]] for j in order]) if len(order) else cells
+            out.append(Megabatch(k, in_order, np.concatenate([[0], np.cumsum(sizes)])))
         return out
 
     @staticmethod

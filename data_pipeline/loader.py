@@ -319,7 +319,6 @@ class CellLoader:
         self.num_workers, self.pin_memory, self.prefetch_factor = num_workers, pin_memory, prefetch_factor
         self.spec = _Spec(corpus, normalization, batching or Batching(), masking, views, seed, rank, world_size,
                           max(1, num_workers), extra_tokens_per_cell)
-        self.spec.prefetch_factor = prefetch_factor
         vocab_size = self.spec.vocab_size
         if normalization.medians is not None and len(normalization.medians) != vocab_size:
             raise ValueError(f"{len(normalization.medians)} medians for a vocabulary of {vocab_size} tokens")

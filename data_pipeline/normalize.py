@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
+from .radix import radix_sort_pairs
+
 MODES = ("log1p_bins", "quantile_bins", "rank", "continuous")
 
 
@@ -66,10 +68,6 @@ class Normalization:
         if "_thresholds" not in self.__dict__:
             object.__setattr__(self, "_thresholds", np.sort(log1p_thresholds(self.edges)))
         return self.__dict__["_thresholds"]
-
-    @property
-    def value_dtype(self):
-        return np.float32 if self.mode == "continuous" else np.int64
 
 
 @dataclass
@@ -307,43 +305,27 @@ def _rank(norm: Normalization, indptr, genes, counts, total_counts) -> Normalize
 @njit(cache=True, nogil=True)
 def _rank_cells(indptr, keys, known, cap, out_ptr, order, ranks):  # pragma: no cover
     """Per cell: its known entries by ascending ``keys`` (descending value), ties in entry order
-    (ascending token): a stable LSD radix sort, 8 bits a pass, skipping passes whose byte is the
-    same for every entry. The first ``cap``: entry positions to ``order``, ranks to ``ranks``."""
+    (ascending token: the radix sort is stable), the first ``cap``; entry positions to
+    ``order``, ranks to ``ranks``."""
     out_ptr[0] = 0
     o = 0
     longest = 0
     for i in range(len(indptr) - 1):
         longest = max(longest, indptr[i + 1] - indptr[i])
-    k_a = np.empty(longest, np.int64)
-    i_a = np.empty(longest, np.int64)
-    k_b = np.empty(longest, np.int64)
-    i_b = np.empty(longest, np.int64)
-    counts = np.empty(257, np.int64)
+    cell_keys = np.empty(longest, np.int64)
+    entries = np.empty(longest, np.int64)
+    tmp_k = np.empty(longest, np.int64)
+    tmp_e = np.empty(longest, np.int64)
     for c in range(len(indptr) - 1):
-        lo, hi = indptr[c], indptr[c + 1]
         n = 0
-        for j in range(lo, hi):
+        for j in range(indptr[c], indptr[c + 1]):
             if known[j]:
-                k_a[n] = keys[j]
-                i_a[n] = j
+                cell_keys[n] = keys[j]
+                entries[n] = j
                 n += 1
-        src_k, src_i, dst_k, dst_i = k_a, i_a, k_b, i_b
-        for shift in range(0, 64, 8):
-            counts[:] = 0
-            for j in range(n):
-                counts[((src_k[j] >> shift) & 255) + 1] += 1
-            if n == 0 or counts[((src_k[0] >> shift) & 255) + 1] == n:
-                continue  # every entry has this byte: the pass would not move anything
-            for b in range(256):
-                counts[b + 1] += counts[b]
-            for j in range(n):
-                b = (src_k[j] >> shift) & 255
-                dst_k[counts[b]] = src_k[j]
-                dst_i[counts[b]] = src_i[j]
-                counts[b] += 1
-            src_k, src_i, dst_k, dst_i = dst_k, dst_i, src_k, src_i
+        radix_sort_pairs(cell_keys, entries, n, tmp_k, tmp_e, 64)
         for r in range(min(n, cap)):
-            order[o] = src_i[r]
+            order[o] = entries[r]
             ranks[o] = r
             o += 1
         out_ptr[c + 1] = o

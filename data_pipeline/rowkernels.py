@@ -19,6 +19,7 @@ from numba.core import types
 from numba.extending import intrinsic
 
 from .buffers import Buffers
+from .radix import radix_sort_pairs
 from .stats import PARTITION_BITS
 
 _NOT_FINITE, _NEGATIVE, _NON_INTEGER, _EMPTY, _BELOW_MIN_GENES = 0, 1, 2, 3, 4
@@ -84,32 +85,6 @@ def scan_rows(indptr, indices, data, check_finite, check_integer, cells_per_colu
                 cells_per_column[indices[j]] -= data[j] > 0
 
 
-@njit(cache=True, nogil=True)
-def _radix_sort_pairs(keys, vals, n, tmp_k, tmp_v, key_bits):
-    """Sort ``keys[:n]`` (non-negative int) ascending, carrying ``vals``; LSD radix, 8 bits a pass."""
-    counts = np.empty(257, np.int64)
-    shift = 0
-    passes = 0
-    src_k, src_v, dst_k, dst_v = keys, vals, tmp_k, tmp_v
-    while shift < key_bits:
-        counts[:] = 0
-        for i in range(n):
-            counts[((src_k[i] >> shift) & 255) + 1] += 1
-        for b in range(256):
-            counts[b + 1] += counts[b]
-        for i in range(n):
-            b = (src_k[i] >> shift) & 255
-            dst_k[counts[b]] = src_k[i]
-            dst_v[counts[b]] = src_v[i]
-            counts[b] += 1
-        src_k, src_v, dst_k, dst_v = dst_k, dst_v, src_k, src_v
-        shift += 8
-        passes += 1
-    if passes % 2:  # the sorted run ended in the scratch arrays
-        keys[:n] = tmp_k[:n]
-        vals[:n] = tmp_v[:n]
-
-
 @intrinsic
 def _trailing_zeros(typingctx, x):  # pragma: no cover
     """Index of the lowest set bit of a nonzero uint64 (one instruction)."""
@@ -120,6 +95,39 @@ def _trailing_zeros(typingctx, x):  # pragma: no cover
         return builder.cttz(args[0], ir.Constant(ir.IntType(1), 1))
 
     return types.uint64(types.uint64), codegen
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _bitmap_add(seen, dense, t, v):
+    """Add ``v`` to token ``t``'s sum in ``dense``, setting its bit in ``seen`` (the first value
+    sets the sum: ``dense`` is not cleared between rows)."""
+    w = t >> 6
+    bit = np.uint64(1) << np.uint64(t & 63)
+    if seen[w] & bit:
+        dense[t] += v
+    else:
+        seen[w] |= bit
+        dense[t] = v
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _bitmap_emit(seen, dense, w0, w1, emit, out_tokens, out_values, pos, largest):
+    """Walk and clear the bitmap words ``w0..w1``; with ``emit``, write each set token and its
+    sum at ``pos`` on, ascending. Returns ``(pos, largest sum)``."""
+    one = np.uint64(1)
+    for w in range(w0, w1 + 1):
+        x = seen[w]
+        seen[w] = 0
+        if emit:
+            while x:
+                t = (w << 6) + np.int64(_trailing_zeros(x))
+                x &= x - one
+                acc = dense[t]
+                largest = max(largest, acc)
+                out_tokens[pos] = t
+                out_values[pos] = acc
+                pos += 1
+    return pos, largest
 
 
 @njit(cache=True, nogil=True)
@@ -152,7 +160,6 @@ def map_rows(indptr, indices, data, colmap, check_finite, check_integer, min_gen
     tmp_v = np.empty(longest, np.float64)
     seen = np.zeros((n_tokens + 63) >> 6, np.uint64)  # all zero between rows
     dense = np.empty(n_tokens, np.float64)
-    one = np.uint64(1)
     written = 0
     pos = 0
     largest = 0.0
@@ -196,27 +203,11 @@ def map_rows(indptr, indices, data, colmap, check_finite, check_integer, min_gen
             pos += m
         elif (tmax >> 6) - (tmin >> 6) < 4 * m + 16:
             for i in range(m):
-                t = keys[i]
-                w = t >> 6
-                bit = one << np.uint64(t & 63)
-                if seen[w] & bit:
-                    dense[t] += vals[i]
-                else:
-                    seen[w] |= bit
-                    dense[t] = vals[i]
-            for w in range(tmin >> 6, (tmax >> 6) + 1):
-                x = seen[w]
-                seen[w] = 0
-                while x:
-                    t = (w << 6) + np.int64(_trailing_zeros(x))
-                    x &= x - one
-                    acc = dense[t]
-                    largest = max(largest, acc)
-                    out_tokens[pos] = t
-                    out_values[pos] = acc
-                    pos += 1
+                _bitmap_add(seen, dense, keys[i], vals[i])
+            pos, largest = _bitmap_emit(seen, dense, tmin >> 6, tmax >> 6, True, out_tokens, out_values, pos,
+                                        largest)
         else:
-            _radix_sort_pairs(keys, vals, m, tmp_k, tmp_v, key_bits)
+            radix_sort_pairs(keys, vals, m, tmp_k, tmp_v, key_bits)
             # sum runs of one token (several source columns of one gene) in float64, then store
             i = 0
             while i < m:
@@ -253,7 +244,6 @@ def map_rows_scattered(indptr, indices, data, colmap, check_finite, check_intege
     n = len(indptr) - 1
     seen = np.zeros((n_tokens + 63) >> 6, np.uint64)  # all zero between rows
     dense = np.empty(n_tokens, np.float64)
-    one = np.uint64(1)
     written = 0
     pos = 0
     largest = 0.0
@@ -271,40 +261,23 @@ def map_rows_scattered(indptr, indices, data, colmap, check_finite, check_intege
             if v > 0:
                 t = colmap[indices[j]]
                 if t >= 0:
-                    w = t >> 6
-                    bit = one << np.uint64(t & 63)
-                    if seen[w] & bit:
-                        dense[t] += v
-                    else:
-                        seen[w] |= bit
-                        dense[t] = v
-                    wmin = min(wmin, w)
-                    wmax = max(wmax, w)
+                    _bitmap_add(seen, dense, t, v)
+                    wmin = min(wmin, t >> 6)
+                    wmax = max(wmax, t >> 6)
         total_counts[r] = total
         code = _reason_of(flags)
         start = pos
-        for w in range(wmin, wmax + 1):  # emit (or, for a skipped row, just clear) the bits
-            x = seen[w]
-            seen[w] = 0
-            if code < 0:
-                while x:
-                    t = (w << 6) + np.int64(_trailing_zeros(x))
-                    x &= x - one
-                    acc = dense[t]
-                    largest = max(largest, acc)
-                    out_tokens[pos] = t
-                    out_values[pos] = acc
-                    part_counts[t >> part_bits] += 1
-                    pos += 1
+        # emit the row (or, for a skipped row, just clear its bits)
+        pos, largest = _bitmap_emit(seen, dense, wmin, wmax, code < 0, out_tokens, out_values, pos, largest)
         if code >= 0:
             reason[r] = code
             continue
         if pos - start < min_genes:
-            for i in range(start, pos):
-                part_counts[np.int64(out_tokens[i]) >> part_bits] -= 1
             reason[r] = _BELOW_MIN_GENES
             pos = start
             continue
+        for i in range(start, pos):
+            part_counts[np.int64(out_tokens[i]) >> part_bits] += 1
         reason[r] = -1
         written += 1
         out_indptr[written] = pos

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_forward import CHUNK, _feature_block, combine, pieces
+from .triton_forward import CHUNK, _feature_block, _load_rows, _tile_rows, combine, pieces
 
 
 @triton.jit
@@ -54,19 +54,14 @@ def _query_grad_state(q_ptr, g_ptr, o_ptr, den_ptr, w_ptr, chunk_start_ptr, chun
     ds = tl.zeros([BM, DV], dtype=tl.float32)
     dz = tl.zeros([BM], dtype=tl.float32)
     for off in range(0, n, BL):
-        r = off + tl.arange(0, BL)
-        valid = r < n
-        rows = (start + r).to(tl.int64)
-        qt = tl.load(q_ptr + rows[:, None] * stride_qt + h * stride_qh + d[None, :], mask=valid[:, None],
-                     other=0.0).to(tl.float32) * scale_in
+        rows, valid = _tile_rows(start, off, n, BL)
+        qt = _load_rows(q_ptr, rows, valid, stride_qt, h * stride_qh, d) * scale_in
         half = tl.sum(qt * qt, 1) * 0.5
         rmax = _row_max(qt, w_ptr, D, BM, M_FEAT, BL, PRECISION)
         a = feat_scale * (tl.exp(tl.dot(qt, tl.trans(w), input_precision=PRECISION) - half[:, None] - rmax[:, None]) + eps)
         a = tl.where(valid[:, None], a, 0.0)
-        g = tl.load(g_ptr + rows[:, None] * stride_gt + h * stride_gh + dv[None, :], mask=valid[:, None],
-                    other=0.0).to(tl.float32)
-        o = tl.load(o_ptr + rows[:, None] * stride_ot + h * stride_oh + dv[None, :], mask=valid[:, None],
-                    other=0.0).to(tl.float32)
+        g = _load_rows(g_ptr, rows, valid, stride_gt, h * stride_gh, dv)
+        o = _load_rows(o_ptr, rows, valid, stride_ot, h * stride_oh, dv)
         den = tl.load(den_ptr + rows * n_heads + h, mask=valid, other=1.0)
         dnum = g / den[:, None]
         dden = -tl.sum(g * o, 1) / den
@@ -87,18 +82,13 @@ def _query_grad(q_ptr, g_ptr, o_ptr, den_ptr, w_ptr, s_ptr, z_ptr, tile_start_pt
     start = tl.load(tile_start_ptr + t)
     n = tl.load(tile_len_ptr + t)
     seq = tl.load(tile_seq_ptr + t).to(tl.int64)
-    r = tl.arange(0, BL)
-    valid = r < n
-    rows = (start + r).to(tl.int64)
+    rows, valid = _tile_rows(start, 0, n, BL)
     d = tl.arange(0, D)
     dv = tl.arange(0, DV)
-    qt = tl.load(q_ptr + rows[:, None] * stride_qt + h * stride_qh + d[None, :], mask=valid[:, None],
-                 other=0.0).to(tl.float32) * scale_in
+    qt = _load_rows(q_ptr, rows, valid, stride_qt, h * stride_qh, d) * scale_in
     half = tl.sum(qt * qt, 1) * 0.5
-    g = tl.load(g_ptr + rows[:, None] * stride_gt + h * stride_gh + dv[None, :], mask=valid[:, None],
-                other=0.0).to(tl.float32)
-    o = tl.load(o_ptr + rows[:, None] * stride_ot + h * stride_oh + dv[None, :], mask=valid[:, None],
-                other=0.0).to(tl.float32)
+    g = _load_rows(g_ptr, rows, valid, stride_gt, h * stride_gh, dv)
+    o = _load_rows(o_ptr, rows, valid, stride_ot, h * stride_oh, dv)
     den = tl.load(den_ptr + rows * n_heads + h, mask=valid, other=1.0)
     dnum = g / den[:, None]
     dden = -tl.sum(g * o, 1) / den
@@ -136,15 +126,11 @@ def _key_grad(k_ptr, v_ptr, w_ptr, ds_ptr, dz_ptr, mx_ptr, tile_start_ptr, tile_
     start = tl.load(tile_start_ptr + t)
     n = tl.load(tile_len_ptr + t)
     seq = tl.load(tile_seq_ptr + t).to(tl.int64)
-    r = tl.arange(0, BL)
-    valid = r < n
-    rows = (start + r).to(tl.int64)
+    rows, valid = _tile_rows(start, 0, n, BL)
     d = tl.arange(0, D)
     dv = tl.arange(0, DV)
-    kt = tl.load(k_ptr + rows[:, None] * stride_kt + h * stride_kh + d[None, :], mask=valid[:, None],
-                 other=0.0).to(tl.float32) * scale_in
-    vt = tl.load(v_ptr + rows[:, None] * stride_vt + h * stride_vh + dv[None, :], mask=valid[:, None],
-                 other=0.0).to(tl.float32)
+    kt = _load_rows(k_ptr, rows, valid, stride_kt, h * stride_kh, d) * scale_in
+    vt = _load_rows(v_ptr, rows, valid, stride_vt, h * stride_vh, dv)
     half = tl.sum(kt * kt, 1) * 0.5
     base = seq * n_heads + h
     big = tl.load(mx_ptr + base)

@@ -31,6 +31,21 @@ CHUNK = 1024  # most key rows per program of `_key_state`
 
 
 @triton.jit
+def _tile_rows(start, off, n, BL: tl.constexpr):
+    """Rows ``start + off + [0, BL)`` of a piece of ``n`` rows: (rows [BL] int64, valid [BL])."""
+    r = off + tl.arange(0, BL)
+    return (start + r).to(tl.int64), r < n
+
+
+@triton.jit
+def _load_rows(ptr, rows, valid, stride_t, head_offset, cols):
+    """Rows ``rows`` of a [T, H, W] tensor (``head_offset`` = h * its head stride), columns
+    ``cols``, as fp32; rows not ``valid`` read as 0."""
+    return tl.load(ptr + rows[:, None] * stride_t + head_offset + cols[None, :], mask=valid[:, None],
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _key_state(k_ptr, v_ptr, w_ptr, chunk_start_ptr, chunk_len_ptr, s_ptr, z_ptr, mx_ptr, vsum_ptr,
                stride_kt, stride_kh, stride_vt, stride_vh, n_heads, n_fblocks, scale_in,
                D: tl.constexpr, DV: tl.constexpr, BL: tl.constexpr, BM: tl.constexpr, M_FEAT: tl.constexpr,
@@ -49,13 +64,9 @@ def _key_state(k_ptr, v_ptr, w_ptr, chunk_start_ptr, chunk_len_ptr, s_ptr, z_ptr
     vsum = tl.zeros([DV], dtype=tl.float32)
     m_run = -float("inf")
     for off in range(0, n, BL):
-        r = off + tl.arange(0, BL)
-        valid = r < n
-        rows = (start + r).to(tl.int64)
-        kt = tl.load(k_ptr + rows[:, None] * stride_kt + h * stride_kh + d[None, :], mask=valid[:, None],
-                     other=0.0).to(tl.float32) * scale_in
-        vt = tl.load(v_ptr + rows[:, None] * stride_vt + h * stride_vh + dv[None, :], mask=valid[:, None],
-                     other=0.0).to(tl.float32)
+        rows, valid = _tile_rows(start, off, n, BL)
+        kt = _load_rows(k_ptr, rows, valid, stride_kt, h * stride_kh, d) * scale_in
+        vt = _load_rows(v_ptr, rows, valid, stride_vt, h * stride_vh, dv)
         proj = tl.dot(kt, tl.trans(w), input_precision=PRECISION)  # [BL, BM]
         half = tl.sum(kt * kt, 1) * 0.5
         proj = tl.where(valid[:, None], proj, -float("inf"))
@@ -84,13 +95,10 @@ def _query_out(q_ptr, w_ptr, s_ptr, z_ptr, tile_start_ptr, tile_len_ptr, tile_se
     start = tl.load(tile_start_ptr + t)
     n = tl.load(tile_len_ptr + t)
     seq = tl.load(tile_seq_ptr + t).to(tl.int64)
-    r = tl.arange(0, BL)
-    valid = r < n
-    rows = (start + r).to(tl.int64)
+    rows, valid = _tile_rows(start, 0, n, BL)
     d = tl.arange(0, D)
     dv = tl.arange(0, DV)
-    qt = tl.load(q_ptr + rows[:, None] * stride_qt + h * stride_qh + d[None, :], mask=valid[:, None],
-                 other=0.0).to(tl.float32) * scale_in
+    qt = _load_rows(q_ptr, rows, valid, stride_qt, h * stride_qh, d) * scale_in
     half = tl.sum(qt * qt, 1) * 0.5
     # one pass over the feature blocks: the sums are kept relative to each row's running max of
     # Wq' and rescaled when it grows (the eps term does not depend on it: added at the end)
