@@ -51,6 +51,46 @@ class PackedBatch:
             out[name] = dense
         return out
 
+    # --- cutting and joining (gradient-cache chunks) --------------------------------------------
+    def select_cells(self, first: int, stop: int) -> PackedBatch:
+        """The sequences whose ``view_index`` is in ``[first, stop)`` (both views of a cell stay
+        together; sequences of a cell are contiguous, as the loader makes them), view_index
+        renumbered from 0."""
+        seqs = torch.nonzero((self.view_index >= first) & (self.view_index < stop)).flatten()
+        if seqs.numel() == 0:
+            raise ValueError(f"no sequences with view_index in [{first}, {stop})")
+        s0, s1 = int(seqs[0]), int(seqs[-1]) + 1
+        if s1 - s0 != seqs.numel():
+            raise ValueError("a cell's sequences are not contiguous in this batch")
+        t0, t1 = int(self.cu_seqlens[s0]), int(self.cu_seqlens[s1])
+        cu = self.cu_seqlens[s0 : s1 + 1] - t0
+        return PackedBatch(gene_ids=self.gene_ids[t0:t1], values=self.values[t0:t1], cu_seqlens=cu,
+                           max_seqlen=int((cu[1:] - cu[:-1]).max()), mlm_mask=self.mlm_mask[t0:t1],
+                           mlm_targets=self.mlm_targets[t0:t1], labels=self.labels[s0:s1],
+                           view_index=self.view_index[s0:s1] - first, cell_index=self.cell_index[s0:s1])
+
+    def split(self, cells_per_chunk: int) -> list[PackedBatch]:
+        """Consecutive chunks of ``cells_per_chunk`` cells (the last may have fewer)."""
+        if cells_per_chunk < 1:
+            raise ValueError(f"cells_per_chunk={cells_per_chunk} must be >= 1")
+        n_cells = int(self.view_index.max()) + 1 if self.n_seqs else 0
+        return [self.select_cells(a, min(a + cells_per_chunk, n_cells)) for a in range(0, n_cells, cells_per_chunk)]
+
+    @classmethod
+    def concat(cls, batches: list[PackedBatch]) -> PackedBatch:
+        """One batch of all sequences of ``batches``, in order (view_index kept distinct)."""
+        cu, view, tokens, cells = [batches[0].cu_seqlens[:1]], [], 0, 0
+        for b in batches:
+            cu.append(b.cu_seqlens[1:] + tokens)
+            view.append(b.view_index + cells)
+            tokens += b.n_tokens
+            cells += int(b.view_index.max()) + 1 if b.n_seqs else 0
+        cat = lambda name: torch.cat([getattr(b, name) for b in batches])  # noqa: E731
+        return cls(gene_ids=cat("gene_ids"), values=cat("values"), cu_seqlens=torch.cat(cu),
+                   max_seqlen=max(b.max_seqlen for b in batches), mlm_mask=cat("mlm_mask"),
+                   mlm_targets=cat("mlm_targets"), labels=cat("labels"), view_index=torch.cat(view),
+                   cell_index=cat("cell_index"))
+
     # --- one buffer per batch between processes --------------------------------------------------
     _TENSORS = ("gene_ids", "values", "cu_seqlens", "mlm_mask", "mlm_targets", "labels", "view_index", "cell_index")
 

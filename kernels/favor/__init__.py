@@ -2,7 +2,8 @@
 
 `favor_attention` is what the model's attention layer calls: the fused Triton kernels
 (`triton_forward`, `triton_backward`) on CUDA tensors (or anywhere under ``TRITON_INTERPRET=1``),
-the plain-PyTorch definition `naive.favor_attention` otherwise (a CPU run). `draw_projection`
+the same definition in batched PyTorch ops (`batched`) otherwise (a CPU run); `naive.py` is the
+plain definition both are tested against. `draw_projection`
 draws the projection; the caller decides when to redraw it.
 """
 
@@ -12,13 +13,15 @@ import os
 
 import torch
 
+from .batched import favor_attention_batched
 from .naive import draw_projection
 from .naive import favor_attention as favor_attention_reference
 from .naive import favor_attention_padded as _padded
 from .triton_backward import favor_backward
 from .triton_forward import favor_forward
 
-__all__ = ["draw_projection", "favor_attention", "favor_attention_padded", "favor_attention_reference"]
+__all__ = ["draw_projection", "favor_attention", "favor_attention_batched", "favor_attention_padded",
+           "favor_attention_reference"]
 
 
 class _FavorAttention(torch.autograd.Function):
@@ -44,7 +47,7 @@ def favor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projectio
     sequence -> [T, H, D] in q's dtype. The projection gets no gradient. Definition: `naive.py`."""
     if q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
         return _FavorAttention.apply(q, k, v, projection, cu_seqlens, max_seqlen, eps)
-    return favor_attention_reference(q, k, v, projection, cu_seqlens, max_seqlen, eps)
+    return favor_attention_batched(q, k, v, projection, cu_seqlens, max_seqlen, eps)
 
 
 def favor_attention_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor,

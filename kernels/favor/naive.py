@@ -24,9 +24,10 @@ import torch
 def draw_projection(m: int, d: int, generator: torch.Generator | None = None, seed: int | None = None,
                     dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
     """A FAVOR+ projection ``[m, d]``: stacked blocks of ``d`` orthonormal rows (QR of a Gaussian
-    ``d x d`` matrix; the last block cut to the rows still needed), each row then scaled by the
-    norm of an independent Gaussian ``d``-vector, so that rows have the length distribution of
-    Gaussian rows while staying orthogonal within a block (performer-pytorch's default).
+    ``d x d`` matrix, with the sign correction that makes them uniformly distributed, which
+    performer-pytorch's default omits; the last block cut to the rows still needed), each row
+    then scaled by the norm of an independent Gaussian ``d``-vector, so that rows have the length
+    distribution of Gaussian rows while staying orthogonal within a block.
 
     ``generator`` or ``seed`` make the draw reproducible; drawn in float64 on the CPU, then cast.
     """
@@ -41,7 +42,10 @@ def draw_projection(m: int, d: int, generator: torch.Generator | None = None, se
     blocks = []
     for _ in range(math.ceil(m / d)):
         gaussian = torch.randn(d, d, generator=generator, dtype=torch.float64)
-        q, _ = torch.linalg.qr(gaussian)
+        q, r = torch.linalg.qr(gaussian)
+        # Householder QR fixes the signs of R's diagonal, which biases Q's columns; flipping them
+        # to a positive diagonal makes Q Haar-distributed (rows then point anywhere evenly)
+        q = q * torch.sign(torch.diagonal(r))
         blocks.append(q.T)  # rows orthonormal
     rows = torch.cat(blocks)[:m]
     norms = torch.randn(m, d, generator=generator, dtype=torch.float64).norm(dim=1)
@@ -62,14 +66,8 @@ def _features(x: torch.Tensor, projection: torch.Tensor, is_query: bool, eps: fl
     return m ** -0.5 * (torch.exp(proj - half_norm - stab) + eps)
 
 
-def favor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor,
-                    cu_seqlens: torch.Tensor, max_seqlen: int, eps: float = 1e-4) -> torch.Tensor:
-    """Non-causal FAVOR+ attention over packed sequences.
-
-    q, k, v [T, H, D]; projection [m, D]; cu_seqlens [B+1] (int, from 0 to T); max_seqlen is
-    accepted for the kernel's signature (unused here). Returns [T, H, D] in q's dtype. Attention
-    never crosses a sequence boundary.
-    """
+def check_inputs(q, k, v, projection, cu_seqlens) -> list[int]:
+    """Shapes and ``cu_seqlens`` checked; its values as a list."""
     if q.shape != k.shape or q.shape[:-1] != v.shape[:-1] or q.dim() != 3:
         raise ValueError(f"q, k, v must be [T, H, D] with equal T and H (got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)})")
@@ -78,6 +76,18 @@ def favor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projectio
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0 or bounds[-1] != q.shape[0] or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
         raise ValueError(f"cu_seqlens must rise from 0 to T={q.shape[0]}, got {bounds[:3]}...{bounds[-2:]}")
+    return bounds
+
+
+def favor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor,
+                    cu_seqlens: torch.Tensor, max_seqlen: int, eps: float = 1e-4) -> torch.Tensor:
+    """Non-causal FAVOR+ attention over packed sequences.
+
+    q, k, v [T, H, D]; projection [m, D]; cu_seqlens [B+1] (int, from 0 to T); max_seqlen is
+    accepted for the kernel's signature (unused here). Returns [T, H, D] in q's dtype. Attention
+    never crosses a sequence boundary.
+    """
+    bounds = check_inputs(q, k, v, projection, cu_seqlens)
     out = torch.empty_like(v, dtype=q.dtype)
     for a, b in zip(bounds[:-1], bounds[1:]):
         if b == a:

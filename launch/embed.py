@@ -1,0 +1,41 @@
+"""Embed the cells of an .h5ad of raw counts with an exported bundle:
+
+    python launch/embed.py BUNDLE INPUT.h5ad --out OUT.h5ad     # the input plus obsm["X_<name>"]
+    python launch/embed.py BUNDLE INPUT.h5ad --out OUT.zarr     # only the array, for very large inputs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from pretrain.embed import embed_h5ad  # noqa: E402
+from pretrain.export import load_pretrained  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("bundle", help="folder written by launch/export.py")
+    parser.add_argument("input", help=".h5ad with raw counts in X (or --layer)")
+    parser.add_argument("--out", required=True, help="output .h5ad or .zarr")
+    parser.add_argument("--name", default="scfm", help="obsm key suffix: obsm['X_<name>'] (default scfm)")
+    parser.add_argument("--layer", default=None, help="take the counts from this layer instead of X")
+    parser.add_argument("--min-coverage", type=float, default=0.5,
+                        help="refuse inputs with a smaller share of their counts on vocabulary genes (default 0.5)")
+    parser.add_argument("--token-budget", type=int, default=16384, help="tokens per batch (default 16384)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    model = load_pretrained(args.bundle, device=args.device)
+    report = embed_h5ad(model, args.input, args.out, name=args.name, layer=args.layer, min_coverage=args.min_coverage,
+                        token_budget=args.token_budget, device=args.device)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

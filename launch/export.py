@@ -1,0 +1,27 @@
+"""Export a run (its latest complete checkpoint) or one checkpoint as a bundle downstream teams load
+with `pretrain.load_pretrained`, without DeepSpeed:
+
+    python launch/export.py RUN_OR_CHECKPOINT --out BUNDLE
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pretrain.export import export_bundle  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", help="run directory (run.out) or a checkpoints/step-N folder")
+    parser.add_argument("--out", required=True, help="bundle folder to write (replaced if it exists)")
+    args = parser.parse_args(argv)
+    print(export_bundle(args.source, args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""Pretrain a single-cell foundation model.
+
+    deepspeed launch/pretrain.py --config launch/configs/tiny.yaml [key.sub=value ...]
+    torchrun --nproc_per_node 8 launch/pretrain.py --config ... ;  python launch/pretrain.py --config ...
+
+The config keys and their defaults: `pretrain/config.py` (and the README's table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from pretrain.config import load_config  # noqa: E402
+from pretrain.train import train  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file (launch/configs/*.yaml)")
+    parser.add_argument("--resume", default=None,
+                        help="'auto': continue from the run directory's latest complete checkpoint (if any); "
+                             "or a checkpoint folder")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
+    parser.add_argument("overrides", nargs="*", help="key.sub=value, e.g. schedule.max_steps=200 run.out=runs/x")
+    args = parser.parse_args(argv)
+    summary = train(load_config(args.config, args.overrides), resume=args.resume)
+    if summary.get("run_dir") and summary.get("final") is not None and summary.get("steps") is not None:
+        import torch.distributed as dist
+
+        if dist.get_rank() == 0:
+            print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()

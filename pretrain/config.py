@@ -1,0 +1,318 @@
+"""Typed configuration: every knob of the model and the objectives, with its default and a
+one-line help (``field(metadata={"help": ...})``). YAML files and ``key.sub=value`` overrides
+set these fields; presets (`pretrain.model.presets`) are named instances.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+ATTENTION_BACKENDS = ("favor", "flash", "sdpa")
+VALUE_MODES = ("bins", "continuous", "rank")
+POOLINGS = ("cls", "mean")
+ARCHITECTURES = ("encoder", "encoder_decoder")
+GENE_SETS = ("expressed", "all")
+
+
+def _help(text: str, default=None, factory=None):
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class DecoderConfig:
+    """The FAVOR+ decoder of the xTrimoGene/scFoundation-like encoder-decoder: it sees every gene
+    of the vocabulary, the encoder's outputs scattered back among zero-gene and mask embeddings."""
+
+    n_layers: int = _help("decoder blocks", 2)
+    d_model: int = _help("decoder width", 256)
+    n_heads: int = _help("decoder attention heads", 4)
+    attention: str = _help("decoder attention backend (favor makes the full gene set affordable)", "favor")
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the cell encoder. ``vocab_size`` / ``n_bins`` / ``label_classes`` usually come from
+    the corpus and the loader's normalization (the trainer fills them in)."""
+
+    vocab_size: int = _help("token ids the gene embedding covers (corpus vocabulary, special tokens included)", 0)
+    pad_token: int = _help("the <pad> token id", 0)
+    cls_token: int = _help("the <cls> token id", 1)
+    mask_token: int = _help("the <mask> token id", 2)
+    d_model: int = _help("hidden width", 256)
+    n_layers: int = _help("transformer blocks", 6)
+    n_heads: int = _help("attention heads (d_model must be a multiple)", 8)
+    ffn_multiplier: float = _help("feed-forward width as a multiple of d_model", 4.0)
+    dropout: float = _help("dropout on the residual branches and embeddings", 0.1)
+    norm_eps: float = _help("LayerNorm epsilon", 1e-5)
+    attention: str = _help(f"attention backend: one of {', '.join(ATTENTION_BACKENDS)}", "favor")
+    favor_features: int = _help("FAVOR+ random features m (multiple of 16)", 256)
+    favor_redraw_interval: int = _help("redraw the FAVOR+ projections every N optimizer steps (0: never)", 1000)
+    value_mode: str = _help("expression input: bins (bin table), continuous (MLP) or rank (position table)", "bins")
+    n_bins: int = _help("expression bins of the loader's normalization (bin 0 = zero expression)", 51)
+    max_rank: int = _help("rank mode: longest rank-ordered cell (positions embedded)", 2048)
+    gene_set: str = _help("encoder input: the expressed genes of a cell, or all vocabulary genes (scBERT; "
+                          "unexpressed ones get the zero-expression value)", "expressed")
+    use_cls: bool = _help("prepend a <cls> token to every sequence", True)
+    pooling: str = _help("cell embedding from the <cls> output or the mean over gene tokens", "cls")
+    contrastive_dim: int = _help("width of the contrastive projection", 128)
+    label_classes: list[int] = _help("classes per label column (one classification head each)", factory=list)
+    gene_embedding_file: str | None = _help("pretrained gene embeddings (gene2vec text, .npz gene_ids+embeddings)")
+    freeze_gene_embedding: bool = _help("keep pretrained gene embeddings fixed", False)
+    activation_checkpointing: bool = _help("recompute each block in backward to save activation memory", False)
+    architecture: str = _help(f"one of {', '.join(ARCHITECTURES)}", "encoder")
+    decoder: DecoderConfig = _help("encoder_decoder only: the full-gene-set decoder", factory=DecoderConfig)
+
+    def validate(self) -> ModelConfig:
+        choices = {"attention": ATTENTION_BACKENDS, "value_mode": VALUE_MODES, "pooling": POOLINGS,
+                   "architecture": ARCHITECTURES, "gene_set": GENE_SETS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"model.{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+        if self.decoder.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"model.decoder.attention={self.decoder.attention!r}: choose one of "
+                             f"{', '.join(ATTENTION_BACKENDS)}")
+        if self.vocab_size <= max(self.pad_token, self.cls_token, self.mask_token):
+            raise ValueError(f"model.vocab_size={self.vocab_size}: set it to the corpus vocabulary size "
+                             "(the trainer does this from manifest.json)")
+        for width, heads, where in ((self.d_model, self.n_heads, "model"),
+                                    (self.decoder.d_model, self.decoder.n_heads, "model.decoder")):
+            if width % heads:
+                raise ValueError(f"{where}.d_model={width} is not a multiple of {where}.n_heads={heads}")
+        if self.favor_features % 16 or self.favor_features < 16:
+            raise ValueError(f"model.favor_features={self.favor_features} must be a positive multiple of 16")
+        if self.pooling == "cls" and not self.use_cls:
+            raise ValueError("model.pooling=cls needs model.use_cls=true (or set model.pooling=mean)")
+        if self.value_mode == "bins" and self.n_bins < 3:
+            raise ValueError(f"model.n_bins={self.n_bins}: bins need at least 3 (bin 0 is zero expression)")
+        if self.architecture == "encoder_decoder" and self.value_mode != "continuous":
+            raise ValueError("model.architecture=encoder_decoder regresses masked values: set model.value_mode=continuous")
+        if self.gene_set == "all" and (self.value_mode == "rank" or self.architecture == "encoder_decoder"):
+            raise ValueError("model.gene_set=all needs value_mode bins or continuous and architecture=encoder "
+                             "(the encoder-decoder already gives its decoder the full gene set)")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
+        return self
+
+
+@dataclass
+class ObjectiveConfig:
+    """Which losses, their weights, and the contrastive gradient cache."""
+
+    mlm_weight: float = _help("weight of masked expression modelling", 1.0)
+    contrastive_weight: float = _help("weight of the InfoNCE loss between the two views of each cell (0: off)", 0.0)
+    label_weight: float = _help("weight of the cell-label loss (0: off)", 0.0)
+    temperature: float = _help("InfoNCE temperature (initial value when learnable)", 0.07)
+    learnable_temperature: bool = _help("learn the temperature (as a log-scale, clamped to [1/100, 1])", True)
+    gradient_cache: bool = _help("divide-and-conquer contrastive: embed chunks without a graph, "
+                                 "recompute each with its cached embedding gradient", True)
+
+
+def config_fields(cls) -> list[tuple[str, object, str]]:
+    """``(name, default, help)`` of a config dataclass, for documentation and the CLI."""
+    out = []
+    for f in fields(cls):
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        out.append((f.name, default, f.metadata.get("help", "")))
+    return out
+
+
+@dataclass
+class DataConfig:
+    """The corpus and how the loader turns it into batches."""
+
+    corpus: str = _help("corpus folder (`python -m data_pipeline convert ... --out CORPUS`)", "")
+    normalization: str = _help("log1p_bins | quantile_bins | rank | continuous", "log1p_bins")
+    max_genes: int | None = _help("cap on genes per cell (random subset; top ranks in rank mode)", None)
+    token_budget: int = _help("tokens per loader batch (one gradient-cache chunk)", 16384)
+    megabatch_cells: int = _help("cells shuffled and length-sorted together", 8192)
+    max_batch_cells: int | None = _help("most cells in a batch (None: no limit)", None)
+    mask_ratio: float = _help("fraction of each cell's genes masked for masked expression modelling", 0.15)
+    views: bool = _help("two augmented views per cell (needed by the contrastive loss)", False)
+    gene_dropout: float = _help("views: probability of dropping each gene", 0.1)
+    min_depth: float = _help("views: lowest fraction of reads kept", 0.5)
+    num_workers: int = _help("DataLoader worker processes per rank (0: in the training process)", 2)
+    seed: int = _help("shuffling and masking seed", 0)
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = _help("peak learning rate", 1e-4)
+    weight_decay: float = _help("AdamW weight decay", 0.01)
+    betas: list[float] = _help("AdamW betas", factory=lambda: [0.9, 0.98])
+    eps: float = _help("AdamW epsilon", 1e-8)
+
+
+@dataclass
+class ScheduleConfig:
+    max_steps: int = _help("optimizer steps to train", 1000)
+    warmup_steps: int = _help("linear warm-up from 0 to the peak learning rate", 100)
+    decay: str = _help("after warm-up: cosine | linear | constant", "cosine")
+    min_lr_ratio: float = _help("final learning rate as a fraction of the peak", 0.1)
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = _help("ZeRO stage 0-3", 2)
+    bf16: bool | None = _help("bf16 mixed precision (None: on when a CUDA GPU supports it)", None)
+    chunks_per_step: int = _help("loader batches per optimizer step per rank (gradient accumulation; with the "
+                                 "contrastive gradient cache, the chunks of one contrastive batch)", 1)
+    gradient_clipping: float = _help("clip the global gradient norm (0: off)", 1.0)
+    overrides: dict = _help("extra DeepSpeed config entries, merged last", factory=dict)
+
+
+@dataclass
+class RunConfig:
+    """Where a run writes and how it logs, checkpoints and resumes."""
+
+    out: str = _help("run directory: checkpoints, metrics JSON, loss plot, MLflow store, resolved config", "runs/run")
+    experiment: str = _help("MLflow experiment name", "scfm-pretrain")
+    mlflow: bool = _help("log to MLflow (a SQLite store in the run directory unless MLFLOW_TRACKING_URI is set)", True)
+    log_every: int = _help("steps between metric logs", 10)
+    checkpoint_every: int = _help("steps between checkpoints (0: only on signals and at the end)", 500)
+    keep_checkpoints: int = _help("checkpoints kept (oldest deleted)", 3)
+    max_nan_steps: int = _help("stop after this many non-finite losses in a row (each is skipped)", 5)
+    peak_tflops: float | None = _help("device peak TFLOP/s for MFU (None: known GPUs' bf16/tf32 dense peak)", None)
+    seed: int = _help("model initialization and dropout seed", 0)
+    progress: bool = _help("show a progress bar on rank 0", True)
+    inject_nan_steps: list[int] = _help("testing: steps (1-based) whose loss is made NaN, to exercise the skip",
+                                        factory=list)
+
+
+@dataclass
+class TrainConfig:
+    """Everything `launch/pretrain.py` needs. ``preset`` fills the model shape and the loader's
+    normalization from `pretrain.model.presets` before the YAML and command-line values."""
+
+    preset: str | None = _help("anchor preset: scbert, geneformer-10m, celllm, scgpt, scfoundation", None)
+    data: DataConfig = _help("corpus and loader", factory=DataConfig)
+    model: ModelConfig = _help("model shape", factory=ModelConfig)
+    objectives: ObjectiveConfig = _help("losses", factory=ObjectiveConfig)
+    optimizer: OptimizerConfig = _help("AdamW", factory=OptimizerConfig)
+    schedule: ScheduleConfig = _help("learning-rate schedule and length", factory=ScheduleConfig)
+    deepspeed: DeepSpeedConfig = _help("DeepSpeed engine", factory=DeepSpeedConfig)
+    run: RunConfig = _help("run directory, logging, checkpoints", factory=RunConfig)
+
+    def validate(self) -> TrainConfig:
+        """Values out of range refused up front (not hours into a run)."""
+        checks = [
+            (self.data.normalization in ("log1p_bins", "quantile_bins", "rank", "continuous"),
+             f"data.normalization={self.data.normalization!r}: choose log1p_bins, quantile_bins, rank or continuous"),
+            (self.data.token_budget >= 1 and self.data.megabatch_cells >= 1, "data.token_budget and "
+             "data.megabatch_cells must be >= 1"),
+            (0 <= self.data.mask_ratio <= 1, f"data.mask_ratio={self.data.mask_ratio} must be in [0, 1]"),
+            (self.data.num_workers >= 0, "data.num_workers must be >= 0"),
+            (self.optimizer.lr > 0, f"optimizer.lr={self.optimizer.lr} must be > 0"),
+            (len(self.optimizer.betas) == 2, "optimizer.betas needs two values, e.g. [0.9, 0.98]"),
+            (self.schedule.max_steps >= 1 and self.schedule.warmup_steps >= 0,
+             "schedule.max_steps must be >= 1 and schedule.warmup_steps >= 0"),
+            (self.schedule.decay in ("cosine", "linear", "constant"),
+             f"schedule.decay={self.schedule.decay!r}: choose cosine, linear or constant"),
+            (0 <= self.schedule.min_lr_ratio <= 1, "schedule.min_lr_ratio must be in [0, 1]"),
+            (self.deepspeed.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage={self.deepspeed.zero_stage}: 0-3"),
+            (self.deepspeed.chunks_per_step >= 1, "deepspeed.chunks_per_step must be >= 1"),
+            (self.deepspeed.gradient_clipping >= 0, "deepspeed.gradient_clipping must be >= 0 (0: off)"),
+            (self.run.log_every >= 1, f"run.log_every={self.run.log_every} must be >= 1"),
+            (self.run.checkpoint_every >= 0, "run.checkpoint_every must be >= 0 (0: only on signals and at the end)"),
+            (self.run.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1"),
+            (self.run.max_nan_steps >= 1, f"run.max_nan_steps={self.run.max_nan_steps} must be >= 1"),
+            (min(self.objectives.mlm_weight, self.objectives.contrastive_weight, self.objectives.label_weight) >= 0,
+             "objectives.*_weight must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        return self
+
+
+# --- YAML files and key.sub=value overrides ------------------------------------------------------
+
+def _coerce(value, annotation: str, where: str):
+    """``value`` checked against a field's annotation (a string: this module uses postponed
+    annotations), converting YAML's ints to floats where a float is asked for."""
+    optional = "None" in annotation
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{where} cannot be null")
+    base = annotation.replace(" | None", "").strip()
+    if base == "float" and not isinstance(value, bool):
+        try:  # YAML reads 1e-3 (no dot) as a string
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}={value!r} should be a number") from None
+    expected = {"int": int, "float": float, "str": str, "bool": bool, "dict": dict}.get(base)
+    if base.startswith("list"):
+        expected = list
+    if expected is not None and (not isinstance(value, expected) or (expected is int and isinstance(value, bool))):
+        raise ValueError(f"{where}={value!r} should be {base}")
+    return value
+
+
+def from_dict(cls, data: dict, where: str = ""):
+    """A config dataclass from nested dicts; unknown keys are errors that list the known ones."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where or 'config'} should be a mapping, got {data!r}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
+                         f"{where.rstrip('.') or 'the top level'} has: {', '.join(known)}")
+    values = {}
+    for name, value in data.items():
+        f = known[name]
+        nested = _NESTED.get(f.type)
+        values[name] = (from_dict(nested, value, f"{where}{name}.") if nested else
+                        _coerce(value, str(f.type), where + name))
+    return cls(**values)
+
+
+def _set(tree: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        tree = tree.setdefault(key, {})
+        if not isinstance(tree, dict):
+            raise ValueError(f"override {dotted}: {key} is not a section")
+    tree[keys[-1]] = value
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """Defaults < preset < YAML file < ``key.sub=value`` overrides (values parsed as YAML)."""
+    import yaml
+
+    raw: dict = {}
+    if path:
+        with open(path) as fh:
+            raw = yaml.safe_load(fh) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: a config file is a YAML mapping of sections (data:, model:, ...)")
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r}: write key.sub=value (e.g. schedule.max_steps=200)")
+        _set(raw, key.strip(), yaml.safe_load(text) if text.strip() else None)
+    base: dict = {}
+    if raw.get("preset"):
+        from .model.presets import preset
+
+        chosen = preset(raw["preset"])
+        base = {"model": asdict(chosen.model),
+                "data": {"normalization": chosen.normalization, "max_genes": chosen.max_genes}}
+    return from_dict(TrainConfig, _merge(base, raw)).validate()
+
+
+def to_dict(config) -> dict:
+    return asdict(config)
+
+
+_NESTED = {"DecoderConfig": DecoderConfig, "DataConfig": DataConfig, "ModelConfig": ModelConfig,
+           "ObjectiveConfig": ObjectiveConfig, "OptimizerConfig": OptimizerConfig, "ScheduleConfig": ScheduleConfig,
+           "DeepSpeedConfig": DeepSpeedConfig, "RunConfig": RunConfig}

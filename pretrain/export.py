@@ -1,0 +1,162 @@
+"""Export bundles: what downstream teams load, without DeepSpeed or the training config.
+
+A bundle is a folder:
+
+- ``model.safetensors``: the cell model's weights (ZeRO shards consolidated to fp32), buffers
+  (the FAVOR+ projections) included;
+- ``config.json``: the `ModelConfig` fields and the bundle format version;
+- ``vocab.tsv``: the corpus vocabulary (token id, Ensembl id, symbol);
+- ``normalization.json``: how counts become model input (mode, bins, target sum, gene cap, and
+  in rank mode the per-token medians with their sha256);
+- ``README.md``: a model card (corpus manifest hash, steps, final losses, how to load).
+
+`export_bundle` reads a run directory or one of its checkpoints; `load_pretrained` reads a bundle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_pipeline.normalize import Normalization
+from data_pipeline.vocab import read_vocab
+
+from .config import DecoderConfig, ModelConfig
+from .model import CellModel
+
+BUNDLE_FORMAT = 1
+
+
+def _find_checkpoint(path: Path) -> tuple[Path, Path]:
+    """(run directory, checkpoint folder) from either."""
+    from .checkpoint import MARKER, latest_complete
+
+    if (path / "config.yaml").exists():
+        found = latest_complete(path)
+        if found is None:
+            raise ValueError(f"{path}: no complete checkpoint in {path / 'checkpoints'} (the run saved none yet)")
+        return path, found
+    if (path / MARKER).exists() and (path.parent.parent / "config.yaml").exists():
+        return path.parent.parent, path
+    raise ValueError(f"{path} is neither a run directory (with config.yaml) nor a complete checkpoint "
+                     "(a checkpoints/step-N folder with a COMPLETE marker)")
+
+
+def normalization_record(norm: Normalization) -> dict:
+    record = {"mode": norm.mode, "n_bins": norm.n_bins, "bin_edges": list(map(float, norm.edges))
+              if norm.mode == "log1p_bins" else None, "target_sum": norm.target_sum, "max_genes": norm.max_genes,
+              "medians": None, "medians_sha256": None}
+    if norm.medians is not None:
+        medians = np.asarray(norm.medians, np.float64)
+        record["medians"] = [None if np.isnan(x) else float(x) for x in medians]
+        record["medians_sha256"] = hashlib.sha256(medians.tobytes()).hexdigest()
+    return record
+
+
+def normalization_from_record(record: dict) -> Normalization:
+    medians = None
+    if record.get("medians") is not None:
+        medians = np.array([np.nan if x is None else x for x in record["medians"]], np.float64)
+        if hashlib.sha256(medians.tobytes()).hexdigest() != record["medians_sha256"]:
+            raise ValueError("normalization.json: the medians do not match their sha256; the bundle is damaged")
+    edges = record.get("bin_edges")
+    return Normalization(mode=record["mode"], n_bins=record["n_bins"], target_sum=record["target_sum"],
+                         max_genes=record["max_genes"], medians=medians,
+                         bin_edges=tuple(edges) if edges is not None else None)
+
+
+def export_bundle(source: str | Path, out: str | Path) -> Path:
+    """Consolidate the latest complete checkpoint of run directory ``source`` (or the checkpoint
+    ``source``) into a bundle at ``out``."""
+    import yaml
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import save_file
+
+    from .config import TrainConfig, from_dict
+
+    run_dir, ckpt = _find_checkpoint(Path(source))
+    config = from_dict(TrainConfig, yaml.safe_load((run_dir / "config.yaml").read_text()))
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    weights = {k[len("model."):]: v.contiguous() for k, v in state.items() if k.startswith("model.")}
+    model = CellModel(replace(config.model, gene_embedding_file=None))  # the weights come from the checkpoint
+    missing = set(model.state_dict()) ^ set(weights)
+    if missing:
+        raise ValueError(f"{ckpt}: the checkpoint does not match the run's model config (differing keys: "
+                         f"{sorted(missing)[:5]})")
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(weights, str(tmp / "model.safetensors"))
+    (tmp / "config.json").write_text(json.dumps({"bundle_format": BUNDLE_FORMAT, "model": asdict(config.model)},
+                                                indent=1))
+    corpus = Path(config.data.corpus)
+    shutil.copy(corpus / "vocab.tsv", tmp / "vocab.tsv")
+    norm = Normalization(mode=config.data.normalization, n_bins=config.model.n_bins, max_genes=config.data.max_genes)
+    if norm.mode == "rank":
+        from data_pipeline.loader import corpus_medians
+
+        norm = Normalization(**{**asdict(norm), "medians": corpus_medians(corpus)})
+    (tmp / "normalization.json").write_text(json.dumps(normalization_record(norm)))
+    # rank 0's model-states file holds the client state (ZeRO-3 names it per data-parallel rank)
+    states = [ckpt / "mp_rank_00_model_states.pt", ckpt / "zero_pp_rank_0_mp_rank_00_model_states.pt"]
+    client = torch.load(next(p for p in states if p.exists()), map_location="cpu", weights_only=False)
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    (tmp / "README.md").write_text(_model_card(config, client, manifest, ckpt))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def _model_card(config, client: dict, manifest: dict, ckpt: Path) -> str:
+    history = client.get("history") or []
+    last = history[-1] if history else {}
+    losses = ", ".join(f"{k} {last[k]:.4f}" for k in ("loss", "mlm", "contrastive", "label") if last.get(k) is not None)
+    m = config.model
+    return f"""# Cell model bundle
+
+- architecture: {m.architecture}, {m.n_layers} layers x {m.d_model}, {m.n_heads} heads, attention {m.attention}
+- input: {config.data.normalization} ({m.value_mode} values), genes per cell capped at {config.data.max_genes}
+- trained for {client.get('step')} optimizer steps (checkpoint {ckpt.name}); last step's losses: {losses or 'n/a'}
+- corpus: {manifest.get('totals', {}).get('n_cells', '?')} cells, plan hash {manifest.get('plan_hash')},
+  vocabulary sha256 {manifest.get('vocab', {}).get('sha256')}
+
+Load without DeepSpeed:
+
+```python
+from pretrain import load_pretrained
+model = load_pretrained("THIS_FOLDER")      # CellModel in eval mode; .normalization, .vocab
+```
+
+Embed an .h5ad of raw counts: `python launch/embed.py THIS_FOLDER cells.h5ad --out cells_embedded.h5ad`.
+"""
+
+
+def load_pretrained(bundle: str | Path, device: str | torch.device = "cpu") -> CellModel:
+    """The bundle's `CellModel` in eval mode, with ``.normalization`` (`Normalization`) and
+    ``.vocab`` (`Vocabulary`) attached. Imports neither DeepSpeed nor the training config."""
+    from safetensors.torch import load_file
+
+    bundle = Path(bundle)
+    for name in ("model.safetensors", "config.json", "vocab.tsv", "normalization.json"):
+        if not (bundle / name).exists():
+            raise FileNotFoundError(f"{bundle}: no {name}; pass a folder written by `python launch/export.py`")
+    meta = json.loads((bundle / "config.json").read_text())
+    if meta.get("bundle_format") != BUNDLE_FORMAT:
+        raise ValueError(f"{bundle}: bundle format {meta.get('bundle_format')} is not {BUNDLE_FORMAT}")
+    raw = dict(meta["model"])
+    raw["decoder"] = DecoderConfig(**raw["decoder"])
+    known = {f.name for f in fields(ModelConfig)}
+    config = replace(ModelConfig(**{k: v for k, v in raw.items() if k in known}), gene_embedding_file=None)
+    model = CellModel(config)
+    model.load_state_dict(load_file(str(bundle / "model.safetensors")))
+    model.normalization = normalization_from_record(json.loads((bundle / "normalization.json").read_text()))
+    model.vocab = read_vocab(bundle / "vocab.tsv")
+    return model.to(device).eval()

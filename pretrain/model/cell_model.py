@@ -1,0 +1,204 @@
+"""The cell model: embeddings, encoder (or xTrimoGene-style encoder-decoder) and the three heads.
+
+``CellModel(config)(batch)`` takes a `PackedBatch` and returns a `ModelOutput` with everything
+the objectives need, so that one forward call (what a DeepSpeed engine wraps) serves every loss:
+
+- ``mlm``: predictions at the masked positions only (``batch.mlm_mask``), in token order:
+  ``[n_masked, n_bins]`` logits (bins), ``[n_masked, vocab_size]`` logits (rank: the masked gene
+  token is predicted) or ``[n_masked]`` values (continuous).
+- ``cells``: the cell embedding ``[B, d]`` (from ``<cls>`` or the mean over gene tokens).
+- ``contrastive``: its projection ``[B, contrastive_dim]`` (not normalized).
+- ``labels``: one ``[B, n_classes]`` logit tensor per label column.
+- ``tokens``: final hidden states of the input gene tokens ``[T, d]`` (None for the
+  encoder-decoder, whose encoder sees only part of them).
+
+The encoder-decoder (``architecture=encoder_decoder``, xTrimoGene/scFoundation): the encoder sees
+only the expressed, unmasked genes of each cell; its outputs are scattered into the full gene
+set of the vocabulary (every non-special token), where unexpressed genes get a learned zero
+embedding and masked genes a learned mask embedding; a FAVOR+ decoder over that full set
+regresses the masked values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from data_pipeline.batch import PackedBatch
+
+from ..config import ModelConfig
+from .embeddings import GeneEmbeddingCoverage, ValueEmbedding, align_gene_embeddings, read_gene_embedding_file
+from .encoder import Encoder
+from .packing import compact, mean_per_sequence, sequence_ids, with_cls
+
+
+@dataclass
+class ModelOutput:
+    mlm: torch.Tensor            # [n_masked, C] logits or [n_masked] values
+    cells: torch.Tensor          # [B, d]
+    contrastive: torch.Tensor    # [B, contrastive_dim]
+    labels: list[torch.Tensor]   # per label column [B, n_classes]
+    tokens: torch.Tensor | None  # [T, d]
+
+
+class CellModel(nn.Module):
+    def __init__(self, config: ModelConfig, vocab: tuple[list[str], list[str]] | None = None, seed: int = 0):
+        """``vocab``: (Ensembl ids, symbols) per token, needed only to align a pretrained gene
+        embedding file (``config.gene_embedding_file``)."""
+        super().__init__()
+        self.config = c = config.validate()
+        self.gene_embedding = nn.Embedding(c.vocab_size, c.d_model)
+        self.gene_embedding_coverage: GeneEmbeddingCoverage | None = None
+        if c.gene_embedding_file:
+            self._load_gene_embedding(vocab)
+        self.value_embedding = ValueEmbedding(c.value_mode, c.d_model, c.n_bins, c.max_rank)
+        self.cls = nn.Parameter(torch.randn(c.d_model) * 0.02) if c.use_cls else None
+        self.drop = nn.Dropout(c.dropout)
+        self.encoder = Encoder(c.d_model, c.n_layers, c.n_heads, c.ffn_multiplier, c.dropout, c.norm_eps, c.attention,
+                               c.favor_features, c.activation_checkpointing)
+        mlm_out = {"bins": c.n_bins, "rank": c.vocab_size, "continuous": 1}[c.value_mode]
+        self.n_special = max(c.pad_token, c.cls_token, c.mask_token) + 1  # gene tokens follow the special ones
+        if c.architecture == "encoder_decoder":
+            dec = c.decoder
+            self.to_decoder = nn.Linear(c.d_model, dec.d_model)
+            self.decoder_gene_embedding = nn.Embedding(c.vocab_size, dec.d_model)
+            self.decoder_zero = nn.Parameter(torch.randn(dec.d_model) * 0.02)
+            self.decoder_mask = nn.Parameter(torch.randn(dec.d_model) * 0.02)
+            self.decoder = Encoder(dec.d_model, dec.n_layers, dec.n_heads, c.ffn_multiplier, c.dropout, c.norm_eps,
+                                   dec.attention, c.favor_features, c.activation_checkpointing)
+            self.mlm_head = nn.Linear(dec.d_model, 1)
+        else:
+            self.mlm_head = nn.Sequential(nn.Linear(c.d_model, c.d_model), nn.GELU(),
+                                          nn.LayerNorm(c.d_model, eps=c.norm_eps), nn.Linear(c.d_model, mlm_out))
+        self.contrastive_head = nn.Sequential(nn.Linear(c.d_model, c.d_model), nn.GELU(),
+                                              nn.Linear(c.d_model, c.contrastive_dim))
+        self.label_heads = nn.ModuleList(nn.Linear(c.d_model, n) for n in c.label_classes)
+        self.apply(self._init)
+        self.redraw_projections(torch.Generator().manual_seed(seed))
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding) and not getattr(module, "_pretrained", False):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def _load_gene_embedding(self, vocab) -> None:
+        c = self.config
+        if vocab is None:
+            raise ValueError("model.gene_embedding_file needs the vocabulary (Ensembl ids, symbols) to align genes: "
+                             "pass vocab= (the trainer reads it from the corpus vocab.tsv)")
+        if len(vocab[0]) != c.vocab_size:
+            raise ValueError(f"the vocabulary passed has {len(vocab[0])} tokens but model.vocab_size={c.vocab_size}; "
+                             "set model.vocab_size to the corpus vocabulary size (vocab.tsv)")
+        ids, vectors = read_gene_embedding_file(c.gene_embedding_file)
+        if vectors.shape[1] != c.d_model:
+            raise ValueError(f"{c.gene_embedding_file}: embeddings are {vectors.shape[1]} wide but model.d_model="
+                             f"{c.d_model}; set model.d_model={vectors.shape[1]} (scBERT: gene2vec 200 = width 200)")
+        special = {c.pad_token, c.cls_token, c.mask_token}
+        rows, found, self.gene_embedding_coverage = align_gene_embeddings(ids, vectors, *vocab, special)
+        with torch.no_grad():
+            weight = torch.randn(c.vocab_size, c.d_model) * 0.02
+            # unknown genes get random rows at the pretrained rows' scale
+            scale = float(np.std(rows[found])) if found.any() else 0.02
+            weight *= scale / 0.02
+            weight[torch.from_numpy(found)] = torch.from_numpy(rows[found])
+            self.gene_embedding.weight.copy_(weight)
+        self.gene_embedding._pretrained = True
+        self.gene_embedding.weight.requires_grad_(not c.freeze_gene_embedding)
+
+    @torch.no_grad()
+    def redraw_projections(self, generator: torch.Generator) -> None:
+        """Redraw every FAVOR+ projection (call at optimizer steps, with a generator seeded the
+        same on every rank)."""
+        for module in self.modules():
+            if hasattr(module, "redraw"):
+                module.redraw(generator)
+
+    def gene_slots(self, gene_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Row of each packed token in the full-gene-set layout ``[B * G]`` (G = every non-special
+        token, in token order): (slots [T], G)."""
+        n_genes = self.config.vocab_size - self.n_special
+        return sequence_ids(cu_seqlens, gene_ids.shape[0]) * n_genes + (gene_ids - self.n_special), n_genes
+
+    def encode(self, gene_ids, values, cu_seqlens, max_seqlen) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder over packed tokens: (gene-token states [T, d], cell embeddings [B, d])."""
+        x = self.gene_embedding(gene_ids) + self.value_embedding(values)
+        token_rows = None  # where each input token sits among the encoder's rows (None: in place)
+        if self.config.gene_set == "all":  # scBERT: unexpressed genes too, with the zero-expression value
+            b = cu_seqlens.shape[0] - 1
+            token_rows, n_genes = self.gene_slots(gene_ids, cu_seqlens)
+            all_genes = torch.arange(self.n_special, self.config.vocab_size, device=x.device)
+            zero = self.value_embedding(torch.zeros(1, dtype=values.dtype, device=x.device))
+            dense = (self.gene_embedding(all_genes) + zero)[None].expand(b, n_genes, -1).reshape(b * n_genes, -1)
+            x = dense.index_put((token_rows,), x)
+            cu_seqlens = torch.arange(b + 1, device=x.device, dtype=torch.int32) * n_genes
+            max_seqlen = n_genes
+        x = self.drop(x)
+        if self.cls is None:
+            body, cells = self.encoder(x, cu_seqlens, max_seqlen), None
+        else:
+            x, cls_cu, cls_rows = with_cls(x, self.cls, cu_seqlens)
+            h = self.encoder(x, cls_cu, max_seqlen + 1)
+            body = h[cls_rows]
+            cells = h[cls_cu[:-1].long()] if self.config.pooling == "cls" else None
+        if cells is None:
+            cells = mean_per_sequence(body, cu_seqlens)
+        return (body if token_rows is None else body[token_rows]), cells
+
+    def encode_padded(self, gene_ids: torch.Tensor, values: torch.Tensor,
+                      key_padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The padded reference of `encode` (expressed-gene encoder): gene_ids, values,
+        key_padding_mask [B, L] (True on real tokens) -> (token states [B, L, d], cells [B, d])."""
+        if self.config.gene_set != "expressed" or self.config.architecture != "encoder":
+            raise ValueError("encode_padded is the reference of the expressed-gene encoder (gene_set=expressed, "
+                             "architecture=encoder)")
+        x = self.drop(self.gene_embedding(gene_ids) + self.value_embedding(values.flatten()).view(*gene_ids.shape, -1))
+        real = key_padding_mask
+        if self.cls is not None:
+            x = torch.cat([self.cls.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
+            real = torch.cat([torch.ones_like(real[:, :1]), real], dim=1)
+        h = self.encoder.forward_padded(x, real)
+        if self.cls is not None:
+            cls_out, h = h[:, 0], h[:, 1:]
+        if self.config.pooling == "cls":
+            return h, cls_out
+        weights = key_padding_mask.to(h.dtype)[..., None]
+        return h, (h * weights).sum(1) / weights.sum(1).clamp_min(1)
+
+    def forward(self, batch: PackedBatch) -> ModelOutput:
+        if self.config.architecture == "encoder_decoder":
+            return self._forward_encoder_decoder(batch)
+        tokens, cells = self.encode(batch.gene_ids, batch.values, batch.cu_seqlens, batch.max_seqlen)
+        mlm = self.mlm_head(tokens[batch.mlm_mask])
+        return self._outputs(mlm.squeeze(-1) if self.config.value_mode == "continuous" else mlm, cells, tokens)
+
+    def _outputs(self, mlm, cells, tokens) -> ModelOutput:
+        return ModelOutput(mlm=mlm, cells=cells, contrastive=self.contrastive_head(cells),
+                           labels=[head(cells) for head in self.label_heads], tokens=tokens)
+
+    def _forward_encoder_decoder(self, batch: PackedBatch) -> ModelOutput:
+        c = self.config
+        keep = ~batch.mlm_mask
+        enc_cu, enc_max = compact(keep, batch.cu_seqlens)
+        tokens, cells = self.encode(batch.gene_ids[keep], batch.values[keep], enc_cu, enc_max)
+        b = batch.n_seqs
+        n_genes = c.vocab_size - self.n_special
+        all_genes = torch.arange(self.n_special, c.vocab_size, device=cells.device)
+        # every cell x every gene: gene embedding + (encoder output | mask | zero expression)
+        dec = (self.decoder_gene_embedding(all_genes) + self.decoder_zero)[None].expand(b, n_genes, -1)
+        dec = dec.reshape(b * n_genes, -1)
+        slot, _ = self.gene_slots(batch.gene_ids, batch.cu_seqlens)
+        present = self.decoder_gene_embedding(batch.gene_ids)
+        filled = torch.empty_like(present)
+        filled[keep] = present[keep] + self.to_decoder(tokens)
+        filled[~keep] = present[~keep] + self.decoder_mask
+        dec = dec.index_put((slot,), filled)
+        dec_cu = torch.arange(b + 1, device=cells.device, dtype=torch.int32) * n_genes
+        out = self.decoder(self.drop(dec), dec_cu, n_genes)
+        mlm = self.mlm_head(out[slot[batch.mlm_mask]]).squeeze(-1)
+        return self._outputs(mlm, cells, None)

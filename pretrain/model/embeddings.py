@@ -1,0 +1,121 @@
+"""Token embeddings: gene identity plus expression value (DESIGN.md, "Model and kernels").
+
+Gene identity: one row per vocabulary token, optionally initialized from a pretrained
+gene-embedding file aligned to the vocabulary by Ensembl id (or symbol). Expression value, by
+``value_mode``: ``bins`` (a table over bins 0 ... n_bins - 1 plus the loader's mask bin
+``n_bins``), ``continuous`` (a small MLP of the value; the loader marks masked inputs with -1,
+which get a learned mask vector instead) or ``rank`` (Geneformer: the value is the position in
+the rank-ordered cell, embedded by a position table; masking acts on the gene token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from data_pipeline.vocab import strip_version
+
+
+@dataclass
+class GeneEmbeddingCoverage:
+    n_vocab_genes: int
+    n_found: int
+    n_file_genes: int
+
+    @property
+    def fraction(self) -> float:
+        return self.n_found / max(1, self.n_vocab_genes)
+
+
+def read_gene_embedding_file(path: str | Path) -> tuple[list[str], np.ndarray]:
+    """``(gene ids, vectors [n, d] float32)`` of a pretrained gene-embedding file: gene2vec /
+    word2vec text (``GENE v1 ... vd`` per line, an optional ``count dim`` header) or ``.npz``
+    with arrays ``gene_ids`` [n] and ``embeddings`` [n, d]."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"gene embedding file {path} does not exist; fix model.gene_embedding_file")
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            missing = {"gene_ids", "embeddings"} - set(z.files)
+            if missing:
+                raise ValueError(f"{path}: an .npz gene embedding file needs arrays gene_ids and embeddings "
+                                 f"(missing {sorted(missing)}; has {z.files})")
+            ids, vectors = [str(g) for g in z["gene_ids"]], np.asarray(z["embeddings"], np.float32)
+    else:
+        ids, rows = [], []
+        with open(path) as fh:
+            for line_no, line in enumerate(fh, 1):
+                parts = line.split()
+                if not parts or (line_no == 1 and len(parts) == 2 and all(p.isdigit() for p in parts)):
+                    continue
+                try:
+                    rows.append(np.array(parts[1:], np.float32))
+                except ValueError as err:
+                    raise ValueError(f"{path}:{line_no}: expected 'GENE v1 ... vd' with numbers ({err})") from None
+                ids.append(parts[0])
+        if not rows:
+            raise ValueError(f"{path}: no embedding rows (expected 'GENE v1 ... vd' per line)")
+        widths = {len(r) for r in rows}
+        if len(widths) != 1:
+            raise ValueError(f"{path}: rows have different widths {sorted(widths)}")
+        vectors = np.stack(rows)
+    if vectors.ndim != 2 or len(ids) != len(vectors):
+        raise ValueError(f"{path}: {len(ids)} gene ids for embeddings of shape {vectors.shape}")
+    return ids, vectors
+
+
+def align_gene_embeddings(ids: list[str], vectors: np.ndarray, vocab_ensembl: list[str], vocab_symbols: list[str],
+                          special: set[int]) -> tuple[np.ndarray, np.ndarray, GeneEmbeddingCoverage]:
+    """Rows of ``vectors`` for each vocabulary token, matched by Ensembl id (version stripped,
+    case-insensitive), else by symbol.  -> (rows [V, d], found [V] bool, coverage)"""
+    if len(vocab_ensembl) != len(vocab_symbols):
+        raise ValueError(f"vocabulary of {len(vocab_ensembl)} Ensembl ids but {len(vocab_symbols)} symbols")
+    by_id = {}
+    for i, g in enumerate(ids):  # versions are stripped from Ensembl ids only (symbols like AC000061.1 keep theirs)
+        by_id.setdefault(strip_version(g).upper(), i)
+    rows = np.zeros((len(vocab_ensembl), vectors.shape[1]), np.float32)
+    found = np.zeros(len(vocab_ensembl), bool)
+    for token, (ens, sym) in enumerate(zip(vocab_ensembl, vocab_symbols)):
+        if token in special:
+            continue
+        i = by_id.get(strip_version(ens).upper()) if ens else None
+        if i is None and sym:
+            i = by_id.get(sym.upper())
+        if i is not None:
+            rows[token], found[token] = vectors[i], True
+    coverage = GeneEmbeddingCoverage(len(vocab_ensembl) - len(special), int(found.sum()), len(ids))
+    return rows, found, coverage
+
+
+class ValueEmbedding(nn.Module):
+    """Expression input -> ``[T, d]``. values [T]: bins (int), continuous (float, -1 = masked)
+    or rank (int position)."""
+
+    def __init__(self, mode: str, d_model: int, n_bins: int, max_rank: int):
+        super().__init__()
+        self.mode = mode
+        if mode == "bins":
+            self.table = nn.Embedding(n_bins + 1, d_model)  # + the loader's mask bin (= n_bins)
+        elif mode == "rank":
+            self.table = nn.Embedding(max_rank, d_model)
+            self.max_rank = max_rank
+        else:
+            hidden = max(32, d_model // 4)
+            self.mlp = nn.Sequential(nn.Linear(1, hidden), nn.GELU(), nn.Linear(hidden, d_model))
+            self.mask = nn.Parameter(torch.zeros(d_model))
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        if self.mode == "continuous":
+            x = values.to(self.mask.dtype)
+            masked = x < 0
+            out = self.mlp(x.clamp_min(0)[:, None])
+            return torch.where(masked[:, None], self.mask.expand_as(out), out)
+        # checked where it costs no device sync; the trainer checks the loader's max_genes up front
+        if self.mode == "rank" and not values.is_cuda and values.numel() and int(values.max()) >= self.max_rank:
+            raise ValueError(f"rank {int(values.max())} >= model.max_rank={self.max_rank}: raise model.max_rank "
+                             "or cap cells with the loader's max_genes")
+        return self.table(values.long())

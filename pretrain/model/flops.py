@@ -1,0 +1,85 @@
+"""Parameters and training FLOPs of a model config, for MFU (no model is built).
+
+FLOPs count matrix multiplies only (2 per multiply-add), forward, times 3 for training
+(backward = 2 x forward), per cell of ``seq_len`` input (expressed) genes:
+
+- a block on a sequence of n tokens: ``n * 2 * (4 d^2 + 2 d f)`` for the projections and the
+  feed-forward (f = hidden width), plus attention: exact softmax (``sdpa``, ``flash``)
+  ``n * 4 * n * d`` (scores and weighted sum), FAVOR+ ``n * 8 * m * d`` (query and key features,
+  the key-value state and the query-state product, each ``m * head_dim`` per head);
+- the masked-expression head on ``mask_ratio`` of the genes, the contrastive and label heads on
+  the cell embedding;
+- sequence lengths as the model sees them: plus one for ``<cls>``; every vocabulary gene for
+  ``gene_set=all``; for the encoder-decoder, the unmasked genes in the encoder and the full gene
+  set in the decoder.
+
+FAVOR+'s backward recomputes the features, so its true cost is a little above 3 x forward;
+the convention (as for activation checkpointing) is not to count recomputation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import ModelConfig
+
+
+@dataclass
+class ModelCost:
+    params: int
+    flops_per_cell: float   # training (forward + backward)
+    flops_per_token: float  # per input (expressed) gene token
+
+    def as_dict(self) -> dict:
+        return {"params": self.params, "flops_per_cell": self.flops_per_cell, "flops_per_token": self.flops_per_token}
+
+
+def _linear(i: int, o: int) -> int:
+    return i * o + o
+
+
+def _stack_params(d: int, n_layers: int, ffn: int) -> int:
+    block = 2 * d + _linear(d, 3 * d) + _linear(d, d) + 2 * d + _linear(d, ffn) + _linear(ffn, d)
+    return n_layers * block + 2 * d
+
+
+def _stack_flops(n: float, d: int, n_layers: int, ffn: int, attention: str, m: int) -> float:
+    attn = 8 * m * d if attention == "favor" else 4 * n * d
+    return n_layers * n * (2 * (4 * d * d + 2 * d * ffn) + attn)
+
+
+def model_cost(config: ModelConfig, seq_len: float, mask_ratio: float = 0.15) -> ModelCost:
+    c = config
+    d, ffn = c.d_model, int(round(c.d_model * c.ffn_multiplier))
+    n_special = max(c.pad_token, c.cls_token, c.mask_token) + 1
+    n_genes = c.vocab_size - n_special
+    params = c.vocab_size * d
+    if c.value_mode == "bins":
+        params += (c.n_bins + 1) * d
+    elif c.value_mode == "rank":
+        params += c.max_rank * d
+    else:
+        hidden = max(32, d // 4)
+        params += _linear(1, hidden) + _linear(hidden, d) + d
+    params += d if c.use_cls else 0
+    params += _stack_params(d, c.n_layers, ffn)
+    params += _linear(d, d) + _linear(d, c.contrastive_dim) + sum(_linear(d, n) for n in c.label_classes)
+    cls = 1 if c.use_cls else 0
+    masked = mask_ratio * seq_len
+    heads = 2 * (d * d + d * c.contrastive_dim + sum(d * n for n in c.label_classes))
+    if c.architecture == "encoder_decoder":
+        dd, dffn = c.decoder.d_model, int(round(c.decoder.d_model * c.ffn_multiplier))
+        params += _linear(d, dd) + c.vocab_size * dd + 2 * dd + _stack_params(dd, c.decoder.n_layers, dffn) + _linear(dd, 1)
+        enc_len = seq_len - masked + cls
+        forward = (_stack_flops(enc_len, d, c.n_layers, ffn, c.attention, c.favor_features)
+                   + 2 * (seq_len - masked) * d * dd
+                   + _stack_flops(n_genes, dd, c.decoder.n_layers, dffn, c.decoder.attention, c.favor_features)
+                   + 2 * masked * dd + heads)
+    else:
+        mlm_out = {"bins": c.n_bins, "rank": c.vocab_size, "continuous": 1}[c.value_mode]
+        params += _linear(d, d) + 2 * d + _linear(d, mlm_out)
+        enc_len = (n_genes if c.gene_set == "all" else seq_len) + cls
+        forward = (_stack_flops(enc_len, d, c.n_layers, ffn, c.attention, c.favor_features)
+                   + 2 * masked * (d * d + d * mlm_out) + heads)
+    per_cell = 3 * forward
+    return ModelCost(params=int(params), flops_per_cell=float(per_cell), flops_per_token=float(per_cell / max(seq_len, 1)))

@@ -1,0 +1,64 @@
+"""The three pretraining losses, as sums plus counts so that a step can normalize them over a
+batch split into chunks, and over ranks, without the split changing the result.
+
+- masked expression modelling: cross-entropy over bins (bins), over gene tokens (rank: the
+  masked gene is predicted), or squared error of the value (continuous), per masked position;
+- cell labels: cross-entropy per label column, over the sequences whose label is known (>= 0);
+- contrastive: symmetric InfoNCE between the two views of each cell (`info_nce`), every other
+  cell of the (global) batch a negative.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from data_pipeline.batch import PackedBatch
+
+MIN_TEMPERATURE = 0.01
+
+
+def mlm_loss_sum(prediction: torch.Tensor, batch: PackedBatch, value_mode: str) -> tuple[torch.Tensor, int]:
+    """(sum of the per-position loss, number of masked positions).  prediction: [n_masked, C]
+    logits, or [n_masked] values (continuous)."""
+    targets = batch.mlm_targets[batch.mlm_mask]
+    if value_mode == "continuous":
+        loss = F.mse_loss(prediction.float(), targets.float(), reduction="sum")
+    else:
+        loss = F.cross_entropy(prediction.float(), targets.long(), reduction="sum")
+    return loss, int(targets.shape[0])
+
+
+def label_loss_sum(logits: list[torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(sum of cross-entropies over known labels, number of known labels).  logits: per label
+    column [B, n_classes]; labels [B, n_columns] (-1 unknown)."""
+    total = labels.new_zeros((), dtype=torch.float32)
+    count = 0
+    for column, column_logits in enumerate(logits):
+        target = labels[:, column]
+        known = target >= 0
+        # the sum over no known labels is still a function of the head, so that every rank's
+        # backward reaches the same parameters (ZeRO reduces gradients in buckets that must match)
+        total = total + F.cross_entropy(column_logits[known].float(), target[known], reduction="sum")
+        count += int(known.sum())
+    return total, count
+
+
+def view_pairs(view_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two sequences of each cell: (first [n], second [n]) sequence indices, cells in order of
+    ``view_index``.  view_index [B]: every value must appear exactly twice."""
+    order = torch.argsort(view_index, stable=True)
+    if view_index.numel() % 2 or not torch.equal(view_index[order][0::2], view_index[order][1::2]):
+        raise ValueError("contrastive training needs two views of every cell in a batch: build the loader with "
+                         "views=Views(...) (or set objectives.contrastive_weight=0)")
+    return order[0::2], order[1::2]
+
+
+def info_nce(first: torch.Tensor, second: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE (CLIP's): cell i's two views are the positive pair, every other cell's
+    views the negatives.  first, second [N, p] (normalized here); logit_scale: 1 / temperature."""
+    a = F.normalize(first.float(), dim=-1)
+    b = F.normalize(second.float(), dim=-1)
+    logits = logit_scale.float() * a @ b.T
+    target = torch.arange(a.shape[0], device=a.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2

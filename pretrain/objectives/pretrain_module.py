@@ -1,0 +1,34 @@
+"""`PretrainModule`: what the DeepSpeed engine wraps: the cell model plus the objectives' own
+parameter (the InfoNCE temperature), so that one forward call yields everything a loss needs
+and ZeRO-3 gathers every parameter inside it."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from data_pipeline.batch import PackedBatch
+
+from ..config import ObjectiveConfig
+from ..model.cell_model import CellModel, ModelOutput
+from .losses import MIN_TEMPERATURE
+
+
+class PretrainModule(nn.Module):
+    def __init__(self, model: CellModel, objectives: ObjectiveConfig):
+        super().__init__()
+        if objectives.temperature < MIN_TEMPERATURE:
+            raise ValueError(f"objectives.temperature={objectives.temperature} is below {MIN_TEMPERATURE}")
+        self.model = model
+        log_scale = torch.tensor([math.log(1.0 / objectives.temperature)])  # [1]: DeepSpeed cannot broadcast 0-d
+        if objectives.learnable_temperature:
+            self.log_logit_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_logit_scale", log_scale)
+
+    def forward(self, batch: PackedBatch) -> tuple[ModelOutput, torch.Tensor]:
+        """(model outputs, logit scale [1] = 1 / temperature, clamped to [1, 1 / MIN_TEMPERATURE])."""
+        scale = self.log_logit_scale.float().clamp(0.0, math.log(1.0 / MIN_TEMPERATURE)).exp()
+        return self.model(batch), scale

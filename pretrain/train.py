@@ -1,0 +1,250 @@
+"""The training loop: `train(config)` is what `launch/pretrain.py` runs, on one process or many.
+
+Read `train` top to bottom: build the loader and the model from the config, wrap them in a
+DeepSpeed engine, resume if asked, then per optimizer step take ``chunks_per_step`` loader
+batches, run `train_step` (masked expression + labels + gradient-cached contrastive), record
+metrics, and checkpoint every N steps, on SIGTERM/SIGINT and at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import signal
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from data_pipeline.epoch_plan import Batching
+from data_pipeline.loader import CellLoader
+from data_pipeline.masking import Masking, Views
+from data_pipeline.normalize import Normalization
+from data_pipeline.vocab import read_vocab
+
+from . import checkpoint
+from .config import TrainConfig
+from .distributed import init_distributed
+from .metrics import RunLog, device_peak_tflops
+from .model import CellModel, model_cost
+from .objectives import PretrainModule, train_step
+
+VALUE_MODE_OF = {"log1p_bins": "bins", "quantile_bins": "bins", "rank": "rank", "continuous": "continuous"}
+
+
+def build_loader(config: TrainConfig, device: torch.device) -> CellLoader:
+    d, m = config.data, config.model
+    if not d.corpus:
+        raise ValueError("data.corpus is not set: pass data.corpus=PATH (a folder made by "
+                         "`python -m data_pipeline convert`)")
+    return CellLoader(d.corpus, normalization=Normalization(mode=d.normalization, n_bins=m.n_bins, max_genes=d.max_genes),
+                      batching=Batching(d.token_budget, d.megabatch_cells, d.max_batch_cells),
+                      masking=Masking(ratio=d.mask_ratio), views=Views(d.gene_dropout, d.min_depth) if d.views else None,
+                      seed=d.seed, num_workers=d.num_workers, pin_memory=device.type == "cuda",
+                      extra_tokens_per_cell=1 if m.use_cls and m.gene_set == "expressed" else 0)
+
+
+def resolve_model_config(config: TrainConfig, loader: CellLoader) -> TrainConfig:
+    """The model fields the corpus decides (vocabulary, label classes), checked against the data."""
+    manifest = loader.spec.manifest
+    special = manifest["vocab"]["special_tokens"]
+    model = replace(config.model, vocab_size=loader.spec.vocab_size, pad_token=special["<pad>"],
+                    cls_token=special["<cls>"], mask_token=special["<mask>"])
+    if not model.label_classes:
+        model = replace(model, label_classes=[len(c["categories"]) for c in manifest["label_columns"]])
+    elif len(model.label_classes) != len(manifest["label_columns"]):
+        raise ValueError(f"model.label_classes={model.label_classes} but the corpus has "
+                         f"{len(manifest['label_columns'])} label columns; leave it empty to take them from the corpus")
+    wanted = VALUE_MODE_OF[config.data.normalization]
+    if model.value_mode != wanted:
+        raise ValueError(f"data.normalization={config.data.normalization} gives {wanted} values but "
+                         f"model.value_mode={model.value_mode}; set model.value_mode={wanted}")
+    if wanted == "rank" and (config.data.max_genes is None or config.data.max_genes > model.max_rank):
+        raise ValueError(f"rank mode embeds positions up to model.max_rank={model.max_rank}: set "
+                         f"data.max_genes (now {config.data.max_genes}) to at most that")
+    if config.objectives.contrastive_weight > 0 and not config.data.views:
+        raise ValueError("objectives.contrastive_weight > 0 needs two views per cell: set data.views=true")
+    return replace(config, model=model.validate())
+
+
+def lr_factor(schedule, step: int) -> float:
+    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based)."""
+    if step < schedule.warmup_steps:
+        return (step + 1) / schedule.warmup_steps
+    if schedule.decay == "constant":
+        return 1.0
+    span = max(1, schedule.max_steps - schedule.warmup_steps)
+    progress = min(1.0, (step - schedule.warmup_steps) / span)
+    floor = schedule.min_lr_ratio
+    if schedule.decay == "linear":
+        return floor + (1 - floor) * (1 - progress)
+    if schedule.decay == "cosine":
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    raise ValueError(f"schedule.decay={schedule.decay!r}: choose cosine, linear or constant")
+
+
+def build_engine(config: TrainConfig, module: PretrainModule, device: torch.device):
+    import deepspeed
+
+    o, ds = config.optimizer, config.deepspeed
+    bf16 = ds.bf16 if ds.bf16 is not None else (device.type == "cuda" and torch.cuda.is_bf16_supported())
+    decay = [p for p in module.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in module.parameters() if p.requires_grad and p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(config.schedule, s))
+    if ds.zero_stage == 0 and not bf16:
+        raise ValueError("deepspeed.zero_stage=0 in fp32 applies updates whose gradients are NaN (DeepSpeed skips "
+                         "them only with ZeRO 1-3 or bf16): use deepspeed.zero_stage=1 or more")
+    micro_steps = ds.chunks_per_step if config.objectives.gradient_cache else 1
+    ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": micro_steps,
+                 "zero_optimization": {"stage": ds.zero_stage}, "bf16": {"enabled": bool(bf16)},
+                 "gradient_clipping": ds.gradient_clipping, "zero_allow_untested_optimizer": True,
+                 "steps_per_print": 10**12, "wall_clock_breakdown": False, **ds.overrides}
+    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    return engine, bool(bf16)
+
+
+class StopSignal:
+    """SIGTERM / SIGINT (cluster preemption, Ctrl-C) ask for a checkpoint and a clean exit at the
+    end of the current step, agreed by all ranks."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
+def _batches(loader: CellLoader):
+    while True:
+        yield from loader
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def train(config: TrainConfig, resume: str | None = None) -> dict:
+    """Train as ``config`` says; ``resume``: "auto" (the latest complete checkpoint of the run
+    directory, if any), a checkpoint folder, or None. Returns the run summary (rank 0)."""
+    rank, world, device = init_distributed()
+    run_dir = Path(config.run.out)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    loader = build_loader(config, device)
+    config = resolve_model_config(config, loader)
+    if rank == 0:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(config), sort_keys=False))
+    vocab = read_vocab(Path(config.data.corpus) / "vocab.tsv")
+    torch.manual_seed(config.run.seed)
+    model = CellModel(config.model, vocab=(vocab.ensembl_ids, vocab.symbols), seed=config.run.seed)
+    module = PretrainModule(model, config.objectives)
+    engine, bf16 = build_engine(config, module, device)
+
+    step, history, skipped = 0, [], 0
+    found = checkpoint.latest_complete(run_dir) if resume == "auto" else (Path(resume) if resume else None)
+    if found is not None:
+        state = checkpoint.load(engine, found)
+        step, history, skipped = state["step"], state["history"], state["skipped"]
+        loader.load_state_dict(state["loader"])
+    log = RunLog(run_dir, asdict(config), config.run.experiment, config.run.mlflow, history) if rank == 0 else None
+    peak_tflops, peak_source = device_peak_tflops(device, config.run.peak_tflops)
+    stop = StopSignal()
+    progress = None
+    if rank == 0 and config.run.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=config.schedule.max_steps, initial=step, desc="pretrain", unit="step")
+
+    def save() -> None:
+        # "skipped_steps" is DeepSpeed's own key in a checkpoint's client state
+        state = {"step": step, "loader": loader.state_dict(), "history": log.history if log else [],
+                 "skipped": skipped}
+        checkpoint.save(engine, run_dir, step, state, config.run.keep_checkpoints)
+
+    batches = _batches(loader)
+    nan_streak, interval, last_saved, stopped = 0, config.model.favor_redraw_interval, step, False
+    while step < config.schedule.max_steps:
+        chunks = [next(batches).to(device) for _ in range(config.deepspeed.chunks_per_step)]
+        lr = engine.get_lr()[0]  # the rate this step uses (the scheduler moves on inside the step)
+        started = time.perf_counter()
+        redraw = config.model.attention == "favor" or config.model.decoder.attention == "favor"
+        redraw_seed = config.run.seed * 1_000_003 + step if redraw and interval and (step + 1) % interval == 0 else None
+        result = train_step(engine, chunks, config.objectives, step_seed=config.run.seed * 1_000_003 + step,
+                            redraw_seed=redraw_seed, poison=step + 1 in config.run.inject_nan_steps)
+        applied = engine.was_step_applied()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - started
+        step += 1
+        slots = sum(c.n_seqs * c.max_seqlen for c in chunks)
+        totals = torch.tensor([result.n_cells, result.n_tokens, slots, float(stop.requested)], dtype=torch.float64,
+                              device=device)
+        dist.all_reduce(totals)
+        cells, tokens, slots, stop_votes = totals.tolist()
+        good = applied and math.isfinite(result.loss)  # DeepSpeed skips an update whose gradients are not finite
+        nan_streak = 0 if good else nan_streak + 1
+        skipped += 0 if good else 1
+        flops = model_cost(config.model, tokens / max(cells, 1)).flops_per_cell * cells
+        metrics = {"step": step, "loss": result.loss, "mlm": result.mlm, "contrastive": result.contrastive,
+                   "label": result.label, "temperature": result.temperature,
+                   "lr": lr, "grad_norm": _float(engine.get_global_grad_norm()),
+                   "cells_per_s": cells / seconds, "tokens_per_s": tokens / seconds,
+                   "tflops_per_device": flops / seconds / world / 1e12,
+                   "mfu": flops / seconds / world / 1e12 / peak_tflops if peak_tflops else None,
+                   "padding_waste": 1 - tokens / max(slots, 1), "peak_memory_bytes": _peak_memory(device),
+                   "skipped_steps": skipped}
+        if log is not None:
+            log.record(metrics, log=step % config.run.log_every == 0 or step == config.schedule.max_steps)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{result.loss:.4f}", cells_s=f"{cells / seconds:.0f}")
+        if nan_streak >= config.run.max_nan_steps:
+            last = checkpoint.latest_complete(run_dir)
+            raise RuntimeError(f"{nan_streak} non-finite losses in a row (step {step}): lower optimizer.lr, "
+                               "raise deepspeed.gradient_clipping or check the corpus; "
+                               + (f"the last complete checkpoint is {last}" if last else "no checkpoint was saved"))
+        if stop_votes > 0 or (config.run.checkpoint_every and step % config.run.checkpoint_every == 0):
+            save()
+            last_saved = step
+        if stop_votes > 0:
+            stopped = True
+            break
+    if last_saved != step:
+        save()
+    if progress is not None:
+        progress.close()
+    summary = {"steps": step, "stopped_by_signal": stopped, "skipped_steps": skipped,
+               "final": history_tail(log.history) if log else {}, "bf16": bf16, "world_size": world,
+               "device": str(device), "peak_tflops": peak_tflops, "peak_source": peak_source,
+               "run_dir": str(run_dir), "mlflow_tracking_uri": getattr(log, "tracking_uri", None)}
+    if log is not None:
+        log.finish(summary)
+    dist.barrier()
+    return summary
+
+
+def _float(x) -> float | None:
+    if x is None:
+        return None
+    return float(x.item() if isinstance(x, torch.Tensor) else x)
+
+
+def history_tail(history: list[dict], n: int = 20) -> dict:
+    """Mean of the last ``n`` steps' losses and throughput (skipped steps left out)."""
+    tail = history[-n:]
+    keys = ("loss", "mlm", "contrastive", "label", "cells_per_s", "tokens_per_s", "mfu")
+    out = {}
+    for key in keys:
+        values = [h[key] for h in tail if h.get(key) is not None and math.isfinite(h[key])]
+        if values:
+            out[key] = sum(values) / len(values)
+    return out

@@ -1,0 +1,117 @@
+"""The pretraining losses against plain per-element definitions, on fresh random inputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from data_pipeline.batch import PackedBatch
+from pretrain.config import ModelConfig, ObjectiveConfig
+from pretrain.model import CellModel
+from pretrain.objectives import PretrainModule, info_nce, label_loss_sum, mlm_loss_sum, view_pairs
+from pretrain.objectives.step import chunk_seed, gather_rows, seeded
+
+
+def naive_info_nce(a, b, scale):
+    """Symmetric InfoNCE written per cell, in float64."""
+    a = a / a.norm(dim=1, keepdim=True)
+    b = b / b.norm(dim=1, keepdim=True)
+    n, total = len(a), 0.0
+    for i in range(n):
+        row = [math.exp(scale * float(a[i] @ b[j])) for j in range(n)]
+        col = [math.exp(scale * float(a[j] @ b[i])) for j in range(n)]
+        pos = scale * float(a[i] @ b[i])
+        total += (math.log(sum(row)) - pos) + (math.log(sum(col)) - pos)
+    return total / (2 * n)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_info_nce_matches_per_cell_definition(seed):
+    g = torch.Generator().manual_seed(seed)
+    n, p = 7, 5
+    a, b = torch.randn(n, p, generator=g, dtype=torch.float64), torch.randn(n, p, generator=g, dtype=torch.float64)
+    scale = torch.tensor([1 / 0.2], dtype=torch.float64)
+    assert float(info_nce(a, b, scale)) == pytest.approx(naive_info_nce(a, b, 5.0), rel=1e-6)
+
+
+def test_info_nce_prefers_matched_views_and_gradients_reach_temperature():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(16, 8, generator=g)
+    scale = torch.tensor([10.0], requires_grad=True)
+    matched = info_nce(a, a + 0.01 * torch.randn(16, 8, generator=g), scale)
+    shuffled = info_nce(a, a[torch.randperm(16, generator=g)], scale)
+    assert matched < 0.1 < shuffled
+    matched.backward()
+    assert scale.grad is not None and scale.grad.item() < 0  # sharper logits lower a matched loss
+
+
+def test_view_pairs_finds_both_views_and_refuses_single_views():
+    first, second = view_pairs(torch.tensor([0, 0, 2, 1, 2, 1]))
+    assert first.tolist() == [0, 3, 2] and second.tolist() == [1, 5, 4]
+    with pytest.raises(ValueError, match="views=Views"):
+        view_pairs(torch.tensor([0, 1, 2]))
+
+
+def _batch(values, mask, targets, labels):
+    t, b = len(values), labels.shape[0]
+    cu = torch.tensor([0, t // 2, t], dtype=torch.int32) if b == 2 else torch.tensor([0, t], dtype=torch.int32)
+    return PackedBatch(torch.arange(3, 3 + t), values, cu, t, mask, targets, labels, torch.arange(b), torch.arange(b))
+
+
+def test_mlm_losses_per_mode_are_sums_over_masked_positions():
+    g = torch.Generator().manual_seed(1)
+    mask = torch.tensor([True, False, True, True, False, False])
+    targets = torch.randint(1, 9, (6,), generator=g)
+    batch = _batch(targets.clone(), mask, targets, torch.zeros(2, 0, dtype=torch.long))
+    logits = torch.randn(3, 9, generator=g)
+    total, count = mlm_loss_sum(logits, batch, "bins")
+    expected = sum(-torch.log_softmax(logits[i], 0)[t] for i, t in enumerate(targets[mask]))
+    assert count == 3 and total.detach().item() == pytest.approx(expected.item(), rel=1e-6)
+    values = torch.rand(6, generator=g)
+    batch = _batch(values, mask, values, torch.zeros(2, 0, dtype=torch.long))
+    prediction = torch.rand(3, generator=g)
+    total, _ = mlm_loss_sum(prediction, batch, "continuous")
+    assert float(total) == pytest.approx(float(((prediction - values[mask]) ** 2).sum()), rel=1e-6)
+
+
+def test_label_loss_skips_unknown_labels_but_keeps_the_graph():
+    logits = [torch.randn(4, 3, requires_grad=True), torch.randn(4, 2, requires_grad=True)]
+    labels = torch.tensor([[0, -1], [-1, -1], [2, 1], [1, -1]])
+    total, count = label_loss_sum(logits, labels)
+    expected = sum(-torch.log_softmax(logits[0][i], 0)[labels[i, 0]] for i in (0, 2, 3))
+    expected = expected - torch.log_softmax(logits[1][2], 0)[1]
+    assert count == 4 and total.detach().item() == pytest.approx(expected.item(), rel=1e-6)
+    none, n = label_loss_sum([logits[1]], torch.full((4, 1), -1))
+    none.backward()  # no known label: zero, yet a function of the head (ZeRO's buckets must match)
+    assert n == 0 and float(none.detach()) == 0 and logits[1].grad is not None
+
+
+def test_gather_and_seeded_replay_in_one_process():
+    x = torch.randn(3, 4)
+    rows, offset = gather_rows(x)
+    assert offset == 0 and torch.equal(rows, x)
+    with seeded(chunk_seed(5, 0, 1)):
+        first = torch.rand(4)
+    after = torch.rand(1)
+    with seeded(chunk_seed(5, 0, 1)):
+        again = torch.rand(4)
+    with seeded(chunk_seed(5, 1, 1)):
+        other = torch.rand(4)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert not torch.equal(after, torch.rand(1))  # the outer RNG moves on, untouched by the replays
+
+
+def test_temperature_is_clamped_and_can_be_fixed():
+    model = CellModel(ModelConfig(vocab_size=20, d_model=16, n_heads=2, n_layers=1, attention="sdpa"))
+    learn = PretrainModule(model, ObjectiveConfig(temperature=0.07))
+    fixed = PretrainModule(model, ObjectiveConfig(temperature=0.07, learnable_temperature=False))
+    assert learn.log_logit_scale.requires_grad and not fixed.log_logit_scale.requires_grad
+    with torch.no_grad():
+        learn.log_logit_scale.fill_(20.0)
+    batch = _batch(torch.ones(4, dtype=torch.long), torch.zeros(4, dtype=torch.bool), torch.zeros(4, dtype=torch.long),
+                   torch.zeros(2, 0, dtype=torch.long))
+    assert float(learn(batch)[1].detach()) == pytest.approx(100.0)
+    with pytest.raises(ValueError, match="temperature"):
+        PretrainModule(model, ObjectiveConfig(temperature=0.001))

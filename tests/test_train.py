@@ -1,0 +1,278 @@
+"""The training entry point on one CPU process: non-finite steps are skipped (and too many in a row
+stop the run), MLflow records the run, and the typed configuration (YAML files, key.sub=value
+overrides, the resolved config.yaml a run saves)."""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+from types import SimpleNamespace
+from urllib.parse import urlparse
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pretrain.config import TrainConfig, load_config
+from pretrain.train import VALUE_MODE_OF, build_loader, resolve_model_config
+from tests.train_helpers import (
+    LOSS_KEYS,
+    ROOT,
+    TINY,
+    TINY_CONFIG,
+    complete_steps,
+    export,
+    make_corpus,
+    metrics,
+    run_pretrain,
+    same_number,
+    summary,
+    weights,
+)
+
+CONFIGS = sorted((ROOT / "launch" / "configs").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def nan_overrides(corpus: Path, run: Path) -> list[str]:
+    return [*TINY, f"data.corpus={corpus}", f"run.out={run}", "schedule.max_steps=6", "run.checkpoint_every=0",
+            "run.log_every=2", "run.mlflow=true", "run.inject_nan_steps=[2, 3]"]
+
+
+@pytest.fixture(scope="module")
+def nan_run(corpus, tmp_path_factory) -> Path:
+    """6 steps, steps 2 and 3 poisoned, MLflow on, metrics logged every 2 steps."""
+    run = tmp_path_factory.mktemp("nan") / "run"
+    run_pretrain(nan_overrides(corpus, run))
+    return run
+
+
+# --- non-finite steps ------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_non_finite_steps_are_skipped_and_training_goes_on(nan_run, tmp_path):
+    history = metrics(nan_run)  # every step, though only every 2nd was logged on the way
+    assert [h["step"] for h in history] == [1, 2, 3, 4, 5, 6]
+    for h in history:
+        if h["step"] in (2, 3):
+            assert math.isnan(h["loss"]), h
+        else:
+            assert all(math.isfinite(h[k]) for k in LOSS_KEYS), h
+    assert [h["skipped_steps"] for h in history] == [0, 1, 2, 2, 2, 2]
+    done = summary(nan_run)
+    assert done["steps"] == 6 and done["skipped_steps"] == 2
+    assert math.isfinite(done["final"]["loss"])  # the mean of the finite steps
+    assert complete_steps(nan_run) == [6]
+    bundle = weights(export(nan_run, tmp_path / "bundle"))
+    assert bundle and all(torch.isfinite(w).all() for w in bundle.values())
+
+
+@pytest.mark.slow
+def test_too_many_non_finite_steps_in_a_row_stop_the_run(corpus, tmp_path):
+    run = tmp_path / "run"
+    args = [*TINY, f"data.corpus={corpus}", f"run.out={run}", "schedule.max_steps=8", "run.log_every=1",
+            "run.inject_nan_steps=[2, 3, 4]", "run.max_nan_steps=3"]
+    proc = run_pretrain(args, check=False)
+    assert proc.returncode != 0
+    assert "3 non-finite losses in a row (step 4)" in proc.stderr, proc.stderr[-3000:]
+    history = metrics(run)
+    assert [h["step"] for h in history] == [1, 2, 3, 4]
+    assert [math.isnan(h["loss"]) for h in history] == [False, True, True, True]
+    assert not (run / "summary.json").exists()
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_only_checkpoints_with_their_marker_count(tmp_path):
+    from pretrain import checkpoint
+    from pretrain.export import export_bundle
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-00000099").mkdir(parents=True)  # a save cut short: no COMPLETE
+    (run / "checkpoints" / "step-00000099" / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+    (run / "config.yaml").write_text("{}")
+    assert checkpoint.latest_complete(run) is None
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        export_bundle(run, tmp_path / "bundle")
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        checkpoint.load(None, run / "checkpoints" / "step-00000099")
+    for step in (3, 10):
+        folder = run / "checkpoints" / checkpoint.tag_of(step)
+        folder.mkdir()
+        (folder / checkpoint.MARKER).write_text("{}")
+    assert [p.name for p in checkpoint.complete_checkpoints(run)] == ["step-00000003", "step-00000010"]
+    assert checkpoint.latest_complete(run).name == "step-00000010"
+
+
+# --- MLflow ----------------------------------------------------------------------------------------
+
+MLFLOW_METRICS = ("loss", "mlm", "contrastive", "label", "lr", "grad_norm", "cells_per_s", "tokens_per_s",
+                  "padding_waste", "peak_memory_bytes")
+
+
+def _mlflow(run: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run / 'mlflow.db'}")
+    return client, client.get_run((run / "mlflow_run_id").read_text().strip())
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")  # mlflow's SQLAlchemy store
+def test_mlflow_records_params_metrics_and_artifacts(nan_run, corpus):
+    client, record = _mlflow(nan_run)
+    assert record.info.status == "FINISHED" and record.info.run_name == "run"
+    params = record.data.params
+    assert params["model.d_model"] == "32" and params["model.n_layers"] == "1"
+    assert float(params["optimizer.lr"]) == 2e-3 and params["data.corpus"] == str(corpus)
+    assert params["deepspeed.zero_stage"] == "2" and params["run.inject_nan_steps"] == "[2, 3]"
+    assert int(params["model.vocab_size"]) > 2000  # resolved from the corpus before logging
+    by_step = {h["step"]: h for h in metrics(nan_run)}
+    for key in MLFLOW_METRICS:
+        history = sorted(client.get_metric_history(record.info.run_id, key), key=lambda m: m.step)
+        assert [m.step for m in history] == [2, 4, 6], key  # run.log_every=2 (and the last step)
+        for m in history:  # MLflow stores an infinite value (a skipped step's grad_norm) as the largest float
+            value = math.copysign(math.inf, m.value) if abs(m.value) == sys.float_info.max else m.value
+            assert same_number(value, float(by_step[m.step][key])), (key, m.step, m.value)
+    artifacts = {a.path for a in client.list_artifacts(record.info.run_id)}
+    assert {"loss.png", "metrics.json", "summary.json", "config.json"} <= artifacts
+
+
+@pytest.mark.slow
+def test_mlflow_artifacts_are_kept_in_the_run_directory(nan_run):
+    _, record = _mlflow(nan_run)
+    # beside the store, not in ./mlruns of the directory the job was started in (here nan_run.parent)
+    where = Path(urlparse(record.info.artifact_uri).path)
+    assert where.resolve().is_relative_to(nan_run.resolve()), record.info.artifact_uri
+    assert (where / "loss.png").is_file() and (where / "metrics.json").is_file()
+    assert not (nan_run.parent / "mlruns").exists()
+
+
+# --- configuration ---------------------------------------------------------------------------------
+
+def test_overrides_are_parsed_as_yaml_and_coerced_to_the_field_types():
+    config = load_config(str(TINY_CONFIG), [
+        "optimizer.lr=1e-3",              # YAML reads this as a string: coerced to float
+        "model.ffn_multiplier=2",         # int for a float field
+        "schedule.max_steps=12",
+        "deepspeed.bf16=true",
+        "data.max_genes=null",
+        "run.inject_nan_steps=[2, 3]",
+        "model.d_model=32",
+        "deepspeed.overrides.zero_optimization={stage: 1}",
+    ])
+    assert config.optimizer.lr == 1e-3 and type(config.optimizer.lr) is float
+    assert config.model.ffn_multiplier == 2.0 and type(config.model.ffn_multiplier) is float
+    assert config.schedule.max_steps == 12 and type(config.schedule.max_steps) is int
+    assert config.deepspeed.bf16 is True and config.data.max_genes is None
+    assert config.run.inject_nan_steps == [2, 3]
+    assert config.deepspeed.overrides == {"zero_optimization": {"stage": 1}}
+    # defaults < YAML < overrides
+    assert config.model.d_model == 32                       # override over the YAML's 64
+    assert config.model.n_layers == 2 and config.data.views  # from the YAML
+    assert config.model.dropout == 0.1 and config.schedule.decay == "cosine"  # defaults
+    assert isinstance(config, TrainConfig)
+    with pytest.raises(ValueError, match="run.out cannot be null"):  # an empty value is null
+        load_config(str(TINY_CONFIG), ["run.out="])
+
+
+def test_preset_fills_the_model_under_the_yaml_and_overrides():
+    from pretrain.model.presets import preset
+
+    chosen = preset("celllm")
+    config = load_config(None, ["preset=celllm", "model.n_layers=2"])
+    assert config.model.n_layers == 2
+    assert config.model.d_model == chosen.model.d_model and config.model.attention == chosen.model.attention
+    assert config.data.normalization == chosen.normalization and config.data.max_genes == chosen.max_genes
+    with pytest.raises(ValueError, match="unknown preset"):
+        load_config(None, ["preset=nope"])
+
+
+@pytest.mark.parametrize(("override", "named", "listed"), [
+    ("model.d_modle=32", "model.d_modle", ["d_model", "n_heads", "favor_features"]),
+    ("optimiser.lr=0.1", "optimiser", ["optimizer", "schedule", "deepspeed", "run"]),
+    ("model.decoder.width=3", "model.decoder.width", ["n_layers", "d_model", "attention"]),
+])
+def test_unknown_keys_are_refused_with_the_known_ones_listed(override, named, listed):
+    with pytest.raises(ValueError, match="unknown config key") as error:
+        load_config(str(TINY_CONFIG), [override])
+    message = str(error.value)
+    assert named in message and all(name in message for name in listed), message
+
+
+def test_unknown_keys_in_a_yaml_file_are_refused(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(TINY_CONFIG.read_text().replace("  log_every: 10", "  log_evry: 10"))
+    with pytest.raises(ValueError, match=r"run\.log_evry.*log_every"):
+        load_config(str(path))
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("schedule.max_steps=ten", "schedule.max_steps='ten' should be int"),
+    ("schedule.max_steps=2.5", "should be int"),
+    ("schedule.max_steps=true", "should be int"),
+    ("optimizer.lr=fast", "optimizer.lr='fast' should be a number"),
+    ("run.mlflow=maybe", "should be bool"),
+    ("deepspeed.bf16=1", "should be bool"),
+    ("model.label_classes=3", "should be list"),
+    ("deepspeed.overrides=3", "should be dict"),
+    ("data=3", "should be a mapping"),
+    ("model.d_model.x=1", "d_model"),
+    ("schedule.max_steps", "key.sub=value"),
+])
+def test_values_of_the_wrong_type_are_refused(override, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config(str(TINY_CONFIG), [override])
+
+
+@pytest.mark.parametrize("override", ["schedule.decay=cosinus", "run.log_every=0"])
+def test_values_out_of_range_are_refused_when_loading(override):
+    with pytest.raises(ValueError):
+        load_config(str(TINY_CONFIG), [override])
+
+
+def _fake_loader(n_labels: int = 5):
+    """What resolve_model_config reads of a CellLoader: the corpus manifest and vocabulary size."""
+    manifest = {"vocab": {"special_tokens": {"<pad>": 0, "<cls>": 1, "<mask>": 2}},
+                "label_columns": [{"name": "cell_type", "categories": [f"t{i}" for i in range(n_labels)]}]}
+    return SimpleNamespace(spec=SimpleNamespace(manifest=manifest, vocab_size=20003))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_shipped_config_loads_and_validates(path):
+    config = load_config(str(path), ["data.corpus=/some/corpus"])
+    model = replace(config.model, vocab_size=20003)
+    assert model.validate() is model
+    resolved = resolve_model_config(config, _fake_loader())  # what train() checks before building the model
+    assert resolved.model.vocab_size == 20003 and resolved.model.label_classes == [5]
+    assert VALUE_MODE_OF[resolved.data.normalization] == resolved.model.value_mode
+    assert resolved.deepspeed.zero_stage in (1, 2, 3) or resolved.deepspeed.bf16
+    assert resolved.schedule.decay in ("cosine", "linear", "constant")
+    assert resolved.schedule.warmup_steps < resolved.schedule.max_steps
+    if resolved.objectives.contrastive_weight > 0:
+        assert resolved.data.views
+    raw = yaml.safe_load(path.read_text())
+    if raw.get("preset"):
+        assert config.preset == raw["preset"]
+
+
+@pytest.mark.slow
+def test_saved_config_reloads_to_the_resolved_config(nan_run, corpus):
+    saved = nan_run / "config.yaml"
+    reloaded = load_config(str(saved))
+    assert asdict(reloaded) == yaml.safe_load(saved.read_text())
+    original = load_config(str(TINY_CONFIG), nan_overrides(corpus, nan_run))
+    loader = build_loader(original, torch.device("cpu"))
+    assert reloaded == resolve_model_config(original, loader)
+    assert reloaded.model.vocab_size == loader.spec.vocab_size and reloaded.model.label_classes == [8]
+    assert reloaded != original  # the corpus filled in what the YAML left open
+    np.testing.assert_equal(reloaded.optimizer.betas, [0.9, 0.98])

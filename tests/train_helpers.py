@@ -1,0 +1,150 @@
+"""Launching `launch/pretrain.py` jobs from the training tests: a small synthetic corpus, tiny model
+overrides (a step well under a second on a CPU), 1- and 2-rank subprocess jobs, and readers of
+what a run leaves behind (metrics.json, summary.json, exported weights)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CONFIG = ROOT / "launch" / "configs" / "tiny.yaml"
+LOSS_KEYS = ("loss", "mlm", "contrastive", "label")
+JOB_TIMEOUT = 240  # seconds for one training job (a tiny one takes ~10-25 s on 2 CPU cores)
+
+# on top of launch/configs/tiny.yaml: masked bins + labels + gradient-cached contrastive, 2 chunks a step
+TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.favor_features=16",
+        "data.max_genes=32", "data.token_budget=1024", "data.megabatch_cells=256", "data.num_workers=0",
+        "run.progress=false", "run.mlflow=false"]
+
+
+def make_corpus(folder: Path, n_cells: int = 800, n_genes: int = 2000) -> Path:
+    """A synthetic corpus (label column ``cell_type``) and its source file ``folder/cells.h5ad``."""
+    from data_pipeline.convert import convert
+    from data_pipeline.plan import ConvertOptions
+    from data_pipeline.synthetic import write_synthetic_h5ad
+
+    source = folder / "cells.h5ad"
+    write_synthetic_h5ad(source, n_cells, n_genes, n_cell_types=8, seed=0)
+    corpus = folder / "corpus"
+    convert(corpus, ConvertOptions([str(source)], label_columns=["cell_type"]), progress=False)
+    return corpus
+
+
+def _cwd(overrides: list[str]) -> Path:
+    """Jobs run in the parent of their run directory: whatever a job writes relative to its working
+    directory stays out of the checkout."""
+    out = [o.split("=", 1)[1] for o in overrides if o.startswith("run.out=")]
+    assert out, "pass run.out=... (a folder under the test's tmp_path)"
+    folder = Path(out[-1]).resolve().parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def job_env() -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)  # runs keep their MLflow store in the run directory
+    return env
+
+
+def pretrain_cmd(overrides: list[str], ranks: int = 1, resume: str | None = None) -> list[str]:
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
+                if ranks > 1 else [sys.executable])
+    cmd = [*launcher, str(ROOT / "launch" / "pretrain.py"), "--config", str(TINY_CONFIG), *overrides]
+    return cmd + (["--resume", resume] if resume else [])
+
+
+def run_pretrain(overrides: list[str], ranks: int = 1, resume: str | None = None, check: bool = True,
+                 timeout: float = JOB_TIMEOUT) -> subprocess.CompletedProcess:
+    proc = subprocess.run(pretrain_cmd(overrides, ranks, resume), env=job_env(), cwd=_cwd(overrides),
+                          capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def start_pretrain(overrides: list[str], ranks: int, log: Path) -> subprocess.Popen:
+    """A job in its own process group (so that the test can signal or kill all of it)."""
+    with open(log, "w") as fh:
+        return subprocess.Popen(pretrain_cmd(overrides, ranks), env=job_env(), cwd=_cwd(overrides), stdout=fh,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float = JOB_TIMEOUT, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"the job ended (exit {proc.returncode}) before {what}:\n{log.read_text()[-5000:]}")
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(f"timed out waiting for {what}:\n{log.read_text()[-5000:]}")
+        time.sleep(0.05)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def worker_pids(proc: subprocess.Popen) -> dict[int, int]:
+    """{rank: pid} of a torchrun job's workers (Linux /proc: torchrun's children and their RANK)."""
+    pids = {}
+    for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        ranks = [e[len(b"RANK="):] for e in environ if e.startswith(b"RANK=")]
+        if ranks:
+            pids[int(ranks[0])] = int(pid)
+    return pids
+
+
+def steps_logged(run: Path) -> int:
+    try:
+        return len(json.loads((run / "metrics.json").read_text()))
+    except (OSError, ValueError):  # not written yet (it is replaced atomically)
+        return 0
+
+
+def metrics(run: Path) -> list[dict]:
+    return json.loads((run / "metrics.json").read_text())
+
+
+def summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+def same_number(a, b, rel: float = 1e-6) -> bool:
+    if a is None or b is None:
+        return a is b
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) and math.isnan(b)
+    return math.isclose(a, b, rel_tol=rel, abs_tol=1e-12)
+
+
+def export(run: Path, out: Path) -> Path:
+    """The bundle of ``run``'s latest complete checkpoint, through launch/export.py's `main`."""
+    spec = importlib.util.spec_from_file_location("launch_export", ROOT / "launch" / "export.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main([str(run), "--out", str(out)])
+    return out
+
+
+def weights(bundle: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(bundle / "model.safetensors"))
+
+
+def complete_steps(run: Path) -> list[int]:
+    folder = run / "checkpoints"
+    return sorted(int(p.name.split("-")[1]) for p in folder.glob("step-*") if (p / "COMPLETE").exists())
