@@ -11,6 +11,7 @@ from data_pipeline.batch import PackedBatch
 from pretrain.config import ModelConfig, ObjectiveConfig
 from pretrain.model import CellModel
 from pretrain.objectives import PretrainModule, info_nce, label_loss_sum, mlm_loss_sum, view_pairs
+from pretrain.objectives.losses import info_nce_blocked
 from pretrain.objectives.step import chunk_seed, gather_rows, seeded
 
 
@@ -34,6 +35,20 @@ def test_info_nce_matches_per_cell_definition(seed):
     a, b = torch.randn(n, p, generator=g, dtype=torch.float64), torch.randn(n, p, generator=g, dtype=torch.float64)
     scale = torch.tensor([1 / 0.2], dtype=torch.float64)
     assert float(info_nce(a, b, scale)) == pytest.approx(naive_info_nce(a, b, 5.0), rel=1e-6)
+
+
+@pytest.mark.parametrize("n, block", [(13, 4), (10, 10), (300, 64), (1, 4)])
+def test_blocked_info_nce_equals_the_full_one_with_gradients(n, block):
+    """The training step's InfoNCE (rows in blocks, no N x N matrix) = `info_nce`, value and
+    gradients of both views and the temperature, on fresh random inputs (fp32)."""
+    g = torch.Generator().manual_seed(n)
+    a, b = (torch.randn(n, 6, generator=g).requires_grad_() for _ in range(2))
+    scale = torch.tensor([1 / 0.07], requires_grad=True)
+    full = info_nce(a, b, scale)
+    blocked = info_nce_blocked(a, b, scale, block_rows=block)
+    assert blocked.item() == pytest.approx(full.item(), rel=1e-6, abs=1e-6)
+    for x, y in zip(torch.autograd.grad(full, (a, b, scale)), torch.autograd.grad(blocked, (a, b, scale))):
+        assert (x - y).abs().max() <= 1e-6 * max(1.0, x.abs().max().item())
 
 
 def test_info_nce_prefers_matched_views_and_gradients_reach_temperature():

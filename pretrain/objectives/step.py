@@ -39,7 +39,7 @@ import torch.distributed as dist
 from data_pipeline.batch import PackedBatch
 
 from ..config import ObjectiveConfig
-from .losses import info_nce, label_loss_sum, mlm_loss_sum, view_pairs
+from .losses import info_nce, info_nce_blocked, label_loss_sum, mlm_loss_sum, view_pairs
 from .pretrain_module import PretrainModule
 
 
@@ -106,7 +106,7 @@ def global_info_nce(first: torch.Tensor, second: torch.Tensor, logit_scale: torc
     n = first.shape[0]
     all_first = torch.cat([all_first[:offset], first, all_first[offset + n:]])
     all_second = torch.cat([all_second[:offset], second, all_second[offset + n:]])
-    return info_nce(all_first, all_second, logit_scale)
+    return info_nce_blocked(all_first, all_second, logit_scale)
 
 
 def _pair_rows(chunks: list[PackedBatch]) -> list[tuple[torch.Tensor, torch.Tensor]]:
