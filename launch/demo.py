@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="demo", help="folder for everything the demo writes (default demo)")
     parser.add_argument("--cells", type=int, default=20000, help="synthetic training cells (default 20000)")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
+    parser.add_argument("--summary", default=None, help="also write the printed summary as JSON here")
     parser.add_argument("overrides", nargs="*", help="config overrides for training, key.sub=value")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -64,7 +66,9 @@ def main(argv: list[str] | None = None) -> None:
     report = embed_h5ad(load_pretrained(bundle), held_out, out / "held_out_embedded.h5ad", progress=False)
     lap("embed")
     final = summary["final"]
-    print(json.dumps({
+    record = {
+        "benchmark": "demo", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["launch/demo.py", *(argv if argv is not None else sys.argv[1:])]),
         "seconds": times,
         "steps": summary["steps"], "skipped_steps": summary["skipped_steps"], "device": summary["device"],
         "final_losses": {k: round(final[k], 4) for k in ("loss", "mlm", "contrastive", "label") if k in final},
@@ -72,7 +76,10 @@ def main(argv: list[str] | None = None) -> None:
         "cells_per_s": round(final.get("cells_per_s", 0.0), 1), "tokens_per_s": round(final.get("tokens_per_s", 0.0)),
         "mlflow": summary["mlflow_tracking_uri"], "run": str(out / "run"), "bundle": str(bundle),
         "embedding": f"{report['out']} obsm['{report['key']}'] [{report['n_cells']}, {report['dim']}]",
-    }, indent=1))
+    }
+    print(json.dumps(record, indent=1))
+    if args.summary:
+        Path(args.summary).write_text(json.dumps(record, indent=1) + "\n")
 
 
 def _first_losses(path: Path) -> dict:

@@ -172,11 +172,12 @@ def train(config: TrainConfig, resume: str | None = None) -> dict:
 
     batches = _batches(loader)
     nan_streak, interval, last_saved, stopped = 0, config.model.favor_redraw_interval, step, False
+    redraw = config.model.attention == "favor" or (config.model.architecture == "encoder_decoder"
+                                                   and config.model.decoder.attention == "favor")
     while step < config.schedule.max_steps:
         chunks = [next(batches).to(device) for _ in range(config.deepspeed.chunks_per_step)]
         lr = engine.get_lr()[0]  # the rate this step uses (the scheduler moves on inside the step)
         started = time.perf_counter()
-        redraw = config.model.attention == "favor" or config.model.decoder.attention == "favor"
         redraw_seed = config.run.seed * 1_000_003 + step if redraw and interval and (step + 1) % interval == 0 else None
         result = train_step(engine, chunks, config.objectives, step_seed=config.run.seed * 1_000_003 + step,
                             redraw_seed=redraw_seed, poison=step + 1 in config.run.inject_nan_steps)

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_forward import CHUNK, _feature_block, _load_rows, _tile_rows, combine, pieces
+from .triton_forward import CHUNK, _feature_block, _load_rows, _row_tile, _tile_rows, combine, pieces
 
 
 @triton.jit
@@ -77,16 +77,10 @@ def _query_grad(q_ptr, g_ptr, o_ptr, den_ptr, w_ptr, s_ptr, z_ptr, tile_start_pt
                 dq_ptr, stride_qt, stride_qh, stride_gt, stride_gh, stride_ot, stride_oh, stride_dt, stride_dh,
                 n_heads, scale_in, eps, feat_scale, D: tl.constexpr, DV: tl.constexpr, BL: tl.constexpr,
                 BM: tl.constexpr, M_FEAT: tl.constexpr, PRECISION: tl.constexpr):
-    t = tl.program_id(0)
-    h = tl.program_id(1)
-    start = tl.load(tile_start_ptr + t)
-    n = tl.load(tile_len_ptr + t)
-    seq = tl.load(tile_seq_ptr + t).to(tl.int64)
-    rows, valid = _tile_rows(start, 0, n, BL)
+    h, seq, rows, valid, qt, half = _row_tile(q_ptr, tile_start_ptr, tile_len_ptr, tile_seq_ptr, stride_qt,
+                                                stride_qh, scale_in, D, BL)
     d = tl.arange(0, D)
     dv = tl.arange(0, DV)
-    qt = _load_rows(q_ptr, rows, valid, stride_qt, h * stride_qh, d) * scale_in
-    half = tl.sum(qt * qt, 1) * 0.5
     g = _load_rows(g_ptr, rows, valid, stride_gt, h * stride_gh, dv)
     o = _load_rows(o_ptr, rows, valid, stride_ot, h * stride_oh, dv)
     den = tl.load(den_ptr + rows * n_heads + h, mask=valid, other=1.0)
@@ -121,17 +115,11 @@ def _key_grad(k_ptr, v_ptr, w_ptr, ds_ptr, dz_ptr, mx_ptr, tile_start_ptr, tile_
               dk_ptr, dv_ptr, stride_kt, stride_kh, stride_vt, stride_vh, stride_dkt, stride_dkh, stride_dvt,
               stride_dvh, n_heads, scale_in, eps, feat_scale, D: tl.constexpr, DV: tl.constexpr, BL: tl.constexpr,
               BM: tl.constexpr, M_FEAT: tl.constexpr, PRECISION: tl.constexpr):
-    t = tl.program_id(0)
-    h = tl.program_id(1)
-    start = tl.load(tile_start_ptr + t)
-    n = tl.load(tile_len_ptr + t)
-    seq = tl.load(tile_seq_ptr + t).to(tl.int64)
-    rows, valid = _tile_rows(start, 0, n, BL)
+    h, seq, rows, valid, kt, half = _row_tile(k_ptr, tile_start_ptr, tile_len_ptr, tile_seq_ptr, stride_kt,
+                                                stride_kh, scale_in, D, BL)
     d = tl.arange(0, D)
     dv = tl.arange(0, DV)
-    kt = _load_rows(k_ptr, rows, valid, stride_kt, h * stride_kh, d) * scale_in
     vt = _load_rows(v_ptr, rows, valid, stride_vt, h * stride_vh, dv)
-    half = tl.sum(kt * kt, 1) * 0.5
     base = seq * n_heads + h
     big = tl.load(mx_ptr + base)
     dx = tl.zeros([BL, D], dtype=tl.float32)

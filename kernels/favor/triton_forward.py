@@ -46,6 +46,21 @@ def _load_rows(ptr, rows, valid, stride_t, head_offset, cols):
 
 
 @triton.jit
+def _row_tile(x_ptr, tile_start_ptr, tile_len_ptr, tile_seq_ptr, stride_t, stride_h, scale_in, D: tl.constexpr,
+                BL: tl.constexpr):
+    """The rows of this program's tile (program ids: tile, head) of a [T, H, D] tensor, scaled by
+    ``scale_in``: (head, sequence, rows [BL], valid [BL], x' [BL, D] fp32, |x'|^2 / 2 [BL])."""
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    start = tl.load(tile_start_ptr + t)
+    n = tl.load(tile_len_ptr + t)
+    seq = tl.load(tile_seq_ptr + t).to(tl.int64)
+    rows, valid = _tile_rows(start, 0, n, BL)
+    xt = _load_rows(x_ptr, rows, valid, stride_t, h * stride_h, tl.arange(0, D)) * scale_in
+    return h, seq, rows, valid, xt, tl.sum(xt * xt, 1) * 0.5
+
+
+@triton.jit
 def _key_state(k_ptr, v_ptr, w_ptr, chunk_start_ptr, chunk_len_ptr, s_ptr, z_ptr, mx_ptr, vsum_ptr,
                stride_kt, stride_kh, stride_vt, stride_vh, n_heads, n_fblocks, scale_in,
                D: tl.constexpr, DV: tl.constexpr, BL: tl.constexpr, BM: tl.constexpr, M_FEAT: tl.constexpr,
@@ -90,16 +105,10 @@ def _query_out(q_ptr, w_ptr, s_ptr, z_ptr, tile_start_ptr, tile_len_ptr, tile_se
                stride_qt, stride_qh, stride_ot, stride_oh, n_heads, scale_in, eps, feat_scale,
                D: tl.constexpr, DV: tl.constexpr, BL: tl.constexpr, BM: tl.constexpr, M_FEAT: tl.constexpr,
                PRECISION: tl.constexpr):
-    t = tl.program_id(0)
-    h = tl.program_id(1)
-    start = tl.load(tile_start_ptr + t)
-    n = tl.load(tile_len_ptr + t)
-    seq = tl.load(tile_seq_ptr + t).to(tl.int64)
-    rows, valid = _tile_rows(start, 0, n, BL)
+    h, seq, rows, valid, qt, half = _row_tile(q_ptr, tile_start_ptr, tile_len_ptr, tile_seq_ptr, stride_qt,
+                                                stride_qh, scale_in, D, BL)
     d = tl.arange(0, D)
     dv = tl.arange(0, DV)
-    qt = _load_rows(q_ptr, rows, valid, stride_qt, h * stride_qh, d) * scale_in
-    half = tl.sum(qt * qt, 1) * 0.5
     # one pass over the feature blocks: the sums are kept relative to each row's running max of
     # Wq' and rescaled when it grows (the eps term does not depend on it: added at the end)
     rmax = tl.full([BL], -float("inf"), tl.float32)

@@ -119,25 +119,26 @@ class CellModel(nn.Module):
             if hasattr(module, "redraw"):
                 module.redraw(generator)
 
-    def gene_slots(self, gene_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Row of each packed token in the full-gene-set layout ``[B * G]`` (G = every non-special
-        token, in token order): (slots [T], G)."""
+    def to_gene_set(self, x: torch.Tensor, gene_ids: torch.Tensor, cu_seqlens: torch.Tensor, gene_table: nn.Embedding,
+                    fill: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Packed token rows ``x`` [T, d] scattered into every cell's full gene set (G = every
+        non-special token, in token order); the other rows are ``gene_table(gene) + fill``.
+        -> (rows [B * G, d], slot of each token [T], cu_seqlens [B+1], G)"""
+        b = cu_seqlens.shape[0] - 1
         n_genes = self.config.vocab_size - self.n_special
-        return sequence_ids(cu_seqlens, gene_ids.shape[0]) * n_genes + (gene_ids - self.n_special), n_genes
+        slots = sequence_ids(cu_seqlens, gene_ids.shape[0]) * n_genes + (gene_ids - self.n_special)
+        all_genes = torch.arange(self.n_special, self.config.vocab_size, device=x.device)
+        dense = (gene_table(all_genes) + fill)[None].expand(b, n_genes, -1).reshape(b * n_genes, -1)
+        dense_cu = torch.arange(b + 1, device=x.device, dtype=torch.int32) * n_genes
+        return dense.index_put((slots,), x), slots, dense_cu, n_genes
 
     def encode(self, gene_ids, values, cu_seqlens, max_seqlen) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder over packed tokens: (gene-token states [T, d], cell embeddings [B, d])."""
         x = self.gene_embedding(gene_ids) + self.value_embedding(values)
         token_rows = None  # where each input token sits among the encoder's rows (None: in place)
         if self.config.gene_set == "all":  # scBERT: unexpressed genes too, with the zero-expression value
-            b = cu_seqlens.shape[0] - 1
-            token_rows, n_genes = self.gene_slots(gene_ids, cu_seqlens)
-            all_genes = torch.arange(self.n_special, self.config.vocab_size, device=x.device)
             zero = self.value_embedding(torch.zeros(1, dtype=values.dtype, device=x.device))
-            dense = (self.gene_embedding(all_genes) + zero)[None].expand(b, n_genes, -1).reshape(b * n_genes, -1)
-            x = dense.index_put((token_rows,), x)
-            cu_seqlens = torch.arange(b + 1, device=x.device, dtype=torch.int32) * n_genes
-            max_seqlen = n_genes
+            x, token_rows, cu_seqlens, max_seqlen = self.to_gene_set(x, gene_ids, cu_seqlens, self.gene_embedding, zero)
         x = self.drop(x)
         if self.cls is None:
             body, cells = self.encoder(x, cu_seqlens, max_seqlen), None
@@ -182,23 +183,16 @@ class CellModel(nn.Module):
                            labels=[head(cells) for head in self.label_heads], tokens=tokens)
 
     def _forward_encoder_decoder(self, batch: PackedBatch) -> ModelOutput:
-        c = self.config
         keep = ~batch.mlm_mask
         enc_cu, enc_max = compact(keep, batch.cu_seqlens)
         tokens, cells = self.encode(batch.gene_ids[keep], batch.values[keep], enc_cu, enc_max)
-        b = batch.n_seqs
-        n_genes = c.vocab_size - self.n_special
-        all_genes = torch.arange(self.n_special, c.vocab_size, device=cells.device)
         # every cell x every gene: gene embedding + (encoder output | mask | zero expression)
-        dec = (self.decoder_gene_embedding(all_genes) + self.decoder_zero)[None].expand(b, n_genes, -1)
-        dec = dec.reshape(b * n_genes, -1)
-        slot, _ = self.gene_slots(batch.gene_ids, batch.cu_seqlens)
         present = self.decoder_gene_embedding(batch.gene_ids)
         filled = torch.empty_like(present)
         filled[keep] = present[keep] + self.to_decoder(tokens)
         filled[~keep] = present[~keep] + self.decoder_mask
-        dec = dec.index_put((slot,), filled)
-        dec_cu = torch.arange(b + 1, device=cells.device, dtype=torch.int32) * n_genes
+        dec, slot, dec_cu, n_genes = self.to_gene_set(filled, batch.gene_ids, batch.cu_seqlens,
+                                                      self.decoder_gene_embedding, self.decoder_zero)
         out = self.decoder(self.drop(dec), dec_cu, n_genes)
         mlm = self.mlm_head(out[slot[batch.mlm_mask]]).squeeze(-1)
         return self._outputs(mlm, cells, None)
