@@ -270,17 +270,15 @@ def main() -> None:
     import numpy
     import scipy
 
-    result = {
-        "benchmark": "convert",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": cpu_device(),
-        "versions": {"python": platform.python_version(), "numpy": numpy.__version__, "scipy": scipy.__version__},
-        "target": ">= 20,000 cells/s per core end to end; near-linear scaling with workers",
-        "runs": runs,
-        "scaling_efficiency": scaling,
-        "machine_scaling": machine_scaling(max(args.workers)),
-        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-    }
+    result = result_record(
+        "convert",
+        device=cpu_device(),
+        versions={"python": platform.python_version(), "numpy": numpy.__version__, "scipy": scipy.__version__},
+        target=">= 20,000 cells/s per core end to end; near-linear scaling with workers",
+        runs=runs,
+        scaling_efficiency=scaling,
+        machine_scaling=machine_scaling(max(args.workers)),
+    )
     write_result(args.result, result)
 
 
@@ -290,6 +288,12 @@ def cpu_device() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in info.read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if info.exists() else platform.processor()
     return {"cpu": cpu, "cores": os.cpu_count(), "gpu": None, "platform": platform.platform()}
+
+
+def result_record(benchmark: str, **fields) -> dict:
+    """A results JSON's fields: the benchmark's name and date first, the command that made it last."""
+    return {"benchmark": benchmark, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **fields,
+            "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}
 
 
 def write_result(path: Path, result: dict) -> None:

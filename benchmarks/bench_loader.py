@@ -21,7 +21,6 @@ import os
 import platform
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_convert import DATA, cpu_device, real_inputs, synthetic_input, write_result  # noqa: E402
+from bench_convert import DATA, cpu_device, real_inputs, result_record, synthetic_input, write_result  # noqa: E402
 
 from data_pipeline.convert import convert  # noqa: E402
 from data_pipeline.epoch_plan import Batching, EpochPlan  # noqa: E402
@@ -171,16 +170,13 @@ def main() -> None:
 
     import torch
 
-    result = {
-        "benchmark": "loader",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": cpu_device(),
-        "versions": {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__},
-        "target": ">= 50,000 cells/s per worker core in log1p_cp10k-bins mode with masking; zero padding packed",
-        "batching": {"token_budget": batching.token_budget, "megabatch_cells": batching.megabatch_cells},
-        "runs": runs, "padding_waste": padding, "anndata_baseline": baseline,
-        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-    }
+    result = result_record(
+        "loader", device=cpu_device(),
+        versions={"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__},
+        target=">= 50,000 cells/s per worker core in log1p_cp10k-bins mode with masking; zero padding packed",
+        batching={"token_budget": batching.token_budget, "megabatch_cells": batching.megabatch_cells},
+        runs=runs, padding_waste=padding, anndata_baseline=baseline,
+    )
     write_result(args.result, result)
 
 
