@@ -83,7 +83,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_convert import cpu_device, write_result  # noqa: E402
+from common import cpu_device, write_result  # noqa: E402
 
 VOCAB, N_BINS, MASK_RATIO = 2000, 51, 0.15
 N_SPECIAL = 3  # <pad>, <cls>, <mask>: gene tokens are 3 .. VOCAB-1

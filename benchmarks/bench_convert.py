@@ -25,7 +25,6 @@ import shutil
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,6 +32,9 @@ sys.path.insert(0, str(REPO))
 
 from data_pipeline.convert import convert  # noqa: E402
 from data_pipeline.plan import ConvertOptions  # noqa: E402
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from common import cpu_device, result_record, write_result  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data" / "h5ad"
 REFUSED = "scdcc_10X_PBMC_top2000.h5ad"
@@ -280,26 +282,6 @@ def main() -> None:
         machine_scaling=machine_scaling(max(args.workers)),
     )
     write_result(args.result, result)
-
-
-def cpu_device() -> dict:
-    """This machine, as results JSONs record it."""
-    info = Path("/proc/cpuinfo")
-    cpu = next((line.split(":", 1)[1].strip() for line in info.read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if info.exists() else platform.processor()
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": None, "platform": platform.platform()}
-
-
-def result_record(benchmark: str, **fields) -> dict:
-    """A results JSON's fields: the benchmark's name and date first, the command that made it last."""
-    return {"benchmark": benchmark, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **fields,
-            "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}
-
-
-def write_result(path: Path, result: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

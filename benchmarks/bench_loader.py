@@ -29,7 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_convert import DATA, cpu_device, real_inputs, result_record, synthetic_input, write_result  # noqa: E402
+from bench_convert import DATA, real_inputs, synthetic_input  # noqa: E402
+from common import cpu_device, result_record, write_result  # noqa: E402
 
 from data_pipeline.convert import convert  # noqa: E402
 from data_pipeline.epoch_plan import Batching, EpochPlan  # noqa: E402
