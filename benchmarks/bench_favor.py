@@ -22,15 +22,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from common import RESULTS, device_record, device_slug, result_record, versions, write_result  # noqa: E402
 
 
 def _timer(device: str):
@@ -170,6 +171,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--tokens", type=int, default=65_536)
     ap.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 16906])
+    ap.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/favor_<device>.json; "
+                    "with --smoke, in $TMPDIR)")
     args = ap.parse_args()
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -190,21 +193,15 @@ def main() -> None:
     for length in args.lengths:
         rows += bench_length(length, args.tokens, h, d, m, projection, device, dtype, args.repeats, flash_attn_varlen_func)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu-interpreter-smoke"
-    result = {
-        "benchmark": "favor", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": name, "dtype": str(dtype), "heads": h, "head_dim": d, "features": m,
-        "matmul_tflops_bf16": matmul_rate(device, dtype, args.repeats),
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
-        "flop_counts": "favor fwd 8*T*H*m*D, bwd 16*T*H*m*D; softmax fwd 4*B*H*L^2*D, bwd 10*B*H*L^2*D",
-        "rows": rows, "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-    }
-    slug = "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
-    out = REPO / "benchmarks" / "results" / f"favor_{slug}.json"
-    if args.smoke:
+    result = result_record(
+        "favor", device=name, machine=device_record(), dtype=str(dtype), heads=h, head_dim=d, features=m,
+        matmul_tflops_bf16=matmul_rate(device, dtype, args.repeats), versions=versions("torch", "triton"),
+        flop_counts="favor fwd 8*T*H*m*D, bwd 16*T*H*m*D; softmax fwd 4*B*H*L^2*D, bwd 10*B*H*L^2*D", rows=rows)
+    out = args.out or RESULTS / f"favor_{device_slug()}.json"
+    if args.smoke and not args.out:
         out = Path(os.environ.get("TMPDIR", "/tmp")) / out.name
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    write_result(out, result)
     _plot(result, out.with_suffix(".png"))
-    print(f"wrote {out}", file=sys.stderr)
 
 
 def _plot(result: dict, path: Path) -> None:

@@ -44,7 +44,7 @@ def gene_tokens(var, vocab, source: str) -> tuple[np.ndarray, dict]:
     return tokens, report
 
 
-def _token_csr(x, tokens: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def token_csr(x, tokens: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Rows of counts ``x`` [n, n_vars] as CSR over tokens, ascending within a cell, duplicate
     genes summed: (indptr, genes, counts, total_counts)."""
     x = sp.csr_matrix(x)
@@ -61,38 +61,49 @@ def _token_csr(x, tokens: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.n
     return m.indptr.astype(np.int64), m.indices.astype(np.int64), m.data, totals
 
 
+def length_batches(indptr: np.ndarray, genes: np.ndarray, values: np.ndarray, token_budget: int, extra_tokens: int = 0,
+                   mlm_mask: np.ndarray | None = None, targets: np.ndarray | None = None):
+    """Normalized cells (CSR: ``indptr`` [n+1], ``genes`` / ``values`` [nnz]) as packed batches of
+    length-sorted cells, each within ``token_budget`` counting ``extra_tokens`` (a <cls>) per
+    cell; ``mlm_mask`` / ``targets`` [nnz] when positions are masked. Yields (cell indices [B],
+    `PackedBatch`)."""
+    lengths = np.diff(indptr)
+    order = np.argsort(lengths, kind="stable")
+    start = 0
+    while start < len(order):
+        stop, longest = start, 0
+        while stop < len(order):
+            longest = max(longest, lengths[order[stop]] + extra_tokens)
+            if stop > start and longest * (stop + 1 - start) > token_budget:
+                break
+            stop += 1
+        cells = order[start:stop]
+        parts = [np.arange(indptr[c], indptr[c + 1]) for c in cells]
+        index = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        cu = np.zeros(len(cells) + 1, np.int32)
+        cu[1:] = np.cumsum(lengths[cells])
+        n = len(index)
+        yield cells, PackedBatch(
+            gene_ids=torch.from_numpy(genes[index]), values=torch.from_numpy(values[index]),
+            cu_seqlens=torch.from_numpy(cu), max_seqlen=int(lengths[cells].max(initial=0)),
+            mlm_mask=torch.zeros(n, dtype=torch.bool) if mlm_mask is None else torch.from_numpy(mlm_mask[index]),
+            mlm_targets=torch.zeros(n) if targets is None else torch.from_numpy(targets[index]),
+            labels=torch.zeros(len(cells), 0, dtype=torch.long),
+            view_index=torch.arange(len(cells)), cell_index=torch.from_numpy(cells))
+        start = stop
+
+
 @torch.inference_mode()
 def embed_counts(model: CellModel, indptr, genes, counts, totals, token_budget: int = 16384, seed: int = 0,
                  device: str | torch.device = "cpu") -> np.ndarray:
     """Cell embeddings ``[n, d]`` (float32) of cells given as CSR over tokens, batched by length."""
     norm = normalize(model.normalization, indptr, genes, counts, totals, np.random.default_rng(seed))
-    lengths = np.diff(norm.indptr)
-    order = np.argsort(lengths, kind="stable")
+    out = np.zeros((len(norm.indptr) - 1, model.config.d_model), np.float32)
     extra = 1 if model.config.use_cls else 0
-    out = np.zeros((len(lengths), model.config.d_model), np.float32)
-    start = 0
-    while start < len(order):  # length-sorted cells, cut by a token budget
-        stop, longest = start, 0
-        while stop < len(order):
-            longest = max(longest, lengths[order[stop]] + extra)
-            if stop > start and longest * (stop + 1 - start) > token_budget:
-                break
-            stop += 1
-        cells = order[start:stop]
-        parts = [np.arange(norm.indptr[c], norm.indptr[c + 1]) for c in cells]
-        index = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-        cu = np.zeros(len(cells) + 1, np.int32)
-        cu[1:] = np.cumsum(lengths[cells])
-        n = len(index)
-        batch = PackedBatch(gene_ids=torch.from_numpy(norm.genes[index]), values=torch.from_numpy(norm.values[index]),
-                            cu_seqlens=torch.from_numpy(cu), max_seqlen=int(lengths[cells].max(initial=0)),
-                            mlm_mask=torch.zeros(n, dtype=torch.bool), mlm_targets=torch.zeros(n),
-                            labels=torch.zeros(len(cells), 0, dtype=torch.long),
-                            view_index=torch.arange(len(cells)), cell_index=torch.from_numpy(cells))
+    for cells, batch in length_batches(norm.indptr, norm.genes, norm.values, token_budget, extra):
         batch = batch.to(device)
         _, cell_states = model.encode(batch.gene_ids, batch.values, batch.cu_seqlens, batch.max_seqlen)
         out[cells] = cell_states.float().cpu().numpy()
-        start = stop
     return out
 
 
@@ -127,7 +138,7 @@ def embed_h5ad(model: CellModel, source: str | Path, out: str | Path, name: str 
         bar = tqdm(total=n, desc="embed", unit="cell")
     for a in range(0, n, chunk_cells):
         b = min(n, a + chunk_cells)
-        indptr, genes, counts, totals = _token_csr(matrix[a:b], tokens, model.config.vocab_size)
+        indptr, genes, counts, totals = token_csr(matrix[a:b], tokens, model.config.vocab_size)
         embedding[a:b] = embed_counts(model, indptr, genes, counts, totals, token_budget, seed=a, device=device)
         if bar is not None:
             bar.update(b - a)

@@ -1,0 +1,348 @@
+"""The README's "Performance" and "Quality" sections, generated from the committed result JSONs.
+
+    python benchmarks/report.py            # rewrite the generated blocks of README.md
+    python benchmarks/report.py --check    # exit 1 if README.md differs from what the JSONs give (a test runs this)
+
+Each generated block sits between ``<!-- report:NAME -->`` and ``<!-- /report:NAME -->``; the text
+around the blocks is written by hand. Every table names its file, device, date, versions and the
+command that reproduces it; nothing here is typed in by hand, so the README cannot drift from the
+measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+README = REPO / "README.md"
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+
+def load(name: str) -> dict | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def n(x, digits: int = 0) -> str:
+    """A number with thousands separators (``-`` for None)."""
+    if x is None:
+        return "-"
+    return f"{x:,.{digits}f}"
+
+
+def duration(hours: float) -> str:
+    seconds = hours * 3600
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{hours:,.1f} h"
+
+
+def device_text(device) -> str:
+    if isinstance(device, str):
+        return device
+    if device.get("gpu"):
+        return f"{device['gpu']} ({device.get('gpu_memory_gib', '?')} GiB)"
+    return f"{device.get('cpu', 'CPU')}, {device.get('cores', '?')} cores, no GPU"
+
+
+def source(name: str, result: dict, reproduce: str | None = None) -> str:
+    """The line that says where a table comes from."""
+    versions = ", ".join(f"{k} {v}" for k, v in (result.get("versions") or {}).items() if v)
+    date = result.get("date", "?")[:10]
+    text = f"From `benchmarks/results/{name}` ({device_text(result.get('device', '?'))}; {date}; {versions})."
+    return text + f" Reproduce: `{reproduce or 'python ' + result.get('command', '?')}`."
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# --- Quality ------------------------------------------------------------------------------------
+
+def _score(entry: dict, key: str) -> str:
+    s = entry[key]
+    return f"{s['mean']:.3f} ± {s['std']:.3f}"
+
+
+def quality() -> str:
+    r = load("eval.json")
+    if r is None:
+        return "No `benchmarks/results/eval.json` yet: run `python benchmarks/eval_embeddings.py`."
+    s = r["settings"]
+    out = [source("eval.json", r, "python benchmarks/eval_embeddings.py"), ""]
+    corpus = r["corpus"]
+    out.append(f"Pretraining corpus: {n(corpus['cells'])} real cells ({n(corpus['tokens'])} gene tokens) from "
+               f"{', '.join(corpus['files'])}; left out: "
+               + "; ".join(f"{k} ({v})" for k, v in corpus["excluded"].items() if v != "evaluation file") + ". "
+               f"Model `{s['config']}`, {s['steps_per_mix']} steps per objective mix, seed {s['seed']}, "
+               f"{r['device'].get('gpu') or 'CPU'}. Probes: {s['probe']}. PCA-50: {s['pca50']}. "
+               f"Random init: {s['random_init']}.")
+    out.append("")
+    reps = [("PCA-50", r["pca50"])] + [("random init", r["random_init"])] + [
+        (mix, entry["files"]) for mix, entry in r["mixes"].items()]
+    for name, meta in r["eval_files"].items():
+        out.append(f"**{name}** ({n(meta['cells'])} cells, {meta['classes']} classes of `{meta['label_key']}`"
+                   + (f", a random subset; {n(meta['cells_not_sampled'])} more not sampled" if meta["cells_not_sampled"]
+                      else "") + ")")
+        out.append("")
+        rows = []
+        for rep, scores in reps:
+            f = scores[name]
+            mlm = f.get("mlm")
+            acc = f"{mlm['masked_bin_accuracy']:.3f} (majority {mlm['majority_bin_accuracy']:.3f})" if mlm else "-"
+            rows.append([rep, _score(f, "knn_macro_f1"), _score(f, "logreg_macro_f1"), acc])
+        out.append(table(["representation", "kNN macro-F1", "logistic-regression macro-F1", "masked-bin accuracy"],
+                         rows))
+        out.append("")
+    v = r["verdicts"]
+    out.append(f"Pretrained beats its random-init twin on every file, mix and probe: "
+               f"**{'yes' if v['all_beat_random_init'] else 'no'}**.")
+    for mix, files in v.items():
+        if mix == "all_beat_random_init":
+            continue
+        lost = [f"{f} ({k.removesuffix('_beats_random_init')})" for f, row in files.items() for k, ok in row.items()
+                if k.endswith("beats_random_init") and not ok]
+        gaps = [row["knn_macro_f1_minus_pca50"] for row in files.values()] + \
+               [row["logreg_macro_f1_minus_pca50"] for row in files.values()]
+        out.append(f"- `{mix}`: " + (f"not above random init on {', '.join(lost)}; " if lost else
+                                     "above random init everywhere; ")
+                   + f"against PCA-50 the macro-F1 differs by {min(gaps):+.3f} to {max(gaps):+.3f}.")
+    out.append("")
+    out.append("![t-SNE of each representation, coloured by cell type](benchmarks/results/eval_embeddings.png)")
+    return "\n".join(out)
+
+
+# --- Performance --------------------------------------------------------------------------------
+
+def conversion() -> str:
+    r = load("convert.json")
+    if r is None:
+        return ""
+    names = {"real_replicated_gzip": "real, gzip h5ad", "real_replicated_plain": "real, plain h5ad",
+             "synthetic": "synthetic, 1M cells"}
+    rows = []
+    for run in r["runs"]:
+        scaling = r["scaling_efficiency"].get(f"{run['dataset']}/w{run['workers']}") \
+            if run["process"] == "shared" and run["vocab"].startswith("built") else None
+        rows.append([names.get(run["dataset"], run["dataset"]), run["vocab"], run["workers"], run["process"],
+                     n(run["cells_per_s"]), n(run["cells_per_s_per_worker"]), n(run["cells_per_cpu_s"]),
+                     f"{scaling:.2f}" if scaling is not None else ""])
+    return "\n".join([f"**Conversion.** {source('convert.json', r)}", "",
+                      table(["input", "vocabulary", "workers", "process", "cells/s", "cells/s per worker",
+                             "cells per CPU-second", "scaling (vs 1 worker)"], rows)])
+
+
+def loader() -> str:
+    r = load("loader.json")
+    if r is None:
+        return ""
+    rows = [[run["dataset"].replace("_replicated", ""), run["mode"].replace("+", " + "), run["workers"],
+             n(run["cells_per_s"]), f"{run['tokens_per_s'] / 1e6:.1f} M"] for run in r["runs"]]
+    waste = r["padding_waste"]["real_replicated"]
+    return "\n".join([f"**Loader.** {source('loader.json', r)} Token budget {n(r['batching']['token_budget'])}, "
+                      f"megabatches of {n(r['batching']['megabatch_cells'])} cells.", "",
+                      table(["cells", "mode", "workers", "cells/s", "tokens/s"], rows), "",
+                      f"Padding a `[B, max_len]` layout would carry on the real cells: "
+                      f"{waste['random_batches_padded']:.1%} with random batches of {waste['cells_per_batch']} cells, "
+                      f"{waste['length_grouped_padded']:.1%} with length-grouped batches; packed batches carry none."])
+
+
+def contrastive() -> str:
+    parts = []
+    for path in sorted(RESULTS.glob("contrastive_*.json")):
+        r = json.loads(path.read_text())
+        c = r["config"]
+        rows = []
+        for cmp in r["comparison"]:
+            cached = next(x for x in r["rows"] if x["mode"] == "cached" and x["batch_cells"] == cmp["batch_cells"])
+            plain = next((x for x in r["rows"] if x["mode"] == "uncached" and x["batch_cells"] == cmp["batch_cells"]), {})
+            rows.append([n(cmp["batch_cells"]), cached.get("n_chunks", "-"), n(cached.get("ms_per_cell"), 1),
+                         n(plain.get("ms_per_cell"), 1), n(cmp.get("time_per_cell_ratio"), 2),
+                         n((cached.get("step_peak_bytes") or 0) / 2**20),
+                         n((plain.get("step_peak_bytes") or 0) / 2**20) if plain else "-"])
+        m = c["model"]
+        parts.append("\n".join([
+            f"**Gradient-cached contrastive step.** {source(path.name, r)} Width {m['d_model']}, {m['layers']} layers, "
+            f"{m['attention']}, {c['genes_per_view']} genes per view, two views per cell, masked bins + InfoNCE, "
+            f"ZeRO-{c['zero_stage']}, {c['dtype']}; chunks of {c['chunk_cells']} cells; median step per configuration.",
+            "", table(["cells per batch", "chunks", "ms per cell, cached", "ms per cell, uncached", "time ratio",
+                       "step memory, cached (MiB)", "step memory, uncached (MiB)"], rows),
+            "", f"Largest batch that ran: cached {n(r['largest_batch_fits'].get('cached'))}, uncached "
+                f"{n(r['largest_batch_fits'].get('uncached'))} (first out of memory: cached "
+                f"{n(r['first_oom_batch'].get('cached'))}, uncached {n(r['first_oom_batch'].get('uncached'))})."]))
+    return "\n\n".join(parts)
+
+
+def demo() -> str:
+    r = load("demo_cpu.json")
+    if r is None:
+        return ""
+    first, last, t = r["first_losses"], r["final_losses"], r["seconds"]
+    losses = ", ".join(f"{k} {first[k]:.2f} → {last[k]:.2f}" for k in ("mlm", "contrastive", "label") if k in first)
+    return (f"**The demo.** From `benchmarks/results/demo_cpu.json` ({r['device']}; {r['date'][:10]}; "
+            f"`python {r['command']}`): {sum(t.values()):.0f} s in all, {t['pretrain']:.0f} s of it pretraining "
+            f"{r['steps']} steps ({n(r['cells_per_s'])} cells/s, {n(r['tokens_per_s'])} tokens/s over the last 20 "
+            f"steps); losses from the first step to the mean of the last 20: {losses}.")
+
+
+def gpu_status() -> str:
+    gpu = sorted(p.name for p in RESULTS.glob("*.json") if not p.stem.endswith("_cpu") and p.stem.split("_", 1)[0]
+                 in ("favor", "train", "contrastive", "gpu") and "_" in p.stem)
+    if gpu:
+        return "GPU result files: " + ", ".join(f"`{g}`" for g in gpu) + "."
+    return ("**No GPU numbers yet.** No GPU was available to this project so far; every number below is from a "
+            "2-core CPU VM. `python benchmarks/gpu_suite.py` on a GPU writes the FAVOR+ kernel, training "
+            "throughput (bf16, per preset, backend and batching mode, with MFU) and contrastive-memory results, "
+            "named by device; until then the GPU targets (≥ 40 % MFU for geneformer-10m and scgpt with packing; "
+            "the kernel's speed-ups) are unmeasured.")
+
+
+# published per-GPU training rates (A100, dense bf16 peak 312 TFLOP/s) that the issue anchors on
+ANCHORS = [("BioNeMo Geneformer-106M", "geneformer-10m", 20.0), ("scGPT", "scgpt", 24.0)]
+A100_PEAK = 312.0
+
+
+def anchors() -> str:
+    """Cells/s per GPU normalized by the GPU's peak, against the published anchors."""
+    from pretrain.metrics import PEAK_TFLOPS
+
+    rows = []
+    for path in _train_files("train"):
+        r = json.loads(path.read_text())
+        gpu = r["device"].get("gpu")
+        peak = next((v for k, v in PEAK_TFLOPS.items() if gpu and k in gpu), None)
+        for name, ours, rate in ANCHORS:
+            for row in r["rows"]:
+                if row["preset"] == ours and row["mode"] == "packed" and row.get("cells_per_s") and peak:
+                    rows.append([name, f"{rate / A100_PEAK * 1000:.1f}", f"{ours} / {row['backend']} on {gpu}",
+                                 f"{row['cells_per_s'] / peak * 1000:.1f}"])
+    if not rows:
+        return ("**Against published rates.** Anchors, in cells/s per PFLOP/s of dense bf16 peak (A100: 312 TFLOP/s): "
+                + "; ".join(f"{name} {rate:g} cells/s per A100 = {rate / A100_PEAK * 1000:.1f}" for name, rate in
+                            ((a, c) for a, _, c in ANCHORS))
+                + ". Ours on a GPU: not measured yet (the CPU rows above have no peak to normalize by).")
+    return "\n".join(["**Against published rates** (cells/s per PFLOP/s of dense bf16 peak; A100: 312 TFLOP/s).", "",
+                      table(["anchor", "anchor, per PFLOP/s", "ours", "ours, per PFLOP/s"], rows)])
+
+
+def performance() -> str:
+    blocks = [gpu_status(), training(), anchors(), scaling(), contrastive(), conversion(), loader(), demo()]
+    return "\n\n".join(b for b in blocks if b)
+
+
+def _train_files(kind: str) -> list[Path]:
+    """train_<device>.json (kind "train") or train_scaling_<device>.json (kind "scaling")."""
+    files = sorted(RESULTS.glob("train_*.json"))
+    return [f for f in files if f.stem.startswith("train_scaling_") == (kind == "scaling")]
+
+
+def training() -> str:
+    parts = []
+    for path in _train_files("train"):
+        r = json.loads(path.read_text())
+        st = r["settings"]
+        speedup = {(x["preset"], x["backend"]): x["speedup_vs_random_padded"] for x in r["speedups"]}
+        rows, skipped = [], []
+        for row in r["rows"]:
+            if row.get("skipped") or row.get("error") or row.get("oom"):
+                why = row.get("skipped") or ("out of memory" if row.get("oom") else row.get("error"))
+                skipped.append(f"{row['preset']} / {row['backend']} / {row['mode']}: {why}")
+                continue
+            gain = speedup.get((row["preset"], row["backend"]), {}).get(row["mode"])
+            rows.append([row["preset"], f"{row['d_model']} x {row['n_layers']}, {row['params'] / 1e6:.2f} M",
+                         row["backend"], row["mode"], n(row["cells_per_step"], 1), n(row["cells_per_s"], 1),
+                         n(row["tokens_per_s"]), f"{row['mfu']:.1%}" if row.get("mfu") is not None else "-",
+                         n(row["peak_memory_bytes"] / 2**20), f"{row['padding_waste']:.1%}",
+                         f"{gain:.2f}x" if gain else ("1.00x" if row["mode"] == "random_padded" else "-")])
+        lengths = st["length_source"]
+        pct = lengths.get("percentiles", {})
+        text = [f"**Training throughput.** {source(path.name, r)} "
+                + ("Presets shrunk for the CPU (width / " + f"{st['width_div']}, at most {st['max_layers']} layers, "
+                   f"at most {st['max_genes_cap']} genes per cell); " if st.get("shrunk") else "Full-size presets; ")
+                + f"{'bf16' if st['bf16'] else 'fp32'}, ZeRO-{st['zero_stage']}, token budget "
+                f"{n(st['token_budget'])} per step, {st['world_size']} rank(s), {st['threads_per_rank']} thread(s) per "
+                f"rank; {st['warmup_steps']} warm-up and {st['timed_steps']} timed steps per row; {st['loss']}. "
+                f"Cell lengths: {st['lengths']} ({n(lengths.get('n_cells'))} cells; median {n(pct.get('50'))}, "
+                f"90th percentile {n(pct.get('90'))}, max {n(pct.get('100'))} genes). Speed-up: cells/s against "
+                "random batches padded to their longest cell, at the same token budget.", "",
+                table(["preset", "shape (width x layers, params)", "attention", "batches", "cells/step", "cells/s",
+                       "tokens/s", "MFU", "peak memory (MiB)", "padding", "speed-up"], rows)]
+        if skipped:
+            text += ["", "Not measured: " + "; ".join(skipped) + "."]
+        parts.append("\n".join(text))
+    return "\n\n".join(parts)
+
+
+def scaling() -> str:
+    parts = []
+    for path in _train_files("scaling"):
+        r = json.loads(path.read_text())
+        sc = r["scaling"]
+        rows = [[run["world_size"], ", ".join(n(x, 1) for x in run["per_rank_cells_per_s"]),
+                 n(run["aggregate_cells_per_s"], 1), f"{run['efficiency']:.2f}"] for run in sc["runs"]]
+        parts.append("\n".join([
+            f"**Data-parallel scaling.** {source(path.name, r)} {sc['preset']} (shrunk as above), {sc['backend']}, "
+            f"{sc['mode']} batches, launched with `{sc['launcher']}`, {sc['threads_per_rank']} thread per rank on a "
+            f"{sc['cpu_count']}-core machine (more ranks than cores share them). Efficiency: {sc['efficiency']}.", "",
+            table(["ranks", "cells/s per rank", "aggregate cells/s", "efficiency"], rows)]))
+    for path in sorted(RESULTS.glob("projection_*.json")):
+        r = json.loads(path.read_text())
+        a = r["assumptions"]
+        rows = [[p["preset"] + (" (shrunk)" if p.get("shrunk") else ""), p["backend"], p["basis"], p["zero_stage"],
+                 n(p["cells_per_s_per_device"], 1), n(p["steps_per_epoch"]),
+                 f"{p['comm_s_per_step'] * 1e3:.2f}", f"{duration(p['epoch_hours_full_overlap'])} - {duration(p['epoch_hours_no_overlap'])}"]
+                for p in r["projections"]]
+        parts.append("\n".join([
+            f"**Projection: {a['cells_per_epoch'] / 1e6:.0f} M cells on {a['nodes']} nodes x {a['gpus_per_node']} "
+            f"devices.** From `benchmarks/results/{path.name}` (`python {r['command']}`), built on the measured "
+            f"per-device rate of `{r['measured_file']}` ({device_text(r['measured_device'])}, "
+            f"{r['measured_date'][:10]}); {a['inter_node_gbs']:g} GB/s per rank across nodes, {a['micro_steps']} "
+            "micro-step(s) per step; the ZeRO traffic model is in `benchmarks/README.md`. A projection, not a "
+            "measurement: it is only as good as the per-device rate it starts from. Rows whose basis is a target "
+            "show what the MFU target would give on full-size presets; they are not measured.", "",
+            table(["preset", "attention", "basis", "ZeRO", "cells/s per device", "steps per epoch",
+                   "communication per step (ms)", "time per epoch (full overlap - none)"], rows)]))
+    return "\n\n".join(parts)
+
+
+# --- README -------------------------------------------------------------------------------------
+
+BLOCKS = {"quality": quality, "performance": performance}
+
+
+def render(text: str) -> str:
+    for name, make in BLOCKS.items():
+        pattern = re.compile(rf"(<!-- report:{name} -->\n)(?:.*?\n)?(<!-- /report:{name} -->)", re.S)
+        if not pattern.search(text):
+            raise SystemExit(f"README.md has no <!-- report:{name} --> ... <!-- /report:{name} --> block")
+        body = make()
+        text = pattern.sub(lambda m, body=body: m.group(1) + body + "\n" + m.group(2), text)
+    return text
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="exit 1 if README.md is not what the JSONs give")
+    args = ap.parse_args()
+    current = README.read_text()
+    wanted = render(current)
+    if args.check:
+        if wanted != current:
+            sys.exit("README.md is out of date with benchmarks/results: run `python benchmarks/report.py`")
+        return
+    README.write_text(wanted)
+    print("README.md updated" if wanted != current else "README.md already up to date", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""The training-throughput benchmark stays runnable: its --smoke mode (two tiny presets on CPU, one
+warm-up and one timed step per row) measures all three batching modes on the same cells and writes
+its JSON with consistent throughput and padding figures."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MODES = {"random_padded", "grouped_padded", "packed"}
+
+
+def test_bench_train_smoke(tmp_path):
+    out = tmp_path / "train.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "benchmarks/bench_train.py", "--smoke", "--result", str(out)], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert {"benchmark", "date", "device", "versions", "settings", "rows", "speedups", "command"} <= set(result)
+    assert result["benchmark"] == "train"
+    settings = result["settings"]
+    assert settings["world_size"] == 1 and settings["shrunk"] and settings["lengths"] in ("real", "synthetic")
+
+    rows = result["rows"]
+    skipped = [row for row in rows if row["skipped"]]
+    measured = [row for row in rows if not row["skipped"]]
+    assert all(isinstance(row["skipped"], str) and row["skipped"] for row in skipped)
+    assert {row["backend"] for row in skipped} == {"flash"}  # flash-attn needs CUDA; every other row applies
+    for preset in ("geneformer-10m", "scgpt"):
+        for backend in ("sdpa", "favor"):
+            got = {row["mode"]: row for row in measured if (row["preset"], row["backend"]) == (preset, backend)}
+            assert set(got) == MODES, (preset, backend, sorted(got))
+            waste = {mode: got[mode]["padding_waste"] for mode in MODES}
+            assert waste["packed"] == 0
+            # the same cells: random batches pad more than length-sorted ones, which pad a little
+            assert waste["random_padded"] > waste["grouped_padded"] >= 0
+            if settings["lengths"] == "real":  # real cells' lengths spread widely (synthetic ones much less)
+                assert waste["random_padded"] > 0.3 and waste["grouped_padded"] < 0.05
+            # random_padded's fixed batch size fits the preset's longest cell into the budget
+            budget, longest = settings["token_budget"], got["random_padded"]["max_genes"] + (preset == "scgpt")
+            assert got["random_padded"]["cells_per_step"] == budget // longest
+            assert got["grouped_padded"]["cells_per_step"] >= got["random_padded"]["cells_per_step"]
+    for row in measured:
+        assert not row["oom"] and row["error"] is None and row["world_size"] == 1 and row["shrunk"]
+        for key in ("cells_per_s", "tokens_per_s", "median_step_s", "tflops", "loss"):
+            assert math.isfinite(row[key]) and row[key] > 0, (key, row)
+        assert row["tokens_per_s"] > row["cells_per_s"]
+        assert row["per_rank_cells_per_s"] == [row["cells_per_s"]] == [row["aggregate_cells_per_s"]]
+        assert row["mfu"] is None  # no peak known for a CPU
+        assert row["peak_memory_bytes"] > 0 and row["params"] > 0 and row["timed_steps"] == 1
+    speedups = {(s["preset"], s["backend"]): s for s in result["speedups"]}
+    assert set(speedups) == {(p, b) for p in ("geneformer-10m", "scgpt") for b in ("sdpa", "favor")}
+    for s in speedups.values():
+        assert set(s["speedup_vs_random_padded"]) == {"grouped_padded", "packed"}
+        assert all(v > 0 for v in s["speedup_vs_random_padded"].values())

@@ -1,0 +1,165 @@
+"""The evaluation benchmark's parts (probes, masked-bin accuracy, batching, verdicts) and one short
+end-to-end run on the real files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import eval_embeddings as ev  # noqa: E402
+
+from data_pipeline.normalize import Normalization  # noqa: E402
+from pretrain.config import ModelConfig  # noqa: E402
+from pretrain.embed import length_batches  # noqa: E402
+from pretrain.model import CellModel  # noqa: E402
+
+
+def test_probe_separates_clusters_and_not_noise():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.array(["a", "b", "c", "d"]), 60)
+    centers = rng.normal(size=(4, 16)) * 4
+    x = centers[np.searchsorted(["a", "b", "c", "d"], labels)] + rng.normal(size=(240, 16))
+    clear = ev.probe(x, labels)
+    noise = ev.probe(rng.normal(size=(240, 16)), labels)
+    for key in ("knn_macro_f1", "logreg_macro_f1"):
+        assert clear[key]["mean"] > 0.95 and len(clear[key]["folds"]) == ev.FOLDS
+        assert noise[key]["mean"] < 0.45  # chance is 0.25
+
+
+def test_length_batches_cover_every_cell_once_within_budget():
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(1, 90, 200)
+    indptr = np.concatenate([[0], np.cumsum(lengths)])
+    genes = rng.integers(3, 50, indptr[-1])
+    values = rng.integers(1, 7, indptr[-1])
+    mask = rng.random(indptr[-1]) < 0.2
+    seen = []
+    for cells, batch in length_batches(indptr, genes, values, 256, extra_tokens=1, mlm_mask=mask, targets=values):
+        seen += cells.tolist()
+        assert len(cells) == 1 or (batch.max_seqlen + 1) * len(cells) <= 256
+        for i, c in enumerate(cells):  # each sequence holds its own cell's tokens, in order
+            a, b = int(batch.cu_seqlens[i]), int(batch.cu_seqlens[i + 1])
+            assert batch.gene_ids[a:b].tolist() == genes[indptr[c]:indptr[c + 1]].tolist()
+            assert batch.mlm_mask[a:b].tolist() == mask[indptr[c]:indptr[c + 1]].tolist()
+    assert sorted(seen) == list(range(200))
+
+
+def _model(n_bins=7):
+    config = ModelConfig(vocab_size=60, d_model=32, n_layers=1, n_heads=2, favor_features=16, n_bins=n_bins,
+                         use_cls=False, pooling="mean", dropout=0.0)
+    torch.manual_seed(0)
+    model = CellModel(config).eval()
+    model.normalization = Normalization(mode="log1p_bins", n_bins=n_bins)
+    return model
+
+
+def _cells(rng, n=40):
+    lengths = rng.integers(5, 30, n)
+    indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    genes = np.concatenate([np.sort(rng.choice(np.arange(3, 60), k, replace=False)) for k in lengths])
+    counts = rng.integers(1, 20, indptr[-1]).astype(np.float64)
+    totals = np.array([counts[a:b].sum() for a, b in zip(indptr[:-1], indptr[1:])]) * 3
+    return indptr, genes, counts, totals
+
+
+def test_masked_bin_accuracy_counts_the_heads_argmax():
+    rng = np.random.default_rng(2)
+    model = _model()
+    csr = _cells(rng)
+    with torch.no_grad():  # a head that always says bin 3: accuracy = the share of masked targets in bin 3
+        last = model.mlm_head[-1]
+        last.weight.zero_()
+        last.bias.fill_(-10.0)
+        last.bias[3] = 10.0
+    out = ev.masked_bin_accuracy(model, csr, seed=5)
+    from data_pipeline.masking import Masking, apply_masking
+    from data_pipeline.normalize import normalize
+
+    rng = np.random.default_rng(5)
+    norm = normalize(model.normalization, *csr, rng)
+    _, mlm, targets = apply_masking(Masking(ratio=0.15), norm.indptr, norm.values, 7, (1, 7), rng)
+    assert out["masked_positions"] == int(mlm.sum())
+    assert out["masked_bin_accuracy"] == pytest.approx(float(np.mean(targets[mlm] == 3)))
+    assert out["majority_bin_accuracy"] == pytest.approx(float(np.max(np.bincount(targets[mlm])) / mlm.sum()))
+
+
+def test_verdicts_flag_every_loss_to_random_init():
+    def scores(knn, logreg, acc):
+        return {"knn_macro_f1": {"mean": knn}, "logreg_macro_f1": {"mean": logreg},
+                "mlm": {"masked_bin_accuracy": acc, "majority_bin_accuracy": 0.5}}
+
+    result = {"pca50": {"f": scores(0.8, 0.9, None)}, "random_init": {"f": scores(0.4, 0.5, 0.1)},
+              "mixes": {"good": {"files": {"f": scores(0.6, 0.7, 0.6)}},
+                        "bad": {"files": {"f": scores(0.3, 0.7, 0.6)}}}}
+    v = ev.verdicts(result)
+    assert v["good"]["f"]["knn_macro_f1_beats_random_init"] and v["good"]["f"]["knn_macro_f1_minus_pca50"] == -0.2
+    assert not v["bad"]["f"]["knn_macro_f1_beats_random_init"]
+    assert v["good"]["f"]["masked_bin_accuracy_beats_majority"]
+    assert v["all_beat_random_init"] is False
+
+
+def test_random_init_twin_is_the_trainers_initial_model(tmp_path):
+    """The twin has the weights `pretrain.train` starts from: manual_seed(seed), then the model."""
+    model = _model()
+    seed = 3
+    torch.manual_seed(seed)
+    start = CellModel(model.config, seed=seed)
+    torch.manual_seed(99)  # whatever the global RNG holds before, the twin is the same
+    from safetensors.torch import save_file
+
+    from pretrain.export import load_pretrained
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    trained = _model()
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(1.0)
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(bundle / "model.safetensors"))
+    _write_bundle_meta(bundle, trained)
+    twin = ev.random_init_twin(bundle, seed)
+    assert torch.equal(twin.gene_embedding.weight, start.gene_embedding.weight)
+    assert all(torch.equal(a, b) for a, b in zip(twin.state_dict().values(), start.state_dict().values()))
+    assert not torch.equal(load_pretrained(bundle).gene_embedding.weight, start.gene_embedding.weight)
+
+
+def _write_bundle_meta(bundle: Path, model: CellModel) -> None:
+    from dataclasses import asdict
+
+    from pretrain.export import BUNDLE_FORMAT, normalization_record
+
+    (bundle / "config.json").write_text(json.dumps({"bundle_format": BUNDLE_FORMAT, "model": asdict(model.config)}))
+    (bundle / "normalization.json").write_text(json.dumps(normalization_record(model.normalization)))
+    special = ["<pad>", "<cls>", "<mask>"]
+    rows = ["token_id\tensembl_id\tsymbol"] + [f"{i}\t{t}\t{t}" for i, t in enumerate(special)]
+    rows += [f"{i}\tENSG{i:011d}\tG{i}" for i in range(3, model.config.vocab_size)]
+    (bundle / "vocab.tsv").write_text("\n".join(rows) + "\n")
+
+
+def test_eval_embeddings_end_to_end(shared_data, tmp_path):
+    """A few steps of one mix on the real files: the JSON has every file and representation, the
+    probes and the figure; the verdicts are whatever they are after 3 steps."""
+    out = tmp_path / "eval.json"
+    r = subprocess.run([sys.executable, "benchmarks/eval_embeddings.py", "--steps", "3", "--mixes", "mlm",
+                        "--max-cells", "150", "--work", str(tmp_path / "work"), "--result", str(out),
+                        "--plot", str(tmp_path / "eval.png")], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["eval_files"]) == set(ev.EVAL_FILES)
+    assert result["corpus"]["cells"] > 5000 and result["mixes"]["mlm"]["train"]["steps"] == 3
+    for name in ev.EVAL_FILES:
+        assert result["eval_files"][name]["gene_coverage"]["count_fraction"] > 0.5
+        for rep in (result["pca50"][name], result["random_init"][name], result["mixes"]["mlm"]["files"][name]):
+            assert 0 <= rep["knn_macro_f1"]["mean"] <= 1 and len(rep["logreg_macro_f1"]["folds"]) == ev.FOLDS
+        assert result["pca50"][name]["knn_macro_f1"]["mean"] > 0.5  # real cell types are findable
+    assert isinstance(result["verdicts"]["all_beat_random_init"], bool)
+    assert (tmp_path / "eval.png").stat().st_size > 10_000
