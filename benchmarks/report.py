@@ -83,7 +83,7 @@ def quality() -> str:
     corpus = r["corpus"]
     out.append(f"Pretraining corpus: {n(corpus['cells'])} real cells ({n(corpus['tokens'])} gene tokens) from "
                f"{', '.join(corpus['files'])}; left out: "
-               + "; ".join(f"{k} ({v})" for k, v in corpus["excluded"].items() if v != "evaluation file") + ". "
+               + "; ".join(f"{k}: {v}" for k, v in corpus["excluded"].items() if v != "evaluation file") + ". "
                f"Model `{s['config']}`, {s['steps_per_mix']} steps per objective mix, seed {s['seed']}, "
                f"{r['device'].get('gpu') or 'CPU'}. Probes: {s['probe']}. PCA-50: {s['pca50']}. "
                f"Random init: {s['random_init']}.")
