@@ -252,11 +252,11 @@ def training() -> str:
         r = json.loads(path.read_text())
         st = r["settings"]
         speedup = {(x["preset"], x["backend"]): x["speedup_vs_random_padded"] for x in r["speedups"]}
-        rows, skipped = [], []
+        rows, skipped = [], {}
         for row in r["rows"]:
             if row.get("skipped") or row.get("error") or row.get("oom"):
                 why = row.get("skipped") or ("out of memory" if row.get("oom") else row.get("error"))
-                skipped.append(f"{row['preset']} / {row['backend']} / {row['mode']}: {why}")
+                skipped.setdefault(why, []).append(f"{row['preset']} / {row['backend']} / {row['mode']}")
                 continue
             gain = speedup.get((row["preset"], row["backend"]), {}).get(row["mode"])
             rows.append([row["preset"], f"{row['d_model']} x {row['n_layers']}, {row['params'] / 1e6:.2f} M",
@@ -278,7 +278,7 @@ def training() -> str:
                 table(["preset", "shape (width x layers, params)", "attention", "batches", "cells/step", "cells/s",
                        "tokens/s", "MFU", "peak memory (MiB)", "padding", "speed-up"], rows)]
         if skipped:
-            text += ["", "Not measured: " + "; ".join(skipped) + "."]
+            text += ["", "Not measured:"] + [f"- {', '.join(where)}: {why}." for why, where in skipped.items()]
         parts.append("\n".join(text))
     return "\n\n".join(parts)
 
@@ -298,10 +298,13 @@ def scaling() -> str:
     for path in sorted(RESULTS.glob("projection_*.json")):
         r = json.loads(path.read_text())
         a = r["assumptions"]
-        rows = [[p["preset"] + (" (shrunk)" if p.get("shrunk") else ""), p["backend"], p["basis"], p["zero_stage"],
-                 n(p["cells_per_s_per_device"], 1), n(p["steps_per_epoch"]),
-                 f"{p['comm_s_per_step'] * 1e3:.2f}", f"{duration(p['epoch_hours_full_overlap'])} - {duration(p['epoch_hours_no_overlap'])}"]
-                for p in r["projections"]]
+        grouped: dict[tuple, dict] = {}
+        for p in r["projections"]:  # one row per preset, backend and basis; a column per ZeRO stage
+            key = (p["preset"] + (" (shrunk)" if p.get("shrunk") else ""), p["backend"], p["basis"])
+            grouped.setdefault(key, {"rate": p["cells_per_s_per_device"], "steps": p["steps_per_epoch"]})[p["zero_stage"]] = (
+                f"{duration(p['epoch_hours_full_overlap'])} - {duration(p['epoch_hours_no_overlap'])}")
+        rows = [[*key, n(g["rate"], 1), n(g["steps"]), g.get(1, "-"), g.get(2, "-"), g.get(3, "-")]
+                for key, g in grouped.items()]
         parts.append("\n".join([
             f"**Projection: {a['cells_per_epoch'] / 1e6:.0f} M cells on {a['nodes']} nodes x {a['gpus_per_node']} "
             f"devices.** From `benchmarks/results/{path.name}` (`python {r['command']}`), built on the measured "
@@ -310,8 +313,8 @@ def scaling() -> str:
             "micro-step(s) per step; the ZeRO traffic model is in `benchmarks/README.md`. A projection, not a "
             "measurement: it is only as good as the per-device rate it starts from. Rows whose basis is a target "
             "show what the MFU target would give on full-size presets; they are not measured.", "",
-            table(["preset", "attention", "basis", "ZeRO", "cells/s per device", "steps per epoch",
-                   "communication per step (ms)", "time per epoch (full overlap - none)"], rows)]))
+            table(["preset", "attention", "basis", "cells/s per device", "steps per epoch",
+                   "epoch, ZeRO-1 (full overlap - none)", "ZeRO-2", "ZeRO-3"], rows)]))
     return "\n\n".join(parts)
 
 
