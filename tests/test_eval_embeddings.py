@@ -160,6 +160,7 @@ def test_eval_embeddings_end_to_end(shared_data, tmp_path):
         assert result["eval_files"][name]["gene_coverage"]["count_fraction"] > 0.5
         for rep in (result["pca50"][name], result["random_init"][name], result["mixes"]["mlm"]["files"][name]):
             assert 0 <= rep["knn_macro_f1"]["mean"] <= 1 and len(rep["logreg_macro_f1"]["folds"]) == ev.FOLDS
-        assert result["pca50"][name]["knn_macro_f1"]["mean"] > 0.5  # real cell types are findable
+        chance = 1 / result["eval_files"][name]["classes"]  # real cell types are findable in 150 cells
+        assert result["pca50"][name]["knn_macro_f1"]["mean"] > 2 * chance
     assert isinstance(result["verdicts"]["all_beat_random_init"], bool)
     assert (tmp_path / "eval.png").stat().st_size > 10_000
