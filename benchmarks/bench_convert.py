@@ -34,10 +34,8 @@ from data_pipeline.convert import convert  # noqa: E402
 from data_pipeline.plan import ConvertOptions  # noqa: E402
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-from common import cpu_device, result_record, write_result  # noqa: E402
+from common import NO_GENE_IDS, SHARED_H5AD, cpu_device, result_record, write_result  # noqa: E402
 
-SHARED = REPO.parent / "shared" / "data" / "h5ad"
-REFUSED = "scdcc_10X_PBMC_top2000.h5ad"
 DATA = REPO / "benchmarks" / "data"
 
 
@@ -49,7 +47,7 @@ def real_inputs(min_cells: int, compression: str | None) -> list[Path]:
     import h5py
     import scipy.sparse as sp
 
-    files = sorted(p for p in SHARED.glob("*.h5ad") if p.name != REFUSED)
+    files = sorted(p for p in SHARED_H5AD.glob("*.h5ad") if p.name != NO_GENE_IDS)
     if not files:
         return []
     total = 0

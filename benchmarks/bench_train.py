@@ -117,7 +117,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from common import RESULTS, device_record, device_slug, result_record, versions, write_result  # noqa: E402
+from common import (  # noqa: E402
+    NO_GENE_IDS,
+    RESULTS,
+    SHARED_H5AD,
+    device_record,
+    device_slug,
+    result_record,
+    versions,
+    write_result,
+)
 
 # torch (and what imports it) is imported inside functions: `main` hides the GPUs for --device cpu
 # before torch first looks for them (`init_distributed` takes CUDA wherever torch sees it)
@@ -128,8 +137,6 @@ PRESET_NAMES = ("scbert", "geneformer-10m", "celllm", "scgpt", "scfoundation")
 MASK_RATIO = 0.15
 N_SPECIAL = 3  # <pad> = 0, <cls> = 1, <mask> = 2; gene tokens are 3 .. vocab_size - 1
 PAD, CLS, MASK = 0, 1, 2
-DATA = REPO.parent / "shared" / "data" / "h5ad"
-NO_GENE_IDS = "scdcc_10X_PBMC_top2000.h5ad"
 SYNTHETIC_CELLS = 4096
 # defaults per device (what the user leaves out)
 GPU_DEFAULTS = {"token_budget": 65536, "warmup": 3, "timed": 10, "backends": list(BACKENDS), "n_genes": 20000,
@@ -164,7 +171,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known GPUs' dense bf16 peak)")
     ap.add_argument("--threads", type=int, help="CPU: torch threads per rank (default 1; see the docstring)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--data", type=Path, default=DATA, help="folder of .h5ad files for the length distribution")
+    ap.add_argument("--data", type=Path, default=SHARED_H5AD, help="folder of .h5ad files for the length distribution")
     ap.add_argument("--lengths-file", type=Path, help="a .npy of genes per cell: the length distribution "
                     "(instead of --data; e.g. where ../shared/data is not at hand)")
     ap.add_argument("--smoke", action="store_true", help="two tiny presets, 1 + 1 steps on CPU: checks the script")

@@ -39,14 +39,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from common import RESULTS, device_record, result_record, versions, write_result  # noqa: E402
+from common import NO_GENE_IDS, RESULTS, SHARED_H5AD, device_record, result_record, versions, write_result  # noqa: E402
 
-SHARED = REPO.parent / "shared" / "data" / "h5ad"
 CONFIG = REPO / "benchmarks" / "configs" / "eval.yaml"
 PRETRAIN_FILES = ["mudan_pbmcA", "asurat_pbmc4k_subset", "pisces_pbmc1k", "celltypist_sample559", "copykat_tumor302",
                   "cider_baron_pancreas350"]
 EXCLUDED = {"harmony_kang_ctrl_stim": "shares cells with muscat_kang_se (an evaluation file)",
-            "scdcc_10X_PBMC_top2000": "no gene identifiers",
+            NO_GENE_IDS.removesuffix(".h5ad"): "no gene identifiers",
             "mudan_zheng_sorted_ref": "evaluation file", "scminer_pbmc14k_derived": "evaluation file",
             "muscat_kang_se": "evaluation file"}
 EVAL_FILES = {"mudan_zheng_sorted_ref": "cell_type", "scminer_pbmc14k_derived": "cell_type", "muscat_kang_se": "cluster_id"}
@@ -66,7 +65,7 @@ def build_corpus(work: Path) -> Path:
 
     corpus = work / "corpus"
     if not (corpus / "manifest.json").exists():
-        inputs = [str(SHARED / f"{name}.h5ad") for name in PRETRAIN_FILES]
+        inputs = [str(SHARED_H5AD / f"{name}.h5ad") for name in PRETRAIN_FILES]
         convert(corpus, ConvertOptions(inputs, label_columns=[LABEL_COLUMN]), workers=2, progress=False)
     return corpus
 
@@ -98,7 +97,7 @@ class EvalFile:
         import anndata
         import scipy.sparse as sp
 
-        adata = anndata.read_h5ad(SHARED / f"{name}.h5ad")
+        adata = anndata.read_h5ad(SHARED_H5AD / f"{name}.h5ad")
         labels = adata.obs[label_key].astype(str).to_numpy()
         known = (adata.obs[label_key].notna().to_numpy()) & (labels != "nan")
         classes, counts = np.unique(labels[known], return_counts=True)
@@ -145,14 +144,15 @@ def masked_bin_accuracy(model, csr, seed: int = 0) -> dict:
     80 % mask token / 10 % random bin / 10 % kept), against the file's most frequent masked bin."""
     import torch
 
-    from data_pipeline.masking import Masking, apply_masking
+    from data_pipeline.masking import Masking, mask_for_mode
     from data_pipeline.normalize import normalize
     from pretrain.embed import length_batches
 
     rng = np.random.default_rng(seed)
     norm = normalize(model.normalization, *csr, rng)
-    n_bins = model.normalization.n_bins
-    values, mlm, targets = apply_masking(Masking(ratio=0.15), norm.indptr, norm.values, n_bins, (1, n_bins), rng)
+    _, values, mlm, targets = mask_for_mode(Masking(ratio=0.15), model.normalization.mode, model.normalization.n_bins,
+                                            norm.indptr, norm.genes, norm.values, model.config.mask_token,
+                                            (model.n_special, model.config.vocab_size), rng)
     right = total = 0
     with torch.inference_mode():
         for _, batch in length_batches(norm.indptr, norm.genes, values, 16384, int(model.config.use_cls), mlm, targets):
@@ -186,16 +186,13 @@ def probe(x: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict:
 
 
 def random_init_twin(bundle: Path, seed: int):
-    """The bundle's model with the weights the trainer started from (`pretrain.train`: manual
-    seed, then the model), with its normalization and vocabulary."""
-    import torch
-
+    """The bundle's model with the weights its training run started from (`CellModel.initial`, as
+    `pretrain.train` builds it), with its normalization and vocabulary."""
     from pretrain.export import load_pretrained
     from pretrain.model import CellModel
 
     model = load_pretrained(bundle)
-    torch.manual_seed(seed)
-    model.load_state_dict(CellModel(model.config, seed=seed).state_dict())
+    model.load_state_dict(CellModel.initial(model.config, seed).state_dict())
     return model.eval()
 
 
@@ -267,8 +264,8 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, default=RESULTS / "eval_embeddings.png")
     parser.add_argument("overrides", nargs="*", help="extra pretraining overrides, key.sub=value")
     args = parser.parse_args()
-    if not SHARED.is_dir():
-        sys.exit(f"{SHARED} is not here: this evaluation needs the real data folder beside the checkout")
+    if not SHARED_H5AD.is_dir():
+        sys.exit(f"{SHARED_H5AD} is not here: this evaluation needs the real data folder beside the checkout")
     mixes = [m.strip() for m in args.mixes.split(",") if m.strip()]
     unknown = sorted(set(mixes) - set(MIXES))
     if unknown:

@@ -18,10 +18,11 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "benchmarks" / "results"
 README = REPO / "README.md"
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
+
+from common import RESULTS  # noqa: E402
 
 
 def load(name: str) -> dict | None:

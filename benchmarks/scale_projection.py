@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from common import RESULTS, result_record, write_result  # noqa: E402
+from common import RESULTS, SHARED_H5AD, result_record, write_result  # noqa: E402
 
 
 def traffic_bytes(stage: int, params: int, world: int, micro_steps: int, bytes_per_value: int = 2) -> float:
@@ -74,15 +74,14 @@ def target_rows(presets: list[str], mfu: float, peak_tflops: float, token_budget
     from pretrain.model.flops import model_cost
     from pretrain.model.presets import preset
 
-    lengths, where = length_distribution(REPO.parent / "shared" / "data" / "h5ad")
+    lengths, where = length_distribution(SHARED_H5AD)
     rows = []
     for name in presets:
         p = preset(name, vocab_size=vocab_genes + 3)
         capped = np.minimum(lengths, p.max_genes) if p.max_genes else lengths
-        seq = capped + int(p.model.use_cls) if p.model.gene_set == "expressed" else capped
         flops_per_cell = useful_flops(p.model, capped) / len(capped)
         cells_per_step = token_budget / float(np.mean(cell_cost(p.model, vocab_genes, capped)))
-        rows.append({"preset": name, "backend": p.model.attention, "params": model_cost(p.model, float(seq.mean())).params,
+        rows.append({"preset": name, "backend": p.model.attention, "params": model_cost(p.model, 1.0).params,
                      "cells_per_step": cells_per_step, "cells_per_s": mfu * peak_tflops * 1e12 / flops_per_cell,
                      "flops_per_cell": flops_per_cell, "lengths": where["kind"], "shrunk": False})
     return rows

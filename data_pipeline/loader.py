@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .batch import PackedBatch
 from .epoch_plan import Batching, BlockTable, EpochPlan, worker_skip
-from .masking import Masking, Views, apply_masking, make_views
+from .masking import Masking, Views, make_views, mask_for_mode
 from .normalize import Normalization, normalize
 from .shards import read_block
 
@@ -244,15 +244,9 @@ def _megabatch_batches(spec: _Spec, plan: EpochPlan, m, reader: _BlockReader, fi
     norm = normalize(spec.normalization, indptr, genes, counts, totals, rng)
     values, genes = norm.values, norm.genes
     if spec.masking is not None:
-        if spec.normalization.mode == "rank":  # Geneformer: the gene is what is masked and predicted
-            genes, mlm, targets = apply_masking(spec.masking, norm.indptr, genes, spec.mask_token,
-                                                (spec.n_special, spec.vocab_size), rng)
-        elif spec.normalization.mode == "continuous":
-            values, mlm, targets = apply_masking(spec.masking, norm.indptr, values, -1.0,
-                                                 (0.0, float(values.max(initial=1.0))), rng)
-        else:
-            values, mlm, targets = apply_masking(spec.masking, norm.indptr, values, spec.normalization.n_bins,
-                                                 (1, spec.normalization.n_bins), rng)
+        genes, values, mlm, targets = mask_for_mode(spec.masking, spec.normalization.mode, spec.normalization.n_bins,
+                                                    norm.indptr, genes, values, spec.mask_token,
+                                                    (spec.n_special, spec.vocab_size), rng)
     else:
         mlm = np.zeros(len(genes), bool)
         targets = np.zeros_like(values)

@@ -72,6 +72,21 @@ def apply_masking(masking: Masking, indptr, inputs: np.ndarray, mask_id, random_
     return out, mlm, targets
 
 
+def mask_for_mode(masking: Masking, mode: str, n_bins: int, indptr, genes: np.ndarray, values: np.ndarray,
+                  mask_token: int, gene_tokens: tuple[int, int], rng: np.random.Generator):
+    """Masked expression in each normalization ``mode``'s convention: rank mode masks and predicts
+    the gene token (Geneformer; random draws from ``gene_tokens = (first, end)``); continuous masks
+    the value with -1; bins mask with the extra bin ``n_bins`` and draw random bins in [1, n_bins).
+    -> (genes, values, mlm_mask, targets), inputs after masking."""
+    if mode == "rank":
+        genes, mlm, targets = apply_masking(masking, indptr, genes, mask_token, gene_tokens, rng)
+    elif mode == "continuous":
+        values, mlm, targets = apply_masking(masking, indptr, values, -1.0, (0.0, float(values.max(initial=1.0))), rng)
+    else:
+        values, mlm, targets = apply_masking(masking, indptr, values, n_bins, (1, n_bins), rng)
+    return genes, values, mlm, targets
+
+
 def make_views(views: Views, indptr, genes, counts, total_counts, rng: np.random.Generator):
     """Two views of each cell, interleaved (view 0 of cell i is row 2i, view 1 is 2i+1): CSR
     ``(indptr [2n+1], genes, counts, total_counts [2n])`` of raw counts. Integer counts are

@@ -144,8 +144,7 @@ def train(config: TrainConfig, resume: str | None = None) -> dict:
     if rank == 0:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(config), sort_keys=False))
     vocab = read_vocab(Path(config.data.corpus) / "vocab.tsv")
-    torch.manual_seed(config.run.seed)
-    model = CellModel(config.model, vocab=(vocab.ensembl_ids, vocab.symbols), seed=config.run.seed)
+    model = CellModel.initial(config.model, config.run.seed, vocab=(vocab.ensembl_ids, vocab.symbols))
     module = PretrainModule(model, config.objectives)
     engine, bf16 = build_engine(config, module, device)
 

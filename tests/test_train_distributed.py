@@ -186,13 +186,12 @@ print(json.dumps({"blocked": blocked, "shape": list(x.shape), "finite": bool(np.
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_stage_bundle_loads_and_embeds_without_deepspeed(stage, corpus, run_a, bundle_a3, tmp_path):
-    if stage == 2:
-        run = run_a  # the 8-step ZeRO-2 run; its first 3 steps are the others' whole run
-    else:
-        run = tmp_path / "run"
-        run_pretrain(overrides(corpus, run, "schedule.max_steps=3", "run.checkpoint_every=0",
-                               f"deepspeed.zero_stage={stage}"), ranks=2)
-        assert complete_steps(run) == [3]
+    # a fresh 3-step run at every stage, ZeRO-2 included: compared with the first 3 steps of the
+    # 8-step ZeRO-2 run (run_a), whose checkpoint at step 3 is bundle_a3
+    run = tmp_path / "run"
+    run_pretrain(overrides(corpus, run, "schedule.max_steps=3", "run.checkpoint_every=0",
+                           f"deepspeed.zero_stage={stage}"), ranks=2)
+    assert complete_steps(run) == [3]
     bundle = export(run / "checkpoints" / "step-00000003", tmp_path / "bundle")
     assert {p.name for p in bundle.iterdir()} >= {"model.safetensors", "config.json", "vocab.tsv",
                                                   "normalization.json", "README.md"}

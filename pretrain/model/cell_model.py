@@ -79,6 +79,13 @@ class CellModel(nn.Module):
         self.apply(self._init)
         self.redraw_projections(torch.Generator().manual_seed(seed))
 
+    @classmethod
+    def initial(cls, config: ModelConfig, seed: int, vocab: tuple[list[str], list[str]] | None = None) -> CellModel:
+        """The model a training run starts from: torch's global RNG seeded with ``seed``, then the
+        model built (so the same seed gives the same weights whatever ran before)."""
+        torch.manual_seed(seed)
+        return cls(config, vocab=vocab, seed=seed)
+
     @staticmethod
     def _init(module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
