@@ -9,11 +9,12 @@ while saving resumes from the previous checkpoint.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch.distributed as dist
+
+from data_pipeline.fsio import atomic_write_with
 
 MARKER = "COMPLETE"
 
@@ -29,12 +30,7 @@ def save(engine, run_dir: Path, step: int, client_state: dict, keep: int) -> Pat
     engine.save_checkpoint(str(folder), tag=tag, client_state=client_state, save_latest=False)
     dist.barrier()
     if dist.get_rank() == 0:
-        marker = folder / tag / MARKER
-        tmp = marker.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"step": step}))
-        with open(tmp) as fh:
-            os.fsync(fh.fileno())
-        tmp.rename(marker)
+        atomic_write_with(folder / tag / MARKER, lambda fh: fh.write(json.dumps({"step": step}).encode()))
         for old in complete_checkpoints(run_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()

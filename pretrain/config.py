@@ -109,15 +109,6 @@ class ObjectiveConfig:
                                  "recompute each with its cached embedding gradient", True)
 
 
-def config_fields(cls) -> list[tuple[str, object, str]]:
-    """``(name, default, help)`` of a config dataclass, for documentation and the CLI."""
-    out = []
-    for f in fields(cls):
-        default = f.default_factory() if callable(f.default_factory) else f.default
-        out.append((f.name, default, f.metadata.get("help", "")))
-    return out
-
-
 @dataclass
 class DataConfig:
     """The corpus and how the loader turns it into batches."""
@@ -307,10 +298,6 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConf
         base = {"model": asdict(chosen.model),
                 "data": {"normalization": chosen.normalization, "max_genes": chosen.max_genes}}
     return from_dict(TrainConfig, _merge(base, raw)).validate()
-
-
-def to_dict(config) -> dict:
-    return asdict(config)
 
 
 _NESTED = {"DecoderConfig": DecoderConfig, "DataConfig": DataConfig, "ModelConfig": ModelConfig,

@@ -51,7 +51,7 @@ def flash(q, k, v, cu_seqlens, max_seqlen, projection=None):
 def sdpa(q, k, v, cu_seqlens, max_seqlen, projection=None):
     """Exact softmax attention on the padded layout ``[B, H, L, D]``.  -> [T, H, D]"""
     b = cu_seqlens.shape[0] - 1
-    seq, pos = padding_index(cu_seqlens)
+    seq, pos = padding_index(cu_seqlens, q.shape[0])
     h = q.shape[1]
 
     def pad(x):

@@ -30,9 +30,6 @@ class ModelCost:
     flops_per_cell: float   # training (forward + backward)
     flops_per_token: float  # per input (expressed) gene token
 
-    def as_dict(self) -> dict:
-        return {"params": self.params, "flops_per_cell": self.flops_per_cell, "flops_per_token": self.flops_per_token}
-
 
 def _linear(i: int, o: int) -> int:
     return i * o + o

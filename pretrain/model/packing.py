@@ -11,9 +11,9 @@ def sequence_ids(cu_seqlens: torch.Tensor, n_tokens: int) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths, output_size=n_tokens)
 
 
-def padding_index(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(seq, pos)`` of every packed token: its sequence and its position in it.  [T], [T]"""
-    n_tokens = int(cu_seqlens[-1])
+def padding_index(cu_seqlens: torch.Tensor, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(seq, pos)`` of every packed token: its sequence and its position in it.  [T], [T]
+    (``n_tokens`` = T, from the caller's tensors: reading ``cu_seqlens[-1]`` would wait for the device)"""
     seq = sequence_ids(cu_seqlens, n_tokens)
     pos = torch.arange(n_tokens, device=cu_seqlens.device) - cu_seqlens[:-1].long()[seq]
     return seq, pos

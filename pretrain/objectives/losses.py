@@ -29,18 +29,19 @@ def mlm_loss_sum(prediction: torch.Tensor, batch: PackedBatch, value_mode: str) 
     return loss, int(targets.shape[0])
 
 
-def label_loss_sum(logits: list[torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(sum of cross-entropies over known labels, number of known labels).  logits: per label
-    column [B, n_classes]; labels [B, n_columns] (-1 unknown)."""
+def label_loss_sum(logits: list[torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of cross-entropies over known labels, number of known labels as a 0-d tensor, so that
+    the training step, which counts labels itself, does not wait for the device).  logits: per
+    label column [B, n_classes]; labels [B, n_columns] (-1 unknown)."""
     total = labels.new_zeros((), dtype=torch.float32)
-    count = 0
+    count = labels.new_zeros(())
     for column, column_logits in enumerate(logits):
         target = labels[:, column]
         known = target >= 0
         # the sum over no known labels is still a function of the head, so that every rank's
         # backward reaches the same parameters (ZeRO reduces gradients in buckets that must match)
         total = total + F.cross_entropy(column_logits[known].float(), target[known], reduction="sum")
-        count += int(known.sum())
+        count = count + known.sum()
     return total, count
 
 
