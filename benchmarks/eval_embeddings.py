@@ -1,6 +1,6 @@
 """Does pretraining learn anything? Cell-type probes of the embeddings on held-out real files.
 
-    python benchmarks/eval_embeddings.py                 # ~60 min on 2 CPU cores (3 mixes x 250 steps)
+    python benchmarks/eval_embeddings.py                 # ~90 min on 2 CPU cores (3 mixes x 250 steps)
     python benchmarks/eval_embeddings.py --steps 20 --mixes mlm --result /tmp/eval.json   # a try-out
 
 Needs the real data beside the checkout (``../shared/data/h5ad``); exits with a message when it is
@@ -26,6 +26,7 @@ random-init twin and each mix, coloured by cell type.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -87,6 +88,13 @@ def pretrain(corpus: Path, run: Path, mix: str, steps: int, extra: list[str]) ->
             "last_losses": {k: round(summary["final"][k], 4) for k in keys if k in summary["final"]},
             "cells_per_s": round(summary["final"].get("cells_per_s", 0.0), 1),
             "overrides": MIXES[mix] + extra}
+
+
+def run_name(mix: str, steps: int, seed: int, extra: list[str]) -> str:
+    """The run folder of one mix: a rerun resumes or reuses it only when it was trained from the same
+    config file and overrides (their digest is in the name), never a stale run of an edited config."""
+    digest = hashlib.sha256(json.dumps([CONFIG.read_text(), MIXES[mix], extra, steps]).encode()).hexdigest()[:10]
+    return f"{mix}-{steps}-seed{seed}-{digest}"
 
 
 class EvalFile:
@@ -286,7 +294,7 @@ def main() -> None:
     coverage = {}
     extra = [*args.overrides, f"run.seed={args.seed}"]
     for i, mix in enumerate(mixes):
-        run = args.work / "runs" / f"{mix}-{args.steps}-seed{args.seed}"
+        run = args.work / "runs" / run_name(mix, args.steps, args.seed, extra)
         train = pretrain(corpus, run, mix, args.steps, extra)
         bundle = export_bundle(run, run / "bundle")
         models = {mix: load_pretrained(bundle)}

@@ -17,6 +17,8 @@ import re
 import sys
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
 sys.path.insert(0, str(REPO))
@@ -82,10 +84,11 @@ def quality() -> str:
     s = r["settings"]
     out = [source("eval.json", r, "python benchmarks/eval_embeddings.py"), ""]
     corpus = r["corpus"]
+    normalization = yaml.safe_load(s["config_text"])["data"]["normalization"]
     out.append(f"Pretraining corpus: {n(corpus['cells'])} real cells ({n(corpus['tokens'])} gene tokens) from "
                f"{', '.join(corpus['files'])}; left out: "
                + "; ".join(f"{k}: {v}" for k, v in corpus["excluded"].items() if v != "evaluation file") + ". "
-               f"Model `{s['config']}`, {s['steps_per_mix']} steps per objective mix, seed {s['seed']}, "
+               f"Model `{s['config']}` ({normalization} input), {s['steps_per_mix']} steps per objective mix, seed {s['seed']}, "
                f"{r['device'].get('gpu') or 'CPU'}. Probes: {s['probe']}. PCA-50: {s['pca50']}. "
                f"Random init: {s['random_init']}.")
     out.append("")

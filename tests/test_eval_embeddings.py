@@ -107,6 +107,21 @@ def test_verdicts_flag_every_loss_to_random_init():
     assert v["all_beat_random_init"] is False
 
 
+def test_run_folder_changes_with_the_config_and_overrides(tmp_path, monkeypatch):
+    """A rerun reuses a finished mix only when it was trained from the same config and overrides:
+    editing the config file, an override, the steps or the mix gives a new folder."""
+    config = tmp_path / "eval.yaml"
+    config.write_text("data:\n  normalization: quantile_bins\n")
+    monkeypatch.setattr(ev, "CONFIG", config)
+    base = ev.run_name("mlm", 250, 0, ["run.seed=0"])
+    assert base.startswith("mlm-250-seed0-") and base == ev.run_name("mlm", 250, 0, ["run.seed=0"])
+    others = {ev.run_name("mlm", 250, 0, ["run.seed=0", "optimizer.lr=3e-3"]), ev.run_name("mlm", 251, 0, ["run.seed=0"]),
+              ev.run_name("mlm+contrastive", 250, 0, ["run.seed=0"])}
+    config.write_text("data:\n  normalization: log1p_bins\n")
+    others.add(ev.run_name("mlm", 250, 0, ["run.seed=0"]))
+    assert base not in others and len(others) == 4
+
+
 def test_random_init_twin_is_the_trainers_initial_model(tmp_path):
     """The twin has the weights `pretrain.train` starts from (`CellModel.initial`), whatever the
     global RNG held before."""

@@ -72,8 +72,12 @@ class _BlockedInfoNCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, scale, block):
         n = a.shape[0]
-        row_lse = torch.cat([torch.logsumexp(scale * a[i : i + block] @ b.T, dim=1) for i in range(0, n, block)])
-        col_lse = torch.cat([torch.logsumexp(scale * b[i : i + block] @ a.T, dim=1) for i in range(0, n, block)])
+        row_lse = torch.empty(n, dtype=a.dtype, device=a.device)
+        col_lse = torch.full((n,), -torch.inf, dtype=a.dtype, device=a.device)
+        for i in range(0, n, block):  # one pass over the logits: the column sums accumulate across row blocks
+            logits = scale * a[i : i + block] @ b.T  # [block, N]
+            row_lse[i : i + block] = torch.logsumexp(logits, dim=1)
+            col_lse = torch.logaddexp(col_lse, torch.logsumexp(logits, dim=0))
         positives = scale * (a * b).sum(1)
         ctx.save_for_backward(a, b, scale, row_lse, col_lse)
         ctx.block = block

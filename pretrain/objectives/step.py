@@ -101,8 +101,8 @@ def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 def global_info_nce(first: torch.Tensor, second: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """InfoNCE over every rank's cells; the gradient reaches this rank's ``first``/``second``
     [n, p] (and ``logit_scale``). Equal on all ranks."""
-    all_first, offset = gather_rows(first)
-    all_second, _ = gather_rows(second)
+    both, offset = gather_rows(torch.cat([first, second], dim=1))  # one collective for both views
+    all_first, all_second = both.split(first.shape[1], dim=1)
     n = first.shape[0]
     all_first = torch.cat([all_first[:offset], first, all_first[offset + n:]])
     all_second = torch.cat([all_second[:offset], second, all_second[offset + n:]])
