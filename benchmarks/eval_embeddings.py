@@ -92,8 +92,12 @@ def pretrain(corpus: Path, run: Path, mix: str, steps: int, extra: list[str]) ->
 
 def run_name(mix: str, steps: int, seed: int, extra: list[str]) -> str:
     """The run folder of one mix: a rerun resumes or reuses it only when it was trained from the same
-    config file and overrides (their digest is in the name), never a stale run of an edited config."""
-    digest = hashlib.sha256(json.dumps([CONFIG.read_text(), MIXES[mix], extra, steps]).encode()).hexdigest()[:10]
+    config settings and overrides (their digest is in the name; comments do not count), never a stale
+    run of an edited config."""
+    import yaml
+
+    settings = yaml.safe_load(CONFIG.read_text())
+    digest = hashlib.sha256(json.dumps([settings, MIXES[mix], extra, steps], sort_keys=True).encode()).hexdigest()[:10]
     return f"{mix}-{steps}-seed{seed}-{digest}"
 
 

@@ -109,7 +109,7 @@ def test_verdicts_flag_every_loss_to_random_init():
 
 def test_run_folder_changes_with_the_config_and_overrides(tmp_path, monkeypatch):
     """A rerun reuses a finished mix only when it was trained from the same config and overrides:
-    editing the config file, an override, the steps or the mix gives a new folder."""
+    editing a setting, an override, the steps or the mix gives a new folder; a comment does not."""
     config = tmp_path / "eval.yaml"
     config.write_text("data:\n  normalization: quantile_bins\n")
     monkeypatch.setattr(ev, "CONFIG", config)
@@ -117,6 +117,8 @@ def test_run_folder_changes_with_the_config_and_overrides(tmp_path, monkeypatch)
     assert base.startswith("mlm-250-seed0-") and base == ev.run_name("mlm", 250, 0, ["run.seed=0"])
     others = {ev.run_name("mlm", 250, 0, ["run.seed=0", "optimizer.lr=3e-3"]), ev.run_name("mlm", 251, 0, ["run.seed=0"]),
               ev.run_name("mlm+contrastive", 250, 0, ["run.seed=0"])}
+    config.write_text("# a comment changes no setting\ndata:\n  normalization: quantile_bins\n")
+    assert ev.run_name("mlm", 250, 0, ["run.seed=0"]) == base
     config.write_text("data:\n  normalization: log1p_bins\n")
     others.add(ev.run_name("mlm", 250, 0, ["run.seed=0"]))
     assert base not in others and len(others) == 4
