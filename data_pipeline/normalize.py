@@ -11,7 +11,10 @@ order the model sees them. Modes (DESIGN.md, "Normalization modes"):
   ``floor(x)`` capped, shifted by one.
 - ``quantile_bins`` (scGPT): per cell, edges = ``np.quantile(x, linspace(0, 1, n_bins - 1))``
   of its nonzero ``x`` and ``bin = np.digitize(x, edges)`` (1 ... n_bins - 1), exactly as
-  scGPT's binning of log1p-normalized values (without its optional random tie-breaking).
+  scGPT's binning of log1p-normalized values. Values equal to several edges (in a cell, the
+  genes seen once are often most of them) all get the top bin of that span; ``quantile_ties=
+  "random"`` draws each one's bin uniformly from the span instead, as scGPT's ``_digitize(...,
+  side="both")`` does, so that the bin no longer tells the cell's share of tied genes.
 - ``rank`` (Geneformer): ``v = count / total * target_sum / median[gene]``, genes without a
   median dropped, tokens sorted by descending ``v`` (ties: ascending token, i.e. stable) and
   truncated to ``max_genes``; the value is the rank (0 = highest).
@@ -32,6 +35,7 @@ from numba import njit
 from .radix import radix_sort_pairs
 
 MODES = ("log1p_bins", "quantile_bins", "rank", "continuous")
+QUANTILE_TIES = ("high", "random")
 
 
 @dataclass(frozen=True)
@@ -46,12 +50,15 @@ class Normalization:
     target_sum: float = 1e4
     max_genes: int | None = None
     medians: np.ndarray | None = None
+    quantile_ties: str = "high"
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"normalization mode {self.mode!r} is not one of {', '.join(MODES)}")
         if self.mode in ("log1p_bins", "quantile_bins") and self.n_bins < 3:
             raise ValueError(f"n_bins={self.n_bins}: binned modes need at least 3 (bin 0 is zero expression)")
+        if self.quantile_ties not in QUANTILE_TIES:
+            raise ValueError(f"quantile_ties={self.quantile_ties!r} is not one of {', '.join(QUANTILE_TIES)}")
         if self.max_genes is not None and self.max_genes < 1:
             raise ValueError(f"max_genes={self.max_genes} must be >= 1 (or None for no cap)")
 
@@ -143,7 +150,7 @@ def _threshold_bins(indptr, counts, totals, target_sum, thresholds, top, out):  
 def normalize(norm: Normalization, indptr, genes, counts, total_counts,
               rng: np.random.Generator | None = None) -> Normalized:
     """Normalize a block of cells (see the module docstring); ``rng`` draws the random subsets of
-    cells over ``max_genes`` (not needed in rank mode)."""
+    cells over ``max_genes`` and random quantile ties (not needed in rank mode)."""
     indptr = np.asarray(indptr, np.int64)
     genes = np.asarray(genes, np.int64)
     if norm.mode == "rank":
@@ -158,8 +165,13 @@ def normalize(norm: Normalization, indptr, genes, counts, total_counts,
         return _capped(norm, indptr, genes, values, rng)
     x = log1p_cp10k(counts, indptr, total_counts, norm.target_sum)
     if norm.mode == "quantile_bins":
-        values = np.empty(len(x), np.int64)
-        _quantile_bins(indptr, x, counts, np.linspace(0, 1, norm.n_bins - 1), values)
+        values, lowest = np.empty(len(x), np.int64), np.empty(len(x), np.int64)
+        _quantile_bins(indptr, x, counts, np.linspace(0, 1, norm.n_bins - 1), values, lowest)
+        if norm.quantile_ties == "random":
+            if rng is None:
+                raise ValueError("quantile_ties='random' draws the bins of tied values: pass rng=")
+            # scGPT's ceil(high - u * (high - left)) with u ~ U[0, 1): uniform over lowest ... values
+            values -= np.floor(rng.random(len(x)) * (values - lowest + 1)).astype(np.int64)
     else:
         values = x.astype(np.float32)
     return _capped(norm, indptr, genes, values, rng)
@@ -195,8 +207,9 @@ _SORT_BUCKETS = 256  # integer counts below this are ordered by a counting sort
 
 
 @njit(cache=True, nogil=True)
-def _quantile_bins(indptr, x, counts, q, out):  # pragma: no cover
-    """Per cell: edges = np.quantile(x_cell, q) and out = np.digitize(x_cell, edges).
+def _quantile_bins(indptr, x, counts, q, out, lowest):  # pragma: no cover
+    """Per cell: edges = np.quantile(x_cell, q), out = np.digitize(x_cell, edges) and lowest = the
+    lowest bin of the span of edges equal to x (out when x equals at most one edge).
 
     In a cell, x grows with the count, so ordering x is ordering integer counts: a counting sort
     for the small ones (most), a sort for the rest, and one digitize per distinct small count.
@@ -205,6 +218,7 @@ def _quantile_bins(indptr, x, counts, q, out):  # pragma: no cover
     hist = np.zeros(_SORT_BUCKETS, np.int64)
     x_of = np.empty(_SORT_BUCKETS, np.float64)
     bin_of = np.empty(_SORT_BUCKETS, np.int64)
+    low_of = np.empty(_SORT_BUCKETS, np.int64)
     for i in range(len(indptr) - 1):
         lo, hi = indptr[i], indptr[i + 1]
         n = hi - lo
@@ -221,6 +235,7 @@ def _quantile_bins(indptr, x, counts, q, out):  # pragma: no cover
             _quantile_edges(s, q, edges)
             for j in range(lo, hi):
                 out[j] = np.searchsorted(edges, x[j], side="right")
+                lowest[j] = min(np.searchsorted(edges, x[j], side="left") + 1, out[j])
             continue
         big = 0
         for j in range(lo, hi):
@@ -248,10 +263,15 @@ def _quantile_bins(indptr, x, counts, q, out):  # pragma: no cover
         for c in range(_SORT_BUCKETS):
             if hist[c]:
                 bin_of[c] = np.searchsorted(edges, x_of[c], side="right")
+                low_of[c] = min(np.searchsorted(edges, x_of[c], side="left") + 1, bin_of[c])
                 hist[c] = 0
         for j in range(lo, hi):
             c = np.int64(counts[j])
-            out[j] = bin_of[c] if c < _SORT_BUCKETS else np.searchsorted(edges, x[j], side="right")
+            if c < _SORT_BUCKETS:
+                out[j], lowest[j] = bin_of[c], low_of[c]
+            else:
+                out[j] = np.searchsorted(edges, x[j], side="right")
+                lowest[j] = min(np.searchsorted(edges, x[j], side="left") + 1, out[j])
 
 
 def choose_within_cells(indptr: np.ndarray, picks: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -25,11 +25,16 @@ def log1p_bins(genes, counts, total, edges, n_bins, target_sum=1e4):
     return np.asarray(genes), np.array(out, np.int64)
 
 
-def quantile_bins(genes, counts, total, n_bins, target_sum=1e4):
-    """scGPT's binning of a cell's nonzero log1p(CP10k) values (``preprocess.binning``)."""
+def quantile_bins(genes, counts, total, n_bins, target_sum=1e4, uniforms=None):
+    """scGPT's binning of a cell's nonzero log1p(CP10k) values (``preprocess.binning``); with
+    ``uniforms`` (one U[0, 1) draw per gene) its random tie-breaking (``_digitize(side="both")``)."""
     x = _log1p_cp10k(counts, total, target_sum)
     edges = np.quantile(x, np.linspace(0, 1, n_bins - 1))
-    return np.asarray(genes), np.digitize(x, edges).astype(np.int64)
+    high = np.digitize(x, edges)
+    if uniforms is None:
+        return np.asarray(genes), high.astype(np.int64)
+    low = np.digitize(x, edges, right=True)
+    return np.asarray(genes), np.ceil(np.asarray(uniforms) * (low - high) + high).astype(np.int64)
 
 
 def continuous(genes, counts, total, target_sum=1e4):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+from data_pipeline.normalize import Normalization
+
 ATTENTION_BACKENDS = ("favor", "flash", "sdpa")
 VALUE_MODES = ("bins", "continuous", "rank")
 POOLINGS = ("cls", "mean")
@@ -115,6 +117,8 @@ class DataConfig:
 
     corpus: str = _help("corpus folder (`python -m data_pipeline convert ... --out CORPUS`)", "")
     normalization: str = _help("log1p_bins | quantile_bins | rank | continuous", "log1p_bins")
+    quantile_ties: str = _help("quantile_bins: values tied over several edges get the span's top bin (high) or a "
+                               "random bin of it (random, scGPT's tie-breaking)", "high")
     max_genes: int | None = _help("cap on genes per cell (random subset; top ranks in rank mode)", None)
     token_budget: int = _help("tokens per loader batch (one gradient-cache chunk)", 16384)
     megabatch_cells: int = _help("cells shuffled and length-sorted together", 8192)
@@ -185,11 +189,19 @@ class TrainConfig:
     deepspeed: DeepSpeedConfig = _help("DeepSpeed engine", factory=DeepSpeedConfig)
     run: RunConfig = _help("run directory, logging, checkpoints", factory=RunConfig)
 
+    def input_normalization(self) -> Normalization:
+        """How counts become model input, for the loader and the exported bundle (rank mode's
+        medians come from the corpus)."""
+        return Normalization(mode=self.data.normalization, n_bins=self.model.n_bins, max_genes=self.data.max_genes,
+                             quantile_ties=self.data.quantile_ties)
+
     def validate(self) -> TrainConfig:
         """Values out of range refused up front (not hours into a run)."""
         checks = [
             (self.data.normalization in ("log1p_bins", "quantile_bins", "rank", "continuous"),
              f"data.normalization={self.data.normalization!r}: choose log1p_bins, quantile_bins, rank or continuous"),
+            (self.data.quantile_ties in ("high", "random"),
+             f"data.quantile_ties={self.data.quantile_ties!r}: choose high or random"),
             (self.data.token_budget >= 1 and self.data.megabatch_cells >= 1, "data.token_budget and "
              "data.megabatch_cells must be >= 1"),
             (0 <= self.data.mask_ratio <= 1, f"data.mask_ratio={self.data.mask_ratio} must be in [0, 1]"),

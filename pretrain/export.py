@@ -51,7 +51,8 @@ def _find_checkpoint(path: Path) -> tuple[Path, Path]:
 def normalization_record(norm: Normalization) -> dict:
     record = {"mode": norm.mode, "n_bins": norm.n_bins, "bin_edges": list(map(float, norm.edges))
               if norm.mode == "log1p_bins" else None, "target_sum": norm.target_sum, "max_genes": norm.max_genes,
-              "medians": None, "medians_sha256": None}
+              "medians": None, "medians_sha256": None,
+              "quantile_ties": norm.quantile_ties}
     if norm.medians is not None:
         medians = np.asarray(norm.medians, np.float64)
         record["medians"] = [None if np.isnan(x) else float(x) for x in medians]
@@ -68,6 +69,7 @@ def normalization_from_record(record: dict) -> Normalization:
     edges = record.get("bin_edges")
     return Normalization(mode=record["mode"], n_bins=record["n_bins"], target_sum=record["target_sum"],
                          max_genes=record["max_genes"], medians=medians,
+                         quantile_ties=record.get("quantile_ties", "high"),  # bundles from before the key
                          bin_edges=tuple(edges) if edges is not None else None)
 
 
@@ -98,7 +100,7 @@ def export_bundle(source: str | Path, out: str | Path) -> Path:
                                                 indent=1))
     corpus = Path(config.data.corpus)
     shutil.copy(corpus / "vocab.tsv", tmp / "vocab.tsv")
-    norm = Normalization(mode=config.data.normalization, n_bins=config.model.n_bins, max_genes=config.data.max_genes)
+    norm = config.input_normalization()
     if norm.mode == "rank":
         from data_pipeline.loader import corpus_medians
 

@@ -22,7 +22,6 @@ import yaml
 from data_pipeline.epoch_plan import Batching
 from data_pipeline.loader import CellLoader
 from data_pipeline.masking import Masking, Views
-from data_pipeline.normalize import Normalization
 from data_pipeline.vocab import read_vocab
 
 from . import checkpoint
@@ -40,7 +39,7 @@ def build_loader(config: TrainConfig, device: torch.device) -> CellLoader:
     if not d.corpus:
         raise ValueError("data.corpus is not set: pass data.corpus=PATH (a folder made by "
                          "`python -m data_pipeline convert`)")
-    return CellLoader(d.corpus, normalization=Normalization(mode=d.normalization, n_bins=m.n_bins, max_genes=d.max_genes),
+    return CellLoader(d.corpus, normalization=config.input_normalization(),
                       batching=Batching(d.token_budget, d.megabatch_cells, d.max_batch_cells),
                       masking=Masking(ratio=d.mask_ratio), views=Views(d.gene_dropout, d.min_depth) if d.views else None,
                       seed=d.seed, num_workers=d.num_workers, pin_memory=device.type == "cuda",

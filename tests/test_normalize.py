@@ -95,6 +95,50 @@ def test_modes_equal_reference_on_random_cells(seed, mode):
     _check(norm, indptr, genes, counts, totals, reference)
 
 
+def _check_random_ties(n_bins, indptr, genes, counts, totals, seed):
+    """quantile_ties="random" equals scGPT's tie-breaking given the same uniforms (the fast path draws
+    one per token of the block, in order)."""
+    got = normalize(Normalization("quantile_bins", n_bins=n_bins, quantile_ties="random"), indptr, genes, counts,
+                    totals, np.random.default_rng(seed))
+    uniforms = np.random.default_rng(seed).random(int(indptr[-1]))
+    for i in range(len(indptr) - 1):
+        lo, hi = indptr[i], indptr[i + 1]
+        _, want = ref.quantile_bins(genes[lo:hi].astype(np.int64), counts[lo:hi], totals[i], n_bins,
+                                    uniforms=uniforms[lo:hi])
+        np.testing.assert_array_equal(got.values[lo:hi], want)
+    return got
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("n_bins", [51, 5])
+def test_random_quantile_ties_equal_scgpt_on_random_cells(seed, n_bins):
+    indptr, genes, counts, totals = _random_block(seed)
+    if seed % 2:
+        counts = (counts * 0.75).astype(np.float32)
+    _check_random_ties(n_bins, indptr, genes, counts, totals, seed)
+
+
+def test_random_quantile_ties_spread_the_tied_genes(real_corpus):
+    """On real cells the genes seen once are tied over many edges: "high" gives them all the top bin
+    of that span (a per-cell number), "random" spreads them over it."""
+    b = _blocks(real_corpus)[0]
+    high = normalize(Normalization("quantile_bins", n_bins=51), b.indptr, b.genes, b.counts, b.total_counts)
+    rand = _check_random_ties(51, b.indptr, b.genes, b.counts, b.total_counts, 0)
+    assert np.all((rand.values >= 1) & (rand.values <= high.values))
+    spread = []
+    for i in range(min(200, len(b.indptr) - 1)):
+        lo, hi = b.indptr[i], b.indptr[i + 1]
+        ones = b.counts[lo:hi] == 1
+        if ones.sum() > 50:
+            assert len(np.unique(high.values[lo:hi][ones])) == 1
+            spread.append(len(np.unique(rand.values[lo:hi][ones])))
+    assert spread and np.median(spread) > 5
+    with pytest.raises(ValueError, match="rng"):
+        normalize(Normalization("quantile_bins", quantile_ties="random"), b.indptr, b.genes, b.counts, b.total_counts)
+    with pytest.raises(ValueError, match="quantile_ties"):
+        Normalization("quantile_bins", quantile_ties="low")
+
+
 def test_rank_mode_with_the_geneformer_median_dictionary(real_corpus):
     """Geneformer's algorithm with its published medians: count / total * 1e4 / median, genes
     outside its dictionary dropped, sorted descending, truncated to 2048."""

@@ -234,10 +234,25 @@ def test_values_of_the_wrong_type_are_refused(override, message):
         load_config(str(TINY_CONFIG), [override])
 
 
-@pytest.mark.parametrize("override", ["schedule.decay=cosinus", "run.log_every=0"])
+@pytest.mark.parametrize("override", ["schedule.decay=cosinus", "run.log_every=0", "data.quantile_ties=low"])
 def test_values_out_of_range_are_refused_when_loading(override):
     with pytest.raises(ValueError):
         load_config(str(TINY_CONFIG), [override])
+
+
+def test_input_normalization_survives_the_bundle_record():
+    """The loader's normalization (from the config) is the one an exported bundle embeds with;
+    a bundle written before quantile_ties existed reads as the old behaviour ("high")."""
+    from pretrain.export import normalization_from_record, normalization_record
+
+    config = load_config(str(TINY_CONFIG), ["data.normalization=quantile_bins", "data.quantile_ties=random",
+                                            "data.max_genes=300"])
+    norm = config.input_normalization()
+    assert (norm.mode, norm.quantile_ties, norm.max_genes, norm.n_bins) == ("quantile_bins", "random", 300,
+                                                                           config.model.n_bins)
+    assert normalization_from_record(normalization_record(norm)) == norm
+    old = {k: v for k, v in normalization_record(norm).items() if k != "quantile_ties"}
+    assert normalization_from_record(old).quantile_ties == "high"
 
 
 def _fake_loader(n_labels: int = 5):
