@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-from data_pipeline.normalize import Normalization
+from data_pipeline.normalize import QUANTILE_TIES, Normalization
 
 ATTENTION_BACKENDS = ("favor", "flash", "sdpa")
 VALUE_MODES = ("bins", "continuous", "rank")
@@ -200,7 +200,7 @@ class TrainConfig:
         checks = [
             (self.data.normalization in ("log1p_bins", "quantile_bins", "rank", "continuous"),
              f"data.normalization={self.data.normalization!r}: choose log1p_bins, quantile_bins, rank or continuous"),
-            (self.data.quantile_ties in ("high", "random"),
+            (self.data.quantile_ties in QUANTILE_TIES,
              f"data.quantile_ties={self.data.quantile_ties!r}: choose high or random"),
             (self.data.token_budget >= 1 and self.data.megabatch_cells >= 1, "data.token_budget and "
              "data.megabatch_cells must be >= 1"),
