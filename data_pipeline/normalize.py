@@ -165,9 +165,10 @@ def normalize(norm: Normalization, indptr, genes, counts, total_counts,
         return _capped(norm, indptr, genes, values, rng)
     x = log1p_cp10k(counts, indptr, total_counts, norm.target_sum)
     if norm.mode == "quantile_bins":
-        values, lowest = np.empty(len(x), np.int64), np.empty(len(x), np.int64)
+        ties = norm.quantile_ties == "random"
+        values, lowest = np.empty(len(x), np.int64), np.empty(len(x) if ties else 0, np.int64)
         _quantile_bins(indptr, x, counts, np.linspace(0, 1, norm.n_bins - 1), values, lowest)
-        if norm.quantile_ties == "random":
+        if ties:
             if rng is None:
                 raise ValueError("quantile_ties='random' draws the bins of tied values: pass rng=")
             # scGPT's ceil(high - u * (high - left)) with u ~ U[0, 1): uniform over lowest ... values
@@ -208,8 +209,9 @@ _SORT_BUCKETS = 256  # integer counts below this are ordered by a counting sort
 
 @njit(cache=True, nogil=True)
 def _quantile_bins(indptr, x, counts, q, out, lowest):  # pragma: no cover
-    """Per cell: edges = np.quantile(x_cell, q), out = np.digitize(x_cell, edges) and lowest = the
-    lowest bin of the span of edges equal to x (out when x equals at most one edge).
+    """Per cell: edges = np.quantile(x_cell, q), out = np.digitize(x_cell, edges) and, unless
+    ``lowest`` is empty, lowest = the lowest bin of the span of edges equal to x (out when x equals
+    at most one edge).
 
     In a cell, x grows with the count, so ordering x is ordering integer counts: a counting sort
     for the small ones (most), a sort for the rest, and one digitize per distinct small count.
@@ -219,6 +221,7 @@ def _quantile_bins(indptr, x, counts, q, out, lowest):  # pragma: no cover
     x_of = np.empty(_SORT_BUCKETS, np.float64)
     bin_of = np.empty(_SORT_BUCKETS, np.int64)
     low_of = np.empty(_SORT_BUCKETS, np.int64)
+    spans = len(lowest) > 0
     for i in range(len(indptr) - 1):
         lo, hi = indptr[i], indptr[i + 1]
         n = hi - lo
@@ -235,7 +238,8 @@ def _quantile_bins(indptr, x, counts, q, out, lowest):  # pragma: no cover
             _quantile_edges(s, q, edges)
             for j in range(lo, hi):
                 out[j] = np.searchsorted(edges, x[j], side="right")
-                lowest[j] = min(np.searchsorted(edges, x[j], side="left") + 1, out[j])
+                if spans:
+                    lowest[j] = min(np.searchsorted(edges, x[j], side="left") + 1, out[j])
             continue
         big = 0
         for j in range(lo, hi):
@@ -263,15 +267,15 @@ def _quantile_bins(indptr, x, counts, q, out, lowest):  # pragma: no cover
         for c in range(_SORT_BUCKETS):
             if hist[c]:
                 bin_of[c] = np.searchsorted(edges, x_of[c], side="right")
-                low_of[c] = min(np.searchsorted(edges, x_of[c], side="left") + 1, bin_of[c])
+                if spans:
+                    low_of[c] = min(np.searchsorted(edges, x_of[c], side="left") + 1, bin_of[c])
                 hist[c] = 0
         for j in range(lo, hi):
             c = np.int64(counts[j])
-            if c < _SORT_BUCKETS:
-                out[j], lowest[j] = bin_of[c], low_of[c]
-            else:
-                out[j] = np.searchsorted(edges, x[j], side="right")
-                lowest[j] = min(np.searchsorted(edges, x[j], side="left") + 1, out[j])
+            out[j] = bin_of[c] if c < _SORT_BUCKETS else np.searchsorted(edges, x[j], side="right")
+            if spans:
+                lowest[j] = low_of[c] if c < _SORT_BUCKETS else min(np.searchsorted(edges, x[j], side="left") + 1,
+                                                                    out[j])
 
 
 def choose_within_cells(indptr: np.ndarray, picks: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-from data_pipeline.normalize import QUANTILE_TIES, Normalization
+from data_pipeline.normalize import MODES, QUANTILE_TIES, Normalization
 
 ATTENTION_BACKENDS = ("favor", "flash", "sdpa")
 VALUE_MODES = ("bins", "continuous", "rank")
@@ -198,10 +198,10 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Values out of range refused up front (not hours into a run)."""
         checks = [
-            (self.data.normalization in ("log1p_bins", "quantile_bins", "rank", "continuous"),
-             f"data.normalization={self.data.normalization!r}: choose log1p_bins, quantile_bins, rank or continuous"),
+            (self.data.normalization in MODES,
+             f"data.normalization={self.data.normalization!r}: choose one of {', '.join(MODES)}"),
             (self.data.quantile_ties in QUANTILE_TIES,
-             f"data.quantile_ties={self.data.quantile_ties!r}: choose high or random"),
+             f"data.quantile_ties={self.data.quantile_ties!r}: choose one of {', '.join(QUANTILE_TIES)}"),
             (self.data.token_budget >= 1 and self.data.megabatch_cells >= 1, "data.token_budget and "
              "data.megabatch_cells must be >= 1"),
             (0 <= self.data.mask_ratio <= 1, f"data.mask_ratio={self.data.mask_ratio} must be in [0, 1]"),
