@@ -41,7 +41,9 @@ from data_pipeline.plan import ConvertOptions  # noqa: E402
 
 MODES = {
     "log1p_bins+mask": dict(normalization=Normalization("log1p_bins", n_bins=51), masking=Masking()),
-    "quantile_bins+mask": dict(normalization=Normalization("quantile_bins", n_bins=51), masking=Masking()),
+    **{f"quantile_bins ({ties} ties)+mask": dict(normalization=Normalization("quantile_bins", n_bins=51,
+                                                                           quantile_ties=ties), masking=Masking())
+       for ties in ("random", "high")},
     "rank+mask (2048)": dict(normalization=Normalization("rank", max_genes=2048), masking=Masking()),
     "continuous+mask": dict(normalization=Normalization("continuous"), masking=Masking()),
     "log1p_bins+mask+2 views": dict(normalization=Normalization("log1p_bins", n_bins=51), masking=Masking(),

@@ -1,7 +1,9 @@
 """Does pretraining learn anything? Cell-type probes of the embeddings on held-out real files.
 
-    python benchmarks/eval_embeddings.py                 # ~90 min on 2 CPU cores (3 mixes x 250 steps)
+    python benchmarks/eval_embeddings.py                 # ~70 min on 2 CPU cores (3 mixes x 250 steps)
     python benchmarks/eval_embeddings.py --steps 20 --mixes mlm --result /tmp/eval.json   # a try-out
+    python benchmarks/eval_embeddings.py --result benchmarks/results/eval_high_ties.json \
+        --plot benchmarks/results/eval_embeddings_high_ties.png data.quantile_ties=high  # the other tie rule
 
 Needs the real data beside the checkout (``../shared/data/h5ad``); exits with a message when it is
 absent. What it does:
@@ -301,9 +303,9 @@ def main() -> None:
         run = args.work / "runs" / run_name(mix, args.steps, args.seed, extra)
         train = pretrain(corpus, run, mix, args.steps, extra)
         bundle = export_bundle(run, run / "bundle")
-        models = {mix: load_pretrained(bundle)}
-        if i == 0:
-            models["random init"] = random_init_twin(bundle, args.seed)
+        # the twin first, so the figure's columns read PCA, untrained, then each mix
+        models = {"random init": random_init_twin(bundle, args.seed)} if i == 0 else {}
+        models[mix] = load_pretrained(bundle)
         for rep, model in models.items():
             panels[rep] = {}
             scores = {}

@@ -77,40 +77,21 @@ def _score(entry: dict, key: str) -> str:
     return f"{s['mean']:.3f} ± {s['std']:.3f}"
 
 
-def quality() -> str:
-    r = load("eval.json")
-    if r is None:
-        return "No `benchmarks/results/eval.json` yet: run `python benchmarks/eval_embeddings.py`."
-    s = r["settings"]
-    out = [source("eval.json", r, "python benchmarks/eval_embeddings.py"), ""]
-    corpus = r["corpus"]
-    normalization = yaml.safe_load(s["config_text"])["data"]["normalization"]
-    out.append(f"Pretraining corpus: {n(corpus['cells'])} real cells ({n(corpus['tokens'])} gene tokens) from "
-               f"{', '.join(corpus['files'])}; left out: "
-               + "; ".join(f"{k}: {v}" for k, v in corpus["excluded"].items() if v != "evaluation file") + ". "
-               f"Model `{s['config']}` ({normalization} input), {s['steps_per_mix']} steps per objective mix, seed {s['seed']}, "
-               f"{r['device'].get('gpu') or 'CPU'}. Probes: {s['probe']}. PCA-50: {s['pca50']}. "
-               f"Random init: {s['random_init']}.")
-    out.append("")
-    reps = [("PCA-50", r["pca50"])] + [("random init", r["random_init"])] + [
-        (mix, entry["files"]) for mix, entry in r["mixes"].items()]
-    for name, meta in r["eval_files"].items():
-        out.append(f"**{name}** ({n(meta['cells'])} cells, {meta['classes']} classes of `{meta['label_key']}`"
-                   + (f", a random subset; {n(meta['cells_not_sampled'])} more not sampled" if meta["cells_not_sampled"]
-                      else "") + ")")
-        out.append("")
-        rows = []
-        for rep, scores in reps:
-            f = scores[name]
-            mlm = f.get("mlm")
-            acc = f"{mlm['masked_bin_accuracy']:.3f} (majority {mlm['majority_bin_accuracy']:.3f})" if mlm else "-"
-            rows.append([rep, _score(f, "knn_macro_f1"), _score(f, "logreg_macro_f1"), acc])
-        out.append(table(["representation", "kNN macro-F1", "logistic-regression macro-F1", "masked-bin accuracy"],
-                         rows))
-        out.append("")
+def _input(r: dict) -> str:
+    """The pretraining input an eval result was trained on: the config's normalization, with the
+    quantile tie rule (and any tie override the runs were given)."""
+    data = yaml.safe_load(r["settings"]["config_text"])["data"]
+    text = data["normalization"]
+    overrides = [o for entry in r["mixes"].values() for o in entry["train"]["overrides"]]
+    ties = next((o.split("=", 1)[1] for o in overrides if o.startswith("data.quantile_ties=")),
+                data.get("quantile_ties"))
+    return f"{text}, {ties} ties" if text == "quantile_bins" and ties else text
+
+
+def _verdicts(r: dict) -> list[str]:
+    """Whether each mix beats its random-init twin, and its distance to PCA-50."""
     v = r["verdicts"]
-    out.append(f"Pretrained beats its random-init twin on every file, mix and probe: "
-               f"**{'yes' if v['all_beat_random_init'] else 'no'}**.")
+    out = []
     for mix, files in v.items():
         if mix == "all_beat_random_init":
             continue
@@ -121,8 +102,74 @@ def quality() -> str:
         out.append(f"- `{mix}`: " + (f"not above random init on {', '.join(lost)}; " if lost else
                                      "above random init everywhere; ")
                    + f"against PCA-50 the macro-F1 differs by {min(gaps):+.3f} to {max(gaps):+.3f}.")
+    return out
+
+
+def _reps(r: dict) -> list[tuple[str, dict]]:
+    return [("PCA-50", r["pca50"]), ("random init", r["random_init"])] + [
+        (mix, entry["files"]) for mix, entry in r["mixes"].items()]
+
+
+def quality() -> str:
+    r = load("eval.json")
+    if r is None:
+        return "No `benchmarks/results/eval.json` yet: run `python benchmarks/eval_embeddings.py`."
+    s = r["settings"]
+    out = [source("eval.json", r, "python benchmarks/eval_embeddings.py"), ""]
+    corpus = r["corpus"]
+    out.append(f"Pretraining corpus: {n(corpus['cells'])} real cells ({n(corpus['tokens'])} gene tokens) from "
+               f"{', '.join(corpus['files'])}; left out: "
+               + "; ".join(f"{k}: {v}" for k, v in corpus["excluded"].items() if v != "evaluation file") + ". "
+               f"Model `{s['config']}` ({_input(r)} input), {s['steps_per_mix']} steps per objective mix, "
+               f"seed {s['seed']}, {r['device'].get('gpu') or 'CPU'}. Probes: {s['probe']}. PCA-50: {s['pca50']}. "
+               f"Random init: {s['random_init']}.")
+    out.append("")
+    for name, meta in r["eval_files"].items():
+        out.append(f"**{name}** ({n(meta['cells'])} cells, {meta['classes']} classes of `{meta['label_key']}`"
+                   + (f", a random subset; {n(meta['cells_not_sampled'])} more not sampled" if meta["cells_not_sampled"]
+                      else "") + ")")
+        out.append("")
+        rows = []
+        for rep, scores in _reps(r):
+            f = scores[name]
+            mlm = f.get("mlm")
+            acc = f"{mlm['masked_bin_accuracy']:.3f} (majority {mlm['majority_bin_accuracy']:.3f})" if mlm else "-"
+            rows.append([rep, _score(f, "knn_macro_f1"), _score(f, "logreg_macro_f1"), acc])
+        out.append(table(["representation", "kNN macro-F1", "logistic-regression macro-F1", "masked-bin accuracy"],
+                         rows))
+        out.append("")
+    out.append(f"Pretrained beats its random-init twin on every file, mix and probe: "
+               f"**{'yes' if r['verdicts']['all_beat_random_init'] else 'no'}**.")
+    out += _verdicts(r)
     out.append("")
     out.append("![t-SNE of each representation, coloured by cell type](benchmarks/results/eval_embeddings.png)")
+    other = load("eval_high_ties.json")
+    if other is not None:
+        out += ["", _tie_comparison(r, other)]
+    return "\n".join(out)
+
+
+def _tie_comparison(r: dict, other: dict) -> str:
+    """The same benchmark with the other quantile tie rule, side by side (kNN / logistic regression)."""
+    out = [f"**The other tie rule.** {source('eval_high_ties.json', other)} The same corpus, model, steps, seed "
+           f"and probes, {_input(other)} input. kNN / logistic-regression macro-F1 (masked-bin accuracy, majority):",
+           ""]
+    rows = []
+    ours, theirs = _input(r), _input(other)
+    for name in r["eval_files"]:
+        for (rep, a), (_, b) in zip(_reps(r)[1:], _reps(other)[1:]):
+            cells = []
+            for x in (a[name], b[name]):
+                m = x["mlm"]
+                cells.append(f"{x['knn_macro_f1']['mean']:.3f} / {x['logreg_macro_f1']['mean']:.3f} "
+                             f"({m['masked_bin_accuracy']:.2f}, {m['majority_bin_accuracy']:.2f})")
+            rows.append([name, rep, *cells])
+    out.append(table(["file", "representation", ours, theirs], rows))
+    out += ["", f"With {theirs}, pretrained beats its random-init twin on every file, mix and probe: "
+            f"**{'yes' if other['verdicts']['all_beat_random_init'] else 'no'}**.", *_verdicts(other)]
+    if (RESULTS / "eval_embeddings_high_ties.png").exists():
+        out += ["", "Its t-SNE: [`benchmarks/results/eval_embeddings_high_ties.png`]"
+                "(benchmarks/results/eval_embeddings_high_ties.png)."]
     return "\n".join(out)
 
 

@@ -11,10 +11,12 @@ order the model sees them. Modes (DESIGN.md, "Normalization modes"):
   ``floor(x)`` capped, shifted by one.
 - ``quantile_bins`` (scGPT): per cell, edges = ``np.quantile(x, linspace(0, 1, n_bins - 1))``
   of its nonzero ``x`` and ``bin = np.digitize(x, edges)`` (1 ... n_bins - 1), exactly as
-  scGPT's binning of log1p-normalized values. Values equal to several edges (in a cell, the
-  genes seen once are often most of them) all get the top bin of that span; ``quantile_ties=
-  "random"`` draws each one's bin uniformly from the span instead, as scGPT's ``_digitize(...,
-  side="both")`` does, so that the bin no longer tells the cell's share of tied genes.
+  scGPT's binning of log1p-normalized values. A value equal to several edges (in a cell, the
+  genes seen once are often most of them) gets a bin drawn uniformly from that span, as scGPT's
+  ``_digitize(..., side="both")`` does (``quantile_ties="random"``, the default).
+  ``quantile_ties="high"`` gives them all the span's top bin (``np.digitize`` alone):
+  deterministic, but then the bin tells the cell's share of tied genes, and a masked tied gene's
+  bin is that per-cell number, which masked-bin prediction learns instead of expression.
 - ``rank`` (Geneformer): ``v = count / total * target_sum / median[gene]``, genes without a
   median dropped, tokens sorted by descending ``v`` (ties: ascending token, i.e. stable) and
   truncated to ``max_genes``; the value is the rank (0 = highest).
@@ -50,7 +52,7 @@ class Normalization:
     target_sum: float = 1e4
     max_genes: int | None = None
     medians: np.ndarray | None = None
-    quantile_ties: str = "high"
+    quantile_ties: str = "random"
 
     def __post_init__(self):
         if self.mode not in MODES:

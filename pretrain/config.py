@@ -117,8 +117,8 @@ class DataConfig:
 
     corpus: str = _help("corpus folder (`python -m data_pipeline convert ... --out CORPUS`)", "")
     normalization: str = _help("log1p_bins | quantile_bins | rank | continuous", "log1p_bins")
-    quantile_ties: str = _help("quantile_bins: values tied over several edges get the span's top bin (high) or a "
-                               "random bin of it (random, scGPT's tie-breaking)", "high")
+    quantile_ties: str = _help("quantile_bins: values tied over several edges get a random bin of the span (random, "
+                               "scGPT's tie-breaking) or its top bin (high: np.digitize alone)", "random")
     max_genes: int | None = _help("cap on genes per cell (random subset; top ranks in rank mode)", None)
     token_budget: int = _help("tokens per loader batch (one gradient-cache chunk)", 16384)
     megabatch_cells: int = _help("cells shuffled and length-sorted together", 8192)

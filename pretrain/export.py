@@ -121,11 +121,12 @@ def _model_card(config, client: dict, manifest: dict, ckpt: Path) -> str:
     history = client.get("history") or []
     last = history[-1] if history else {}
     losses = ", ".join(f"{k} {last[k]:.4f}" for k in ("loss", "mlm", "contrastive", "label") if last.get(k) is not None)
-    m = config.model
+    m, d = config.model, config.data
+    ties = f", {d.quantile_ties} ties" if d.normalization == "quantile_bins" else ""
     return f"""# Cell model bundle
 
 - architecture: {m.architecture}, {m.n_layers} layers x {m.d_model}, {m.n_heads} heads, attention {m.attention}
-- input: {config.data.normalization} ({m.value_mode} values), genes per cell capped at {config.data.max_genes}
+- input: {d.normalization}{ties} ({m.value_mode} values), genes per cell capped at {d.max_genes}
 - trained for {client.get('step')} optimizer steps (checkpoint {ckpt.name}); last step's losses: {losses or 'n/a'}
 - corpus: {manifest.get('totals', {}).get('n_cells', '?')} cells, plan hash {manifest.get('plan_hash')},
   vocabulary sha256 {manifest.get('vocab', {}).get('sha256')}

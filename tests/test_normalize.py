@@ -61,9 +61,9 @@ def _modes(medians):
                        lambda g, c, t: ref.log1p_bins(g, c, t, edges, 7)),
         "log1p_bins_edges": (Normalization("log1p_bins", n_bins=5, bin_edges=(0.5, 2.25, 3.0)),
                              lambda g, c, t: ref.log1p_bins(g, c, t, (0.5, 2.25, 3.0), 5)),
-        "quantile_bins": (Normalization("quantile_bins", n_bins=51),
+        "quantile_bins": (Normalization("quantile_bins", n_bins=51, quantile_ties="high"),
                           lambda g, c, t: ref.quantile_bins(g, c, t, 51)),
-        "quantile_bins_few": (Normalization("quantile_bins", n_bins=5),
+        "quantile_bins_few": (Normalization("quantile_bins", n_bins=5, quantile_ties="high"),
                               lambda g, c, t: ref.quantile_bins(g, c, t, 5)),
         "continuous": (Normalization("continuous"), lambda g, c, t: ref.continuous(g, c, t)),
         "rank": (Normalization("rank", medians=medians, max_genes=2048),
@@ -122,7 +122,7 @@ def test_random_quantile_ties_spread_the_tied_genes(real_corpus):
     """On real cells the genes seen once are tied over many edges: "high" gives them all the top bin
     of that span (a per-cell number), "random" spreads them over it."""
     b = _blocks(real_corpus)[0]
-    high = normalize(Normalization("quantile_bins", n_bins=51), b.indptr, b.genes, b.counts, b.total_counts)
+    high = normalize(Normalization("quantile_bins", n_bins=51, quantile_ties="high"), b.indptr, b.genes, b.counts, b.total_counts)
     rand = _check_random_ties(51, b.indptr, b.genes, b.counts, b.total_counts, 0)
     assert np.all((rand.values >= 1) & (rand.values <= high.values))
     spread = []
@@ -134,7 +134,7 @@ def test_random_quantile_ties_spread_the_tied_genes(real_corpus):
             spread.append(len(np.unique(rand.values[lo:hi][ones])))
     assert spread and np.median(spread) > 5
     with pytest.raises(ValueError, match="rng"):
-        normalize(Normalization("quantile_bins", quantile_ties="random"), b.indptr, b.genes, b.counts, b.total_counts)
+        normalize(Normalization("quantile_bins"), b.indptr, b.genes, b.counts, b.total_counts)  # random: the default
     with pytest.raises(ValueError, match="quantile_ties"):
         Normalization("quantile_bins", quantile_ties="low")
 

@@ -245,13 +245,16 @@ def test_input_normalization_survives_the_bundle_record():
     a bundle written before quantile_ties existed reads as the old behaviour ("high")."""
     from pretrain.export import normalization_from_record, normalization_record
 
-    config = load_config(str(TINY_CONFIG), ["data.normalization=quantile_bins", "data.quantile_ties=random",
+    default = load_config(str(TINY_CONFIG), ["data.normalization=quantile_bins"]).input_normalization()
+    assert default.quantile_ties == "random"  # scGPT's tie-breaking
+    config = load_config(str(TINY_CONFIG), ["data.normalization=quantile_bins", "data.quantile_ties=high",
                                             "data.max_genes=300"])
     norm = config.input_normalization()
-    assert (norm.mode, norm.quantile_ties, norm.max_genes, norm.n_bins) == ("quantile_bins", "random", 300,
+    assert (norm.mode, norm.quantile_ties, norm.max_genes, norm.n_bins) == ("quantile_bins", "high", 300,
                                                                            config.model.n_bins)
     assert normalization_from_record(normalization_record(norm)) == norm
-    old = {k: v for k, v in normalization_record(norm).items() if k != "quantile_ties"}
+    assert normalization_from_record(normalization_record(default)) == default
+    old = {k: v for k, v in normalization_record(default).items() if k != "quantile_ties"}
     assert normalization_from_record(old).quantile_ties == "high"
 
 
