@@ -210,6 +210,13 @@ _SORT_BUCKETS = 256  # integer counts below this are ordered by a counting sort
 
 
 @njit(cache=True, nogil=True)
+def _tie_low(edges, v, high):  # pragma: no cover
+    """The lowest bin of the span of ``edges`` equal to ``v`` (``high``, its digitize bin, when v
+    equals at most one edge)."""
+    return min(np.searchsorted(edges, v, side="left") + 1, high)
+
+
+@njit(cache=True, nogil=True)
 def _quantile_bins(indptr, x, counts, q, out, lowest):  # pragma: no cover
     """Per cell: edges = np.quantile(x_cell, q), out = np.digitize(x_cell, edges) and, unless
     ``lowest`` is empty, lowest = the lowest bin of the span of edges equal to x (out when x equals
@@ -241,7 +248,7 @@ def _quantile_bins(indptr, x, counts, q, out, lowest):  # pragma: no cover
             for j in range(lo, hi):
                 out[j] = np.searchsorted(edges, x[j], side="right")
                 if spans:
-                    lowest[j] = min(np.searchsorted(edges, x[j], side="left") + 1, out[j])
+                    lowest[j] = _tie_low(edges, x[j], out[j])
             continue
         big = 0
         for j in range(lo, hi):
@@ -270,14 +277,13 @@ def _quantile_bins(indptr, x, counts, q, out, lowest):  # pragma: no cover
             if hist[c]:
                 bin_of[c] = np.searchsorted(edges, x_of[c], side="right")
                 if spans:
-                    low_of[c] = min(np.searchsorted(edges, x_of[c], side="left") + 1, bin_of[c])
+                    low_of[c] = _tie_low(edges, x_of[c], bin_of[c])
                 hist[c] = 0
         for j in range(lo, hi):
             c = np.int64(counts[j])
             out[j] = bin_of[c] if c < _SORT_BUCKETS else np.searchsorted(edges, x[j], side="right")
             if spans:
-                lowest[j] = low_of[c] if c < _SORT_BUCKETS else min(np.searchsorted(edges, x[j], side="left") + 1,
-                                                                    out[j])
+                lowest[j] = low_of[c] if c < _SORT_BUCKETS else _tie_low(edges, x[j], out[j])
 
 
 def choose_within_cells(indptr: np.ndarray, picks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
