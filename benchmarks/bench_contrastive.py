@@ -5,7 +5,7 @@ without it (one micro-step over the whole batch). Writes
 ``benchmarks/results/contrastive_<device>.json`` and a PNG beside it.
 
     python benchmarks/bench_contrastive.py                  # CPU: 16 ... 256 cells (a few min on 2 cores)
-    python benchmarks/bench_contrastive.py                  # CUDA (bf16): 256 ... 65,536 cells
+    python benchmarks/bench_contrastive.py --budget-s 60    # CUDA (bf16): 256 ... 65,536 cells, one process
     python benchmarks/bench_contrastive.py --smoke --out /tmp/c.json   # tiny shapes on CPU: checks the script
 
 Targets (the issue's): with the cache, peak memory flat in the batch size; at most 1.5x the time
@@ -21,10 +21,19 @@ batched PyTorch ops which, at the CPU default's 129 tokens per sequence (about a
 random features), cost about twice SDPA and would double the run, while the attention backend
 does not change what the cache does (``--attention favor`` measures it anyway).
 
-Each configuration (batch size x mode) runs in a fresh process (`run_one`), world size 1: a new
-engine per gradient-accumulation value, and peak memory that earlier configurations cannot
-raise (``--in-process``, implied by ``--smoke``, runs them all in this process instead: DeepSpeed's
-imports cost ~10 s per process on a small CPU). After building the engine and the batch, one step
+Each configuration (batch size x mode) builds its own engine (`run_one`, world size 1: a new engine
+per gradient-accumulation value). On CUDA (and with ``--smoke``) all of them run in this one process:
+the peak is read from the allocator's counters, reset per configuration, so earlier configurations
+do not raise it; a ``torch.cuda.OutOfMemoryError`` (or any other failure) is caught and recorded,
+the engine destroyed and the cache emptied before the next one (fresh processes per configuration,
+``--no-in-process``, cost DeepSpeed's and torch's imports and a CUDA context each: too slow for a
+short lease). On CPU each configuration runs in a fresh process by default, because the resident
+set's peak, which CPU memory is read from, depends on what ran before. ``--budget-s`` bounds the
+sweep: a configuration whose predicted time (the same mode's last step time scaled by the batch,
+times its steps, plus a few seconds to build) would pass it is skipped and recorded as such; on CUDA,
+from the batch whose predicted step passes ``--long-step-s`` (1 s) on, one timed step instead of
+``--repeats``. The JSON is rewritten after every configuration (``"partial": true`` until the
+end). After building the engine and the batch, one step
 over a tiny batch with the same number of chunks allocates the optimizer state and ZeRO buffers;
 then the baseline is taken and the peak reset, ``--warmup`` steps and ``--repeats`` timed steps
 run, and the peak is read at the end:
@@ -68,7 +77,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import socket
 import statistics
@@ -76,14 +84,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from common import cpu_device, write_result  # noqa: E402
+from common import ResultFile, cpu_device, device_record, device_slug, versions  # noqa: E402
 
 VOCAB, N_BINS, MASK_RATIO = 2000, 51, 0.15
 N_SPECIAL = 3  # <pad>, <cls>, <mask>: gene tokens are 3 .. VOCAB-1
@@ -202,62 +209,69 @@ def run_one(job: dict) -> dict:
                  "gradient_clipping": 1.0, "steps_per_print": 10**9, "bf16": {"enabled": job["bf16"]}}
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
-    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
-    batch = synthetic_batch(cells, job["genes"], device, seed=1)
-    chunks = batch.split(chunk_cells)
-    # optimizer state and ZeRO buffers, allocated by a first step: one cell per chunk
-    train_step(engine, synthetic_batch(n_chunks, job["genes"], device, seed=2).split(1), objectives, step_seed=0)
+    try:
+        device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+        batch = synthetic_batch(cells, job["genes"], device, seed=1)
+        chunks = batch.split(chunk_cells)
+        # optimizer state and ZeRO buffers, allocated by a first step: one cell per chunk
+        train_step(engine, synthetic_batch(n_chunks, job["genes"], device, seed=2).split(1), objectives, step_seed=0)
 
-    memory = None if cuda else _CpuMemory()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        baseline, held_baseline = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
-    else:
-        baseline = memory.reset()
-    times, cpu_times, losses = [], [], []
-    for step in range(job["warmup"] + job["repeats"]):
+        memory = None if cuda else _CpuMemory()
         if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            result = train_step(engine, chunks, objectives, step_seed=step + 1)
-            end.record()
             torch.cuda.synchronize()
-            seconds = start.elapsed_time(end) / 1e3
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            baseline, held_baseline = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
         else:
-            t, cpu = time.perf_counter(), time.process_time()
-            result = train_step(engine, chunks, objectives, step_seed=step + 1)
-            seconds, cpu_seconds = time.perf_counter() - t, time.process_time() - cpu
-        if step >= job["warmup"]:
-            times.append(seconds)
-            losses.append(result.loss)
-            if not cuda:
-                cpu_times.append(cpu_seconds)
-    held = {}
-    if cuda:
-        peak, method = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated after reset_peak_memory_stats"
-        held = {"held_peak_bytes": torch.cuda.max_memory_reserved(),
-                "held_step_peak_bytes": torch.cuda.max_memory_reserved() - held_baseline,
-                "held_memory_method": "torch.cuda.max_memory_reserved (the caching allocator's pool)"}
-    else:
-        peak, method = memory.peak(), memory.method()
-    step_s = statistics.median(times)
-    return {"mode": job["mode"], "batch_cells": cells, "chunk_cells": chunk_cells, "n_chunks": n_chunks,
-            "status": "ok", "step_s": step_s, "step_s_each": times, "ms_per_cell": step_s / cells * 1e3,
-            # CPU: the process's CPU time (all threads) per step, which other load on the machine skews less
-            "cpu_ms_per_cell": statistics.median(cpu_times) / cells * 1e3 if cpu_times else None,
-            "peak_bytes": peak, "step_peak_bytes": None if peak is None else peak - baseline,
-            "baseline_bytes": baseline, "memory_method": method, **held,
-            "tokens_per_step": batch.n_tokens, "loss": losses[-1], "n_params": n_params,
-            "load_average_1min": os.getloadavg()[0],
-            "device_name": torch.cuda.get_device_name(0) if cuda else "cpu",
-            "device_memory_bytes": torch.cuda.get_device_properties(0).total_memory if cuda else None}
+            baseline = memory.reset()
+        times, cpu_times, losses = [], [], []
+        for step in range(job["warmup"] + job["repeats"]):
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                result = train_step(engine, chunks, objectives, step_seed=step + 1)
+                end.record()
+                torch.cuda.synchronize()
+                seconds = start.elapsed_time(end) / 1e3
+            else:
+                t, cpu = time.perf_counter(), time.process_time()
+                result = train_step(engine, chunks, objectives, step_seed=step + 1)
+                seconds, cpu_seconds = time.perf_counter() - t, time.process_time() - cpu
+            if step >= job["warmup"]:
+                times.append(seconds)
+                losses.append(result.loss)
+                if not cuda:
+                    cpu_times.append(cpu_seconds)
+        held = {}
+        if cuda:
+            peak, method = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated after reset_peak_memory_stats"
+            held = {"held_peak_bytes": torch.cuda.max_memory_reserved(),
+                    "held_step_peak_bytes": torch.cuda.max_memory_reserved() - held_baseline,
+                    "held_memory_method": "torch.cuda.max_memory_reserved (the caching allocator's pool)"}
+        else:
+            peak, method = memory.peak(), memory.method()
+        step_s = statistics.median(times)
+        return {"mode": job["mode"], "batch_cells": cells, "chunk_cells": chunk_cells, "n_chunks": n_chunks,
+                "status": "ok", "step_s": step_s, "step_s_each": times, "ms_per_cell": step_s / cells * 1e3,
+                # CPU: the process's CPU time (all threads) per step, which other load on the machine skews less
+                "cpu_ms_per_cell": statistics.median(cpu_times) / cells * 1e3 if cpu_times else None,
+                "peak_bytes": peak, "step_peak_bytes": None if peak is None else peak - baseline,
+                "baseline_bytes": baseline, "memory_method": method, **held,
+                "tokens_per_step": batch.n_tokens, "loss": losses[-1], "n_params": n_params,
+                "load_average_1min": os.getloadavg()[0],
+                "device_name": torch.cuda.get_device_name(0) if cuda else "cpu",
+                "device_memory_bytes": torch.cuda.get_device_properties(0).total_memory if cuda else None}
+    finally:  # in-process sweeps: this engine's memory goes before the next configuration's
+        if hasattr(engine, "destroy"):
+            engine.destroy()
+        del engine, optimizer, module
 
 
 def run_here(job: dict) -> dict:
-    """`run_one` in this process; an "oom" row if CUDA runs out of memory."""
+    """`run_one` in this process; an "oom" row if CUDA runs out of memory, an "error" row (traceback
+    on stderr) if it fails otherwise; the memory freed either way before the next configuration."""
     import gc
+    import traceback
 
     import torch
 
@@ -265,6 +279,10 @@ def run_here(job: dict) -> dict:
         return run_one(job)
     except torch.cuda.OutOfMemoryError as err:
         return {"mode": job["mode"], "batch_cells": job["batch_cells"], "status": "oom", "error": str(err)[:300]}
+    except Exception as err:  # noqa: BLE001 - recorded; larger batches of this mode are skipped
+        traceback.print_exc()
+        return {"mode": job["mode"], "batch_cells": job["batch_cells"], "status": "error",
+                "error": f"{type(err).__name__}: {str(err)[:300]}"}
     finally:
         gc.collect()
         if torch.cuda.is_available():
@@ -356,11 +374,7 @@ def summarize(rows: list[dict], chunk_cells: int) -> dict:
             "targets": {"memory_flat_with_cache": memory, "time_per_cell_within_1_5x": timing}}
 
 
-def main() -> None:
-    if len(sys.argv) == 4 and sys.argv[1] == "--one":  # the child of run_config: job file, row file
-        row = run_here(json.loads(Path(sys.argv[2]).read_text()))
-        Path(sys.argv[3]).write_text(json.dumps(row))
-        return
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny model and batches on CPU: checks the script")
     ap.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda where available (cpu with --smoke)")
@@ -369,7 +383,8 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     ap.add_argument("--d-model", type=int, help="model width (CPU 128, CUDA 256)")
     ap.add_argument("--layers", type=int, help="transformer blocks (CPU 2, CUDA 4)")
-    ap.add_argument("--heads", type=int, help="attention heads (CPU 4, CUDA 8)")
+    ap.add_argument("--heads", type=int, help="attention heads (4: head dim 64 on CUDA, the FAVOR+ kernel "
+                    "variant the other GPU benchmarks compile too)")
     ap.add_argument("--attention", choices=("favor", "sdpa", "flash"),
                     help="default: favor on CUDA (the Triton kernel), sdpa on CPU (see the module docstring)")
     ap.add_argument("--favor-features", type=int, help="FAVOR+ random features (CPU 128, CUDA 256)")
@@ -381,11 +396,26 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, help="timed steps per configuration (median reported; CPU 3, CUDA 5)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
-    ap.add_argument("--in-process", action="store_true",
-                    help="run every configuration in this process instead of a fresh one each (faster start, "
-                         "less isolation; implied by --smoke)")
+    ap.add_argument("--in-process", action=argparse.BooleanOptionalAction,
+                    help="run every configuration in this process (default on CUDA and with --smoke: the peak is "
+                         "read per configuration by the allocator, and each OOM is caught and freed) or each in a "
+                         "fresh process (default on CPU, whose resident-set peak depends on what ran before)")
+    ap.add_argument("--budget-s", type=float,
+                    help="seconds for the whole sweep: a configuration whose predicted time (the same mode's last "
+                         "one, scaled by the batch) would pass it is skipped, recorded as such")
+    ap.add_argument("--long-step-s", type=float, default=1.0,
+                    help="CUDA: where the predicted step passes this many seconds, one timed step instead of "
+                         "--repeats (after the warm-up)")
     ap.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/contrastive_<device>.json)")
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv=None) -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--one":  # the child of run_config: job file, row file
+        row = run_here(json.loads(Path(sys.argv[2]).read_text()))
+        Path(sys.argv[3]).write_text(json.dumps(row))
+        return
+    args = parser().parse_args(argv)
 
     import torch
 
@@ -394,7 +424,8 @@ def main() -> None:
         sys.exit("--device cuda: torch sees no CUDA device here; run on a GPU machine or pass --device cpu")
     gpu = device == "cuda"
     args.attention = args.attention or ("favor" if gpu else "sdpa")
-    args.in_process = args.in_process or args.smoke
+    if args.in_process is None:
+        args.in_process = args.smoke or gpu
     if args.attention == "flash" and not gpu:
         sys.exit("--attention flash needs CUDA (flash-attn); use favor or sdpa on CPU")
     if args.smoke:
@@ -402,8 +433,8 @@ def main() -> None:
                     "genes": 16, "repeats": 1}
     else:
         defaults = {"batches": GPU_BATCHES if gpu else CPU_BATCHES, "chunk_cells": 256 if gpu else 16,
-                    "d_model": 256 if gpu else 128, "layers": 4 if gpu else 2, "heads": 8 if gpu else 4,
-                    "favor_features": 256 if gpu else 128, "genes": 256 if gpu else 128, "repeats": 5 if gpu else 3}
+                    "d_model": 256 if gpu else 128, "layers": 4 if gpu else 2, "heads": 4,
+                    "favor_features": 256 if gpu else 128, "genes": 256 if gpu else 128, "repeats": 3}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -416,62 +447,91 @@ def main() -> None:
              "favor_features": args.favor_features, "contrastive_dim": 128 if not args.smoke else 16}
 
     load_before = os.getloadavg()
-    rows = []
+    out = args.out or REPO / "benchmarks" / "results" / f"contrastive_{'cpu' if not gpu else device_slug()}.json"
+    info = device_record() if gpu else cpu_device()
+    result = ResultFile(
+        out, "contrastive", device=info, smoke=args.smoke, versions=versions("torch", "deepspeed"),
+        config={"model": model, "vocab_size": VOCAB, "n_bins": N_BINS, "genes_per_view": args.genes,
+                "views_per_cell": 2, "mask_ratio": MASK_RATIO, "chunk_cells": args.chunk_cells,
+                "zero_stage": args.zero_stage, "dtype": "bf16" if bf16 else "fp32", "optimizer": "AdamW",
+                "objectives": {"mlm_weight": 1.0, "contrastive_weight": 1.0}, "warmup_steps": args.warmup,
+                "timed_steps": args.repeats, "long_step_s": args.long_step_s if gpu else None,
+                "budget_s": args.budget_s, "world_size": 1,
+                "cpu_threads": None if gpu else (args.threads or torch.get_num_threads())},
+        method=None)
+    method = {"timing": "median of the timed steps; " + ("CUDA events" if gpu else "time.perf_counter (wall; "
+              "cpu_ms_per_cell: time.process_time, the process's CPU time over all its threads)"),
+              "peak_bytes": "peak of the live allocations (model, optimizer state, batch included; on CPU the "
+                            "whole process's resident set)",
+              "step_peak_bytes": "peak_bytes minus the memory in use before the steps, after the optimizer "
+                                 "state was allocated: what a step adds (the flatness target's measure)",
+              "held_peak_bytes": "peak of what the allocator held (CUDA: reserved; CPU: resident under glibc's "
+                                 "default malloc, in the timed run), held_step_peak_bytes its growth",
+              "process": "every configuration in this one process, a new DeepSpeed engine each (out-of-memory "
+                         "caught, the engine destroyed and the cache emptied before the next)"
+              if args.in_process else "each configuration in a fresh process with its own DeepSpeed engine"}
+    started = time.monotonic()
+    last = {}  # mode -> (cells, seconds the configuration took (None: the first), step seconds, steps)
     stopped = {}  # mode -> why larger batches are skipped
     for cells in sorted(args.batches):  # both modes of a batch back to back: other load hits them alike
         for mode in args.modes:
             if mode in stopped:
-                rows.append({"mode": mode, "batch_cells": cells, "status": "skipped", "error": stopped[mode]})
+                result.add({"mode": mode, "batch_cells": cells, "status": "skipped", "error": stopped[mode]})
+                continue
+            repeats, predicted = args.repeats, None
+            if mode in last:  # the step scales with the batch; building the engine and batch (and a fresh
+                # process) cost what they cost last time beyond the steps, at least a few seconds
+                prev_cells, prev_wall, prev_step, prev_steps = last[mode]
+                step = prev_step * cells / prev_cells
+                if gpu and step > args.long_step_s:
+                    repeats = 1
+                # (the sweep's first configuration also paid the imports and compiles once: not counted)
+                overhead = 3.0 if prev_wall is None else max(3.0, prev_wall - prev_step * prev_steps)
+                predicted = overhead + step * (args.warmup + repeats + 1)
+            if args.budget_s is not None and predicted is not None and \
+                    time.monotonic() - started + predicted > args.budget_s:
+                stopped[mode] = (f"time budget: {cells} cells predicted {predicted:.0f} s, "
+                                 f"{args.budget_s - (time.monotonic() - started):.0f} s of --budget-s left")
+                result.add({"mode": mode, "batch_cells": cells, "status": "skipped", "error": stopped[mode]})
                 continue
             job = {"mode": mode, "batch_cells": cells, "chunk_cells": args.chunk_cells, "genes": args.genes,
                    "model": model, "zero_stage": args.zero_stage, "bf16": bf16, "device": device,
-                   "warmup": args.warmup, "repeats": args.repeats, "threads": args.threads}
+                   "warmup": args.warmup, "repeats": repeats, "threads": args.threads}
+            t0 = time.monotonic()
             row = measure(job, args.in_process, args.timeout)
-            if row["status"] in ("oom", "timeout"):
+            row["wall_s"] = round(time.monotonic() - t0, 2)
+            if row["status"] == "ok":
+                first = not any(r.get("status") == "ok" for r in result.rows)
+                last[mode] = (cells, None if first and args.in_process else row["wall_s"], row["step_s"],
+                              args.warmup + repeats + 1)
+            if row["status"] in ("oom", "timeout", "error"):
                 stopped[mode] = f"{row['status']} at {cells} cells"
-            rows.append(row)
+            result.add(row)
+            if row.get("memory_method") and not method.get("memory"):
+                method.update(memory=row.get("memory_method"), held_memory=row.get("held_memory_method"))
+                result.update(method=method)
             shown = {k: row.get(k) for k in ("mode", "batch_cells", "n_chunks", "status", "ms_per_cell",
-                                             "step_peak_bytes", "load_average_1min")}
-            print(json.dumps(shown), file=sys.stderr)
-
-    import deepspeed
-
-    first = next((r for r in rows if r["status"] == "ok"), {})
-    name = first.get("device_name", device)
-    info = cpu_device()
-    if gpu:
-        info.update(gpu=name, gpu_memory_bytes=first.get("device_memory_bytes"))
-    result = {
-        "benchmark": "contrastive", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": info, "smoke": args.smoke,
-        # other work on the machine skews CPU times: the 1-minute load average around the sweep
-        "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "deepspeed": deepspeed.__version__},
-        "config": {"model": model, "vocab_size": VOCAB, "n_bins": N_BINS, "genes_per_view": args.genes,
-                   "views_per_cell": 2, "mask_ratio": MASK_RATIO, "chunk_cells": args.chunk_cells,
-                   "zero_stage": args.zero_stage, "dtype": "bf16" if bf16 else "fp32", "optimizer": "AdamW",
-                   "objectives": {"mlm_weight": 1.0, "contrastive_weight": 1.0}, "warmup_steps": args.warmup,
-                   "timed_steps": args.repeats, "world_size": 1,
-                   "cpu_threads": None if gpu else (args.threads or torch.get_num_threads())},
-        "method": {"timing": "median of the timed steps; " + ("CUDA events" if gpu else "time.perf_counter (wall; "
-                   "cpu_ms_per_cell: time.process_time, the process's CPU time over all its threads)"),
-                   "memory": first.get("memory_method"), "held_memory": first.get("held_memory_method"),
-                   "peak_bytes": "peak of the live allocations (model, optimizer state, batch included; on CPU the "
-                                 "whole process's resident set)",
-                   "step_peak_bytes": "peak_bytes minus the memory in use before the steps, after the optimizer "
-                                      "state was allocated: what a step adds (the flatness target's measure)",
-                   "held_peak_bytes": "peak of what the allocator held (CUDA: reserved; CPU: resident under glibc's "
-                                      "default malloc, in the timed run), held_step_peak_bytes its growth",
-                   "process": "every configuration in this one process, a new DeepSpeed engine each"
-                   if args.in_process else "each configuration in a fresh process with its own DeepSpeed engine"},
-        "rows": rows, **summarize(rows, args.chunk_cells),
-        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-    }
-    slug = "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
-    out = args.out or REPO / "benchmarks" / "results" / f"contrastive_{slug}.json"
-    write_result(out, result)
+                                             "step_peak_bytes", "wall_s")}
+            print(json.dumps(shown), file=sys.stderr, flush=True)
+    rows = result.rows
+    result.finish(method=method,
+                  # other work on the machine skews CPU times: the 1-minute load average around the sweep
+                  load_average_1min={"before": load_before[0], "after": os.getloadavg()[0]},
+                  sweep_seconds=round(time.monotonic() - started, 1), **summarize(rows, args.chunk_cells))
+    print_table(rows)
+    result = result.record
     _plot(result, out.with_suffix(".png"))
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'mode':<10}{'cells':>7}{'chunks':>7}{'status':>9}{'step s':>9}{'ms/cell':>9}{'step MiB':>10}", flush=True)
+    for r in rows:
+        if r["status"] != "ok":
+            print(f"{r['mode']:<10}{r['batch_cells']:>7}{'':>7}{r['status']:>9}  {(r.get('error') or '')[:60]}", flush=True)
+            continue
+        mib = f"{r['step_peak_bytes'] / 2**20:.0f}" if r.get("step_peak_bytes") is not None else "-"
+        print(f"{r['mode']:<10}{r['batch_cells']:>7}{r['n_chunks']:>7}{'ok':>9}{r['step_s']:>9.3f}"
+              f"{r['ms_per_cell']:>9.3f}{mib:>10}", flush=True)
 
 
 def _plot(result: dict, path: Path) -> None:

@@ -8,6 +8,7 @@ cells/s, tokens/s (real gene tokens, no padding), MFU, peak memory and padding w
     python benchmarks/bench_train.py --smoke --result /tmp/t.json  # tiny shapes on CPU: checks the script
     torchrun --nproc_per_node 8 benchmarks/bench_train.py          # one node, 8 GPUs (or `deepspeed ...`)
     python benchmarks/bench_train.py --device cpu --scaling 1,2,4  # relaunch under torchrun with 1, 2, 4 ranks
+    python benchmarks/bench_train.py --write-lengths benchmarks/data/lengths.npy   # real lengths, to carry
 
 The comparison (Geneformer credits length grouping with a 29.4x speed-up over padding every cell to
 2,048): the SAME cells, with a REAL length distribution, batched three ways at the same memory
@@ -24,11 +25,13 @@ budget, measured side by side in one run:
 - ``packed``: the project's packed varlen batches (`PackedBatch`, no padding tokens; what the trainer
   uses): the same sorted megabatch cut into batches of ``sum(len) <= token_budget`` (as
   `data_pipeline.epoch_plan.EpochPlan` cuts them). Note: the ``sdpa`` backend pads a packed batch
-  internally to its longest cell for the attention itself; ``favor`` and ``flash`` do not. The
-  padded modes run the model's padded path (`CellModel.encode_padded`): everything but attention
-  runs on every padded slot; attention is torch SDPA with a key mask for both ``sdpa`` and ``flash``
-  (flash-attn has no padded call there). ``favor`` runs packed only: its padded reference gathers the
-  real tokens and loops per sequence, so it would time the reference rather than padding.
+  internally to its longest cell for the attention itself; ``favor``, ``varlen`` (torch's
+  FlashAttention over packed sequences) and ``flash`` do not. The padded modes run the model's
+  padded path (`CellModel.encode_padded`): everything but attention runs on every padded slot;
+  attention is torch SDPA with a key mask whatever the exact backend, so padded rows are measured
+  once, under ``sdpa`` (``varlen`` and ``flash`` padded rows are skipped with that reason).
+  ``favor`` runs packed only: its padded reference gathers the real tokens and loops per sequence,
+  so it would time the reference rather than padding.
 
 ``len`` is the cell's sequence as the model runs it: its expressed genes capped at the preset's
 ``max_genes``, + 1 for ``<cls>`` where the model uses one; scBERT (``gene_set=all``) and the
@@ -36,12 +39,16 @@ scFoundation encoder-decoder run every cell over the full gene set (``--n-genes`
 cells cost ``n_genes`` each (the trainer's loader counts expressed genes only; here the budget is the
 memory bound, so the full-set sequence counts). Padded modes do not apply to those two (every scBERT
 cell is already the full gene set; the encoder-decoder has no padded path): their rows are skipped
-with a reason, as is ``flash`` without CUDA, bf16 or flash-attn.
+with a reason, as are ``flash`` without CUDA, bf16 or flash-attn, ``varlen`` without CUDA or bf16,
+and any backend `pretrain.config.ATTENTION_BACKENDS` does not offer.
 
 Length distribution: genes detected per cell (``np.diff(X.indptr)``) pooled over the real files in
 ``--data`` (``../shared/data/h5ad``, minus ``scdcc_10X_PBMC_top2000.h5ad``, which has no gene ids),
-or a ``--lengths-file`` (``.npy`` of genes per cell, e.g. a corpus's cell lengths); where neither is
-at hand, 4,096 cells of `data_pipeline.synthetic` (recorded as ``"lengths": "synthetic"``). Every
+or a ``--lengths-file`` (``.npy`` of genes per cell, e.g. a corpus's cell lengths; ``--write-lengths
+NPY`` writes the real files' lengths to one, with a ``.json`` beside it naming the files: read back,
+it is recorded as ``"lengths": "real"``, without the ``.json`` as ``"file"``; this is how the real
+distribution travels to a GPU machine without ``../shared/data``); where neither is at hand, 4,096
+cells of `data_pipeline.synthetic` (recorded as ``"lengths": "synthetic"``). Every
 rank draws its own ``--megabatch-cells`` cells from it (with replacement, seeded by the rank), the
 same cells for every preset, backend and mode. Gene ids and values are random (throughput does
 not depend on them): distinct gene ids per cell; bins in [1, n_bins) (bins), rank positions (rank:
@@ -60,7 +67,9 @@ throughput over all timed steps (cells / summed step time; CUDA events on CUDA, 
 on CPU); ``cells_per_step`` and ``padding_waste`` (1 - real tokens / padded slots) over ALL batches
 of every rank's megabatch (known from the lengths without running them). MFU counts useful FLOPs only
 (`pretrain.model.flops.model_cost` per real cell length: exact attention is quadratic in the length)
-over the device's dense bf16 peak (None on CPU). Peak memory: ``torch.cuda.max_memory_allocated``,
+over the device's dense bf16 datasheet peak (``mfu``; None on CPU) and over the bf16 matrix-product
+rate measured on the device (``mfu_measured_gemm``, from the ``--ceilings`` JSON that
+`gpu_suite.py`'s setup part writes; None without it). Peak memory: ``torch.cuda.max_memory_allocated``,
 reset per row, on CUDA; on CPU the process's peak resident set (VmHWM, reset per row via
 ``/proc/self/clear_refs`` where writable, else ``ru_maxrss``, the process's lifetime peak; recorded
 in ``settings.memory``). A CUDA out-of-memory is recorded as ``"oom": true`` for its row, any other
@@ -86,10 +95,14 @@ holds, and a step on a busy 2-core machine took 10x longer here); each row recor
 ``"shrunk": true``. On CPU, FAVOR+ runs as batched PyTorch ops (the Triton kernel is CUDA's), which
 pad a packed batch to its longest cell: CPU favor rows say little about the GPU kernel.
 
+Time limits: ``--budget-s S`` skips the rows not started within S seconds (recorded as skipped
+with that reason), and the JSON is rewritten after every row (``"partial": true`` until the end),
+so a process killed by an outer time limit leaves every row it measured. MLflow is not used.
+
 JSON: ``benchmark``, ``date``, ``device``, ``versions``, ``settings`` (budget, steps, shapes, length
-source with percentiles, memory method, peak TFLOP/s), ``rows`` (one per preset x backend x mode:
-shape, ``cells_per_s``, ``tokens_per_s``, ``median_step_s``, ``cells_per_step``, ``padding_waste``,
-``mfu``, ``tflops``, ``peak_memory_bytes``, ``world_size``, ``per_rank_cells_per_s``,
+source with percentiles, memory method, datasheet and measured peak TFLOP/s), ``rows`` (one per
+preset x backend x mode: shape, ``cells_per_s``, ``tokens_per_s``, ``median_step_s``,
+``cells_per_step``, ``padding_waste``, ``mfu``, ``mfu_measured_gemm``, ``tflops``, ``peak_memory_bytes``, ``world_size``, ``per_rank_cells_per_s``,
 ``aggregate_cells_per_s``, ``skipped`` / ``oom`` / ``error``), ``speedups`` (per preset x backend:
 ``speedup_vs_random_padded`` of grouped_padded and packed, every mode's waste), ``scaling`` (with
 ``--scaling``), ``command``.
@@ -121,8 +134,10 @@ from common import (  # noqa: E402
     NO_GENE_IDS,
     RESULTS,
     SHARED_H5AD,
+    ResultFile,
     device_record,
     device_slug,
+    read_ceilings,
     result_record,
     versions,
     write_result,
@@ -132,18 +147,18 @@ from common import (  # noqa: E402
 # before torch first looks for them (`init_distributed` takes CUDA wherever torch sees it)
 
 MODES = ("random_padded", "grouped_padded", "packed")
-BACKENDS = ("favor", "sdpa", "flash")
+BACKENDS = ("favor", "varlen", "sdpa", "flash")
 PRESET_NAMES = ("scbert", "geneformer-10m", "celllm", "scgpt", "scfoundation")
 MASK_RATIO = 0.15
 N_SPECIAL = 3  # <pad> = 0, <cls> = 1, <mask> = 2; gene tokens are 3 .. vocab_size - 1
 PAD, CLS, MASK = 0, 1, 2
 SYNTHETIC_CELLS = 4096
 # defaults per device (what the user leaves out)
-GPU_DEFAULTS = {"token_budget": 65536, "warmup": 3, "timed": 10, "backends": list(BACKENDS), "n_genes": 20000,
-                "megabatch_cells": 8192}
+GPU_DEFAULTS = {"token_budget": 65536, "warmup": 3, "timed": 10, "backends": ["favor", "varlen", "sdpa"],
+                "n_genes": 20000, "megabatch_cells": 8192}
 CPU_DEFAULTS = {**GPU_DEFAULTS, "token_budget": 8192, "warmup": 2, "timed": 3, "backends": ["favor", "sdpa"],
                 "width_div": 4, "max_layers": 2, "max_genes": 1024, "n_genes": 2048, "threads": 1}
-SMOKE = {"presets": ["geneformer-10m", "scgpt"], "backends": ["sdpa", "favor", "flash"], "token_budget": 8192,
+SMOKE = {"presets": ["geneformer-10m", "scgpt"], "backends": ["sdpa", "favor", "varlen", "flash"], "token_budget": 8192,
          "warmup": 1, "timed": 1, "width_div": 16, "max_layers": 1, "max_genes": 2048, "n_genes": 2100,
          "megabatch_cells": 1024, "threads": 1}
 SCALING_DEFAULT = ("geneformer-10m", "sdpa", "packed")
@@ -154,7 +169,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda where available (cpu with --smoke)")
     ap.add_argument("--presets", nargs="+", choices=PRESET_NAMES, help="default: all")
-    ap.add_argument("--backends", nargs="+", choices=BACKENDS, help="default: CUDA all three, CPU favor sdpa")
+    ap.add_argument("--backends", nargs="+", choices=BACKENDS,
+                    help="default: CUDA favor varlen sdpa, CPU favor sdpa (a backend that pretrain.config does not "
+                         "offer is skipped with that reason)")
     ap.add_argument("--modes", nargs="+", choices=MODES, help="default: all three")
     ap.add_argument("--token-budget", type=int, help="most tokens (padded slots) per batch (CUDA 65536, CPU 8192)")
     ap.add_argument("--megabatch-cells", type=int, help="cells per rank, shuffled and sorted together (8192)")
@@ -169,6 +186,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=2)
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="default: on for CUDA, off for CPU")
     ap.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known GPUs' dense bf16 peak)")
+    ap.add_argument("--ceilings", type=Path, help="a ceilings_<device>.json (gpu_suite.py's setup part): MFU also "
+                    "against its measured bf16 matrix-product rate (mfu_measured_gemm)")
+    ap.add_argument("--budget-s", type=float, help="seconds: rows not started by then are skipped (so that a time "
+                    "limit around this process keeps the rows measured)")
     ap.add_argument("--threads", type=int, help="CPU: torch threads per rank (default 1; see the docstring)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", type=Path, default=SHARED_H5AD, help="folder of .h5ad files for the length distribution")
@@ -178,7 +199,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--scaling", help="e.g. 1,2,4: relaunch under torchrun with that many ranks each, for one "
                     "preset / backend / mode (default geneformer-10m, sdpa, packed)")
     ap.add_argument("--scaling-timeout", type=float, default=1200, help="seconds per scaling launch")
-    ap.add_argument("--result", type=Path, help="result JSON (default benchmarks/results/train_<device>.json)")
+    ap.add_argument("--result", type=Path, help="result JSON (default benchmarks/results/train_<device>.json), "
+                    "rewritten after every row")
+    ap.add_argument("--write-lengths", type=Path, metavar="NPY",
+                    help="write genes per cell of the real files in --data to this .npy (and a .json beside it "
+                         "saying where they come from), for --lengths-file where ../shared/data is not at hand; "
+                         "then exit")
     ap.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by `deepspeed`
     args = ap.parse_args(argv)
     if args.device is None:
@@ -243,12 +269,33 @@ def synthetic_lengths() -> tuple[np.ndarray, dict]:
 
 
 def file_lengths(path: Path) -> tuple[np.ndarray, dict]:
-    """Genes per cell from a .npy file (1-D integers)."""
+    """Genes per cell from a .npy file (1-D integers). Where `write_lengths` made it, the .json
+    beside it says where they came from (kind "real" with the files); else kind "file"."""
     lengths = np.load(path)
     if lengths.ndim != 1 or lengths.dtype.kind not in "iu":
         raise SystemExit(f"--lengths-file {path}: expected a 1-D integer array of genes per cell, got "
                          f"{lengths.dtype} {lengths.shape}")
-    return lengths.astype(np.int64), {"kind": "file", "file": str(path)}
+    source = {"kind": "file"}
+    sidecar = Path(path).with_suffix(".json")
+    if sidecar.exists():
+        source.update(json.loads(sidecar.read_text()))
+    return lengths.astype(np.int64), {**source, "file": str(path)}
+
+
+def write_lengths(folder: Path, path: Path) -> dict:
+    """Save genes per cell of the real files in ``folder`` (`real_lengths`) to ``path`` (.npy, int32)
+    and their description to the .json beside it.  -> the description"""
+    found = real_lengths(folder)
+    if found is None:
+        raise SystemExit(f"--write-lengths: no CSR .h5ad files in {folder} (pass --data)")
+    lengths, source = found
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, lengths.astype(np.int32))
+    source = {**source, "n_cells": int(len(lengths)), "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    path.with_suffix(".json").write_text(json.dumps(source, indent=1) + "\n")
+    print(f"wrote {path}: {len(lengths):,} cells from {len(source['files'])} files "
+          f"(median {int(np.median(lengths))} genes)", file=sys.stderr)
+    return source
 
 
 def length_distribution(folder: Path, lengths_file: Path | None = None) -> tuple[np.ndarray, dict]:
@@ -405,9 +452,25 @@ def skip_reason(config, backend: str, mode: str, device, bf16: bool) -> str | No
         return "gene_set=all: every cell is the full gene set, there is nothing to pad or group"
     if mode != "packed" and config.architecture != "encoder":
         return "encoder-decoder: no padded path (its decoder runs the full gene set of every cell)"
+    from pretrain.config import ATTENTION_BACKENDS
+
+    if backend not in ATTENTION_BACKENDS:
+        return f"pretrain.config offers no '{backend}' attention backend (it has {', '.join(ATTENTION_BACKENDS)})"
     if mode != "packed" and backend == "favor":
         return ("FAVOR+ has no padded fast path (its padded reference gathers the real tokens and loops per "
                 "sequence), so a padded FAVOR+ row would time the reference, not padding")
+    if mode != "packed" and backend in ("varlen", "flash"):
+        return (f"the padded path runs torch SDPA with a key mask whatever the exact backend: measured once, as "
+                f"sdpa's padded rows ({backend} applies to packed batches)")
+    if backend == "varlen":
+        import torch
+
+        if device.type != "cuda":
+            return "varlen_attn (torch's FlashAttention) runs on CUDA only"
+        if not _has_varlen():
+            return f"torch {torch.__version__} has no torch.nn.attention.varlen (torch >= 2.10)"
+        if not bf16:
+            return "varlen_attn needs bf16 (--bf16)"
     if backend == "flash":
         import importlib.util
 
@@ -418,6 +481,14 @@ def skip_reason(config, backend: str, mode: str, device, bf16: bool) -> str | No
         if not bf16:
             return "flash-attn needs bf16 (--bf16)"
     return None
+
+
+def _has_varlen() -> bool:
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def bench_module(config):
@@ -576,7 +647,7 @@ def measure(engine, warm: list, timed: list, device) -> tuple[list[float], float
 
 # a measured row's fields (None where a row is skipped or ran out of memory)
 RESULT_KEYS = ("cells_per_s", "tokens_per_s", "median_step_s", "cells_per_step", "padding_waste", "batches_in_megabatch",
-               "mfu", "tflops", "peak_memory_bytes", "per_rank_cells_per_s", "aggregate_cells_per_s", "timed_steps",
+               "mfu", "mfu_measured_gemm", "tflops", "peak_memory_bytes", "per_rank_cells_per_s", "aggregate_cells_per_s", "timed_steps",
                "timed_cells_per_rank", "loss", "error")
 LOCAL = ("cells", "tokens", "seconds", "median_step_s", "flops", "peak_bytes", "oom", "failed", "loss", "pool_cells",
          "pool_batches", "pool_real", "pool_slots")
@@ -628,9 +699,11 @@ def gather(local: dict, device) -> list[dict]:
     return [dict(zip(LOCAL, t.tolist())) for t in everyone]
 
 
-def summarize(ranks: list[dict], peak_tflops: float | None, timed_steps: int, error: str | None) -> dict:
+def summarize(ranks: list[dict], peak_tflops: float | None, timed_steps: int, error: str | None,
+              measured_tflops: float | None = None) -> dict:
     """A row's throughput fields from every rank's figures (see the module docstring); ``error``:
-    this rank's."""
+    this rank's; MFU over the datasheet ``peak_tflops`` and over the ``measured_tflops`` of a large
+    bf16 matrix product on this device."""
     base = {**padding_figures(ranks), "peak_memory_bytes": int(max(r["peak_bytes"] for r in ranks))}
     if any(r["oom"] for r in ranks):
         return {**base, "oom": True, "error": None}
@@ -644,6 +717,7 @@ def summarize(ranks: list[dict], peak_tflops: float | None, timed_steps: int, er
             "tokens_per_s": statistics.fmean(r["tokens"] / r["seconds"] for r in ranks),
             "median_step_s": max(r["median_step_s"] for r in ranks), "tflops": mean_tflops,
             "mfu": mean_tflops / peak_tflops if peak_tflops else None,
+            "mfu_measured_gemm": mean_tflops / measured_tflops if measured_tflops else None,
             "per_rank_cells_per_s": per_rank,
             "aggregate_cells_per_s": sum(r["cells"] for r in ranks) / max(r["seconds"] for r in ranks),
             "timed_steps": timed_steps, "timed_cells_per_rank": [int(r["cells"]) for r in ranks],
@@ -651,21 +725,46 @@ def summarize(ranks: list[dict], peak_tflops: float | None, timed_steps: int, er
 
 
 # --- the whole run ------------------------------------------------------------------------------------
-def run_benchmark(args) -> dict:
+def run_benchmark(args, write=None) -> dict:
+    """Every preset x backend x mode row; ``write(settings, rows)`` (rank 0) after each row."""
     import torch
     import torch.distributed as dist
 
     from pretrain.distributed import init_distributed
     from pretrain.metrics import device_peak_tflops
 
+    started = time.monotonic()
     if args.device == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
     rank, world, device = init_distributed()
     lengths, source = length_distribution(args.data, args.lengths_file)
     pool_all = np.random.default_rng([args.seed, rank]).choice(lengths, size=args.megabatch_cells)  # rank-seeded
     peak_tflops, peak_source = device_peak_tflops(device, args.peak_tflops)
+    ceilings = read_ceilings(args.ceilings) or {}
+    measured = ceilings.get("gemm_bf16_tflops")
     memory = Memory(device)
-    rows, bf16_used = [], None
+    rows = []
+    settings = {"device": device.type, "world_size": world, "token_budget": args.token_budget,
+                "megabatch_cells_per_rank": args.megabatch_cells, "warmup_steps": args.warmup,
+                "timed_steps": args.timed, "zero_stage": args.zero_stage, "bf16": None,
+                "shrunk": args.shrunk, "width_div": args.width_div, "max_layers": args.max_layers,
+                "max_genes_cap": args.max_genes, "n_genes": args.n_genes, "mask_ratio": MASK_RATIO,
+                "threads_per_rank": torch.get_num_threads() if device.type == "cpu" else None,
+                "cpu_count": os.cpu_count(), "lengths": source["kind"], "length_source": source,
+                "peak_tflops": peak_tflops, "peak_tflops_source": peak_source,
+                "measured_gemm_tflops": measured,
+                "measured_gemm_source": (f"{args.ceilings}: {ceilings.get('gemm_n')}^3 bf16 product on random data"
+                                         if measured else "no --ceilings file: mfu_measured_gemm is null"),
+                "memory": memory.describe(), "loss": "masked expression only", "seed": args.seed,
+                "budget_s": args.budget_s, "mlflow": "off (the benchmark logs nothing to MLflow)"}
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        if rank == 0:
+            print_row(row)
+            if write is not None:
+                write(settings, rows)
+
     if rank == 0:
         print(HEADER, flush=True)
     for name in args.presets:
@@ -682,33 +781,32 @@ def run_benchmark(args) -> dict:
                 if config.architecture == "encoder_decoder":
                     row.update(decoder_d_model=config.decoder.d_model, decoder_layers=config.decoder.n_layers)
                 reason = skip_reason(config, backend, mode, device, bf16)
+                over = args.budget_s is not None and time.monotonic() - started > args.budget_s
+                if not reason and not _agree(not over, device):
+                    reason = f"time budget: --budget-s {args.budget_s:g} s spent before this row"
                 if reason:
-                    rows.append({**row, "skipped": reason, "oom": False, "error": None})
-                    if rank == 0:
-                        print_row(rows[-1])
+                    emit({**row, "skipped": reason, "oom": False, "error": None})
                     continue
                 if engine is None:
-                    engine, bf16_used, params = build(config, args, device)
-                    row.update(params=params, bf16=bf16_used)
+                    try:
+                        engine, settings["bf16"], params = build(config, args, device)
+                    except Exception as err:  # noqa: BLE001 - recorded; the next backend runs
+                        traceback.print_exc()
+                        engine = _release(None, device)
+                        emit({**row, "skipped": None, "oom": _is_oom(err), "error": f"building the engine: "
+                              f"{type(err).__name__}: {str(err)[:300]}"})
+                        continue
+                    row.update(params=params, bf16=settings["bf16"])
                 # the same cells (pool) and the same planning draws for every mode and backend
                 rng = np.random.default_rng([args.seed, rank, MODES.index(mode)])
+                row_started = time.monotonic()
                 local, error = run_row(engine, config, longest, mode, pool, args, device, memory, rng)
-                result = summarize(gather(local, device), peak_tflops, args.timed, error)
+                result = summarize(gather(local, device), peak_tflops, args.timed, error, measured)
                 if result["oom"] or result["error"]:  # a failed step can leave partial ZeRO state: a fresh engine
                     engine = _release(engine, device)
-                rows.append({**row, **result, "skipped": None})
-                if rank == 0:
-                    print_row(rows[-1])
+                emit({**row, **result, "skipped": None, "row_seconds": round(time.monotonic() - row_started, 1)})
             _release(engine, device)
-    settings = {"device": device.type, "world_size": world, "token_budget": args.token_budget,
-                "megabatch_cells_per_rank": args.megabatch_cells, "warmup_steps": args.warmup,
-                "timed_steps": args.timed, "zero_stage": args.zero_stage, "bf16": bf16_used,
-                "shrunk": args.shrunk, "width_div": args.width_div, "max_layers": args.max_layers,
-                "max_genes_cap": args.max_genes, "n_genes": args.n_genes, "mask_ratio": MASK_RATIO,
-                "threads_per_rank": torch.get_num_threads() if device.type == "cpu" else None,
-                "cpu_count": os.cpu_count(), "lengths": source["kind"], "length_source": source,
-                "peak_tflops": peak_tflops, "peak_tflops_source": peak_source, "memory": memory.describe(),
-                "loss": "masked expression only", "seed": args.seed}
+    settings["seconds"] = round(time.monotonic() - started, 1)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -748,7 +846,7 @@ def speedups(rows: list[dict]) -> list[dict]:
 
 
 HEADER = (f"{'preset':<15}{'backend':<8}{'mode':<15}{'d':>5}{'L':>3}{'cells/s':>10}{'tokens/s':>11}{'step s':>8}"
-          f"{'cells/st':>9}{'waste':>7}{'MFU':>7}{'peak MiB':>10}")
+          f"{'cells/st':>9}{'waste':>7}{'MFU':>7}{'MFUg':>7}{'peak MiB':>10}")  # MFUg: against the measured GEMM
 
 
 def print_row(row: dict) -> None:
@@ -759,8 +857,9 @@ def print_row(row: dict) -> None:
         print(f"{head}  {'out of memory' if row['oom'] else 'failed: ' + row['error'][:80]}", flush=True)
     else:
         mfu = f"{row['mfu']:.3f}" if row["mfu"] is not None else "-"
+        mfu_g = f"{row['mfu_measured_gemm']:.3f}" if row.get("mfu_measured_gemm") is not None else "-"
         print(f"{head}{row['cells_per_s']:>10.1f}{row['tokens_per_s']:>11.0f}{row['median_step_s']:>8.3f}"
-              f"{row['cells_per_step']:>9.1f}{row['padding_waste']:>7.3f}{mfu:>7}"
+              f"{row['cells_per_step']:>9.1f}{row['padding_waste']:>7.3f}{mfu:>7}{mfu_g:>7}"
               f"{row['peak_memory_bytes'] / 2**20:>10.0f}", flush=True)
 
 
@@ -774,7 +873,7 @@ def child_argv(args, result: Path) -> list[str]:
             "--result", str(result)]
     for flag, value in (("--width-div", args.width_div), ("--max-layers", args.max_layers),
                         ("--max-genes", args.max_genes), ("--peak-tflops", args.peak_tflops),
-                        ("--lengths-file", args.lengths_file)):
+                        ("--lengths-file", args.lengths_file), ("--ceilings", args.ceilings)):
         if value is not None:
             argv += [flag, str(value)]
     if args.bf16 is not None:
@@ -835,6 +934,9 @@ def default_result(args) -> Path:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.write_lengths:
+        write_lengths(args.data, args.write_lengths)
+        return
     if args.device == "cpu":  # before torch initializes CUDA: init_distributed picks CUDA where it sees it
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     args = resolve_defaults(args)
@@ -843,12 +945,21 @@ def main(argv=None) -> None:
         out = run_scaling(args)
         speed = speedups(out["rows"])
     else:
-        out = run_benchmark(args)
+        partial = {}
+
+        def write(settings: dict, rows: list[dict]) -> None:  # rank 0, after every row
+            if "file" not in partial:
+                partial["file"] = ResultFile(result_path, "train", device=device_record(),
+                                             versions=versions("torch", "deepspeed", "triton"), settings=settings)
+            partial["file"].update(settings=settings, rows=rows, speedups=speedups(rows))
+
+        out = run_benchmark(args, write)
         if out.pop("rank") != 0:
             return
         speed = out.pop("speedups")
     result = result_record("train", device=device_record(), versions=versions("torch", "deepspeed", "triton"),
-                           settings=out["settings"], rows=out["rows"], speedups=speed, scaling=out.get("scaling"))
+                           settings=out["settings"], rows=out["rows"], speedups=speed, scaling=out.get("scaling"),
+                           partial=False)
     write_result(result_path, result)
     for s in speed:
         ratios = ", ".join(f"{m} {v:.2f}x" for m, v in s["speedup_vs_random_padded"].items() if v is not None)

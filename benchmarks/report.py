@@ -214,7 +214,7 @@ def contrastive() -> str:
         r = json.loads(path.read_text())
         c = r["config"]
         rows = []
-        for cmp in r["comparison"]:
+        for cmp in r.get("comparison") or []:  # a partial file (its run cut short) has rows only
             cached = next(x for x in r["rows"] if x["mode"] == "cached" and x["batch_cells"] == cmp["batch_cells"])
             plain = next((x for x in r["rows"] if x["mode"] == "uncached" and x["batch_cells"] == cmp["batch_cells"]), {})
             rows.append([n(cmp["batch_cells"]), cached.get("n_chunks", "-"), n(cached.get("ms_per_cell"), 1),
@@ -228,9 +228,10 @@ def contrastive() -> str:
             f"ZeRO-{c['zero_stage']}, {c['dtype']}; chunks of {c['chunk_cells']} cells; median step per configuration.",
             "", table(["cells per batch", "chunks", "ms per cell, cached", "ms per cell, uncached", "time ratio",
                        "step memory, cached (MiB)", "step memory, uncached (MiB)"], rows),
-            "", f"Largest batch that ran: cached {n(r['largest_batch_fits'].get('cached'))}, uncached "
-                f"{n(r['largest_batch_fits'].get('uncached'))} (first out of memory: cached "
-                f"{n(r['first_oom_batch'].get('cached'))}, uncached {n(r['first_oom_batch'].get('uncached'))})."]))
+            "", f"Largest batch that ran: cached {n((r.get('largest_batch_fits') or {}).get('cached'))}, uncached "
+                f"{n((r.get('largest_batch_fits') or {}).get('uncached'))} (first out of memory: cached "
+                f"{n((r.get('first_oom_batch') or {}).get('cached'))}, uncached "
+                f"{n((r.get('first_oom_batch') or {}).get('uncached'))})."]))
     return "\n\n".join(parts)
 
 
@@ -248,7 +249,7 @@ def demo() -> str:
 
 def gpu_status() -> str:
     gpu = sorted(p.name for p in RESULTS.glob("*.json") if not p.stem.endswith("_cpu") and p.stem.split("_", 1)[0]
-                 in ("favor", "train", "contrastive", "gpu") and "_" in p.stem)
+                 in ("favor", "train", "contrastive", "gpu", "ceilings") and "_" in p.stem)
     if gpu:
         return "GPU result files: " + ", ".join(f"`{g}`" for g in gpu) + "."
     return ("**No GPU numbers yet.** No GPU was available to this project so far; every number below is from a "
@@ -303,6 +304,8 @@ def training() -> str:
         r = json.loads(path.read_text())
         st = r["settings"]
         speedup = {(x["preset"], x["backend"]): x["speedup_vs_random_padded"] for x in r["speedups"]}
+        # MFU against the device's measured bf16 matrix-product rate, where the run had one (GPU suite)
+        measured = any(row.get("mfu_measured_gemm") is not None for row in r["rows"])
         rows, skipped = [], {}
         for row in r["rows"]:
             if row.get("skipped") or row.get("error") or row.get("oom"):
@@ -313,6 +316,8 @@ def training() -> str:
             rows.append([row["preset"], f"{row['d_model']} x {row['n_layers']}, {row['params'] / 1e6:.2f} M",
                          row["backend"], row["mode"], n(row["cells_per_step"], 1), n(row["cells_per_s"], 1),
                          n(row["tokens_per_s"]), f"{row['mfu']:.1%}" if row.get("mfu") is not None else "-",
+                         *([f"{row['mfu_measured_gemm']:.1%}" if row.get("mfu_measured_gemm") is not None else "-"]
+                           if measured else []),
                          n(row["peak_memory_bytes"] / 2**20), f"{row['padding_waste']:.1%}",
                          f"{gain:.2f}x" if gain else ("1.00x" if row["mode"] == "random_padded" else "-")])
         lengths = st["length_source"]
@@ -327,7 +332,8 @@ def training() -> str:
                 f"90th percentile {n(pct.get('90'))}, max {n(pct.get('100'))} genes). Speed-up: cells/s against "
                 "random batches padded to their longest cell, at the same token budget.", "",
                 table(["preset", "shape (width x layers, params)", "attention", "batches", "cells/step", "cells/s",
-                       "tokens/s", "MFU", "peak memory (MiB)", "padding", "speed-up"], rows)]
+                       "tokens/s", "MFU", *(["MFU (measured GEMM)"] if measured else []), "peak memory (MiB)",
+                       "padding", "speed-up"], rows)]
         if skipped:
             text += ["", "Not measured:"] + [f"- {', '.join(where)}: {why}." for why, where in skipped.items()]
         parts.append("\n".join(text))

@@ -9,7 +9,9 @@ from dataclasses import asdict, dataclass, field, fields
 
 from data_pipeline.normalize import MODES, QUANTILE_TIES, Normalization
 
-ATTENTION_BACKENDS = ("favor", "flash", "sdpa")
+# favor: FAVOR+ (linear, approximate); flash: flash-attn, else varlen; sdpa: padded exact softmax (any device);
+# varlen: torch's FlashAttention varlen kernel (exact, packed; CUDA bf16/fp16, torch >= 2.10)
+ATTENTION_BACKENDS = ("favor", "flash", "sdpa", "varlen")
 VALUE_MODES = ("bins", "continuous", "rank")
 POOLINGS = ("cls", "mean")
 ARCHITECTURES = ("encoder", "encoder_decoder")
@@ -48,7 +50,8 @@ class ModelConfig:
     ffn_multiplier: float = _help("feed-forward width as a multiple of d_model", 4.0)
     dropout: float = _help("dropout on the residual branches and embeddings", 0.1)
     norm_eps: float = _help("LayerNorm epsilon", 1e-5)
-    attention: str = _help(f"attention backend: one of {', '.join(ATTENTION_BACKENDS)}", "favor")
+    attention: str = _help(f"attention backend: one of {', '.join(ATTENTION_BACKENDS)} (flash and varlen: CUDA + bf16; "
+                           "sdpa: exact anywhere; favor: FAVOR+ approximation)", "favor")
     favor_features: int = _help("FAVOR+ random features m (multiple of 16)", 256)
     favor_redraw_interval: int = _help("redraw the FAVOR+ projections every N optimizer steps (0: never)", 1000)
     value_mode: str = _help("expression input: bins (bin table), continuous (MLP) or rank (position table)", "bins")

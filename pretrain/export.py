@@ -142,6 +142,18 @@ Embed an .h5ad of raw counts: `python launch/embed.py THIS_FOLDER cells.h5ad --o
 """
 
 
+def exact_backends_to_sdpa(config: ModelConfig) -> ModelConfig:
+    """``config`` with the CUDA-only exact backends (flash, varlen) replaced by sdpa: the same
+    softmax attention and the same weights, so a bundle trained on GPUs embeds on a CPU."""
+    from .model.attention import CUDA_ONLY_BACKENDS
+
+    decoder = config.decoder
+    if decoder.attention in CUDA_ONLY_BACKENDS:
+        decoder = replace(decoder, attention="sdpa")
+    attention = "sdpa" if config.attention in CUDA_ONLY_BACKENDS else config.attention
+    return replace(config, attention=attention, decoder=decoder)
+
+
 def load_pretrained(bundle: str | Path, device: str | torch.device = "cpu") -> CellModel:
     """The bundle's `CellModel` in eval mode, with ``.normalization`` (`Normalization`) and
     ``.vocab`` (`Vocabulary`) attached. Imports neither DeepSpeed nor the training config."""
@@ -158,6 +170,8 @@ def load_pretrained(bundle: str | Path, device: str | torch.device = "cpu") -> C
     raw["decoder"] = DecoderConfig(**raw["decoder"])
     known = {f.name for f in fields(ModelConfig)}
     config = replace(ModelConfig(**{k: v for k, v in raw.items() if k in known}), gene_embedding_file=None)
+    if torch.device(device).type != "cuda":
+        config = exact_backends_to_sdpa(config)
     model = CellModel(config)
     model.load_state_dict(load_file(str(bundle / "model.safetensors")))
     model.normalization = normalization_from_record(json.loads((bundle / "normalization.json").read_text()))

@@ -29,6 +29,7 @@ from .config import TrainConfig
 from .distributed import init_distributed
 from .metrics import RunLog, device_peak_tflops
 from .model import CellModel, model_cost
+from .model.attention import require_attention_device
 from .objectives import PretrainModule, train_step
 
 VALUE_MODE_OF = {"log1p_bins": "bins", "quantile_bins": "bins", "rank": "rank", "continuous": "continuous"}
@@ -135,6 +136,7 @@ def train(config: TrainConfig, resume: str | None = None) -> dict:
     """Train as ``config`` says; ``resume``: "auto" (the latest complete checkpoint of the run
     directory, if any), a checkpoint folder, or None. Returns the run summary (rank 0)."""
     rank, world, device = init_distributed()
+    require_attention_device(config.model, device)  # before any run folder, engine or MLflow run exists
     run_dir = Path(config.run.out)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -17,23 +17,28 @@ MODES = {"random_padded", "grouped_padded", "packed"}
 
 def test_bench_train_smoke(tmp_path):
     out = tmp_path / "train.json"
+    ceilings = tmp_path / "ceilings.json"  # as gpu_suite.py's setup part writes it
+    ceilings.write_text(json.dumps({"ceilings": {"gemm_bf16_tflops": 0.5, "gemm_n": 256}}))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "benchmarks/bench_train.py", "--smoke", "--result", str(out)], cwd=REPO,
-                       env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "benchmarks/bench_train.py", "--smoke", "--result", str(out),
+                        "--ceilings", str(ceilings)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(out.read_text())
     assert {"benchmark", "date", "device", "versions", "settings", "rows", "speedups", "command"} <= set(result)
     assert result["benchmark"] == "train"
     settings = result["settings"]
     assert settings["world_size"] == 1 and settings["shrunk"] and settings["lengths"] in ("real", "synthetic")
+    assert result["partial"] is False and settings["measured_gemm_tflops"] == 0.5
 
     rows = result["rows"]
     skipped = [row for row in rows if row["skipped"]]
     measured = [row for row in rows if not row["skipped"]]
     assert all(isinstance(row["skipped"], str) and row["skipped"] for row in skipped)
-    # flash-attn needs CUDA; FAVOR+ runs packed only (no padded fast path); every other row applies
+    # flash-attn and varlen_attn need CUDA, and padded batches run SDPA whatever the exact backend (measured
+    # once, as sdpa); FAVOR+ runs packed only (no padded fast path); every other row applies
     assert {(row["backend"], row["mode"]) for row in skipped} == (
-        {("flash", mode) for mode in MODES} | {("favor", "random_padded"), ("favor", "grouped_padded")})
+        {(backend, mode) for backend in ("flash", "varlen") for mode in MODES}
+        | {("favor", "random_padded"), ("favor", "grouped_padded")})
     for preset in ("geneformer-10m", "scgpt"):
         favor = {row["mode"] for row in measured if (row["preset"], row["backend"]) == (preset, "favor")}
         assert favor == {"packed"}
@@ -56,7 +61,8 @@ def test_bench_train_smoke(tmp_path):
             assert math.isfinite(row[key]) and row[key] > 0, (key, row)
         assert row["tokens_per_s"] > row["cells_per_s"]
         assert row["per_rank_cells_per_s"] == [row["cells_per_s"]] == [row["aggregate_cells_per_s"]]
-        assert row["mfu"] is None  # no peak known for a CPU
+        assert row["mfu"] is None  # no datasheet peak known for a CPU
+        assert math.isclose(row["mfu_measured_gemm"], row["tflops"] / 0.5)  # against the measured GEMM rate
         assert row["peak_memory_bytes"] > 0 and row["params"] > 0 and row["timed_steps"] == 1
     speedups = {(s["preset"], s["backend"]): s for s in result["speedups"]}
     assert set(speedups) == {(p, b) for p in ("geneformer-10m", "scgpt") for b in ("sdpa", "favor")}
@@ -66,3 +72,27 @@ def test_bench_train_smoke(tmp_path):
             assert all(v > 0 for v in s["speedup_vs_random_padded"].values())
         else:  # FAVOR+ runs packed only: nothing to compare with
             assert s["speedup_vs_random_padded"] == {"packed": None}
+
+
+def test_write_lengths_round_trip(tmp_path):
+    """--write-lengths saves genes per cell of the real files (and where they came from), which
+    --lengths-file then reads back as a real distribution."""
+    import numpy as np
+    import pytest
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_train import file_lengths, real_lengths
+    from common import SHARED_H5AD
+
+    if real_lengths(SHARED_H5AD) is None:
+        pytest.skip("../shared/data/h5ad is not present")
+    path = tmp_path / "data" / "lengths.npy"
+    r = subprocess.run([sys.executable, "benchmarks/bench_train.py", "--write-lengths", str(path)], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lengths, source = file_lengths(path)
+    expected, described = real_lengths(SHARED_H5AD)
+    assert np.array_equal(lengths, expected) and source["kind"] == "real"
+    assert source["files"] == described["files"] and "scdcc_10X_PBMC_top2000.h5ad" not in source["files"]
+    path.with_suffix(".json").unlink()  # without the description beside it: a file of unknown origin
+    assert file_lengths(path)[1]["kind"] == "file"

@@ -49,7 +49,9 @@ def _cwd(overrides: list[str]) -> Path:
 
 
 def job_env() -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # the checkout first, then whatever was there (on the GPU machine: the carried wheels' folder)
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)  # runs keep their MLflow store in the run directory
     return env
 
@@ -148,3 +150,27 @@ def weights(bundle: Path) -> dict:
 def complete_steps(run: Path) -> list[int]:
     folder = run / "checkpoints"
     return sorted(int(p.name.split("-")[1]) for p in folder.glob("step-*") if (p / "COMPLETE").exists())
+
+
+# --- two optimizer steps, for comparing devices and attention backends (tests/test_gpu_training.py) ---
+
+def two_step_overrides(corpus: Path, run: Path, attention: str, bf16: bool) -> list[str]:
+    """A 2-step run of the tiny model under DeepSpeed ZeRO-2: dropout off (so that a CPU and a GPU run
+    draw nothing from their different RNGs), MLflow off, every step's metrics recorded."""
+    return [*TINY, f"data.corpus={corpus}", f"run.out={run}", f"model.attention={attention}", "model.dropout=0.0",
+            "schedule.max_steps=2", "deepspeed.zero_stage=2", f"deepspeed.bf16={str(bf16).lower()}",
+            "run.checkpoint_every=0", "run.log_every=1", "run.mlflow=false"]
+
+
+def two_step_run(corpus: Path, run: Path, attention: str, *, cpu: bool, bf16: bool = False) -> list[dict]:
+    """The per-step metrics of `two_step_overrides`' run of launch/pretrain.py, in its own process on
+    one rank. ``cpu``: CUDA hidden from the job (the trainer then runs on the CPU, gloo); otherwise
+    the job sees the machine's GPUs (NCCL, device 0)."""
+    env = job_env()
+    if cpu:  # torch then sees no GPU (the trainer picks the CPU) and DeepSpeed uses its CPU accelerator
+        env.update(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
+    overrides = two_step_overrides(corpus, run, attention, bf16)
+    proc = subprocess.run(pretrain_cmd(overrides), env=env, cwd=_cwd(overrides), capture_output=True, text=True,
+                          timeout=JOB_TIMEOUT)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return metrics(run)

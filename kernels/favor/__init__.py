@@ -27,16 +27,17 @@ __all__ = ["draw_projection", "favor_attention", "favor_attention_batched", "fav
 class _FavorAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, projection, cu_seqlens, max_seqlen, eps):
-        out, state, norm, den, key_max = favor_forward(q, k, v, projection, cu_seqlens, max_seqlen, eps)
-        ctx.save_for_backward(q, k, v, projection, cu_seqlens, out, state, norm, den, key_max)
+        out, state, norm, den, key_max, query_max, out_lo = favor_forward(q, k, v, projection, cu_seqlens, max_seqlen,
+                                                                           eps, return_backward_extras=True)
+        ctx.save_for_backward(q, k, v, projection, cu_seqlens, out, state, norm, den, key_max, query_max, out_lo)
         ctx.eps, ctx.max_seqlen = eps, max_seqlen
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, projection, cu_seqlens, out, state, norm, den, key_max = ctx.saved_tensors
+        q, k, v, projection, cu_seqlens, out, state, norm, den, key_max, query_max, out_lo = ctx.saved_tensors
         dq, dk, dv = favor_backward(grad_out, q, k, v, projection, cu_seqlens, ctx.max_seqlen, out, state, norm, den,
-                                    key_max, ctx.eps)
+                                    key_max, ctx.eps, query_max=query_max, out_lo=out_lo)
         return dq, dk, dv, None, None, None, None
 
 

@@ -10,10 +10,12 @@ normalizer ``z = B^T 1``, ``o = A S / (A z)`` and the output gradient ``G``:
     dU = c dA * exp(U)        dx' = dU W - rowsum(dU) x'   dx = d^(-1/4) dx'
 
 Three kernels: ``_query_grad_state`` sums ``dS``, ``dz`` per (query chunk, head, feature block)
-(a fixed-order sum over chunks follows, as in the forward; each program first finds the rows'
-max over all features), ``_query_grad`` gives ``dq`` per query tile in one pass over the
-feature blocks (running max, as the forward), ``_key_grad`` gives ``dk`` and ``dv`` per key tile. Saved from the forward: the output,
-its denominators, ``S``, ``z`` and the key stabilizer per sequence and head, O(T D + B m D).
+(a fixed-order sum over chunks follows, as in the forward), ``_query_grad`` gives ``dq`` per
+query tile in one pass over the feature blocks, ``_key_grad`` gives ``dk`` and ``dv`` per key
+tile. Both query kernels take each row's stabilizer (its max of ``W q'`` over all features) from
+the forward, so a program reads only its own feature blocks and never rescales. Saved from the
+forward: the output, its denominators and row stabilizers, ``S``, ``z`` and the key stabilizer
+per sequence and head, O(T D + B m D). Launch configurations: `launch.py`.
 """
 
 from __future__ import annotations
@@ -22,26 +24,37 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_forward import CHUNK, _feature_block, _load_rows, _row_tile, _tile_rows, combine, pieces
+from .launch import CHUNK, launches
+from .triton_forward import (
+    _half_norm,
+    _load_rows,
+    _load_w,
+    _mm,
+    _project,
+    _row_tile,
+    _tile_rows,
+    combine,
+    pieces,
+)
 
 
 @triton.jit
-def _row_max(xt, w_ptr, D: tl.constexpr, BM: tl.constexpr, M_FEAT: tl.constexpr, BL: tl.constexpr,
-             PRECISION: tl.constexpr):
-    d = tl.arange(0, D)
-    rmax = tl.full([BL], -float("inf"), tl.float32)
-    for fb in tl.static_range(M_FEAT // BM):
-        f = fb * BM + tl.arange(0, BM)
-        w = tl.load(w_ptr + f[:, None] * D + d[None, :]).to(tl.float32)
-        rmax = tl.maximum(rmax, tl.max(tl.dot(xt, tl.trans(w), input_precision=PRECISION), 1))
-    return rmax
+def _output(o_ptr, olo_ptr, rows, valid, stride_t, head_offset, dv, O_LO: tl.constexpr):
+    """The forward's output rows [BL, Dv] fp32, with the part rounding to bf16/fp16 cut off
+    (``O_LO``): ``dden = -rowsum(G o) / den`` must use the o that S and z give, or dA's
+    cancellation ``dnum S^T + dden z^T`` leaves the rounding behind (all of dq for one token)."""
+    o = _load_rows(o_ptr, rows, valid, stride_t, head_offset, dv).to(tl.float32)
+    if O_LO:
+        o += _load_rows(olo_ptr, rows, valid, stride_t, head_offset, dv).to(tl.float32)
+    return o
 
 
 @triton.jit
-def _query_grad_state(q_ptr, g_ptr, o_ptr, den_ptr, w_ptr, chunk_start_ptr, chunk_len_ptr, ds_ptr, dz_ptr,
-                      stride_qt, stride_qh, stride_gt, stride_gh, stride_ot, stride_oh, n_heads, scale_in, eps,
-                      feat_scale, D: tl.constexpr, DV: tl.constexpr, BL: tl.constexpr, BM: tl.constexpr,
-                      M_FEAT: tl.constexpr, PRECISION: tl.constexpr):
+def _query_grad_state(q_ptr, g_ptr, o_ptr, olo_ptr, den_ptr, qmax_ptr, w_ptr, chunk_start_ptr, chunk_len_ptr, ds_ptr,
+                      dz_ptr, stride_qt, stride_qh, stride_gt, stride_gh, stride_ot, stride_oh, n_heads, scale_in,
+                      eps, feat_scale, D: tl.constexpr, DV: tl.constexpr, BL: tl.constexpr, BM: tl.constexpr,
+                      M_FEAT: tl.constexpr, X_OP: tl.constexpr, F_OP: tl.constexpr,
+                      O_LO: tl.constexpr, EMULATE: tl.constexpr):
     c = tl.program_id(0)
     h = tl.program_id(1)
     fb = tl.program_id(2)
@@ -50,22 +63,24 @@ def _query_grad_state(q_ptr, g_ptr, o_ptr, den_ptr, w_ptr, chunk_start_ptr, chun
     d = tl.arange(0, D)
     dv = tl.arange(0, DV)
     f = fb * BM + tl.arange(0, BM)
-    w = tl.load(w_ptr + f[:, None] * D + d[None, :]).to(tl.float32)
+    w_hi, w_lo = _load_w(w_ptr, f, D, M_FEAT, X_OP)
     ds = tl.zeros([BM, DV], dtype=tl.float32)
     dz = tl.zeros([BM], dtype=tl.float32)
     for off in range(0, n, BL):
         rows, valid = _tile_rows(start, off, n, BL)
-        qt = _load_rows(q_ptr, rows, valid, stride_qt, h * stride_qh, d) * scale_in
-        half = tl.sum(qt * qt, 1) * 0.5
-        rmax = _row_max(qt, w_ptr, D, BM, M_FEAT, BL, PRECISION)
-        a = feat_scale * (tl.exp(tl.dot(qt, tl.trans(w), input_precision=PRECISION) - half[:, None] - rmax[:, None]) + eps)
+        qt = _load_rows(q_ptr, rows, valid, stride_qt, h * stride_qh, d)
+        # each row's stabilizer as the forward found it (max over all m features): reading it
+        # keeps this program to its own feature block
+        rmax = tl.load(qmax_ptr + rows * n_heads + h, mask=valid, other=0.0)
+        proj = _project(qt, w_hi, w_lo, scale_in, BL, BM, X_OP, EMULATE)
+        a = feat_scale * (tl.exp(proj - _half_norm(qt, scale_in)[:, None] - rmax[:, None]) + eps)
         a = tl.where(valid[:, None], a, 0.0)
-        g = _load_rows(g_ptr, rows, valid, stride_gt, h * stride_gh, dv)
-        o = _load_rows(o_ptr, rows, valid, stride_ot, h * stride_oh, dv)
+        g = _load_rows(g_ptr, rows, valid, stride_gt, h * stride_gh, dv).to(tl.float32)
+        o = _output(o_ptr, olo_ptr, rows, valid, stride_ot, h * stride_oh, dv, O_LO)
         den = tl.load(den_ptr + rows * n_heads + h, mask=valid, other=1.0)
         dnum = g / den[:, None]
         dden = -tl.sum(g * o, 1) / den
-        ds += tl.dot(tl.trans(a), dnum, input_precision=PRECISION)
+        ds = _mm(tl.trans(a), dnum, ds, F_OP, EMULATE)
         dz += tl.sum(a * dden[:, None], 0)
     base = (c * n_heads + h).to(tl.int64)
     tl.store(ds_ptr + (base * M_FEAT + f)[:, None] * DV + dv[None, :], ds)
@@ -73,50 +88,50 @@ def _query_grad_state(q_ptr, g_ptr, o_ptr, den_ptr, w_ptr, chunk_start_ptr, chun
 
 
 @triton.jit
-def _query_grad(q_ptr, g_ptr, o_ptr, den_ptr, w_ptr, s_ptr, z_ptr, tile_start_ptr, tile_len_ptr, tile_seq_ptr,
-                dq_ptr, stride_qt, stride_qh, stride_gt, stride_gh, stride_ot, stride_oh, stride_dt, stride_dh,
-                n_heads, scale_in, eps, feat_scale, D: tl.constexpr, DV: tl.constexpr, BL: tl.constexpr,
-                BM: tl.constexpr, M_FEAT: tl.constexpr, PRECISION: tl.constexpr):
-    h, seq, rows, valid, qt, half = _row_tile(q_ptr, tile_start_ptr, tile_len_ptr, tile_seq_ptr, stride_qt,
-                                                stride_qh, scale_in, D, BL)
+def _query_grad(q_ptr, g_ptr, o_ptr, olo_ptr, den_ptr, qmax_ptr, w_ptr, wf_ptr, s_ptr, z_ptr, tile_start_ptr, tile_len_ptr,
+                tile_seq_ptr, dq_ptr, stride_qt, stride_qh, stride_gt, stride_gh, stride_ot, stride_oh, stride_dt,
+                stride_dh, n_heads, scale_in, eps, feat_scale, D: tl.constexpr, DV: tl.constexpr, BL: tl.constexpr,
+                BM: tl.constexpr, M_FEAT: tl.constexpr, X_OP: tl.constexpr, F_OP: tl.constexpr,
+                O_LO: tl.constexpr, EMULATE: tl.constexpr):
+    h, seq, rows, valid, qt = _row_tile(q_ptr, tile_start_ptr, tile_len_ptr, tile_seq_ptr, stride_qt, stride_qh,
+                                        D, BL)
+    half = _half_norm(qt, scale_in)
     d = tl.arange(0, D)
     dv = tl.arange(0, DV)
-    g = _load_rows(g_ptr, rows, valid, stride_gt, h * stride_gh, dv)
-    o = _load_rows(o_ptr, rows, valid, stride_ot, h * stride_oh, dv)
+    g = _load_rows(g_ptr, rows, valid, stride_gt, h * stride_gh, dv).to(tl.float32)
+    o = _output(o_ptr, olo_ptr, rows, valid, stride_ot, h * stride_oh, dv, O_LO)
     den = tl.load(den_ptr + rows * n_heads + h, mask=valid, other=1.0)
     dnum = g / den[:, None]
     dden = -tl.sum(g * o, 1) / den
+    # the forward's per-row stabilizer: no running max, no rescaling of the [BL, D] accumulator
+    rmax = tl.load(qmax_ptr + rows * n_heads + h, mask=valid, other=0.0)
     base = seq * n_heads + h
-    # one pass over the feature blocks, relative to each row's running max (as in the forward)
-    rmax = tl.full([BL], -float("inf"), tl.float32)
     dx = tl.zeros([BL, D], dtype=tl.float32)
     du_sum = tl.zeros([BL], dtype=tl.float32)
-    for fb in tl.static_range(M_FEAT // BM):
+    for fb in range(0, M_FEAT // BM):
         f = fb * BM + tl.arange(0, BM)
-        w = tl.load(w_ptr + f[:, None] * D + d[None, :]).to(tl.float32)
-        proj = tl.dot(qt, tl.trans(w), input_precision=PRECISION)
-        r_new = tl.maximum(rmax, tl.max(proj, 1))
-        alpha = tl.exp(rmax - r_new)
-        e = tl.exp(proj - half[:, None] - r_new[:, None])
+        w_hi, w_lo = _load_w(w_ptr, f, D, M_FEAT, X_OP)
+        e = tl.exp(_project(qt, w_hi, w_lo, scale_in, BL, BM, X_OP, EMULATE) - half[:, None] - rmax[:, None])
         s_blk = tl.load(s_ptr + (base * M_FEAT + f)[:, None] * DV + dv[None, :])
         z_blk = tl.load(z_ptr + base * M_FEAT + f)
-        da = tl.dot(dnum, tl.trans(s_blk), input_precision=PRECISION) + dden[:, None] * z_blk[None, :]
+        da = _mm(dnum, tl.trans(s_blk), dden[:, None] * z_blk[None, :], F_OP, EMULATE)
         du = feat_scale * da * e
-        dx = dx * alpha[:, None] + tl.dot(du, w, input_precision=PRECISION)
-        du_sum = du_sum * alpha + tl.sum(du, 1)
-        rmax = r_new
-    dx = (dx - du_sum[:, None] * qt) * scale_in
+        dx = _mm(du, tl.load(wf_ptr + f[:, None] * D + d[None, :]), dx, F_OP, EMULATE)
+        du_sum += tl.sum(du, 1)
+    dx = (dx - du_sum[:, None] * (qt.to(tl.float32) * scale_in)) * scale_in
     tl.store(dq_ptr + rows[:, None] * stride_dt + h * stride_dh + d[None, :], dx.to(dq_ptr.dtype.element_ty),
              mask=valid[:, None])
 
 
 @triton.jit
-def _key_grad(k_ptr, v_ptr, w_ptr, ds_ptr, dz_ptr, mx_ptr, tile_start_ptr, tile_len_ptr, tile_seq_ptr,
+def _key_grad(k_ptr, v_ptr, w_ptr, wf_ptr, ds_ptr, dz_ptr, mx_ptr, tile_start_ptr, tile_len_ptr, tile_seq_ptr,
               dk_ptr, dv_ptr, stride_kt, stride_kh, stride_vt, stride_vh, stride_dkt, stride_dkh, stride_dvt,
               stride_dvh, n_heads, scale_in, eps, feat_scale, D: tl.constexpr, DV: tl.constexpr, BL: tl.constexpr,
-              BM: tl.constexpr, M_FEAT: tl.constexpr, PRECISION: tl.constexpr):
-    h, seq, rows, valid, kt, half = _row_tile(k_ptr, tile_start_ptr, tile_len_ptr, tile_seq_ptr, stride_kt,
-                                                stride_kh, scale_in, D, BL)
+              BM: tl.constexpr, M_FEAT: tl.constexpr, X_OP: tl.constexpr, F_OP: tl.constexpr,
+              EMULATE: tl.constexpr):
+    h, seq, rows, valid, kt = _row_tile(k_ptr, tile_start_ptr, tile_len_ptr, tile_seq_ptr, stride_kt, stride_kh,
+                                        D, BL)
+    half = _half_norm(kt, scale_in)
     d = tl.arange(0, D)
     dv = tl.arange(0, DV)
     vt = _load_rows(v_ptr, rows, valid, stride_vt, h * stride_vh, dv)
@@ -125,65 +140,84 @@ def _key_grad(k_ptr, v_ptr, w_ptr, ds_ptr, dz_ptr, mx_ptr, tile_start_ptr, tile_
     dx = tl.zeros([BL, D], dtype=tl.float32)
     du_sum = tl.zeros([BL], dtype=tl.float32)
     dvv = tl.zeros([BL, DV], dtype=tl.float32)
-    for fb in tl.static_range(M_FEAT // BM):
+    for fb in range(0, M_FEAT // BM):
         f = fb * BM + tl.arange(0, BM)
-        w = tl.load(w_ptr + f[:, None] * D + d[None, :]).to(tl.float32)
-        e = tl.exp(tl.dot(kt, tl.trans(w), input_precision=PRECISION) - half[:, None] - big)
-        b = feat_scale * (e + eps)
+        w_hi, w_lo = _load_w(w_ptr, f, D, M_FEAT, X_OP)
+        e = tl.exp(_project(kt, w_hi, w_lo, scale_in, BL, BM, X_OP, EMULATE) - half[:, None] - big)
         ds_blk = tl.load(ds_ptr + (base * M_FEAT + f)[:, None] * DV + dv[None, :])
         dz_blk = tl.load(dz_ptr + base * M_FEAT + f)
-        db = tl.dot(vt, tl.trans(ds_blk), input_precision=PRECISION) + dz_blk[None, :]
-        dvv += tl.dot(b, ds_blk, input_precision=PRECISION)
+        db = _mm(vt, tl.trans(ds_blk), tl.zeros([BL, BM], dtype=tl.float32) + dz_blk[None, :], F_OP, EMULATE)
+        dvv = _mm(feat_scale * (e + eps), ds_blk, dvv, F_OP, EMULATE)
         du = feat_scale * db * e
-        dx += tl.dot(du, w, input_precision=PRECISION)
+        dx = _mm(du, tl.load(wf_ptr + f[:, None] * D + d[None, :]), dx, F_OP, EMULATE)
         du_sum += tl.sum(du, 1)
-    dx = (dx - du_sum[:, None] * kt) * scale_in
+    dx = (dx - du_sum[:, None] * (kt.to(tl.float32) * scale_in)) * scale_in
     tl.store(dk_ptr + rows[:, None] * stride_dkt + h * stride_dkh + d[None, :], dx.to(dk_ptr.dtype.element_ty),
              mask=valid[:, None])
     tl.store(dv_ptr + rows[:, None] * stride_dvt + h * stride_dvh + dv[None, :], dvv.to(dv_ptr.dtype.element_ty),
              mask=valid[:, None])
 
 
+def query_max_reference(q: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+    """Each query row's stabilizer ``max_f (W q')_f`` [T, H] fp32 in PyTorch, for callers of
+    `favor_backward` that did not keep the forward's (it costs a [T, H, m] temporary)."""
+    proj = torch.einsum("thd,md->thm", q.float() * q.shape[-1] ** -0.25, projection.to(q.device, torch.float32))
+    return proj.amax(-1)
+
+
 def favor_backward(grad_out, q, k, v, projection, cu_seqlens, max_seqlen: int, out, state, norm, den, key_max,
-                   eps: float = 1e-4, block_rows: int = 64, chunk_rows: int = CHUNK
+                   eps: float = 1e-4, block_rows: int | None = None, chunk_rows: int = CHUNK, *,
+                   query_max: torch.Tensor | None = None, out_lo: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv)`` [T, H, D] of FAVOR+ over packed sequences, from what `favor_forward` saved."""
+    """``(dq, dk, dv)`` [T, H, D] of FAVOR+ over packed sequences, from what `favor_forward` saved.
+    ``query_max`` [T, H] and ``out_lo`` [T, H, Dv]: ``favor_forward(..., return_backward_extras=True)``'s
+    last two results; without them the stabilizers are computed here in PyTorch and, for bf16/fp16,
+    the rounded output is taken as exact (gradients then carry ~2^-9 relative errors of o)."""
     t, h, d = q.shape
     dv_dim = v.shape[-1]
     m = projection.shape[0]
-    bm = _feature_block(m)
+    cfg = launches(d, dv_dim, m, q.dtype, block_rows=block_rows)
+    bm = cfg.query_grad_state.constexprs["BM"]
     device = q.device
     n_seq = cu_seqlens.numel() - 1
-    w = projection.to(device=device, dtype=torch.float32).contiguous()
+    w, wf = cfg.projection_operands(projection, device)
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     grad_out = grad_out.contiguous()
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    if query_max is None:
+        query_max = query_max_reference(q, projection)
+    query_max = query_max.to(torch.float32).contiguous()
+    den = den.contiguous()
+    out = out.contiguous()
+    if out_lo is None:
+        out_lo = torch.zeros(out.shape, device=device, dtype=torch.bfloat16) if q.dtype != torch.float32 else out
+    out_lo = out_lo.contiguous()
     scale_in = d ** -0.25
     feat_scale = m ** -0.5
-    consts = dict(D=d, DV=dv_dim, BL=block_rows, BM=bm, M_FEAT=m, PRECISION=precision)
 
     chunks = pieces(cu_seqlens, t, max_seqlen, chunk_rows)
     n_chunks = len(chunks.start)
     ds_part = torch.empty(n_chunks, h, m, dv_dim, device=device, dtype=torch.float32)
     dz_part = torch.empty(n_chunks, h, m, device=device, dtype=torch.float32)
     if n_chunks:
-        _query_grad_state[(n_chunks, h, m // bm)](
-            q, grad_out, out, den, w, chunks.start, chunks.length, ds_part, dz_part, q.stride(0), q.stride(1),
-            grad_out.stride(0), grad_out.stride(1), out.stride(0), out.stride(1), h, scale_in, eps, feat_scale, **consts)
+        cfg.query_grad_state((n_chunks, h, m // bm), q, grad_out, out, out_lo, den, query_max, w, chunks.start, chunks.length,
+                             ds_part, dz_part, q.stride(0), q.stride(1), grad_out.stride(0), grad_out.stride(1),
+                             out.stride(0), out.stride(1), h, scale_in, eps, feat_scale)
     d_state = combine(chunks, n_seq, ds_part, 0.0).sum(1).contiguous()  # fixed-order sum over chunks
     d_norm = combine(chunks, n_seq, dz_part, 0.0).sum(1).contiguous()
 
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    tiles = pieces(cu_seqlens, t, max_seqlen, block_rows)
+    tiles = pieces(cu_seqlens, t, max_seqlen, cfg.query_grad.constexprs["BL"])
     n_tiles = len(tiles.start)
     if n_tiles:
-        _query_grad[(n_tiles, h)](
-            q, grad_out, out, den, w, state, norm, tiles.start, tiles.length, tiles.seq, dq, q.stride(0), q.stride(1),
-            grad_out.stride(0), grad_out.stride(1), out.stride(0), out.stride(1), dq.stride(0), dq.stride(1), h,
-            scale_in, eps, feat_scale, **consts)
-        _key_grad[(n_tiles, h)](
-            k, v, w, d_state, d_norm, key_max.contiguous(), tiles.start, tiles.length, tiles.seq, dk, dv, k.stride(0),
-            k.stride(1), v.stride(0), v.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), h,
-            scale_in, eps, feat_scale, **consts)
+        cfg.query_grad((n_tiles, h), q, grad_out, out, out_lo, den, query_max, w, wf, state.contiguous(), norm.contiguous(),
+                       tiles.start, tiles.length, tiles.seq, dq, q.stride(0), q.stride(1), grad_out.stride(0),
+                       grad_out.stride(1), out.stride(0), out.stride(1), dq.stride(0), dq.stride(1), h, scale_in, eps,
+                       feat_scale)
+        if cfg.key_grad.constexprs["BL"] != cfg.query_grad.constexprs["BL"]:
+            tiles = pieces(cu_seqlens, t, max_seqlen, cfg.key_grad.constexprs["BL"])
+        cfg.key_grad((len(tiles.start), h), k, v, w, wf, d_state, d_norm, key_max.contiguous(), tiles.start,
+                     tiles.length, tiles.seq, dk, dv, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                     dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), h, scale_in, eps, feat_scale)
     return dq, dk, dv

@@ -1,4 +1,4 @@
-"""The cell model (embeddings, packed encoder with favor / flash / sdpa attention, heads)."""
+"""The cell model (embeddings, packed encoder with favor / flash / varlen / sdpa attention, heads)."""
 
 from .cell_model import CellModel, ModelOutput
 from .flops import ModelCost, model_cost

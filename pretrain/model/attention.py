@@ -1,18 +1,32 @@
-"""Attention over packed sequences, one interface for three backends.
+"""Attention over packed sequences, one interface for four backends.
 
 Every backend takes q, k, v ``[T, H, D]`` of sequences concatenated without padding and
 ``cu_seqlens`` ``[B+1]`` (int32), and returns ``[T, H, D]``; attention never crosses a sequence.
+The exact backends all use the softmax scale ``1/sqrt(D)``.
 
 - ``favor``: Performer FAVOR+ (`kernels.favor`): the fused Triton kernel on CUDA tensors, the
   same definition in batched PyTorch ops elsewhere. Linear in the sequence length; approximates softmax
   attention (error falls as the feature count m grows).
-- ``flash``: ``flash_attn_varlen_func`` (exact softmax; needs CUDA and flash-attn, imported
-  when first used).
+- ``varlen``: torch's ``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.10): exact softmax with
+  the FlashAttention kernels that ship inside torch, forward and backward, on the packed layout (no
+  padding). CUDA tensors in bf16/fp16 only: fp32 or CPU tensors are refused with the fix (train with
+  ``deepspeed.bf16=true``, run under ``torch.autocast("cuda", dtype=torch.bfloat16)``, or set
+  ``model.attention=sdpa``). Head widths that are not a multiple of 8 are zero-padded for the kernel.
+- ``flash``: flash-attn's ``flash_attn_varlen_func`` when flash-attn is importable (imported when
+  first used); otherwise ``varlen``, said once per process in the log. Same math either way.
 - ``sdpa``: torch ``scaled_dot_product_attention`` on a padded view with a key mask (exact
-  softmax, always available; the padding costs memory and time on mixed lengths).
+  softmax, any device and dtype; the reference of the other exact backends; the padding costs memory
+  and time on mixed lengths).
+
+`reference_attention` is the plain per-sequence definition (float64-capable) the tests compare them
+with. `require_attention_device` refuses, before a training run builds anything, a backend that
+cannot run on the run's device.
 """
 
 from __future__ import annotations
+
+import logging
+import math
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +35,10 @@ from kernels.favor import favor_attention, favor_attention_batched
 
 from .packing import padding_index
 
+log = logging.getLogger(__name__)
+
+CUDA_ONLY_BACKENDS = ("flash", "varlen")  # FlashAttention kernels: CUDA, bf16/fp16
+
 
 def favor(q, k, v, cu_seqlens, max_seqlen, projection):
     """FAVOR+ with ``projection`` ``[m, D]``.  -> [T, H, D]"""
@@ -28,24 +46,79 @@ def favor(q, k, v, cu_seqlens, max_seqlen, projection):
     return fn(q, k, v, projection, cu_seqlens, max_seqlen)
 
 
-_flash_varlen = None
+def _require_half_cuda(backend: str, q: torch.Tensor) -> None:
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        raise RuntimeError(
+            f"attention backend {backend!r} runs FlashAttention kernels on CUDA in bf16/fp16 (got {q.dtype} on "
+            f"{q.device}): train on a GPU with deepspeed.bf16=true (or run the model under "
+            "torch.autocast('cuda', dtype=torch.bfloat16)), or set model.attention=sdpa")
+
+
+_torch_varlen = None
+
+
+def _load_torch_varlen():
+    """torch's ``varlen_attn`` (imported once)."""
+    global _torch_varlen
+    if _torch_varlen is None:
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError as err:
+            raise RuntimeError(f"attention backend 'varlen' needs torch >= 2.10 (torch.nn.attention.varlen); this is "
+                               f"torch {torch.__version__}: upgrade torch, or set model.attention=sdpa") from err
+        _torch_varlen = varlen_attn
+    return _torch_varlen
+
+
+def varlen(q, k, v, cu_seqlens, max_seqlen, projection=None):
+    """Exact softmax attention with torch's FlashAttention varlen kernel (bf16/fp16 CUDA tensors).
+    q, k, v [T, H, D], cu_seqlens [B+1] -> [T, H, D]
+
+    Called with the arguments every torch since 2.10 takes (q, k, v, cu_seq_q, cu_seq_k, max_q,
+    max_k; the default scale 1/sqrt(D)). A head width D that is not a multiple of 8 (the kernel's
+    granularity) is zero-padded to D'; q is multiplied by sqrt(D'/D) so that the kernel's 1/sqrt(D')
+    scale is 1/sqrt(D) of the true width; the padding columns of the output are dropped."""
+    _require_half_cuda("varlen", q)
+    fn = _load_torch_varlen()
+    if q.shape[0] == 0:  # every token masked away: nothing to attend, keep the graph for the gradients
+        return q * 0
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    width = q.shape[-1]
+    padded = -(-width // 8) * 8
+    if padded != width:
+        extra = (0, padded - width)
+        q = F.pad(q * math.sqrt(padded / width), extra)
+        k, v = F.pad(k, extra), F.pad(v, extra)
+    out = fn(q, k, v, cu, cu, int(max_seqlen), int(max_seqlen))
+    return out[..., :width] if padded != width else out
+
+
+_UNSET = object()
+_flash_varlen = _UNSET  # flash-attn's varlen function, None when flash-attn is not importable
+
+
+def _load_flash_attn():
+    """flash-attn's ``flash_attn_varlen_func``, or None (then one log line says `varlen` runs instead)."""
+    global _flash_varlen
+    if _flash_varlen is _UNSET:
+        try:
+            from flash_attn import flash_attn_varlen_func
+        except ImportError:
+            flash_attn_varlen_func = None
+            log.warning("flash-attn is not installed: attention backend 'flash' runs torch's varlen_attn "
+                        "(model.attention=varlen: the same exact attention, FlashAttention kernels shipped in torch)")
+        _flash_varlen = flash_attn_varlen_func
+    return _flash_varlen
 
 
 def flash(q, k, v, cu_seqlens, max_seqlen, projection=None):
-    """flash-attn's varlen kernel (fp16/bf16 CUDA tensors).  -> [T, H, D]"""
-    global _flash_varlen
-    if _flash_varlen is None:
-        try:
-            from flash_attn import flash_attn_varlen_func
-        except ImportError as err:
-            raise RuntimeError("attention backend 'flash' needs flash-attn (CUDA only: "
-                               "`pip install flash-attn --no-build-isolation`); or set model.attention=sdpa") from err
-        _flash_varlen = flash_attn_varlen_func
-    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
-        raise RuntimeError(f"attention backend 'flash' runs on CUDA in fp16/bf16 (got {q.dtype} on {q.device}); "
-                           "train with bf16 on a GPU, or set model.attention=sdpa")
+    """flash-attn's varlen kernel (fp16/bf16 CUDA tensors), or `varlen` without flash-attn.  -> [T, H, D]"""
+    fn = _load_flash_attn()
+    if fn is None:
+        return varlen(q, k, v, cu_seqlens, max_seqlen)
+    _require_half_cuda("flash", q)
     cu = cu_seqlens.to(torch.int32)
-    return _flash_varlen(q, k, v, cu, cu, max_seqlen, max_seqlen, dropout_p=0.0, causal=False)
+    return fn(q, k, v, cu, cu, max_seqlen, max_seqlen, dropout_p=0.0, causal=False)
 
 
 def sdpa(q, k, v, cu_seqlens, max_seqlen, projection=None):
@@ -65,4 +138,37 @@ def sdpa(q, k, v, cu_seqlens, max_seqlen, projection=None):
     return out.transpose(1, 2)[seq, pos]
 
 
-BACKENDS = {"favor": favor, "flash": flash, "sdpa": sdpa}
+def reference_attention(q, k, v, cu_seqlens):
+    """The definition, one sequence at a time: softmax(q k^T / sqrt(D)) v within each sequence.
+    q, k, v [T, H, D] (any dtype; float64 for exactness), cu_seqlens [B+1] -> [T, H, D]"""
+    out = torch.zeros_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end > start:
+            qs, ks, vs = (x[start:end].transpose(0, 1) for x in (q, k, v))  # [H, L, D]
+            weights = torch.softmax(qs @ ks.transpose(1, 2) / math.sqrt(q.shape[-1]), dim=-1)
+            out[start:end] = (weights @ vs).transpose(0, 1)
+    return out
+
+
+BACKENDS = {"favor": favor, "flash": flash, "sdpa": sdpa, "varlen": varlen}
+
+
+def require_attention_device(config, device: torch.device | str) -> None:
+    """Refuse, before a training run builds its engine or opens its MLflow run, an attention backend
+    that cannot run on ``device`` (``config``: a `ModelConfig`; the decoder's backend counts for the
+    encoder-decoder). ``flash`` and ``varlen`` need CUDA; ``varlen`` (also ``flash`` without
+    flash-attn) needs torch >= 2.10."""
+    device = torch.device(device)
+    used = [("model.attention", config.attention)]
+    if config.architecture == "encoder_decoder":
+        used.append(("model.decoder.attention", config.decoder.attention))
+    for key, backend in used:
+        if backend not in CUDA_ONLY_BACKENDS:
+            continue
+        if device.type != "cuda":
+            raise ValueError(f"{key}={backend} runs FlashAttention kernels on CUDA GPUs only, and this run is on "
+                             f"{device} (torch sees no CUDA device): set {key}=sdpa (exact softmax attention, "
+                             f"any device) or {key}=favor (FAVOR+)")
+        if backend == "varlen" or _load_flash_attn() is None:
+            _load_torch_varlen()

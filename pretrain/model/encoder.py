@@ -38,7 +38,7 @@ class Attention(nn.Module):
 
     def forward_padded(self, x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
         """The padded reference: x [B, L, d], key_padding_mask [B, L] (True on real tokens) ->
-        [B, L, d] (padded rows are garbage). Exact softmax for sdpa and flash."""
+        [B, L, d] (padded rows are garbage). Exact softmax for sdpa, flash and varlen."""
         b, length, _ = x.shape
         q, k, v = self.qkv(x).view(b, length, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [B, H, L, Dh]
         if self.backend == "favor":

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Everything the one-call GPU run needs that the GPU machine cannot make itself (no package index,
+# no anndata/zarr, no ../shared): run here, in the checkout, before the device call.
+#
+#   bash benchmarks/gpu_prepare.sh
+# then carry both ignored paths with the call (the device tool's `carry`):
+#   carry: [".whl", "benchmarks/data"]     command: python3 benchmarks/gpu_suite.py
+#
+# - .whl/: the wheels the device processes import that the image lacks (benchmarks/gpu_wheels.sh)
+# - benchmarks/data/lengths.npy: genes per cell of the real files in ../shared/data/h5ad, for the
+#   training benchmark (the data itself never travels or gets committed)
+# - benchmarks/data/gpu_test_corpus/: the synthetic corpus of tests/test_gpu_training.py (its
+#   writer needs anndata and zarr)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+py="${PYTHON:-.venv/bin/python}"
+mkdir -p benchmarks/data
+"$py" benchmarks/bench_train.py --write-lengths benchmarks/data/lengths.npy
+corpus=benchmarks/data/gpu_test_corpus
+if [ ! -f "$corpus/manifest.json" ]; then
+  rm -rf "$corpus" benchmarks/data/gpu_test_cells.h5ad
+  # the shape tests/test_gpu_training.py would make: 200 cells, 300 genes, 8 cell types, seed 0
+  "$py" -m data_pipeline synthetic --out benchmarks/data/gpu_test_cells.h5ad --cells 200 --genes 300 \
+        --cell-types 8 --seed 0 --no-progress
+  "$py" -m data_pipeline convert --out "$corpus" --label-columns cell_type --no-progress \
+        benchmarks/data/gpu_test_cells.h5ad
+  rm benchmarks/data/gpu_test_cells.h5ad
+fi
+bash benchmarks/gpu_wheels.sh .whl   # last: it prints the total that travels, corpus and lengths included

@@ -1,0 +1,306 @@
+"""The exact attention backends over packed sequences: ``varlen`` (torch's FlashAttention varlen
+kernel), ``flash`` (flash-attn, else ``varlen`` with one log line) and ``sdpa`` (padded, the CPU
+path), against the plain per-sequence definition (`reference_attention`).
+
+On CPU torch's varlen kernel does not run (it has no CPU implementation), so the CPU tests install a
+fake ``varlen_attn`` that records its arguments and computes the definition: they check the call
+(int32 ``cu_seqlens``, max lengths, the 7 arguments every torch since 2.10 takes, the head-width
+padding and its scale), the packing conventions against ``sdpa``, the flash -> varlen fallback and
+the refusals. The ``gpu`` tests run the real kernels in bf16 against float64.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+
+import pytest
+import torch
+
+from pretrain.config import ATTENTION_BACKENDS, DecoderConfig
+from pretrain.model import CellModel, attention
+from pretrain.model.attention import reference_attention, require_attention_device, sdpa, varlen
+from tests.model_helpers import one_thread, random_batch, seeded, small_config  # noqa: F401  (fixtures)
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def packed(lengths, heads: int, width: int, dtype=torch.float64, device="cpu", seed: int = 0):
+    """Random q, k, v [T, H, D] of sequences of ``lengths`` and their cu_seqlens [B+1] int32."""
+    g = torch.Generator().manual_seed(seed)
+    t = sum(lengths)
+    q, k, v = (torch.randn(t, heads, width, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+               for _ in range(3))
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths).cumsum(0)
+    return q, k, v, cu.to(device)
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm())
+
+
+class FakeVarlen:
+    """Stands in for ``torch.nn.attention.varlen.varlen_attn`` on CPU: records each call and computes
+    the definition with the kernel's default scale 1/sqrt(D) of the width it is given."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        q, k, v, cu_q, cu_k, max_q, max_k = args
+        return reference_attention(q, k, v, cu_q)
+
+
+@pytest.fixture
+def fake_varlen(monkeypatch):
+    """The fake kernel installed, and the CUDA/bf16 guard lifted (CPU float64 tensors pass)."""
+    fake = FakeVarlen()
+    monkeypatch.setattr(attention, "_torch_varlen", fake)
+    monkeypatch.setattr(attention, "_require_half_cuda", lambda backend, q: None)
+    return fake
+
+
+@pytest.fixture
+def no_flash_attn(monkeypatch):
+    """flash-attn not importable (as on a stock torch install), and the backend not yet loaded."""
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # `import flash_attn` raises ImportError
+    monkeypatch.setattr(attention, "_flash_varlen", attention._UNSET)
+
+
+# --- config -----------------------------------------------------------------------------------
+
+def test_config_accepts_varlen():
+    assert "varlen" in ATTENTION_BACKENDS and set(ATTENTION_BACKENDS) == set(attention.BACKENDS)
+    config = small_config(attention="varlen")
+    assert config.validate() is config
+    decoder = small_config(value_mode="continuous", architecture="encoder_decoder", attention="varlen",
+                           decoder=DecoderConfig(d_model=16, n_heads=2, attention="varlen"))
+    assert decoder.validate() is decoder
+    with pytest.raises(ValueError, match=r"model\.attention='flash2': choose one of .*varlen"):
+        small_config(attention="flash2").validate()
+
+
+def test_scgpt_preset_needs_no_flash_attn(no_flash_attn):
+    """The scGPT preset asks for ``flash``; on a stock torch install that is ``varlen``, and nothing
+    in building the model imports flash-attn."""
+    from pretrain.model.presets import preset
+
+    model = preset("scgpt", vocab_size=40, n_layers=1).model
+    assert model.attention == "flash"
+    CellModel(model)
+    require_attention_device(model, "cuda")  # flash without flash-attn -> varlen: torch has it
+    assert attention._flash_varlen is None
+
+
+# --- the definition and the padded reference ----------------------------------------------------
+
+def test_sdpa_equals_the_per_sequence_definition_with_gradients():
+    q, k, v, cu = packed([1, 5, 17, 2], heads=3, width=8, seed=1)
+    for x in (q, k, v):
+        x.requires_grad_(True)
+    out = sdpa(q, k, v, cu, 17)
+    ref = reference_attention(q, k, v, cu)
+    assert relative(out, ref) < 1e-12
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
+    for a, b in zip(grads, ref_grads):
+        assert relative(a, b) < 1e-12
+    # attention stays within its sequence: changing sequence 2 leaves the others alone
+    k2 = k.detach().clone()
+    k2[6:23] += torch.randn(17, 3, 8, dtype=k2.dtype)
+    moved = sdpa(q.detach(), k2, v.detach(), cu, 17)
+    assert relative(moved[:6], out[:6]) < 1e-12 and relative(moved[23:], out[23:]) < 1e-12
+    assert (moved[6:23] - out.detach()[6:23]).abs().max() > 1e-3
+
+
+# --- varlen: the call, with the kernel faked -------------------------------------------------------
+
+@pytest.mark.parametrize("width", [8, 12])
+def test_varlen_call_and_packing_equal_sdpa(fake_varlen, width):
+    """cu_seqlens as int32 for q and k, the batch's max length twice, nothing else (the default
+    scale): the output equals sdpa's. A width that is no multiple of 8 (12) reaches the kernel
+    zero-padded to 16 with q scaled so that the kernel's 1/sqrt(16) is 1/sqrt(12)."""
+    lengths = [1, 9, 4, 30, 2]
+    q, k, v, cu = packed(lengths, heads=2, width=width, seed=width)
+    out = varlen(q, k, v, cu.long(), max(lengths))
+    assert out.shape == q.shape
+    assert relative(out, sdpa(q, k, v, cu, max(lengths))) < 1e-12
+    (args, kwargs), = fake_varlen.calls
+    assert len(args) == 7 and kwargs == {}  # the arguments varlen_attn has taken since torch 2.10
+    kq, kk, kv, cu_q, cu_k, max_q, max_k = args
+    assert cu_q.dtype == torch.int32 and cu_k.dtype == torch.int32 and torch.equal(cu_q, cu) and torch.equal(cu_k, cu)
+    assert max_q == max_k == 30 and type(max_q) is int
+    padded = -(-width // 8) * 8
+    assert kq.shape == (sum(lengths), 2, padded) and kk.shape == kv.shape == kq.shape
+    assert torch.equal(kk[..., :width], k) and not kk[..., width:].any() and not kv[..., width:].any()
+    assert torch.allclose(kq[..., :width], q * math.sqrt(padded / width))
+
+
+def test_varlen_gradients_flow_through_the_call(fake_varlen):
+    q, k, v, cu = packed([3, 7, 1], heads=2, width=12, seed=3)
+    for x in (q, k, v):
+        x.requires_grad_(True)
+    grad = torch.randn(q.shape, dtype=q.dtype)
+    grads = torch.autograd.grad(varlen(q, k, v, cu, 7), (q, k, v), grad)
+    ref_grads = torch.autograd.grad(reference_attention(q, k, v, cu), (q, k, v), grad)
+    for a, b in zip(grads, ref_grads):
+        assert relative(a, b) < 1e-12
+
+
+def test_varlen_with_no_tokens_returns_empty_without_calling_the_kernel(fake_varlen):
+    q, k, v, _ = packed([1], heads=2, width=8)
+    empty = q[:0].requires_grad_(True)
+    out = varlen(empty, k[:0], v[:0], torch.zeros(3, dtype=torch.int32), 0)
+    assert out.shape == (0, 2, 8) and out.requires_grad and not fake_varlen.calls
+
+
+def test_model_with_varlen_equals_model_with_sdpa(fake_varlen):
+    """The encoder hands varlen the same packed q, k, v as sdpa: the whole model agrees."""
+    batch = random_batch([5, 1, 12, 7], seed=4)
+    model = CellModel(small_config(attention="sdpa")).double()
+    fast = CellModel(small_config(attention="varlen")).double()
+    fast.load_state_dict(model.state_dict())
+    a, b = model(batch), fast(batch)
+    assert relative(b.mlm, a.mlm) < 1e-12 and relative(b.cells, a.cells) < 1e-12
+    assert len(fake_varlen.calls) == 2  # one per layer
+
+
+# --- flash -> varlen ------------------------------------------------------------------------------
+
+def test_flash_without_flash_attn_runs_varlen_and_says_so_once(no_flash_attn, fake_varlen, caplog):
+    q, k, v, cu = packed([4, 6], heads=2, width=8, seed=5)
+    with caplog.at_level(logging.INFO, logger=attention.__name__):
+        first = attention.flash(q, k, v, cu, 6)
+        second = attention.flash(q, k, v, cu, 6)
+    lines = [r for r in caplog.records if "flash-attn is not installed" in r.getMessage()]
+    assert len(lines) == 1 and "varlen" in lines[0].getMessage()
+    assert len(fake_varlen.calls) == 2
+    assert torch.equal(first, second) and relative(first, sdpa(q, k, v, cu, 6)) < 1e-12
+
+
+def test_flash_uses_flash_attn_when_importable(monkeypatch):
+    calls = []
+
+    class FakeFlashAttn:
+        @staticmethod
+        def flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, causal):
+            calls.append((cu_q.dtype, max_q, max_k, dropout_p, causal))
+            return reference_attention(q, k, v, cu_q)
+
+    monkeypatch.setitem(sys.modules, "flash_attn", FakeFlashAttn)
+    monkeypatch.setattr(attention, "_flash_varlen", attention._UNSET)
+    monkeypatch.setattr(attention, "_require_half_cuda", lambda backend, q: None)
+    monkeypatch.setattr(attention, "_torch_varlen", lambda *a, **kw: pytest.fail("varlen called"))
+    q, k, v, cu = packed([3, 5], heads=2, width=8, seed=6)
+    out = attention.flash(q, k, v, cu.long(), 5)
+    assert calls == [(torch.int32, 5, 5, 0.0, False)]
+    assert relative(out, sdpa(q, k, v, cu, 5)) < 1e-12
+
+
+# --- refusals name the fix ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["varlen", "flash"])
+def test_cpu_or_fp32_tensors_are_refused_naming_sdpa(backend, no_flash_attn):
+    for dtype in (torch.bfloat16, torch.float32):
+        q, k, v, cu = packed([2, 3], heads=2, width=8, dtype=dtype)
+        with pytest.raises(RuntimeError, match=r"bf16.*model\.attention=sdpa"):
+            attention.BACKENDS[backend](q, k, v, cu, 3)
+
+
+@pytest.mark.parametrize("backend", ["varlen", "flash"])
+def test_a_cpu_run_is_refused_before_it_builds_anything(backend, no_flash_attn):
+    with pytest.raises(ValueError, match=rf"model\.attention={backend} runs FlashAttention kernels on CUDA GPUs "
+                                         r"only.*set model\.attention=sdpa .* or model\.attention=favor"):
+        require_attention_device(small_config(attention=backend), torch.device("cpu"))
+    decoder = small_config(value_mode="continuous", architecture="encoder_decoder", attention="sdpa",
+                           decoder=DecoderConfig(d_model=16, n_heads=2, attention=backend))
+    with pytest.raises(ValueError, match=r"model\.decoder\.attention=.*set model\.decoder\.attention=sdpa"):
+        require_attention_device(decoder, "cpu")
+    for fine in ("sdpa", "favor"):
+        require_attention_device(small_config(attention=fine), "cpu")
+    require_attention_device(small_config(attention=backend), "cuda")
+
+
+def test_model_forward_on_cpu_with_varlen_names_the_fix():
+    model = CellModel(small_config(attention="varlen"))
+    with pytest.raises(RuntimeError, match=r"model\.attention=sdpa"):
+        model(random_batch([3, 4], seed=0))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU run is what is refused")
+def test_the_trainer_refuses_varlen_on_cpu_before_engine_and_mlflow(tmp_path):
+    from tests.train_helpers import TINY, make_corpus, run_pretrain
+
+    corpus = make_corpus(tmp_path, n_cells=64, n_genes=200)
+    run = tmp_path / "run"
+    proc = run_pretrain([*TINY, f"data.corpus={corpus}", f"run.out={run}", "model.attention=varlen",
+                         "run.mlflow=true", "schedule.max_steps=1"], check=False)
+    assert proc.returncode != 0 and "model.attention=sdpa" in proc.stderr
+    assert not run.exists()  # no run folder, hence no MLflow store or checkpoints
+
+
+# --- GPU: the real kernels --------------------------------------------------------------------------
+
+GPU_LENGTHS = [1, 17, 300, 2048]
+
+
+def _bf16_against_float64(fn, lengths, heads, width, seed):
+    """(output, dq, dk, dv) relative errors of ``fn`` in bf16 against the float64 definition."""
+    q, k, v, cu = packed(lengths, heads, width, device="cuda", seed=seed)
+    grad = torch.randn(q.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1)).cuda()
+    ins = [x.detach().requires_grad_(True) for x in (q, k, v)]
+    ref = reference_attention(*ins, cu)
+    ref_grads = torch.autograd.grad(ref, ins, grad)
+    low = [x.detach().to(torch.bfloat16).requires_grad_(True) for x in (q, k, v)]
+    out = fn(*low, cu, max(lengths))
+    assert out.dtype == torch.bfloat16 and out.shape == q.shape
+    grads = torch.autograd.grad(out, low, grad.to(torch.bfloat16))
+    return [relative(out, ref)] + [relative(a, b) for a, b in zip(grads, ref_grads)], out, grads
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("backend", ["varlen", "sdpa"])
+def test_gpu_bf16_backend_equals_float64_definition(backend):
+    errors, _, _ = _bf16_against_float64(attention.BACKENDS[backend], GPU_LENGTHS, heads=8, width=64, seed=10)
+    assert max(errors) <= 1e-2, dict(zip(["out", "dq", "dk", "dv"], errors))
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_varlen_pads_a_head_width_that_is_no_multiple_of_8():
+    errors, _, _ = _bf16_against_float64(varlen, [3, 50, 129], heads=4, width=20, seed=11)
+    assert max(errors) <= 1e-2, errors
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_flash_equals_varlen():
+    """flash is varlen without flash-attn (the same numbers); with flash-attn, the same attention."""
+    _, out_v, grads_v = _bf16_against_float64(varlen, GPU_LENGTHS, heads=8, width=64, seed=12)
+    errors, out_f, grads_f = _bf16_against_float64(attention.flash, GPU_LENGTHS, heads=8, width=64, seed=12)
+    assert max(errors) <= 1e-2, errors
+    if attention._load_flash_attn() is None:  # the same kernel (its backward accumulates dq atomically)
+        assert torch.equal(out_f, out_v) and all(relative(a, b) < 1e-3 for a, b in zip(grads_f, grads_v))
+    else:
+        assert relative(out_f, out_v) < 1e-2
+
+
+def test_a_bundle_trained_with_exact_cuda_attention_embeds_on_cpu():
+    """`load_pretrained` on a CPU swaps flash/varlen for sdpa: the same weights (strict load) and the
+    same function as the CUDA backends' definition."""
+    from pretrain.export import exact_backends_to_sdpa
+
+    trained = small_config(attention="flash", architecture="encoder_decoder", value_mode="continuous",
+                           decoder=DecoderConfig(n_layers=1, d_model=32, n_heads=2, attention="varlen"))
+    swapped = exact_backends_to_sdpa(trained)
+    assert (swapped.attention, swapped.decoder.attention) == ("sdpa", "sdpa")
+    assert exact_backends_to_sdpa(small_config(attention="favor")).attention == "favor"
+    on_cpu = CellModel(swapped)
+    on_cpu.load_state_dict(CellModel(trained).state_dict(), strict=True)

@@ -1,0 +1,180 @@
+"""The GPU suite's one command stays runnable end to end: ``gpu_suite.py --smoke`` runs every part
+(wheels, setup with the ceilings, pytest on the GPU-marked files, FAVOR+ bf16 and fp32, training,
+contrastive) as its own process on CPU at tiny sizes, each writing its JSON, within about 90 s here;
+and the pieces the parts share (atomic incremental result files, the FLOP / byte counts, the
+pytest counts read back from a log) do what they say."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+PARTS = ("wheels", "setup", "pytest_gpu", "favor", "train", "contrastive", "favor_fp32")
+
+
+def _probe_wheel(folder: Path) -> Path:
+    """A minimal pure-Python wheel, so the wheels part installs something without an index."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "suite_probe-0.1-py3-none-any.whl"
+    info = "suite_probe-0.1.dist-info"
+    files = {"suite_probe/__init__.py": "VERSION = '0.1'\n",
+             f"{info}/METADATA": "Metadata-Version: 2.1\nName: suite-probe\nVersion: 0.1\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = "".join(f"{name},,\n" for name in files) + f"{info}/RECORD,,\n"
+    with zipfile.ZipFile(path, "w") as z:
+        for name, text in {**files, f"{info}/RECORD": record}.items():
+            z.writestr(name, text)
+    return path
+
+
+def test_gpu_suite_smoke_runs_every_part(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("--smoke is the CPU check; on a GPU run the suite itself")
+    out = tmp_path / "out"
+    wheel = _probe_wheel(tmp_path / "wheels")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("OUT", None)
+    started = time.monotonic()
+    r = subprocess.run([sys.executable, "benchmarks/gpu_suite.py", "--smoke", "--out", str(out),
+                        "--wheels", str(wheel.parent)], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=600)
+    wall = time.monotonic() - started
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    print(f"gpu_suite --smoke: {wall:.0f} s")
+
+    suite = json.loads((out / "gpu_suite_cpu.json").read_text())
+    assert suite["status"] == "ok" and suite["smoke"] is True
+    assert list(suite["parts"]) == list(PARTS)
+    assert sum(p["budget_s"] for p in suite["plan"]) <= 480
+    for part, rec in suite["parts"].items():
+        assert rec["status"] == "ok" and rec["exit_code"] in (0, None), (part, rec)
+        assert {"exit_code", "seconds", "timeout_s"} <= set(rec), part
+        assert "output_tail" not in rec
+    assert suite["parts"]["wheels"]["wheels"] == [wheel.name]
+    results = {name for rec in suite["parts"].values() for name in rec.get("results", [])}
+    for name in ("ceilings_cpu.json", "favor_cpu.json", "train_cpu.json", "contrastive_cpu.json",
+                 "favor_fp32_cpu.json"):
+        assert name in results and (out / name).exists(), name
+
+    ceilings = json.loads((out / "ceilings_cpu.json").read_text())
+    assert ceilings["partial"] is False
+    c = ceilings["ceilings"]
+    assert c["gemm_bf16_tflops"] > 0 and c["gemm_tf32_tflops"] > 0 and c["copy_gbps"] > 0
+    assert {"python", "torch", "triton", "deepspeed", "cuda", "driver"} <= set(ceilings["versions"])
+
+    # the GPU-marked test files were collected and run: here every test skips (no CUDA)
+    tests = suite["parts"]["pytest_gpu"]
+    if tests["test_files"]:
+        counts = json.loads((out / "gpu_tests_cpu.json").read_text())
+        assert counts["failed"] == 0 and counts["errors"] == 0 and counts["passed"] + counts["skipped"] > 0
+
+    favor = json.loads((out / "favor_cpu.json").read_text())
+    assert favor["partial"] is False and favor["ceilings"] == c
+    measured = [row for row in favor["rows"] if row.get("fwd_ms") is not None]
+    assert {row["impl"] for row in measured} >= {"favor_triton", "performer_pytorch", "sdpa"}
+    assert all(row["fwd_gap"] > 0 and row["counts"]["fwd_flops"] > 0 for row in measured)
+    fp32 = json.loads((out / "favor_fp32_cpu.json").read_text())
+    assert {row["impl"] for row in fp32["rows"]} == {"favor_triton"} and fp32["dtype"] == "fp32"
+
+    train = json.loads((out / "train_cpu.json").read_text())
+    assert train["partial"] is False and train["settings"]["measured_gemm_tflops"] == c["gemm_bf16_tflops"]
+    ran = [row for row in train["rows"] if not row["skipped"]]
+    assert ran and all(row["mfu_measured_gemm"] > 0 for row in ran)
+    lengths = train["settings"]["lengths"]
+    assert lengths == ("real" if (REPO / "benchmarks" / "data" / "lengths.json").exists() else
+                       "file" if (REPO / "benchmarks" / "data" / "lengths.npy").exists() else "synthetic")
+
+    contrastive = json.loads((out / "contrastive_cpu.json").read_text())
+    assert contrastive["partial"] is False and {row["status"] for row in contrastive["rows"]} == {"ok"}
+
+    assert "=== gpu_suite summary ===" in r.stdout and r.stdout.rstrip().splitlines()[-1].startswith("suite: ok")
+    assert len(r.stdout) < 12_000  # the device tool returns the last 12,000 characters
+
+
+def test_result_file_is_rewritten_after_every_row(tmp_path):
+    from common import ResultFile
+
+    path = tmp_path / "r.json"
+    result = ResultFile(path, "probe", settings={"a": 1})
+    assert json.loads(path.read_text())["partial"] is True
+    result.add({"x": 1})
+    first = json.loads(path.read_text())
+    assert first["rows"] == [{"x": 1}] and first["partial"] is True and list(first)[-1] == "command"
+    result.add({"x": 2})
+    result.finish(done=True)
+    last = json.loads(path.read_text())
+    assert last["rows"] == [{"x": 1}, {"x": 2}] and last["partial"] is False and last["done"] is True
+    assert list(last)[-1] == "command"
+    assert not list(tmp_path.glob(".*tmp"))  # no temporary file left behind
+
+
+def test_attention_cost_counts():
+    from bench_favor import attention_cost, counts_table
+
+    t, h, d, m = 4 * 1024, 8, 64, 256
+    favor = attention_cost("favor", 1024, 4, h, d, m)
+    assert favor["fwd_flops"] == t * h * (8 * m * d + 3 * m)  # features, state, query features, output, normalizer
+    assert favor["bwd_flops"] == 2.5 * favor["fwd_flops"]
+    assert favor["fwd_bytes"] == 4 * t * h * d * 2  # q, k, v read, out written, bf16
+    assert favor["bwd_bytes"] == 7 * t * h * d * 2  # q, k, v, dO read, dq, dk, dv written
+    exact = attention_cost("exact", 1024, 4, h, d, m, elem_bytes=4)
+    assert exact["fwd_flops"] == 4 * 4 * h * 1024**2 * d and exact["fwd_bytes"] == 4 * t * h * d * 4
+    table = counts_table([256, 16906], 65536, h, d, m, 2, {"gemm_bf16_tflops": 800.0, "copy_gbps": 4300.0})
+    assert table.count("\n") == 5 and "| favor | 16,906 | 4 |" in table
+
+
+def test_pytest_counts_from_the_log_when_no_xml(tmp_path):
+    from gpu_suite import pytest_counts
+
+    log = tmp_path / "pytest_gpu.log"
+    log.write_text("tests/test_a.py::test_one PASSED [ 33%]\ntests/test_a.py::test_two[x] FAILED [ 66%]\n"
+                   "tests/test_b.py::test_three SKIPPED (needs CUDA) [100%]\n[gpu_suite: killed after 90 s]\n")
+    counts = pytest_counts(tmp_path / "missing.xml", log)
+    assert (counts["passed"], counts["failed"], counts["errors"], counts["skipped"]) == (1, 1, 0, 1)
+
+
+def test_gpu_commands_parse(tmp_path):
+    """The GPU forms of the parts' commands (never run here) are accepted by each script's parser,
+    with the values the suite means: a typo in a flag would cost a device call."""
+    import bench_contrastive
+    import bench_favor
+    import bench_train
+    from gpu_suite import PLAN, part_commands
+
+    assert sum(budget for _, budget, _ in PLAN) <= 480
+    commands = {part: part_commands(part, tmp_path, "nvidia-h200", smoke=False, timeout=150)[0]
+                for part, _, _ in PLAN if part not in ("wheels", "setup", "pytest_gpu")}
+    for part, command in commands.items():
+        assert "--smoke" not in command and command[1].startswith("benchmarks/"), (part, command)
+    ceilings = str(tmp_path / "ceilings_nvidia-h200.json")
+
+    favor = bench_favor.parser().parse_args(commands["favor"][2:])
+    assert favor.ceilings == Path(ceilings) and favor.dtype is None and favor.impls is None
+    fp32 = bench_favor.parser().parse_args(commands["favor_fp32"][2:])
+    assert fp32.dtype == "fp32" and fp32.impls == ["favor_triton"]
+
+    train = bench_train.parse_args(commands["train"][2:])
+    assert train.device == "cuda" and train.presets == ["geneformer-10m", "scgpt"]
+    assert train.backends == ["favor", "varlen", "sdpa"] and train.modes[0] == "packed"
+    assert (train.warmup, train.timed, train.budget_s) == (2, 8, 125) and train.ceilings == Path(ceilings)
+    from pretrain.config import ATTENTION_BACKENDS
+
+    assert set(train.backends) <= set(ATTENTION_BACKENDS)  # varlen is offered by the trainer
+
+    contrastive = bench_contrastive.parser().parse_args(commands["contrastive"][2:])
+    assert contrastive.device == "cuda" and contrastive.budget_s == 140 and contrastive.in_process is None
+
+    setup = part_commands("setup", tmp_path, "nvidia-h200", smoke=False, timeout=45)[0]
+    assert setup[2:] == ["--setup-only", ceilings]
