@@ -152,7 +152,11 @@ _cache, _refused, _via_image = {}, [], []
 
 def _classify(top, origin):
     """(kind, dists): kind in stdlib, project, dist, generated, unknown."""
-    if top in sys.stdlib_module_names or top in sys.builtin_module_names:
+    if top in sys.builtin_module_names:
+        return "stdlib", []
+    # by name only where no install folder holds it: distutils is the stdlib's up to Python 3.11 and
+    # setuptools' (its _distutils, through its import hook) on the GPU image's 3.12
+    if top in sys.stdlib_module_names and not (origin and origin.startswith(_SITE)):
         return "stdlib", []
     if origin and not origin.startswith(_SITE) and (origin.startswith(_PROJECT) or origin.startswith(_DIR)):
         return "project", []  # (the venv may lie inside the project: site-packages first)
@@ -201,7 +205,8 @@ def _check(name, spec):
         return
     importer = _importer()
     itop = importer.partition(".")[0]
-    ikind, idists = _cache.get(itop) or _classify(itop, None)
+    ifile = getattr(sys.modules.get(itop), "__file__", None)  # where the importer really lives
+    ikind, idists = _classify(itop, ifile) if ifile else (_cache.get(itop) or _classify(itop, None))
     entry = {"module": name, "dists": dists, "kind": kind, "importer": importer}
     if ikind == "dist" and any(d in _IMAGE or d in _LET for d in idists):
         _via_image.append(entry)  # the image's package brings its own dependencies there
