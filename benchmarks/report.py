@@ -241,10 +241,20 @@ def demo() -> str:
         return ""
     first, last, t = r["first_losses"], r["final_losses"], r["seconds"]
     losses = ", ".join(f"{k} {first[k]:.2f} → {last[k]:.2f}" for k in ("mlm", "contrastive", "label") if k in first)
+    threads = ""
+    if r.get("threads"):  # recorded since the entry points choose torch's threads themselves
+        th = r["threads"]
+        env = f"OMP_NUM_THREADS={th['OMP_NUM_THREADS']}" if th.get("OMP_NUM_THREADS") else "OMP_NUM_THREADS unset"
+        threads = (f"; {env}, torch on {th['torch']} thread(s) of {th['usable_cores']} usable cores, machine load "
+                   f"{th['load_avg_1min_at_start']} at the start")
+    reused = ""
+    if "pretrain" in r.get("reused", []):  # a rerun over a finished run trained nothing: not a measurement
+        reused = " (pretraining reused from an earlier invocation: these rates were not measured by this run)"
     return (f"**The demo.** From `benchmarks/results/demo_cpu.json` ({r['device']}; {r['date'][:10]}; "
-            f"`python {r['command']}`): {sum(t.values()):.0f} s in all, {t['pretrain']:.0f} s of it pretraining "
-            f"{r['steps']} steps ({n(r['cells_per_s'])} cells/s, {n(r['tokens_per_s'])} tokens/s over the last 20 "
-            f"steps); losses from the first step to the mean of the last 20: {losses}.")
+            f"`python {r['command']}`{threads}): {r.get('wall_s', sum(t.values())):.0f} s in all, "
+            f"{t['pretrain']:.0f} s of it pretraining {r['steps']} steps ({n(r['cells_per_s'])} cells/s, "
+            f"{n(r['tokens_per_s'])} tokens/s over the last 20 steps){reused}; losses from the first step to the "
+            f"mean of the last 20: {losses}.")
 
 
 def gpu_status() -> str:

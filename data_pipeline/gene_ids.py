@@ -12,6 +12,10 @@ Rules, in order:
    table the file is refused (symbols are not a stable identity across files).
 4. Placeholder names (``g0, g1, ...``, plain numbers) are not identifiers: a file with nothing
    else is refused with an error that says how to supply gene ids.
+
+Conversion and embedding (`pretrain.embed`) both resolve genes here, with the same two options;
+embedding passes its bundle's vocabulary as the symbol table (`vocabulary_symbol_table`), with
+the entries of a ``--symbol-table`` taking precedence.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from .readers import SourceError
-from .vocab import ensembl_ids, is_ensembl
+from .vocab import SPECIAL_TOKENS, ensembl_ids, is_ensembl
 
 _SYMBOL_COLUMN_NAMES = ("gene_symbol", "gene_symbols", "symbol", "symbols", "gene_name",
                         "gene_names", "feature_name", "gene_short_name", "name", "genes")
@@ -40,6 +44,7 @@ class GeneIdentity:
     n_from_symbols: int
     n_unresolved: int
     symbols: np.ndarray
+    from_symbols: np.ndarray | None = None  # [n_vars] bool: the id came from a symbol via the table
 
 
 def _candidates(var: pd.DataFrame) -> list[tuple[str, np.ndarray]]:
@@ -102,6 +107,7 @@ def resolve_gene_ids(var: pd.DataFrame, source: str, gene_column: str | None = N
         mask = ids != ""
         n_from_symbols = 0
         how = best_name
+        take = np.zeros(len(ids), bool)
         if symbol_table and symbol_col is not None and not mask.all():
             filled = np.array([symbol_table.get(s, "") for s in symbols], dtype=object)
             take = (~mask) & (filled != "")
@@ -109,7 +115,7 @@ def resolve_gene_ids(var: pd.DataFrame, source: str, gene_column: str | None = N
             n_from_symbols = int(take.sum())
             if n_from_symbols:
                 how += f" (+ {n_from_symbols} from {symbol_col[0]} via the symbol table)"
-        return GeneIdentity(ids, how, n_from_symbols, int((ids == "").sum()), symbols)
+        return GeneIdentity(ids, how, n_from_symbols, int((ids == "").sum()), symbols, take)
 
     # an explicit --gene-column that is not Ensembl ids is the symbol column
     symbol_col = _pick_symbol_column(candidates, symbol_table, exclude=None)
@@ -122,14 +128,25 @@ def resolve_gene_ids(var: pd.DataFrame, source: str, gene_column: str | None = N
                 "CSV/TSV or pickled dict) or --gene-column naming a column of Ensembl IDs")
         ids = np.array([symbol_table.get(s, "") for s in syms], dtype=object)
         n = int((ids != "").sum())
-        return GeneIdentity(ids, f"{name} via the symbol table", n, len(ids) - n, syms)
+        return GeneIdentity(ids, f"{name} via the symbol table", n, len(ids) - n, syms, ids != "")
 
     example = ", ".join(map(str, candidates[0][1][:3])) if len(candidates[0][1]) else "none"
     raise SourceError(
         f"{source}: no gene identifiers: {candidates[0][0]} look like placeholders ({example}, ...) "
         f"and no var column holds Ensembl IDs or gene symbols (columns: {', '.join(columns)}). Add a "
         "var column of Ensembl IDs or symbols and pass --gene-column NAME (with --symbol-table for "
-        "symbols), or convert this file without it")
+        "symbols), or leave this file out")
+
+
+def vocabulary_symbol_table(vocab) -> dict[str, str]:
+    """symbol -> Ensembl id for the genes of ``vocab`` (a `Vocabulary`: its vocab.tsv symbol
+    column), to use as a symbol table. A symbol that names several genes keeps the first listed
+    (the lowest token id), the rule `read_symbol_table` applies to a table's rows."""
+    table: dict[str, str] = {}
+    for gene, symbol in zip(vocab.ensembl_ids, vocab.symbols):
+        if symbol and gene not in SPECIAL_TOKENS and symbol not in table:
+            table[symbol] = gene
+    return table
 
 
 def _pick_symbol_column(candidates, symbol_table, exclude):

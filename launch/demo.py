@@ -9,21 +9,27 @@ export bundle -> embedding of held-out synthetic cells -> a summary of where eve
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
-from datetime import datetime, timezone
-from pathlib import Path
+
+_STARTED = time.perf_counter()  # the wall time a user waits includes the imports (torch, deepspeed)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from datetime import datetime, timezone  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_pipeline.convert import convert  # noqa: E402
 from data_pipeline.plan import ConvertOptions  # noqa: E402
 from data_pipeline.synthetic import write_synthetic_h5ad  # noqa: E402
+from pretrain import checkpoint  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
 from pretrain.embed import embed_h5ad  # noqa: E402
 from pretrain.export import export_bundle, load_pretrained  # noqa: E402
+from pretrain.threads import apply_threads, usable_cores, use_project_extension_dir  # noqa: E402
 from pretrain.train import train  # noqa: E402
 
 TINY = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
@@ -39,8 +45,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    times = {}
+    use_project_extension_dir()  # DeepSpeed's CPU op, built on the first run, is kept in the checkout
+    omp_env = os.environ.get("OMP_NUM_THREADS")  # as the user gave it, before anything below reads it
+    load = round(os.getloadavg()[0], 2)  # other work on the machine when it started: it skews the timings
+    times, reused = {}, []
     clock = time.perf_counter()
+    start = _STARTED if __name__ == "__main__" else clock  # imported (tests): from this call
 
     def lap(name: str) -> None:
         nonlocal clock
@@ -48,19 +58,34 @@ def main(argv: list[str] | None = None) -> None:
         clock = time.perf_counter()
 
     cells, held_out = out / "cells.h5ad", out / "held_out.h5ad"
+    if cells.exists() and held_out.exists():
+        reused.append("synthetic cells")
     if not cells.exists():
         write_synthetic_h5ad(cells, args.cells, seed=0)
     if not held_out.exists():  # other synthetic cells (another seed) over the same genes
         write_synthetic_h5ad(held_out, 2000, seed=1)
     lap("synthetic cells")
     corpus = out / "corpus"
-    if not (corpus / "manifest.json").exists():
+    if (corpus / "manifest.json").exists():
+        reused.append("convert")
+    else:
         convert(corpus, ConvertOptions([str(cells)], label_columns=["cell_type"]), workers=2, progress=False)
     lap("convert")
     config = load_config(str(TINY), [f"data.corpus={corpus}", f"run.out={out / 'run'}",
                                      f"schedule.max_steps={args.steps}", *args.overrides])
+    threads = apply_threads(config.run.threads, config.data.num_workers)
+    steps_before = _steps_done(Path(config.run.out))
     summary = train(config, resume="auto")
     lap("pretrain")
+    if steps_before >= summary["steps"]:
+        reused.append("pretrain")
+        # its throughput and losses below are that earlier run's, not measured now: say so
+        print(f"demo: pretraining reused: {config.run.out} had already finished {steps_before} steps in a previous "
+              f"invocation, so no step ran now and the throughput reported is the earlier run's; use a new --out "
+              f"(or delete {config.run.out}) to measure again", file=sys.stderr)
+    elif steps_before:
+        print(f"demo: pretraining resumed from step {steps_before} of an earlier invocation; the throughput "
+              f"reported mixes both", file=sys.stderr)
     bundle = export_bundle(out / "run", out / "bundle")
     lap("export")
     report = embed_h5ad(load_pretrained(bundle), held_out, out / "held_out_embedded.h5ad", progress=False)
@@ -69,7 +94,10 @@ def main(argv: list[str] | None = None) -> None:
     record = {
         "benchmark": "demo", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["launch/demo.py", *(argv if argv is not None else sys.argv[1:])]),
-        "seconds": times,
+        "seconds": times, "wall_s": round(time.perf_counter() - start, 1),
+        "reused": reused, "resumed_from_step": steps_before,
+        "threads": {"torch": threads.threads, "choice": threads.reason, "OMP_NUM_THREADS": omp_env,
+                    "usable_cores": usable_cores()[0], "cpu_count": os.cpu_count(), "load_avg_1min_at_start": load},
         "steps": summary["steps"], "skipped_steps": summary["skipped_steps"], "device": summary["device"],
         "final_losses": {k: round(final[k], 4) for k in ("loss", "mlm", "contrastive", "label") if k in final},
         "first_losses": _first_losses(out / "run" / "metrics.json"),
@@ -80,6 +108,13 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(record, indent=1))
     if args.summary:
         Path(args.summary).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def _steps_done(run_dir: Path) -> int:
+    """Steps of the run folder's latest complete checkpoint (0 if none): train(resume="auto")
+    continues from there, and does nothing when that is already the last step."""
+    found = checkpoint.latest_complete(run_dir)
+    return json.loads((found / checkpoint.MARKER).read_text())["step"] if found else 0
 
 
 def _first_losses(path: Path) -> dict:

@@ -17,6 +17,7 @@ import torch  # noqa: E402
 
 from pretrain.embed import embed_h5ad  # noqa: E402
 from pretrain.export import load_pretrained  # noqa: E402
+from pretrain.threads import apply_threads  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,12 +29,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layer", default=None, help="take the counts from this layer instead of X")
     parser.add_argument("--min-coverage", type=float, default=0.5,
                         help="refuse inputs with a smaller share of their counts on vocabulary genes (default 0.5)")
+    parser.add_argument("--gene-column", default=None,
+                        help="var column holding the genes' Ensembl ids or symbols (or 'var_names'); detected if "
+                             "omitted, as by `python -m data_pipeline convert`")
+    parser.add_argument("--symbol-table", default=None,
+                        help="symbol -> Ensembl table (CSV/TSV[.gz] or pickled dict) for symbols; its entries take "
+                             "precedence over the bundle vocabulary's own symbols")
     parser.add_argument("--token-budget", type=int, default=16384, help="tokens per batch (default 16384)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (default 0: the usable cores, by affinity and cgroup quota; "
+                             "an OMP_NUM_THREADS in the environment is kept)")
     args = parser.parse_args(argv)
+    apply_threads(args.threads)  # torch's default counts the machine's cores, not this process's share
     model = load_pretrained(args.bundle, device=args.device)
     report = embed_h5ad(model, args.input, args.out, name=args.name, layer=args.layer, min_coverage=args.min_coverage,
-                        token_budget=args.token_budget, device=args.device)
+                        token_budget=args.token_budget, device=args.device, gene_column=args.gene_column,
+                        symbol_table=args.symbol_table)
     print(json.dumps(report, indent=1))
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from pretrain.config import load_config  # noqa: E402
+from pretrain.threads import apply_threads, use_project_extension_dir  # noqa: E402
 from pretrain.train import train  # noqa: E402
 
 
@@ -28,7 +29,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
     parser.add_argument("overrides", nargs="*", help="key.sub=value, e.g. schedule.max_steps=200 run.out=runs/x")
     args = parser.parse_args(argv)
-    summary = train(load_config(args.config, args.overrides), resume=args.resume)
+    use_project_extension_dir()  # before DeepSpeed builds its CPU op (it imports lazily): once per checkout
+    try:
+        config = load_config(args.config, args.overrides)
+    except (ValueError, FileNotFoundError) as err:  # a config mistake: one line naming the fix, exit code 2
+        parser.error(str(err))
+    apply_threads(config.run.threads, config.data.num_workers)  # before any torch work sizes its pools
+    summary = train(config, resume=args.resume)
     if summary.get("run_dir") and summary.get("final") is not None and summary.get("steps") is not None:
         import torch.distributed as dist
 

@@ -69,7 +69,8 @@ class ModelConfig:
     architecture: str = _help(f"one of {', '.join(ARCHITECTURES)}", "encoder")
     decoder: DecoderConfig = _help("encoder_decoder only: the full-gene-set decoder", factory=DecoderConfig)
 
-    def validate(self) -> ModelConfig:
+    def check_choices(self) -> None:
+        """The named choices; what the corpus fills in (vocab_size, ...) is checked by `validate`."""
         choices = {"attention": ATTENTION_BACKENDS, "value_mode": VALUE_MODES, "pooling": POOLINGS,
                    "architecture": ARCHITECTURES, "gene_set": GENE_SETS}
         for name, allowed in choices.items():
@@ -78,6 +79,9 @@ class ModelConfig:
         if self.decoder.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"model.decoder.attention={self.decoder.attention!r}: choose one of "
                              f"{', '.join(ATTENTION_BACKENDS)}")
+
+    def validate(self) -> ModelConfig:
+        self.check_choices()
         if self.vocab_size <= max(self.pad_token, self.cls_token, self.mask_token):
             raise ValueError(f"model.vocab_size={self.vocab_size}: set it to the corpus vocabulary size "
                              "(the trainer does this from manifest.json)")
@@ -174,6 +178,8 @@ class RunConfig:
     peak_tflops: float | None = _help("device peak TFLOP/s for MFU (None: known GPUs' bf16/tf32 dense peak)", None)
     seed: int = _help("model initialization and dropout seed", 0)
     progress: bool = _help("show a progress bar on rank 0", True)
+    threads: int = _help("torch CPU threads per rank (0: automatic: usable cores (affinity, cgroup quota) / ranks "
+                         "on the host, less up to a quarter for loader workers; OMP_NUM_THREADS, if set, is kept)", 0)
     inject_nan_steps: list[int] = _help("testing: steps (1-based) whose loss is made NaN, to exercise the skip",
                                         factory=list)
 
@@ -209,6 +215,7 @@ class TrainConfig:
              "data.megabatch_cells must be >= 1"),
             (0 <= self.data.mask_ratio <= 1, f"data.mask_ratio={self.data.mask_ratio} must be in [0, 1]"),
             (self.data.num_workers >= 0, "data.num_workers must be >= 0"),
+            (self.run.threads >= 0, "run.threads must be >= 0 (0: automatic)"),
             (self.optimizer.lr > 0, f"optimizer.lr={self.optimizer.lr} must be > 0"),
             (len(self.optimizer.betas) == 2, "optimizer.betas needs two values, e.g. [0.9, 0.98]"),
             (self.schedule.max_steps >= 1 and self.schedule.warmup_steps >= 0,
@@ -229,6 +236,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        self.model.check_choices()  # the rest of the model waits for the corpus (vocabulary, label columns)
         return self
 
 

@@ -1,10 +1,17 @@
 """Embed cells of an `.h5ad` with an exported bundle: raw counts -> the bundle's vocabulary ->
 its normalization -> length-grouped packed batches -> cell embeddings, in the input's cell order.
 
-Genes are matched by Ensembl id (found the way the converter finds it: a var column or var_names,
-versions stripped), else by symbol. Each cell's total counts are over all its genes, as in the
-corpus. Cells are read in chunks of rows (backed mode), so the input need not fit in memory when
-the output is a `.zarr` array; an `.h5ad` output is the input with ``obsm["X_<name>"]`` added.
+Genes are resolved as the converter resolves them (`data_pipeline.gene_ids.resolve_gene_ids`, with
+the same ``gene_column`` / ``symbol_table`` options): Ensembl ids from the var column (or
+var_names) that holds them, versions stripped; else symbols, mapped to Ensembl ids through the
+bundle vocabulary's symbol column and, taking precedence, a ``symbol_table``. A symbol the
+vocabulary gives to several genes means the first listed (lowest token id). Beyond conversion,
+for rows still unmatched: an Ensembl id the vocabulary lacks (another annotation release) or a
+symbol differing only in case is matched by the row's symbol, unless the file holds that gene
+under the vocabulary's id. Each cell's total
+counts are over all its genes, as in the corpus. Cells are read in chunks of rows (backed mode), so
+the input need not fit in memory when the output is a `.zarr` array; an `.h5ad` output is the
+input with ``obsm["X_<name>"]`` added.
 """
 
 from __future__ import annotations
@@ -16,30 +23,62 @@ import scipy.sparse as sp
 import torch
 
 from data_pipeline.batch import PackedBatch
-from data_pipeline.gene_ids import resolve_gene_ids
+from data_pipeline.gene_ids import resolve_gene_ids, vocabulary_symbol_table
 from data_pipeline.normalize import normalize
 from data_pipeline.readers import SourceError
+from data_pipeline.vocab import read_symbol_table
 
 from .model import CellModel
 
 
-def gene_tokens(var, vocab, source: str) -> tuple[np.ndarray, dict]:
-    """Token per var row (-1: not in the vocabulary) and a coverage report."""
+def gene_tokens(var, vocab, source: str, gene_column: str | None = None,
+                symbol_table: dict[str, str] | None = None) -> tuple[np.ndarray, dict]:
+    """Token per var row (-1: not in the vocabulary) and a coverage report.
+
+    ``gene_column``: the var column (or "var_names") holding Ensembl ids or symbols, detected if
+    None; ``symbol_table``: symbol -> Ensembl id, consulted before the vocabulary's own symbols.
+    """
+    table = {**vocabulary_symbol_table(vocab), **(symbol_table or {})}
     try:
-        identity = resolve_gene_ids(var, source)
-    except SourceError as err:  # its advice names the converter's options
+        identity = resolve_gene_ids(var, source, gene_column, table)
+    except SourceError as err:
+        detail = str(err).removeprefix(f"{source}: ")
         raise ValueError(f"{source}: no gene identifiers the model's vocabulary can match: var needs Ensembl ids "
                          "or gene symbols (in var_names or a var column); add them to the file and embed "
-                         f"again ({err})") from None
+                         f"again ({detail})") from None
     tokens = vocab.lookup(identity.ids)
-    gene_token_ids = set(vocab.index.values())
-    by_symbol = {s.upper(): i for i, s in enumerate(vocab.symbols) if s and i in gene_token_ids}
-    for row in np.flatnonzero(tokens < 0):
-        symbol = str(identity.symbols[row]).upper() if len(identity.symbols) else ""
-        tokens[row] = by_symbol.get(symbol, -1)
+    by_symbol = identity.from_symbols.copy() if identity.from_symbols is not None else np.zeros(len(tokens), bool)
+    syms = identity.symbols if len(identity.symbols) == len(tokens) else np.full(len(tokens), "", dtype=object)
+    # rows still unmatched that have a symbol: an Ensembl id of another annotation release (CCL5, SOD2,
+    # TXNIP changed ids), or a symbol that differs only in case (C2ORF15 for C2orf15). The symbol names
+    # the vocabulary's gene, unless the file also holds that gene under the vocabulary's id.
+    rows = np.flatnonzero((tokens < 0) & (syms != ""))
+    if len(rows):
+        upper: dict[str, str] = {}
+        for symbol, gene in table.items():
+            upper.setdefault(symbol.upper(), gene)
+        via = vocab.lookup(np.array([table.get(str(s)) or upper.get(str(s).upper(), "") for s in syms[rows]],
+                                    dtype=object))
+        taken = set(tokens[tokens >= 0].tolist())
+        for row, token in zip(rows, via):
+            if token >= 0 and token not in taken:
+                tokens[row], by_symbol[row] = token, True
+                taken.add(token)
     mapped = tokens >= 0
+    # matched through a symbol that the vocabulary gives to several genes (the first listed was taken)
+    symbol_genes: dict[str, int] = {}
+    for gene, symbol in zip(vocab.ensembl_ids, vocab.symbols):
+        if symbol and gene in vocab.index:
+            symbol_genes[symbol.upper()] = symbol_genes.get(symbol.upper(), 0) + 1
+    user = symbol_table or {}
+    ambiguous = mapped & by_symbol & np.array([str(s) not in user and symbol_genes.get(str(s).upper(), 0) > 1
+                                               for s in syms], bool)
     report = {"input_genes": int(len(tokens)), "mapped_genes": int(mapped.sum()),
               "input_fraction": float(mapped.mean()) if len(tokens) else 0.0,
+              "mapped_by_ensembl": int((mapped & ~by_symbol).sum()),
+              "mapped_by_symbol": int((mapped & by_symbol).sum()), "ambiguous_symbols": int(ambiguous.sum()),
+              "gene_identity": identity.how.replace("the symbol table", "the vocabulary's symbols"
+                                                    + (" and --symbol-table" if symbol_table else "")),
               "vocab_genes": int(vocab.n_genes), "vocab_fraction": float(len(set(tokens[mapped])) / max(1, vocab.n_genes))}
     return tokens, report
 
@@ -109,26 +148,35 @@ def embed_counts(model: CellModel, indptr, genes, counts, totals, token_budget: 
 
 def embed_h5ad(model: CellModel, source: str | Path, out: str | Path, name: str = "scfm", layer: str | None = None,
                min_coverage: float = 0.5, chunk_cells: int = 8192, token_budget: int = 16384,
-               device: str | torch.device = "cpu", progress: bool = True) -> dict:
+               device: str | torch.device = "cpu", progress: bool = True, gene_column: str | None = None,
+               symbol_table: str | Path | dict[str, str] | None = None) -> dict:
     """Embed every cell of ``source``; write ``out`` (.h5ad: the input plus ``obsm["X_<name>"]``;
     .zarr: the embedding array ``[n_cells, d]`` with ``obs_names``). Refuses inputs where less
-    than ``min_coverage`` of the counts fall on vocabulary genes. Returns a coverage report."""
+    than ``min_coverage`` of the counts fall on vocabulary genes. ``gene_column`` /
+    ``symbol_table`` (a symbol -> Ensembl CSV/TSV[.gz] or pickled dict, or a dict) mean what the
+    converter's ``--gene-column`` / ``--symbol-table`` mean. Returns a coverage report."""
     import anndata
 
     source, out = Path(source), Path(out)
     if out.suffix not in (".h5ad", ".zarr"):
         raise ValueError(f"--out {out}: write .h5ad (the input plus obsm['X_{name}']) or .zarr (the array only)")
+    if symbol_table is not None and not isinstance(symbol_table, dict):
+        symbol_table = read_symbol_table(symbol_table)
     adata = anndata.read_h5ad(source, backed="r")
-    tokens, report = gene_tokens(adata.var, model.vocab, str(source))
+    tokens, report = gene_tokens(adata.var, model.vocab, str(source), gene_column, symbol_table)
     matrix = adata.layers[layer] if layer else adata.X
     n = adata.n_obs
     # coverage of what the cells express: the share of counts (over the first chunk) on vocabulary genes
     first = sp.csr_matrix(matrix[0 : min(n, chunk_cells)])
     report["count_fraction"] = float(first.data[tokens[first.indices] >= 0].sum() / max(first.data.sum(), 1))
     if report["count_fraction"] < min_coverage:
+        adata.file.close()
         raise ValueError(f"{source}: only {report['count_fraction']:.0%} of the counts fall on genes of the model's "
-                         f"vocabulary ({report['mapped_genes']} of {report['input_genes']} genes matched; minimum "
-                         f"{min_coverage:.0%}); check the gene identifiers (var Ensembl ids or symbols) or lower "
+                         f"vocabulary (minimum {min_coverage:.0%}; {report['mapped_genes']} of "
+                         f"{report['input_genes']} genes matched, {report['mapped_by_ensembl']} by Ensembl id and "
+                         f"{report['mapped_by_symbol']} by symbol, genes taken from {report['gene_identity']}); "
+                         "pass --gene-column NAME if another var column holds the Ensembl ids or symbols, "
+                         "--symbol-table FILE (symbol -> Ensembl id) for symbols the vocabulary lacks, or lower "
                          "--min-coverage")
     embedding = np.zeros((n, model.config.d_model), np.float32)
     bar = None

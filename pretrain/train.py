@@ -1,6 +1,6 @@
 """The training loop: `train(config)` is what `launch/pretrain.py` runs, on one process or many.
 
-Read `train` top to bottom: build the loader and the model from the config, wrap them in a
+Read `train` and `_run` top to bottom: build the loader and the model from the config, wrap them in a
 DeepSpeed engine, resume if asked, then per optimizer step take ``chunks_per_step`` loader
 batches, run `train_step` (masked expression + labels + gradient-cached contrastive), record
 metrics, and checkpoint every N steps, on SIGTERM/SIGINT and at the end.
@@ -8,8 +8,10 @@ metrics, and checkpoint every N steps, on SIGTERM/SIGINT and at the end.
 
 from __future__ import annotations
 
+import logging
 import math
 import resource
+import shutil
 import signal
 import time
 from dataclasses import asdict, replace
@@ -32,6 +34,8 @@ from .model import CellModel, model_cost
 from .model.attention import require_attention_device
 from .objectives import PretrainModule, train_step
 
+logger = logging.getLogger(__name__)
+
 VALUE_MODE_OF = {"log1p_bins": "bins", "quantile_bins": "bins", "rank": "rank", "continuous": "continuous"}
 
 
@@ -40,6 +44,9 @@ def build_loader(config: TrainConfig, device: torch.device) -> CellLoader:
     if not d.corpus:
         raise ValueError("data.corpus is not set: pass data.corpus=PATH (a folder made by "
                          "`python -m data_pipeline convert`)")
+    if not (Path(d.corpus) / "manifest.json").is_file():
+        raise ValueError(f"data.corpus={d.corpus}: no manifest.json there, so not a finished corpus: pass "
+                         "data.corpus=PATH of a folder made by `python -m data_pipeline convert`")
     return CellLoader(d.corpus, normalization=config.input_normalization(),
                       batching=Batching(d.token_budget, d.megabatch_cells, d.max_batch_cells),
                       masking=Masking(ratio=d.mask_ratio), views=Views(d.gene_dropout, d.min_depth) if d.views else None,
@@ -68,6 +75,15 @@ def resolve_model_config(config: TrainConfig, loader: CellLoader) -> TrainConfig
     if config.objectives.contrastive_weight > 0 and not config.data.views:
         raise ValueError("objectives.contrastive_weight > 0 needs two views per cell: set data.views=true")
     return replace(config, model=model.validate())
+
+
+def warn_unused_objectives(config: TrainConfig, loader: CellLoader) -> None:
+    """Said once, at start: an objective with a weight that the corpus gives nothing to train on."""
+    weight = config.objectives.label_weight
+    if weight > 0 and not loader.spec.manifest["label_columns"]:
+        logger.warning(f"objectives.label_weight={weight} but the corpus {config.data.corpus} has no label "
+                       "columns, so the label loss is 0 and trains nothing: set objectives.label_weight=0 (or "
+                       "convert the corpus with --label-columns COLUMN)")
 
 
 def lr_factor(schedule, step: int) -> float:
@@ -134,14 +150,36 @@ def _peak_memory(device: torch.device) -> int:
 
 def train(config: TrainConfig, resume: str | None = None) -> dict:
     """Train as ``config`` says; ``resume``: "auto" (the latest complete checkpoint of the run
-    directory, if any), a checkpoint folder, or None. Returns the run summary (rank 0)."""
+    directory, if any), a checkpoint folder, or None. Returns the run summary (rank 0).
+
+    What the config and the corpus decide is checked before the run folder exists. A run that
+    raises later ends its MLflow run FAILED, and a run folder this call made that holds nothing
+    durable is cleared (`_clear_failed_start`)."""
     rank, world, device = init_distributed()
     require_attention_device(config.model, device)  # before any run folder, engine or MLflow run exists
+    loader = build_loader(config, device)  # a wrong data.corpus fails here, also before the run folder
+    config = resolve_model_config(config, loader)
+    if rank == 0:
+        warn_unused_objectives(config, loader)
     run_dir = Path(config.run.out)
+    made_here = not run_dir.exists()  # a folder that held anything before (a previous run's) is never removed
+    log = None
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-    loader = build_loader(config, device)
-    config = resolve_model_config(config, loader)
+        log = RunLog(run_dir, config.run.experiment, config.run.mlflow)
+    try:
+        return _run(config, resume, loader, log, run_dir, rank, world, device)
+    except BaseException:
+        if log is not None:
+            log.fail()
+            if made_here:
+                _clear_failed_start(run_dir, log)
+        raise
+
+
+def _run(config: TrainConfig, resume: str | None, loader: CellLoader, log: RunLog | None, run_dir: Path,
+         rank: int, world: int, device: torch.device) -> dict:
+    """`train` once the run folder exists: the engine, the resume, the steps, the summary."""
     if rank == 0:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(config), sort_keys=False))
     vocab = read_vocab(Path(config.data.corpus) / "vocab.tsv")
@@ -155,7 +193,8 @@ def train(config: TrainConfig, resume: str | None = None) -> dict:
         state = checkpoint.load(engine, found)
         step, history, skipped = state["step"], state["history"], state["skipped"]
         loader.load_state_dict(state["loader"])
-    log = RunLog(run_dir, asdict(config), config.run.experiment, config.run.mlflow, history) if rank == 0 else None
+    if log is not None:
+        log.start(asdict(config), history, resumed=found is not None)
     peak_tflops, peak_source = device_peak_tflops(device, config.run.peak_tflops)
     stop = StopSignal()
     progress = None
@@ -231,6 +270,25 @@ def train(config: TrainConfig, resume: str | None = None) -> dict:
         log.finish(summary)
     dist.barrier()
     return summary
+
+
+def _clear_failed_start(run_dir: Path, log: RunLog) -> None:
+    """A start that failed in a run folder this invocation made: unless it wrote something durable (a
+    complete checkpoint, or steps in metrics.json), remove what it wrote, so that no half-made run is
+    left for a later `--resume auto` or a reader of the folder. A local MLflow store stays: it holds
+    the FAILED run, the record of what was tried (with its params)."""
+    if log.took_steps or checkpoint.complete_checkpoints(run_dir):
+        return
+    keep = {"mlflow.db", "mlflow-artifacts"} if log.local_store else set()
+    for path in run_dir.iterdir():
+        if path.name in keep:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    if not any(run_dir.iterdir()):
+        run_dir.rmdir()
 
 
 def _float(x) -> float | None:

@@ -199,3 +199,30 @@ def test_torn_or_missing_row_cache_is_read_again(inputs, reference, tmp_path):
     caches[1].unlink()
     convert(out, options, workers=1, progress=False)
     _assert_same_corpus(reference, out)
+
+
+# --- training: a resumed run's MLflow record ---------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")  # mlflow's SQLAlchemy store
+def test_a_resumed_training_run_logs_each_step_once_to_mlflow(tmp_path):
+    """A job killed while saving its step-4 checkpoint had logged steps 3 and 4; `--resume auto`
+    retrains them from the step-2 checkpoint in the same MLflow run, which then holds each step once."""
+    from mlflow.tracking import MlflowClient
+
+    from tests.train_helpers import TINY, make_corpus, metrics, run_pretrain
+
+    corpus = make_corpus(tmp_path, n_cells=96, n_genes=300)
+    run = tmp_path / "run"
+    args = [*TINY, f"data.corpus={corpus}", f"run.out={run}", "run.mlflow=true", "run.log_every=1",
+            "run.checkpoint_every=2"]
+    run_pretrain([*args, "schedule.max_steps=4"])
+    (run / "checkpoints" / "step-00000004" / "COMPLETE").unlink()  # the save the kill cut short
+    run_id = (run / "mlflow_run_id").read_text().strip()
+    run_pretrain([*args, "schedule.max_steps=6"], resume="auto")
+    assert (run / "mlflow_run_id").read_text().strip() == run_id  # one MLflow run across the restart
+    client = MlflowClient(tracking_uri=f"sqlite:///{run / 'mlflow.db'}")
+    assert client.get_run(run_id).info.status == "FINISHED"
+    for key in ("loss", "lr", "cells_per_s"):
+        assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2, 3, 4, 5, 6], key
+    assert [h["step"] for h in metrics(run)] == [1, 2, 3, 4, 5, 6]

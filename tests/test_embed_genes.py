@@ -1,0 +1,272 @@
+"""How embedding finds an input's genes: as conversion does (`data_pipeline.gene_ids`), with the
+bundle vocabulary's symbols as the symbol table, and the converter's ``--gene-column`` /
+``--symbol-table`` options (issue 19, point 2).
+
+One tiny bundle (random weights, sdpa attention, 40 genes) is written once for the module; every
+input is a few dozen cells, so the file runs in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+from data_pipeline.normalize import Normalization
+from data_pipeline.vocab import Vocabulary
+from pretrain.config import ModelConfig
+from pretrain.export import BUNDLE_FORMAT, load_pretrained, normalization_record
+from pretrain.model import CellModel
+
+ROOT = Path(__file__).resolve().parents[1]
+N_GENES = 40
+# letters only: names ending in numbers (SYN0, SYN1, ...) would read as placeholders, not symbols
+SYMBOLS = [f"GN{chr(65 + i // 26)}{chr(65 + i % 26)}" for i in range(N_GENES)]
+SYMBOLS[25] = SYMBOLS[10]  # one symbol on two genes: the first listed (token of gene 10) is meant
+GENES = [f"ENSG{100000000 + i:011d}" for i in range(N_GENES)]
+AMBIGUOUS = SYMBOLS[10]
+N_CELLS = 48
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    """A bundle as `launch/export.py` writes it, from a randomly initialized model."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("bundle")
+    vocab = Vocabulary.from_genes(GENES, SYMBOLS)
+    config = ModelConfig(vocab_size=len(vocab), d_model=32, n_layers=1, n_heads=2, attention="sdpa", n_bins=7,
+                         dropout=0.0)
+    torch.manual_seed(0)
+    model = CellModel(config)
+    save_file({k: v.contiguous().clone() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"bundle_format": BUNDLE_FORMAT, "model": asdict(config)}))
+    (folder / "vocab.tsv").write_bytes(vocab.to_tsv())
+    (folder / "normalization.json").write_text(json.dumps(normalization_record(Normalization(mode="log1p_bins",
+                                                                                              n_bins=7))))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model(bundle):
+    return load_pretrained(bundle)
+
+
+def _counts(n_vars: int, seed: int = 0) -> sp.csr_matrix:
+    rng = np.random.default_rng(seed)
+    x = rng.poisson(1.5, size=(N_CELLS, n_vars)) * (rng.random((N_CELLS, n_vars)) < 0.5)
+    return sp.csr_matrix(x.astype(np.int32))
+
+
+# the input's columns: 30 vocabulary genes (the ambiguous symbol's first gene among them), 2 genes
+# the vocabulary lacks (they count towards each cell's total, as in the corpus)
+COLUMNS = [i for i in range(31) if i != 25]  # gene 25 (the ambiguous symbol's second gene) is absent
+OUTSIDE_IDS = ["ENSG00000999990", "ENSG00000999991"]
+OUTSIDE_SYMBOLS = ["NOTINVOCAB", "ALSONOTHERE"]
+IDS = [GENES[i] for i in COLUMNS] + OUTSIDE_IDS
+SYMS = [SYMBOLS[i] for i in COLUMNS] + OUTSIDE_SYMBOLS
+
+
+def _write(path: Path, var: pd.DataFrame, seed: int = 0) -> Path:
+    obs = pd.DataFrame(index=[f"cell{i:03d}" for i in range(N_CELLS)])
+    ad.AnnData(X=_counts(len(var), seed), obs=obs, var=var).write_h5ad(path)
+    return path
+
+
+def _embed(model, source: Path, out: Path, **kw) -> tuple[np.ndarray, dict]:
+    from pretrain.embed import embed_h5ad
+
+    report = embed_h5ad(model, source, out, progress=False, **kw)
+    return ad.read_h5ad(out).obsm["X_scfm"], report
+
+
+@pytest.fixture(scope="module")
+def reference(model, tmp_path_factory) -> np.ndarray:
+    """Embeddings of the cells with genes named by Ensembl ids (no symbols anywhere)."""
+    folder = tmp_path_factory.mktemp("reference")
+    source = _write(folder / "ensembl.h5ad", pd.DataFrame(index=IDS))
+    x, report = _embed(model, source, folder / "out.h5ad")
+    assert report["mapped_genes"] == 30 and report["mapped_by_ensembl"] == 30 and report["mapped_by_symbol"] == 0
+    assert x.shape == (N_CELLS, 32) and np.isfinite(x).all() and np.abs(x - x[0]).max() > 1e-4
+    return x
+
+
+def _embed_options() -> set[str]:
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "embed.py"), "--help"], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return set(re.findall(r"--[a-z][a-z-]*", proc.stdout))
+
+
+@pytest.fixture(scope="module")
+def embed_options() -> set[str]:
+    return _embed_options()
+
+
+def test_symbol_named_file_embeds_as_its_ensembl_twin(model, reference, tmp_path):
+    source = _write(tmp_path / "symbols.h5ad", pd.DataFrame(index=SYMS))  # var_names only, no Ensembl column
+    x, report = _embed(model, source, tmp_path / "out.h5ad")
+    np.testing.assert_array_equal(x, reference)
+    assert report["mapped_genes"] == 30 and report["input_genes"] == 32
+    assert report["mapped_by_symbol"] == 30 and report["mapped_by_ensembl"] == 0
+    assert report["ambiguous_symbols"] == 1  # AMBIGUOUS: two vocabulary genes, the first listed taken
+    assert "var_names" in report["gene_identity"]
+
+
+def test_symbols_differing_only_in_case_match(model, reference, tmp_path):
+    source = _write(tmp_path / "lower.h5ad", pd.DataFrame(index=[s.lower() for s in SYMS]))
+    x, report = _embed(model, source, tmp_path / "out.h5ad")
+    np.testing.assert_array_equal(x, reference)
+    assert report["mapped_by_symbol"] == 30 and report["ambiguous_symbols"] == 1
+
+
+def test_symbols_fill_rows_without_an_ensembl_id(model, reference, tmp_path):
+    ids = list(IDS)
+    ids[3] = ids[7] = ""  # as in files whose symbol -> Ensembl mapping left gaps
+    source = _write(tmp_path / "gaps.h5ad", pd.DataFrame({"ensembl_id": ids, "gene_symbol": SYMS}, index=SYMS))
+    x, report = _embed(model, source, tmp_path / "out.h5ad")
+    np.testing.assert_array_equal(x, reference)
+    assert report["mapped_by_ensembl"] == 28 and report["mapped_by_symbol"] == 2
+
+
+def test_an_ensembl_id_of_another_release_is_matched_by_its_symbol(model, reference, tmp_path):
+    ids = list(IDS)
+    ids[5] = "ENSG00000777777"  # the gene of SYMS[5] under an id the vocabulary lacks (as CCL5 and SOD2 moved)
+    source = _write(tmp_path / "release.h5ad", pd.DataFrame({"ensembl_id": ids, "gene_symbol": SYMS}, index=ids))
+    x, report = _embed(model, source, tmp_path / "out.h5ad")
+    np.testing.assert_array_equal(x, reference)
+    assert report["mapped_by_ensembl"] == 29 and report["mapped_by_symbol"] == 1
+
+    # a file holding the gene under both ids: the vocabulary's id counts, the other stays out (not summed in)
+    both = pd.DataFrame({"ensembl_id": IDS + ["ENSG00000777777"], "gene_symbol": SYMS + [SYMS[5]]},
+                        index=IDS + ["ENSG00000777777"])
+    _, report = _embed(model, _write(tmp_path / "both.h5ad", both), tmp_path / "both_out.h5ad")
+    assert report["mapped_genes"] == 30 and report["mapped_by_symbol"] == 0
+
+
+def test_gene_column_picks_the_var_column(model, reference, embed_options, tmp_path):
+    stale = [f"ENSG{200000000 + i:011d}" for i in range(len(IDS))]  # Ensembl-looking, none in the vocabulary
+    # two id columns, no symbols: detection takes var_names (the first of the equally Ensembl-like) and nothing matches
+    source = _write(tmp_path / "two_id_columns.h5ad", pd.DataFrame({"ensembl_v2": IDS}, index=stale))
+    with pytest.raises(ValueError, match="vocabulary") as err:
+        _embed(model, source, tmp_path / "refused.h5ad")
+    message = str(err.value)
+    assert "--gene-column" in message and "--symbol-table" in message and "0 of 32 genes matched" in message
+    assert set(re.findall(r"--[a-z][a-z-]*", message)) <= embed_options  # only options embed has
+    assert not (tmp_path / "refused.h5ad").exists()
+    x, report = _embed(model, source, tmp_path / "out.h5ad", gene_column="ensembl_v2")
+    np.testing.assert_array_equal(x, reference)
+    assert report["mapped_by_ensembl"] == 30 and "ensembl_v2" in report["gene_identity"]
+
+    # a column of symbols named explicitly
+    var = pd.DataFrame({"ensembl_id": stale, "gene_symbol": SYMS}, index=[f"row{i}" for i in range(len(IDS))])
+    source = _write(tmp_path / "symbol_column.h5ad", var)
+    x, report = _embed(model, source, tmp_path / "out2.h5ad", gene_column="gene_symbol")
+    np.testing.assert_array_equal(x, reference)
+    assert report["mapped_by_symbol"] == 30 and "gene_symbol" in report["gene_identity"]
+
+    with pytest.raises(ValueError, match=r"--gene-column 'nope' is not a var column.*gene_symbol"):
+        _embed(model, source, tmp_path / "x.h5ad", gene_column="nope")
+
+
+def test_symbol_table_maps_symbols_the_vocabulary_lacks(model, reference, embed_options, tmp_path):
+    aliases = [f"OLD{s}" for s in SYMS]  # previous names: not in the vocabulary's symbol column
+    source = _write(tmp_path / "aliases.h5ad", pd.DataFrame(index=aliases))
+    with pytest.raises(ValueError, match="vocabulary") as err:
+        _embed(model, source, tmp_path / "refused.h5ad")
+    assert "--symbol-table" in str(err.value)
+    assert set(re.findall(r"--[a-z][a-z-]*", str(err.value))) <= embed_options
+
+    table = tmp_path / "aliases.csv"
+    table.write_text("symbol,ensembl_id\n" + "".join(f"{a},{g}.3\n" for a, g in zip(aliases, IDS)))
+    x, report = _embed(model, source, tmp_path / "out.h5ad", symbol_table=table)
+    np.testing.assert_array_equal(x, reference)
+    assert report["mapped_by_symbol"] == 30 and report["ambiguous_symbols"] == 0
+
+
+def test_symbol_table_takes_precedence_over_the_vocabulary(model, reference, tmp_path):
+    source = _write(tmp_path / "symbols.h5ad", pd.DataFrame(index=SYMS))
+    # the table says the ambiguous symbol is the second gene that carries it (token of gene 25)
+    _, report = _embed(model, source, tmp_path / "a.h5ad", symbol_table={AMBIGUOUS: GENES[25]})
+    x = ad.read_h5ad(tmp_path / "a.h5ad").obsm["X_scfm"]
+    assert report["mapped_genes"] == 30
+    changed = np.abs(x - reference).max(axis=1) > 0
+    expressed = np.asarray(_counts(len(SYMS))[:, COLUMNS.index(10)].todense()).ravel() > 0
+    assert (changed == expressed).all()  # exactly the cells that express it embed differently
+
+
+def test_a_file_without_gene_identifiers_names_embeds_options(model, embed_options, tmp_path):
+    source = _write(tmp_path / "placeholders.h5ad", pd.DataFrame(index=[f"g{i}" for i in range(len(IDS))]))
+    with pytest.raises(ValueError, match="no gene identifiers") as err:
+        _embed(model, source, tmp_path / "out.h5ad")
+    message = str(err.value)
+    assert "Ensembl ids or gene symbols" in message and "--gene-column" in message
+    assert "convert" not in message
+    assert set(re.findall(r"--[a-z][a-z-]*", message)) <= embed_options
+
+
+def test_cli_accepts_both_gene_options(bundle, reference, embed_options, tmp_path):
+    assert {"--gene-column", "--symbol-table"} <= embed_options
+    aliases = [f"OLD{s}" for s in SYMS]
+    var = pd.DataFrame({"ensembl_id": [f"ENSG{200000000 + i:011d}" for i in range(len(IDS))], "alias": aliases},
+                       index=[f"row{i}" for i in range(len(IDS))])
+    source = _write(tmp_path / "cli.h5ad", var)
+    table = tmp_path / "aliases.tsv"
+    table.write_text("".join(f"{g}\t{a}\n" for a, g in zip(aliases, IDS)))  # no header, Ensembl column first
+    out = tmp_path / "out.zarr"
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "embed.py"), str(bundle), str(source), "--out",
+                           str(out), "--gene-column", "alias", "--symbol-table", str(table), "--device", "cpu"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert report["mapped_by_symbol"] == 30 and report["input_genes"] == 32
+    import zarr
+
+    np.testing.assert_array_equal(np.asarray(zarr.open_group(str(out), mode="r")["X_scfm"]), reference)
+
+
+def test_real_file_by_symbols_embeds_as_by_ensembl_ids(shared_data, tmp_path):
+    """A real file's symbols (var['gene_symbol']) against a vocabulary of its own genes: the symbol-
+    named copy embeds as the Ensembl-named one, over the genes whose symbol and id are both unique."""
+    from safetensors.torch import save_file
+
+    from pretrain.embed import embed_h5ad
+
+    cells = ad.read_h5ad(shared_data / "h5ad" / "mudan_zheng_sorted_ref.h5ad")[:64]
+    ids, syms = cells.var["ensembl_id"].astype(str).to_numpy(), cells.var["gene_symbol"].astype(str).to_numpy()
+    keep = (ids != "") & (syms != "") & ~pd.Series(ids).duplicated(keep=False).to_numpy() \
+        & ~pd.Series(syms).duplicated(keep=False).to_numpy()
+    cells = cells[:, keep].copy()
+    ids, syms = ids[keep], syms[keep]
+    vocab = Vocabulary.from_genes(ids, syms)
+    folder = tmp_path / "bundle"
+    folder.mkdir()
+    config = ModelConfig(vocab_size=len(vocab), d_model=32, n_layers=1, n_heads=2, attention="sdpa", n_bins=7,
+                         dropout=0.0)
+    torch.manual_seed(0)
+    save_file({k: v.contiguous().clone() for k, v in CellModel(config).state_dict().items()},
+              str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"bundle_format": BUNDLE_FORMAT, "model": asdict(config)}))
+    (folder / "vocab.tsv").write_bytes(vocab.to_tsv())
+    (folder / "normalization.json").write_text(json.dumps(normalization_record(Normalization(mode="log1p_bins",
+                                                                                              n_bins=7))))
+    model = load_pretrained(folder)
+    x = {}
+    for name, names in (("ensembl", ids), ("symbol", syms)):
+        copy = ad.AnnData(X=sp.csr_matrix(cells.X), obs=pd.DataFrame(index=cells.obs_names),
+                          var=pd.DataFrame(index=names))
+        copy.write_h5ad(tmp_path / f"{name}.h5ad")
+        report = embed_h5ad(model, tmp_path / f"{name}.h5ad", tmp_path / f"{name}_out.h5ad", progress=False)
+        assert report["mapped_genes"] == len(ids) and report[f"mapped_by_{name}"] == len(ids)
+        x[name] = ad.read_h5ad(tmp_path / f"{name}_out.h5ad").obsm["X_scfm"]
+    np.testing.assert_array_equal(x["symbol"], x["ensembl"])
