@@ -4,7 +4,7 @@ extensions are cached.
 Why threads: torch sizes its intra-op pool from the machine's core count, not from the cores this
 process may really use. In a container with a CPU quota, under a CPU affinity mask, or with several
 ranks (and their loader workers) on one host, every process then runs more threads than there are
-cores and the OpenMP workers spin against each other: the demo measured 1,685 s with torch's
+cores and the OpenMP workers spin against each other: a user report (issue 19) measured the demo at 1,685 s with torch's
 default against 194 s with one thread on such a machine. So each entry point calls
 :func:`apply_threads` first; an explicit choice (``run.threads`` / ``--threads``, or the user's
 ``OMP_NUM_THREADS``) is never overridden.
