@@ -44,7 +44,7 @@ class GeneIdentity:
     n_from_symbols: int
     n_unresolved: int
     symbols: np.ndarray
-    from_symbols: np.ndarray | None = None  # [n_vars] bool: the id came from a symbol via the table
+    from_symbols: np.ndarray  # [n_vars] bool: the id came from a symbol via the table
 
 
 def _candidates(var: pd.DataFrame) -> list[tuple[str, np.ndarray]]:

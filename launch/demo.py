@@ -25,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_pipeline.convert import convert  # noqa: E402
 from data_pipeline.plan import ConvertOptions  # noqa: E402
 from data_pipeline.synthetic import write_synthetic_h5ad  # noqa: E402
-from pretrain import checkpoint  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
 from pretrain.embed import embed_h5ad  # noqa: E402
 from pretrain.export import export_bundle, load_pretrained  # noqa: E402
@@ -74,8 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     config = load_config(str(TINY), [f"data.corpus={corpus}", f"run.out={out / 'run'}",
                                      f"schedule.max_steps={args.steps}", *args.overrides])
     threads = apply_threads(config.run.threads, config.data.num_workers)
-    steps_before = _steps_done(Path(config.run.out))
     summary = train(config, resume="auto")
+    steps_before = summary["resumed_from_step"]
     lap("pretrain")
     if steps_before >= summary["steps"]:
         reused.append("pretrain")
@@ -108,13 +107,6 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(record, indent=1))
     if args.summary:
         Path(args.summary).write_text(json.dumps(record, indent=1) + "\n")
-
-
-def _steps_done(run_dir: Path) -> int:
-    """Steps of the run folder's latest complete checkpoint (0 if none): train(resume="auto")
-    continues from there, and does nothing when that is already the last step."""
-    found = checkpoint.latest_complete(run_dir)
-    return json.loads((found / checkpoint.MARKER).read_text())["step"] if found else 0
 
 
 def _first_losses(path: Path) -> dict:

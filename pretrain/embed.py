@@ -47,8 +47,7 @@ def gene_tokens(var, vocab, source: str, gene_column: str | None = None,
                          "or gene symbols (in var_names or a var column); add them to the file and embed "
                          f"again ({detail})") from None
     tokens = vocab.lookup(identity.ids)
-    by_symbol = identity.from_symbols.copy() if identity.from_symbols is not None else np.zeros(len(tokens), bool)
-    syms = identity.symbols if len(identity.symbols) == len(tokens) else np.full(len(tokens), "", dtype=object)
+    by_symbol, syms = identity.from_symbols.copy(), identity.symbols
     # rows still unmatched that have a symbol: an Ensembl id of another annotation release (CCL5, SOD2,
     # TXNIP changed ids), or a symbol that differs only in case (C2ORF15 for C2orf15). The symbol names
     # the vocabulary's gene, unless the file also holds that gene under the vocabulary's id.

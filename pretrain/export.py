@@ -29,6 +29,7 @@ from data_pipeline.vocab import read_vocab
 
 from .config import DecoderConfig, ModelConfig
 from .model import CellModel
+from .model.attention import CUDA_ONLY_BACKENDS
 
 BUNDLE_FORMAT = 1
 
@@ -145,8 +146,6 @@ Embed an .h5ad of raw counts: `python launch/embed.py THIS_FOLDER cells.h5ad --o
 def exact_backends_to_sdpa(config: ModelConfig) -> ModelConfig:
     """``config`` with the CUDA-only exact backends (flash, varlen) replaced by sdpa: the same
     softmax attention and the same weights, so a bundle trained on GPUs embeds on a CPU."""
-    from .model.attention import CUDA_ONLY_BACKENDS
-
     decoder = config.decoder
     if decoder.attention in CUDA_ONLY_BACKENDS:
         decoder = replace(decoder, attention="sdpa")

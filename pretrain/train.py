@@ -193,6 +193,7 @@ def _run(config: TrainConfig, resume: str | None, loader: CellLoader, log: RunLo
         state = checkpoint.load(engine, found)
         step, history, skipped = state["step"], state["history"], state["skipped"]
         loader.load_state_dict(state["loader"])
+    resumed_from_step = step
     if log is not None:
         log.start(asdict(config), history, resumed=found is not None)
     peak_tflops, peak_source = device_peak_tflops(device, config.run.peak_tflops)
@@ -262,7 +263,8 @@ def _run(config: TrainConfig, resume: str | None, loader: CellLoader, log: RunLo
         save()
     if progress is not None:
         progress.close()
-    summary = {"steps": step, "stopped_by_signal": stopped, "skipped_steps": skipped,
+    summary = {"steps": step, "resumed_from_step": resumed_from_step, "stopped_by_signal": stopped,
+               "skipped_steps": skipped,
                "final": history_tail(log.history) if log else {}, "bf16": bf16, "world_size": world,
                "device": str(device), "peak_tflops": peak_tflops, "peak_source": peak_source,
                "run_dir": str(run_dir), "mlflow_tracking_uri": getattr(log, "tracking_uri", None)}

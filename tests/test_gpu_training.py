@@ -77,6 +77,7 @@ def test_cpu_fp32_reference_run_repeats_exactly(corpus, reference, tmp_path):
     first = reference("sdpa")
     check_run(first)
     again = two_step_run(corpus, tmp_path / "run", "sdpa", cpu=True)
+    check_run(again)
     for a, b in zip(first, again):
         for key in (*LOSS_KEYS, "grad_norm", "lr"):
             assert a[key] == b[key], (key, a, b)

@@ -352,7 +352,8 @@ def test_device_imports_are_on_image_or_carried(import_trace):
     print("let through for the image's own packages (their dependencies there):", ", ".join(via) or "nothing")
 
     suite_file = folder / "out" / "gpu_suite_cpu.json"
-    parts = json.loads(suite_file.read_text())["parts"] if suite_file.exists() else {}
+    assert suite_file.exists(), f"the suite wrote no {suite_file.name}: {next(iter(runs.values()))[1][-4000:]}"
+    parts = json.loads(suite_file.read_text())["parts"]
     for command, (code, output) in runs.items():
         detail = "\n".join(f"--- {p}: {r['status']}\n{r.get('output_tail', '')[-2500:]}"
                            for p, r in parts.items() if r["status"] not in ("ok", "skipped")) or output[-4000:]
@@ -450,7 +451,7 @@ def test_wheel_folder():
     for path in sorted(WHEEL_DIR.glob("*.whl")):
         meta = _wheel_metadata(path)
         name = normalize(meta["Name"])
-        assert name not in wheels, f"two wheels of {name}: {wheels.get(name, (None,))[0]}, {path.name}"
+        assert name not in wheels, f"two wheels of {name}: {wheels[name][0].name}, {path.name}"
         wheels[name] = (path, meta)
         # CPython 3.12 on x86-64 Linux: tags in the file name (name-version[-build]-python-abi-platform.whl)
         python, abi, platform = path.stem.split("-")[-3:]

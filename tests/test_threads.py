@@ -182,13 +182,11 @@ def test_demo_says_when_pretraining_was_reused(tmp_path, monkeypatch, capsys):
         (out / name).write_text("")
     (out / "corpus").mkdir()
     (out / "corpus" / "manifest.json").write_text("{}")
-    marker = out / "run" / "checkpoints" / "step-00000005"
-    marker.mkdir(parents=True)
-    (marker / "COMPLETE").write_text(json.dumps({"step": 5}))
+    (out / "run").mkdir()
     (out / "run" / "metrics.json").write_text(json.dumps([{"loss": 3.0, "mlm": 2.0}]))
     final = {"loss": 1.0, "mlm": 0.5, "cells_per_s": 10.0, "tokens_per_s": 100.0}
     monkeypatch.setattr(demo, "train", lambda config, resume: {
-        "steps": 5, "skipped_steps": 0, "device": "cpu", "final": final, "mlflow_tracking_uri": None})
+        "steps": 5, "resumed_from_step": 5, "skipped_steps": 0, "device": "cpu", "final": final, "mlflow_tracking_uri": None})
     monkeypatch.setattr(demo, "apply_threads", lambda *a: ThreadChoice(1, "test"))
     monkeypatch.setattr(demo, "export_bundle", lambda run, bundle: bundle)
     monkeypatch.setattr(demo, "load_pretrained", lambda bundle: None)
