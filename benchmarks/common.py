@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -18,6 +19,8 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+from data_pipeline.fsio import atomic_write_with
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # the real count matrices beside the checkout (absent in a user's fresh clone) and the one file
@@ -56,13 +59,13 @@ def device_slug() -> str:
     """A file-name-safe name of the accelerator, e.g. ``nvidia-h100-80gb-hbm3``; ``cpu`` without one."""
     import torch
 
-    if not torch.cuda.is_available():
-        return "cpu"
-    name = torch.cuda.get_device_name(0).lower()
-    slug = "".join(ch if ch.isalnum() else "-" for ch in name).strip("-")
-    while "--" in slug:
-        slug = slug.replace("--", "-")
-    return slug
+    return slug_of(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+
+
+def slug_of(device_name: str) -> str:
+    """``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3``; ``cpu`` for an empty name."""
+    slug = "-".join(part for part in re.split(r"[^0-9a-z]+", device_name.lower()) if part)
+    return slug or "cpu"
 
 
 def nvidia_smi() -> dict | None:
@@ -123,9 +126,8 @@ def write_result(path: Path, result: dict, quiet: bool = False) -> None:
     or a run killed mid-write, sees the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, path)
+    text = (json.dumps(result, indent=1) + "\n").encode()
+    atomic_write_with(path, lambda fh: fh.write(text), durable=False)
     if not quiet:
         print(f"wrote {path}", file=sys.stderr)
 

@@ -66,9 +66,10 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from common import RESULTS, cpu_device, nvidia_smi, result_record, write_result  # noqa: E402
+from common import RESULTS, cpu_device, nvidia_smi, result_record, slug_of, write_result  # noqa: E402
 
 # (part, budget in seconds, what it does): the order is the order of value
 PLAN = (
@@ -101,12 +102,7 @@ def device_slug_here(smoke: bool) -> str:
             name = name[0] if name else ""
         except (OSError, subprocess.TimeoutExpired):
             name = ""
-    if not name:
-        return "cpu"
-    slug = "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-")
-    while "--" in slug:
-        slug = slug.replace("--", "-")
-    return slug
+    return slug_of(name)
 
 
 def gpu_test_files() -> list[str]:
@@ -340,7 +336,6 @@ def print_summary(report: dict) -> None:
 
 # --- the setup part (its own process: the parent never touches CUDA) --------------------------------
 def setup_only(path: Path, smoke: bool) -> None:
-    sys.path.insert(0, str(REPO))
     from common import ResultFile, device_record, measure_ceilings, versions
 
     record = ResultFile(path, "ceilings", device=device_record(), smoke=smoke, nvidia_smi=nvidia_smi(),
