@@ -165,3 +165,54 @@ def test_refusal_is_a_convert_error(source, tmp_path):
     with OutputLock(out, "python -m data_pipeline convert x --out corpus"):
         with pytest.raises(ConvertError, match="in use by another command"):
             convert(out, ConvertOptions([str(source)]), progress=False)
+
+
+def _orphan_after_parent_dies(arm: bool) -> str:
+    """A worker (``exit_with_parent`` armed or not) whose parent is SIGKILLed: 'gone' or 'orphaned'.
+    The same call guards both converter pools (`convert.run_pool`, `plan.build_plan`)."""
+    code = f"""
+import os, signal, sys, time
+from data_pipeline.child_processes import exit_with_parent
+r, w = os.pipe()
+parent = os.fork()
+if parent == 0:  # the converter
+    parent_pid = os.getpid()
+    worker = os.fork()
+    if worker == 0:
+        if {arm}:
+            exit_with_parent(parent_pid)
+        os.write(w, str(os.getpid()).encode() + b"\\n")
+        time.sleep(60)
+        os._exit(0)
+    time.sleep(60)
+    os._exit(0)
+worker = int(os.read(r, 64))
+os.kill(parent, signal.SIGKILL)
+os.waitpid(parent, 0)
+deadline = time.monotonic() + 3
+while time.monotonic() < deadline:
+    try:
+        state = open(f"/proc/{{worker}}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        state = "Z"
+    if state == "Z":
+        print("gone")
+        sys.exit(0)
+    time.sleep(0.05)
+os.kill(worker, signal.SIGKILL)
+print("orphaned")
+"""
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          timeout=60).stdout.strip()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_exit_with_parent_ends_a_worker_whose_parent_was_killed():
+    assert _orphan_after_parent_dies(arm=False) == "orphaned"  # what the converter's workers did
+    assert _orphan_after_parent_dies(arm=True) == "gone"
+
+
+def test_a_worker_whose_parent_died_before_it_armed_exits_at_once():
+    code = "from data_pipeline.child_processes import exit_with_parent; exit_with_parent(1 << 30); print('ran on')"
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "ran on" not in r.stdout
