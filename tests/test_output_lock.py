@@ -216,3 +216,16 @@ def test_a_worker_whose_parent_died_before_it_armed_exits_at_once():
     code = "from data_pipeline.child_processes import exit_with_parent; exit_with_parent(1 << 30); print('ran on')"
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "ran on" not in r.stdout
+
+
+def test_a_filesystem_without_flock_runs_unlocked_with_a_warning(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def refuse(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    with pytest.warns(UserWarning, match="refuses file locks.*make sure no other command writes there"):
+        with OutputLock(tmp_path / "corpus"):
+            pass
