@@ -24,10 +24,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -37,11 +39,15 @@ import scipy.sparse as sp
 
 from .arrayfile import read_arrays, write_arrays
 from .buffers import Buffers
+from .child_processes import exit_with_parent
 from .fsio import (
+    FolderBusy,
+    OutputLock,
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_stream,
     atomic_write_with,
+    is_lock_file,
     remove_stale_temps,
     source_checksum,
 )
@@ -123,6 +129,11 @@ def _init_worker(work: Path, vocab_path: Path | None) -> None:
     global _CTX
     vocab = read_vocab(vocab_path) if vocab_path is not None and vocab_path.exists() else None
     _CTX = _Context(work, vocab)
+
+
+def _init_pool_worker(parent_pid: int, *init_args) -> None:
+    exit_with_parent(parent_pid)  # a SIGKILLed converter must not leave its workers waiting forever
+    _init_worker(*init_args)
 
 
 # Rows read and converted at once (in blocks): bounds a worker's memory whatever the unit size.
@@ -329,8 +340,8 @@ def run_pool(fn, items: list[int], workers: int, init_args: tuple, on_done) -> N
         return
     _load_kernels(init_args)
     ctx = get_context("fork")
-    with ProcessPoolExecutor(min(workers, len(items)), mp_context=ctx, initializer=_init_worker,
-                             initargs=init_args) as pool:
+    with ProcessPoolExecutor(min(workers, len(items)), mp_context=ctx, initializer=_init_pool_worker,
+                             initargs=(os.getpid(), *init_args)) as pool:
         for fut in as_completed([pool.submit(fn, it) for it in items]):
             on_done(fut.result())
 
@@ -383,7 +394,7 @@ def prepare_out(out: Path, options: ConvertOptions, overwrite: bool) -> str:
     manifest = out / "manifest.json"
     h = plan_hash(options)
     if overwrite and out.exists():
-        if any(out.iterdir()) and not (manifest.exists() or work.exists()):
+        if any(not is_lock_file(p.name) for p in out.iterdir()) and not (manifest.exists() or work.exists()):
             raise ConvertError(f"--out {out} is a non-empty folder that is not a corpus; refusing to "
                                "overwrite it: choose an empty or new folder")
         for name in ("manifest.json", "vocab.tsv", "stats.zarr", "cell_lengths.npy", "shards", WORK):
@@ -404,7 +415,7 @@ def prepare_out(out: Path, options: ConvertOptions, overwrite: bool) -> str:
                                "the inputs changed since); rerun that exact command to finish it, or "
                                "pass --overwrite to start over")
         return "resume"
-    if out.exists() and any(p.name != WORK for p in out.iterdir()):
+    if out.exists() and any(p.name != WORK and not is_lock_file(p.name) for p in out.iterdir()):
         raise ConvertError(f"--out {out} is not empty; choose an empty or new folder")
     return "new"
 
@@ -422,7 +433,7 @@ def ensure_vocab(out: Path, plan: dict, workers: int, mine: list[int], progress:
     work = out / WORK
     for folder in ("scan", "cache"):
         (work / folder).mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(work / folder)
+        remove_stale_temps(work / folder, num_nodes > 1)
     todo = _largest_first(plan, [u for u in mine if not _scan_path(work, u).exists()])
     with _progress(sum(unit_rows(plan, u) for u in todo), "scan genes", progress) as bar:
         run_pool(scan_unit, todo, workers, (work, None), bar.update)
@@ -456,6 +467,37 @@ def convert(out: str | Path, options: ConvertOptions, workers: int = 1, num_node
     Returns the manifest (None on a node of a multi-node run, which leaves merging to
     `merge.merge_corpus`). ``timings``, if given, receives seconds per stage.
     """
+    out = Path(out)
+    if not 0 <= node_rank < num_nodes:
+        raise ConvertError(f"--node-rank {node_rank} must be in [0, --num-nodes {num_nodes})")
+    with locked_output(out, node_rank if num_nodes > 1 else None):
+        return _convert_locked(out, options, workers, num_nodes, node_rank, overwrite, progress, keep_work,
+                               wait_s, timings)
+
+
+@contextmanager
+def locked_output(out: Path, node: int | None = None):
+    """This command's `OutputLock` on ``out`` (``node``: a node of a multi-node conversion, which
+    shares the folder with the other nodes), with the temp files of killed writers swept from the
+    corpus folder once it is held; a refusal is a `ConvertError` (an ``error:`` line)."""
+    try:
+        lock = OutputLock(out, node=node).__enter__()
+    except FolderBusy as exc:
+        raise ConvertError(str(exc)) from None
+    try:
+        if lock.exclusive:  # the corpus root is written by the merge, which holds the folder alone
+            remove_stale_temps(out)
+        yield lock
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _convert_locked(out: Path, options: ConvertOptions, workers: int, num_nodes: int, node_rank: int,
+                    overwrite: bool, progress: bool, keep_work: bool, wait_s: float,
+                    timings: dict | None) -> dict | None:
+    """`convert` once this command holds ``out``'s lock."""
+    from .merge import finish_if_complete, merge_units
+
     timings = {} if timings is None else timings
     clock = time.perf_counter()
 
@@ -465,17 +507,13 @@ def convert(out: str | Path, options: ConvertOptions, workers: int = 1, num_node
         timings[stage] = timings.get(stage, 0.0) + now - clock
         clock = now
 
-    from .merge import finish_if_complete, merge_corpus
-
-    out = Path(out)
-    if not 0 <= node_rank < num_nodes:
-        raise ConvertError(f"--node-rank {node_rank} must be in [0, --num-nodes {num_nodes})")
+    others_may_write = num_nodes > 1  # the other nodes' temps in .work are theirs to finish
     state = prepare_out(out, options, overwrite)
     if state == "complete":
         return finish_if_complete(out, keep_work)
     work = out / WORK
     work.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(work)
+    remove_stale_temps(work, others_may_write)
     if state == "new":
         plan, genes = build_plan(options, workers)
         save_plan(work, plan, genes)
@@ -486,13 +524,13 @@ def convert(out: str | Path, options: ConvertOptions, workers: int = 1, num_node
     lap("vocab")
 
     (work / "units").mkdir(exist_ok=True)
-    remove_stale_temps(work / "units")
+    remove_stale_temps(work / "units", others_may_write)
     todo = _largest_first(plan, [u for u in mine if not (work / "units" / f"{unit_name(u)}.json").exists()])
     with _progress(sum(unit_rows(plan, u) for u in todo), "convert", progress) as bar:
         run_pool(convert_unit, todo, workers, (work, vocab_path), lambda r: bar.update(r["cells_read"]))
     lap("units")
     if num_nodes > 1:
         return None
-    manifest = merge_corpus(out, keep_work=keep_work, progress=progress, workers=workers)
+    manifest = merge_units(out, keep_work=keep_work, progress=progress, workers=workers)
     lap("merge")
     return manifest

@@ -7,11 +7,18 @@ killed process left behind (`remove_stale_temps`).
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import re
+import shlex
 import shutil
 import socket
+import sys
+import time
+import warnings
 from pathlib import Path
 
 _TMP_MARK = ".tmp-"
@@ -268,15 +275,174 @@ def atomic_replace_dir(tmp_dir: Path, path: Path) -> None:
     fsync_dir(path.parent)
 
 
-def remove_stale_temps(folder: Path) -> int:
-    """Delete temp files/folders a killed writer left in ``folder``; returns how many."""
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)" + re.escape(_TMP_MARK) + r"(?P<host>.+)-(?P<pid>\d+)$")  # `temp_path`
+
+
+def remove_stale_temps(folder: Path, others_may_write: bool = False) -> int:
+    """Delete the temp files/folders (`temp_path` names only) that a killed or failed writer left
+    in ``folder``; returns how many. Call it holding the folder's `OutputLock`: exclusively, every
+    temp there is stale; ``others_may_write`` (a shared lock: the nodes of a multi-node conversion)
+    leaves every temp but those of this host's processes that no longer run."""
     n = 0
     if folder.is_dir():
         for p in folder.iterdir():
-            if p.name.startswith(".") and _TMP_MARK in p.name:
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-                n += 1
+            m = _TEMP_NAME.match(p.name)
+            if not m or (others_may_write and (m["host"] != socket.gethostname() or _running(int(m["pid"])))):
+                continue
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            n += 1
     return n
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+# --- the lock of an output folder --------------------------------------------------------------
+
+LOCK_FILE = ".lock"  # in the output folder while a command writes there
+_NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+
+
+class FolderBusy(RuntimeError):
+    """Another command holds the output folder's lock."""
+
+
+def is_lock_file(name: str) -> bool:
+    return name == LOCK_FILE or name.startswith(LOCK_FILE + ".node-")
+
+
+class OutputLock:
+    """Who may write into an output folder, held for a whole command (``with OutputLock(...):``).
+
+    A kernel lock (``flock``) on ``FOLDER/.lock``: exclusive for a command that owns the folder
+    (a single-node conversion, `merge`), shared for a node of a multi-node conversion, which
+    also locks ``.lock.node-R`` exclusively (nodes share the folder, but one node rank runs once).
+    Never waits: a second command is refused at once (`FolderBusy`), naming the holder from what
+    it wrote into its lock file (host, pid, start time, command). The kernel releases a flock when
+    its holder dies, however it dies, so a killed command leaves nothing to clean; a lock file is
+    removed by its last holder on the way out (after it checked, holding the lock, that the path
+    still names the file it locked, so that a command racing with that removal cannot lock a
+    deleted file). Where the filesystem has no flock (some network filesystems; Lustre without
+    ``-o flock``) the folder is not locked, with a warning.
+    """
+
+    def __init__(self, folder: str | Path, command: str | None = None, node: int | None = None):
+        self.folder, self.command, self.node = Path(folder), command or command_line(), node
+        self._held: list[tuple[Path, int]] = []
+
+    @property
+    def exclusive(self) -> bool:
+        return self.node is None
+
+    def __enter__(self) -> OutputLock:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self._take(self.folder / LOCK_FILE, fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH)
+            if not self.exclusive:
+                self._take(self.folder / f"{LOCK_FILE}.node-{self.node}", fcntl.LOCK_EX)
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._release()
+
+    def _take(self, path: Path, mode: int) -> None:
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise FolderBusy(self._refusal()) from None
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno not in _NO_FLOCK:
+                    raise
+                warnings.warn(f"{self.folder}: the filesystem refuses file locks ({exc.strerror}), so this "
+                              "command runs without locking its output folder: make sure no other command "
+                              "writes there meanwhile", stacklevel=3)
+                return
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # locked a file its last holder had just removed: lock the new one
+        if mode == fcntl.LOCK_EX:  # the holder's name, for whoever is refused
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(_holder(self.command)) + "\n").encode(), 0)
+        self._held.append((path, fd))
+
+    def _release(self) -> None:
+        for path, fd in reversed(self._held):
+            try:
+                # a shared holder removes the file only when it is the last one (its upgrade succeeds)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass
+            os.close(fd)  # releases the flock
+        self._held.clear()
+
+    def _refusal(self) -> str:
+        holders = [h for p in sorted(self.folder.glob(LOCK_FILE + "*")) if is_lock_file(p.name)
+                   for h in [_held_by(p)] if h]
+        who = "; ".join(f"host {h.get('host')} pid {h.get('pid')} since {h.get('started')}: {h.get('command')}"
+                        for h in holders) or "a command that did not say who it is"
+        return (f"{self.folder} is in use by another command ({who}). Wait for it to finish, or stop it, "
+                f"then rerun this one. A lock is released by the kernel when its holder dies, so if that "
+                f"process no longer runs (check on its host: ps -p PID) the lock is on a network "
+                f"filesystem whose server kept it (NFS drops a dead client's lock when its lease ends, "
+                f"about 90 s): wait that long, or delete {self.folder / LOCK_FILE}* once you are sure "
+                f"nothing writes into {self.folder}, and rerun.")
+
+
+def command_line() -> str:
+    """This process's command, as its user typed it (``python -m data_pipeline convert ...``)."""
+    argv = list(sys.argv)
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        argv[:1] = ["python", "-m", spec.name.removesuffix(".__main__")]
+    return shlex.join(argv)
+
+
+def _holder(command: str) -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": command}
+
+
+def _held_by(path: Path) -> dict | None:
+    """What the holder of lock file ``path`` wrote, if someone holds it exclusively (a probe for a
+    shared lock fails); None if it is free or holds nothing readable."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return None  # nobody holds it exclusively
+        except BlockingIOError:
+            pass
+        text = os.read(fd, 1 << 16).decode(errors="replace")
+        try:
+            return json.loads(text)
+        except ValueError:
+            return None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # also drops the probe's lock
 
 
 def _hash_tree(path: Path, h, feed) -> None:

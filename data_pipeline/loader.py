@@ -32,6 +32,7 @@ from numba import njit
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .batch import PackedBatch
+from .child_processes import leave_stop_signals_to_parent
 from .epoch_plan import Batching, BlockTable, EpochPlan, worker_skip
 from .masking import Masking, Views, make_views, mask_for_mode
 from .normalize import Normalization, normalize
@@ -182,6 +183,9 @@ def tune_malloc() -> bool:
 
 
 def _worker_init(_: int) -> None:
+    # a scheduler's SIGTERM to the whole job must reach the trainer, not end its workers (which
+    # DataLoader reports as a crash, before the trainer could checkpoint)
+    leave_stop_signals_to_parent()
     tune_malloc()
 
 

@@ -69,15 +69,24 @@ def finish_if_complete(out: Path, keep_work: bool) -> dict:
 
 def merge_corpus(out: str | Path, keep_work: bool = False, progress: bool = True, workers: int = 1) -> dict:
     """Build shards, stats and manifest from finished units (after every node has run), with
-    ``workers`` threads merging the statistics."""
+    ``workers`` threads merging the statistics; holds the folder's lock (`convert.locked_output`)
+    meanwhile, so it is refused while a node still converts into it."""
+    from .convert import locked_output
+
     out = Path(out)
+    if not (out / "manifest.json").exists() and load_plan(out / WORK) is None:
+        raise ConvertError(f"{out}: no conversion to merge (no {WORK}/plan.json); run "
+                           "`python -m data_pipeline convert ... --out` first")
+    with locked_output(out):
+        return merge_units(out, keep_work, progress, workers)
+
+
+def merge_units(out: Path, keep_work: bool = False, progress: bool = True, workers: int = 1) -> dict:
+    """`merge_corpus` by a command that holds the folder's lock exclusively."""
     work = out / WORK
     if (out / "manifest.json").exists():
         return finish_if_complete(out, keep_work)
     plan = load_plan(work)
-    if plan is None:
-        raise ConvertError(f"{out}: no conversion to merge (no {WORK}/plan.json); run "
-                           "`python -m data_pipeline convert ... --out` first")
     units = plan["units"]
     missing = [u for u in range(len(units)) if not (work / "units" / f"{unit_name(u)}.json").exists()]
     if missing or not (out / "vocab.tsv").exists():

@@ -174,3 +174,27 @@ def two_step_run(corpus: Path, run: Path, attention: str, *, cpu: bool, bf16: bo
                           timeout=JOB_TIMEOUT)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return metrics(run)
+
+
+def job_process_groups(proc: subprocess.Popen) -> list[int]:
+    """Every process group of a job started by `start_pretrain`: its own and, under torchrun, each
+    rank's (torch elastic starts every rank in a session of its own, with its loader workers)."""
+    groups = [os.getpgid(proc.pid)]
+    for pid in worker_pids(proc).values():
+        try:
+            groups.append(os.getpgid(pid))
+        except ProcessLookupError:
+            pass
+    return sorted(set(groups))
+
+
+def signal_every_group(proc: subprocess.Popen, sig: int) -> list[int]:
+    """``sig`` to every process of the job, as a scheduler (SLURM's scancel, a preemption) does:
+    `job_process_groups`, each with ``kill -SIG -- -PGID``. Returns the groups signalled."""
+    groups = job_process_groups(proc)
+    for group in groups:
+        try:
+            os.killpg(group, sig)
+        except ProcessLookupError:
+            pass
+    return groups
