@@ -283,8 +283,10 @@ def convert_unit(unit: int) -> dict:
             entry = _CTX.plan["sources"][s]
             src = _CTX.source(s)
             piece = pieces.get((s, lo), piece)
-            try:
+            try:  # the chunk's cells whole (counts and metadata), or skipped whole
                 x = _read_chunk(unit, k, s, lo, hi)
+                chunk_labels = [source_label(src, col, lo, hi) for col in opts.label_columns]
+                chunk_ids = src.obs_names(lo, hi)
             except SourceError as exc:
                 piece.setdefault("read_errors", []).append(_unreadable(exc, lo, hi))
                 piece["cells_skipped"][_UNREADABLE] += hi - lo
@@ -297,10 +299,10 @@ def convert_unit(unit: int) -> dict:
             reason, indptr, genes, counts = rows.reason, rows.indptr, rows.tokens, rows.values
             written = np.flatnonzero(reason < 0)
             tc = rows.total_counts[written]
-            labels = (np.stack([label_codes(source_label(src, col, lo, hi), _CTX.plan["label_categories"][col],
-                                            hi - lo)[written] for col in opts.label_columns], axis=1)
+            labels = (np.stack([label_codes(values, _CTX.plan["label_categories"][col], hi - lo)[written]
+                                for col, values in zip(opts.label_columns, chunk_labels)], axis=1)
                       if opts.label_columns else np.zeros((len(written), 0), np.int32))
-            cell_ids = src.obs_names(lo, hi)[written]
+            cell_ids = chunk_ids[written]
             for c0 in range(0, len(written), opts.block_cells):
                 c1 = min(c0 + opts.block_cells, len(written))
                 p, q = indptr[c0], indptr[c1]

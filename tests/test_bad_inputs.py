@@ -16,6 +16,7 @@ import scipy.sparse as sp
 
 from data_pipeline.convert import convert
 from data_pipeline.corpus import summary, verify
+from data_pipeline.merge import merge_corpus
 from data_pipeline.plan import ConvertError, ConvertOptions
 from data_pipeline.readers import SourceError
 from tests.corpus_helpers import corpus_cells, ensembl, random_counts, write_h5ad
@@ -59,6 +60,29 @@ def test_gene_index_out_of_range_is_named_or_skipped(tmp_path, bad_index):
     assert acc["balanced"] and "row 2050" in manifest["sources"][0]["read_errors"][0]
     assert corpus_cells(tmp_path / "c2") == _expected_cells(x, range(2048))  # nothing misplaced
     assert verify(tmp_path / "c2") == []
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "10x-h5"])
+def test_gene_index_out_of_range_in_other_csr_formats(tmp_path, fmt):
+    from tests.source_writers import write_10x_h5, write_anndata
+
+    x = random_counts(N_ROWS, N_GENES, seed=13)
+    ids, barcodes = [ensembl(i) for i in range(N_GENES)], [f"cell{i}" for i in range(N_ROWS)]
+    if fmt == "zarr":
+        import zarr
+
+        path = write_anndata(tmp_path / "damaged.zarr", x, ids, [f"S{i}" for i in ids], barcodes)
+        zarr.open_group(str(path), mode="r+")["X/indices"][x.indptr[BAD_ROW]] = N_GENES
+    else:
+        path = write_10x_h5(tmp_path / "damaged.h5", x, ids, ids, barcodes)
+        with h5py.File(path, "r+") as f:
+            f["matrix/indices"][x.indptr[BAD_ROW]] = -1
+    with pytest.raises(SourceError, match=rf"{path.name}: rows 2048:2100: row {BAD_ROW} has gene column"):
+        convert(tmp_path / "c", ConvertOptions([str(path)], **SMALL_UNITS), progress=False)
+    manifest = convert(tmp_path / "c2", ConvertOptions([str(path)], skip_bad_files=True, **SMALL_UNITS),
+                       progress=False)
+    assert manifest["accounting"]["cells_skipped"]["unreadable_rows"] == N_ROWS - 2048
+    assert manifest["accounting"]["balanced"]
 
 
 def test_damaged_gene_index_with_two_workers_is_a_clean_error(tmp_path):
@@ -182,6 +206,13 @@ def test_no_cell_left_refuses_to_write_a_corpus(tmp_path):
                                            r"cells, skipped below_min_genes 25.*--vocab"):
         convert(tmp_path / "c", ConvertOptions([str(path)], vocab=str(vocab)), progress=False)
     assert not (tmp_path / "c" / "manifest.json").exists()
+    # multi-node: the nodes finish their units; the merge, where the manifest is written, refuses
+    options = ConvertOptions([str(path)], vocab=str(vocab), block_cells=8, unit_cells=8, shard_bytes=64)
+    for rank in (0, 1):
+        assert convert(tmp_path / "m", options, num_nodes=2, node_rank=rank, progress=False) is None
+    with pytest.raises(ConvertError, match="no cell is left to write"):
+        merge_corpus(tmp_path / "m", progress=False)
+    assert not (tmp_path / "m" / "manifest.json").exists()
 
 
 def test_inspect_copes_with_a_source_without_counts(tmp_path):
