@@ -225,7 +225,7 @@ def to_h5ad(path: str | Path, out: str | Path, limit: int | None = None) -> int:
     import scipy.sparse as sp
 
     corpus = Corpus(path)
-    m, vocab = corpus.manifest, corpus.vocab
+    m = corpus.manifest
     vocab = corpus.vocab
     special = set(vocab.special_tokens.values())
     gene_tokens = np.array([i for i in range(len(vocab)) if i not in special])
