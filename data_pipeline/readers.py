@@ -42,6 +42,16 @@ class SourceError(ValueError):
     """A source file that cannot be read as asked; the message says what to change."""
 
 
+def _cause(exc: Exception) -> str:
+    """A low-level read failure for people; HDF5's own words for a missing filter plugin
+    ("can't open directory (.../plugin)") do not say what to install."""
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, OSError) and ("plugin" in text or "filter" in text):
+        text += ("; the file is compressed with an HDF5 filter that needs a plugin: install the "
+                 "project's requirements (hdf5plugin)")
+    return text
+
+
 def open_h5(path: Path):
     """``h5py.File(path, "r")`` with the HDF5 filter plugins (zstd, blosc, lz4, bitshuffle, ...)
     registered: files written with them (AnnData and Cell Ranger allow any HDF5 filter) otherwise
@@ -94,7 +104,7 @@ def open_source(path: str | Path, matrix: str | None = "X") -> Source:
     except SourceError:
         raise
     except Exception as exc:  # corrupt or truncated files surface here with their cause
-        raise SourceError(f"{path}: cannot be read as {fmt} ({type(exc).__name__}: {exc})") from exc
+        raise SourceError(f"{path}: cannot be read as {fmt} ({_cause(exc)})") from exc
 
 
 class Source:
@@ -193,7 +203,7 @@ class Source:
         except (SourceError, KeyError):
             raise
         except Exception as exc:
-            raise SourceError(f"{self.path}: cannot read {what} ({type(exc).__name__}: {exc})") from exc
+            raise SourceError(f"{self.path}: cannot read {what} ({_cause(exc)})") from exc
 
 
 _DAMAGED = ("the file is damaged or was written wrongly: rewrite it from its origin, or pass "

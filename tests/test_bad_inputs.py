@@ -182,6 +182,16 @@ def test_plugin_filters_convert_and_unreadable_files_are_clean_errors(tmp_path):
     assert "garbage.h5ad: REFUSED" in r.stderr and "cells read 60 = written 60" in r.stderr
 
 
+def test_without_the_plugins_the_error_says_what_to_install(tmp_path):
+    zstd = _plugin_compressed(tmp_path / "zstd.h5ad", random_counts(10, N_GENES, seed=14), "zstd")
+    code = ("import sys; sys.modules['hdf5plugin'] = None  # as if not installed\n"
+            "from data_pipeline.cli import main; sys.exit(main(sys.argv[1:]))")
+    r = subprocess.run([sys.executable, "-c", code, "convert", str(zstd), "--out", str(tmp_path / "c"),
+                        "--no-progress"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "zstd.h5ad: cannot read" in r.stderr and "needs a plugin" in r.stderr and "hdf5plugin" in r.stderr
+
+
 def test_a_refused_pickle_is_an_error_line_before_planning(tmp_path):
     hostile = tmp_path / "tokens.pkl"
     hostile.write_bytes(pickle.dumps(OrderedDict([("ENSG00000000003", 0)])))
