@@ -121,6 +121,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .corpus import CorpusError
     from .readers import SourceError
+    from .vocab import VocabError
 
     try:
         if args.command == "convert":
@@ -160,7 +161,7 @@ def main(argv=None) -> int:
                                         progress=not args.no_progress)
             print(f"wrote {args.out}: {info}", file=sys.stderr)
             return 0
-    except (ConvertError, SourceError, CorpusError) as exc:
+    except (ConvertError, SourceError, CorpusError, VocabError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

@@ -64,12 +64,12 @@ from .plan import (
     source_label,
     unit_name,
 )
-from .readers import open_source
-from .rowkernels import CountOverflow, convert_rows, scan_counts
+from .readers import SourceError, open_source
+from .rowkernels import convert_rows, scan_counts
 from .shards import END_OF_ARCHIVE, CellBlock, encode_block_parts
 from .stats import GeneStats
 from .validate import SKIP_REASONS
-from .vocab import Vocabulary, read_vocab
+from .vocab import VocabError, Vocabulary, read_vocab
 
 WORK = ".work"
 _OPEN_SOURCES = 8  # per worker; thousands of inputs must not exhaust file handles
@@ -184,6 +184,32 @@ def _write_cache(unit: int, chunk: int, x: sp.csr_matrix) -> None:
         durable=False)
 
 
+def _unreadable(exc: SourceError, lo: int, hi: int) -> str:
+    """With --skip-bad-files, the note on rows ``lo:hi`` of a file that could not be read (they
+    are counted as skipped, ``unreadable_rows``); without it, re-raise: the run stops there."""
+    if not _CTX.options.skip_bad_files:
+        raise exc
+    note = f"rows {lo}:{hi} skipped: {exc}"
+    print(f"warning: {note}", file=sys.stderr)
+    return note
+
+
+_COUNT_OVERFLOW = SKIP_REASONS.index("count_overflow")
+_UNREADABLE = SKIP_REASONS.index("unreadable_rows")
+
+
+def _refuse_overflow(reason: np.ndarray, src, path: str, lo: int) -> None:
+    """Without --skip-bad-files, a cell whose count overflows uint32 stops the run, named."""
+    over = np.flatnonzero(reason == _COUNT_OVERFLOW)
+    if len(over) and not _CTX.options.skip_bad_files:
+        row = lo + int(over[0])
+        cell = src.obs_names(row, row + 1)[0]
+        raise ConvertError(f"{path} row {row} (cell {cell!r}): a count above 2^32 - 1, which uint32 counts "
+                           f"cannot hold ({len(over)} such cells in rows {lo}:{lo + len(reason)}); is this "
+                           "matrix raw counts? Pass --skip-bad-files to skip such cells (counted as "
+                           "count_overflow)")
+
+
 def unit_rows(plan: dict, unit: int) -> int:
     return sum(b - a for _, a, b in plan["units"][unit])
 
@@ -198,7 +224,11 @@ def scan_unit(unit: int) -> int:
         entry = _CTX.plan["sources"][s]
         src = _CTX.source(s)
         per_column = counts.setdefault(f"s{s}", np.zeros(entry["n_vars"], np.int64))
-        x = src.read_rows(lo, hi, _CTX.buffers)
+        try:
+            x = src.read_rows(lo, hi, _CTX.buffers)
+        except SourceError as exc:  # the conversion pass meets the same rows and counts them
+            _unreadable(exc, lo, hi)
+            continue
         scan_counts(x, entry["integer_counts"], per_column)
         if src.compressed:
             _write_cache(unit, k, x)
@@ -264,21 +294,26 @@ def convert_unit(unit: int) -> dict:
             entry = _CTX.plan["sources"][s]
             src = _CTX.source(s)
             piece = pieces.get((s, lo), piece)
-            x = _read_chunk(unit, k, s, lo, hi)
+            try:  # the chunk's cells whole (counts and metadata), or skipped whole
+                x = _read_chunk(unit, k, s, lo, hi)
+                chunk_labels = [source_label(src, col, lo, hi) for col in opts.label_columns]
+                chunk_ids = src.obs_names(lo, hi)
+            except SourceError as exc:
+                piece.setdefault("read_errors", []).append(_unreadable(exc, lo, hi))
+                piece["cells_skipped"][_UNREADABLE] += hi - lo
+                continue
             # duplicate source columns of one gene are summed; tokens come out ascending per cell
-            try:
-                rows = convert_rows(x.indptr, x.indices, x.data, _CTX.colmap(s), entry["integer_counts"],
-                                    opts.min_genes, vocab.token_dtype, _CTX.buffers)
-            except CountOverflow as exc:
-                raise ConvertError(f"{entry['path']} rows {lo}-{hi}: {exc}") from None
+            rows = convert_rows(x.indptr, x.indices, x.data, _CTX.colmap(s), entry["integer_counts"],
+                                opts.min_genes, vocab.token_dtype, _CTX.buffers)
             del x
+            _refuse_overflow(rows.reason, src, entry["path"], lo)
             reason, indptr, genes, counts = rows.reason, rows.indptr, rows.tokens, rows.values
             written = np.flatnonzero(reason < 0)
             tc = rows.total_counts[written]
-            labels = (np.stack([label_codes(source_label(src, col, lo, hi), _CTX.plan["label_categories"][col],
-                                            hi - lo)[written] for col in opts.label_columns], axis=1)
+            labels = (np.stack([label_codes(values, _CTX.plan["label_categories"][col], hi - lo)[written]
+                                for col, values in zip(opts.label_columns, chunk_labels)], axis=1)
                       if opts.label_columns else np.zeros((len(written), 0), np.int32))
-            cell_ids = src.obs_names(lo, hi)[written]
+            cell_ids = chunk_ids[written]
             for c0 in range(0, len(written), opts.block_cells):
                 c1 = min(c0 + opts.block_cells, len(written))
                 p, q = indptr[c0], indptr[c1]
@@ -470,6 +505,11 @@ def convert(out: str | Path, options: ConvertOptions, workers: int = 1, num_node
     out = Path(out)
     if not 0 <= node_rank < num_nodes:
         raise ConvertError(f"--node-rank {node_rank} must be in [0, --num-nodes {num_nodes})")
+    if options.vocab:  # a bad --vocab fails now, not after planning thousands of inputs
+        try:
+            read_vocab(options.vocab)
+        except VocabError as exc:
+            raise ConvertError(f"--vocab: {exc}") from None
     with locked_output(out, node_rank if num_nodes > 1 else None):
         return _convert_locked(out, options, workers, num_nodes, node_rank, overwrite, progress, keep_work,
                                wait_s, timings)
@@ -521,6 +561,9 @@ def _convert_locked(out: Path, options: ConvertOptions, workers: int, num_nodes:
     lap("plan")
     mine = [u for u in range(len(plan["units"])) if u % num_nodes == node_rank]
     vocab_path = ensure_vocab(out, plan, workers, mine, progress, num_nodes, wait_s)
+    mixed = read_vocab(vocab_path).mixed_species_warning()
+    if mixed:
+        print(f"warning: {mixed}", file=sys.stderr)
     lap("vocab")
 
     (work / "units").mkdir(exist_ok=True)

@@ -168,8 +168,14 @@ def _block_problem(block: CellBlock, vocab_size: int | None) -> str | None:
 
 # --- inspect ----------------------------------------------------------------------------------
 
+def _percent(fraction) -> str:
+    """A manifest fraction for people; None (no counts to divide by) as n/a."""
+    return "n/a" if fraction is None else f"{fraction:.1%}"
+
+
 def summary(path: str | Path) -> str:
-    m = Corpus(path).manifest
+    corpus = Corpus(path)
+    m, vocab = corpus.manifest, corpus.vocab
     t, acc = m["totals"], m["accounting"]
     lines = [f"corpus {path}",
              f"  cells {t['n_cells']:,}  tokens {t['n_tokens']:,}  shards {t['n_shards']}  "
@@ -177,6 +183,7 @@ def summary(path: str | Path) -> str:
              f"{t['bytes'] / max(t['n_tokens'], 1):.2f}/nonzero)",
              f"  vocabulary {m['vocab']['n_genes']:,} genes ({m['vocab']['origin']}), counts "
              f"{m['block_format']['counts_kind']} {m['block_format']['counts_dtypes']}",
+             "  vocabulary genes by id prefix: " + ", ".join(f"{k} {v:,}" for k, v in vocab.id_prefixes().items()),
              f"  mean genes/cell {t['n_tokens'] / max(t['n_cells'], 1):.0f}",
              f"  accounting: read {acc['cells_read']:,} = written {acc['cells_written']:,} + skipped "
              + ", ".join(f"{k} {v:,}" for k, v in acc["cells_skipped"].items() if v)
@@ -194,11 +201,15 @@ def summary(path: str | Path) -> str:
         if "refused" in s:
             lines.append(f"    {s['name']}: refused: {s['refused']}")
             continue
-        fc = s["fraction_counts_in_vocab"]
         lines.append(f"    {s['name']} ({s['format']}, {s['matrix']}): {s['cells_written']:,}/"
-                     f"{s['cells_read']:,} cells, genes in vocab {s['fraction_genes_in_vocab']:.1%}, "
-                     f"counts in vocab {fc:.1%}" + (f", {s['duplicate_columns_summed']} duplicate columns summed"
-                                                   if s["duplicate_columns_summed"] else ""))
+                     f"{s['cells_read']:,} cells, genes in vocab {_percent(s['fraction_genes_in_vocab'])}, "
+                     f"counts in vocab {_percent(s['fraction_counts_in_vocab'])}"
+                     + (f", {s['duplicate_columns_summed']} duplicate columns summed"
+                        if s["duplicate_columns_summed"] else "")
+                     + (f", {len(s['read_errors'])} unreadable row ranges skipped" if s.get("read_errors") else ""))
+    warning = vocab.mixed_species_warning()
+    if warning:
+        lines.append(f"  warning: {warning}")
     for col in m["label_columns"]:
         lines.append(f"  label {col['name']}: {len(col['categories'])} categories")
     return "\n".join(lines)

@@ -82,6 +82,8 @@ class DirectReader:
 
     def read(self, lo: int, hi: int, out: np.ndarray | None = None) -> np.ndarray:
         """Elements ``lo:hi``, into ``out`` (``[hi-lo]``, the dataset's dtype) when given."""
+        if not 0 <= lo <= hi <= self.n:  # the chunk table would be indexed out of its range
+            raise ValueError(f"elements {lo}:{hi} are outside the dataset's 0:{self.n}")
         if out is None or out.dtype != self.dtype or len(out) != max(hi - lo, 0):
             out = np.empty(max(hi - lo, 0), self.dtype)
         if hi > lo:

@@ -96,6 +96,8 @@ def merge_units(out: Path, keep_work: bool = False, progress: bool = True, worke
     vocab = read_vocab(out / "vocab.tsv")
     results = [json.loads((work / "units" / f"{unit_name(u)}.json").read_text()) for u in range(len(units))]
     with_cells = [r for r in results if r["blocks"]]
+    if not with_cells:  # refused here, where the manifest would be written, so every node's cells count
+        raise ConvertError(empty_corpus_message(out, build_manifest(out, plan, vocab, results, [])))
     (out / "shards").mkdir(exist_ok=True)
     remove_stale_temps(out / "shards")
     for stale in (out / "shards").glob("corpus-*.tar"):
@@ -121,6 +123,22 @@ def merge_units(out: Path, keep_work: bool = False, progress: bool = True, worke
     if not keep_work:
         shutil.rmtree(work)
     return manifest
+
+
+def empty_corpus_message(out: Path, manifest: dict) -> str:
+    """Why a conversion wrote no cell, from its would-be manifest's accounting."""
+    acc = manifest["accounting"]
+    skipped = ", ".join(f"{k} {v:,}" for k, v in acc["cells_skipped"].items() if v) or "none"
+    refused = [f"{s['name']}: {s['refused']}" for s in manifest["sources"] if "refused" in s]
+    hints = []
+    if acc["cells_skipped"].get("empty") or acc["cells_skipped"].get("below_min_genes"):
+        hints.append("check that the vocabulary (--vocab) shares genes with the inputs (gene ids of the "
+                     "same species and kind) and that --min-genes is not too high")
+    if refused:
+        hints.append("fix or leave out the refused files")
+    return (f"{out}: no cell is left to write, so no corpus was written: read {acc['cells_read']:,} cells, "
+            f"skipped {skipped}" + (f"; refused files: {'; '.join(refused)}" if refused else "")
+            + (f". {'; '.join(hints)}" if hints else "") + ", then rerun with --overwrite")
 
 
 CELL_LENGTHS = "cell_lengths.npy"
@@ -159,8 +177,12 @@ def _source_report(work: Path, entry: dict, vocab, results: list[dict]) -> dict:
         "duplicate_columns_summed": coverage["duplicate_columns_summed"],
         "cells_read": sum(r["cells_read"] for r in mine),
         "cells_written": sum(r["cells_written"] for r in mine),
-        "cells_skipped": {k: sum(r["cells_skipped"][k] for r in mine) for k in SKIP_REASONS},
+        # .get: units finished by a version with fewer skip reasons
+        "cells_skipped": {k: sum(r["cells_skipped"].get(k, 0) for r in mine) for k in SKIP_REASONS},
     })
+    errors = [e for r in mine for e in r.get("read_errors", [])]
+    if errors:
+        rep["read_errors"] = errors
     return rep
 
 
@@ -223,6 +245,9 @@ def print_report(manifest: dict, file=sys.stderr) -> None:
         if "refused" in s:
             print(f"  {s['name']}: REFUSED ({s['refused']})", file=file)
             continue
+        if s.get("read_errors"):
+            print(f"  {s['name']}: {len(s['read_errors'])} unreadable row ranges skipped, e.g. "
+                  f"{s['read_errors'][0]}", file=file)
         fc = s["fraction_counts_in_vocab"]
         print(f"  {s['name']}: {s['cells_written']:,}/{s['cells_read']:,} cells; genes in vocab "
               f"{s['fraction_genes_in_vocab']:.1%}, counts in vocab {fc:.1%}" if fc is not None else

@@ -22,7 +22,7 @@ from .fsio import atomic_write_json
 from .gene_ids import resolve_gene_ids
 from .readers import Source, SourceError, open_source
 from .validate import check_integer_counts, non_integer_message, sample_rows
-from .vocab import read_symbol_table
+from .vocab import VocabError, read_symbol_table
 
 PLAN_VERSION = 3
 # A file is taken as normalized (and refused) when more than this fraction of the nonzeros in its
@@ -199,6 +199,8 @@ def _plan_one(args) -> tuple[dict, dict] | str:
         return _plan_source(i, path, options, symbol_table)
     except SourceError as exc:
         return str(exc)
+    except Exception as exc:  # noqa: BLE001 - any unreadable input is that input's error, never a crash
+        return f"{path}: cannot be read ({type(exc).__name__}: {exc})"
 
 
 def _import_readers_libraries(inputs: list[str]) -> None:
@@ -223,7 +225,10 @@ def build_plan(options: ConvertOptions, workers: int = 1) -> tuple[dict, list[di
     ``skip_bad_files``, which records them as refused with all their cells skipped).
     """
     options.validate()
-    symbol_table = read_symbol_table(options.symbol_table) if options.symbol_table else None
+    try:
+        symbol_table = read_symbol_table(options.symbol_table) if options.symbol_table else None
+    except VocabError as exc:
+        raise ConvertError(f"--symbol-table: {exc}") from None
     sources, genes, errors = [], [], []
     jobs = [(i, path, options, symbol_table) for i, path in enumerate(options.inputs)]
     if workers > 1 and len(jobs) > 1:  # opening files and resolving genes is per-file work

@@ -42,6 +42,30 @@ class SourceError(ValueError):
     """A source file that cannot be read as asked; the message says what to change."""
 
 
+def _cause(exc: Exception) -> str:
+    """A low-level read failure for people; HDF5's own words for a missing filter plugin
+    ("can't open directory (.../plugin)") do not say what to install."""
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, OSError) and ("plugin" in text or "filter" in text):
+        text += ("; the file is compressed with an HDF5 filter that needs a plugin: install the "
+                 "project's requirements (hdf5plugin)")
+    return text
+
+
+def open_h5(path: Path):
+    """``h5py.File(path, "r")`` with the HDF5 filter plugins (zstd, blosc, lz4, bitshuffle, ...)
+    registered: files written with them (AnnData and Cell Ranger allow any HDF5 filter) otherwise
+    fail on their first compressed read. Imported here, not at module level, so that processes that
+    never open an HDF5 file (the GPU side) do not need the package."""
+    import h5py
+
+    try:
+        import hdf5plugin  # noqa: F401 - registers the filters with HDF5 on import
+    except ImportError:  # without it, files with plugin filters fail naming the filter
+        pass
+    return h5py.File(path, "r")
+
+
 def detect_format(path: Path) -> str:
     """One of ``h5ad``, ``zarr``, ``10x-mtx``, ``10x-h5``, from the path and a peek inside."""
     if path.is_dir():
@@ -57,9 +81,7 @@ def detect_format(path: Path) -> str:
     if path.suffix == ".h5ad":
         return "h5ad"
     if path.suffix in (".h5", ".hdf5"):
-        import h5py
-
-        with h5py.File(path, "r") as f:
+        with open_h5(path) as f:
             return "h5ad" if "X" in f or "obs" in f else "10x-h5"
     raise SourceError(f"{path}: unknown input type; expected .h5ad, an AnnData .zarr store, a 10x "
                       "matrix.mtx(.gz) folder or a 10x .h5 file")
@@ -82,7 +104,7 @@ def open_source(path: str | Path, matrix: str | None = "X") -> Source:
     except SourceError:
         raise
     except Exception as exc:  # corrupt or truncated files surface here with their cause
-        raise SourceError(f"{path}: cannot be read as {fmt} ({type(exc).__name__}: {exc})") from exc
+        raise SourceError(f"{path}: cannot be read as {fmt} ({_cause(exc)})") from exc
 
 
 class Source:
@@ -123,8 +145,20 @@ class Source:
 
     def row_pointers(self) -> np.ndarray | None:
         """Stored nonzeros before each row, ``[n_cells + 1]`` int64, where the format keeps them
-        (CSR-like layouts); None otherwise. Used to cut work units of even size."""
+        (CSR-like layouts); None otherwise. Used to cut work units of even size. SourceError if
+        they are not a valid CSR row index (see `check_row_pointers`)."""
+        with self._reading("indptr"):
+            pointers = self._row_pointers()
+        if pointers is not None:
+            check_row_pointers(pointers, self._stored_nonzeros(), self.path, 0)
+        return pointers
+
+    def _row_pointers(self) -> np.ndarray | None:
         return None
+
+    def _stored_nonzeros(self) -> int:
+        """Length of the stored ``data``/``indices`` arrays (CSR-like layouts)."""
+        raise NotImplementedError
 
     def obs_values(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Column ``name`` of obs for rows ``start:stop``: object array ``[stop-start]`` of str,
@@ -166,10 +200,56 @@ class Source:
     def _reading(self, what: str):
         try:
             yield
-        except (SourceError, KeyError, IndexError):
+        except (SourceError, KeyError):
             raise
         except Exception as exc:
-            raise SourceError(f"{self.path}: cannot read {what} ({type(exc).__name__}: {exc})") from exc
+            raise SourceError(f"{self.path}: cannot read {what} ({_cause(exc)})") from exc
+
+
+_DAMAGED = ("the file is damaged or was written wrongly: rewrite it from its origin, or pass "
+            "--skip-bad-files to count these cells as skipped")
+
+
+def check_row_pointers(indptr: np.ndarray, n_stored: int, path: Path, start: int) -> None:
+    """SourceError unless CSR row pointers ``indptr`` [n+1] (of rows ``start``:``start+n``) start
+    at >= 0, never decrease and stay within the ``n_stored`` stored entries: the compiled row
+    kernels trust them, so a bad one would read out of bounds (a crash) or misplace counts."""
+    if not len(indptr):
+        return
+    stop = start + len(indptr) - 1
+    where = f"{path}: rows {start}:{stop}"
+    if indptr[0] < 0:
+        raise SourceError(f"{where}: the row index (indptr) starts at {int(indptr[0])}, below 0; {_DAMAGED}")
+    steps = np.diff(indptr)
+    if len(steps) and steps.min() < 0:
+        r = int(np.argmax(steps < 0))
+        raise SourceError(f"{where}: the row index (indptr) decreases at row {start + r} ({int(indptr[r])} -> "
+                          f"{int(indptr[r + 1])}); {_DAMAGED}")
+    if indptr[-1] > n_stored:
+        raise SourceError(f"{where}: the row index (indptr) points to entry {int(indptr[-1])} but only "
+                          f"{n_stored} are stored; {_DAMAGED}")
+
+
+def check_column_indices(indices: np.ndarray, indptr: np.ndarray, n_cols: int, path: Path, start: int) -> None:
+    """SourceError unless every column index of CSR rows ``start``: (``indptr`` relative to
+    ``indices``) is in ``[0, n_cols)``; one vectorized pass (min and max) when they are. A negative
+    index would otherwise be credited to the last gene and one >= n_cols read past the gene map."""
+    if not len(indices):
+        return
+    low = int(indices.min()) if indices.dtype.kind == "i" else 0
+    high = int(indices.max())
+    if low >= 0 and high < n_cols:
+        return
+    bad = int(np.argmax((indices < 0) | (indices >= n_cols)))
+    row = int(np.searchsorted(indptr, bad, side="right")) - 1
+    raise SourceError(f"{path}: rows {start}:{start + len(indptr) - 1}: row {start + row} has gene column "
+                      f"{int(indices[bad])}, outside the matrix's {n_cols} columns; {_DAMAGED}")
+
+
+def _values(values: np.ndarray) -> np.ndarray:
+    """Stored matrix values as the row kernels take them: float16 (neither scipy.sparse nor numba
+    handles it) as float32, which holds every float16 exactly; anything else unchanged."""
+    return values.astype(np.float32) if values.dtype == np.float16 else values
 
 
 def _to_str_array(values) -> np.ndarray:
@@ -246,9 +326,7 @@ class AnnDataSource(Source):
     def __init__(self, path: Path, fmt: str, matrix: str | None):
         self.path, self.format = path, fmt
         if fmt == "h5ad":
-            import h5py
-
-            self._root = h5py.File(path, "r")
+            self._root = open_h5(path)
             self._ranges = _Ranges(path)
         else:
             import zarr
@@ -374,23 +452,28 @@ class AnnDataSource(Source):
         n = stop - start
         if self._layout == "csr":
             indptr = np.asarray(self._slice("indptr", start, stop + 1), dtype=np.int64)
+            check_row_pointers(indptr, self._stored_nonzeros(), self.path, start)
             lo, hi = int(indptr[0]), int(indptr[-1])
-            data = self._slice("data", lo, hi, buffers)
+            data = _values(self._slice("data", lo, hi, buffers))
             indices = self._slice("indices", lo, hi, buffers)
+            check_column_indices(indices, indptr - lo, self.n_vars, self.path, start)
             return sp.csr_matrix((data, indices, indptr - lo), shape=(n, self.n_vars))
         if self._layout == "dense":
             rows_per_read = max(1, _SCAN_ELEMENTS // max(self.n_vars, 1))
-            parts = [sp.csr_matrix(np.asarray(self._x[s : min(s + rows_per_read, stop)]))
+            parts = [sp.csr_matrix(_values(np.asarray(self._x[s : min(s + rows_per_read, stop)])))
                      for s in range(start, stop, rows_per_read)]
             if not parts:
-                return sp.csr_matrix((0, self.n_vars), dtype=self._x.dtype)
+                return sp.csr_matrix((0, self.n_vars), dtype=_values(np.zeros(0, self._x.dtype)).dtype)
             return sp.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
         return self._read_rows_csc(start, stop)
 
-    def row_pointers(self) -> np.ndarray | None:
+    def _row_pointers(self) -> np.ndarray | None:
         if self._layout != "csr":
             return None
         return np.asarray(self._slice("indptr", 0, self.n_cells + 1), dtype=np.int64)
+
+    def _stored_nonzeros(self) -> int:
+        return min(int(self._x["data"].shape[0]), int(self._x["indices"].shape[0]))
 
     def _slice(self, key: str, lo: int, hi: int, buffers: Buffers | None = None) -> np.ndarray:
         """Elements ``lo:hi`` of the matrix's 1-D array ``key``."""
@@ -408,14 +491,17 @@ class AnnDataSource(Source):
             end = min(max(end, col + 1), self.n_vars)
             lo, hi = int(indptr[col]), int(indptr[end])
             r = self._slice("indices", lo, hi)
+            if len(r) and (int(r.min()) < 0 or int(r.max()) >= self.n_cells):
+                raise SourceError(f"{self.path}: columns {col}:{end} of the CSC matrix hold a row index "
+                                  f"outside 0:{self.n_cells}; {_DAMAGED}")
             keep = (r >= start) & (r < stop)
             if keep.any():
                 c = np.repeat(np.arange(col, end), np.diff(indptr[col : end + 1]))
                 rows.append(r[keep] - start)
                 cols.append(c[keep])
-                vals.append(self._slice("data", lo, hi)[keep])
+                vals.append(_values(self._slice("data", lo, hi)[keep]))
             col = end
-        dtype = self._x["data"].dtype
+        dtype = _values(np.zeros(0, self._x["data"].dtype)).dtype
         if not rows:
             return sp.csr_matrix((stop - start, self.n_vars), dtype=dtype)
         coo = sp.coo_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
@@ -473,10 +559,8 @@ class TenXH5Source(Source):
     """
 
     def __init__(self, path: Path, matrix: str | None = None):
-        import h5py
-
         self.path, self.format = path, "10x-h5"
-        self._f = h5py.File(path, "r")
+        self._f = open_h5(path)
         self._ranges = _Ranges(path)
         try:
             self._open(matrix)
@@ -527,15 +611,20 @@ class TenXH5Source(Source):
     def _obs_names(self, start: int, stop: int) -> np.ndarray:
         return _to_str_array(self._g["barcodes"][start:stop])
 
-    def row_pointers(self) -> np.ndarray:
+    def _row_pointers(self) -> np.ndarray:
         return np.asarray(self._ranges.read(self._g["indptr"], 0, self.n_cells + 1), dtype=np.int64)
+
+    def _stored_nonzeros(self) -> int:
+        return min(int(self._g["data"].shape[0]), int(self._g["indices"].shape[0]))
 
     def _read_rows(self, start: int, stop: int, buffers: Buffers | None) -> sp.csr_matrix:
         indptr = np.asarray(self._ranges.read(self._g["indptr"], start, stop + 1), dtype=np.int64)
+        check_row_pointers(indptr, self._stored_nonzeros(), self.path, start)
         lo, hi = int(indptr[0]), int(indptr[-1])
         indptr = indptr - lo
-        data = self._ranges.read(self._g["data"], lo, hi, buffers)
+        data = _values(self._ranges.read(self._g["data"], lo, hi, buffers))
         indices = self._ranges.read(self._g["indices"], lo, hi, buffers)
+        check_column_indices(indices, indptr, len(self._feature_map), self.path, start)
         if not self._all_gex:
             indices = indices.astype(np.int64)
         if not self._all_gex:

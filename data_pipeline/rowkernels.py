@@ -22,7 +22,7 @@ from .buffers import Buffers
 from .radix import radix_sort_pairs
 from .stats import PARTITION_BITS
 
-_NOT_FINITE, _NEGATIVE, _NON_INTEGER, _EMPTY, _BELOW_MIN_GENES = 0, 1, 2, 3, 4
+_NOT_FINITE, _NEGATIVE, _NON_INTEGER, _EMPTY, _BELOW_MIN_GENES, _COUNT_OVERFLOW = 0, 1, 2, 3, 4, 5
 
 
 _IS_NOT_FINITE, _IS_NEGATIVE, _IS_FRACTIONAL, _IS_POSITIVE = 1, 2, 4, 8
@@ -131,19 +131,22 @@ def _bitmap_emit(seen, dense, w0, w1, emit, out_tokens, out_values, pos, largest
 
 
 @njit(cache=True, nogil=True)
-def map_rows(indptr, indices, data, colmap, check_finite, check_integer, min_genes, key_bits, n_tokens,
-             part_bits, reason, total_counts, out_indptr, out_tokens, out_values, part_counts):
+def map_rows(indptr, indices, data, colmap, check_finite, check_integer, min_genes, max_value, key_bits,
+             n_tokens, part_bits, reason, total_counts, out_indptr, out_tokens, out_values, part_counts):
     """Validate rows, map source columns to tokens, sort tokens, sum duplicate tokens.
 
     In:  CSR ``indptr`` [n+1], ``indices``/``data`` [nnz] (any numeric dtype; ``check_finite``
          false for integer data, which cannot be non-finite or fractional), ``colmap``
-         [n_vars] token per column (-1: dropped; all < ``n_tokens``). Out (preallocated):
+         [n_vars] token per column (-1: dropped; all < ``n_tokens``); a row with a summed value
+         above ``max_value`` (what the output dtype holds) is skipped as ``count_overflow``.
+         Out (preallocated):
          ``reason`` [n] int8, ``total_counts`` [n] f64 (row sum before vocabulary filtering),
          and the written rows as CSR ``out_indptr`` [n+1], ``out_tokens`` [nnz] (the
          vocabulary's token dtype), ``out_values`` [nnz] (uint32 for counts, float32 otherwise);
          ``part_counts`` [n_parts] (zeroed by the caller) gets the written tokens per
          ``token >> part_bits`` (what `stats.GeneStats.add_cells` needs to lay out its pairs).
-    Returns (rows written, largest summed value); the written arrays are ``out_*[:written(+1)]``.
+    Returns (rows written, largest summed value written); the written arrays are
+    ``out_*[:written(+1)]``.
 
     A row whose tokens come out of ``colmap`` ascending (a source in vocabulary order) needs no
     sort. Otherwise, when its tokens span few 64-token words for its length, it is ordered
@@ -195,17 +198,18 @@ def map_rows(indptr, indices, data, colmap, check_finite, check_integer, min_gen
             reason[r] = code
             continue
         start = pos
+        row_largest = 0.0
         if ordered:  # strictly ascending: no duplicates either
             for i in range(m):
                 out_tokens[pos + i] = keys[i]
                 out_values[pos + i] = vals[i]
-                largest = max(largest, vals[i])
+                row_largest = max(row_largest, vals[i])
             pos += m
         elif (tmax >> 6) - (tmin >> 6) < 4 * m + 16:
             for i in range(m):
                 _bitmap_add(seen, dense, keys[i], vals[i])
-            pos, largest = _bitmap_emit(seen, dense, tmin >> 6, tmax >> 6, True, out_tokens, out_values, pos,
-                                        largest)
+            pos, row_largest = _bitmap_emit(seen, dense, tmin >> 6, tmax >> 6, True, out_tokens, out_values,
+                                            pos, row_largest)
         else:
             radix_sort_pairs(keys, vals, m, tmp_k, tmp_v, key_bits)
             # sum runs of one token (several source columns of one gene) in float64, then store
@@ -217,14 +221,16 @@ def map_rows(indptr, indices, data, colmap, check_finite, check_integer, min_gen
                 while i < m and keys[i] == t:
                     acc += vals[i]
                     i += 1
-                largest = max(largest, acc)
+                row_largest = max(row_largest, acc)
                 out_tokens[pos] = t
                 out_values[pos] = acc
                 pos += 1
-        if pos - start < min_genes:
-            reason[r] = _BELOW_MIN_GENES
+        code = _kept_row_reason(pos - start, min_genes, row_largest, max_value)
+        if code >= 0:
+            reason[r] = code
             pos = start
             continue
+        largest = max(largest, row_largest)
         for i in range(start, pos):
             part_counts[np.int64(out_tokens[i]) >> part_bits] += 1
         reason[r] = -1
@@ -234,8 +240,9 @@ def map_rows(indptr, indices, data, colmap, check_finite, check_integer, min_gen
 
 
 @njit(cache=True, nogil=True)
-def map_rows_scattered(indptr, indices, data, colmap, check_finite, check_integer, min_genes, n_tokens,
-                       part_bits, reason, total_counts, out_indptr, out_tokens, out_values, part_counts):
+def map_rows_scattered(indptr, indices, data, colmap, check_finite, check_integer, min_genes, max_value,
+                       n_tokens, part_bits, reason, total_counts, out_indptr, out_tokens, out_values,
+                       part_counts):
     """`map_rows` for a source whose columns are not in vocabulary order (most real files: genes
     by chromosome position, the vocabulary by Ensembl id), where nearly every row needs sorting.
     Each mapped entry goes straight into a bitmap over the tokens (duplicates summed in source
@@ -268,20 +275,33 @@ def map_rows_scattered(indptr, indices, data, colmap, check_finite, check_intege
         code = _reason_of(flags)
         start = pos
         # emit the row (or, for a skipped row, just clear its bits)
-        pos, largest = _bitmap_emit(seen, dense, wmin, wmax, code < 0, out_tokens, out_values, pos, largest)
+        pos, row_largest = _bitmap_emit(seen, dense, wmin, wmax, code < 0, out_tokens, out_values, pos, 0.0)
         if code >= 0:
             reason[r] = code
             continue
-        if pos - start < min_genes:
-            reason[r] = _BELOW_MIN_GENES
+        code = _kept_row_reason(pos - start, min_genes, row_largest, max_value)
+        if code >= 0:
+            reason[r] = code
             pos = start
             continue
+        largest = max(largest, row_largest)
         for i in range(start, pos):
             part_counts[np.int64(out_tokens[i]) >> part_bits] += 1
         reason[r] = -1
         written += 1
         out_indptr[written] = pos
     return written, largest
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _kept_row_reason(n_genes, min_genes, row_largest, max_value):
+    """Skip reason of a row that passed the value checks, from its mapped genes and largest
+    summed value, or -1 (written)."""
+    if n_genes < min_genes:
+        return _BELOW_MIN_GENES
+    if row_largest > max_value:
+        return _COUNT_OVERFLOW
+    return -1
 
 
 def columns_in_token_order(colmap: np.ndarray) -> bool:
@@ -292,10 +312,6 @@ def columns_in_token_order(colmap: np.ndarray) -> bool:
 
 
 _UINT32_MAX = float(np.iinfo(np.uint32).max)
-
-
-class CountOverflow(ValueError):
-    """A summed count that does not fit uint32."""
 
 
 class Rows(NamedTuple):
@@ -316,6 +332,8 @@ def convert_rows(indptr, indices, data, colmap, integer_counts: bool, min_genes:
     """Python entry of `map_rows`: allocates the outputs, trims them, narrows the counts.
 
     ``values`` come out uint16 when every count fits, else uint32; float32 for non-integer input.
+    A cell with a count (after summing duplicate genes) above uint32 is skipped as
+    ``count_overflow``: one such cell must not stop a conversion of millions.
     With ``buffers``, the outputs are views of its arrays, valid until the next call with the
     same buffers.
     """
@@ -333,7 +351,7 @@ def convert_rows(indptr, indices, data, colmap, integer_counts: bool, min_genes:
     part_counts = buf.get("partition_counts", (n_tokens >> partition_bits) + 1, np.int64)
     part_counts[:] = 0
     float_input = np.asarray(data).dtype.kind == "f"
-    checks = (float_input, integer_counts and float_input, min_genes)
+    checks = (float_input, integer_counts and float_input, min_genes, _UINT32_MAX if integer_counts else np.inf)
     outputs = (reason, total, out_indptr, out_tokens, out_values, part_counts)
     indptr = np.asarray(indptr, np.int64)
     if columns_in_token_order(colmap):
@@ -342,8 +360,6 @@ def convert_rows(indptr, indices, data, colmap, integer_counts: bool, min_genes:
     else:
         w, largest = map_rows_scattered(indptr, indices, data, colmap, *checks, n_tokens, partition_bits,
                                         *outputs)
-    if integer_counts and largest > _UINT32_MAX:
-        raise CountOverflow(f"a summed count of {largest:.0f} does not fit uint32; is this matrix raw counts?")
     end = out_indptr[w]
     values = out_values[:end]
     if integer_counts and largest <= np.iinfo(np.uint16).max:

@@ -9,6 +9,10 @@ in this order (the accounting in ``manifest.json`` uses these names):
                         file-level check, so this is a stray cell, not a normalized matrix)
 - ``empty``             no positive value at all
 - ``below_min_genes``   fewer than ``--min-genes`` vocabulary genes with a positive count
+- ``count_overflow``    a count (after summing duplicate gene columns) above 2^32 - 1, which the
+                        corpus's uint32 counts cannot hold (not raw counts, or a damaged value)
+- ``unreadable_rows``   rows of a file that could not be read (a damaged chunk, an index out of
+                        range) with ``--skip-bad-files``; without it the conversion stops there
 
 A whole file that looks normalized (fractional values in its first rows) is refused before any
 work starts (`check_integer_counts`), because silently skipping every cell would hide the mistake.
@@ -19,7 +23,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-SKIP_REASONS = ("not_finite", "negative", "non_integer", "empty", "below_min_genes")
+SKIP_REASONS = ("not_finite", "negative", "non_integer", "empty", "below_min_genes", "count_overflow",
+                "unreadable_rows")
 
 # Rows sampled per file by the file-level integer check: the first _SAMPLE_ROWS, or fewer when
 # they already hold _SAMPLE_NONZEROS values (dense rows make a long read, of compressed chunks).

@@ -23,6 +23,7 @@ import hashlib
 import io
 import pickle
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,8 @@ SPECIAL_TOKENS = ("<pad>", "<cls>", "<mask>")
 ENSEMBL_RE = re.compile(r"^(ENS[A-Z]*G\d{11})(?:\.\d+)?$")  # group 1: the id without version
 _VERSION_RE = re.compile(r"\.\d+$")
 _VERSIONED_ENSEMBL = re.compile(r"^(ENS.*?)\.\d+$")
+# The species part of an Ensembl gene id: ENSG (human), ENSMUSG (mouse), ENSDARG (zebrafish), ...
+_ENSEMBL_PREFIX = re.compile(r"^(ENS[A-Z]*G)\d")
 
 
 def strip_version(gene_id: str) -> str:
@@ -104,6 +107,28 @@ class Vocabulary:
     def sha256(self) -> str:
         return hashlib.sha256(self.to_tsv()).hexdigest()
 
+    def id_prefixes(self) -> dict[str, int]:
+        """Genes per Ensembl id prefix (one per species: ENSG human, ENSMUSG mouse, ...), most
+        first; genes whose id is not an Ensembl id count as ``other``."""
+        counts: dict[str, int] = {}
+        for g in self.index:
+            m = _ENSEMBL_PREFIX.match(g)
+            key = m.group(1) if m else "other"
+            counts[key] = counts.get(key, 0) + 1
+        return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+    def mixed_species_warning(self) -> str | None:
+        """A warning when the genes come from several species (Ensembl prefixes), else None: a
+        model then learns one species' genes from a fraction of the cells, and orthologous genes
+        get unrelated tokens."""
+        species = {k: v for k, v in self.id_prefixes().items() if k != "other"}
+        if len(species) < 2:
+            return None
+        listed = ", ".join(f"{k} {v:,}" for k, v in species.items())
+        return (f"the vocabulary mixes genes of {len(species)} species ({listed} by Ensembl id prefix); "
+                "if that is not intended, convert each species separately, or map the genes to one "
+                "species' orthologs before converting")
+
     def lookup(self, ensembl_ids) -> np.ndarray:
         """Token id per Ensembl id, -1 where the gene is not in the vocabulary.  [n] int64"""
         import pandas as pd
@@ -119,13 +144,36 @@ class Vocabulary:
         return self._gene_index.get_indexer(ids.to_numpy()).astype(np.int64)
 
 
+class VocabError(ValueError):
+    """A vocabulary, token dictionary or symbol table that cannot be read; names the file."""
+
+
+@contextmanager
+def _reading_table(path: Path, what: str):
+    """Turn any failure to read ``path`` into a VocabError naming it and what was expected."""
+    if not path.is_file():
+        raise VocabError(f"{path}: no such file (expected {what})")
+    try:
+        yield
+    except VocabError:
+        raise
+    except (OSError, ValueError, IndexError, UnicodeDecodeError, EOFError, pickle.UnpicklingError) as exc:
+        raise VocabError(f"{path}: cannot be read as {what} ({type(exc).__name__}: {exc})") from None
+
+
 def read_vocab(path: str | Path) -> Vocabulary:
     """Read our ``vocab.tsv`` or a Geneformer-style token dictionary (``.pkl``: Ensembl id -> id).
 
     A Geneformer dictionary keeps its token ids (so a corpus stays compatible with models trained
-    on it); special tokens it lacks (``<cls>``) are appended after its largest id.
+    on it); special tokens it lacks (``<cls>``) are appended after its largest id. VocabError
+    (naming the file) for anything else, a pickle holding more than plain data included.
     """
     path = Path(path)
+    with _reading_table(path, "a vocab.tsv or a Geneformer token dictionary .pkl"):
+        return _read_vocab(path)
+
+
+def _read_vocab(path: Path) -> Vocabulary:
     if path.suffix == ".pkl":
         mapping = read_pickled_dict(path)
         size = max(int(v) for v in mapping.values()) + 1
@@ -137,7 +185,7 @@ def read_vocab(path: str | Path) -> Vocabulary:
                 ids.append(special)
         holes = [i for i, g in enumerate(ids) if not g]
         if holes:
-            raise ValueError(f"{path}: token ids are not dense (missing e.g. {holes[:5]}); "
+            raise VocabError(f"{path}: token ids are not dense (missing e.g. {holes[:5]}); "
                              "a token dictionary must map genes to 0..N-1")
         symbols = [g if g in SPECIAL_TOKENS else "" for g in ids]
         return Vocabulary(ids, symbols)
@@ -145,12 +193,12 @@ def read_vocab(path: str | Path) -> Vocabulary:
         # QUOTE_NONE: a symbol is never quoted by to_tsv, so a '"' in one is part of the name
         rows = [r for r in csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE) if r]
     if not rows or [c.strip() for c in rows[0][:2]] != ["token_id", "ensembl_id"]:
-        raise ValueError(f"{path}: not a vocab.tsv (expected a header 'token_id<TAB>ensembl_id"
+        raise VocabError(f"{path}: not a vocab.tsv (expected a header 'token_id<TAB>ensembl_id"
                          "<TAB>symbol'); pass our vocab.tsv or a Geneformer token dictionary .pkl")
     body = rows[1:]
     for expect, row in enumerate(body):
         if int(row[0]) != expect:
-            raise ValueError(f"{path}: token ids must be 0..N-1 in order; row {expect + 2} has {row[0]}")
+            raise VocabError(f"{path}: token ids must be 0..N-1 in order; row {expect + 2} has {row[0]}")
     return Vocabulary([r[1] for r in body], [r[2] if len(r) > 2 else "" for r in body])
 
 
@@ -179,7 +227,7 @@ def read_pickled_dict(path: str | Path) -> dict:
     with open(path, "rb") as fh:
         obj = _PlainDataUnpickler(fh).load()
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a pickled dict, found {type(obj).__name__}")
+        raise VocabError(f"{path}: expected a pickled dict, found {type(obj).__name__}")
     return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in obj.items()}
 
 
@@ -194,8 +242,14 @@ def read_symbol_table(path: str | Path) -> dict[str, str]:
     with or without a header; the Ensembl column is the one whose values look like Ensembl ids,
     the symbol column the first other column. Symbols that map to several Ensembl ids keep the
     first one listed (the table's order decides, so a curated table can put its choice first).
+    VocabError (naming the file) if it cannot be read.
     """
     path = Path(path)
+    with _reading_table(path, "a symbol table (CSV/TSV[.gz] or a pickled dict)"):
+        return _read_symbol_table(path)
+
+
+def _read_symbol_table(path: Path) -> dict[str, str]:
     if path.suffix == ".pkl":
         return {str(k): strip_version(str(v)) for k, v in read_pickled_dict(path).items()}
     name = path.name.removesuffix(".gz")
@@ -203,12 +257,12 @@ def read_symbol_table(path: str | Path) -> dict[str, str]:
     with _open_text(path) as fh:
         rows = [r for r in csv.reader(fh, delimiter=delim) if r]
     if not rows:
-        raise ValueError(f"{path}: empty symbol table")
+        raise VocabError(f"{path}: empty symbol table")
     width = min(len(r) for r in rows[: min(len(rows), 1000)])
     sample = rows[1 : min(len(rows), 1000)]
     ens_col = next((c for c in range(width) if is_ensembl([r[c] for r in sample]).mean() > 0.9), None)
     if ens_col is None or width < 2:
-        raise ValueError(f"{path}: no column of Ensembl ids found; a symbol table needs an Ensembl "
+        raise VocabError(f"{path}: no column of Ensembl ids found; a symbol table needs an Ensembl "
                          "id column and a symbol column")
     sym_col = 1 if ens_col == 0 else 0
     start = 0 if ENSEMBL_RE.match(rows[0][ens_col]) else 1

@@ -126,7 +126,8 @@ def test_bad_cells_are_counted(tmp_path):
     manifest = convert(tmp_path / "c", ConvertOptions([str(path)], vocab=str(vocab), min_genes=1),
                        progress=False)
     assert manifest["accounting"]["cells_skipped"] == {
-        "not_finite": 2, "negative": 1, "non_integer": 1, "empty": 1, "below_min_genes": 1}
+        "not_finite": 2, "negative": 1, "non_integer": 1, "empty": 1, "below_min_genes": 1,
+        "count_overflow": 0, "unreadable_rows": 0}
     assert manifest["accounting"]["cells_written"] == 54
     # the same with small blocks: units are read in several chunks (bad cells only in the first)
     chunked = convert(tmp_path / "c3", ConvertOptions([str(path)], vocab=str(vocab), min_genes=1, block_cells=2,

@@ -13,7 +13,14 @@ import scipy.sparse as sp
 
 from data_pipeline.gene_ids import resolve_gene_ids
 from data_pipeline.readers import SourceError, open_source
-from data_pipeline.vocab import SPECIAL_TOKENS, Vocabulary, read_pickled_dict, read_symbol_table, read_vocab
+from data_pipeline.vocab import (
+    SPECIAL_TOKENS,
+    VocabError,
+    Vocabulary,
+    read_pickled_dict,
+    read_symbol_table,
+    read_vocab,
+)
 from tests.source_writers import write_10x_h5
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -163,7 +170,7 @@ def test_restricted_unpickler_refuses_code(tmp_path):
     path.write_bytes(pickle.dumps({"ENSG00000000003": _RunsACommand(marker)}))
     with pytest.raises(pickle.UnpicklingError, match="refusing"):
         read_pickled_dict(path)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(VocabError, match="evil.pkl: cannot be read .*refusing to unpickle"):
         read_vocab(path)
     assert not marker.exists()
 

@@ -86,3 +86,19 @@ def test_corrupt_chunk_raises(tmp_path):
                 reader.read(2500, 4500)
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "gzip"])
+@pytest.mark.parametrize("lo, hi", [(-5, 10), (9_990, 10_010), (20, 10)])
+def test_ranges_outside_the_dataset_raise(tmp_path, layout, lo, hi):
+    """A damaged row index must not turn into a read of another dataset's bytes (or a crash)."""
+    path = tmp_path / "x.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("x", data=np.arange(10_000, dtype="i4"), **LAYOUTS[layout])
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with h5py.File(path, "r") as f:
+            with pytest.raises(ValueError, match="outside the dataset's 0:10000"):
+                DirectReader.open(f["x"], fd).read(lo, hi)
+    finally:
+        os.close(fd)

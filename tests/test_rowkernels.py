@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from data_pipeline.rowkernels import CountOverflow, columns_in_token_order, convert_rows, scan_rows
+from data_pipeline.rowkernels import columns_in_token_order, convert_rows, scan_rows
 from data_pipeline.validate import SKIP_REASONS, row_flags
 
 
@@ -90,11 +90,13 @@ def test_scan_rows_counts_cells_of_valid_rows(dtype):
     np.testing.assert_array_equal(counts, expect)
 
 
-def test_large_counts_widen_and_overflow_is_refused():
-    x = sp.csr_matrix(np.array([[70000, 1, 0], [4_000_000_000, 4_000_000_000, 0]], np.float64))
-    colmap = np.array([3, 4, 5])
-    values = convert_rows(x[:1].indptr, x[:1].indices, x[:1].data, colmap, True, 1, np.uint16).values
+@pytest.mark.parametrize("colmap", [[3, 3, 5], [5, 5, 3]], ids=["ordered", "scattered"])
+def test_large_counts_widen_and_an_overflowing_cell_is_skipped(colmap):
+    x = sp.csr_matrix(np.array([[70000, 0, 1], [4_000_000_000, 4_000_000_000, 0], [2, 0, 7]], np.float64))
+    values = convert_rows(x[:1].indptr, x[:1].indices, x[:1].data, np.array([3, 4, 5]), True, 1, np.uint16).values
     assert values.dtype == np.uint32 and values.tolist() == [70000, 1]
-    colmap = np.array([3, 3, 5])  # the two large columns are one gene: the sum overflows uint32
-    with pytest.raises(CountOverflow, match="does not fit uint32"):
-        convert_rows(x.indptr, x.indices, x.data, colmap, True, 1, np.uint16)
+    # the two large columns are one gene: the sum overflows uint32; that cell alone is skipped
+    rows = convert_rows(x.indptr, x.indices, x.data, np.array(colmap), True, 1, np.uint16)
+    assert rows.reason.tolist() == [-1, SKIP_REASONS.index("count_overflow"), -1]
+    assert rows.indptr.tolist() == [0, 2, 4] and rows.values.dtype == np.uint32
+    assert sorted(rows.values[:2].tolist()) == [1, 70000] and sorted(rows.values[2:].tolist()) == [2, 7]
