@@ -185,9 +185,9 @@ def block_problem(block: CellBlock, n_cells: int | None = None, n_tokens: int | 
     if vocab_size is not None and len(block.genes) and int(block.genes.max()) >= vocab_size:
         return f"gene id {int(block.genes.max())} outside the vocabulary of {vocab_size} tokens"
     if label_sizes is not None:
-        labels = block.labels.reshape(n, -1)
-        if labels.shape[1] != len(label_sizes):
-            return f"{labels.shape[1]} label columns, the corpus has {len(label_sizes)}"
+        labels = block.labels
+        if labels.ndim != 2 or labels.shape[1] != len(label_sizes):
+            return f"labels of shape {labels.shape}, the corpus has {len(label_sizes)} label columns"
         if n and len(label_sizes) and ((labels < -1).any() or (labels >= np.asarray(label_sizes)).any()):
             return "a label code outside its column's categories"
     return None

@@ -121,6 +121,19 @@ def test_flipped_indptr_is_a_clean_error_without_checksums(corpus, tmp_path):
         _epoch(bad, workers=2)
 
 
+@pytest.mark.parametrize(("field", "at", "problem"), [("genes", 1, "outside the vocabulary"),
+                                                     ("labels", 0, "label code outside")])
+def test_structural_checks_without_checksums(corpus, tmp_path, field, at, problem):
+    """Damage that would index out of range (a gene id, a label code) is caught on a schema-2
+    corpus too."""
+    bad = _copy(corpus, tmp_path)
+    _as_schema_2(bad)
+    name = _xor(bad, shard=0, block=3, field=field, at=at, mask=0x40)
+    with warnings.catch_warnings(), pytest.raises(CorpusError, match=f"damaged block 3 of {name}.*{problem}"):
+        warnings.simplefilter("ignore")
+        _epoch(bad, workers=0)
+
+
 def test_verify_and_loader_catch_cells_moved_between_block_records(corpus, tmp_path):
     """Records still tile the shard and add up to its totals, but say 5 cells of block 1 are in
     block 0."""
