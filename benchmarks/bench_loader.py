@@ -129,7 +129,37 @@ def integrity_cost(corpus: Path, mode_name: str, workers: int, batching: Batchin
 
     return {"mode": mode_name, "workers": workers, "repeats": repeats, "cells": cells, "tokens": tokens,
             "checksums": Corpus(corpus).block_table().checksum is not None,
-            "wall": cost(wall), "cpu": cost(cpu) if workers == 0 else None}
+            "wall": cost(wall), "cpu": cost(cpu) if workers == 0 else None,
+            "reads": block_check_share(loaders[True], float(np.median(cpu[True] if workers == 0 else wall[True])),
+                                       repeats)}
+
+
+def block_check_share(loader: CellLoader, epoch_seconds: float, repeats: int) -> dict:
+    """The checks timed alone, which run-to-run noise of whole epochs (several %) cannot blur:
+    every block read ``repeats`` times with and without them (CPU time, alternating), the
+    difference scaled to the blocks one epoch reads (blocks at megabatch edges are read twice)
+    and put against ``epoch_seconds`` (a checked epoch)."""
+    from data_pipeline.corpus import BlockReader
+
+    spec = loader.spec
+    plan = spec.plan(0)
+    reads = sum(len(plan.blocks_of(k)) for k in range(plan.n_megabatches))
+    seconds = {True: [], False: []}
+    readers = {checked: BlockReader(spec.corpus, spec.table, checked) for checked in (True, False)}
+    for r in range(repeats + 1):
+        for checked in ((True, False) if r % 2 == 0 else (False, True)):
+            t = time.process_time()
+            for b in range(len(spec.table)):
+                readers[checked].read(b)
+            if r:  # the first pass warms the page cache
+                seconds[checked].append(time.process_time() - t)
+    for reader in readers.values():
+        reader.close()
+    extra = (float(np.median(seconds[True])) - float(np.median(seconds[False]))) * reads / len(spec.table)
+    return {"blocks": len(spec.table), "block_reads_per_epoch": reads,
+            "seconds_per_pass_checked": round(float(np.median(seconds[True])), 4),
+            "seconds_per_pass_unchecked": round(float(np.median(seconds[False])), 4),
+            "check_seconds_per_epoch": round(extra, 4), "share_of_checked_epoch": round(extra / epoch_seconds, 4)}
 
 
 def padding_waste(corpus: Path, batching: Batching, seed: int = 0) -> dict:
@@ -217,6 +247,7 @@ def main() -> None:
                   versions={"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__},
                   batching={"token_budget": batching.token_budget, "megabatch_cells": batching.megabatch_cells})
     integrity = []
+    load_before = os.getloadavg()  # the checks' cost is a few %: say how busy the machine was
     for name, corpus, _ in datasets:
         for mode_name in INTEGRITY_MODES:
             for w in args.workers:
@@ -226,6 +257,7 @@ def main() -> None:
                 integrity.append(r)
     if args.integrity_only:
         write_result(args.result, result_record("loader_integrity", **header, target=INTEGRITY_TARGET,
+                                                load_average={"before": load_before, "after": os.getloadavg()},
                                                 integrity_check=integrity))
         return
 

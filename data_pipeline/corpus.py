@@ -131,13 +131,15 @@ class Corpus:
         s = int(table.shard[block])
         name = table.shard_files[s]
         start = int(table.offset[block])
-        sources = [self.manifest["sources"][k]["path"] for k in self.manifest["shards"][s].get("sources", [])]
+        known = self.manifest["sources"]
+        sources = [known[k]["path"] for k in self.manifest["shards"][s].get("sources", [])
+                   if isinstance(k, int) and 0 <= k < len(known)]
         written = f" ({name} was written from {', '.join(sources)})" if sources else ""
         return CorpusError(
             f"{self.path}: damaged block {table.in_shard(block)} of {name} (bytes {start}-"
             f"{start + int(table.nbytes[block])}): {problem}. Do not train on this corpus: run `python -m "
             f"data_pipeline verify {self.path}` to list every damaged shard, then convert the sources of "
-            f"the damaged shards again{written} (the convert command with --overwrite), or restore the "
+            f"the damaged shards again{written}: rerun the convert command with --overwrite, or restore the "
             "corpus from a copy")
 
     def iter_blocks(self) -> Iterator[tuple[int, CellBlock]]:

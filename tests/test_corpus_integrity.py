@@ -20,6 +20,7 @@ from data_pipeline.convert import convert
 from data_pipeline.corpus import Corpus, CorpusError, verify
 from data_pipeline.epoch_plan import Batching
 from data_pipeline.loader import CellLoader
+from data_pipeline.merge import merge_corpus
 from data_pipeline.plan import ConvertOptions
 from tests.corpus_helpers import random_counts, write_h5ad
 
@@ -192,6 +193,27 @@ def test_schema_2_corpus_without_checksums_loads_with_a_warning(corpus, tmp_path
     assert len([w for w in caught if "checksums" in str(w.message)]) == 1
     cells = np.sort(np.concatenate([b.cell_index.numpy() for b in loader]))
     assert np.array_equal(cells, np.arange(Corpus(corpus).n_cells))
+    assert verify(old) == []
+
+
+def test_merge_checksums_units_written_without_them(corpus, tmp_path):
+    """A conversion resumed across the upgrade: units recorded by the previous converter carry no
+    block checksums, so merge computes them from the shard bytes."""
+    inputs = [s["path"] for s in _manifest(corpus)["sources"]]
+    options = ConvertOptions(inputs, block_cells=64, unit_cells=256, label_columns=["kind"],
+                             vocab=str(corpus / "vocab.tsv"))
+    out = tmp_path / "nodes"
+    for rank in range(2):  # a two-node run leaves its units for `merge`
+        assert convert(out, options, num_nodes=2, node_rank=rank, progress=False) is None
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    for unit in (old / ".work" / "units").glob("*.json"):
+        record = json.loads(unit.read_text())
+        for block in record["blocks"]:
+            del block["xxh3"]
+        unit.write_text(json.dumps(record))
+    merged = [merge_corpus(folder, progress=False)["shards"] for folder in (out, old)]
+    assert merged[0] == merged[1] and len(merged[0][0]["blocks"][0]) == 5
     assert verify(old) == []
 
 
