@@ -3,9 +3,10 @@
 Per epoch, `epoch_plan.EpochPlan` decides from the corpus index alone which cells form which
 batch on which rank and DataLoader worker (every cell once per epoch, the same number of batches
 on every rank, token budgets kept). Each worker then reads only the blocks of its megabatches
-(random access through the manifest's block records), gathers their cells in batch order, makes
-the contrastive views, normalizes, masks, and cuts the megabatch into batches; all of it
-vectorized over the megabatch. Random draws come from generators seeded by (seed, epoch,
+(random access through the manifest's block records, each block checked before use: checksum,
+structure, agreement with its record and ``cell_lengths.npy``; a damaged one stops the loader with
+a `CorpusError` naming it), gathers their cells in batch order, makes the contrastive views,
+normalizes, masks, and cuts the megabatch into batches; all of it vectorized over the megabatch. Random draws come from generators seeded by (seed, epoch,
 megabatch), so a megabatch gives the same batches whichever process makes it and whenever.
 
 Resume: ``state_dict()`` records the epoch and how many batches this rank has yielded in it; a
