@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -22,6 +23,9 @@ SCHEMA_VERSION = 3
 
 class CorpusError(ValueError):
     """A corpus folder that is missing pieces or fails its checks."""
+
+
+BLOCK_RECORD = ["offset", "bytes", "n_cells", "n_tokens", "xxh3_64"]  # named in the manifest for people
 
 
 def block_record(offset: int, nbytes: int, n_cells: int, n_tokens: int, checksum: int) -> list:
@@ -126,21 +130,32 @@ class Corpus:
                           np.concatenate([[0], np.cumsum(rec[:, 2])]), rec[:, 3],
                           np.asarray(sums, np.uint64) if with_checksums else None)
 
+    def block_place(self, table: BlockTable, block: int) -> str:
+        """Where corpus block ``block`` lies in its shard, for messages: its index there, its key
+        (as its first tar header names it, when that is readable) and its bytes."""
+        start = int(table.offset[block])
+        try:
+            with open(self.shard_path(table.shard_files[int(table.shard[block])]), "rb") as fh:
+                fh.seek(start)
+                key = fh.read(100).rstrip(b"\0").decode().partition(".")[0]
+        except (OSError, UnicodeDecodeError):
+            key = ""
+        key = f"key {key}, " if re.fullmatch(r"u\d+-b\d+", key) else ""
+        return f"block {table.in_shard(block)} ({key}bytes {start}-{start + int(table.nbytes[block])})"
+
     def damaged(self, table: BlockTable, block: int, problem: str) -> CorpusError:
         """The error for corpus block ``block`` failing its checks: where, what, and what to do."""
         s = int(table.shard[block])
         name = table.shard_files[s]
-        start = int(table.offset[block])
         known = self.manifest["sources"]
         sources = [known[k]["path"] for k in self.manifest["shards"][s].get("sources", [])
                    if isinstance(k, int) and 0 <= k < len(known)]
         written = f" ({name} was written from {', '.join(sources)})" if sources else ""
         return CorpusError(
-            f"{self.path}: damaged block {table.in_shard(block)} of {name} (bytes {start}-"
-            f"{start + int(table.nbytes[block])}): {problem}. Do not train on this corpus: run `python -m "
-            f"data_pipeline verify {self.path}` to list every damaged shard, then convert the sources of "
-            f"the damaged shards again{written}: rerun the convert command with --overwrite, or restore the "
-            "corpus from a copy")
+            f"{self.path}: damaged {self.block_place(table, block)} of {name}: {problem}. Do not train on "
+            f"this corpus: run `python -m data_pipeline verify {self.path}` to list every damaged shard, then "
+            f"convert the sources of the damaged shards again{written}: rerun the convert command with "
+            "--overwrite, or restore the corpus from a copy")
 
     def iter_blocks(self) -> Iterator[tuple[int, CellBlock]]:
         """``(global index of the block's first cell, block)`` over the corpus, in order, each
@@ -289,12 +304,11 @@ def _verify_shard(corpus: Corpus, reader: BlockReader, index: int, record: dict,
     t = reader.table
     blocks = np.flatnonzero(t.shard == index)
     damaged = []
-    for j, b in enumerate(blocks):
+    for b in blocks:
         got = reader.read_or_problem(int(b))
         problem = got if isinstance(got, str) else _block_problem(got)
         if problem:
-            start = int(t.offset[b])
-            damaged.append(f"{name}: block {j} (bytes {start}-{start + int(t.nbytes[b])}): {problem}")
+            damaged.append(f"{name}: {corpus.block_place(t, int(b))}: {problem}")
         else:
             lengths.append(np.diff(got.indptr))
     if len(damaged) > MAX_BLOCK_PROBLEMS:

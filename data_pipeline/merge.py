@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .convert import LENGTH_BINS, WORK, _progress, vocabulary_coverage
-from .corpus import SCHEMA_VERSION, block_record
+from .corpus import BLOCK_RECORD, SCHEMA_VERSION, block_record
 from .fsio import (
     atomic_replace_dir,
     atomic_write_json,
@@ -201,6 +201,7 @@ def build_manifest(out: Path, plan: dict, vocab, results: list[dict], shard_reco
             "counts_dtypes": dtypes,
             "counts_kind": "integer" if all(s.get("integer_counts", True) for s in sources) else "float",
             "key": "u{unit:06d}-b{block:05d}",
+            "block_record": BLOCK_RECORD,  # the fields of each entry of a shard's "blocks"
         },
         "label_columns": [{"name": c, "categories": plan["label_categories"][c]} for c in options["label_columns"]],
         "length_histogram_edges": [2 ** k for k in range(LENGTH_BINS)],
