@@ -66,7 +66,7 @@ from .plan import (
 )
 from .readers import SourceError, open_source
 from .rowkernels import convert_rows, scan_counts
-from .shards import END_OF_ARCHIVE, CellBlock, encode_block_parts
+from .shards import END_OF_ARCHIVE, CellBlock, block_checksum, encode_block_parts
 from .stats import GeneStats
 from .validate import SKIP_REASONS
 from .vocab import VocabError, Vocabulary, read_vocab
@@ -327,7 +327,8 @@ def convert_unit(unit: int) -> dict:
                     sha.update(part)
                 size = sum(memoryview(part).nbytes for part in payload)
                 blocks.append({"key": key, "offset": offset, "bytes": size, "n_cells": c1 - c0,
-                               "n_tokens": int(q - p), "counts_dtype": counts.dtype.str,
+                               "n_tokens": int(q - p), "xxh3": block_checksum(payload),
+                               "counts_dtype": counts.dtype.str,
                                "length_histogram": length_histogram(np.diff(block.indptr))})
                 offset += size
             lengths.append(np.diff(indptr))

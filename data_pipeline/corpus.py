@@ -1,21 +1,63 @@
-"""Reading a finished corpus: blocks in order, `verify`, `inspect`, and `to_h5ad`."""
+"""Reading a finished corpus: its block table, blocks checked before use, `verify`, `inspect`,
+and `to_h5ad`."""
 
 from __future__ import annotations
 
 import json
-import tarfile
+import os
+import re
 from collections.abc import Iterator
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from .fsio import commit, fsync_file, sha256_path, temp_path
-from .shards import END_OF_ARCHIVE, CellBlock, iter_shard
+from .shards import END_OF_ARCHIVE, BlockError, CellBlock, block_problem, read_block
 from .vocab import Vocabulary, read_vocab
+
+# 2: per-block offsets in shard records, cell_lengths.npy; 3: each block record ends with the
+# block's xxh3-64 (hex), each shard record lists the sources that wrote it. 2 is still read.
+SCHEMA_VERSION = 3
 
 
 class CorpusError(ValueError):
     """A corpus folder that is missing pieces or fails its checks."""
+
+
+BLOCK_RECORD = ["offset", "bytes", "n_cells", "n_tokens", "xxh3_64"]  # named in the manifest for people
+
+
+def block_record(offset: int, nbytes: int, n_cells: int, n_tokens: int, checksum: int) -> list:
+    """A shard's manifest entry for one block: where it lies, what it holds, its checksum."""
+    return [offset, nbytes, n_cells, n_tokens, f"{checksum:016x}"]
+
+
+@dataclass(frozen=True)
+class BlockTable:
+    """The corpus's blocks in corpus order: ``shard`` [B] (index into ``shard_files``),
+    ``offset`` / ``nbytes`` [B] (where the block lies in its shard), ``first_cell`` [B+1]
+    (global index of each block's first cell; the last entry is the corpus's cell count),
+    ``n_tokens`` [B] and ``checksum`` [B] uint64 (None: not recorded, a schema-2 corpus)."""
+
+    shard_files: tuple[str, ...]
+    shard: np.ndarray
+    offset: np.ndarray
+    nbytes: np.ndarray
+    first_cell: np.ndarray
+    n_tokens: np.ndarray | None = None
+    checksum: np.ndarray | None = None
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.first_cell[-1])
+
+    def __len__(self) -> int:
+        return len(self.shard)
+
+    def in_shard(self, block: int) -> int:
+        """The position of corpus block ``block`` among its shard's blocks."""
+        return block - int(np.searchsorted(self.shard, self.shard[block]))
 
 
 class Corpus:
@@ -29,6 +71,10 @@ class Corpus:
                     "multi-node run)" if (self.path / ".work").exists() else "")
             raise CorpusError(f"{self.path}: no manifest.json, so not a finished corpus{hint}")
         self.manifest = json.loads(manifest.read_text())
+        version = self.manifest.get("schema_version")
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise CorpusError(f"{self.path}: corpus schema version {version!r}, this data_pipeline reads up to "
+                              f"{SCHEMA_VERSION}: update the code, or convert the inputs again with this one")
 
     @property
     def vocab(self) -> Vocabulary:
@@ -38,21 +84,147 @@ class Corpus:
     def n_cells(self) -> int:
         return self.manifest["totals"]["n_cells"]
 
+    def shard_path(self, name: str) -> Path:
+        """The file of shard ``name`` (as the manifest names it), refused unless it lies inside the
+        corpus folder: a manifest must not make a reader open files elsewhere."""
+        rel = PurePosixPath(name)
+        path = self.path / rel
+        # Only the manifest's names are confined: a `shards/` the user symlinked to another disk is theirs.
+        if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+            raise CorpusError(f"{self.path}: the manifest names shard {name!r}, which is outside the corpus "
+                              "folder (an absolute path or '..'): refused. Shards "
+                              "must lie under the corpus folder, e.g. shards/corpus-000000.tar: convert the "
+                              "inputs again, or copy the shard files in and restore the manifest")
+        return path
+
+    def block_table(self) -> BlockTable:
+        """The block records of every shard as one table (shard paths checked by `shard_path`)."""
+        m = self.manifest
+        if "cell_lengths" not in m or any("blocks" not in s for s in m["shards"]):
+            raise CorpusError(f"{self.path}: the corpus has no random-access index (block records, "
+                              "cell_lengths.npy); it was made by an older converter: convert the inputs again")
+        with_checksums = m["schema_version"] >= 3
+        width = 5 if with_checksums else 4
+        shard, rows, sums = [], [], []
+        for i, s in enumerate(m["shards"]):
+            self.shard_path(s["file"])
+            records = s["blocks"]
+            try:
+                if any(len(r) != width for r in records):
+                    raise ValueError(f"block records of {width} fields expected")
+                rows += [r[:4] for r in records]
+                sums += [int(r[4], 16) for r in records] if with_checksums else []
+            except (TypeError, ValueError) as exc:
+                raise CorpusError(f"{self.path}: the block records of {s['file']} in manifest.json are malformed "
+                                  f"({exc}): run `python -m data_pipeline verify {self.path}`") from None
+            shard.append(np.full(len(records), i, np.int64))
+        try:
+            rec = np.asarray(rows, np.int64).reshape(-1, 4)
+        except (TypeError, ValueError, OverflowError):
+            rec = np.full((1, 4), -1, np.int64)
+        if (rec < 0).any() or (rec[:, 1] < 512).any():
+            raise CorpusError(f"{self.path}: manifest.json has block records with negative or impossible values: "
+                              f"run `python -m data_pipeline verify {self.path}`")
+        return BlockTable(tuple(s["file"] for s in m["shards"]),
+                          np.concatenate(shard) if shard else np.zeros(0, np.int64), rec[:, 0], rec[:, 1],
+                          np.concatenate([[0], np.cumsum(rec[:, 2])]), rec[:, 3],
+                          np.asarray(sums, np.uint64) if with_checksums else None)
+
+    def block_place(self, table: BlockTable, block: int) -> str:
+        """Where corpus block ``block`` lies in its shard, for messages: its index there, its key
+        (as its first tar header names it, when that is readable) and its bytes."""
+        start = int(table.offset[block])
+        try:
+            with open(self.shard_path(table.shard_files[int(table.shard[block])]), "rb") as fh:
+                fh.seek(start)
+                key = fh.read(100).rstrip(b"\0").decode().partition(".")[0]
+        except (OSError, UnicodeDecodeError):
+            key = ""
+        key = f"key {key}, " if re.fullmatch(r"u\d+-b\d+", key) else ""
+        return f"block {table.in_shard(block)} ({key}bytes {start}-{start + int(table.nbytes[block])})"
+
+    def damaged(self, table: BlockTable, block: int, problem: str) -> CorpusError:
+        """The error for corpus block ``block`` failing its checks: where, what, and what to do."""
+        s = int(table.shard[block])
+        name = table.shard_files[s]
+        known = self.manifest["sources"]
+        sources = [known[k]["path"] for k in self.manifest["shards"][s].get("sources", [])
+                   if isinstance(k, int) and 0 <= k < len(known)]
+        written = f" ({name} was written from {', '.join(sources)})" if sources else ""
+        return CorpusError(
+            f"{self.path}: damaged {self.block_place(table, block)} of {name}: {problem}. Do not train on "
+            f"this corpus: run `python -m data_pipeline verify {self.path}` to list every damaged shard, then "
+            f"convert the sources of the damaged shards again{written}: rerun the convert command with "
+            "--overwrite, or restore the corpus from a copy")
+
     def iter_blocks(self) -> Iterator[tuple[int, CellBlock]]:
-        """``(global index of the block's first cell, block)`` over the corpus, in order."""
-        for shard in self.manifest["shards"]:
-            first = shard["cell_offset"]
-            for _, block in iter_shard(self.path / shard["file"]):
-                yield first, block
-                first += block.n_cells
+        """``(global index of the block's first cell, block)`` over the corpus, in order, each
+        block checked before it is handed out."""
+        table = self.block_table()
+        reader = BlockReader(self, table)
+        try:
+            for b in range(len(table)):
+                yield int(table.first_cell[b]), reader.read(b)
+        finally:
+            reader.close()
+
+
+class BlockReader:
+    """Reads blocks of a corpus by their records (random access; one per process: it keeps the
+    shards open) and checks each before handing it out: its xxh3-64 against the record (when the
+    corpus has checksums) and its structure (`shards.block_problem`). ``check=False`` skips the
+    checks; only benchmarks use it, to measure what the checks cost."""
+
+    def __init__(self, corpus: Corpus, table: BlockTable, check: bool = True):
+        self.corpus, self.table, self.check = corpus, table, check
+        self.vocab_size = corpus.manifest["vocab"]["size"]
+        self.label_sizes = [len(c["categories"]) for c in corpus.manifest["label_columns"]]
+        self.fds: dict[int, int] = {}
+
+    def read(self, block: int) -> CellBlock:
+        """Block ``block`` (corpus order); raises `CorpusError` naming it when it fails a check."""
+        block_or_problem = self.read_or_problem(block)
+        if isinstance(block_or_problem, str):
+            raise self.corpus.damaged(self.table, block, block_or_problem)
+        return block_or_problem
+
+    def read_or_problem(self, block: int) -> CellBlock | str:
+        """Block ``block``, or what is wrong with it."""
+        t = self.table
+        s = int(t.shard[block])
+        try:
+            if s not in self.fds:
+                self.fds[s] = os.open(self.corpus.shard_path(t.shard_files[s]), os.O_RDONLY)
+            checksum = int(t.checksum[block]) if self.check and t.checksum is not None else None
+            data = read_block(self.fds[s], int(t.offset[block]), int(t.nbytes[block]), checksum)
+        except BlockError as exc:
+            return str(exc)
+        except OSError as exc:
+            return f"unreadable ({exc.strerror or exc})"
+        if self.check:
+            first = int(t.first_cell[block])
+            n_tokens = int(t.n_tokens[block]) if t.n_tokens is not None else None
+            problem = block_problem(data, int(t.first_cell[block + 1]) - first, n_tokens, self.vocab_size,
+                                    self.label_sizes)
+            if problem:
+                return problem
+        return data
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
 
 
 # --- verify -----------------------------------------------------------------------------------
 
 def verify(path: str | Path) -> list[str]:
-    """Every problem found (empty list: the corpus is sound). Re-reads every shard."""
+    """Every problem found (empty list: the corpus is sound). Re-reads every shard: its sha256,
+    then each block by its record (the records must tile the shard and agree with what each
+    block holds: checksum, cells, tokens, structure)."""
     try:
         corpus = Corpus(path)
+        table = corpus.block_table()
     except CorpusError as exc:
         return [str(exc)]
     m = corpus.manifest
@@ -60,15 +232,15 @@ def verify(path: str | Path) -> list[str]:
     vocab_file = corpus.path / "vocab.tsv"
     if not vocab_file.exists():
         problems.append("vocab.tsv is missing")
-        vocab_size = None
-    else:
-        vocab = corpus.vocab
-        vocab_size = len(vocab)
-        if vocab.sha256() != m["vocab"]["sha256"]:
-            problems.append("vocab.tsv does not match the manifest's vocabulary hash")
+    elif corpus.vocab.sha256() != m["vocab"]["sha256"]:
+        problems.append("vocab.tsv does not match the manifest's vocabulary hash")
     lengths = []
-    for shard in m["shards"]:
-        problems += _verify_shard(corpus.path / shard["file"], shard, vocab_size, lengths)
+    reader = BlockReader(corpus, table)
+    try:
+        for i, shard in enumerate(m["shards"]):
+            problems += _verify_shard(corpus, reader, i, shard, lengths)
+    finally:
+        reader.close()
     problems += _verify_cell_lengths(corpus, lengths)
     acc = m["accounting"]
     if acc["cells_read"] != acc["cells_written"] + sum(v or 0 for v in acc["cells_skipped"].values()):
@@ -112,51 +284,58 @@ def _verify_cell_lengths(corpus: Corpus, lengths: list[np.ndarray]) -> list[str]
     return []
 
 
-def _verify_shard(path: Path, record: dict, vocab_size: int | None, lengths: list) -> list[str]:
+MAX_BLOCK_PROBLEMS = 10  # per shard: a shard damaged throughout is named once, not per block
+
+
+def _verify_shard(corpus: Corpus, reader: BlockReader, index: int, record: dict, lengths: list) -> list[str]:
+    """Shard ``index``'s file against its record, then each of its blocks (genes per cell of the
+    sound ones appended to ``lengths``)."""
     name = record["file"]
+    path = corpus.shard_path(name)
     if not path.exists():
         return [f"{name}: missing"]
-    if path.stat().st_size != record["bytes"] or sha256_path(path) != record["sha256"]:
-        return [f"{name}: sha256/size differ from the manifest (truncated or edited)"]
-    cells = tokens = blocks = 0
-    try:
-        for key, block in iter_shard(path):
-            blocks += 1
-            cells += block.n_cells
-            tokens += block.n_tokens
-            bad = _block_problem(block, vocab_size)
-            if bad:
-                return [f"{name}: block {key}: {bad}"]
-            lengths.append(np.diff(block.indptr))
-    except (tarfile.TarError, KeyError, ValueError, json.JSONDecodeError) as exc:
-        return [f"{name}: unreadable ({type(exc).__name__}: {exc})"]
-    if (cells, tokens, blocks) != (record["n_cells"], record["n_tokens"], record["n_blocks"]):
-        return [f"{name}: holds {cells} cells / {tokens} tokens / {blocks} blocks, manifest says "
-                f"{record['n_cells']} / {record['n_tokens']} / {record['n_blocks']}"]
-    return _block_records_problem(record, path.stat().st_size)
+    size = path.stat().st_size
+    problems = []
+    if size != record["bytes"] or sha256_path(path) != record["sha256"]:
+        problems.append(f"{name}: sha256/size differ from the manifest (truncated or edited)")
+    bad = _block_records_problem(record, size)
+    if bad:
+        return problems + bad
+    t = reader.table
+    blocks = np.flatnonzero(t.shard == index)
+    damaged = []
+    for b in blocks:
+        got = reader.read_or_problem(int(b))
+        problem = got if isinstance(got, str) else _block_problem(got)
+        if problem:
+            damaged.append(f"{name}: {corpus.block_place(t, int(b))}: {problem}")
+        else:
+            lengths.append(np.diff(got.indptr))
+    if len(damaged) > MAX_BLOCK_PROBLEMS:
+        damaged = damaged[:MAX_BLOCK_PROBLEMS] + [f"{name}: {len(damaged) - MAX_BLOCK_PROBLEMS} more damaged blocks"]
+    return problems + damaged
 
 
 def _block_records_problem(record: dict, size: int) -> list[str]:
-    """The manifest's block records (offset, bytes, cells, tokens) must tile the shard and add up."""
-    table = np.asarray(record.get("blocks", []), np.int64).reshape(-1, 4)
+    """The manifest's block records (offset, bytes, cells, tokens[, checksum]) must tile the shard
+    (contiguous from byte 0 to its end-of-archive marker) and add up to the shard's record."""
+    table = np.asarray([r[:4] for r in record["blocks"]], np.int64).reshape(-1, 4)
     starts = np.concatenate([[0], np.cumsum(table[:, 1])])
     if (len(table) != record["n_blocks"] or not np.array_equal(table[:, 0], starts[:-1])
             or starts[-1] + len(END_OF_ARCHIVE) != size or table[:, 2].sum() != record["n_cells"]
             or table[:, 3].sum() != record["n_tokens"]):
-        return [f"{record['file']}: the manifest's block records do not match the shard"]
+        return [f"{record['file']}: the manifest's block records do not match the shard (they must tile it "
+                "from byte 0 to its end-of-archive marker and add up to its cells and tokens)"]
     return []
 
 
-def _block_problem(block: CellBlock, vocab_size: int | None) -> str | None:
-    lengths = np.diff(block.indptr)
-    if block.indptr[0] != 0 or (lengths < 1).any() or block.indptr[-1] != len(block.genes):
-        return "bad indptr"
-    if len(block.counts) != len(block.genes) or len(block.cell_ids) != block.n_cells:
-        return "arrays of different lengths"
+def _block_problem(block: CellBlock) -> str | None:
+    """What the converter guarantees beyond what `shards.block_problem` (checked on every read)
+    covers: cells with at least one gene, positive counts, genes ascending within each cell."""
+    if (np.diff(block.indptr) < 1).any():
+        return "a cell without genes"
     if (block.counts <= 0).any():
         return "non-positive count"
-    if vocab_size is not None and len(block.genes) and int(block.genes.max()) >= vocab_size:
-        return "token id outside the vocabulary"
     g = block.genes.astype(np.int64)
     step = np.diff(g)
     starts = block.indptr[1:-1]

@@ -30,40 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-
-@dataclass(frozen=True)
-class BlockTable:
-    """The corpus's blocks in corpus order: ``shard`` [B] (index into ``shard_files``),
-    ``offset`` / ``nbytes`` [B] (where the block lies in its shard), ``first_cell`` [B+1]
-    (global index of each block's first cell; the last entry is the corpus's cell count)."""
-
-    shard_files: tuple[str, ...]
-    shard: np.ndarray
-    offset: np.ndarray
-    nbytes: np.ndarray
-    first_cell: np.ndarray
-
-    @classmethod
-    def from_manifest(cls, manifest: dict) -> BlockTable:
-        shard, offset, nbytes, cells = [], [], [], []
-        for i, s in enumerate(manifest["shards"]):
-            rec = np.asarray(s["blocks"], np.int64).reshape(-1, 4)
-            shard.append(np.full(len(rec), i, np.int64))
-            offset.append(rec[:, 0])
-            nbytes.append(rec[:, 1])
-            cells.append(rec[:, 2])
-        def cat(parts):
-            return np.concatenate(parts) if parts else np.zeros(0, np.int64)
-
-        return cls(tuple(s["file"] for s in manifest["shards"]), cat(shard), cat(offset), cat(nbytes),
-                   np.concatenate([[0], np.cumsum(cat(cells))]))
-
-    @property
-    def n_cells(self) -> int:
-        return int(self.first_cell[-1])
-
-    def __len__(self) -> int:
-        return len(self.shard)
+from .corpus import BlockTable
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,10 @@
 Per epoch, `epoch_plan.EpochPlan` decides from the corpus index alone which cells form which
 batch on which rank and DataLoader worker (every cell once per epoch, the same number of batches
 on every rank, token budgets kept). Each worker then reads only the blocks of its megabatches
-(random access through the manifest's block records), gathers their cells in batch order, makes
-the contrastive views, normalizes, masks, and cuts the megabatch into batches; all of it
-vectorized over the megabatch. Random draws come from generators seeded by (seed, epoch,
+(random access through the manifest's block records, each block checked before use: checksum,
+structure, agreement with its record and ``cell_lengths.npy``; a damaged one stops the loader with
+a `CorpusError` naming it), gathers their cells in batch order, makes the contrastive views,
+normalizes, masks, and cuts the megabatch into batches; all of it vectorized over the megabatch. Random draws come from generators seeded by (seed, epoch,
 megabatch), so a megabatch gives the same batches whichever process makes it and whenever.
 
 Resume: ``state_dict()`` records the epoch and how many batches this rank has yielded in it; a
@@ -19,7 +20,6 @@ seen again; later epochs are unaffected).
 from __future__ import annotations
 
 import ctypes
-import json
 import multiprocessing
 import os
 import warnings
@@ -33,10 +33,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .batch import PackedBatch
 from .child_processes import leave_stop_signals_to_parent
-from .epoch_plan import Batching, BlockTable, EpochPlan, worker_skip
+from .corpus import BlockReader, BlockTable, Corpus
+from .epoch_plan import Batching, EpochPlan, worker_skip
 from .masking import Masking, Views, make_views, mask_for_mode
 from .normalize import Normalization, normalize
-from .shards import read_block
 
 STATE_VERSION = 1
 DEFAULT_MASKING = Masking()  # 15 % of each cell's genes; 80 % mask id, 10 % random, 10 % kept
@@ -66,11 +66,9 @@ class _Spec:
     def __init__(self, corpus: Path, normalization: Normalization, batching: Batching, masking: Masking | None,
                  views: Views | None, seed: int, rank: int, world_size: int, streams_per_rank: int,
                  extra_tokens_per_cell: int):
-        self.corpus = corpus
-        self.manifest = json.loads((corpus / "manifest.json").read_text())
-        if "cell_lengths" not in self.manifest or any("blocks" not in s for s in self.manifest["shards"]):
-            raise ValueError(f"{corpus}: the corpus has no random-access index (block records, cell_lengths.npy); "
-                             "it was made by an older converter: convert the inputs again")
+        self.corpus = Corpus(corpus)
+        self.manifest = self.corpus.manifest
+        self.check_blocks = True  # False only in benchmarks/bench_loader.py, to measure what the checks cost
         self.normalization, self.batching, self.masking, self.views = normalization, batching, masking, views
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.streams_per_rank, self.extra_tokens_per_cell = streams_per_rank, extra_tokens_per_cell
@@ -81,13 +79,14 @@ class _Spec:
         self.mask_token = special["<mask>"]
         self.n_special = max(special.values()) + 1  # gene tokens follow the special ones
         self.n_label_columns = len(self.manifest["label_columns"])
-        self._table = None
+        # here, not in a worker: a malformed index or a shard outside the corpus fails at once
+        self._table = self.corpus.block_table()
         self._cost = None
 
     @property
     def table(self) -> BlockTable:
         if self._table is None:
-            self._table = BlockTable.from_manifest(self.manifest)
+            self._table = self.corpus.block_table()
         return self._table
 
     @property
@@ -95,13 +94,17 @@ class _Spec:
         """Tokens each cell can take in a batch (capped length plus special tokens, per view).  [N]"""
         if self._cost is None:
             # int32: one per corpus cell in every process (30M cells: 120 MB)
-            cost = np.load(self.corpus / self.manifest["cell_lengths"]["file"]).astype(np.int32)
-            if self.normalization.max_genes is not None:
-                np.minimum(cost, self.normalization.max_genes, out=cost)
-            cost += self.extra_tokens_per_cell
-            cost *= 2 if self.views else 1
-            self._cost = cost
+            self._cost = self.cell_cost(np.load(self.corpus.path / self.manifest["cell_lengths"]["file"]))
         return self._cost
+
+    def cell_cost(self, lengths: np.ndarray) -> np.ndarray:
+        """Tokens of cells with ``lengths`` genes in a batch.  [n] int32"""
+        cost = lengths.astype(np.int32)
+        if self.normalization.max_genes is not None:
+            np.minimum(cost, self.normalization.max_genes, out=cost)
+        cost += self.extra_tokens_per_cell
+        cost *= 2 if self.views else 1
+        return cost
 
     def plan(self, epoch: int) -> EpochPlan:
         return EpochPlan(self.table, self.cost, self.batching, self.seed, epoch, self.world_size,
@@ -133,7 +136,7 @@ class _EpochStream(IterableDataset):
         worker = ((info.id if info is not None else 0) + start) % spec.streams_per_rank
         plan = spec.plan(epoch)
         skip = worker_skip(start, spec.streams_per_rank, worker)
-        reader = _BlockReader(spec)
+        reader = BlockReader(spec.corpus, spec.table, spec.check_blocks)
         try:
             for m in plan.stream_megabatches(spec.rank * spec.streams_per_rank + worker):
                 if skip >= m.n_batches:
@@ -189,24 +192,6 @@ def _worker_init(_: int) -> None:
     tune_malloc()
 
 
-class _BlockReader:
-    def __init__(self, spec: _Spec):
-        self.spec = spec
-        self.fds: dict[int, int] = {}
-
-    def read(self, block: int):
-        t = self.spec.table
-        s = int(t.shard[block])
-        if s not in self.fds:
-            self.fds[s] = os.open(self.spec.corpus / t.shard_files[s], os.O_RDONLY)
-        return read_block(self.fds[s], int(t.offset[block]), int(t.nbytes[block]))
-
-    def close(self):
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
-
-
 def _gather(blocks: list, first_cells: np.ndarray, cells: np.ndarray):
     """Rows ``cells`` (global indices) of ``blocks`` (whose first cells are ``first_cells``, sorted)
     as CSR arrays in that order: indptr, genes, counts, total_counts, labels."""
@@ -235,10 +220,22 @@ def _gather_rows(starts, rows, indptr, src_genes, src_counts, genes, counts):  #
             counts[indptr[i] + j] = src_counts[a + j]
 
 
-def _megabatch_batches(spec: _Spec, plan: EpochPlan, m, reader: _BlockReader, first: int, epoch: int):
+def _check_cell_lengths(spec: _Spec, block_ids: np.ndarray, blocks: list) -> None:
+    """The plan cut batches by ``cell_lengths.npy``; blocks whose genes per cell disagree with it
+    (an edited or stale index) would overrun the token budget."""
+    for b, block in zip(block_ids, blocks):
+        first = int(spec.table.first_cell[b])
+        if not np.array_equal(spec.cell_cost(np.diff(block.indptr)), spec.cost[first : first + block.n_cells]):
+            raise spec.corpus.damaged(spec.table, int(b), f"its genes per cell disagree with "
+                                      f"{spec.manifest['cell_lengths']['file']}")
+
+
+def _megabatch_batches(spec: _Spec, plan: EpochPlan, m, reader: BlockReader, first: int, epoch: int):
     """The batches of megabatch ``m`` from its batch ``first`` on."""
     block_ids = np.sort(plan.blocks_of(m.index))
     blocks = [reader.read(int(b)) for b in block_ids]
+    if reader.check:
+        _check_cell_lengths(spec, block_ids, blocks)
     indptr, genes, counts, totals, labels = _gather(blocks, spec.table.first_cell[block_ids], m.cells)
     rng = np.random.default_rng([spec.seed, epoch, m.index, 1])
     per_cell = 1
@@ -317,6 +314,10 @@ class CellLoader:
         self.num_workers, self.pin_memory, self.prefetch_factor = num_workers, pin_memory, prefetch_factor
         self.spec = _Spec(corpus, normalization, batching or Batching(), masking, views, seed, rank, world_size,
                           max(1, num_workers), extra_tokens_per_cell)
+        if self.spec.table.checksum is None:
+            warnings.warn(f"{corpus}: a corpus of schema {self.spec.manifest['schema_version']} has no block "
+                          "checksums, so damaged blocks are caught only by structural checks: reconvert to "
+                          "get block checksums", stacklevel=2)
         vocab_size = self.spec.vocab_size
         if normalization.medians is not None and len(normalization.medians) != vocab_size:
             raise ValueError(f"{len(normalization.medians)} medians for a vocabulary of {vocab_size} tokens")

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .convert import LENGTH_BINS, WORK, _progress, vocabulary_coverage
+from .corpus import BLOCK_RECORD, SCHEMA_VERSION, block_record
 from .fsio import (
     atomic_replace_dir,
     atomic_write_json,
@@ -29,12 +30,10 @@ from .fsio import (
     temp_path,
 )
 from .plan import ConvertError, load_gene_table, load_plan, unit_name
-from .shards import DTYPES
+from .shards import DTYPES, block_checksum
 from .stats import merge_partials
 from .validate import SKIP_REASONS
 from .vocab import read_vocab
-
-SCHEMA_VERSION = 2  # 2: per-block offsets in shard records, cell_lengths.npy
 
 
 def shard_name(i: int) -> str:
@@ -55,9 +54,23 @@ def _place_shard(out: Path, i: int, unit: dict) -> dict:
     return {"sha256": unit["sha256"], "bytes": unit["bytes"],
             "n_cells": sum(b["n_cells"] for b in blocks), "n_tokens": sum(b["n_tokens"] for b in blocks),
             "n_blocks": len(blocks), "length_histogram": hist,
-            # where each block (tar members of one sample) lies: random access without tar parsing
-            "blocks": [[b["offset"], b["bytes"], b["n_cells"], b["n_tokens"]] for b in blocks],
+            # what to convert again should the shard be damaged
+            "sources": sorted({p["source"] for p in unit["pieces"] if p["cells_written"]}),
+            # where each block (tar members of one sample) lies, random access without tar parsing,
+            # and its checksum, checked by every reader
+            "blocks": [block_record(b["offset"], b["bytes"], b["n_cells"], b["n_tokens"], _checksum(path, b))
+                       for b in blocks],
             "counts_dtypes": sorted({b["counts_dtype"] for b in blocks})}
+
+
+def _checksum(shard: Path, block: dict) -> int:
+    """The block's xxh3-64 from its unit record, or from the shard for a unit written by a
+    converter that did not record it (a conversion resumed across an upgrade)."""
+    if "xxh3" in block:
+        return block["xxh3"]
+    with open(shard, "rb") as fh:
+        fh.seek(block["offset"])
+        return block_checksum([fh.read(block["bytes"])])
 
 
 def finish_if_complete(out: Path, keep_work: bool) -> dict:
@@ -219,6 +232,7 @@ def build_manifest(out: Path, plan: dict, vocab, results: list[dict], shard_reco
             "counts_dtypes": dtypes,
             "counts_kind": "integer" if all(s.get("integer_counts", True) for s in sources) else "float",
             "key": "u{unit:06d}-b{block:05d}",
+            "block_record": BLOCK_RECORD,  # the fields of each entry of a shard's "blocks"
         },
         "label_columns": [{"name": c, "categories": plan["label_categories"][c]} for c in options["label_columns"]],
         "length_histogram_edges": [2 ** k for k in range(LENGTH_BINS)],

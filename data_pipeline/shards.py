@@ -17,6 +17,10 @@ member              dtype                 shape / meaning
 Arrays are raw little-endian bytes (``np.frombuffer``); the extension is the dtype code, listed
 in the manifest under ``dtypes``. Tar headers are deterministic (mtime 0, uid 0, mode 0644), so
 identical blocks give identical bytes.
+
+A block's checksum is xxh3-64 of all its bytes (headers, payloads, padding), written at conversion
+into its manifest record and checked by `read_block` before the block is decoded: xxh3 hashes
+at tens of GB/s, so checking every block costs the loader little (`benchmarks/bench_loader.py`).
 """
 
 from __future__ import annotations
@@ -29,10 +33,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import xxhash
 
 DTYPES = {"i64": "<i8", "i32": "<i4", "u16": "<u2", "u32": "<u4", "f32": "<f4", "f64": "<f8"}
 _CODE_OF = {np.dtype(v).str: k for k, v in DTYPES.items()}
 END_OF_ARCHIVE = b"\0" * 1024
+# the members of every block, each once, and the dtype codes each may have
+MEMBER_CODES = {"indptr": ("i64",), "genes": ("u16", "u32"), "counts": ("u16", "u32", "f32"),
+                "total_counts": ("f64",), "source_row": ("i64",), "labels": ("i32",), "meta": ("json",)}
+
+
+class BlockError(ValueError):
+    """A block that fails its checks (damaged or misplaced bytes); the message says what failed.
+    Readers add where the block is (corpus, shard, block) and what to do."""
 
 
 def dtype_code(dtype) -> str:
@@ -87,6 +100,14 @@ def encode_block_parts(key: str, block: CellBlock) -> list:
     return parts
 
 
+def block_checksum(parts) -> int:
+    """xxh3-64 of a block's bytes (the buffers of `encode_block_parts`, or one buffer read back)."""
+    h = xxhash.xxh3_64()
+    for part in parts:
+        h.update(part)
+    return h.intdigest()
+
+
 def decode_block(members: dict[str, bytes], n_label_columns: int | None = None) -> CellBlock:
     """Rebuild a block from ``{"indptr.i64": bytes, ...}`` (extensions carry the dtypes)."""
     arrays = {}
@@ -102,26 +123,74 @@ def decode_block(members: dict[str, bytes], n_label_columns: int | None = None) 
                      arrays["source_row"], labels, int(meta["source"]), meta["cell_ids"])
 
 
-def read_block(fd: int, offset: int, nbytes: int) -> CellBlock:
+def read_block(fd: int, offset: int, nbytes: int, checksum: int | None = None) -> CellBlock:
     """The block whose tar members are bytes ``offset:offset+nbytes`` of the shard open as ``fd``
     (the manifest's block records), without reading anything else of the shard. Arrays are
-    views of one buffer read for the block."""
+    views of one buffer read for the block. With ``checksum`` (the record's xxh3-64) the bytes
+    are checked before anything is decoded. Raises `BlockError` for bytes that are not a whole,
+    well-formed block (the members of one key, each once, with the dtypes the format allows)."""
     buf = bytearray(nbytes)
     view = memoryview(buf)
     got = os.preadv(fd, [view], offset)
     if got != nbytes:
-        raise ValueError(f"block at byte {offset} is cut short ({got} of {nbytes} bytes): truncated shard?")
-    members, pos = {}, 0
+        raise BlockError(f"cut short ({got} of {nbytes} bytes): the shard is truncated")
+    if checksum is not None and xxhash.xxh3_64_intdigest(view) != checksum:
+        raise BlockError(f"checksum mismatch (xxh3 {xxhash.xxh3_64_hexdigest(view)}, recorded "
+                         f"{checksum:016x}): the bytes changed since conversion")
+    members, pos, key = {}, 0, None
     while pos < nbytes:
         header = view[pos : pos + 512]
-        if bytes(header[257:262]) != b"ustar":
-            raise ValueError(f"no tar header at byte {offset + pos}: the manifest's block records do "
-                             "not match this shard (run `python -m data_pipeline verify`)")
-        name = bytes(header[:100]).rstrip(b"\0").decode()
-        size = int(bytes(header[124:136]).strip(b"\0 ") or b"0", 8)
-        members[name.partition(".")[2]] = view[pos + 512 : pos + 512 + size]
+        if len(header) < 512 or bytes(header[257:262]) != b"ustar":
+            raise BlockError(f"no tar header at byte {offset + pos}: the block records do not match the shard")
+        try:
+            name = bytes(header[:100]).rstrip(b"\0").decode()
+            size = int(bytes(header[124:136]).strip(b"\0 ") or b"0", 8)
+        except ValueError:
+            raise BlockError(f"unreadable tar header at byte {offset + pos}") from None
+        k, _, member = name.partition(".")
+        field, _, code = member.partition(".")
+        if key is not None and k != key:
+            raise BlockError(f"members of two blocks ({key}, {k}): the block records do not match the shard")
+        key = k
+        if code not in MEMBER_CODES.get(field, ()) or member in members or pos + 512 + size > nbytes:
+            raise BlockError(f"unexpected member {name!r} ({size} bytes) at byte {offset + pos} of block {key}")
+        members[member] = view[pos + 512 : pos + 512 + size]
         pos += 512 + size + (-size % 512)
-    return decode_block(members)
+    if len(members) != len(MEMBER_CODES):
+        raise BlockError(f"block {key} has members {sorted(members)}, not one of each of {sorted(MEMBER_CODES)}")
+    try:
+        return decode_block(members)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise BlockError(f"block {key} does not decode ({type(exc).__name__}: {exc})") from None
+
+
+def block_problem(block: CellBlock, n_cells: int | None = None, n_tokens: int | None = None,
+                  vocab_size: int | None = None, label_sizes: list[int] | None = None) -> str | None:
+    """What makes ``block`` unsafe to use (None: nothing), in O(cells) plus one pass over the gene
+    ids for ``vocab_size``: CSR pointers from 0, non-decreasing, ending at the token arrays'
+    length; per-cell arrays of one length; the record's cell and token counts; gene ids inside
+    the vocabulary; label codes inside their columns' categories (``label_sizes``: categories per
+    column). What indexing by these arrays (numba kernels do not check bounds) relies on."""
+    p = block.indptr
+    if len(p) == 0 or p[0] != 0 or (p[1:] < p[:-1]).any():
+        return "bad indptr (not from 0, or decreasing)"
+    n = len(p) - 1
+    if not int(p[-1]) == len(block.genes) == len(block.counts):
+        return f"indptr ends at {int(p[-1])}, but there are {len(block.genes)} genes and {len(block.counts)} counts"
+    if not n == len(block.total_counts) == len(block.source_row) == len(block.labels) == len(block.cell_ids):
+        return (f"{n} cells in indptr, but {len(block.total_counts)} total_counts, {len(block.source_row)} "
+                f"source_row, {len(block.labels)} labels, {len(block.cell_ids)} cell ids")
+    if (n_cells is not None and n != n_cells) or (n_tokens is not None and int(p[-1]) != n_tokens):
+        return f"holds {n} cells / {int(p[-1])} tokens, its record says {n_cells} / {n_tokens}"
+    if vocab_size is not None and len(block.genes) and int(block.genes.max()) >= vocab_size:
+        return f"gene id {int(block.genes.max())} outside the vocabulary of {vocab_size} tokens"
+    if label_sizes is not None:
+        labels = block.labels
+        if labels.ndim != 2 or labels.shape[1] != len(label_sizes):
+            return f"labels of shape {labels.shape}, the corpus has {len(label_sizes)} label columns"
+        if n and len(label_sizes) and ((labels < -1).any() or (labels >= np.asarray(label_sizes)).any()):
+            return "a label code outside its column's categories"
+    return None
 
 
 def iter_shard(path: str | Path) -> Iterator[tuple[str, CellBlock]]:

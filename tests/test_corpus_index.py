@@ -37,8 +37,8 @@ def test_block_records_read_the_same_blocks_as_the_tar(corpus):
         assert len(shard["blocks"]) == len(expected) == shard["n_blocks"]
         fd = os.open(corpus / shard["file"], os.O_RDONLY)
         try:
-            for (offset, nbytes, n_cells, n_tokens), want in zip(shard["blocks"], expected):
-                got = read_block(fd, offset, nbytes)
+            for (offset, nbytes, n_cells, n_tokens, checksum), want in zip(shard["blocks"], expected):
+                got = read_block(fd, offset, nbytes, int(checksum, 16))
                 assert (got.n_cells, got.n_tokens) == (n_cells, n_tokens) == (want.n_cells, want.n_tokens)
                 for field in ("indptr", "genes", "counts", "total_counts", "source_row", "labels"):
                     np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
