@@ -205,7 +205,24 @@ def loader() -> str:
                       table(["cells", "mode", "workers", "cells/s", "tokens/s"], rows), "",
                       f"Padding a `[B, max_len]` layout would carry on the real cells: "
                       f"{waste['random_batches_padded']:.1%} with random batches of {waste['cells_per_batch']} cells, "
-                      f"{waste['length_grouped_padded']:.1%} with length-grouped batches; packed batches carry none."])
+                      f"{waste['length_grouped_padded']:.1%} with length-grouped batches; packed batches carry none."]
+                     + integrity_cost())
+
+
+def integrity_cost() -> list[str]:
+    """The block checks' share of loader throughput: epochs with and without them, alternating in one run."""
+    r = load("loader_integrity.json")
+    if r is None:
+        return []
+    rows = [[run["dataset"].replace("_replicated", ""), run["mode"].replace("+", " + "), run["workers"],
+             n(run["wall"]["cells_per_s_checked"]), n(run["wall"]["cells_per_s_unchecked"]),
+             f"{run['wall']['cost']:.1%}", f"{run['reads']['share_of_checked_epoch']:.1%}"]
+            for run in r["integrity_check"]]
+    return ["", f"**Block checks.** Every block the loader reads is checked (xxh3 checksum, then structure) "
+                f"before use; the cost, epochs with and without the checks alternating in one run on the same "
+                f"corpus (median epoch), and the checks timed alone as a share of a checked epoch. "
+                f"{source('loader_integrity.json', r)}", "",
+            table(["cells", "mode", "workers", "checked cells/s", "unchecked cells/s", "cost", "checks alone"], rows)]
 
 
 def contrastive() -> str:
