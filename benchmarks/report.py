@@ -218,9 +218,12 @@ def integrity_cost() -> list[str]:
              n(run["wall"]["cells_per_s_checked"]), n(run["wall"]["cells_per_s_unchecked"]),
              f"{run['wall']['cost']:.1%}", f"{run['reads']['share_of_checked_epoch']:.1%}"]
             for run in r["integrity_check"]]
+    la = r.get("load_average") or {}
+    busy = (f" (1-minute load average {la['before'][0]:.1f} before the run, {la['after'][0]:.1f} after: rows "
+            "timed while other jobs ran are noise, e.g. a negative cost)") if la.get("before") and la.get("after") else ""
     return ["", f"**Block checks.** Every block the loader reads is checked (xxh3 checksum, then structure) "
                 f"before use; the cost, epochs with and without the checks alternating in one run on the same "
-                f"corpus (median epoch), and the checks timed alone as a share of a checked epoch. "
+                f"corpus (median epoch), and the checks timed alone as a share of a checked epoch{busy}. "
                 f"{source('loader_integrity.json', r)}", "",
             table(["cells", "mode", "workers", "checked cells/s", "unchecked cells/s", "cost", "checks alone"], rows)]
 
