@@ -83,7 +83,8 @@ def _digest(path: Path) -> str:
 def file_digests(checkpoint: Path) -> dict[str, dict]:
     """{relative path: {"bytes", "xxh3_64"}} of every file of a checkpoint folder but its marker."""
     return {str(p.relative_to(checkpoint)): {"bytes": p.stat().st_size, "xxh3_64": _digest(p)}
-            for p in sorted(Path(checkpoint).rglob("*")) if p.is_file() and p.name != MARKER}
+            for p in sorted(Path(checkpoint).rglob("*"))
+            if p.is_file() and p.name != MARKER and not p.name.startswith(f".{MARKER}")}  # nor its temp files
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
