@@ -24,6 +24,8 @@ order the model sees them. Modes (DESIGN.md, "Normalization modes"):
 
 Genes are kept in ascending token order except in rank mode. ``max_genes`` caps a cell: a random
 subset (order kept, from the caller's generator) except in rank mode, which keeps the top ranks.
+The caller's randomness is a numpy generator (training: any draw serves) or `CellSeeds` (embedding:
+each cell draws from its own key, so its input does not depend on the other cells of its block).
 The plain per-cell definitions these are tested against live in `normalize_reference`.
 """
 
@@ -149,8 +151,38 @@ def _threshold_bins(indptr, counts, totals, target_sum, thresholds, top, out):  
             out[j] = b
 
 
+class CellSeeds:
+    """Per-cell randomness: cell ``i`` draws from a generator seeded by ``keys[i]`` alone, so it gets
+    the same gene subset and tie bins in any block, at any position (what an embedding needs: a
+    cell's embedding must not depend on the other cells of its file). Slower than one generator per
+    block (a generator per cell, ~10 us), which is why training draws from one."""
+
+    def __init__(self, keys: np.ndarray):
+        self.keys = np.asarray(keys, np.uint64)
+
+    def uniforms(self, per_cell: np.ndarray, stream: int) -> np.ndarray:
+        out = np.empty(int(np.sum(per_cell)))
+        start = 0
+        for key, n in zip(self.keys.tolist(), np.asarray(per_cell).tolist()):
+            if n:
+                out[start:start + n] = np.random.default_rng([stream, key]).random(n)
+                start += n
+        return out
+
+
+# CellSeeds' streams: a cell's tie draws and its subset draws are independent
+_TIES, _SUBSET = 0, 1
+
+
+def _uniforms(rng, per_cell: np.ndarray, stream: int) -> np.ndarray:
+    """U[0, 1) draws, ``per_cell[i]`` for cell ``i``, laid out cell after cell."""
+    if isinstance(rng, CellSeeds):
+        return rng.uniforms(per_cell, stream)
+    return rng.random(int(np.sum(per_cell)))
+
+
 def normalize(norm: Normalization, indptr, genes, counts, total_counts,
-              rng: np.random.Generator | None = None) -> Normalized:
+              rng: np.random.Generator | CellSeeds | None = None) -> Normalized:
     """Normalize a block of cells (see the module docstring); ``rng`` draws the random subsets of
     cells over ``max_genes`` and random quantile ties (not needed in rank mode)."""
     indptr = np.asarray(indptr, np.int64)
@@ -174,7 +206,7 @@ def normalize(norm: Normalization, indptr, genes, counts, total_counts,
             if rng is None:
                 raise ValueError("quantile_ties='random' draws the bins of tied values: pass rng=")
             # scGPT's ceil(high - u * (high - left)) with u ~ U[0, 1): uniform over lowest ... values
-            values -= np.floor(rng.random(len(x)) * (values - lowest + 1)).astype(np.int64)
+            values -= np.floor(_uniforms(rng, np.diff(indptr), _TIES) * (values - lowest + 1)).astype(np.int64)
     else:
         values = x.astype(np.float32)
     return _capped(norm, indptr, genes, values, rng)
@@ -286,13 +318,13 @@ def _quantile_bins(indptr, x, counts, q, out, lowest):  # pragma: no cover
                 lowest[j] = low_of[c] if c < _SORT_BUCKETS else _tie_low(edges, x[j], out[j])
 
 
-def choose_within_cells(indptr: np.ndarray, picks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def choose_within_cells(indptr: np.ndarray, picks: np.ndarray, rng: np.random.Generator | CellSeeds) -> np.ndarray:
     """A uniformly random subset of ``picks[i]`` entries of each cell ``i`` (all of them when it has
     fewer).  [nnz] bool"""
     indptr = np.asarray(indptr, np.int64)
     picks = np.minimum(np.asarray(picks, np.int64), np.diff(indptr))
     chosen = np.zeros(int(indptr[-1]), np.bool_)
-    _floyd_sample(indptr, picks, rng.random(int(picks.sum())), chosen)
+    _floyd_sample(indptr, picks, _uniforms(rng, picks, _SUBSET), chosen)
     return chosen
 
 
@@ -313,7 +345,7 @@ def _floyd_sample(indptr, picks, u, chosen):  # pragma: no cover
                 chosen[lo + t] = True
 
 
-def _random_subset(indptr: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
+def _random_subset(indptr: np.ndarray, cap: int, rng: np.random.Generator | CellSeeds) -> np.ndarray:
     """Entry positions keeping a uniform random ``cap`` of each cell's entries (all of a cell with
     at most ``cap``), in their original order.  [sum(min(len, cap))]"""
     return np.flatnonzero(choose_within_cells(indptr, np.full(len(indptr) - 1, cap), rng))

@@ -20,7 +20,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("source", help="run directory (run.out) or a checkpoints/step-N folder")
     parser.add_argument("--out", required=True, help="bundle folder to write (replaced if it exists)")
     args = parser.parse_args(argv)
-    print(export_bundle(args.source, args.out))
+    try:
+        print(export_bundle(args.source, args.out))
+    except ValueError as err:  # no, a damaged or a refused checkpoint: one line naming the file
+        parser.exit(2, f"error: {err}\n")
 
 
 if __name__ == "__main__":

@@ -2,47 +2,97 @@
 client state (step, loader position, metrics history), in ``RUN/checkpoints/step-NNNNNNNN``.
 
 A checkpoint is complete once every rank has written its part and rank 0 has written the
-``COMPLETE`` marker after a barrier; `latest_complete` ignores any other folder, so a run killed
-while saving resumes from the previous checkpoint.
+``COMPLETE`` marker after a barrier; `complete_checkpoints` ignores any other folder, so a run
+killed while saving resumes from the previous checkpoint. The marker (JSON) records the size and
+xxh3 checksum of every file of the folder, the run's resolved config and its corpus's identity:
+`problems` finds a checkpoint damaged after it was written (a truncated or missing file), and a
+resumed run compares its config with the one that trained the checkpoint.
+
+Loading trusts nothing it did not write only where that is possible: `load_state_file` and
+`weights_only_loads` (export) unpickle with torch's weights-only unpickler, allowing tensors,
+plain containers and the few DeepSpeed classes of its checkpoints. Resuming (`load`) goes through
+DeepSpeed's own loader, which unpickles freely: resume only from checkpoint folders you trust.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import pickle
+import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
+import xxhash
 
 from data_pipeline.fsio import atomic_write_with
 
+logger = logging.getLogger(__name__)
+
 MARKER = "COMPLETE"
+_TAG = re.compile(r"step-(\d{8})")
+# torch.load reads it on every call and then unpickles weights-only even where the caller (DeepSpeed's
+# zero_to_fp32) passes weights_only=False
+_FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
 
 def tag_of(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def save(engine, run_dir: Path, step: int, client_state: dict, keep: int) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint folder."""
+def step_of(checkpoint: Path) -> int:
+    return int(_TAG.fullmatch(Path(checkpoint).name).group(1))
+
+
+def save(engine, run_dir: Path, step: int, client_state: dict, keep: int, record: dict | None = None) -> Path:
+    """Collective: every rank calls it. ``record``: what a resume checks (`read_marker`), stored in
+    the marker. Returns the checkpoint folder."""
     folder = Path(run_dir) / "checkpoints"
     tag = tag_of(step)
+    if dist.get_rank() == 0:
+        # a folder saved again (a run resumed past a damaged checkpoint of this step) is incomplete
+        # until its new marker is written
+        (folder / tag / MARKER).unlink(missing_ok=True)
     engine.save_checkpoint(str(folder), tag=tag, client_state=client_state, save_latest=False)
     dist.barrier()
     if dist.get_rank() == 0:
-        atomic_write_with(folder / tag / MARKER, lambda fh: fh.write(json.dumps({"step": step}).encode()))
-        for old in complete_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        # every rank's files are in the folder (a shared filesystem) once all have passed the barrier
+        marker = {"step": step, "files": file_digests(folder / tag), **(record or {})}
+        atomic_write_with(folder / tag / MARKER, lambda fh: fh.write(json.dumps(marker).encode()))
+        # only this run's past counts: a checkpoint of a later step (damaged, which the run resumed
+        # before) neither takes a place among the kept nor is deleted before it is saved again
+        earlier = [p for p in complete_checkpoints(run_dir) if step_of(p) <= step]
+        for old in earlier[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return folder / tag
 
 
+def _digest(path: Path) -> str:
+    h = xxhash.xxh3_64()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(16 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_digests(checkpoint: Path) -> dict[str, dict]:
+    """{relative path: {"bytes", "xxh3_64"}} of every file of a checkpoint folder but its marker."""
+    return {str(p.relative_to(checkpoint)): {"bytes": p.stat().st_size, "xxh3_64": _digest(p)}
+            for p in sorted(Path(checkpoint).rglob("*"))
+            if p.is_file() and p.name != MARKER and not p.name.startswith(f".{MARKER}")}  # nor its temp files
+
+
 def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoint folders, oldest first."""
+    """Complete checkpoint folders (a marker; not checked against it, see `problems`), oldest first."""
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / MARKER).exists())
+    return sorted(p for p in folder.iterdir() if p.is_dir() and _TAG.fullmatch(p.name) and (p / MARKER).exists())
 
 
 def latest_complete(run_dir: Path) -> Path | None:
@@ -50,8 +100,85 @@ def latest_complete(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def read_marker(checkpoint: Path) -> dict:
+    """The marker's record: ``step``, ``files`` (absent in markers written before checksums),
+    ``config`` and ``corpus`` (see `save`'s ``record``; absent in older markers)."""
+    path = Path(checkpoint) / MARKER
+    try:
+        marker = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: unreadable checkpoint marker ({err})") from None
+    if not isinstance(marker, dict):
+        raise ValueError(f"{path}: unreadable checkpoint marker (not a JSON object)")
+    return marker
+
+
+def problems(checkpoint: Path) -> list[str]:
+    """What is wrong with a complete checkpoint's files against its marker, one line per file (empty:
+    intact, or a marker without checksums: see `has_checksums`)."""
+    checkpoint = Path(checkpoint)
+    try:
+        files = read_marker(checkpoint).get("files") or {}
+    except ValueError as err:
+        return [str(err)]
+    found = []
+    for name, saved in sorted(files.items()):
+        path = checkpoint / name
+        if not path.is_file():
+            found.append(f"{path} is missing")
+        elif path.stat().st_size != saved["bytes"]:
+            found.append(f"{path} has {path.stat().st_size} bytes, {saved['bytes']} when saved (truncated or replaced)")
+        elif _digest(path) != saved["xxh3_64"]:
+            found.append(f"{path} differs from when it was saved (xxh3 checksum mismatch)")
+    return found
+
+
+def has_checksums(checkpoint: Path) -> bool:
+    try:
+        return "files" in read_marker(checkpoint)
+    except ValueError:
+        return True  # unreadable: `problems` says so
+
+
+def resume_point(run_dir: Path, resume: str | None) -> Path | None:
+    """The checkpoint a run resumes from, checked against its marker (call it on one rank: it reads
+    every file). ``resume``: None (no resume), "auto" (the newest intact complete checkpoint of
+    ``run_dir``, if any; damaged ones are skipped with a warning saying why) or a checkpoint
+    folder (refused, naming the file, when damaged)."""
+    if resume is None:
+        return None
+    if resume != "auto":
+        checkpoint = Path(resume)
+        if not (checkpoint / MARKER).exists():
+            raise ValueError(f"--resume {checkpoint} is not a complete checkpoint (no {MARKER} marker): the run "
+                             "was killed while writing it; resume from an earlier one (or --resume auto)")
+        found = problems(checkpoint)
+        if found:
+            raise ValueError(f"--resume {checkpoint}: the checkpoint is damaged: {'; '.join(found)}. Resume from "
+                             "an earlier checkpoint of the run (or --resume auto, which skips damaged ones)")
+        _note_unverified(checkpoint)
+        return checkpoint
+    for checkpoint in reversed(complete_checkpoints(run_dir)):
+        found = problems(checkpoint)
+        if not found:
+            _note_unverified(checkpoint)
+            return checkpoint
+        logger.warning(f"--resume auto: skipping the damaged checkpoint {checkpoint} ({'; '.join(found)}); "
+                       "trying the one before it")
+    if complete_checkpoints(run_dir):
+        logger.warning(f"--resume auto: no intact checkpoint in {Path(run_dir) / 'checkpoints'}: training from step 0")
+    return None
+
+
+def _note_unverified(checkpoint: Path) -> None:
+    if not has_checksums(checkpoint):
+        logger.warning(f"{checkpoint}: its marker has no checksums (written before they were recorded), so its "
+                       "files are loaded unchecked")
+
+
 def load(engine, checkpoint: Path) -> dict:
-    """Restore engine state from ``checkpoint``; returns the client state."""
+    """Restore engine state from ``checkpoint`` (DeepSpeed's loader: it unpickles the files freely, so
+    the checkpoint folder is trusted); returns the client state."""
     checkpoint = Path(checkpoint)
     if not (checkpoint / MARKER).exists():
         raise ValueError(f"{checkpoint} is not a complete checkpoint (no {MARKER} marker): "
@@ -60,3 +187,46 @@ def load(engine, checkpoint: Path) -> dict:
     if client_state is None:
         raise ValueError(f"{checkpoint}: DeepSpeed could not load it")
     return client_state
+
+
+# --- weights-only loading (export) -----------------------------------------------------------------
+
+def _deepspeed_globals() -> list:
+    """The classes DeepSpeed pickles into its checkpoint files (the ZeRO optimizer states), beyond
+    tensors and plain containers."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextmanager
+def weights_only_loads():
+    """Inside, every ``torch.load`` (DeepSpeed's included, which asks for full unpickling) uses
+    torch's weights-only unpickler with `_deepspeed_globals` allowed: a file that needs anything
+    else (code a planted ``__reduce__`` would run) raises `pickle.UnpicklingError`."""
+    previous = os.environ.get(_FORCE_WEIGHTS_ONLY)
+    os.environ[_FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals(_deepspeed_globals()):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop(_FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[_FORCE_WEIGHTS_ONLY] = previous
+
+
+def load_state_file(path: Path):
+    """One file of a checkpoint, unpickled weights-only (tensors memory-mapped, not read)."""
+    with weights_only_loads():
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as err:
+            # torch's message: advice to load weights_only=False (wrong here), then the refused global
+            match = re.search(r"WeightsUnpickler error: (.*?)(?:\. Please|\n|$)", str(err))
+            detail = match.group(1) if match else str(err).splitlines()[0]
+            raise ValueError(f"{path}: refused to unpickle it: it asks for more than tensors and DeepSpeed's "
+                             f"checkpoint types ({detail}). A checkpoint this project wrote never does: it was "
+                             "edited or comes from elsewhere; export only checkpoints of runs you trust") from None

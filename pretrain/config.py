@@ -18,10 +18,18 @@ ARCHITECTURES = ("encoder", "encoder_decoder")
 GENE_SETS = ("expressed", "all")
 
 
-def _help(text: str, default=None, factory=None):
+# What a resumed run may change against the checkpoint it resumes (``resume=`` of each field; checked
+# by `resume_changes`, with the corpus's identity beside it in pretrain.train):
+FIXED = "fixed"  # the checkpoint was trained with it (model shape, normalization, data order, objectives): refused
+RESTORED = "restored"  # the checkpoint's optimizer state holds its own value, which DeepSpeed restores: refused
+FREE = "free"  # applied from the resumed step on (run length, logging, checkpoints, loader workers): said
+
+
+def _help(text: str, default=None, factory=None, resume: str = FIXED):
+    metadata = {"help": text, "resume": resume}
     if factory is not None:
-        return field(default_factory=factory, metadata={"help": text})
-    return field(default=default, metadata={"help": text})
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -48,7 +56,7 @@ class ModelConfig:
     n_layers: int = _help("transformer blocks", 6)
     n_heads: int = _help("attention heads (d_model must be a multiple)", 8)
     ffn_multiplier: float = _help("feed-forward width as a multiple of d_model", 4.0)
-    dropout: float = _help("dropout on the residual branches and embeddings", 0.1)
+    dropout: float = _help("dropout on the residual branches and embeddings", 0.1, resume=FREE)
     norm_eps: float = _help("LayerNorm epsilon", 1e-5)
     attention: str = _help(f"attention backend: one of {', '.join(ATTENTION_BACKENDS)} (flash and varlen: CUDA + bf16; "
                            "sdpa: exact anywhere; favor: FAVOR+ approximation)", "favor")
@@ -63,9 +71,11 @@ class ModelConfig:
     pooling: str = _help("cell embedding from the <cls> output or the mean over gene tokens", "cls")
     contrastive_dim: int = _help("width of the contrastive projection", 128)
     label_classes: list[int] = _help("classes per label column (one classification head each)", factory=list)
-    gene_embedding_file: str | None = _help("pretrained gene embeddings (gene2vec text, .npz gene_ids+embeddings)")
+    gene_embedding_file: str | None = _help("pretrained gene embeddings (gene2vec text, .npz gene_ids+embeddings)",
+                                            resume=FREE)  # initialization only: a resume loads the weights
     freeze_gene_embedding: bool = _help("keep pretrained gene embeddings fixed", False)
-    activation_checkpointing: bool = _help("recompute each block in backward to save activation memory", False)
+    activation_checkpointing: bool = _help("recompute each block in backward to save activation memory", False,
+                                           resume=FREE)
     architecture: str = _help(f"one of {', '.join(ARCHITECTURES)}", "encoder")
     decoder: DecoderConfig = _help("encoder_decoder only: the full-gene-set decoder", factory=DecoderConfig)
 
@@ -122,7 +132,8 @@ class ObjectiveConfig:
 class DataConfig:
     """The corpus and how the loader turns it into batches."""
 
-    corpus: str = _help("corpus folder (`python -m data_pipeline convert ... --out CORPUS`)", "")
+    # a resumed run may find its corpus elsewhere; the corpus itself (its plan hash) is checked by pretrain.train
+    corpus: str = _help("corpus folder (`python -m data_pipeline convert ... --out CORPUS`)", "", resume=FREE)
     normalization: str = _help("log1p_bins | quantile_bins | rank | continuous", "log1p_bins")
     quantile_ties: str = _help("quantile_bins: values tied over several edges get a random bin of the span (random, "
                                "scGPT's tie-breaking) or its top bin (high: np.digitize alone)", "random")
@@ -134,21 +145,21 @@ class DataConfig:
     views: bool = _help("two augmented views per cell (needed by the contrastive loss)", False)
     gene_dropout: float = _help("views: probability of dropping each gene", 0.1)
     min_depth: float = _help("views: lowest fraction of reads kept", 0.5)
-    num_workers: int = _help("DataLoader worker processes per rank (0: in the training process)", 2)
+    num_workers: int = _help("DataLoader worker processes per rank (0: in the training process)", 2, resume=FREE)
     seed: int = _help("shuffling and masking seed", 0)
 
 
 @dataclass
 class OptimizerConfig:
-    lr: float = _help("peak learning rate", 1e-4)
-    weight_decay: float = _help("AdamW weight decay", 0.01)
-    betas: list[float] = _help("AdamW betas", factory=lambda: [0.9, 0.98])
-    eps: float = _help("AdamW epsilon", 1e-8)
+    lr: float = _help("peak learning rate", 1e-4, resume=RESTORED)
+    weight_decay: float = _help("AdamW weight decay", 0.01, resume=RESTORED)
+    betas: list[float] = _help("AdamW betas", factory=lambda: [0.9, 0.98], resume=RESTORED)
+    eps: float = _help("AdamW epsilon", 1e-8, resume=RESTORED)
 
 
 @dataclass
 class ScheduleConfig:
-    max_steps: int = _help("optimizer steps to train", 1000)
+    max_steps: int = _help("optimizer steps to train", 1000, resume=FREE)
     warmup_steps: int = _help("linear warm-up from 0 to the peak learning rate", 100)
     decay: str = _help("after warm-up: cosine | linear | constant", "cosine")
     min_lr_ratio: float = _help("final learning rate as a fraction of the peak", 0.1)
@@ -160,7 +171,7 @@ class DeepSpeedConfig:
     bf16: bool | None = _help("bf16 mixed precision (None: on when a CUDA GPU supports it)", None)
     chunks_per_step: int = _help("loader batches per optimizer step per rank (gradient accumulation; with the "
                                  "contrastive gradient cache, the chunks of one contrastive batch)", 1)
-    gradient_clipping: float = _help("clip the global gradient norm (0: off)", 1.0)
+    gradient_clipping: float = _help("clip the global gradient norm (0: off)", 1.0, resume=FREE)
     overrides: dict = _help("extra DeepSpeed config entries, merged last", factory=dict)
 
 
@@ -168,20 +179,24 @@ class DeepSpeedConfig:
 class RunConfig:
     """Where a run writes and how it logs, checkpoints and resumes."""
 
-    out: str = _help("run directory: checkpoints, metrics JSON, loss plot, MLflow store, resolved config", "runs/run")
-    experiment: str = _help("MLflow experiment name", "scfm-pretrain")
-    mlflow: bool = _help("log to MLflow (a SQLite store in the run directory unless MLFLOW_TRACKING_URI is set)", True)
-    log_every: int = _help("steps between metric logs", 10)
-    checkpoint_every: int = _help("steps between checkpoints (0: only on signals and at the end)", 500)
-    keep_checkpoints: int = _help("checkpoints kept (oldest deleted)", 3)
-    max_nan_steps: int = _help("stop after this many non-finite losses in a row (each is skipped)", 5)
-    peak_tflops: float | None = _help("device peak TFLOP/s for MFU (None: known GPUs' bf16/tf32 dense peak)", None)
+    out: str = _help("run directory: checkpoints, metrics JSON, loss plot, MLflow store, resolved config", "runs/run",
+                     resume=FREE)
+    experiment: str = _help("MLflow experiment name", "scfm-pretrain", resume=FREE)
+    mlflow: bool = _help("log to MLflow (a SQLite store in the run directory unless MLFLOW_TRACKING_URI is set)", True,
+                         resume=FREE)
+    log_every: int = _help("steps between metric logs", 10, resume=FREE)
+    checkpoint_every: int = _help("steps between checkpoints (0: only on signals and at the end)", 500, resume=FREE)
+    keep_checkpoints: int = _help("checkpoints kept (oldest deleted)", 3, resume=FREE)
+    max_nan_steps: int = _help("stop after this many non-finite losses in a row (each is skipped)", 5, resume=FREE)
+    peak_tflops: float | None = _help("device peak TFLOP/s for MFU (None: known GPUs' bf16/tf32 dense peak)", None,
+                                      resume=FREE)
     seed: int = _help("model initialization and dropout seed", 0)
-    progress: bool = _help("show a progress bar on rank 0", True)
+    progress: bool = _help("show a progress bar on rank 0", True, resume=FREE)
     threads: int = _help("torch CPU threads per rank (0: automatic: usable cores (affinity, cgroup quota) / ranks "
-                         "on the host, less up to a quarter for loader workers; OMP_NUM_THREADS, if set, is kept)", 0)
+                         "on the host, less up to a quarter for loader workers; OMP_NUM_THREADS, if set, is kept)", 0,
+                         resume=FREE)
     inject_nan_steps: list[int] = _help("testing: steps (1-based) whose loss is made NaN, to exercise the skip",
-                                        factory=list)
+                                        factory=list, resume=FREE)
 
 
 @dataclass
@@ -189,7 +204,7 @@ class TrainConfig:
     """Everything `launch/pretrain.py` needs. ``preset`` fills the model shape and the loader's
     normalization from `pretrain.model.presets` before the YAML and command-line values."""
 
-    preset: str | None = _help("anchor preset: scbert, geneformer-10m, celllm, scgpt, scfoundation", None)
+    preset: str | None = _help("anchor preset: scbert, geneformer-10m, celllm, scgpt, scfoundation", None, resume=FREE)
     data: DataConfig = _help("corpus and loader", factory=DataConfig)
     model: ModelConfig = _help("model shape", factory=ModelConfig)
     objectives: ObjectiveConfig = _help("losses", factory=ObjectiveConfig)
@@ -238,6 +253,41 @@ class TrainConfig:
                 raise ValueError(message)
         self.model.check_choices()  # the rest of the model waits for the corpus (vocabulary, label columns)
         return self
+
+
+# --- resuming with a changed config --------------------------------------------------------------
+
+_WHY = {FIXED: "the checkpoint was trained with it", RESTORED: "the checkpoint's optimizer state holds its own "
+        "value, which DeepSpeed would restore in place of yours"}
+
+
+def resume_changes(saved: dict, config: TrainConfig) -> tuple[list[str], list[str]]:
+    """The keys whose value in ``config`` differs from ``saved`` (the resolved config a checkpoint
+    was trained with, as JSON): (refused, applied), one line each, by each field's ``resume``
+    class. Keys ``saved`` lacks (checkpoints from before the key existed) are not compared."""
+    import json
+
+    refused, applied = [], []
+
+    def walk(cls, old: dict, new: dict, where: str) -> None:
+        for f in fields(cls):
+            if f.name not in old:
+                continue
+            nested = _NESTED.get(f.type)
+            if nested:
+                walk(nested, old[f.name] or {}, new[f.name], f"{where}{f.name}.")
+                continue
+            if old[f.name] == new[f.name]:
+                continue
+            policy = f.metadata.get("resume", FIXED)
+            line = f"{where}{f.name}: {old[f.name]!r} in the checkpoint, {new[f.name]!r} now"
+            if policy == FREE:
+                applied.append(line)
+            else:
+                refused.append(f"{line} ({_WHY[policy]})")
+
+    walk(TrainConfig, saved, json.loads(json.dumps(asdict(config))), "")
+    return refused, applied
 
 
 # --- YAML files and key.sub=value overrides ------------------------------------------------------

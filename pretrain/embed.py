@@ -21,10 +21,11 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 import torch
+import xxhash
 
 from data_pipeline.batch import PackedBatch
 from data_pipeline.gene_ids import resolve_gene_ids, vocabulary_symbol_table
-from data_pipeline.normalize import normalize
+from data_pipeline.normalize import CellSeeds, normalize
 from data_pipeline.readers import SourceError
 from data_pipeline.vocab import read_symbol_table
 
@@ -131,11 +132,30 @@ def length_batches(indptr: np.ndarray, genes: np.ndarray, values: np.ndarray, to
         start = stop
 
 
+def cell_keys(indptr: np.ndarray, genes: np.ndarray, counts: np.ndarray, seed: int = 0) -> np.ndarray:
+    """A 64-bit key per cell from its content alone (its tokens and counts) and ``seed``.  [n] uint64"""
+    genes, counts = np.asarray(genes, np.int64), np.asarray(counts, np.float64)  # int or float input: one key
+    keys = np.empty(len(indptr) - 1, np.uint64)
+    for i, (a, b) in enumerate(zip(indptr[:-1].tolist(), indptr[1:].tolist())):
+        h = xxhash.xxh3_64(genes[a:b].tobytes(), seed=seed)
+        h.update(counts[a:b].tobytes())
+        keys[i] = h.intdigest()
+    return keys
+
+
 @torch.inference_mode()
 def embed_counts(model: CellModel, indptr, genes, counts, totals, token_budget: int = 16384, seed: int = 0,
                  device: str | torch.device = "cpu") -> np.ndarray:
-    """Cell embeddings ``[n, d]`` (float32) of cells given as CSR over tokens, batched by length."""
-    norm = normalize(model.normalization, indptr, genes, counts, totals, np.random.default_rng(seed))
+    """Cell embeddings ``[n, d]`` (float32) of cells given as CSR over tokens, batched by length.
+
+    A cell with more genes than the model's cap (and, in quantile_bins mode with random ties, any
+    cell) is normalized with random draws seeded by its own content (`cell_keys`, ``seed``): the
+    subset is uniform like the one the model was trained on (the loader's cap; scGPT also samples
+    long cells at inference), and the same cell gets the same embedding in any file, at any
+    position, among any other cells. A top-expressed cap (Geneformer's, whose rank mode this keeps)
+    would give bins models a biased subset they never saw in training."""
+    rng = CellSeeds(cell_keys(indptr, genes, counts, seed))
+    norm = normalize(model.normalization, indptr, genes, counts, totals, rng)
     out = np.zeros((len(norm.indptr) - 1, model.config.d_model), np.float32)
     extra = 1 if model.config.use_cls else 0
     for cells, batch in length_batches(norm.indptr, norm.genes, norm.values, token_budget, extra):
@@ -186,7 +206,7 @@ def embed_h5ad(model: CellModel, source: str | Path, out: str | Path, name: str 
     for a in range(0, n, chunk_cells):
         b = min(n, a + chunk_cells)
         indptr, genes, counts, totals = token_csr(matrix[a:b], tokens, model.config.vocab_size)
-        embedding[a:b] = embed_counts(model, indptr, genes, counts, totals, token_budget, seed=a, device=device)
+        embedding[a:b] = embed_counts(model, indptr, genes, counts, totals, token_budget, device=device)
         if bar is not None:
             bar.update(b - a)
     if bar is not None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from dataclasses import asdict, fields, replace
 from pathlib import Path
@@ -31,19 +32,30 @@ from .config import DecoderConfig, ModelConfig
 from .model import CellModel
 from .model.attention import CUDA_ONLY_BACKENDS
 
+logger = logging.getLogger(__name__)
+
 BUNDLE_FORMAT = 1
 
 
 def _find_checkpoint(path: Path) -> tuple[Path, Path]:
-    """(run directory, checkpoint folder) from either."""
-    from .checkpoint import MARKER, latest_complete
+    """(run directory, checkpoint folder) from either: a run directory's newest intact checkpoint;
+    a checkpoint folder only when intact (its files match its marker's checksums)."""
+    from .checkpoint import MARKER, complete_checkpoints, problems
 
     if (path / "config.yaml").exists():
-        found = latest_complete(path)
-        if found is None:
-            raise ValueError(f"{path}: no complete checkpoint in {path / 'checkpoints'} (the run saved none yet)")
-        return path, found
+        found = complete_checkpoints(path)
+        for ckpt in reversed(found):
+            damaged = problems(ckpt)
+            if not damaged:
+                return path, ckpt
+            logger.warning(f"skipping the damaged checkpoint {ckpt} ({'; '.join(damaged)})")
+        what = "none is intact" if found else "the run saved none yet"
+        raise ValueError(f"{path}: no complete checkpoint in {path / 'checkpoints'} ({what})")
     if (path / MARKER).exists() and (path.parent.parent / "config.yaml").exists():
+        damaged = problems(path)
+        if damaged:
+            raise ValueError(f"{path}: the checkpoint is damaged: {'; '.join(damaged)}; export an earlier "
+                             "checkpoint (or the run directory: its newest intact checkpoint)")
         return path.parent.parent, path
     raise ValueError(f"{path} is neither a run directory (with config.yaml) nor a complete checkpoint "
                      "(a checkpoints/step-N folder with a COMPLETE marker)")
@@ -81,11 +93,18 @@ def export_bundle(source: str | Path, out: str | Path) -> Path:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import save_file
 
+    from .checkpoint import load_state_file, read_marker, weights_only_loads
     from .config import TrainConfig, from_dict
 
     run_dir, ckpt = _find_checkpoint(Path(source))
-    config = from_dict(TrainConfig, yaml.safe_load((run_dir / "config.yaml").read_text()))
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    # the config that trained this checkpoint (its marker's; config.yaml is the latest start's)
+    saved = read_marker(ckpt).get("config") or yaml.safe_load((run_dir / "config.yaml").read_text())
+    config = from_dict(TrainConfig, saved)
+    # every file unpickled weights-only first, so that a refusal names the file; DeepSpeed's own
+    # loads (which ask for full unpickling) are made weights-only too
+    loaded = {p.name: load_state_file(p) for p in sorted(ckpt.glob("*.pt"))}
+    with weights_only_loads():
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     weights = {k[len("model."):]: v.contiguous() for k, v in state.items() if k.startswith("model.")}
     model = CellModel(replace(config.model, gene_embedding_file=None))  # the weights come from the checkpoint
     missing = set(model.state_dict()) ^ set(weights)
@@ -108,8 +127,8 @@ def export_bundle(source: str | Path, out: str | Path) -> Path:
         norm = Normalization(**{**asdict(norm), "medians": corpus_medians(corpus)})
     (tmp / "normalization.json").write_text(json.dumps(normalization_record(norm)))
     # rank 0's model-states file holds the client state (ZeRO-3 names it per data-parallel rank)
-    states = [ckpt / "mp_rank_00_model_states.pt", ckpt / "zero_pp_rank_0_mp_rank_00_model_states.pt"]
-    client = torch.load(next(p for p in states if p.exists()), map_location="cpu", weights_only=False)
+    client = next(loaded[name] for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+                  if name in loaded)
     manifest = json.loads((corpus / "manifest.json").read_text())
     (tmp / "README.md").write_text(_model_card(config, client, manifest, ckpt))
     if out.exists():

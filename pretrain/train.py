@@ -8,11 +8,13 @@ metrics, and checkpoint every N steps, on SIGTERM/SIGINT and at the end.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import resource
 import shutil
 import signal
+import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -27,7 +29,7 @@ from data_pipeline.masking import Masking, Views
 from data_pipeline.vocab import read_vocab
 
 from . import checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, resume_changes
 from .distributed import init_distributed
 from .metrics import RunLog, device_peak_tflops
 from .model import CellModel, model_cost
@@ -180,6 +182,8 @@ def train(config: TrainConfig, resume: str | None = None) -> dict:
 def _run(config: TrainConfig, resume: str | None, loader: CellLoader, log: RunLog | None, run_dir: Path,
          rank: int, world: int, device: torch.device) -> dict:
     """`train` once the run folder exists: the engine, the resume, the steps, the summary."""
+    record = checkpoint_record(config, loader)
+    found = _resume_point(run_dir, resume, config, record, rank)  # before config.yaml: a refused resume changes nothing
     if rank == 0:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(config), sort_keys=False))
     vocab = read_vocab(Path(config.data.corpus) / "vocab.tsv")
@@ -188,11 +192,12 @@ def _run(config: TrainConfig, resume: str | None, loader: CellLoader, log: RunLo
     engine, bf16 = build_engine(config, module, device)
 
     step, history, skipped = 0, [], 0
-    found = checkpoint.latest_complete(run_dir) if resume == "auto" else (Path(resume) if resume else None)
     if found is not None:
         state = checkpoint.load(engine, found)
         step, history, skipped = state["step"], state["history"], state["skipped"]
         loader.load_state_dict(state["loader"])
+        if rank == 0:
+            print(f"resumed from {found} (step {step})", file=sys.stderr, flush=True)
     resumed_from_step = step
     if log is not None:
         log.start(asdict(config), history, resumed=found is not None)
@@ -208,7 +213,7 @@ def _run(config: TrainConfig, resume: str | None, loader: CellLoader, log: RunLo
         # "skipped_steps" is DeepSpeed's own key in a checkpoint's client state
         state = {"step": step, "loader": loader.state_dict(), "history": log.history if log else [],
                  "skipped": skipped}
-        checkpoint.save(engine, run_dir, step, state, config.run.keep_checkpoints)
+        checkpoint.save(engine, run_dir, step, state, config.run.keep_checkpoints, record)
 
     batches = _batches(loader)
     nan_streak, interval, last_saved, stopped = 0, config.model.favor_redraw_interval, step, False
@@ -263,7 +268,8 @@ def _run(config: TrainConfig, resume: str | None, loader: CellLoader, log: RunLo
         save()
     if progress is not None:
         progress.close()
-    summary = {"steps": step, "resumed_from_step": resumed_from_step, "stopped_by_signal": stopped,
+    summary = {"steps": step, "resumed_from_step": resumed_from_step,
+               "resumed_from": str(found) if found is not None else None, "stopped_by_signal": stopped,
                "skipped_steps": skipped,
                "final": history_tail(log.history) if log else {}, "bf16": bf16, "world_size": world,
                "device": str(device), "peak_tflops": peak_tflops, "peak_source": peak_source,
@@ -272,6 +278,54 @@ def _run(config: TrainConfig, resume: str | None, loader: CellLoader, log: RunLo
         log.finish(summary)
     dist.barrier()
     return summary
+
+
+def checkpoint_record(config: TrainConfig, loader: CellLoader) -> dict:
+    """What a checkpoint's marker records for a resume to check: the resolved config (JSON) and the
+    corpus's identity (its conversion plan and vocabulary; the folder may move)."""
+    manifest = loader.spec.manifest
+    return {"config": json.loads(json.dumps(asdict(config))),
+            "corpus": {"plan_hash": manifest.get("plan_hash"), "vocab_sha256": manifest["vocab"].get("sha256")}}
+
+
+def _resume_point(run_dir: Path, resume: str | None, config: TrainConfig, record: dict, rank: int) -> Path | None:
+    """The checkpoint to resume from, intact and trained with a config this run may change into
+    (`pretrain.config.resume_changes`; the changes applied are said). Rank 0 reads the checkpoints;
+    every rank gets its answer, or raises its error."""
+    answer: list = [None]
+    if rank == 0:
+        try:
+            found = checkpoint.resume_point(run_dir, resume)
+            if found is not None:
+                _check_resumed_config(found, config, record)
+            answer = [("ok", None if found is None else str(found))]
+        except ValueError as err:
+            answer = [("error", str(err))]
+    dist.broadcast_object_list(answer, src=0)
+    kind, value = answer[0]
+    if kind == "error":
+        raise ValueError(value)
+    return None if value is None else Path(value)
+
+
+def _check_resumed_config(found: Path, config: TrainConfig, record: dict) -> None:
+    marker = checkpoint.read_marker(found)
+    if "config" not in marker:
+        logger.warning(f"{found} records no config (saved before configs were recorded): a changed key is not "
+                       "detected; resume with the config that trained it")
+        return
+    refused, applied = resume_changes(marker["config"], config)
+    corpus = marker.get("corpus")
+    if corpus is not None and corpus != record["corpus"]:
+        refused.insert(0, f"data.corpus: trained on the corpus with plan hash {corpus['plan_hash']}, now "
+                          f"{config.data.corpus} with plan hash {record['corpus']['plan_hash']} "
+                          "(the loader's position and the vocabulary are that corpus's)")
+    if refused:
+        raise ValueError(f"--resume {found}: the config changes keys a resumed run cannot change: "
+                         + "; ".join(refused) + f". Resume with the checkpoint's values (its config is in "
+                         f"{found / checkpoint.MARKER}), or train a new run (another run.out, no --resume)")
+    if applied:
+        logger.warning(f"resuming {found} with changed keys, applied from its step on: " + "; ".join(applied))
 
 
 def _clear_failed_start(run_dir: Path, log: RunLog) -> None:

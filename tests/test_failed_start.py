@@ -86,9 +86,9 @@ def test_a_start_that_fails_after_mlflow_began_ends_failed_and_leaves_no_half_ru
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
 def test_a_failed_start_never_removes_an_existing_run(tmp_path):
-    """A resume that fails before it reopens the MLflow run (here: the checkpoint's model has a label
-    head that a model for an unlabeled corpus lacks) leaves the folder, its checkpoint and its
-    FINISHED MLflow run as they were."""
+    """A resume that fails before it reopens the MLflow run (here: another corpus, whose model lacks
+    the checkpoint's label head: the resume's config check refuses it) leaves the folder, its
+    checkpoint and its FINISHED MLflow run as they were."""
     corpus = make_corpus(tmp_path, n_cells=96, n_genes=300)
     run = tmp_path / "run"
     args = [*TINY, f"run.out={run}", "run.mlflow=true", "run.log_every=1", "run.checkpoint_every=0"]
@@ -97,7 +97,8 @@ def test_a_failed_start_never_removes_an_existing_run(tmp_path):
     other = unlabeled_corpus(tmp_path / "other")
     proc = run_pretrain([*args, f"data.corpus={other}", "schedule.max_steps=2", "objectives.label_weight=0"],
                          resume="auto", check=False)
-    assert proc.returncode != 0 and "label_heads" in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode != 0 and "cannot change" in proc.stderr, proc.stderr[-3000:]
+    assert "data.corpus: trained on the corpus with plan hash" in proc.stderr and "model.label_classes" in proc.stderr
     assert set(before) <= {p.relative_to(run) for p in run.rglob("*")}
     client, runs = _mlflow_runs(run)
     assert [r.info.status for r in runs] == ["FINISHED"]

@@ -98,6 +98,34 @@ def kill_group(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
+def kill_job(proc: subprocess.Popen) -> list[int]:
+    """SIGKILL a job as a node failure would: every rank and the launcher. torch elastic starts each
+    rank in its own session (start_new_session=True), so the job's process group (`kill_group`)
+    holds torchrun alone and its ranks would live on, training and saving. Returns the ranks' pids,
+    all gone when it returns."""
+    ranks = list(worker_pids(proc).values()) if proc.poll() is None else []
+    for pid in ranks:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    kill_group(proc)
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in ranks):
+        assert time.monotonic() < deadline, f"ranks {ranks} still alive 30 s after SIGKILL"
+        time.sleep(0.05)
+    return ranks
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, dead but not yet reaped, is not)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status
+
+
 def worker_pids(proc: subprocess.Popen) -> dict[int, int]:
     """{rank: pid} of a torchrun job's workers (Linux /proc: torchrun's children and their RANK)."""
     pids = {}
