@@ -15,6 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from data_pipeline.corpus import CorpusError  # noqa: E402
+from pretrain.checkpoint import ResumeError  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
 from pretrain.threads import apply_threads, use_project_extension_dir  # noqa: E402
 from pretrain.train import train  # noqa: E402
@@ -35,7 +37,11 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError) as err:  # a config mistake: one line naming the fix, exit code 2
         parser.error(str(err))
     apply_threads(config.run.threads, config.data.num_workers)  # before any torch work sizes its pools
-    summary = train(config, resume=args.resume)
+    try:
+        summary = train(config, resume=args.resume)
+    except (ResumeError, CorpusError) as err:  # the run's inputs, not a bug: one line naming the fix, as above
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
     if summary.get("run_dir") and summary.get("final") is not None and summary.get("steps") is not None:
         import torch.distributed as dist
 

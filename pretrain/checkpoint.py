@@ -40,6 +40,10 @@ _TAG = re.compile(r"step-(\d{8})")
 _FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
 
+class ResumeError(ValueError):
+    """A resume refused before anything is written: no such, a damaged or an incompatible checkpoint."""
+
+
 def tag_of(step: int) -> str:
     return f"step-{step:08d}"
 
@@ -150,11 +154,11 @@ def resume_point(run_dir: Path, resume: str | None) -> Path | None:
     if resume != "auto":
         checkpoint = Path(resume)
         if not (checkpoint / MARKER).exists():
-            raise ValueError(f"--resume {checkpoint} is not a complete checkpoint (no {MARKER} marker): the run "
+            raise ResumeError(f"--resume {checkpoint} is not a complete checkpoint (no {MARKER} marker): the run "
                              "was killed while writing it; resume from an earlier one (or --resume auto)")
         found = problems(checkpoint)
         if found:
-            raise ValueError(f"--resume {checkpoint}: the checkpoint is damaged: {'; '.join(found)}. Resume from "
+            raise ResumeError(f"--resume {checkpoint}: the checkpoint is damaged: {'; '.join(found)}. Resume from "
                              "an earlier checkpoint of the run (or --resume auto, which skips damaged ones)")
         _note_unverified(checkpoint)
         return checkpoint

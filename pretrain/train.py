@@ -304,7 +304,7 @@ def _resume_point(run_dir: Path, resume: str | None, config: TrainConfig, record
     dist.broadcast_object_list(answer, src=0)
     kind, value = answer[0]
     if kind == "error":
-        raise ValueError(value)
+        raise checkpoint.ResumeError(value)
     return None if value is None else Path(value)
 
 
@@ -321,7 +321,7 @@ def _check_resumed_config(found: Path, config: TrainConfig, record: dict) -> Non
                           f"{config.data.corpus} with plan hash {record['corpus']['plan_hash']} "
                           "(the loader's position and the vocabulary are that corpus's)")
     if refused:
-        raise ValueError(f"--resume {found}: the config changes keys a resumed run cannot change: "
+        raise checkpoint.ResumeError(f"--resume {found}: the config changes keys a resumed run cannot change: "
                          + "; ".join(refused) + f". Resume with the checkpoint's values (its config is in "
                          f"{found / checkpoint.MARKER}), or train a new run (another run.out, no --resume)")
     if applied:
