@@ -121,7 +121,7 @@ def implementation(name: str, length: int, batch: int, h: int, d: int, m: int, p
 
         return (lambda q, k, v: favor_attention(q, k, v, projection, cu, length)), "packed", "favor"
     if name == "favor_reference":
-        from kernels.favor.naive import favor_attention as reference
+        from kernels.favor import favor_attention_reference as reference
 
         return (lambda q, k, v: reference(q, k, v, projection, cu, length)), "packed", "favor"
     if name == "performer_pytorch":

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kernels.favor.launch import interpreting
-from kernels.favor.naive import draw_projection, favor_attention
+from kernels.favor.naive import draw_projection, favor_attention_reference
 from kernels.favor.triton_backward import favor_backward
 from kernels.favor.triton_forward import favor_forward
 
@@ -57,7 +57,7 @@ def test_forward_equals_reference(case, seed, device):
     lengths, h, d, m, chunk = CASES[case]
     q, k, v, cu = _inputs(lengths, h, d, seed, scale=1.0 + 2 * seed, device=device)  # larger: stress the stabilizers
     projection = draw_projection(m, d, seed=seed).to(device)
-    ref = favor_attention(q.double(), k.double(), v.double(), projection.double(), cu, max(lengths))
+    ref = favor_attention_reference(q.double(), k.double(), v.double(), projection.double(), cu, max(lengths))
     out, state, norm, den, _, qmax, _ = favor_forward(q, k, v, projection, cu, max(lengths), block_rows=16,
                                                    chunk_rows=chunk, return_backward_extras=True)
     assert out.dtype == q.dtype and out.shape == v.shape
@@ -94,7 +94,7 @@ def test_gradients_equal_reference(case, device):
     projection = draw_projection(m, d, seed=case).to(device)
     grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(case)).to(device)
     ref_in = [x.double().requires_grad_(True) for x in (q, k, v)]
-    favor_attention(*ref_in, projection.double(), cu, max(lengths)).backward(grad.double())
+    favor_attention_reference(*ref_in, projection.double(), cu, max(lengths)).backward(grad.double())
     got_in = [x.clone().requires_grad_(True) for x in (q, k, v)]
     out = fused(*got_in, projection, cu, max(lengths))
     out.backward(grad)
@@ -144,7 +144,7 @@ def _half_case(lengths, h, d, m, dtype, device, seed):
     out = fused(q, k, v, projection, cu, max(lengths))
     assert out.dtype == dtype
     ref_in = [x.detach().double().requires_grad_(True) for x in (q, k, v)]
-    ref = favor_attention(*ref_in, projection.double(), cu, max(lengths))
+    ref = favor_attention_reference(*ref_in, projection.double(), cu, max(lengths))
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 2)).to(device)
     out.backward(grad.to(dtype))
     ref.backward(grad.double())
@@ -200,7 +200,7 @@ def test_empty_sequences_are_allowed(device):
     q, k, v, _ = _inputs([3, 0, 21], 2, 16, seed=12, device=device)
     cu = torch.tensor([0, 3, 3, 24], dtype=torch.int32, device=device)
     projection = draw_projection(32, 16, seed=13).to(device)
-    ref = favor_attention(q.double(), k.double(), v.double(), projection.double(), cu, 21)
+    ref = favor_attention_reference(q.double(), k.double(), v.double(), projection.double(), cu, 21)
     assert _rel(fused(q, k, v, projection, cu, 21), ref) < (1e-4 if device == "cpu" else TF32_BOUND)
 
 
@@ -234,7 +234,7 @@ def test_compiled_kernels_equal_float64_reference_at_model_size(dtype, bound):
     q, k, v, cu, projection, grad = _model_size(dtype)
     got = _fused_run(q, k, v, cu, projection, grad)
     ref_in = [x.detach().double().requires_grad_(True) for x in (q, k, v)]
-    ref = favor_attention(*ref_in, projection.double(), cu, max(RAGGED))
+    ref = favor_attention_reference(*ref_in, projection.double(), cu, max(RAGGED))
     ref.backward(grad.double())
     want = [ref.detach()] + [x.grad for x in ref_in]
     errors = {name: _rel(a, b) for name, a, b in zip(("out", "dq", "dk", "dv"), got, want)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..packing import padding_index
 from .naive import check_inputs
 
 
@@ -22,9 +23,7 @@ def favor_attention_batched(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     b, m = cu_seqlens.shape[0] - 1, projection.shape[0]
     if t == 0:
         return torch.empty_like(q)
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    seq = torch.repeat_interleave(torch.arange(b, device=q.device), lengths, output_size=t)
-    pos = torch.arange(t, device=q.device) - cu_seqlens[:-1].long()[seq]
+    seq, pos = padding_index(cu_seqlens, t)
     length = max(int(max_seqlen), 1)
     w = projection.to(q.dtype)
 

@@ -17,8 +17,11 @@ clarity (a loop over sequences), in any float dtype including float64.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
+
+from ..packing import apply_packed
 
 
 def draw_projection(m: int, d: int, generator: torch.Generator | None = None, seed: int | None = None,
@@ -79,8 +82,8 @@ def check_inputs(q, k, v, projection, cu_seqlens) -> list[int]:
     return bounds
 
 
-def favor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor,
-                    cu_seqlens: torch.Tensor, max_seqlen: int, eps: float = 1e-4) -> torch.Tensor:
+def favor_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor,
+                              cu_seqlens: torch.Tensor, max_seqlen: int, eps: float = 1e-4) -> torch.Tensor:
     """Non-causal FAVOR+ attention over packed sequences.
 
     q, k, v [T, H, D]; projection [m, D]; cu_seqlens [B+1] (int, from 0 to T); max_seqlen is
@@ -102,21 +105,9 @@ def favor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projectio
     return out
 
 
-def favor_attention_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor,
-                           key_padding_mask: torch.Tensor | None = None, eps: float = 1e-4,
-                           attention=None) -> torch.Tensor:
-    """The padded entry: q, k, v [B, H, L, D], ``key_padding_mask`` [B, L] bool (True on real
-    tokens; None: all real). Sequences are the real tokens of each row (a prefix or not); padded
-    positions of the output are zero. ``attention``: the packed implementation to run (default
-    this module's definition).  -> [B, H, L, D]"""
-    attention = attention or favor_attention
-    b, h, length, _ = q.shape
-    real = torch.ones(b, length, dtype=torch.bool, device=q.device) if key_padding_mask is None else key_padding_mask
-    pick = lambda t: t.permute(0, 2, 1, 3)[real]  # noqa: E731 - [T, H, D]
-    lengths = real.sum(1)
-    cu = torch.zeros(b + 1, dtype=torch.int32, device=q.device)
-    cu[1:] = lengths.cumsum(0)
-    packed = attention(pick(q), pick(k), pick(v), projection, cu, int(lengths.max().item()) if b else 0, eps)
-    out = q.new_zeros(b, length, h, v.shape[-1])
-    out[real] = packed
-    return out.permute(0, 2, 1, 3)
+def favor_attention_reference_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor,
+                                     key_padding_mask: torch.Tensor | None = None, eps: float = 1e-4) -> torch.Tensor:
+    """`favor_attention_reference` on the padded layout: q, k, v [B, H, L, D], ``key_padding_mask``
+    [B, L] bool (True on real tokens; None: all real). Sequences are the real tokens of each row (a
+    prefix or not); padded positions of the output are zero.  -> [B, H, L, D]"""
+    return apply_packed(partial(favor_attention_reference, projection=projection, eps=eps), q, k, v, key_padding_mask)

@@ -32,8 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.favor import favor_attention, favor_attention_batched
-
-from .packing import padding_index
+from kernels.packing import padding_index
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels.favor import draw_projection
-from kernels.favor.naive import favor_attention_padded
+from kernels.favor import draw_projection, favor_attention_reference_padded
 
 from .attention import BACKENDS
 
@@ -42,7 +41,7 @@ class Attention(nn.Module):
         b, length, _ = x.shape
         q, k, v = self.qkv(x).view(b, length, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [B, H, L, Dh]
         if self.backend == "favor":
-            out = favor_attention_padded(q, k, v, self.projection, key_padding_mask)
+            out = favor_attention_reference_padded(q, k, v, self.projection, key_padding_mask)
         else:
             out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=key_padding_mask[:, None, None, :])
         return self.out(out.transpose(1, 2).reshape(b, length, -1))
