@@ -19,6 +19,8 @@ from .vocab import Vocabulary, read_vocab
 # 2: per-block offsets in shard records, cell_lengths.npy; 3: each block record ends with the
 # block's xxh3-64 (hex), each shard record lists the sources that wrote it. 2 is still read.
 SCHEMA_VERSION = 3
+OLDEST_SCHEMA_VERSION = 2  # schema 1 has no random-access index, which the loader and verify need
+MANIFEST = "manifest.json"
 
 
 class CorpusError(ValueError):
@@ -72,9 +74,14 @@ class Corpus:
             raise CorpusError(f"{self.path}: no manifest.json, so not a finished corpus{hint}")
         self.manifest = json.loads(manifest.read_text())
         version = self.manifest.get("schema_version")
-        if not isinstance(version, int) or version > SCHEMA_VERSION:
-            raise CorpusError(f"{self.path}: corpus schema version {version!r}, this data_pipeline reads up to "
-                              f"{SCHEMA_VERSION}: update the code, or convert the inputs again with this one")
+        if isinstance(version, int) and version > SCHEMA_VERSION:
+            raise CorpusError(f"{self.path}: corpus schema version {version} is newer than this data_pipeline "
+                              f"reads ({OLDEST_SCHEMA_VERSION} to {SCHEMA_VERSION}): update the code to the "
+                              "version that wrote it, or convert the inputs again with this one")
+        if not isinstance(version, int) or version < OLDEST_SCHEMA_VERSION:
+            raise CorpusError(f"{self.path}: corpus schema version {version!r} is older than this data_pipeline "
+                              f"reads ({OLDEST_SCHEMA_VERSION} to {SCHEMA_VERSION}): convert the inputs again "
+                              f"(`python -m data_pipeline convert ... --out {self.path} --overwrite`)")
 
     @property
     def vocab(self) -> Vocabulary:
