@@ -38,7 +38,7 @@ import scipy.sparse as sp
 from .arrayfile import read_arrays, write_arrays
 from .buffers import Buffers
 from .child_processes import exit_with_parent, progress_bar
-from .corpus import LAYOUT, Corpus
+from .corpus import LAYOUT, VOCAB, Corpus
 from .fsio import (
     atomic_write_bytes,
     atomic_write_json,
@@ -436,7 +436,7 @@ def prepare_out(out: Path, options: ConvertOptions, overwrite: bool) -> str:
 def ensure_vocab(out: Path, plan: dict, workers: int, mine: list[int], progress: bool,
                  num_nodes: int, wait_s: float) -> Path:
     """Write ``vocab.tsv`` (supplied, or scanned from the corpus) unless it is already there."""
-    vocab_path = out / "vocab.tsv"
+    vocab_path = out / VOCAB
     if vocab_path.exists():
         return vocab_path
     options = options_from_plan(plan)

@@ -22,13 +22,16 @@ from .vocab import Vocabulary, read_vocab
 SCHEMA_VERSION = 3
 OLDEST_SCHEMA_VERSION = 2  # schema 1 has no random-access index, which the loader and verify need
 MANIFEST = "manifest.json"
+VOCAB = "vocab.tsv"
+STATS = "stats.zarr"
 CELL_LENGTHS = "cell_lengths.npy"  # genes per cell in corpus order (the loader's length index)
-LAYOUT = (MANIFEST, "vocab.tsv", "stats.zarr", CELL_LENGTHS, "shards")  # what a corpus folder holds
+SHARDS = "shards"
+LAYOUT = (MANIFEST, VOCAB, STATS, CELL_LENGTHS, SHARDS)  # what a corpus folder holds
 
 
 def shard_name(i: int) -> str:
     """The manifest's name of shard ``i`` (relative to the corpus folder)."""
-    return f"shards/corpus-{i:06d}.tar"
+    return f"{SHARDS}/corpus-{i:06d}.tar"
 
 
 class CorpusError(ValueError):
@@ -102,6 +105,11 @@ class Corpus:
                               f"reads ({OLDEST_SCHEMA_VERSION} to {SCHEMA_VERSION}): convert the inputs again "
                               f"(`python -m data_pipeline convert ... --out {self.path} --overwrite`)")
 
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("vocab", None)  # read again where asked for, not pickled into every loader worker
+        return state
+
     @staticmethod
     def is_finished(path: str | Path) -> bool:
         """Whether ``path`` holds a finished corpus (its manifest is written last)."""
@@ -125,7 +133,7 @@ class Corpus:
     @property
     def vocab_path(self) -> Path:
         """``vocab.tsv``: token id, Ensembl id, symbol (special tokens first)."""
-        return self.path / "vocab.tsv"
+        return self.path / VOCAB
 
     @cached_property
     def vocab(self) -> Vocabulary:
@@ -186,7 +194,7 @@ class Corpus:
         mode divides by).  [vocab_size] float64, NaN for tokens never expressed"""
         from .stats import GeneStats
 
-        return GeneStats.from_zarr(self.path / "stats.zarr").nonzero_medians()
+        return GeneStats.from_zarr(self.path / STATS).nonzero_medians()
 
     def shard_path(self, name: str) -> Path:
         """The file of shard ``name`` (as the manifest names it), refused unless it lies inside the
@@ -356,12 +364,12 @@ def verify(path: str | Path) -> list[str]:
     written = sum(s["n_cells"] for s in m["shards"])
     if written != acc["cells_written"] or written != m["totals"]["n_cells"]:
         problems.append(f"shards hold {written} cells but the accounting says {acc['cells_written']} written")
-    if not (corpus.path / "stats.zarr").exists():
+    if not (corpus.path / STATS).exists():
         problems.append("stats.zarr is missing")
     else:
         import zarr
 
-        n = zarr.open_group(str(corpus.path / "stats.zarr"), mode="r").attrs.get("n_cells")
+        n = zarr.open_group(str(corpus.path / STATS), mode="r").attrs.get("n_cells")
         if n != m["totals"]["n_cells"]:
             problems.append(f"stats.zarr covers {n} cells, the corpus {m['totals']['n_cells']}")
     return problems

@@ -18,7 +18,17 @@ from pathlib import Path
 import numpy as np
 
 from .child_processes import progress_bar
-from .corpus import BLOCK_RECORD, CELL_LENGTHS, SCHEMA_VERSION, Corpus, block_record, shard_name
+from .corpus import (
+    BLOCK_RECORD,
+    CELL_LENGTHS,
+    SCHEMA_VERSION,
+    SHARDS,
+    STATS,
+    VOCAB,
+    Corpus,
+    block_record,
+    shard_name,
+)
 from .fsio import (
     atomic_replace_dir,
     atomic_write_with,
@@ -95,33 +105,33 @@ def merge_units(out: Path, keep_work: bool = False, progress: bool = True, worke
     plan = load_plan(work)
     units = plan["units"]
     missing = [u for u in range(len(units)) if not (work / "units" / f"{unit_name(u)}.json").exists()]
-    if missing or not (out / "vocab.tsv").exists():
+    if missing or not (out / VOCAB).exists():
         raise ConvertError(f"{out}: {len(missing)} of {len(units)} work units are not finished (e.g. "
                            f"{missing[:5]}); rerun the convert command on every node (unit u belongs "
                            "to node u % num_nodes), then merge")
-    vocab = read_vocab(out / "vocab.tsv")
+    vocab = read_vocab(out / VOCAB)
     results = [json.loads((work / "units" / f"{unit_name(u)}.json").read_text()) for u in range(len(units))]
     with_cells = [r for r in results if r["blocks"]]
     if not with_cells:  # refused here, where the manifest would be written, so every node's cells count
         raise ConvertError(empty_corpus_message(out, build_manifest(out, plan, vocab, results, [])))
-    (out / "shards").mkdir(exist_ok=True)
-    remove_stale_temps(out / "shards")
-    for stale in (out / "shards").glob("corpus-*.tar"):
+    (out / SHARDS).mkdir(exist_ok=True)
+    remove_stale_temps(out / SHARDS)
+    for stale in (out / SHARDS).glob("corpus-*.tar"):
         if int(stale.stem.split("-")[1]) >= len(with_cells):
             stale.unlink()
     shards = [_place_shard(out, i, r) for i, r in enumerate(with_cells)]
-    fsync_dir(out / "shards")
+    fsync_dir(out / SHARDS)
     with progress_bar(len(units), "merge statistics", progress, unit="unit") as bar:
         stats = merge_partials([work / "units" / f"{unit_name(u)}.stats" for u in range(len(units))],
                                len(vocab), bar.update, workers)
 
     lengths = write_cell_lengths(out, [work / "units" / f"{unit_name(r['unit'])}.lengths" for r in with_cells])
 
-    tmp = temp_path(out / "stats.zarr")
+    tmp = temp_path(out / STATS)
     if tmp.exists():
         shutil.rmtree(tmp)
     stats.to_zarr(tmp)
-    atomic_replace_dir(tmp, out / "stats.zarr")
+    atomic_replace_dir(tmp, out / STATS)
 
     manifest = build_manifest(out, plan, vocab, results, shards)
     manifest["cell_lengths"] = lengths
@@ -211,7 +221,7 @@ def build_manifest(out: Path, plan: dict, vocab, results: list[dict], shard_reco
         "schema_version": SCHEMA_VERSION,
         "kind": "scfm-corpus",
         "plan_hash": plan["plan_hash"],
-        "vocab": {"file": "vocab.tsv", "sha256": vocab.sha256(), "size": len(vocab),
+        "vocab": {"file": VOCAB, "sha256": vocab.sha256(), "size": len(vocab),
                   "n_genes": vocab.n_genes, "special_tokens": vocab.special_tokens,
                   "origin": (f"supplied: {plan['options']['vocab']}" if plan["options"]["vocab"] else
                              f"built: genes positive in >= {plan['options']['min_cells_per_gene']} cells")},
