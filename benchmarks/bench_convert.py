@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from data_pipeline.convert import convert  # noqa: E402
+from data_pipeline.corpus import Corpus  # noqa: E402
 from data_pipeline.plan import ConvertOptions  # noqa: E402
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -193,11 +194,12 @@ def _one(job: dict) -> dict:
     timings = {}
     cpu = _cpu_seconds()
     t = time.perf_counter()
-    manifest = convert(job["out"], ConvertOptions(job["inputs"], vocab=job["vocab"]), workers=job["workers"],
-                       progress=False, timings=timings)
+    convert(job["out"], ConvertOptions(job["inputs"], vocab=job["vocab"]), workers=job["workers"],
+            progress=False, timings=timings)
     seconds = time.perf_counter() - t
+    corpus = Corpus(job["out"])
     return {"seconds": seconds, "cpu_seconds": _cpu_seconds() - cpu, "timings": timings,
-            "manifest": {k: manifest[k] for k in ("totals", "accounting")}}
+            "manifest": {"totals": corpus.totals, "accounting": corpus.accounting}}
 
 
 def measure(name: str, inputs: list[Path], workers: int, out_root: Path, vocab: str | None,
@@ -206,9 +208,9 @@ def measure(name: str, inputs: list[Path], workers: int, out_root: Path, vocab: 
     to a quarter); all their times are kept."""
     tries = [convert_once(name, inputs, workers, out_root, vocab, fresh) for _ in range(repeats)]
     median = sorted(tries, key=lambda r: r["seconds"])[(len(tries) - 1) // 2]
-    seconds, manifest = median["seconds"], median["manifest"]
-    tot = manifest["totals"]
-    cells_read = manifest["accounting"]["cells_read"]
+    seconds, made = median["seconds"], median["manifest"]
+    tot = made["totals"]
+    cells_read = made["accounting"]["cells_read"]
     result = {
         "dataset": name, "workers": workers, "vocab": "supplied" if vocab else "built (scan pass)",
         "process": "fresh" if fresh else "shared",

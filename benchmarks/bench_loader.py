@@ -62,7 +62,7 @@ INTEGRITY_TARGET = "block checks (checksum + structure) cost <= 5 % of loader th
 
 def corpus_of(name: str, inputs: list[Path]) -> Path:
     out = DATA / "corpora" / name
-    if not (out / "manifest.json").exists():
+    if not Corpus.is_finished(out):
         convert(out, ConvertOptions([str(p) for p in inputs]), workers=os.cpu_count() or 1, progress=True,
                 overwrite=True)
     return out
@@ -167,7 +167,7 @@ def padding_waste(corpus: Path, batching: Batching, seed: int = 0) -> dict:
     order, as many per batch as length-grouped batches hold on average) vs length-grouped batches
     (this loader's plan) vs packed (none)."""
     c = Corpus(corpus)
-    lengths = np.load(corpus / c.manifest["cell_lengths"]["file"]).astype(np.int64)
+    lengths = c.cell_lengths().astype(np.int64)
     plan = EpochPlan(c.block_table(), lengths, batching, seed, 0, 1, 1)
     grouped_tokens = grouped_slots = n_batches = 0
     for m in plan.stream_megabatches(0):
@@ -263,11 +263,10 @@ def main() -> None:
 
     runs, padding, baseline = [], {}, {}
     for name, corpus, files in datasets:
-        manifest = json.loads((corpus / "manifest.json").read_text())
         padding[name] = padding_waste(corpus, batching)
         for mode_name, mode in MODES.items():
             for w in args.workers:
-                r = {"dataset": name, "mode": mode_name, "corpus_cells": manifest["totals"]["n_cells"],
+                r = {"dataset": name, "mode": mode_name, "corpus_cells": Corpus(corpus).n_cells,
                      **epoch_rate(corpus, mode, w, batching, args.repeats)}
                 print(json.dumps(r), file=sys.stderr)
                 runs.append(r)

@@ -44,6 +44,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from common import NO_GENE_IDS, RESULTS, SHARED_H5AD, device_record, result_record, versions, write_result  # noqa: E402
 
+from data_pipeline.corpus import Corpus  # noqa: E402
+
 CONFIG = REPO / "benchmarks" / "configs" / "eval.yaml"
 PRETRAIN_FILES = ["mudan_pbmcA", "asurat_pbmc4k_subset", "pisces_pbmc1k", "celltypist_sample559", "copykat_tumor302",
                   "cider_baron_pancreas350"]
@@ -67,7 +69,7 @@ def build_corpus(work: Path) -> Path:
     from data_pipeline.plan import ConvertOptions
 
     corpus = work / "corpus"
-    if not (corpus / "manifest.json").exists():
+    if not Corpus.is_finished(corpus):
         inputs = [str(SHARED_H5AD / f"{name}.h5ad") for name in PRETRAIN_FILES]
         convert(corpus, ConvertOptions(inputs, label_columns=[LABEL_COLUMN]), workers=2, progress=False)
     return corpus
@@ -288,7 +290,7 @@ def main() -> None:
 
     started = time.perf_counter()
     corpus = build_corpus(args.work)
-    manifest = json.loads((corpus / "manifest.json").read_text())
+    made = Corpus(corpus)
     files = {name: EvalFile(name, key, args.max_cells, args.seed) for name, key in EVAL_FILES.items()}
     labels = {name: f.labels for name, f in files.items()}
     result = {"pca50": {}, "random_init": {}, "mixes": {}}
@@ -330,9 +332,8 @@ def main() -> None:
                   "pca50": "log1p(CP10k) over all the file's genes, centered, PCA 50 components",
                   "random_init": "the trained model's architecture and seed at step 0 (same for every mix)",
                   "max_cells": args.max_cells},
-        corpus={"files": PRETRAIN_FILES, "excluded": EXCLUDED, "cells": manifest["totals"]["n_cells"],
-                "tokens": manifest["totals"]["n_tokens"],
-                "vocab_genes": manifest.get("vocab", {}).get("n_genes"), "label_column": LABEL_COLUMN},
+        corpus={"files": PRETRAIN_FILES, "excluded": EXCLUDED, "cells": made.n_cells,
+                "tokens": made.n_tokens, "vocab_genes": made.vocab.n_genes, "label_column": LABEL_COLUMN},
         eval_files={name: {"label_key": f.label_key, "cells": len(f.labels), "classes": len(set(f.labels)),
                            "cells_unlabeled_or_rare_class": f.unlabeled_or_rare,
                            "cells_not_sampled": f.not_sampled, "gene_coverage": coverage.get(name)}

@@ -69,3 +69,12 @@ def _take_sigterm(parent: int) -> None:
         info = signal.sigwaitinfo({signal.SIGTERM})
         if info.si_pid == parent:
             os._exit(0)
+
+
+def progress_bar(total: int, desc: str, enabled: bool, unit: str = "cell"):
+    """A tqdm bar on stderr for the converter's stages, safe to hold while a pool forks."""
+    from tqdm import tqdm
+
+    tqdm.monitor_interval = 0  # no monitor thread: the pool forks
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not enabled,
+                file=sys.stderr, dynamic_ncols=True)

@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import contextmanager
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -39,10 +37,9 @@ import scipy.sparse as sp
 
 from .arrayfile import read_arrays, write_arrays
 from .buffers import Buffers
-from .child_processes import exit_with_parent
+from .child_processes import exit_with_parent, progress_bar
+from .corpus import LAYOUT, VOCAB, Corpus
 from .fsio import (
-    FolderBusy,
-    OutputLock,
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_stream,
@@ -51,13 +48,16 @@ from .fsio import (
     remove_stale_temps,
     source_checksum,
 )
+from .merge import finish_if_complete, merge_units
 from .plan import (
+    WORK,
     ConvertError,
     ConvertOptions,
     build_plan,
     label_codes,
     load_gene_table,
     load_plan,
+    locked_output,
     options_from_plan,
     plan_hash,
     save_plan,
@@ -66,19 +66,12 @@ from .plan import (
 )
 from .readers import SourceError, open_source
 from .rowkernels import convert_rows, scan_counts
-from .shards import END_OF_ARCHIVE, CellBlock, block_checksum, encode_block_parts
+from .shards import END_OF_ARCHIVE, CellBlock, block_checksum, encode_block_parts, length_histogram
 from .stats import GeneStats
 from .validate import SKIP_REASONS
-from .vocab import VocabError, Vocabulary, read_vocab
+from .vocab import VocabError, Vocabulary, read_vocab, vocabulary_coverage
 
-WORK = ".work"
 _OPEN_SOURCES = 8  # per worker; thousands of inputs must not exhaust file handles
-LENGTH_BINS = 18  # cells with 2**k <= genes < 2**(k+1), k = 0..17
-
-
-def length_histogram(lengths: np.ndarray) -> list[int]:
-    k = np.minimum(np.log2(np.maximum(lengths, 1)).astype(np.int64), LENGTH_BINS - 1)
-    return np.bincount(k, minlength=LENGTH_BINS).tolist()
 
 
 # --- per-process context (filled once per worker, so tasks carry only a unit number) ----------
@@ -116,13 +109,6 @@ class _Context:
 
 
 _CTX: _Context | None = None
-
-
-def vocabulary_coverage(colmap: np.ndarray) -> dict:
-    """A source's columns in the vocabulary, and how many of them were summed into another
-    column of the same gene (``colmap``: token per column, -1 for none)."""
-    mapped = colmap[colmap >= 0]
-    return {"genes_in_vocab": int(len(mapped)), "duplicate_columns_summed": int(len(mapped) - len(np.unique(mapped)))}
 
 
 def _init_worker(work: Path, vocab_path: Path | None) -> None:
@@ -416,31 +402,22 @@ def _largest_first(plan: dict, units: list[int]) -> list[int]:
     return sorted(units, key=lambda u: -plan["unit_bytes"][u])
 
 
-def _progress(total: int, desc: str, enabled: bool, unit: str = "cell"):
-    from tqdm import tqdm
-
-    tqdm.monitor_interval = 0  # no monitor thread: the pool forks
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not enabled,
-                file=sys.stderr, dynamic_ncols=True)
-
-
 def prepare_out(out: Path, options: ConvertOptions, overwrite: bool) -> str:
     """Check ``out`` against this command; returns 'complete', 'resume' or 'new'."""
     work = out / WORK
-    manifest = out / "manifest.json"
     h = plan_hash(options)
     if overwrite and out.exists():
-        if any(not is_lock_file(p.name) for p in out.iterdir()) and not (manifest.exists() or work.exists()):
+        if any(not is_lock_file(p.name) for p in out.iterdir()) and not (Corpus.is_finished(out) or work.exists()):
             raise ConvertError(f"--out {out} is a non-empty folder that is not a corpus; refusing to "
                                "overwrite it: choose an empty or new folder")
-        for name in ("manifest.json", "vocab.tsv", "stats.zarr", "cell_lengths.npy", "shards", WORK):
+        for name in (*LAYOUT, WORK):
             p = out / name
             if p.is_dir():
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
-    if manifest.exists():
-        if json.loads(manifest.read_text()).get("plan_hash") == h:
+    if Corpus.is_finished(out):
+        if Corpus(out).plan_hash == h:
             return "complete"
         raise ConvertError(f"{out} already holds a corpus made from other inputs or options; choose "
                            "a new --out, or pass --overwrite to replace it")
@@ -459,7 +436,7 @@ def prepare_out(out: Path, options: ConvertOptions, overwrite: bool) -> str:
 def ensure_vocab(out: Path, plan: dict, workers: int, mine: list[int], progress: bool,
                  num_nodes: int, wait_s: float) -> Path:
     """Write ``vocab.tsv`` (supplied, or scanned from the corpus) unless it is already there."""
-    vocab_path = out / "vocab.tsv"
+    vocab_path = out / VOCAB
     if vocab_path.exists():
         return vocab_path
     options = options_from_plan(plan)
@@ -471,7 +448,7 @@ def ensure_vocab(out: Path, plan: dict, workers: int, mine: list[int], progress:
         (work / folder).mkdir(parents=True, exist_ok=True)
         remove_stale_temps(work / folder, num_nodes > 1)
     todo = _largest_first(plan, [u for u in mine if not _scan_path(work, u).exists()])
-    with _progress(sum(unit_rows(plan, u) for u in todo), "scan genes", progress) as bar:
+    with progress_bar(sum(unit_rows(plan, u) for u in todo), "scan genes", progress) as bar:
         run_pool(scan_unit, todo, workers, (work, None), bar.update)
     missing = _wait_for(lambda: [u for u in range(len(plan["units"])) if not _scan_path(work, u).exists()],
                         num_nodes, wait_s, "gene scans")
@@ -516,29 +493,10 @@ def convert(out: str | Path, options: ConvertOptions, workers: int = 1, num_node
                                wait_s, timings)
 
 
-@contextmanager
-def locked_output(out: Path, node: int | None = None):
-    """This command's `OutputLock` on ``out`` (``node``: a node of a multi-node conversion, which
-    shares the folder with the other nodes), with the temp files of killed writers swept from the
-    corpus folder once it is held; a refusal is a `ConvertError` (an ``error:`` line)."""
-    try:
-        lock = OutputLock(out, node=node).__enter__()
-    except FolderBusy as exc:
-        raise ConvertError(str(exc)) from None
-    try:
-        if lock.exclusive:  # the corpus root is written by the merge, which holds the folder alone
-            remove_stale_temps(out)
-        yield lock
-    finally:
-        lock.__exit__(None, None, None)
-
-
 def _convert_locked(out: Path, options: ConvertOptions, workers: int, num_nodes: int, node_rank: int,
                     overwrite: bool, progress: bool, keep_work: bool, wait_s: float,
                     timings: dict | None) -> dict | None:
     """`convert` once this command holds ``out``'s lock."""
-    from .merge import finish_if_complete, merge_units
-
     timings = {} if timings is None else timings
     clock = time.perf_counter()
 
@@ -570,7 +528,7 @@ def _convert_locked(out: Path, options: ConvertOptions, workers: int, num_nodes:
     (work / "units").mkdir(exist_ok=True)
     remove_stale_temps(work / "units", others_may_write)
     todo = _largest_first(plan, [u for u in mine if not (work / "units" / f"{unit_name(u)}.json").exists()])
-    with _progress(sum(unit_rows(plan, u) for u in todo), "convert", progress) as bar:
+    with progress_bar(sum(unit_rows(plan, u) for u in todo), "convert", progress) as bar:
         run_pool(convert_unit, todo, workers, (work, vocab_path), lambda r: bar.update(r["cells_read"]))
     lap("units")
     if num_nodes > 1:

@@ -8,17 +8,30 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from .fsio import commit, fsync_file, sha256_path, temp_path
+from .fsio import atomic_write_json, commit, fsync_file, sha256_path, temp_path
 from .shards import END_OF_ARCHIVE, BlockError, CellBlock, block_problem, read_block
 from .vocab import Vocabulary, read_vocab
 
 # 2: per-block offsets in shard records, cell_lengths.npy; 3: each block record ends with the
 # block's xxh3-64 (hex), each shard record lists the sources that wrote it. 2 is still read.
 SCHEMA_VERSION = 3
+OLDEST_SCHEMA_VERSION = 2  # schema 1 has no random-access index, which the loader and verify need
+MANIFEST = "manifest.json"
+VOCAB = "vocab.tsv"
+STATS = "stats.zarr"
+CELL_LENGTHS = "cell_lengths.npy"  # genes per cell in corpus order (the loader's length index)
+SHARDS = "shards"
+LAYOUT = (MANIFEST, VOCAB, STATS, CELL_LENGTHS, SHARDS)  # what a corpus folder holds
+
+
+def shard_name(i: int) -> str:
+    """The manifest's name of shard ``i`` (relative to the corpus folder)."""
+    return f"{SHARDS}/corpus-{i:06d}.tar"
 
 
 class CorpusError(ValueError):
@@ -60,29 +73,128 @@ class BlockTable:
         return block - int(np.searchsorted(self.shard, self.shard[block]))
 
 
+@dataclass(frozen=True)
+class LabelColumn:
+    """A per-cell label column asked for at conversion: cells carry codes into ``categories``."""
+
+    name: str
+    categories: tuple[str, ...]
+
+
 class Corpus:
-    """A corpus folder: ``manifest.json``, ``vocab.tsv``, ``shards/``, ``stats.zarr``."""
+    """A corpus folder: ``manifest.json``, ``vocab.tsv``, ``shards/``, ``stats.zarr``,
+    ``cell_lengths.npy``. The one reader and writer of this layout: every other module asks it
+    (properties below) rather than parsing the manifest. ``manifest`` is the whole record, for
+    reports to people (`summary`, `merge.print_report`)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        manifest = self.path / "manifest.json"
+        manifest = self.path / MANIFEST
         if not manifest.exists():
             hint = (" (an unfinished conversion: rerun its convert command, or `merge` after a "
                     "multi-node run)" if (self.path / ".work").exists() else "")
             raise CorpusError(f"{self.path}: no manifest.json, so not a finished corpus{hint}")
         self.manifest = json.loads(manifest.read_text())
         version = self.manifest.get("schema_version")
-        if not isinstance(version, int) or version > SCHEMA_VERSION:
-            raise CorpusError(f"{self.path}: corpus schema version {version!r}, this data_pipeline reads up to "
-                              f"{SCHEMA_VERSION}: update the code, or convert the inputs again with this one")
+        if isinstance(version, int) and version > SCHEMA_VERSION:
+            raise CorpusError(f"{self.path}: corpus schema version {version} is newer than this data_pipeline "
+                              f"reads ({OLDEST_SCHEMA_VERSION} to {SCHEMA_VERSION}): update the code to the "
+                              "version that wrote it, or convert the inputs again with this one")
+        if not isinstance(version, int) or version < OLDEST_SCHEMA_VERSION:
+            raise CorpusError(f"{self.path}: corpus schema version {version!r} is older than this data_pipeline "
+                              f"reads ({OLDEST_SCHEMA_VERSION} to {SCHEMA_VERSION}): convert the inputs again "
+                              f"(`python -m data_pipeline convert ... --out {self.path} --overwrite`)")
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("vocab", None)  # read again where asked for, not pickled into every loader worker
+        return state
+
+    @staticmethod
+    def is_finished(path: str | Path) -> bool:
+        """Whether ``path`` holds a finished corpus (its manifest is written last)."""
+        return (Path(path) / MANIFEST).is_file()
+
+    @staticmethod
+    def write_manifest(path: str | Path, manifest: dict) -> None:
+        """Write the manifest of the corpus in ``path`` (atomically; the last file a conversion
+        writes, so a folder with one is a finished corpus)."""
+        atomic_write_json(Path(path) / MANIFEST, manifest, indent=1)  # read by people too
 
     @property
+    def schema_version(self) -> int:
+        return self.manifest["schema_version"]
+
+    @property
+    def plan_hash(self) -> str:
+        """The hash of the conversion's inputs and options: which corpus this is, wherever it lies."""
+        return self.manifest["plan_hash"]
+
+    @property
+    def vocab_path(self) -> Path:
+        """``vocab.tsv``: token id, Ensembl id, symbol (special tokens first)."""
+        return self.path / VOCAB
+
+    @cached_property
     def vocab(self) -> Vocabulary:
-        return read_vocab(self.path / "vocab.tsv")
+        return read_vocab(self.vocab_path)
+
+    @property
+    def vocab_size(self) -> int:
+        """Tokens in the vocabulary, special tokens included."""
+        return self.manifest["vocab"]["size"]
+
+    @property
+    def vocab_sha256(self) -> str:
+        return self.manifest["vocab"]["sha256"]
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """Special token name (``<pad>``, ``<cls>``, ``<mask>``) -> token id."""
+        return dict(self.manifest["vocab"]["special_tokens"])
+
+    @property
+    def label_columns(self) -> list[LabelColumn]:
+        return [LabelColumn(c["name"], tuple(c["categories"])) for c in self.manifest["label_columns"]]
+
+    @property
+    def label_classes(self) -> list[int]:
+        """Categories per label column (what a label head predicts)."""
+        return [len(c["categories"]) for c in self.manifest["label_columns"]]
 
     @property
     def n_cells(self) -> int:
         return self.manifest["totals"]["n_cells"]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.manifest["totals"]["n_tokens"]
+
+    @property
+    def totals(self) -> dict:
+        """Cells, tokens, shards and bytes of the corpus."""
+        return dict(self.manifest["totals"])
+
+    @property
+    def accounting(self) -> dict:
+        """Cells read = cells written + cells skipped (by reason)."""
+        return dict(self.manifest["accounting"])
+
+    @property
+    def cell_lengths_file(self) -> str:
+        """The length index's file name (for messages)."""
+        return self.manifest["cell_lengths"]["file"]
+
+    def cell_lengths(self) -> np.ndarray:
+        """Genes per cell in corpus order, from the length index (no shard is read).  [N]"""
+        return np.load(self.path / self.cell_lengths_file)
+
+    def medians(self) -> np.ndarray:
+        """Per-token nonzero medians of ``count / total * 1e4`` from ``stats.zarr`` (what rank
+        mode divides by).  [vocab_size] float64, NaN for tokens never expressed"""
+        from .stats import GeneStats
+
+        return GeneStats.from_zarr(self.path / STATS).nonzero_medians()
 
     def shard_path(self, name: str) -> Path:
         """The file of shard ``name`` (as the manifest names it), refused unless it lies inside the
@@ -177,8 +289,8 @@ class BlockReader:
 
     def __init__(self, corpus: Corpus, table: BlockTable, check: bool = True):
         self.corpus, self.table, self.check = corpus, table, check
-        self.vocab_size = corpus.manifest["vocab"]["size"]
-        self.label_sizes = [len(c["categories"]) for c in corpus.manifest["label_columns"]]
+        self.vocab_size = corpus.vocab_size
+        self.label_sizes = corpus.label_classes
         self.fds: dict[int, int] = {}
 
     def read(self, block: int) -> CellBlock:
@@ -229,8 +341,7 @@ def verify(path: str | Path) -> list[str]:
         return [str(exc)]
     m = corpus.manifest
     problems = []
-    vocab_file = corpus.path / "vocab.tsv"
-    if not vocab_file.exists():
+    if not corpus.vocab_path.exists():
         problems.append("vocab.tsv is missing")
     elif corpus.vocab.sha256() != m["vocab"]["sha256"]:
         problems.append("vocab.tsv does not match the manifest's vocabulary hash")
@@ -253,12 +364,12 @@ def verify(path: str | Path) -> list[str]:
     written = sum(s["n_cells"] for s in m["shards"])
     if written != acc["cells_written"] or written != m["totals"]["n_cells"]:
         problems.append(f"shards hold {written} cells but the accounting says {acc['cells_written']} written")
-    if not (corpus.path / "stats.zarr").exists():
+    if not (corpus.path / STATS).exists():
         problems.append("stats.zarr is missing")
     else:
         import zarr
 
-        n = zarr.open_group(str(corpus.path / "stats.zarr"), mode="r").attrs.get("n_cells")
+        n = zarr.open_group(str(corpus.path / STATS), mode="r").attrs.get("n_cells")
         if n != m["totals"]["n_cells"]:
             problems.append(f"stats.zarr covers {n} cells, the corpus {m['totals']['n_cells']}")
     return problems
@@ -451,4 +562,4 @@ def to_h5ad(path: str | Path, out: str | Path, limit: int | None = None) -> int:
     return n
 
 
-__all__ = ["Corpus", "CorpusError", "verify", "summary", "to_h5ad"]
+__all__ = ["Corpus", "CorpusError", "LabelColumn", "verify", "summary", "to_h5ad"]

@@ -52,33 +52,24 @@ def rank_and_world_size(rank: int | None = None, world_size: int | None = None) 
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def corpus_medians(corpus: str | Path) -> np.ndarray:
-    """Per-token nonzero medians of ``count / total * 1e4`` from the corpus's ``stats.zarr``
-    (what rank mode divides by).  [vocab_size] float64, NaN for tokens never expressed"""
-    from .stats import GeneStats
-
-    return GeneStats.from_zarr(Path(corpus) / "stats.zarr").nonzero_medians()
-
-
 class _Spec:
     """What every process needs to make its batches (picklable; arrays loaded lazily)."""
 
-    def __init__(self, corpus: Path, normalization: Normalization, batching: Batching, masking: Masking | None,
+    def __init__(self, corpus: Corpus, normalization: Normalization, batching: Batching, masking: Masking | None,
                  views: Views | None, seed: int, rank: int, world_size: int, streams_per_rank: int,
                  extra_tokens_per_cell: int):
-        self.corpus = Corpus(corpus)
-        self.manifest = self.corpus.manifest
+        self.corpus = corpus
         self.check_blocks = True  # False only in benchmarks/bench_loader.py, to measure what the checks cost
         self.normalization, self.batching, self.masking, self.views = normalization, batching, masking, views
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.streams_per_rank, self.extra_tokens_per_cell = streams_per_rank, extra_tokens_per_cell
-        self.vocab_size = self.manifest["vocab"]["size"]
-        special = self.manifest["vocab"]["special_tokens"]  # name -> token id
+        self.vocab_size = corpus.vocab_size
+        special = corpus.special_tokens
         if "<mask>" not in special:
-            raise ValueError(f"{corpus}: the vocabulary has no <mask> token (special tokens: {special})")
+            raise ValueError(f"{corpus.path}: the vocabulary has no <mask> token (special tokens: {special})")
         self.mask_token = special["<mask>"]
         self.n_special = max(special.values()) + 1  # gene tokens follow the special ones
-        self.n_label_columns = len(self.manifest["label_columns"])
+        self.n_label_columns = len(corpus.label_columns)
         # here, not in a worker: a malformed index or a shard outside the corpus fails at once
         self._table = self.corpus.block_table()
         self._cost = None
@@ -94,7 +85,7 @@ class _Spec:
         """Tokens each cell can take in a batch (capped length plus special tokens, per view).  [N]"""
         if self._cost is None:
             # int32: one per corpus cell in every process (30M cells: 120 MB)
-            self._cost = self.cell_cost(np.load(self.corpus.path / self.manifest["cell_lengths"]["file"]))
+            self._cost = self.cell_cost(self.corpus.cell_lengths())
         return self._cost
 
     def cell_cost(self, lengths: np.ndarray) -> np.ndarray:
@@ -227,7 +218,7 @@ def _check_cell_lengths(spec: _Spec, block_ids: np.ndarray, blocks: list) -> Non
         first = int(spec.table.first_cell[b])
         if not np.array_equal(spec.cell_cost(np.diff(block.indptr)), spec.cost[first : first + block.n_cells]):
             raise spec.corpus.damaged(spec.table, int(b), f"its genes per cell disagree with "
-                                      f"{spec.manifest['cell_lengths']['file']}")
+                                      f"{spec.corpus.cell_lengths_file}")
 
 
 def _megabatch_batches(spec: _Spec, plan: EpochPlan, m, reader: BlockReader, first: int, epoch: int):
@@ -279,7 +270,7 @@ def _megabatch_batches(spec: _Spec, plan: EpochPlan, m, reader: BlockReader, fir
 class CellLoader:
     """Batches of a corpus for one rank, epoch after epoch.
 
-    ``corpus``: a corpus folder. ``normalization`` (default log1p_cp10k in 51 bins; rank mode
+    ``corpus``: a `Corpus` (or its folder). ``normalization`` (default log1p_cp10k in 51 bins; rank mode
     without medians takes them from the corpus's ``stats.zarr``), ``batching`` (token budget,
     megabatch size), ``masking`` (None: no masked-expression targets), ``views`` (None: one
     sequence per cell; else two views per cell, linked by ``view_index``). ``rank`` /
@@ -290,18 +281,19 @@ class CellLoader:
     workers always do). Iterating gives one epoch; the next iteration the next epoch.
     """
 
-    def __init__(self, corpus: str | Path, normalization: Normalization | None = None,
+    def __init__(self, corpus: Corpus | str | Path, normalization: Normalization | None = None,
                  batching: Batching | None = None, masking: Masking | None = DEFAULT_MASKING, views: Views | None = None,
                  seed: int = 0, rank: int | None = None, world_size: int | None = None, num_workers: int = 0,
                  pin_memory: bool = False, prefetch_factor: int = 4, extra_tokens_per_cell: int = 0,
                  malloc_tuning: bool = True):
-        corpus = Path(corpus)
-        if not (corpus / "manifest.json").exists():
-            raise ValueError(f"{corpus}: no manifest.json; pass a finished corpus folder "
-                             "(`python -m data_pipeline convert ... --out CORPUS`)")
+        if not isinstance(corpus, Corpus):
+            if not Corpus.is_finished(corpus):
+                raise ValueError(f"{corpus}: no manifest.json; pass a finished corpus folder "
+                                 "(`python -m data_pipeline convert ... --out CORPUS`)")
+            corpus = Corpus(corpus)
         normalization = normalization or Normalization()
         if normalization.mode == "rank" and normalization.medians is None:
-            normalization = Normalization(**{**asdict(normalization), "medians": corpus_medians(corpus)})
+            normalization = Normalization(**{**asdict(normalization), "medians": corpus.medians()})
         if pin_memory and not torch.cuda.is_available():
             warnings.warn("CellLoader(pin_memory=True) without CUDA: pinned memory needs an accelerator, "
                           "so batches are left unpinned", stacklevel=2)
@@ -311,11 +303,12 @@ class CellLoader:
         rank, world_size = rank_and_world_size(rank, world_size)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.corpus = corpus
         self.num_workers, self.pin_memory, self.prefetch_factor = num_workers, pin_memory, prefetch_factor
         self.spec = _Spec(corpus, normalization, batching or Batching(), masking, views, seed, rank, world_size,
                           max(1, num_workers), extra_tokens_per_cell)
         if self.spec.table.checksum is None:
-            warnings.warn(f"{corpus}: a corpus of schema {self.spec.manifest['schema_version']} has no block "
+            warnings.warn(f"{corpus.path}: a corpus of schema {corpus.schema_version} has no block "
                           "checksums, so damaged blocks are caught only by structural checks: reconvert to "
                           "get block checksums", stacklevel=2)
         vocab_size = self.spec.vocab_size
@@ -370,13 +363,13 @@ class CellLoader:
         s = self.spec
         return {"version": STATE_VERSION, "epoch": self.epoch, "batches_done": self.batches_done, "seed": s.seed,
                 "world_size": s.world_size, "streams_per_rank": s.streams_per_rank,
-                "corpus": s.manifest["plan_hash"], "batching": asdict(s.batching)}
+                "corpus": s.corpus.plan_hash, "batching": asdict(s.batching)}
 
     def load_state_dict(self, state: dict, restart_epoch: bool = False) -> None:
         s = self.spec
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
-        if state["corpus"] != s.manifest["plan_hash"]:
+        if state["corpus"] != s.corpus.plan_hash:
             raise ValueError("the loader state is from another corpus")
         if state["seed"] != s.seed or state["batching"] != asdict(s.batching):
             raise ValueError("the loader state was taken with another seed or batching; pass the same ones")

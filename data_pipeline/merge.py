@@ -17,11 +17,20 @@ from pathlib import Path
 
 import numpy as np
 
-from .convert import LENGTH_BINS, WORK, _progress, vocabulary_coverage
-from .corpus import BLOCK_RECORD, SCHEMA_VERSION, block_record
+from .child_processes import progress_bar
+from .corpus import (
+    BLOCK_RECORD,
+    CELL_LENGTHS,
+    SCHEMA_VERSION,
+    SHARDS,
+    STATS,
+    VOCAB,
+    Corpus,
+    block_record,
+    shard_name,
+)
 from .fsio import (
     atomic_replace_dir,
-    atomic_write_json,
     atomic_write_with,
     fsync_dir,
     remove_stale_temps,
@@ -29,15 +38,11 @@ from .fsio import (
     source_checksum,
     temp_path,
 )
-from .plan import ConvertError, load_gene_table, load_plan, unit_name
-from .shards import DTYPES, block_checksum
+from .plan import WORK, ConvertError, load_gene_table, load_plan, locked_output, unit_name
+from .shards import DTYPES, LENGTH_BINS, block_checksum
 from .stats import merge_partials
 from .validate import SKIP_REASONS
-from .vocab import read_vocab
-
-
-def shard_name(i: int) -> str:
-    return f"shards/corpus-{i:06d}.tar"
+from .vocab import read_vocab, vocabulary_coverage
 
 
 def _place_shard(out: Path, i: int, unit: dict) -> dict:
@@ -74,7 +79,7 @@ def _checksum(shard: Path, block: dict) -> int:
 
 
 def finish_if_complete(out: Path, keep_work: bool) -> dict:
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = Corpus(out).manifest
     if not keep_work and (out / WORK).exists():
         shutil.rmtree(out / WORK)
     return manifest
@@ -84,10 +89,8 @@ def merge_corpus(out: str | Path, keep_work: bool = False, progress: bool = True
     """Build shards, stats and manifest from finished units (after every node has run), with
     ``workers`` threads merging the statistics; holds the folder's lock (`convert.locked_output`)
     meanwhile, so it is refused while a node still converts into it."""
-    from .convert import locked_output
-
     out = Path(out)
-    if not (out / "manifest.json").exists() and load_plan(out / WORK) is None:
+    if not Corpus.is_finished(out) and load_plan(out / WORK) is None:
         raise ConvertError(f"{out}: no conversion to merge (no {WORK}/plan.json); run "
                            "`python -m data_pipeline convert ... --out` first")
     with locked_output(out):
@@ -97,42 +100,42 @@ def merge_corpus(out: str | Path, keep_work: bool = False, progress: bool = True
 def merge_units(out: Path, keep_work: bool = False, progress: bool = True, workers: int = 1) -> dict:
     """`merge_corpus` by a command that holds the folder's lock exclusively."""
     work = out / WORK
-    if (out / "manifest.json").exists():
+    if Corpus.is_finished(out):
         return finish_if_complete(out, keep_work)
     plan = load_plan(work)
     units = plan["units"]
     missing = [u for u in range(len(units)) if not (work / "units" / f"{unit_name(u)}.json").exists()]
-    if missing or not (out / "vocab.tsv").exists():
+    if missing or not (out / VOCAB).exists():
         raise ConvertError(f"{out}: {len(missing)} of {len(units)} work units are not finished (e.g. "
                            f"{missing[:5]}); rerun the convert command on every node (unit u belongs "
                            "to node u % num_nodes), then merge")
-    vocab = read_vocab(out / "vocab.tsv")
+    vocab = read_vocab(out / VOCAB)
     results = [json.loads((work / "units" / f"{unit_name(u)}.json").read_text()) for u in range(len(units))]
     with_cells = [r for r in results if r["blocks"]]
     if not with_cells:  # refused here, where the manifest would be written, so every node's cells count
         raise ConvertError(empty_corpus_message(out, build_manifest(out, plan, vocab, results, [])))
-    (out / "shards").mkdir(exist_ok=True)
-    remove_stale_temps(out / "shards")
-    for stale in (out / "shards").glob("corpus-*.tar"):
+    (out / SHARDS).mkdir(exist_ok=True)
+    remove_stale_temps(out / SHARDS)
+    for stale in (out / SHARDS).glob("corpus-*.tar"):
         if int(stale.stem.split("-")[1]) >= len(with_cells):
             stale.unlink()
     shards = [_place_shard(out, i, r) for i, r in enumerate(with_cells)]
-    fsync_dir(out / "shards")
-    with _progress(len(units), "merge statistics", progress, unit="unit") as bar:
+    fsync_dir(out / SHARDS)
+    with progress_bar(len(units), "merge statistics", progress, unit="unit") as bar:
         stats = merge_partials([work / "units" / f"{unit_name(u)}.stats" for u in range(len(units))],
                                len(vocab), bar.update, workers)
 
     lengths = write_cell_lengths(out, [work / "units" / f"{unit_name(r['unit'])}.lengths" for r in with_cells])
 
-    tmp = temp_path(out / "stats.zarr")
+    tmp = temp_path(out / STATS)
     if tmp.exists():
         shutil.rmtree(tmp)
     stats.to_zarr(tmp)
-    atomic_replace_dir(tmp, out / "stats.zarr")
+    atomic_replace_dir(tmp, out / STATS)
 
     manifest = build_manifest(out, plan, vocab, results, shards)
     manifest["cell_lengths"] = lengths
-    atomic_write_json(out / "manifest.json", manifest, indent=1)  # read by people too
+    Corpus.write_manifest(out, manifest)
     if not keep_work:
         shutil.rmtree(work)
     return manifest
@@ -152,9 +155,6 @@ def empty_corpus_message(out: Path, manifest: dict) -> str:
     return (f"{out}: no cell is left to write, so no corpus was written: read {acc['cells_read']:,} cells, "
             f"skipped {skipped}" + (f"; refused files: {'; '.join(refused)}" if refused else "")
             + (f". {'; '.join(hints)}" if hints else "") + ", then rerun with --overwrite")
-
-
-CELL_LENGTHS = "cell_lengths.npy"
 
 
 def write_cell_lengths(out: Path, unit_files: list[Path]) -> dict:
@@ -221,7 +221,7 @@ def build_manifest(out: Path, plan: dict, vocab, results: list[dict], shard_reco
         "schema_version": SCHEMA_VERSION,
         "kind": "scfm-corpus",
         "plan_hash": plan["plan_hash"],
-        "vocab": {"file": "vocab.tsv", "sha256": vocab.sha256(), "size": len(vocab),
+        "vocab": {"file": VOCAB, "sha256": vocab.sha256(), "size": len(vocab),
                   "n_genes": vocab.n_genes, "special_tokens": vocab.special_tokens,
                   "origin": (f"supplied: {plan['options']['vocab']}" if plan["options"]["vocab"] else
                              f"built: genes positive in >= {plan['options']['min_cells_per_gene']} cells")},

@@ -13,17 +13,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .fsio import atomic_write_json
+from .fsio import FolderBusy, OutputLock, atomic_write_json, remove_stale_temps
 from .gene_ids import resolve_gene_ids
 from .readers import Source, SourceError, open_source
 from .validate import check_integer_counts, non_integer_message, sample_rows
 from .vocab import VocabError, read_symbol_table
 
+WORK = ".work"  # a conversion's work folder inside the corpus folder: plan, units, scans
 PLAN_VERSION = 3
 # A file is taken as normalized (and refused) when more than this fraction of the nonzeros in its
 # first rows is fractional; a normalized matrix is ~100% fractional, while a stray bad cell in a
@@ -324,3 +326,20 @@ def label_codes(values, categories: list[str], n: int) -> np.ndarray:
         return np.full(n, -1, np.int32)
     lookup = {c: i for i, c in enumerate(categories)}
     return np.fromiter((lookup.get(v, -1) if v is not None else -1 for v in values), np.int32, n)
+
+
+@contextmanager
+def locked_output(out: Path, node: int | None = None):
+    """This command's `OutputLock` on ``out`` (``node``: a node of a multi-node conversion, which
+    shares the folder with the other nodes), with the temp files of killed writers swept from the
+    corpus folder once it is held; a refusal is a `ConvertError` (an ``error:`` line)."""
+    try:
+        lock = OutputLock(out, node=node).__enter__()
+    except FolderBusy as exc:
+        raise ConvertError(str(exc)) from None
+    try:
+        if lock.exclusive:  # the corpus root is written by the merge, which holds the folder alone
+            remove_stale_temps(out)
+        yield lock
+    finally:
+        lock.__exit__(None, None, None)

@@ -38,6 +38,13 @@ import xxhash
 DTYPES = {"i64": "<i8", "i32": "<i4", "u16": "<u2", "u32": "<u4", "f32": "<f4", "f64": "<f8"}
 _CODE_OF = {np.dtype(v).str: k for k, v in DTYPES.items()}
 END_OF_ARCHIVE = b"\0" * 1024
+LENGTH_BINS = 18  # cells with 2**k <= genes < 2**(k+1), k = 0..17 (the manifest's length histograms)
+
+
+def length_histogram(lengths: np.ndarray) -> list[int]:
+    """Cells per ``LENGTH_BINS`` bin of genes per cell."""
+    k = np.minimum(np.log2(np.maximum(lengths, 1)).astype(np.int64), LENGTH_BINS - 1)
+    return np.bincount(k, minlength=LENGTH_BINS).tolist()
 # the members of every block, each once, and the dtype codes each may have
 MEMBER_CODES = {"indptr": ("i64",), "genes": ("u16", "u32"), "counts": ("u16", "u32", "f32"),
                 "total_counts": ("f64",), "source_row": ("i64",), "labels": ("i32",), "meta": ("json",)}

@@ -272,3 +272,10 @@ def _read_symbol_table(path: Path) -> dict[str, str]:
         if sym and sym not in table:
             table[sym] = strip_version(r[ens_col].strip())
     return table
+
+
+def vocabulary_coverage(colmap: np.ndarray) -> dict:
+    """A source's columns in the vocabulary, and how many of them were summed into another
+    column of the same gene (``colmap``: token per column, -1 for none)."""
+    mapped = colmap[colmap >= 0]
+    return {"genes_in_vocab": int(len(mapped)), "duplicate_columns_summed": int(len(mapped) - len(np.unique(mapped)))}

@@ -23,6 +23,7 @@ from pathlib import Path  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_pipeline.convert import convert  # noqa: E402
+from data_pipeline.corpus import Corpus  # noqa: E402
 from data_pipeline.plan import ConvertOptions  # noqa: E402
 from data_pipeline.synthetic import write_synthetic_h5ad  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         write_synthetic_h5ad(held_out, 2000, seed=1)
     lap("synthetic cells")
     corpus = out / "corpus"
-    if (corpus / "manifest.json").exists():
+    if Corpus.is_finished(corpus):
         reused.append("convert")
     else:
         convert(corpus, ConvertOptions([str(cells)], label_columns=["cell_type"]), workers=2, progress=False)

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_pipeline.corpus import Corpus
 from data_pipeline.normalize import Normalization
 from data_pipeline.vocab import read_vocab
 
@@ -118,26 +119,23 @@ def export_bundle(source: str | Path, out: str | Path) -> Path:
     save_file(weights, str(tmp / "model.safetensors"))
     (tmp / "config.json").write_text(json.dumps({"bundle_format": BUNDLE_FORMAT, "model": asdict(config.model)},
                                                 indent=1))
-    corpus = Path(config.data.corpus)
-    shutil.copy(corpus / "vocab.tsv", tmp / "vocab.tsv")
+    corpus = Corpus(config.data.corpus)
+    shutil.copy(corpus.vocab_path, tmp / "vocab.tsv")
     norm = config.input_normalization()
     if norm.mode == "rank":
-        from data_pipeline.loader import corpus_medians
-
-        norm = Normalization(**{**asdict(norm), "medians": corpus_medians(corpus)})
+        norm = Normalization(**{**asdict(norm), "medians": corpus.medians()})
     (tmp / "normalization.json").write_text(json.dumps(normalization_record(norm)))
     # rank 0's model-states file holds the client state (ZeRO-3 names it per data-parallel rank)
     client = next(loaded[name] for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
                   if name in loaded)
-    manifest = json.loads((corpus / "manifest.json").read_text())
-    (tmp / "README.md").write_text(_model_card(config, client, manifest, ckpt))
+    (tmp / "README.md").write_text(_model_card(config, client, corpus, ckpt))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
     return out
 
 
-def _model_card(config, client: dict, manifest: dict, ckpt: Path) -> str:
+def _model_card(config, client: dict, corpus: Corpus, ckpt: Path) -> str:
     history = client.get("history") or []
     last = history[-1] if history else {}
     losses = ", ".join(f"{k} {last[k]:.4f}" for k in ("loss", "mlm", "contrastive", "label") if last.get(k) is not None)
@@ -148,8 +146,8 @@ def _model_card(config, client: dict, manifest: dict, ckpt: Path) -> str:
 - architecture: {m.architecture}, {m.n_layers} layers x {m.d_model}, {m.n_heads} heads, attention {m.attention}
 - input: {d.normalization}{ties} ({m.value_mode} values), genes per cell capped at {d.max_genes}
 - trained for {client.get('step')} optimizer steps (checkpoint {ckpt.name}); last step's losses: {losses or 'n/a'}
-- corpus: {manifest.get('totals', {}).get('n_cells', '?')} cells, plan hash {manifest.get('plan_hash')},
-  vocabulary sha256 {manifest.get('vocab', {}).get('sha256')}
+- corpus: {corpus.n_cells} cells, plan hash {corpus.plan_hash},
+  vocabulary sha256 {corpus.vocab_sha256}
 
 Load without DeepSpeed:
 

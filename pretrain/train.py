@@ -23,10 +23,10 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from data_pipeline.corpus import Corpus
 from data_pipeline.epoch_plan import Batching
 from data_pipeline.loader import CellLoader
 from data_pipeline.masking import Masking, Views
-from data_pipeline.vocab import read_vocab
 
 from . import checkpoint
 from .config import TrainConfig, resume_changes
@@ -41,32 +41,40 @@ logger = logging.getLogger(__name__)
 VALUE_MODE_OF = {"log1p_bins": "bins", "quantile_bins": "bins", "rank": "rank", "continuous": "continuous"}
 
 
-def build_loader(config: TrainConfig, device: torch.device) -> CellLoader:
-    d, m = config.data, config.model
+def open_corpus(config: TrainConfig) -> Corpus:
+    """The corpus ``data.corpus`` names; a path that is not a finished corpus fails here, before
+    any run folder exists."""
+    d = config.data
     if not d.corpus:
         raise ValueError("data.corpus is not set: pass data.corpus=PATH (a folder made by "
                          "`python -m data_pipeline convert`)")
-    if not (Path(d.corpus) / "manifest.json").is_file():
+    if not Corpus.is_finished(d.corpus):
         raise ValueError(f"data.corpus={d.corpus}: no manifest.json there, so not a finished corpus: pass "
                          "data.corpus=PATH of a folder made by `python -m data_pipeline convert`")
-    return CellLoader(d.corpus, normalization=config.input_normalization(),
+    return Corpus(d.corpus)
+
+
+def build_loader(config: TrainConfig, device: torch.device, corpus: Corpus | None = None) -> CellLoader:
+    """The training loader over ``corpus`` (default: `open_corpus`)."""
+    d, m = config.data, config.model
+    return CellLoader(corpus or open_corpus(config), normalization=config.input_normalization(),
                       batching=Batching(d.token_budget, d.megabatch_cells, d.max_batch_cells),
                       masking=Masking(ratio=d.mask_ratio), views=Views(d.gene_dropout, d.min_depth) if d.views else None,
                       seed=d.seed, num_workers=d.num_workers, pin_memory=device.type == "cuda",
                       extra_tokens_per_cell=1 if m.use_cls and m.gene_set == "expressed" else 0)
 
 
-def resolve_model_config(config: TrainConfig, loader: CellLoader) -> TrainConfig:
+def resolve_model_config(config: TrainConfig, corpus: Corpus) -> TrainConfig:
     """The model fields the corpus decides (vocabulary, label classes), checked against the data."""
-    manifest = loader.spec.manifest
-    special = manifest["vocab"]["special_tokens"]
-    model = replace(config.model, vocab_size=loader.spec.vocab_size, pad_token=special["<pad>"],
+    special = corpus.special_tokens
+    model = replace(config.model, vocab_size=corpus.vocab_size, pad_token=special["<pad>"],
                     cls_token=special["<cls>"], mask_token=special["<mask>"])
+    label_classes = corpus.label_classes
     if not model.label_classes:
-        model = replace(model, label_classes=[len(c["categories"]) for c in manifest["label_columns"]])
-    elif len(model.label_classes) != len(manifest["label_columns"]):
+        model = replace(model, label_classes=label_classes)
+    elif len(model.label_classes) != len(label_classes):
         raise ValueError(f"model.label_classes={model.label_classes} but the corpus has "
-                         f"{len(manifest['label_columns'])} label columns; leave it empty to take them from the corpus")
+                         f"{len(label_classes)} label columns; leave it empty to take them from the corpus")
     wanted = VALUE_MODE_OF[config.data.normalization]
     if model.value_mode != wanted:
         raise ValueError(f"data.normalization={config.data.normalization} gives {wanted} values but "
@@ -79,10 +87,10 @@ def resolve_model_config(config: TrainConfig, loader: CellLoader) -> TrainConfig
     return replace(config, model=model.validate())
 
 
-def warn_unused_objectives(config: TrainConfig, loader: CellLoader) -> None:
+def warn_unused_objectives(config: TrainConfig, corpus: Corpus) -> None:
     """Said once, at start: an objective with a weight that the corpus gives nothing to train on."""
     weight = config.objectives.label_weight
-    if weight > 0 and not loader.spec.manifest["label_columns"]:
+    if weight > 0 and not corpus.label_columns:
         logger.warning(f"objectives.label_weight={weight} but the corpus {config.data.corpus} has no label "
                        "columns, so the label loss is 0 and trains nothing: set objectives.label_weight=0 (or "
                        "convert the corpus with --label-columns COLUMN)")
@@ -159,10 +167,11 @@ def train(config: TrainConfig, resume: str | None = None) -> dict:
     durable is cleared (`_clear_failed_start`)."""
     rank, world, device = init_distributed()
     require_attention_device(config.model, device)  # before any run folder, engine or MLflow run exists
-    loader = build_loader(config, device)  # a wrong data.corpus fails here, also before the run folder
-    config = resolve_model_config(config, loader)
+    corpus = open_corpus(config)  # a wrong data.corpus fails here, also before the run folder
+    loader = build_loader(config, device, corpus)
+    config = resolve_model_config(config, corpus)
     if rank == 0:
-        warn_unused_objectives(config, loader)
+        warn_unused_objectives(config, corpus)
     run_dir = Path(config.run.out)
     made_here = not run_dir.exists()  # a folder that held anything before (a previous run's) is never removed
     log = None
@@ -182,11 +191,11 @@ def train(config: TrainConfig, resume: str | None = None) -> dict:
 def _run(config: TrainConfig, resume: str | None, loader: CellLoader, log: RunLog | None, run_dir: Path,
          rank: int, world: int, device: torch.device) -> dict:
     """`train` once the run folder exists: the engine, the resume, the steps, the summary."""
-    record = checkpoint_record(config, loader)
+    record = checkpoint_record(config, loader.corpus)
     found = _resume_point(run_dir, resume, config, record, rank)  # before config.yaml: a refused resume changes nothing
     if rank == 0:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(config), sort_keys=False))
-    vocab = read_vocab(Path(config.data.corpus) / "vocab.tsv")
+    vocab = loader.corpus.vocab
     model = CellModel.initial(config.model, config.run.seed, vocab=(vocab.ensembl_ids, vocab.symbols))
     module = PretrainModule(model, config.objectives)
     engine, bf16 = build_engine(config, module, device)
@@ -280,12 +289,11 @@ def _run(config: TrainConfig, resume: str | None, loader: CellLoader, log: RunLo
     return summary
 
 
-def checkpoint_record(config: TrainConfig, loader: CellLoader) -> dict:
+def checkpoint_record(config: TrainConfig, corpus: Corpus) -> dict:
     """What a checkpoint's marker records for a resume to check: the resolved config (JSON) and the
     corpus's identity (its conversion plan and vocabulary; the folder may move)."""
-    manifest = loader.spec.manifest
     return {"config": json.loads(json.dumps(asdict(config))),
-            "corpus": {"plan_hash": manifest.get("plan_hash"), "vocab_sha256": manifest["vocab"].get("sha256")}}
+            "corpus": {"plan_hash": corpus.plan_hash, "vocab_sha256": corpus.vocab_sha256}}
 
 
 def _resume_point(run_dir: Path, resume: str | None, config: TrainConfig, record: dict, rank: int) -> Path | None:

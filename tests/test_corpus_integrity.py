@@ -229,3 +229,19 @@ def test_sound_corpus_passes_every_check(corpus):
     assert sum(len(b.cell_index) for b in batches) == Corpus(corpus).n_cells
     assert verify(corpus) == []
     assert _manifest(corpus)["schema_version"] == 3
+
+
+@pytest.mark.parametrize("version, says", [(4, "is newer than this data_pipeline reads (2 to 3): update the code"),
+                                           (1, "is older than this data_pipeline reads (2 to 3): convert the "
+                                               "inputs again"),
+                                           (None, "None is older than")])
+def test_corpus_of_another_schema_version_is_refused_on_open(corpus, tmp_path, version, says):
+    """Whoever opens the corpus (loader, verify, inspect, trainer) is refused before reading a block."""
+    other = _copy(corpus, tmp_path)
+    m = _manifest(other)
+    m["schema_version"] = version
+    _write_manifest(other, m)
+    for open_it in (Corpus, lambda p: CellLoader(p, batching=BATCHING, masking=None)):
+        with pytest.raises(CorpusError, match=re.escape(says)):
+            open_it(other)
+    assert says in verify(other)[0]

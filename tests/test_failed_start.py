@@ -119,7 +119,7 @@ def test_the_label_warning_needs_a_label_weight_and_an_unlabeled_corpus(tmp_path
                                                     f"objectives.label_weight={weight}"])
             loader = build_loader(config, torch.device("cpu"))
             caplog.clear()
-            warn_unused_objectives(resolve_model_config(config, loader), loader)
+            warn_unused_objectives(resolve_model_config(config, loader.corpus), loader.corpus)
             said[name, weight] = [r.getMessage() for r in caplog.records]
     assert said.pop(("unlabeled", 0.5)) == [
         f"objectives.label_weight=0.5 but the corpus {corpora['unlabeled']} has no label columns, so the label "

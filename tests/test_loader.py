@@ -110,6 +110,18 @@ def test_deterministic_and_epochs_differ(corpus):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
+def test_a_corpus_or_its_folder_gives_the_same_batches(corpus, workers):
+    """What a trainer holds (an open `Corpus`, also pickled into the workers) or what a user passes
+    (the folder)."""
+    by_path = list(_loader(corpus, seed=3, num_workers=workers, views=Views()))
+    opened = Corpus(corpus)
+    loader = _loader(opened, seed=3, num_workers=workers, views=Views())
+    assert loader.corpus is opened
+    by_corpus = list(loader)
+    assert len(by_path) == len(by_corpus) and all(_same(x, y) for x, y in zip(by_path, by_corpus))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
 def test_resume_mid_epoch_gives_the_uninterrupted_batches(corpus, workers):
     kw = dict(seed=3, num_workers=workers, views=Views(), normalization=Normalization("quantile_bins", n_bins=11,
                                                                                       max_genes=40))

@@ -258,11 +258,10 @@ def test_input_normalization_survives_the_bundle_record():
     assert normalization_from_record(old).quantile_ties == "high"
 
 
-def _fake_loader(n_labels: int = 5):
-    """What resolve_model_config reads of a CellLoader: the corpus manifest and vocabulary size."""
-    manifest = {"vocab": {"special_tokens": {"<pad>": 0, "<cls>": 1, "<mask>": 2}},
-                "label_columns": [{"name": "cell_type", "categories": [f"t{i}" for i in range(n_labels)]}]}
-    return SimpleNamespace(spec=SimpleNamespace(manifest=manifest, vocab_size=20003))
+def _fake_corpus(n_labels: int = 5):
+    """What resolve_model_config reads of a Corpus: special tokens, vocabulary size, label classes."""
+    return SimpleNamespace(special_tokens={"<pad>": 0, "<cls>": 1, "<mask>": 2}, vocab_size=20003,
+                           label_classes=[n_labels])
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
@@ -270,7 +269,7 @@ def test_every_shipped_config_loads_and_validates(path):
     config = load_config(str(path), ["data.corpus=/some/corpus"])
     model = replace(config.model, vocab_size=20003)
     assert model.validate() is model
-    resolved = resolve_model_config(config, _fake_loader())  # what train() checks before building the model
+    resolved = resolve_model_config(config, _fake_corpus())  # what train() checks before building the model
     assert resolved.model.vocab_size == 20003 and resolved.model.label_classes == [5]
     assert VALUE_MODE_OF[resolved.data.normalization] == resolved.model.value_mode
     assert resolved.deepspeed.zero_stage in (1, 2, 3) or resolved.deepspeed.bf16
@@ -290,7 +289,7 @@ def test_saved_config_reloads_to_the_resolved_config(nan_run, corpus):
     assert asdict(reloaded) == yaml.safe_load(saved.read_text())
     original = load_config(str(TINY_CONFIG), nan_overrides(corpus, nan_run))
     loader = build_loader(original, torch.device("cpu"))
-    assert reloaded == resolve_model_config(original, loader)
-    assert reloaded.model.vocab_size == loader.spec.vocab_size and reloaded.model.label_classes == [8]
+    assert reloaded == resolve_model_config(original, loader.corpus)
+    assert reloaded.model.vocab_size == loader.corpus.vocab_size and reloaded.model.label_classes == [8]
     assert reloaded != original  # the corpus filled in what the YAML left open
     np.testing.assert_equal(reloaded.optimizer.betas, [0.9, 0.98])

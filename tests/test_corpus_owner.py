@@ -1,0 +1,77 @@
+"""One owner of the corpus layout: only `data_pipeline.corpus` parses a corpus's manifest (the
+merge, which builds it, hands the dict to `Corpus.write_manifest`), and the data pipeline's
+modules import each other one way (no cycle, lazy imports included)."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("data_pipeline", "pretrain", "launch", "benchmarks")
+MANIFEST_READ = re.compile(r"""manifest\[|\.manifest\.get\(|["']manifest\.json["']""")
+# the merge builds the manifest dict (and reports it) before `Corpus.write_manifest` writes it
+BUILDS_THE_MANIFEST = re.compile(r"manifest\[")
+
+
+def _sources(*packages: str) -> list[Path]:
+    return sorted(p for pkg in packages for p in (REPO / pkg).rglob("*.py"))
+
+
+def test_only_the_corpus_module_reads_the_manifest():
+    found = []
+    for path in _sources(*PACKAGES):
+        if path.name == "corpus.py" and path.parent.name in ("data_pipeline", "loading", "conversion"):
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            hits = [m.group() for m in MANIFEST_READ.finditer(code)]
+            if path.name == "merge.py":
+                hits = [h for h in hits if not BUILDS_THE_MANIFEST.fullmatch(h)]
+            if hits:
+                found.append(f"{path.relative_to(REPO)}:{n}: {line.strip()}")
+    assert not found, "ask data_pipeline.corpus.Corpus instead of parsing the manifest:\n" + "\n".join(found)
+
+
+def _imports(path: Path, package_root: Path) -> set[str]:
+    """Modules of the package that ``path`` imports (at any depth of its code)."""
+    here = path.relative_to(package_root.parent).with_suffix("").parts
+    package = here[:-1]  # a module's package, and an __init__'s own
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = list(package[: len(package) - node.level + 1]) if node.level else []
+            module = base + (node.module.split(".") if node.module else [])
+            names.add(".".join(module))
+            names.update(".".join(module + [a.name]) for a in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+    return names
+
+
+def test_data_pipeline_modules_import_each_other_one_way():
+    root = REPO / "data_pipeline"
+    modules = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in _sources("data_pipeline")}
+    graph = {m: {n for n in _imports(p, root) if n in modules and n != m and not n.endswith("__main__")}
+             for m, p in modules.items()}
+    # a package's __init__ re-exports its modules: an edge into it is an edge into those
+    for m in graph:
+        graph[m] = {n for n in graph[m] if not (modules[n].name == "__init__.py" and m.startswith(n + "."))}
+    cycles = []
+    state: dict[str, int] = {}
+
+    def visit(m: str, stack: list[str]) -> None:
+        state[m] = 1
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                cycles.append(" -> ".join(stack[stack.index(n):] + [m, n]) if n in stack else f"{m} -> {n}")
+            elif n not in state:
+                visit(n, stack + [m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [])
+    assert not cycles, "import cycles (move what both sides need one layer down):\n" + "\n".join(cycles)
