@@ -91,6 +91,7 @@ def pretrain(corpus: Path, run: Path, mix: str, steps: int, extra: list[str]) ->
             "first_losses": {k: round(history[0][k], 4) for k in keys if history[0].get(k) is not None},
             "last_losses": {k: round(summary["final"][k], 4) for k in keys if k in summary["final"]},
             "cells_per_s": round(summary["final"].get("cells_per_s", 0.0), 1),
+            "sequences_per_s": round(summary["final"].get("sequences_per_s", summary["final"].get("cells_per_s", 0.0)), 1),
             "overrides": MIXES[mix] + extra}
 
 

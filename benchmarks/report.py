@@ -267,14 +267,21 @@ def demo() -> str:
         env = f"OMP_NUM_THREADS={th['OMP_NUM_THREADS']}" if th.get("OMP_NUM_THREADS") else "OMP_NUM_THREADS unset"
         threads = (f"; {env}, torch on {th['torch']} thread(s) of {th['usable_cores']} usable cores, machine load "
                    f"{th['load_avg_1min_at_start']} at the start")
+    rate = f"{n(r['cells_per_s'])} cells/s"
+    if r.get("sequences_per_s") and r["sequences_per_s"] != r["cells_per_s"]:
+        rate += f" = {n(r['sequences_per_s'])} sequences/s of two views per cell"
+    corrected = ""
+    if r.get("cells_per_s_corrected"):  # recorded before the trainer counted a cell's views once (issue 21)
+        corrected = (f" The cell rate is the logged {n(r['sequences_per_s'])} halved: until issue 21 the trainer "
+                     "counted a cell's two views as two cells.")
     reused = ""
     if "pretrain" in r.get("reused", []):  # a rerun over a finished run trained nothing: not a measurement
         reused = " (pretraining reused from an earlier invocation: these rates were not measured by this run)"
     return (f"**The demo.** From `benchmarks/results/demo_cpu.json` ({r['device']}; {r['date'][:10]}; "
             f"`python {r['command']}`{threads}): {r.get('wall_s', sum(t.values())):.0f} s in all, "
-            f"{t['pretrain']:.0f} s of it pretraining {r['steps']} steps ({n(r['cells_per_s'])} cells/s, "
-            f"{n(r['tokens_per_s'])} tokens/s over the last 20 steps){reused}; losses from the first step to the "
-            f"mean of the last 20: {losses}.")
+            f"{t['pretrain']:.0f} s of it pretraining {r['steps']} steps ({rate}; {n(r['tokens_per_s'])} tokens/s "
+            f"over the last 20 steps){reused}; losses from the first step to the "
+            f"mean of the last 20: {losses}.{corrected}")
 
 
 def gpu_status() -> str:

@@ -32,6 +32,12 @@ class PackedBatch:
         return int(self.cu_seqlens.shape[0]) - 1
 
     @property
+    def n_cells(self) -> int:
+        """Distinct cells: a cell shown in two views is one cell and two sequences. ``view_index``
+        numbers the cells 0..n_cells-1 (the loader's, `select_cells`' and `concat`'s convention)."""
+        return int(self.view_index.max()) + 1 if self.n_seqs else 0
+
+    @property
     def padded_tokens(self) -> int:
         """Token slots of the padded layout ``[B, max_seqlen]`` of this batch."""
         return self.n_seqs * self.max_seqlen
@@ -73,7 +79,7 @@ class PackedBatch:
         """Consecutive chunks of ``cells_per_chunk`` cells (the last may have fewer)."""
         if cells_per_chunk < 1:
             raise ValueError(f"cells_per_chunk={cells_per_chunk} must be >= 1")
-        n_cells = int(self.view_index.max()) + 1 if self.n_seqs else 0
+        n_cells = self.n_cells
         return [self.select_cells(a, min(a + cells_per_chunk, n_cells)) for a in range(0, n_cells, cells_per_chunk)]
 
     @classmethod
@@ -84,7 +90,7 @@ class PackedBatch:
             cu.append(b.cu_seqlens[1:] + tokens)
             view.append(b.view_index + cells)
             tokens += b.n_tokens
-            cells += int(b.view_index.max()) + 1 if b.n_seqs else 0
+            cells += b.n_cells
         cat = lambda name: torch.cat([getattr(b, name) for b in batches])  # noqa: E731
         return cls(gene_ids=cat("gene_ids"), values=cat("values"), cu_seqlens=torch.cat(cu),
                    max_seqlen=max(b.max_seqlen for b in batches), mlm_mask=cat("mlm_mask"),

@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> None:
         "final_losses": {k: round(final[k], 4) for k in ("loss", "mlm", "contrastive", "label") if k in final},
         "first_losses": _first_losses(out / "run" / "metrics.json"),
         "cells_per_s": round(final.get("cells_per_s", 0.0), 1), "tokens_per_s": round(final.get("tokens_per_s", 0.0)),
+        # two views of a cell are two sequences: the model's rate, beside the cell rate above
+        "sequences_per_s": round(final.get("sequences_per_s", final.get("cells_per_s", 0.0)), 1),
         "mlflow": summary["mlflow_tracking_uri"], "run": str(out / "run"), "bundle": str(bundle),
         "embedding": f"{report['out']} obsm['{report['key']}'] [{report['n_cells']}, {report['dim']}]",
     }

@@ -241,14 +241,15 @@ def _run(config: TrainConfig, resume: str | None, loader: CellLoader, log: RunLo
         seconds = time.perf_counter() - started
         step += 1
         slots = sum(c.n_seqs * c.max_seqlen for c in chunks)
-        totals = torch.tensor([result.n_cells, result.n_tokens, slots, float(stop.requested)], dtype=torch.float64,
-                              device=device)
+        totals = torch.tensor([result.n_cells, result.n_seqs, result.n_tokens, slots, float(stop.requested)],
+                              dtype=torch.float64, device=device)
         dist.all_reduce(totals)
-        cells, tokens, slots, stop_votes = totals.tolist()
+        cells, seqs, tokens, slots, stop_votes = totals.tolist()
         good = applied and math.isfinite(result.loss)  # DeepSpeed skips an update whose gradients are not finite
         nan_streak = 0 if good else nan_streak + 1
         skipped += 0 if good else 1
-        flops = model_cost(config.model, tokens / max(cells, 1)).flops_per_cell * cells
+        # the model runs sequences (a cell's two views are two): FLOPs per sequence of its mean length
+        flops = model_cost(config.model, tokens / max(seqs, 1)).flops_per_cell * seqs
         metrics = {"step": step, "loss": result.loss, "mlm": result.mlm, "contrastive": result.contrastive,
                    "label": result.label, "temperature": result.temperature,
                    "lr": lr, "grad_norm": _float(engine.get_global_grad_norm()),
@@ -257,6 +258,8 @@ def _run(config: TrainConfig, resume: str | None, loader: CellLoader, log: RunLo
                    "mfu": flops / seconds / world / 1e12 / peak_tflops if peak_tflops else None,
                    "padding_waste": 1 - tokens / max(slots, 1), "peak_memory_bytes": _peak_memory(device),
                    "skipped_steps": skipped}
+        if config.data.views:  # two sequences per cell: cells_per_s above counts each cell once
+            metrics["sequences_per_s"] = seqs / seconds
         if log is not None:
             log.record(metrics, log=step % config.run.log_every == 0 or step == config.schedule.max_steps)
         if progress is not None:
@@ -364,7 +367,7 @@ def _float(x) -> float | None:
 def history_tail(history: list[dict], n: int = 20) -> dict:
     """Mean of the last ``n`` steps' losses and throughput (skipped steps left out)."""
     tail = history[-n:]
-    keys = ("loss", "mlm", "contrastive", "label", "cells_per_s", "tokens_per_s", "mfu")
+    keys = ("loss", "mlm", "contrastive", "label", "cells_per_s", "sequences_per_s", "tokens_per_s", "mfu")
     out = {}
     for key in keys:
         values = [h[key] for h in tail if h.get(key) is not None and math.isfinite(h[key])]

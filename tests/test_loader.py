@@ -163,6 +163,7 @@ def test_views_are_linked_and_from_the_same_cell(corpus, cells):
         vi, ci = b.view_index.numpy(), b.cell_index.numpy()
         assert np.array_equal(vi, np.repeat(np.arange(len(vi) // 2), 2))
         assert np.array_equal(ci[0::2], ci[1::2])
+        assert b.n_cells == len(np.unique(ci)) == b.n_seqs // 2  # a cell's two views are one cell
         cu = b.cu_seqlens.numpy()
         for s in range(b.n_seqs):
             genes = b.gene_ids[cu[s]:cu[s + 1]].numpy()

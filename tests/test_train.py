@@ -113,9 +113,25 @@ def test_only_checkpoints_with_their_marker_count(tmp_path):
     assert checkpoint.latest_complete(run).name == "step-00000010"
 
 
+# --- throughput --------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_cell_rate_counts_a_cell_of_two_views_once(nan_run):
+    config = load_config(str(nan_run / "config.yaml"))
+    assert config.data.views  # tiny.yaml: every cell is two sequences (its two views)
+    longest_sequence = config.data.max_genes + 2  # capped genes plus at most two special tokens
+    history = metrics(nan_run)
+    summary_rates = summary(nan_run)["final"]
+    for h in history:
+        # tokens per cell more than one sequence can hold: the rate counts cells, not sequences
+        assert h["tokens_per_s"] / h["cells_per_s"] > longest_sequence, h
+        assert h["sequences_per_s"] == pytest.approx(2 * h["cells_per_s"], rel=1e-9), h
+    assert summary_rates["sequences_per_s"] == pytest.approx(2 * summary_rates["cells_per_s"], rel=1e-9)
+
+
 # --- MLflow ----------------------------------------------------------------------------------------
 
-MLFLOW_METRICS = ("loss", "mlm", "contrastive", "label", "lr", "grad_norm", "cells_per_s", "tokens_per_s",
+MLFLOW_METRICS = ("loss", "mlm", "contrastive", "label", "lr", "grad_norm", "cells_per_s", "sequences_per_s", "tokens_per_s",
                   "padding_waste", "peak_memory_bytes")
 
 

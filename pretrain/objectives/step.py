@@ -50,7 +50,8 @@ class StepResult:
     label: float          # mean label loss over all ranks' known labels
     contrastive: float    # InfoNCE over the global batch
     temperature: float
-    n_cells: int          # sequences on this rank (views count separately)
+    n_cells: int          # distinct cells on this rank (a cell's two views are one cell)
+    n_seqs: int           # sequences on this rank (views count separately: what the model ran)
     n_tokens: int         # gene tokens on this rank
 
 
@@ -191,13 +192,14 @@ def train_step(engine, chunks: list[PackedBatch], objectives: ObjectiveConfig, s
     if redraw_seed is not None:
         module.model.redraw_projections(torch.Generator().manual_seed(redraw_seed))
     mlm_total, label_total, scale_sum = _all_reduce_sum(sums, device)
+    n_cells = sum(c.n_cells for c in chunks)  # reads view_index: after the sync above, no stall of its own
     temperature = len(chunks) / scale_sum  # every chunk and rank saw the same scale
     mlm_mean = mlm_total / n_masked if n_masked else 0.0
     label_mean = label_total / n_labels if n_labels else 0.0
     total = (objectives.mlm_weight * mlm_mean + objectives.label_weight * label_mean
              + objectives.contrastive_weight * contrastive_value) * (float("nan") if poison else 1.0)
     return StepResult(loss=total, mlm=mlm_mean, label=label_mean, contrastive=contrastive_value,
-                      temperature=temperature, n_cells=sum(c.n_seqs for c in chunks),
+                      temperature=temperature, n_cells=n_cells, n_seqs=sum(c.n_seqs for c in chunks),
                       n_tokens=sum(c.n_tokens for c in chunks))
 
 
