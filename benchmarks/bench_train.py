@@ -423,7 +423,7 @@ def model_input(mode: str, batch, device):
 def bench_config(name: str, backend: str, args) -> tuple:
     """(ModelConfig, longest cell in expressed genes) of preset ``name`` with ``backend``, shrunk as
     the arguments say. The encoder-decoder's decoder keeps its own backend (FAVOR+ over every gene)."""
-    from pretrain.model.presets import preset
+    from pretrain.presets import preset
 
     p = preset(name, vocab_size=N_SPECIAL + args.n_genes, pad_token=PAD, cls_token=CLS, mask_token=MASK,
                attention=backend)

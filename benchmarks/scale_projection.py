@@ -72,7 +72,7 @@ def target_rows(presets: list[str], mfu: float, peak_tflops: float, token_budget
     from bench_train import cell_cost, length_distribution, useful_flops
 
     from pretrain.model.flops import model_cost
-    from pretrain.model.presets import preset
+    from pretrain.presets import preset
 
     lengths, where = length_distribution(SHARED_H5AD)
     rows = []

@@ -1,118 +1,19 @@
 """Typed configuration: every knob of the model and the objectives, with its default and a
 one-line help (``field(metadata={"help": ...})``). YAML files and ``key.sub=value`` overrides
-set these fields; presets (`pretrain.model.presets`) are named instances.
+set these fields; presets (`pretrain.presets`) are named instances; the model's shape
+(`ModelConfig`) is the model's own (`pretrain.model.shape`), re-exported here.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 from data_pipeline.normalize import MODES, QUANTILE_TIES, Normalization
 
-# favor: FAVOR+ (linear, approximate); flash: flash-attn, else varlen; sdpa: padded exact softmax (any device);
-# varlen: torch's FlashAttention varlen kernel (exact, packed; CUDA bf16/fp16, torch >= 2.10)
-ATTENTION_BACKENDS = ("favor", "flash", "sdpa", "varlen")
-VALUE_MODES = ("bins", "continuous", "rank")
-POOLINGS = ("cls", "mean")
-ARCHITECTURES = ("encoder", "encoder_decoder")
-GENE_SETS = ("expressed", "all")
-
-
-# What a resumed run may change against the checkpoint it resumes (``resume=`` of each field; checked
-# by `resume_changes`, with the corpus's identity beside it in pretrain.train):
-FIXED = "fixed"  # the checkpoint was trained with it (model shape, normalization, data order, objectives): refused
-RESTORED = "restored"  # the checkpoint's optimizer state holds its own value, which DeepSpeed restores: refused
-FREE = "free"  # applied from the resumed step on (run length, logging, checkpoints, loader workers): said
-
-
-def _help(text: str, default=None, factory=None, resume: str = FIXED):
-    metadata = {"help": text, "resume": resume}
-    if factory is not None:
-        return field(default_factory=factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-@dataclass
-class DecoderConfig:
-    """The FAVOR+ decoder of the xTrimoGene/scFoundation-like encoder-decoder: it sees every gene
-    of the vocabulary, the encoder's outputs scattered back among zero-gene and mask embeddings."""
-
-    n_layers: int = _help("decoder blocks", 2)
-    d_model: int = _help("decoder width", 256)
-    n_heads: int = _help("decoder attention heads", 4)
-    attention: str = _help("decoder attention backend (favor makes the full gene set affordable)", "favor")
-
-
-@dataclass
-class ModelConfig:
-    """Shape of the cell encoder. ``vocab_size`` / ``n_bins`` / ``label_classes`` usually come from
-    the corpus and the loader's normalization (the trainer fills them in)."""
-
-    vocab_size: int = _help("token ids the gene embedding covers (corpus vocabulary, special tokens included)", 0)
-    pad_token: int = _help("the <pad> token id", 0)
-    cls_token: int = _help("the <cls> token id", 1)
-    mask_token: int = _help("the <mask> token id", 2)
-    d_model: int = _help("hidden width", 256)
-    n_layers: int = _help("transformer blocks", 6)
-    n_heads: int = _help("attention heads (d_model must be a multiple)", 8)
-    ffn_multiplier: float = _help("feed-forward width as a multiple of d_model", 4.0)
-    dropout: float = _help("dropout on the residual branches and embeddings", 0.1, resume=FREE)
-    norm_eps: float = _help("LayerNorm epsilon", 1e-5)
-    attention: str = _help(f"attention backend: one of {', '.join(ATTENTION_BACKENDS)} (flash and varlen: CUDA + bf16; "
-                           "sdpa: exact anywhere; favor: FAVOR+ approximation)", "favor")
-    favor_features: int = _help("FAVOR+ random features m (multiple of 16)", 256)
-    favor_redraw_interval: int = _help("redraw the FAVOR+ projections every N optimizer steps (0: never)", 1000)
-    value_mode: str = _help("expression input: bins (bin table), continuous (MLP) or rank (position table)", "bins")
-    n_bins: int = _help("expression bins of the loader's normalization (bin 0 = zero expression)", 51)
-    max_rank: int = _help("rank mode: longest rank-ordered cell (positions embedded)", 2048)
-    gene_set: str = _help("encoder input: the expressed genes of a cell, or all vocabulary genes (scBERT; "
-                          "unexpressed ones get the zero-expression value)", "expressed")
-    use_cls: bool = _help("prepend a <cls> token to every sequence", True)
-    pooling: str = _help("cell embedding from the <cls> output or the mean over gene tokens", "cls")
-    contrastive_dim: int = _help("width of the contrastive projection", 128)
-    label_classes: list[int] = _help("classes per label column (one classification head each)", factory=list)
-    gene_embedding_file: str | None = _help("pretrained gene embeddings (gene2vec text, .npz gene_ids+embeddings)",
-                                            resume=FREE)  # initialization only: a resume loads the weights
-    freeze_gene_embedding: bool = _help("keep pretrained gene embeddings fixed", False)
-    activation_checkpointing: bool = _help("recompute each block in backward to save activation memory", False,
-                                           resume=FREE)
-    architecture: str = _help(f"one of {', '.join(ARCHITECTURES)}", "encoder")
-    decoder: DecoderConfig = _help("encoder_decoder only: the full-gene-set decoder", factory=DecoderConfig)
-
-    def check_choices(self) -> None:
-        """The named choices; what the corpus fills in (vocab_size, ...) is checked by `validate`."""
-        choices = {"attention": ATTENTION_BACKENDS, "value_mode": VALUE_MODES, "pooling": POOLINGS,
-                   "architecture": ARCHITECTURES, "gene_set": GENE_SETS}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"model.{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
-        if self.decoder.attention not in ATTENTION_BACKENDS:
-            raise ValueError(f"model.decoder.attention={self.decoder.attention!r}: choose one of "
-                             f"{', '.join(ATTENTION_BACKENDS)}")
-
-    def validate(self) -> ModelConfig:
-        self.check_choices()
-        if self.vocab_size <= max(self.pad_token, self.cls_token, self.mask_token):
-            raise ValueError(f"model.vocab_size={self.vocab_size}: set it to the corpus vocabulary size "
-                             "(the trainer does this from manifest.json)")
-        for width, heads, where in ((self.d_model, self.n_heads, "model"),
-                                    (self.decoder.d_model, self.decoder.n_heads, "model.decoder")):
-            if width % heads:
-                raise ValueError(f"{where}.d_model={width} is not a multiple of {where}.n_heads={heads}")
-        if self.favor_features % 16 or self.favor_features < 16:
-            raise ValueError(f"model.favor_features={self.favor_features} must be a positive multiple of 16")
-        if self.pooling == "cls" and not self.use_cls:
-            raise ValueError("model.pooling=cls needs model.use_cls=true (or set model.pooling=mean)")
-        if self.value_mode == "bins" and self.n_bins < 3:
-            raise ValueError(f"model.n_bins={self.n_bins}: bins need at least 3 (bin 0 is zero expression)")
-        if self.architecture == "encoder_decoder" and self.value_mode != "continuous":
-            raise ValueError("model.architecture=encoder_decoder regresses masked values: set model.value_mode=continuous")
-        if self.gene_set == "all" and (self.value_mode == "rank" or self.architecture == "encoder_decoder"):
-            raise ValueError("model.gene_set=all needs value_mode bins or continuous and architecture=encoder "
-                             "(the encoder-decoder already gives its decoder the full gene set)")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
-        return self
+from .knobs import FIXED, FREE, RESTORED
+from .knobs import knob as _help
+from .model.shape import ATTENTION_BACKENDS, DecoderConfig, ModelConfig  # noqa: F401 (re-exported: a run's parts)
+from .presets import preset
 
 
 @dataclass
@@ -202,7 +103,7 @@ class RunConfig:
 @dataclass
 class TrainConfig:
     """Everything `launch/pretrain.py` needs. ``preset`` fills the model shape and the loader's
-    normalization from `pretrain.model.presets` before the YAML and command-line values."""
+    normalization from `pretrain.presets` before the YAML and command-line values."""
 
     preset: str | None = _help("anchor preset: scbert, geneformer-10m, celllm, scgpt, scfoundation", None, resume=FREE)
     data: DataConfig = _help("corpus and loader", factory=DataConfig)
@@ -365,8 +266,6 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConf
         _set(raw, key.strip(), yaml.safe_load(text) if text.strip() else None)
     base: dict = {}
     if raw.get("preset"):
-        from .model.presets import preset
-
         chosen = preset(raw["preset"])
         base = {"model": asdict(chosen.model),
                 "data": {"normalization": chosen.normalization, "max_genes": chosen.max_genes}}

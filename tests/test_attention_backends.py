@@ -87,7 +87,7 @@ def test_config_accepts_varlen():
 def test_scgpt_preset_needs_no_flash_attn(no_flash_attn):
     """The scGPT preset asks for ``flash``; on a stock torch install that is ``varlen``, and nothing
     in building the model imports flash-attn."""
-    from pretrain.model.presets import preset
+    from pretrain.presets import preset
 
     model = preset("scgpt", vocab_size=40, n_layers=1).model
     assert model.attention == "flash"

@@ -3,7 +3,9 @@ and a FLOP counter, pretrained gene-embedding files, and validation errors that 
 
 from __future__ import annotations
 
+import ast
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +13,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from pretrain.config import DecoderConfig, ModelConfig
-from pretrain.model import PRESETS, CellModel, model_cost
+from pretrain.model import CellModel, model_cost
+from pretrain.presets import PRESETS
 from tests.model_helpers import one_thread, pack, random_cells, seeded, small_config  # noqa: F401 (autouse fixtures)
 
 
@@ -272,3 +275,32 @@ def test_valid_configs_pass_validation():
         assert config.validate() is config
     for name in PRESETS:
         cpu_preset(name).validate()
+
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def imported_modules(source: Path) -> set[str]:
+    """Absolute names of what a source file under ROOT imports (relative imports resolved)."""
+    package = ".".join(source.relative_to(ROOT).with_suffix("").parts[:-1])
+    names = set()
+    for node in ast.walk(ast.parse(source.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+            module = f"{base}.{node.module}" if node.level and node.module else (node.module or base)
+            names.update([module, *(f"{module}.{alias.name}" for alias in node.names)])
+    return names
+
+
+def test_model_package_does_not_import_the_run_configuration():
+    """One-way layering: the run configuration and the presets use the model's shape, never the reverse
+    (a `from ..config import` in pretrain/model would make config <-> model a cycle again)."""
+    def upward(source: Path, targets: tuple[str, ...]) -> list[str]:
+        return sorted(m for m in imported_modules(source) if m in targets or m.startswith(tuple(t + "." for t in targets)))
+
+    for source in sorted((ROOT / "pretrain" / "model").rglob("*.py")):
+        assert not upward(source, ("pretrain.config", "pretrain.presets")), source
+    assert not upward(ROOT / "pretrain" / "presets.py", ("pretrain.config",))

@@ -202,7 +202,7 @@ def test_overrides_are_parsed_as_yaml_and_coerced_to_the_field_types():
 
 
 def test_preset_fills_the_model_under_the_yaml_and_overrides():
-    from pretrain.model.presets import preset
+    from pretrain.presets import preset
 
     chosen = preset("celllm")
     config = load_config(None, ["preset=celllm", "model.n_layers=2"])

@@ -2,6 +2,6 @@
 
 from .cell_model import CellModel, ModelOutput
 from .flops import ModelCost, model_cost
-from .presets import PRESETS, Preset, preset
+from .shape import DecoderConfig, ModelConfig
 
-__all__ = ["CellModel", "ModelCost", "ModelOutput", "PRESETS", "Preset", "model_cost", "preset"]
+__all__ = ["CellModel", "DecoderConfig", "ModelConfig", "ModelCost", "ModelOutput", "model_cost"]

@@ -30,9 +30,9 @@ from torch import nn
 from data_pipeline.batch import PackedBatch
 from kernels.packing import compact, mean_per_sequence, sequence_ids, with_cls
 
-from ..config import ModelConfig
 from .embeddings import GeneEmbeddingCoverage, ValueEmbedding, align_gene_embeddings, read_gene_embedding_file
 from .encoder import Encoder
+from .shape import ModelConfig
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ..config import DecoderConfig, ModelConfig
+from .model.shape import DecoderConfig, ModelConfig
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,102 @@
+"""The shape of the cell model (`ModelConfig`, `DecoderConfig`) and its named choices.
+
+The model owns its shape, so the model package needs nothing from the run configuration;
+`pretrain.config` puts it under ``model:`` of a run and re-exports it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..knobs import FREE, knob
+
+# favor: FAVOR+ (linear, approximate); flash: flash-attn, else varlen; sdpa: padded exact softmax (any device);
+# varlen: torch's FlashAttention varlen kernel (exact, packed; CUDA bf16/fp16, torch >= 2.10)
+ATTENTION_BACKENDS = ("favor", "flash", "sdpa", "varlen")
+VALUE_MODES = ("bins", "continuous", "rank")
+POOLINGS = ("cls", "mean")
+ARCHITECTURES = ("encoder", "encoder_decoder")
+GENE_SETS = ("expressed", "all")
+
+
+@dataclass
+class DecoderConfig:
+    """The FAVOR+ decoder of the xTrimoGene/scFoundation-like encoder-decoder: it sees every gene
+    of the vocabulary, the encoder's outputs scattered back among zero-gene and mask embeddings."""
+
+    n_layers: int = knob("decoder blocks", 2)
+    d_model: int = knob("decoder width", 256)
+    n_heads: int = knob("decoder attention heads", 4)
+    attention: str = knob("decoder attention backend (favor makes the full gene set affordable)", "favor")
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the cell encoder. ``vocab_size`` / ``n_bins`` / ``label_classes`` usually come from
+    the corpus and the loader's normalization (the trainer fills them in)."""
+
+    vocab_size: int = knob("token ids the gene embedding covers (corpus vocabulary, special tokens included)", 0)
+    pad_token: int = knob("the <pad> token id", 0)
+    cls_token: int = knob("the <cls> token id", 1)
+    mask_token: int = knob("the <mask> token id", 2)
+    d_model: int = knob("hidden width", 256)
+    n_layers: int = knob("transformer blocks", 6)
+    n_heads: int = knob("attention heads (d_model must be a multiple)", 8)
+    ffn_multiplier: float = knob("feed-forward width as a multiple of d_model", 4.0)
+    dropout: float = knob("dropout on the residual branches and embeddings", 0.1, resume=FREE)
+    norm_eps: float = knob("LayerNorm epsilon", 1e-5)
+    attention: str = knob(f"attention backend: one of {', '.join(ATTENTION_BACKENDS)} (flash and varlen: CUDA + bf16; "
+                           "sdpa: exact anywhere; favor: FAVOR+ approximation)", "favor")
+    favor_features: int = knob("FAVOR+ random features m (multiple of 16)", 256)
+    favor_redraw_interval: int = knob("redraw the FAVOR+ projections every N optimizer steps (0: never)", 1000)
+    value_mode: str = knob("expression input: bins (bin table), continuous (MLP) or rank (position table)", "bins")
+    n_bins: int = knob("expression bins of the loader's normalization (bin 0 = zero expression)", 51)
+    max_rank: int = knob("rank mode: longest rank-ordered cell (positions embedded)", 2048)
+    gene_set: str = knob("encoder input: the expressed genes of a cell, or all vocabulary genes (scBERT; "
+                          "unexpressed ones get the zero-expression value)", "expressed")
+    use_cls: bool = knob("prepend a <cls> token to every sequence", True)
+    pooling: str = knob("cell embedding from the <cls> output or the mean over gene tokens", "cls")
+    contrastive_dim: int = knob("width of the contrastive projection", 128)
+    label_classes: list[int] = knob("classes per label column (one classification head each)", factory=list)
+    gene_embedding_file: str | None = knob("pretrained gene embeddings (gene2vec text, .npz gene_ids+embeddings)",
+                                            resume=FREE)  # initialization only: a resume loads the weights
+    freeze_gene_embedding: bool = knob("keep pretrained gene embeddings fixed", False)
+    activation_checkpointing: bool = knob("recompute each block in backward to save activation memory", False,
+                                           resume=FREE)
+    architecture: str = knob(f"one of {', '.join(ARCHITECTURES)}", "encoder")
+    decoder: DecoderConfig = knob("encoder_decoder only: the full-gene-set decoder", factory=DecoderConfig)
+
+    def check_choices(self) -> None:
+        """The named choices; what the corpus fills in (vocab_size, ...) is checked by `validate`."""
+        choices = {"attention": ATTENTION_BACKENDS, "value_mode": VALUE_MODES, "pooling": POOLINGS,
+                   "architecture": ARCHITECTURES, "gene_set": GENE_SETS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"model.{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+        if self.decoder.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"model.decoder.attention={self.decoder.attention!r}: choose one of "
+                             f"{', '.join(ATTENTION_BACKENDS)}")
+
+    def validate(self) -> ModelConfig:
+        self.check_choices()
+        if self.vocab_size <= max(self.pad_token, self.cls_token, self.mask_token):
+            raise ValueError(f"model.vocab_size={self.vocab_size}: set it to the corpus vocabulary size "
+                             "(the trainer does this from manifest.json)")
+        for width, heads, where in ((self.d_model, self.n_heads, "model"),
+                                    (self.decoder.d_model, self.decoder.n_heads, "model.decoder")):
+            if width % heads:
+                raise ValueError(f"{where}.d_model={width} is not a multiple of {where}.n_heads={heads}")
+        if self.favor_features % 16 or self.favor_features < 16:
+            raise ValueError(f"model.favor_features={self.favor_features} must be a positive multiple of 16")
+        if self.pooling == "cls" and not self.use_cls:
+            raise ValueError("model.pooling=cls needs model.use_cls=true (or set model.pooling=mean)")
+        if self.value_mode == "bins" and self.n_bins < 3:
+            raise ValueError(f"model.n_bins={self.n_bins}: bins need at least 3 (bin 0 is zero expression)")
+        if self.architecture == "encoder_decoder" and self.value_mode != "continuous":
+            raise ValueError("model.architecture=encoder_decoder regresses masked values: set model.value_mode=continuous")
+        if self.gene_set == "all" and (self.value_mode == "rank" or self.architecture == "encoder_decoder"):
+            raise ValueError("model.gene_set=all needs value_mode bins or continuous and architecture=encoder "
+                             "(the encoder-decoder already gives its decoder the full gene set)")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
+        return self
