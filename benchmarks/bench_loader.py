@@ -68,12 +68,12 @@ def corpus_of(name: str, inputs: list[Path]) -> Path:
     return out
 
 
-def timed_epoch(loader: CellLoader, views: bool) -> tuple:
+def timed_epoch(loader: CellLoader) -> tuple:
     """(seconds, cells, tokens, batches, padded tokens) of the loader's next epoch."""
     cells = tokens = batches = padded = 0
     t = time.perf_counter()
     for b in loader:
-        cells += b.n_seqs // 2 if views else b.n_seqs
+        cells += b.n_cells  # a cell of two views once
         tokens += b.n_tokens
         padded += b.padded_tokens
         batches += 1
@@ -84,7 +84,7 @@ def epoch_rate(corpus: Path, mode: dict, workers: int, batching: Batching, repea
     loader = CellLoader(corpus, batching=batching, num_workers=workers, seed=0, **mode)
     for _ in loader:  # warm-up epoch
         pass
-    runs = [timed_epoch(loader, bool(mode.get("views"))) for _ in range(repeats)]
+    runs = [timed_epoch(loader) for _ in range(repeats)]
     seconds, cells, tokens, batches, padded = sorted(runs)[(len(runs) - 1) // 2]
     per_core = max(workers, 1)
     return {"workers": workers, "seconds": round(seconds, 3), "cells": cells, "tokens": tokens, "batches": batches,
@@ -115,7 +115,7 @@ def integrity_cost(corpus: Path, mode_name: str, workers: int, batching: Batchin
     for r in range(repeats):
         for checked in ((True, False) if r % 2 == 0 else (False, True)):
             c = time.process_time()
-            t, cells, tokens, *_ = timed_epoch(loaders[checked], bool(mode.get("views")))
+            t, cells, tokens, *_ = timed_epoch(loaders[checked])
             wall[checked].append(t)
             cpu[checked].append(time.process_time() - c)
 

@@ -160,7 +160,7 @@ class Corpus:
     @property
     def label_classes(self) -> list[int]:
         """Categories per label column (what a label head predicts)."""
-        return [len(c["categories"]) for c in self.manifest["label_columns"]]
+        return [len(c.categories) for c in self.label_columns]
 
     @property
     def n_cells(self) -> int:

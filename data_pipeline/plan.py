@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -333,13 +333,11 @@ def locked_output(out: Path, node: int | None = None):
     """This command's `OutputLock` on ``out`` (``node``: a node of a multi-node conversion, which
     shares the folder with the other nodes), with the temp files of killed writers swept from the
     corpus folder once it is held; a refusal is a `ConvertError` (an ``error:`` line)."""
-    try:
-        lock = OutputLock(out, node=node).__enter__()
-    except FolderBusy as exc:
-        raise ConvertError(str(exc)) from None
-    try:
+    with ExitStack() as held:
+        try:
+            lock = held.enter_context(OutputLock(out, node=node))
+        except FolderBusy as exc:
+            raise ConvertError(str(exc)) from None
         if lock.exclusive:  # the corpus root is written by the merge, which holds the folder alone
             remove_stale_temps(out)
         yield lock
-    finally:
-        lock.__exit__(None, None, None)
