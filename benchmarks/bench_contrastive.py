@@ -110,7 +110,7 @@ def synthetic_batch(n_cells: int, genes: int, device, seed: int):
     MASK_RATIO of the positions masked (input the mask bin N_BINS, target the bin). No labels."""
     import torch
 
-    from data_pipeline.batch import PackedBatch
+    from data_pipeline.loading.batch import PackedBatch
 
     if not 1 <= genes <= VOCAB - N_SPECIAL:
         raise ValueError(f"--genes {genes}: choose 1 .. {VOCAB - N_SPECIAL} (the synthetic vocabulary's genes)")

@@ -30,9 +30,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from data_pipeline.convert import convert  # noqa: E402
+from data_pipeline.conversion.convert import convert  # noqa: E402
+from data_pipeline.conversion.plan import ConvertOptions  # noqa: E402
 from data_pipeline.corpus import Corpus  # noqa: E402
-from data_pipeline.plan import ConvertOptions  # noqa: E402
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from common import NO_GENE_IDS, SHARED_H5AD, cpu_device, result_record, write_result  # noqa: E402

@@ -35,13 +35,13 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_convert import DATA, real_inputs, synthetic_input  # noqa: E402
 from common import cpu_device, result_record, write_result  # noqa: E402
 
-from data_pipeline.convert import convert  # noqa: E402
+from data_pipeline.conversion.convert import convert  # noqa: E402
+from data_pipeline.conversion.plan import ConvertOptions  # noqa: E402
 from data_pipeline.corpus import Corpus  # noqa: E402
-from data_pipeline.epoch_plan import Batching, EpochPlan  # noqa: E402
-from data_pipeline.loader import CellLoader  # noqa: E402
-from data_pipeline.masking import Masking, Views  # noqa: E402
-from data_pipeline.normalize import Normalization  # noqa: E402
-from data_pipeline.plan import ConvertOptions  # noqa: E402
+from data_pipeline.loading.epoch_plan import Batching, EpochPlan  # noqa: E402
+from data_pipeline.loading.loader import CellLoader  # noqa: E402
+from data_pipeline.loading.masking import Masking, Views  # noqa: E402
+from data_pipeline.loading.normalize import Normalization  # noqa: E402
 
 MODES = {
     "log1p_bins+mask": dict(normalization=Normalization("log1p_bins", n_bins=51), masking=Masking()),

@@ -24,7 +24,7 @@ budget, measured side by side in one run:
   token_budget``, padded to their longest cell;
 - ``packed``: the project's packed varlen batches (`PackedBatch`, no padding tokens; what the trainer
   uses): the same sorted megabatch cut into batches of ``sum(len) <= token_budget`` (as
-  `data_pipeline.epoch_plan.EpochPlan` cuts them). Note: the ``sdpa`` backend pads a packed batch
+  `data_pipeline.loading.epoch_plan.EpochPlan` cuts them). Note: the ``sdpa`` backend pads a packed batch
   internally to its longest cell for the attention itself; ``favor``, ``varlen`` (torch's
   FlashAttention over packed sequences) and ``flash`` do not. The padded modes run the model's
   padded path (`CellModel.encode_padded`): everything but attention runs on every padded slot;
@@ -389,7 +389,7 @@ def make_batch(lengths: np.ndarray, config, n_genes: int, generator):
     ids per cell, random values as ``config.value_mode`` expects, ~MASK_RATIO of tokens masked."""
     import torch
 
-    from data_pipeline.batch import PackedBatch
+    from data_pipeline.loading.batch import PackedBatch
 
     lens = torch.as_tensor(lengths, dtype=torch.int64)
     b, t = len(lens), int(lens.sum())
@@ -497,7 +497,7 @@ def bench_module(config):
     import torch
     from torch import nn
 
-    from data_pipeline.batch import PackedBatch
+    from data_pipeline.loading.batch import PackedBatch
     from pretrain.model.cell_model import CellModel
     from pretrain.objectives.losses import mlm_loss_sum
 

@@ -20,7 +20,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from data_pipeline.fsio import atomic_write_with
+from data_pipeline.conversion.fsio import atomic_write_with
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # the real count matrices beside the checkout (absent in a user's fresh clone) and the one file

@@ -65,8 +65,8 @@ FOLDS, K = 5, 10
 
 def build_corpus(work: Path) -> Path:
     """The pretraining corpus (converted once; a rerun reuses it)."""
-    from data_pipeline.convert import convert
-    from data_pipeline.plan import ConvertOptions
+    from data_pipeline.conversion.convert import convert
+    from data_pipeline.conversion.plan import ConvertOptions
 
     corpus = work / "corpus"
     if not Corpus.is_finished(corpus):
@@ -161,8 +161,8 @@ def masked_bin_accuracy(model, csr, seed: int = 0) -> dict:
     80 % mask token / 10 % random bin / 10 % kept), against the file's most frequent masked bin."""
     import torch
 
-    from data_pipeline.masking import Masking, mask_for_mode
-    from data_pipeline.normalize import normalize
+    from data_pipeline.loading.masking import Masking, mask_for_mode
+    from data_pipeline.loading.normalize import normalize
     from pretrain.embed import length_batches
 
     rng = np.random.default_rng(seed)

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from .plan import ConvertError, ConvertOptions
+from .conversion.plan import ConvertError, ConvertOptions
 
 
 def _size(text: str) -> int:
@@ -92,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _convert(args) -> int:
-    from .convert import convert
-    from .merge import print_report
+    from .conversion.convert import convert
+    from .conversion.merge import print_report
 
     options = ConvertOptions(
         inputs=args.inputs, matrix=args.matrix, gene_column=args.gene_column,
@@ -119,15 +119,15 @@ def _convert(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from .conversion.readers import SourceError
+    from .conversion.vocab import VocabError
     from .corpus import CorpusError
-    from .readers import SourceError
-    from .vocab import VocabError
 
     try:
         if args.command == "convert":
             return _convert(args)
         if args.command == "merge":
-            from .merge import merge_corpus, print_report
+            from .conversion.merge import merge_corpus, print_report
 
             print_report(merge_corpus(args.corpus, keep_work=args.keep_work, progress=not args.no_progress,
                                       workers=args.workers))

@@ -13,9 +13,9 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from .fsio import atomic_write_json, commit, fsync_file, sha256_path, temp_path
-from .shards import END_OF_ARCHIVE, BlockError, CellBlock, block_problem, read_block
-from .vocab import Vocabulary, read_vocab
+from .conversion.fsio import atomic_write_json, commit, fsync_file, sha256_path, temp_path
+from .conversion.shards import END_OF_ARCHIVE, BlockError, CellBlock, block_problem, read_block
+from .conversion.vocab import Vocabulary, read_vocab
 
 # 2: per-block offsets in shard records, cell_lengths.npy; 3: each block record ends with the
 # block's xxh3-64 (hex), each shard record lists the sources that wrote it. 2 is still read.
@@ -192,7 +192,7 @@ class Corpus:
     def medians(self) -> np.ndarray:
         """Per-token nonzero medians of ``count / total * 1e4`` from ``stats.zarr`` (what rank
         mode divides by).  [vocab_size] float64, NaN for tokens never expressed"""
-        from .stats import GeneStats
+        from .conversion.stats import GeneStats
 
         return GeneStats.from_zarr(self.path / STATS).nonzero_medians()
 

@@ -48,7 +48,7 @@ import pandas as pd
 import scipy.sparse as sp
 from numba import njit
 
-from .fsio import commit, fsync_file, temp_path
+from .conversion.fsio import commit, fsync_file, temp_path
 
 # Fixed so that results do not depend on how many cells a caller asks for per chunk.
 BLOCK_CELLS = 4096

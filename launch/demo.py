@@ -22,9 +22,9 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_pipeline.convert import convert  # noqa: E402
+from data_pipeline.conversion.convert import convert  # noqa: E402
+from data_pipeline.conversion.plan import ConvertOptions  # noqa: E402
 from data_pipeline.corpus import Corpus  # noqa: E402
-from data_pipeline.plan import ConvertOptions  # noqa: E402
 from data_pipeline.synthetic import write_synthetic_h5ad  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
 from pretrain.embed import embed_h5ad  # noqa: E402

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import xxhash
 
-from data_pipeline.fsio import atomic_write_with
+from data_pipeline.conversion.fsio import atomic_write_with
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from data_pipeline.normalize import MODES, QUANTILE_TIES, Normalization
+from data_pipeline.loading.normalize import MODES, QUANTILE_TIES, Normalization
 
 from .knobs import FIXED, FREE, RESTORED
 from .knobs import knob as _help

@@ -1,7 +1,7 @@
 """Embed cells of an `.h5ad` with an exported bundle: raw counts -> the bundle's vocabulary ->
 its normalization -> length-grouped packed batches -> cell embeddings, in the input's cell order.
 
-Genes are resolved as the converter resolves them (`data_pipeline.gene_ids.resolve_gene_ids`, with
+Genes are resolved as the converter resolves them (`data_pipeline.conversion.gene_ids.resolve_gene_ids`, with
 the same ``gene_column`` / ``symbol_table`` options): Ensembl ids from the var column (or
 var_names) that holds them, versions stripped; else symbols, mapped to Ensembl ids through the
 bundle vocabulary's symbol column and, taking precedence, a ``symbol_table``. A symbol the
@@ -23,11 +23,11 @@ import scipy.sparse as sp
 import torch
 import xxhash
 
-from data_pipeline.batch import PackedBatch
-from data_pipeline.gene_ids import resolve_gene_ids, vocabulary_symbol_table
-from data_pipeline.normalize import CellSeeds, normalize
-from data_pipeline.readers import SourceError
-from data_pipeline.vocab import read_symbol_table
+from data_pipeline.conversion.gene_ids import resolve_gene_ids, vocabulary_symbol_table
+from data_pipeline.conversion.readers import SourceError
+from data_pipeline.conversion.vocab import read_symbol_table
+from data_pipeline.loading.batch import PackedBatch
+from data_pipeline.loading.normalize import CellSeeds, normalize
 
 from .model import CellModel
 

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_pipeline.conversion.vocab import read_vocab
 from data_pipeline.corpus import Corpus
-from data_pipeline.normalize import Normalization
-from data_pipeline.vocab import read_vocab
+from data_pipeline.loading.normalize import Normalization
 
 from .config import DecoderConfig, ModelConfig
 from .model import CellModel

@@ -14,7 +14,7 @@ from .model.shape import DecoderConfig, ModelConfig
 @dataclass(frozen=True)
 class Preset:
     model: ModelConfig
-    normalization: str   # data_pipeline.normalize mode
+    normalization: str   # data_pipeline.loading.normalize mode
     max_genes: int | None
     about: str
 

@@ -24,9 +24,9 @@ import torch.distributed as dist
 import yaml
 
 from data_pipeline.corpus import Corpus
-from data_pipeline.epoch_plan import Batching
-from data_pipeline.loader import CellLoader
-from data_pipeline.masking import Masking, Views
+from data_pipeline.loading.epoch_plan import Batching
+from data_pipeline.loading.loader import CellLoader
+from data_pipeline.loading.masking import Masking, Views
 
 from . import checkpoint
 from .config import TrainConfig, resume_changes

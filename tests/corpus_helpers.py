@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from data_pipeline.shards import iter_shard
+from data_pipeline.conversion.shards import iter_shard
 
 
 def ensembl(i: int) -> str:

@@ -17,7 +17,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from data_pipeline.batch import PackedBatch
+from data_pipeline.loading.batch import PackedBatch
 from pretrain.config import ModelConfig, ObjectiveConfig
 from pretrain.model import CellModel
 from pretrain.objectives import PretrainModule, full_batch_loss, train_step

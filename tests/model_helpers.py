@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from data_pipeline.batch import PackedBatch
+from data_pipeline.loading.batch import PackedBatch
 from pretrain.config import ModelConfig
 
 N_SPECIAL = 3  # <pad>=0, <cls>=1, <mask>=2: gene tokens are 3 ... vocab_size - 1

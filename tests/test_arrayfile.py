@@ -1,13 +1,13 @@
-"""Raw array files (`data_pipeline.arrayfile`) and the direct file I/O under them (`fsio`)."""
+"""Raw array files (`data_pipeline.conversion.arrayfile`) and the direct file I/O under them (`fsio`)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from data_pipeline.arrayfile import read_arrays, write_arrays
-from data_pipeline.buffers import Buffers
-from data_pipeline.fsio import atomic_write_stream, read_whole
+from data_pipeline.conversion.arrayfile import read_arrays, write_arrays
+from data_pipeline.conversion.buffers import Buffers
+from data_pipeline.conversion.fsio import atomic_write_stream, read_whole
 
 MAGIC = b"TESTARRAYS1\n"
 

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from data_pipeline.convert import convert
+from data_pipeline.conversion.convert import convert
+from data_pipeline.conversion.merge import merge_corpus
+from data_pipeline.conversion.plan import ConvertError, ConvertOptions
+from data_pipeline.conversion.readers import SourceError
 from data_pipeline.corpus import summary, verify
-from data_pipeline.merge import merge_corpus
-from data_pipeline.plan import ConvertError, ConvertOptions
-from data_pipeline.readers import SourceError
 from tests.corpus_helpers import corpus_cells, ensembl, random_counts, write_h5ad
 
 REPO = Path(__file__).resolve().parents[1]

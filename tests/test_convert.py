@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from data_pipeline.convert import convert
+from data_pipeline.conversion.convert import convert
+from data_pipeline.conversion.plan import ConvertError, ConvertOptions, group_pieces, source_pieces
+from data_pipeline.conversion.vocab import read_vocab, strip_version
 from data_pipeline.corpus import verify
-from data_pipeline.plan import ConvertError, ConvertOptions, group_pieces, source_pieces
-from data_pipeline.vocab import read_vocab, strip_version
 from tests.conftest import REFUSED_FILE, real_h5ad_files
 from tests.corpus_helpers import corpus_cells, ensembl, random_counts, write_h5ad
 
@@ -231,7 +231,7 @@ def test_disk_full_is_a_clear_error_and_the_rerun_finishes(tmp_path, monkeypatch
     """A write failing for lack of space exits 2 saying what to do; rerunning then completes."""
     import errno
 
-    from data_pipeline import fsio
+    from data_pipeline.conversion import fsio
     from data_pipeline.cli import main
 
     path = write_h5ad(tmp_path / "a.h5ad", random_counts(400, 60, seed=6))
@@ -276,7 +276,7 @@ def test_symbols_through_a_symbol_table(shared_data, tmp_path):
 
 def test_geneformer_token_dictionary_as_vocab(shared_data, tmp_path):
     """--vocab with Geneformer's token dictionary keeps Geneformer's token ids."""
-    from data_pipeline.vocab import read_pickled_dict
+    from data_pipeline.conversion.vocab import read_pickled_dict
 
     tokens = read_pickled_dict(shared_data / "genes" / "geneformer_token_dictionary.pkl")
     path = shared_data / "h5ad" / "muscat_kang_se.h5ad"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from data_pipeline.convert import convert
-from data_pipeline.plan import ConvertOptions
+from data_pipeline.conversion.convert import convert
+from data_pipeline.conversion.plan import ConvertOptions
 from tests.corpus_helpers import corpus_cells, ensembl, random_counts
 from tests.source_writers import write_10x_h5, write_10x_mtx, write_anndata
 

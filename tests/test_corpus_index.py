@@ -8,10 +8,10 @@ import os
 import numpy as np
 import pytest
 
-from data_pipeline.convert import convert
+from data_pipeline.conversion.convert import convert
+from data_pipeline.conversion.plan import ConvertOptions
+from data_pipeline.conversion.shards import iter_shard, read_block
 from data_pipeline.corpus import Corpus, verify
-from data_pipeline.plan import ConvertOptions
-from data_pipeline.shards import iter_shard, read_block
 from tests.corpus_helpers import random_counts, write_h5ad
 
 

@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipeline.convert import convert
+from data_pipeline.conversion.convert import convert
+from data_pipeline.conversion.merge import merge_corpus
+from data_pipeline.conversion.plan import ConvertOptions
 from data_pipeline.corpus import Corpus, CorpusError, verify
-from data_pipeline.epoch_plan import Batching
-from data_pipeline.loader import CellLoader
-from data_pipeline.merge import merge_corpus
-from data_pipeline.plan import ConvertOptions
+from data_pipeline.loading.epoch_plan import Batching
+from data_pipeline.loading.loader import CellLoader
 from tests.corpus_helpers import random_counts, write_h5ad
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,8 +110,8 @@ def test_flipped_indptr_is_a_clean_error_without_checksums(corpus, tmp_path):
     bad = _copy(corpus, tmp_path)
     _as_schema_2(bad)
     name = _xor(bad, shard=0, block=1, field="indptr", at=8 * 5 + 6, mask=0x40)  # indptr[5] += 2**54
-    code = ("import sys, warnings; warnings.simplefilter('ignore'); from data_pipeline.loader import CellLoader;"
-            "from data_pipeline.epoch_plan import Batching;"
+    code = ("import sys, warnings; warnings.simplefilter('ignore'); from data_pipeline.loading.loader import CellLoader;"
+            "from data_pipeline.loading.epoch_plan import Batching;"
             f"list(CellLoader(sys.argv[1], batching=Batching({BATCHING.token_budget}, {BATCHING.megabatch_cells}), "
             "masking=None))")
     run = subprocess.run([sys.executable, "-c", code, str(bad)], capture_output=True, text=True, cwd=REPO,

@@ -75,3 +75,26 @@ def test_data_pipeline_modules_import_each_other_one_way():
         if m not in state:
             visit(m, [])
     assert not cycles, "import cycles (move what both sides need one layer down):\n" + "\n".join(cycles)
+
+
+def test_the_old_module_paths_the_readme_documented_still_import(recwarn):
+    """`data_pipeline.{loader,epoch_plan,masking,normalize}` moved into `data_pipeline.loading`: the
+    old paths give the same objects and a DeprecationWarning naming the new one; the package exports
+    the names a training script needs."""
+    import importlib
+    import sys
+
+    import data_pipeline
+    from data_pipeline.loading import epoch_plan, loader, masking, normalize
+
+    for old, new, name in (("loader", loader, "CellLoader"), ("epoch_plan", epoch_plan, "Batching"),
+                           ("masking", masking, "Views"), ("normalize", normalize, "Normalization")):
+        sys.modules.pop(f"data_pipeline.{old}", None)
+        alias = importlib.import_module(f"data_pipeline.{old}")
+        assert getattr(alias, name) is getattr(new, name)
+        assert getattr(data_pipeline, name) is getattr(new, name)
+        assert any(issubclass(w.category, DeprecationWarning) and f"data_pipeline.loading.{old}" in str(w.message)
+                   for w in recwarn)
+    assert sorted(data_pipeline.__all__) == data_pipeline.__all__
+    for name in data_pipeline.__all__:
+        assert getattr(data_pipeline, name).__name__ == name

@@ -1,4 +1,4 @@
-"""How embedding finds an input's genes: as conversion does (`data_pipeline.gene_ids`), with the
+"""How embedding finds an input's genes: as conversion does (`data_pipeline.conversion.gene_ids`), with the
 bundle vocabulary's symbols as the symbol table, and the converter's ``--gene-column`` /
 ``--symbol-table`` options (issue 19, point 2).
 
@@ -22,8 +22,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from data_pipeline.normalize import Normalization
-from data_pipeline.vocab import Vocabulary
+from data_pipeline.conversion.vocab import Vocabulary
+from data_pipeline.loading.normalize import Normalization
 from pretrain.config import ModelConfig
 from pretrain.export import BUNDLE_FORMAT, load_pretrained, normalization_record
 from pretrain.model import CellModel

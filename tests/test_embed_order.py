@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.normalize import Normalization
-from data_pipeline.vocab import Vocabulary
+from data_pipeline.conversion.vocab import Vocabulary
+from data_pipeline.loading.normalize import Normalization
 from pretrain.config import ModelConfig
 from pretrain.embed import embed_h5ad
 from pretrain.model import CellModel

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_pipeline.epoch_plan import Batching, BlockTable, EpochPlan, worker_skip
+from data_pipeline.loading.epoch_plan import Batching, BlockTable, EpochPlan, worker_skip
 
 
 def _table(block_cells: list[int]) -> BlockTable:

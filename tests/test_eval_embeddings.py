@@ -17,7 +17,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import eval_embeddings as ev  # noqa: E402
 
-from data_pipeline.normalize import Normalization  # noqa: E402
+from data_pipeline.loading.normalize import Normalization  # noqa: E402
 from pretrain.config import ModelConfig  # noqa: E402
 from pretrain.embed import length_batches  # noqa: E402
 from pretrain.model import CellModel  # noqa: E402
@@ -81,8 +81,8 @@ def test_masked_bin_accuracy_counts_the_heads_argmax():
         last.bias.fill_(-10.0)
         last.bias[3] = 10.0
     out = ev.masked_bin_accuracy(model, csr, seed=5)
-    from data_pipeline.masking import Masking, apply_masking
-    from data_pipeline.normalize import normalize
+    from data_pipeline.loading.masking import Masking, apply_masking
+    from data_pipeline.loading.normalize import normalize
 
     rng = np.random.default_rng(5)
     norm = normalize(model.normalization, *csr, rng)

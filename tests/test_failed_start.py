@@ -16,8 +16,8 @@ from tests.train_helpers import TINY, TINY_CONFIG, make_corpus, run_pretrain
 
 def unlabeled_corpus(folder: Path) -> Path:
     """A small synthetic corpus converted without label columns."""
-    from data_pipeline.convert import convert
-    from data_pipeline.plan import ConvertOptions
+    from data_pipeline.conversion.convert import convert
+    from data_pipeline.conversion.plan import ConvertOptions
     from data_pipeline.synthetic import write_synthetic_h5ad
 
     source = folder / "cells.h5ad"

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from data_pipeline.gene_ids import resolve_gene_ids
-from data_pipeline.readers import SourceError, open_source
-from data_pipeline.vocab import (
+from data_pipeline.conversion.gene_ids import resolve_gene_ids
+from data_pipeline.conversion.readers import SourceError, open_source
+from data_pipeline.conversion.vocab import (
     SPECIAL_TOKENS,
     VocabError,
     Vocabulary,

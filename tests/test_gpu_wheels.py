@@ -81,7 +81,7 @@ WHEEL_DIR = Path(os.environ.get("GPU_WHEELS_DIR") or REPO / ".whl")
 TOLERATED_ABSENT = {
     "mlflow-skinny": "deepspeed (autotuning, monitor) imports mlflow in try/except ImportError; the GPU suite "
                      "runs with MLflow off",
-    "zlib-ng": "data_pipeline.h5direct: an optional speed-up, zlib otherwise (try/except ImportError)",
+    "zlib-ng": "data_pipeline.conversion.h5direct: an optional speed-up, zlib otherwise (try/except ImportError)",
 }
 # the environment the wheels are installed into: the image's python3 (3.12.3) on x86-64 Linux
 TARGET_ENV = {**default_environment(), "python_version": "3.12", "python_full_version": "3.12.3",

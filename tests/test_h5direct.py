@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
-from data_pipeline.h5direct import DirectReader
+from data_pipeline.conversion.h5direct import DirectReader
 
 LAYOUTS = {
     "contiguous": {},

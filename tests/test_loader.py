@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline import normalize_reference as ref
-from data_pipeline.convert import convert
+from data_pipeline.loading import normalize_reference as ref
+from data_pipeline.conversion.convert import convert
+from data_pipeline.conversion.plan import ConvertOptions
 from data_pipeline.corpus import Corpus
-from data_pipeline.epoch_plan import Batching
-from data_pipeline.loader import CellLoader
-from data_pipeline.masking import Views
-from data_pipeline.normalize import Normalization
-from data_pipeline.plan import ConvertOptions
+from data_pipeline.loading.epoch_plan import Batching
+from data_pipeline.loading.loader import CellLoader
+from data_pipeline.loading.masking import Views
+from data_pipeline.loading.normalize import Normalization
 from tests.corpus_helpers import random_counts, write_h5ad
 
 BUDGET = 3000

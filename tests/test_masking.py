@@ -7,8 +7,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from data_pipeline.masking import Masking, Views, apply_masking, make_views, mask_positions
-from data_pipeline.normalize import choose_within_cells
+from data_pipeline.loading.masking import Masking, Views, apply_masking, make_views, mask_positions
+from data_pipeline.loading.normalize import choose_within_cells
 
 
 def test_selection_is_uniform_over_subsets():

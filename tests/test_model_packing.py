@@ -9,7 +9,7 @@ from dataclasses import fields
 import pytest
 import torch
 
-from data_pipeline.batch import PackedBatch
+from data_pipeline.loading.batch import PackedBatch
 from pretrain.model import CellModel
 from tests.model_helpers import cells_of, one_thread, pack, random_batch, seeded, small_config  # noqa: F401 (autouse fixtures)
 

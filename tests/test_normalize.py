@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_pipeline import normalize_reference as ref
-from data_pipeline.convert import convert
+from data_pipeline.loading import normalize_reference as ref
+from data_pipeline.conversion.convert import convert
+from data_pipeline.conversion.plan import ConvertOptions
+from data_pipeline.conversion.stats import GeneStats
+from data_pipeline.conversion.vocab import read_pickled_dict
 from data_pipeline.corpus import Corpus
-from data_pipeline.normalize import Normalization, medians_for_vocab, normalize
-from data_pipeline.plan import ConvertOptions
-from data_pipeline.stats import GeneStats
-from data_pipeline.vocab import read_pickled_dict
+from data_pipeline.loading.normalize import Normalization, medians_for_vocab, normalize
 from tests.conftest import SHARED_DATA as SHARED
 
 

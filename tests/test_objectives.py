@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from data_pipeline.batch import PackedBatch
+from data_pipeline.loading.batch import PackedBatch
 from pretrain.config import ModelConfig, ObjectiveConfig
 from pretrain.model import CellModel
 from pretrain.objectives import PretrainModule, info_nce, label_loss_sum, mlm_loss_sum, view_pairs

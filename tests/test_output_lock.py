@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.convert import convert
+from data_pipeline.conversion.convert import convert
+from data_pipeline.conversion.fsio import LOCK_FILE, FolderBusy, OutputLock, remove_stale_temps, temp_path
+from data_pipeline.conversion.plan import ConvertError, ConvertOptions
 from data_pipeline.corpus import verify
-from data_pipeline.fsio import LOCK_FILE, FolderBusy, OutputLock, remove_stale_temps, temp_path
-from data_pipeline.plan import ConvertError, ConvertOptions
 from tests.corpus_helpers import random_counts, write_h5ad
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,12 +9,12 @@ import json
 import pytest
 import torch
 
-from data_pipeline.convert import convert
-from data_pipeline.epoch_plan import Batching
-from data_pipeline.loader import CellLoader
-from data_pipeline.masking import Views
-from data_pipeline.normalize import Normalization
-from data_pipeline.plan import ConvertOptions
+from data_pipeline.conversion.convert import convert
+from data_pipeline.conversion.plan import ConvertOptions
+from data_pipeline.loading.epoch_plan import Batching
+from data_pipeline.loading.loader import CellLoader
+from data_pipeline.loading.masking import Views
+from data_pipeline.loading.normalize import Normalization
 from pretrain.config import ModelConfig, ObjectiveConfig
 from pretrain.model import CellModel
 from pretrain.objectives import PretrainModule, full_batch_loss

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from data_pipeline import readers
-from data_pipeline.buffers import Buffers
-from data_pipeline.readers import SourceError, open_source
+from data_pipeline.conversion import readers
+from data_pipeline.conversion.buffers import Buffers
+from data_pipeline.conversion.readers import SourceError, open_source
 from tests.source_writers import write_10x_h5, write_10x_mtx, write_anndata
 
 N_CELLS, N_GENES = 23, 11

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import zarr
 
-from data_pipeline.convert import convert
+from data_pipeline.conversion.convert import convert
+from data_pipeline.conversion.plan import ConvertOptions
+from data_pipeline.conversion.shards import iter_shard
+from data_pipeline.conversion.stats import RELATIVE_ERROR, GeneStats
 from data_pipeline.corpus import Corpus, verify
-from data_pipeline.plan import ConvertOptions
-from data_pipeline.shards import iter_shard
-from data_pipeline.stats import RELATIVE_ERROR, GeneStats
 from tests.corpus_helpers import corpus_files, random_counts, write_h5ad
 
 REPO = Path(__file__).resolve().parents[1]
@@ -182,8 +182,8 @@ def test_merged_stats_equal_single_pass(reference):
 
 def test_torn_or_missing_row_cache_is_read_again(inputs, reference, tmp_path):
     """A cache file torn by a crash (no fsync) or lost is detected and its rows re-read."""
-    from data_pipeline.convert import WORK, ensure_vocab, prepare_out
-    from data_pipeline.plan import build_plan, load_plan, save_plan
+    from data_pipeline.conversion.convert import WORK, ensure_vocab, prepare_out
+    from data_pipeline.conversion.plan import build_plan, load_plan, save_plan
 
     out = tmp_path / "corpus"
     options = _options(inputs)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from data_pipeline.rowkernels import columns_in_token_order, convert_rows, scan_rows
-from data_pipeline.validate import SKIP_REASONS, row_flags
+from data_pipeline.conversion.rowkernels import columns_in_token_order, convert_rows, scan_rows
+from data_pipeline.conversion.validate import SKIP_REASONS, row_flags
 
 
 def _random_source(rng, n, n_vars, dtype, bad: bool, shuffle: bool):

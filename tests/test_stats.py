@@ -1,4 +1,4 @@
-"""Tests of ``data_pipeline.stats``: mergeable per-gene statistics and the nonzero-median sketch.
+"""Tests of ``data_pipeline.conversion.stats``: mergeable per-gene statistics and the nonzero-median sketch.
 
 Everything is checked against plain numpy references computed here: the sketch exactly (it is an
 integer histogram), the counts exactly, the sums to rounding, and the median estimate against the
@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipeline import stats as stats_mod
-from data_pipeline.stats import (
+from data_pipeline.conversion import stats as stats_mod
+from data_pipeline.conversion.stats import (
     MANTISSA_BITS,
     RELATIVE_ERROR,
     GeneStats,
@@ -173,7 +173,7 @@ def test_many_calls_are_identical_to_one_pass(block, seed, monkeypatch):
 
 def test_trusted_blocks_equal_validated_ones(block):
     """The converter passes its row kernel's per-partition token counts and skips validation."""
-    from data_pipeline.stats import PARTITION_BITS
+    from data_pipeline.conversion.stats import PARTITION_BITS
 
     whole = one_pass(block, VOCAB)
     trusted = GeneStats(VOCAB)

@@ -12,8 +12,8 @@ import anndata as ad
 import numpy as np
 import pytest
 
-from data_pipeline.convert import convert
-from data_pipeline.plan import ConvertOptions
+from data_pipeline.conversion.convert import convert
+from data_pipeline.conversion.plan import ConvertOptions
 from tests.train_helpers import ROOT, TINY, export, metrics, run_pretrain, summary
 
 pytestmark = pytest.mark.slow

@@ -27,8 +27,8 @@ TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.favor_
 
 def make_corpus(folder: Path, n_cells: int = 800, n_genes: int = 2000) -> Path:
     """A synthetic corpus (label column ``cell_type``) and its source file ``folder/cells.h5ad``."""
-    from data_pipeline.convert import convert
-    from data_pipeline.plan import ConvertOptions
+    from data_pipeline.conversion.convert import convert
+    from data_pipeline.conversion.plan import ConvertOptions
     from data_pipeline.synthetic import write_synthetic_h5ad
 
     source = folder / "cells.h5ad"

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from data_pipeline.batch import PackedBatch
+from data_pipeline.loading.batch import PackedBatch
 from kernels.packing import compact, mean_per_sequence, sequence_ids, with_cls
 
 from .embeddings import GeneEmbeddingCoverage, ValueEmbedding, align_gene_embeddings, read_gene_embedding_file

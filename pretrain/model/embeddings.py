@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from data_pipeline.vocab import strip_version
+from data_pipeline.conversion.vocab import strip_version
 
 
 @dataclass

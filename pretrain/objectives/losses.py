@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from data_pipeline.batch import PackedBatch
+from data_pipeline.loading.batch import PackedBatch
 
 MIN_TEMPERATURE = 0.01
 

@@ -9,7 +9,7 @@ import math
 import torch
 from torch import nn
 
-from data_pipeline.batch import PackedBatch
+from data_pipeline.loading.batch import PackedBatch
 
 from ..config import ObjectiveConfig
 from ..model.cell_model import CellModel, ModelOutput

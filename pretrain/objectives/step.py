@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from data_pipeline.batch import PackedBatch
+from data_pipeline.loading.batch import PackedBatch
 
 from ..config import ObjectiveConfig
 from .losses import info_nce, info_nce_blocked, label_loss_sum, mlm_loss_sum, view_pairs

@@ -35,10 +35,10 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ..child_processes import exit_with_parent, progress_bar
+from ..corpus import LAYOUT, VOCAB, Corpus
 from .arrayfile import read_arrays, write_arrays
 from .buffers import Buffers
-from .child_processes import exit_with_parent, progress_bar
-from .corpus import LAYOUT, VOCAB, Corpus
 from .fsio import (
     atomic_write_bytes,
     atomic_write_json,

@@ -18,8 +18,8 @@ from numba import njit
 from numba.core import types
 from numba.extending import intrinsic
 
+from ..radix import radix_sort_pairs
 from .buffers import Buffers
-from .radix import radix_sort_pairs
 from .stats import PARTITION_BITS
 
 _NOT_FINITE, _NEGATIVE, _NON_INTEGER, _EMPTY, _BELOW_MIN_GENES, _COUNT_OVERFLOW = 0, 1, 2, 3, 4, 5

@@ -238,7 +238,7 @@ def build_plan(options: ConvertOptions, workers: int = 1) -> tuple[dict, list[di
 
         _import_readers_libraries(options.inputs)
 
-        from .child_processes import exit_with_parent
+        from ..child_processes import exit_with_parent
 
         # a SIGKILLed converter must not leave its workers waiting forever on the pool's queue
         with get_context("fork").Pool(min(workers, len(jobs)), exit_with_parent, (os.getpid(),)) as pool:

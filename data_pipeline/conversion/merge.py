@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .child_processes import progress_bar
-from .corpus import (
+from ..child_processes import progress_bar
+from ..corpus import (
     BLOCK_RECORD,
     CELL_LENGTHS,
     SCHEMA_VERSION,

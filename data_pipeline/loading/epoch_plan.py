@@ -1,0 +1,213 @@
+"""Which cells go into which batch, in which order, on which rank and loader worker: one epoch.
+
+Everything here is a function of the corpus index (block records, ``cell_lengths.npy``), the
+seed, the epoch and the layout (world size, streams per rank), computed identically by every
+process without communication and without reading a shard:
+
+1. Blocks are permuted (seed, epoch): consecutive positions of the permuted cell sequence come
+   from random shards, so a megabatch mixes many sources.
+2. The permuted sequence is cut into ``K`` megabatches of equal size (+-1 cell), ``K`` a multiple
+   of the number of streams (ranks x workers per rank), at least ``N / megabatch_cells``.
+   Megabatch ``k`` belongs to stream ``k % n_streams``; stream ``s`` is worker ``s % W`` of rank
+   ``s // W``. Its cells are read from the few blocks it spans.
+3. In a megabatch, cells are shuffled (a shuffle buffer of the megabatch's size), sorted by
+   length (stable, longest first), and cut greedily into batches whose token cost stays within
+   ``token_budget`` (Geneformer's length-grouped megabatches, packed instead of padded).
+4. Every stream must yield the same number of batches (so that every rank does, and so that a
+   DataLoader's round-robin over workers gives a fixed order): streams below the largest count
+   split their batches with the most cells in two until they reach it.
+5. The batch order within each megabatch is shuffled.
+
+So every cell is in exactly one batch of one stream per epoch, every batch respects the budget,
+and a rank's batch ``i`` is batch ``i // W`` of its worker ``i % W``.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit
+
+from ..corpus import BlockTable
+
+
+@dataclass(frozen=True)
+class Batching:
+    """``token_budget``: most tokens in a batch, counting ``cell_cost(length)`` per cell;
+    ``megabatch_cells``: cells shuffled and length-sorted together; ``max_batch_cells``: most
+    cells in a batch (None: no limit)."""
+
+    token_budget: int = 16384
+    megabatch_cells: int = 8192
+    max_batch_cells: int | None = None
+
+    def __post_init__(self):
+        if self.token_budget < 1 or self.megabatch_cells < 1:
+            raise ValueError("token_budget and megabatch_cells must be >= 1")
+        if self.max_batch_cells is not None and self.max_batch_cells < 1:
+            raise ValueError("max_batch_cells must be >= 1 (or None)")
+
+
+@dataclass
+class Megabatch:
+    """One megabatch of a stream: ``index`` (global megabatch number), ``cells`` [n] (global cell
+    indices, in batch order: batch ``j`` is ``cells[bounds[j]:bounds[j+1]]``)."""
+
+    index: int
+    cells: np.ndarray
+    bounds: np.ndarray
+
+    @property
+    def n_batches(self) -> int:
+        return len(self.bounds) - 1
+
+
+class EpochPlan:
+    """The plan of epoch ``epoch`` for ``world_size`` ranks with ``streams_per_rank`` loader
+    streams each (DataLoader workers, or 1 without workers). ``cost`` [N] is each cell's token
+    cost (its length as the model will see it, e.g. capped, times views, plus special tokens).
+    """
+
+    def __init__(self, blocks: BlockTable, cost: np.ndarray, batching: Batching, seed: int, epoch: int,
+                 world_size: int, streams_per_rank: int):
+        if world_size < 1 or streams_per_rank < 1:
+            raise ValueError("world_size and streams_per_rank must be >= 1")
+        cost = np.asarray(cost)
+        if cost.dtype.kind not in "iu":
+            raise ValueError(f"cell costs must be integers, got {cost.dtype}")
+        if len(cost) != blocks.n_cells:
+            raise ValueError(f"{len(cost)} cell lengths for {blocks.n_cells} cells: the corpus index is stale")
+        if len(cost) and cost.max() > batching.token_budget:
+            raise ValueError(f"a cell costs {int(cost.max())} tokens, more than token_budget="
+                             f"{batching.token_budget}: raise the budget or cap genes per cell (max_genes)")
+        self.blocks, self.batching, self.seed, self.epoch = blocks, batching, seed, epoch
+        self.world_size, self.streams_per_rank = world_size, streams_per_rank
+        self.n_streams = world_size * streams_per_rank
+        n = blocks.n_cells
+        rng = np.random.default_rng([seed, epoch])
+        self.block_order = rng.permutation(len(blocks))
+        sizes = np.diff(blocks.first_cell)[self.block_order]
+        # where each permuted block starts in the permuted cell sequence
+        self.perm_start = np.concatenate([[0], np.cumsum(sizes)])
+        k = max(1, -(-n // batching.megabatch_cells))
+        self.n_megabatches = -(-k // self.n_streams) * self.n_streams
+        if n < self.n_megabatches and n < self.n_streams:
+            raise ValueError(f"{n} cells cannot give every one of {self.n_streams} loader streams "
+                             f"(ranks x workers) a cell: use fewer ranks or workers")
+        self.mb_start = (np.arange(self.n_megabatches + 1) * n) // self.n_megabatches
+        self._cost = cost
+        counts = self._batch_counts()
+        per_stream = np.bincount(np.arange(self.n_megabatches) % self.n_streams, weights=counts,
+                                 minlength=self.n_streams).astype(np.int64)
+        self.batches_per_stream = int(per_stream.max())
+
+    # --- cells of a megabatch -----------------------------------------------------------------
+    def megabatch_cells(self, k: int) -> np.ndarray:
+        """Global indices of megabatch ``k``'s cells, in permuted-sequence order.  [n]"""
+        return self._positions_to_cells(int(self.mb_start[k]), int(self.mb_start[k + 1]))
+
+    def _positions_to_cells(self, p0: int, p1: int) -> np.ndarray:
+        j0 = int(np.searchsorted(self.perm_start, p0, side="right")) - 1
+        out = []
+        p = p0
+        j = j0
+        while p < p1:
+            b = self.block_order[j]
+            start = self.perm_start[j]
+            end = min(p1, self.perm_start[j + 1])
+            first = self.blocks.first_cell[b]
+            out.append(np.arange(first + p - start, first + end - start, dtype=np.int64))
+            p = end
+            j += 1
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+    def blocks_of(self, k: int) -> np.ndarray:
+        """Corpus block indices megabatch ``k`` reads (each once).  [<= a few]"""
+        p0, p1 = int(self.mb_start[k]), int(self.mb_start[k + 1])
+        if p1 <= p0:
+            return np.zeros(0, np.int64)
+        j0 = int(np.searchsorted(self.perm_start, p0, side="right")) - 1
+        j1 = int(np.searchsorted(self.perm_start, p1, side="left"))
+        return self.block_order[j0:j1]
+
+    # --- batches ------------------------------------------------------------------------------
+    def _batch_counts(self) -> np.ndarray:
+        """Greedy batch count of every megabatch (needs only its sorted costs).  [K]"""
+        counts = np.zeros(self.n_megabatches, np.int64)
+        max_cells = self.batching.max_batch_cells or (1 << 62)
+        for k in range(self.n_megabatches):
+            c = np.sort(self._cost[self.megabatch_cells(k)])[::-1]
+            counts[k] = _greedy_cuts(c, self.batching.token_budget, max_cells, np.empty(len(c) + 1, np.int64))
+        return counts
+
+    def stream_megabatches(self, stream: int) -> list[Megabatch]:
+        """The megabatches of ``stream`` (rank * streams_per_rank + worker), in order, cut into
+        batches, padded to ``batches_per_stream`` batches by splits, batch order shuffled."""
+        if not 0 <= stream < self.n_streams:
+            raise ValueError(f"stream {stream} outside 0..{self.n_streams - 1}")
+        max_cells = self.batching.max_batch_cells or (1 << 62)
+        mine = []
+        for k in range(stream, self.n_megabatches, self.n_streams):
+            rng = np.random.default_rng([self.seed, self.epoch, k])
+            cells = rng.permutation(self.megabatch_cells(k))  # the shuffle buffer
+            cells = cells[np.argsort(-self._cost[cells], kind="stable")]  # longest first
+            cuts = np.empty(len(cells) + 1, np.int64)
+            n = _greedy_cuts(self._cost[cells], self.batching.token_budget, max_cells, cuts)
+            mine.append([k, cells, list(cuts[: n + 1]), rng])
+        deficit = self.batches_per_stream - sum(len(b) - 1 for _, _, b, _ in mine)
+        if deficit:
+            self._split(mine, deficit, stream)
+        out = []
+        for k, cells, bounds, rng in mine:
+            bounds = np.asarray(bounds, np.int64)
+            order = rng.permutation(len(bounds) - 1)
+            sizes = np.diff(bounds)[order]
+            in_order = np.concatenate([cells[bounds[j]:bounds[j + 1]] for j in order]) if len(order) else cells
+            out.append(Megabatch(k, in_order, np.concatenate([[0], np.cumsum(sizes)])))
+        return out
+
+    @staticmethod
+    def _split(mine: list, deficit: int, stream: int) -> None:
+        """Split the batches with the most cells (earliest first on ties) in two, ``deficit`` times."""
+        heap = [(-(b[j + 1] - b[j]), m, b[j]) for m, (_, _, b, _) in enumerate(mine) for j in range(len(b) - 1)]
+        heapq.heapify(heap)
+        for _ in range(deficit):
+            if not heap or -heap[0][0] < 2:
+                raise ValueError(f"loader stream {stream} has too few cells to give the same number of "
+                                 "batches as the others: use fewer ranks or workers, or a larger token_budget")
+            size, m, start = heapq.heappop(heap)
+            half = -size // 2
+            bounds = mine[m][2]
+            bounds.insert(bounds.index(start) + 1, start + half)
+            heapq.heappush(heap, (-half, m, start))
+            heapq.heappush(heap, (-(-size - half), m, start + half))
+
+
+@njit(cache=True)
+def _greedy_cuts(cost, budget, max_cells, cuts):  # pragma: no cover
+    """Cut ``cost`` (in order) into runs of total <= budget and <= max_cells items; writes the
+    run starts and the end to ``cuts``; returns the number of runs."""
+    n = 0
+    cuts[0] = 0
+    total = 0
+    size = 0
+    for i in range(len(cost)):
+        if size and (total + cost[i] > budget or size == max_cells):
+            n += 1
+            cuts[n] = i
+            total = 0
+            size = 0
+        total += cost[i]
+        size += 1
+    if size:
+        n += 1
+        cuts[n] = len(cost)
+    return n
+
+
+def worker_skip(batches_done: int, streams_per_rank: int, worker: int) -> int:
+    """How many of its batches worker ``worker`` had yielded when its rank had yielded
+    ``batches_done`` (round-robin over equal-length worker streams)."""
+    return batches_done // streams_per_rank + (1 if worker < batches_done % streams_per_rank else 0)

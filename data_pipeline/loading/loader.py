@@ -1,0 +1,384 @@
+"""`CellLoader`: corpus shards -> normalized, masked, length-grouped `PackedBatch` streams.
+
+Per epoch, `epoch_plan.EpochPlan` decides from the corpus index alone which cells form which
+batch on which rank and DataLoader worker (every cell once per epoch, the same number of batches
+on every rank, token budgets kept). Each worker then reads only the blocks of its megabatches
+(random access through the manifest's block records, each block checked before use: checksum,
+structure, agreement with its record and ``cell_lengths.npy``; a damaged one stops the loader with
+a `CorpusError` naming it), gathers their cells in batch order, makes the contrastive views,
+normalizes, masks, and cuts the megabatch into batches; all of it vectorized over the megabatch. Random draws come from generators seeded by (seed, epoch,
+megabatch), so a megabatch gives the same batches whichever process makes it and whenever.
+
+Resume: ``state_dict()`` records the epoch and how many batches this rank has yielded in it; a
+loader given that state (same corpus, seed, world size and worker count) yields exactly the
+batches that would have followed. With another world size or worker count the epoch's layout
+differs, so `load_state_dict` refuses the state unless ``restart_epoch=True``: the interrupted
+epoch then starts over under the new layout (cells of that epoch before the interruption are
+seen again; later epochs are unaffected).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import os
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from numba import njit
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..child_processes import leave_stop_signals_to_parent
+from ..corpus import BlockReader, BlockTable, Corpus
+from .batch import PackedBatch
+from .epoch_plan import Batching, EpochPlan, worker_skip
+from .masking import Masking, Views, make_views, mask_for_mode
+from .normalize import Normalization, normalize
+
+STATE_VERSION = 1
+DEFAULT_MASKING = Masking()  # 15 % of each cell's genes; 80 % mask id, 10 % random, 10 % kept
+
+
+def rank_and_world_size(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """Explicit values, else torch.distributed's (when initialized), else ``RANK``/``WORLD_SIZE``
+    from the environment (set by the deepspeed and torchrun launchers), else (0, 1)."""
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class _Spec:
+    """What every process needs to make its batches (picklable; arrays loaded lazily)."""
+
+    def __init__(self, corpus: Corpus, normalization: Normalization, batching: Batching, masking: Masking | None,
+                 views: Views | None, seed: int, rank: int, world_size: int, streams_per_rank: int,
+                 extra_tokens_per_cell: int):
+        self.corpus = corpus
+        self.check_blocks = True  # False only in benchmarks/bench_loader.py, to measure what the checks cost
+        self.normalization, self.batching, self.masking, self.views = normalization, batching, masking, views
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.streams_per_rank, self.extra_tokens_per_cell = streams_per_rank, extra_tokens_per_cell
+        self.vocab_size = corpus.vocab_size
+        special = corpus.special_tokens
+        if "<mask>" not in special:
+            raise ValueError(f"{corpus.path}: the vocabulary has no <mask> token (special tokens: {special})")
+        self.mask_token = special["<mask>"]
+        self.n_special = max(special.values()) + 1  # gene tokens follow the special ones
+        self.n_label_columns = len(corpus.label_columns)
+        # here, not in a worker: a malformed index or a shard outside the corpus fails at once
+        self._table = self.corpus.block_table()
+        self._cost = None
+
+    @property
+    def table(self) -> BlockTable:
+        if self._table is None:
+            self._table = self.corpus.block_table()
+        return self._table
+
+    @property
+    def cost(self) -> np.ndarray:
+        """Tokens each cell can take in a batch (capped length plus special tokens, per view).  [N]"""
+        if self._cost is None:
+            # int32: one per corpus cell in every process (30M cells: 120 MB)
+            self._cost = self.cell_cost(self.corpus.cell_lengths())
+        return self._cost
+
+    def cell_cost(self, lengths: np.ndarray) -> np.ndarray:
+        """Tokens of cells with ``lengths`` genes in a batch.  [n] int32"""
+        cost = lengths.astype(np.int32)
+        if self.normalization.max_genes is not None:
+            np.minimum(cost, self.normalization.max_genes, out=cost)
+        cost += self.extra_tokens_per_cell
+        cost *= 2 if self.views else 1
+        return cost
+
+    def plan(self, epoch: int) -> EpochPlan:
+        return EpochPlan(self.table, self.cost, self.batching, self.seed, epoch, self.world_size,
+                         self.streams_per_rank)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_table"] = state["_cost"] = None  # rebuilt in the worker rather than pickled
+        return state
+
+
+class _EpochStream(IterableDataset):
+    """The rest of one epoch of one rank: ``control`` (shared with the workers, which persist
+    from epoch to epoch) holds the epoch and how many of its batches the rank has had. In a
+    DataLoader, worker w makes stream ``rank * W + w`` and the DataLoader's round-robin over
+    workers gives the rank's order."""
+
+    def __init__(self, spec: _Spec, control, rings: list | None = None):
+        self.spec, self.control, self.rings = spec, control, rings
+        self._slot = -1
+
+    def __iter__(self):
+        # in this CellLoader's own DataLoader worker (not in some outer one, nor in-process)
+        info = get_worker_info() if self.rings is not None else None
+        spec = self.spec
+        epoch, start = int(self.control[0]), int(self.control[1])
+        # the DataLoader asks its workers round-robin from worker 0: after ``start`` batches the
+        # next one is due from stream ``start % W``, so worker 0 plays that stream, and so on
+        worker = ((info.id if info is not None else 0) + start) % spec.streams_per_rank
+        plan = spec.plan(epoch)
+        skip = worker_skip(start, spec.streams_per_rank, worker)
+        reader = BlockReader(spec.corpus, spec.table, spec.check_blocks)
+        try:
+            for m in plan.stream_megabatches(spec.rank * spec.streams_per_rank + worker):
+                if skip >= m.n_batches:
+                    skip -= m.n_batches
+                    continue
+                for batch in _megabatch_batches(spec, plan, m, reader, first=skip, epoch=epoch):
+                    yield self._send(info.id, batch) if info is not None else batch
+                skip = 0
+        finally:
+            reader.close()
+
+
+    def _send(self, worker: int, batch: PackedBatch) -> tuple:
+        """Write ``batch`` into this worker's next ring buffer (shared memory the consumer mapped
+        when the workers started) and return what says where: ``(worker, slot, header)``.
+
+        The DataLoader asks a worker for at most ``prefetch_factor`` batches beyond the one the
+        consumer has just received, and `CellLoader` copies that one out before asking for more,
+        so a ring of ``prefetch_factor + 2`` buffers is never overwritten while in use. Sending
+        a slot number instead of a tensor spares a shared-memory handshake per batch."""
+        ring = self.rings[worker]
+        self._slot = (self._slot + 1) % len(ring)
+        if batch.wire_bytes() > ring[self._slot].numel():
+            raise RuntimeError("a batch outgrew its ring buffer: wire_bytes_bound is wrong")
+        _, header = batch.to_wire(ring[self._slot])
+        return worker, self._slot, header
+
+
+def wire_bytes_bound(token_budget: int, n_label_columns: int) -> int:
+    """Most bytes `PackedBatch.to_wire` can need: at most ``token_budget`` tokens (8-byte ids,
+    values, targets; 1-byte mask) in at most ``token_budget`` sequences (4-byte cu_seqlens; 8-byte
+    view and cell index and labels), each array padded to 8 bytes."""
+    return token_budget * 25 + (token_budget + 1) * 4 + token_budget * 8 * (2 + n_label_columns) + 8 * 9
+
+
+def tune_malloc() -> bool:
+    """Make glibc keep freed memory for reuse in this process: large arrays (a megabatch's are
+    tens of MB, a batch's copy a few MB) otherwise get fresh pages from the kernel at every
+    allocation, and first touches of fresh pages cost more than the loader's own work on a VM
+    measured here (`benchmarks/results/loader.json`). Sets the mmap threshold to 1 GB and the
+    trim threshold to 2 GB. Returns False where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, 1 << 30)) and bool(libc.mallopt(-1, (1 << 31) - 1))  # MMAP, TRIM
+    except (OSError, AttributeError):
+        return False
+
+
+def _worker_init(_: int) -> None:
+    # a scheduler's SIGTERM to the whole job must reach the trainer, not end its workers (which
+    # DataLoader reports as a crash, before the trainer could checkpoint)
+    leave_stop_signals_to_parent()
+    tune_malloc()
+
+
+def _gather(blocks: list, first_cells: np.ndarray, cells: np.ndarray):
+    """Rows ``cells`` (global indices) of ``blocks`` (whose first cells are ``first_cells``, sorted)
+    as CSR arrays in that order: indptr, genes, counts, total_counts, labels."""
+    lengths = np.concatenate([np.diff(b.indptr) for b in blocks])
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    row_base = np.concatenate([[0], np.cumsum([b.n_cells for b in blocks])])
+    which = np.searchsorted(first_cells, cells, side="right") - 1
+    rows = row_base[which] + cells - first_cells[which]
+    indptr = np.concatenate([[0], np.cumsum(lengths[rows])])
+    all_genes = np.concatenate([b.genes for b in blocks])
+    all_counts = np.concatenate([b.counts for b in blocks])
+    genes = np.empty(int(indptr[-1]), all_genes.dtype)
+    counts = np.empty(int(indptr[-1]), all_counts.dtype)
+    _gather_rows(starts, rows, indptr, all_genes, all_counts, genes, counts)
+    totals = np.concatenate([b.total_counts for b in blocks])[rows]
+    labels = np.concatenate([b.labels.reshape(b.n_cells, -1) for b in blocks]).astype(np.int64)[rows]
+    return indptr, genes, counts, totals, labels
+
+
+@njit(cache=True, nogil=True)
+def _gather_rows(starts, rows, indptr, src_genes, src_counts, genes, counts):  # pragma: no cover
+    for i in range(len(rows)):
+        a = starts[rows[i]]
+        for j in range(indptr[i + 1] - indptr[i]):
+            genes[indptr[i] + j] = src_genes[a + j]
+            counts[indptr[i] + j] = src_counts[a + j]
+
+
+def _check_cell_lengths(spec: _Spec, block_ids: np.ndarray, blocks: list) -> None:
+    """The plan cut batches by ``cell_lengths.npy``; blocks whose genes per cell disagree with it
+    (an edited or stale index) would overrun the token budget."""
+    for b, block in zip(block_ids, blocks):
+        first = int(spec.table.first_cell[b])
+        if not np.array_equal(spec.cell_cost(np.diff(block.indptr)), spec.cost[first : first + block.n_cells]):
+            raise spec.corpus.damaged(spec.table, int(b), f"its genes per cell disagree with "
+                                      f"{spec.corpus.cell_lengths_file}")
+
+
+def _megabatch_batches(spec: _Spec, plan: EpochPlan, m, reader: BlockReader, first: int, epoch: int):
+    """The batches of megabatch ``m`` from its batch ``first`` on."""
+    block_ids = np.sort(plan.blocks_of(m.index))
+    blocks = [reader.read(int(b)) for b in block_ids]
+    if reader.check:
+        _check_cell_lengths(spec, block_ids, blocks)
+    indptr, genes, counts, totals, labels = _gather(blocks, spec.table.first_cell[block_ids], m.cells)
+    rng = np.random.default_rng([spec.seed, epoch, m.index, 1])
+    per_cell = 1
+    if spec.views is not None:
+        indptr, genes, counts, totals = make_views(spec.views, indptr, genes, counts, totals, rng)
+        per_cell = 2
+    norm = normalize(spec.normalization, indptr, genes, counts, totals, rng)
+    values, genes = norm.values, norm.genes
+    if spec.masking is not None:
+        genes, values, mlm, targets = mask_for_mode(spec.masking, spec.normalization.mode, spec.normalization.n_bins,
+                                                    norm.indptr, genes, values, spec.mask_token,
+                                                    (spec.n_special, spec.vocab_size), rng)
+    else:
+        mlm = np.zeros(len(genes), bool)
+        targets = np.zeros_like(values)
+    # per sequence, for the whole megabatch; batches below are views of these arrays (a worker
+    # copies each into its ring buffer, so views cost no copy of their own)
+    seq_ptr = norm.indptr
+    genes = genes.astype(np.int64, copy=False)
+    seq_labels = np.repeat(labels, per_cell, axis=0)
+    seq_cells = np.repeat(m.cells, per_cell)
+    seq_view = np.arange(len(seq_cells), dtype=np.int64) // per_cell
+    for j in range(first, m.n_batches):
+        c0, c1 = int(m.bounds[j]), int(m.bounds[j + 1])
+        s0, s1 = c0 * per_cell, c1 * per_cell
+        t0, t1 = int(seq_ptr[s0]), int(seq_ptr[s1])
+        cu = (seq_ptr[s0 : s1 + 1] - t0).astype(np.int32)
+        yield PackedBatch(
+            gene_ids=torch.from_numpy(genes[t0:t1]),
+            values=torch.from_numpy(values[t0:t1]),
+            cu_seqlens=torch.from_numpy(cu),
+            max_seqlen=int((cu[1:] - cu[:-1]).max(initial=0)),
+            mlm_mask=torch.from_numpy(mlm[t0:t1]),
+            mlm_targets=torch.from_numpy(targets[t0:t1]),
+            labels=torch.from_numpy(seq_labels[s0:s1]),
+            view_index=torch.from_numpy(seq_view[s0:s1] - c0),
+            cell_index=torch.from_numpy(seq_cells[s0:s1]),
+        )
+
+
+class CellLoader:
+    """Batches of a corpus for one rank, epoch after epoch.
+
+    ``corpus``: a `Corpus` (or its folder). ``normalization`` (default log1p_cp10k in 51 bins; rank mode
+    without medians takes them from the corpus's ``stats.zarr``), ``batching`` (token budget,
+    megabatch size), ``masking`` (None: no masked-expression targets), ``views`` (None: one
+    sequence per cell; else two views per cell, linked by ``view_index``). ``rank`` /
+    ``world_size``: default from torch.distributed or the launcher's environment.
+    ``num_workers``: DataLoader worker processes (0: batches made in this process).
+    ``extra_tokens_per_cell``: tokens the model adds per sequence (e.g. 1 for ``<cls>``),
+    counted in the token budget. ``malloc_tuning``: `tune_malloc` in this process too (the
+    workers always do). Iterating gives one epoch; the next iteration the next epoch.
+    """
+
+    def __init__(self, corpus: Corpus | str | Path, normalization: Normalization | None = None,
+                 batching: Batching | None = None, masking: Masking | None = DEFAULT_MASKING, views: Views | None = None,
+                 seed: int = 0, rank: int | None = None, world_size: int | None = None, num_workers: int = 0,
+                 pin_memory: bool = False, prefetch_factor: int = 4, extra_tokens_per_cell: int = 0,
+                 malloc_tuning: bool = True):
+        if not isinstance(corpus, Corpus):
+            if not Corpus.is_finished(corpus):
+                raise ValueError(f"{corpus}: no manifest.json; pass a finished corpus folder "
+                                 "(`python -m data_pipeline convert ... --out CORPUS`)")
+            corpus = Corpus(corpus)
+        normalization = normalization or Normalization()
+        if normalization.mode == "rank" and normalization.medians is None:
+            normalization = Normalization(**{**asdict(normalization), "medians": corpus.medians()})
+        if pin_memory and not torch.cuda.is_available():
+            warnings.warn("CellLoader(pin_memory=True) without CUDA: pinned memory needs an accelerator, "
+                          "so batches are left unpinned", stacklevel=2)
+            pin_memory = False
+        if malloc_tuning:
+            tune_malloc()  # workers always do
+        rank, world_size = rank_and_world_size(rank, world_size)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.corpus = corpus
+        self.num_workers, self.pin_memory, self.prefetch_factor = num_workers, pin_memory, prefetch_factor
+        self.spec = _Spec(corpus, normalization, batching or Batching(), masking, views, seed, rank, world_size,
+                          max(1, num_workers), extra_tokens_per_cell)
+        if self.spec.table.checksum is None:
+            warnings.warn(f"{corpus.path}: a corpus of schema {corpus.schema_version} has no block "
+                          "checksums, so damaged blocks are caught only by structural checks: reconvert to "
+                          "get block checksums", stacklevel=2)
+        vocab_size = self.spec.vocab_size
+        if normalization.medians is not None and len(normalization.medians) != vocab_size:
+            raise ValueError(f"{len(normalization.medians)} medians for a vocabulary of {vocab_size} tokens")
+        self.epoch = 0
+        self.batches_done = 0  # in the current epoch, by this rank
+        self._control = multiprocessing.Array("q", 2, lock=False)  # read by the workers at each epoch
+        rings = None
+        if num_workers:
+            slot = wire_bytes_bound(self.spec.batching.token_budget, self.spec.n_label_columns)
+            rings = [[torch.empty(slot, dtype=torch.uint8).share_memory_() for _ in range(prefetch_factor + 2)]
+                     for _ in range(num_workers)]
+        self._stream = _EpochStream(self.spec, self._control, rings)
+        self._dataloader = None
+        self._lengths: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (the same on every rank)."""
+        if self.epoch not in self._lengths:
+            plan = self.spec.plan(self.epoch)
+            self._lengths = {self.epoch: plan.batches_per_stream * self.spec.streams_per_rank}
+        return self._lengths[self.epoch]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.batches_done = epoch, 0
+
+    def __iter__(self):
+        if self.batches_done >= len(self):  # a state saved after the epoch's last batch
+            self.set_epoch(self.epoch + 1)
+        self._control[0], self._control[1] = self.epoch, self.batches_done
+        if self.num_workers == 0:
+            source = iter(self._stream)
+        else:
+            if self._dataloader is None:
+                self._dataloader = DataLoader(self._stream, batch_size=None, num_workers=self.num_workers,
+                                              prefetch_factor=self.prefetch_factor, persistent_workers=True,
+                                              worker_init_fn=_worker_init)
+            source = iter(self._dataloader)
+        for batch in source:
+            if self.num_workers:  # copied out of the worker's ring buffer before the next request
+                worker, slot, header = batch
+                buf = self._stream.rings[worker][slot]
+                batch = PackedBatch.from_wire(buf.pin_memory() if self.pin_memory else buf.clone(), header)
+            elif self.pin_memory:
+                batch = batch.pin_memory()
+            self.batches_done += 1
+            yield batch
+        self.set_epoch(self.epoch + 1)
+
+    def state_dict(self) -> dict:
+        s = self.spec
+        return {"version": STATE_VERSION, "epoch": self.epoch, "batches_done": self.batches_done, "seed": s.seed,
+                "world_size": s.world_size, "streams_per_rank": s.streams_per_rank,
+                "corpus": s.corpus.plan_hash, "batching": asdict(s.batching)}
+
+    def load_state_dict(self, state: dict, restart_epoch: bool = False) -> None:
+        s = self.spec
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
+        if state["corpus"] != s.corpus.plan_hash:
+            raise ValueError("the loader state is from another corpus")
+        if state["seed"] != s.seed or state["batching"] != asdict(s.batching):
+            raise ValueError("the loader state was taken with another seed or batching; pass the same ones")
+        same_layout = (state["world_size"], state["streams_per_rank"]) == (s.world_size, s.streams_per_rank)
+        if not same_layout and not restart_epoch:
+            raise ValueError(f"the loader state was taken with world size {state['world_size']} and "
+                             f"{state['streams_per_rank']} streams per rank, this loader has {s.world_size} "
+                             f"and {s.streams_per_rank}: the epoch's layout differs, so it cannot continue "
+                             "exactly; pass restart_epoch=True to start that epoch over")
+        self.set_epoch(state["epoch"])
+        if same_layout:
+            self.batches_done = state["batches_done"]

@@ -1,0 +1,182 @@
+"""Masked-expression targets and augmented views, vectorized over cells stored as CSR.
+
+``Masking``: per cell, ``round(ratio * length)`` positions (at least one) are chosen uniformly;
+their targets are kept, and their inputs replaced BERT-style: by the mask id with probability
+``mask_prob``, by a random id with ``random_prob``, else left as they are. The target is the
+expression value (bin or continuous value) or, in rank mode, the gene token (Geneformer).
+
+``Views``: two views of each cell for contrastive learning, from its raw counts: each gene
+dropped with probability ``gene_dropout``, and reads kept with a probability drawn per view from
+``[min_depth, 1]`` (binomial downsampling). Genes left with no count are dropped; a view keeps at
+least its cell's highest-count gene. A view's total counts scale by the fraction of reads kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit
+
+from .normalize import choose_within_cells
+
+
+@dataclass(frozen=True)
+class Masking:
+    ratio: float = 0.15
+    mask_prob: float = 0.8
+    random_prob: float = 0.1
+
+    def __post_init__(self):
+        if not 0 <= self.ratio <= 1 or self.mask_prob < 0 or self.random_prob < 0 or self.mask_prob + self.random_prob > 1:
+            raise ValueError("masking needs 0 <= ratio <= 1 and mask_prob + random_prob <= 1 (both >= 0)")
+
+
+@dataclass(frozen=True)
+class Views:
+    gene_dropout: float = 0.1
+    min_depth: float = 0.5
+
+    def __post_init__(self):
+        if not 0 <= self.gene_dropout < 1 or not 0 < self.min_depth <= 1:
+            raise ValueError("views need 0 <= gene_dropout < 1 and 0 < min_depth <= 1")
+
+
+def mask_positions(indptr: np.ndarray, ratio: float, rng: np.random.Generator) -> np.ndarray:
+    """Which entries are masked: ``max(1, round(ratio * length))`` uniform picks per nonempty
+    cell (none when ratio is 0).  [nnz] bool"""
+    lengths = np.diff(indptr)
+    if ratio == 0:
+        return np.zeros(int(indptr[-1]), bool)
+    return choose_within_cells(indptr, np.maximum(1, np.rint(ratio * lengths).astype(np.int64)), rng)
+
+
+def apply_masking(masking: Masking, indptr, inputs: np.ndarray, mask_id, random_ids: tuple,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(new inputs, mlm_mask, targets)``: ``targets`` is ``inputs`` itself (unchanged;
+    meaningful where ``mlm_mask``); masked inputs become ``mask_id``, or a random draw from
+    ``random_ids = (low, high)`` (ints in [low, high), or floats uniform in it), or stay."""
+    mlm = mask_positions(indptr, masking.ratio, rng)
+    targets = inputs
+    out = inputs.copy()
+    where = np.flatnonzero(mlm)
+    u = rng.random(len(where))
+    to_mask = where[u < masking.mask_prob]
+    to_random = where[(u >= masking.mask_prob) & (u < masking.mask_prob + masking.random_prob)]
+    out[to_mask] = mask_id
+    low, high = random_ids
+    if np.issubdtype(out.dtype, np.integer):
+        out[to_random] = rng.integers(low, high, len(to_random))
+    else:
+        out[to_random] = rng.uniform(low, high, len(to_random))
+    return out, mlm, targets
+
+
+def mask_for_mode(masking: Masking, mode: str, n_bins: int, indptr, genes: np.ndarray, values: np.ndarray,
+                  mask_token: int, gene_tokens: tuple[int, int], rng: np.random.Generator):
+    """Masked expression in each normalization ``mode``'s convention: rank mode masks and predicts
+    the gene token (Geneformer; random draws from ``gene_tokens = (first, end)``); continuous masks
+    the value with -1; bins mask with the extra bin ``n_bins`` and draw random bins in [1, n_bins).
+    -> (genes, values, mlm_mask, targets), inputs after masking."""
+    if mode == "rank":
+        genes, mlm, targets = apply_masking(masking, indptr, genes, mask_token, gene_tokens, rng)
+    elif mode == "continuous":
+        values, mlm, targets = apply_masking(masking, indptr, values, -1.0, (0.0, float(values.max(initial=1.0))), rng)
+    else:
+        values, mlm, targets = apply_masking(masking, indptr, values, n_bins, (1, n_bins), rng)
+    return genes, values, mlm, targets
+
+
+def make_views(views: Views, indptr, genes, counts, total_counts, rng: np.random.Generator):
+    """Two views of each cell, interleaved (view 0 of cell i is row 2i, view 1 is 2i+1): CSR
+    ``(indptr [2n+1], genes, counts, total_counts [2n])`` of raw counts. Integer counts are
+    thinned binomially; float ones (a corpus converted with --allow-non-integer) are scaled by
+    the view's depth instead."""
+    n = len(indptr) - 1
+    indptr = np.asarray(indptr, np.int64)
+    depth = rng.uniform(views.min_depth, 1.0, (n, 2))
+    out_ptr = np.empty(2 * n + 1, np.int64)
+    out_genes = np.empty(2 * int(indptr[-1]), np.asarray(genes).dtype)
+    out_counts = np.empty(2 * int(indptr[-1]), np.float64)
+    kept_sum = np.empty(2 * n)
+    integer = np.issubdtype(np.asarray(counts).dtype, np.integer)
+    uniforms = rng.random(2 * int(indptr[-1]))
+    _views(indptr, genes, np.asarray(counts, np.float64), integer, depth, views.gene_dropout, uniforms,
+           int(rng.integers(1 << 62)), out_ptr, out_genes, out_counts, kept_sum)
+    m = out_ptr[-1]
+    source_sum = np.add.reduceat(np.asarray(counts, np.float64), indptr[:-1]) if n and indptr[-1] else np.zeros(n)
+    source_sum = np.where(np.diff(indptr) > 0, source_sum, 1.0)
+    total = np.repeat(np.asarray(total_counts, np.float64), 2) * kept_sum / np.repeat(source_sum, 2)
+    return out_ptr, out_genes[:m], (out_counts[:m].astype(np.int64) if integer else out_counts[:m]), total
+
+
+_TABLE_COUNTS = 32  # counts up to this are drawn from a per-cell table with one uniform
+
+
+@njit(cache=True, nogil=True)
+def _views(indptr, genes, counts, integer, depth, dropout, uniforms, seed, out_ptr, out_genes, out_counts,
+           kept_sum):  # pragma: no cover
+    """Per cell and view: drop each gene with probability ``dropout``, else thin its count to
+    Binomial(count, depth); keep the genes left with a count (at least the cell's first
+    highest-count gene), in order. ``uniforms`` [2 nnz] from the caller's generator; counts above
+    ``_TABLE_COUNTS`` use numba's binomial, seeded with ``seed``: reproducible.
+
+    Dropout and thinning together give count k with probability ``d [k=0] + (1-d) pmf(k)``; for
+    counts up to ``_TABLE_COUNTS`` (nearly all) that distribution's CDF is tabulated per cell and
+    view, a row when its count first occurs, so an entry costs one uniform and a short walk."""
+    np.random.seed(seed)
+    cdf = np.empty((_TABLE_COUNTS + 1, _TABLE_COUNTS + 1))
+    ready = np.zeros(_TABLE_COUNTS + 1, np.bool_)
+    o = 0
+    d = 0
+    out_ptr[0] = 0
+    for i in range(len(indptr) - 1):
+        lo, hi = indptr[i], indptr[i + 1]
+        top = lo
+        for j in range(lo, hi):
+            if counts[j] > counts[top]:
+                top = j
+        for v in range(2):
+            p = depth[i, v]
+            q = 1.0 - p
+            ratio = p / q if q > 0 else 0.0
+            ready[:] = False
+            start = o
+            total = 0.0
+            for j in range(lo, hi):
+                c = counts[j]
+                u = uniforms[d]
+                d += 1
+                if integer and c <= _TABLE_COUNTS:
+                    ci = np.int64(c)
+                    if not ready[ci]:
+                        pmf = q ** ci
+                        acc = 0.0
+                        for k in range(ci):
+                            acc += pmf
+                            cdf[ci, k] = dropout + (1.0 - dropout) * acc
+                            pmf = pmf * (ci - k) / (k + 1) * ratio if q > 0 else (1.0 if k + 1 == ci else 0.0)
+                        cdf[ci, ci] = 1.0
+                        ready[ci] = True
+                    k = 0
+                    while k < ci and u >= cdf[ci, k]:
+                        k += 1
+                    kept = np.float64(k)
+                elif u < dropout:
+                    kept = 0.0
+                elif integer:
+                    kept = np.float64(np.random.binomial(np.int64(c), p))
+                else:  # counts of a non-integer corpus are scaled
+                    kept = c * p
+                if kept > 0:
+                    out_genes[o] = genes[j]
+                    out_counts[o] = kept
+                    total += kept
+                    o += 1
+            if o == start and hi > lo:  # never an empty view
+                out_genes[o] = genes[top]
+                out_counts[o] = 1.0 if integer else counts[top] * p
+                total += out_counts[o]
+                o += 1
+            kept_sum[2 * i + v] = total
+            out_ptr[2 * i + v + 1] = o

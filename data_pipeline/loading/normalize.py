@@ -1,0 +1,402 @@
+"""Expression normalization of raw-count cells, vectorized over a block of cells (CSR).
+
+Input: cells as CSR over vocabulary tokens (``indptr`` [n+1], ascending ``genes`` [nnz], raw
+``counts`` [nnz]) and each cell's ``total_counts`` [n] before vocabulary filtering (what the
+corpus stores). Output: the tokens each cell is given to the model and the value of each, in the
+order the model sees them. Modes (DESIGN.md, "Normalization modes"):
+
+- ``log1p_bins`` (scBERT, CellLM): ``x = log1p(count / total * target_sum)``, then fixed bins:
+  ``bin = 1 + #(edges <= x)`` capped to ``n_bins - 1``; bin 0 is left for zero expression (a
+  model that also embeds zero genes uses it). Default edges 1, 2, ..., n_bins - 2: scBERT's
+  ``floor(x)`` capped, shifted by one.
+- ``quantile_bins`` (scGPT): per cell, edges = ``np.quantile(x, linspace(0, 1, n_bins - 1))``
+  of its nonzero ``x`` and ``bin = np.digitize(x, edges)`` (1 ... n_bins - 1), exactly as
+  scGPT's binning of log1p-normalized values. A value equal to several edges (in a cell, the
+  genes seen once are often most of them) gets a bin drawn uniformly from that span, as scGPT's
+  ``_digitize(..., side="both")`` does (``quantile_ties="random"``, the default).
+  ``quantile_ties="high"`` gives them all the span's top bin (``np.digitize`` alone):
+  deterministic, but then the bin tells the cell's share of tied genes, and a masked tied gene's
+  bin is that per-cell number, which masked-bin prediction learns instead of expression.
+- ``rank`` (Geneformer): ``v = count / total * target_sum / median[gene]``, genes without a
+  median dropped, tokens sorted by descending ``v`` (ties: ascending token, i.e. stable) and
+  truncated to ``max_genes``; the value is the rank (0 = highest).
+- ``continuous`` (scFoundation-style): ``x`` itself, float32.
+
+Genes are kept in ascending token order except in rank mode. ``max_genes`` caps a cell: a random
+subset (order kept, from the caller's generator) except in rank mode, which keeps the top ranks.
+The caller's randomness is a numpy generator (training: any draw serves) or `CellSeeds` (embedding:
+each cell draws from its own key, so its input does not depend on the other cells of its block).
+The plain per-cell definitions these are tested against live in `normalize_reference`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit
+
+from ..radix import radix_sort_pairs
+
+MODES = ("log1p_bins", "quantile_bins", "rank", "continuous")
+QUANTILE_TIES = ("high", "random")
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """How cells become model input. ``medians`` (rank mode): nonzero median of
+    ``count / total * target_sum`` per token, NaN where unknown (from ``stats.zarr``, which a
+    CellLoader fills in when None, or a Geneformer median dictionary, see `medians_for_vocab`)."""
+
+    mode: str = "log1p_bins"
+    n_bins: int = 51
+    bin_edges: tuple[float, ...] | None = None
+    target_sum: float = 1e4
+    max_genes: int | None = None
+    medians: np.ndarray | None = None
+    quantile_ties: str = "random"
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"normalization mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.mode in ("log1p_bins", "quantile_bins") and self.n_bins < 3:
+            raise ValueError(f"n_bins={self.n_bins}: binned modes need at least 3 (bin 0 is zero expression)")
+        if self.quantile_ties not in QUANTILE_TIES:
+            raise ValueError(f"quantile_ties={self.quantile_ties!r} is not one of {', '.join(QUANTILE_TIES)}")
+        if self.max_genes is not None and self.max_genes < 1:
+            raise ValueError(f"max_genes={self.max_genes} must be >= 1 (or None for no cap)")
+
+    @property
+    def edges(self) -> np.ndarray:
+        """Fixed bin edges of ``log1p_bins`` (ascending).  [n_bins - 2] float64"""
+        if self.bin_edges is not None:
+            return np.asarray(self.bin_edges, np.float64)
+        return np.arange(1, self.n_bins - 1, dtype=np.float64)
+
+    @property
+    def thresholds(self) -> np.ndarray:
+        """`log1p_thresholds` of the edges (cached: they take a few hundred log1p calls)."""
+        if "_thresholds" not in self.__dict__:
+            object.__setattr__(self, "_thresholds", np.sort(log1p_thresholds(self.edges)))
+        return self.__dict__["_thresholds"]
+
+
+@dataclass
+class Normalized:
+    """Normalized cells as CSR in model order: ``indptr`` [n+1] int64, ``genes`` [m] int64,
+    ``values`` [m] (int64 bins / ranks, or float32 for continuous)."""
+
+    indptr: np.ndarray
+    genes: np.ndarray
+    values: np.ndarray
+
+
+def log1p_cp10k(counts: np.ndarray, indptr: np.ndarray, total_counts: np.ndarray,
+                target_sum: float = 1e4) -> np.ndarray:
+    """``log1p(count / total * target_sum)`` per nonzero, float64: the one formula every mode and
+    reference uses, so that they agree bit for bit (the compiled kernels below compute it with
+    the same operations and the same libm ``log1p``).  [nnz]"""
+    per_entry_total = np.repeat(np.asarray(total_counts, np.float64), np.diff(indptr))
+    return np.log1p(np.asarray(counts, np.float64) / per_entry_total * target_sum)
+
+
+def log1p_thresholds(edges: np.ndarray) -> np.ndarray:
+    """For each edge e, the smallest float64 y with ``np.log1p(y) >= e``, so that counting edges
+    below log1p(y) is counting thresholds below y: bins without computing a logarithm per value,
+    equal to binning ``np.log1p`` (found with np.log1p itself, whatever its last-bit rounding
+    on this machine).  [len(edges)]"""
+    out = np.empty(len(edges))
+    for k, e in enumerate(np.asarray(edges, np.float64)):
+        if e <= 0:  # every positive value is above
+            out[k] = -np.inf
+            continue
+        y = np.expm1(e)
+        while np.log1p(y) >= e:
+            y = np.nextafter(y, -np.inf)
+        while np.log1p(y) < e:
+            y = np.nextafter(y, np.inf)
+        out[k] = y
+    return out
+
+
+_SMALL_COUNTS = 64  # integer counts below this get their bin from a per-cell table
+
+
+@njit(cache=True, nogil=True)
+def _threshold_bins(indptr, counts, totals, target_sum, thresholds, top, out):  # pragma: no cover
+    """``min(1 + #(thresholds <= count / total * target_sum), top)`` per entry (thresholds ascending;
+    the division and product are the float64 operations of `log1p_cp10k`). In a cell the bin
+    depends only on the count, so small integer counts (most of them) look it up in a table
+    filled on first use: no division and no unpredictable threshold loop per entry."""
+    n_thr = len(thresholds)
+    table = np.empty(_SMALL_COUNTS, np.int64)
+    for i in range(len(indptr) - 1):
+        t = totals[i]
+        table[:] = -1
+        for j in range(indptr[i], indptr[i + 1]):
+            c = counts[j]
+            small = c == np.floor(c) and 0 <= c < _SMALL_COUNTS
+            if small:
+                b = table[np.int64(c)]
+                if b >= 0:
+                    out[j] = b
+                    continue
+            y = np.float64(c) / t * target_sum
+            b = 0
+            while b < n_thr and y >= thresholds[b]:
+                b += 1
+            b = min(b + 1, top)
+            if small:
+                table[np.int64(c)] = b
+            out[j] = b
+
+
+class CellSeeds:
+    """Per-cell randomness: cell ``i`` draws from a generator seeded by ``keys[i]`` alone, so it gets
+    the same gene subset and tie bins in any block, at any position (what an embedding needs: a
+    cell's embedding must not depend on the other cells of its file). Slower than one generator per
+    block (a generator per cell, ~10 us), which is why training draws from one."""
+
+    def __init__(self, keys: np.ndarray):
+        self.keys = np.asarray(keys, np.uint64)
+
+    def uniforms(self, per_cell: np.ndarray, stream: int) -> np.ndarray:
+        out = np.empty(int(np.sum(per_cell)))
+        start = 0
+        for key, n in zip(self.keys.tolist(), np.asarray(per_cell).tolist()):
+            if n:
+                out[start:start + n] = np.random.default_rng([stream, key]).random(n)
+                start += n
+        return out
+
+
+# CellSeeds' streams: a cell's tie draws and its subset draws are independent
+_TIES, _SUBSET = 0, 1
+
+
+def _uniforms(rng, per_cell: np.ndarray, stream: int) -> np.ndarray:
+    """U[0, 1) draws, ``per_cell[i]`` for cell ``i``, laid out cell after cell."""
+    if isinstance(rng, CellSeeds):
+        return rng.uniforms(per_cell, stream)
+    return rng.random(int(np.sum(per_cell)))
+
+
+def normalize(norm: Normalization, indptr, genes, counts, total_counts,
+              rng: np.random.Generator | CellSeeds | None = None) -> Normalized:
+    """Normalize a block of cells (see the module docstring); ``rng`` draws the random subsets of
+    cells over ``max_genes`` and random quantile ties (not needed in rank mode)."""
+    indptr = np.asarray(indptr, np.int64)
+    genes = np.asarray(genes, np.int64)
+    if norm.mode == "rank":
+        if norm.medians is None:
+            raise ValueError("rank mode needs per-token nonzero medians: pass medians= (a CellLoader "
+                             "takes them from the corpus's stats.zarr; see also medians_for_vocab)")
+        return _rank(norm, indptr, genes, counts, total_counts)
+    if norm.mode == "log1p_bins":
+        values = np.empty(int(indptr[-1]), np.int64)
+        _threshold_bins(indptr, counts, np.asarray(total_counts, np.float64), norm.target_sum, norm.thresholds,
+                        norm.n_bins - 1, values)
+        return _capped(norm, indptr, genes, values, rng)
+    x = log1p_cp10k(counts, indptr, total_counts, norm.target_sum)
+    if norm.mode == "quantile_bins":
+        ties = norm.quantile_ties == "random"
+        values, lowest = np.empty(len(x), np.int64), np.empty(len(x) if ties else 0, np.int64)
+        _quantile_bins(indptr, x, counts, np.linspace(0, 1, norm.n_bins - 1), values, lowest)
+        if ties:
+            if rng is None:
+                raise ValueError("quantile_ties='random' draws the bins of tied values: pass rng=")
+            # scGPT's ceil(high - u * (high - left)) with u ~ U[0, 1): uniform over lowest ... values
+            values -= np.floor(_uniforms(rng, np.diff(indptr), _TIES) * (values - lowest + 1)).astype(np.int64)
+    else:
+        values = x.astype(np.float32)
+    return _capped(norm, indptr, genes, values, rng)
+
+
+def _capped(norm: Normalization, indptr, genes, values, rng) -> Normalized:
+    if norm.max_genes is not None and np.diff(indptr).max(initial=0) > norm.max_genes:
+        if rng is None:
+            raise ValueError("max_genes caps cells by a random subset: pass rng=")
+        keep = _random_subset(indptr, norm.max_genes, rng)
+        indptr = np.concatenate([[0], np.cumsum(np.minimum(np.diff(indptr), norm.max_genes))])
+        genes, values = genes[keep], values[keep]
+    return Normalized(indptr, genes, values)
+
+
+@njit(cache=True, nogil=True)
+def _quantile_edges(s, q, edges):  # pragma: no cover
+    """np.quantile(s, q) of ascending ``s`` (numpy's default 'linear' method, its rounding included)."""
+    n = len(s)
+    for k in range(len(q)):
+        vi = (n - 1) * q[k]
+        if vi >= n - 1:
+            edges[k] = s[n - 1]
+            continue
+        p = np.int64(np.floor(vi))
+        a, b = s[p], s[p + 1]
+        t = vi - p
+        d = b - a
+        edges[k] = b - d * (1 - t) if t >= 0.5 else a + d * t
+
+
+_SORT_BUCKETS = 256  # integer counts below this are ordered by a counting sort
+
+
+@njit(cache=True, nogil=True)
+def _tie_low(edges, v, high):  # pragma: no cover
+    """The lowest bin of the span of ``edges`` equal to ``v`` (``high``, its digitize bin, when v
+    equals at most one edge)."""
+    return min(np.searchsorted(edges, v, side="left") + 1, high)
+
+
+@njit(cache=True, nogil=True)
+def _quantile_bins(indptr, x, counts, q, out, lowest):  # pragma: no cover
+    """Per cell: edges = np.quantile(x_cell, q), out = np.digitize(x_cell, edges) and, unless
+    ``lowest`` is empty, lowest = the lowest bin of the span of edges equal to x (out when x equals
+    at most one edge).
+
+    In a cell, x grows with the count, so ordering x is ordering integer counts: a counting sort
+    for the small ones (most), a sort for the rest, and one digitize per distinct small count.
+    Non-integer counts take a plain sort."""
+    edges = np.empty(len(q), np.float64)
+    hist = np.zeros(_SORT_BUCKETS, np.int64)
+    x_of = np.empty(_SORT_BUCKETS, np.float64)
+    bin_of = np.empty(_SORT_BUCKETS, np.int64)
+    low_of = np.empty(_SORT_BUCKETS, np.int64)
+    spans = len(lowest) > 0
+    for i in range(len(indptr) - 1):
+        lo, hi = indptr[i], indptr[i + 1]
+        n = hi - lo
+        if n == 0:
+            continue
+        integer = True
+        for j in range(lo, hi):
+            c = counts[j]
+            if c != np.floor(c) or c < 0:
+                integer = False
+                break
+        if not integer:
+            s = np.sort(x[lo:hi])
+            _quantile_edges(s, q, edges)
+            for j in range(lo, hi):
+                out[j] = np.searchsorted(edges, x[j], side="right")
+                if spans:
+                    lowest[j] = _tie_low(edges, x[j], out[j])
+            continue
+        big = 0
+        for j in range(lo, hi):
+            c = np.int64(counts[j])
+            if c < _SORT_BUCKETS:
+                hist[c] += 1
+                x_of[c] = x[j]
+            else:
+                big += 1
+        large = np.empty(big, np.float64)
+        b = 0
+        for j in range(lo, hi):
+            if counts[j] >= _SORT_BUCKETS:
+                large[b] = x[j]
+                b += 1
+        large.sort()
+        s = np.empty(n, np.float64)
+        o = 0
+        for c in range(_SORT_BUCKETS):
+            for _ in range(hist[c]):
+                s[o] = x_of[c]
+                o += 1
+        s[o:] = large
+        _quantile_edges(s, q, edges)
+        for c in range(_SORT_BUCKETS):
+            if hist[c]:
+                bin_of[c] = np.searchsorted(edges, x_of[c], side="right")
+                if spans:
+                    low_of[c] = _tie_low(edges, x_of[c], bin_of[c])
+                hist[c] = 0
+        for j in range(lo, hi):
+            c = np.int64(counts[j])
+            out[j] = bin_of[c] if c < _SORT_BUCKETS else np.searchsorted(edges, x[j], side="right")
+            if spans:
+                lowest[j] = low_of[c] if c < _SORT_BUCKETS else _tie_low(edges, x[j], out[j])
+
+
+def choose_within_cells(indptr: np.ndarray, picks: np.ndarray, rng: np.random.Generator | CellSeeds) -> np.ndarray:
+    """A uniformly random subset of ``picks[i]`` entries of each cell ``i`` (all of them when it has
+    fewer).  [nnz] bool"""
+    indptr = np.asarray(indptr, np.int64)
+    picks = np.minimum(np.asarray(picks, np.int64), np.diff(indptr))
+    chosen = np.zeros(int(indptr[-1]), np.bool_)
+    _floyd_sample(indptr, picks, _uniforms(rng, picks, _SUBSET), chosen)
+    return chosen
+
+
+@njit(cache=True, nogil=True)
+def _floyd_sample(indptr, picks, u, chosen):  # pragma: no cover
+    """Floyd's sampling per cell: k draws give a uniform k-subset of the cell's n entries (for j
+    in n-k..n-1 take a uniform t in [0, j]; if t is taken already, take j), so random numbers are
+    needed only for the picks, not for every entry."""
+    d = 0
+    for i in range(len(indptr) - 1):
+        lo, n, k = indptr[i], indptr[i + 1] - indptr[i], picks[i]
+        for j in range(n - k, n):
+            t = min(np.int64(u[d] * (j + 1)), j)
+            d += 1
+            if chosen[lo + t]:
+                chosen[lo + j] = True
+            else:
+                chosen[lo + t] = True
+
+
+def _random_subset(indptr: np.ndarray, cap: int, rng: np.random.Generator | CellSeeds) -> np.ndarray:
+    """Entry positions keeping a uniform random ``cap`` of each cell's entries (all of a cell with
+    at most ``cap``), in their original order.  [sum(min(len, cap))]"""
+    return np.flatnonzero(choose_within_cells(indptr, np.full(len(indptr) - 1, cap), rng))
+
+
+def _rank(norm: Normalization, indptr, genes, counts, total_counts) -> Normalized:
+    medians = norm.medians[genes]
+    known = np.isfinite(medians) & (medians > 0)
+    per_entry_total = np.repeat(np.asarray(total_counts, np.float64), np.diff(indptr))
+    v = np.asarray(counts, np.float64) / per_entry_total * norm.target_sum / np.where(known, medians, 1.0)
+    cap = norm.max_genes if norm.max_genes is not None else 1 << 62
+    # descending v as ascending integers: a positive double's bits order like its value
+    keys = np.int64(np.iinfo(np.int64).max) - np.where(known, v, 0.0).view(np.int64)
+    out_ptr = np.empty(len(indptr), np.int64)
+    order = np.empty(int(known.sum()), np.int64)
+    ranks = np.empty(len(order), np.int64)
+    m = _rank_cells(indptr, keys, known, cap, out_ptr, order, ranks)
+    return Normalized(out_ptr, genes[order[:m]], ranks[:m])
+
+
+@njit(cache=True, nogil=True)
+def _rank_cells(indptr, keys, known, cap, out_ptr, order, ranks):  # pragma: no cover
+    """Per cell: its known entries by ascending ``keys`` (descending value), ties in entry order
+    (ascending token: the radix sort is stable), the first ``cap``; entry positions to
+    ``order``, ranks to ``ranks``."""
+    out_ptr[0] = 0
+    o = 0
+    longest = 0
+    for i in range(len(indptr) - 1):
+        longest = max(longest, indptr[i + 1] - indptr[i])
+    cell_keys = np.empty(longest, np.int64)
+    entries = np.empty(longest, np.int64)
+    tmp_k = np.empty(longest, np.int64)
+    tmp_e = np.empty(longest, np.int64)
+    for c in range(len(indptr) - 1):
+        n = 0
+        for j in range(indptr[c], indptr[c + 1]):
+            if known[j]:
+                cell_keys[n] = keys[j]
+                entries[n] = j
+                n += 1
+        radix_sort_pairs(cell_keys, entries, n, tmp_k, tmp_e, 64)
+        for r in range(min(n, cap)):
+            order[o] = entries[r]
+            ranks[o] = r
+            o += 1
+        out_ptr[c + 1] = o
+    return o
+
+
+def medians_for_vocab(ensembl_ids: list[str], medians_by_id: dict[str, float]) -> np.ndarray:
+    """Per-token medians from an Ensembl id -> median mapping (e.g. Geneformer's median
+    dictionary), NaN for tokens it does not list.  [len(ensembl_ids)] float64"""
+    return np.array([float(medians_by_id.get(g, np.nan)) for g in ensembl_ids], np.float64)
