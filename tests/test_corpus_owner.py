@@ -8,6 +8,8 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("data_pipeline", "pretrain", "launch", "benchmarks")
 MANIFEST_READ = re.compile(r"""manifest\[|\.manifest\.get\(|["']manifest\.json["']""")
@@ -50,15 +52,22 @@ def _imports(path: Path, package_root: Path) -> set[str]:
     return names
 
 
-def test_data_pipeline_modules_import_each_other_one_way():
-    root = REPO / "data_pipeline"
+def _import_graph(*packages: str) -> dict[str, set[str]]:
+    """{module: modules of ``packages`` it imports}; an edge into a package's ``__init__`` from the
+    package's own modules is left out (the ``__init__`` re-exports them)."""
     modules = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
-               for p in _sources("data_pipeline")}
-    graph = {m: {n for n in _imports(p, root) if n in modules and n != m and not n.endswith("__main__")}
+               for p in _sources(*packages)}
+    graph = {m: {n for n in _imports(p, REPO / m.split(".")[0]) if n in modules and n != m
+                 and not n.endswith("__main__")}
              for m, p in modules.items()}
-    # a package's __init__ re-exports its modules: an edge into it is an edge into those
     for m in graph:
         graph[m] = {n for n in graph[m] if not (modules[n].name == "__init__.py" and m.startswith(n + "."))}
+    return graph
+
+
+@pytest.mark.parametrize("package", ["data_pipeline", "kernels", "pretrain"])
+def test_modules_import_each_other_one_way(package):
+    graph = _import_graph(package)
     cycles = []
     state: dict[str, int] = {}
 
@@ -75,6 +84,18 @@ def test_data_pipeline_modules_import_each_other_one_way():
         if m not in state:
             visit(m, [])
     assert not cycles, "import cycles (move what both sides need one layer down):\n" + "\n".join(cycles)
+
+
+def test_the_layers_import_downwards_only():
+    """`data_pipeline` and `kernels` never import `pretrain`; conversion never imports loading (a
+    converter needs no torch); the model never imports the run configuration."""
+    graph = _import_graph("data_pipeline", "kernels", "pretrain")
+    rules = [("data_pipeline", "pretrain"), ("kernels", "pretrain"), ("kernels", "data_pipeline"),
+             ("data_pipeline.conversion", "data_pipeline.loading"), ("pretrain.model", "pretrain.config"),
+             ("pretrain.model", "pretrain.presets")]
+    found = [f"{m} imports {n}" for m, targets in sorted(graph.items()) for n in sorted(targets)
+             for low, high in rules if (m == low or m.startswith(low + ".")) and (n == high or n.startswith(high + "."))]
+    assert not found, "an import runs upward (move the shared part down a layer):\n" + "\n".join(found)
 
 
 def test_the_old_module_paths_the_readme_documented_still_import(recwarn):

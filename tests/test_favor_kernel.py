@@ -14,8 +14,7 @@ import torch
 
 from kernels.favor.launch import interpreting
 from kernels.favor.naive import draw_projection, favor_attention_reference
-from kernels.favor.triton_backward import favor_backward
-from kernels.favor.triton_forward import favor_forward
+from kernels.favor.triton_ops import favor_backward, favor_forward
 
 HAS_CUDA = torch.cuda.is_available()
 CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")])
@@ -180,7 +179,7 @@ def test_one_token_sequence_has_no_query_gradient(dtype, device):
 
 
 def test_pieces_tile_every_sequence_on_the_device(device):
-    from kernels.favor.triton_forward import pieces
+    from kernels.favor.triton_ops import pieces
 
     lengths = [3, 0, 70, 1, 16, 33]
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=device)

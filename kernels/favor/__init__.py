@@ -1,8 +1,9 @@
 """FAVOR+ (Performer) linear attention over packed sequences.
 
 `favor_attention` is what the model's attention layer calls: the fused Triton kernels
-(`triton_forward`, `triton_backward`) on CUDA tensors (or anywhere under ``TRITON_INTERPRET=1``),
-the same definition in batched PyTorch ops (`batched`) otherwise (a CPU run);
+(`triton_forward`, `triton_backward`, launched by `triton_ops`) on CUDA tensors (or anywhere
+under ``TRITON_INTERPRET=1``), the same definition in batched PyTorch ops (`batched`) otherwise
+(a CPU run);
 `favor_attention_padded` is it on the padded layout [B, H, L, D]. `favor_attention_reference`
 (and `favor_attention_reference_padded`), in `naive.py`, is the plain definition both paths are
 tested against: one name per function, so that an import says which one it gets.
@@ -19,8 +20,7 @@ import torch
 from ..packing import apply_packed
 from .batched import favor_attention_batched
 from .naive import draw_projection, favor_attention_reference, favor_attention_reference_padded
-from .triton_backward import favor_backward
-from .triton_forward import favor_forward
+from .triton_ops import favor_backward, favor_forward
 
 __all__ = ["draw_projection", "favor_attention", "favor_attention_batched", "favor_attention_padded",
            "favor_attention_reference", "favor_attention_reference_padded"]

@@ -2,9 +2,10 @@
 
 `launches(D, Dv, m, dtype)` says, for head dim ``D``, value dim ``Dv``, ``m`` features and the
 input dtype, each kernel's constexprs (block sizes, operand dtypes), ``num_warps``,
-``num_stages`` and the Triton type of every runtime argument. `triton_forward` and
-`triton_backward` launch through it, and the compile check (`aot.py`, tests/test_favor_compile.py)
-compiles exactly these launches for sm_90 without a GPU, so what is checked is what runs.
+``num_stages`` and the Triton type of every runtime argument. `triton_ops` launches the kernels
+of `triton_forward` and `triton_backward` through it, and the compile check (`aot.py`,
+tests/test_favor_compile.py) compiles exactly these launches for sm_90 without a GPU, so what is
+checked is what runs.
 
 Operand dtypes (every dot accumulates in fp32; S, z and all partial sums stay fp32 in memory):
 
@@ -47,6 +48,9 @@ from dataclasses import dataclass, field
 import torch
 import triton
 import triton.language as tl
+
+from . import triton_backward as B
+from . import triton_forward as F
 
 CHUNK = 1024  # most rows per program of the per-chunk kernels (`_key_state`, `_query_grad_state`)
 
@@ -185,9 +189,6 @@ def launches(d: int, dv: int, m: int, dtype: torch.dtype, *, block_rows: int | N
 
 @functools.lru_cache(maxsize=256)
 def _launches(d: int, dv: int, m: int, dtype: torch.dtype, block_rows: int | None, emulate: bool) -> FavorLaunches:
-    from . import triton_backward as B
-    from . import triton_forward as F
-
     if dtype not in _TRITON_DTYPE:
         raise TypeError(f"FAVOR+ kernels take fp32, bf16 or fp16 inputs, not {dtype}: cast q, k, v first")
     if d & (d - 1) or dv & (dv - 1) or d < 16 or dv < 16:

@@ -15,27 +15,16 @@ query tile in one pass over the feature blocks, ``_key_grad`` gives ``dk`` and `
 tile. Both query kernels take each row's stabilizer (its max of ``W q'`` over all features) from
 the forward, so a program reads only its own feature blocks and never rescales. Saved from the
 forward: the output, its denominators and row stabilizers, ``S``, ``z`` and the key stabilizer
-per sequence and head, O(T D + B m D). Launch configurations: `launch.py`.
+per sequence and head, O(T D + B m D). Launch configurations: `launch.py`; the host side:
+`triton_ops.py`.
 """
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from .launch import CHUNK, launches
-from .triton_forward import (
-    _half_norm,
-    _load_rows,
-    _load_w,
-    _mm,
-    _project,
-    _row_tile,
-    _tile_rows,
-    combine,
-    pieces,
-)
+from .triton_forward import _half_norm, _load_rows, _load_w, _mm, _project, _row_tile, _tile_rows
 
 
 @triton.jit
@@ -156,68 +145,3 @@ def _key_grad(k_ptr, v_ptr, w_ptr, wf_ptr, ds_ptr, dz_ptr, mx_ptr, tile_start_pt
              mask=valid[:, None])
     tl.store(dv_ptr + rows[:, None] * stride_dvt + h * stride_dvh + dv[None, :], dvv.to(dv_ptr.dtype.element_ty),
              mask=valid[:, None])
-
-
-def query_max_reference(q: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
-    """Each query row's stabilizer ``max_f (W q')_f`` [T, H] fp32 in PyTorch, for callers of
-    `favor_backward` that did not keep the forward's (it costs a [T, H, m] temporary)."""
-    proj = torch.einsum("thd,md->thm", q.float() * q.shape[-1] ** -0.25, projection.to(q.device, torch.float32))
-    return proj.amax(-1)
-
-
-def favor_backward(grad_out, q, k, v, projection, cu_seqlens, max_seqlen: int, out, state, norm, den, key_max,
-                   eps: float = 1e-4, block_rows: int | None = None, chunk_rows: int = CHUNK, *,
-                   query_max: torch.Tensor | None = None, out_lo: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv)`` [T, H, D] of FAVOR+ over packed sequences, from what `favor_forward` saved.
-    ``query_max`` [T, H] and ``out_lo`` [T, H, Dv]: ``favor_forward(..., return_backward_extras=True)``'s
-    last two results; without them the stabilizers are computed here in PyTorch and, for bf16/fp16,
-    the rounded output is taken as exact (gradients then carry ~2^-9 relative errors of o)."""
-    t, h, d = q.shape
-    dv_dim = v.shape[-1]
-    m = projection.shape[0]
-    cfg = launches(d, dv_dim, m, q.dtype, block_rows=block_rows)
-    bm = cfg.query_grad_state.constexprs["BM"]
-    device = q.device
-    n_seq = cu_seqlens.numel() - 1
-    w, wf = cfg.projection_operands(projection, device)
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    grad_out = grad_out.contiguous()
-    if query_max is None:
-        query_max = query_max_reference(q, projection)
-    query_max = query_max.to(torch.float32).contiguous()
-    den = den.contiguous()
-    out = out.contiguous()
-    if out_lo is None:
-        out_lo = torch.zeros(out.shape, device=device, dtype=torch.bfloat16) if q.dtype != torch.float32 else out
-    out_lo = out_lo.contiguous()
-    scale_in = d ** -0.25
-    feat_scale = m ** -0.5
-
-    chunks = pieces(cu_seqlens, t, max_seqlen, chunk_rows)
-    n_chunks = len(chunks.start)
-    ds_part = torch.empty(n_chunks, h, m, dv_dim, device=device, dtype=torch.float32)
-    dz_part = torch.empty(n_chunks, h, m, device=device, dtype=torch.float32)
-    if n_chunks:
-        cfg.query_grad_state((n_chunks, h, m // bm), q, grad_out, out, out_lo, den, query_max, w, chunks.start, chunks.length,
-                             ds_part, dz_part, q.stride(0), q.stride(1), grad_out.stride(0), grad_out.stride(1),
-                             out.stride(0), out.stride(1), h, scale_in, eps, feat_scale)
-    d_state = combine(chunks, n_seq, ds_part, 0.0).sum(1).contiguous()  # fixed-order sum over chunks
-    d_norm = combine(chunks, n_seq, dz_part, 0.0).sum(1).contiguous()
-
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
-    tiles = pieces(cu_seqlens, t, max_seqlen, cfg.query_grad.constexprs["BL"])
-    n_tiles = len(tiles.start)
-    if n_tiles:
-        cfg.query_grad((n_tiles, h), q, grad_out, out, out_lo, den, query_max, w, wf, state.contiguous(), norm.contiguous(),
-                       tiles.start, tiles.length, tiles.seq, dq, q.stride(0), q.stride(1), grad_out.stride(0),
-                       grad_out.stride(1), out.stride(0), out.stride(1), dq.stride(0), dq.stride(1), h, scale_in, eps,
-                       feat_scale)
-        if cfg.key_grad.constexprs["BL"] != cfg.query_grad.constexprs["BL"]:
-            tiles = pieces(cu_seqlens, t, max_seqlen, cfg.key_grad.constexprs["BL"])
-        cfg.key_grad((len(tiles.start), h), k, v, w, wf, d_state, d_norm, key_max.contiguous(), tiles.start,
-                     tiles.length, tiles.seq, dk, dv, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                     dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), h, scale_in, eps, feat_scale)
-    return dq, dk, dv
