@@ -231,8 +231,8 @@ def test_disk_full_is_a_clear_error_and_the_rerun_finishes(tmp_path, monkeypatch
     """A write failing for lack of space exits 2 saying what to do; rerunning then completes."""
     import errno
 
-    from data_pipeline.conversion import fsio
     from data_pipeline.cli import main
+    from data_pipeline.conversion import fsio
 
     path = write_h5ad(tmp_path / "a.h5ad", random_counts(400, 60, seed=6))
     argv = ["convert", str(path), "--out", str(tmp_path / "c"), "--workers", "1", "--block-cells", "64",

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.loading import normalize_reference as ref
 from data_pipeline.conversion.convert import convert
 from data_pipeline.conversion.plan import ConvertOptions
 from data_pipeline.corpus import Corpus
+from data_pipeline.loading import normalize_reference as ref
 from data_pipeline.loading.epoch_plan import Batching
 from data_pipeline.loading.loader import CellLoader
 from data_pipeline.loading.masking import Views

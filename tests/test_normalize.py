@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_pipeline.loading import normalize_reference as ref
 from data_pipeline.conversion.convert import convert
 from data_pipeline.conversion.plan import ConvertOptions
 from data_pipeline.conversion.stats import GeneStats
 from data_pipeline.conversion.vocab import read_pickled_dict
 from data_pipeline.corpus import Corpus
+from data_pipeline.loading import normalize_reference as ref
 from data_pipeline.loading.normalize import Normalization, medians_for_vocab, normalize
 from tests.conftest import SHARED_DATA as SHARED
 
