@@ -211,3 +211,21 @@ def test_every_shipped_budget_holds_several_of_its_costliest_cells(path):
     cost = config.model.token_cost(d.max_genes, views=2 if d.views else 1)
     costliest = int(cost.cells(np.array([d.max_genes or 20000]))[0])
     assert d.token_budget // costliest >= 3, (d.token_budget, costliest)
+
+
+def test_a_stale_length_index_is_caught_where_every_cell_costs_the_full_gene_set(tmp_path):
+    """A full-gene-set cost is the same for every cell, so the loader compares the blocks' capped
+    lengths with ``cell_lengths.npy``, not their costs."""
+    from data_pipeline.corpus import CorpusError
+    from data_pipeline.loading.loader import CellLoader
+    from data_pipeline.loading.normalize import Normalization
+    from tests.train_helpers import make_corpus
+
+    corpus = make_corpus(tmp_path, n_cells=60, n_genes=200)
+    lengths = np.load(corpus / "cell_lengths.npy")
+    lengths[7] -= 1
+    np.save(corpus / "cell_lengths.npy", lengths)
+    loader = CellLoader(corpus, normalization=Normalization(max_genes=None), batching=Batching(2000, 64),
+                        token_cost=TokenCost(None, 1, full_length=201))
+    with pytest.raises(CorpusError, match="genes per cell disagree"):
+        list(loader)

@@ -73,7 +73,7 @@ class _Spec:
         self.n_label_columns = len(corpus.label_columns)
         # here, not in a worker: a malformed index or a shard outside the corpus fails at once
         self._table = self.corpus.block_table()
-        self._cost = None
+        self._cost = self._checked = None
 
     @property
     def table(self) -> BlockTable:
@@ -88,13 +88,28 @@ class _Spec:
             self._cost = self.token_cost.cells(self.corpus.cell_lengths())
         return self._cost
 
+    @property
+    def length_cost(self) -> TokenCost:
+        """The cost without the full-gene-set floor: what `_check_cell_lengths` compares, since a
+        cost that is the full gene set for every cell cannot tell a block's lengths from the index's."""
+        return replace(self.token_cost, full_length=None)
+
+    @property
+    def checked(self) -> np.ndarray:
+        """`length_cost` of every cell (the cost array itself unless there is a full-gene-set floor).  [N]"""
+        if self.token_cost.full_length is None:
+            return self.cost
+        if self._checked is None:
+            self._checked = self.length_cost.cells(self.corpus.cell_lengths())
+        return self._checked
+
     def plan(self, epoch: int) -> EpochPlan:
         return EpochPlan(self.table, self.cost, self.batching, self.seed, epoch, self.world_size,
                          self.streams_per_rank, self.token_cost.padded)
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_table"] = state["_cost"] = None  # rebuilt in the worker rather than pickled
+        state["_table"] = state["_cost"] = state["_checked"] = None  # rebuilt in the worker rather than pickled
         return state
 
 
@@ -204,10 +219,11 @@ def _gather_rows(starts, rows, indptr, src_genes, src_counts, genes, counts):  #
 
 def _check_cell_lengths(spec: _Spec, block_ids: np.ndarray, blocks: list) -> None:
     """The plan cut batches by ``cell_lengths.npy``; blocks whose genes per cell disagree with it
-    (an edited or stale index) would overrun the token budget."""
+    (an edited or stale index) would not give the batches planned, and could overrun the token
+    budget. Compared below the cap, also where every cell costs the full gene set."""
     for b, block in zip(block_ids, blocks):
         first = int(spec.table.first_cell[b])
-        if not np.array_equal(spec.token_cost.cells(np.diff(block.indptr)), spec.cost[first : first + block.n_cells]):
+        if not np.array_equal(spec.length_cost.cells(np.diff(block.indptr)), spec.checked[first : first + block.n_cells]):
             raise spec.corpus.damaged(spec.table, int(b), f"its genes per cell disagree with "
                                       f"{spec.corpus.cell_lengths_file}")
 
