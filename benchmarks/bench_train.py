@@ -324,7 +324,8 @@ def plan_batches(mode: str, lengths: np.ndarray, token_cost, budget: int, longes
     if mode == "random_padded":  # a fixed size: as many cells as fit when every one is the longest
         worst = np.full(len(order), token_cost.cells(np.array([longest]))[0])
         bounds = cut_batches(worst, budget, padded=True)
-        return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b - a == bounds[1]]  # whole batches only
+        full = int(bounds[1]) if len(bounds) > 1 else 0  # every batch but a short last one
+        return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b - a == full]
     padded = mode == "grouped_padded" or token_cost.padded
     sorted_order, bounds = group_by_length(token_cost.cells(lengths[order]), budget, padded=padded)
     order = order[sorted_order]

@@ -119,11 +119,10 @@ def _cut(cost, budget, max_cells, padded, bounds):  # pragma: no cover
 def cut_batches_reference(cost, budget: int, max_cells: int | None = None, padded: bool = False) -> list[int]:
     """The definition `cut_batches` is tested against: add cells to the open batch while the batch
     with the next cell still fits; a batch holds at least one cell.  -> bounds"""
-    cost = [int(c) for c in cost]
+    cost, rule = [int(c) for c in cost], TokenCost(padded=padded)
     bounds, batch = [0], []
     for i, c in enumerate(cost):
-        wider = batch + [c]
-        fits = (len(wider) * max(wider) if padded else sum(wider)) <= budget
+        fits = rule.batch(np.array(batch + [c])) <= budget
         if batch and (not fits or len(batch) == (max_cells or NO_LIMIT)):
             bounds.append(i)
             batch = []

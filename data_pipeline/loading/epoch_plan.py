@@ -141,10 +141,10 @@ class EpochPlan:
     def _batch_counts(self) -> np.ndarray:
         """Greedy batch count of every megabatch (needs only its sorted costs).  [K]"""
         counts = np.zeros(self.n_megabatches, np.int64)
-        b = self.batching
+        budget, max_cells = self.batching.token_budget, self.batching.max_batch_cells
         for k in range(self.n_megabatches):
             c = np.sort(self._cost[self.megabatch_cells(k)])[::-1]
-            counts[k] = len(cut_batches(c, b.token_budget, b.max_batch_cells, self.padded)) - 1
+            counts[k] = len(cut_batches(c, budget, max_cells, self.padded)) - 1
         return counts
 
     def stream_megabatches(self, stream: int) -> list[Megabatch]:
@@ -152,12 +152,12 @@ class EpochPlan:
         batches, padded to ``batches_per_stream`` batches by splits, batch order shuffled."""
         if not 0 <= stream < self.n_streams:
             raise ValueError(f"stream {stream} outside 0..{self.n_streams - 1}")
-        b = self.batching
+        budget, max_cells = self.batching.token_budget, self.batching.max_batch_cells
         mine = []
         for k in range(stream, self.n_megabatches, self.n_streams):
             rng = np.random.default_rng([self.seed, self.epoch, k])
             cells = rng.permutation(self.megabatch_cells(k))  # the shuffle buffer
-            order, bounds = group_by_length(self._cost[cells], b.token_budget, b.max_batch_cells, self.padded)
+            order, bounds = group_by_length(self._cost[cells], budget, max_cells, self.padded)
             mine.append([k, cells[order], bounds.tolist(), rng])
         deficit = self.batches_per_stream - sum(len(b) - 1 for _, _, b, _ in mine)
         if deficit:
