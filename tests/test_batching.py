@@ -161,10 +161,15 @@ def test_a_loader_state_from_another_token_cost_is_refused(tmp_path):
 
     state = loader(TokenCost(40, 1)).state_dict()
     loader(TokenCost(40, 1)).load_state_dict(state)
-    with pytest.raises(ValueError, match="attention backend"):
+    with pytest.raises(ValueError, match="attention backend.*restart_epoch=True"):
         loader(TokenCost(40, 1, padded=True)).load_state_dict(state)
     legacy = {k: v for k, v in state.items() if k != "token_cost"}  # saved before the cost was recorded
     loader(TokenCost(40, 1)).load_state_dict(legacy)
+    with pytest.raises(ValueError, match="restart_epoch=True"):
+        loader(TokenCost(40, 1, full_length=201)).load_state_dict(legacy)
+    restarted = loader(TokenCost(40, 1, padded=True))
+    restarted.load_state_dict({**state, "epoch": 3, "batches_done": 2}, restart_epoch=True)
+    assert (restarted.epoch, restarted.batches_done) == (3, 0)
     with pytest.raises(ValueError, match="build the token cost from the same normalization"):
         loader(TokenCost(100, 1))
 

@@ -392,10 +392,13 @@ class CellLoader:
             raise ValueError("the loader state was taken with another seed or batching; pass the same ones")
         # states saved before the token cost was recorded summed capped lengths (+ extra tokens, per view)
         cost = state.get("token_cost", asdict(replace(s.token_cost, full_length=None, padded=False)))
-        if cost != asdict(s.token_cost):
+        same_cost = cost == asdict(s.token_cost)
+        if not same_cost and not restart_epoch:
             raise ValueError(f"the loader state was taken with cells costing {cost} against the token budget, this "
-                             f"loader counts {asdict(s.token_cost)} (another model shape or attention backend): its "
-                             "batches differ; run with the model settings of the saved run")
+                             f"loader counts {asdict(s.token_cost)} (another model shape or attention backend, or a "
+                             "state saved before sdpa batches and full-gene-set cells were counted as the model runs "
+                             "them): the epoch's batches differ, so it cannot continue exactly; pass "
+                             "restart_epoch=True to start that epoch over")
         same_layout = (state["world_size"], state["streams_per_rank"]) == (s.world_size, s.streams_per_rank)
         if not same_layout and not restart_epoch:
             raise ValueError(f"the loader state was taken with world size {state['world_size']} and "
@@ -403,5 +406,5 @@ class CellLoader:
                              f"and {s.streams_per_rank}: the epoch's layout differs, so it cannot continue "
                              "exactly; pass restart_epoch=True to start that epoch over")
         self.set_epoch(state["epoch"])
-        if same_layout:
+        if same_layout and same_cost:
             self.batches_done = state["batches_done"]
