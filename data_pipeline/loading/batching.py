@@ -1,6 +1,6 @@
 """The token budget, in one place: what a cell costs (`TokenCost`) and how length-sorted cells are
-cut into batches within a budget (`cut_batches`, `group_by_length`), for training (`epoch_plan.EpochPlan`), embedding
-(`pretrain.embed`), the benchmarks and fine-tuning alike.
+cut into batches within a budget (`cut_batches`, `group_by_length`), for training
+(`epoch_plan.EpochPlan`), embedding (`pretrain.embed`), the benchmarks and fine-tuning alike.
 
 A cell's cost is the number of token rows the model runs for it: its expressed genes capped at
 ``cap`` (the loader's ``max_genes``), plus ``extra_tokens`` (a ``<cls>``), or ``full_length`` where
@@ -18,8 +18,9 @@ block its q/k/v/output (kept for the backward) hold ``n_cells x longest`` rows, 
 projections and feed-forward; the sum would let those tensors outgrow the budget. On length-sorted
 batches the two rules differ only by the padding within a batch: on the real length distribution,
 `benchmarks/results/train_cpu.json` has Geneformer-10M's length-grouped batches holding 13.72
-cells padded against 13.77 summed (0.3 % fewer; 8,192-token budget). The score matrices of an attention kernel that builds
-them (``n_cells x heads x longest^2``) are bounded by neither rule: the budget counts token rows.
+cells padded against 13.77 summed (0.3 % fewer; 8,192-token budget). The score matrices of an
+attention kernel that builds them (``n_cells x heads x longest^2``) are bounded by neither rule:
+the budget counts token rows.
 The same rule holds wherever the model runs: training (the loader), embedding, the benchmark.
 """
 
