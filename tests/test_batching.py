@@ -234,3 +234,19 @@ def test_a_stale_length_index_is_caught_where_every_cell_costs_the_full_gene_set
                         token_cost=TokenCost(None, 1, full_length=201))
     with pytest.raises(CorpusError, match="genes per cell disagree"):
         list(loader)
+
+
+def test_worker_rings_are_sized_for_the_few_cells_a_full_gene_set_batch_holds(tmp_path):
+    """Where every cell costs the full gene set a batch holds budget // that many cells: the ring
+    buffers need room for those sequences, not one per token; every batch still fits its ring."""
+    from data_pipeline.loading.loader import CellLoader, wire_bytes_bound
+    from data_pipeline.loading.normalize import Normalization
+    from tests.train_helpers import make_corpus
+
+    corpus = make_corpus(tmp_path, n_cells=60, n_genes=200)
+    budget = 2000
+    loader = CellLoader(corpus, normalization=Normalization(), batching=Batching(budget, 64), num_workers=1,
+                        token_cost=TokenCost(None, 1, full_length=201), prefetch_factor=2)
+    slot = loader._stream.rings[0][0].numel()
+    assert slot == wire_bytes_bound(budget, 1, budget // 201) < wire_bytes_bound(budget, 1)
+    assert sum(batch.n_cells for batch in loader) == 60  # a batch outgrowing its ring would raise

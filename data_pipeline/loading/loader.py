@@ -162,11 +162,12 @@ class _EpochStream(IterableDataset):
         return worker, self._slot, header
 
 
-def wire_bytes_bound(token_budget: int, n_label_columns: int) -> int:
+def wire_bytes_bound(token_budget: int, n_label_columns: int, max_seqs: int | None = None) -> int:
     """Most bytes `PackedBatch.to_wire` can need: at most ``token_budget`` tokens (8-byte ids,
-    values, targets; 1-byte mask) in at most ``token_budget`` sequences (4-byte cu_seqlens; 8-byte
-    view and cell index and labels), each array padded to 8 bytes."""
-    return token_budget * 25 + (token_budget + 1) * 4 + token_budget * 8 * (2 + n_label_columns) + 8 * 9
+    values, targets; 1-byte mask) in at most ``max_seqs`` (default ``token_budget``) sequences
+    (4-byte cu_seqlens; 8-byte view and cell index and labels), each array padded to 8 bytes."""
+    seqs = token_budget if max_seqs is None else min(max_seqs, token_budget)
+    return token_budget * 25 + (seqs + 1) * 4 + seqs * 8 * (2 + n_label_columns) + 8 * 9
 
 
 def tune_malloc() -> bool:
@@ -336,7 +337,12 @@ class CellLoader:
         self._control = multiprocessing.Array("q", 2, lock=False)  # read by the workers at each epoch
         rings = None
         if num_workers:
-            slot = wire_bytes_bound(self.spec.batching.token_budget, self.spec.n_label_columns)
+            # a batch holds at most budget // (cheapest cell's cost) cells: few where every cell
+            # costs the full gene set, so the rings need not have room for a sequence per token
+            budget, cells = self.spec.batching.token_budget, self.spec.batching.max_batch_cells
+            most = budget // max(1, int(self.spec.cost.min(initial=budget)))
+            seqs = (2 if views else 1) * min(most, cells or most)
+            slot = wire_bytes_bound(budget, self.spec.n_label_columns, seqs)
             rings = [[torch.empty(slot, dtype=torch.uint8).share_memory_() for _ in range(prefetch_factor + 2)]
                      for _ in range(num_workers)]
         self._stream = _EpochStream(self.spec, self._control, rings)
