@@ -23,21 +23,22 @@ budget, measured side by side in one run:
   sorted by length (longest first) and cut greedily into batches of ``n_cells * max_len <=
   token_budget``, padded to their longest cell;
 - ``packed``: the project's packed varlen batches (`PackedBatch`, no padding tokens; what the trainer
-  uses): the same sorted megabatch cut into batches of ``sum(len) <= token_budget`` (as
-  `data_pipeline.loading.epoch_plan.EpochPlan` cuts them). Note: the ``sdpa`` backend pads a packed batch
-  internally to its longest cell for the attention itself; ``favor``, ``varlen`` (torch's
-  FlashAttention over packed sequences) and ``flash`` do not. The padded modes run the model's
+  uses): the same sorted megabatch cut as the trainer cuts it, by the trainer's batcher
+  (`data_pipeline.loading.batching`: ``sum(len) <= token_budget``, except under ``sdpa``, which pads
+  a packed batch internally to its longest cell for the attention itself and is therefore cut by
+  ``n_cells * max_len <= token_budget``, like grouped_padded; ``favor``, ``varlen`` (torch's
+  FlashAttention over packed sequences) and ``flash`` do not pad). All three modes size their batches
+  with that one batcher (random_padded: a run of cells costing the longest). The padded modes run the model's
   padded path (`CellModel.encode_padded`): everything but attention runs on every padded slot;
   attention is torch SDPA with a key mask whatever the exact backend, so padded rows are measured
   once, under ``sdpa`` (``varlen`` and ``flash`` padded rows are skipped with that reason).
   ``favor`` runs packed only: its padded reference gathers the real tokens and loops per sequence,
   so it would time the reference rather than padding.
 
-``len`` is the cell's sequence as the model runs it: its expressed genes capped at the preset's
-``max_genes``, + 1 for ``<cls>`` where the model uses one; scBERT (``gene_set=all``) and the
-scFoundation encoder-decoder run every cell over the full gene set (``--n-genes`` tokens), so their
-cells cost ``n_genes`` each (the trainer's loader counts expressed genes only; here the budget is the
-memory bound, so the full-set sequence counts). Padded modes do not apply to those two (every scBERT
+``len`` is the cell's sequence as the model runs it (`ModelConfig.token_cost`, as in the trainer): its
+expressed genes capped at the preset's ``max_genes``, + 1 for ``<cls>`` where the model uses one;
+scBERT (``gene_set=all``) and the scFoundation encoder-decoder run every cell over the full gene set
+(``--n-genes`` tokens), so their cells cost ``n_genes`` each. Padded modes do not apply to those two (every scBERT
 cell is already the full gene set; the encoder-decoder has no padded path): their rows are skipped
 with a reason, as are ``flash`` without CUDA, bf16 or flash-attn, ``varlen`` without CUDA or bf16,
 and any backend `pretrain.config.ATTENTION_BACKENDS` does not offer.
@@ -311,37 +312,24 @@ def length_distribution(folder: Path, lengths_file: Path | None = None) -> tuple
 
 
 # --- batches: which cells go together -----------------------------------------------------------------
-def cell_cost(config, n_genes: int, lengths: np.ndarray) -> np.ndarray:
-    """Tokens a cell occupies in a packed batch: its sequence as the model runs it (module docstring).
-    lengths [n] expressed genes -> [n]"""
-    cls = int(config.use_cls)
-    if config.gene_set == "all":
-        return np.full_like(lengths, n_genes + cls)
-    if config.architecture == "encoder_decoder":  # the decoder runs the full gene set
-        return np.maximum(lengths + cls, n_genes)
-    return lengths + cls
-
-
-def plan_batches(mode: str, lengths: np.ndarray, cost: np.ndarray, budget: int, longest: int, cls: int,
+def plan_batches(mode: str, lengths: np.ndarray, token_cost, budget: int, longest: int,
                  rng: np.random.Generator) -> list[np.ndarray]:
-    """Cells of each batch (indices into ``lengths``) for ``mode``. lengths, cost [n]; ``longest``:
-    the preset's longest cell (random_padded's batch size). Grouped and packed batches are listed
-    longest cells first (the order of the sorted megabatch); random_padded ones in random order."""
+    """Cells of each batch (indices into ``lengths`` [n]) for ``mode``, cut by the trainer's batcher
+    with the model's ``token_cost`` (`data_pipeline.loading.batching.TokenCost`); ``longest``: the
+    preset's longest cell (random_padded's batch size). Grouped and packed batches are listed
+    costliest cells first (the order of the sorted megabatch); random_padded ones in random order."""
+    from data_pipeline.loading.batching import cut_batches, group_by_length
+
     order = rng.permutation(len(lengths))  # the shuffle buffer
-    if mode == "random_padded":
-        per_batch = max(1, budget // (longest + cls))
-        return [order[i : i + per_batch] for i in range(0, len(order) - per_batch + 1, per_batch)]
-    order = order[np.argsort(-lengths[order], kind="stable")]  # longest first, ties in random order
-    batches, start = [], 0
-    while start < len(order):
-        if mode == "grouped_padded":  # every later cell is no longer: n * (first's length) <= budget
-            n = max(1, budget // int(lengths[order[start]] + cls))
-        else:  # packed: greedy, sum of costs <= budget
-            fits = np.searchsorted(np.cumsum(cost[order[start:]]), budget, side="right")
-            n = max(1, int(fits))
-        batches.append(order[start : start + n])
-        start += n
-    return batches
+    if mode == "random_padded":  # a fixed size: as many cells as fit when every one is the longest
+        worst = np.full(len(order), token_cost.cells(np.array([longest]))[0])
+        bounds = cut_batches(worst, budget, padded=True)
+        full = int(bounds[1]) if len(bounds) > 1 else 0  # every batch but a short last one
+        return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b - a == full]
+    padded = mode == "grouped_padded" or token_cost.padded
+    sorted_order, bounds = group_by_length(token_cost.cells(lengths[order]), budget, padded=padded)
+    order = order[sorted_order]
+    return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def padding_counts(mode: str, batches: list[np.ndarray], lengths: np.ndarray) -> dict:
@@ -661,9 +649,7 @@ def run_row(engine, config, longest: int, mode: str, pool: np.ndarray, args, dev
     out of memory)"""
     import torch
 
-    cls = int(config.use_cls)
-    cost = cell_cost(config, args.n_genes, pool)
-    batches = plan_batches(mode, pool, cost, args.token_budget, longest, cls, rng)
+    batches = plan_batches(mode, pool, config.token_cost(longest), args.token_budget, longest, rng)
     warm_idx, timed_idx = choose_steps(mode, batches, pool, args.warmup, args.timed, rng)
     generator = torch.Generator().manual_seed(int(rng.integers(1 << 31)))
     inputs = {i: model_input(mode, make_batch(pool[batches[i]], config, args.n_genes, generator), device)

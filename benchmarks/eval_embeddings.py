@@ -170,9 +170,10 @@ def masked_bin_accuracy(model, csr, seed: int = 0) -> dict:
     _, values, mlm, targets = mask_for_mode(Masking(ratio=0.15), model.normalization.mode, model.normalization.n_bins,
                                             norm.indptr, norm.genes, norm.values, model.config.mask_token,
                                             (model.n_special, model.config.vocab_size), rng)
+    cost = model.config.token_cost(model.normalization.max_genes)
     right = total = 0
     with torch.inference_mode():
-        for _, batch in length_batches(norm.indptr, norm.genes, values, 16384, int(model.config.use_cls), mlm, targets):
+        for _, batch in length_batches(norm.indptr, norm.genes, values, 16384, cost, mlm, targets):
             predicted = model(batch).mlm.argmax(-1)
             right += int((predicted == batch.mlm_targets[batch.mlm_mask].long()).sum())
             total += int(batch.mlm_mask.sum())

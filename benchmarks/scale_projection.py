@@ -69,7 +69,7 @@ def project(cells_per_s: float, cells_per_step: float, params: int, cells: float
 def target_rows(presets: list[str], mfu: float, peak_tflops: float, token_budget: int, vocab_genes: int) -> list[dict]:
     """Per full-size preset: params, cells per step (token budget over the mean cell cost) and the
     cells/s one GPU would reach at ``mfu`` of ``peak_tflops``, over the real (or synthetic) lengths."""
-    from bench_train import cell_cost, length_distribution, useful_flops
+    from bench_train import length_distribution, useful_flops
 
     from pretrain.model.flops import model_cost
     from pretrain.presets import preset
@@ -80,7 +80,7 @@ def target_rows(presets: list[str], mfu: float, peak_tflops: float, token_budget
         p = preset(name, vocab_size=vocab_genes + 3)
         capped = np.minimum(lengths, p.max_genes) if p.max_genes else lengths
         flops_per_cell = useful_flops(p.model, capped) / len(capped)
-        cells_per_step = token_budget / float(np.mean(cell_cost(p.model, vocab_genes, capped)))
+        cells_per_step = token_budget / float(np.mean(p.model.token_cost(p.max_genes).cells(capped)))
         rows.append({"preset": name, "backend": p.model.attention, "params": model_cost(p.model, 1.0).params,
                      "cells_per_step": cells_per_step, "cells_per_s": mfu * peak_tflops * 1e12 / flops_per_cell,
                      "flops_per_cell": flops_per_cell, "lengths": where["kind"], "shrunk": False})

@@ -3,7 +3,7 @@
 Two halves: `data_pipeline.conversion` (count matrices -> a corpus folder) and
 `data_pipeline.loading` (a corpus -> packed, masked batches), joined by `data_pipeline.corpus`,
 the one reader of a corpus folder. The names a training script needs are importable from here:
-``from data_pipeline import Corpus, CellLoader, Batching, Masking, Views, Normalization, PackedBatch``.
+``from data_pipeline import Corpus, CellLoader, Batching, TokenCost, Masking, Views, Normalization, PackedBatch``.
 
 Commands: ``python -m data_pipeline {convert,merge,verify,inspect,to-h5ad,synthetic}``.
 """
@@ -13,7 +13,7 @@ from importlib import import_module
 # imported on first use: the converter's CLI never pays for torch
 _EXPORTS = {"Corpus": "corpus", "CellLoader": "loading.loader", "Batching": "loading.epoch_plan",
             "Masking": "loading.masking", "Views": "loading.masking", "Normalization": "loading.normalize",
-            "PackedBatch": "loading.batch"}
+            "PackedBatch": "loading.batch", "TokenCost": "loading.batching"}
 __all__ = sorted(_EXPORTS)
 
 

@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--symbol-table", default=None,
                         help="symbol -> Ensembl table (CSV/TSV[.gz] or pickled dict) for symbols; its entries take "
                              "precedence over the bundle vocabulary's own symbols")
-    parser.add_argument("--token-budget", type=int, default=16384, help="tokens per batch (default 16384)")
+    parser.add_argument("--token-budget", type=int, default=16384,
+                        help="tokens per batch, counted as in training: a cell of a gene_set=all or encoder-decoder "
+                             "model costs the full gene set (default 16384)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (default 0: the usable cores, by affinity and cgroup quota; "

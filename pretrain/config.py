@@ -39,9 +39,12 @@ class DataConfig:
     quantile_ties: str = _help("quantile_bins: values tied over several edges get a random bin of the span (random, "
                                "scGPT's tie-breaking) or its top bin (high: np.digitize alone)", "random")
     max_genes: int | None = _help("cap on genes per cell (random subset; top ranks in rank mode)", None)
-    token_budget: int = _help("tokens per loader batch (one gradient-cache chunk)", 16384)
+    token_budget: int = _help("most tokens per loader batch (one gradient-cache chunk), a cell counted as the model "
+                              "runs it: capped genes + <cls>, x views, at least the full gene set for gene_set=all "
+                              "and the encoder-decoder; under sdpa a batch counts cells x its longest", 16384)
     megabatch_cells: int = _help("cells shuffled and length-sorted together", 8192)
-    max_batch_cells: int | None = _help("most cells in a batch (None: no limit)", None)
+    max_batch_cells: int | None = _help("most cells in a batch, within the token budget (None: the budget alone)",
+                                        None)
     mask_ratio: float = _help("fraction of each cell's genes masked for masked expression modelling", 0.15)
     views: bool = _help("two augmented views per cell (needed by the contrastive loss)", False)
     gene_dropout: float = _help("views: probability of dropping each gene", 0.1)

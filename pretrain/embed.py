@@ -27,6 +27,7 @@ from data_pipeline.conversion.gene_ids import resolve_gene_ids, vocabulary_symbo
 from data_pipeline.conversion.readers import SourceError
 from data_pipeline.conversion.vocab import read_symbol_table
 from data_pipeline.loading.batch import PackedBatch
+from data_pipeline.loading.batching import TokenCost, group_by_length
 from data_pipeline.loading.normalize import CellSeeds, normalize
 
 from .model import CellModel
@@ -100,22 +101,18 @@ def token_csr(x, tokens: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.nd
     return m.indptr.astype(np.int64), m.indices.astype(np.int64), m.data, totals
 
 
-def length_batches(indptr: np.ndarray, genes: np.ndarray, values: np.ndarray, token_budget: int, extra_tokens: int = 0,
-                   mlm_mask: np.ndarray | None = None, targets: np.ndarray | None = None):
+def length_batches(indptr: np.ndarray, genes: np.ndarray, values: np.ndarray, token_budget: int,
+                   cost: TokenCost | None = None, mlm_mask: np.ndarray | None = None,
+                   targets: np.ndarray | None = None):
     """Normalized cells (CSR: ``indptr`` [n+1], ``genes`` / ``values`` [nnz]) as packed batches of
-    length-sorted cells, each within ``token_budget`` counting ``extra_tokens`` (a <cls>) per
-    cell; ``mlm_mask`` / ``targets`` [nnz] when positions are masked. Yields (cell indices [B],
-    `PackedBatch`)."""
+    length-sorted cells (longest first), cut by the trainer's batcher (`data_pipeline.loading.batching`)
+    within ``token_budget`` as ``cost`` counts them (the model's `ModelConfig.token_cost`; None:
+    lengths summed); a cell over the budget on its own is a batch of its own. ``mlm_mask`` / ``targets`` [nnz] when
+    positions are masked. Yields (cell indices [B], `PackedBatch`)."""
     lengths = np.diff(indptr)
-    order = np.argsort(lengths, kind="stable")
-    start = 0
-    while start < len(order):
-        stop, longest = start, 0
-        while stop < len(order):
-            longest = max(longest, lengths[order[stop]] + extra_tokens)
-            if stop > start and longest * (stop + 1 - start) > token_budget:
-                break
-            stop += 1
+    cost = cost or TokenCost()
+    order, bounds = group_by_length(cost.cells(lengths), token_budget, padded=cost.padded)
+    for start, stop in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
         cells = order[start:stop]
         parts = [np.arange(indptr[c], indptr[c + 1]) for c in cells]
         index = np.concatenate(parts) if parts else np.zeros(0, np.int64)
@@ -129,7 +126,6 @@ def length_batches(indptr: np.ndarray, genes: np.ndarray, values: np.ndarray, to
             mlm_targets=torch.zeros(n) if targets is None else torch.from_numpy(targets[index]),
             labels=torch.zeros(len(cells), 0, dtype=torch.long),
             view_index=torch.arange(len(cells)), cell_index=torch.from_numpy(cells))
-        start = stop
 
 
 def cell_keys(indptr: np.ndarray, genes: np.ndarray, counts: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -146,7 +142,8 @@ def cell_keys(indptr: np.ndarray, genes: np.ndarray, counts: np.ndarray, seed: i
 @torch.inference_mode()
 def embed_counts(model: CellModel, indptr, genes, counts, totals, token_budget: int = 16384, seed: int = 0,
                  device: str | torch.device = "cpu") -> np.ndarray:
-    """Cell embeddings ``[n, d]`` (float32) of cells given as CSR over tokens, batched by length.
+    """Cell embeddings ``[n, d]`` (float32) of cells given as CSR over tokens, batched by length as
+    the trainer batches them (``token_budget`` counted by the model's `ModelConfig.token_cost`).
 
     A cell with more genes than the model's cap (and, in quantile_bins mode with random ties, any
     cell) is normalized with random draws seeded by its own content (`cell_keys`, ``seed``): the
@@ -157,8 +154,8 @@ def embed_counts(model: CellModel, indptr, genes, counts, totals, token_budget: 
     rng = CellSeeds(cell_keys(indptr, genes, counts, seed))
     norm = normalize(model.normalization, indptr, genes, counts, totals, rng)
     out = np.zeros((len(norm.indptr) - 1, model.config.d_model), np.float32)
-    extra = 1 if model.config.use_cls else 0
-    for cells, batch in length_batches(norm.indptr, norm.genes, norm.values, token_budget, extra):
+    cost = model.config.token_cost(model.normalization.max_genes)
+    for cells, batch in length_batches(norm.indptr, norm.genes, norm.values, token_budget, cost):
         batch = batch.to(device)
         _, cell_states = model.encode(batch.gene_ids, batch.values, batch.cu_seqlens, batch.max_seqlen)
         out[cells] = cell_states.float().cpu().numpy()

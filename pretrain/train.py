@@ -56,12 +56,15 @@ def open_corpus(config: TrainConfig) -> Corpus:
 
 def build_loader(config: TrainConfig, device: torch.device, corpus: Corpus | None = None) -> CellLoader:
     """The training loader over ``corpus`` (default: `open_corpus`)."""
-    d, m = config.data, config.model
-    return CellLoader(corpus or open_corpus(config), normalization=config.input_normalization(),
+    d = config.data
+    corpus = corpus or open_corpus(config)
+    normalization = config.input_normalization()
+    model = resolve_model_config(config, corpus).model  # what a cell costs depends on the vocabulary's size
+    return CellLoader(corpus, normalization=normalization,
                       batching=Batching(d.token_budget, d.megabatch_cells, d.max_batch_cells),
                       masking=Masking(ratio=d.mask_ratio), views=Views(d.gene_dropout, d.min_depth) if d.views else None,
                       seed=d.seed, num_workers=d.num_workers, pin_memory=device.type == "cuda",
-                      extra_tokens_per_cell=1 if m.use_cls and m.gene_set == "expressed" else 0)
+                      token_cost=model.token_cost(normalization.max_genes, views=2 if d.views else 1))
 
 
 def resolve_model_config(config: TrainConfig, corpus: Corpus) -> TrainConfig:

@@ -17,6 +17,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import eval_embeddings as ev  # noqa: E402
 
+from data_pipeline.loading.batching import TokenCost  # noqa: E402
 from data_pipeline.loading.normalize import Normalization  # noqa: E402
 from pretrain.config import ModelConfig  # noqa: E402
 from pretrain.embed import length_batches  # noqa: E402
@@ -43,7 +44,8 @@ def test_length_batches_cover_every_cell_once_within_budget():
     values = rng.integers(1, 7, indptr[-1])
     mask = rng.random(indptr[-1]) < 0.2
     seen = []
-    for cells, batch in length_batches(indptr, genes, values, 256, extra_tokens=1, mlm_mask=mask, targets=values):
+    for cells, batch in length_batches(indptr, genes, values, 256, TokenCost(extra_tokens=1, padded=True),
+                                       mlm_mask=mask, targets=values):
         seen += cells.tolist()
         assert len(cells) == 1 or (batch.max_seqlen + 1) * len(cells) <= 256
         for i, c in enumerate(cells):  # each sequence holds its own cell's tokens, in order

@@ -11,8 +11,10 @@ process without communication and without reading a shard:
    Megabatch ``k`` belongs to stream ``k % n_streams``; stream ``s`` is worker ``s % W`` of rank
    ``s // W``. Its cells are read from the few blocks it spans.
 3. In a megabatch, cells are shuffled (a shuffle buffer of the megabatch's size), sorted by
-   length (stable, longest first), and cut greedily into batches whose token cost stays within
-   ``token_budget`` (Geneformer's length-grouped megabatches, packed instead of padded).
+   cost (stable, costliest first), and cut greedily into batches whose token cost stays within
+   ``token_budget`` (Geneformer's length-grouped megabatches): `batching.group_by_length`, the one
+   batcher, counting a batch as the sum of its cells' costs, or ``n_cells x`` the costliest when
+   ``padded`` (the `batching` module says which backends pad).
 4. Every stream must yield the same number of batches (so that every rank does, and so that a
    DataLoader's round-robin over workers gives a fixed order): streams below the largest count
    split their batches with the most cells in two until they reach it.
@@ -28,14 +30,14 @@ import heapq
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit
 
 from ..corpus import BlockTable
+from .batching import cut_batches, group_by_length
 
 
 @dataclass(frozen=True)
 class Batching:
-    """``token_budget``: most tokens in a batch, counting ``cell_cost(length)`` per cell;
+    """``token_budget``: most tokens in a batch, counting each cell's `batching.TokenCost`;
     ``megabatch_cells``: cells shuffled and length-sorted together; ``max_batch_cells``: most
     cells in a batch (None: no limit)."""
 
@@ -67,11 +69,12 @@ class Megabatch:
 class EpochPlan:
     """The plan of epoch ``epoch`` for ``world_size`` ranks with ``streams_per_rank`` loader
     streams each (DataLoader workers, or 1 without workers). ``cost`` [N] is each cell's token
-    cost (its length as the model will see it, e.g. capped, times views, plus special tokens).
+    cost (`batching.TokenCost.cells`: its length as the model will run it); ``padded``: a batch
+    costs ``n_cells x`` its costliest cell instead of the sum (`TokenCost.padded`).
     """
 
     def __init__(self, blocks: BlockTable, cost: np.ndarray, batching: Batching, seed: int, epoch: int,
-                 world_size: int, streams_per_rank: int):
+                 world_size: int, streams_per_rank: int, padded: bool = False):
         if world_size < 1 or streams_per_rank < 1:
             raise ValueError("world_size and streams_per_rank must be >= 1")
         cost = np.asarray(cost)
@@ -81,8 +84,10 @@ class EpochPlan:
             raise ValueError(f"{len(cost)} cell lengths for {blocks.n_cells} cells: the corpus index is stale")
         if len(cost) and cost.max() > batching.token_budget:
             raise ValueError(f"a cell costs {int(cost.max())} tokens, more than token_budget="
-                             f"{batching.token_budget}: raise the budget or cap genes per cell (max_genes)")
-        self.blocks, self.batching, self.seed, self.epoch = blocks, batching, seed, epoch
+                             f"{batching.token_budget}: raise the budget to at least {int(cost.max())}, or cap genes "
+                             "per cell (max_genes; no help for a model that runs every cell over the full gene set, "
+                             "gene_set=all or the encoder-decoder)")
+        self.blocks, self.batching, self.seed, self.epoch, self.padded = blocks, batching, seed, epoch, padded
         self.world_size, self.streams_per_rank = world_size, streams_per_rank
         self.n_streams = world_size * streams_per_rank
         n = blocks.n_cells
@@ -136,10 +141,10 @@ class EpochPlan:
     def _batch_counts(self) -> np.ndarray:
         """Greedy batch count of every megabatch (needs only its sorted costs).  [K]"""
         counts = np.zeros(self.n_megabatches, np.int64)
-        max_cells = self.batching.max_batch_cells or (1 << 62)
+        budget, max_cells = self.batching.token_budget, self.batching.max_batch_cells
         for k in range(self.n_megabatches):
             c = np.sort(self._cost[self.megabatch_cells(k)])[::-1]
-            counts[k] = _greedy_cuts(c, self.batching.token_budget, max_cells, np.empty(len(c) + 1, np.int64))
+            counts[k] = len(cut_batches(c, budget, max_cells, self.padded)) - 1
         return counts
 
     def stream_megabatches(self, stream: int) -> list[Megabatch]:
@@ -147,15 +152,13 @@ class EpochPlan:
         batches, padded to ``batches_per_stream`` batches by splits, batch order shuffled."""
         if not 0 <= stream < self.n_streams:
             raise ValueError(f"stream {stream} outside 0..{self.n_streams - 1}")
-        max_cells = self.batching.max_batch_cells or (1 << 62)
+        budget, max_cells = self.batching.token_budget, self.batching.max_batch_cells
         mine = []
         for k in range(stream, self.n_megabatches, self.n_streams):
             rng = np.random.default_rng([self.seed, self.epoch, k])
             cells = rng.permutation(self.megabatch_cells(k))  # the shuffle buffer
-            cells = cells[np.argsort(-self._cost[cells], kind="stable")]  # longest first
-            cuts = np.empty(len(cells) + 1, np.int64)
-            n = _greedy_cuts(self._cost[cells], self.batching.token_budget, max_cells, cuts)
-            mine.append([k, cells, list(cuts[: n + 1]), rng])
+            order, bounds = group_by_length(self._cost[cells], budget, max_cells, self.padded)
+            mine.append([k, cells[order], bounds.tolist(), rng])
         deficit = self.batches_per_stream - sum(len(b) - 1 for _, _, b, _ in mine)
         if deficit:
             self._split(mine, deficit, stream)
@@ -183,28 +186,6 @@ class EpochPlan:
             bounds.insert(bounds.index(start) + 1, start + half)
             heapq.heappush(heap, (-half, m, start))
             heapq.heappush(heap, (-(-size - half), m, start + half))
-
-
-@njit(cache=True)
-def _greedy_cuts(cost, budget, max_cells, cuts):  # pragma: no cover
-    """Cut ``cost`` (in order) into runs of total <= budget and <= max_cells items; writes the
-    run starts and the end to ``cuts``; returns the number of runs."""
-    n = 0
-    cuts[0] = 0
-    total = 0
-    size = 0
-    for i in range(len(cost)):
-        if size and (total + cost[i] > budget or size == max_cells):
-            n += 1
-            cuts[n] = i
-            total = 0
-            size = 0
-        total += cost[i]
-        size += 1
-    if size:
-        n += 1
-        cuts[n] = len(cost)
-    return n
 
 
 def worker_skip(batches_done: int, streams_per_rank: int, worker: int) -> int:

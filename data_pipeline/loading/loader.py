@@ -23,7 +23,7 @@ import ctypes
 import multiprocessing
 import os
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..child_processes import leave_stop_signals_to_parent
 from ..corpus import BlockReader, BlockTable, Corpus
 from .batch import PackedBatch
+from .batching import TokenCost
 from .epoch_plan import Batching, EpochPlan, worker_skip
 from .masking import Masking, Views, make_views, mask_for_mode
 from .normalize import Normalization, normalize
@@ -57,12 +58,12 @@ class _Spec:
 
     def __init__(self, corpus: Corpus, normalization: Normalization, batching: Batching, masking: Masking | None,
                  views: Views | None, seed: int, rank: int, world_size: int, streams_per_rank: int,
-                 extra_tokens_per_cell: int):
+                 token_cost: TokenCost):
         self.corpus = corpus
         self.check_blocks = True  # False only in benchmarks/bench_loader.py, to measure what the checks cost
         self.normalization, self.batching, self.masking, self.views = normalization, batching, masking, views
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.streams_per_rank, self.extra_tokens_per_cell = streams_per_rank, extra_tokens_per_cell
+        self.streams_per_rank, self.token_cost = streams_per_rank, token_cost
         self.vocab_size = corpus.vocab_size
         special = corpus.special_tokens
         if "<mask>" not in special:
@@ -72,7 +73,7 @@ class _Spec:
         self.n_label_columns = len(corpus.label_columns)
         # here, not in a worker: a malformed index or a shard outside the corpus fails at once
         self._table = self.corpus.block_table()
-        self._cost = None
+        self._cost = self._checked = None
 
     @property
     def table(self) -> BlockTable:
@@ -82,28 +83,33 @@ class _Spec:
 
     @property
     def cost(self) -> np.ndarray:
-        """Tokens each cell can take in a batch (capped length plus special tokens, per view).  [N]"""
+        """Tokens each cell takes in a batch (`TokenCost.cells`).  [N] int32"""
         if self._cost is None:
-            # int32: one per corpus cell in every process (30M cells: 120 MB)
-            self._cost = self.cell_cost(self.corpus.cell_lengths())
+            self._cost = self.token_cost.cells(self.corpus.cell_lengths())
         return self._cost
 
-    def cell_cost(self, lengths: np.ndarray) -> np.ndarray:
-        """Tokens of cells with ``lengths`` genes in a batch.  [n] int32"""
-        cost = lengths.astype(np.int32)
-        if self.normalization.max_genes is not None:
-            np.minimum(cost, self.normalization.max_genes, out=cost)
-        cost += self.extra_tokens_per_cell
-        cost *= 2 if self.views else 1
-        return cost
+    @property
+    def length_cost(self) -> TokenCost:
+        """The cost without the full-gene-set floor: what `_check_cell_lengths` compares, since a
+        cost that is the full gene set for every cell cannot tell a block's lengths from the index's."""
+        return replace(self.token_cost, full_length=None)
+
+    @property
+    def checked(self) -> np.ndarray:
+        """`length_cost` of every cell (the cost array itself unless there is a full-gene-set floor).  [N]"""
+        if self.token_cost.full_length is None:
+            return self.cost
+        if self._checked is None:
+            self._checked = self.length_cost.cells(self.corpus.cell_lengths())
+        return self._checked
 
     def plan(self, epoch: int) -> EpochPlan:
         return EpochPlan(self.table, self.cost, self.batching, self.seed, epoch, self.world_size,
-                         self.streams_per_rank)
+                         self.streams_per_rank, self.token_cost.padded)
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_table"] = state["_cost"] = None  # rebuilt in the worker rather than pickled
+        state["_table"] = state["_cost"] = state["_checked"] = None  # rebuilt in the worker rather than pickled
         return state
 
 
@@ -156,11 +162,12 @@ class _EpochStream(IterableDataset):
         return worker, self._slot, header
 
 
-def wire_bytes_bound(token_budget: int, n_label_columns: int) -> int:
+def wire_bytes_bound(token_budget: int, n_label_columns: int, max_seqs: int | None = None) -> int:
     """Most bytes `PackedBatch.to_wire` can need: at most ``token_budget`` tokens (8-byte ids,
-    values, targets; 1-byte mask) in at most ``token_budget`` sequences (4-byte cu_seqlens; 8-byte
-    view and cell index and labels), each array padded to 8 bytes."""
-    return token_budget * 25 + (token_budget + 1) * 4 + token_budget * 8 * (2 + n_label_columns) + 8 * 9
+    values, targets; 1-byte mask) in at most ``max_seqs`` (default ``token_budget``) sequences
+    (4-byte cu_seqlens; 8-byte view and cell index and labels), each array padded to 8 bytes."""
+    seqs = token_budget if max_seqs is None else min(max_seqs, token_budget)
+    return token_budget * 25 + (seqs + 1) * 4 + seqs * 8 * (2 + n_label_columns) + 8 * 9
 
 
 def tune_malloc() -> bool:
@@ -213,10 +220,11 @@ def _gather_rows(starts, rows, indptr, src_genes, src_counts, genes, counts):  #
 
 def _check_cell_lengths(spec: _Spec, block_ids: np.ndarray, blocks: list) -> None:
     """The plan cut batches by ``cell_lengths.npy``; blocks whose genes per cell disagree with it
-    (an edited or stale index) would overrun the token budget."""
+    (an edited or stale index) would not give the batches planned, and could overrun the token
+    budget. Compared below the cap, also where every cell costs the full gene set."""
     for b, block in zip(block_ids, blocks):
         first = int(spec.table.first_cell[b])
-        if not np.array_equal(spec.cell_cost(np.diff(block.indptr)), spec.cost[first : first + block.n_cells]):
+        if not np.array_equal(spec.length_cost.cells(np.diff(block.indptr)), spec.checked[first : first + block.n_cells]):
             raise spec.corpus.damaged(spec.table, int(b), f"its genes per cell disagree with "
                                       f"{spec.corpus.cell_lengths_file}")
 
@@ -276,8 +284,11 @@ class CellLoader:
     sequence per cell; else two views per cell, linked by ``view_index``). ``rank`` /
     ``world_size``: default from torch.distributed or the launcher's environment.
     ``num_workers``: DataLoader worker processes (0: batches made in this process).
-    ``extra_tokens_per_cell``: tokens the model adds per sequence (e.g. 1 for ``<cls>``),
-    counted in the token budget. ``malloc_tuning``: `tune_malloc` in this process too (the
+    ``token_cost``: what a cell costs against the token budget and how a batch's cells add up
+    (`batching.TokenCost`, from the model: ``ModelConfig.token_cost`` in `pretrain`); its ``cap``
+    and ``views`` must be the normalization's ``max_genes`` and the views' 2 (or 1). Default: the
+    capped length plus ``extra_tokens_per_cell`` (e.g. 1 for ``<cls>``), per view, summed.
+    ``malloc_tuning``: `tune_malloc` in this process too (the
     workers always do). Iterating gives one epoch; the next iteration the next epoch.
     """
 
@@ -285,7 +296,7 @@ class CellLoader:
                  batching: Batching | None = None, masking: Masking | None = DEFAULT_MASKING, views: Views | None = None,
                  seed: int = 0, rank: int | None = None, world_size: int | None = None, num_workers: int = 0,
                  pin_memory: bool = False, prefetch_factor: int = 4, extra_tokens_per_cell: int = 0,
-                 malloc_tuning: bool = True):
+                 token_cost: TokenCost | None = None, malloc_tuning: bool = True):
         if not isinstance(corpus, Corpus):
             if not Corpus.is_finished(corpus):
                 raise ValueError(f"{corpus}: no manifest.json; pass a finished corpus folder "
@@ -305,8 +316,15 @@ class CellLoader:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.corpus = corpus
         self.num_workers, self.pin_memory, self.prefetch_factor = num_workers, pin_memory, prefetch_factor
+        n_views = 1 if views is None else 2
+        if token_cost is None:
+            token_cost = TokenCost(normalization.max_genes, extra_tokens_per_cell, n_views)
+        elif (token_cost.cap, token_cost.views) != (normalization.max_genes, n_views):
+            raise ValueError(f"token_cost counts cells capped at {token_cost.cap} genes in {token_cost.views} view(s), "
+                             f"but the loader caps them at max_genes={normalization.max_genes} and makes {n_views}: "
+                             "build the token cost from the same normalization and views")
         self.spec = _Spec(corpus, normalization, batching or Batching(), masking, views, seed, rank, world_size,
-                          max(1, num_workers), extra_tokens_per_cell)
+                          max(1, num_workers), token_cost)
         if self.spec.table.checksum is None:
             warnings.warn(f"{corpus.path}: a corpus of schema {corpus.schema_version} has no block "
                           "checksums, so damaged blocks are caught only by structural checks: reconvert to "
@@ -319,7 +337,12 @@ class CellLoader:
         self._control = multiprocessing.Array("q", 2, lock=False)  # read by the workers at each epoch
         rings = None
         if num_workers:
-            slot = wire_bytes_bound(self.spec.batching.token_budget, self.spec.n_label_columns)
+            # a batch holds at most budget // (cheapest cell's cost) cells: few where every cell
+            # costs the full gene set, so the rings need not have room for a sequence per token
+            budget, cells = self.spec.batching.token_budget, self.spec.batching.max_batch_cells
+            most = budget // max(1, int(self.spec.cost.min(initial=budget)))
+            seqs = (2 if views else 1) * min(most, cells or most)
+            slot = wire_bytes_bound(budget, self.spec.n_label_columns, seqs)
             rings = [[torch.empty(slot, dtype=torch.uint8).share_memory_() for _ in range(prefetch_factor + 2)]
                      for _ in range(num_workers)]
         self._stream = _EpochStream(self.spec, self._control, rings)
@@ -363,7 +386,7 @@ class CellLoader:
         s = self.spec
         return {"version": STATE_VERSION, "epoch": self.epoch, "batches_done": self.batches_done, "seed": s.seed,
                 "world_size": s.world_size, "streams_per_rank": s.streams_per_rank,
-                "corpus": s.corpus.plan_hash, "batching": asdict(s.batching)}
+                "corpus": s.corpus.plan_hash, "batching": asdict(s.batching), "token_cost": asdict(s.token_cost)}
 
     def load_state_dict(self, state: dict, restart_epoch: bool = False) -> None:
         s = self.spec
@@ -373,6 +396,15 @@ class CellLoader:
             raise ValueError("the loader state is from another corpus")
         if state["seed"] != s.seed or state["batching"] != asdict(s.batching):
             raise ValueError("the loader state was taken with another seed or batching; pass the same ones")
+        # states saved before the token cost was recorded summed capped lengths (+ extra tokens, per view)
+        cost = state.get("token_cost", asdict(replace(s.token_cost, full_length=None, padded=False)))
+        same_cost = cost == asdict(s.token_cost)
+        if not same_cost and not restart_epoch:
+            raise ValueError(f"the loader state was taken with cells costing {cost} against the token budget, this "
+                             f"loader counts {asdict(s.token_cost)} (another model shape or attention backend, or a "
+                             "state saved before sdpa batches and full-gene-set cells were counted as the model runs "
+                             "them): the epoch's batches differ, so it cannot continue exactly; pass "
+                             "restart_epoch=True to start that epoch over")
         same_layout = (state["world_size"], state["streams_per_rank"]) == (s.world_size, s.streams_per_rank)
         if not same_layout and not restart_epoch:
             raise ValueError(f"the loader state was taken with world size {state['world_size']} and "
@@ -380,5 +412,5 @@ class CellLoader:
                              f"and {s.streams_per_rank}: the epoch's layout differs, so it cannot continue "
                              "exactly; pass restart_epoch=True to start that epoch over")
         self.set_epoch(state["epoch"])
-        if same_layout:
+        if same_layout and same_cost:
             self.batches_done = state["batches_done"]

@@ -48,8 +48,7 @@ def _stack_flops(n: float, d: int, n_layers: int, ffn: int, attention: str, m: i
 def model_cost(config: ModelConfig, seq_len: float, mask_ratio: float = 0.15) -> ModelCost:
     c = config
     d, ffn = c.d_model, int(round(c.d_model * c.ffn_multiplier))
-    n_special = max(c.pad_token, c.cls_token, c.mask_token) + 1
-    n_genes = c.vocab_size - n_special
+    n_genes = c.n_genes
     params = c.vocab_size * d
     if c.value_mode == "bins":
         params += (c.n_bins + 1) * d

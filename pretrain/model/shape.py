@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from data_pipeline.loading.batching import TokenCost
+
 from ..knobs import FREE, knob
 
 # favor: FAVOR+ (linear, approximate); flash: flash-attn, else varlen; sdpa: padded exact softmax (any device);
@@ -65,6 +67,27 @@ class ModelConfig:
                                            resume=FREE)
     architecture: str = knob(f"one of {', '.join(ARCHITECTURES)}", "encoder")
     decoder: DecoderConfig = knob("encoder_decoder only: the full-gene-set decoder", factory=DecoderConfig)
+
+    @property
+    def n_genes(self) -> int:
+        """Gene tokens of the vocabulary (the ids after the special tokens): the full gene set."""
+        return self.vocab_size - (max(self.pad_token, self.cls_token, self.mask_token) + 1)
+
+    def token_cost(self, max_genes: int | None, views: int = 1) -> TokenCost:
+        """What a cell costs against the token budget when this model runs it (the one place the
+        trainer, the embedder and the benchmarks get it from): its expressed genes capped at
+        ``max_genes``, + 1 for ``<cls>``; with ``gene_set=all`` the encoder runs every vocabulary gene
+        (+ ``<cls>``), and the encoder-decoder's decoder runs every vocabulary gene, so a cell costs
+        at least the full gene set; x ``views``. Batches cost n_cells x their longest cell where an
+        attention runs ``sdpa`` (it pads the packed batch to its longest sequence), else the sum."""
+        cls = int(self.use_cls)
+        full = None
+        if self.gene_set == "all":
+            full = self.n_genes + cls
+        elif self.architecture == "encoder_decoder":
+            full = self.n_genes
+        backends = {self.attention, self.decoder.attention} if self.architecture == "encoder_decoder" else {self.attention}
+        return TokenCost(cap=max_genes, extra_tokens=cls, views=views, full_length=full, padded="sdpa" in backends)
 
     def check_choices(self) -> None:
         """The named choices; what the corpus fills in (vocab_size, ...) is checked by `validate`."""
