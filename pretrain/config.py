@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from data_pipeline.loading.masking import Masking
 from data_pipeline.loading.normalize import MODES, QUANTILE_TIES, Normalization
 
 from .knobs import FIXED, FREE, RESTORED
@@ -23,6 +24,9 @@ class ObjectiveConfig:
     mlm_weight: float = _help("weight of masked expression modelling", 1.0)
     contrastive_weight: float = _help("weight of the InfoNCE loss between the two views of each cell (0: off)", 0.0)
     label_weight: float = _help("weight of the cell-label loss (0: off)", 0.0)
+    labels: dict = _help("named label objectives, name: corpus label column (e.g. {tumor_normal: tumor_normal}, CellLM's "
+                         "[cls] tumour/normal task); only those columns train, each its own head; empty: every label "
+                         "column of the corpus", factory=dict)
     temperature: float = _help("InfoNCE temperature (initial value when learnable)", 0.07)
     learnable_temperature: bool = _help("learn the temperature (as a log-scale, clamped to [1/100, 1])", True)
     gradient_cache: bool = _help("divide-and-conquer contrastive: embed chunks without a graph, "
@@ -35,7 +39,7 @@ class DataConfig:
 
     # a resumed run may find its corpus elsewhere; the corpus itself (its plan hash) is checked by pretrain.train
     corpus: str = _help("corpus folder (`python -m data_pipeline convert ... --out CORPUS`)", "", resume=FREE)
-    normalization: str = _help("log1p_bins | quantile_bins | rank | continuous", "log1p_bins")
+    normalization: str = _help(" | ".join(MODES), "log1p_bins")
     quantile_ties: str = _help("quantile_bins: values tied over several edges get a random bin of the span (random, "
                                "scGPT's tie-breaking) or its top bin (high: np.digitize alone)", "random")
     max_genes: int | None = _help("cap on genes per cell (random subset; top ranks in rank mode)", None)
@@ -46,6 +50,11 @@ class DataConfig:
     max_batch_cells: int | None = _help("most cells in a batch, within the token budget (None: the budget alone)",
                                         None)
     mask_ratio: float = _help("fraction of each cell's genes masked for masked expression modelling", 0.15)
+    mask_replace_prob: float = _help("masked inputs replaced by the mask token (BERT: 0.8; scBERT: 0.9)", 0.8)
+    mask_random_prob: float = _help("masked inputs replaced by a random bin / gene (BERT: 0.1; scBERT: 0); the rest "
+                                    "are kept", 0.1)
+    mask_nonzero_only: bool = _help("mask only genes whose bin is not 0, ceil(mask_ratio x those) per cell (scBERT)",
+                                    False)
     views: bool = _help("two augmented views per cell (needed by the contrastive loss)", False)
     gene_dropout: float = _help("views: probability of dropping each gene", 0.1)
     min_depth: float = _help("views: lowest fraction of reads kept", 0.5)
@@ -123,6 +132,26 @@ class TrainConfig:
         return Normalization(mode=self.data.normalization, n_bins=self.model.n_bins, max_genes=self.data.max_genes,
                              quantile_ties=self.data.quantile_ties)
 
+    def input_masking(self) -> Masking:
+        """How the loader masks expression for the masked-expression loss."""
+        d = self.data
+        return Masking(d.mask_ratio, mask_prob=d.mask_replace_prob, random_prob=d.mask_random_prob,
+                       nonzero_only=d.mask_nonzero_only)
+
+    def label_column_indices(self, corpus_columns: list[str]) -> list[int]:
+        """The corpus label columns the label loss trains on (`ObjectiveConfig.labels`), by position."""
+        if not self.objectives.labels:
+            return list(range(len(corpus_columns)))
+        out = []
+        for name, column in self.objectives.labels.items():
+            if column not in corpus_columns:
+                raise ValueError(f"objectives.labels.{name} reads label column {column!r}, which the corpus "
+                                 f"{self.data.corpus} does not have (label columns: {corpus_columns or 'none'}): "
+                                 f"convert with `python -m data_pipeline convert ... --label-columns {column}` or set "
+                                 f"objectives.labels={{}}")
+            out.append(corpus_columns.index(column))
+        return out
+
     def validate(self) -> TrainConfig:
         """Values out of range refused up front (not hours into a run)."""
         checks = [
@@ -155,6 +184,13 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        try:
+            self.input_masking()
+        except ValueError as err:
+            raise ValueError(f"data.mask_*: {err}") from None
+        if not all(isinstance(c, str) for c in self.objectives.labels.values()):
+            raise ValueError(f"objectives.labels={self.objectives.labels}: map each objective name to a label column "
+                             "name, e.g. {tumor_normal: tumor_normal}")
         self.model.check_choices()  # the rest of the model waits for the corpus (vocabulary, label columns)
         return self
 
@@ -271,7 +307,8 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConf
     if raw.get("preset"):
         chosen = preset(raw["preset"])
         base = {"model": asdict(chosen.model),
-                "data": {"normalization": chosen.normalization, "max_genes": chosen.max_genes}}
+                "data": {"normalization": chosen.normalization, "max_genes": chosen.max_genes, **chosen.data},
+                "objectives": dict(chosen.objectives)}
     return from_dict(TrainConfig, _merge(base, raw)).validate()
 
 

@@ -27,7 +27,7 @@ import torch
 
 from data_pipeline.conversion.vocab import read_vocab
 from data_pipeline.corpus import Corpus
-from data_pipeline.loading.normalize import Normalization
+from data_pipeline.loading.normalize import FIXED_BIN_MODES, Normalization
 
 from .config import DecoderConfig, ModelConfig
 from .model import CellModel
@@ -64,7 +64,7 @@ def _find_checkpoint(path: Path) -> tuple[Path, Path]:
 
 def normalization_record(norm: Normalization) -> dict:
     record = {"mode": norm.mode, "n_bins": norm.n_bins, "bin_edges": list(map(float, norm.edges))
-              if norm.mode == "log1p_bins" else None, "target_sum": norm.target_sum, "max_genes": norm.max_genes,
+              if norm.mode in FIXED_BIN_MODES else None, "target_sum": norm.target_sum, "max_genes": norm.max_genes,
               "medians": None, "medians_sha256": None,
               "quantile_ties": norm.quantile_ties}
     if norm.medians is not None:

@@ -1,12 +1,14 @@
 """Preset shapes of the anchor models (their sizes and input conventions, not their weights).
 
 Each preset is a `ModelConfig` (vocab_size filled in from the corpus at training time) plus the
-loader settings that go with it: normalization mode, bins and the cap on genes per cell.
+loader settings that go with it: normalization mode, bins and the cap on genes per cell, and
+the other data / objective settings of the anchor's recipe (``data``, ``objectives``: config
+values under the YAML and the command line). Where a number comes from is cited beside it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from .model.shape import DecoderConfig, ModelConfig
 
@@ -17,23 +19,46 @@ class Preset:
     normalization: str   # data_pipeline.loading.normalize mode
     max_genes: int | None
     about: str
+    data: dict = field(default_factory=dict)        # further DataConfig values of the recipe
+    objectives: dict = field(default_factory=dict)  # ObjectiveConfig values of the recipe
+
+
+# scBERT's gene2vec: 200-d, frozen (TencentAILabHealthcare/scBERT performer_pytorch.py
+# Gene2VecPositionalEmbedding: nn.Embedding.from_pretrained, which freezes). Not shipped: set
+# model.gene_embedding_file=PATH (README: "scBERT's gene2vec"); the preset only freezes it.
 
 
 PRESETS: dict[str, Preset] = {
     "scbert": Preset(
-        ModelConfig(d_model=200, n_layers=6, n_heads=10, attention="favor", value_mode="bins", n_bins=7,
-                    gene_set="all", use_cls=False, pooling="mean"),
-        "log1p_bins", None,
-        "scBERT: 6 Performer layers of width 200 over the full gene set, expression in 7 bins (0 = unexpressed)"),
+        # scBERT pretrain.py: dim 200, depth 6, heads 10, num_tokens CLASS = bin_num + 2 = 7 (bins 0..5 + the
+        # mask/pad token 6): n_bins 6 here (mask bin 6); input every gene (SEQ_LEN = gene_num + 1)
+        ModelConfig(d_model=200, n_layers=6, n_heads=10, attention="favor", value_mode="bins", n_bins=6,
+                    gene_set="all", use_cls=False, pooling="mean", freeze_gene_embedding=True),
+        "log2_floor_bins", None,
+        "scBERT: 6 Performer layers of width 200 over the full gene set, expression as floor(log2(1 + CP10k)) "
+        "capped at 5, nonzero bins masked (90 % mask, 10 % kept), gene2vec frozen",
+        # pretrain.py: mask_prob 0.15, replace_prob 0.9, RANDOM_TOKEN_PROB 0, MASK_IGNORE_TOKEN_IDS [0]
+        data={"mask_ratio": 0.15, "mask_replace_prob": 0.9, "mask_random_prob": 0.0, "mask_nonzero_only": True}),
     "geneformer-10m": Preset(
+        # ctheodoris/Geneformer, the 10M model's BertForMaskedLM config (pretraining example script): hidden 256,
+        # 6 layers, 4 heads, intermediate 512, hidden_act relu, layer_norm_eps 1e-12, dropouts 0.02, inputs of
+        # 2,048; BERT is post-norm (transformers' BertLayer: LayerNorm after each residual sum)
         ModelConfig(d_model=256, n_layers=6, n_heads=4, ffn_multiplier=2.0, attention="sdpa", value_mode="rank",
-                    max_rank=2048, use_cls=False, pooling="mean"),
+                    max_rank=2048, use_cls=False, pooling="mean", norm_position="post", activation="relu",
+                    norm_eps=1e-12, dropout=0.02),
         "rank", 2048,
-        "Geneformer 10M: 6 layers of width 256 over the top 2,048 genes in rank-value order, masked gene prediction"),
+        "Geneformer 10M: 6 post-norm ReLU BERT layers of width 256 over the top 2,048 genes in rank-value order, "
+        "masked gene prediction"),
     "celllm": Preset(
-        ModelConfig(d_model=512, n_layers=10, n_heads=8, attention="favor", value_mode="bins", n_bins=51),
-        "log1p_bins", 6000,
-        "CellLM: 10 Performer layers of width 512 over at most 6,000 expressed genes, contrastive + masked bins"),
+        # PharMolix/OpenBioMed configs/ctc/cellLM.json: dim 512, depth 10, heads 16, max_seq_len 6000,
+        # num_tokens 8 = bins 0..6 + the mask token under scBERT's CLASS = bin_num + 2 (CellLM builds on scBERT's
+        # code): n_bins 7 here (mask bin 7), binned as scBERT (floor(log2(1 + CP10k)), capped at 6)
+        ModelConfig(d_model=512, n_layers=10, n_heads=16, attention="favor", value_mode="bins", n_bins=7),
+        "log2_floor_bins", 6000,
+        "CellLM: 10 Performer layers of width 512, 16 heads, over at most 6,000 expressed genes in 7 bins; "
+        "contrastive + masked bins + the [cls] tumour/normal task (label column tumor_normal)",
+        # the [cls] tumour / normal discrimination task reads the corpus label column "tumor_normal"
+        objectives={"labels": {"tumor_normal": "tumor_normal"}}),
     "scgpt": Preset(
         ModelConfig(d_model=512, n_layers=12, n_heads=8, attention="flash", value_mode="bins", n_bins=51),
         "quantile_bins", 1200,

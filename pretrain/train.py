@@ -26,7 +26,7 @@ import yaml
 from data_pipeline.corpus import Corpus
 from data_pipeline.loading.epoch_plan import Batching
 from data_pipeline.loading.loader import CellLoader
-from data_pipeline.loading.masking import Masking, Views
+from data_pipeline.loading.masking import Views
 
 from . import checkpoint
 from .config import TrainConfig, resume_changes
@@ -38,7 +38,7 @@ from .objectives import PretrainModule, train_step
 
 logger = logging.getLogger(__name__)
 
-VALUE_MODE_OF = {"log1p_bins": "bins", "quantile_bins": "bins", "rank": "rank", "continuous": "continuous"}
+VALUE_MODE_OF = {"log1p_bins": "bins", "log2_floor_bins": "bins", "quantile_bins": "bins", "rank": "rank", "continuous": "continuous"}
 
 
 def open_corpus(config: TrainConfig) -> Corpus:
@@ -62,7 +62,8 @@ def build_loader(config: TrainConfig, device: torch.device, corpus: Corpus | Non
     model = resolve_model_config(config, corpus).model  # what a cell costs depends on the vocabulary's size
     return CellLoader(corpus, normalization=normalization,
                       batching=Batching(d.token_budget, d.megabatch_cells, d.max_batch_cells),
-                      masking=Masking(ratio=d.mask_ratio), views=Views(d.gene_dropout, d.min_depth) if d.views else None,
+                      masking=config.input_masking(), views=Views(d.gene_dropout, d.min_depth) if d.views else None,
+                      label_columns=config.label_column_indices([c.name for c in corpus.label_columns]),
                       seed=d.seed, num_workers=d.num_workers, pin_memory=device.type == "cuda",
                       token_cost=model.token_cost(normalization.max_genes, views=2 if d.views else 1))
 
@@ -72,12 +73,13 @@ def resolve_model_config(config: TrainConfig, corpus: Corpus) -> TrainConfig:
     special = corpus.special_tokens
     model = replace(config.model, vocab_size=corpus.vocab_size, pad_token=special["<pad>"],
                     cls_token=special["<cls>"], mask_token=special["<mask>"])
-    label_classes = corpus.label_classes
+    chosen = config.label_column_indices([c.name for c in corpus.label_columns])
+    label_classes = [corpus.label_classes[i] for i in chosen]
     if not model.label_classes:
         model = replace(model, label_classes=label_classes)
     elif len(model.label_classes) != len(label_classes):
         raise ValueError(f"model.label_classes={model.label_classes} but the corpus has "
-                         f"{len(label_classes)} label columns; leave it empty to take them from the corpus")
+                         f"{len(label_classes)} label columns to train; leave it empty to take them from the corpus")
     wanted = VALUE_MODE_OF[config.data.normalization]
     if model.value_mode != wanted:
         raise ValueError(f"data.normalization={config.data.normalization} gives {wanted} values but "

@@ -40,6 +40,25 @@ def test_mask_counts_and_replacement_policy():
         Masking(mask_prob=0.9, random_prob=0.2)
 
 
+def test_scbert_masking_picks_nonzero_bins_only_and_never_draws_random_bins():
+    """scBERT's pretrain.py: bin 0 is never masked (MASK_IGNORE_TOKEN_IDS = [0]), ceil(0.15 x the
+    other positions) are, 90 % of them replaced by the mask token and the rest kept (no random token)."""
+    rng = np.random.default_rng(2)
+    lengths = rng.integers(0, 300, 400)
+    indptr = np.concatenate([[0], np.cumsum(lengths)])
+    values = np.where(rng.random(indptr[-1]) < 0.4, 0, rng.integers(1, 6, indptr[-1]))
+    masking = Masking(0.15, mask_prob=0.9, random_prob=0.0, nonzero_only=True)
+    out, mlm, targets = apply_masking(masking, indptr, values, 6, (1, 6), rng)
+    assert not mlm[values == 0].any()
+    nonzero = np.add.reduceat(values != 0, indptr[:-1]) * (lengths > 0)
+    masked = np.add.reduceat(mlm, indptr[:-1]) * (lengths > 0)
+    np.testing.assert_array_equal(masked, np.ceil(0.15 * nonzero))
+    assert set(np.unique(out[mlm])) <= set(np.unique(values[mlm])) | {6}
+    assert np.array_equal(out[mlm] == 6, out[mlm] != values[mlm])  # a masked input is the mask or itself
+    assert abs((out[mlm] == 6).mean() - 0.9) < 0.02
+    assert np.array_equal(targets, values) and np.array_equal(out[~mlm], values[~mlm])
+
+
 def test_views_only_drop_and_thin_counts():
     rng = np.random.default_rng(2)
     lengths = rng.integers(1, 200, 300)

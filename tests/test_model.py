@@ -251,3 +251,58 @@ def test_bf16_forward_backward_finite_and_close_to_fp32(attention, value_mode):
     g32 = model32.encoder.blocks[0].attn.qkv.weight.grad
     g16 = model16.encoder.blocks[0].attn.qkv.weight.grad.float()
     assert torch.nn.functional.cosine_similarity(g32.flatten(), g16.flatten(), dim=0) > 0.9
+
+
+# --- post-norm + ReLU (Geneformer's BERT) ------------------------------------------------------
+
+@pytest.mark.parametrize("seed", range(3))
+def test_post_norm_relu_block_equals_torch_transformer_encoder_layer(seed):
+    """A post-norm ReLU block (model.norm_position=post, model.activation=relu) computes what
+    torch's own post-norm layer (TransformerEncoderLayer, norm_first=False, relu) computes with the
+    same weights, on fresh random packed cells; the pre-norm default does not."""
+    from pretrain.model.encoder import Block
+
+    torch.manual_seed(100 + seed)
+    d, heads, lengths = 16, 4, [3, 1, 9, 5]
+    block = Block(d, heads, 2.0, 0.0, 1e-12, "sdpa", 16, norm_position="post", activation="relu").double().eval()
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    ref = torch.nn.TransformerEncoderLayer(d, heads, dim_feedforward=2 * d, dropout=0.0, activation="relu",
+                                           layer_norm_eps=1e-12, batch_first=True, norm_first=False).double().eval()
+    with torch.no_grad():
+        ref.self_attn.in_proj_weight.copy_(block.attn.qkv.weight)  # rows: q, k, v (as Attention splits them)
+        ref.self_attn.in_proj_bias.copy_(block.attn.qkv.bias)
+        ref.self_attn.out_proj.weight.copy_(block.attn.out.weight)
+        ref.self_attn.out_proj.bias.copy_(block.attn.out.bias)
+        for mine, theirs in ((block.ffn[0], ref.linear1), (block.ffn[2], ref.linear2), (block.norm1, ref.norm1),
+                             (block.norm2, ref.norm2)):
+            theirs.weight.copy_(mine.weight)
+            theirs.bias.copy_(mine.bias)
+    x = torch.randn(sum(lengths), d, dtype=torch.float64)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    padded = torch.zeros(len(lengths), max(lengths), d, dtype=torch.float64)
+    pad = torch.ones(len(lengths), max(lengths), dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        padded[i, :n], pad[i, :n] = x[cu[i]:cu[i + 1]], False
+    with torch.no_grad():
+        got = block(x, cu, max(lengths))
+        want = ref(padded, src_key_padding_mask=pad)
+        pre = Block(d, heads, 2.0, 0.0, 1e-12, "sdpa", 16, norm_position="pre", activation="relu").double().eval()
+        pre.load_state_dict(block.state_dict())
+        got_pre = pre(x, cu, max(lengths))
+    want = torch.cat([want[i, :n] for i, n in enumerate(lengths)])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    assert not torch.allclose(got_pre, want, atol=1e-3)
+
+
+def test_post_norm_model_packed_equals_padded_reference():
+    """The whole post-norm model (encoder LayerNorm first, as BERT's embedding LayerNorm) packs exactly."""
+    model = float64_model(norm_position="post", activation="relu", attention="sdpa")
+    batch = random_batch(RAGGED, seed=2)
+    with torch.no_grad():
+        tokens, cells = model.encode(batch.gene_ids, batch.values, batch.cu_seqlens, batch.max_seqlen)
+        padded = batch.to_padded()
+        real = padded["key_padding_mask"]
+        h, cells_ref = model.encode_padded(padded["gene_ids"], padded["values"], real)
+    exact(tokens, h[real], atol=1e-10)
+    exact(cells, cells_ref, atol=1e-10)

@@ -304,3 +304,33 @@ def test_model_package_does_not_import_the_run_configuration():
     for source in sorted((ROOT / "pretrain" / "model").rglob("*.py")):
         assert not upward(source, ("pretrain.config", "pretrain.presets")), source
     assert not upward(ROOT / "pretrain" / "presets.py", ("pretrain.config",))
+
+
+@pytest.mark.parametrize("form", ["w2v", "tab"])
+def test_real_gene2vec_text_formats_load_aligned_by_symbol(tmp_path, form):
+    """The files of jingcheng-du/Gene2vec (pre_trained_emb/): gene2vec_dim_200_iter_9_w2v.txt is word2vec text
+    (a "24447 200" header, then "SYMBOL v1 ... v200" space separated), gene2vec_dim_200_iter_9.txt has no
+    header and a tab after the symbol (values space separated, a trailing space). Both load at scBERT's width
+    200, each vocabulary gene getting its own symbol's row whatever the file's order; frozen, as scBERT's."""
+    rng = np.random.default_rng(7)
+    symbols = ["TP53", "CD3E", "MS4A1", "GAPDH", "ACTB"]
+    vectors = rng.normal(0, 0.3, (len(symbols), 200)).astype(np.float32)
+    path = tmp_path / ("gene2vec_dim_200_iter_9_w2v.txt" if form == "w2v" else "gene2vec_dim_200_iter_9.txt")
+    with open(path, "w") as fh:
+        if form == "w2v":
+            fh.write(f"24447 {vectors.shape[1]}\n")
+        for gene, row in zip(symbols, vectors):
+            values = " ".join(f"{x:.8f}" for x in row)
+            fh.write(f"{gene} {values}\n" if form == "w2v" else f"{gene}\t{values} \n")
+    # the vocabulary knows the genes by Ensembl id (not in the file) and symbol, in another order
+    vocab_symbols = ["<pad>", "<cls>", "<mask>", "GAPDH", "NOTINFILE", "TP53", "ACTB", "CD3E", "MS4A1"]
+    vocab_ensembl = ["", "", "", "ENSG00000111640", "ENSG00000000001", "ENSG00000141510", "ENSG00000075624",
+                     "ENSG00000198851", "ENSG00000156738"]
+    config = small_config(vocab_size=len(vocab_symbols), d_model=200, n_heads=10, gene_embedding_file=str(path),
+                          freeze_gene_embedding=True)
+    model = CellModel(config, vocab=(vocab_ensembl, vocab_symbols))
+    weight = model.gene_embedding.weight.detach()
+    for token, symbol in enumerate(vocab_symbols):
+        if symbol in symbols:
+            np.testing.assert_allclose(weight[token].numpy(), np.round(vectors[symbols.index(symbol)], 8), atol=1e-7)
+    assert model.gene_embedding_coverage.n_found == 5 and not model.gene_embedding.weight.requires_grad

@@ -61,6 +61,10 @@ def _modes(medians):
                        lambda g, c, t: ref.log1p_bins(g, c, t, edges, 7)),
         "log1p_bins_edges": (Normalization("log1p_bins", n_bins=5, bin_edges=(0.5, 2.25, 3.0)),
                              lambda g, c, t: ref.log1p_bins(g, c, t, (0.5, 2.25, 3.0), 5)),
+        "log2_floor_bins": (Normalization("log2_floor_bins", n_bins=6),  # scBERT
+                            lambda g, c, t: ref.log2_floor_bins(g, c, t, 6)),
+        "log2_floor_bins_7": (Normalization("log2_floor_bins", n_bins=7),  # CellLM
+                              lambda g, c, t: ref.log2_floor_bins(g, c, t, 7)),
         "quantile_bins": (Normalization("quantile_bins", n_bins=51, quantile_ties="high"),
                           lambda g, c, t: ref.quantile_bins(g, c, t, 51)),
         "quantile_bins_few": (Normalization("quantile_bins", n_bins=5, quantile_ties="high"),
@@ -73,8 +77,8 @@ def _modes(medians):
     }
 
 
-@pytest.mark.parametrize("mode", ["log1p_bins", "log1p_bins_edges", "quantile_bins", "quantile_bins_few",
-                                  "continuous", "rank", "rank_short"])
+@pytest.mark.parametrize("mode", ["log1p_bins", "log1p_bins_edges", "log2_floor_bins", "quantile_bins",
+                                  "quantile_bins_few", "continuous", "rank", "rank_short"])
 def test_modes_equal_reference_on_real_cells(real_corpus, mode):
     medians = GeneStats.from_zarr(real_corpus.path / "stats.zarr").nonzero_medians()
     norm, reference = _modes(medians)[mode]
@@ -83,7 +87,8 @@ def test_modes_equal_reference_on_real_cells(real_corpus, mode):
 
 
 @pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("mode", ["log1p_bins", "quantile_bins", "quantile_bins_few", "continuous", "rank_short"])
+@pytest.mark.parametrize("mode", ["log1p_bins", "log2_floor_bins", "log2_floor_bins_7", "quantile_bins",
+                                  "quantile_bins_few", "continuous", "rank_short"])
 def test_modes_equal_reference_on_random_cells(seed, mode):
     rng = np.random.default_rng(100 + seed)
     medians = rng.uniform(0.5, 20, 5003)
@@ -93,6 +98,31 @@ def test_modes_equal_reference_on_random_cells(seed, mode):
     if seed % 3 == 2:  # counts of a corpus converted with --allow-non-integer
         counts = (counts * 0.75).astype(np.float32)
     _check(norm, indptr, genes, counts, totals, reference)
+
+
+def test_scbert_bins_equal_scberts_formula_on_mudan_pbmc():
+    """scBERT's binning straight from the h5ad matrix, as its code does it (preprocess.py:
+    normalize_total to 1e4 and log1p base 2, i.e. scanpy's log1p(x) / log(2); pretrain.py: integer
+    cast, capped at bin_num 5), equals the loader's ``log2_floor_bins``; low expressed genes fall in
+    bin 0 as in scBERT. The occupancy of the nonzero genes is the one this mode gives."""
+    import anndata as ad
+
+    path = SHARED / "h5ad" / "mudan_pbmcA.h5ad"
+    if not path.exists():
+        pytest.skip("../shared/data is absent")
+    x = ad.read_h5ad(path).X.tocsr()
+    totals = np.asarray(x.sum(axis=1), np.float64).ravel()
+    per_entry = np.repeat(totals, np.diff(x.indptr))
+    scbert = np.minimum(np.log1p(x.data.astype(np.float64) / per_entry * 1e4) / np.log(2), 5).astype(np.int64)
+    got = normalize(Normalization("log2_floor_bins", n_bins=6), x.indptr, x.indices + 3, x.data, totals)
+    np.testing.assert_array_equal(got.indptr, x.indptr)
+    np.testing.assert_array_equal(got.values, scbert)
+    occupancy = np.bincount(got.values, minlength=6) / len(got.values)
+    # issue 22 quotes scBERT's 9 / 58 / 17 / 6 / 10 % for bins 1..5 on this file; its cells are all under
+    # 10k counts, so no expressed gene is below 1 per 10k (bin 0)
+    np.testing.assert_allclose(occupancy, [0, 0.0895, 0.5781, 0.1657, 0.0644, 0.1022], atol=5e-4)
+    old = normalize(Normalization("log1p_bins", n_bins=7), x.indptr, x.indices + 3, x.data, totals)
+    assert np.mean(old.values == 1) < 0.02  # the ln-based bins the scbert preset used before: 1 % in bin 1
 
 
 def _check_random_ties(n_bins, indptr, genes, counts, totals, seed):

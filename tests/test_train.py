@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 
+from data_pipeline.loading.masking import Masking
 from pretrain.config import TrainConfig, load_config
 from pretrain.train import VALUE_MODE_OF, build_loader, resolve_model_config
 from tests.train_helpers import (
@@ -277,7 +278,7 @@ def test_input_normalization_survives_the_bundle_record():
 def _fake_corpus(n_labels: int = 5):
     """What resolve_model_config reads of a Corpus: special tokens, vocabulary size, label classes."""
     return SimpleNamespace(special_tokens={"<pad>": 0, "<cls>": 1, "<mask>": 2}, vocab_size=20003,
-                           label_classes=[n_labels])
+                           label_classes=[n_labels], label_columns=[SimpleNamespace(name="tumor_normal")])
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
@@ -309,3 +310,57 @@ def test_saved_config_reloads_to_the_resolved_config(nan_run, corpus):
     assert reloaded.model.vocab_size == loader.corpus.vocab_size and reloaded.model.label_classes == [8]
     assert reloaded != original  # the corpus filled in what the YAML left open
     np.testing.assert_equal(reloaded.optimizer.betas, [0.9, 0.98])
+
+
+def test_named_label_objective_trains_its_column_only():
+    """objectives.labels names the corpus label column of an objective (CellLM's [cls] tumour / normal
+    task: the celllm preset reads column tumor_normal); only those columns get heads. Empty (the
+    default, every other preset): every label column, as before."""
+    corpus = SimpleNamespace(special_tokens={"<pad>": 0, "<cls>": 1, "<mask>": 2}, vocab_size=20003,
+                             label_classes=[9, 2], label_columns=[SimpleNamespace(name="cell_type"),
+                                                                  SimpleNamespace(name="tumor_normal")])
+    celllm = load_config(None, ["preset=celllm", "data.corpus=/some/corpus"])
+    assert celllm.objectives.labels == {"tumor_normal": "tumor_normal"}
+    assert resolve_model_config(celllm, corpus).model.label_classes == [2]
+    other = load_config(None, ["preset=scgpt", "data.corpus=/some/corpus"])
+    assert resolve_model_config(other, corpus).model.label_classes == [9, 2]
+    renamed = load_config(None, ["preset=celllm", "data.corpus=/some/corpus", "objectives.labels={tumor_normal: cell_type}"])
+    assert resolve_model_config(renamed, corpus).model.label_classes == [9]
+    unlabelled = SimpleNamespace(**{**vars(corpus), "label_classes": [9], "label_columns": corpus.label_columns[:1]})
+    with pytest.raises(ValueError, match=r"objectives.labels.tumor_normal reads label column 'tumor_normal'.*"
+                                         r"--label-columns tumor_normal.*objectives.labels=\{\}"):
+        resolve_model_config(celllm, unlabelled)
+    with pytest.raises(ValueError, match="objectives.labels"):
+        load_config(None, ["objectives.labels={tumor_normal: 3}"])
+
+
+def test_loader_batches_hold_the_chosen_label_columns(corpus):
+    from data_pipeline.loading.loader import CellLoader
+
+    def first_labels(**kwargs):
+        loader = CellLoader(corpus, seed=0, **kwargs)
+        return next(iter(loader)).labels
+
+    every = first_labels()
+    assert every.shape[1] == 1 and (every >= 0).any()
+    assert first_labels(label_columns=[0]).equal(every)
+    assert first_labels(label_columns=[]).shape == (len(every), 0)
+    with pytest.raises(ValueError, match="label columns"):
+        CellLoader(corpus, label_columns=[1])
+
+
+def test_presets_carry_their_recipes():
+    """The scBERT / CellLM / Geneformer recipes, number by number from their code (see presets.py)."""
+    scbert = load_config(None, ["preset=scbert"])
+    assert (scbert.data.normalization, scbert.model.n_bins) == ("log2_floor_bins", 6)
+    assert scbert.input_masking() == Masking(0.15, mask_prob=0.9, random_prob=0.0, nonzero_only=True)
+    assert scbert.model.freeze_gene_embedding and scbert.model.d_model == 200
+    celllm = load_config(None, ["preset=celllm"])
+    assert (celllm.data.normalization, celllm.model.n_bins, celllm.model.n_heads) == ("log2_floor_bins", 7, 16)
+    assert celllm.model.n_bins + 1 == 8  # CellLM's num_tokens: bins 0..6 and the mask token
+    geneformer = load_config(None, ["preset=geneformer-10m"])
+    assert (geneformer.model.norm_position, geneformer.model.activation) == ("post", "relu")
+    for name in ("scgpt", "scfoundation"):
+        other = load_config(None, [f"preset={name}"])
+        assert (other.model.norm_position, other.model.activation) == ("pre", "gelu")
+        assert other.input_masking() == Masking()

@@ -58,7 +58,7 @@ class _Spec:
 
     def __init__(self, corpus: Corpus, normalization: Normalization, batching: Batching, masking: Masking | None,
                  views: Views | None, seed: int, rank: int, world_size: int, streams_per_rank: int,
-                 token_cost: TokenCost):
+                 token_cost: TokenCost, label_columns: list[int] | None = None):
         self.corpus = corpus
         self.check_blocks = True  # False only in benchmarks/bench_loader.py, to measure what the checks cost
         self.normalization, self.batching, self.masking, self.views = normalization, batching, masking, views
@@ -70,7 +70,11 @@ class _Spec:
             raise ValueError(f"{corpus.path}: the vocabulary has no <mask> token (special tokens: {special})")
         self.mask_token = special["<mask>"]
         self.n_special = max(special.values()) + 1  # gene tokens follow the special ones
-        self.n_label_columns = len(corpus.label_columns)
+        n_columns = len(corpus.label_columns)
+        self.label_columns = list(range(n_columns)) if label_columns is None else list(label_columns)
+        if any(not 0 <= c < n_columns for c in self.label_columns):
+            raise ValueError(f"label_columns={label_columns}: the corpus has {n_columns} label columns")
+        self.n_label_columns = len(self.label_columns)
         # here, not in a worker: a malformed index or a shard outside the corpus fails at once
         self._table = self.corpus.block_table()
         self._cost = self._checked = None
@@ -236,6 +240,7 @@ def _megabatch_batches(spec: _Spec, plan: EpochPlan, m, reader: BlockReader, fir
     if reader.check:
         _check_cell_lengths(spec, block_ids, blocks)
     indptr, genes, counts, totals, labels = _gather(blocks, spec.table.first_cell[block_ids], m.cells)
+    labels = labels[:, spec.label_columns]
     rng = np.random.default_rng([spec.seed, epoch, m.index, 1])
     per_cell = 1
     if spec.views is not None:
@@ -288,6 +293,7 @@ class CellLoader:
     (`batching.TokenCost`, from the model: ``ModelConfig.token_cost`` in `pretrain`); its ``cap``
     and ``views`` must be the normalization's ``max_genes`` and the views' 2 (or 1). Default: the
     capped length plus ``extra_tokens_per_cell`` (e.g. 1 for ``<cls>``), per view, summed.
+    ``label_columns``: the corpus label columns a batch's ``labels`` hold, by position (default all).
     ``malloc_tuning``: `tune_malloc` in this process too (the
     workers always do). Iterating gives one epoch; the next iteration the next epoch.
     """
@@ -296,7 +302,7 @@ class CellLoader:
                  batching: Batching | None = None, masking: Masking | None = DEFAULT_MASKING, views: Views | None = None,
                  seed: int = 0, rank: int | None = None, world_size: int | None = None, num_workers: int = 0,
                  pin_memory: bool = False, prefetch_factor: int = 4, extra_tokens_per_cell: int = 0,
-                 token_cost: TokenCost | None = None, malloc_tuning: bool = True):
+                 token_cost: TokenCost | None = None, malloc_tuning: bool = True, label_columns: list[int] | None = None):
         if not isinstance(corpus, Corpus):
             if not Corpus.is_finished(corpus):
                 raise ValueError(f"{corpus}: no manifest.json; pass a finished corpus folder "
@@ -324,7 +330,7 @@ class CellLoader:
                              f"but the loader caps them at max_genes={normalization.max_genes} and makes {n_views}: "
                              "build the token cost from the same normalization and views")
         self.spec = _Spec(corpus, normalization, batching or Batching(), masking, views, seed, rank, world_size,
-                          max(1, num_workers), token_cost)
+                          max(1, num_workers), token_cost, label_columns)
         if self.spec.table.checksum is None:
             warnings.warn(f"{corpus.path}: a corpus of schema {corpus.schema_version} has no block "
                           "checksums, so damaged blocks are caught only by structural checks: reconvert to "

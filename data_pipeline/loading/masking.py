@@ -4,6 +4,11 @@
 their targets are kept, and their inputs replaced BERT-style: by the mask id with probability
 ``mask_prob``, by a random id with ``random_prob``, else left as they are. The target is the
 expression value (bin or continuous value) or, in rank mode, the gene token (Geneformer).
+With ``nonzero_only`` (scBERT) only entries whose bin is not 0 are eligible and a cell gets
+``ceil(ratio * eligible)`` of them (none when it has none), as scBERT's pretrain.py does
+(``MASK_IGNORE_TOKEN_IDS = [0]``, ``get_mask_subset_with_prob``); scBERT's recipe is
+``Masking(0.15, mask_prob=0.9, random_prob=0.0, nonzero_only=True)`` (its ``replace_prob`` 0.9,
+``RANDOM_TOKEN_PROB`` 0).
 
 ``Views``: two views of each cell for contrastive learning, from its raw counts: each gene
 dropped with probability ``gene_dropout``, and reads kept with a probability drawn per view from
@@ -26,6 +31,7 @@ class Masking:
     ratio: float = 0.15
     mask_prob: float = 0.8
     random_prob: float = 0.1
+    nonzero_only: bool = False
 
     def __post_init__(self):
         if not 0 <= self.ratio <= 1 or self.mask_prob < 0 or self.random_prob < 0 or self.mask_prob + self.random_prob > 1:
@@ -51,12 +57,26 @@ def mask_positions(indptr: np.ndarray, ratio: float, rng: np.random.Generator) -
     return choose_within_cells(indptr, np.maximum(1, np.rint(ratio * lengths).astype(np.int64)), rng)
 
 
+def mask_nonzero_positions(indptr: np.ndarray, values: np.ndarray, ratio: float, rng: np.random.Generator) -> np.ndarray:
+    """scBERT's choice: ``ceil(ratio * k)`` uniform picks among the ``k`` entries of each cell whose
+    value is not 0.  [nnz] bool"""
+    eligible = np.flatnonzero(np.asarray(values) != 0)
+    per_cell = np.diff(np.searchsorted(eligible, np.asarray(indptr, np.int64)))
+    sub_ptr = np.concatenate([[0], np.cumsum(per_cell)])
+    mlm = np.zeros(len(values), bool)
+    mlm[eligible[choose_within_cells(sub_ptr, np.ceil(ratio * per_cell).astype(np.int64), rng)]] = True
+    return mlm
+
+
 def apply_masking(masking: Masking, indptr, inputs: np.ndarray, mask_id, random_ids: tuple,
                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(new inputs, mlm_mask, targets)``: ``targets`` is ``inputs`` itself (unchanged;
     meaningful where ``mlm_mask``); masked inputs become ``mask_id``, or a random draw from
     ``random_ids = (low, high)`` (ints in [low, high), or floats uniform in it), or stay."""
-    mlm = mask_positions(indptr, masking.ratio, rng)
+    if masking.nonzero_only:
+        mlm = mask_nonzero_positions(indptr, inputs, masking.ratio, rng)
+    else:
+        mlm = mask_positions(indptr, masking.ratio, rng)
     targets = inputs
     out = inputs.copy()
     where = np.flatnonzero(mlm)
@@ -78,6 +98,9 @@ def mask_for_mode(masking: Masking, mode: str, n_bins: int, indptr, genes: np.nd
     the gene token (Geneformer; random draws from ``gene_tokens = (first, end)``); continuous masks
     the value with -1; bins mask with the extra bin ``n_bins`` and draw random bins in [1, n_bins).
     -> (genes, values, mlm_mask, targets), inputs after masking."""
+    if masking.nonzero_only and mode not in ("log1p_bins", "log2_floor_bins", "quantile_bins"):
+        raise ValueError(f"masking nonzero_only (scBERT) skips bin 0, which normalization {mode} does not have: "
+                         "use a binned normalization or set data.mask_nonzero_only=false")
     if mode == "rank":
         genes, mlm, targets = apply_masking(masking, indptr, genes, mask_token, gene_tokens, rng)
     elif mode == "continuous":

@@ -7,8 +7,14 @@ order the model sees them. Modes (DESIGN.md, "Normalization modes"):
 
 - ``log1p_bins`` (scBERT, CellLM): ``x = log1p(count / total * target_sum)``, then fixed bins:
   ``bin = 1 + #(edges <= x)`` capped to ``n_bins - 1``; bin 0 is left for zero expression (a
-  model that also embeds zero genes uses it). Default edges 1, 2, ..., n_bins - 2: scBERT's
-  ``floor(x)`` capped, shifted by one.
+  model that also embeds zero genes uses it). Default edges 1, 2, ..., n_bins - 2.
+- ``log2_floor_bins`` (scBERT exactly): ``bin = min(floor(log2(1 + count / total * target_sum)),
+  n_bins - 1)``, log2 as scanpy's ``log1p(base=2)`` computes it (``log1p(y) / log(2)``);
+  scBERT's preprocess.py normalizes to 1e4 and takes that log, its pretrain.py truncates to
+  integers and caps at ``bin_num`` = 5 (``n_bins`` 6: values 0 ... 5). Unlike ``log1p_bins``,
+  an expressed gene with ``count / total * target_sum < 1`` falls in bin 0 together with the
+  unexpressed genes, as in scBERT: bin 0 then means "zero or below one count per 10k", and
+  scBERT's masking skips it (`Masking.nonzero_only`). Edges 1, 2, ..., n_bins - 1 on the log2.
 - ``quantile_bins`` (scGPT): per cell, edges = ``np.quantile(x, linspace(0, 1, n_bins - 1))``
   of its nonzero ``x`` and ``bin = np.digitize(x, edges)`` (1 ... n_bins - 1), exactly as
   scGPT's binning of log1p-normalized values. A value equal to several edges (in a cell, the
@@ -38,7 +44,9 @@ from numba import njit
 
 from ..radix import radix_sort_pairs
 
-MODES = ("log1p_bins", "quantile_bins", "rank", "continuous")
+MODES = ("log1p_bins", "log2_floor_bins", "quantile_bins", "rank", "continuous")
+FIXED_BIN_MODES = ("log1p_bins", "log2_floor_bins")  # bins from fixed edges (`Normalization.edges`)
+BINNED_MODES = (*FIXED_BIN_MODES, "quantile_bins")
 QUANTILE_TIES = ("high", "random")
 
 
@@ -59,7 +67,7 @@ class Normalization:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"normalization mode {self.mode!r} is not one of {', '.join(MODES)}")
-        if self.mode in ("log1p_bins", "quantile_bins") and self.n_bins < 3:
+        if self.mode in BINNED_MODES and self.n_bins < 3:
             raise ValueError(f"n_bins={self.n_bins}: binned modes need at least 3 (bin 0 is zero expression)")
         if self.quantile_ties not in QUANTILE_TIES:
             raise ValueError(f"quantile_ties={self.quantile_ties!r} is not one of {', '.join(QUANTILE_TIES)}")
@@ -68,16 +76,25 @@ class Normalization:
 
     @property
     def edges(self) -> np.ndarray:
-        """Fixed bin edges of ``log1p_bins`` (ascending).  [n_bins - 2] float64"""
+        """Fixed bin edges of the fixed-bin modes (ascending), on their log scale:
+        ``log1p_bins`` [n_bins - 2] (bin 1 below the first), ``log2_floor_bins`` [n_bins - 1]
+        (bin 0 below the first).  float64"""
         if self.bin_edges is not None:
             return np.asarray(self.bin_edges, np.float64)
-        return np.arange(1, self.n_bins - 1, dtype=np.float64)
+        return np.arange(1, self.n_bins - (self.mode != "log2_floor_bins"), dtype=np.float64)
+
+    @property
+    def first_bin(self) -> int:
+        """The bin of an expressed gene below every edge: 1 (bin 0 kept for zeros) or, for
+        scBERT's ``log2_floor_bins``, 0."""
+        return 0 if self.mode == "log2_floor_bins" else 1
 
     @property
     def thresholds(self) -> np.ndarray:
         """`log1p_thresholds` of the edges (cached: they take a few hundred log1p calls)."""
         if "_thresholds" not in self.__dict__:
-            object.__setattr__(self, "_thresholds", np.sort(log1p_thresholds(self.edges)))
+            scale = LOG2_SCALE if self.mode == "log2_floor_bins" else 1.0
+            object.__setattr__(self, "_thresholds", np.sort(log1p_thresholds(self.edges, scale)))
         return self.__dict__["_thresholds"]
 
 
@@ -100,20 +117,25 @@ def log1p_cp10k(counts: np.ndarray, indptr: np.ndarray, total_counts: np.ndarray
     return np.log1p(np.asarray(counts, np.float64) / per_entry_total * target_sum)
 
 
-def log1p_thresholds(edges: np.ndarray) -> np.ndarray:
-    """For each edge e, the smallest float64 y with ``np.log1p(y) >= e``, so that counting edges
-    below log1p(y) is counting thresholds below y: bins without computing a logarithm per value,
-    equal to binning ``np.log1p`` (found with np.log1p itself, whatever its last-bit rounding
-    on this machine).  [len(edges)]"""
+# scanpy's log1p(base=2) divides the natural log1p by np.log(2) (scBERT's preprocess.py uses it)
+LOG2_SCALE = float(np.log(2.0))
+
+
+def log1p_thresholds(edges: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """For each edge e, the smallest float64 y with ``np.log1p(y) / scale >= e``, so that counting
+    edges below log1p(y) / scale is counting thresholds below y: bins without computing a logarithm
+    per value, equal to binning ``np.log1p(y) / scale`` (found with np.log1p itself, whatever its
+    last-bit rounding on this machine). ``scale`` 1: natural log; `LOG2_SCALE`: log2 as scanpy
+    computes it.  [len(edges)]"""
     out = np.empty(len(edges))
     for k, e in enumerate(np.asarray(edges, np.float64)):
         if e <= 0:  # every positive value is above
             out[k] = -np.inf
             continue
-        y = np.expm1(e)
-        while np.log1p(y) >= e:
+        y = np.expm1(e * scale)
+        while np.log1p(y) / scale >= e:
             y = np.nextafter(y, -np.inf)
-        while np.log1p(y) < e:
+        while np.log1p(y) / scale < e:
             y = np.nextafter(y, np.inf)
         out[k] = y
     return out
@@ -123,8 +145,8 @@ _SMALL_COUNTS = 64  # integer counts below this get their bin from a per-cell ta
 
 
 @njit(cache=True, nogil=True)
-def _threshold_bins(indptr, counts, totals, target_sum, thresholds, top, out):  # pragma: no cover
-    """``min(1 + #(thresholds <= count / total * target_sum), top)`` per entry (thresholds ascending;
+def _threshold_bins(indptr, counts, totals, target_sum, thresholds, first, top, out):  # pragma: no cover
+    """``min(first + #(thresholds <= count / total * target_sum), top)`` per entry (thresholds ascending;
     the division and product are the float64 operations of `log1p_cp10k`). In a cell the bin
     depends only on the count, so small integer counts (most of them) look it up in a table
     filled on first use: no division and no unpredictable threshold loop per entry."""
@@ -145,7 +167,7 @@ def _threshold_bins(indptr, counts, totals, target_sum, thresholds, top, out):  
             b = 0
             while b < n_thr and y >= thresholds[b]:
                 b += 1
-            b = min(b + 1, top)
+            b = min(b + first, top)
             if small:
                 table[np.int64(c)] = b
             out[j] = b
@@ -192,10 +214,10 @@ def normalize(norm: Normalization, indptr, genes, counts, total_counts,
             raise ValueError("rank mode needs per-token nonzero medians: pass medians= (a CellLoader "
                              "takes them from the corpus's stats.zarr; see also medians_for_vocab)")
         return _rank(norm, indptr, genes, counts, total_counts)
-    if norm.mode == "log1p_bins":
+    if norm.mode in FIXED_BIN_MODES:
         values = np.empty(int(indptr[-1]), np.int64)
         _threshold_bins(indptr, counts, np.asarray(total_counts, np.float64), norm.target_sum, norm.thresholds,
-                        norm.n_bins - 1, values)
+                        norm.first_bin, norm.n_bins - 1, values)
         return _capped(norm, indptr, genes, values, rng)
     x = log1p_cp10k(counts, indptr, total_counts, norm.target_sum)
     if norm.mode == "quantile_bins":

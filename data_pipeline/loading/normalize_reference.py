@@ -25,6 +25,14 @@ def log1p_bins(genes, counts, total, edges, n_bins, target_sum=1e4):
     return np.asarray(genes), np.array(out, np.int64)
 
 
+def log2_floor_bins(genes, counts, total, n_bins, target_sum=1e4):
+    """scBERT's bins as its code computes them: preprocess.py's ``normalize_total(target_sum=1e4)``
+    and ``log1p(base=2)`` (scanpy: ``np.log1p(x) / np.log(2)``), then pretrain.py's integer cast
+    (a floor, values being >= 0) capped at ``bin_num`` = ``n_bins - 1``. Low expressed genes get 0."""
+    x = _log1p_cp10k(counts, total, target_sum) / np.log(2)
+    return np.asarray(genes), np.minimum(np.floor(x), n_bins - 1).astype(np.int64)
+
+
 def quantile_bins(genes, counts, total, n_bins, target_sum=1e4, uniforms=None):
     """scGPT's binning of a cell's nonzero log1p(CP10k) values (``preprocess.binning``); with
     ``uniforms`` (one U[0, 1) draw per gene) its random tie-breaking (``_digitize(side="both")``)."""

@@ -58,7 +58,7 @@ class CellModel(nn.Module):
         self.cls = nn.Parameter(torch.randn(c.d_model) * 0.02) if c.use_cls else None
         self.drop = nn.Dropout(c.dropout)
         self.encoder = Encoder(c.d_model, c.n_layers, c.n_heads, c.ffn_multiplier, c.dropout, c.norm_eps, c.attention,
-                               c.favor_features, c.activation_checkpointing)
+                               c.favor_features, c.activation_checkpointing, c.norm_position, c.activation)
         mlm_out = {"bins": c.n_bins, "rank": c.vocab_size, "continuous": 1}[c.value_mode]
         self.n_special = max(c.pad_token, c.cls_token, c.mask_token) + 1  # gene tokens follow the special ones
         if c.architecture == "encoder_decoder":

@@ -1,4 +1,11 @@
-"""Pre-norm transformer blocks over packed sequences (x ``[T, d]`` + ``cu_seqlens`` ``[B+1]``)."""
+"""Transformer blocks over packed sequences (x ``[T, d]`` + ``cu_seqlens`` ``[B+1]``).
+
+Pre-norm (the default: each branch sees ``LayerNorm(x)``, the residual stream is never normalized,
+which trains stably at depth without warm-up tricks) or post-norm as in the original BERT
+(``x = LayerNorm(x + branch(x))``: Geneformer's BertForMaskedLM). The encoder's own LayerNorm is
+applied to the output in pre-norm and to the input in post-norm, where it plays BERT's embedding
+LayerNorm (a post-norm block's output is normalized already).
+"""
 
 from __future__ import annotations
 
@@ -47,48 +54,65 @@ class Attention(nn.Module):
         return self.out(out.transpose(1, 2).reshape(b, length, -1))
 
 
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
+
+
 class Block(nn.Module):
     def __init__(self, d_model: int, n_heads: int, ffn_multiplier: float, dropout: float, norm_eps: float,
-                 backend: str, favor_features: int):
+                 backend: str, favor_features: int, norm_position: str = "pre", activation: str = "gelu"):
         super().__init__()
+        self.post_norm = norm_position == "post"
         self.norm1 = nn.LayerNorm(d_model, eps=norm_eps)
         self.attn = Attention(d_model, n_heads, backend, favor_features)
         self.norm2 = nn.LayerNorm(d_model, eps=norm_eps)
         hidden = int(round(d_model * ffn_multiplier))
-        self.ffn = nn.Sequential(nn.Linear(d_model, hidden), nn.GELU(), nn.Linear(hidden, d_model))
+        self.ffn = nn.Sequential(nn.Linear(d_model, hidden), ACTIVATIONS[activation](), nn.Linear(hidden, d_model))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), cu_seqlens, max_seqlen))
+    def _residuals(self, x: torch.Tensor, attend) -> torch.Tensor:
+        if self.post_norm:
+            x = self.norm1(x + self.drop(attend(x)))
+            return self.norm2(x + self.drop(self.ffn(x)))
+        x = x + self.drop(attend(self.norm1(x)))
         return x + self.drop(self.ffn(self.norm2(x)))
 
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+        return self._residuals(x, lambda h: self.attn(h, cu_seqlens, max_seqlen))
+
     def forward_padded(self, x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn.forward_padded(self.norm1(x), key_padding_mask))
-        return x + self.drop(self.ffn(self.norm2(x)))
+        return self._residuals(x, lambda h: self.attn.forward_padded(h, key_padding_mask))
 
 
 class Encoder(nn.Module):
-    """``n_layers`` blocks and a final LayerNorm.  x [T, d] -> [T, d]"""
+    """``n_layers`` blocks and a LayerNorm (after them in pre-norm, before them in post-norm).
+    x [T, d] -> [T, d]"""
 
     def __init__(self, d_model: int, n_layers: int, n_heads: int, ffn_multiplier: float, dropout: float,
-                 norm_eps: float, backend: str, favor_features: int, activation_checkpointing: bool = False):
+                 norm_eps: float, backend: str, favor_features: int, activation_checkpointing: bool = False,
+                 norm_position: str = "pre", activation: str = "gelu"):
         super().__init__()
-        self.blocks = nn.ModuleList(Block(d_model, n_heads, ffn_multiplier, dropout, norm_eps, backend, favor_features)
+        self.blocks = nn.ModuleList(Block(d_model, n_heads, ffn_multiplier, dropout, norm_eps, backend, favor_features,
+                                          norm_position, activation)
                                     for _ in range(n_layers))
         self.norm = nn.LayerNorm(d_model, eps=norm_eps)
+        self.post_norm = norm_position == "post"
         self.activation_checkpointing = activation_checkpointing
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+        if self.post_norm:
+            x = self.norm(x)
         for block in self.blocks:
             if self.activation_checkpointing and torch.is_grad_enabled():
                 # non-reentrant checkpointing replays the RNG, so dropout matches in the recompute
                 x = checkpoint(block, x, cu_seqlens, max_seqlen, use_reentrant=False)
             else:
                 x = block(x, cu_seqlens, max_seqlen)
-        return self.norm(x)
+        return x if self.post_norm else self.norm(x)
 
     def forward_padded(self, x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
         """The padded reference of `forward`: x [B, L, d], key_padding_mask [B, L] -> [B, L, d]."""
+        if self.post_norm:
+            x = self.norm(x)
         for block in self.blocks:
             x = block.forward_padded(x, key_padding_mask)
-        return self.norm(x)
+        return x if self.post_norm else self.norm(x)

@@ -19,6 +19,8 @@ VALUE_MODES = ("bins", "continuous", "rank")
 POOLINGS = ("cls", "mean")
 ARCHITECTURES = ("encoder", "encoder_decoder")
 GENE_SETS = ("expressed", "all")
+NORM_POSITIONS = ("pre", "post")
+ACTIVATIONS = ("gelu", "relu")
 
 
 @dataclass
@@ -47,6 +49,9 @@ class ModelConfig:
     ffn_multiplier: float = knob("feed-forward width as a multiple of d_model", 4.0)
     dropout: float = knob("dropout on the residual branches and embeddings", 0.1, resume=FREE)
     norm_eps: float = knob("LayerNorm epsilon", 1e-5)
+    norm_position: str = knob("pre: LayerNorm inside each residual branch (default: stable at depth, no warm-up "
+                              "dependence); post: after each residual sum, as the original BERT (Geneformer)", "pre")
+    activation: str = knob(f"feed-forward activation: one of {', '.join(ACTIVATIONS)} (Geneformer: relu)", "gelu")
     attention: str = knob(f"attention backend: one of {', '.join(ATTENTION_BACKENDS)} (flash and varlen: CUDA + bf16; "
                            "sdpa: exact anywhere; favor: FAVOR+ approximation)", "favor")
     favor_features: int = knob("FAVOR+ random features m (multiple of 16)", 256)
@@ -92,7 +97,8 @@ class ModelConfig:
     def check_choices(self) -> None:
         """The named choices; what the corpus fills in (vocab_size, ...) is checked by `validate`."""
         choices = {"attention": ATTENTION_BACKENDS, "value_mode": VALUE_MODES, "pooling": POOLINGS,
-                   "architecture": ARCHITECTURES, "gene_set": GENE_SETS}
+                   "architecture": ARCHITECTURES, "gene_set": GENE_SETS, "norm_position": NORM_POSITIONS,
+                   "activation": ACTIVATIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"model.{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
