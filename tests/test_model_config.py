@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pretrain.config import DecoderConfig, ModelConfig
 from pretrain.model import CellModel, model_cost
+from pretrain.model.embeddings import read_gene_embedding_file
 from pretrain.presets import PRESETS
 from tests.model_helpers import one_thread, pack, random_cells, seeded, small_config  # noqa: F401 (autouse fixtures)
 
@@ -334,3 +335,11 @@ def test_real_gene2vec_text_formats_load_aligned_by_symbol(tmp_path, form):
         if symbol in symbols:
             np.testing.assert_allclose(weight[token].numpy(), np.round(vectors[symbols.index(symbol)], 8), atol=1e-7)
     assert model.gene_embedding_coverage.n_found == 5 and not model.gene_embedding.weight.requires_grad
+
+
+def test_nameless_npy_gene_embeddings_are_refused_with_the_conversion(tmp_path):
+    """scBERT ships gene2vec as gene2vec_16906.npy: vectors in its gene list's order, no names."""
+    path = tmp_path / "gene2vec_16906.npy"
+    np.save(path, np.zeros((3, 200), np.float32))
+    with pytest.raises(ValueError, match=r"without gene names.*\.npz with arrays gene_ids"):
+        read_gene_embedding_file(path)

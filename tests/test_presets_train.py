@@ -63,3 +63,38 @@ def test_preset_trains_twenty_steps_and_exports(corpus, tmp_path, name):
         assert norm["mode"] == "log2_floor_bins" and norm["n_bins"] == 7 and model["label_classes"] == [8]
     else:
         assert (model["norm_position"], model["activation"]) == ("post", "relu")
+
+
+def test_celllm_corpus_recipe_labels_tumour_and_normal_files(tmp_path):
+    """The README's CellLM corpus recipe on real files: each source h5ad gets an obs column tumor_normal
+    (here per file: the copykat breast tumour sample "tumor", PBMC "normal"; per cell where a malignancy
+    call exists), the corpus is converted with --label-columns tumor_normal, and the celllm preset's
+    [cls] task then has one two-class head whose labels are the files' ones."""
+    import anndata as ad
+
+    from data_pipeline.conversion.convert import convert
+    from data_pipeline.conversion.plan import ConvertOptions
+    from data_pipeline.loading.loader import CellLoader
+    from pretrain.config import load_config
+    from pretrain.train import resolve_model_config
+    from tests.conftest import SHARED_DATA
+
+    sources = {"copykat_tumor302.h5ad": "tumor", "mudan_pbmcA.h5ad": "normal"}
+    if not all((SHARED_DATA / "h5ad" / f).exists() for f in sources):
+        pytest.skip("../shared/data is absent")
+    paths = []
+    for name, label in sources.items():
+        adata = ad.read_h5ad(SHARED_DATA / "h5ad" / name)
+        adata.obs["tumor_normal"] = label
+        paths.append(tmp_path / name)
+        adata.write_h5ad(paths[-1])
+    out = tmp_path / "corpus"
+    convert(out, ConvertOptions([str(p) for p in paths], label_columns=["tumor_normal"]), workers=1, progress=False)
+    corpus = Corpus(out)
+    config = resolve_model_config(load_config(None, ["preset=celllm", f"data.corpus={out}"]), corpus)
+    assert config.model.label_classes == [2]
+    codes = {c: i for i, c in enumerate(corpus.label_columns[0].categories)}
+    loader = CellLoader(corpus, seed=0, label_columns=config.label_column_indices(["tumor_normal"]))
+    labels = np.concatenate([b.labels.numpy() for b in loader])
+    assert labels.shape == (302 + 2896, 1)
+    assert (labels[:, 0] == codes["tumor"]).sum() == 302 and (labels[:, 0] == codes["normal"]).sum() == 2896

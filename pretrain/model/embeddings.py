@@ -33,11 +33,17 @@ class GeneEmbeddingCoverage:
 
 def read_gene_embedding_file(path: str | Path) -> tuple[list[str], np.ndarray]:
     """``(gene ids, vectors [n, d] float32)`` of a pretrained gene-embedding file: gene2vec /
-    word2vec text (``GENE v1 ... vd`` per line, an optional ``count dim`` header) or ``.npz``
-    with arrays ``gene_ids`` [n] and ``embeddings`` [n, d]."""
+    word2vec text (``GENE v1 ... vd`` per line, whitespace separated, an optional ``count dim``
+    header: gene2vec's ``gene2vec_dim_200_iter_9_w2v.txt`` and the tab-separated
+    ``gene2vec_dim_200_iter_9.txt``) or ``.npz`` with arrays ``gene_ids`` [n] and ``embeddings`` [n, d]."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"gene embedding file {path} does not exist; fix model.gene_embedding_file")
+    if path.suffix == ".npy":  # scBERT's gene2vec_16906.npy: rows in its gene list's order, no names
+        raise ValueError(f"{path}: a .npy holds vectors without gene names, so they cannot be aligned to the "
+                         "vocabulary: save them as .npz with arrays gene_ids (the genes in row order; scBERT's "
+                         "gene2vec_16906.npy follows the var_names of its panglao reference h5ad) and embeddings, "
+                         "or use gene2vec's text file (gene2vec_dim_200_iter_9_w2v.txt)")
     if path.suffix == ".npz":
         with np.load(path, allow_pickle=False) as z:
             missing = {"gene_ids", "embeddings"} - set(z.files)
