@@ -40,7 +40,7 @@ PRESETS: dict[str, Preset] = {
         # pretrain.py: mask_prob 0.15, replace_prob 0.9, RANDOM_TOKEN_PROB 0, MASK_IGNORE_TOKEN_IDS [0]
         data={"mask_ratio": 0.15, "mask_replace_prob": 0.9, "mask_random_prob": 0.0, "mask_nonzero_only": True}),
     "geneformer-10m": Preset(
-        # ctheodoris/Geneformer, the 10M model's BertForMaskedLM config (pretraining example script): hidden 256,
+        # ctheodoris/Geneformer examples/pretraining_new_model/pretrain_geneformer_w_deepspeed.py (BertConfig): hidden 256,
         # 6 layers, 4 heads, intermediate 512, hidden_act relu, layer_norm_eps 1e-12, dropouts 0.02, inputs of
         # 2,048; BERT is post-norm (transformers' BertLayer: LayerNorm after each residual sum)
         ModelConfig(d_model=256, n_layers=6, n_heads=4, ffn_multiplier=2.0, attention="sdpa", value_mode="rank",
