@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from data_pipeline.loading.masking import Masking
-from data_pipeline.loading.normalize import MODES, QUANTILE_TIES, Normalization
+from data_pipeline.loading.normalize import BINNED_MODES, MODES, QUANTILE_TIES, Normalization
 
 from .knobs import FIXED, FREE, RESTORED
 from .knobs import knob as _help
@@ -162,6 +162,9 @@ class TrainConfig:
             (self.data.token_budget >= 1 and self.data.megabatch_cells >= 1, "data.token_budget and "
              "data.megabatch_cells must be >= 1"),
             (0 <= self.data.mask_ratio <= 1, f"data.mask_ratio={self.data.mask_ratio} must be in [0, 1]"),
+            (not self.data.mask_nonzero_only or self.data.normalization in BINNED_MODES,
+             f"data.mask_nonzero_only=true skips bin 0, which data.normalization={self.data.normalization} does not "
+             f"have: use a binned normalization ({', '.join(BINNED_MODES)}) or set data.mask_nonzero_only=false"),
             (self.data.num_workers >= 0, "data.num_workers must be >= 0"),
             (self.run.threads >= 0, "run.threads must be >= 0 (0: automatic)"),
             (self.optimizer.lr > 0, f"optimizer.lr={self.optimizer.lr} must be > 0"),

@@ -251,10 +251,18 @@ def test_values_of_the_wrong_type_are_refused(override, message):
         load_config(str(TINY_CONFIG), [override])
 
 
-@pytest.mark.parametrize("override", ["schedule.decay=cosinus", "run.log_every=0", "data.quantile_ties=low"])
+@pytest.mark.parametrize("override", ["schedule.decay=cosinus", "run.log_every=0", "data.quantile_ties=low",
+                                      "data.mask_replace_prob=0.95", "data.mask_random_prob=-0.1"])
 def test_values_out_of_range_are_refused_when_loading(override):
     with pytest.raises(ValueError):
         load_config(str(TINY_CONFIG), [override])
+
+
+def test_nonzero_only_masking_needs_bins():
+    assert load_config(str(TINY_CONFIG), ["data.mask_nonzero_only=true"]).data.mask_nonzero_only
+    with pytest.raises(ValueError, match="data.mask_nonzero_only=true skips bin 0.*or set data.mask_nonzero_only=false"):
+        load_config(str(TINY_CONFIG), ["data.mask_nonzero_only=true", "data.normalization=continuous",
+                                       "model.value_mode=continuous"])
 
 
 def test_input_normalization_survives_the_bundle_record():
