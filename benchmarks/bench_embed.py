@@ -110,8 +110,6 @@ def backend_for(name: str, device: str) -> str:
 
 def embedding_model(name: str, args, device):
     """(CellModel in eval mode with its ``normalization``, ModelConfig, longest cell in genes)."""
-    import torch
-
     from pretrain.config import load_config
     from pretrain.model.cell_model import CellModel
 
@@ -120,8 +118,7 @@ def embedding_model(name: str, args, device):
     if norm.mode == "rank":
         norm = replace(norm, medians=np.ones(config.vocab_size))
     model = CellModel.initial(config, seed=args.seed).to(device).eval()
-    model.normalization = norm
-    torch.set_grad_enabled(False)
+    model.normalization = norm  # what load_pretrained attaches from the bundle's normalization.json
     return model, config, longest
 
 

@@ -286,7 +286,7 @@ def demo() -> str:
 
 def gpu_status() -> str:
     gpu = sorted(p.name for p in RESULTS.glob("*.json") if not p.stem.endswith("_cpu") and p.stem.split("_", 1)[0]
-                 in ("favor", "train", "contrastive", "gpu", "ceilings") and "_" in p.stem)
+                 in ("favor", "train", "contrastive", "gpu", "ceilings", "embed") and "_" in p.stem)
     if gpu:
         return "GPU result files: " + ", ".join(f"`{g}`" for g in gpu) + "."
     return ("**No GPU numbers yet.** No GPU was available to this project so far; every number below is from a "
