@@ -488,7 +488,8 @@ def _embed_rows() -> list[list[str]]:
         rows.append([CLAIMS["embed"][0] + f" ({claim['cells_per_s_per_device']:.1f} cells/s per A100)",
                      CLAIMS["embed"][1],
                      f"embedding (normalize, batch, encode), {st['dtype']}, token budget {n(st['token_budget'])}, "
-                     f"{n(st['n_genes'])} vocabulary genes, {_median(st)}",
+                     f"{n(st['n_genes'])} vocabulary genes, {_median(st)}"
+                     + (f", {st['threads']} CPU thread(s)" if st.get("threads") else ""),
                      "; ".join(f"{x['preset']} {n(x['cells_per_s'], 1)}" if x.get("cells_per_s") else
                                f"{x['preset']} failed ({x.get('error', '?')[:60]})" for x in r["rows"])
                      + f" cells/s per device{shrunk}", _measured_at(path, r)])
