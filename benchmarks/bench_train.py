@@ -11,8 +11,12 @@ cells/s, tokens/s (real gene tokens, no padding), MFU, peak memory and padding w
     python benchmarks/bench_train.py --write-lengths benchmarks/data/lengths.npy   # real lengths, to carry
 
 The comparison (Geneformer credits length grouping with a 29.4x speed-up over padding every cell to
-2,048): the SAME cells, with a REAL length distribution, batched three ways at the same memory
+2,048): the SAME cells, with a REAL length distribution, batched four ways at the same memory
 budget, measured side by side in one run:
+
+- ``padded_to_cap``: Geneformer's baseline: cells in random order, EVERY cell padded to the preset's
+  longest cell (its ``max_genes``: 2,048 for geneformer-10m, the cap of that claim), batches of
+  ``token_budget // L`` cells as random_padded's;
 
 - ``random_padded``: cells in random order, each batch padded to its longest cell. Batches hold a
   FIXED number of cells, ``token_budget // L`` with L the preset's longest cell (its ``max_genes``,
@@ -105,7 +109,8 @@ source with percentiles, memory method, datasheet and measured peak TFLOP/s), ``
 preset x backend x mode: shape, ``cells_per_s``, ``tokens_per_s``, ``median_step_s``,
 ``cells_per_step``, ``padding_waste``, ``mfu``, ``mfu_measured_gemm``, ``tflops``, ``peak_memory_bytes``, ``world_size``, ``per_rank_cells_per_s``,
 ``aggregate_cells_per_s``, ``skipped`` / ``oom`` / ``error``), ``speedups`` (per preset x backend:
-``speedup_vs_random_padded`` of grouped_padded and packed, every mode's waste), ``scaling`` (with
+``speedup_vs_random_padded`` of grouped_padded and packed, ``speedup_vs_padded_to_cap`` of the other
+three modes, every mode's waste), ``scaling`` (with
 ``--scaling``), ``command``.
 """
 
@@ -147,7 +152,7 @@ from common import (  # noqa: E402
 # torch (and what imports it) is imported inside functions: `main` hides the GPUs for --device cpu
 # before torch first looks for them (`init_distributed` takes CUDA wherever torch sees it)
 
-MODES = ("random_padded", "grouped_padded", "packed")
+MODES = ("random_padded", "grouped_padded", "packed", "padded_to_cap")  # appended last: the seeds stay per mode
 BACKENDS = ("favor", "varlen", "sdpa", "flash")
 PRESET_NAMES = ("scbert", "geneformer-10m", "celllm", "scgpt", "scfoundation")
 MASK_RATIO = 0.15
@@ -173,7 +178,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--backends", nargs="+", choices=BACKENDS,
                     help="default: CUDA favor varlen sdpa, CPU favor sdpa (a backend that pretrain.config does not "
                          "offer is skipped with that reason)")
-    ap.add_argument("--modes", nargs="+", choices=MODES, help="default: all three")
+    ap.add_argument("--modes", nargs="+", choices=MODES, help="default: all four")
     ap.add_argument("--token-budget", type=int, help="most tokens (padded slots) per batch (CUDA 65536, CPU 8192)")
     ap.add_argument("--megabatch-cells", type=int, help="cells per rank, shuffled and sorted together (8192)")
     ap.add_argument("--n-genes", type=int, help="vocabulary genes (CUDA 20000, CPU 2048): scBERT's and "
@@ -316,12 +321,13 @@ def plan_batches(mode: str, lengths: np.ndarray, token_cost, budget: int, longes
                  rng: np.random.Generator) -> list[np.ndarray]:
     """Cells of each batch (indices into ``lengths`` [n]) for ``mode``, cut by the trainer's batcher
     with the model's ``token_cost`` (`data_pipeline.loading.batching.TokenCost`); ``longest``: the
-    preset's longest cell (random_padded's batch size). Grouped and packed batches are listed
-    costliest cells first (the order of the sorted megabatch); random_padded ones in random order."""
+    preset's longest cell (random_padded's and padded_to_cap's batch size). Grouped and packed batches
+    are listed costliest cells first (the order of the sorted megabatch); random_padded and
+    padded_to_cap ones in random order."""
     from data_pipeline.loading.batching import cut_batches, group_by_length
 
     order = rng.permutation(len(lengths))  # the shuffle buffer
-    if mode == "random_padded":  # a fixed size: as many cells as fit when every one is the longest
+    if mode in ("random_padded", "padded_to_cap"):  # a fixed size: as many cells as fit when every one is the longest
         worst = np.full(len(order), token_cost.cells(np.array([longest]))[0])
         bounds = cut_batches(worst, budget, padded=True)
         full = int(bounds[1]) if len(bounds) > 1 else 0  # every batch but a short last one
@@ -332,11 +338,15 @@ def plan_batches(mode: str, lengths: np.ndarray, token_cost, budget: int, longes
     return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def padding_counts(mode: str, batches: list[np.ndarray], lengths: np.ndarray) -> dict:
+def padding_counts(mode: str, batches: list[np.ndarray], lengths: np.ndarray, longest: int) -> dict:
     """Totals over all of ``batches`` (summed over ranks, then `padding_figures`): cells, batches,
-    real gene tokens and the slots they take (padded: cells x longest cell, per batch)."""
+    real gene tokens and the slots they take (padded: cells x longest cell, per batch;
+    padded_to_cap: cells x ``longest``, the preset's cap)."""
     real = sum(int(lengths[b].sum()) for b in batches)
-    slots = real if mode == "packed" else sum(len(b) * int(lengths[b].max()) for b in batches)
+    if mode == "padded_to_cap":
+        slots = sum(len(b) for b in batches) * longest
+    else:
+        slots = real if mode == "packed" else sum(len(b) * int(lengths[b].max()) for b in batches)
     return {"pool_cells": sum(len(b) for b in batches), "pool_batches": len(batches), "pool_real": real,
             "pool_slots": slots}
 
@@ -357,7 +367,7 @@ def choose_steps(mode: str, batches: list[np.ndarray], lengths: np.ndarray, warm
     the sorted list (midpoints of ``timed`` equal strata); random_padded the first ones of the
     random order."""
     n = len(batches)
-    if mode == "random_padded":
+    if mode in ("random_padded", "padded_to_cap"):
         timed_idx = [i % n for i in range(timed)]
     else:
         timed_idx = [min(n - 1, int((k + 0.5) * n / timed)) for k in range(timed)]
@@ -401,9 +411,12 @@ def make_batch(lengths: np.ndarray, config, n_genes: int, generator):
                        view_index=torch.arange(b), cell_index=torch.arange(b))
 
 
-def model_input(mode: str, batch, device):
-    """What the module's forward takes: the `PackedBatch` (packed) or its padded ``[B, L]`` dict."""
+def model_input(mode: str, batch, device, longest: int):
+    """What the module's forward takes: the `PackedBatch` (packed) or its padded ``[B, L]`` dict
+    (padded_to_cap: L = ``longest``, the preset's cap, whatever the batch's cells)."""
     batch = batch.to(device)
+    if mode == "padded_to_cap":
+        batch = replace(batch, max_seqlen=longest)  # to_padded pads to max_seqlen
     return batch if mode == "packed" else batch.to_padded(pad_id=PAD)
 
 
@@ -652,10 +665,10 @@ def run_row(engine, config, longest: int, mode: str, pool: np.ndarray, args, dev
     batches = plan_batches(mode, pool, config.token_cost(longest), args.token_budget, longest, rng)
     warm_idx, timed_idx = choose_steps(mode, batches, pool, args.warmup, args.timed, rng)
     generator = torch.Generator().manual_seed(int(rng.integers(1 << 31)))
-    inputs = {i: model_input(mode, make_batch(pool[batches[i]], config, args.n_genes, generator), device)
+    inputs = {i: model_input(mode, make_batch(pool[batches[i]], config, args.n_genes, generator), device, longest)
               for i in dict.fromkeys(warm_idx + timed_idx)}
     timed_lengths = np.concatenate([pool[batches[i]] for i in timed_idx])
-    local, error = {**dict.fromkeys(LOCAL, 0.0), **padding_counts(mode, batches, pool)}, None
+    local, error = {**dict.fromkeys(LOCAL, 0.0), **padding_counts(mode, batches, pool, longest)}, None
     memory.reset()
     try:
         seconds, loss = measure(engine, [inputs[i] for i in warm_idx], [inputs[i] for i in timed_idx], device)
@@ -813,8 +826,8 @@ def _release(engine, device) -> None:  # returns None: `engine = _release(engine
 
 
 def speedups(rows: list[dict]) -> list[dict]:
-    """Per preset x backend: cells/s of grouped_padded and packed over random_padded, and every
-    mode's padding waste."""
+    """Per preset x backend: cells/s of grouped_padded and packed over random_padded, of the other
+    three modes over padded_to_cap (Geneformer's baseline), and every mode's padding waste."""
     out = {}
     for row in rows:
         if row.get("skipped"):
@@ -828,6 +841,11 @@ def speedups(rows: list[dict]) -> list[dict]:
         entry["speedup_vs_random_padded"] = {
             mode: entry["cells_per_s"][mode] / base if base and entry["cells_per_s"].get(mode) else None
             for mode in ("grouped_padded", "packed") if mode in entry["cells_per_s"]}
+        cap = entry["cells_per_s"].get("padded_to_cap")
+        if "padded_to_cap" in entry["cells_per_s"]:
+            entry["speedup_vs_padded_to_cap"] = {
+                mode: entry["cells_per_s"][mode] / cap if cap and entry["cells_per_s"].get(mode) else None
+                for mode in ("random_padded", "grouped_padded", "packed") if mode in entry["cells_per_s"]}
     return list(out.values())
 
 
@@ -951,6 +969,9 @@ def main(argv=None) -> None:
         ratios = ", ".join(f"{m} {v:.2f}x" for m, v in s["speedup_vs_random_padded"].items() if v is not None)
         if ratios:
             print(f"{s['preset']} / {s['backend']}: vs random_padded: {ratios}", flush=True)
+        ratios = ", ".join(f"{m} {v:.2f}x" for m, v in (s.get("speedup_vs_padded_to_cap") or {}).items() if v is not None)
+        if ratios:
+            print(f"{s['preset']} / {s['backend']}: vs padded_to_cap: {ratios}", flush=True)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ what they need; the device has no package index) and ``benchmarks/data/lengths.n
 of the real files, for the training part's length distribution; without it lengths are synthetic
 and the JSON says so).
 
-The plan, part by part (budgets in seconds, 480 in all; a part that ends early passes its spare
+The plan, part by part (budgets in seconds, 520 in all; a part that ends early passes its spare
 time on to the next ones, so the last parts get what the first ones left; none runs past the
 total):
 
@@ -32,9 +32,9 @@ total):
    projection), varlen_attn (exact, packed) and SDPA (exact, padded) at L = 256 ... 16,906, about
    64K tokens per call, fwd and fwd+bwd, FLOP and byte counts, floors and gaps against the ceilings.
    ``favor_<device>.json``.
-5. ``train`` (135): `bench_train.py`, geneformer-10m and scgpt at full size, bf16, ZeRO-2, one GPU,
+5. ``train`` (145): `bench_train.py`, geneformer-10m and scgpt at full size, bf16, ZeRO-2, one GPU,
    backends favor, varlen and sdpa on packed batches and sdpa on length-grouped and random padded
-   ones; 2 warm-up and 8 timed steps per row (the scgpt rows are the long ones, about 1-2 s each);
+   ones and on every cell padded to the preset's cap (Geneformer's 29.4x baseline: 2,048 genes); 2 warm-up and 8 timed steps per row (the scgpt rows are the long ones, about 1-2 s each);
    rows not started within the part's budget minus 25 s are skipped and recorded so (``--budget-s``);
    MFU against the datasheet peak and the measured GEMM rate. ``train_<device>.json``.
 6. ``contrastive`` (60): `bench_contrastive.py`, the gradient-cached and the uncached step, 256 to
@@ -42,7 +42,10 @@ total):
    cache emptied before the next size; each size's peak from the allocator's counters, reset per
    size); a size whose predicted time would pass the budget is skipped; from the size whose step
    passes 1 s on, one timed step. ``contrastive_<device>.json``.
-7. ``favor_fp32`` (15 + what the others left): our kernel on fp32 inputs (TF32 products) at the
+7. ``embed`` (30): `bench_embed.py`, cells embedded per second per device for each preset at full
+   size, bf16 autocast, its own attention backend, 2 s per preset after a warm-up chunk (the scBERT
+   explainer's 100k cells per hour on 8 A100). ``embed_<device>.json``.
+8. ``favor_fp32`` (15 + what the others left): our kernel on fp32 inputs (TF32 products) at the
    same sizes. Last, since compiling the fp32 kernels took minutes where it was tried.
 
 ``gpu_suite_<device>.json`` (rewritten after every part) lists per part its command, exit code,
@@ -77,8 +80,10 @@ PLAN = (
     ("setup", 45, "versions, device, ceilings (bf16 and TF32 8192^3 GEMM, 2 GiB copy) -> ceilings_<device>.json"),
     ("pytest_gpu", 120, "pytest -m gpu on the test files with GPU marks -> gpu_tests_<device>.json, JUnit XML"),
     ("favor", 90, "FAVOR+ kernel vs performer-pytorch, varlen_attn, SDPA; bf16; fwd, fwd+bwd -> favor_<device>.json"),
-    ("train", 135, "geneformer-10m, scgpt: favor / varlen / sdpa, packed vs padded; cells/s, MFU -> train_<device>.json"),
+    ("train", 145, "geneformer-10m, scgpt: favor / varlen / sdpa, packed vs padded (also to the cap); cells/s, MFU "
+              "-> train_<device>.json"),
     ("contrastive", 60, "gradient-cached vs uncached step, 256 ... 65,536 cells -> contrastive_<device>.json"),
+    ("embed", 30, "cells embedded per second per device, each preset, bf16 -> embed_<device>.json"),
     ("favor_fp32", 15, "our FAVOR+ kernel on fp32 inputs (TF32 products) -> favor_fp32_<device>.json"),
 )
 PARTS = tuple(name for name, _, _ in PLAN)
@@ -167,7 +172,15 @@ def part_commands(part: str, out: Path, slug: str, smoke: bool, timeout: float) 
             command += ["--smoke"]
         else:
             command += ["--device", "cuda", "--presets", "geneformer-10m", "scgpt", "--backends", "favor", "varlen",
-                        "sdpa", "--modes", "packed", "grouped_padded", "random_padded", "--warmup", "2", "--timed", "8"]
+                        "sdpa", "--modes", "packed", "grouped_padded", "random_padded", "padded_to_cap", "--warmup", "2",
+                        "--timed", "8"]
+        if LENGTHS_FILE.exists():
+            command += ["--lengths-file", str(LENGTHS_FILE.relative_to(REPO))]
+        return command, [result]
+    if part == "embed":
+        result = out / f"embed_{slug}.json"
+        command = [py, str(bench / "bench_embed.py"), "--result", str(result)]
+        command += ["--smoke"] if smoke else ["--device", "cuda", "--seconds", "2"]
         if LENGTHS_FILE.exists():
             command += ["--lengths-file", str(LENGTHS_FILE.relative_to(REPO))]
         return command, [result]
@@ -276,6 +289,8 @@ def summary(part: str, files: list[Path]) -> dict:
         out["lines"] = [{k: row.get(k) for k in ("preset", "backend", "mode", "cells_per_s", "tokens_per_s", "mfu",
                                                   "mfu_measured_gemm", "oom", "error", "skipped")}
                         for row in r["rows"] if not row.get("skipped") or "budget" in str(row.get("skipped"))]
+    elif part == "embed":
+        out["lines"] = [{k: row.get(k) for k in ("preset", "backend", "cells_per_s", "error")} for row in r["rows"]]
     elif part == "contrastive":
         out["largest_batch_fits"] = r.get("largest_batch_fits")
         out["lines"] = [{k: row.get(k) for k in ("mode", "batch_cells", "status", "ms_per_cell", "step_peak_bytes")}
@@ -323,6 +338,11 @@ def print_summary(report: dict) -> None:
                 else:
                     print(f"{head}{_f(x['cells_per_s'], '9.0f')}{_f(x['tokens_per_s'], '11.0f')}"
                           f"{_f(x['mfu'], '7.3f')}{_f(x['mfu_measured_gemm'], '7.3f')}", flush=True)
+        elif part == "embed" and s.get("lines"):
+            print("embed: cells/s per device", flush=True)
+            for x in s["lines"]:
+                what = _f(x.get("cells_per_s"), "9.1f") if x.get("cells_per_s") else f"failed: {str(x.get('error'))[:60]}"
+                print(f"  {x['preset']:<15}{str(x.get('backend') or ''):<7}{what}", flush=True)
         elif part == "contrastive" and s.get("lines"):
             print(f"contrastive: largest batch {s.get('largest_batch_fits')}; mode cells: ms/cell, step MiB",
                   flush=True)

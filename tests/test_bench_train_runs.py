@@ -1,5 +1,5 @@
 """The training-throughput benchmark stays runnable: its --smoke mode (two tiny presets on CPU, one
-warm-up and one timed step per row) measures all three batching modes on the same cells and writes
+warm-up and one timed step per row) measures all four batching modes on the same cells and writes
 its JSON with consistent throughput and padding figures."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MODES = {"random_padded", "grouped_padded", "packed"}
+MODES = {"random_padded", "grouped_padded", "packed", "padded_to_cap"}
 
 
 def test_bench_train_smoke(tmp_path):
@@ -38,7 +38,7 @@ def test_bench_train_smoke(tmp_path):
     # once, as sdpa); FAVOR+ runs packed only (no padded fast path); every other row applies
     assert {(row["backend"], row["mode"]) for row in skipped} == (
         {(backend, mode) for backend in ("flash", "varlen") for mode in MODES}
-        | {("favor", "random_padded"), ("favor", "grouped_padded")})
+        | {("favor", "random_padded"), ("favor", "grouped_padded"), ("favor", "padded_to_cap")})
     for preset in ("geneformer-10m", "scgpt"):
         favor = {row["mode"] for row in measured if (row["preset"], row["backend"]) == (preset, "favor")}
         assert favor == {"packed"}
@@ -49,6 +49,9 @@ def test_bench_train_smoke(tmp_path):
             assert waste["packed"] == 0
             # the same cells: random batches pad more than length-sorted ones, which pad a little
             assert waste["random_padded"] > waste["grouped_padded"] >= 0
+            # Geneformer's baseline pads every cell to the cap: the most waste, exactly 1 - mean length / cap
+            assert waste["padded_to_cap"] > waste["random_padded"]
+            assert got["padded_to_cap"]["cells_per_step"] == got["random_padded"]["cells_per_step"]
             if settings["lengths"] == "real":  # real cells' lengths spread widely (synthetic ones much less)
                 assert waste["random_padded"] > 0.3 and waste["grouped_padded"] < 0.05
             # random_padded's fixed batch size fits the preset's longest cell into the budget
@@ -70,8 +73,41 @@ def test_bench_train_smoke(tmp_path):
         if backend == "sdpa":
             assert set(s["speedup_vs_random_padded"]) == {"grouped_padded", "packed"}
             assert all(v > 0 for v in s["speedup_vs_random_padded"].values())
+            assert set(s["speedup_vs_padded_to_cap"]) == {"random_padded", "grouped_padded", "packed"}
+            assert all(v > 0 for v in s["speedup_vs_padded_to_cap"].values())
         else:  # FAVOR+ runs packed only: nothing to compare with
             assert s["speedup_vs_random_padded"] == {"packed": None}
+
+
+def test_padded_to_cap_pads_every_cell_to_the_cap():
+    """Geneformer's 29.4x baseline: random batches of budget // cap cells, each cell padded to the
+    cap (2,048 there) whatever the batch holds; its waste counts those slots."""
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_train import (
+        bench_config,
+        make_batch,
+        model_input,
+        padding_counts,
+        parse_args,
+        plan_batches,
+        resolve_defaults,
+    )
+
+    args = resolve_defaults(parse_args(["--smoke", "--presets", "geneformer-10m", "--max-genes", "64"]))
+    config, longest = bench_config("geneformer-10m", "sdpa", args)
+    lengths = np.random.default_rng(0).integers(5, 40, size=100)
+    batches = plan_batches("padded_to_cap", lengths, config.token_cost(longest), 64 * 4, longest,
+                           np.random.default_rng(1))
+    assert longest == 64 and {len(b) for b in batches} == {4}  # budget // cap cells, as random_padded
+    counts = padding_counts("padded_to_cap", batches, lengths, longest)
+    assert counts["pool_slots"] == 4 * len(batches) * 64
+    assert counts["pool_slots"] > padding_counts("random_padded", batches, lengths, longest)["pool_slots"]
+    batch = make_batch(lengths[batches[0]], config, args.n_genes, torch.Generator().manual_seed(0))
+    padded = model_input("padded_to_cap", batch, torch.device("cpu"), longest)
+    assert padded["gene_ids"].shape == (4, 64) and padded["key_padding_mask"].sum() == lengths[batches[0]].sum()
 
 
 def test_write_lengths_round_trip(tmp_path):

@@ -51,3 +51,59 @@ def test_demo_line_gives_cells_and_sequences_and_says_a_corrected_rate(monkeypat
     assert "halved" not in report.demo()
     r["cells_per_s_corrected"] = "halved from the 300.0 cells/s logged before issue 21"
     assert "The cell rate is the logged 300 halved" in report.demo()
+
+
+def _claim_files(folder: Path) -> None:
+    """One result file per claim, as bench_input_cost.py, bench_train.py and bench_embed.py write them."""
+    import json
+
+    cpu = {"cpu": "Test CPU", "cores": 2, "gpu": None}
+    lengths = {"lengths": "real", "length_source": {"percentiles": {"50": 493.0}}}
+    files = {
+        "input_cost_cpu.json": {
+            "device": cpu, "date": "2026-12-04T20:00:00+00:00", "partial": False,
+            "settings": {**lengths, "n_genes": 16906, "shrunk": True,
+                         "full_shape": {"d_model": 200, "n_layers": 6, "attention": "favor"},
+                         "measured_shape": {"d_model": 50, "n_layers": 2}},
+            "summary": {"model_cost_median": 0.971, "model_cost_distribution": 0.957, "flop_counter_median": 0.9706,
+                        "time_median": 0.973}},
+        "geneformer_grouping_cpu.json": {
+            "device": cpu, "date": "2026-12-04T20:10:00+00:00", "partial": True,
+            "settings": {**lengths, "token_budget": 8192},
+            "rows": [{"preset": "geneformer-10m", "backend": "sdpa", "mode": "padded_to_cap", "max_genes": 2048,
+                      "padding_waste": 0.67, "shrunk": True, "d_model": 64, "n_layers": 2}],
+            "speedups": [{"preset": "geneformer-10m", "backend": "sdpa",
+                          "speedup_vs_padded_to_cap": {"random_padded": 2.0, "grouped_padded": 4.5, "packed": None}}]},
+        "embed_nvidia-h200.json": {
+            "device": {"gpu": "NVIDIA H200", "gpu_memory_gib": 139.8}, "date": "2026-12-05T09:00:00+00:00",
+            "settings": {**lengths, "shrunk": False, "dtype": "bf16 autocast", "token_budget": 65536,
+                         "n_genes": 16906},
+            "claim": {"cells_per_s_per_device": 100_000 / 3600 / 8},
+            "rows": [{"preset": "scbert", "cells_per_s": 120.25}, {"preset": "scgpt", "cells_per_s": 9000.0}]},
+    }
+    for name, record in files.items():
+        (folder / name).write_text(json.dumps(record))
+
+
+def test_claims_table_puts_each_claim_beside_our_number(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    assert "Not measured yet" in report.claims()
+    _claim_files(tmp_path)
+    text = report.claims()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == 3
+    cost, grouping, embed = rows
+    assert "more than 70 %" in cost and "CellLM" in cost and "-97.1% at the median cell" in cost
+    assert "-95.7% over the distribution" in cost and "CPU-shrunk" in cost and "Test CPU, 2 cores" in cost
+    assert "29.4x" in grouping and "Geneformer" in grouping and "cap 2,048 genes" in grouping
+    assert "grouped_padded 4.50x" in grouping and "packed" not in grouping.split("|")[4]  # a failed mode: no ratio
+    assert "CPU-shrunk (width 64 x 2 layers)" in grouping and "a run cut short" in grouping
+    assert "3.5 cells/s per A100" in embed and "scbert 120.2; scgpt 9,000.0 cells/s per device" in embed
+    assert "NVIDIA H200" in embed and "2026-12-05" in embed and "shrunk" not in embed
+
+
+def test_claims_block_is_rendered_where_the_readme_has_it():
+    text = ("<!-- report:quality -->\n<!-- /report:quality -->\n<!-- report:performance -->\n"
+            "<!-- /report:performance -->\n<!-- report:claims -->\nstale claims row\n<!-- /report:claims -->\n")
+    out = report.render(text)
+    assert "stale claims row" not in out and "**The seeds' claims" in out and report.render(out) == out
