@@ -210,7 +210,9 @@ def test_every_shipped_budget_holds_several_of_its_costliest_cells(path):
     from pretrain.config import load_config
     from pretrain.train import resolve_model_config
 
-    corpus = SimpleNamespace(special_tokens={"<pad>": 0, "<cls>": 1, "<mask>": 2}, vocab_size=20003, label_classes=[5])
+    # one label column, named as the celllm preset's objective reads it
+    corpus = SimpleNamespace(special_tokens={"<pad>": 0, "<cls>": 1, "<mask>": 2}, vocab_size=20003, label_classes=[2],
+                             label_columns=[SimpleNamespace(name="tumor_normal")])
     config = resolve_model_config(load_config(str(path), ["data.corpus=/some/corpus"]), corpus)
     d = config.data
     cost = config.model.token_cost(d.max_genes, views=2 if d.views else 1)

@@ -19,10 +19,11 @@ def test_readme_matches_the_result_files():
 
 def test_render_replaces_only_the_blocks():
     text = ("intro\n<!-- report:quality -->\nstale\n<!-- /report:quality -->\nmiddle\n"
-            "<!-- report:performance -->\n<!-- /report:performance -->\nend\n")
+            "<!-- report:performance -->\n<!-- /report:performance -->\n"
+            "<!-- report:claims -->\n<!-- /report:claims -->\nend\n")
     out = report.render(text)
     assert out.startswith("intro\n<!-- report:quality -->\n") and "stale" not in out
-    assert "\nmiddle\n" in out and out.endswith("<!-- /report:performance -->\nend\n")
+    assert "\nmiddle\n" in out and out.endswith("<!-- /report:claims -->\nend\n")
     assert report.render(out) == out  # idempotent
 
 
