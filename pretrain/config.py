@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from data_pipeline.loading.normalize import MODES, QUANTILE_TIES, Normalization
+from data_pipeline.loading.read_depth import Downsampling
 
 from .knobs import FIXED, FREE, RESTORED
 from .knobs import knob as _help
@@ -46,6 +47,11 @@ class DataConfig:
     max_batch_cells: int | None = _help("most cells in a batch, within the token budget (None: the budget alone)",
                                         None)
     mask_ratio: float = _help("fraction of each cell's genes masked for masked expression modelling", 0.15)
+    downsample_prob: float = _help("read-depth-aware pretraining (scFoundation): probability that a cell's input is "
+                                   "downsampled (rate ~ Beta(downsample_beta), counts thinned binomially) while its "
+                                   "targets stay the original cell's; continuous normalization only (0: off)", 0.0)
+    downsample_beta: list[float] = _help("the downsampling rate's Beta(a, b)", factory=lambda: [2.0, 2.0])
+    downsample_min_total: float = _help("cells with fewer total counts are never downsampled", 1000.0)
     views: bool = _help("two augmented views per cell (needed by the contrastive loss)", False)
     gene_dropout: float = _help("views: probability of dropping each gene", 0.1)
     min_depth: float = _help("views: lowest fraction of reads kept", 0.5)
@@ -123,6 +129,13 @@ class TrainConfig:
         return Normalization(mode=self.data.normalization, n_bins=self.model.n_bins, max_genes=self.data.max_genes,
                              quantile_ties=self.data.quantile_ties)
 
+    def input_downsampling(self) -> Downsampling | None:
+        """Read-depth-aware downsampling of the loader's inputs (None: off)."""
+        d = self.data
+        if d.downsample_prob == 0:
+            return None
+        return Downsampling(d.downsample_prob, *d.downsample_beta, d.downsample_min_total)
+
     def validate(self) -> TrainConfig:
         """Values out of range refused up front (not hours into a run)."""
         checks = [
@@ -155,6 +168,15 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if len(self.data.downsample_beta) != 2:
+            raise ValueError(f"data.downsample_beta={self.data.downsample_beta}: give the Beta's two shapes, e.g. [2, 2]")
+        try:
+            self.input_downsampling()
+        except ValueError as err:
+            raise ValueError(f"data.downsample_*: {err}") from None
+        if self.data.downsample_prob > 0 and self.data.normalization != "continuous":
+            raise ValueError(f"data.downsample_prob={self.data.downsample_prob} predicts original continuous values: "
+                             "set data.normalization=continuous (or data.downsample_prob=0)")
         self.model.check_choices()  # the rest of the model waits for the corpus (vocabulary, label columns)
         return self
 
@@ -271,7 +293,7 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConf
     if raw.get("preset"):
         chosen = preset(raw["preset"])
         base = {"model": asdict(chosen.model),
-                "data": {"normalization": chosen.normalization, "max_genes": chosen.max_genes}}
+                "data": {"normalization": chosen.normalization, "max_genes": chosen.max_genes, **chosen.data}}
     return from_dict(TrainConfig, _merge(base, raw)).validate()
 
 

@@ -64,7 +64,8 @@ def build_loader(config: TrainConfig, device: torch.device, corpus: Corpus | Non
                       batching=Batching(d.token_budget, d.megabatch_cells, d.max_batch_cells),
                       masking=Masking(ratio=d.mask_ratio), views=Views(d.gene_dropout, d.min_depth) if d.views else None,
                       seed=d.seed, num_workers=d.num_workers, pin_memory=device.type == "cuda",
-                      token_cost=model.token_cost(normalization.max_genes, views=2 if d.views else 1))
+                      token_cost=model.token_cost(normalization.max_genes, views=2 if d.views else 1),
+                      downsampling=config.input_downsampling())
 
 
 def resolve_model_config(config: TrainConfig, corpus: Corpus) -> TrainConfig:
