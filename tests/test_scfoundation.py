@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from data_pipeline.loading.epoch_plan import Batching
 from data_pipeline.loading.loader import CellLoader
 from data_pipeline.loading.masking import Masking
 from data_pipeline.loading.normalize import Normalization
@@ -231,6 +232,25 @@ def test_downsampling_draws_are_the_same_on_a_second_pass(corpus):
     second = [b for b in make()]
     for x, y in zip(first, second, strict=True):
         assert torch.equal(x.values, y.values) and torch.equal(x.read_depth, y.read_depth)
+
+
+def test_downsampled_batches_resume_exactly(corpus):
+    """A loader given another's state mid-epoch yields the batches that one would have yielded next."""
+    make = lambda: CellLoader(corpus, normalization=Normalization(mode="continuous"),  # noqa: E731
+                              batching=Batching(token_budget=2048, megabatch_cells=64),
+                              downsampling=Downsampling(0.5), seed=7)
+    whole = [b for b in make()]
+    first = make()
+    it = iter(first)
+    for _ in range(3):
+        next(it)
+    resumed = make()
+    resumed.load_state_dict(first.state_dict())
+    rest = [b for b in resumed]
+    assert len(rest) == len(whole) - 3 > 0
+    for x, y in zip(whole[3:], rest, strict=True):
+        assert torch.equal(x.values, y.values) and torch.equal(x.mlm_targets, y.mlm_targets)
+        assert torch.equal(x.read_depth, y.read_depth)
 
 
 def test_downsampling_needs_continuous_normalization(corpus):

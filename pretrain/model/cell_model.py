@@ -178,7 +178,8 @@ class CellModel(nn.Module):
             raise ValueError("model.depth_tokens needs batch.read_depth [n_seqs, 2] (raw and input total counts "
                              "per sequence; the CellLoader and pretrain.embed fill it in), got "
                              f"{None if read_depth is None else tuple(read_depth.shape)}")
-        logs = torch.log10(read_depth.to(self.depth.dtype).clamp_min(1))
+        # at least float32: in bf16 the totals would keep 3 digits
+        logs = torch.log10(read_depth.to(torch.promote_types(self.depth.dtype, torch.float32)).clamp_min(1))
         return self.depth + self.value_embedding(logs.flatten()).view(n_seqs, 2, -1)
 
     def _encode(self, gene_ids, values, cu_seqlens, max_seqlen, read_depth=None):
