@@ -406,9 +406,11 @@ def make_batch(lengths: np.ndarray, config, n_genes: int, generator):
     else:  # continuous: log-scale values, -1 = masked
         targets = torch.log1p(torch.rand(t, generator=generator) * 20)
         values = torch.where(mask, torch.full_like(targets, -1.0), targets)
+    raw_total = 1000 + 19000 * torch.rand(b, generator=generator)  # T and S, for scfoundation's depth tokens
+    read_depth = torch.stack([raw_total, raw_total * torch.rand(b, generator=generator).clamp_min(0.1)], dim=1)
     return PackedBatch(gene_ids=genes, values=values, cu_seqlens=cu, max_seqlen=int(lens.max()), mlm_mask=mask,
                        mlm_targets=targets, labels=torch.zeros(b, 0, dtype=torch.int64),
-                       view_index=torch.arange(b), cell_index=torch.arange(b))
+                       view_index=torch.arange(b), cell_index=torch.arange(b), read_depth=read_depth)
 
 
 def model_input(mode: str, batch, device, longest: int):

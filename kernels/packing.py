@@ -52,16 +52,25 @@ def apply_packed(packed_attention: Callable[..., torch.Tensor], q: torch.Tensor,
     return out.permute(0, 2, 1, 3)
 
 
+def with_prefix(x: torch.Tensor, prefix: torch.Tensor,
+                cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prepend ``prefix[i]`` ([k, d]) to packed sequence i.  x [T, d], prefix [B, k, d] ->
+    (x' [T+B*k, d], cu_seqlens' [B+1], token_rows [T]: where each input row went, prefix_rows [B, k])"""
+    b, k = prefix.shape[0], prefix.shape[1]
+    seq = sequence_ids(cu_seqlens, x.shape[0])
+    token_rows = torch.arange(x.shape[0], device=x.device) + (seq + 1) * k
+    new_cu = cu_seqlens + k * torch.arange(b + 1, device=x.device, dtype=cu_seqlens.dtype)
+    prefix_rows = new_cu[:-1].long()[:, None] + torch.arange(k, device=x.device)
+    out = x.new_empty(x.shape[0] + b * k, x.shape[1])
+    out[token_rows] = x
+    out[prefix_rows.flatten()] = prefix.reshape(b * k, -1).to(x.dtype)
+    return out, new_cu, token_rows, prefix_rows
+
+
 def with_cls(x: torch.Tensor, cls: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Prepend ``cls`` [d] to every packed sequence.  x [T, d] ->
     (x' [T+B, d], cu_seqlens' [B+1], token_rows [T]: where each input row went)"""
-    b = cu_seqlens.shape[0] - 1
-    seq = sequence_ids(cu_seqlens, x.shape[0])
-    token_rows = torch.arange(x.shape[0], device=x.device) + seq + 1
-    new_cu = cu_seqlens + torch.arange(b + 1, device=x.device, dtype=cu_seqlens.dtype)
-    out = x.new_empty(x.shape[0] + b, x.shape[1])
-    out[token_rows] = x
-    out[new_cu[:-1].long()] = cls.to(x.dtype)
+    out, new_cu, token_rows, _ = with_prefix(x, cls.expand(cu_seqlens.shape[0] - 1, 1, -1), cu_seqlens)
     return out, new_cu, token_rows
 
 
@@ -71,6 +80,13 @@ def mean_per_sequence(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     sums = x.new_zeros(b, x.shape[1]).index_add(0, sequence_ids(cu_seqlens, x.shape[0]), x)
     return sums / lengths.clamp_min(1).to(x.dtype)[:, None]
+
+
+def max_per_sequence(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Elementwise max of each packed sequence's rows.  x [T, d] -> [B, d] (zero for empty sequences)"""
+    seq = sequence_ids(cu_seqlens, x.shape[0])
+    return x.new_zeros(cu_seqlens.shape[0] - 1, x.shape[1]).scatter_reduce(
+        0, seq[:, None].expand_as(x), x, reduce="amax", include_self=False)
 
 
 def compact(keep: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, fields
 
 from data_pipeline.loading.masking import Masking
 from data_pipeline.loading.normalize import BINNED_MODES, MODES, QUANTILE_TIES, Normalization
+from data_pipeline.loading.read_depth import Downsampling
 
 from .knobs import FIXED, FREE, RESTORED
 from .knobs import knob as _help
@@ -55,6 +56,11 @@ class DataConfig:
                                     "are kept", 0.1)
     mask_nonzero_only: bool = _help("mask only genes whose bin is not 0, ceil(mask_ratio x those) per cell (scBERT)",
                                     False)
+    downsample_prob: float = _help("read-depth-aware pretraining (scFoundation): probability that a cell's input is "
+                                   "downsampled (rate ~ Beta(downsample_beta), counts thinned binomially) while its "
+                                   "targets stay the original cell's; continuous normalization only (0: off)", 0.0)
+    downsample_beta: list[float] = _help("the downsampling rate's Beta(a, b)", factory=lambda: [2.0, 2.0])
+    downsample_min_total: float = _help("cells with fewer total counts are never downsampled", 1000.0)
     views: bool = _help("two augmented views per cell (needed by the contrastive loss)", False)
     gene_dropout: float = _help("views: probability of dropping each gene", 0.1)
     min_depth: float = _help("views: lowest fraction of reads kept", 0.5)
@@ -152,6 +158,13 @@ class TrainConfig:
             out.append(corpus_columns.index(column))
         return out
 
+    def input_downsampling(self) -> Downsampling | None:
+        """Read-depth-aware downsampling of the loader's inputs (None: off)."""
+        d = self.data
+        if d.downsample_prob == 0:
+            return None
+        return Downsampling(d.downsample_prob, *d.downsample_beta, d.downsample_min_total)
+
     def validate(self) -> TrainConfig:
         """Values out of range refused up front (not hours into a run)."""
         checks = [
@@ -194,6 +207,15 @@ class TrainConfig:
         if not all(isinstance(c, str) for c in self.objectives.labels.values()):
             raise ValueError(f"objectives.labels={self.objectives.labels}: map each objective name to a label column "
                              "name, e.g. {tumor_normal: tumor_normal}")
+        if len(self.data.downsample_beta) != 2:
+            raise ValueError(f"data.downsample_beta={self.data.downsample_beta}: give the Beta's two shapes, e.g. [2, 2]")
+        try:
+            self.input_downsampling()
+        except ValueError as err:
+            raise ValueError(f"data.downsample_*: {err}") from None
+        if self.data.downsample_prob > 0 and self.data.normalization != "continuous":
+            raise ValueError(f"data.downsample_prob={self.data.downsample_prob} predicts original continuous values: "
+                             "set data.normalization=continuous (or data.downsample_prob=0)")
         self.model.check_choices()  # the rest of the model waits for the corpus (vocabulary, label columns)
         return self
 

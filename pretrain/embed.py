@@ -103,12 +103,13 @@ def token_csr(x, tokens: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.nd
 
 def length_batches(indptr: np.ndarray, genes: np.ndarray, values: np.ndarray, token_budget: int,
                    cost: TokenCost | None = None, mlm_mask: np.ndarray | None = None,
-                   targets: np.ndarray | None = None):
+                   targets: np.ndarray | None = None, read_depth: np.ndarray | None = None):
     """Normalized cells (CSR: ``indptr`` [n+1], ``genes`` / ``values`` [nnz]) as packed batches of
     length-sorted cells (longest first), cut by the trainer's batcher (`data_pipeline.loading.batching`)
     within ``token_budget`` as ``cost`` counts them (the model's `ModelConfig.token_cost`; None:
     lengths summed); a cell over the budget on its own is a batch of its own. ``mlm_mask`` / ``targets`` [nnz] when
-    positions are masked. Yields (cell indices [B], `PackedBatch`)."""
+    positions are masked; ``read_depth`` [n, 2] (T, S per cell) for models with depth tokens.
+    Yields (cell indices [B], `PackedBatch`)."""
     lengths = np.diff(indptr)
     cost = cost or TokenCost()
     order, bounds = group_by_length(cost.cells(lengths), token_budget, padded=cost.padded)
@@ -125,7 +126,8 @@ def length_batches(indptr: np.ndarray, genes: np.ndarray, values: np.ndarray, to
             mlm_mask=torch.zeros(n, dtype=torch.bool) if mlm_mask is None else torch.from_numpy(mlm_mask[index]),
             mlm_targets=torch.zeros(n) if targets is None else torch.from_numpy(targets[index]),
             labels=torch.zeros(len(cells), 0, dtype=torch.long),
-            view_index=torch.arange(len(cells)), cell_index=torch.from_numpy(cells))
+            view_index=torch.arange(len(cells)), cell_index=torch.from_numpy(cells),
+            read_depth=None if read_depth is None else torch.from_numpy(read_depth[cells]))
 
 
 def cell_keys(indptr: np.ndarray, genes: np.ndarray, counts: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -150,14 +152,20 @@ def embed_counts(model: CellModel, indptr, genes, counts, totals, token_budget: 
     subset is uniform like the one the model was trained on (the loader's cap; scGPT also samples
     long cells at inference), and the same cell gets the same embedding in any file, at any
     position, among any other cells. A top-expressed cap (Geneformer's, whose rank mode this keeps)
-    would give bins models a biased subset they never saw in training."""
+    would give bins models a biased subset they never saw in training.
+
+    With depth tokens (scFoundation's T and S) a cell is embedded at its own depth: T = S = its
+    total count (scFoundation's get_embedding.py sets S = the cell's total and T by --tgthighres,
+    e.g. a higher target depth; not offered here)."""
     rng = CellSeeds(cell_keys(indptr, genes, counts, seed))
     norm = normalize(model.normalization, indptr, genes, counts, totals, rng)
-    out = np.zeros((len(norm.indptr) - 1, model.config.d_model), np.float32)
+    out = np.zeros((len(norm.indptr) - 1, model.config.cell_dim), np.float32)
     cost = model.config.token_cost(model.normalization.max_genes)
-    for cells, batch in length_batches(norm.indptr, norm.genes, norm.values, token_budget, cost):
+    depth = np.repeat(np.asarray(totals, np.float32)[:, None], 2, axis=1)
+    for cells, batch in length_batches(norm.indptr, norm.genes, norm.values, token_budget, cost, read_depth=depth):
         batch = batch.to(device)
-        _, cell_states = model.encode(batch.gene_ids, batch.values, batch.cu_seqlens, batch.max_seqlen)
+        _, cell_states = model.encode(batch.gene_ids, batch.values, batch.cu_seqlens, batch.max_seqlen,
+                                      batch.read_depth)
         out[cells] = cell_states.float().cpu().numpy()
     return out
 
@@ -194,7 +202,7 @@ def embed_h5ad(model: CellModel, source: str | Path, out: str | Path, name: str 
                          "pass --gene-column NAME if another var column holds the Ensembl ids or symbols, "
                          "--symbol-table FILE (symbol -> Ensembl id) for symbols the vocabulary lacks, or lower "
                          "--min-coverage")
-    embedding = np.zeros((n, model.config.d_model), np.float32)
+    embedding = np.zeros((n, model.config.cell_dim), np.float32)
     bar = None
     if progress:
         from tqdm import tqdm

@@ -64,11 +64,20 @@ PRESETS: dict[str, Preset] = {
         "quantile_bins", 1200,
         "scGPT: 12 flash-attention layers of width 512 over 1,200 expressed genes, per-cell quantile bins"),
     "scfoundation": Preset(
+        # biomap-research/scFoundation model/training_hyperparameter.txt: encoder 768 x 12 layers x 12 heads,
+        # decoder 512 x 6 x 8, bin_num 100, value_mask_prob 0.3; mae_autobin.py: auto-discretization (bin_alpha
+        # 1.0, MaeAutobin's default, which GEARS/modules/encoders.py builds it with); get_embedding.py: T and S
+        # tokens after the genes, cell embedding [S | T | max | mean]
         ModelConfig(d_model=768, n_layers=12, n_heads=12, attention="flash", value_mode="continuous",
-                    architecture="encoder_decoder",
+                    continuous_embedding="autobin", autobin_bins=100, autobin_alpha=1.0, depth_tokens=True,
+                    use_cls=False, pooling="depth_max_mean", architecture="encoder_decoder",
                     decoder=DecoderConfig(n_layers=6, d_model=512, n_heads=8, attention="favor")),
         "continuous", None,
-        "xTrimoGene/scFoundation: a flash encoder over expressed unmasked genes, a FAVOR+ decoder over every gene"),
+        "xTrimoGene/scFoundation: a flash encoder over expressed unmasked genes and the T/S depth tokens, a "
+        "FAVOR+ decoder over every gene, auto-discretized values, read-depth-aware downsampling",
+        # read-depth-aware pretraining (data_pipeline/loading/read_depth.py: the paper's Methods, no released code)
+        data={"mask_ratio": 0.3, "downsample_prob": 0.5, "downsample_beta": [2.0, 2.0],
+              "downsample_min_total": 1000.0}),
 }
 
 

@@ -65,7 +65,8 @@ def build_loader(config: TrainConfig, device: torch.device, corpus: Corpus | Non
                       masking=config.input_masking(), views=Views(d.gene_dropout, d.min_depth) if d.views else None,
                       label_columns=config.label_column_indices([c.name for c in corpus.label_columns]),
                       seed=d.seed, num_workers=d.num_workers, pin_memory=device.type == "cuda",
-                      token_cost=model.token_cost(normalization.max_genes, views=2 if d.views else 1))
+                      token_cost=model.token_cost(normalization.max_genes, views=2 if d.views else 1),
+                      downsampling=config.input_downsampling())
 
 
 def resolve_model_config(config: TrainConfig, corpus: Corpus) -> TrainConfig:

@@ -39,6 +39,7 @@ class Cell:
     mlm_targets: torch.Tensor
     labels: torch.Tensor
     cell_index: int
+    read_depth: tuple[float, float] = (2000.0, 1000.0)  # T, S: for models with depth tokens
 
 
 def small_config(**overrides) -> ModelConfig:
@@ -84,7 +85,8 @@ def pack(cells: list[Cell], views_per_cell: int = 1) -> PackedBatch:
         cu_seqlens=cu, max_seqlen=max(lengths), mlm_mask=torch.cat([c.mlm_mask for c in cells]),
         mlm_targets=torch.cat([c.mlm_targets for c in cells]), labels=torch.stack([c.labels for c in cells]),
         view_index=torch.arange(len(cells)) // views_per_cell,
-        cell_index=torch.tensor([c.cell_index for c in cells], dtype=torch.int64))
+        cell_index=torch.tensor([c.cell_index for c in cells], dtype=torch.int64),
+        read_depth=torch.tensor([c.read_depth for c in cells], dtype=torch.float32))
 
 
 def random_cells(lengths, seed: int = 0, **kw) -> list[Cell]:

@@ -66,12 +66,12 @@ def test_flops_match_a_flop_counter(name):
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(pack(cells))
     counted = counter.get_total_flops()
-    n_genes, cls = 64 - 3, int(config.use_cls)
+    n_genes, cls, depth = 64 - 3, config.n_prefix, 2 * int(config.depth_tokens)  # <cls>, T and S
     if config.attention != "favor":
         n = n_genes if config.gene_set == "all" else length - (n_masked if config.architecture != "encoder" else 0)
         counted += n_cells * config.n_layers * 4 * (n + cls) ** 2 * config.d_model
     if config.architecture == "encoder_decoder" and config.decoder.attention != "favor":
-        counted += n_cells * config.decoder.n_layers * 4 * n_genes ** 2 * config.decoder.d_model
+        counted += n_cells * config.decoder.n_layers * 4 * (n_genes + depth) ** 2 * config.decoder.d_model
     expected = model_cost(config, length, mask_ratio=n_masked / length).flops_per_cell / 3 * n_cells
     assert counted == pytest.approx(expected, rel=0.025)
     assert model_cost(config, length).flops_per_token == pytest.approx(expected * 3 / n_cells / length, rel=1e-9)

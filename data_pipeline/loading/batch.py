@@ -22,6 +22,9 @@ class PackedBatch:
     labels: torch.Tensor       # [B, n_label_columns] int64, -1 unknown
     view_index: torch.Tensor   # [B] int64, which cell of this batch a sequence shows (0..n_cells-1)
     cell_index: torch.Tensor   # [B] int64, the cell's global index in the corpus
+    # [B, 2] float32 total counts per sequence: T (the raw cell's, as the corpus stores it) and S (its
+    # input's: lower than T when the loader downsampled the cell); scFoundation's T and S tokens read it
+    read_depth: torch.Tensor | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -73,7 +76,8 @@ class PackedBatch:
         return PackedBatch(gene_ids=self.gene_ids[t0:t1], values=self.values[t0:t1], cu_seqlens=cu,
                            max_seqlen=int((cu[1:] - cu[:-1]).max()), mlm_mask=self.mlm_mask[t0:t1],
                            mlm_targets=self.mlm_targets[t0:t1], labels=self.labels[s0:s1],
-                           view_index=self.view_index[s0:s1] - first, cell_index=self.cell_index[s0:s1])
+                           view_index=self.view_index[s0:s1] - first, cell_index=self.cell_index[s0:s1],
+                           read_depth=None if self.read_depth is None else self.read_depth[s0:s1])
 
     def split(self, cells_per_chunk: int) -> list[PackedBatch]:
         """Consecutive chunks of ``cells_per_chunk`` cells (the last may have fewer)."""
@@ -95,14 +99,19 @@ class PackedBatch:
         return cls(gene_ids=cat("gene_ids"), values=cat("values"), cu_seqlens=torch.cat(cu),
                    max_seqlen=max(b.max_seqlen for b in batches), mlm_mask=cat("mlm_mask"),
                    mlm_targets=cat("mlm_targets"), labels=cat("labels"), view_index=torch.cat(view),
-                   cell_index=cat("cell_index"))
+                   cell_index=cat("cell_index"),
+                   read_depth=None if any(b.read_depth is None for b in batches) else cat("read_depth"))
 
     # --- one buffer per batch between processes --------------------------------------------------
-    _TENSORS = ("gene_ids", "values", "cu_seqlens", "mlm_mask", "mlm_targets", "labels", "view_index", "cell_index")
+    _TENSORS = ("gene_ids", "values", "cu_seqlens", "mlm_mask", "mlm_targets", "labels", "view_index", "cell_index",
+                "read_depth")
+
+    def _present(self) -> tuple[str, ...]:
+        return tuple(n for n in self._TENSORS if getattr(self, n) is not None)
 
     def wire_bytes(self) -> int:
         """Bytes `to_wire` needs."""
-        return sum(-(-getattr(self, n).numel() * getattr(self, n).element_size() // 8) * 8 for n in self._TENSORS)
+        return sum(-(-getattr(self, n).numel() * getattr(self, n).element_size() // 8) * 8 for n in self._present())
 
     def to_wire(self, buf: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         """``(buffer, header)``: every tensor copied into the front of ``buf`` (uint8, at least
@@ -110,7 +119,8 @@ class PackedBatch:
         shared memory per batch costs page faults that dominate on some VMs), 8-byte aligned, so
         that a worker sends one shared segment per batch instead of one per tensor. `from_wire`
         rebuilds the batch as views."""
-        parts = [getattr(self, n).contiguous() for n in self._TENSORS]
+        names = self._present()
+        parts = [getattr(self, n).contiguous() for n in names]
         sizes = [t.numel() * t.element_size() for t in parts]
         offsets, total = [], 0
         for size in sizes:
@@ -119,14 +129,14 @@ class PackedBatch:
         buf = buf[:total]
         for t, off, size in zip(parts, offsets, sizes):
             buf[off : off + size] = t.view(-1).view(torch.uint8)
-        header = tuple((off, t.dtype, tuple(t.shape)) for t, off in zip(parts, offsets))
+        header = tuple((name, off, t.dtype, tuple(t.shape)) for name, t, off in zip(names, parts, offsets))
         return buf, (header, self.max_seqlen)
 
     @classmethod
     def from_wire(cls, buf: torch.Tensor, header: tuple) -> PackedBatch:
         layout, max_seqlen = header
         tensors = {}
-        for name, (off, dtype, shape) in zip(cls._TENSORS, layout):
+        for name, off, dtype, shape in layout:
             n = 1
             for d in shape:
                 n *= d

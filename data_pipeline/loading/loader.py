@@ -19,6 +19,7 @@ seen again; later epochs are unaffected).
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import multiprocessing
 import os
@@ -38,6 +39,7 @@ from .batching import TokenCost
 from .epoch_plan import Batching, EpochPlan, worker_skip
 from .masking import Masking, Views, make_views, mask_for_mode
 from .normalize import Normalization, normalize
+from .read_depth import Downsampling, downsample
 
 STATE_VERSION = 1
 DEFAULT_MASKING = Masking()  # 15 % of each cell's genes; 80 % mask id, 10 % random, 10 % kept
@@ -58,10 +60,12 @@ class _Spec:
 
     def __init__(self, corpus: Corpus, normalization: Normalization, batching: Batching, masking: Masking | None,
                  views: Views | None, seed: int, rank: int, world_size: int, streams_per_rank: int,
-                 token_cost: TokenCost, label_columns: list[int] | None = None):
+                 token_cost: TokenCost, label_columns: list[int] | None = None,
+                 downsampling: Downsampling | None = None):
         self.corpus = corpus
         self.check_blocks = True  # False only in benchmarks/bench_loader.py, to measure what the checks cost
         self.normalization, self.batching, self.masking, self.views = normalization, batching, masking, views
+        self.downsampling = downsampling
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.streams_per_rank, self.token_cost = streams_per_rank, token_cost
         self.vocab_size = corpus.vocab_size
@@ -169,9 +173,9 @@ class _EpochStream(IterableDataset):
 def wire_bytes_bound(token_budget: int, n_label_columns: int, max_seqs: int | None = None) -> int:
     """Most bytes `PackedBatch.to_wire` can need: at most ``token_budget`` tokens (8-byte ids,
     values, targets; 1-byte mask) in at most ``max_seqs`` (default ``token_budget``) sequences
-    (4-byte cu_seqlens; 8-byte view and cell index and labels), each array padded to 8 bytes."""
+    (4-byte cu_seqlens; 8-byte view and cell index and labels; two 4-byte read depths), each array padded to 8 bytes."""
     seqs = token_budget if max_seqs is None else min(max_seqs, token_budget)
-    return token_budget * 25 + (seqs + 1) * 4 + seqs * 8 * (2 + n_label_columns) + 8 * 9
+    return token_budget * 25 + (seqs + 1) * 4 + seqs * 8 * (3 + n_label_columns) + 8 * 10
 
 
 def tune_malloc() -> bool:
@@ -246,15 +250,24 @@ def _megabatch_batches(spec: _Spec, plan: EpochPlan, m, reader: BlockReader, fir
     if spec.views is not None:
         indptr, genes, counts, totals = make_views(spec.views, indptr, genes, counts, totals, rng)
         per_cell = 2
-    norm = normalize(spec.normalization, indptr, genes, counts, totals, rng)
+    input_totals, original = totals, None
+    if spec.downsampling is not None:  # read-depth-aware: a lower-depth input, the original as the target
+        counts_in, input_totals, _ = downsample(spec.downsampling, indptr, counts, totals, rng)
+        same_subset = copy.deepcopy(rng)  # the targets' normalization draws the inputs' gene subset
+        original = normalize(spec.normalization, indptr, genes, counts, totals, same_subset).values
+        counts = counts_in
+    norm = normalize(spec.normalization, indptr, genes, counts, input_totals, rng)
     values, genes = norm.values, norm.genes
     if spec.masking is not None:
         genes, values, mlm, targets = mask_for_mode(spec.masking, spec.normalization.mode, spec.normalization.n_bins,
                                                     norm.indptr, genes, values, spec.mask_token,
                                                     (spec.n_special, spec.vocab_size), rng)
+        if original is not None:
+            targets = original
     else:
         mlm = np.zeros(len(genes), bool)
         targets = np.zeros_like(values)
+    read_depth = np.stack([totals, input_totals], axis=1).astype(np.float32)  # [n_seqs, 2]: T, S
     # per sequence, for the whole megabatch; batches below are views of these arrays (a worker
     # copies each into its ring buffer, so views cost no copy of their own)
     seq_ptr = norm.indptr
@@ -277,6 +290,7 @@ def _megabatch_batches(spec: _Spec, plan: EpochPlan, m, reader: BlockReader, fir
             labels=torch.from_numpy(seq_labels[s0:s1]),
             view_index=torch.from_numpy(seq_view[s0:s1] - c0),
             cell_index=torch.from_numpy(seq_cells[s0:s1]),
+            read_depth=torch.from_numpy(read_depth[s0:s1]),
         )
 
 
@@ -294,6 +308,9 @@ class CellLoader:
     and ``views`` must be the normalization's ``max_genes`` and the views' 2 (or 1). Default: the
     capped length plus ``extra_tokens_per_cell`` (e.g. 1 for ``<cls>``), per view, summed.
     ``label_columns``: the corpus label columns a batch's ``labels`` hold, by position (default all).
+    ``downsampling``: read-depth-aware pretraining (`read_depth.Downsampling`; continuous
+    normalization only): inputs at a lower depth, targets at the original. Every batch carries
+    ``read_depth`` (T, S) per sequence.
     ``malloc_tuning``: `tune_malloc` in this process too (the
     workers always do). Iterating gives one epoch; the next iteration the next epoch.
     """
@@ -302,7 +319,8 @@ class CellLoader:
                  batching: Batching | None = None, masking: Masking | None = DEFAULT_MASKING, views: Views | None = None,
                  seed: int = 0, rank: int | None = None, world_size: int | None = None, num_workers: int = 0,
                  pin_memory: bool = False, prefetch_factor: int = 4, extra_tokens_per_cell: int = 0,
-                 token_cost: TokenCost | None = None, malloc_tuning: bool = True, label_columns: list[int] | None = None):
+                 token_cost: TokenCost | None = None, malloc_tuning: bool = True, label_columns: list[int] | None = None,
+                 downsampling: Downsampling | None = None):
         if not isinstance(corpus, Corpus):
             if not Corpus.is_finished(corpus):
                 raise ValueError(f"{corpus}: no manifest.json; pass a finished corpus folder "
@@ -329,8 +347,12 @@ class CellLoader:
             raise ValueError(f"token_cost counts cells capped at {token_cost.cap} genes in {token_cost.views} view(s), "
                              f"but the loader caps them at max_genes={normalization.max_genes} and makes {n_views}: "
                              "build the token cost from the same normalization and views")
+        if downsampling is not None and normalization.mode != "continuous":
+            raise ValueError(f"read-depth downsampling predicts the original cell's continuous values, but the "
+                             f"normalization is {normalization.mode}: use normalization continuous (data.normalization="
+                             "continuous) or turn downsampling off (data.downsample_prob=0)")
         self.spec = _Spec(corpus, normalization, batching or Batching(), masking, views, seed, rank, world_size,
-                          max(1, num_workers), token_cost, label_columns)
+                          max(1, num_workers), token_cost, label_columns, downsampling)
         if self.spec.table.checksum is None:
             warnings.warn(f"{corpus.path}: a corpus of schema {corpus.schema_version} has no block "
                           "checksums, so damaged blocks are caught only by structural checks: reconvert to "

@@ -6,7 +6,8 @@ the objectives need, so that one forward call (what a DeepSpeed engine wraps) se
 - ``mlm``: predictions at the masked positions only (``batch.mlm_mask``), in token order:
   ``[n_masked, n_bins]`` logits (bins), ``[n_masked, vocab_size]`` logits (rank: the masked gene
   token is predicted) or ``[n_masked]`` values (continuous).
-- ``cells``: the cell embedding ``[B, d]`` (from ``<cls>`` or the mean over gene tokens).
+- ``cells``: the cell embedding ``[B, cell_dim]`` (from ``<cls>``, the mean over gene tokens, or
+  scFoundation's ``[S | T | max | mean]``, 4 d wide, see `CellModel.encode`).
 - ``contrastive``: its projection ``[B, contrastive_dim]`` (not normalized).
 - ``labels``: one ``[B, n_classes]`` logit tensor per label column.
 - ``tokens``: final hidden states of the input gene tokens ``[T, d]`` (None for the
@@ -16,7 +17,15 @@ The encoder-decoder (``architecture=encoder_decoder``, xTrimoGene/scFoundation):
 only the expressed, unmasked genes of each cell; its outputs are scattered into the full gene
 set of the vocabulary (every non-special token), where unexpressed genes get a learned zero
 embedding and masked genes a learned mask embedding; a FAVOR+ decoder over that full set
-regresses the masked values.
+regresses the masked values. Genes whose input value is 0 (a read-depth-downsampled cell's genes
+that lost every read, still predicted from their original value) join the decoder as unexpressed.
+
+T and S tokens (``depth_tokens``, scFoundation): two tokens per cell whose values are log10 of
+its raw total count T and of its input's total S (``batch.read_depth``), embedded by the value
+embedding plus a learned identity each (scFoundation gives them gene ids 19264 and 19265 of its
+positional table: biomap-research/scFoundation model/get_embedding.py appends them after the
+19,264 genes). Like ``<cls>`` they are added by the model, not the loader; they are never masked,
+and the encoder-decoder passes their encoder outputs to the decoder as two more rows per cell.
 """
 
 from __future__ import annotations
@@ -28,9 +37,15 @@ import torch
 from torch import nn
 
 from data_pipeline.loading.batch import PackedBatch
-from kernels.packing import compact, mean_per_sequence, sequence_ids, with_cls
+from kernels.packing import compact, max_per_sequence, mean_per_sequence, sequence_ids, with_prefix
 
-from .embeddings import GeneEmbeddingCoverage, ValueEmbedding, align_gene_embeddings, read_gene_embedding_file
+from .embeddings import (
+    AutoDiscretization,
+    GeneEmbeddingCoverage,
+    ValueEmbedding,
+    align_gene_embeddings,
+    read_gene_embedding_file,
+)
 from .encoder import Encoder
 from .shape import ModelConfig
 
@@ -38,7 +53,7 @@ from .shape import ModelConfig
 @dataclass
 class ModelOutput:
     mlm: torch.Tensor            # [n_masked, C] logits or [n_masked] values
-    cells: torch.Tensor          # [B, d]
+    cells: torch.Tensor          # [B, cell_dim]
     contrastive: torch.Tensor    # [B, contrastive_dim]
     labels: list[torch.Tensor]   # per label column [B, n_classes]
     tokens: torch.Tensor | None  # [T, d]
@@ -54,8 +69,11 @@ class CellModel(nn.Module):
         self.gene_embedding_coverage: GeneEmbeddingCoverage | None = None
         if c.gene_embedding_file:
             self._load_gene_embedding(vocab)
-        self.value_embedding = ValueEmbedding(c.value_mode, c.d_model, c.n_bins, c.max_rank)
+        self.value_embedding = ValueEmbedding(c.value_mode, c.d_model, c.n_bins, c.max_rank, c.continuous_embedding,
+                                              c.autobin_bins, c.autobin_alpha)
         self.cls = nn.Parameter(torch.randn(c.d_model) * 0.02) if c.use_cls else None
+        # identities of the T and S tokens (rows 0, 1), added to their values' embeddings
+        self.depth = nn.Parameter(torch.randn(2, c.d_model) * 0.02) if c.depth_tokens else None
         self.drop = nn.Dropout(c.dropout)
         self.encoder = Encoder(c.d_model, c.n_layers, c.n_heads, c.ffn_multiplier, c.dropout, c.norm_eps, c.attention,
                                c.favor_features, c.activation_checkpointing, c.norm_position, c.activation)
@@ -73,10 +91,14 @@ class CellModel(nn.Module):
         else:
             self.mlm_head = nn.Sequential(nn.Linear(c.d_model, c.d_model), nn.GELU(),
                                           nn.LayerNorm(c.d_model, eps=c.norm_eps), nn.Linear(c.d_model, mlm_out))
-        self.contrastive_head = nn.Sequential(nn.Linear(c.d_model, c.d_model), nn.GELU(),
+        self.contrastive_head = nn.Sequential(nn.Linear(c.cell_dim, c.d_model), nn.GELU(),
                                               nn.Linear(c.d_model, c.contrastive_dim))
-        self.label_heads = nn.ModuleList(nn.Linear(c.d_model, n) for n in c.label_classes)
+        self.label_heads = nn.ModuleList(nn.Linear(c.cell_dim, n) for n in c.label_classes)
         self.apply(self._init)
+        for module in self.modules():  # torch's default init, as scFoundation's: logits that vary with the value
+            if isinstance(module, AutoDiscretization):
+                module.to_logits.reset_parameters()
+                module.mix.reset_parameters()
         self.redraw_projections(torch.Generator().manual_seed(seed))
 
     @classmethod
@@ -127,44 +149,81 @@ class CellModel(nn.Module):
                 module.redraw(generator)
 
     def to_gene_set(self, x: torch.Tensor, gene_ids: torch.Tensor, cu_seqlens: torch.Tensor, gene_table: nn.Embedding,
-                    fill: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+                    fill: torch.Tensor, n_extra: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """Packed token rows ``x`` [T, d] scattered into every cell's full gene set (G = every
-        non-special token, in token order); the other rows are ``gene_table(gene) + fill``.
-        -> (rows [B * G, d], slot of each token [T], cu_seqlens [B+1], G)"""
+        non-special token, in token order), followed by ``n_extra`` zero rows per cell for the
+        caller to fill; the other gene rows are ``gene_table(gene) + fill``.
+        -> (rows [B * (G + n_extra), d], slot of each token [T], cu_seqlens [B+1], G + n_extra)"""
         b = cu_seqlens.shape[0] - 1
         n_genes = self.config.vocab_size - self.n_special
-        slots = sequence_ids(cu_seqlens, gene_ids.shape[0]) * n_genes + (gene_ids - self.n_special)
+        per_cell = n_genes + n_extra
+        slots = sequence_ids(cu_seqlens, gene_ids.shape[0]) * per_cell + (gene_ids - self.n_special)
         all_genes = torch.arange(self.n_special, self.config.vocab_size, device=x.device)
-        dense = (gene_table(all_genes) + fill)[None].expand(b, n_genes, -1).reshape(b * n_genes, -1)
-        dense_cu = torch.arange(b + 1, device=x.device, dtype=torch.int32) * n_genes
-        return dense.index_put((slots,), x), slots, dense_cu, n_genes
+        dense = (gene_table(all_genes) + fill)[None].expand(b, n_genes, -1)
+        if n_extra:
+            dense = torch.cat([dense, dense.new_zeros(b, n_extra, dense.shape[-1])], dim=1)
+        dense_cu = torch.arange(b + 1, device=x.device, dtype=torch.int32) * per_cell
+        return dense.reshape(b * per_cell, -1).index_put((slots,), x), slots, dense_cu, per_cell
 
-    def encode(self, gene_ids, values, cu_seqlens, max_seqlen) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encoder over packed tokens: (gene-token states [T, d], cell embeddings [B, d])."""
+    def encode(self, gene_ids, values, cu_seqlens, max_seqlen,
+               read_depth: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder over packed tokens: (gene-token states [T, d], cell embeddings [B, cell_dim]).
+        ``read_depth`` [B, 2] (T, S total counts per sequence): needed with ``depth_tokens``."""
+        body, cells, _ = self._encode(gene_ids, values, cu_seqlens, max_seqlen, read_depth)
+        return body, cells
+
+    def depth_embedding(self, read_depth: torch.Tensor | None, n_seqs: int) -> torch.Tensor:
+        """Inputs of the T and S tokens: identity + value embedding of log10(total).  [B, 2, d]"""
+        if read_depth is None or read_depth.shape != (n_seqs, 2):
+            raise ValueError("model.depth_tokens needs batch.read_depth [n_seqs, 2] (raw and input total counts "
+                             "per sequence; the CellLoader and pretrain.embed fill it in), got "
+                             f"{None if read_depth is None else tuple(read_depth.shape)}")
+        # at least float32: in bf16 the totals would keep 3 digits
+        logs = torch.log10(read_depth.to(torch.promote_types(self.depth.dtype, torch.float32)).clamp_min(1))
+        return self.depth + self.value_embedding(logs.flatten()).view(n_seqs, 2, -1)
+
+    def _encode(self, gene_ids, values, cu_seqlens, max_seqlen, read_depth=None):
+        """`encode`, plus the T and S tokens' states [B, 2, d] (None without ``depth_tokens``)."""
+        c = self.config
         x = self.gene_embedding(gene_ids) + self.value_embedding(values)
         token_rows = None  # where each input token sits among the encoder's rows (None: in place)
-        if self.config.gene_set == "all":  # scBERT: unexpressed genes too, with the zero-expression value
+        if c.gene_set == "all":  # scBERT: unexpressed genes too, with the zero-expression value
             zero = self.value_embedding(torch.zeros(1, dtype=values.dtype, device=x.device))
             x, token_rows, cu_seqlens, max_seqlen = self.to_gene_set(x, gene_ids, cu_seqlens, self.gene_embedding, zero)
         x = self.drop(x)
-        if self.cls is None:
-            body, cells = self.encoder(x, cu_seqlens, max_seqlen), None
+        b = cu_seqlens.shape[0] - 1
+        prefix = []  # per sequence, before its genes: <cls>, then T and S
+        if self.cls is not None:
+            prefix.append(self.cls.expand(b, 1, -1))
+        if self.depth is not None:
+            prefix.append(self.depth_embedding(read_depth, b))
+        cls_state = depth_states = None
+        if not prefix:
+            body = self.encoder(x, cu_seqlens, max_seqlen)
         else:
-            x, cls_cu, cls_rows = with_cls(x, self.cls, cu_seqlens)
-            h = self.encoder(x, cls_cu, max_seqlen + 1)
-            body = h[cls_rows]
-            cells = h[cls_cu[:-1].long()] if self.config.pooling == "cls" else None
-        if cells is None:
+            x, prefix_cu, rows, prefix_rows = with_prefix(x, torch.cat(prefix, dim=1), cu_seqlens)
+            h = self.encoder(x, prefix_cu, max_seqlen + c.n_prefix)
+            body = h[rows]
+            if self.cls is not None:
+                cls_state = h[prefix_rows[:, 0]]
+            if self.depth is not None:
+                depth_states = h[prefix_rows[:, -2:]]
+        if c.pooling == "cls":
+            cells = cls_state
+        elif c.pooling == "mean":
             cells = mean_per_sequence(body, cu_seqlens)
-        return (body if token_rows is None else body[token_rows]), cells
+        else:  # scFoundation's cell embedding (model/get_embedding.py, pool_type "all"): S, T, max and mean
+            cells = torch.cat([depth_states[:, 1], depth_states[:, 0], max_per_sequence(body, cu_seqlens),
+                               mean_per_sequence(body, cu_seqlens)], dim=-1)
+        return (body if token_rows is None else body[token_rows]), cells, depth_states
 
     def encode_padded(self, gene_ids: torch.Tensor, values: torch.Tensor,
                       key_padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The padded reference of `encode` (expressed-gene encoder): gene_ids, values,
         key_padding_mask [B, L] (True on real tokens) -> (token states [B, L, d], cells [B, d])."""
-        if self.config.gene_set != "expressed" or self.config.architecture != "encoder":
+        if self.config.gene_set != "expressed" or self.config.architecture != "encoder" or self.depth is not None:
             raise ValueError("encode_padded is the reference of the expressed-gene encoder (gene_set=expressed, "
-                             "architecture=encoder)")
+                             "architecture=encoder, no depth tokens)")
         x = self.drop(self.gene_embedding(gene_ids) + self.value_embedding(values.flatten()).view(*gene_ids.shape, -1))
         real = key_padding_mask
         if self.cls is not None:
@@ -181,7 +240,7 @@ class CellModel(nn.Module):
     def forward(self, batch: PackedBatch) -> ModelOutput:
         if self.config.architecture == "encoder_decoder":
             return self._forward_encoder_decoder(batch)
-        tokens, cells = self.encode(batch.gene_ids, batch.values, batch.cu_seqlens, batch.max_seqlen)
+        tokens, cells = self.encode(batch.gene_ids, batch.values, batch.cu_seqlens, batch.max_seqlen, batch.read_depth)
         mlm = self.mlm_head(tokens[batch.mlm_mask])
         return self._outputs(mlm.squeeze(-1) if self.config.value_mode == "continuous" else mlm, cells, tokens)
 
@@ -190,16 +249,21 @@ class CellModel(nn.Module):
                            labels=[head(cells) for head in self.label_heads], tokens=tokens)
 
     def _forward_encoder_decoder(self, batch: PackedBatch) -> ModelOutput:
-        keep = ~batch.mlm_mask
+        # the encoder sees the expressed (input > 0; masked inputs are -1), unmasked genes
+        keep = ~batch.mlm_mask & (batch.values > 0)
         enc_cu, enc_max = compact(keep, batch.cu_seqlens)
-        tokens, cells = self.encode(batch.gene_ids[keep], batch.values[keep], enc_cu, enc_max)
+        tokens, cells, depth = self._encode(batch.gene_ids[keep], batch.values[keep], enc_cu, enc_max, batch.read_depth)
         # every cell x every gene: gene embedding + (encoder output | mask | zero expression)
         present = self.decoder_gene_embedding(batch.gene_ids)
-        filled = torch.empty_like(present)
+        filled = present + torch.where(batch.mlm_mask[:, None], self.decoder_mask, self.decoder_zero)
         filled[keep] = present[keep] + self.to_decoder(tokens)
-        filled[~keep] = present[~keep] + self.decoder_mask
-        dec, slot, dec_cu, n_genes = self.to_gene_set(filled, batch.gene_ids, batch.cu_seqlens,
-                                                      self.decoder_gene_embedding, self.decoder_zero)
-        out = self.decoder(self.drop(dec), dec_cu, n_genes)
+        n_extra = 0 if depth is None else 2
+        dec, slot, dec_cu, per_cell = self.to_gene_set(filled, batch.gene_ids, batch.cu_seqlens,
+                                                       self.decoder_gene_embedding, self.decoder_zero, n_extra)
+        if depth is not None:  # T and S after each cell's genes
+            b = batch.cu_seqlens.shape[0] - 1
+            rows = (torch.arange(b, device=dec.device) * per_cell + per_cell - 2)[:, None] + torch.arange(2, device=dec.device)
+            dec = dec.index_put((rows.flatten(),), self.to_decoder(depth).reshape(2 * b, -1).to(dec.dtype))
+        out = self.decoder(self.drop(dec), dec_cu, per_cell)
         mlm = self.mlm_head(out[slot[batch.mlm_mask]]).squeeze(-1)
         return self._outputs(mlm, cells, None)

@@ -3,8 +3,9 @@
 Gene identity: one row per vocabulary token, optionally initialized from a pretrained
 gene-embedding file aligned to the vocabulary by Ensembl id (or symbol). Expression value, by
 ``value_mode``: ``bins`` (a table over bins 0 ... n_bins - 1 plus the loader's mask bin
-``n_bins``), ``continuous`` (a small MLP of the value; the loader marks masked inputs with -1,
-which get a learned mask vector instead) or ``rank`` (Geneformer: the value is the position in
+``n_bins``), ``continuous`` (a small MLP of the value, or xTrimoGene's auto-discretization,
+`AutoDiscretization`; the loader marks masked inputs with -1, which get a learned mask vector
+instead) or ``rank`` (Geneformer: the value is the position in
 the rank-ordered cell, embedded by a position table; masking acts on the gene token).
 """
 
@@ -97,11 +98,33 @@ def align_gene_embeddings(ids: list[str], vectors: np.ndarray, vocab_ensembl: li
     return rows, found, coverage
 
 
+class AutoDiscretization(nn.Module):
+    """xTrimoGene / scFoundation's value embedding (biomap-research/scFoundation,
+    model/pretrainmodels/mae_autobin.py, AutoDiscretizationEmbedding2): a scalar value v becomes
+    b logits ``h = LeakyReLU_0.1(w1 v + c1)``, mixed across bins ``z = alpha h + (W2 h + c2)``,
+    and the embedding is the softmax-weighted sum of b learned bin vectors ``softmax(z) @ E``
+    (E [b, d]): a soft, learned binning in place of fixed bin edges. values [N] float -> [N, d]."""
+
+    def __init__(self, d_model: int, n_bins: int, alpha: float):
+        super().__init__()
+        self.to_logits = nn.Linear(1, n_bins)
+        self.mix = nn.Linear(n_bins, n_bins)
+        self.bins = nn.Embedding(n_bins, d_model)
+        self.alpha = alpha
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        h = torch.nn.functional.leaky_relu(self.to_logits(values[:, None]), 0.1)
+        weights = torch.softmax(self.alpha * h + self.mix(h), dim=-1)
+        return weights @ self.bins.weight
+
+
 class ValueEmbedding(nn.Module):
     """Expression input -> ``[T, d]``. values [T]: bins (int), continuous (float, -1 = masked)
-    or rank (int position)."""
+    or rank (int position). Continuous values go through a small MLP (``continuous_embedding``
+    mlp) or `AutoDiscretization` (autobin)."""
 
-    def __init__(self, mode: str, d_model: int, n_bins: int, max_rank: int):
+    def __init__(self, mode: str, d_model: int, n_bins: int, max_rank: int, continuous_embedding: str = "mlp",
+                 autobin_bins: int = 100, autobin_alpha: float = 1.0):
         super().__init__()
         self.mode = mode
         if mode == "bins":
@@ -110,15 +133,19 @@ class ValueEmbedding(nn.Module):
             self.table = nn.Embedding(max_rank, d_model)
             self.max_rank = max_rank
         else:
-            hidden = max(32, d_model // 4)
-            self.mlp = nn.Sequential(nn.Linear(1, hidden), nn.GELU(), nn.Linear(hidden, d_model))
+            if continuous_embedding == "autobin":
+                self.autobin = AutoDiscretization(d_model, autobin_bins, autobin_alpha)
+            else:
+                hidden = max(32, d_model // 4)
+                self.mlp = nn.Sequential(nn.Linear(1, hidden), nn.GELU(), nn.Linear(hidden, d_model))
             self.mask = nn.Parameter(torch.zeros(d_model))
 
     def forward(self, values: torch.Tensor) -> torch.Tensor:
         if self.mode == "continuous":
             x = values.to(self.mask.dtype)
             masked = x < 0
-            out = self.mlp(x.clamp_min(0)[:, None])
+            x = x.clamp_min(0)
+            out = self.autobin(x) if hasattr(self, "autobin") else self.mlp(x[:, None])
             return torch.where(masked[:, None], self.mask.expand_as(out), out)
         # checked where it costs no device sync; the trainer checks the loader's max_genes up front
         if self.mode == "rank" and not values.is_cuda and values.numel() and int(values.max()) >= self.max_rank:

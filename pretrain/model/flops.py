@@ -9,7 +9,9 @@ FLOPs count matrix multiplies only (2 per multiply-add), forward, times 3 for tr
   the key-value state and the query-state product, each ``m * head_dim`` per head);
 - the masked-expression head on ``mask_ratio`` of the genes, the contrastive and label heads on
   the cell embedding;
-- sequence lengths as the model sees them: plus one for ``<cls>``; every vocabulary gene for
+- the value embedding only where it is auto-discretization (``2 (b + b^2 + b d)`` per embedded
+  value: its b x b mix is large beside a narrow model's blocks; a table or the small MLP is not);
+- sequence lengths as the model sees them: plus one for ``<cls>``, two for the T and S tokens; every vocabulary gene for
   ``gene_set=all``; for the encoder-decoder, the unmasked genes in the encoder and the full gene
   set in the decoder.
 
@@ -54,28 +56,39 @@ def model_cost(config: ModelConfig, seq_len: float, mask_ratio: float = 0.15) ->
         params += (c.n_bins + 1) * d
     elif c.value_mode == "rank":
         params += c.max_rank * d
+    elif c.continuous_embedding == "autobin":
+        b = c.autobin_bins
+        params += _linear(1, b) + _linear(b, b) + b * d + d
     else:
         hidden = max(32, d // 4)
         params += _linear(1, hidden) + _linear(hidden, d) + d
     params += d if c.use_cls else 0
+    params += 2 * d if c.depth_tokens else 0
     params += _stack_params(d, c.n_layers, ffn)
-    params += _linear(d, d) + _linear(d, c.contrastive_dim) + sum(_linear(d, n) for n in c.label_classes)
-    cls = 1 if c.use_cls else 0
+    e = c.cell_dim
+    params += _linear(e, d) + _linear(d, c.contrastive_dim) + sum(_linear(e, n) for n in c.label_classes)
+    cls = c.n_prefix
     masked = mask_ratio * seq_len
-    heads = 2 * (d * d + d * c.contrastive_dim + sum(d * n for n in c.label_classes))
+    depth = 2 * int(c.depth_tokens)
+    autobin = 0.0  # per embedded value
+    if c.value_mode == "continuous" and c.continuous_embedding == "autobin":
+        autobin = 2.0 * (c.autobin_bins + c.autobin_bins ** 2 + c.autobin_bins * d)
+    heads = 2 * (e * d + d * c.contrastive_dim + sum(e * n for n in c.label_classes))
     if c.architecture == "encoder_decoder":
         dd, dffn = c.decoder.d_model, int(round(c.decoder.d_model * c.ffn_multiplier))
         params += _linear(d, dd) + c.vocab_size * dd + 2 * dd + _stack_params(dd, c.decoder.n_layers, dffn) + _linear(dd, 1)
         enc_len = seq_len - masked + cls
+        # T and S: encoder outputs passed to the decoder too
         forward = (_stack_flops(enc_len, d, c.n_layers, ffn, c.attention, c.favor_features)
-                   + 2 * (seq_len - masked) * d * dd
-                   + _stack_flops(n_genes, dd, c.decoder.n_layers, dffn, c.decoder.attention, c.favor_features)
+                   + autobin * (seq_len - masked + depth)
+                   + 2 * (seq_len - masked + depth) * d * dd
+                   + _stack_flops(n_genes + depth, dd, c.decoder.n_layers, dffn, c.decoder.attention, c.favor_features)
                    + 2 * masked * dd + heads)
     else:
         mlm_out = {"bins": c.n_bins, "rank": c.vocab_size, "continuous": 1}[c.value_mode]
         params += _linear(d, d) + 2 * d + _linear(d, mlm_out)
         enc_len = (n_genes if c.gene_set == "all" else seq_len) + cls
         forward = (_stack_flops(enc_len, d, c.n_layers, ffn, c.attention, c.favor_features)
-                   + 2 * masked * (d * d + d * mlm_out) + heads)
+                   + autobin * (seq_len + depth) + 2 * masked * (d * d + d * mlm_out) + heads)
     per_cell = 3 * forward
     return ModelCost(params=int(params), flops_per_cell=float(per_cell), flops_per_token=float(per_cell / max(seq_len, 1)))

@@ -16,7 +16,9 @@ from ..knobs import FREE, knob
 # varlen: torch's FlashAttention varlen kernel (exact, packed; CUDA bf16/fp16, torch >= 2.10)
 ATTENTION_BACKENDS = ("favor", "flash", "sdpa", "varlen")
 VALUE_MODES = ("bins", "continuous", "rank")
-POOLINGS = ("cls", "mean")
+# depth_max_mean (scFoundation): [S | T | max | mean] of the encoder outputs, 4 x d_model wide
+POOLINGS = ("cls", "mean", "depth_max_mean")
+CONTINUOUS_EMBEDDINGS = ("mlp", "autobin")
 ARCHITECTURES = ("encoder", "encoder_decoder")
 GENE_SETS = ("expressed", "all")
 NORM_POSITIONS = ("pre", "post")
@@ -57,12 +59,22 @@ class ModelConfig:
     favor_features: int = knob("FAVOR+ random features m (multiple of 16)", 256)
     favor_redraw_interval: int = knob("redraw the FAVOR+ projections every N optimizer steps (0: never)", 1000)
     value_mode: str = knob("expression input: bins (bin table), continuous (MLP) or rank (position table)", "bins")
+    continuous_embedding: str = knob("continuous values: mlp (a small MLP) or autobin (xTrimoGene's auto-discretization: "
+                                     "softmax weights over autobin_bins learned embeddings)", "mlp")
+    autobin_bins: int = knob("autobin: learned bin embeddings b (scFoundation bin_num: 100)", 100)
+    autobin_alpha: float = knob("autobin: weight of the leaky-ReLU logits added to their b x b mix (scFoundation "
+                                "bin_alpha: 1.0)", 1.0)
+    depth_tokens: bool = knob("add two tokens per cell whose values are log10 of T (the cell's raw total count) and "
+                              "S (its input's total, lower when the loader downsampled it): scFoundation's T and S",
+                              False)
     n_bins: int = knob("expression bins of the loader's normalization (bin 0 = zero expression)", 51)
     max_rank: int = knob("rank mode: longest rank-ordered cell (positions embedded)", 2048)
     gene_set: str = knob("encoder input: the expressed genes of a cell, or all vocabulary genes (scBERT; "
                           "unexpressed ones get the zero-expression value)", "expressed")
     use_cls: bool = knob("prepend a <cls> token to every sequence", True)
-    pooling: str = knob("cell embedding from the <cls> output or the mean over gene tokens", "cls")
+    pooling: str = knob("cell embedding: the <cls> output (cls), the mean over gene tokens (mean), or "
+                        "[S | T | max | mean] over gene tokens, 4 x d_model wide (depth_max_mean, scFoundation; "
+                        "needs depth_tokens)", "cls")
     contrastive_dim: int = knob("width of the contrastive projection", 128)
     label_classes: list[int] = knob("classes per label column (one classification head each)", factory=list)
     gene_embedding_file: str | None = knob("pretrained gene embeddings (gene2vec text, .npz gene_ids+embeddings)",
@@ -74,6 +86,16 @@ class ModelConfig:
     decoder: DecoderConfig = knob("encoder_decoder only: the full-gene-set decoder", factory=DecoderConfig)
 
     @property
+    def cell_dim(self) -> int:
+        """Width of the cell embedding (`ModelOutput.cells`)."""
+        return 4 * self.d_model if self.pooling == "depth_max_mean" else self.d_model
+
+    @property
+    def n_prefix(self) -> int:
+        """Tokens the model adds to each cell before its genes: <cls>, then T and S."""
+        return int(self.use_cls) + 2 * int(self.depth_tokens)
+
+    @property
     def n_genes(self) -> int:
         """Gene tokens of the vocabulary (the ids after the special tokens): the full gene set."""
         return self.vocab_size - (max(self.pad_token, self.cls_token, self.mask_token) + 1)
@@ -82,15 +104,15 @@ class ModelConfig:
         """What a cell costs against the token budget when this model runs it (the one place the
         trainer, the embedder and the benchmarks get it from): its expressed genes capped at
         ``max_genes``, + 1 for ``<cls>``; with ``gene_set=all`` the encoder runs every vocabulary gene
-        (+ ``<cls>``), and the encoder-decoder's decoder runs every vocabulary gene, so a cell costs
+        (+ ``<cls>``, + T and S with ``depth_tokens``), and the encoder-decoder's decoder runs every vocabulary gene, so a cell costs
         at least the full gene set; x ``views``. Batches cost n_cells x their longest cell where an
         attention runs ``sdpa`` (it pads the packed batch to its longest sequence), else the sum."""
-        cls = int(self.use_cls)
+        cls = self.n_prefix
         full = None
         if self.gene_set == "all":
             full = self.n_genes + cls
         elif self.architecture == "encoder_decoder":
-            full = self.n_genes
+            full = self.n_genes + 2 * int(self.depth_tokens)  # the decoder runs T and S too
         backends = {self.attention, self.decoder.attention} if self.architecture == "encoder_decoder" else {self.attention}
         return TokenCost(cap=max_genes, extra_tokens=cls, views=views, full_length=full, padded="sdpa" in backends)
 
@@ -98,7 +120,7 @@ class ModelConfig:
         """The named choices; what the corpus fills in (vocab_size, ...) is checked by `validate`."""
         choices = {"attention": ATTENTION_BACKENDS, "value_mode": VALUE_MODES, "pooling": POOLINGS,
                    "architecture": ARCHITECTURES, "gene_set": GENE_SETS, "norm_position": NORM_POSITIONS,
-                   "activation": ACTIVATIONS}
+                   "activation": ACTIVATIONS, "continuous_embedding": CONTINUOUS_EMBEDDINGS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"model.{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
@@ -119,6 +141,15 @@ class ModelConfig:
             raise ValueError(f"model.favor_features={self.favor_features} must be a positive multiple of 16")
         if self.pooling == "cls" and not self.use_cls:
             raise ValueError("model.pooling=cls needs model.use_cls=true (or set model.pooling=mean)")
+        if self.pooling == "depth_max_mean" and not self.depth_tokens:
+            raise ValueError("model.pooling=depth_max_mean concatenates the T and S token outputs: set "
+                             "model.depth_tokens=true (or choose model.pooling=mean)")
+        if self.depth_tokens and self.value_mode != "continuous":
+            raise ValueError("model.depth_tokens embeds log10 total counts as continuous values: set "
+                             "model.value_mode=continuous (data.normalization=continuous)")
+        if self.continuous_embedding == "autobin" and (self.autobin_bins < 2 or self.autobin_alpha < 0):
+            raise ValueError(f"model.autobin_bins={self.autobin_bins} must be >= 2 and model.autobin_alpha="
+                             f"{self.autobin_alpha} >= 0 (scFoundation: 100 and 1.0)")
         if self.value_mode == "bins" and self.n_bins < 3:
             raise ValueError(f"model.n_bins={self.n_bins}: bins need at least 3 (bin 0 is zero expression)")
         if self.architecture == "encoder_decoder" and self.value_mode != "continuous":
