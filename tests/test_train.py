@@ -371,4 +371,5 @@ def test_presets_carry_their_recipes():
     for name in ("scgpt", "scfoundation"):
         other = load_config(None, [f"preset={name}"])
         assert (other.model.norm_position, other.model.activation) == ("pre", "gelu")
-        assert other.input_masking() == Masking()
+        # scFoundation masks 30 % of values (training_hyperparameter.txt value_mask_prob), BERT's 80/10/10
+        assert other.input_masking() == Masking(0.3 if name == "scfoundation" else 0.15)
