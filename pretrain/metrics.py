@@ -100,8 +100,8 @@ class RunLog:
             self.flush()
             if self.mlflow is not None and metrics["step"] > self.mlflow_logged_through:
                 step = metrics["step"]
-                self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()
-                                         if k != "step" and isinstance(v, (int, float)) and v is not None}, step=step)
+                self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()  # MLflow stamps its own time
+                                         if k not in ("step", "time") and isinstance(v, (int, float))}, step=step)
 
     def flush(self) -> None:
         tmp = self.run_dir / "metrics.json.tmp"
