@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+from copy import deepcopy
 from dataclasses import replace
 
 import pytest
@@ -46,20 +47,26 @@ def handlers():
 def saves(monkeypatch) -> list[dict]:
     """The client states `checkpoint.save` was asked to write (DeepSpeed's part left out)."""
     calls = []
-    monkeypatch.setattr(checkpoint, "save", lambda engine, run_dir, step, state, keep, record: calls.append(state))
+    # a copy, as the file is written: the history list goes on growing
+    monkeypatch.setattr(checkpoint, "save", lambda engine, run_dir, step, state, keep, record: calls.append(deepcopy(state)))
     return calls
 
 
 def test_checkpoints_at_every_nth_step_at_a_stop_vote_and_once_at_the_end(tmp_path, saves, handlers):
-    c = config(checkpoint_every=3)
-    log = StepLog(c, 1, torch.device("cpu"), None, None)
+    c = config(checkpoint_every=3, log_every=100)
+    run_log = RunLog(tmp_path, "e", use_mlflow=False)
+    run_log.start({}, [], resumed=False)
+    log = StepLog(c, 1, torch.device("cpu"), None, run_log)
     saver = Checkpointer(None, Loader(), tmp_path, c.run, {})
     for step in range(1, 8):
+        log.step(step, _result(float(step)), COUNTS, lr=0.1, grad_norm=None, applied=step != 2)
         saver.maybe_save(step, stop=False, log=log)
     saver.finish(7, log)
     saver.finish(7, log)
     assert [s["step"] for s in saves] == [3, 6, 7]
-    assert saves[0] == {"step": 3, "loader": {"position": "here"}, "history": [], "skipped": 0}
+    # no log step yet at step 3: the save read the pending steps, so its history has every step
+    assert [h["loss"] for h in saves[0]["history"]] == [1.0, 2.0, 3.0]
+    assert saves[0]["loader"] == {"position": "here"} and saves[0]["skipped"] == 1
 
     saves.clear()
     saver = Checkpointer(None, Loader(), tmp_path, c.run, {})
