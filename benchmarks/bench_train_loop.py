@@ -146,24 +146,31 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        started = time.perf_counter()
+        started, load_at_start = time.perf_counter(), os.getloadavg()[0]
         corpus = make_corpus(work, args.cells)
         tree = baseline_tree(args.baseline, work) if args.baseline else None
+        kinds = [("this", 1), ("this", args.log_every)] + ([(args.baseline, args.log_every)] if tree else [])
         rows = []
         for repeat in range(args.repeats):
-            runs = [("this", 1), ("this", args.log_every)] + ([(args.baseline, args.log_every)] if tree else [])
-            for code, log_every in runs:
+            for code, log_every in kinds:
                 out = work / f"run-{repeat}-{code}-log{log_every}"
-                history, threads = run_trainer(REPO if code == "this" else tree, corpus, out, args.steps, log_every,
-                                      args.overrides)
+                history, threads = run_trainer(REPO if code == "this" else tree, corpus, out, args.steps,
+                                               log_every, args.overrides)
                 rows.append({"code": code, "log_every": log_every, "repeat": repeat,
                              **steps_per_s(history, args.log_every), "final_loss": history[-1]["loss"]})
                 print(f"{code} log_every={log_every} repeat {repeat}: {rows[-1]['steps_per_s']:.2f} steps/s",
                       file=sys.stderr)
         wall = time.perf_counter() - started
+
+    def measured(code: str, log_every: int) -> list[float]:
+        return [r["steps_per_s"] for r in rows if (r["code"], r["log_every"]) == (code, log_every)]
+
     def median(code: str, log_every: int) -> float | None:
-        found = [r["steps_per_s"] for r in rows if (r["code"], r["log_every"]) == (code, log_every)]
+        found = measured(code, log_every)
         return statistics.median(found) if found else None
+
+    # the noise to read the medians against: a shared machine's repeats differ by more than the loop's cost
+    spread = {f"{code} log_every={n}": [min(measured(code, n)), max(measured(code, n))] for code, n in kinds}
 
     every, windowed, before = median("this", 1), median("this", args.log_every), median(args.baseline, args.log_every)
     result = result_record(
@@ -175,10 +182,10 @@ def main(argv: list[str] | None = None) -> dict:
                   "baseline": args.baseline},
         rows=rows,
         summary={"steps_per_s_log_every_1": every, f"steps_per_s_log_every_{args.log_every}": windowed,
-                 "ratio": windowed / every,
+                 "ratio": windowed / every, "min_max": spread,
                  **({f"steps_per_s_baseline_{args.baseline}": before, "ratio_to_baseline": windowed / before}
                     if before else {})},
-        wall_s=round(wall, 1))
+        load_avg_1min={"start": load_at_start, "end": os.getloadavg()[0]}, wall_s=round(wall, 1))
     write_result(Path(args.result) if args.result else RESULTS / f"train_loop_{device_slug()}.json", result)
     return result
 
