@@ -173,6 +173,14 @@ def main(argv: list[str] | None = None) -> dict:
     spread = {f"{code} log_every={n}": [min(measured(code, n)), max(measured(code, n))] for code, n in kinds}
 
     every, windowed, before = median("this", 1), median("this", args.log_every), median(args.baseline, args.log_every)
+
+    def paired(code: str, log_every: int) -> float:
+        """Median over repeats of the windowed run's steps/s over the other's of the same repeat
+        (runs next to each other in time share the machine's load more than runs far apart)."""
+        this = {r["repeat"]: r["steps_per_s"] for r in rows if (r["code"], r["log_every"]) == ("this", args.log_every)}
+        return statistics.median(this[r["repeat"]] / r["steps_per_s"] for r in rows
+                                 if (r["code"], r["log_every"]) == (code, log_every))
+
     result = result_record(
         "train_loop", device=device_record(), versions=versions("torch", "deepspeed"),
         settings={"steps": args.steps, "log_every": args.log_every, "repeats": args.repeats, "cells": args.cells,
@@ -182,9 +190,9 @@ def main(argv: list[str] | None = None) -> dict:
                   "baseline": args.baseline},
         rows=rows,
         summary={"steps_per_s_log_every_1": every, f"steps_per_s_log_every_{args.log_every}": windowed,
-                 "ratio": windowed / every, "min_max": spread,
-                 **({f"steps_per_s_baseline_{args.baseline}": before, "ratio_to_baseline": windowed / before}
-                    if before else {})},
+                 "ratio": windowed / every, "paired_ratio": paired("this", 1), "min_max": spread,
+                 **({f"steps_per_s_baseline_{args.baseline}": before, "ratio_to_baseline": windowed / before,
+                     "paired_ratio_to_baseline": paired(args.baseline, args.log_every)} if before else {})},
         load_avg_1min={"start": load_at_start, "end": os.getloadavg()[0]}, wall_s=round(wall, 1))
     write_result(Path(args.result) if args.result else RESULTS / f"train_loop_{device_slug()}.json", result)
     return result
