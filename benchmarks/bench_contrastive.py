@@ -239,7 +239,7 @@ def run_one(job: dict) -> dict:
                 seconds, cpu_seconds = time.perf_counter() - t, time.process_time() - cpu
             if step >= job["warmup"]:
                 times.append(seconds)
-                losses.append(result.loss)
+                losses.append(float(result.loss))
                 if not cuda:
                     cpu_times.append(cpu_seconds)
         held = {}

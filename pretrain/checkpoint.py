@@ -22,6 +22,8 @@ import os
 import pickle
 import re
 import shutil
+import signal
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,6 +32,9 @@ import torch.distributed as dist
 import xxhash
 
 from data_pipeline.conversion.fsio import atomic_write_with
+
+from .config import resume_changes
+from .distributed import host_all_reduce
 
 logger = logging.getLogger(__name__)
 
@@ -191,6 +196,116 @@ def load(engine, checkpoint: Path) -> dict:
     if client_state is None:
         raise ValueError(f"{checkpoint}: DeepSpeed could not load it")
     return client_state
+
+
+# --- the trainer's side: where to resume, what to restore, when to save ---------------------------
+
+class StopSignal:
+    """SIGTERM / SIGINT (cluster preemption, Ctrl-C) ask for a checkpoint and a clean exit; the
+    ranks agree on it in `Checkpointer.agree`."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
+class Checkpointer:
+    """A run's checkpoints as the training loop uses them (every rank holds one): the resume point
+    (`resume_point`, before anything is written), the restore of the client state (step, loader
+    position, metrics history, skipped steps), the stop vote and the save cadence: every
+    ``run.checkpoint_every``-th step, at a stop vote, and at the end (`finish`)."""
+
+    def __init__(self, engine, loader, run_dir: Path, run, record: dict):
+        """``run``: the `pretrain.config.RunConfig`; ``record``: what the markers record (`save`)."""
+        self.engine, self.loader, self.run_dir, self.run, self.record = engine, loader, Path(run_dir), run, record
+        self.stop = StopSignal()
+        self.last_saved = 0
+
+    @staticmethod
+    def resume_point(run_dir: Path, resume: str | None, config, record: dict, rank: int) -> Path | None:
+        """The checkpoint to resume from, intact and trained with a config this run may change into
+        (`pretrain.config.resume_changes`; the changes applied are said). Rank 0 reads the
+        checkpoints; every rank gets its answer, or raises its `ResumeError`."""
+        answer: list = [None]
+        if rank == 0:
+            try:
+                found = resume_point(run_dir, resume)
+                if found is not None:
+                    _check_resumed_config(found, config, record)
+                answer = [("ok", None if found is None else str(found))]
+            except ValueError as err:
+                answer = [("error", str(err))]
+        dist.broadcast_object_list(answer, src=0)
+        kind, value = answer[0]
+        if kind == "error":
+            raise ResumeError(value)
+        return None if value is None else Path(value)
+
+    def load(self, found: Path | None) -> tuple[int, list[dict], int]:
+        """Restore the engine and the loader from ``found`` (None: a fresh start); returns (step,
+        metrics history, skipped steps)."""
+        if found is None:
+            return 0, [], 0
+        state = load(self.engine, found)
+        self.loader.load_state_dict(state["loader"])
+        self.last_saved = state["step"]
+        if dist.get_rank() == 0:
+            print(f"resumed from {found} (step {state['step']})", file=sys.stderr, flush=True)
+        return state["step"], state["history"], state["skipped"]
+
+    def agree(self, counts) -> tuple:
+        """The step's `pretrain.objectives.StepCounts` summed over ranks, and whether any rank was asked
+        to stop: one CPU all-reduce, no device sync. Taken when a step's batches are in hand, so a
+        signal stops the run after the step that follows it (that step's cells are already drawn)."""
+        *summed, votes = host_all_reduce([*counts.as_list(), float(self.stop.requested)])
+        return type(counts)(*summed), votes > 0
+
+    def maybe_save(self, step: int, stop: bool, log) -> bool:
+        """Save at the cadence or a stop vote; ``log``: the run's `pretrain.metrics.StepLog`, read
+        first (the history goes into the checkpoint). Returns whether it saved."""
+        every = self.run.checkpoint_every
+        if stop or (every and step % every == 0):
+            self.save(step, log)
+            return True
+        return False
+
+    def finish(self, step: int, log) -> None:
+        """The run's last checkpoint, unless this step has one."""
+        if self.last_saved != step:
+            self.save(step, log)
+
+    def save(self, step: int, log) -> Path:
+        log.read()
+        # "skipped_steps" is DeepSpeed's own key in a checkpoint's client state
+        state = {"step": step, "loader": self.loader.state_dict(), "history": log.history, "skipped": log.skipped}
+        folder = save(self.engine, self.run_dir, step, state, self.run.keep_checkpoints, self.record)
+        self.last_saved = step
+        log.restart_clock()  # a save is no training time
+        return folder
+
+
+def _check_resumed_config(found: Path, config, record: dict) -> None:
+    marker = read_marker(found)
+    if "config" not in marker:
+        logger.warning(f"{found} records no config (saved before configs were recorded): a changed key is not "
+                       "detected; resume with the config that trained it")
+        return
+    refused, applied = resume_changes(marker["config"], config)
+    corpus = marker.get("corpus")
+    if corpus is not None and corpus != record["corpus"]:
+        refused.insert(0, f"data.corpus: trained on the corpus with plan hash {corpus['plan_hash']}, now "
+                          f"{config.data.corpus} with plan hash {record['corpus']['plan_hash']} "
+                          "(the loader's position and the vocabulary are that corpus's)")
+    if refused:
+        raise ResumeError(f"--resume {found}: the config changes keys a resumed run cannot change: "
+                          + "; ".join(refused) + f". Resume with the checkpoint's values (its config is in "
+                          f"{found / MARKER}), or train a new run (another run.out, no --resume)")
+    if applied:
+        logger.warning(f"resuming {found} with changed keys, applied from its step on: " + "; ".join(applied))
 
 
 # --- weights-only loading (export) -----------------------------------------------------------------

@@ -103,7 +103,8 @@ class RunConfig:
     experiment: str = _help("MLflow experiment name", "scfm-pretrain", resume=FREE)
     mlflow: bool = _help("log to MLflow (a SQLite store in the run directory unless MLFLOW_TRACKING_URI is set)", True,
                          resume=FREE)
-    log_every: int = _help("steps between metric logs", 10, resume=FREE)
+    log_every: int = _help("steps between metric logs: the only steps that read values back from the device "
+                           "(every step is still recorded in metrics.json)", 10, resume=FREE)
     checkpoint_every: int = _help("steps between checkpoints (0: only on signals and at the end)", 500, resume=FREE)
     keep_checkpoints: int = _help("checkpoints kept (oldest deleted)", 3, resume=FREE)
     max_nan_steps: int = _help("stop after this many non-finite losses in a row (each is skipped)", 5, resume=FREE)

@@ -1,13 +1,23 @@
-"""What a run records, on rank 0: per-step metrics in ``RUN/metrics.json``, a loss-curve PNG, and
-an MLflow run (a SQLite store in the run directory unless ``MLFLOW_TRACKING_URI`` is set)."""
+"""What a run records: `StepLog` (every rank) turns the steps' device values into per-step metrics,
+reading the device only on log steps; `RunLog` (rank 0) keeps them in ``RUN/metrics.json``, a
+loss-curve PNG, and an MLflow run (a SQLite store in the run directory unless
+``MLFLOW_TRACKING_URI`` is set)."""
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
+import resource
+import time
 from pathlib import Path
 
 import torch
+
+from .model import model_cost
+
+logger = logging.getLogger(__name__)
 
 # dense bf16 peak of known GPUs (TFLOP/s, no sparsity), for MFU; others need run.peak_tflops
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
@@ -90,8 +100,8 @@ class RunLog:
             self.flush()
             if self.mlflow is not None and metrics["step"] > self.mlflow_logged_through:
                 step = metrics["step"]
-                self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()
-                                         if k != "step" and isinstance(v, (int, float)) and v is not None}, step=step)
+                self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()  # MLflow stamps its own time
+                                         if k not in ("step", "time") and isinstance(v, (int, float))}, step=step)
 
     def flush(self) -> None:
         tmp = self.run_dir / "metrics.json.tmp"
@@ -144,3 +154,147 @@ class RunLog:
             self.flush()
         if self.mlflow is not None and self.mlflow.active_run() is not None:
             self.mlflow.end_run(status="FAILED")
+
+
+class NonFiniteStreak(RuntimeError):
+    """``run.max_nan_steps`` non-finite losses in a row: the run stops (each of them was skipped)."""
+
+
+class StepLog:
+    """Every rank's bookkeeping of the steps: their metrics records, the skipped steps and the
+    non-finite streak, on every rank alike (all ranks stop at the same step).
+
+    A step's values stay on the device (`pretrain.objectives.StepResult`) until a read: on a log
+    step (every ``run.log_every``-th and the last), before a checkpoint (its history holds every
+    step), and when the skipped steps in a row reach ``run.max_nan_steps``. A read fetches all
+    pending steps' values in one transfer, so that metrics.json still has every step's losses and
+    no other step waits for the device. A step counts as skipped when DeepSpeed did not apply it
+    (``engine.was_step_applied()``, a host bool) or its loss is not finite (seen at the read).
+
+    Throughput is measured per window, the steps since the previous read: their cells, sequences,
+    tokens and FLOPs over the window's wall time (loader waits included, checkpoint saves not),
+    taken after a device sync at the read. Every record of a window carries the window's rates
+    (``cells_per_s``, ``sequences_per_s`` with views, ``tokens_per_s``, ``tflops_per_device``,
+    ``mfu``) and its ``peak_memory_bytes``; ``padding_waste`` is the step's own; ``time`` is the
+    Unix time of the read."""
+
+    def __init__(self, config, world: int, device: torch.device, peak_tflops: float | None, run_log: RunLog | None,
+                 step: int = 0, skipped: int = 0):
+        self.config, self.world, self.device, self.peak_tflops = config, world, device, peak_tflops
+        self.run_log, self.skipped, self.streak = run_log, skipped, 0
+        self.pending: list[tuple] = []
+        self.known_streak = 0  # the streak as far as the host knows without a read (DeepSpeed's skips)
+        self.progress = None
+        if run_log is not None and config.run.progress:
+            from tqdm import tqdm
+
+            self.progress = tqdm(total=config.schedule.max_steps, initial=step, desc="pretrain", unit="step")
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        """Start a new throughput window now (after a checkpoint save, so that it is not counted)."""
+        self.clock = time.perf_counter()
+
+    @property
+    def history(self) -> list[dict]:
+        return self.run_log.history if self.run_log is not None else []
+
+    def step(self, step: int, result, counts, lr: float, grad_norm, applied: bool) -> None:
+        """Record optimizer step ``step`` (1-based, done): its `StepResult` (device values), its
+        `StepCounts` (all ranks'), learning rate, DeepSpeed's grad norm and whether it applied the
+        update. Reads the device only on a log step or a streak of skips long enough to stop."""
+        self.pending.append((step, result, counts, lr, grad_norm, applied))
+        self.known_streak = 0 if applied else self.known_streak + 1
+        if self._logs(step) or self.known_streak >= self.config.run.max_nan_steps:
+            self.read()
+
+    def read(self) -> None:
+        """Fetch the pending steps' values (one device transfer), append their records, log the log
+        steps; raises `NonFiniteStreak` once ``run.max_nan_steps`` skipped steps came in a row."""
+        if not self.pending:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = max(time.perf_counter() - self.clock, 1e-9)
+        values = torch.stack([torch.cat([r.stacked(), _tensor_or_nan(g, r.loss)])
+                              for _, r, _, _, g, _ in self.pending]).tolist()
+        cells = sum(c.cells for _, _, c, _, _, _ in self.pending)
+        seqs = sum(c.seqs for _, _, c, _, _, _ in self.pending)
+        tokens = sum(c.tokens for _, _, c, _, _, _ in self.pending)
+        # the model runs sequences (a cell's two views are two): FLOPs per sequence of its mean length
+        flops = sum(model_cost(self.config.model, c.tokens / max(c.seqs, 1)).flops_per_cell * c.seqs
+                    for _, _, c, _, _, _ in self.pending)
+        tflops = flops / seconds / self.world / 1e12
+        rates = {"cells_per_s": cells / seconds, "tokens_per_s": tokens / seconds, "tflops_per_device": tflops,
+                 "mfu": tflops / self.peak_tflops if self.peak_tflops else None}
+        peak_memory, now, stop_at = _peak_memory(self.device), time.time(), None
+        for (step, _, counts, lr, grad_norm, applied), row in zip(self.pending, values):
+            loss, mlm, label, contrastive, temperature, norm = row
+            good = applied and math.isfinite(loss)  # DeepSpeed skips an update whose gradients are not finite
+            self.streak = 0 if good else self.streak + 1
+            self.skipped += 0 if good else 1
+            if self.streak >= self.config.run.max_nan_steps and stop_at is None:
+                stop_at = (self.streak, step)
+            record = {"step": step, "loss": loss, "mlm": mlm, "contrastive": contrastive, "label": label,
+                      "temperature": temperature, "lr": lr, "grad_norm": None if grad_norm is None else norm,
+                      **rates, "padding_waste": 1 - counts.tokens / max(counts.slots, 1),
+                      "peak_memory_bytes": peak_memory, "skipped_steps": self.skipped, "time": now}
+            if self.config.data.views:  # two sequences per cell: cells_per_s above counts each cell once
+                record["sequences_per_s"] = seqs / seconds
+            if self.run_log is not None:
+                self.run_log.record(record, log=self._logs(step))
+        last = self.pending[-1][0]
+        self.pending, self.known_streak = [], self.streak
+        if self.progress is not None:
+            self.progress.update(last - self.progress.n)
+            self.progress.set_postfix(loss=f"{values[-1][0]:.4f}", cells_s=f"{rates['cells_per_s']:.0f}")
+        if stop_at is not None:
+            from .checkpoint import latest_complete
+
+            saved = latest_complete(self.run_log.run_dir) if self.run_log is not None else None
+            raise NonFiniteStreak(f"{stop_at[0]} non-finite losses in a row (step {stop_at[1]}): lower optimizer.lr, "
+                                  "raise deepspeed.gradient_clipping or check the corpus; "
+                                  + (f"the last complete checkpoint is {saved}" if saved else "no checkpoint was saved"))
+        self.restart_clock()
+
+    def read_what_is_left(self) -> None:
+        """After a failure: the pending steps' records, if the device can still give them (a failed
+        CUDA context cannot: then they are lost, and the failure is the error the user sees)."""
+        try:
+            self.read()
+        except Exception as err:  # noqa: BLE001 - the run's own error is being raised
+            if not isinstance(err, NonFiniteStreak):
+                logger.warning(f"the last {len(self.pending)} steps' metrics could not be read after the failure ({err})")
+
+    def _logs(self, step: int) -> bool:
+        return step % self.config.run.log_every == 0 or step == self.config.schedule.max_steps
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+
+
+def _tensor_or_nan(grad_norm, like: torch.Tensor) -> torch.Tensor:
+    """DeepSpeed's grad norm (a tensor, a float, or None) as a [1] float64 tensor beside ``like``."""
+    if isinstance(grad_norm, torch.Tensor):
+        return grad_norm.detach().reshape(1).to(like.device, torch.float64)
+    return torch.tensor([math.nan if grad_norm is None else float(grad_norm)], dtype=torch.float64, device=like.device)
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def history_tail(history: list[dict], n: int = 20) -> dict:
+    """Mean of the last ``n`` steps' losses and throughput (skipped steps left out). Every step of a
+    throughput window carries the window's rates, so this weighs windows by their steps."""
+    tail = history[-n:]
+    keys = ("loss", "mlm", "contrastive", "label", "cells_per_s", "sequences_per_s", "tokens_per_s", "mfu")
+    out = {}
+    for key in keys:
+        values = [h[key] for h in tail if h.get(key) is not None and math.isfinite(h[key])]
+        if values:
+            out[key] = sum(values) / len(values)
+    return out

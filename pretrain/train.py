@@ -2,8 +2,10 @@
 
 Read `train` and `_run` top to bottom: build the loader and the model from the config, wrap them in a
 DeepSpeed engine, resume if asked, then per optimizer step take ``chunks_per_step`` loader
-batches, run `train_step` (masked expression + labels + gradient-cached contrastive), record
-metrics, and checkpoint every N steps, on SIGTERM/SIGINT and at the end.
+batches, agree on their counts (and a stop vote) over ranks, run `train_step` (masked expression +
+labels + gradient-cached contrastive), log it (`pretrain.metrics.StepLog`: the device is read on
+log steps only) and maybe checkpoint (`pretrain.checkpoint.Checkpointer`: every N steps, on
+SIGTERM/SIGINT and at the end).
 """
 
 from __future__ import annotations
@@ -11,11 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import resource
 import shutil
-import signal
-import sys
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -29,12 +27,13 @@ from data_pipeline.loading.loader import CellLoader
 from data_pipeline.loading.masking import Views
 
 from . import checkpoint
-from .config import TrainConfig, resume_changes
+from .checkpoint import Checkpointer
+from .config import TrainConfig
 from .distributed import init_distributed
-from .metrics import RunLog, device_peak_tflops
-from .model import CellModel, model_cost
+from .metrics import RunLog, StepLog, device_peak_tflops, history_tail
+from .model import CellModel
 from .model.attention import require_attention_device
-from .objectives import PretrainModule, train_step
+from .objectives import PretrainModule, StepCounts, step_seed, train_step
 
 logger = logging.getLogger(__name__)
 
@@ -140,28 +139,9 @@ def build_engine(config: TrainConfig, module: PretrainModule, device: torch.devi
     return engine, bool(bf16)
 
 
-class StopSignal:
-    """SIGTERM / SIGINT (cluster preemption, Ctrl-C) ask for a checkpoint and a clean exit at the
-    end of the current step, agreed by all ranks."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-
 def _batches(loader: CellLoader):
     while True:
         yield from loader
-
-
-def _peak_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def train(config: TrainConfig, resume: str | None = None) -> dict:
@@ -198,97 +178,43 @@ def _run(config: TrainConfig, resume: str | None, loader: CellLoader, log: RunLo
          rank: int, world: int, device: torch.device) -> dict:
     """`train` once the run folder exists: the engine, the resume, the steps, the summary."""
     record = checkpoint_record(config, loader.corpus)
-    found = _resume_point(run_dir, resume, config, record, rank)  # before config.yaml: a refused resume changes nothing
+    # before config.yaml: a refused resume changes nothing
+    found = Checkpointer.resume_point(run_dir, resume, config, record, rank)
     if rank == 0:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(config), sort_keys=False))
     vocab = loader.corpus.vocab
     model = CellModel.initial(config.model, config.run.seed, vocab=(vocab.ensembl_ids, vocab.symbols))
-    module = PretrainModule(model, config.objectives)
-    engine, bf16 = build_engine(config, module, device)
-
-    step, history, skipped = 0, [], 0
-    if found is not None:
-        state = checkpoint.load(engine, found)
-        step, history, skipped = state["step"], state["history"], state["skipped"]
-        loader.load_state_dict(state["loader"])
-        if rank == 0:
-            print(f"resumed from {found} (step {step})", file=sys.stderr, flush=True)
+    engine, bf16 = build_engine(config, PretrainModule(model, config.objectives), device)
+    checkpointer = Checkpointer(engine, loader, run_dir, config.run, record)
+    step, history, skipped = checkpointer.load(found)
     resumed_from_step = step
     if log is not None:
         log.start(asdict(config), history, resumed=found is not None)
     peak_tflops, peak_source = device_peak_tflops(device, config.run.peak_tflops)
-    stop = StopSignal()
-    progress = None
-    if rank == 0 and config.run.progress:
-        from tqdm import tqdm
-
-        progress = tqdm(total=config.schedule.max_steps, initial=step, desc="pretrain", unit="step")
-
-    def save() -> None:
-        # "skipped_steps" is DeepSpeed's own key in a checkpoint's client state
-        state = {"step": step, "loader": loader.state_dict(), "history": log.history if log else [],
-                 "skipped": skipped}
-        checkpoint.save(engine, run_dir, step, state, config.run.keep_checkpoints, record)
-
-    batches = _batches(loader)
-    nan_streak, interval, last_saved, stopped = 0, config.model.favor_redraw_interval, step, False
-    redraw = config.model.attention == "favor" or (config.model.architecture == "encoder_decoder"
-                                                   and config.model.decoder.attention == "favor")
-    while step < config.schedule.max_steps:
-        chunks = [next(batches).to(device) for _ in range(config.deepspeed.chunks_per_step)]
-        lr = engine.get_lr()[0]  # the rate this step uses (the scheduler moves on inside the step)
-        started = time.perf_counter()
-        redraw_seed = config.run.seed * 1_000_003 + step if redraw and interval and (step + 1) % interval == 0 else None
-        result = train_step(engine, chunks, config.objectives, step_seed=config.run.seed * 1_000_003 + step,
-                            redraw_seed=redraw_seed, poison=step + 1 in config.run.inject_nan_steps)
-        applied = engine.was_step_applied()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - started
-        step += 1
-        slots = sum(c.n_seqs * c.max_seqlen for c in chunks)
-        totals = torch.tensor([result.n_cells, result.n_seqs, result.n_tokens, slots, float(stop.requested)],
-                              dtype=torch.float64, device=device)
-        dist.all_reduce(totals)
-        cells, seqs, tokens, slots, stop_votes = totals.tolist()
-        good = applied and math.isfinite(result.loss)  # DeepSpeed skips an update whose gradients are not finite
-        nan_streak = 0 if good else nan_streak + 1
-        skipped += 0 if good else 1
-        # the model runs sequences (a cell's two views are two): FLOPs per sequence of its mean length
-        flops = model_cost(config.model, tokens / max(seqs, 1)).flops_per_cell * seqs
-        metrics = {"step": step, "loss": result.loss, "mlm": result.mlm, "contrastive": result.contrastive,
-                   "label": result.label, "temperature": result.temperature,
-                   "lr": lr, "grad_norm": _float(engine.get_global_grad_norm()),
-                   "cells_per_s": cells / seconds, "tokens_per_s": tokens / seconds,
-                   "tflops_per_device": flops / seconds / world / 1e12,
-                   "mfu": flops / seconds / world / 1e12 / peak_tflops if peak_tflops else None,
-                   "padding_waste": 1 - tokens / max(slots, 1), "peak_memory_bytes": _peak_memory(device),
-                   "skipped_steps": skipped}
-        if config.data.views:  # two sequences per cell: cells_per_s above counts each cell once
-            metrics["sequences_per_s"] = seqs / seconds
-        if log is not None:
-            log.record(metrics, log=step % config.run.log_every == 0 or step == config.schedule.max_steps)
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{result.loss:.4f}", cells_s=f"{cells / seconds:.0f}")
-        if nan_streak >= config.run.max_nan_steps:
-            last = checkpoint.latest_complete(run_dir)
-            raise RuntimeError(f"{nan_streak} non-finite losses in a row (step {step}): lower optimizer.lr, "
-                               "raise deepspeed.gradient_clipping or check the corpus; "
-                               + (f"the last complete checkpoint is {last}" if last else "no checkpoint was saved"))
-        if stop_votes > 0 or (config.run.checkpoint_every and step % config.run.checkpoint_every == 0):
-            save()
-            last_saved = step
-        if stop_votes > 0:
-            stopped = True
-            break
-    if last_saved != step:
-        save()
-    if progress is not None:
-        progress.close()
+    steps = StepLog(config, world, device, peak_tflops, log, step, skipped)
+    batches, stop = _batches(loader), False
+    try:
+        while step < config.schedule.max_steps and not stop:
+            chunks = [next(batches) for _ in range(config.deepspeed.chunks_per_step)]
+            counts, stop = checkpointer.agree(StepCounts.of(chunks))  # host numbers of the CPU batches
+            chunks = [c.to(device) for c in chunks]
+            lr = engine.get_lr()[0]  # the rate this step uses (the scheduler moves on inside the step)
+            seed = step_seed(config.run.seed, step)
+            result = train_step(engine, chunks, config.objectives, step_seed=seed, counts=counts,
+                                redraw_seed=seed if model.redraws_after(step) else None,
+                                poison=step + 1 in config.run.inject_nan_steps)
+            step += 1
+            steps.step(step, result, counts, lr, engine.get_global_grad_norm(), engine.was_step_applied())
+            checkpointer.maybe_save(step, stop, steps)
+        checkpointer.finish(step, steps)
+    except BaseException:
+        steps.read_what_is_left()  # the steps taken stay in metrics.json
+        raise
+    finally:
+        steps.close()
     summary = {"steps": step, "resumed_from_step": resumed_from_step,
-               "resumed_from": str(found) if found is not None else None, "stopped_by_signal": stopped,
-               "skipped_steps": skipped,
+               "resumed_from": str(found) if found is not None else None, "stopped_by_signal": stop,
+               "skipped_steps": steps.skipped,
                "final": history_tail(log.history) if log else {}, "bf16": bf16, "world_size": world,
                "device": str(device), "peak_tflops": peak_tflops, "peak_source": peak_source,
                "run_dir": str(run_dir), "mlflow_tracking_uri": getattr(log, "tracking_uri", None)}
@@ -303,46 +229,6 @@ def checkpoint_record(config: TrainConfig, corpus: Corpus) -> dict:
     corpus's identity (its conversion plan and vocabulary; the folder may move)."""
     return {"config": json.loads(json.dumps(asdict(config))),
             "corpus": {"plan_hash": corpus.plan_hash, "vocab_sha256": corpus.vocab_sha256}}
-
-
-def _resume_point(run_dir: Path, resume: str | None, config: TrainConfig, record: dict, rank: int) -> Path | None:
-    """The checkpoint to resume from, intact and trained with a config this run may change into
-    (`pretrain.config.resume_changes`; the changes applied are said). Rank 0 reads the checkpoints;
-    every rank gets its answer, or raises its error."""
-    answer: list = [None]
-    if rank == 0:
-        try:
-            found = checkpoint.resume_point(run_dir, resume)
-            if found is not None:
-                _check_resumed_config(found, config, record)
-            answer = [("ok", None if found is None else str(found))]
-        except ValueError as err:
-            answer = [("error", str(err))]
-    dist.broadcast_object_list(answer, src=0)
-    kind, value = answer[0]
-    if kind == "error":
-        raise checkpoint.ResumeError(value)
-    return None if value is None else Path(value)
-
-
-def _check_resumed_config(found: Path, config: TrainConfig, record: dict) -> None:
-    marker = checkpoint.read_marker(found)
-    if "config" not in marker:
-        logger.warning(f"{found} records no config (saved before configs were recorded): a changed key is not "
-                       "detected; resume with the config that trained it")
-        return
-    refused, applied = resume_changes(marker["config"], config)
-    corpus = marker.get("corpus")
-    if corpus is not None and corpus != record["corpus"]:
-        refused.insert(0, f"data.corpus: trained on the corpus with plan hash {corpus['plan_hash']}, now "
-                          f"{config.data.corpus} with plan hash {record['corpus']['plan_hash']} "
-                          "(the loader's position and the vocabulary are that corpus's)")
-    if refused:
-        raise checkpoint.ResumeError(f"--resume {found}: the config changes keys a resumed run cannot change: "
-                         + "; ".join(refused) + f". Resume with the checkpoint's values (its config is in "
-                         f"{found / checkpoint.MARKER}), or train a new run (another run.out, no --resume)")
-    if applied:
-        logger.warning(f"resuming {found} with changed keys, applied from its step on: " + "; ".join(applied))
 
 
 def _clear_failed_start(run_dir: Path, log: RunLog) -> None:
@@ -362,21 +248,3 @@ def _clear_failed_start(run_dir: Path, log: RunLog) -> None:
             path.unlink(missing_ok=True)
     if not any(run_dir.iterdir()):
         run_dir.rmdir()
-
-
-def _float(x) -> float | None:
-    if x is None:
-        return None
-    return float(x.item() if isinstance(x, torch.Tensor) else x)
-
-
-def history_tail(history: list[dict], n: int = 20) -> dict:
-    """Mean of the last ``n`` steps' losses and throughput (skipped steps left out)."""
-    tail = history[-n:]
-    keys = ("loss", "mlm", "contrastive", "label", "cells_per_s", "sequences_per_s", "tokens_per_s", "mfu")
-    out = {}
-    for key in keys:
-        values = [h[key] for h in tail if h.get(key) is not None and math.isfinite(h[key])]
-        if values:
-            out[key] = sum(values) / len(values)
-    return out

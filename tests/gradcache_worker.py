@@ -19,8 +19,9 @@ import torch.distributed as dist
 
 from data_pipeline.loading.batch import PackedBatch
 from pretrain.config import ModelConfig, ObjectiveConfig
+from pretrain.distributed import host_all_reduce
 from pretrain.model import CellModel
-from pretrain.objectives import PretrainModule, full_batch_loss, train_step
+from pretrain.objectives import PretrainModule, StepCounts, full_batch_loss, train_step
 from pretrain.objectives import step as step_module
 
 VOCAB, N_BINS, LR = 80, 9, 0.5
@@ -57,10 +58,12 @@ def flat(params) -> torch.Tensor:
 
 
 def one_case(stage: int, cells_per_chunk: int | None, cells_per_rank: tuple[int, ...],
-             objectives: ObjectiveConfig, replay: bool = True, bf16: bool = False) -> float | None:
+             objectives: ObjectiveConfig, replay: bool = True, bf16: bool = False,
+             host_counts: bool = False) -> float | None:
     """Relative difference of the step's update from the full-batch one (rank 0; None elsewhere).
     ``replay=False``: the recompute does not replay the first pass's dropout (a negative control).
-    ``bf16``: DeepSpeed's bf16 mode (the reference stays fp32)."""
+    ``bf16``: DeepSpeed's bf16 mode (the reference stays fp32). ``host_counts``: the step gets its
+    counts as the trainer gives them (`StepCounts` of the CPU chunks, summed on the host group)."""
     rank = dist.get_rank()
     batches = [rank_batch(r, n) for r, n in enumerate(cells_per_rank)]
     rank_chunks = [[b] if cells_per_chunk is None else b.split(cells_per_chunk) for b in batches]
@@ -74,7 +77,11 @@ def one_case(stage: int, cells_per_chunk: int | None, cells_per_rank: tuple[int,
                  "gradient_clipping": 0.0, "steps_per_print": 10**9, "bf16": {"enabled": bf16}}
     engine, *_ = deepspeed.initialize(model=module, optimizer=torch.optim.SGD(module.parameters(), lr=LR),
                                       config=ds_config)
-    if replay:
+    if host_counts:
+        local = StepCounts.of(rank_chunks[rank])
+        counts = StepCounts(*host_all_reduce(local.as_list()))
+        train_step(engine, rank_chunks[rank], objectives, step_seed=7, counts=counts)
+    elif replay:
         train_step(engine, rank_chunks[rank], objectives, step_seed=7)
     else:
         seeded, step_module.seeded = step_module.seeded, lambda seed: contextlib.nullcontext()
@@ -115,9 +122,11 @@ def main() -> None:
                         "relative_error": error})
     control = one_case(args.stages[-1], 3, CASES[1][1], objectives, replay=False)
     bf16 = {stage: one_case(stage, 3, CASES[1][1], objectives, bf16=True) for stage in args.stages}
+    host_counts = one_case(args.stages[-1], 3, CASES[1][1], objectives, host_counts=True)
     if dist.get_rank() == 0:
         with open(args.out, "w") as fh:
-            json.dump({"cases": results, "without_replay": control, "bf16": bf16}, fh, indent=1)
+            json.dump({"cases": results, "without_replay": control, "bf16": bf16, "host_counts": host_counts},
+                      fh, indent=1)
     dist.barrier()
 
 

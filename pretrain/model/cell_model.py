@@ -140,6 +140,18 @@ class CellModel(nn.Module):
         self.gene_embedding._pretrained = True
         self.gene_embedding.weight.requires_grad_(not c.freeze_gene_embedding)
 
+    @property
+    def uses_favor(self) -> bool:
+        """Whether any attention of the model is FAVOR+ (random projections to redraw)."""
+        c = self.config
+        return c.attention == "favor" or (c.architecture == "encoder_decoder" and c.decoder.attention == "favor")
+
+    def redraws_after(self, step: int) -> bool:
+        """Whether the FAVOR+ projections are redrawn after optimizer step ``step`` (0-based): every
+        ``favor_redraw_interval`` steps, for a model with FAVOR+ attention."""
+        interval = self.config.favor_redraw_interval
+        return self.uses_favor and bool(interval) and (step + 1) % interval == 0
+
     @torch.no_grad()
     def redraw_projections(self, generator: torch.Generator) -> None:
         """Redraw every FAVOR+ projection (call at optimizer steps, with a generator seeded the

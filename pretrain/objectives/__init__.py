@@ -2,7 +2,7 @@
 
 from .losses import info_nce, label_loss_sum, mlm_loss_sum, view_pairs
 from .pretrain_module import PretrainModule
-from .step import StepResult, full_batch_loss, train_step
+from .step import StepCounts, StepResult, full_batch_loss, step_seed, train_step
 
-__all__ = ["PretrainModule", "StepResult", "full_batch_loss", "info_nce", "label_loss_sum", "mlm_loss_sum",
-           "train_step", "view_pairs"]
+__all__ = ["PretrainModule", "StepCounts", "StepResult", "full_batch_loss", "info_nce", "label_loss_sum",
+           "mlm_loss_sum", "step_seed", "train_step", "view_pairs"]

@@ -44,15 +44,53 @@ from .pretrain_module import PretrainModule
 
 
 @dataclass
+class StepCounts:
+    """What normalizes a step's losses and measures its throughput, summed over ranks: host facts of
+    the CPU-built batches, so that reading them costs no device sync (`of` before ``.to(device)``)."""
+    masked: float     # masked positions (the MLM denominator)
+    labels: float     # known labels (the label-loss denominator)
+    cells: float      # distinct cells (a cell's two views are one cell)
+    seqs: float       # sequences (views count separately: what the model ran)
+    tokens: float     # gene tokens
+    slots: float      # token slots a padded [B, max_seqlen] layout would have had
+
+    @classmethod
+    def of(cls, chunks: list[PackedBatch]) -> StepCounts:
+        """This rank's counts (reads the chunks' masks and labels: cheap on CPU tensors, a device
+        sync on device ones)."""
+        return cls(masked=float(sum(int(c.mlm_mask.sum()) for c in chunks)),
+                   labels=float(sum(int((c.labels >= 0).sum()) for c in chunks)),
+                   cells=float(sum(c.n_cells for c in chunks)), seqs=float(sum(c.n_seqs for c in chunks)),
+                   tokens=float(sum(c.n_tokens for c in chunks)), slots=float(sum(c.padded_tokens for c in chunks)))
+
+    def as_list(self) -> list[float]:
+        return [self.masked, self.labels, self.cells, self.seqs, self.tokens, self.slots]
+
+
+@dataclass
 class StepResult:
-    loss: float           # L, the same on every rank
-    mlm: float            # mean masked-expression loss over all ranks' masked positions
-    label: float          # mean label loss over all ranks' known labels
-    contrastive: float    # InfoNCE over the global batch
-    temperature: float
-    n_cells: int          # distinct cells on this rank (a cell's two views are one cell)
-    n_seqs: int           # sequences on this rank (views count separately: what the model ran)
-    n_tokens: int         # gene tokens on this rank
+    """0-d float64 tensors on the step's device, left there: reading one is a device sync, so the
+    trainer reads them only on log steps (`pretrain.metrics.StepLog`), all pending steps at once."""
+    loss: torch.Tensor         # L, the same on every rank
+    mlm: torch.Tensor          # mean masked-expression loss over all ranks' masked positions
+    label: torch.Tensor        # mean label loss over all ranks' known labels
+    contrastive: torch.Tensor  # InfoNCE over the global batch
+    temperature: torch.Tensor
+
+    KEYS = ("loss", "mlm", "label", "contrastive", "temperature")
+
+    def stacked(self) -> torch.Tensor:
+        """[5] in `KEYS` order."""
+        return torch.stack([getattr(self, k).reshape(()).double() for k in self.KEYS])
+
+    def to_host(self) -> dict[str, float]:
+        return dict(zip(self.KEYS, self.stacked().tolist()))
+
+
+def step_seed(run_seed: int, step: int) -> int:
+    """The seed of optimizer step ``step`` (0-based): its chunks' dropout (`chunk_seed`) and a FAVOR+
+    redraw after it. The same on every rank."""
+    return run_seed * 1_000_003 + step
 
 
 def chunk_seed(step_seed: int, rank: int, chunk: int) -> int:
@@ -75,12 +113,12 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _all_reduce_sum(values: torch.Tensor, device) -> list[float]:
-    """Sums over ranks of a small vector, as floats (one device sync)."""
+def _all_reduce_sum(values: torch.Tensor, device) -> torch.Tensor:
+    """Sums over ranks of a small vector, left on ``device`` (a collective, no host read)."""
     t = values.to(device=device, dtype=torch.float64)
     if _world()[1] > 1:
         dist.all_reduce(t)
-    return t.tolist()
+    return t
 
 
 def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -115,8 +153,11 @@ def _pair_rows(chunks: list[PackedBatch]) -> list[tuple[torch.Tensor, torch.Tens
 
 
 def train_step(engine, chunks: list[PackedBatch], objectives: ObjectiveConfig, step_seed: int,
-               redraw_seed: int | None = None, poison: bool = False) -> StepResult:
+               redraw_seed: int | None = None, poison: bool = False, counts: StepCounts | None = None) -> StepResult:
     """One optimizer step over this rank's ``chunks`` (already on the engine's device).
+    ``counts``: the step's `StepCounts` summed over ranks, taken on the host before the chunks went
+    to the device (the trainer's way: the step then reads nothing back from the device); without
+    them they are counted here, an all-reduce and a device sync before the first forward.
     ``redraw_seed``: redraw the FAVOR+ projections after the step (the same seed on every rank),
     never inside it, where a chunk's replay must see the projection of its first pass.
     A non-finite loss gives non-finite gradients, and DeepSpeed (ZeRO 1-3, or bf16) then skips the
@@ -133,14 +174,18 @@ def train_step(engine, chunks: list[PackedBatch], objectives: ObjectiveConfig, s
                          f"{engine.gradient_accumulation_steps()}: set it to the chunks per step "
                          "(1 without the gradient cache)")
     device = chunks[0].gene_ids.device
-    counts = torch.stack([sum(c.mlm_mask.sum() for c in chunks), sum((c.labels >= 0).sum() for c in chunks)])
-    n_masked, n_labels = _all_reduce_sum(counts, device)
+    if counts is None:
+        local = torch.stack([sum(c.mlm_mask.sum() for c in chunks), sum((c.labels >= 0).sum() for c in chunks)])
+        n_masked, n_labels = _all_reduce_sum(local, device).tolist()
+    else:
+        n_masked, n_labels = counts.masked, counts.labels
     # sums over this rank's positions, normalized by all ranks' count; times world_size because
     # DeepSpeed averages the ranks' gradients
     w_mlm = objectives.mlm_weight * world / n_masked if n_masked else 0.0
     w_label = objectives.label_weight * world / n_labels if n_labels else 0.0
 
-    grads, scale_grad, contrastive_value = None, None, 0.0
+    grads, scale_grad = None, None
+    contrastive_value = torch.zeros((), dtype=torch.float64, device=device)
     pairs = _pair_rows(chunks) if contrastive else None
     if contrastive and len(chunks) > 1:  # one chunk: its graph is the whole batch's, a cache only costs a pass
         with torch.no_grad():
@@ -154,7 +199,7 @@ def train_step(engine, chunks: list[PackedBatch], objectives: ObjectiveConfig, s
         scale = scale.detach().float().requires_grad_()
         loss_c = global_info_nce(first, second, scale)
         loss_c.backward()
-        contrastive_value = loss_c.detach().item()
+        contrastive_value = loss_c.detach().double()
         # cached gradient of each chunk's embeddings, in its own row order
         grads, start = [], 0
         for e, (a, b) in zip(embeddings, pairs):
@@ -183,7 +228,7 @@ def train_step(engine, chunks: list[PackedBatch], objectives: ObjectiveConfig, s
             # DeepSpeed's average over ranks of world * loss gives it once
             shared_scale = scale / world + (scale - scale / world).detach()
             loss_c = global_info_nce(out.contrastive[a], out.contrastive[b], shared_scale)
-            contrastive_value = loss_c.detach().item()
+            contrastive_value = loss_c.detach().double()
             loss = loss + objectives.contrastive_weight * world * loss_c
         if poison:
             loss = loss * float("nan")
@@ -192,15 +237,13 @@ def train_step(engine, chunks: list[PackedBatch], objectives: ObjectiveConfig, s
     if redraw_seed is not None:
         module.model.redraw_projections(torch.Generator().manual_seed(redraw_seed))
     mlm_total, label_total, scale_sum = _all_reduce_sum(sums, device)
-    n_cells = sum(c.n_cells for c in chunks)  # reads view_index: after the sync above, no stall of its own
     temperature = len(chunks) / scale_sum  # every chunk and rank saw the same scale
-    mlm_mean = mlm_total / n_masked if n_masked else 0.0
-    label_mean = label_total / n_labels if n_labels else 0.0
+    mlm_mean = mlm_total / n_masked if n_masked else torch.zeros_like(mlm_total)
+    label_mean = label_total / n_labels if n_labels else torch.zeros_like(label_total)
     total = (objectives.mlm_weight * mlm_mean + objectives.label_weight * label_mean
              + objectives.contrastive_weight * contrastive_value) * (float("nan") if poison else 1.0)
     return StepResult(loss=total, mlm=mlm_mean, label=label_mean, contrastive=contrastive_value,
-                      temperature=temperature, n_cells=n_cells, n_seqs=sum(c.n_seqs for c in chunks),
-                      n_tokens=sum(c.n_tokens for c in chunks))
+                      temperature=temperature)
 
 
 def full_batch_loss(module: PretrainModule, rank_chunks: list[list[PackedBatch]], objectives: ObjectiveConfig,

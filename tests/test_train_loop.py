@@ -1,0 +1,173 @@
+"""The training loop's components without a training run (fast, no DeepSpeed): the checkpoint
+cadence and stop vote of `Checkpointer`, the reads of `StepLog` (the device only on log steps,
+every step's values kept), the non-finite streak, the host counts of a step, and the model's
+FAVOR+ redraw decision."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+from copy import deepcopy
+from dataclasses import replace
+
+import pytest
+import torch
+
+from pretrain import checkpoint
+from pretrain.checkpoint import Checkpointer
+from pretrain.config import TrainConfig
+from pretrain.metrics import NonFiniteStreak, RunLog, StepLog
+from pretrain.model import CellModel
+from pretrain.objectives import StepCounts, StepResult
+from tests.model_helpers import random_batch, small_config
+
+
+def config(**run) -> TrainConfig:
+    c = TrainConfig()
+    return replace(c, data=replace(c.data, views=True), schedule=replace(c.schedule, max_steps=10),
+                   run=replace(c.run, progress=False, mlflow=False, **run))
+
+
+class Loader:
+    def state_dict(self) -> dict:
+        return {"position": "here"}
+
+
+@pytest.fixture
+def handlers():
+    """The SIGTERM / SIGINT handlers of the test process, restored after a `Checkpointer` set its own."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+@pytest.fixture
+def saves(monkeypatch) -> list[dict]:
+    """The client states `checkpoint.save` was asked to write (DeepSpeed's part left out)."""
+    calls = []
+    # a copy, as the file is written: the history list goes on growing
+    monkeypatch.setattr(checkpoint, "save", lambda engine, run_dir, step, state, keep, record: calls.append(deepcopy(state)))
+    return calls
+
+
+def test_checkpoints_at_every_nth_step_at_a_stop_vote_and_once_at_the_end(tmp_path, saves, handlers):
+    c = config(checkpoint_every=3, log_every=100)
+    run_log = RunLog(tmp_path, "e", use_mlflow=False)
+    run_log.start({}, [], resumed=False)
+    log = StepLog(c, 1, torch.device("cpu"), None, run_log)
+    saver = Checkpointer(None, Loader(), tmp_path, c.run, {})
+    for step in range(1, 8):
+        log.step(step, _result(float(step)), COUNTS, lr=0.1, grad_norm=None, applied=step != 2)
+        saver.maybe_save(step, stop=False, log=log)
+    saver.finish(7, log)
+    saver.finish(7, log)
+    assert [s["step"] for s in saves] == [3, 6, 7]
+    # no log step yet at step 3: the save read the pending steps, so its history has every step
+    assert [h["loss"] for h in saves[0]["history"]] == [1.0, 2.0, 3.0]
+    assert saves[0]["loader"] == {"position": "here"} and saves[0]["skipped"] == 1
+
+    saves.clear()
+    saver = Checkpointer(None, Loader(), tmp_path, c.run, {})
+    saver.maybe_save(1, stop=False, log=log)
+    saver.maybe_save(2, stop=True, log=log)  # a stop vote saves whatever the cadence
+    saver.finish(2, log)  # and the end does not save that step again
+    assert [s["step"] for s in saves] == [2]
+
+
+def test_a_signal_is_a_stop_vote_agreed_with_the_counts(tmp_path, handlers):
+    saver = Checkpointer(None, Loader(), tmp_path, config().run, {})
+    counts = StepCounts(masked=3, labels=2, cells=4, seqs=8, tokens=100, slots=120)
+    assert saver.agree(counts) == (counts, False)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert saver.agree(counts) == (counts, True)
+
+
+def _result(loss: float) -> StepResult:
+    t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    return StepResult(loss=t(loss), mlm=t(loss / 2), label=t(loss / 4), contrastive=t(loss / 8), temperature=t(0.1))
+
+
+COUNTS = StepCounts(masked=10, labels=4, cells=4, seqs=8, tokens=120, slots=160)
+
+
+@pytest.fixture
+def reads(monkeypatch) -> list[str]:
+    """Every read of a tensor's value on the host (``item``, ``tolist``, ``float()``, ``bool()``)."""
+    calls = []
+    for name in ("item", "tolist", "__float__", "__bool__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name):
+            calls.append(_name)
+            return _original(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return calls
+
+
+def test_device_values_are_read_on_log_steps_only_and_every_step_is_kept(tmp_path, reads):
+    c = config(log_every=4)
+    run_log = RunLog(tmp_path, "e", use_mlflow=False)
+    run_log.start({}, [], resumed=False)
+    log = StepLog(c, 1, torch.device("cpu"), None, run_log)
+    for step in range(1, 11):
+        log.step(step, _result(float(step)), COUNTS, lr=0.1, grad_norm=torch.tensor(0.5), applied=True)
+        if step == 3:
+            assert reads == [] and run_log.history == []
+        if step == 4:
+            assert reads == ["tolist"] and [h["step"] for h in run_log.history] == [1, 2, 3, 4]
+    assert reads == ["tolist"] * 3  # steps 4, 8 and 10 (the last)
+    history = run_log.history
+    assert [h["loss"] for h in history] == [float(s) for s in range(1, 11)]
+    assert [h["mlm"] for h in history] == [s / 2 for s in range(1, 11)]
+    assert all(h["grad_norm"] == 0.5 and h["skipped_steps"] == 0 for h in history)
+    # a window's steps share its rates and read time; the rates count cells, not sequences
+    assert len({h["time"] for h in history}) == 3 and history[4]["cells_per_s"] == history[7]["cells_per_s"]
+    for h in history:
+        assert h["sequences_per_s"] == pytest.approx(2 * h["cells_per_s"])
+        assert h["tokens_per_s"] == pytest.approx(30 * h["cells_per_s"])
+        assert h["padding_waste"] == pytest.approx(0.25)
+
+
+def test_skipped_steps_in_a_row_stop_the_run_at_once_without_a_log_step(tmp_path):
+    c = config(log_every=100, max_nan_steps=3)
+    run_log = RunLog(tmp_path, "e", use_mlflow=False)
+    run_log.start({}, [], resumed=False)
+    log = StepLog(c, 1, torch.device("cpu"), None, run_log)
+    log.step(1, _result(1.0), COUNTS, 0.1, None, applied=True)
+    log.step(2, _result(math.nan), COUNTS, 0.1, None, applied=False)
+    log.step(3, _result(math.nan), COUNTS, 0.1, None, applied=False)
+    with pytest.raises(NonFiniteStreak, match=r"3 non-finite losses in a row \(step 4\)"):
+        log.step(4, _result(math.nan), COUNTS, 0.1, None, applied=False)
+    assert [h["skipped_steps"] for h in run_log.history] == [0, 1, 2, 3]
+    assert run_log.history[0]["grad_norm"] is None
+
+
+def test_a_non_finite_loss_of_an_applied_step_is_caught_at_the_next_read(tmp_path):
+    c = config(log_every=5, max_nan_steps=2)
+    log = StepLog(c, 1, torch.device("cpu"), None, None)  # a rank other than 0: no RunLog, the same decision
+    for step in (1, 2, 3):
+        log.step(step, _result(1.0 if step == 1 else math.nan), COUNTS, 0.1, None, applied=True)
+    assert log.skipped == 0 and len(log.pending) == 3
+    log.step(4, _result(1.0), COUNTS, 0.1, None, applied=True)
+    with pytest.raises(NonFiniteStreak, match=r"2 non-finite losses in a row \(step 3\)"):
+        log.step(5, _result(1.0), COUNTS, 0.1, None, applied=True)
+    assert log.skipped == 2
+
+
+def test_step_counts_come_from_the_cpu_batches():
+    chunks = [random_batch([5, 5, 7, 7], seed=1, views_per_cell=2), random_batch([3, 3], seed=2, views_per_cell=2)]
+    counts = StepCounts.of(chunks)
+    assert (counts.cells, counts.seqs, counts.tokens) == (3, 6, 30)
+    assert counts.masked == sum(int(c.mlm_mask.sum()) for c in chunks)
+    assert counts.labels == sum(int((c.labels >= 0).sum()) for c in chunks)
+    assert counts.slots == 4 * 7 + 2 * 3
+
+
+def test_the_model_decides_its_favor_redraws():
+    favor = CellModel(small_config(attention="favor", favor_redraw_interval=3))
+    assert [s for s in range(9) if favor.redraws_after(s)] == [2, 5, 8]
+    assert not any(CellModel(small_config(attention="favor", favor_redraw_interval=0)).redraws_after(s) for s in range(9))
+    assert not any(CellModel(small_config(attention="sdpa", favor_redraw_interval=3)).redraws_after(s) for s in range(9))
