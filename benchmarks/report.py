@@ -325,13 +325,41 @@ def anchors() -> str:
 
 
 def performance() -> str:
-    blocks = [gpu_status(), training(), anchors(), scaling(), contrastive(), conversion(), loader(), demo()]
+    blocks = [gpu_status(), training(), anchors(), scaling(), train_loop(), contrastive(), conversion(), loader(),
+              demo()]
     return "\n\n".join(b for b in blocks if b)
+
+
+def train_loop() -> str:
+    """The training loop's own overhead: steps/s reading the device every step vs every N."""
+    parts = []
+    for path in sorted(RESULTS.glob("train_loop_*.json")):
+        r = json.loads(path.read_text())
+        st, s = r["settings"], r.get("summary") or {}
+        if not s:  # a run cut short: no medians to quote
+            continue
+        runs = [f"every step {n(s['steps_per_s_log_every_1'], 1)}", f"every {st['log_every']}th step "
+                f"{n(s['steps_per_s_log_every_' + str(st['log_every'])], 1)}"]
+        if s.get(f"steps_per_s_baseline_{st.get('baseline')}"):
+            runs.append(f"the loop of `{st['baseline']}` (before issue 21, several reads per step) "
+                        f"{n(s['steps_per_s_baseline_' + st['baseline']], 1)}")
+        spread = "; ".join(f"{k.removeprefix('this ')} {n(lo, 1)}-{n(hi, 1)}"
+                           for k, (lo, hi) in (s.get("min_max") or {}).items())
+        load_avg = r.get("load_avg_1min") or {}
+        parts.append(
+            f"**The training loop's overhead.** {source(path.name, r)} The real "
+            f"trainer on {st['config']} shrunk to a step of tens of milliseconds, {st['steps']} steps, median of "
+            f"{st['repeats']} alternating runs, steps/s over {st['span']}, {st['threads']}: reading the device "
+            + ", ".join(runs) + f" steps/s (paired ratio every {st['log_every']}th / every step "
+            f"{n(s.get('paired_ratio'), 2)}; range over the runs: {spread}; machine load {n(load_avg.get('start'), 1)} "
+            f"at the start). On a CPU nothing runs asynchronously, so a read costs only its host work; the GPU "
+            "suite measures what the reads cost a launch queue.")
+    return "\n\n".join(parts)
 
 
 def _train_files(kind: str) -> list[Path]:
     """train_<device>.json (kind "train") or train_scaling_<device>.json (kind "scaling")."""
-    files = sorted(RESULTS.glob("train_*.json"))
+    files = sorted(f for f in RESULTS.glob("train_*.json") if not f.stem.startswith("train_loop_"))
     return [f for f in files if f.stem.startswith("train_scaling_") == (kind == "scaling")]
 
 
