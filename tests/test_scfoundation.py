@@ -151,6 +151,16 @@ def test_downsampled_counts_follow_the_beta_binomial():
     assert abs(rate.mean() - a / (a + b)) < 0.01
 
 
+def test_cells_without_vocabulary_genes_are_downsampled_by_their_outside_reads_alone():
+    """A cell whose reads all fall outside the vocabulary (no entries), here the last of the block,
+    keeps its place: S is its thinned outside reads, never more than T."""
+    indptr, counts = np.array([0, 2, 2, 3, 3]), np.array([4, 9, 50], np.uint16)
+    totals = np.array([1500.0, 1200.0, 2000.0, 1100.0])
+    thinned, s, rate = downsample(Downsampling(1.0), indptr, counts, totals, np.random.default_rng(3))
+    assert thinned.shape == counts.shape and np.all(thinned <= counts)
+    assert np.all((s >= 1) & (s <= totals)) and np.all(rate < 1)
+
+
 def test_downsampling_probability_min_total_and_outside_reads():
     n = 20000
     rng = np.random.default_rng(1)

@@ -55,9 +55,11 @@ def downsample(spec: Downsampling, indptr: np.ndarray, counts: np.ndarray, total
         entries = np.repeat(chosen, lengths)
         thinned = counts.copy()
         thinned[entries] = rng.binomial(counts[entries].astype(np.int64), per_entry[entries])
-        starts = indptr[:-1]
-        sums = lambda x: np.where(lengths > 0, np.add.reduceat(x.astype(np.float64), starts), 0.0) \
-            if n and indptr[-1] else np.zeros(n)  # noqa: E731
+        cell_of_entry = np.repeat(np.arange(n), lengths)
+
+        def sums(x: np.ndarray) -> np.ndarray:  # per cell; a cell without entries sums to 0
+            return np.bincount(cell_of_entry, weights=x.astype(np.float64), minlength=n)
+
         # the reads on genes outside the vocabulary, thinned at the cell's rate too
         outside = np.maximum(np.rint(totals - sums(counts)), 0).astype(np.int64)
         new_totals = sums(thinned) + np.where(chosen, rng.binomial(outside, rate), outside)
