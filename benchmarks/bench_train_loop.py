@@ -124,30 +124,37 @@ def steps_per_s(history: list[dict], first: int) -> dict:
     return {"steps_per_s": (last - first) / span_s, "span_steps": last - first, "span_s": span_s, "reads": reads}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=120, help="optimizer steps per run (default 120)")
     parser.add_argument("--log-every", type=int, default=10, help="the windowed run's run.log_every (default 10)")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each setting, alternating (default 2)")
     parser.add_argument("--cells", type=int, default=2000, help="synthetic cells in the corpus (default 2000)")
+    parser.add_argument("--corpus", help="a finished corpus to train on instead of the synthetic one (the GPU suite "
+                        "passes benchmarks/data/gpu_test_corpus: making one needs anndata, which the GPU image lacks)")
     parser.add_argument("--work", help="folder for the corpus and the runs (default: a temporary one)")
     parser.add_argument("--result", help="results JSON (default benchmarks/results/train_loop_<device>.json)")
     parser.add_argument("--baseline", metavar="REF", help="also time the trainer of this commit (e.g. the one before "
                         "issue 21's loop), in a subprocess")
     parser.add_argument("--smoke", action="store_true", help="8 steps, log every 4, one repeat: checks the script")
     parser.add_argument("overrides", nargs="*", help="more trainer overrides, key.sub=value")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser_ = parser()
+    args = parser_.parse_args(argv)
     if args.smoke:
         args.steps, args.log_every, args.repeats, args.cells = 8, 4, 1, 300
     if args.steps < 2 * args.log_every:
-        parser.error(f"--steps {args.steps} leaves no span after the first window: use at least 2 x --log-every")
+        parser_.error(f"--steps {args.steps} leaves no span after the first window: use at least 2 x --log-every")
     import torch
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
         started, load_at_start = time.perf_counter(), os.getloadavg()[0]
-        corpus = make_corpus(work, args.cells)
+        corpus = Path(args.corpus) if args.corpus else make_corpus(work, args.cells)
         tree = baseline_tree(args.baseline, work) if args.baseline else None
         kinds = [("this", 1), ("this", args.log_every)] + ([(args.baseline, args.log_every)] if tree else [])
         rows = []
@@ -183,7 +190,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = result_record(
         "train_loop", device=device_record(), versions=versions("torch", "deepspeed"),
-        settings={"steps": args.steps, "log_every": args.log_every, "repeats": args.repeats, "cells": args.cells,
+        settings={"steps": args.steps, "log_every": args.log_every, "repeats": args.repeats,
+                  "cells": args.corpus or args.cells,
                   "span": f"steps {args.log_every}..{args.steps} (read times)", "config": str(TINY.name),
                   "overrides": [*SMALL, *args.overrides], "threads": threads,
                   "trainer_device": "cuda" if torch.cuda.is_available() else "cpu", "smoke": args.smoke,

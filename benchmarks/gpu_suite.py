@@ -13,7 +13,7 @@ what they need; the device has no package index) and ``benchmarks/data/lengths.n
 of the real files, for the training part's length distribution; without it lengths are synthetic
 and the JSON says so).
 
-The plan, part by part (budgets in seconds, 520 in all; a part that ends early passes its spare
+The plan, part by part (budgets in seconds, 560 in all; a part that ends early passes its spare
 time on to the next ones, so the last parts get what the first ones left; none runs past the
 total):
 
@@ -45,7 +45,11 @@ total):
 7. ``embed`` (30): `bench_embed.py`, cells embedded per second per device for each preset at full
    size, bf16 autocast, its own attention backend, 2 s per preset after a warm-up chunk (the scBERT
    explainer's 100k cells per hour on 8 A100). ``embed_<device>.json``.
-8. ``favor_fp32`` (15 + what the others left): our kernel on fp32 inputs (TF32 products) at the
+8. ``train_loop`` (40): `bench_train_loop.py` on ``benchmarks/data/gpu_test_corpus`` (skipped without
+   it: `gpu_prepare.sh` makes it), the real trainer (tiny model, sdpa, bf16) run twice,
+   reading the device every step and every 10th step, 150 steps each, one process per run: what
+   the per-step reads cost a GPU's launch queue (issue 21). ``train_loop_<device>.json``.
+9. ``favor_fp32`` (15 + what the others left): our kernel on fp32 inputs (TF32 products) at the
    same sizes. Last, since compiling the fp32 kernels took minutes where it was tried.
 
 ``gpu_suite_<device>.json`` (rewritten after every part) lists per part its command, exit code,
@@ -84,10 +88,13 @@ PLAN = (
               "-> train_<device>.json"),
     ("contrastive", 60, "gradient-cached vs uncached step, 256 ... 65,536 cells -> contrastive_<device>.json"),
     ("embed", 30, "cells embedded per second per device, each preset, bf16 -> embed_<device>.json"),
+    ("train_loop", 40, "the trainer's steps/s reading the device every step vs every 10th -> train_loop_<device>.json"),
     ("favor_fp32", 15, "our FAVOR+ kernel on fp32 inputs (TF32 products) -> favor_fp32_<device>.json"),
 )
 PARTS = tuple(name for name, _, _ in PLAN)
 LENGTHS_FILE = REPO / "benchmarks" / "data" / "lengths.npy"
+# the corpus of tests/test_gpu_training.py, made by gpu_prepare.sh (its writer needs anndata, which the image lacks)
+PREPARED_CORPUS = REPO / "benchmarks" / "data" / "gpu_test_corpus"
 GPU_MARK = re.compile(r"mark\.gpu\b")
 TAIL = 3000
 
@@ -183,6 +190,13 @@ def part_commands(part: str, out: Path, slug: str, smoke: bool, timeout: float) 
         command += ["--smoke"] if smoke else ["--device", "cuda", "--seconds", "2"]
         if LENGTHS_FILE.exists():
             command += ["--lengths-file", str(LENGTHS_FILE.relative_to(REPO))]
+        return command, [result]
+    if part == "train_loop":
+        result = out / f"train_loop_{slug}.json"
+        command = [py, str(bench / "bench_train_loop.py"), "--result", str(result),
+                   "--corpus", str(PREPARED_CORPUS.relative_to(REPO))]
+        # sdpa: no Triton compile in a 40 s part; one run per setting (each process starts DeepSpeed)
+        command += ["--smoke"] if smoke else ["--repeats", "1", "--steps", "150", "model.attention=sdpa"]
         return command, [result]
     if part == "contrastive":
         result = out / f"contrastive_{slug}.json"
@@ -291,6 +305,8 @@ def summary(part: str, files: list[Path]) -> dict:
                         for row in r["rows"] if not row.get("skipped") or "budget" in str(row.get("skipped"))]
     elif part == "embed":
         out["lines"] = [{k: row.get(k) for k in ("preset", "backend", "cells_per_s", "error")} for row in r["rows"]]
+    elif part == "train_loop":
+        out["steps_per_s"] = {k: v for k, v in (r.get("summary") or {}).items() if k.startswith("steps_per_s")}
     elif part == "contrastive":
         out["largest_batch_fits"] = r.get("largest_batch_fits")
         out["lines"] = [{k: row.get(k) for k in ("mode", "batch_cells", "status", "ms_per_cell", "step_peak_bytes")}
@@ -343,6 +359,9 @@ def print_summary(report: dict) -> None:
             for x in s["lines"]:
                 what = _f(x.get("cells_per_s"), "9.1f") if x.get("cells_per_s") else f"failed: {str(x.get('error'))[:60]}"
                 print(f"  {x['preset']:<15}{str(x.get('backend') or ''):<7}{what}", flush=True)
+        elif part == "train_loop" and s.get("steps_per_s"):
+            print("train_loop: " + ", ".join(f"{k.removeprefix('steps_per_s_')} {_f(v, '.1f')}"
+                                             for k, v in s["steps_per_s"].items()) + " steps/s", flush=True)
         elif part == "contrastive" and s.get("lines"):
             print(f"contrastive: largest batch {s.get('largest_batch_fits')}; mode cells: ms/cell, step MiB",
                   flush=True)
@@ -434,6 +453,10 @@ def main(argv=None) -> None:
                        log=log.name)
             if rec["exit_code"] != 0:
                 rec["output_tail"] = tail(log)
+        elif part == "train_loop" and not (PREPARED_CORPUS / "manifest.json").exists():
+            # as pytest_gpu without GPU tests: nothing to run is no failure of the suite; the note says why
+            rec = {"status": "ok", "exit_code": None, "seconds": 0.0, "timeout_s": round(timeout, 1),
+                   "note": f"not run: no {PREPARED_CORPUS.relative_to(REPO)} (run benchmarks/gpu_prepare.sh first)"}
         elif part == "pytest_gpu" and not gpu_test_files():  # plain pytest would collect every test module
             rec = {"status": "ok", "exit_code": None, "seconds": 0.0, "timeout_s": round(timeout, 1), "test_files": [],
                    "note": "no test file carries a GPU mark: nothing to run"}

@@ -19,7 +19,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-PARTS = ("wheels", "setup", "pytest_gpu", "favor", "train", "contrastive", "embed", "favor_fp32")
+PARTS = ("wheels", "setup", "pytest_gpu", "favor", "train", "contrastive", "embed", "train_loop", "favor_fp32")
 
 
 def _probe_wheel(folder: Path) -> Path:
@@ -57,7 +57,7 @@ def test_gpu_suite_smoke_runs_every_part(tmp_path):
     suite = json.loads((out / "gpu_suite_cpu.json").read_text())
     assert suite["status"] == "ok" and suite["smoke"] is True
     assert list(suite["parts"]) == list(PARTS)
-    assert sum(p["budget_s"] for p in suite["plan"]) <= 520  # of the 600 s a part may run; the rest: start-up
+    assert sum(p["budget_s"] for p in suite["plan"]) <= 560  # of the 600 s a part may run; the rest: start-up
     for part, rec in suite["parts"].items():
         assert rec["status"] == "ok" and rec["exit_code"] in (0, None), (part, rec)
         assert {"exit_code", "seconds", "timeout_s"} <= set(rec), part
@@ -67,6 +67,11 @@ def test_gpu_suite_smoke_runs_every_part(tmp_path):
     for name in ("ceilings_cpu.json", "favor_cpu.json", "train_cpu.json", "contrastive_cpu.json",
                  "favor_fp32_cpu.json", "embed_cpu.json"):
         assert name in results and (out / name).exists(), name
+    # the loop benchmark trains on the corpus gpu_prepare.sh makes (a clean checkout has none)
+    prepared = (REPO / "benchmarks" / "data" / "gpu_test_corpus" / "manifest.json").exists()
+    assert ("train_loop_cpu.json" in results) == prepared, suite["parts"]["train_loop"]
+    if not prepared:
+        assert "gpu_prepare.sh" in suite["parts"]["train_loop"]["note"]
 
     ceilings = json.loads((out / "ceilings_cpu.json").read_text())
     assert ceilings["partial"] is False
@@ -157,9 +162,10 @@ def test_gpu_commands_parse(tmp_path):
     import bench_contrastive
     import bench_favor
     import bench_train
+    import bench_train_loop
     from gpu_suite import PLAN, part_commands
 
-    assert sum(budget for _, budget, _ in PLAN) <= 480
+    assert sum(budget for _, budget, _ in PLAN) <= 560
     commands = {part: part_commands(part, tmp_path, "nvidia-h200", smoke=False, timeout=150)[0]
                 for part, _, _ in PLAN if part not in ("wheels", "setup", "pytest_gpu")}
     for part, command in commands.items():
@@ -178,6 +184,9 @@ def test_gpu_commands_parse(tmp_path):
     from pretrain.config import ATTENTION_BACKENDS
 
     assert set(train.backends) <= set(ATTENTION_BACKENDS)  # varlen is offered by the trainer
+
+    loop = bench_train_loop.parser().parse_args(commands["train_loop"][2:])
+    assert (loop.repeats, loop.steps, loop.overrides) == (1, 150, ["model.attention=sdpa"]) and loop.baseline is None
 
     contrastive = bench_contrastive.parser().parse_args(commands["contrastive"][2:])
     assert contrastive.device == "cuda" and contrastive.budget_s == 140 and contrastive.in_process is None
