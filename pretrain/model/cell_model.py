@@ -41,6 +41,7 @@ from kernels.packing import compact, max_per_sequence, mean_per_sequence, sequen
 
 from .embeddings import (
     AutoDiscretization,
+    BinValueMLP,
     GeneEmbeddingCoverage,
     ValueEmbedding,
     align_gene_embeddings,
@@ -57,6 +58,7 @@ class ModelOutput:
     contrastive: torch.Tensor    # [B, contrastive_dim]
     labels: list[torch.Tensor]   # per label column [B, n_classes]
     tokens: torch.Tensor | None  # [T, d]
+    mvc: torch.Tensor | None = None  # [n_masked] MVC / GEPC values (model.mvc_head), else None
 
 
 class CellModel(nn.Module):
@@ -70,14 +72,14 @@ class CellModel(nn.Module):
         if c.gene_embedding_file:
             self._load_gene_embedding(vocab)
         self.value_embedding = ValueEmbedding(c.value_mode, c.d_model, c.n_bins, c.max_rank, c.continuous_embedding,
-                                              c.autobin_bins, c.autobin_alpha)
+                                              c.autobin_bins, c.autobin_alpha, c.bin_embedding)
         self.cls = nn.Parameter(torch.randn(c.d_model) * 0.02) if c.use_cls else None
         # identities of the T and S tokens (rows 0, 1), added to their values' embeddings
         self.depth = nn.Parameter(torch.randn(2, c.d_model) * 0.02) if c.depth_tokens else None
         self.drop = nn.Dropout(c.dropout)
         self.encoder = Encoder(c.d_model, c.n_layers, c.n_heads, c.ffn_multiplier, c.dropout, c.norm_eps, c.attention,
                                c.favor_features, c.activation_checkpointing, c.norm_position, c.activation)
-        mlm_out = {"bins": c.n_bins, "rank": c.vocab_size, "continuous": 1}[c.value_mode]
+        mlm_out = c.mlm_outputs
         self.n_special = max(c.pad_token, c.cls_token, c.mask_token) + 1  # gene tokens follow the special ones
         if c.architecture == "encoder_decoder":
             dec = c.decoder
@@ -94,11 +96,20 @@ class CellModel(nn.Module):
         self.contrastive_head = nn.Sequential(nn.Linear(c.cell_dim, c.d_model), nn.GELU(),
                                               nn.Linear(c.d_model, c.contrastive_dim))
         self.label_heads = nn.ModuleList(nn.Linear(c.cell_dim, n) for n in c.label_classes)
+        if c.mvc_head:  # scGPT's MVCDecoder, "inner product" style: gene2query, sigmoid, then W (no bias)
+            self.mvc_query = nn.Sequential(nn.Linear(c.d_model, c.d_model), nn.Sigmoid())
+            self.mvc_weight = nn.Linear(c.d_model, c.d_model, bias=False)
         self.apply(self._init)
-        for module in self.modules():  # torch's default init, as scFoundation's: logits that vary with the value
+        for module in self.modules():
+            # torch's default init, as scFoundation's: logits that vary with the value
             if isinstance(module, AutoDiscretization):
                 module.to_logits.reset_parameters()
                 module.mix.reset_parameters()
+            # and as scGPT's: with zero biases relu(w v) is proportional to v, and the LayerNorm would give
+            # every nonzero bin the same embedding
+            if isinstance(module, BinValueMLP):
+                module.linear1.reset_parameters()
+                module.linear2.reset_parameters()
         self.redraw_projections(torch.Generator().manual_seed(seed))
 
     @classmethod
@@ -112,7 +123,8 @@ class CellModel(nn.Module):
     def _init(module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, std=0.02)
-            nn.init.zeros_(module.bias)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding) and not getattr(module, "_pretrained", False):
             nn.init.normal_(module.weight, std=0.02)
 
@@ -254,11 +266,22 @@ class CellModel(nn.Module):
             return self._forward_encoder_decoder(batch)
         tokens, cells = self.encode(batch.gene_ids, batch.values, batch.cu_seqlens, batch.max_seqlen, batch.read_depth)
         mlm = self.mlm_head(tokens[batch.mlm_mask])
-        return self._outputs(mlm.squeeze(-1) if self.config.value_mode == "continuous" else mlm, cells, tokens)
+        mvc = self.mvc(batch, cells) if self.config.mvc_head else None
+        return self._outputs(mlm.squeeze(-1) if self.config.mlm_regresses else mlm, cells, tokens, mvc)
 
-    def _outputs(self, mlm, cells, tokens) -> ModelOutput:
+    def mvc(self, batch: PackedBatch, cells: torch.Tensor) -> torch.Tensor:
+        """scGPT's MVC / GEPC (bowang-lab/scGPT scgpt/model/model.py, MVCDecoder, "inner product"):
+        each masked gene's value predicted from its cell's embedding alone, queried by the gene's
+        identity embedding: ``(W sigmoid(Q e_gene + q)) . cell``. What trains the cell embedding
+        (``<cls>``) to hold the cell's expression.  cells [B, d] -> [n_masked]"""
+        where = batch.mlm_mask
+        seq = sequence_ids(batch.cu_seqlens, batch.gene_ids.shape[0])[where]
+        query = self.mvc_weight(self.mvc_query(self.gene_embedding(batch.gene_ids[where])))
+        return (query * cells[seq].to(query.dtype)).sum(-1)
+
+    def _outputs(self, mlm, cells, tokens, mvc=None) -> ModelOutput:
         return ModelOutput(mlm=mlm, cells=cells, contrastive=self.contrastive_head(cells),
-                           labels=[head(cells) for head in self.label_heads], tokens=tokens)
+                           labels=[head(cells) for head in self.label_heads], tokens=tokens, mvc=mvc)
 
     def _forward_encoder_decoder(self, batch: PackedBatch) -> ModelOutput:
         # the encoder sees the expressed (input > 0; masked inputs are -1), unmasked genes
