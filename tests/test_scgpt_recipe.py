@@ -104,3 +104,44 @@ def test_scgpt_preset_and_its_refusals():
         load_config(overrides=["model.bin_loss=l1"])
     with pytest.raises(ValueError, match="mask ratios"):
         load_config(overrides=["data.mask_ratios=[0.5, 1.5]"])
+
+
+def test_generative_sdpa_equals_attention_under_an_explicit_mask_matrix():
+    """Per sequence, softmax(q k^T / sqrt(D)) restricted by M[i, j] = known[j] or i == j (float64)."""
+    from pretrain.model.attention import sdpa
+
+    g = torch.Generator().manual_seed(7)
+    lengths = [1, 6, 3, 9]
+    cu = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32)
+    t, h, d = int(cu[-1]), 2, 4
+    q, k, v = (torch.randn(t, h, d, generator=g, dtype=torch.float64) for _ in range(3))
+    known = torch.rand(t, generator=g) < 0.5
+    out = sdpa(q, k, v, cu, max(lengths), known=known)
+    expected = torch.zeros_like(q)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        allowed = known[a:b][None, :] | torch.eye(b - a, dtype=torch.bool)  # [L, L]
+        scores = torch.einsum("ihd,jhd->hij", q[a:b], k[a:b]) / d ** 0.5
+        weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+        expected[a:b] = torch.einsum("hij,jhd->ihd", weights, v[a:b])
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+
+
+def test_generative_model_keeps_unknown_genes_apart_and_refuses_other_backends():
+    """Known genes (and <cls>) never see a masked gene; a masked gene sees no other masked gene."""
+    model = CellModel(small_config(attention="sdpa", attention_mask="generative")).double()
+    batch = random_batch([12, 7], seed=8)
+    masked = batch.mlm_mask.nonzero().flatten()
+    assert len(masked) >= 2
+    out = model(batch)
+    changed = random_batch([12, 7], seed=8)
+    changed.gene_ids[masked[1:]] = 3 + (changed.gene_ids[masked[1:]] - 2) % 61  # other genes at the others
+    out2 = model(changed)
+    torch.testing.assert_close(out2.tokens[~batch.mlm_mask], out.tokens[~batch.mlm_mask], rtol=0, atol=1e-12)
+    torch.testing.assert_close(out2.cells, out.cells, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out2.tokens[masked[0]], out.tokens[masked[0]], rtol=0, atol=1e-12)
+    assert not torch.allclose(out2.tokens[masked[1]], out.tokens[masked[1]])
+    full = CellModel(small_config(attention="sdpa")).double()
+    assert not torch.allclose(full(changed).cells, full(batch).cells)  # without the mask they do see them
+    for backend in ("favor", "flash", "varlen"):
+        with pytest.raises(ValueError, match="model.attention=sdpa"):
+            small_config(attention=backend, attention_mask="generative").validate()

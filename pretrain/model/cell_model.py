@@ -189,11 +189,14 @@ class CellModel(nn.Module):
         dense_cu = torch.arange(b + 1, device=x.device, dtype=torch.int32) * per_cell
         return dense.reshape(b * per_cell, -1).index_put((slots,), x), slots, dense_cu, per_cell
 
-    def encode(self, gene_ids, values, cu_seqlens, max_seqlen,
-               read_depth: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, gene_ids, values, cu_seqlens, max_seqlen, read_depth: torch.Tensor | None = None,
+               known: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder over packed tokens: (gene-token states [T, d], cell embeddings [B, cell_dim]).
-        ``read_depth`` [B, 2] (T, S total counts per sequence): needed with ``depth_tokens``."""
-        body, cells, _ = self._encode(gene_ids, values, cu_seqlens, max_seqlen, read_depth)
+        ``read_depth`` [B, 2] (T, S total counts per sequence): needed with ``depth_tokens``.
+        ``known`` [T] bool: scGPT's generative attention mask (``attention_mask=generative``: the
+        tokens whose value is not known, the masked ones, attend to the known ones and themselves;
+        the prefix tokens are known); None: full attention."""
+        body, cells, _ = self._encode(gene_ids, values, cu_seqlens, max_seqlen, read_depth, known)
         return body, cells
 
     def depth_embedding(self, read_depth: torch.Tensor | None, n_seqs: int) -> torch.Tensor:
@@ -206,7 +209,7 @@ class CellModel(nn.Module):
         logs = torch.log10(read_depth.to(torch.promote_types(self.depth.dtype, torch.float32)).clamp_min(1))
         return self.depth + self.value_embedding(logs.flatten()).view(n_seqs, 2, -1)
 
-    def _encode(self, gene_ids, values, cu_seqlens, max_seqlen, read_depth=None):
+    def _encode(self, gene_ids, values, cu_seqlens, max_seqlen, read_depth=None, known=None):
         """`encode`, plus the T and S tokens' states [B, 2, d] (None without ``depth_tokens``)."""
         c = self.config
         x = self.gene_embedding(gene_ids) + self.value_embedding(values)
@@ -223,10 +226,12 @@ class CellModel(nn.Module):
             prefix.append(self.depth_embedding(read_depth, b))
         cls_state = depth_states = None
         if not prefix:
-            body = self.encoder(x, cu_seqlens, max_seqlen)
+            body = self.encoder(x, cu_seqlens, max_seqlen, known)
         else:
             x, prefix_cu, rows, prefix_rows = with_prefix(x, torch.cat(prefix, dim=1), cu_seqlens)
-            h = self.encoder(x, prefix_cu, max_seqlen + c.n_prefix)
+            if known is not None:  # <cls> (and T, S) are known
+                known = torch.ones(x.shape[0], dtype=torch.bool, device=x.device).index_put((rows,), known)
+            h = self.encoder(x, prefix_cu, max_seqlen + c.n_prefix, known)
             body = h[rows]
             if self.cls is not None:
                 cls_state = h[prefix_rows[:, 0]]
@@ -264,7 +269,9 @@ class CellModel(nn.Module):
     def forward(self, batch: PackedBatch) -> ModelOutput:
         if self.config.architecture == "encoder_decoder":
             return self._forward_encoder_decoder(batch)
-        tokens, cells = self.encode(batch.gene_ids, batch.values, batch.cu_seqlens, batch.max_seqlen, batch.read_depth)
+        known = ~batch.mlm_mask if self.config.attention_mask == "generative" else None
+        tokens, cells = self.encode(batch.gene_ids, batch.values, batch.cu_seqlens, batch.max_seqlen, batch.read_depth,
+                                    known)
         mlm = self.mlm_head(tokens[batch.mlm_mask])
         mvc = self.mvc(batch, cells) if self.config.mvc_head else None
         return self._outputs(mlm.squeeze(-1) if self.config.mlm_regresses else mlm, cells, tokens, mvc)
