@@ -45,7 +45,8 @@ RECIPES = {
     # the synthetic corpus's label column stands in for the tumour / normal one
     "celllm": lambda corpus, tmp: ["objectives.label_weight=0.5", "objectives.labels={tumor_normal: cell_type}"],
     "geneformer-10m": lambda corpus, tmp: ["model.max_rank=64"],
-    "scgpt": lambda corpus, tmp: ["model.attention=sdpa"],  # flash needs CUDA
+    # flash needs CUDA; sdpa takes scGPT's generative attention mask, which the run exercises here
+    "scgpt": lambda corpus, tmp: ["model.attention=sdpa", "model.attention_mask=generative"],
 }
 
 
@@ -65,7 +66,7 @@ def test_preset_trains_twenty_steps_and_exports(corpus, tmp_path, name):
     elif name == "scgpt":
         assert norm["mode"] == "quantile_bins" and (model["bin_embedding"], model["bin_loss"]) == ("mlp", "mse")
         mvc = [record["mvc"] for record in metrics(run)]
-        assert model["mvc_head"] and all(v > 0 for v in mvc)  # the MVC / GEPC loss trained every step
+        assert model["mvc_head"] and model["attention_mask"] == "generative" and all(v > 0 for v in mvc)  # the MVC / GEPC loss trained every step
     else:
         assert (model["norm_position"], model["activation"]) == ("post", "relu")
 
