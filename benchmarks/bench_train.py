@@ -516,11 +516,11 @@ def bench_module(config):
             else:
                 tokens, _ = model.encode_padded(batch["gene_ids"], batch["values"], batch["key_padding_mask"])
                 prediction = model.mlm_head(tokens[batch["mlm_mask"]])  # [n_masked, C]
-                if config.value_mode == "continuous":
+                if config.mlm_regresses:
                     prediction = prediction.squeeze(-1)
                 # the loss reads only these two fields of a batch; here [B, L], masked positions in the same order
                 where = SimpleNamespace(mlm_mask=batch["mlm_mask"], mlm_targets=batch["mlm_targets"])
-            total, count = mlm_loss_sum(prediction, where, config.value_mode)
+            total, count = mlm_loss_sum(prediction, where, config.mlm_regresses)
             return total / max(count, 1)
 
     return MLMStep()

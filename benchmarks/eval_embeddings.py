@@ -174,7 +174,10 @@ def masked_bin_accuracy(model, csr, seed: int = 0) -> dict:
     right = total = 0
     with torch.inference_mode():
         for _, batch in length_batches(norm.indptr, norm.genes, values, 16384, cost, mlm, targets):
-            predicted = model(batch).mlm.argmax(-1)
+            head = model(batch).mlm
+            # a regressing head (model.bin_loss=mse, scGPT) predicts the bin index as a value: its nearest bin
+            predicted = (head.round().clamp(0, model.config.n_bins - 1) if model.config.mlm_regresses
+                         else head.argmax(-1))
             right += int((predicted == batch.mlm_targets[batch.mlm_mask].long()).sum())
             total += int(batch.mlm_mask.sum())
     masked = targets[mlm]

@@ -28,6 +28,8 @@ class ObjectiveConfig:
     labels: dict = _help("named label objectives, name: corpus label column (e.g. {tumor_normal: tumor_normal}, CellLM's "
                          "[cls] tumour/normal task); only those columns train, each its own head; empty: every label "
                          "column of the corpus", factory=dict)
+    mvc_weight: float = _help("weight of scGPT's MVC / GEPC loss: masked genes' values predicted from the cell embedding "
+                              "(needs model.mvc_head=true; 0: off)", 0.0)
     temperature: float = _help("InfoNCE temperature (initial value when learnable)", 0.07)
     learnable_temperature: bool = _help("learn the temperature (as a log-scale, clamped to [1/100, 1])", True)
     gradient_cache: bool = _help("divide-and-conquer contrastive: embed chunks without a graph, "
@@ -51,6 +53,8 @@ class DataConfig:
     max_batch_cells: int | None = _help("most cells in a batch, within the token budget (None: the budget alone)",
                                         None)
     mask_ratio: float = _help("fraction of each cell's genes masked for masked expression modelling", 0.15)
+    mask_ratios: list[float] = _help("mask ratios of which one is drawn per cell (scGPT: [0.25, 0.5, 0.75]; scGPT draws "
+                                     "one per batch); empty: data.mask_ratio", factory=list)
     mask_replace_prob: float = _help("masked inputs replaced by the mask token (BERT: 0.8; scBERT: 0.9)", 0.8)
     mask_random_prob: float = _help("masked inputs replaced by a random bin / gene (BERT: 0.1; scBERT: 0); the rest "
                                     "are kept", 0.1)
@@ -143,7 +147,7 @@ class TrainConfig:
         """How the loader masks expression for the masked-expression loss."""
         d = self.data
         return Masking(d.mask_ratio, mask_prob=d.mask_replace_prob, random_prob=d.mask_random_prob,
-                       nonzero_only=d.mask_nonzero_only)
+                       nonzero_only=d.mask_nonzero_only, ratios=tuple(d.mask_ratios))
 
     def label_column_indices(self, corpus_columns: list[str]) -> list[int]:
         """The corpus label columns the label loss trains on (`ObjectiveConfig.labels`), by position."""
@@ -195,7 +199,8 @@ class TrainConfig:
             (self.run.checkpoint_every >= 0, "run.checkpoint_every must be >= 0 (0: only on signals and at the end)"),
             (self.run.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1"),
             (self.run.max_nan_steps >= 1, f"run.max_nan_steps={self.run.max_nan_steps} must be >= 1"),
-            (min(self.objectives.mlm_weight, self.objectives.contrastive_weight, self.objectives.label_weight) >= 0,
+            (min(self.objectives.mlm_weight, self.objectives.contrastive_weight, self.objectives.label_weight,
+                 self.objectives.mvc_weight) >= 0,
              "objectives.*_weight must be >= 0"),
         ]
         for ok, message in checks:
@@ -217,6 +222,9 @@ class TrainConfig:
         if self.data.downsample_prob > 0 and self.data.normalization != "continuous":
             raise ValueError(f"data.downsample_prob={self.data.downsample_prob} predicts original continuous values: "
                              "set data.normalization=continuous (or data.downsample_prob=0)")
+        if self.objectives.mvc_weight > 0 and not self.model.mvc_head:
+            raise ValueError(f"objectives.mvc_weight={self.objectives.mvc_weight} trains the MVC / GEPC head: set "
+                             "model.mvc_head=true (or objectives.mvc_weight=0)")
         self.model.check_choices()  # the rest of the model waits for the corpus (vocabulary, label columns)
         return self
 

@@ -229,14 +229,14 @@ class StepLog:
                  "mfu": tflops / self.peak_tflops if self.peak_tflops else None}
         peak_memory, now, stop_at = _peak_memory(self.device), time.time(), None
         for (step, _, counts, lr, grad_norm, applied), row in zip(self.pending, values):
-            loss, mlm, label, contrastive, temperature, norm = row
+            loss, mlm, label, contrastive, temperature, mvc, norm = row
             good = applied and math.isfinite(loss)  # DeepSpeed skips an update whose gradients are not finite
             self.streak = 0 if good else self.streak + 1
             self.skipped += 0 if good else 1
             if self.streak >= self.config.run.max_nan_steps and stop_at is None:
                 stop_at = (self.streak, step)
             record = {"step": step, "loss": loss, "mlm": mlm, "contrastive": contrastive, "label": label,
-                      "temperature": temperature, "lr": lr, "grad_norm": None if grad_norm is None else norm,
+                      "mvc": mvc, "temperature": temperature, "lr": lr, "grad_norm": None if grad_norm is None else norm,
                       **rates, "padding_waste": 1 - counts.tokens / max(counts.slots, 1),
                       "peak_memory_bytes": peak_memory, "skipped_steps": self.skipped, "time": now}
             if self.config.data.views:  # two sequences per cell: cells_per_s above counts each cell once

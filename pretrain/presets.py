@@ -60,9 +60,17 @@ PRESETS: dict[str, Preset] = {
         # the [cls] tumour / normal discrimination task reads the corpus label column "tumor_normal"
         objectives={"labels": {"tumor_normal": "tumor_normal"}}),
     "scgpt": Preset(
-        ModelConfig(d_model=512, n_layers=12, n_heads=8, attention="flash", value_mode="bins", n_bins=51),
+        # bowang-lab/scGPT scgpt/model/model.py: ContinuousValueEncoder over the bin index (input_emb_style
+        # "continuous" with binned input), ExprDecoder regressing one value, MVCDecoder ("inner product"), and
+        # scgpt/loss.py masked_mse_loss for both; scgpt/data_collator.py: mlm_probability [0.25, 0.5, 0.75], masked
+        # inputs all set to mask_value (no random or kept ones)
+        ModelConfig(d_model=512, n_layers=12, n_heads=8, attention="flash", value_mode="bins", n_bins=51,
+                    bin_embedding="mlp", bin_loss="mse", mvc_head=True),
         "quantile_bins", 1200,
-        "scGPT: 12 flash-attention layers of width 512 over 1,200 expressed genes, per-cell quantile bins"),
+        "scGPT: 12 flash-attention layers of width 512 over 1,200 expressed genes, per-cell quantile bins through "
+        "a value MLP, squared error on masked bins (25/50/75 % masked) plus MVC/GEPC from the <cls> embedding",
+        data={"mask_ratios": [0.25, 0.5, 0.75], "mask_replace_prob": 1.0, "mask_random_prob": 0.0},
+        objectives={"mvc_weight": 1.0}),
     "scfoundation": Preset(
         # biomap-research/scFoundation model/training_hyperparameter.txt: encoder 768 x 12 layers x 12 heads,
         # decoder 512 x 6 x 8, bin_num 100, value_mask_prob 0.3; mae_autobin.py: auto-discretization (bin_alpha

@@ -49,7 +49,8 @@ def rank_batch(rank: int, n_cells: int) -> PackedBatch:
 def build(objectives: ObjectiveConfig) -> PretrainModule:
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_bins=N_BINS, dropout=0.1,
-                         attention="favor", favor_features=16, contrastive_dim=16, label_classes=[3])
+                         attention="favor", favor_features=16, contrastive_dim=16, label_classes=[3],
+                         mvc_head=True)
     return PretrainModule(CellModel(config, seed=1), objectives)
 
 
@@ -108,7 +109,8 @@ def main() -> None:
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
     args = parser.parse_args()
     deepspeed.init_distributed(dist_backend="gloo")
-    objectives = ObjectiveConfig(mlm_weight=1.0, contrastive_weight=0.5, label_weight=0.3, temperature=0.1)
+    objectives = ObjectiveConfig(mlm_weight=1.0, contrastive_weight=0.5, label_weight=0.3, temperature=0.1,
+                                 mvc_weight=0.4)
     results = []
     for stage in args.stages:
         for cells, cells_per_rank in CASES:

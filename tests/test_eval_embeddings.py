@@ -55,9 +55,9 @@ def test_length_batches_cover_every_cell_once_within_budget():
     assert sorted(seen) == list(range(200))
 
 
-def _model(n_bins=7):
+def _model(n_bins=7, **overrides):
     config = ModelConfig(vocab_size=60, d_model=32, n_layers=1, n_heads=2, favor_features=16, n_bins=n_bins,
-                         use_cls=False, pooling="mean", dropout=0.0)
+                         use_cls=False, pooling="mean", dropout=0.0, **overrides)
     torch.manual_seed(0)
     model = CellModel(config).eval()
     model.normalization = Normalization(mode="log1p_bins", n_bins=n_bins)
@@ -73,15 +73,20 @@ def _cells(rng, n=40):
     return indptr, genes, counts, totals
 
 
-def test_masked_bin_accuracy_counts_the_heads_argmax():
+@pytest.mark.parametrize("bin_loss", ["cross_entropy", "mse"])
+def test_masked_bin_accuracy_counts_the_heads_argmax(bin_loss):
+    """Logits: the argmax bin; a regressing head (scGPT's squared error on bins): the nearest bin."""
     rng = np.random.default_rng(2)
-    model = _model()
+    model = _model(bin_loss=bin_loss)
     csr = _cells(rng)
     with torch.no_grad():  # a head that always says bin 3: accuracy = the share of masked targets in bin 3
         last = model.mlm_head[-1]
         last.weight.zero_()
-        last.bias.fill_(-10.0)
-        last.bias[3] = 10.0
+        if bin_loss == "mse":
+            last.bias.fill_(3.3)
+        else:
+            last.bias.fill_(-10.0)
+            last.bias[3] = 10.0
     out = ev.masked_bin_accuracy(model, csr, seed=5)
     from data_pipeline.loading.masking import Masking, apply_masking
     from data_pipeline.loading.normalize import normalize

@@ -81,13 +81,13 @@ def test_mlm_losses_per_mode_are_sums_over_masked_positions():
     targets = torch.randint(1, 9, (6,), generator=g)
     batch = _batch(targets.clone(), mask, targets, torch.zeros(2, 0, dtype=torch.long))
     logits = torch.randn(3, 9, generator=g)
-    total, count = mlm_loss_sum(logits, batch, "bins")
+    total, count = mlm_loss_sum(logits, batch, regress=False)
     expected = sum(-torch.log_softmax(logits[i], 0)[t] for i, t in enumerate(targets[mask]))
     assert count == 3 and total.detach().item() == pytest.approx(expected.item(), rel=1e-6)
     values = torch.rand(6, generator=g)
     batch = _batch(values, mask, values, torch.zeros(2, 0, dtype=torch.long))
     prediction = torch.rand(3, generator=g)
-    total, _ = mlm_loss_sum(prediction, batch, "continuous")
+    total, _ = mlm_loss_sum(prediction, batch, regress=True)
     assert float(total) == pytest.approx(float(((prediction - values[mask]) ** 2).sum()), rel=1e-6)
 
 

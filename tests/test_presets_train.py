@@ -1,4 +1,4 @@
-"""Each faithful preset (scBERT, CellLM, Geneformer) trains 20 steps and exports on CPU, in tiny
+"""Each faithful preset (scBERT, CellLM, Geneformer, scGPT) trains 20 steps and exports on CPU, in tiny
 shapes (the preset's recipe: its normalization, masking, norm position, label objective, gene2vec
 wiring; only the sizes shrunk)."""
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from data_pipeline.corpus import Corpus
-from tests.train_helpers import TINY, export, make_corpus, run_pretrain, steps_logged
+from tests.train_helpers import TINY, export, make_corpus, metrics, run_pretrain, steps_logged
 
 pytestmark = pytest.mark.slow
 
@@ -45,6 +45,8 @@ RECIPES = {
     # the synthetic corpus's label column stands in for the tumour / normal one
     "celllm": lambda corpus, tmp: ["objectives.label_weight=0.5", "objectives.labels={tumor_normal: cell_type}"],
     "geneformer-10m": lambda corpus, tmp: ["model.max_rank=64"],
+    # flash needs CUDA; sdpa takes scGPT's generative attention mask, which the run exercises here
+    "scgpt": lambda corpus, tmp: ["model.attention=sdpa", "model.attention_mask=generative"],
 }
 
 
@@ -61,6 +63,10 @@ def test_preset_trains_twenty_steps_and_exports(corpus, tmp_path, name):
         assert norm["mode"] == "log2_floor_bins" and norm["n_bins"] == 6 and model["freeze_gene_embedding"]
     elif name == "celllm":
         assert norm["mode"] == "log2_floor_bins" and norm["n_bins"] == 7 and model["label_classes"] == [8]
+    elif name == "scgpt":
+        assert norm["mode"] == "quantile_bins" and (model["bin_embedding"], model["bin_loss"]) == ("mlp", "mse")
+        mvc = [record["mvc"] for record in metrics(run)]
+        assert model["mvc_head"] and model["attention_mask"] == "generative" and all(v > 0 for v in mvc)  # the MVC / GEPC loss trained every step
     else:
         assert (model["norm_position"], model["activation"]) == ("post", "relu")
 

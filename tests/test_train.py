@@ -358,7 +358,7 @@ def test_loader_batches_hold_the_chosen_label_columns(corpus):
 
 
 def test_presets_carry_their_recipes():
-    """The scBERT / CellLM / Geneformer recipes, number by number from their code (see presets.py)."""
+    """The scBERT / CellLM / Geneformer / scGPT recipes, number by number from their code (see presets.py)."""
     scbert = load_config(None, ["preset=scbert"])
     assert (scbert.data.normalization, scbert.model.n_bins) == ("log2_floor_bins", 6)
     assert scbert.input_masking() == Masking(0.15, mask_prob=0.9, random_prob=0.0, nonzero_only=True)
@@ -371,5 +371,9 @@ def test_presets_carry_their_recipes():
     for name in ("scgpt", "scfoundation"):
         other = load_config(None, [f"preset={name}"])
         assert (other.model.norm_position, other.model.activation) == ("pre", "gelu")
-        # scFoundation masks 30 % of values (training_hyperparameter.txt value_mask_prob), BERT's 80/10/10
-        assert other.input_masking() == Masking(0.3 if name == "scfoundation" else 0.15)
+    # scFoundation masks 30 % of values (training_hyperparameter.txt value_mask_prob), BERT's 80/10/10
+    assert load_config(None, ["preset=scfoundation"]).input_masking() == Masking(0.3)
+    # scGPT (scgpt/data_collator.py): mlm_probability [0.25, 0.5, 0.75], every masked input set to mask_value
+    scgpt = load_config(None, ["preset=scgpt"])
+    assert scgpt.input_masking() == Masking(0.15, mask_prob=1.0, random_prob=0.0, ratios=(0.25, 0.5, 0.75))
+    assert (scgpt.model.bin_embedding, scgpt.model.bin_loss, scgpt.model.mvc_head) == ("mlp", "mse", True)

@@ -86,7 +86,8 @@ def test_a_signal_is_a_stop_vote_agreed_with_the_counts(tmp_path, handlers):
 
 def _result(loss: float) -> StepResult:
     t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
-    return StepResult(loss=t(loss), mlm=t(loss / 2), label=t(loss / 4), contrastive=t(loss / 8), temperature=t(0.1))
+    return StepResult(loss=t(loss), mlm=t(loss / 2), label=t(loss / 4), contrastive=t(loss / 8), temperature=t(0.1),
+                      mvc=t(loss / 16))
 
 
 COUNTS = StepCounts(masked=10, labels=4, cells=4, seqs=8, tokens=120, slots=160)

@@ -10,6 +10,11 @@ With ``nonzero_only`` (scBERT) only entries whose bin is not 0 are eligible and 
 ``Masking(0.15, mask_prob=0.9, random_prob=0.0, nonzero_only=True)`` (its ``replace_prob`` 0.9,
 ``RANDOM_TOKEN_PROB`` 0).
 
+With ``ratios`` (scGPT: 0.25, 0.5, 0.75) each cell's ratio is drawn uniformly from them, from the
+same generator (so a resumed loader draws the same ones); scGPT's DataCollator draws one per batch
+(``get_mlm_probability``), which a loader that masks a megabatch before cutting it into batches
+cannot do: per cell, every batch mixes the three ratios.
+
 ``Views``: two views of each cell for contrastive learning, from its raw counts: each gene
 dropped with probability ``gene_dropout``, and reads kept with a probability drawn per view from
 ``[min_depth, 1]`` (binomial downsampling). Genes left with no count are dropped; a view keeps at
@@ -32,8 +37,11 @@ class Masking:
     mask_prob: float = 0.8
     random_prob: float = 0.1
     nonzero_only: bool = False
+    ratios: tuple[float, ...] = ()  # one drawn per cell, in place of ``ratio`` (scGPT)
 
     def __post_init__(self):
+        if any(not 0 <= r <= 1 for r in self.ratios):
+            raise ValueError(f"mask ratios {list(self.ratios)} must each be in [0, 1]")
         if not 0 <= self.ratio <= 1 or self.mask_prob < 0 or self.random_prob < 0 or self.mask_prob + self.random_prob > 1:
             raise ValueError("masking needs 0 <= ratio <= 1 and mask_prob + random_prob <= 1 (both >= 0)")
 
@@ -48,11 +56,11 @@ class Views:
             raise ValueError("views need 0 <= gene_dropout < 1 and 0 < min_depth <= 1")
 
 
-def mask_positions(indptr: np.ndarray, ratio: float, rng: np.random.Generator) -> np.ndarray:
+def mask_positions(indptr: np.ndarray, ratio, rng: np.random.Generator) -> np.ndarray:
     """Which entries are masked: ``max(1, round(ratio * length))`` uniform picks per nonempty
-    cell (none when ratio is 0).  [nnz] bool"""
+    cell (none when ratio is 0).  ratio: a float, or one per cell [n_cells].  [nnz] bool"""
     lengths = np.diff(indptr)
-    if ratio == 0:
+    if np.ndim(ratio) == 0 and ratio == 0:
         return np.zeros(int(indptr[-1]), bool)
     return choose_within_cells(indptr, np.maximum(1, np.rint(ratio * lengths).astype(np.int64)), rng)
 
@@ -73,10 +81,13 @@ def apply_masking(masking: Masking, indptr, inputs: np.ndarray, mask_id, random_
     """``(new inputs, mlm_mask, targets)``: ``targets`` is ``inputs`` itself (unchanged;
     meaningful where ``mlm_mask``); masked inputs become ``mask_id``, or a random draw from
     ``random_ids = (low, high)`` (ints in [low, high), or floats uniform in it), or stay."""
+    ratio = masking.ratio
+    if masking.ratios:
+        ratio = np.asarray(masking.ratios, np.float64)[rng.integers(0, len(masking.ratios), len(indptr) - 1)]
     if masking.nonzero_only:
-        mlm = mask_nonzero_positions(indptr, inputs, masking.ratio, rng)
+        mlm = mask_nonzero_positions(indptr, inputs, ratio, rng)
     else:
-        mlm = mask_positions(indptr, masking.ratio, rng)
+        mlm = mask_positions(indptr, ratio, rng)
     targets = inputs
     out = inputs.copy()
     where = np.flatnonzero(mlm)

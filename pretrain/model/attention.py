@@ -18,6 +18,14 @@ The exact backends all use the softmax scale ``1/sqrt(D)``.
   softmax, any device and dtype; the reference of the other exact backends; the padding costs memory
   and time on mixed lengths).
 
+scGPT's generative attention (``model.attention_mask=generative``: bowang-lab/scGPT's pretraining,
+"gen" tokens whose values are unknown attend to the known "pcpt" tokens, ``<cls>`` and themselves
+only; known tokens attend to known tokens only) is a per-pair mask: ``sdpa`` takes it
+(``known`` [T] bool, `generative_mask`); the FlashAttention varlen kernels (``flash``, ``varlen``)
+take only causal or full masks, so they refuse it; FAVOR+ never forms the pairs (its state sums all
+keys of a sequence): a known-keys state plus each unknown query's own term could express it, which
+is not implemented, so ``favor`` refuses it too.
+
 `reference_attention` is the plain per-sequence definition (float64-capable) the tests compare them
 with. `require_attention_device` refuses, before a training run builds anything, a backend that
 cannot run on the run's device.
@@ -37,6 +45,7 @@ from kernels.packing import padding_index
 log = logging.getLogger(__name__)
 
 CUDA_ONLY_BACKENDS = ("flash", "varlen")  # FlashAttention kernels: CUDA, bf16/fp16
+MASKED_BACKENDS = ("sdpa",)  # the backends that take the generative attention mask
 
 
 def favor(q, k, v, cu_seqlens, max_seqlen, projection):
@@ -120,8 +129,17 @@ def flash(q, k, v, cu_seqlens, max_seqlen, projection=None):
     return fn(q, k, v, cu, cu, max_seqlen, max_seqlen, dropout_p=0.0, causal=False)
 
 
-def sdpa(q, k, v, cu_seqlens, max_seqlen, projection=None):
-    """Exact softmax attention on the padded layout ``[B, H, L, D]``.  -> [T, H, D]"""
+def generative_mask(known: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """scGPT's generative attention on the padded layout: query i may attend key j when j is a real
+    token and j is known or j is i.  known, real [B, L] bool -> [B, 1, L, L] bool"""
+    length = known.shape[1]
+    self_pair = torch.eye(length, dtype=torch.bool, device=known.device)
+    return (real & known)[:, None, None, :] | (self_pair & real[:, :, None])[:, None]
+
+
+def sdpa(q, k, v, cu_seqlens, max_seqlen, projection=None, known=None):
+    """Exact softmax attention on the padded layout ``[B, H, L, D]``; ``known`` [T] bool: scGPT's
+    generative mask (`generative_mask`) in place of the key mask.  -> [T, H, D]"""
     b = cu_seqlens.shape[0] - 1
     seq, pos = padding_index(cu_seqlens, q.shape[0])
     h = q.shape[1]
@@ -133,7 +151,13 @@ def sdpa(q, k, v, cu_seqlens, max_seqlen, projection=None):
 
     real = torch.zeros(b, max_seqlen, dtype=torch.bool, device=q.device)
     real[seq, pos] = True
-    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=real[:, None, None, :])
+    if known is None:
+        mask = real[:, None, None, :]
+    else:
+        padded_known = torch.zeros_like(real)
+        padded_known[seq, pos] = known
+        mask = generative_mask(padded_known, real)
+    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask)
     return out.transpose(1, 2)[seq, pos]
 
 

@@ -41,6 +41,7 @@ from kernels.packing import compact, max_per_sequence, mean_per_sequence, sequen
 
 from .embeddings import (
     AutoDiscretization,
+    BinValueMLP,
     GeneEmbeddingCoverage,
     ValueEmbedding,
     align_gene_embeddings,
@@ -57,6 +58,7 @@ class ModelOutput:
     contrastive: torch.Tensor    # [B, contrastive_dim]
     labels: list[torch.Tensor]   # per label column [B, n_classes]
     tokens: torch.Tensor | None  # [T, d]
+    mvc: torch.Tensor | None = None  # [n_masked] MVC / GEPC values (model.mvc_head), else None
 
 
 class CellModel(nn.Module):
@@ -70,14 +72,14 @@ class CellModel(nn.Module):
         if c.gene_embedding_file:
             self._load_gene_embedding(vocab)
         self.value_embedding = ValueEmbedding(c.value_mode, c.d_model, c.n_bins, c.max_rank, c.continuous_embedding,
-                                              c.autobin_bins, c.autobin_alpha)
+                                              c.autobin_bins, c.autobin_alpha, c.bin_embedding)
         self.cls = nn.Parameter(torch.randn(c.d_model) * 0.02) if c.use_cls else None
         # identities of the T and S tokens (rows 0, 1), added to their values' embeddings
         self.depth = nn.Parameter(torch.randn(2, c.d_model) * 0.02) if c.depth_tokens else None
         self.drop = nn.Dropout(c.dropout)
         self.encoder = Encoder(c.d_model, c.n_layers, c.n_heads, c.ffn_multiplier, c.dropout, c.norm_eps, c.attention,
                                c.favor_features, c.activation_checkpointing, c.norm_position, c.activation)
-        mlm_out = {"bins": c.n_bins, "rank": c.vocab_size, "continuous": 1}[c.value_mode]
+        mlm_out = c.mlm_outputs
         self.n_special = max(c.pad_token, c.cls_token, c.mask_token) + 1  # gene tokens follow the special ones
         if c.architecture == "encoder_decoder":
             dec = c.decoder
@@ -94,11 +96,20 @@ class CellModel(nn.Module):
         self.contrastive_head = nn.Sequential(nn.Linear(c.cell_dim, c.d_model), nn.GELU(),
                                               nn.Linear(c.d_model, c.contrastive_dim))
         self.label_heads = nn.ModuleList(nn.Linear(c.cell_dim, n) for n in c.label_classes)
+        if c.mvc_head:  # scGPT's MVCDecoder, "inner product" style: gene2query, sigmoid, then W (no bias)
+            self.mvc_query = nn.Sequential(nn.Linear(c.d_model, c.d_model), nn.Sigmoid())
+            self.mvc_weight = nn.Linear(c.d_model, c.d_model, bias=False)
         self.apply(self._init)
-        for module in self.modules():  # torch's default init, as scFoundation's: logits that vary with the value
+        for module in self.modules():
+            # torch's default init, as scFoundation's: logits that vary with the value
             if isinstance(module, AutoDiscretization):
                 module.to_logits.reset_parameters()
                 module.mix.reset_parameters()
+            # and as scGPT's: with zero biases relu(w v) is proportional to v, and the LayerNorm would give
+            # every nonzero bin the same embedding
+            if isinstance(module, BinValueMLP):
+                module.linear1.reset_parameters()
+                module.linear2.reset_parameters()
         self.redraw_projections(torch.Generator().manual_seed(seed))
 
     @classmethod
@@ -112,7 +123,8 @@ class CellModel(nn.Module):
     def _init(module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, std=0.02)
-            nn.init.zeros_(module.bias)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding) and not getattr(module, "_pretrained", False):
             nn.init.normal_(module.weight, std=0.02)
 
@@ -177,11 +189,14 @@ class CellModel(nn.Module):
         dense_cu = torch.arange(b + 1, device=x.device, dtype=torch.int32) * per_cell
         return dense.reshape(b * per_cell, -1).index_put((slots,), x), slots, dense_cu, per_cell
 
-    def encode(self, gene_ids, values, cu_seqlens, max_seqlen,
-               read_depth: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, gene_ids, values, cu_seqlens, max_seqlen, read_depth: torch.Tensor | None = None,
+               known: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder over packed tokens: (gene-token states [T, d], cell embeddings [B, cell_dim]).
-        ``read_depth`` [B, 2] (T, S total counts per sequence): needed with ``depth_tokens``."""
-        body, cells, _ = self._encode(gene_ids, values, cu_seqlens, max_seqlen, read_depth)
+        ``read_depth`` [B, 2] (T, S total counts per sequence): needed with ``depth_tokens``.
+        ``known`` [T] bool: scGPT's generative attention mask (``attention_mask=generative``: the
+        tokens whose value is not known, the masked ones, attend to the known ones and themselves;
+        the prefix tokens are known); None: full attention."""
+        body, cells, _ = self._encode(gene_ids, values, cu_seqlens, max_seqlen, read_depth, known)
         return body, cells
 
     def depth_embedding(self, read_depth: torch.Tensor | None, n_seqs: int) -> torch.Tensor:
@@ -194,7 +209,7 @@ class CellModel(nn.Module):
         logs = torch.log10(read_depth.to(torch.promote_types(self.depth.dtype, torch.float32)).clamp_min(1))
         return self.depth + self.value_embedding(logs.flatten()).view(n_seqs, 2, -1)
 
-    def _encode(self, gene_ids, values, cu_seqlens, max_seqlen, read_depth=None):
+    def _encode(self, gene_ids, values, cu_seqlens, max_seqlen, read_depth=None, known=None):
         """`encode`, plus the T and S tokens' states [B, 2, d] (None without ``depth_tokens``)."""
         c = self.config
         x = self.gene_embedding(gene_ids) + self.value_embedding(values)
@@ -211,10 +226,12 @@ class CellModel(nn.Module):
             prefix.append(self.depth_embedding(read_depth, b))
         cls_state = depth_states = None
         if not prefix:
-            body = self.encoder(x, cu_seqlens, max_seqlen)
+            body = self.encoder(x, cu_seqlens, max_seqlen, known)
         else:
             x, prefix_cu, rows, prefix_rows = with_prefix(x, torch.cat(prefix, dim=1), cu_seqlens)
-            h = self.encoder(x, prefix_cu, max_seqlen + c.n_prefix)
+            if known is not None:  # <cls> (and T, S) are known
+                known = torch.ones(x.shape[0], dtype=torch.bool, device=x.device).index_put((rows,), known)
+            h = self.encoder(x, prefix_cu, max_seqlen + c.n_prefix, known)
             body = h[rows]
             if self.cls is not None:
                 cls_state = h[prefix_rows[:, 0]]
@@ -252,13 +269,26 @@ class CellModel(nn.Module):
     def forward(self, batch: PackedBatch) -> ModelOutput:
         if self.config.architecture == "encoder_decoder":
             return self._forward_encoder_decoder(batch)
-        tokens, cells = self.encode(batch.gene_ids, batch.values, batch.cu_seqlens, batch.max_seqlen, batch.read_depth)
+        known = ~batch.mlm_mask if self.config.attention_mask == "generative" else None
+        tokens, cells = self.encode(batch.gene_ids, batch.values, batch.cu_seqlens, batch.max_seqlen, batch.read_depth,
+                                    known)
         mlm = self.mlm_head(tokens[batch.mlm_mask])
-        return self._outputs(mlm.squeeze(-1) if self.config.value_mode == "continuous" else mlm, cells, tokens)
+        mvc = self.mvc(batch, cells) if self.config.mvc_head else None
+        return self._outputs(mlm.squeeze(-1) if self.config.mlm_regresses else mlm, cells, tokens, mvc)
 
-    def _outputs(self, mlm, cells, tokens) -> ModelOutput:
+    def mvc(self, batch: PackedBatch, cells: torch.Tensor) -> torch.Tensor:
+        """scGPT's MVC / GEPC (bowang-lab/scGPT scgpt/model/model.py, MVCDecoder, "inner product"):
+        each masked gene's value predicted from its cell's embedding alone, queried by the gene's
+        identity embedding: ``(W sigmoid(Q e_gene + q)) . cell``. What trains the cell embedding
+        (``<cls>``) to hold the cell's expression.  cells [B, d] -> [n_masked]"""
+        where = batch.mlm_mask
+        seq = sequence_ids(batch.cu_seqlens, batch.gene_ids.shape[0])[where]
+        query = self.mvc_weight(self.mvc_query(self.gene_embedding(batch.gene_ids[where])))
+        return (query * cells[seq].to(query.dtype)).sum(-1)
+
+    def _outputs(self, mlm, cells, tokens, mvc=None) -> ModelOutput:
         return ModelOutput(mlm=mlm, cells=cells, contrastive=self.contrastive_head(cells),
-                           labels=[head(cells) for head in self.label_heads], tokens=tokens)
+                           labels=[head(cells) for head in self.label_heads], tokens=tokens, mvc=mvc)
 
     def _forward_encoder_decoder(self, batch: PackedBatch) -> ModelOutput:
         # the encoder sees the expressed (input > 0; masked inputs are -1), unmasked genes

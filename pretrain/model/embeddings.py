@@ -118,16 +118,41 @@ class AutoDiscretization(nn.Module):
         return weights @ self.bins.weight
 
 
+class BinValueMLP(nn.Module):
+    """scGPT's value encoder for binned input (bowang-lab/scGPT scgpt/model/model.py,
+    ContinuousValueEncoder, which scGPT's pretraining uses with its binned values): the bin index
+    is a scalar, not a category, so neighbouring bins get neighbouring embeddings:
+    ``LayerNorm(W2 relu(w1 v + b1) + b2)``. The loader's mask bin (``mask_bin``) enters as -1,
+    scGPT's ``mask_value``. (scGPT's dropout after the LayerNorm is the model's embedding dropout
+    here.)  bins [N] int -> [N, d]"""
+
+    MASK_VALUE = -1.0
+
+    def __init__(self, d_model: int, mask_bin: int):
+        super().__init__()
+        self.mask_bin = mask_bin
+        self.linear1 = nn.Linear(1, d_model)
+        self.linear2 = nn.Linear(d_model, d_model)
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, bins: torch.Tensor) -> torch.Tensor:
+        x = bins.to(self.linear1.weight.dtype)
+        x = torch.where(bins == self.mask_bin, torch.full_like(x, self.MASK_VALUE), x)
+        return self.norm(self.linear2(torch.relu(self.linear1(x[:, None]))))
+
+
 class ValueEmbedding(nn.Module):
     """Expression input -> ``[T, d]``. values [T]: bins (int), continuous (float, -1 = masked)
     or rank (int position). Continuous values go through a small MLP (``continuous_embedding``
-    mlp) or `AutoDiscretization` (autobin)."""
+    mlp) or `AutoDiscretization` (autobin); bins through a table or `BinValueMLP` (``bin_embedding``)."""
 
     def __init__(self, mode: str, d_model: int, n_bins: int, max_rank: int, continuous_embedding: str = "mlp",
-                 autobin_bins: int = 100, autobin_alpha: float = 1.0):
+                 autobin_bins: int = 100, autobin_alpha: float = 1.0, bin_embedding: str = "table"):
         super().__init__()
         self.mode = mode
-        if mode == "bins":
+        if mode == "bins" and bin_embedding == "mlp":
+            self.bin_mlp = BinValueMLP(d_model, mask_bin=n_bins)
+        elif mode == "bins":
             self.table = nn.Embedding(n_bins + 1, d_model)  # + the loader's mask bin (= n_bins)
         elif mode == "rank":
             self.table = nn.Embedding(max_rank, d_model)
@@ -147,6 +172,8 @@ class ValueEmbedding(nn.Module):
             x = x.clamp_min(0)
             out = self.autobin(x) if hasattr(self, "autobin") else self.mlp(x[:, None])
             return torch.where(masked[:, None], self.mask.expand_as(out), out)
+        if hasattr(self, "bin_mlp"):
+            return self.bin_mlp(values)
         # checked where it costs no device sync; the trainer checks the loader's max_genes up front
         if self.mode == "rank" and not values.is_cuda and values.numel() and int(values.max()) >= self.max_rank:
             raise ValueError(f"rank {int(values.max())} >= model.max_rank={self.max_rank}: raise model.max_rank "

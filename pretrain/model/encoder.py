@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from kernels.favor import draw_projection, favor_attention_reference_padded
 
-from .attention import BACKENDS
+from .attention import BACKENDS, MASKED_BACKENDS
 
 
 class Attention(nn.Module):
@@ -36,10 +36,19 @@ class Attention(nn.Module):
             m, d = self.projection.shape
             self.projection.copy_(draw_projection(m, d, generator=generator).to(self.projection))
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                known: torch.Tensor | None = None) -> torch.Tensor:
+        """``known`` [T] bool: scGPT's generative mask (unknown tokens attend to known ones and
+        themselves), on the backends that take it (`MASKED_BACKENDS`)."""
         t = x.shape[0]
         q, k, v = self.qkv(x).view(t, 3, self.n_heads, self.head_dim).unbind(1)
-        out = BACKENDS[self.backend](q, k, v, cu_seqlens, max_seqlen, self.projection)
+        if known is None:
+            out = BACKENDS[self.backend](q, k, v, cu_seqlens, max_seqlen, self.projection)
+        elif self.backend in MASKED_BACKENDS:
+            out = BACKENDS[self.backend](q, k, v, cu_seqlens, max_seqlen, self.projection, known=known)
+        else:
+            raise ValueError(f"model.attention_mask=generative needs a backend that takes a per-pair mask "
+                             f"({', '.join(MASKED_BACKENDS)}), not {self.backend}: set model.attention=sdpa")
         return self.out(out.reshape(t, self.n_heads * self.head_dim))  # t may be 0 (every gene masked)
 
     def forward_padded(self, x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
@@ -76,8 +85,9 @@ class Block(nn.Module):
         x = x + self.drop(attend(self.norm1(x)))
         return x + self.drop(self.ffn(self.norm2(x)))
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
-        return self._residuals(x, lambda h: self.attn(h, cu_seqlens, max_seqlen))
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                known: torch.Tensor | None = None) -> torch.Tensor:
+        return self._residuals(x, lambda h: self.attn(h, cu_seqlens, max_seqlen, known))
 
     def forward_padded(self, x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
         return self._residuals(x, lambda h: self.attn.forward_padded(h, key_padding_mask))
@@ -98,15 +108,17 @@ class Encoder(nn.Module):
         self.post_norm = norm_position == "post"
         self.activation_checkpointing = activation_checkpointing
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                known: torch.Tensor | None = None) -> torch.Tensor:
+        """``known`` [T] bool: scGPT's generative attention mask (None: full attention per sequence)."""
         if self.post_norm:
             x = self.norm(x)
         for block in self.blocks:
             if self.activation_checkpointing and torch.is_grad_enabled():
                 # non-reentrant checkpointing replays the RNG, so dropout matches in the recompute
-                x = checkpoint(block, x, cu_seqlens, max_seqlen, use_reentrant=False)
+                x = checkpoint(block, x, cu_seqlens, max_seqlen, known, use_reentrant=False)
             else:
-                x = block(x, cu_seqlens, max_seqlen)
+                x = block(x, cu_seqlens, max_seqlen, known)
         return x if self.post_norm else self.norm(x)
 
     def forward_padded(self, x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:

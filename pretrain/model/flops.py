@@ -52,7 +52,9 @@ def model_cost(config: ModelConfig, seq_len: float, mask_ratio: float = 0.15) ->
     d, ffn = c.d_model, int(round(c.d_model * c.ffn_multiplier))
     n_genes = c.n_genes
     params = c.vocab_size * d
-    if c.value_mode == "bins":
+    if c.value_mode == "bins" and c.bin_embedding == "mlp":
+        params += _linear(1, d) + _linear(d, d) + 2 * d
+    elif c.value_mode == "bins":
         params += (c.n_bins + 1) * d
     elif c.value_mode == "rank":
         params += c.max_rank * d
@@ -73,6 +75,7 @@ def model_cost(config: ModelConfig, seq_len: float, mask_ratio: float = 0.15) ->
     autobin = 0.0  # per embedded value
     if c.value_mode == "continuous" and c.continuous_embedding == "autobin":
         autobin = 2.0 * (c.autobin_bins + c.autobin_bins ** 2 + c.autobin_bins * d)
+    bin_mlp = 2.0 * (d + d * d) if c.value_mode == "bins" and c.bin_embedding == "mlp" else 0.0  # per value
     heads = 2 * (e * d + d * c.contrastive_dim + sum(e * n for n in c.label_classes))
     if c.architecture == "encoder_decoder":
         dd, dffn = c.decoder.d_model, int(round(c.decoder.d_model * c.ffn_multiplier))
@@ -85,10 +88,14 @@ def model_cost(config: ModelConfig, seq_len: float, mask_ratio: float = 0.15) ->
                    + _stack_flops(n_genes + depth, dd, c.decoder.n_layers, dffn, c.decoder.attention, c.favor_features)
                    + 2 * masked * dd + heads)
     else:
-        mlm_out = {"bins": c.n_bins, "rank": c.vocab_size, "continuous": 1}[c.value_mode]
+        mlm_out = c.mlm_outputs
         params += _linear(d, d) + 2 * d + _linear(d, mlm_out)
+        mvc = 0.0  # MVC / GEPC per masked position: gene2query, W, the dot product with the cell
+        if c.mvc_head:
+            params += _linear(d, d) + d * d
+            mvc = 2 * masked * (2 * d * d + d)
         enc_len = (n_genes if c.gene_set == "all" else seq_len) + cls
         forward = (_stack_flops(enc_len, d, c.n_layers, ffn, c.attention, c.favor_features)
-                   + autobin * (seq_len + depth) + 2 * masked * (d * d + d * mlm_out) + heads)
+                   + (autobin + bin_mlp) * (seq_len + depth) + 2 * masked * (d * d + d * mlm_out) + mvc + heads)
     per_cell = 3 * forward
     return ModelCost(params=int(params), flops_per_cell=float(per_cell), flops_per_token=float(per_cell / max(seq_len, 1)))

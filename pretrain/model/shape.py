@@ -19,10 +19,17 @@ VALUE_MODES = ("bins", "continuous", "rank")
 # depth_max_mean (scFoundation): [S | T | max | mean] of the encoder outputs, 4 x d_model wide
 POOLINGS = ("cls", "mean", "depth_max_mean")
 CONTINUOUS_EMBEDDINGS = ("mlp", "autobin")
+# bins mode: table (one learned vector per bin) or mlp (scGPT: the bin index as a scalar through an MLP)
+BIN_EMBEDDINGS = ("table", "mlp")
+# bins mode: cross_entropy (logits over bins) or mse (scGPT: one value per position, squared error on the bin index)
+BIN_LOSSES = ("cross_entropy", "mse")
 ARCHITECTURES = ("encoder", "encoder_decoder")
 GENE_SETS = ("expressed", "all")
 NORM_POSITIONS = ("pre", "post")
 ACTIVATIONS = ("gelu", "relu")
+# full: every token attends to its whole sequence; generative: scGPT's, masked (unknown) genes attend to the known
+# genes, <cls> and themselves only, known tokens to known tokens only (exact backends that take a mask: sdpa)
+ATTENTION_MASKS = ("full", "generative")
 
 
 @dataclass
@@ -56,6 +63,9 @@ class ModelConfig:
     activation: str = knob(f"feed-forward activation: one of {', '.join(ACTIVATIONS)} (Geneformer: relu)", "gelu")
     attention: str = knob(f"attention backend: one of {', '.join(ATTENTION_BACKENDS)} (flash and varlen: CUDA + bf16; "
                            "sdpa: exact anywhere; favor: FAVOR+ approximation)", "favor")
+    attention_mask: str = knob("full, or generative (scGPT's generative pretraining: masked genes attend to the known "
+                               "genes, <cls> and themselves only; needs attention=sdpa: flash/varlen kernels take no "
+                               "per-pair mask, FAVOR+ never forms the pairs)", "full")
     favor_features: int = knob("FAVOR+ random features m (multiple of 16)", 256)
     favor_redraw_interval: int = knob("redraw the FAVOR+ projections every N optimizer steps (0: never)", 1000)
     value_mode: str = knob("expression input: bins (bin table), continuous (MLP) or rank (position table)", "bins")
@@ -64,6 +74,13 @@ class ModelConfig:
     autobin_bins: int = knob("autobin: learned bin embeddings b (scFoundation bin_num: 100)", 100)
     autobin_alpha: float = knob("autobin: weight of the leaky-ReLU logits added to their b x b mix (scFoundation "
                                 "bin_alpha: 1.0)", 1.0)
+    bin_embedding: str = knob("bins: table (a learned vector per bin) or mlp (scGPT's value encoder: the bin index as a "
+                              "scalar through Linear(1, d), ReLU, Linear(d, d), LayerNorm; the mask bin enters as -1)",
+                              "table")
+    bin_loss: str = knob("bins: cross_entropy (logits over the bins) or mse (scGPT: one value per masked position, "
+                         "squared error against the bin index)", "cross_entropy")
+    mvc_head: bool = knob("scGPT's MVC / GEPC head: each masked gene's value predicted from the cell embedding, "
+                          "queried by its gene embedding (objectives.mvc_weight trains it)", False)
     depth_tokens: bool = knob("add two tokens per cell whose values are log10 of T (the cell's raw total count) and "
                               "S (its input's total, lower when the loader downsampled it): scFoundation's T and S",
                               False)
@@ -89,6 +106,19 @@ class ModelConfig:
     def cell_dim(self) -> int:
         """Width of the cell embedding (`ModelOutput.cells`)."""
         return 4 * self.d_model if self.pooling == "depth_max_mean" else self.d_model
+
+    @property
+    def mlm_regresses(self) -> bool:
+        """Whether the masked-expression head predicts one value per position (squared error)
+        rather than logits (cross-entropy)."""
+        return self.value_mode == "continuous" or (self.value_mode == "bins" and self.bin_loss == "mse")
+
+    @property
+    def mlm_outputs(self) -> int:
+        """Width of the masked-expression head's output."""
+        if self.mlm_regresses:
+            return 1
+        return self.vocab_size if self.value_mode == "rank" else self.n_bins
 
     @property
     def n_prefix(self) -> int:
@@ -120,7 +150,8 @@ class ModelConfig:
         """The named choices; what the corpus fills in (vocab_size, ...) is checked by `validate`."""
         choices = {"attention": ATTENTION_BACKENDS, "value_mode": VALUE_MODES, "pooling": POOLINGS,
                    "architecture": ARCHITECTURES, "gene_set": GENE_SETS, "norm_position": NORM_POSITIONS,
-                   "activation": ACTIVATIONS, "continuous_embedding": CONTINUOUS_EMBEDDINGS}
+                   "activation": ACTIVATIONS, "continuous_embedding": CONTINUOUS_EMBEDDINGS,
+                   "bin_embedding": BIN_EMBEDDINGS, "bin_loss": BIN_LOSSES, "attention_mask": ATTENTION_MASKS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"model.{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
@@ -157,6 +188,15 @@ class ModelConfig:
         if self.gene_set == "all" and (self.value_mode == "rank" or self.architecture == "encoder_decoder"):
             raise ValueError("model.gene_set=all needs value_mode bins or continuous and architecture=encoder "
                              "(the encoder-decoder already gives its decoder the full gene set)")
+        if self.mvc_head and (self.value_mode == "rank" or self.architecture != "encoder" or self.cell_dim != self.d_model):
+            raise ValueError("model.mvc_head predicts values from a d_model-wide cell embedding and the gene embedding: it "
+                             "needs value_mode bins or continuous, architecture=encoder and pooling cls or mean "
+                             "(or set model.mvc_head=false)")
+        if self.attention_mask == "generative" and (self.attention != "sdpa" or self.architecture != "encoder"
+                                                    or self.gene_set != "expressed" or self.value_mode == "rank"):
+            raise ValueError(f"model.attention_mask=generative needs model.attention=sdpa (not {self.attention}: the "
+                             "flash/varlen kernels take no per-pair mask and FAVOR+ never forms the pairs), "
+                             "architecture=encoder, gene_set=expressed and value_mode bins or continuous")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
         return self

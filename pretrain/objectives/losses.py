@@ -2,7 +2,9 @@
 batch split into chunks, and over ranks, without the split changing the result.
 
 - masked expression modelling: cross-entropy over bins (bins), over gene tokens (rank: the
-  masked gene is predicted), or squared error of the value (continuous), per masked position;
+  masked gene is predicted), or squared error of the value (continuous, or bins with
+  ``model.bin_loss=mse``: scGPT's masked_mse_loss on the bin index), per masked position; the
+  MVC / GEPC loss is the same squared error of its predictions (`ModelOutput.mvc`);
 - cell labels: cross-entropy per label column, over the sequences whose label is known (>= 0);
 - contrastive: symmetric InfoNCE between the two views of each cell (`info_nce`), every other
   cell of the (global) batch a negative.
@@ -18,11 +20,11 @@ from data_pipeline.loading.batch import PackedBatch
 MIN_TEMPERATURE = 0.01
 
 
-def mlm_loss_sum(prediction: torch.Tensor, batch: PackedBatch, value_mode: str) -> tuple[torch.Tensor, int]:
+def mlm_loss_sum(prediction: torch.Tensor, batch: PackedBatch, regress: bool) -> tuple[torch.Tensor, int]:
     """(sum of the per-position loss, number of masked positions).  prediction: [n_masked, C]
-    logits, or [n_masked] values (continuous)."""
+    logits, or [n_masked] values (``regress``: `ModelConfig.mlm_regresses`, or the MVC output)."""
     targets = batch.mlm_targets[batch.mlm_mask]
-    if value_mode == "continuous":
+    if regress:
         loss = F.mse_loss(prediction.float(), targets.float(), reduction="sum")
     else:
         loss = F.cross_entropy(prediction.float(), targets.long(), reduction="sum")

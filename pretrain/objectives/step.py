@@ -5,6 +5,7 @@ A step takes a rank's ``chunks`` (PackedBatches; each is one DeepSpeed micro-ste
 engine's ``gradient_accumulation_steps`` must equal ``len(chunks)``) and minimizes
 
     L = w_mlm * (sum of masked-position losses / masked positions of all ranks)
+      + w_mvc * (sum of MVC / GEPC squared errors / masked positions of all ranks)
       + w_label * (sum of label losses / known labels of all ranks)
       + w_contrastive * InfoNCE over the two views of every cell of every rank,
 
@@ -76,11 +77,12 @@ class StepResult:
     label: torch.Tensor        # mean label loss over all ranks' known labels
     contrastive: torch.Tensor  # InfoNCE over the global batch
     temperature: torch.Tensor
+    mvc: torch.Tensor          # mean MVC / GEPC squared error over all ranks' masked positions (0: off)
 
-    KEYS = ("loss", "mlm", "label", "contrastive", "temperature")
+    KEYS = ("loss", "mlm", "label", "contrastive", "temperature", "mvc")
 
     def stacked(self) -> torch.Tensor:
-        """[5] in `KEYS` order."""
+        """[6] in `KEYS` order."""
         return torch.stack([getattr(self, k).reshape(()).double() for k in self.KEYS])
 
     def to_host(self) -> dict[str, float]:
@@ -165,7 +167,7 @@ def train_step(engine, chunks: list[PackedBatch], objectives: ObjectiveConfig, s
     to test that path)."""
     module: PretrainModule = engine.module
     rank, world = _world()
-    value_mode = module.model.config.value_mode
+    regress = module.model.config.mlm_regresses
     contrastive = objectives.contrastive_weight > 0
     if not objectives.gradient_cache and len(chunks) > 1:
         chunks = [PackedBatch.concat(chunks)]  # one graph over the whole rank batch
@@ -183,6 +185,7 @@ def train_step(engine, chunks: list[PackedBatch], objectives: ObjectiveConfig, s
     # DeepSpeed averages the ranks' gradients
     w_mlm = objectives.mlm_weight * world / n_masked if n_masked else 0.0
     w_label = objectives.label_weight * world / n_labels if n_labels else 0.0
+    w_mvc = objectives.mvc_weight * world / n_masked if n_masked else 0.0
 
     grads, scale_grad = None, None
     contrastive_value = torch.zeros((), dtype=torch.float64, device=device)
@@ -209,14 +212,16 @@ def train_step(engine, chunks: list[PackedBatch], objectives: ObjectiveConfig, s
             start += len(a)
         scale_grad = scale.grad
 
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # mlm, label, logit scale: read once at the end
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # mlm, label, logit scale, mvc: read once at the end
     for j, chunk in enumerate(chunks):
         with seeded(chunk_seed(step_seed, rank, j)):
             out, scale = engine(chunk)
-        mlm_sum, _ = mlm_loss_sum(out.mlm, chunk, value_mode)
+        mlm_sum, _ = mlm_loss_sum(out.mlm, chunk, regress)
         label_sum, _ = label_loss_sum(out.labels, chunk.labels)
-        loss = w_mlm * mlm_sum + w_label * label_sum
-        sums += torch.stack([mlm_sum.detach(), label_sum.detach(), scale.detach().float().squeeze() / world]).double()
+        mvc_sum = _mvc_loss_sum(out, chunk, objectives)
+        loss = w_mlm * mlm_sum + w_label * label_sum + w_mvc * mvc_sum
+        sums += torch.stack([mlm_sum.detach(), label_sum.detach(), scale.detach().float().squeeze() / world,
+                             mvc_sum.detach().reshape(()).to(mlm_sum.dtype)]).double()
         if contrastive and grads is not None:
             surrogate = (out.contrastive.float() * grads[j]).sum()
             if j == 0:
@@ -236,37 +241,50 @@ def train_step(engine, chunks: list[PackedBatch], objectives: ObjectiveConfig, s
         engine.step()
     if redraw_seed is not None:
         module.model.redraw_projections(torch.Generator().manual_seed(redraw_seed))
-    mlm_total, label_total, scale_sum = _all_reduce_sum(sums, device)
+    mlm_total, label_total, scale_sum, mvc_total = _all_reduce_sum(sums, device)
     temperature = len(chunks) / scale_sum  # every chunk and rank saw the same scale
     mlm_mean = mlm_total / n_masked if n_masked else torch.zeros_like(mlm_total)
     label_mean = label_total / n_labels if n_labels else torch.zeros_like(label_total)
-    total = (objectives.mlm_weight * mlm_mean + objectives.label_weight * label_mean
+    mvc_mean = mvc_total / n_masked if n_masked else torch.zeros_like(mvc_total)
+    total = (objectives.mlm_weight * mlm_mean + objectives.label_weight * label_mean + objectives.mvc_weight * mvc_mean
              + objectives.contrastive_weight * contrastive_value) * (float("nan") if poison else 1.0)
     return StepResult(loss=total, mlm=mlm_mean, label=label_mean, contrastive=contrastive_value,
-                      temperature=temperature)
+                      temperature=temperature, mvc=mvc_mean)
+
+
+def _mvc_loss_sum(out, chunk: PackedBatch, objectives: ObjectiveConfig) -> torch.Tensor:
+    """Sum of the MVC / GEPC squared errors over the chunk's masked positions (0 when off)."""
+    if objectives.mvc_weight == 0:
+        return out.mlm.new_zeros((), dtype=torch.float32)
+    if out.mvc is None:
+        raise ValueError(f"objectives.mvc_weight={objectives.mvc_weight} trains the MVC / GEPC head, which this model "
+                         "lacks: set model.mvc_head=true (or objectives.mvc_weight=0)")
+    return mlm_loss_sum(out.mvc, chunk, regress=True)[0]
 
 
 def full_batch_loss(module: PretrainModule, rank_chunks: list[list[PackedBatch]], objectives: ObjectiveConfig,
                     step_seed: int) -> torch.Tensor:
     """L of `train_step` in one graph, in one process: ``rank_chunks[r]`` are rank r's chunks,
     each run with the dropout seed `train_step` gives it. The reference for the step's update."""
-    value_mode = module.model.config.value_mode
-    mlm_sum = label_sum = 0.0
+    regress = module.model.config.mlm_regresses
+    mlm_sum = label_sum = mvc_sum = 0.0
     n_masked = n_labels = 0
     firsts, seconds, scale = [], [], None
     for rank, chunks in enumerate(rank_chunks):
         for j, chunk in enumerate(chunks):
             with seeded(chunk_seed(step_seed, rank, j)):
                 out, scale = module(chunk)
-            s, n = mlm_loss_sum(out.mlm, chunk, value_mode)
+            s, n = mlm_loss_sum(out.mlm, chunk, regress)
             mlm_sum, n_masked = mlm_sum + s, n_masked + n
+            mvc_sum = mvc_sum + _mvc_loss_sum(out, chunk, objectives)
             s, n = label_loss_sum(out.labels, chunk.labels)
             label_sum, n_labels = label_sum + s, n_labels + n
             if objectives.contrastive_weight > 0:
                 a, b = view_pairs(chunk.view_index)
                 firsts.append(out.contrastive[a])
                 seconds.append(out.contrastive[b])
-    loss = objectives.mlm_weight * mlm_sum / max(n_masked, 1) + objectives.label_weight * label_sum / max(n_labels, 1)
+    loss = (objectives.mlm_weight * mlm_sum / max(n_masked, 1) + objectives.label_weight * label_sum / max(n_labels, 1)
+            + objectives.mvc_weight * mvc_sum / max(n_masked, 1))
     if objectives.contrastive_weight > 0:
         loss = loss + objectives.contrastive_weight * info_nce(torch.cat(firsts), torch.cat(seconds), scale)
     return loss
