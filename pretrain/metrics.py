@@ -118,7 +118,7 @@ class RunLog:
 
         steps = [h["step"] for h in self.history]
         fig, ax = plt.subplots(figsize=(7, 4))
-        for key in ("loss", "mlm", "contrastive", "label"):
+        for key in ("loss", "mlm", "mvc", "contrastive", "label"):
             values = [h.get(key) for h in self.history]
             if any(v for v in values):
                 ax.plot(steps, values, label=key)
@@ -291,7 +291,7 @@ def history_tail(history: list[dict], n: int = 20) -> dict:
     """Mean of the last ``n`` steps' losses and throughput (skipped steps left out). Every step of a
     throughput window carries the window's rates, so this weighs windows by their steps."""
     tail = history[-n:]
-    keys = ("loss", "mlm", "contrastive", "label", "cells_per_s", "sequences_per_s", "tokens_per_s", "mfu")
+    keys = ("loss", "mlm", "mvc", "contrastive", "label", "cells_per_s", "sequences_per_s", "tokens_per_s", "mfu")
     out = {}
     for key in keys:
         values = [h[key] for h in tail if h.get(key) is not None and math.isfinite(h[key])]
