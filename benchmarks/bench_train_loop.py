@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
         started, load_at_start = time.perf_counter(), os.getloadavg()[0]
-        corpus = Path(args.corpus) if args.corpus else make_corpus(work, args.cells)
+        corpus = Path(args.corpus).resolve() if args.corpus else make_corpus(work, args.cells)  # runs cd elsewhere
         tree = baseline_tree(args.baseline, work) if args.baseline else None
         kinds = [("this", 1), ("this", args.log_every)] + ([(args.baseline, args.log_every)] if tree else [])
         rows = []
