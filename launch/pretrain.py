@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", default=None,
                         help="'auto': continue from the run directory's latest complete checkpoint (if any); "
                              "or a checkpoint folder")
+    parser.add_argument("--restart-epoch", action="store_true",
+                        help="with --resume, on another world size or data.num_workers: start the interrupted epoch "
+                             "over (its cells seen before the interruption are seen again) instead of refusing")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
     parser.add_argument("overrides", nargs="*", help="key.sub=value, e.g. schedule.max_steps=200 run.out=runs/x")
     args = parser.parse_args(argv)
@@ -38,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(err))
     apply_threads(config.run.threads, config.data.num_workers)  # before any torch work sizes its pools
     try:
-        summary = train(config, resume=args.resume)
+        summary = train(config, resume=args.resume, restart_epoch=args.restart_epoch)
     except (ResumeError, CorpusError) as err:  # the run's inputs, not a bug: one line naming the fix, as above
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -245,13 +245,19 @@ class Checkpointer:
             raise ResumeError(value)
         return None if value is None else Path(value)
 
-    def load(self, found: Path | None) -> tuple[int, list[dict], int]:
+    def load(self, found: Path | None, restart_epoch: bool = False) -> tuple[int, list[dict], int]:
         """Restore the engine and the loader from ``found`` (None: a fresh start); returns (step,
-        metrics history, skipped steps)."""
+        metrics history, skipped steps). ``restart_epoch``: a loader position taken under another
+        layout (world size, loader workers, token cost) starts its epoch over instead of being refused."""
         if found is None:
             return 0, [], 0
         state = load(self.engine, found)
-        self.loader.load_state_dict(state["loader"])
+        try:
+            self.loader.load_state_dict(state["loader"], restart_epoch=restart_epoch)
+        except ValueError as err:
+            raise ResumeError(f"--resume {found}: {err}. From launch/pretrain.py: add --restart-epoch (the "
+                              "interrupted epoch starts over: its cells seen before the interruption are seen "
+                              "again), or resume with the world size and data.num_workers that saved it") from None
         self.last_saved = state["step"]
         if dist.get_rank() == 0:
             print(f"resumed from {found} (step {state['step']})", file=sys.stderr, flush=True)

@@ -144,9 +144,11 @@ def _batches(loader: CellLoader):
         yield from loader
 
 
-def train(config: TrainConfig, resume: str | None = None) -> dict:
+def train(config: TrainConfig, resume: str | None = None, restart_epoch: bool = False) -> dict:
     """Train as ``config`` says; ``resume``: "auto" (the latest complete checkpoint of the run
-    directory, if any), a checkpoint folder, or None. Returns the run summary (rank 0).
+    directory, if any), a checkpoint folder, or None; ``restart_epoch``: a resumed loader position
+    of another layout (world size, workers, token cost) starts its epoch over instead of being
+    refused. Returns the run summary (rank 0).
 
     What the config and the corpus decide is checked before the run folder exists. A run that
     raises later ends its MLflow run FAILED, and a run folder this call made that holds nothing
@@ -165,7 +167,7 @@ def train(config: TrainConfig, resume: str | None = None) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         log = RunLog(run_dir, config.run.experiment, config.run.mlflow)
     try:
-        return _run(config, resume, loader, log, run_dir, rank, world, device)
+        return _run(config, resume, loader, log, run_dir, rank, world, device, restart_epoch)
     except BaseException:
         if log is not None:
             log.fail()
@@ -175,7 +177,7 @@ def train(config: TrainConfig, resume: str | None = None) -> dict:
 
 
 def _run(config: TrainConfig, resume: str | None, loader: CellLoader, log: RunLog | None, run_dir: Path,
-         rank: int, world: int, device: torch.device) -> dict:
+         rank: int, world: int, device: torch.device, restart_epoch: bool = False) -> dict:
     """`train` once the run folder exists: the engine, the resume, the steps, the summary."""
     record = checkpoint_record(config, loader.corpus)
     # before config.yaml: a refused resume changes nothing
@@ -186,7 +188,7 @@ def _run(config: TrainConfig, resume: str | None, loader: CellLoader, log: RunLo
     model = CellModel.initial(config.model, config.run.seed, vocab=(vocab.ensembl_ids, vocab.symbols))
     engine, bf16 = build_engine(config, PretrainModule(model, config.objectives), device)
     checkpointer = Checkpointer(engine, loader, run_dir, config.run, record)
-    step, history, skipped = checkpointer.load(found)
+    step, history, skipped = checkpointer.load(found, restart_epoch)
     resumed_from_step = step
     if log is not None:
         log.start(asdict(config), history, resumed=found is not None)

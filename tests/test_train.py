@@ -377,3 +377,27 @@ def test_presets_carry_their_recipes():
     scgpt = load_config(None, ["preset=scgpt"])
     assert scgpt.input_masking() == Masking(0.15, mask_prob=1.0, random_prob=0.0, ratios=(0.25, 0.5, 0.75))
     assert (scgpt.model.bin_embedding, scgpt.model.bin_loss, scgpt.model.mvc_head) == ("mlp", "mse", True)
+
+
+@pytest.mark.slow
+def test_a_resume_on_another_worker_count_is_refused_unless_the_epoch_restarts(corpus, tmp_path):
+    """data.num_workers may change on resume, but the loader's position then has another layout:
+    refused with rc 2 naming --restart-epoch (before, a bare ValueError after the engine was built);
+    with it, the run goes on from the checkpoint's step."""
+    import subprocess
+
+    from tests.train_helpers import _cwd, job_env, pretrain_cmd
+
+    run = tmp_path / "run"
+    base = [*TINY, f"data.corpus={corpus}", f"run.out={run}", "run.checkpoint_every=2", "run.mlflow=false",
+            "data.num_workers=0"]
+    run_pretrain([*base, "schedule.max_steps=2"])
+    # 0 workers and 1 worker are both one stream per rank: 2 workers lay the epoch out otherwise
+    more = [*base[:-1], "data.num_workers=2", "schedule.max_steps=4"]
+    refused = run_pretrain(more, resume="auto", check=False)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "--restart-epoch" in refused.stderr and "1 streams per rank" in refused.stderr
+    done = subprocess.run(pretrain_cmd(more, resume="auto") + ["--restart-epoch"], env=job_env(), cwd=_cwd(more),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert summary(run)["resumed_from_step"] == 2 and summary(run)["steps"] == 4
