@@ -453,7 +453,7 @@ def main(argv=None) -> None:
                        log=log.name)
             if rec["exit_code"] != 0:
                 rec["output_tail"] = tail(log)
-        elif part == "train_loop" and not (PREPARED_CORPUS / "manifest.json").exists():
+        elif part == "train_loop" and not PREPARED_CORPUS.is_dir():
             # as pytest_gpu without GPU tests: nothing to run is no failure of the suite; the note says why
             rec = {"status": "ok", "exit_code": None, "seconds": 0.0, "timeout_s": round(timeout, 1),
                    "note": f"not run: no {PREPARED_CORPUS.relative_to(REPO)} (run benchmarks/gpu_prepare.sh first)"}
