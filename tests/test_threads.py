@@ -140,7 +140,7 @@ spec = importlib.util.spec_from_file_location("launch_pretrain", "launch/pretrai
 entry = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(entry)
 seen = {}
-def fake_train(config, resume):  # what the real one would start with
+def fake_train(config, resume, restart_epoch=False):  # what the real one would start with
     seen.update(threads=torch.get_num_threads(), ext=os.environ["TORCH_EXTENSIONS_DIR"])
     return {}
 entry.train = fake_train
