@@ -68,6 +68,9 @@ class _Spec:
         self.downsampling = downsampling
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.streams_per_rank, self.token_cost = streams_per_rank, token_cost
+        # the cost without the full-gene-set floor: what `_check_cell_lengths` compares, since a cost
+        # that is the full gene set for every cell cannot tell a block's lengths from the index's
+        self.length_cost = replace(token_cost, full_length=None)
         self.vocab_size = corpus.vocab_size
         special = corpus.special_tokens
         if "<mask>" not in special:
@@ -95,12 +98,6 @@ class _Spec:
         if self._cost is None:
             self._cost = self.token_cost.cells(self.corpus.cell_lengths())
         return self._cost
-
-    @property
-    def length_cost(self) -> TokenCost:
-        """The cost without the full-gene-set floor: what `_check_cell_lengths` compares, since a
-        cost that is the full gene set for every cell cannot tell a block's lengths from the index's."""
-        return replace(self.token_cost, full_length=None)
 
     @property
     def checked(self) -> np.ndarray:

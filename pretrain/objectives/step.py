@@ -40,6 +40,7 @@ import torch.distributed as dist
 from data_pipeline.loading.batch import PackedBatch
 
 from ..config import ObjectiveConfig
+from ..distributed import host_all_reduce
 from .losses import info_nce, info_nce_blocked, label_loss_sum, mlm_loss_sum, view_pairs
 from .pretrain_module import PretrainModule
 
@@ -176,11 +177,9 @@ def train_step(engine, chunks: list[PackedBatch], objectives: ObjectiveConfig, s
                          f"{engine.gradient_accumulation_steps()}: set it to the chunks per step "
                          "(1 without the gradient cache)")
     device = chunks[0].gene_ids.device
-    if counts is None:
-        local = torch.stack([sum(c.mlm_mask.sum() for c in chunks), sum((c.labels >= 0).sum() for c in chunks)])
-        n_masked, n_labels = _all_reduce_sum(local, device).tolist()
-    else:
-        n_masked, n_labels = counts.masked, counts.labels
+    if counts is None:  # a caller other than the trainer: count here (a device sync on device chunks)
+        counts = StepCounts(*host_all_reduce(StepCounts.of(chunks).as_list()))
+    n_masked, n_labels = counts.masked, counts.labels
     # sums over this rank's positions, normalized by all ranks' count; times world_size because
     # DeepSpeed averages the ranks' gradients
     w_mlm = objectives.mlm_weight * world / n_masked if n_masked else 0.0
