@@ -111,3 +111,18 @@ def mlm_rows_per_cell(batch: PackedBatch) -> list[slice]:
     counts = [int(batch.mlm_mask[a:b].sum()) for a, b in zip(cu[:-1], cu[1:])]
     starts = [0, *torch.tensor(counts).cumsum(0).tolist()]
     return [slice(a, b) for a, b in zip(starts[:-1], starts[1:])]
+
+
+def generative_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                         known: torch.Tensor) -> torch.Tensor:
+    """scGPT's generative attention by its definition, one sequence at a time with an explicit mask
+    matrix: softmax(q k^T / sqrt(D)) where M[i, j] = known[j] or i == j.  q, k, v [T, H, D] (float64
+    for exactness), cu_seqlens [B+1], known [T] bool -> [T, H, D]"""
+    out = torch.zeros_like(q)
+    bounds = cu_seqlens.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        allowed = known[a:b][None, :] | torch.eye(b - a, dtype=torch.bool, device=q.device)  # [L, L]
+        scores = torch.einsum("ihd,jhd->hij", q[a:b], k[a:b]) / q.shape[-1] ** 0.5
+        weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+        out[a:b] = torch.einsum("hij,jhd->ihd", weights, v[a:b])
+    return out

@@ -21,7 +21,7 @@ import torch
 from pretrain.config import ATTENTION_BACKENDS, DecoderConfig
 from pretrain.model import CellModel, attention
 from pretrain.model.attention import reference_attention, require_attention_device, sdpa, varlen
-from tests.model_helpers import one_thread, random_batch, seeded, small_config  # noqa: F401  (fixtures)
+from tests.model_helpers import generative_reference, one_thread, random_batch, seeded, small_config  # noqa: F401
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -42,9 +42,23 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+def kernel_definition(q, k, v, cu_q, cu_k):
+    """What the FlashAttention varlen kernels compute, by definition (scale 1/sqrt(D) of the width
+    given): query sequence b over key sequence b.  -> (out [Tq, H, D], log-sum-exp [H, Tq] float32
+    without gradient; a query with no keys gets output 0 and an infinite log-sum-exp, as flash does)"""
+    out = torch.zeros_like(q)
+    lse = torch.full((q.shape[1], q.shape[0]), float("inf"), dtype=torch.float32)
+    for qa, qb, ka, kb in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist()):
+        if qb > qa and kb > ka:
+            scores = torch.einsum("ihd,jhd->hij", q[qa:qb], k[ka:kb]) / math.sqrt(q.shape[-1])
+            out[qa:qb] = torch.einsum("hij,jhd->ihd", torch.softmax(scores, dim=-1), v[ka:kb])
+            lse[:, qa:qb] = torch.logsumexp(scores.detach(), dim=-1).float()
+    return out, lse
+
+
 class FakeVarlen:
     """Stands in for ``torch.nn.attention.varlen.varlen_attn`` on CPU: records each call and computes
-    the definition with the kernel's default scale 1/sqrt(D) of the width it is given."""
+    the definition (`kernel_definition`), returning the log-sum-exp when ``return_aux`` asks."""
 
     def __init__(self):
         self.calls = []
@@ -52,7 +66,11 @@ class FakeVarlen:
     def __call__(self, *args, **kwargs):
         self.calls.append((args, kwargs))
         q, k, v, cu_q, cu_k, max_q, max_k = args
-        return reference_attention(q, k, v, cu_q)
+        assert max_q >= int((cu_q[1:] - cu_q[:-1]).max()) and max_k >= int((cu_k[1:] - cu_k[:-1]).max())
+        out, lse = kernel_definition(q, k, v, cu_q, cu_k)
+        aux = kwargs.pop("return_aux", None)
+        assert not kwargs
+        return (out, lse) if aux is not None and aux.lse else out
 
 
 @pytest.fixture
@@ -168,6 +186,88 @@ def test_model_with_varlen_equals_model_with_sdpa(fake_varlen):
     a, b = model(batch), fast(batch)
     assert relative(b.mlm, a.mlm) < 1e-12 and relative(b.cells, a.cells) < 1e-12
     assert len(fake_varlen.calls) == 2  # one per layer
+
+
+# --- scGPT's generative mask in two kernel passes ------------------------------------------------------
+
+GENERATIVE_LENGTHS = [1, 9, 4, 30, 2, 6]
+
+
+def generative_inputs(lengths, width, seed, dtype=torch.float64, device="cpu"):
+    """Random q, k, v, cu_seqlens and ``known`` (about half), with a sequence of only unknown tokens
+    (the 3rd) and one of only known tokens (the 5th): the edge cases of the two passes."""
+    q, k, v, cu = packed(lengths, heads=2 if device == "cpu" else 8, width=width, dtype=dtype, device=device,
+                         seed=seed)
+    known = torch.rand(q.shape[0], generator=torch.Generator().manual_seed(seed)) < 0.5
+    bounds = cu.tolist()
+    known[bounds[2]:bounds[3]] = False
+    known[bounds[4]:bounds[5]] = True
+    return q, k, v, cu, known.to(device)
+
+
+@pytest.mark.parametrize("width", [8, 12])
+def test_varlen_generative_two_pass_equals_the_explicit_mask_with_gradients(fake_varlen, width):
+    """Output and dq, dk, dv of the two kernel passes (the kernel's log-sum-exp in float32 and without
+    gradient, as the real kernels') equal the definition with an explicit mask matrix in float64, to
+    float32's precision of that log-sum-exp."""
+    q, k, v, cu, known = generative_inputs(GENERATIVE_LENGTHS, width, seed=20 + width)
+    ins = [x.detach().requires_grad_(True) for x in (q, k, v)]
+    out = varlen(*ins, cu, max(GENERATIVE_LENGTHS), known=known)
+    ref = generative_reference(q, k, v, cu, known)
+    assert relative(out, ref) < 1e-6
+    grad = torch.randn(q.shape, dtype=q.dtype, generator=torch.Generator().manual_seed(width))
+    ref_ins = [x.detach().requires_grad_(True) for x in (q, k, v)]
+    grads = torch.autograd.grad(out, ins, grad)
+    ref_grads = torch.autograd.grad(generative_reference(*ref_ins, cu, known), ref_ins, grad)
+    for a, b in zip(grads, ref_grads):
+        assert relative(a, b) < 1e-6
+    first, second = fake_varlen.calls  # all queries over the known keys; the unknown ones' mean key
+    assert first[0][0].shape[0] == q.shape[0] and first[0][1].shape[0] == int(known.sum())
+    assert second[0][0].shape[0] == int((~known).sum()) and "return_aux" not in second[1]
+
+
+def test_generative_two_pass_with_every_token_known_or_unknown(fake_varlen):
+    q, k, v, cu = packed([5, 3], heads=2, width=8, seed=30)
+    for known in (torch.ones(8, dtype=torch.bool), torch.zeros(8, dtype=torch.bool)):
+        out = varlen(q, k, v, cu, 5, known=known)
+        assert relative(out, generative_reference(q, k, v, cu, known)) < 1e-6
+    assert torch.equal(varlen(q, k, v, cu, 5, known=torch.zeros(8, dtype=torch.bool)), v)  # only itself to see
+
+
+def test_model_with_varlen_generative_equals_sdpa_generative(fake_varlen):
+    """The whole model: the same outputs and gradients, and the known/unknown split found once per
+    forward for every layer (two kernel calls a layer)."""
+    batch = random_batch([5, 1, 12, 7], seed=4)
+    model = CellModel(small_config(attention="sdpa", attention_mask="generative")).double()
+    fast = CellModel(small_config(attention="varlen", attention_mask="generative")).double()
+    fast.load_state_dict(model.state_dict())
+    a, b = model(batch), fast(batch)
+    assert relative(b.mlm, a.mlm) < 1e-6 and relative(b.cells, a.cells) < 1e-6
+    assert len(fake_varlen.calls) == 2 * 2
+    grads = torch.autograd.grad(b.mlm.square().sum() + b.cells.sum(), list(fast.parameters()), allow_unused=True)
+    ref = torch.autograd.grad(a.mlm.square().sum() + a.cells.sum(), list(model.parameters()), allow_unused=True)
+    for x, y in zip(grads, ref):
+        assert (x is None) == (y is None) and (x is None or relative(x, y) < 1e-6 or y.norm() == 0)
+
+
+def test_flash_attn_generative_two_pass(monkeypatch):
+    """With flash-attn importable, the passes call its kernel, asking for the log-sum-exp once."""
+    calls = []
+
+    class FakeFlashAttn:
+        @staticmethod
+        def flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, causal, return_attn_probs=False):
+            calls.append(return_attn_probs)
+            out, lse = kernel_definition(q, k, v, cu_q, cu_k)
+            return (out, lse, None) if return_attn_probs else out
+
+    monkeypatch.setitem(sys.modules, "flash_attn", FakeFlashAttn)
+    monkeypatch.setattr(attention, "_flash_varlen", attention._UNSET)
+    monkeypatch.setattr(attention, "_require_half_cuda", lambda backend, q: None)
+    monkeypatch.setattr(attention, "_torch_varlen", lambda *a, **kw: pytest.fail("varlen called"))
+    q, k, v, cu, known = generative_inputs(GENERATIVE_LENGTHS, 8, seed=31)
+    out = attention.flash(q, k, v, cu, max(GENERATIVE_LENGTHS), known=known)
+    assert calls == [True, False] and relative(out, generative_reference(q, k, v, cu, known)) < 1e-6
 
 
 # --- flash -> varlen ------------------------------------------------------------------------------
@@ -290,6 +390,25 @@ def test_gpu_flash_equals_varlen():
         assert torch.equal(out_f, out_v) and all(relative(a, b) < 1e-3 for a, b in zip(grads_f, grads_v))
     else:
         assert relative(out_f, out_v) < 1e-2
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("backend", ["varlen", "flash"])
+def test_gpu_generative_two_pass_in_bf16_equals_the_float64_definition(backend):
+    """The real kernels' log-sum-exp (layout [H, Tq], natural log of the scaled scores; infinite for
+    a query without keys) as the two passes read it: bf16 output and gradients against float64."""
+    lengths = [1, 17, 300, 2048, 5, 64]
+    q, k, v, cu, known = generative_inputs(lengths, 64, seed=40, device="cuda")
+    grad = torch.randn(q.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(41)).cuda()
+    ins = [x.detach().requires_grad_(True) for x in (q, k, v)]
+    ref = generative_reference(*ins, cu, known)
+    ref_grads = torch.autograd.grad(ref, ins, grad)
+    low = [x.detach().to(torch.bfloat16).requires_grad_(True) for x in (q, k, v)]
+    out = attention.BACKENDS[backend](*low, cu, max(lengths), known=known)
+    grads = torch.autograd.grad(out, low, grad.to(torch.bfloat16))
+    errors = [relative(out, ref)] + [relative(a, b) for a, b in zip(grads, ref_grads)]
+    assert max(errors) <= 1e-2, dict(zip(["out", "dq", "dk", "dv"], errors))
 
 
 def test_a_bundle_trained_with_exact_cuda_attention_embeds_on_cpu():

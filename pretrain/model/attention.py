@@ -20,11 +20,14 @@ The exact backends all use the softmax scale ``1/sqrt(D)``.
 
 scGPT's generative attention (``model.attention_mask=generative``: bowang-lab/scGPT's pretraining,
 "gen" tokens whose values are unknown attend to the known "pcpt" tokens, ``<cls>`` and themselves
-only; known tokens attend to known tokens only) is a per-pair mask: ``sdpa`` takes it
-(``known`` [T] bool, `generative_mask`); the FlashAttention varlen kernels (``flash``, ``varlen``)
-take only causal or full masks, so they refuse it; FAVOR+ never forms the pairs (its state sums all
-keys of a sequence): a known-keys state plus each unknown query's own term could express it, which
-is not implemented, so ``favor`` refuses it too.
+only; known tokens attend to known tokens only) is a per-pair mask. ``sdpa`` takes it as a mask
+(``known`` [T] bool, `generative_mask`). The FlashAttention varlen kernels take only causal or full
+masks, so ``varlen`` and ``flash`` compute it in two kernel calls (`generative_two_pass`): every
+query over its sequence's known keys (the kernel's output and log-sum-exp), then each unknown
+query's own key merged in by its softmax weight; exact, and cheaper than full attention (a share r
+of unknown tokens costs 1 - r^2 of it). FAVOR+ never forms the pairs (its state sums all keys of a
+sequence): a known-keys state plus each unknown query's own term could express it, which is not
+implemented, so ``favor`` refuses it.
 
 `reference_attention` is the plain per-sequence definition (float64-capable) the tests compare them
 with. `require_attention_device` refuses, before a training run builds anything, a backend that
@@ -35,17 +38,18 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from kernels.favor import favor_attention, favor_attention_batched
-from kernels.packing import padding_index
+from kernels.packing import padding_index, sequence_ids
 
 log = logging.getLogger(__name__)
 
 CUDA_ONLY_BACKENDS = ("flash", "varlen")  # FlashAttention kernels: CUDA, bf16/fp16
-MASKED_BACKENDS = ("sdpa",)  # the backends that take the generative attention mask
+MASKED_BACKENDS = ("sdpa", "varlen", "flash")  # the backends that take the generative attention mask
 
 
 def favor(q, k, v, cu_seqlens, max_seqlen, projection):
@@ -78,27 +82,46 @@ def _load_torch_varlen():
     return _torch_varlen
 
 
-def varlen(q, k, v, cu_seqlens, max_seqlen, projection=None):
-    """Exact softmax attention with torch's FlashAttention varlen kernel (bf16/fp16 CUDA tensors).
-    q, k, v [T, H, D], cu_seqlens [B+1] -> [T, H, D]
+def _varlen_kernel(q, k, v, cu_q, cu_k, max_q: int, max_k: int, with_lse: bool = False):
+    """torch's varlen_attn at the softmax scale 1/sqrt(D) of the true head width.
+    q [Tq, H, D], k, v [Tk, H, D], cu_q, cu_k [B+1] int32 -> out [Tq, H, D] (``with_lse``: and the
+    log-sum-exp of each query's scaled scores [H, Tq] float32, which carries no gradient)
 
     Called with the arguments every torch since 2.10 takes (q, k, v, cu_seq_q, cu_seq_k, max_q,
-    max_k; the default scale 1/sqrt(D)). A head width D that is not a multiple of 8 (the kernel's
-    granularity) is zero-padded to D'; q is multiplied by sqrt(D'/D) so that the kernel's 1/sqrt(D')
-    scale is 1/sqrt(D) of the true width; the padding columns of the output are dropped."""
-    _require_half_cuda("varlen", q)
+    max_k; the default scale 1/sqrt(D); ``return_aux`` for the log-sum-exp). A head width D that is
+    not a multiple of 8 (the kernel's granularity) is zero-padded to D'; q is multiplied by
+    sqrt(D'/D) so that the kernel's 1/sqrt(D') scale is 1/sqrt(D) of the true width; the padding
+    columns of the output are dropped."""
     fn = _load_torch_varlen()
-    if q.shape[0] == 0:  # every token masked away: nothing to attend, keep the graph for the gradients
-        return q * 0
-    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
     width = q.shape[-1]
     padded = -(-width // 8) * 8
     if padded != width:
         extra = (0, padded - width)
         q = F.pad(q * math.sqrt(padded / width), extra)
         k, v = F.pad(k, extra), F.pad(v, extra)
-    out = fn(q, k, v, cu, cu, int(max_seqlen), int(max_seqlen))
-    return out[..., :width] if padded != width else out
+    lse = None
+    if with_lse:
+        from torch.nn.attention.varlen import AuxRequest
+
+        out, lse = fn(q, k, v, cu_q, cu_k, int(max_q), int(max_k), return_aux=AuxRequest(lse=True))
+    else:
+        out = fn(q, k, v, cu_q, cu_k, int(max_q), int(max_k))
+    if padded != width:
+        out = out[..., :width]
+    return (out, lse) if with_lse else out
+
+
+def varlen(q, k, v, cu_seqlens, max_seqlen, projection=None, known=None):
+    """Exact softmax attention with torch's FlashAttention varlen kernel (bf16/fp16 CUDA tensors).
+    q, k, v [T, H, D], cu_seqlens [B+1] -> [T, H, D]; ``known`` ([T] bool or a `KnownSplit`):
+    scGPT's generative mask, in two kernel calls (`generative_two_pass`)."""
+    _require_half_cuda("varlen", q)
+    if q.shape[0] == 0:  # every token masked away: nothing to attend, keep the graph for the gradients
+        return q * 0
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    if known is not None:
+        return generative_two_pass(_varlen_kernel, q, k, v, cu, max_seqlen, KnownSplit.of(known, cu))
+    return _varlen_kernel(q, k, v, cu, cu, max_seqlen, max_seqlen)
 
 
 _UNSET = object()
@@ -119,14 +142,92 @@ def _load_flash_attn():
     return _flash_varlen
 
 
-def flash(q, k, v, cu_seqlens, max_seqlen, projection=None):
-    """flash-attn's varlen kernel (fp16/bf16 CUDA tensors), or `varlen` without flash-attn.  -> [T, H, D]"""
+def _flash_attn_kernel(q, k, v, cu_q, cu_k, max_q: int, max_k: int, with_lse: bool = False):
+    """flash-attn's varlen kernel with `_varlen_kernel`'s signature (flash-attn pads the head width
+    itself, at the true width's scale; its log-sum-exp is [H, Tq] float32 too)."""
     fn = _load_flash_attn()
-    if fn is None:
-        return varlen(q, k, v, cu_seqlens, max_seqlen)
+    if with_lse:
+        out, lse, _ = fn(q, k, v, cu_q, cu_k, int(max_q), int(max_k), dropout_p=0.0, causal=False,
+                         return_attn_probs=True)
+        return out, lse
+    return fn(q, k, v, cu_q, cu_k, int(max_q), int(max_k), dropout_p=0.0, causal=False)
+
+
+def flash(q, k, v, cu_seqlens, max_seqlen, projection=None, known=None):
+    """flash-attn's varlen kernel (fp16/bf16 CUDA tensors), or `varlen` without flash-attn; ``known``
+    as in `varlen`.  -> [T, H, D]"""
+    if _load_flash_attn() is None:
+        return varlen(q, k, v, cu_seqlens, max_seqlen, known=known)
     _require_half_cuda("flash", q)
+    if q.shape[0] == 0:
+        return q * 0
     cu = cu_seqlens.to(torch.int32)
-    return fn(q, k, v, cu, cu, max_seqlen, max_seqlen, dropout_p=0.0, causal=False)
+    if known is not None:
+        return generative_two_pass(_flash_attn_kernel, q, k, v, cu, max_seqlen, KnownSplit.of(known, cu))
+    return _flash_attn_kernel(q, k, v, cu, cu, max_seqlen, max_seqlen)
+
+
+class KnownSplit(NamedTuple):
+    """A batch's tokens under scGPT's generative mask, split for the two-pass kernels (built once
+    per forward: finding the rows waits for the device). ``known`` [T] bool; ``known_rows`` [K] and
+    ``unknown_rows`` [U] int64; ``cu_known`` and ``cu_unknown`` [B+1] int32, their packed layouts;
+    ``unknown_has_keys`` [U] bool, False where an unknown token's sequence has no known token."""
+
+    known: torch.Tensor
+    known_rows: torch.Tensor
+    unknown_rows: torch.Tensor
+    cu_known: torch.Tensor
+    cu_unknown: torch.Tensor
+    unknown_has_keys: torch.Tensor
+
+    @classmethod
+    def of(cls, known: torch.Tensor | KnownSplit, cu_seqlens: torch.Tensor) -> KnownSplit:
+        """``known`` [T] bool, ``cu_seqlens`` [B+1] (a `KnownSplit` is returned as it is)."""
+        if isinstance(known, KnownSplit):
+            return known
+        seq = sequence_ids(cu_seqlens, known.shape[0])
+        b = cu_seqlens.shape[0] - 1
+
+        def layout(rows):
+            counts = torch.zeros(b, dtype=torch.int32, device=known.device).index_add_(
+                0, seq[rows], torch.ones_like(rows, dtype=torch.int32))
+            return counts, F.pad(counts.cumsum(0, dtype=torch.int32), (1, 0))
+
+        known_rows, unknown_rows = known.nonzero().flatten(), (~known).nonzero().flatten()
+        n_known, cu_known = layout(known_rows)
+        return cls(known, known_rows, unknown_rows, cu_known, layout(unknown_rows)[1], n_known[seq[unknown_rows]] > 0)
+
+
+def generative_two_pass(kernel, q, k, v, cu_seqlens, max_seqlen: int, split: KnownSplit) -> torch.Tensor:
+    """scGPT's generative attention with a kernel that takes no per-pair mask; ``kernel`` has
+    `_varlen_kernel`'s signature.  q, k, v [T, H, D], cu_seqlens [B+1] int32 -> [T, H, D]
+
+    Pass 1: every query over the known keys of its sequence: the answer of the known queries, and
+    for an unknown query i the known part (output o, log-sum-exp L). Query i also attends itself,
+    with score s = q_i . k_i / sqrt(D): its answer is w o + (1 - w) v_i, w = sigmoid(L - s).
+    The kernels give L no gradient, yet w needs it: dL/dq_i = E_i / sqrt(D) and
+    dL/dk_j = p_ij q_i / sqrt(D), with E_i = sum_j p_ij k_j the mean known key. Pass 2 computes E for
+    the unknown queries (q and k held constant, the known keys as the values), and L is given the
+    term (q_i . E_i) / sqrt(D) whose value is cancelled and whose gradient is those two: through
+    q_i with E_i constant, and through E_i's values (the kernel's backward sums over the queries)."""
+    kk, vk = k[split.known_rows], v[split.known_rows]
+    out, lse = kernel(q, kk, vk, cu_seqlens, split.cu_known, max_seqlen, max_seqlen, with_lse=True)
+    rows = split.unknown_rows
+    if rows.shape[0] == 0:
+        return out
+    scale = 1 / math.sqrt(q.shape[-1])
+    qu = q[rows]
+    mean_key = kernel(qu.detach(), kk.detach(), kk, split.cu_unknown, split.cu_known, max_seqlen, max_seqlen)
+    wide = torch.promote_types(q.dtype, torch.float32)  # the kernels' log-sum-exp is float32
+    qu_w, mean_w = qu.to(wide), mean_key.to(wide)
+    linear = ((qu_w - qu_w.detach()) * mean_w.detach() + qu_w.detach() * (mean_w - mean_w.detach())).sum(-1)
+    known_part = lse.transpose(0, 1)[rows].to(wide) + scale * linear  # [U, H]
+    # a sequence without known tokens: flash kernels give no keys an infinite log-sum-exp
+    known_part = torch.where(split.unknown_has_keys[:, None], known_part, float("-inf"))
+    own = scale * (qu_w * k[rows].to(wide)).sum(-1)  # [U, H]
+    weight = torch.sigmoid(known_part - own)[..., None]
+    merged = weight * out[rows].to(wide) + (1 - weight) * v[rows].to(wide)
+    return out.index_put((rows,), merged.to(out.dtype))
 
 
 def generative_mask(known: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -138,8 +239,8 @@ def generative_mask(known: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
 
 
 def sdpa(q, k, v, cu_seqlens, max_seqlen, projection=None, known=None):
-    """Exact softmax attention on the padded layout ``[B, H, L, D]``; ``known`` [T] bool: scGPT's
-    generative mask (`generative_mask`) in place of the key mask.  -> [T, H, D]"""
+    """Exact softmax attention on the padded layout ``[B, H, L, D]``; ``known`` [T] bool (or a
+    `KnownSplit`): scGPT's generative mask (`generative_mask`) in place of the key mask.  -> [T, H, D]"""
     b = cu_seqlens.shape[0] - 1
     seq, pos = padding_index(cu_seqlens, q.shape[0])
     h = q.shape[1]
@@ -155,7 +256,7 @@ def sdpa(q, k, v, cu_seqlens, max_seqlen, projection=None, known=None):
         mask = real[:, None, None, :]
     else:
         padded_known = torch.zeros_like(real)
-        padded_known[seq, pos] = known
+        padded_known[seq, pos] = known.known if isinstance(known, KnownSplit) else known
         mask = generative_mask(padded_known, real)
     out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask)
     return out.transpose(1, 2)[seq, pos]

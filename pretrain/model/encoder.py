@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from kernels.favor import draw_projection, favor_attention_reference_padded
 
-from .attention import BACKENDS, MASKED_BACKENDS
+from .attention import BACKENDS, MASKED_BACKENDS, KnownSplit
 
 
 class Attention(nn.Module):
@@ -38,8 +38,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                 known: torch.Tensor | None = None) -> torch.Tensor:
-        """``known`` [T] bool: scGPT's generative mask (unknown tokens attend to known ones and
-        themselves), on the backends that take it (`MASKED_BACKENDS`)."""
+        """``known`` [T] bool (or its `KnownSplit`): scGPT's generative mask (unknown tokens attend to
+        known ones and themselves), on the backends that take it (`MASKED_BACKENDS`)."""
         t = x.shape[0]
         q, k, v = self.qkv(x).view(t, 3, self.n_heads, self.head_dim).unbind(1)
         if known is None:
@@ -47,8 +47,8 @@ class Attention(nn.Module):
         elif self.backend in MASKED_BACKENDS:
             out = BACKENDS[self.backend](q, k, v, cu_seqlens, max_seqlen, self.projection, known=known)
         else:
-            raise ValueError(f"model.attention_mask=generative needs a backend that takes a per-pair mask "
-                             f"({', '.join(MASKED_BACKENDS)}), not {self.backend}: set model.attention=sdpa")
+            raise ValueError(f"model.attention_mask=generative needs exact attention ({', '.join(MASKED_BACKENDS)}), "
+                             f"not {self.backend}: set model.attention=sdpa, or flash/varlen on a GPU")
         return self.out(out.reshape(t, self.n_heads * self.head_dim))  # t may be 0 (every gene masked)
 
     def forward_padded(self, x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
@@ -111,6 +111,8 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                 known: torch.Tensor | None = None) -> torch.Tensor:
         """``known`` [T] bool: scGPT's generative attention mask (None: full attention per sequence)."""
+        if known is not None and self.blocks and self.blocks[0].attn.backend != "sdpa":
+            known = KnownSplit.of(known, cu_seqlens)  # the two-pass kernels' rows, found once for every layer
         if self.post_norm:
             x = self.norm(x)
         for block in self.blocks:

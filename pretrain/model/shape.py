@@ -28,7 +28,8 @@ GENE_SETS = ("expressed", "all")
 NORM_POSITIONS = ("pre", "post")
 ACTIVATIONS = ("gelu", "relu")
 # full: every token attends to its whole sequence; generative: scGPT's, masked (unknown) genes attend to the known
-# genes, <cls> and themselves only, known tokens to known tokens only (exact backends that take a mask: sdpa)
+# genes, <cls> and themselves only, known tokens to known tokens only (the exact backends: sdpa with the mask,
+# flash and varlen in two kernel passes)
 ATTENTION_MASKS = ("full", "generative")
 
 
@@ -64,8 +65,8 @@ class ModelConfig:
     attention: str = knob(f"attention backend: one of {', '.join(ATTENTION_BACKENDS)} (flash and varlen: CUDA + bf16; "
                            "sdpa: exact anywhere; favor: FAVOR+ approximation)", "favor")
     attention_mask: str = knob("full, or generative (scGPT's generative pretraining: masked genes attend to the known "
-                               "genes, <cls> and themselves only; needs attention=sdpa: flash/varlen kernels take no "
-                               "per-pair mask, FAVOR+ never forms the pairs)", "full")
+                               "genes, <cls> and themselves only; the exact backends: sdpa, flash, varlen; FAVOR+ "
+                               "never forms the pairs)", "full")
     favor_features: int = knob("FAVOR+ random features m (multiple of 16)", 256)
     favor_redraw_interval: int = knob("redraw the FAVOR+ projections every N optimizer steps (0: never)", 1000)
     value_mode: str = knob("expression input: bins (bin table), continuous (MLP) or rank (position table)", "bins")
@@ -192,11 +193,11 @@ class ModelConfig:
             raise ValueError("model.mvc_head predicts values from a d_model-wide cell embedding and the gene embedding: it "
                              "needs value_mode bins or continuous, architecture=encoder and pooling cls or mean "
                              "(or set model.mvc_head=false)")
-        if self.attention_mask == "generative" and (self.attention != "sdpa" or self.architecture != "encoder"
+        if self.attention_mask == "generative" and (self.attention == "favor" or self.architecture != "encoder"
                                                     or self.gene_set != "expressed" or self.value_mode == "rank"):
-            raise ValueError(f"model.attention_mask=generative needs model.attention=sdpa (not {self.attention}: the "
-                             "flash/varlen kernels take no per-pair mask and FAVOR+ never forms the pairs), "
-                             "architecture=encoder, gene_set=expressed and value_mode bins or continuous")
+            raise ValueError(f"model.attention_mask=generative needs exact attention, model.attention=sdpa, flash or "
+                             f"varlen (not {self.attention}: FAVOR+ never forms the pairs), architecture=encoder, "
+                             "gene_set=expressed and value_mode bins or continuous")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
         return self
