@@ -145,7 +145,9 @@ def measure(model, chunks, longest: int, args, device) -> tuple[int, int, float]
 
     def run(chunk):
         with autocast:
-            out = embed_counts(model, *chunk, token_budget=args.token_budget, seed=args.seed, device=device)
+            # the preset's cap, as every row is counted (cap "auto" would let a FAVOR+ preset see every gene)
+            out = embed_counts(model, *chunk, token_budget=args.token_budget, seed=args.seed, device=device,
+                               cap="top")
         assert np.isfinite(out).all(), "non-finite embeddings"
         return out
 

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from pretrain.embed import embed_h5ad  # noqa: E402
+from pretrain.embed import GENE_CAPS, embed_h5ad  # noqa: E402
 from pretrain.export import load_pretrained  # noqa: E402
 from pretrain.threads import apply_threads  # noqa: E402
 
@@ -35,6 +35,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--symbol-table", default=None,
                         help="symbol -> Ensembl table (CSV/TSV[.gz] or pickled dict) for symbols; its entries take "
                              "precedence over the bundle vocabulary's own symbols")
+    parser.add_argument("--cap", choices=GENE_CAPS, default="auto",
+                        help="genes of a long cell the model sees: none (all; the auto choice for FAVOR+ models and "
+                             "models trained without data.max_genes), top (its most expressed, up to the trained "
+                             "data.max_genes; auto for exact attention, whose memory grows with the square of the "
+                             "length), sample (a random subset of that size, seeded by the cell: the training input)")
     parser.add_argument("--token-budget", type=int, default=16384,
                         help="tokens per batch, counted as in training: a cell of a gene_set=all or encoder-decoder "
                              "model costs the full gene set (default 16384)")
@@ -47,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     model = load_pretrained(args.bundle, device=args.device)
     report = embed_h5ad(model, args.input, args.out, name=args.name, layer=args.layer, min_coverage=args.min_coverage,
                         token_budget=args.token_budget, device=args.device, gene_column=args.gene_column,
-                        symbol_table=args.symbol_table)
+                        symbol_table=args.symbol_table, cap=args.cap)
     print(json.dumps(report, indent=1))
 
 

@@ -141,28 +141,50 @@ def cell_keys(indptr: np.ndarray, genes: np.ndarray, counts: np.ndarray, seed: i
     return keys
 
 
+GENE_CAPS = ("auto", "none", "top", "sample")
+
+
+def embedding_normalization(model: CellModel, cap: str = "auto"):
+    """The normalization cells are embedded with (`GENE_CAPS`): ``none``: every expressed gene;
+    ``top``: the model's trained cap ``data.max_genes`` filled with each cell's most expressed genes
+    (deterministic); ``sample``: that cap as a uniform random subset, the input the model was
+    trained on; ``auto``: ``none`` for FAVOR+ (linear in length: a long cell costs no more per
+    gene) and where no cap was trained, else ``top`` (exact attention's memory grows with the
+    square of the length). Rank mode always keeps the top ranks."""
+    import dataclasses
+
+    if cap not in GENE_CAPS:
+        raise ValueError(f"gene cap {cap!r} is not one of {', '.join(GENE_CAPS)}")
+    norm = model.normalization
+    if cap == "auto":
+        cap = "none" if model.config.attention == "favor" or norm.max_genes is None else "top"
+    if cap == "none":
+        return dataclasses.replace(norm, max_genes=None)
+    return dataclasses.replace(norm, cap="top" if cap == "top" else "random")
+
+
 @torch.inference_mode()
 def embed_counts(model: CellModel, indptr, genes, counts, totals, token_budget: int = 16384, seed: int = 0,
-                 device: str | torch.device = "cpu") -> np.ndarray:
+                 device: str | torch.device = "cpu", cap: str = "auto") -> np.ndarray:
     """Cell embeddings ``[n, d]`` (float32) of cells given as CSR over tokens, batched by length as
     the trainer batches them (``token_budget`` counted by the model's `ModelConfig.token_cost`).
 
-    A cell with more genes than the model's cap (and, in quantile_bins mode with random ties, any
-    cell) is normalized with random draws seeded by its own content (`cell_keys`, ``seed``): the
-    subset is uniform like the one the model was trained on (the loader's cap; scGPT also samples
-    long cells at inference), and the same cell gets the same embedding in any file, at any
-    position, among any other cells. A top-expressed cap (Geneformer's, whose rank mode this keeps)
-    would give bins models a biased subset they never saw in training.
+    ``cap``: which genes of a long cell the model sees (`embedding_normalization`; by default all of
+    them with FAVOR+, else its most expressed up to the trained cap). Random draws (``cap="sample"``,
+    and random quantile ties) are seeded by each cell's own content (`cell_keys`, ``seed``), so the
+    same cell gets the same embedding in any file, at any position, among any other cells.
 
     With depth tokens (scFoundation's T and S) a cell is embedded at its own depth: T = S = its
     total count (scFoundation's get_embedding.py sets S = the cell's total and T by --tgthighres,
     e.g. a higher target depth; not offered here)."""
     rng = CellSeeds(cell_keys(indptr, genes, counts, seed))
-    norm = normalize(model.normalization, indptr, genes, counts, totals, rng)
-    out = np.zeros((len(norm.indptr) - 1, model.config.cell_dim), np.float32)
-    cost = model.config.token_cost(model.normalization.max_genes)
+    norm = embedding_normalization(model, cap)
+    normalized = normalize(norm, indptr, genes, counts, totals, rng)
+    out = np.zeros((len(normalized.indptr) - 1, model.config.cell_dim), np.float32)
+    cost = model.config.token_cost(norm.max_genes)
     depth = np.repeat(np.asarray(totals, np.float32)[:, None], 2, axis=1)
-    for cells, batch in length_batches(norm.indptr, norm.genes, norm.values, token_budget, cost, read_depth=depth):
+    for cells, batch in length_batches(normalized.indptr, normalized.genes, normalized.values, token_budget, cost,
+                                       read_depth=depth):
         batch = batch.to(device)
         _, cell_states = model.encode(batch.gene_ids, batch.values, batch.cu_seqlens, batch.max_seqlen,
                                       batch.read_depth)
@@ -173,12 +195,13 @@ def embed_counts(model: CellModel, indptr, genes, counts, totals, token_budget: 
 def embed_h5ad(model: CellModel, source: str | Path, out: str | Path, name: str = "scfm", layer: str | None = None,
                min_coverage: float = 0.5, chunk_cells: int = 8192, token_budget: int = 16384,
                device: str | torch.device = "cpu", progress: bool = True, gene_column: str | None = None,
-               symbol_table: str | Path | dict[str, str] | None = None) -> dict:
+               symbol_table: str | Path | dict[str, str] | None = None, cap: str = "auto") -> dict:
     """Embed every cell of ``source``; write ``out`` (.h5ad: the input plus ``obsm["X_<name>"]``;
     .zarr: the embedding array ``[n_cells, d]`` with ``obs_names``). Refuses inputs where less
     than ``min_coverage`` of the counts fall on vocabulary genes. ``gene_column`` /
     ``symbol_table`` (a symbol -> Ensembl CSV/TSV[.gz] or pickled dict, or a dict) mean what the
-    converter's ``--gene-column`` / ``--symbol-table`` mean. Returns a coverage report."""
+    converter's ``--gene-column`` / ``--symbol-table`` mean; ``cap`` as in `embed_counts`. Returns a
+    coverage report."""
     import anndata
 
     source, out = Path(source), Path(out)
@@ -211,7 +234,7 @@ def embed_h5ad(model: CellModel, source: str | Path, out: str | Path, name: str 
     for a in range(0, n, chunk_cells):
         b = min(n, a + chunk_cells)
         indptr, genes, counts, totals = token_csr(matrix[a:b], tokens, model.config.vocab_size)
-        embedding[a:b] = embed_counts(model, indptr, genes, counts, totals, token_budget, device=device)
+        embedding[a:b] = embed_counts(model, indptr, genes, counts, totals, token_budget, device=device, cap=cap)
         if bar is not None:
             bar.update(b - a)
     if bar is not None:

@@ -29,7 +29,9 @@ order the model sees them. Modes (DESIGN.md, "Normalization modes"):
 - ``continuous`` (scFoundation-style): ``x`` itself, float32.
 
 Genes are kept in ascending token order except in rank mode. ``max_genes`` caps a cell: a random
-subset (order kept, from the caller's generator) except in rank mode, which keeps the top ranks.
+subset (order kept, from the caller's generator; ``cap="random"``, what training sees), or with
+``cap="top"`` its most expressed genes (highest count, ties to the lower token; deterministic, for
+embedding); rank mode always keeps the top ranks.
 The caller's randomness is a numpy generator (training: any draw serves) or `CellSeeds` (embedding:
 each cell draws from its own key, so its input does not depend on the other cells of its block).
 The plain per-cell definitions these are tested against live in `normalize_reference`.
@@ -48,6 +50,7 @@ MODES = ("log1p_bins", "log2_floor_bins", "quantile_bins", "rank", "continuous")
 FIXED_BIN_MODES = ("log1p_bins", "log2_floor_bins")  # bins from fixed edges (`Normalization.edges`)
 BINNED_MODES = (*FIXED_BIN_MODES, "quantile_bins")
 QUANTILE_TIES = ("high", "random")
+CAPS = ("random", "top")  # how max_genes caps a cell: a uniform random subset, or its most expressed genes
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class Normalization:
     max_genes: int | None = None
     medians: np.ndarray | None = None
     quantile_ties: str = "random"
+    cap: str = "random"
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -71,6 +75,8 @@ class Normalization:
             raise ValueError(f"n_bins={self.n_bins}: binned modes need at least 3 (bin 0 is zero expression)")
         if self.quantile_ties not in QUANTILE_TIES:
             raise ValueError(f"quantile_ties={self.quantile_ties!r} is not one of {', '.join(QUANTILE_TIES)}")
+        if self.cap not in CAPS:
+            raise ValueError(f"cap={self.cap!r} is not one of {', '.join(CAPS)}")
         if self.max_genes is not None and self.max_genes < 1:
             raise ValueError(f"max_genes={self.max_genes} must be >= 1 (or None for no cap)")
 
@@ -218,7 +224,7 @@ def normalize(norm: Normalization, indptr, genes, counts, total_counts,
         values = np.empty(int(indptr[-1]), np.int64)
         _threshold_bins(indptr, counts, np.asarray(total_counts, np.float64), norm.target_sum, norm.thresholds,
                         norm.first_bin, norm.n_bins - 1, values)
-        return _capped(norm, indptr, genes, values, rng)
+        return _capped(norm, indptr, genes, values, counts, rng)
     x = log1p_cp10k(counts, indptr, total_counts, norm.target_sum)
     if norm.mode == "quantile_bins":
         ties = norm.quantile_ties == "random"
@@ -231,14 +237,17 @@ def normalize(norm: Normalization, indptr, genes, counts, total_counts,
             values -= np.floor(_uniforms(rng, np.diff(indptr), _TIES) * (values - lowest + 1)).astype(np.int64)
     else:
         values = x.astype(np.float32)
-    return _capped(norm, indptr, genes, values, rng)
+    return _capped(norm, indptr, genes, values, counts, rng)
 
 
-def _capped(norm: Normalization, indptr, genes, values, rng) -> Normalized:
+def _capped(norm: Normalization, indptr, genes, values, counts, rng) -> Normalized:
     if norm.max_genes is not None and np.diff(indptr).max(initial=0) > norm.max_genes:
-        if rng is None:
-            raise ValueError("max_genes caps cells by a random subset: pass rng=")
-        keep = _random_subset(indptr, norm.max_genes, rng)
+        if norm.cap == "top":
+            keep = top_subset(indptr, counts, norm.max_genes)
+        elif rng is None:
+            raise ValueError("max_genes caps cells by a random subset: pass rng= (or cap='top')")
+        else:
+            keep = _random_subset(indptr, norm.max_genes, rng)
         indptr = np.concatenate([[0], np.cumsum(np.minimum(np.diff(indptr), norm.max_genes))])
         genes, values = genes[keep], values[keep]
     return Normalized(indptr, genes, values)
@@ -371,6 +380,16 @@ def _random_subset(indptr: np.ndarray, cap: int, rng: np.random.Generator | Cell
     """Entry positions keeping a uniform random ``cap`` of each cell's entries (all of a cell with
     at most ``cap``), in their original order.  [sum(min(len, cap))]"""
     return np.flatnonzero(choose_within_cells(indptr, np.full(len(indptr) - 1, cap), rng))
+
+
+def top_subset(indptr: np.ndarray, counts: np.ndarray, cap: int) -> np.ndarray:
+    """Entry positions keeping each cell's ``cap`` highest counts (ties: the earlier entry, i.e. the
+    lower token), in their original order.  [sum(min(len, cap))]"""
+    lengths = np.diff(indptr)
+    cell = np.repeat(np.arange(len(lengths)), lengths)
+    position = np.arange(len(cell))
+    order = np.lexsort((position, -np.asarray(counts, np.float64), cell))  # cells stay in order
+    return np.sort(order[position - np.asarray(indptr, np.int64)[cell] < cap])
 
 
 def _rank(norm: Normalization, indptr, genes, counts, total_counts) -> Normalized:
