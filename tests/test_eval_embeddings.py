@@ -1,5 +1,5 @@
-"""The evaluation benchmark's parts (probes, masked-bin accuracy, batching, verdicts) and one short
-end-to-end run on the real files."""
+"""The evaluation benchmark's parts (probes, masked modelling, batching, verdicts, the validation
+split) and one short end-to-end run on the real files."""
 
 from __future__ import annotations
 
@@ -29,11 +29,13 @@ def test_probe_separates_clusters_and_not_noise():
     labels = np.repeat(np.array(["a", "b", "c", "d"]), 60)
     centers = rng.normal(size=(4, 16)) * 4
     x = centers[np.searchsorted(["a", "b", "c", "d"], labels)] + rng.normal(size=(240, 16))
-    clear = ev.probe(x, labels)
-    noise = ev.probe(rng.normal(size=(240, 16)), labels)
+    folds = list(ev.fold_split(labels))
+    assert len(folds) == ev.FOLDS and all(set(labels[test]) == set(labels) for _, test in folds)
+    clear = ev.probe(x, labels, folds)
+    noise = ev.probe(rng.normal(size=(240, 16)), labels, folds)
     for key in ("knn_macro_f1", "logreg_macro_f1"):
-        assert clear[key]["mean"] > 0.95 and len(clear[key]["folds"]) == ev.FOLDS
-        assert noise[key]["mean"] < 0.45  # chance is 0.25
+        assert clear[key] > 0.95
+        assert noise[key] < 0.45  # chance is 0.25
 
 
 def test_length_batches_cover_every_cell_once_within_budget():
@@ -74,8 +76,9 @@ def _cells(rng, n=40):
 
 
 @pytest.mark.parametrize("bin_loss", ["cross_entropy", "mse"])
-def test_masked_bin_accuracy_counts_the_heads_argmax(bin_loss):
-    """Logits: the argmax bin; a regressing head (scGPT's squared error on bins): the nearest bin."""
+def test_masked_modelling_counts_the_heads_argmax_and_its_loss(bin_loss):
+    """Logits: the argmax bin; a regressing head (scGPT's squared error on bins): the nearest bin.
+    The loss: the mean cross-entropy (or squared error) over masked positions."""
     rng = np.random.default_rng(2)
     model = _model(bin_loss=bin_loss)
     csr = _cells(rng)
@@ -87,7 +90,8 @@ def test_masked_bin_accuracy_counts_the_heads_argmax(bin_loss):
         else:
             last.bias.fill_(-10.0)
             last.bias[3] = 10.0
-    out = ev.masked_bin_accuracy(model, csr, seed=5)
+        bias = last.bias.clone()
+    out = ev.masked_modelling(model, csr, cap="none", seed=5)
     from data_pipeline.loading.masking import Masking, apply_masking
     from data_pipeline.loading.normalize import normalize
 
@@ -97,21 +101,57 @@ def test_masked_bin_accuracy_counts_the_heads_argmax(bin_loss):
     assert out["masked_positions"] == int(mlm.sum())
     assert out["masked_bin_accuracy"] == pytest.approx(float(np.mean(targets[mlm] == 3)))
     assert out["majority_bin_accuracy"] == pytest.approx(float(np.max(np.bincount(targets[mlm])) / mlm.sum()))
+    t = torch.as_tensor(targets[mlm])
+    expected = (((3.3 - t) ** 2).mean() if bin_loss == "mse"
+                else (torch.logsumexp(bias, 0) - bias[t]).mean())
+    assert out["masked_loss"] == pytest.approx(float(expected), rel=1e-5)
+    assert "accuracy_ceiling" not in out  # fixed bins: no random ties
 
 
-def test_verdicts_flag_every_loss_to_random_init():
-    def scores(knn, logreg, acc):
-        return {"knn_macro_f1": {"mean": knn}, "logreg_macro_f1": {"mean": logreg},
-                "mlm": {"masked_bin_accuracy": acc, "majority_bin_accuracy": 0.5}}
+def test_masked_modelling_ceiling_under_random_quantile_ties():
+    """With scGPT's random ties a tied gene's bin is a coin no head can call: the ceiling is the
+    mean of 1/span over the masked genes, below 1 on cells with repeated counts."""
+    from data_pipeline.loading.normalize import Normalization as Norm
 
-    result = {"pca50": {"f": scores(0.8, 0.9, None)}, "random_init": {"f": scores(0.4, 0.5, 0.1)},
-              "mixes": {"good": {"files": {"f": scores(0.6, 0.7, 0.6)}},
-                        "bad": {"files": {"f": scores(0.3, 0.7, 0.6)}}}}
-    v = ev.verdicts(result)
-    assert v["good"]["f"]["knn_macro_f1_beats_random_init"] and v["good"]["f"]["knn_macro_f1_minus_pca50"] == -0.2
-    assert not v["bad"]["f"]["knn_macro_f1_beats_random_init"]
-    assert v["good"]["f"]["masked_bin_accuracy_beats_majority"]
+    rng = np.random.default_rng(3)
+    model = _model()
+    model.normalization = Norm(mode="quantile_bins", n_bins=7, quantile_ties="random")
+    indptr, genes, counts, totals = _cells(rng)
+    out = ev.masked_modelling(model, (indptr, genes, np.minimum(counts, 3), totals), cap="none")
+    assert 0 < out["accuracy_ceiling"] < 0.9
+
+
+def test_verdicts_against_the_twin_pca_and_the_previous_gap():
+    def row(knn, logreg, loss):
+        return {"knn_macro_f1": {"mean": knn}, "logreg_macro_f1": {"mean": logreg}, "masked_loss": {"mean": loss}}
+
+    summary = {"good": {"0": {"f": row(0.4, 0.5, 2.0)}, "100": {"f": row(0.6, 0.7, 1.5)}},
+               "bad": {"0": {"f": row(0.4, 0.5, 2.0)}, "100": {"f": row(0.3, 0.7, 2.5)}}}
+    v = ev.verdicts(summary, {"f": {"PCA-50": {"knn_macro_f1": 0.8}}}, 100, {"f": 0.4})
+    assert v["good"]["f"]["knn_macro_f1_beats_random_init"] and v["good"]["f"]["knn_minus_pca50"] == -0.2
+    assert v["good"]["f"]["share_of_previous_gap_closed"] == 0.5
+    assert not v["bad"]["f"]["knn_macro_f1_beats_random_init"] and not v["bad"]["f"]["masked_loss_below_random_init"]
     assert v["all_beat_random_init"] is False
+
+
+def test_summary_is_mean_and_range_over_seeds():
+    runs = {"mlm": {"0": {"steps": {"0": {"f": {"knn_macro_f1": 0.2}}, "5": {"f": {"knn_macro_f1": 0.5}}}},
+                    "1": {"steps": {"0": {"f": {"knn_macro_f1": 0.4}}, "5": {"f": {"knn_macro_f1": 0.7}}}}}}
+    out = ev.summarize(runs)
+    assert out["mlm"]["5"]["f"]["knn_macro_f1"] == {"mean": 0.6, "min": 0.5, "max": 0.7, "n": 2}
+    assert out["mlm"]["0"]["f"]["knn_macro_f1"]["mean"] == pytest.approx(0.3)
+
+
+def test_validation_split_is_stratified_and_disjoint(shared_data, tmp_path):
+    import anndata
+
+    pre, val = ev.split_validation(tmp_path)
+    a, b = anndata.read_h5ad(pre), anndata.read_h5ad(val)
+    assert not set(a.obs_names) & set(b.obs_names) and a.n_obs + b.n_obs == 350
+    for part in (a, b):
+        sizes = part.obs.groupby(["species", "cell_type"], observed=True).size()
+        assert len(sizes) == 10 and sizes.min() >= 17 and sizes.max() <= 18
+    assert ev.split_validation(tmp_path) == (pre, val)  # written once, reused
 
 
 def test_run_folder_changes_with_the_config_and_overrides(tmp_path, monkeypatch):
@@ -170,24 +210,28 @@ def _write_bundle_meta(bundle: Path, model: CellModel) -> None:
 
 
 def test_eval_embeddings_end_to_end(shared_data, tmp_path):
-    """A few steps of one mix on the real files: the JSON has every file and representation, the
-    probes and the figure; the verdicts are whatever they are after 3 steps."""
+    """A few steps of one mix on the real files: the JSON has every file, the baselines, each curve
+    step's probes and masked modelling, and the figure; the verdicts are whatever they are after 3
+    steps."""
     out = tmp_path / "eval.json"
-    r = subprocess.run([sys.executable, "benchmarks/eval_embeddings.py", "--steps", "3", "--mixes", "mlm",
-                        "--max-cells", "150", "--work", str(tmp_path / "work"), "--result", str(out),
-                        "--plot", str(tmp_path / "eval.png")], cwd=REPO, capture_output=True, text=True, timeout=900)
+    r = subprocess.run([sys.executable, "benchmarks/eval_embeddings.py", "--phase", "final", "--steps", "3",
+                        "--curve", "3", "--seeds", "0", "--mixes", "mlm", "--max-cells", "150",
+                        "--work", str(tmp_path / "work"), "--result", str(out), "--plot", str(tmp_path / "eval.png")],
+                       cwd=REPO, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert set(result["eval_files"]) == set(ev.EVAL_FILES)
-    assert result["corpus"]["cells"] > 5000 and result["mixes"]["mlm"]["train"]["steps"] == 3
+    assert set(result["files"]) == set(ev.EVAL_FILES) and result["phase"] == "final"
+    assert result["corpus"]["cells"] > 5000 and result["runs"]["mlm"]["0"]["train"]["steps"] == 3
     for name in ev.EVAL_FILES:
-        assert result["eval_files"][name]["gene_coverage"]["count_fraction"] > 0.5
-        for rep in (result["pca50"][name], result["random_init"][name], result["mixes"]["mlm"]["files"][name]):
-            assert 0 <= rep["knn_macro_f1"]["mean"] <= 1 and len(rep["logreg_macro_f1"]["folds"]) == ev.FOLDS
-        chance = 1 / result["eval_files"][name]["classes"]  # real cell types are findable in 150 cells
-        assert result["pca50"][name]["knn_macro_f1"]["mean"] > 2 * chance
+        assert result["files"][name]["gene_coverage"]["count_fraction"] > 0.5
+        assert set(result["baselines"][name]) == {"PCA-50", "HVG-2000", "PCA-50 (model input)"}
+        for step in ("0", "3"):
+            row = result["summary"]["mlm"][step][name]
+            assert 0 <= row["knn_macro_f1"]["mean"] <= 1 and row["masked_loss"]["n"] == 1
+            assert row["masked_bin_accuracy"]["mean"] <= row["accuracy_ceiling"]["mean"] + 0.05
+        chance = 1 / result["files"][name]["classes"]  # real cell types are findable in 150 cells
+        assert result["baselines"][name]["PCA-50"]["knn_macro_f1"] > 2 * chance
     v = result["verdicts"]
-    every = [ok for mix in result["mixes"] for row in v[mix].values() for k, ok in row.items()
-             if k.endswith("beats_random_init")]
+    every = [ok for row in v["mlm"].values() for k, ok in row.items() if k.endswith("random_init")]
     assert len(every) == 3 * 3 and v["all_beat_random_init"] == all(every)
     assert (tmp_path / "eval.png").stat().st_size > 10_000

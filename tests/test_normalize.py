@@ -225,6 +225,29 @@ def test_top_cap_keeps_each_cells_most_expressed_genes_in_order(mode):
         Normalization(mode, cap="highest")
 
 
+def test_quantile_tie_spans_count_the_edges_a_value_equals():
+    """Span = max(1, digitize(x, edges) - digitize(x, edges, right=True)) per cell: scGPT's
+    ``_digitize`` draws ceil(u (low - high) + high), uniform over low + 1 ... high; with the entries
+    and cap of `normalize`; a random cap is refused."""
+    from data_pipeline.loading.normalize import quantile_tie_spans
+
+    indptr, genes, counts, totals = _random_block(6)
+    norm = Normalization("quantile_bins", n_bins=11, max_genes=50, cap="top")
+    spans = quantile_tie_spans(norm, indptr, genes, counts, totals)
+    capped = normalize(norm, indptr, genes, counts, totals, np.random.default_rng(0))
+    np.testing.assert_array_equal(spans.genes, capped.genes)
+    x = np.log1p(counts / np.repeat(totals, np.diff(indptr)) * 1e4)
+    for i in range(len(indptr) - 1):
+        lo, hi = indptr[i], indptr[i + 1]
+        edges = np.quantile(x[lo:hi], np.linspace(0, 1, 10))
+        expected = np.maximum(1, np.digitize(x[lo:hi], edges) - np.digitize(x[lo:hi], edges, right=True))
+        keep = np.isin(genes[lo:hi], spans.genes[spans.indptr[i]:spans.indptr[i + 1]])
+        np.testing.assert_array_equal(spans.values[spans.indptr[i]:spans.indptr[i + 1]], expected[keep])
+    assert (spans.values > 1).any() and (spans.values == 1).any()
+    with pytest.raises(ValueError, match="rng"):
+        quantile_tie_spans(Normalization("quantile_bins", n_bins=11, max_genes=50), indptr, genes, counts, totals)
+
+
 def test_bad_settings_name_the_fix():
     with pytest.raises(ValueError, match="medians"):
         normalize(Normalization("rank"), np.array([0, 1]), np.array([3]), np.array([1]), np.array([1.0]))

@@ -240,6 +240,21 @@ def normalize(norm: Normalization, indptr, genes, counts, total_counts,
     return _capped(norm, indptr, genes, values, counts, rng)
 
 
+def quantile_tie_spans(norm: Normalization, indptr, genes, counts, total_counts) -> Normalized:
+    """quantile_bins with random ties: how many bins each value's bin is drawn from (1 where the
+    value equals at most one edge), for the entries `normalize` returns (a cap must be
+    deterministic: ``cap="top"`` or none). No predictor of a masked bin can be right more often
+    than 1/span on average, so the mean of 1/span over masked entries is the ceiling of
+    masked-bin accuracy.  -> Normalized with int64 spans as values"""
+    if norm.mode != "quantile_bins":
+        raise ValueError(f"tie spans belong to quantile_bins, not {norm.mode}")
+    indptr = np.asarray(indptr, np.int64)
+    x = log1p_cp10k(counts, indptr, total_counts, norm.target_sum)
+    high, lowest = np.empty(len(x), np.int64), np.empty(len(x), np.int64)
+    _quantile_bins(indptr, x, counts, np.linspace(0, 1, norm.n_bins - 1), high, lowest)
+    return _capped(norm, indptr, np.asarray(genes, np.int64), high - lowest + 1, counts, None)
+
+
 def _capped(norm: Normalization, indptr, genes, values, counts, rng) -> Normalized:
     if norm.max_genes is not None and np.diff(indptr).max(initial=0) > norm.max_genes:
         if norm.cap == "top":
