@@ -60,6 +60,9 @@ class DataConfig:
                                     "are kept", 0.1)
     mask_nonzero_only: bool = _help("mask only genes whose bin is not 0, ceil(mask_ratio x those) per cell (scBERT)",
                                     False)
+    mask_zero_prob: float = _help("share of each cell's unexpressed vocabulary genes masked too, with target 0, so "
+                                  "that the decoder learns zeros (scFoundation's zero_mask_prob 0.03); "
+                                  "architecture=encoder_decoder with continuous normalization only (0: off)", 0.0)
     downsample_prob: float = _help("read-depth-aware pretraining (scFoundation): probability that a cell's input is "
                                    "downsampled (rate ~ Beta(downsample_beta), counts thinned binomially) while its "
                                    "targets stay the original cell's; continuous normalization only (0: off)", 0.0)
@@ -147,7 +150,7 @@ class TrainConfig:
         """How the loader masks expression for the masked-expression loss."""
         d = self.data
         return Masking(d.mask_ratio, mask_prob=d.mask_replace_prob, random_prob=d.mask_random_prob,
-                       nonzero_only=d.mask_nonzero_only, ratios=tuple(d.mask_ratios))
+                       nonzero_only=d.mask_nonzero_only, ratios=tuple(d.mask_ratios), zero_prob=d.mask_zero_prob)
 
     def label_column_indices(self, corpus_columns: list[str]) -> list[int]:
         """The corpus label columns the label loss trains on (`ObjectiveConfig.labels`), by position."""
@@ -222,6 +225,13 @@ class TrainConfig:
         if self.data.downsample_prob > 0 and self.data.normalization != "continuous":
             raise ValueError(f"data.downsample_prob={self.data.downsample_prob} predicts original continuous values: "
                              "set data.normalization=continuous (or data.downsample_prob=0)")
+        if self.data.mask_zero_prob > 0 and (self.model.architecture != "encoder_decoder"
+                                             or self.data.normalization != "continuous"):
+            raise ValueError(f"data.mask_zero_prob={self.data.mask_zero_prob} masks unexpressed genes as extra tokens "
+                             "of target 0, which only the encoder-decoder predicts without reading their input (its "
+                             "decoder runs every gene; an encoder would see them, and gene_set=all would read their "
+                             "zero input): set model.architecture=encoder_decoder with data.normalization=continuous "
+                             "(preset scfoundation), or data.mask_zero_prob=0")
         if self.objectives.mvc_weight > 0 and not self.model.mvc_head:
             raise ValueError(f"objectives.mvc_weight={self.objectives.mvc_weight} trains the MVC / GEPC head: set "
                              "model.mvc_head=true (or objectives.mvc_weight=0)")

@@ -75,16 +75,19 @@ PRESETS: dict[str, Preset] = {
         # biomap-research/scFoundation model/training_hyperparameter.txt: encoder 768 x 12 layers x 12 heads,
         # decoder 512 x 6 x 8, bin_num 100, value_mask_prob 0.3; mae_autobin.py: auto-discretization (bin_alpha
         # 1.0, MaeAutobin's default, which GEARS/modules/encoders.py builds it with); get_embedding.py: T and S
-        # tokens after the genes, cell embedding [S | T | max | mean]
+        # tokens after the genes, cell embedding [S | T | max | mean]. Its hyperparameters beside value_mask_prob 0.3
+        # also mask unexpressed genes: zero_mask_prob 0.03 (how they are drawn is not in the released code; here
+        # each independently, data_pipeline/loading/zero_masking.py)
         ModelConfig(d_model=768, n_layers=12, n_heads=12, attention="flash", value_mode="continuous",
                     continuous_embedding="autobin", autobin_bins=100, autobin_alpha=1.0, depth_tokens=True,
                     use_cls=False, pooling="depth_max_mean", architecture="encoder_decoder",
                     decoder=DecoderConfig(n_layers=6, d_model=512, n_heads=8, attention="favor")),
         "continuous", None,
         "xTrimoGene/scFoundation: a flash encoder over expressed unmasked genes and the T/S depth tokens, a "
-        "FAVOR+ decoder over every gene, auto-discretized values, read-depth-aware downsampling",
+        "FAVOR+ decoder over every gene, auto-discretized values, 30 % of expressed and 3 % of unexpressed genes "
+        "masked, read-depth-aware downsampling",
         # read-depth-aware pretraining (data_pipeline/loading/read_depth.py: the paper's Methods, no released code)
-        data={"mask_ratio": 0.3, "downsample_prob": 0.5, "downsample_beta": [2.0, 2.0],
+        data={"mask_ratio": 0.3, "mask_zero_prob": 0.03, "downsample_prob": 0.5, "downsample_beta": [2.0, 2.0],
               "downsample_min_total": 1000.0}),
 }
 

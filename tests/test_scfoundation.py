@@ -277,7 +277,10 @@ def test_downsampling_needs_continuous_normalization(corpus):
 @pytest.mark.slow
 def test_scfoundation_preset_trains_twenty_steps_and_exports(corpus, tmp_path):
     """The preset's recipe (auto-discretization, T/S tokens, [S | T | max | mean] cells, read-depth-
-    aware downsampling, encoder-decoder) at tiny sizes: 20 steps, an export, an embedding."""
+    aware downsampling, masked unexpressed genes, encoder-decoder) at tiny sizes: 20 steps, an export,
+    an embedding."""
+    import yaml
+
     from pretrain import load_pretrained
     from pretrain.embed import embed_counts
     from tests.train_helpers import TINY, export, run_pretrain, steps_logged
@@ -291,6 +294,7 @@ def test_scfoundation_preset_trains_twenty_steps_and_exports(corpus, tmp_path):
                   "schedule.max_steps=20", "schedule.warmup_steps=2", "run.checkpoint_every=0", "run.log_every=1",
                   "deepspeed.chunks_per_step=1", "deepspeed.zero_stage=1"])
     assert steps_logged(run) == 20
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["mask_zero_prob"] == 0.03  # masked zeros trained
     bundle = export(run, tmp_path / "bundle")
     model = json.loads((bundle / "config.json").read_text())["model"]
     assert (model["continuous_embedding"], model["depth_tokens"], model["pooling"]) == ("autobin", True,

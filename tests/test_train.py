@@ -371,8 +371,9 @@ def test_presets_carry_their_recipes():
     for name in ("scgpt", "scfoundation"):
         other = load_config(None, [f"preset={name}"])
         assert (other.model.norm_position, other.model.activation) == ("pre", "gelu")
-    # scFoundation masks 30 % of values (training_hyperparameter.txt value_mask_prob), BERT's 80/10/10
-    assert load_config(None, ["preset=scfoundation"]).input_masking() == Masking(0.3)
+    # scFoundation masks 30 % of values (training_hyperparameter.txt value_mask_prob), BERT's 80/10/10, and 3 % of
+    # the unexpressed genes (zero_mask_prob)
+    assert load_config(None, ["preset=scfoundation"]).input_masking() == Masking(0.3, zero_prob=0.03)
     # scGPT (scgpt/data_collator.py): mlm_probability [0.25, 0.5, 0.75], every masked input set to mask_value
     scgpt = load_config(None, ["preset=scgpt"])
     assert scgpt.input_masking() == Masking(0.15, mask_prob=1.0, random_prob=0.0, ratios=(0.25, 0.5, 0.75))

@@ -1,7 +1,9 @@
 """`PackedBatch`: the loader's output and the model's input (DESIGN.md, "Batch format").
 
 T tokens of B sequences concatenated without padding; ``cu_seqlens`` marks where each sequence
-starts (flash-attention's convention). A sequence is a cell, or one view of a cell.
+starts (flash-attention's convention). A sequence is a cell, or one view of a cell: its expressed
+genes (capped at ``max_genes``), plus, with masked unexpressed genes (``data.mask_zero_prob``,
+`zero_masking`), some genes it has no count for, masked, with input 0 and target 0.
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ from .epoch_plan import Batching, EpochPlan, worker_skip
 from .masking import Masking, Views, make_views, mask_for_mode
 from .normalize import Normalization, normalize
 from .read_depth import Downsampling, downsample
+from .zero_masking import add_masked_zeros
 
 STATE_VERSION = 1
 DEFAULT_MASKING = Masking()  # 15 % of each cell's genes; 80 % mask id, 10 % random, 10 % kept
@@ -223,6 +224,21 @@ def _gather_rows(starts, rows, indptr, src_genes, src_counts, genes, counts):  #
             counts[indptr[i] + j] = src_counts[a + j]
 
 
+def _check_zero_masking(normalization: Normalization, token_cost: TokenCost, corpus: Corpus) -> None:
+    """Masked unexpressed genes (`zero_masking`) are continuous zeros, and tokens beyond a cell's
+    expressed genes, which only a cost of the full gene set per cell keeps within the budget."""
+    if normalization.mode != "continuous":
+        raise ValueError(f"masking unexpressed genes gives them the continuous target 0, but the normalization is "
+                         f"{normalization.mode}: use normalization continuous (data.normalization=continuous) or "
+                         "turn it off (data.mask_zero_prob=0)")
+    n_genes = corpus.vocab_size - (max(corpus.special_tokens.values()) + 1)
+    if token_cost.full_length is None or token_cost.full_length < n_genes:
+        raise ValueError(f"masking unexpressed genes adds tokens to a cell, up to the {n_genes} genes of the "
+                         f"vocabulary, but the token cost counts a cell as {token_cost.full_length or 'its expressed'} "
+                         "genes: build the token cost of a model that runs the full gene set (ModelConfig.token_cost "
+                         "of architecture=encoder_decoder) or turn it off (data.mask_zero_prob=0)")
+
+
 def _check_cell_lengths(spec: _Spec, block_ids: np.ndarray, blocks: list) -> None:
     """The plan cut batches by ``cell_lengths.npy``; blocks whose genes per cell disagree with it
     (an edited or stale index) would not give the batches planned, and could overrun the token
@@ -248,26 +264,30 @@ def _megabatch_batches(spec: _Spec, plan: EpochPlan, m, reader: BlockReader, fir
         indptr, genes, counts, totals = make_views(spec.views, indptr, genes, counts, totals, rng)
         per_cell = 2
     input_totals, original = totals, None
+    stored_ptr, stored_genes = indptr, genes  # the genes with a count, before the cap and downsampling
     if spec.downsampling is not None:  # read-depth-aware: a lower-depth input, the original as the target
         counts_in, input_totals, _ = downsample(spec.downsampling, indptr, counts, totals, rng)
         same_subset = copy.deepcopy(rng)  # the targets' normalization draws the inputs' gene subset
         original = normalize(spec.normalization, indptr, genes, counts, totals, same_subset).values
         counts = counts_in
     norm = normalize(spec.normalization, indptr, genes, counts, input_totals, rng)
-    values, genes = norm.values, norm.genes
+    values, genes, seq_ptr = norm.values, norm.genes, norm.indptr
     if spec.masking is not None:
         genes, values, mlm, targets = mask_for_mode(spec.masking, spec.normalization.mode, spec.normalization.n_bins,
                                                     norm.indptr, genes, values, spec.mask_token,
                                                     (spec.n_special, spec.vocab_size), rng)
         if original is not None:
             targets = original
+        if spec.masking.zero_prob:  # its own generator: the draws above stay what they are without it
+            seq_ptr, genes, values, mlm, targets = add_masked_zeros(
+                spec.masking.zero_prob, stored_ptr, stored_genes, norm.indptr, genes, values, mlm, targets,
+                (spec.n_special, spec.vocab_size), np.random.default_rng([spec.seed, epoch, m.index, 2]))
     else:
         mlm = np.zeros(len(genes), bool)
         targets = np.zeros_like(values)
     read_depth = np.stack([totals, input_totals], axis=1).astype(np.float32)  # [n_seqs, 2]: T, S
     # per sequence, for the whole megabatch; batches below are views of these arrays (a worker
     # copies each into its ring buffer, so views cost no copy of their own)
-    seq_ptr = norm.indptr
     genes = genes.astype(np.int64, copy=False)
     seq_labels = np.repeat(labels, per_cell, axis=0)
     seq_cells = np.repeat(m.cells, per_cell)
@@ -305,6 +325,8 @@ class CellLoader:
     and ``views`` must be the normalization's ``max_genes`` and the views' 2 (or 1). Default: the
     capped length plus ``extra_tokens_per_cell`` (e.g. 1 for ``<cls>``), per view, summed.
     ``label_columns``: the corpus label columns a batch's ``labels`` hold, by position (default all).
+    ``masking.zero_prob``: that share of each cell's unexpressed genes masked too, as extra tokens
+    (`zero_masking`): continuous normalization and a token cost of the full gene set only.
     ``downsampling``: read-depth-aware pretraining (`read_depth.Downsampling`; continuous
     normalization only): inputs at a lower depth, targets at the original. Every batch carries
     ``read_depth`` (T, S) per sequence.
@@ -348,6 +370,8 @@ class CellLoader:
             raise ValueError(f"read-depth downsampling predicts the original cell's continuous values, but the "
                              f"normalization is {normalization.mode}: use normalization continuous (data.normalization="
                              "continuous) or turn downsampling off (data.downsample_prob=0)")
+        if masking is not None and masking.zero_prob:
+            _check_zero_masking(normalization, token_cost, corpus)
         self.spec = _Spec(corpus, normalization, batching or Batching(), masking, views, seed, rank, world_size,
                           max(1, num_workers), token_cost, label_columns, downsampling)
         if self.spec.table.checksum is None:

@@ -15,6 +15,10 @@ same generator (so a resumed loader draws the same ones); scGPT's DataCollator d
 (``get_mlm_probability``), which a loader that masks a megabatch before cutting it into batches
 cannot do: per cell, every batch mixes the three ratios.
 
+With ``zero_prob`` (scFoundation's ``zero_mask_prob`` 0.03) each unexpressed vocabulary gene of a
+cell is also masked with that probability, as an extra token of input 0 and target 0
+(`zero_masking`; continuous normalization only, for a model that never reads masked inputs).
+
 ``Views``: two views of each cell for contrastive learning, from its raw counts: each gene
 dropped with probability ``gene_dropout``, and reads kept with a probability drawn per view from
 ``[min_depth, 1]`` (binomial downsampling). Genes left with no count are dropped; a view keeps at
@@ -38,8 +42,11 @@ class Masking:
     random_prob: float = 0.1
     nonzero_only: bool = False
     ratios: tuple[float, ...] = ()  # one drawn per cell, in place of ``ratio`` (scGPT)
+    zero_prob: float = 0.0  # share of unexpressed genes masked too, as extra tokens (`zero_masking`)
 
     def __post_init__(self):
+        if not 0 <= self.zero_prob <= 1:
+            raise ValueError(f"the share of unexpressed genes masked ({self.zero_prob}) must be in [0, 1]")
         if any(not 0 <= r <= 1 for r in self.ratios):
             raise ValueError(f"mask ratios {list(self.ratios)} must each be in [0, 1]")
         if not 0 <= self.ratio <= 1 or self.mask_prob < 0 or self.random_prob < 0 or self.mask_prob + self.random_prob > 1:

@@ -19,6 +19,8 @@ set of the vocabulary (every non-special token), where unexpressed genes get a l
 embedding and masked genes a learned mask embedding; a FAVOR+ decoder over that full set
 regresses the masked values. Genes whose input value is 0 (a read-depth-downsampled cell's genes
 that lost every read, still predicted from their original value) join the decoder as unexpressed.
+Masked unexpressed genes (``data.mask_zero_prob``: tokens of input 0, target 0 that the loader adds)
+get the mask embedding like every masked gene, so the decoder learns to predict zeros too.
 
 T and S tokens (``depth_tokens``, scFoundation): two tokens per cell whose values are log10 of
 its raw total count T and of its input's total S (``batch.read_depth``), embedded by the value
