@@ -43,6 +43,15 @@ class PackedBatch:
         return int(self.view_index.max()) + 1 if self.n_seqs else 0
 
     @property
+    def n_masked_zeros(self) -> int:
+        """Unexpressed genes added as masked targets (``data.mask_zero_prob``, scFoundation): masked
+        with input 0, where a masked expressed gene's input is the mask value -1. They are decoder
+        targets, not input: throughput counts leave them out."""
+        if not self.values.is_floating_point():
+            return 0
+        return int((self.mlm_mask & (self.values == 0)).sum())
+
+    @property
     def padded_tokens(self) -> int:
         """Token slots of the padded layout ``[B, max_seqlen]`` of this batch."""
         return self.n_seqs * self.max_seqlen

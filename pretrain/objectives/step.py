@@ -53,7 +53,7 @@ class StepCounts:
     labels: float     # known labels (the label-loss denominator)
     cells: float      # distinct cells (a cell's two views are one cell)
     seqs: float       # sequences (views count separately: what the model ran)
-    tokens: float     # gene tokens
+    tokens: float     # gene tokens of the input (masked unexpressed genes, decoder targets only, left out)
     slots: float      # token slots a padded [B, max_seqlen] layout would have had
 
     @classmethod
@@ -63,7 +63,7 @@ class StepCounts:
         return cls(masked=float(sum(int(c.mlm_mask.sum()) for c in chunks)),
                    labels=float(sum(int((c.labels >= 0).sum()) for c in chunks)),
                    cells=float(sum(c.n_cells for c in chunks)), seqs=float(sum(c.n_seqs for c in chunks)),
-                   tokens=float(sum(c.n_tokens for c in chunks)), slots=float(sum(c.padded_tokens for c in chunks)))
+                   tokens=float(sum(c.n_tokens - c.n_masked_zeros for c in chunks)), slots=float(sum(c.padded_tokens for c in chunks)))
 
     def as_list(self) -> list[float]:
         return [self.masked, self.labels, self.cells, self.seqs, self.tokens, self.slots]
