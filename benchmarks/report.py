@@ -110,12 +110,85 @@ def _reps(r: dict) -> list[tuple[str, dict]]:
         (mix, entry["files"]) for mix, entry in r["mixes"].items()]
 
 
+def _spread(row: dict, key: str) -> str:
+    s = row.get(key)
+    if s is None:
+        return "-"
+    return f"{s['mean']:.3f}" + (f" [{s['min']:.3f}, {s['max']:.3f}]" if s["n"] > 1 else "")
+
+
+def _report(name: str, r: dict) -> str:
+    """One run of the current `eval_embeddings.py`: baselines, the random-init twin and each mix at
+    the last curve step per file (mean [min, max] over seeds), the learning curve, the verdicts."""
+    s = r["settings"]
+    corpus = r["corpus"]
+    phase = {"validation": "Validation (recipes are chosen here)", "final": "Final report (held-out files)"}
+    out = [f"**{phase[r['phase']]}.** {source(name, r)}", "",
+           f"Pretraining corpus: {n(corpus['cells'])} real cells ({n(corpus['tokens'])} gene tokens) from "
+           f"{', '.join(corpus['files'])}. Model `{s['config']}`, {s['steps']} steps, seeds "
+           f"{', '.join(map(str, s['seeds']))}, curve at steps {', '.join(map(str, s['curve']))}, embedding cap "
+           f"`{s['cap']}`, {r['device'].get('gpu') or 'CPU'}. Probes: {s['probe']}. Numbers: mean [min, max] over "
+           "seeds.", ""]
+    last = str(s["curve"][-1])
+    for file, meta in r["files"].items():
+        out += [f"**{file}** ({n(meta['cells'])} cells, {meta['classes']} classes of `{meta['label_key']}`)", ""]
+        rows = [[rep, f"{b['knn_macro_f1']:.3f}", f"{b['logreg_macro_f1']:.3f}", "-", "-"]
+                for rep, b in r["baselines"][file].items()]
+        for mix, steps in r["summary"].items():
+            for label, step in (("random init", "0"), (f"{mix} ({last} steps)", last)):
+                if label == "random init" and mix != next(iter(r["summary"])):
+                    continue
+                row = steps[step][file]
+                acc = _spread(row, "masked_bin_accuracy") + (f" (ceiling {row['accuracy_ceiling']['mean']:.3f})"
+                                                            if "accuracy_ceiling" in row else "")
+                rows.append([label, _spread(row, "knn_macro_f1"), _spread(row, "logreg_macro_f1"), acc,
+                             _spread(row, "masked_loss")])
+        out += [table(["representation", "kNN macro-F1", "logistic-regression macro-F1", "masked-bin accuracy",
+                       "masked loss"], rows), ""]
+    curve_rows = [[mix, step, *(f"{steps[step][f]['knn_macro_f1']['mean']:.3f} / {steps[step][f]['masked_loss']['mean']:.3f}"
+                                for f in r["files"])]
+                  for mix, steps in r["summary"].items() for step in steps]
+    out += ["Learning curve (kNN macro-F1 / masked loss, mean over seeds):", "",
+            table(["mix", "step", *r["files"]], curve_rows), ""]
+    v = r["verdicts"]
+    out.append(f"Pretrained beats its random-init twin on every file, mix and probe (and in masked loss): "
+               f"**{'yes' if v['all_beat_random_init'] else 'no'}**.")
+    for mix, files in v.items():
+        if mix == "all_beat_random_init":
+            continue
+        for file, row in files.items():
+            lost = [k.removesuffix("_beats_random_init") for k, ok in row.items() if k.endswith("random_init") and not ok]
+            closed = (f"; closes {row['share_of_previous_gap_closed']:.0%} of the previous report's kNN gap "
+                      f"(goal: 50 %)" if "share_of_previous_gap_closed" in row else "")
+            out.append(f"- `{mix}` on {file}: " + (f"not above random init in {', '.join(lost)}" if lost
+                                                   else "above random init") + f"; kNN {row['knn_minus_pca50']:+.3f} "
+                       f"against PCA-50{closed}.")
+    figure = f"eval_{r['phase']}.png"
+    if (RESULTS / figure).exists():
+        out += ["", f"![t-SNE of each representation, coloured by cell type](benchmarks/results/{figure})"]
+    return "\n".join(out)
+
+
+LEGACY_EVAL = "ec04922"  # the last commit whose eval_embeddings.py wrote eval.json and eval_high_ties.json
+LEGACY_RUN = f"git worktree add ../eval-{LEGACY_EVAL} {LEGACY_EVAL} && cd ../eval-{LEGACY_EVAL} &&"
+
+
 def quality() -> str:
+    out = []
+    for name in ("eval_final.json", "eval_validation.json"):
+        current = load(name)
+        if current is not None:
+            out += [_report(name, current), ""]
     r = load("eval.json")
     if r is None:
-        return "No `benchmarks/results/eval.json` yet: run `python benchmarks/eval_embeddings.py`."
+        return "\n".join(out) or ("No evaluation results yet: run `python benchmarks/eval_embeddings.py --phase "
+                                  "validation`, then `--phase final`.")
+    if not out:
+        out = ["No run of the current evaluation yet (`python benchmarks/eval_embeddings.py --phase validation`, then "
+               "`--phase final`: 3 seeds, curve to 3,000 steps, hours on 2 CPU cores).", ""]
     s = r["settings"]
-    out = [source("eval.json", r, "python benchmarks/eval_embeddings.py"), ""]
+    out += [f"**The previous evaluation** (250 steps, one seed, a random 512-gene subset of each cell, and its "
+            f"recipe chosen on these same files). {source('eval.json', r, LEGACY_RUN + ' python benchmarks/eval_embeddings.py')}", ""]
     corpus = r["corpus"]
     out.append(f"Pretraining corpus: {n(corpus['cells'])} real cells ({n(corpus['tokens'])} gene tokens) from "
                f"{', '.join(corpus['files'])}; left out: "
@@ -151,7 +224,8 @@ def quality() -> str:
 
 def _tie_comparison(r: dict, other: dict) -> str:
     """The same benchmark with the other quantile tie rule, side by side (kNN / logistic regression)."""
-    out = [f"**The other tie rule.** {source('eval_high_ties.json', other)} The same corpus, model, steps, seed "
+    out = [f"**The other tie rule.** {source('eval_high_ties.json', other, LEGACY_RUN + ' python ' + other['command'])} "
+           "The same corpus, model, steps, seed "
            f"and probes, {_input(other)} input. kNN / logistic-regression macro-F1 (masked-bin accuracy, majority):",
            ""]
     rows = []
