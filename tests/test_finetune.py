@@ -32,6 +32,7 @@ from pretrain.downstream.finetune import (
     HEAD_FILE,
     LABELS_FILE,
     UNASSIGNED,
+    _probabilities,
     finetune,
     load_finetuned,
     predict_h5ad,
@@ -154,6 +155,14 @@ def test_a_resumed_run_equals_an_uninterrupted_one(bundle, labelled, tmp_path, m
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"]) and torch.equal(a["rng"]["shuffle"], b["rng"]["shuffle"])
 
 
+def test_early_stopping_keeps_the_best_epoch_and_a_rerun_stays_stopped(bundle, labelled, tmp_path):
+    # lr 0: the validation score never improves on epoch 1's, so patience 2 stops after epoch 3
+    report = finetune(bundle, [labelled], tmp_path, config(epochs=10, patience=2, lr=0.0))
+    assert report["stopped_early"] and report["epochs_run"] == 3 and report["best_epoch"] == 1
+    again = finetune(bundle, [labelled], tmp_path, config(epochs=20, patience=2, lr=0.0))
+    assert again == {**report, "config": {**report["config"], "epochs": 20}}
+
+
 def test_a_rerun_with_other_settings_is_refused(bundle, labelled, head_run):
     with pytest.raises(ValueError, match=r"other settings.*lr: 0.01 in the checkpoint, 0.02 now.*another --out"):
         finetune(bundle, [labelled], head_run, config(epochs=8, lr=2e-2))
@@ -177,8 +186,11 @@ def test_predictions_come_back_in_input_order(bundle, head_run, tmp_path):
     assert list(b.obs["cell_type_prediction"]) == list(a.obs["cell_type_prediction"].iloc[order])
     assert list(a.uns["cell_type_classes"]) == sorted(TYPES)
     np.testing.assert_allclose(a.obs["cell_type_confidence"], a.obsm["cell_type_probabilities"].max(axis=1))
-    # and against the model run on each cell alone (no batching at all)
     model, head, _ = load_finetuned(head_run / "bundle")
+    embeddings = np.random.default_rng(0).normal(size=(50, model.config.cell_dim)).astype(np.float32)
+    np.testing.assert_allclose(_probabilities(head, embeddings, "cpu", chunk=7), _probabilities(head, embeddings, "cpu"),
+                               rtol=0, atol=1e-6)  # chunks of cells change nothing but float rounding
+    # and against the model run on each cell alone (no batching at all)
     from pretrain.embed import embed_counts, token_csr
 
     for row in (0, int(np.argmax(lengths)), int(np.argmin(lengths))):

@@ -216,10 +216,14 @@ class _Cells:
 
 
 @torch.no_grad()
-def _probabilities(head: ClassifierHead, embeddings: torch.Tensor | np.ndarray, device) -> np.ndarray:
+def _probabilities(head: ClassifierHead, embeddings: torch.Tensor | np.ndarray, device,
+                   chunk: int = 65536) -> np.ndarray:
+    """Class probabilities [n, K] of cell embeddings [n, cell_dim], in chunks of cells (the
+    hidden activations of a million cells at once would take gigabytes)."""
     head.eval()
-    x = torch.as_tensor(embeddings).to(device)
-    return torch.softmax(head(x).float(), dim=-1).cpu().numpy()
+    x = torch.as_tensor(embeddings)
+    parts = [torch.softmax(head(x[a : a + chunk].to(device)).float(), dim=-1).cpu() for a in range(0, len(x), chunk)]
+    return torch.cat(parts).numpy() if parts else np.zeros((0, head.net[-1].out_features), np.float32)
 
 
 def _val_probabilities(model: CellModel, head: ClassifierHead, val: _Cells, device) -> np.ndarray:
@@ -313,6 +317,9 @@ def finetune(bundle: str | Path, inputs: list[str | Path], out: str | Path, conf
     train_cells = _Cells(model, split.train, config, device)
     val_cells = _Cells(model, split.val, config, device)
     n = len(split.train)
+    if run["stopped"]:
+        logger.info(f"the run stopped early at epoch {run['epoch']} (no better validation macro-F1 for "
+                    f"{run['since_best']} epochs): nothing left to train; writing its outputs again")
     while run["epoch"] < config.epochs and not run["stopped"]:
         head.train()
         model.train(full)
@@ -497,7 +504,7 @@ def predict_h5ad(bundle: str | Path, source: str | Path, out: str | Path, name: 
                               device=device)
     probs = _probabilities(head, embeddings, device)
     classes = labels["classes"]
-    confidence = probs.max(axis=1) if len(probs) else np.zeros(0, np.float32)
+    confidence = probs.max(axis=1, initial=0.0)
     predicted = np.asarray(classes, dtype=object)[probs.argmax(axis=1)] if len(probs) else np.zeros(0, object)
     low = confidence < threshold
     predicted[low] = UNASSIGNED
