@@ -20,11 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-
 from pretrain.config import FinetuneConfig  # noqa: E402
 from pretrain.downstream.finetune import finetune  # noqa: E402
-from pretrain.threads import apply_threads  # noqa: E402
+from pretrain.threads import add_runtime_arguments, apply_threads  # noqa: E402
 
 
 def config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,9 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--validation", default=None,
                         help="labelled .h5ad of validation cells (default: a stratified --val-fraction of the inputs)")
     config_arguments(parser)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads (default 0: the usable cores; an OMP_NUM_THREADS is kept)")
+    add_runtime_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     apply_threads(args.threads)

@@ -17,10 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-
 from pretrain.downstream.finetune import predict_h5ad  # noqa: E402
-from pretrain.threads import apply_threads  # noqa: E402
+from pretrain.threads import add_runtime_arguments, apply_threads  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,9 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--symbol-table", default=None,
                         help="symbol -> Ensembl table (CSV/TSV[.gz] or pickled dict) for symbols the vocabulary lacks")
     parser.add_argument("--token-budget", type=int, default=16384, help="tokens per batch when embedding (default 16384)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads (default 0: the usable cores; an OMP_NUM_THREADS is kept)")
+    add_runtime_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     apply_threads(args.threads)
