@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="column prefix: obs['<name>_prediction'] ... (default: the label column fine-tuned on)")
     parser.add_argument("--threshold", type=float, default=None,
                         help="top probability below which a cell is 'unassigned' (default: the bundle's labels.json)")
+    parser.add_argument("--label-column", default=None,
+                        help="obs column of true labels, if the input has them: the summary then scores the "
+                             "predictions (macro-F1, accuracy, per-class F1, confusion matrix)")
     parser.add_argument("--layer", default=None, help="take the counts from this layer instead of X")
     parser.add_argument("--min-coverage", type=float, default=0.5,
                         help="refuse inputs with a smaller share of their counts on vocabulary genes (default 0.5)")
@@ -45,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         summary = predict_h5ad(args.bundle, args.input, args.out, name=args.name, threshold=args.threshold,
                                layer=args.layer, gene_column=args.gene_column, symbol_table=args.symbol_table,
-                               min_coverage=args.min_coverage, token_budget=args.token_budget, device=args.device)
+                               min_coverage=args.min_coverage, token_budget=args.token_budget, device=args.device,
+                               label_column=args.label_column)
     except (ValueError, FileNotFoundError) as err:
         parser.exit(2, f"error: {err}\n")
     print(json.dumps(summary, indent=1))

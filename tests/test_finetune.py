@@ -34,7 +34,10 @@ from pretrain.downstream.finetune import (
     UNASSIGNED,
     _probabilities,
     finetune,
+    finetune_split,
+    labelled_split,
     load_finetuned,
+    make_split,
     predict_h5ad,
 )
 from pretrain.export import load_pretrained, write_bundle
@@ -163,6 +166,20 @@ def test_early_stopping_keeps_the_best_epoch_and_a_rerun_stays_stopped(bundle, l
     assert again == {**report, "config": {**report["config"], "epochs": 20}}
 
 
+def test_folds_chosen_by_the_caller_train_as_a_split_read_from_files(bundle, labelled, tmp_path):
+    """`finetune_split` on a `make_split` of cells already read (what cross-validation does) gives
+    what `finetune` gives on the same cells."""
+    settings = config(epochs=2)
+    model = load_pretrained(bundle)
+    split = labelled_split([labelled], model, settings)
+    fold = make_split(split.train, split.val, "fold 1 of 1")
+    a = finetune(bundle, [labelled], tmp_path / "files", settings)
+    b = finetune_split(bundle, model, fold, tmp_path / "fold", settings)
+    assert b["validation"] == "fold 1 of 1" and b["classes"] == a["classes"]
+    for key in ("macro_f1", "accuracy", "confusion", "history", "n_train", "n_val"):
+        assert b[key] == a[key], key
+
+
 def test_a_rerun_with_other_settings_is_refused(bundle, labelled, head_run):
     with pytest.raises(ValueError, match=r"other settings.*lr: 0.01 in the checkpoint, 0.02 now.*another --out"):
         finetune(bundle, [labelled], head_run, config(epochs=8, lr=2e-2))
@@ -175,13 +192,16 @@ def test_predictions_come_back_in_input_order(bundle, head_run, tmp_path):
     fresh[order].copy().write_h5ad(tmp_path / "b.h5ad")
     lengths = np.diff(fresh.X.indptr)
     assert len(set(lengths.tolist())) > 20  # batches by length reorder these cells
-    summary = predict_h5ad(head_run / "bundle", tmp_path / "a.h5ad", tmp_path / "a_out.h5ad", threshold=0.0)
+    summary = predict_h5ad(head_run / "bundle", tmp_path / "a.h5ad", tmp_path / "a_out.h5ad", threshold=0.0,
+                           label_column="cell_type")
     assert summary["n_cells"] == 90 and summary["unassigned"] == 0
     predict_h5ad(head_run / "bundle", tmp_path / "b.h5ad", tmp_path / "b_out.h5ad", threshold=0.0)
     a, b = ad.read_h5ad(tmp_path / "a_out.h5ad"), ad.read_h5ad(tmp_path / "b_out.h5ad")
     assert list(a.obs_names) == list(fresh.obs_names) and list(b.obs_names) == list(fresh.obs_names[order])
     # each row's prediction is its own cell's: right nearly everywhere (a scrambled order would be right ~1/3)
-    assert (a.obs["cell_type_prediction"].astype(str) == a.obs["cell_type"].astype(str)).mean() > 0.9
+    right = (a.obs["cell_type_prediction"].astype(str) == a.obs["cell_type"].astype(str)).mean()
+    assert right > 0.9 and summary["scores"]["accuracy"] == pytest.approx(right)
+    assert summary["scores"]["not_scored"] == 0 and np.sum(summary["scores"]["confusion"]) == 90
     np.testing.assert_allclose(b.obsm["cell_type_probabilities"], a.obsm["cell_type_probabilities"][order], atol=1e-5)
     assert list(b.obs["cell_type_prediction"]) == list(a.obs["cell_type_prediction"].iloc[order])
     assert list(a.uns["cell_type_classes"]) == sorted(TYPES)

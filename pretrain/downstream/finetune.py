@@ -146,6 +146,17 @@ def labelled_split(inputs, model: CellModel, config: FinetuneConfig, validation=
     else:
         train, val = cells, _read([validation], model, config)
         how = f"file {validation}"
+    return make_split(train, val, how, left_out)
+
+
+def make_split(train: TokenCells, val: TokenCells, how: str, left_out: dict | None = None) -> LabelledSplit:
+    """Training and validation cells (labels set; "" unknown) as a `LabelledSplit`: the classes
+    are the training labels; validation cells of another label (or none) are left out. For callers
+    that choose the cells themselves (cross-validation folds, label subsets); ``how`` says how."""
+    left_out = dict(left_out or {})
+    if (train.labels == "").any():
+        left_out["no label"] = left_out.get("no label", 0) + int((train.labels == "").sum())
+        train = train.subset(np.flatnonzero(train.labels != ""))
     classes = sorted(set(train.labels.tolist()))
     if len(classes) < 2:
         raise ValueError(f"the training cells have one label ({classes}); classification needs at least two: check "
@@ -271,11 +282,20 @@ def finetune(bundle: str | Path, inputs: list[str | Path], out: str | Path, conf
     from ..export import load_pretrained
 
     config.validate()
-    bundle, out = Path(bundle), Path(out)
-    if (bundle / LABELS_FILE).exists():
+    if (Path(bundle) / LABELS_FILE).exists():
         logger.info(f"{bundle} is a fine-tuned bundle: its encoder is fine-tuned again with a new head")
     model = load_pretrained(bundle, device=device)
     split = labelled_split(inputs, model, config, validation)
+    return finetune_split(bundle, model, split, out, config, device, inputs=[str(p) for p in inputs])
+
+
+def finetune_split(bundle: str | Path, model: CellModel, split: LabelledSplit, out: str | Path,
+                   config: FinetuneConfig, device: str | torch.device = "cpu", inputs: list[str] = ()) -> dict:
+    """`finetune` on cells already read and split (`labelled_split`, or `make_split` for folds the
+    caller chose); ``model``: ``bundle`` loaded on ``device`` (`pretrain.load_pretrained`), trained
+    in place in full mode."""
+    config.validate()
+    bundle, out = Path(bundle), Path(out)
     classes, k = split.classes, len(split.classes)
     logger.info(f"{len(split.train)} training cells, {len(split.val)} validation cells ({split.validation}), "
                 f"{k} labels")
@@ -363,7 +383,7 @@ def finetune(bundle: str | Path, inputs: list[str | Path], out: str | Path, conf
               "train_class_counts": {c: int(v) for c, v in zip(classes, np.bincount(split.y_train, minlength=k))},
               "left_out": split.left_out, "best_epoch": run["best_epoch"], "epochs_run": run["epoch"],
               "stopped_early": run["stopped"], "history": run["history"], "config": asdict(config),
-              "bundle": str(bundle), "inputs": list(map(str, inputs))}
+              "bundle": str(bundle), "inputs": list(inputs)}
     _write_finetuned(out / "bundle", bundle, model, head, config, classes, report)
     atomic_write_json(out / "report.json", report, indent=1)
     _plot_confusion(report, out / "confusion.png")
@@ -481,12 +501,14 @@ def load_finetuned(bundle: str | Path, device: str | torch.device = "cpu") -> tu
 def predict_h5ad(bundle: str | Path, source: str | Path, out: str | Path, name: str | None = None,
                  threshold: float | None = None, layer: str | None = None, gene_column: str | None = None,
                  symbol_table: str | Path | None = None, min_coverage: float = 0.5, token_budget: int = 16384,
-                 device: str | torch.device = "cpu") -> dict:
+                 device: str | torch.device = "cpu", label_column: str | None = None) -> dict:
     """Annotate every cell of ``source`` with fine-tuned ``bundle``; write ``out`` (.h5ad): the
     input plus obs ``<name>_prediction`` (a label, or "unassigned" below ``threshold``; default
     labels.json's), obs ``<name>_confidence`` (the top probability), obsm
     ``<name>_probabilities`` [n, K] and uns ``<name>_classes`` (its column order), in the input's
-    cell order. ``name`` defaults to the label column the bundle was fine-tuned on. Returns a summary."""
+    cell order. ``name`` defaults to the label column the bundle was fine-tuned on. Returns a
+    summary; with ``label_column`` (the input's true labels) it holds `scores` of the cells whose
+    label is one of the bundle's (``scores["not_scored"]``: the others)."""
     import anndata
     import pandas as pd
 
@@ -498,8 +520,8 @@ def predict_h5ad(bundle: str | Path, source: str | Path, out: str | Path, name: 
     if not 0 <= threshold <= 1:
         raise ValueError(f"--threshold {threshold}: a probability in [0, 1] (0: never unassigned)")
     name = name or labels["label_column"]
-    cells = read_token_cells(source, model, layer=layer, gene_column=gene_column, symbol_table=symbol_table,
-                             min_coverage=min_coverage)
+    cells = read_token_cells(source, model, label_column=label_column, layer=layer, gene_column=gene_column,
+                             symbol_table=symbol_table, min_coverage=min_coverage)
     embeddings = embed_counts(model, cells.indptr, cells.genes, cells.counts, cells.totals, token_budget,
                               device=device)
     probs = _probabilities(head, embeddings, device)
@@ -519,4 +541,11 @@ def predict_h5ad(bundle: str | Path, source: str | Path, out: str | Path, name: 
                "columns": [f"{name}_prediction", f"{name}_confidence"], "obsm": f"{name}_probabilities",
                "predicted": {c: counts.get(c, 0) for c in [*classes, UNASSIGNED]}, "coverage": cells.coverage[0]}
     logger.info(f"{summary['unassigned']} of {len(cells)} cells unassigned (top probability below {threshold})")
+    if label_column is not None:
+        known = np.isin(cells.labels, classes)
+        index = {c: i for i, c in enumerate(classes)}
+        y = np.array([index[label] for label in cells.labels[known]], np.int64)
+        summary["scores"] = {**scores(y, probs[known], classes, threshold), "not_scored": int((~known).sum())}
+        logger.info(f"against obs[{label_column!r}]: macro-F1 {summary['scores']['macro_f1']:.4f}, accuracy "
+                    f"{summary['scores']['accuracy']:.4f} ({int((~known).sum())} cells of other labels not scored)")
     return summary
