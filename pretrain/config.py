@@ -245,10 +245,11 @@ _WHY = {FIXED: "the checkpoint was trained with it", RESTORED: "the checkpoint's
         "value, which DeepSpeed would restore in place of yours"}
 
 
-def resume_changes(saved: dict, config: TrainConfig) -> tuple[list[str], list[str]]:
-    """The keys whose value in ``config`` differs from ``saved`` (the resolved config a checkpoint
-    was trained with, as JSON): (refused, applied), one line each, by each field's ``resume``
-    class. Keys ``saved`` lacks (checkpoints from before the key existed) are not compared."""
+def resume_changes(saved: dict, config: TrainConfig | FinetuneConfig) -> tuple[list[str], list[str]]:
+    """The keys whose value in ``config`` (a `TrainConfig` or a `FinetuneConfig`) differs from
+    ``saved`` (the resolved config a checkpoint was trained with, as JSON): (refused, applied), one
+    line each, by each field's ``resume`` class. Keys ``saved`` lacks (checkpoints from before the
+    key existed) are not compared."""
     import json
 
     refused, applied = [], []
@@ -270,7 +271,7 @@ def resume_changes(saved: dict, config: TrainConfig) -> tuple[list[str], list[st
             else:
                 refused.append(f"{line} ({_WHY[policy]})")
 
-    walk(TrainConfig, saved, json.loads(json.dumps(asdict(config))), "")
+    walk(type(config), saved, json.loads(json.dumps(asdict(config))), "")
     return refused, applied
 
 
@@ -359,3 +360,52 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConf
 _NESTED = {"DecoderConfig": DecoderConfig, "DataConfig": DataConfig, "ModelConfig": ModelConfig,
            "ObjectiveConfig": ObjectiveConfig, "OptimizerConfig": OptimizerConfig, "ScheduleConfig": ScheduleConfig,
            "DeepSpeedConfig": DeepSpeedConfig, "RunConfig": RunConfig}
+
+
+FINETUNE_MODES = ("head", "full")
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning a bundle for cell-type annotation (`launch/finetune.py`): a classification head
+    on the cell embedding. ``resume=`` says what a rerun into the same output folder may change."""
+
+    label_column: str = _help("obs column holding the cell labels (cells with an empty or missing label are left out)",
+                              "cell_type")
+    mode: str = _help("head: the encoder frozen, only the head trains (embeddings computed once); full: every weight, "
+                      "the encoder at lr x encoder_lr_scale", "head")
+    epochs: int = _help("most epochs (a rerun with more continues the run)", 30, resume=FREE)
+    patience: int = _help("stop after this many epochs without a better validation macro-F1 (0: never)", 5,
+                          resume=FREE)
+    batch_size: int = _help("cells per optimizer step", 32)
+    lr: float = _help("AdamW learning rate of the head", 1e-3)
+    encoder_lr_scale: float = _help("mode full: the encoder's learning rate as a fraction of lr", 0.1)
+    weight_decay: float = _help("AdamW weight decay", 0.01)
+    hidden: list[int] = _help("the head's hidden widths (scBERT's fine-tuning head: 512, 128), each Linear -> ReLU "
+                              "-> Dropout", factory=lambda: [512, 128])
+    dropout: float = _help("dropout after each hidden layer of the head", 0.1)
+    class_weights: bool = _help("weight the cross-entropy by inverse class frequency (imbalanced cell types)", True)
+    val_fraction: float = _help("without a validation file: the share of labelled cells held out, stratified by label",
+                                0.1)
+    min_class_cells: int = _help("leave out labels with fewer training cells than this (0: keep all; a stratified "
+                                 "split needs 2)", 0)
+    threshold: float = _help("predictions with a lower top probability are 'unassigned' (scBERT's novel types); "
+                             "written to labels.json as predict's default", 0.5, resume=FREE)
+    seed: int = _help("head initialization, split, shuffling and dropout seed", 0)
+    token_budget: int = _help("tokens per batch when embedding cells (counted as in training)", 16384)
+    layer: str | None = _help("take the counts from this layer instead of X", None)
+    gene_column: str | None = _help("var column holding the genes' Ensembl ids or symbols (detected if omitted)", None)
+    symbol_table: str | None = _help("symbol -> Ensembl table (CSV/TSV[.gz] or pickled dict) for symbols the "
+                                     "vocabulary lacks", None)
+    min_coverage: float = _help("refuse inputs with a smaller share of their counts on vocabulary genes", 0.5)
+
+    def validate(self) -> FinetuneConfig:
+        if self.mode not in FINETUNE_MODES:
+            raise ValueError(f"--mode {self.mode}: choose one of {', '.join(FINETUNE_MODES)}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"--val-fraction {self.val_fraction}: a share strictly between 0 and 1 (e.g. 0.1)")
+        if not 0 <= self.threshold <= 1:
+            raise ValueError(f"--threshold {self.threshold}: a probability in [0, 1] (0: never unassigned)")
+        if self.batch_size < 1 or self.epochs < 0 or self.patience < 0:
+            raise ValueError("--batch-size must be >= 1, --epochs and --patience >= 0")
+        return self

@@ -28,7 +28,7 @@ from data_pipeline.conversion.readers import SourceError
 from data_pipeline.conversion.vocab import read_symbol_table
 from data_pipeline.loading.batch import PackedBatch
 from data_pipeline.loading.batching import TokenCost, group_by_length
-from data_pipeline.loading.normalize import CellSeeds, normalize
+from data_pipeline.loading.normalize import CellSeeds, Normalized, normalize
 
 from .model import CellModel
 
@@ -82,6 +82,22 @@ def gene_tokens(var, vocab, source: str, gene_column: str | None = None,
                                                     + (" and --symbol-table" if symbol_table else "")),
               "vocab_genes": int(vocab.n_genes), "vocab_fraction": float(len(set(tokens[mapped])) / max(1, vocab.n_genes))}
     return tokens, report
+
+
+def require_coverage(first_rows, tokens: np.ndarray, report: dict, source: str, min_coverage: float) -> None:
+    """Refuse an input where less than ``min_coverage`` of the counts of ``first_rows`` (the
+    input's first cells, [n, n_vars]) fall on vocabulary genes; sets ``report["count_fraction"]``
+    (``report``: `gene_tokens`'s)."""
+    first = sp.csr_matrix(first_rows)
+    report["count_fraction"] = float(first.data[tokens[first.indices] >= 0].sum() / max(first.data.sum(), 1))
+    if report["count_fraction"] < min_coverage:
+        raise ValueError(f"{source}: only {report['count_fraction']:.0%} of the counts fall on genes of the model's "
+                         f"vocabulary (minimum {min_coverage:.0%}; {report['mapped_genes']} of "
+                         f"{report['input_genes']} genes matched, {report['mapped_by_ensembl']} by Ensembl id and "
+                         f"{report['mapped_by_symbol']} by symbol, genes taken from {report['gene_identity']}); "
+                         "pass --gene-column NAME if another var column holds the Ensembl ids or symbols, "
+                         "--symbol-table FILE (symbol -> Ensembl id) for symbols the vocabulary lacks, or lower "
+                         "--min-coverage")
 
 
 def token_csr(x, tokens: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -163,6 +179,17 @@ def embedding_normalization(model: CellModel, cap: str = "auto"):
     return dataclasses.replace(norm, cap="top" if cap == "top" else "random")
 
 
+def model_input(model: CellModel, indptr, genes, counts, totals, seed: int = 0,
+                cap: str = "auto") -> tuple[Normalized, np.ndarray]:
+    """Cells given as CSR over tokens, normalized as `embed_counts` feeds them to the model (``cap``:
+    `embedding_normalization`; each cell's random draws seeded by its own content, see there):
+    (normalized cells, read depth [n, 2] float32: T = S = each cell's total count, for models with
+    depth tokens)."""
+    rng = CellSeeds(cell_keys(indptr, genes, counts, seed))
+    norm = normalize(embedding_normalization(model, cap), indptr, genes, counts, totals, rng)
+    return norm, np.repeat(np.asarray(totals, np.float32)[:, None], 2, axis=1)
+
+
 @torch.inference_mode()
 def embed_counts(model: CellModel, indptr, genes, counts, totals, token_budget: int = 16384, seed: int = 0,
                  device: str | torch.device = "cpu", cap: str = "auto") -> np.ndarray:
@@ -177,14 +204,10 @@ def embed_counts(model: CellModel, indptr, genes, counts, totals, token_budget: 
     With depth tokens (scFoundation's T and S) a cell is embedded at its own depth: T = S = its
     total count (scFoundation's get_embedding.py sets S = the cell's total and T by --tgthighres,
     e.g. a higher target depth; not offered here)."""
-    rng = CellSeeds(cell_keys(indptr, genes, counts, seed))
-    norm = embedding_normalization(model, cap)
-    normalized = normalize(norm, indptr, genes, counts, totals, rng)
-    out = np.zeros((len(normalized.indptr) - 1, model.config.cell_dim), np.float32)
-    cost = model.config.token_cost(norm.max_genes)
-    depth = np.repeat(np.asarray(totals, np.float32)[:, None], 2, axis=1)
-    for cells, batch in length_batches(normalized.indptr, normalized.genes, normalized.values, token_budget, cost,
-                                       read_depth=depth):
+    norm, depth = model_input(model, indptr, genes, counts, totals, seed, cap)
+    out = np.zeros((len(norm.indptr) - 1, model.config.cell_dim), np.float32)
+    cost = model.config.token_cost(embedding_normalization(model, cap).max_genes)
+    for cells, batch in length_batches(norm.indptr, norm.genes, norm.values, token_budget, cost, read_depth=depth):
         batch = batch.to(device)
         _, cell_states = model.encode(batch.gene_ids, batch.values, batch.cu_seqlens, batch.max_seqlen,
                                       batch.read_depth)
@@ -213,18 +236,11 @@ def embed_h5ad(model: CellModel, source: str | Path, out: str | Path, name: str 
     tokens, report = gene_tokens(adata.var, model.vocab, str(source), gene_column, symbol_table)
     matrix = adata.layers[layer] if layer else adata.X
     n = adata.n_obs
-    # coverage of what the cells express: the share of counts (over the first chunk) on vocabulary genes
-    first = sp.csr_matrix(matrix[0 : min(n, chunk_cells)])
-    report["count_fraction"] = float(first.data[tokens[first.indices] >= 0].sum() / max(first.data.sum(), 1))
-    if report["count_fraction"] < min_coverage:
+    try:
+        require_coverage(matrix[0 : min(n, chunk_cells)], tokens, report, str(source), min_coverage)
+    except ValueError:
         adata.file.close()
-        raise ValueError(f"{source}: only {report['count_fraction']:.0%} of the counts fall on genes of the model's "
-                         f"vocabulary (minimum {min_coverage:.0%}; {report['mapped_genes']} of "
-                         f"{report['input_genes']} genes matched, {report['mapped_by_ensembl']} by Ensembl id and "
-                         f"{report['mapped_by_symbol']} by symbol, genes taken from {report['gene_identity']}); "
-                         "pass --gene-column NAME if another var column holds the Ensembl ids or symbols, "
-                         "--symbol-table FILE (symbol -> Ensembl id) for symbols the vocabulary lacks, or lower "
-                         "--min-coverage")
+        raise
     embedding = np.zeros((n, model.config.cell_dim), np.float32)
     bar = None
     if progress:

@@ -92,7 +92,6 @@ def export_bundle(source: str | Path, out: str | Path) -> Path:
     ``source``) into a bundle at ``out``."""
     import yaml
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from safetensors.torch import save_file
 
     from .checkpoint import load_state_file, read_marker, weights_only_loads
     from .config import TrainConfig, from_dict
@@ -112,23 +111,35 @@ def export_bundle(source: str | Path, out: str | Path) -> Path:
     if missing:
         raise ValueError(f"{ckpt}: the checkpoint does not match the run's model config (differing keys: "
                          f"{sorted(missing)[:5]})")
+    corpus = Corpus(config.data.corpus)
+    norm = config.input_normalization()
+    if norm.mode == "rank":
+        norm = Normalization(**{**asdict(norm), "medians": corpus.medians()})
+    # rank 0's model-states file holds the client state (ZeRO-3 names it per data-parallel rank)
+    client = next(loaded[name] for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+                  if name in loaded)
+    return write_bundle(out, weights, config.model, corpus.vocab_path.read_bytes(), norm,
+                        _model_card(config, client, corpus, ckpt))
+
+
+def write_bundle(out: str | Path, weights: dict[str, torch.Tensor], config: ModelConfig, vocab_tsv: bytes,
+                 norm: Normalization, card: str, extra: dict[str, bytes] | None = None) -> Path:
+    """Write bundle folder ``out`` (replaced if it exists; written beside it, then renamed):
+    the model's ``weights`` and ``config``, the vocabulary (vocab.tsv bytes), the normalization,
+    the model card (README.md) and ``extra`` files (name -> bytes, e.g. a fine-tuned head)."""
+    from safetensors.torch import save_file
+
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(weights, str(tmp / "model.safetensors"))
-    (tmp / "config.json").write_text(json.dumps({"bundle_format": BUNDLE_FORMAT, "model": asdict(config.model)},
-                                                indent=1))
-    corpus = Corpus(config.data.corpus)
-    shutil.copy(corpus.vocab_path, tmp / "vocab.tsv")
-    norm = config.input_normalization()
-    if norm.mode == "rank":
-        norm = Normalization(**{**asdict(norm), "medians": corpus.medians()})
+    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
+    (tmp / "config.json").write_text(json.dumps({"bundle_format": BUNDLE_FORMAT, "model": asdict(config)}, indent=1))
+    (tmp / "vocab.tsv").write_bytes(vocab_tsv)
     (tmp / "normalization.json").write_text(json.dumps(normalization_record(norm)))
-    # rank 0's model-states file holds the client state (ZeRO-3 names it per data-parallel rank)
-    client = next(loaded[name] for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
-                  if name in loaded)
-    (tmp / "README.md").write_text(_model_card(config, client, corpus, ckpt))
+    (tmp / "README.md").write_text(card)
+    for name, data in (extra or {}).items():
+        (tmp / name).write_bytes(data)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

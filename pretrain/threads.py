@@ -153,3 +153,13 @@ def use_project_extension_dir(env: dict[str, str] | None = None, repo: Path = RE
     if not env.get("TORCH_EXTENSIONS_DIR"):
         env["TORCH_EXTENSIONS_DIR"] = str(repo / ".cache" / "torch_extensions")
     return env["TORCH_EXTENSIONS_DIR"]
+
+
+def add_runtime_arguments(parser) -> None:
+    """An entry point's ``--device`` (cuda when available) and ``--threads`` (for `apply_threads`)."""
+    import torch
+
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (default 0: the usable cores; an OMP_NUM_THREADS is kept)")

@@ -1,0 +1,59 @@
+"""Annotate cells with a fine-tuned bundle (`launch/finetune.py`'s RUN/bundle):
+
+    python launch/predict.py RUN/bundle cells.h5ad --out annotated.h5ad [--threshold 0.5] [--name celltype]
+
+The output is the input plus obs <name>_prediction (a label, or "unassigned" where the top
+probability is below the threshold: scBERT's novel cell types), obs <name>_confidence, obsm
+<name>_probabilities and uns <name>_classes (the probabilities' column order), in the input's order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pretrain.downstream.finetune import predict_h5ad  # noqa: E402
+from pretrain.threads import add_runtime_arguments, apply_threads  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("bundle", help="fine-tuned bundle folder (RUN/bundle of launch/finetune.py)")
+    parser.add_argument("input", help=".h5ad with raw counts in X (or --layer)")
+    parser.add_argument("--out", required=True, help="output .h5ad: the input plus the prediction columns")
+    parser.add_argument("--name", default=None,
+                        help="column prefix: obs['<name>_prediction'] ... (default: the label column fine-tuned on)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="top probability below which a cell is 'unassigned' (default: the bundle's labels.json)")
+    parser.add_argument("--label-column", default=None,
+                        help="obs column of true labels, if the input has them: the summary then scores the "
+                             "predictions (macro-F1, accuracy, per-class F1, confusion matrix)")
+    parser.add_argument("--layer", default=None, help="take the counts from this layer instead of X")
+    parser.add_argument("--min-coverage", type=float, default=0.5,
+                        help="refuse inputs with a smaller share of their counts on vocabulary genes (default 0.5)")
+    parser.add_argument("--gene-column", default=None,
+                        help="var column holding the genes' Ensembl ids or symbols (or 'var_names'); detected if omitted")
+    parser.add_argument("--symbol-table", default=None,
+                        help="symbol -> Ensembl table (CSV/TSV[.gz] or pickled dict) for symbols the vocabulary lacks")
+    parser.add_argument("--token-budget", type=int, default=16384, help="tokens per batch when embedding (default 16384)")
+    add_runtime_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    apply_threads(args.threads)
+    try:
+        summary = predict_h5ad(args.bundle, args.input, args.out, name=args.name, threshold=args.threshold,
+                               layer=args.layer, gene_column=args.gene_column, symbol_table=args.symbol_table,
+                               min_coverage=args.min_coverage, token_budget=args.token_budget, device=args.device,
+                               label_column=args.label_column)
+    except (ValueError, FileNotFoundError) as err:
+        parser.exit(2, f"error: {err}\n")
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,551 @@
+"""Fine-tuning a bundle for cell-type annotation, and predicting with the result (issue 23, point 1).
+
+scBERT's recipe on this project's cell embedding: the encoder's cell embedding through a small MLP
+(`ClassifierHead`: Linear -> ReLU -> Dropout per hidden layer, then the class logits),
+cross-entropy weighted by inverse class frequency, AdamW, early stopping on the validation
+macro-F1 with the best epoch kept. Two modes:
+
+- ``head``: the encoder is frozen; every cell is embedded once (`pretrain.embed.embed_counts`)
+  and only the head trains on those embeddings;
+- ``full``: every weight trains, the encoder at ``lr x encoder_lr_scale``; cells enter the
+  encoder exactly as `embed_counts` normalizes them (each cell's random draws seeded by its
+  content), so training sees the input prediction will see. FAVOR+ projections stay as exported
+  (no redraws: the fine-tuned encoder is evaluated with the projections it was tuned with).
+
+A run writes into its output folder ``OUT``:
+
+- ``checkpoint.pt`` after every epoch (head, encoder in full mode, best weights so far, optimizer,
+  RNG states, epoch, best score): a rerun with the same ``OUT`` and settings resumes from it, and
+  gives exactly what an uninterrupted run gives (``--epochs`` may grow; other settings that shape
+  the training are refused);
+- ``bundle/``: the fine-tuned bundle (`pretrain.export.write_bundle`'s format, loadable with
+  `pretrain.load_pretrained`) plus ``head.safetensors`` and ``labels.json`` (label names, the
+  head's shape, the confidence threshold); `load_finetuned` reads it;
+- ``report.json``: on the validation cells, with the best epoch's weights: macro-F1, accuracy,
+  per-class F1, the confusion matrix (rows: true label, columns: predicted, in ``classes``
+  order), how many cells fall below the threshold (``unassigned``) and the per-epoch history;
+  ``confusion.png`` beside it when matplotlib is installed.
+
+Multi-GPU (DeepSpeed) fine-tuning is not implemented: one process, on the device given.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import xxhash
+from torch import nn
+
+from data_pipeline.conversion.fsio import atomic_write_json, atomic_write_with, source_checksum
+
+from ..config import FinetuneConfig, resume_changes
+from ..embed import embed_counts, model_input
+from ..export import write_bundle
+from ..model import CellModel
+from .token_cells import TokenCells, read_token_cells
+
+logger = logging.getLogger(__name__)
+
+FINETUNE_FORMAT = 1
+HEAD_FILE = "head.safetensors"
+LABELS_FILE = "labels.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+UNASSIGNED = "unassigned"
+
+
+class ClassifierHead(nn.Module):
+    """Cell embeddings [B, in_dim] -> class logits [B, n_classes] (scBERT's fine-tuning head,
+    fed the cell embedding instead of scBERT's convolution over every gene's output)."""
+
+    def __init__(self, in_dim: int, hidden: list[int], n_classes: int, dropout: float):
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = in_dim
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(dropout)]
+            width = h
+        layers.append(nn.Linear(width, n_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, cells: torch.Tensor) -> torch.Tensor:
+        return self.net(cells)
+
+
+# --- the labelled cells: reading, leaving out, splitting ------------------------------------------
+
+
+@dataclass
+class LabelledSplit:
+    train: TokenCells
+    val: TokenCells
+    classes: list[str]
+    y_train: np.ndarray  # [n_train] int64 class index
+    y_val: np.ndarray  # [n_val]
+    validation: str  # how the validation cells were chosen
+    left_out: dict = field(default_factory=dict)  # reason -> number of cells
+
+
+def _read(paths, model: CellModel, config: FinetuneConfig) -> TokenCells:
+    return TokenCells.concat([read_token_cells(p, model, config.label_column, config.layer, config.gene_column,
+                                               config.symbol_table, config.min_coverage) for p in paths])
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, validation rows) of ``labels`` [n], every label on both sides."""
+    from sklearn.model_selection import train_test_split
+
+    counts = Counter(labels.tolist())
+    few = {k: v for k, v in sorted(counts.items()) if v < 2}
+    if few:
+        raise ValueError(f"a stratified split needs at least 2 cells of every label; these have fewer: {few}. Pass "
+                         "--min-class-cells 2 to leave such labels out, or --validation FILE with cells of your own")
+    n_val = math.ceil(fraction * len(labels))
+    if n_val < len(counts) or len(labels) - n_val < len(counts):
+        raise ValueError(f"--val-fraction {fraction} holds out {n_val} of {len(labels)} cells, but a stratified split "
+                         f"needs at least one cell of each of the {len(counts)} labels on both sides; choose a fraction "
+                         f"between {len(counts) / len(labels):.3f} and {1 - len(counts) / len(labels):.3f}, or pass "
+                         "--validation FILE")
+    train, val = train_test_split(np.arange(len(labels)), test_size=n_val, stratify=labels, random_state=seed)
+    return np.sort(train), np.sort(val)
+
+
+def labelled_split(inputs, model: CellModel, config: FinetuneConfig, validation=None) -> LabelledSplit:
+    """Read the labelled cells of ``inputs`` (and ``validation``), leave out unlabelled cells and
+    rare labels (``min_class_cells``), split off validation cells when no file is given."""
+    cells = _read(inputs, model, config)
+    left_out: dict[str, int] = {}
+    known = cells.labels != ""
+    if not known.all():
+        left_out["no label"] = int((~known).sum())
+        logger.warning(f"{left_out['no label']} cells have no {config.label_column!r} label: left out")
+    cells = cells.subset(np.flatnonzero(known))
+    counts = Counter(cells.labels.tolist())
+    rare = sorted(k for k, v in counts.items() if v < config.min_class_cells)
+    if rare:
+        keep = ~np.isin(cells.labels, rare)
+        left_out["rare label"] = int((~keep).sum())
+        logger.warning(f"labels with fewer than {config.min_class_cells} cells left out: {rare}")
+        cells = cells.subset(np.flatnonzero(keep))
+    if UNASSIGNED in counts:
+        raise ValueError(f"the label {UNASSIGNED!r} is what prediction gives low-confidence cells; rename it in "
+                         f"obs[{config.label_column!r}] (or leave those cells out) before fine-tuning")
+    if len(cells) == 0:
+        raise ValueError(f"no labelled cells in {', '.join(map(str, inputs))} (column {config.label_column!r})")
+    if validation is None:
+        train_rows, val_rows = stratified_split(cells.labels, config.val_fraction, config.seed)
+        train, val = cells.subset(train_rows), cells.subset(val_rows)
+        how = f"stratified split of the inputs: {config.val_fraction} held out (seed {config.seed})"
+    else:
+        train, val = cells, _read([validation], model, config)
+        how = f"file {validation}"
+    return make_split(train, val, how, left_out)
+
+
+def make_split(train: TokenCells, val: TokenCells, how: str, left_out: dict | None = None) -> LabelledSplit:
+    """Training and validation cells (labels set; "" unknown) as a `LabelledSplit`: the classes
+    are the training labels; validation cells of another label (or none) are left out. For callers
+    that choose the cells themselves (cross-validation folds, label subsets); ``how`` says how."""
+    left_out = dict(left_out or {})
+    if (train.labels == "").any():
+        left_out["no label"] = left_out.get("no label", 0) + int((train.labels == "").sum())
+        train = train.subset(np.flatnonzero(train.labels != ""))
+    classes = sorted(set(train.labels.tolist()))
+    if len(classes) < 2:
+        raise ValueError(f"the training cells have one label ({classes}); classification needs at least two: check "
+                         "--label-column")
+    usable = np.isin(val.labels, classes)
+    if not usable.all():
+        unseen = sorted(set(val.labels[~usable].tolist()) - {""})
+        left_out["validation label not in training"] = int((~usable).sum())
+        logger.warning(f"{int((~usable).sum())} validation cells have no label or one the training cells lack "
+                       f"({unseen[:10]}): left out of the validation")
+        val = val.subset(np.flatnonzero(usable))
+    if len(val) == 0:
+        raise ValueError(f"no validation cells with a training label ({how}); pass --validation FILE with cells of "
+                         f"the labels {classes[:10]}")
+    index = {c: i for i, c in enumerate(classes)}
+    to_y = np.vectorize(index.__getitem__, otypes=[np.int64])
+    return LabelledSplit(train, val, classes, to_y(train.labels), to_y(val.labels), how, left_out)
+
+
+def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
+    """Inverse class frequency, scaled so that a balanced set weighs every class 1: n / (K n_c)."""
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    return torch.tensor(len(y) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32)
+
+
+def _digest(*arrays) -> str:
+    h = xxhash.xxh3_64()
+    for a in map(np.asarray, arrays):
+        h.update("\x1f".join(map(str, a.tolist())).encode() if a.dtype == object else a.tobytes())
+        h.update(b"\x1e")  # where one array ends: no two splits of the same bytes hash alike
+    return h.hexdigest()
+
+
+# --- training ---------------------------------------------------------------------------------------
+
+
+class _Cells:
+    """Cell embeddings of a `TokenCells`, computed once (head mode) or by the trained encoder."""
+
+    def __init__(self, model: CellModel, cells: TokenCells, config: FinetuneConfig, device):
+        self.model, self.cells, self.config, self.device = model, cells, config, device
+        self.fixed: torch.Tensor | None = None
+        if config.mode == "head":
+            self.fixed = torch.from_numpy(self.embed()).to(device)
+        else:
+            self.norm, self.depth = model_input(model, cells.indptr, cells.genes, cells.counts, cells.totals)
+
+    def embed(self) -> np.ndarray:
+        """Embeddings of every cell, in order, as prediction computes them.  [n, cell_dim]"""
+        c = self.cells
+        return embed_counts(self.model, c.indptr, c.genes, c.counts, c.totals, self.config.token_budget,
+                            device=self.device)
+
+    def batch(self, rows: np.ndarray) -> torch.Tensor:
+        """Embeddings of cells ``rows`` with autograd through the encoder in full mode.  [B, cell_dim]"""
+        if self.fixed is not None:
+            return self.fixed[torch.from_numpy(rows).to(self.device)]
+        norm = self.norm
+        lengths = np.diff(norm.indptr)[rows]
+        index = np.concatenate([np.arange(norm.indptr[r], norm.indptr[r + 1]) for r in rows])
+        cu = np.zeros(len(rows) + 1, np.int32)
+        cu[1:] = np.cumsum(lengths)
+        d = self.device
+        _, cells = self.model.encode(torch.from_numpy(norm.genes[index]).to(d),
+                                     torch.from_numpy(norm.values[index]).to(d), torch.from_numpy(cu).to(d),
+                                     int(lengths.max(initial=0)), torch.from_numpy(self.depth[rows]).to(d))
+        return cells
+
+
+@torch.no_grad()
+def _probabilities(head: ClassifierHead, embeddings: torch.Tensor | np.ndarray, device,
+                   chunk: int = 65536) -> np.ndarray:
+    """Class probabilities [n, K] of cell embeddings [n, cell_dim], in chunks of cells (the
+    hidden activations of a million cells at once would take gigabytes)."""
+    head.eval()
+    x = torch.as_tensor(embeddings)
+    parts = [torch.softmax(head(x[a : a + chunk].to(device)).float(), dim=-1).cpu() for a in range(0, len(x), chunk)]
+    return torch.cat(parts).numpy() if parts else np.zeros((0, head.net[-1].out_features), np.float32)
+
+
+def _val_probabilities(model: CellModel, head: ClassifierHead, val: _Cells, device) -> np.ndarray:
+    if val.fixed is not None:
+        return _probabilities(head, val.fixed, device)
+    model.eval()
+    return _probabilities(head, val.embed(), device)
+
+
+def scores(y: np.ndarray, probs: np.ndarray, classes: list[str], threshold: float) -> dict:
+    """Macro-F1, accuracy, per-class F1, confusion matrix [true][predicted] (argmax predictions)
+    and the number of cells whose top probability is below ``threshold``."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
+    labels = list(range(len(classes)))
+    pred = probs.argmax(axis=1)
+    per_class = f1_score(y, pred, labels=labels, average=None, zero_division=0)
+    unassigned = int((probs.max(axis=1) < threshold).sum())
+    return {"macro_f1": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
+            "accuracy": float(accuracy_score(y, pred)),
+            "per_class_f1": {c: float(f) for c, f in zip(classes, per_class)},
+            "confusion": confusion_matrix(y, pred, labels=labels).tolist(),
+            "threshold": threshold, "unassigned": unassigned, "unassigned_fraction": unassigned / max(1, len(y))}
+
+
+def _rng_state(device, shuffle: torch.Generator) -> dict:
+    state = {"torch": torch.get_rng_state(), "shuffle": shuffle.get_state()}
+    if torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(torch.device(device))
+    return state
+
+
+def _set_rng_state(state: dict, device, shuffle: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    shuffle.set_state(state["shuffle"])
+    if "cuda" in state and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], torch.device(device))
+
+
+def finetune(bundle: str | Path, inputs: list[str | Path], out: str | Path, config: FinetuneConfig,
+             validation: str | Path | None = None, device: str | torch.device = "cpu") -> dict:
+    """Fine-tune ``bundle`` on the labelled cells of ``inputs`` (obs[config.label_column]); write
+    ``out``/checkpoint.pt (each epoch), ``out``/bundle, ``out``/report.json (+ confusion.png).
+    Resumes from ``out``/checkpoint.pt when present. Returns the report."""
+    from ..export import load_pretrained
+
+    config.validate()
+    if (Path(bundle) / LABELS_FILE).exists():
+        logger.info(f"{bundle} is a fine-tuned bundle: its encoder is fine-tuned again with a new head")
+    model = load_pretrained(bundle, device=device)
+    split = labelled_split(inputs, model, config, validation)
+    return finetune_split(bundle, model, split, out, config, device, inputs=[str(p) for p in inputs])
+
+
+def finetune_split(bundle: str | Path, model: CellModel, split: LabelledSplit, out: str | Path,
+                   config: FinetuneConfig, device: str | torch.device = "cpu", inputs: list[str] = ()) -> dict:
+    """`finetune` on cells already read and split (`labelled_split`, or `make_split` for folds the
+    caller chose); ``model``: ``bundle`` loaded on ``device`` (`pretrain.load_pretrained`), trained
+    in place in full mode."""
+    config.validate()
+    bundle, out = Path(bundle), Path(out)
+    classes, k = split.classes, len(split.classes)
+    logger.info(f"{len(split.train)} training cells, {len(split.val)} validation cells ({split.validation}), "
+                f"{k} labels")
+    identity = {"data": _digest(split.train.indptr, split.train.genes, split.train.counts, split.train.labels,
+                                split.val.indptr, split.val.genes, split.val.counts, split.val.labels),
+                "bundle": source_checksum(bundle / "model.safetensors")}
+
+    torch.manual_seed(config.seed)
+    head = ClassifierHead(model.config.cell_dim, list(config.hidden), k, config.dropout).to(device)
+    full = config.mode == "full"
+    for p in model.parameters():
+        p.requires_grad_(full and p.requires_grad)
+    groups = [{"params": list(head.parameters()), "lr": config.lr}]
+    if full:
+        groups.append({"params": [p for p in model.parameters() if p.requires_grad],
+                       "lr": config.lr * config.encoder_lr_scale})
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    shuffle = torch.Generator().manual_seed(config.seed)
+    weight = class_weights(split.y_train, k).to(device) if config.class_weights else None
+    y_train = torch.from_numpy(split.y_train).to(device)
+
+    run = {"epoch": 0, "best_f1": -1.0, "best_epoch": 0, "since_best": 0, "stopped": False, "history": []}
+    best = {"head": _copy(head.state_dict()), "model": _copy(model.state_dict()) if full else None}
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / CHECKPOINT_FILE
+    if ckpt_path.exists():
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        _check_resume(saved, config, identity, classes, out)
+        head.load_state_dict(saved["head"])
+        if full:
+            model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        run = saved["run"]
+        best = saved["best"]
+        _set_rng_state(saved["rng"], device, shuffle)
+        logger.info(f"resumed {out} after epoch {run['epoch']} (best macro-F1 {run['best_f1']:.4f} at epoch "
+                    f"{run['best_epoch']})")
+
+    train_cells = _Cells(model, split.train, config, device)
+    val_cells = _Cells(model, split.val, config, device)
+    n = len(split.train)
+    if run["stopped"]:
+        logger.info(f"the run stopped early at epoch {run['epoch']} (no better validation macro-F1 for "
+                    f"{run['since_best']} epochs): nothing left to train; writing its outputs again")
+    while run["epoch"] < config.epochs and not run["stopped"]:
+        head.train()
+        model.train(full)
+        order = torch.randperm(n, generator=shuffle).numpy()
+        total, steps = 0.0, 0
+        for start in range(0, n, config.batch_size):
+            rows = order[start : start + config.batch_size]
+            logits = head(train_cells.batch(rows))
+            loss = F.cross_entropy(logits.float(), y_train[torch.from_numpy(rows).to(device)], weight=weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, steps = total + float(loss.detach()), steps + 1
+        probs = _val_probabilities(model, head, val_cells, device)
+        s = scores(split.y_val, probs, classes, config.threshold)
+        run["epoch"] += 1
+        run["history"].append({"epoch": run["epoch"], "loss": total / max(1, steps), "val_macro_f1": s["macro_f1"],
+                               "val_accuracy": s["accuracy"]})
+        if s["macro_f1"] > run["best_f1"]:
+            run.update(best_f1=s["macro_f1"], best_epoch=run["epoch"], since_best=0)
+            best = {"head": _copy(head.state_dict()), "model": _copy(model.state_dict()) if full else None}
+        else:
+            run["since_best"] += 1
+        if config.patience and run["since_best"] >= config.patience:
+            run["stopped"] = True
+        logger.info(f"epoch {run['epoch']}: loss {run['history'][-1]['loss']:.4f}, validation macro-F1 "
+                    f"{s['macro_f1']:.4f}, accuracy {s['accuracy']:.4f}"
+                    + (f"; no better for {run['since_best']} epochs: stopping" if run["stopped"] else ""))
+        state = {"format": FINETUNE_FORMAT, "config": asdict(config), "identity": identity, "classes": classes,
+                 "run": run, "head": head.state_dict(), "model": model.state_dict() if full else None,
+                 "best": best, "optimizer": optimizer.state_dict(), "rng": _rng_state(device, shuffle)}
+        atomic_write_with(ckpt_path, lambda fh, state=state: torch.save(state, fh))
+
+    head.load_state_dict(best["head"])
+    if full:
+        model.load_state_dict(best["model"])
+    model.eval()
+    report = scores(split.y_val, _val_probabilities(model, head, val_cells, device), classes, config.threshold)
+    report = {"label_column": config.label_column, "mode": config.mode, "classes": classes, **report,
+              "n_train": len(split.train), "n_val": len(split.val), "validation": split.validation,
+              "train_class_counts": {c: int(v) for c, v in zip(classes, np.bincount(split.y_train, minlength=k))},
+              "left_out": split.left_out, "best_epoch": run["best_epoch"], "epochs_run": run["epoch"],
+              "stopped_early": run["stopped"], "history": run["history"], "config": asdict(config),
+              "bundle": str(bundle), "inputs": list(inputs)}
+    _write_finetuned(out / "bundle", bundle, model, head, config, classes, report)
+    atomic_write_json(out / "report.json", report, indent=1)
+    _plot_confusion(report, out / "confusion.png")
+    logger.info(f"best epoch {run['best_epoch']}: validation macro-F1 {report['macro_f1']:.4f}, accuracy "
+                f"{report['accuracy']:.4f}, {report['unassigned']} of {len(split.val)} cells unassigned at threshold "
+                f"{config.threshold}; bundle {out / 'bundle'}")
+    return report
+
+
+def _copy(state: dict) -> dict:
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def _check_resume(saved: dict, config: FinetuneConfig, identity: dict, classes: list[str], out: Path) -> None:
+    fix = f"rerun with the settings and inputs of the run in {out} to resume it, or pass another --out"
+    if saved.get("format") != FINETUNE_FORMAT:
+        raise ValueError(f"{out / CHECKPOINT_FILE}: fine-tuning checkpoint format {saved.get('format')}, not "
+                         f"{FINETUNE_FORMAT}; pass another --out")
+    refused, applied = resume_changes(saved["config"], config)
+    if refused:
+        raise ValueError(f"{out}: a fine-tuning run with other settings is there ({'; '.join(refused)}); {fix}")
+    for line in applied:
+        logger.info(f"resume: {line}")
+    for key, what in (("bundle", "the bundle's weights"), ("data", "the labelled cells (inputs, validation)")):
+        if saved["identity"][key] != identity[key]:
+            raise ValueError(f"{out}: the run there was fine-tuned from other data: {what} differ; {fix}")
+    if saved["classes"] != classes:
+        raise ValueError(f"{out}: the run there has other labels ({saved['classes'][:10]}); {fix}")
+
+
+# --- the fine-tuned bundle --------------------------------------------------------------------------
+
+
+def _write_finetuned(folder: Path, source: Path, model: CellModel, head: ClassifierHead, config: FinetuneConfig,
+                     classes: list[str], report: dict) -> None:
+    from safetensors.torch import save
+
+    labels = {"finetune_format": FINETUNE_FORMAT, "label_column": config.label_column, "classes": classes,
+              "threshold": config.threshold, "mode": config.mode,
+              "head": {"in_dim": model.config.cell_dim, "hidden": list(config.hidden), "dropout": config.dropout},
+              "best_epoch": report["best_epoch"], "val_macro_f1": report["macro_f1"], "source_bundle": str(source)}
+    card = f"""# Fine-tuned cell-type annotation bundle
+
+- fine-tuned from {source} ({config.mode} mode: {'the encoder frozen, the head trained' if config.mode == 'head'
+                                                else 'every weight trained'}) on obs[{config.label_column!r}]
+- {len(classes)} labels: {', '.join(classes[:20])}{' ...' if len(classes) > 20 else ''}
+- best epoch {report['best_epoch']}: validation macro-F1 {report['macro_f1']:.4f}, accuracy {report['accuracy']:.4f}
+  ({report['validation']})
+
+Predict: `python launch/predict.py THIS_FOLDER cells.h5ad --out annotated.h5ad`; load in Python with
+`pretrain.downstream.finetune.load_finetuned("THIS_FOLDER")`. Embedding (`launch/embed.py`) works as with any bundle.
+"""
+    write_bundle(folder, model.state_dict(), model.config, (source / "vocab.tsv").read_bytes(), model.normalization,
+                 card, extra={HEAD_FILE: save({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}),
+                              LABELS_FILE: json.dumps(labels, indent=1).encode()})
+
+
+def _plot_confusion(report: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.info("matplotlib is not installed: no confusion.png (the matrix is in report.json)")
+        return
+    matrix = np.asarray(report["confusion"], np.float64)
+    share = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    k = len(report["classes"])
+    size = max(4.0, 0.45 * k + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k), report["classes"], rotation=90)
+    ax.set_yticks(range(k), report["classes"])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if k <= 20:
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if share[i, j] > 0.5 else "black")
+    fig.colorbar(image, ax=ax, label="share of the true label's cells")
+    ax.set_title(f"{report['label_column']}: macro-F1 {report['macro_f1']:.3f}, accuracy {report['accuracy']:.3f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def load_finetuned(bundle: str | Path, device: str | torch.device = "cpu") -> tuple[CellModel, ClassifierHead, dict]:
+    """A fine-tuned bundle: (its `CellModel` in eval mode, the head in eval mode, labels.json)."""
+    from safetensors.torch import load_file
+
+    from ..export import load_pretrained
+
+    bundle = Path(bundle)
+    if not (bundle / LABELS_FILE).exists() or not (bundle / HEAD_FILE).exists():
+        missing = [name for name in (LABELS_FILE, HEAD_FILE) if not (bundle / name).exists()]
+        raise ValueError(f"{bundle} is not a fine-tuned bundle (no {' or '.join(missing)}): a pretrained bundle has no "
+                         "classification head. Fine-tune it first: python launch/finetune.py "
+                         f"{bundle} LABELLED.h5ad --label-column COLUMN --out RUN, then predict with RUN/bundle")
+    labels = json.loads((bundle / LABELS_FILE).read_text())
+    if labels.get("finetune_format") != FINETUNE_FORMAT:
+        raise ValueError(f"{bundle / LABELS_FILE}: fine-tuned bundle format {labels.get('finetune_format')} is not "
+                         f"{FINETUNE_FORMAT}; fine-tune again with this version")
+    model = load_pretrained(bundle, device=device)
+    shape = labels["head"]
+    head = ClassifierHead(shape["in_dim"], shape["hidden"], len(labels["classes"]), shape["dropout"])
+    head.load_state_dict(load_file(str(bundle / HEAD_FILE)))
+    return model, head.to(device).eval(), labels
+
+
+# --- prediction -------------------------------------------------------------------------------------
+
+
+def predict_h5ad(bundle: str | Path, source: str | Path, out: str | Path, name: str | None = None,
+                 threshold: float | None = None, layer: str | None = None, gene_column: str | None = None,
+                 symbol_table: str | Path | None = None, min_coverage: float = 0.5, token_budget: int = 16384,
+                 device: str | torch.device = "cpu", label_column: str | None = None) -> dict:
+    """Annotate every cell of ``source`` with fine-tuned ``bundle``; write ``out`` (.h5ad): the
+    input plus obs ``<name>_prediction`` (a label, or "unassigned" below ``threshold``; default
+    labels.json's), obs ``<name>_confidence`` (the top probability), obsm
+    ``<name>_probabilities`` [n, K] and uns ``<name>_classes`` (its column order), in the input's
+    cell order. ``name`` defaults to the label column the bundle was fine-tuned on. Returns a
+    summary; with ``label_column`` (the input's true labels) it holds `scores` of the cells whose
+    label is one of the bundle's (``scores["not_scored"]``: the others)."""
+    import anndata
+    import pandas as pd
+
+    source, out = Path(source), Path(out)
+    if out.suffix != ".h5ad":
+        raise ValueError(f"--out {out}: write an .h5ad (the input plus the prediction columns)")
+    model, head, labels = load_finetuned(bundle, device)
+    threshold = labels["threshold"] if threshold is None else threshold
+    if not 0 <= threshold <= 1:
+        raise ValueError(f"--threshold {threshold}: a probability in [0, 1] (0: never unassigned)")
+    name = name or labels["label_column"]
+    cells = read_token_cells(source, model, label_column=label_column, layer=layer, gene_column=gene_column,
+                             symbol_table=symbol_table, min_coverage=min_coverage)
+    embeddings = embed_counts(model, cells.indptr, cells.genes, cells.counts, cells.totals, token_budget,
+                              device=device)
+    probs = _probabilities(head, embeddings, device)
+    classes = labels["classes"]
+    confidence = probs.max(axis=1, initial=0.0)
+    predicted = np.asarray(classes, dtype=object)[probs.argmax(axis=1)] if len(probs) else np.zeros(0, object)
+    low = confidence < threshold
+    predicted[low] = UNASSIGNED
+    adata = anndata.read_h5ad(source)
+    adata.obs[f"{name}_prediction"] = pd.Categorical(predicted, categories=[*classes, UNASSIGNED])
+    adata.obs[f"{name}_confidence"] = confidence.astype(np.float32)
+    adata.obsm[f"{name}_probabilities"] = probs.astype(np.float32)
+    adata.uns[f"{name}_classes"] = list(classes)
+    adata.write_h5ad(out)
+    counts = Counter(predicted.tolist())
+    summary = {"n_cells": len(cells), "unassigned": int(low.sum()), "threshold": threshold, "out": str(out),
+               "columns": [f"{name}_prediction", f"{name}_confidence"], "obsm": f"{name}_probabilities",
+               "predicted": {c: counts.get(c, 0) for c in [*classes, UNASSIGNED]}, "coverage": cells.coverage[0]}
+    logger.info(f"{summary['unassigned']} of {len(cells)} cells unassigned (top probability below {threshold})")
+    if label_column is not None:
+        known = np.isin(cells.labels, classes)
+        index = {c: i for i, c in enumerate(classes)}
+        y = np.array([index[label] for label in cells.labels[known]], np.int64)
+        summary["scores"] = {**scores(y, probs[known], classes, threshold), "not_scored": int((~known).sum())}
+        logger.info(f"against obs[{label_column!r}]: macro-F1 {summary['scores']['macro_f1']:.4f}, accuracy "
+                    f"{summary['scores']['accuracy']:.4f} ({int((~known).sum())} cells of other labels not scored)")
+    return summary
