@@ -133,7 +133,7 @@ def _report(name: str, r: dict) -> str:
     for file, meta in r["files"].items():
         out += [f"**{file}** ({n(meta['cells'])} cells, {meta['classes']} classes of `{meta['label_key']}`)", ""]
         rows = [[rep, f"{b['knn_macro_f1']:.3f}", f"{b['logreg_macro_f1']:.3f}", "-", "-"]
-                for rep, b in r["baselines"][file].items()]
+                for rep, b in r["baselines"][file].items() if rep != "label fractions"]
         for mix, steps in r["summary"].items():
             for label, step in (("random init", "0"), (f"{mix} ({last} steps)", last)):
                 if label == "random init" and mix != next(iter(r["summary"])):
@@ -145,6 +145,7 @@ def _report(name: str, r: dict) -> str:
                              _spread(row, "masked_loss")])
         out += [table(["representation", "kNN macro-F1", "logistic-regression macro-F1", "masked-bin accuracy",
                        "masked loss"], rows), ""]
+        out += _finetuned_table(r, file, last)
     curve_rows = [[mix, step, *(f"{steps[step][f]['knn_macro_f1']['mean']:.3f} / {steps[step][f]['masked_loss']['mean']:.3f}"
                                 for f in r["files"])]
                   for mix, steps in r["summary"].items() for step in steps]
@@ -160,6 +161,8 @@ def _report(name: str, r: dict) -> str:
             lost = [k.removesuffix("_beats_random_init") for k, ok in row.items() if k.endswith("random_init") and not ok]
             closed = (f"; closes {row['share_of_previous_gap_closed']:.0%} of the previous report's kNN gap "
                       f"(goal: 50 %)" if "share_of_previous_gap_closed" in row else "")
+            closed += "".join(f"; fine-tuned at {float(k.split('_')[1]):.0%} of labels {v:+.3f} against HVG-2000 + "
+                              "logistic regression" for k, v in row.items() if k.endswith("_minus_hvg2000_lr"))
             out.append(f"- `{mix}` on {file}: " + (f"not above random init in {', '.join(lost)}" if lost
                                                    else "above random init") + f"; kNN {row['knn_minus_pca50']:+.3f} "
                        f"against PCA-50{closed}.")
@@ -167,6 +170,28 @@ def _report(name: str, r: dict) -> str:
     if (RESULTS / figure).exists():
         out += ["", f"![t-SNE of each representation, coloured by cell type](benchmarks/results/{figure})"]
     return "\n".join(out)
+
+
+def _finetuned_table(r: dict, file: str, last: str) -> list[str]:
+    """Macro-F1 by share of training labels: logistic regression on the baselines, then each
+    fine-tuning mode of the random-init twin and of each mix (mean [min, max] over seeds)."""
+    ft = r["settings"].get("finetune") or {}
+    fractions = [f"{x:g}" for x in ft.get("fractions", [])]
+    if not fractions or not ft.get("modes"):
+        return []
+    fixed = r["baselines"][file].get("label fractions", {})
+    rows = [[f"{name} + logistic regression", *(f"{fixed[f'{name} LR {x}']:.3f}" for x in fractions)]
+            for name in ("HVG-2000", "PCA-50") if f"{name} LR {fractions[0]}" in fixed]
+    first = next(iter(r["summary"]))
+    for mode in ft["modes"]:
+        for mix, steps in r["summary"].items():
+            for label, step in (("random init", "0"), (f"{mix} ({last} steps)", last)):
+                row = steps.get(step, {}).get(file, {})
+                if f"finetuned {mode} {fractions[0]}" in row and (step != "0" or mix == first):
+                    rows.append([f"{label}, fine-tuned ({mode})",
+                                 *(_spread(row, f"finetuned {mode} {x}") for x in fractions)])
+    return [f"Fine-tuned cell-type macro-F1 by share of each fold's training labels ({ft['epochs']} epochs; "
+            f"{ft['how']}):", "", table(["model", *(f"{float(x):.0%} of labels" for x in fractions)], rows), ""]
 
 
 LEGACY_EVAL = "ec04922"  # the last commit whose eval_embeddings.py wrote eval.json and eval_high_ties.json

@@ -6,6 +6,7 @@ set these fields; presets (`pretrain.presets`) are named instances; the model's 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, fields
 
 from data_pipeline.loading.masking import Masking
@@ -235,8 +236,19 @@ class TrainConfig:
         if self.objectives.mvc_weight > 0 and not self.model.mvc_head:
             raise ValueError(f"objectives.mvc_weight={self.objectives.mvc_weight} trains the MVC / GEPC head: set "
                              "model.mvc_head=true (or objectives.mvc_weight=0)")
+        if self.model.pooling == "cls" and not self.cell_embedding_trained:
+            logging.getLogger(__name__).warning(
+                "model.pooling=cls: no loss reads the <cls> output (objectives.contrastive_weight, label_weight and "
+                "mvc_weight are 0), so the cell embedding an export gives stays untrained; set model.pooling=mean (the "
+                "gene tokens' mean, which masked modelling trains) or turn on a loss on the cell embedding")
         self.model.check_choices()  # the rest of the model waits for the corpus (vocabulary, label columns)
         return self
+
+    @property
+    def cell_embedding_trained(self) -> bool:
+        """Whether a loss reads the pooled cell embedding (contrastive, labels, MVC / GEPC)."""
+        o = self.objectives
+        return o.contrastive_weight > 0 or o.label_weight > 0 or o.mvc_weight > 0
 
 
 # --- resuming with a changed config --------------------------------------------------------------

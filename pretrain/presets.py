@@ -57,8 +57,10 @@ PRESETS: dict[str, Preset] = {
         "log2_floor_bins", 6000,
         "CellLM: 10 Performer layers of width 512, 16 heads, over at most 6,000 expressed genes in 7 bins; "
         "contrastive + masked bins + the [cls] tumour/normal task (label column tumor_normal)",
-        # the [cls] tumour / normal discrimination task reads the corpus label column "tumor_normal"
-        objectives={"labels": {"tumor_normal": "tumor_normal"}}),
+        # the [cls] tumour / normal discrimination task reads the corpus label column "tumor_normal"; the contrastive
+        # loss between two views of a cell and the label task are what train the pooled <cls>
+        data={"views": True},
+        objectives={"labels": {"tumor_normal": "tumor_normal"}, "contrastive_weight": 1.0, "label_weight": 0.1}),
     "scgpt": Preset(
         # bowang-lab/scGPT scgpt/model/model.py: ContinuousValueEncoder over the bin index (input_emb_style
         # "continuous" with binned input), ExprDecoder regressing one value, MVCDecoder ("inner product"), and

@@ -196,6 +196,33 @@ def test_random_init_twin_is_the_trainers_initial_model(tmp_path):
     assert not torch.equal(load_pretrained(bundle).gene_embedding.weight, start.gene_embedding.weight)
 
 
+def test_label_subset_is_a_stratified_share_with_every_class():
+    labels = np.repeat(np.array(["a", "b", "c"]), [500, 90, 10])
+    rows = np.arange(0, 600, 2)  # a fold's training rows: 250 a, 45 b, 5 c
+    sub = ev.label_subset(rows, labels, 0.1, seed=0)
+    assert set(sub) <= set(rows) and np.all(np.diff(sub) > 0)
+    assert [int((labels[sub] == c).sum()) for c in "abc"] == [25, 4, 1]  # round(4.5) = 4; c: at least one
+    assert not np.array_equal(sub, ev.label_subset(rows, labels, 0.1, seed=1))
+    assert np.array_equal(ev.label_subset(rows, labels, 1.0, seed=0), rows)
+
+
+def test_twin_bundle_holds_the_initial_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    from pretrain.export import load_pretrained
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    trained = _model()
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(bundle / "model.safetensors"))
+    _write_bundle_meta(bundle, trained)
+    twin = load_pretrained(ev.twin_bundle(bundle, seed=4))
+    start = CellModel.initial(trained.config, 4)
+    assert all(torch.equal(a, b) for a, b in zip(twin.state_dict().values(), start.state_dict().values()))
+    assert twin.normalization.mode == trained.normalization.mode
+    assert np.array_equal(twin.normalization.edges, trained.normalization.edges)
+
+
 def _write_bundle_meta(bundle: Path, model: CellModel) -> None:
     from dataclasses import asdict
 
@@ -216,6 +243,7 @@ def test_eval_embeddings_end_to_end(shared_data, tmp_path):
     out = tmp_path / "eval.json"
     r = subprocess.run([sys.executable, "benchmarks/eval_embeddings.py", "--phase", "final", "--steps", "3",
                         "--curve", "3", "--seeds", "0", "--mixes", "mlm", "--max-cells", "150",
+                        "--finetune", "head", "--fractions", "0.1,1", "--finetune-epochs", "1",
                         "--work", str(tmp_path / "work"), "--result", str(out), "--plot", str(tmp_path / "eval.png")],
                        cwd=REPO, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -224,14 +252,18 @@ def test_eval_embeddings_end_to_end(shared_data, tmp_path):
     assert result["corpus"]["cells"] > 5000 and result["runs"]["mlm"]["0"]["train"]["steps"] == 3
     for name in ev.EVAL_FILES:
         assert result["files"][name]["gene_coverage"]["count_fraction"] > 0.5
-        assert set(result["baselines"][name]) == {"PCA-50", "HVG-2000", "PCA-50 (model input)"}
+        assert set(result["baselines"][name]) == {"PCA-50", "HVG-2000", "PCA-50 (model input)", "label fractions"}
         for step in ("0", "3"):
             row = result["summary"]["mlm"][step][name]
             assert 0 <= row["knn_macro_f1"]["mean"] <= 1 and row["masked_loss"]["n"] == 1
             assert row["masked_bin_accuracy"]["mean"] <= row["accuracy_ceiling"]["mean"] + 0.05
+            assert 0 <= row["finetuned head 0.1"]["mean"] <= 1 and 0 <= row["finetuned head 1"]["mean"] <= 1
+        assert set(result["baselines"][name]["label fractions"]) == {
+            f"{rep} LR {x}" for rep in ("PCA-50", "HVG-2000") for x in ("0.1", "1")}
         chance = 1 / result["files"][name]["classes"]  # real cell types are findable in 150 cells
         assert result["baselines"][name]["PCA-50"]["knn_macro_f1"] > 2 * chance
     v = result["verdicts"]
     every = [ok for row in v["mlm"].values() for k, ok in row.items() if k.endswith("random_init")]
-    assert len(every) == 3 * 3 and v["all_beat_random_init"] == all(every)
+    assert len(every) == 3 * 5 and v["all_beat_random_init"] == all(every)  # kNN, LR, loss, 2 fine-tuned rows
+    assert all("finetuned_0.1_minus_hvg2000_lr" in row for row in v["mlm"].values())
     assert (tmp_path / "eval.png").stat().st_size > 10_000

@@ -178,6 +178,13 @@ def test_folds_chosen_by_the_caller_train_as_a_split_read_from_files(bundle, lab
     assert b["validation"] == "fold 1 of 1" and b["classes"] == a["classes"]
     for key in ("macro_f1", "accuracy", "confusion", "history", "n_train", "n_val"):
         assert b[key] == a[key], key
+    # head mode on the caller's embeddings of those cells (computed once for every fold) is the same run
+    from pretrain.embed import embed_counts
+
+    given = tuple(embed_counts(model, c.indptr, c.genes, c.counts, c.totals) for c in (fold.train, fold.val))
+    c = finetune_split(bundle, model, fold, tmp_path / "given", settings, embeddings=given)
+    for key in ("macro_f1", "accuracy", "confusion", "history"):
+        assert c[key] == a[key], key
 
 
 def test_a_rerun_with_other_settings_is_refused(bundle, labelled, head_run):

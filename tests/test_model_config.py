@@ -343,3 +343,20 @@ def test_nameless_npy_gene_embeddings_are_refused_with_the_conversion(tmp_path):
     np.save(path, np.zeros((3, 200), np.float32))
     with pytest.raises(ValueError, match=r"without gene names.*\.npz with arrays gene_ids"):
         read_gene_embedding_file(path)
+
+
+def test_every_preset_pools_what_a_loss_trains(caplog):
+    """An exported cell embedding is trained: a preset pools <cls> only where a loss reads it
+    (contrastive, labels, MVC / GEPC), else the gene tokens (mean, or scFoundation's T, S, max, mean,
+    whose tokens feed the decoder); a config pooling an unread <cls> says so."""
+    import logging
+
+    from pretrain.config import load_config
+    from pretrain.presets import PRESETS
+
+    for name in PRESETS:
+        config = load_config(overrides=[f"preset={name}"])
+        assert config.model.pooling != "cls" or config.cell_embedding_trained, name
+    with caplog.at_level(logging.WARNING, logger="pretrain.config"):
+        load_config(overrides=["model.pooling=cls", "objectives.contrastive_weight=0", "objectives.label_weight=0"])
+    assert any("model.pooling=cls: no loss reads the <cls> output" in r.getMessage() for r in caplog.records)

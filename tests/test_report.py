@@ -116,20 +116,26 @@ def _eval_record() -> dict:
                 "logreg_macro_f1": {"mean": knn + 0.1, "min": knn, "max": knn + 0.2, "n": 3},
                 "masked_bin_accuracy": {"mean": 0.15, "min": 0.14, "max": 0.16, "n": 3},
                 "accuracy_ceiling": {"mean": 0.21, "min": 0.21, "max": 0.21, "n": 3},
-                "masked_loss": {"mean": loss, "min": loss, "max": loss, "n": 3}}
+                "masked_loss": {"mean": loss, "min": loss, "max": loss, "n": 3},
+                "finetuned head 0.1": {"mean": knn + 0.2, "min": knn + 0.2, "max": knn + 0.2, "n": 3},
+                "finetuned head 1": {"mean": knn + 0.3, "min": knn + 0.3, "max": knn + 0.3, "n": 3}}
 
     return {"device": {"cpu": "Intel(R) Xeon(R) Processor", "cores": 2, "gpu": None}, "date": "2026-12-05T01:00:00+00:00", "command": "benchmarks/eval_embeddings.py --phase final",
             "versions": {}, "phase": "final",
             "settings": {"config": "benchmarks/configs/eval.yaml", "steps": 1000, "curve": [250, 1000], "seeds": [0, 1, 2],
-                         "cap": "auto", "probe": "5-fold"},
+                         "cap": "auto", "probe": "5-fold",
+                         "finetune": {"modes": ["head"], "fractions": [0.1, 1.0], "epochs": 10, "how": "folds"}},
             "corpus": {"cells": 7000, "tokens": 9000000, "files": ["a", "b"]},
             "files": {"f": {"cells": 200, "classes": 4, "label_key": "cell_type"}},
             "baselines": {"f": {"PCA-50": {"knn_macro_f1": 0.8, "logreg_macro_f1": 0.85},
-                                "HVG-2000": {"knn_macro_f1": 0.7, "logreg_macro_f1": 0.9}}},
+                                "HVG-2000": {"knn_macro_f1": 0.7, "logreg_macro_f1": 0.9},
+                                "label fractions": {"HVG-2000 LR 0.1": 0.6, "HVG-2000 LR 1": 0.9,
+                                                    "PCA-50 LR 0.1": 0.5, "PCA-50 LR 1": 0.85}}},
             "summary": {"mlm": {"0": {"f": row(0.2, 3.0)}, "250": {"f": row(0.4, 2.5)}, "1000": {"f": row(0.6, 2.0)}}},
             "verdicts": {"mlm": {"f": {"knn_macro_f1_beats_random_init": True, "logreg_macro_f1_beats_random_init": True,
                                        "masked_loss_below_random_init": True, "knn_minus_pca50": -0.2,
-                                       "previous_knn": 0.4, "share_of_previous_gap_closed": 0.5}},
+                                       "previous_knn": 0.4, "share_of_previous_gap_closed": 0.5,
+                                       "finetuned_0.1_minus_hvg2000_lr": 0.2}},
                          "all_beat_random_init": True}}
 
 
@@ -143,4 +149,9 @@ def test_quality_renders_the_current_evaluation_beside_the_previous_one(monkeypa
     assert "| mlm (1000 steps) | 0.600 [0.590, 0.610] | 0.700 [0.600, 0.800] | 0.150 [0.140, 0.160] (ceiling 0.210) |" in text
     assert "| mlm | 250 | 0.400 / 2.500 |" in text  # the learning curve
     assert "closes 50% of the previous report's kNN gap" in text and "**yes**" in text
+    assert "| model | 10% of labels | 100% of labels |" in text
+    assert "| HVG-2000 + logistic regression | 0.600 | 0.900 |" in text
+    assert "| random init, fine-tuned (head) | 0.400 [0.400, 0.400] | 0.500 [0.500, 0.500] |" in text
+    assert "| mlm (1000 steps), fine-tuned (head) | 0.800 [0.800, 0.800] | 0.900 [0.900, 0.900] |" in text
+    assert "fine-tuned at 10% of labels +0.200 against HVG-2000" in text
     assert "previous evaluation" not in text  # no legacy file here

@@ -366,6 +366,8 @@ def test_presets_carry_their_recipes():
     celllm = load_config(None, ["preset=celllm"])
     assert (celllm.data.normalization, celllm.model.n_bins, celllm.model.n_heads) == ("log2_floor_bins", 7, 16)
     assert celllm.model.n_bins + 1 == 8  # CellLM's num_tokens: bins 0..6 and the mask token
+    # contrastive between two views and the [cls] task: what trains the pooled <cls>
+    assert (celllm.data.views, celllm.objectives.contrastive_weight, celllm.objectives.label_weight) == (True, 1.0, 0.1)
     geneformer = load_config(None, ["preset=geneformer-10m"])
     assert (geneformer.model.norm_position, geneformer.model.activation) == ("post", "relu")
     for name in ("scgpt", "scfoundation"):

@@ -196,11 +196,12 @@ def _digest(*arrays) -> str:
 class _Cells:
     """Cell embeddings of a `TokenCells`, computed once (head mode) or by the trained encoder."""
 
-    def __init__(self, model: CellModel, cells: TokenCells, config: FinetuneConfig, device):
+    def __init__(self, model: CellModel, cells: TokenCells, config: FinetuneConfig, device,
+                 embeddings: np.ndarray | None = None):
         self.model, self.cells, self.config, self.device = model, cells, config, device
         self.fixed: torch.Tensor | None = None
         if config.mode == "head":
-            self.fixed = torch.from_numpy(self.embed()).to(device)
+            self.fixed = torch.from_numpy(self.embed() if embeddings is None else embeddings).to(device)
         else:
             self.norm, self.depth = model_input(model, cells.indptr, cells.genes, cells.counts, cells.totals)
 
@@ -290,10 +291,13 @@ def finetune(bundle: str | Path, inputs: list[str | Path], out: str | Path, conf
 
 
 def finetune_split(bundle: str | Path, model: CellModel, split: LabelledSplit, out: str | Path,
-                   config: FinetuneConfig, device: str | torch.device = "cpu", inputs: list[str] = ()) -> dict:
+                   config: FinetuneConfig, device: str | torch.device = "cpu", inputs: list[str] = (),
+                   embeddings: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """`finetune` on cells already read and split (`labelled_split`, or `make_split` for folds the
     caller chose); ``model``: ``bundle`` loaded on ``device`` (`pretrain.load_pretrained`), trained
-    in place in full mode."""
+    in place in full mode. Head mode: ``embeddings`` (training, validation cells) [n, cell_dim] are
+    the cells' `embed_counts` embeddings when the caller has them already (cross-validation embeds a
+    file once, not once per fold)."""
     config.validate()
     bundle, out = Path(bundle), Path(out)
     classes, k = split.classes, len(split.classes)
@@ -334,8 +338,9 @@ def finetune_split(bundle: str | Path, model: CellModel, split: LabelledSplit, o
         logger.info(f"resumed {out} after epoch {run['epoch']} (best macro-F1 {run['best_f1']:.4f} at epoch "
                     f"{run['best_epoch']})")
 
-    train_cells = _Cells(model, split.train, config, device)
-    val_cells = _Cells(model, split.val, config, device)
+    given = embeddings if config.mode == "head" and embeddings is not None else (None, None)
+    train_cells = _Cells(model, split.train, config, device, given[0])
+    val_cells = _Cells(model, split.val, config, device, given[1])
     n = len(split.train)
     if run["stopped"]:
         logger.info(f"the run stopped early at epoch {run['epoch']} (no better validation macro-F1 for "
@@ -498,6 +503,15 @@ def load_finetuned(bundle: str | Path, device: str | torch.device = "cpu") -> tu
 # --- prediction -------------------------------------------------------------------------------------
 
 
+def predict_cells(model: CellModel, head: ClassifierHead, cells: TokenCells, token_budget: int = 16384,
+                  device: str | torch.device = "cpu") -> np.ndarray:
+    """Class probabilities of ``cells`` in their order (a fine-tuned bundle's `load_finetuned`).
+    -> [n, K] float32"""
+    embeddings = embed_counts(model, cells.indptr, cells.genes, cells.counts, cells.totals, token_budget,
+                              device=device)
+    return _probabilities(head, embeddings, device)
+
+
 def predict_h5ad(bundle: str | Path, source: str | Path, out: str | Path, name: str | None = None,
                  threshold: float | None = None, layer: str | None = None, gene_column: str | None = None,
                  symbol_table: str | Path | None = None, min_coverage: float = 0.5, token_budget: int = 16384,
@@ -522,9 +536,7 @@ def predict_h5ad(bundle: str | Path, source: str | Path, out: str | Path, name: 
     name = name or labels["label_column"]
     cells = read_token_cells(source, model, label_column=label_column, layer=layer, gene_column=gene_column,
                              symbol_table=symbol_table, min_coverage=min_coverage)
-    embeddings = embed_counts(model, cells.indptr, cells.genes, cells.counts, cells.totals, token_budget,
-                              device=device)
-    probs = _probabilities(head, embeddings, device)
+    probs = predict_cells(model, head, cells, token_budget, device)
     classes = labels["classes"]
     confidence = probs.max(axis=1, initial=0.0)
     predicted = np.asarray(classes, dtype=object)[probs.argmax(axis=1)] if len(probs) else np.zeros(0, object)
