@@ -1,0 +1,1 @@
+"""Downstream uses of an exported bundle (clustering, fine-tuning): each in a module of its own."""
