@@ -22,9 +22,9 @@ def segment_softmax(scores: torch.Tensor, index: torch.Tensor, n_segments: int) 
     top = torch.full((n_segments, scores.shape[1]), float("-inf"), dtype=scores.dtype, device=scores.device)
     # the shift only guards exp() against overflow: the softmax is the same for any constant per segment
     top = top.scatter_reduce(0, expanded, scores.detach(), reduce="amax", include_self=True)
-    exp = torch.exp(scores - top[index])
+    exp = torch.exp(scores - top.index_select(0, index))
     total = torch.zeros_like(top).index_add_(0, index, exp)
-    return exp / total[index]
+    return exp / total.index_select(0, index)
 
 
 class GATLayer(nn.Module):
@@ -53,8 +53,11 @@ class GATLayer(nn.Module):
             edge_index = torch.cat([edge_index[:, edge_index[0] != edge_index[1]], torch.stack([loop, loop])], dim=1)
         src, dst = edge_index
         h, score_src, score_dst = self.project(x)
-        alpha = segment_softmax(F.leaky_relu(score_src[src] + score_dst[dst], self.negative_slope), dst, n)
-        out = torch.zeros_like(h).index_add_(0, dst, alpha.unsqueeze(-1) * h[src])
+        # index_select, not h[src]: advanced indexing's backward accumulates in a thread-dependent order on
+        # CPUs (two runs differed), index_select's does not
+        scores = F.leaky_relu(score_src.index_select(0, src) + score_dst.index_select(0, dst), self.negative_slope)
+        alpha = segment_softmax(scores, dst, n)
+        out = torch.zeros_like(h).index_add_(0, dst, alpha.unsqueeze(-1) * h.index_select(0, src))
         return out.mean(dim=1) + self.bias
 
 

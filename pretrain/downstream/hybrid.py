@@ -90,7 +90,9 @@ class HybridModel(nn.Module):
         unit = F.normalize(fused, dim=1)
         src, dst = edge_index
         negative = torch.randint(len(fused), (len(src),), generator=generator)
-        logits = torch.cat([(unit[src] * unit[dst]).sum(1), (unit[src] * unit[negative]).sum(1)]) / LINK_TEMPERATURE
+        pick = unit.index_select  # not unit[src]: see GATLayer.forward
+        logits = torch.cat([(pick(0, src) * pick(0, dst)).sum(1), (pick(0, src) * pick(0, negative)).sum(1)])
+        logits = logits / LINK_TEMPERATURE
         targets = torch.cat([torch.ones(len(src)), torch.zeros(len(src))])
         link = F.binary_cross_entropy_with_logits(logits, targets)
         recon = sum(F.mse_loss(dec(fused), view) for dec, view in zip(self.decoders, (embedding, latent)))
