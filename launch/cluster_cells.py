@@ -5,8 +5,9 @@ bundle's cell embedding fused with a GAT over the Exp-Mah cell graph of a VAE la
     python launch/cluster_cells.py BUNDLE INPUT.h5ad --out OUT.h5ad --leiden-resolution 1.0 --label-column cell_type
 
 OUT.h5ad is the input plus obs["<name>_cluster"] (and the baselines' obs["<name>_pca50_cluster"],
-obs["<name>_embedding_kmeans_cluster"]), obsm["X_<name>"] (the fused representation) and
-obsm["X_<name>_view_weights"] (per cell, the fusion's weight on the embedding and on the graph).
+obs["<name>_embedding_kmeans_cluster"]), obsm["X_<name>"] (the fused representation, unit vectors),
+obsm["X_<name>_view_weights"] (per cell, the fusion's weight on the embedding and on the graph) and
+obsm["X_<name>_embedding"] (the bundle's cell embedding, as launch/embed.py writes it).
 With --label-column the report (printed, in uns["<name>_report"], and at --report) gives ARI and
 NMI of scHybridBERT and of the two baselines run alongside: communities (or k-means with
 --n-clusters) on PCA-50 of log1p-CP10k, and k-means on the bundle embedding alone.
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
         adata.obs[column] = pd.Categorical(result["clusters"][method].astype(str))
     adata.obsm[f"X_{name}"] = result["hybrid"].fused
     adata.obsm[f"X_{name}_view_weights"] = result["hybrid"].view_weights
+    adata.obsm[f"X_{name}_embedding"] = embedding
     adata.uns[f"{name}_report"] = json.dumps(report)
     tmp_out = out.with_name(out.name + ".tmp")
     adata.write_h5ad(tmp_out)
