@@ -47,7 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--label-column", default=None, help="obs column of known labels: report ARI and NMI")
     parser.add_argument("--name", default="schybrid", help="obs / obsm key prefix (default schybrid)")
     parser.add_argument("--report", default=None, help="also write the report to this JSON file")
-    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--seed", type=int, default=d.seed,
+                        help="seeds the VAE, the fusion, negative sampling, k-means and Louvain/Leiden (default 0)")
     parser.add_argument("--n-top-genes", type=int, default=d.n_top_genes,
                         help=f"highly variable genes for the VAE and the PCA baseline; 0: all (default {d.n_top_genes})")
     parser.add_argument("--graph-neighbors", type=int, default=d.graph_neighbors,
