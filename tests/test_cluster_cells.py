@@ -138,6 +138,26 @@ def test_command_writes_clusters_in_input_order(bundle, tmp_path):
     assert proc.returncode != 0 and "no obs column 'celltype'" in proc.stderr and "cell_type" in proc.stderr
 
 
+def test_bench_cluster_runs(bundle, tmp_path):
+    """benchmarks/bench_cluster.py writes its JSON: both runs, each method's scores, the options passed on."""
+    counts, labels = _separable_counts(90, N_GENES, 3, seed=4)
+    source = tmp_path / "cells.h5ad"
+    obs = pd.DataFrame({"cell_type": [f"type{t}" for t in labels]}, index=[f"c{i}" for i in range(90)])
+    ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=GENES)).write_h5ad(source)
+    out = tmp_path / "cluster.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_cluster.py"), "--bundle", str(bundle),
+                           "--input", str(source), "--label-column", "cell_type", "--n-clusters", "3", "--out", str(out),
+                           "--vae-steps", "200", "--epochs", "20", "--threads", "1"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["options"] == ["--vae-steps", "200", "--epochs", "20", "--threads", "1"]
+    assert [run["args"][0] for run in result["runs"]] == ["--n-clusters", "--leiden-resolution"]
+    for run in result["runs"]:
+        assert set(run["report"]["methods"]) == {"schybridbert", "pca50", "embedding_kmeans"}
+        assert all(0 <= m["nmi"] <= 1 for m in run["report"]["methods"].values())
+
+
 def test_real_labelled_file(shared_data, tmp_path):
     """A random-init tiny bundle over a real labelled file's genes (350 pancreas cells of 5 types,
     human and mouse; a pretraining file, not one of the evaluation files): the run completes, the
