@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
     if out.suffix != ".h5ad":
         sys.exit(f"--out {out}: write an .h5ad (the input plus the clusters)")
     adata = anndata.read_h5ad(source)
+    if args.n_clusters is not None and args.n_clusters > adata.n_obs:
+        sys.exit(f"--n-clusters {args.n_clusters}: {source} has only {adata.n_obs} cells; ask for fewer clusters")
     labels = None
     if args.label_column is not None:
         if args.label_column not in adata.obs:

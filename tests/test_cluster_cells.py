@@ -136,6 +136,8 @@ def test_command_writes_clusters_in_input_order(bundle, tmp_path):
     # a missing label column is named, with the columns there are
     proc = _cluster_command(bundle, source, "--out", out, "--label-column", "celltype")
     assert proc.returncode != 0 and "no obs column 'celltype'" in proc.stderr and "cell_type" in proc.stderr
+    proc = _cluster_command(bundle, source, "--out", out, "--n-clusters", 151)
+    assert proc.returncode != 0 and "only 150 cells" in proc.stderr
 
 
 def test_bench_cluster_runs(bundle, tmp_path):
