@@ -30,7 +30,8 @@ the gate is not a switch to the better view, which is why the report always show
 embedding alone beside it.
 
 The paper's own training of the fusion is not reproduced here. Every step is seeded: the same input
-and seed give the same clusters on a CPU.
+and seed, on a CPU with the same number of torch threads, give the same clusters (another thread count
+sums in another order: close, not bit-equal, numbers).
 """
 
 from __future__ import annotations
