@@ -547,6 +547,33 @@ def scaling() -> str:
     return "\n\n".join(parts)
 
 
+# --- Clustering -----------------------------------------------------------------------------------
+
+def clustering() -> str:
+    """The cluster command on the demo's labelled synthetic cells: ARI / NMI of scHybridBERT and the
+    two baselines of the same run, with k given and with graph communities."""
+    r = load("cluster_demo_cpu.json")
+    if r is None:
+        return ("No `benchmarks/results/cluster_demo_cpu.json` yet: run `python launch/demo.py --out demo`, then "
+                "`python benchmarks/bench_cluster.py --bundle demo/bundle --input demo/held_out.h5ad --label-column "
+                "cell_type --n-clusters 8 --out benchmarks/results/cluster_demo_cpu.json`.")
+    names = {"schybridbert": "scHybridBERT (fused)", "pca50": "PCA-50 of log1p-CP10k", "embedding_kmeans":
+             "the bundle embedding alone"}
+    rows = []
+    for run in r["runs"]:
+        methods = run["report"]["methods"]
+        how = "k-means" if "--n-clusters" in run["args"] else "communities"
+        for key, label in names.items():
+            m = methods[key]
+            rows.append([" ".join(run["args"]), label, m["clustering"] if key != "embedding_kmeans" else
+                         m["clustering"], m["n_clusters"], f"{m['ari']:.3f}", f"{m['nmi']:.3f}"])
+        rows[-3][0] = f"{rows[-3][0]} ({run['wall_s']:.0f} s; {how})"
+    return "\n".join([source("cluster_demo_cpu.json", r), "",
+                      f"Input: `{Path(r['input']).name}` of `launch/demo.py` (2,000 synthetic labelled cells of 8 types) "
+                      "and its bundle; the threads the command picks.", "",
+                      table(["command flags", "representation", "clustering", "clusters", "ARI", "NMI"], rows)])
+
+
 # --- Claims -------------------------------------------------------------------------------------
 
 # the seeds' claims that a benchmark measures: (the claim, where it is from)
@@ -637,7 +664,7 @@ def claims() -> str:
 
 # --- README -------------------------------------------------------------------------------------
 
-BLOCKS = {"quality": quality, "performance": performance, "claims": claims}
+BLOCKS = {"quality": quality, "performance": performance, "claims": claims, "clustering": clustering}
 
 
 def render(text: str) -> str:

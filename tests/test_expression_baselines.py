@@ -26,6 +26,9 @@ def test_log1p_cp10k_is_the_formula():
     got = log1p_cp10k(sp.csr_matrix(counts)).toarray()
     totals = counts.sum(1, keepdims=True)
     np.testing.assert_allclose(got, np.log1p(counts / np.maximum(totals, 1) * 1e4), rtol=1e-12)
+    mixed = sp.csr_matrix(counts, dtype=np.int32)  # as anndata reads some files: int64 indptr, int32 indices
+    mixed.indptr, mixed.indices = mixed.indptr.astype(np.int64), mixed.indices.astype(np.int32)
+    np.testing.assert_allclose(log1p_cp10k(mixed).toarray(), got, rtol=1e-12)
     other = np.full(len(counts), 1e5)
     np.testing.assert_allclose(log1p_cp10k(counts, totals=other).toarray(), np.log1p(counts / 1e5 * 1e4), rtol=1e-12)
 
@@ -82,7 +85,7 @@ def test_highly_variable_genes_find_the_overdispersed_genes():
 def test_pca_is_centred_and_capped_by_the_shape():
     x = np.random.default_rng(1).normal(size=(40, 12)) + 5.0
     out = pca(x, 50)
-    assert out.shape == (40, 12) and out.dtype == np.float32
+    assert out.shape == (40, 12) and out.dtype == np.float32 and pca(x[:8], 50).shape == (8, 7)
     np.testing.assert_allclose(out.mean(0), 0, atol=1e-4)
     centred = x - x.mean(0)
     np.testing.assert_allclose(np.sort(out.var(0, ddof=1))[::-1], np.sort(np.linalg.svd(centred, compute_uv=False) ** 2

@@ -20,10 +20,11 @@ def test_readme_matches_the_result_files():
 def test_render_replaces_only_the_blocks():
     text = ("intro\n<!-- report:quality -->\nstale\n<!-- /report:quality -->\nmiddle\n"
             "<!-- report:performance -->\n<!-- /report:performance -->\n"
-            "<!-- report:claims -->\n<!-- /report:claims -->\nend\n")
+            "<!-- report:claims -->\n<!-- /report:claims -->\n<!-- report:clustering -->\n<!-- /report:clustering -->"
+            "\nend\n")
     out = report.render(text)
     assert out.startswith("intro\n<!-- report:quality -->\n") and "stale" not in out
-    assert "\nmiddle\n" in out and out.endswith("<!-- /report:claims -->\nend\n")
+    assert "\nmiddle\n" in out and out.endswith("<!-- /report:clustering -->\nend\n")
     assert report.render(out) == out  # idempotent
 
 
@@ -105,7 +106,8 @@ def test_claims_table_puts_each_claim_beside_our_number(tmp_path, monkeypatch):
 
 def test_claims_block_is_rendered_where_the_readme_has_it():
     text = ("<!-- report:quality -->\n<!-- /report:quality -->\n<!-- report:performance -->\n"
-            "<!-- /report:performance -->\n<!-- report:claims -->\nstale claims row\n<!-- /report:claims -->\n")
+            "<!-- /report:performance -->\n<!-- report:claims -->\nstale claims row\n<!-- /report:claims -->\n"
+            "<!-- report:clustering -->\n<!-- /report:clustering -->\n")
     out = report.render(text)
     assert "stale claims row" not in out and "**The seeds' claims" in out and report.render(out) == out
 

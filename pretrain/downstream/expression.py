@@ -16,7 +16,7 @@ def log1p_cp10k(counts, target_sum: float = 1e4, totals: np.ndarray | None = Non
     x = sp.csr_matrix(counts, dtype=np.float64)
     if totals is None:
         totals = np.asarray(x.sum(axis=1)).ravel()
-    x = sp.csr_matrix(x.multiply(target_sum / np.maximum(np.asarray(totals, np.float64), 1)[:, None]))
+    x = sp.csr_matrix(sp.diags(target_sum / np.maximum(np.asarray(totals, np.float64), 1)) @ x)
     x.data = np.log1p(x.data)
     return x
 
@@ -53,9 +53,9 @@ def highly_variable_genes(log_x, n_top: int = 2000, n_bins: int = 20) -> np.ndar
 
 
 def pca(x, n_components: int = 50, seed: int = 0) -> np.ndarray:
-    """PCA of centred (not scaled) features, scanpy's default.  x [n, g] -> float32 [n, min(k, n, g)]"""
+    """PCA of centred (not scaled) features, scanpy's default.  x [n, g] -> float32 [n, min(k, n - 1, g)]"""
     from sklearn.decomposition import PCA
 
-    dense = x.toarray() if sp.issparse(x) else np.asarray(x)
-    k = min(n_components, *dense.shape)
+    dense = x.toarray() if sp.issparse(x) else np.asarray(x, np.float64)
+    k = min(n_components, dense.shape[0] - 1, dense.shape[1])  # centred: n cells span n - 1 directions
     return PCA(n_components=k, random_state=seed).fit_transform(dense).astype(np.float32)

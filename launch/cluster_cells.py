@@ -1,0 +1,128 @@
+"""Cluster the cells of an .h5ad of raw counts with scHybridBERT (pretrain/downstream/hybrid.py): the
+bundle's cell embedding fused with a GAT over the Exp-Mah cell graph of a VAE latent.
+
+    python launch/cluster_cells.py BUNDLE INPUT.h5ad --out OUT.h5ad --n-clusters 8
+    python launch/cluster_cells.py BUNDLE INPUT.h5ad --out OUT.h5ad --leiden-resolution 1.0 --label-column cell_type
+
+OUT.h5ad is the input plus obs["<name>_cluster"] (and the baselines' obs["<name>_pca50_cluster"],
+obs["<name>_embedding_kmeans_cluster"]), obsm["X_<name>"] (the fused representation, unit vectors),
+obsm["X_<name>_view_weights"] (per cell, the fusion's weight on the embedding and on the graph) and
+obsm["X_<name>_embedding"] (the bundle's cell embedding, as launch/embed.py writes it).
+With --label-column the report (printed, in uns["<name>_report"], and at --report) gives ARI and
+NMI of scHybridBERT and of the two baselines run alongside: communities (or k-means with
+--n-clusters) on PCA-50 of log1p-CP10k, and k-means on the bundle embedding alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from pretrain.downstream.hybrid import HybridConfig, cluster_with_baselines  # noqa: E402
+from pretrain.downstream.vae import VAEConfig  # noqa: E402
+from pretrain.embed import embed_h5ad  # noqa: E402
+from pretrain.export import load_pretrained  # noqa: E402
+from pretrain.threads import apply_threads  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    d, v = HybridConfig(), VAEConfig()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("bundle", help="folder written by launch/export.py")
+    parser.add_argument("input", help=".h5ad with raw counts in X (or --layer)")
+    parser.add_argument("--out", required=True, help="output .h5ad: the input plus the clusters")
+    how = parser.add_mutually_exclusive_group()
+    how.add_argument("--n-clusters", type=int, default=None, help="k-means with this many clusters")
+    how.add_argument("--leiden-resolution", type=float, default=1.0,
+                     help="without --n-clusters: communities of the 15-nearest-neighbour graph at this resolution "
+                          "(Leiden when leidenalg and igraph are installed, else networkx's Louvain; default 1.0)")
+    parser.add_argument("--label-column", default=None, help="obs column of known labels: report ARI and NMI")
+    parser.add_argument("--name", default="schybrid", help="obs / obsm key prefix (default schybrid)")
+    parser.add_argument("--report", default=None, help="also write the report to this JSON file")
+    parser.add_argument("--seed", type=int, default=d.seed,
+                        help="seeds the VAE, the fusion, negative sampling, k-means and Louvain/Leiden (default 0)")
+    parser.add_argument("--n-top-genes", type=int, default=d.n_top_genes,
+                        help=f"highly variable genes for the VAE and the PCA baseline; 0: all (default {d.n_top_genes})")
+    parser.add_argument("--graph-neighbors", type=int, default=d.graph_neighbors,
+                        help=f"K of the Exp-Mah kNN cell graph, before pruning (default {d.graph_neighbors})")
+    parser.add_argument("--sim-alpha", type=float, default=d.sim_alpha,
+                        help=f"alpha of the Exp-Mah similarity Rcor ** (alpha * dM) (default {d.sim_alpha})")
+    parser.add_argument("--vae-steps", type=int, default=v.steps, help=f"VAE optimizer steps (default {v.steps})")
+    parser.add_argument("--epochs", type=int, default=d.epochs,
+                        help=f"full-batch steps training the GAT and fusion (default {d.epochs})")
+    parser.add_argument("--layer", default=None, help="take the counts from this layer instead of X")
+    parser.add_argument("--min-coverage", type=float, default=0.5,
+                        help="refuse inputs with a smaller share of their counts on vocabulary genes (default 0.5)")
+    parser.add_argument("--gene-column", default=None, help="as for launch/embed.py")
+    parser.add_argument("--symbol-table", default=None, help="as for launch/embed.py")
+    parser.add_argument("--token-budget", type=int, default=16384, help="as for launch/embed.py (default 16384)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="device for the bundle's embedding; the clustering runs on the CPU")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: the usable cores)")
+    args = parser.parse_args(argv)
+    if args.n_clusters is not None and args.n_clusters < 1:
+        parser.error("--n-clusters must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import anndata
+    import numpy as np
+    import pandas as pd
+    import zarr
+
+    args = parse_args(argv)
+    apply_threads(args.threads)
+    source, out = Path(args.input), Path(args.out)
+    if out.suffix != ".h5ad":
+        sys.exit(f"--out {out}: write an .h5ad (the input plus the clusters)")
+    adata = anndata.read_h5ad(source)
+    if args.n_clusters is not None and args.n_clusters > adata.n_obs:
+        sys.exit(f"--n-clusters {args.n_clusters}: {source} has only {adata.n_obs} cells; ask for fewer clusters")
+    labels = None
+    if args.label_column is not None:
+        if args.label_column not in adata.obs:
+            sys.exit(f"{source}: no obs column {args.label_column!r} (columns: {list(adata.obs.columns)}); "
+                     "pass --label-column with one of them, or omit it to cluster without scores")
+        labels = adata.obs[args.label_column].to_numpy()
+    model = load_pretrained(args.bundle, device=args.device)
+    with tempfile.TemporaryDirectory(prefix="cluster-embed-") as tmp:
+        # embed_h5ad owns gene matching, coverage and batching; its .zarr output is the array alone
+        coverage = embed_h5ad(model, source, Path(tmp) / "embedding.zarr", name="embedding", layer=args.layer,
+                              min_coverage=args.min_coverage, token_budget=args.token_budget, device=args.device,
+                              gene_column=args.gene_column, symbol_table=args.symbol_table)
+        embedding = np.asarray(zarr.open_group(str(Path(tmp) / "embedding.zarr"), mode="r")["X_embedding"][:])
+    config = HybridConfig(n_top_genes=args.n_top_genes, vae=replace(VAEConfig(), steps=args.vae_steps),
+                          graph_neighbors=args.graph_neighbors, sim_alpha=args.sim_alpha, epochs=args.epochs,
+                          seed=args.seed)
+    counts = adata.layers[args.layer] if args.layer else adata.X
+    report, result = cluster_with_baselines(counts, embedding, labels, args.n_clusters, args.leiden_resolution, config)
+    report.update(input=str(source), bundle=str(args.bundle), label_column=args.label_column, seed=args.seed,
+                  coverage={k: coverage[k] for k in ("mapped_genes", "input_genes", "count_fraction")})
+    name = args.name
+    for method, column in (("schybridbert", f"{name}_cluster"), ("pca50", f"{name}_pca50_cluster"),
+                           ("embedding_kmeans", f"{name}_embedding_kmeans_cluster")):
+        adata.obs[column] = pd.Categorical(result["clusters"][method].astype(str))
+    adata.obsm[f"X_{name}"] = result["hybrid"].fused
+    adata.obsm[f"X_{name}_view_weights"] = result["hybrid"].view_weights
+    adata.obsm[f"X_{name}_embedding"] = embedding
+    adata.uns[f"{name}_report"] = json.dumps(report)
+    tmp_out = out.with_name(out.name + ".tmp")
+    adata.write_h5ad(tmp_out)
+    tmp_out.replace(out)
+    if args.report:
+        Path(args.report).write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
