@@ -27,14 +27,16 @@ absent. What it does:
    logistic regression (standardized features), macro-F1. Baselines in the same run: PCA-50 of
    log1p-CP10k over all the file's genes, PCA-50 over the model's own input genes (its
    vocabulary, its cap), and the 2,000 highly variable genes (scanpy's seurat flavour).
-5. Masked modelling on the held-out cells (15 % masked as in training): masked-bin accuracy
+5. Clustering (``--cluster``): the scHybridBERT pipeline of `launch/cluster_cells.py` on each
+   file, ARI / NMI beside PCA-50 and k-means on the embedding alone (k = the number of labels).
+6. Masked modelling on the held-out cells (15 % masked as in training): masked-bin accuracy
    against its ceiling (quantile bins with random ties draw a tied gene's bin uniformly from its
    span: no predictor beats the mean of 1/span) and the most frequent bin, and the masked loss.
-6. Fine-tuning (``--finetune head,full``; `pretrain.downstream.finetune`, the path of
+7. Fine-tuning (``--finetune head,full``; `pretrain.downstream.finetune`, the path of
    `launch/finetune.py`) of the last checkpoint and of the random-init twin on 1 %, 10 % and 100 %
    of each fold's training labels (``--fractions``), scored on the fold's test cells, beside
    logistic regression on HVG-2000 and PCA-50 trained on the same cells.
-7. Mean and spread (min, max) over the seeds of every number; verdicts against the goals.
+8. Mean and spread (min, max) over the seeds of every number; verdicts against the goals.
 
 Writes ``--result`` (JSON) and a t-SNE figure (``--plot``): the baselines, the random-init twin and
 each mix at the last curve step, coloured by cell type.
@@ -359,6 +361,22 @@ def finetuned(bundle: Path, f: EvalFile, csr, embedding: np.ndarray, modes: list
     return out
 
 
+def clustered(f: EvalFile, embedding: np.ndarray, vae_steps: int, epochs: int, seed: int) -> dict[str, float]:
+    """ARI and NMI of the scHybridBERT pipeline (`pretrain.downstream.hybrid`, the path of
+    `launch/cluster_cells.py`) on the file's cells and this embedding, beside the same run's PCA-50
+    and k-means on the embedding alone; k-means with k = the file's number of labels everywhere.
+    -> {"cluster <method> ari" / "... nmi": score}"""
+    from dataclasses import replace
+
+    from pretrain.downstream.hybrid import HybridConfig, cluster_with_baselines
+
+    base = HybridConfig(seed=seed, epochs=epochs)
+    config = replace(base, vae=replace(base.vae, steps=vae_steps))
+    report, _ = cluster_with_baselines(f.counts, embedding, f.labels, len(set(f.labels)), config=config)
+    return {f"cluster {name} {key}": round(float(m[key]), 4) for name, m in report["methods"].items()
+            for key in ("ari", "nmi")}
+
+
 def probe(x: np.ndarray, labels: np.ndarray, folds: list) -> dict:
     """Cell-type macro-F1 over the file's fixed folds: kNN (k=10) and logistic regression."""
     from sklearn.linear_model import LogisticRegression
@@ -430,6 +448,12 @@ def verdicts(summary: dict, baselines: dict, last: int, previous: dict | None) -
             for key, value in tuned.items():
                 if key in first_twin:
                     verdict[f"{key}_beats_random_init"] = value > first_twin[key]["mean"]
+            for key in ("cluster schybridbert ari", "cluster embedding_kmeans ari"):
+                if key in row and key in first_twin:
+                    verdict[f"{key}_beats_random_init"] = row[key]["mean"] > first_twin[key]["mean"]
+            if "cluster schybridbert ari" in row:
+                verdict["cluster_schybridbert_minus_pca50_ari"] = round(
+                    row["cluster schybridbert ari"]["mean"] - row["cluster pca50 ari"]["mean"], 4)
             for fraction in sorted({k.rsplit(" ", 1)[1] for k in tuned}):
                 best = max(v for k, v in tuned.items() if k.endswith(f" {fraction}"))
                 baseline = hvg.get(f"HVG-2000 LR {fraction}")
@@ -512,6 +536,11 @@ def main() -> None:
                         help="shares of each fold's training labels fine-tuning and the baselines' logistic "
                              "regression get (default 0.01,0.1,1)")
     parser.add_argument("--finetune-epochs", type=int, default=10, help="fine-tuning epochs (default 10)")
+    parser.add_argument("--cluster", action=argparse.BooleanOptionalAction, default=True,
+                        help="scHybridBERT clustering (ARI / NMI) at the last curve step and on the random-init twin, "
+                             "beside PCA-50 and k-means on the embedding (default on)")
+    parser.add_argument("--cluster-vae-steps", type=int, default=1500, help="the cell graph's VAE steps (default 1500)")
+    parser.add_argument("--cluster-epochs", type=int, default=300, help="the fusion's training steps (default 300)")
     parser.add_argument("--max-cells", type=int, default=2000,
                         help="evaluate a random subset of at most this many labeled cells per file (default 2000; "
                              "0: all)")
@@ -575,6 +604,8 @@ def main() -> None:
                         baselines[name]["PCA-50 (model input)"] = probe(x, f.labels, f.folds)
                     embedding = embed_cells(model, csr, args.cap)
                     rows[name] = {**probe(embedding, f.labels, f.folds), **masked_modelling(model, csr, args.cap)}
+                    if args.cluster and (step == curve[-1] or (step == 0 and mix == mixes[0])):
+                        rows[name].update(clustered(f, embedding, args.cluster_vae_steps, args.cluster_epochs, seed))
                     if modes and (step == curve[-1] or (step == 0 and mix == mixes[0])):
                         tuned = twin_bundle(bundle, seed) if step == 0 else bundle
                         rows[name].update(finetuned(tuned, f, csr, embedding, modes, fractions, args.finetune_epochs,
@@ -587,6 +618,10 @@ def main() -> None:
     record = result_record(
         "eval_embeddings", device=device_record(), versions=versions("torch", "sklearn", "deepspeed"), phase=args.phase,
         settings={"steps": args.steps, "curve": curve, "seeds": seeds, "cap": args.cap,
+                  "cluster": {"vae_steps": args.cluster_vae_steps, "epochs": args.cluster_epochs,
+                              "how": "pretrain.downstream.hybrid.cluster_with_baselines; k-means with k = the "
+                                     "file's number of labels for scHybridBERT, PCA-50 and the embedding alone"}
+                  if args.cluster else None,
                   "finetune": {"modes": modes, "fractions": fractions, "epochs": args.finetune_epochs,
                                "how": "pretrain.downstream.finetune on each fold's training cells (a stratified "
                                       "share, at least one cell per class), the epoch kept by training macro-F1, "

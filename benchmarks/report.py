@@ -146,6 +146,7 @@ def _report(name: str, r: dict) -> str:
         out += [table(["representation", "kNN macro-F1", "logistic-regression macro-F1", "masked-bin accuracy",
                        "masked loss"], rows), ""]
         out += _finetuned_table(r, file, last)
+        out += _cluster_table(r, file, last)
     curve_rows = [[mix, step, *(f"{steps[step][f]['knn_macro_f1']['mean']:.3f} / {steps[step][f]['masked_loss']['mean']:.3f}"
                                 for f in r["files"])]
                   for mix, steps in r["summary"].items() for step in steps]
@@ -163,6 +164,8 @@ def _report(name: str, r: dict) -> str:
                       f"(goal: 50 %)" if "share_of_previous_gap_closed" in row else "")
             closed += "".join(f"; fine-tuned at {float(k.split('_')[1]):.0%} of labels {v:+.3f} against HVG-2000 + "
                               "logistic regression" for k, v in row.items() if k.endswith("_minus_hvg2000_lr"))
+            if "cluster_schybridbert_minus_pca50_ari" in row:
+                closed += f"; scHybridBERT ARI {row['cluster_schybridbert_minus_pca50_ari']:+.3f} against PCA-50"
             out.append(f"- `{mix}` on {file}: " + (f"not above random init in {', '.join(lost)}" if lost
                                                    else "above random init") + f"; kNN {row['knn_minus_pca50']:+.3f} "
                        f"against PCA-50{closed}.")
@@ -192,6 +195,29 @@ def _finetuned_table(r: dict, file: str, last: str) -> list[str]:
                                  *(_spread(row, f"finetuned {mode} {x}") for x in fractions)])
     return [f"Fine-tuned cell-type macro-F1 by share of each fold's training labels ({ft['epochs']} epochs; "
             f"{ft['how']}):", "", table(["model", *(f"{float(x):.0%} of labels" for x in fractions)], rows), ""]
+
+
+def _cluster_table(r: dict, file: str, last: str) -> list[str]:
+    """ARI / NMI of scHybridBERT and k-means on the embedding (the random-init twin, each mix), and
+    PCA-50 of the same runs."""
+    c = r["settings"].get("cluster")
+    if not c:
+        return []
+    first = next(iter(r["summary"]))
+    rows = []
+    pca = r["summary"][first].get(last, {}).get(file, {})
+    if "cluster pca50 ari" in pca:
+        rows.append(["PCA-50 of log1p-CP10k (HVG)", _spread(pca, "cluster pca50 ari"), _spread(pca, "cluster pca50 nmi")])
+    for mix, steps in r["summary"].items():
+        for label, step in (("random init", "0"), (f"{mix} ({last} steps)", last)):
+            row = steps.get(step, {}).get(file, {})
+            if "cluster schybridbert ari" not in row or (step == "0" and mix != first):
+                continue
+            for method, name in (("schybridbert", "scHybridBERT"), ("embedding_kmeans", "embedding alone")):
+                rows.append([f"{label}: {name}", _spread(row, f"cluster {method} ari"),
+                             _spread(row, f"cluster {method} nmi")])
+    return [f"Clustering ({c['how']}; VAE {c['vae_steps']} steps, fusion {c['epochs']}):", "",
+            table(["representation", "ARI", "NMI"], rows), ""]
 
 
 LEGACY_EVAL = "ec04922"  # the last commit whose eval_embeddings.py wrote eval.json and eval_high_ties.json

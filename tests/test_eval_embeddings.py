@@ -244,6 +244,7 @@ def test_eval_embeddings_end_to_end(shared_data, tmp_path):
     r = subprocess.run([sys.executable, "benchmarks/eval_embeddings.py", "--phase", "final", "--steps", "3",
                         "--curve", "3", "--seeds", "0", "--mixes", "mlm", "--max-cells", "150",
                         "--finetune", "head", "--fractions", "0.1,1", "--finetune-epochs", "1",
+                        "--cluster-vae-steps", "30", "--cluster-epochs", "10",
                         "--work", str(tmp_path / "work"), "--result", str(out), "--plot", str(tmp_path / "eval.png")],
                        cwd=REPO, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -258,12 +259,15 @@ def test_eval_embeddings_end_to_end(shared_data, tmp_path):
             assert 0 <= row["knn_macro_f1"]["mean"] <= 1 and row["masked_loss"]["n"] == 1
             assert row["masked_bin_accuracy"]["mean"] <= row["accuracy_ceiling"]["mean"] + 0.05
             assert 0 <= row["finetuned head 0.1"]["mean"] <= 1 and 0 <= row["finetuned head 1"]["mean"] <= 1
+            assert all(-1 <= row[f"cluster {m} ari"]["mean"] <= 1 for m in ("schybridbert", "pca50", "embedding_kmeans"))
         assert set(result["baselines"][name]["label fractions"]) == {
             f"{rep} LR {x}" for rep in ("PCA-50", "HVG-2000") for x in ("0.1", "1")}
         chance = 1 / result["files"][name]["classes"]  # real cell types are findable in 150 cells
         assert result["baselines"][name]["PCA-50"]["knn_macro_f1"] > 2 * chance
     v = result["verdicts"]
     every = [ok for row in v["mlm"].values() for k, ok in row.items() if k.endswith("random_init")]
-    assert len(every) == 3 * 5 and v["all_beat_random_init"] == all(every)  # kNN, LR, loss, 2 fine-tuned rows
+    # kNN, LR, loss, 2 fine-tuned rows, scHybridBERT and embedding-alone ARI
+    assert len(every) == 3 * 7 and v["all_beat_random_init"] == all(every)
+    assert all("cluster_schybridbert_minus_pca50_ari" in row for row in v["mlm"].values())
     assert all("finetuned_0.1_minus_hvg2000_lr" in row for row in v["mlm"].values())
     assert (tmp_path / "eval.png").stat().st_size > 10_000

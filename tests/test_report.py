@@ -120,13 +120,16 @@ def _eval_record() -> dict:
                 "accuracy_ceiling": {"mean": 0.21, "min": 0.21, "max": 0.21, "n": 3},
                 "masked_loss": {"mean": loss, "min": loss, "max": loss, "n": 3},
                 "finetuned head 0.1": {"mean": knn + 0.2, "min": knn + 0.2, "max": knn + 0.2, "n": 3},
-                "finetuned head 1": {"mean": knn + 0.3, "min": knn + 0.3, "max": knn + 0.3, "n": 3}}
+                "finetuned head 1": {"mean": knn + 0.3, "min": knn + 0.3, "max": knn + 0.3, "n": 3},
+                **{f"cluster {m} {k}": {"mean": v, "min": v, "max": v, "n": 3}
+                   for m, v in (("schybridbert", knn), ("pca50", 0.7), ("embedding_kmeans", knn / 2)) for k in ("ari", "nmi")}}
 
     return {"device": {"cpu": "Intel(R) Xeon(R) Processor", "cores": 2, "gpu": None}, "date": "2026-12-05T01:00:00+00:00", "command": "benchmarks/eval_embeddings.py --phase final",
             "versions": {}, "phase": "final",
             "settings": {"config": "benchmarks/configs/eval.yaml", "steps": 1000, "curve": [250, 1000], "seeds": [0, 1, 2],
                          "cap": "auto", "probe": "5-fold",
-                         "finetune": {"modes": ["head"], "fractions": [0.1, 1.0], "epochs": 10, "how": "folds"}},
+                         "finetune": {"modes": ["head"], "fractions": [0.1, 1.0], "epochs": 10, "how": "folds"},
+                         "cluster": {"vae_steps": 1500, "epochs": 300, "how": "k = labels"}},
             "corpus": {"cells": 7000, "tokens": 9000000, "files": ["a", "b"]},
             "files": {"f": {"cells": 200, "classes": 4, "label_key": "cell_type"}},
             "baselines": {"f": {"PCA-50": {"knn_macro_f1": 0.8, "logreg_macro_f1": 0.85},
@@ -156,4 +159,6 @@ def test_quality_renders_the_current_evaluation_beside_the_previous_one(monkeypa
     assert "| random init, fine-tuned (head) | 0.400 [0.400, 0.400] | 0.500 [0.500, 0.500] |" in text
     assert "| mlm (1000 steps), fine-tuned (head) | 0.800 [0.800, 0.800] | 0.900 [0.900, 0.900] |" in text
     assert "fine-tuned at 10% of labels +0.200 against HVG-2000" in text
+    assert "| PCA-50 of log1p-CP10k (HVG) | 0.700 [0.700, 0.700] | 0.700 [0.700, 0.700] |" in text
+    assert "| random init: scHybridBERT | 0.200 [0.200, 0.200] |" in text and "| mlm (1000 steps): embedding alone | 0.300" in text
     assert "previous evaluation" not in text  # no legacy file here
