@@ -217,20 +217,18 @@ def embed_cells(model, csr, cap: str) -> np.ndarray:
 
 
 def model_input_pca(model, csr, cap: str) -> np.ndarray:
-    """PCA-50 of log1p-CP10k over what the model sees: its vocabulary genes, its cap (a random cap
-    drawn as the embedding draws it), the cell's total over all its genes."""
+    """PCA-50 of log1p-CP10k over what the model sees (`pretrain.embed.model_input`: its vocabulary
+    genes, its cap as the embedding draws it), each cell's total over all its genes."""
     import scipy.sparse as sp
 
-    from data_pipeline.loading.normalize import normalize
     from pretrain.downstream.expression import pca
-    from pretrain.embed import CellSeeds, cell_keys, embedding_normalization
+    from pretrain.embed import model_input
 
     indptr, genes, counts, totals = csr
     shape = (len(indptr) - 1, model.config.vocab_size)
     values = np.log1p(np.asarray(counts, np.float64) / np.repeat(np.asarray(totals, np.float64), np.diff(indptr)) * 1e4)
     every = sp.csr_matrix((values, genes, indptr), shape=shape)
-    seen = normalize(embedding_normalization(model, cap), indptr, genes, counts, totals,
-                     CellSeeds(cell_keys(indptr, genes, counts)))
+    seen, _ = model_input(model, *csr, cap=cap)
     return pca(every.multiply(sp.csr_matrix((np.ones(len(seen.genes)), seen.genes, seen.indptr), shape=shape)), 50)
 
 
@@ -242,15 +240,15 @@ def masked_modelling(model, csr, cap: str, seed: int = 0) -> dict:
     import torch
 
     from data_pipeline.loading.masking import Masking, mask_for_mode
-    from data_pipeline.loading.normalize import normalize, quantile_tie_spans
-    from pretrain.embed import embedding_normalization, length_batches
+    from data_pipeline.loading.normalize import quantile_tie_spans
+    from pretrain.embed import embedding_normalization, length_batches, model_input
     from pretrain.objectives import mlm_loss_sum
 
     rng = np.random.default_rng(seed)
     norm = embedding_normalization(model, cap)
     if norm.max_genes is not None and norm.cap == "random":
         raise ValueError("masked modelling needs a deterministic cap (none or top)")
-    normalized = normalize(norm, *csr, rng)
+    normalized, _ = model_input(model, *csr, cap=cap)  # the cells as the embedding sees them
     _, values, mlm, targets = mask_for_mode(Masking(ratio=0.15), norm.mode, norm.n_bins, normalized.indptr,
                                             normalized.genes, normalized.values, model.config.mask_token,
                                             (model.n_special, model.config.vocab_size), rng)
@@ -329,11 +327,16 @@ def finetuned(bundle: Path, f: EvalFile, csr, embedding: np.ndarray, modes: list
     its folder under ``work``. ``embedding``: the bundle's embedding of the file's cells, which head
     mode trains on (what it would compute itself).  -> {"finetuned <mode> <fraction>": macro-F1 mean
     over folds}"""
-    import torch
     from sklearn.metrics import f1_score
 
     from pretrain.config import FinetuneConfig
-    from pretrain.downstream.finetune import finetune_split, load_finetuned, make_split, predict_cells
+    from pretrain.downstream.finetune import (
+        class_probabilities,
+        finetune_split,
+        load_finetuned,
+        make_split,
+        predict_cells,
+    )
     from pretrain.downstream.token_cells import TokenCells
     from pretrain.export import load_pretrained
 
@@ -352,7 +355,7 @@ def finetuned(bundle: Path, f: EvalFile, csr, embedding: np.ndarray, modes: list
                 finetune_split(bundle, load_pretrained(bundle), split, folder, config, embeddings=given)
                 model, head, labels = load_finetuned(folder / "bundle")
                 if mode == "head":  # the frozen encoder's embedding of the test cells, as predict_cells computes it
-                    probs = torch.softmax(head(torch.from_numpy(embedding[test])), dim=-1).detach().numpy()
+                    probs = class_probabilities(head, embedding[test])
                 else:
                     probs = predict_cells(model, head, cells.subset(test))
                 predicted = np.asarray(labels["classes"], dtype=object)[probs.argmax(axis=1)]
@@ -584,7 +587,7 @@ def main() -> None:
         baselines[name]["label fractions"] = fraction_probes(features, f, fractions)
         print(f"baselines {name}: {json.dumps(baselines[name])}", file=sys.stderr)
     runs: dict = {}
-    coverage = {}
+    coverage, csrs = {}, {}
     for mix in mixes:
         runs[mix] = {}
         for seed in seeds:
@@ -597,7 +600,9 @@ def main() -> None:
                 model = random_init_twin(bundle, seed) if step == 0 else load_pretrained(bundle)
                 rows = entry["steps"][str(step)] = {}
                 for name, f in files.items():
-                    csr, coverage[name] = model_csr(model, f)
+                    if name not in csrs:  # every run shares the corpus vocabulary: its tokens once per file
+                        csrs[name], coverage[name] = model_csr(model, f)
+                    csr = csrs[name]
                     if "PCA-50 (model input)" not in baselines[name]:
                         x = model_input_pca(model, csr, args.cap)
                         panels.setdefault("PCA-50 (model input)", {})[name] = x

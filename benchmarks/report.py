@@ -591,8 +591,8 @@ def clustering() -> str:
         how = "k-means" if "--n-clusters" in run["args"] else "communities"
         for key, label in names.items():
             m = methods[key]
-            rows.append([" ".join(run["args"]), label, m["clustering"] if key != "embedding_kmeans" else
-                         m["clustering"], m["n_clusters"], f"{m['ari']:.3f}", f"{m['nmi']:.3f}"])
+            rows.append([" ".join(run["args"]), label, m["clustering"], m["n_clusters"], f"{m['ari']:.3f}",
+                         f"{m['nmi']:.3f}"])
         rows[-3][0] = f"{rows[-3][0]} ({run['wall_s']:.0f} s; {how})"
     return "\n".join([source("cluster_demo_cpu.json", r), "",
                       f"Input: `{Path(r['input']).name}` of `launch/demo.py` (2,000 synthetic labelled cells of 8 types) "

@@ -18,19 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-
 from pretrain.downstream.hybrid import HybridConfig, cluster_with_baselines  # noqa: E402
+from pretrain.downstream.token_cells import read_token_cells  # noqa: E402
 from pretrain.downstream.vae import VAEConfig  # noqa: E402
-from pretrain.embed import embed_h5ad  # noqa: E402
+from pretrain.embed import add_cell_input_arguments, embed_counts  # noqa: E402
 from pretrain.export import load_pretrained  # noqa: E402
-from pretrain.threads import apply_threads  # noqa: E402
+from pretrain.threads import add_runtime_arguments, apply_threads  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,15 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vae-steps", type=int, default=v.steps, help=f"VAE optimizer steps (default {v.steps})")
     parser.add_argument("--epochs", type=int, default=d.epochs,
                         help=f"full-batch steps training the GAT and fusion (default {d.epochs})")
-    parser.add_argument("--layer", default=None, help="take the counts from this layer instead of X")
-    parser.add_argument("--min-coverage", type=float, default=0.5,
-                        help="refuse inputs with a smaller share of their counts on vocabulary genes (default 0.5)")
-    parser.add_argument("--gene-column", default=None, help="as for launch/embed.py")
-    parser.add_argument("--symbol-table", default=None, help="as for launch/embed.py")
-    parser.add_argument("--token-budget", type=int, default=16384, help="as for launch/embed.py (default 16384)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="device for the bundle's embedding; the clustering runs on the CPU")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: the usable cores)")
+    add_cell_input_arguments(parser)
+    add_runtime_arguments(parser)
     args = parser.parse_args(argv)
     if args.n_clusters is not None and args.n_clusters < 1:
         parser.error("--n-clusters must be at least 1")
@@ -75,9 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     import anndata
-    import numpy as np
     import pandas as pd
-    import zarr
 
     args = parse_args(argv)
     apply_threads(args.threads)
@@ -94,12 +83,12 @@ def main(argv: list[str] | None = None) -> dict:
                      "pass --label-column with one of them, or omit it to cluster without scores")
         labels = adata.obs[args.label_column].to_numpy()
     model = load_pretrained(args.bundle, device=args.device)
-    with tempfile.TemporaryDirectory(prefix="cluster-embed-") as tmp:
-        # embed_h5ad owns gene matching, coverage and batching; its .zarr output is the array alone
-        coverage = embed_h5ad(model, source, Path(tmp) / "embedding.zarr", name="embedding", layer=args.layer,
-                              min_coverage=args.min_coverage, token_budget=args.token_budget, device=args.device,
-                              gene_column=args.gene_column, symbol_table=args.symbol_table)
-        embedding = np.asarray(zarr.open_group(str(Path(tmp) / "embedding.zarr"), mode="r")["X_embedding"][:])
+    # gene matching and the coverage check as every command reads cells; the embedding as launch/embed.py's
+    cells = read_token_cells(source, model, layer=args.layer, gene_column=args.gene_column,
+                             symbol_table=args.symbol_table, min_coverage=args.min_coverage)
+    embedding = embed_counts(model, cells.indptr, cells.genes, cells.counts, cells.totals, args.token_budget,
+                             device=args.device)
+    coverage = cells.coverage[0]
     config = HybridConfig(n_top_genes=args.n_top_genes, vae=replace(VAEConfig(), steps=args.vae_steps),
                           graph_neighbors=args.graph_neighbors, sim_alpha=args.sim_alpha, epochs=args.epochs,
                           seed=args.seed)

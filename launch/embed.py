@@ -13,11 +13,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-
-from pretrain.embed import GENE_CAPS, embed_h5ad  # noqa: E402
+from pretrain.embed import GENE_CAPS, add_cell_input_arguments, embed_h5ad  # noqa: E402
 from pretrain.export import load_pretrained  # noqa: E402
-from pretrain.threads import apply_threads  # noqa: E402
+from pretrain.threads import add_runtime_arguments, apply_threads  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,27 +24,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("input", help=".h5ad with raw counts in X (or --layer)")
     parser.add_argument("--out", required=True, help="output .h5ad or .zarr")
     parser.add_argument("--name", default="scfm", help="obsm key suffix: obsm['X_<name>'] (default scfm)")
-    parser.add_argument("--layer", default=None, help="take the counts from this layer instead of X")
-    parser.add_argument("--min-coverage", type=float, default=0.5,
-                        help="refuse inputs with a smaller share of their counts on vocabulary genes (default 0.5)")
-    parser.add_argument("--gene-column", default=None,
-                        help="var column holding the genes' Ensembl ids or symbols (or 'var_names'); detected if "
-                             "omitted, as by `python -m data_pipeline convert`")
-    parser.add_argument("--symbol-table", default=None,
-                        help="symbol -> Ensembl table (CSV/TSV[.gz] or pickled dict) for symbols; its entries take "
-                             "precedence over the bundle vocabulary's own symbols")
+    add_cell_input_arguments(parser)
     parser.add_argument("--cap", choices=GENE_CAPS, default="auto",
                         help="genes of a long cell the model sees: none (all; the auto choice for FAVOR+ models and "
                              "models trained without data.max_genes), top (its most expressed, up to the trained "
                              "data.max_genes; auto for exact attention, whose memory grows with the square of the "
                              "length), sample (a random subset of that size, seeded by the cell: the training input)")
-    parser.add_argument("--token-budget", type=int, default=16384,
-                        help="tokens per batch, counted as in training: a cell of a gene_set=all or encoder-decoder "
-                             "model costs the full gene set (default 16384)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads (default 0: the usable cores, by affinity and cgroup quota; "
-                             "an OMP_NUM_THREADS in the environment is kept)")
+    add_runtime_arguments(parser)
     args = parser.parse_args(argv)
     apply_threads(args.threads)  # torch's default counts the machine's cores, not this process's share
     model = load_pretrained(args.bundle, device=args.device)

@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain.downstream.finetune import predict_h5ad  # noqa: E402
+from pretrain.embed import add_cell_input_arguments  # noqa: E402
 from pretrain.threads import add_runtime_arguments, apply_threads  # noqa: E402
 
 
@@ -33,14 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--label-column", default=None,
                         help="obs column of true labels, if the input has them: the summary then scores the "
                              "predictions (macro-F1, accuracy, per-class F1, confusion matrix)")
-    parser.add_argument("--layer", default=None, help="take the counts from this layer instead of X")
-    parser.add_argument("--min-coverage", type=float, default=0.5,
-                        help="refuse inputs with a smaller share of their counts on vocabulary genes (default 0.5)")
-    parser.add_argument("--gene-column", default=None,
-                        help="var column holding the genes' Ensembl ids or symbols (or 'var_names'); detected if omitted")
-    parser.add_argument("--symbol-table", default=None,
-                        help="symbol -> Ensembl table (CSV/TSV[.gz] or pickled dict) for symbols the vocabulary lacks")
-    parser.add_argument("--token-budget", type=int, default=16384, help="tokens per batch when embedding (default 16384)")
+    add_cell_input_arguments(parser)
     add_runtime_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

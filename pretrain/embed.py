@@ -84,6 +84,23 @@ def gene_tokens(var, vocab, source: str, gene_column: str | None = None,
     return tokens, report
 
 
+def add_cell_input_arguments(parser) -> None:
+    """The flags of every command that reads an .h5ad's cells into a bundle's vocabulary (embed,
+    predict, cluster): --layer, --min-coverage, --gene-column, --symbol-table, --token-budget."""
+    parser.add_argument("--layer", default=None, help="take the counts from this layer instead of X")
+    parser.add_argument("--min-coverage", type=float, default=0.5,
+                        help="refuse inputs with a smaller share of their counts on vocabulary genes (default 0.5)")
+    parser.add_argument("--gene-column", default=None,
+                        help="var column holding the genes' Ensembl ids or symbols (or 'var_names'); detected if "
+                             "omitted, as by `python -m data_pipeline convert`")
+    parser.add_argument("--symbol-table", default=None,
+                        help="symbol -> Ensembl table (CSV/TSV[.gz] or pickled dict) for symbols; its entries take "
+                             "precedence over the bundle vocabulary's own symbols")
+    parser.add_argument("--token-budget", type=int, default=16384,
+                        help="tokens per batch, counted as in training: a cell of a gene_set=all or encoder-decoder "
+                             "model costs the full gene set (default 16384)")
+
+
 def require_coverage(first_rows, tokens: np.ndarray, report: dict, source: str, min_coverage: float) -> None:
     """Refuse an input where less than ``min_coverage`` of the counts of ``first_rows`` (the
     input's first cells, [n, n_vars]) fall on vocabulary genes; sets ``report["count_fraction"]``

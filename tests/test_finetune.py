@@ -32,7 +32,7 @@ from pretrain.downstream.finetune import (
     HEAD_FILE,
     LABELS_FILE,
     UNASSIGNED,
-    _probabilities,
+    class_probabilities,
     finetune,
     finetune_split,
     labelled_split,
@@ -215,7 +215,7 @@ def test_predictions_come_back_in_input_order(bundle, head_run, tmp_path):
     np.testing.assert_allclose(a.obs["cell_type_confidence"], a.obsm["cell_type_probabilities"].max(axis=1))
     model, head, _ = load_finetuned(head_run / "bundle")
     embeddings = np.random.default_rng(0).normal(size=(50, model.config.cell_dim)).astype(np.float32)
-    np.testing.assert_allclose(_probabilities(head, embeddings, "cpu", chunk=7), _probabilities(head, embeddings, "cpu"),
+    np.testing.assert_allclose(class_probabilities(head, embeddings, "cpu", chunk=7), class_probabilities(head, embeddings, "cpu"),
                                rtol=0, atol=1e-6)  # chunks of cells change nothing but float rounding
     # and against the model run on each cell alone (no batching at all)
     from pretrain.embed import embed_counts, token_csr

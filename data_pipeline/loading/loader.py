@@ -224,14 +224,14 @@ def _gather_rows(starts, rows, indptr, src_genes, src_counts, genes, counts):  #
             counts[indptr[i] + j] = src_counts[a + j]
 
 
-def _check_zero_masking(normalization: Normalization, token_cost: TokenCost, corpus: Corpus) -> None:
+def _check_zero_masking(spec: _Spec) -> None:
     """Masked unexpressed genes (`zero_masking`) are continuous zeros, and tokens beyond a cell's
     expressed genes, which only a cost of the full gene set per cell keeps within the budget."""
-    if normalization.mode != "continuous":
+    if spec.normalization.mode != "continuous":
         raise ValueError(f"masking unexpressed genes gives them the continuous target 0, but the normalization is "
-                         f"{normalization.mode}: use normalization continuous (data.normalization=continuous) or "
-                         "turn it off (data.mask_zero_prob=0)")
-    n_genes = corpus.vocab_size - (max(corpus.special_tokens.values()) + 1)
+                         f"{spec.normalization.mode}: use normalization continuous (data.normalization=continuous) "
+                         "or turn it off (data.mask_zero_prob=0)")
+    n_genes, token_cost = spec.vocab_size - spec.n_special, spec.token_cost
     if token_cost.full_length is None or token_cost.full_length < n_genes:
         raise ValueError(f"masking unexpressed genes adds tokens to a cell, up to the {n_genes} genes of the "
                          f"vocabulary, but the token cost counts a cell as {token_cost.full_length or 'its expressed'} "
@@ -370,10 +370,10 @@ class CellLoader:
             raise ValueError(f"read-depth downsampling predicts the original cell's continuous values, but the "
                              f"normalization is {normalization.mode}: use normalization continuous (data.normalization="
                              "continuous) or turn downsampling off (data.downsample_prob=0)")
-        if masking is not None and masking.zero_prob:
-            _check_zero_masking(normalization, token_cost, corpus)
         self.spec = _Spec(corpus, normalization, batching or Batching(), masking, views, seed, rank, world_size,
                           max(1, num_workers), token_cost, label_columns, downsampling)
+        if masking is not None and masking.zero_prob:
+            _check_zero_masking(self.spec)
         if self.spec.table.checksum is None:
             warnings.warn(f"{corpus.path}: a corpus of schema {corpus.schema_version} has no block "
                           "checksums, so damaged blocks are caught only by structural checks: reconvert to "

@@ -24,7 +24,7 @@ A run writes into its output folder ``OUT``:
 - ``report.json``: on the validation cells, with the best epoch's weights: macro-F1, accuracy,
   per-class F1, the confusion matrix (rows: true label, columns: predicted, in ``classes``
   order), how many cells fall below the threshold (``unassigned``) and the per-epoch history;
-  ``confusion.png`` beside it when matplotlib is installed.
+  ``confusion.png`` beside it.
 
 Multi-GPU (DeepSpeed) fine-tuning is not implemented: one process, on the device given.
 """
@@ -228,8 +228,8 @@ class _Cells:
 
 
 @torch.no_grad()
-def _probabilities(head: ClassifierHead, embeddings: torch.Tensor | np.ndarray, device,
-                   chunk: int = 65536) -> np.ndarray:
+def class_probabilities(head: ClassifierHead, embeddings: torch.Tensor | np.ndarray, device="cpu",
+                        chunk: int = 65536) -> np.ndarray:
     """Class probabilities [n, K] of cell embeddings [n, cell_dim], in chunks of cells (the
     hidden activations of a million cells at once would take gigabytes)."""
     head.eval()
@@ -240,9 +240,9 @@ def _probabilities(head: ClassifierHead, embeddings: torch.Tensor | np.ndarray, 
 
 def _val_probabilities(model: CellModel, head: ClassifierHead, val: _Cells, device) -> np.ndarray:
     if val.fixed is not None:
-        return _probabilities(head, val.fixed, device)
+        return class_probabilities(head, val.fixed, device)
     model.eval()
-    return _probabilities(head, val.embed(), device)
+    return class_probabilities(head, val.embed(), device)
 
 
 def scores(y: np.ndarray, probs: np.ndarray, classes: list[str], threshold: float) -> dict:
@@ -447,14 +447,11 @@ Predict: `python launch/predict.py THIS_FOLDER cells.h5ad --out annotated.h5ad`;
 
 
 def _plot_confusion(report: dict, path: Path) -> None:
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.info("matplotlib is not installed: no confusion.png (the matrix is in report.json)")
-        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     matrix = np.asarray(report["confusion"], np.float64)
     share = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     k = len(report["classes"])
@@ -509,7 +506,7 @@ def predict_cells(model: CellModel, head: ClassifierHead, cells: TokenCells, tok
     -> [n, K] float32"""
     embeddings = embed_counts(model, cells.indptr, cells.genes, cells.counts, cells.totals, token_budget,
                               device=device)
-    return _probabilities(head, embeddings, device)
+    return class_probabilities(head, embeddings, device)
 
 
 def predict_h5ad(bundle: str | Path, source: str | Path, out: str | Path, name: str | None = None,

@@ -115,13 +115,19 @@ def varlen(q, k, v, cu_seqlens, max_seqlen, projection=None, known=None):
     """Exact softmax attention with torch's FlashAttention varlen kernel (bf16/fp16 CUDA tensors).
     q, k, v [T, H, D], cu_seqlens [B+1] -> [T, H, D]; ``known`` ([T] bool or a `KnownSplit`):
     scGPT's generative mask, in two kernel calls (`generative_two_pass`)."""
-    _require_half_cuda("varlen", q)
+    return _packed_exact("varlen", _varlen_kernel, q, k, v, cu_seqlens, max_seqlen, known)
+
+
+def _packed_exact(backend: str, kernel, q, k, v, cu_seqlens, max_seqlen, known):
+    """The FlashAttention-kernel backends' one path: ``kernel`` (`_varlen_kernel`'s signature) over
+    the packed sequences, or `generative_two_pass` with ``known``.  -> [T, H, D]"""
+    _require_half_cuda(backend, q)
     if q.shape[0] == 0:  # every token masked away: nothing to attend, keep the graph for the gradients
         return q * 0
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
     if known is not None:
-        return generative_two_pass(_varlen_kernel, q, k, v, cu, max_seqlen, KnownSplit.of(known, cu))
-    return _varlen_kernel(q, k, v, cu, cu, max_seqlen, max_seqlen)
+        return generative_two_pass(kernel, q, k, v, cu, max_seqlen, KnownSplit.of(known, cu))
+    return kernel(q, k, v, cu, cu, max_seqlen, max_seqlen)
 
 
 _UNSET = object()
@@ -158,13 +164,7 @@ def flash(q, k, v, cu_seqlens, max_seqlen, projection=None, known=None):
     as in `varlen`.  -> [T, H, D]"""
     if _load_flash_attn() is None:
         return varlen(q, k, v, cu_seqlens, max_seqlen, known=known)
-    _require_half_cuda("flash", q)
-    if q.shape[0] == 0:
-        return q * 0
-    cu = cu_seqlens.to(torch.int32)
-    if known is not None:
-        return generative_two_pass(_flash_attn_kernel, q, k, v, cu, max_seqlen, KnownSplit.of(known, cu))
-    return _flash_attn_kernel(q, k, v, cu, cu, max_seqlen, max_seqlen)
+    return _packed_exact("flash", _flash_attn_kernel, q, k, v, cu_seqlens, max_seqlen, known)
 
 
 class KnownSplit(NamedTuple):
