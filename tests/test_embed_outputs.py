@@ -130,6 +130,15 @@ def test_refusals_leave_no_output(bundle, source, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_layer_is_read_as_x_is(bundle, source, embedded, tmp_path):
+    from pretrain.embed import embed_h5ad
+
+    embed_h5ad(load_pretrained(bundle), source, tmp_path / "layer.zarr", layer="counts", progress=False,
+               chunk_cells=16)
+    np.testing.assert_array_equal(ad.read_zarr(tmp_path / "layer.zarr").obsm["X_scfm"],
+                                  ad.read_zarr(embedded[1]).obsm["X_scfm"])
+
+
 # --- streaming: memory grows by a fraction of the matrix ------------------------------------------------
 
 BIG_CELLS, OFF_GENES = 8000, 4000  # every cell: its 40 vocabulary genes + 4000 others of count 1 (~260 MB of X)
@@ -203,3 +212,4 @@ def test_embed_streams_an_input_larger_than_its_memory_growth(bundle, source, tm
     with h5py.File(outs[0], "r") as f:
         assert f["obsm"]["X_scfm"].shape == (BIG_CELLS, 32) and f["X"]["data"].shape == (BIG_CELLS * 4040,)
     assert ad.read_zarr(outs[1]).obsm["X_scfm"].shape == (BIG_CELLS, 32)
+
