@@ -239,9 +239,15 @@ def open_cells(source: str | Path, layer: str | None = None):
     from data_pipeline.conversion.readers import open_source
 
     try:
-        return open_source(source, matrix=layer)
+        cells = open_source(source, matrix=layer)
     except SourceError as err:
         raise SourceError(str(err).replace("(choose with --matrix)", "(choose with --layer)")) from None
+    if cells.format != "h5ad":  # the outputs copy the input's .h5ad (embed_output)
+        cells.close()
+        raise SourceError(f"{source}: a {cells.format} input; this command reads .h5ad files: write one first "
+                          "(e.g. `anndata.read_zarr(path).write_h5ad(path.h5ad)`, or scanpy's read_10x_h5 / "
+                          "read_10x_mtx then write_h5ad)")
+    return cells
 
 
 def embed_h5ad(model: CellModel, source: str | Path, out: str | Path, name: str = "scfm", layer: str | None = None,

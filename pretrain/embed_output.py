@@ -58,7 +58,7 @@ class EmbeddingWriter:
     def __init__(self, source: str | Path, out: str | Path, key: str, n_cells: int, dim: int, chunk_cells: int):
         check_output(source, out, key)
         self.source, self.out, self.key = Path(source), Path(out), key
-        self.n_cells, self.dim, self.rows = n_cells, dim, chunk_rows(chunk_cells, dim)
+        self.n_cells, self.dim, self.rows = n_cells, dim, chunk_rows(min(chunk_cells, max(n_cells, 1)), dim)
         self.tmp = self.out.with_name(self.out.name + ".tmp")
         _remove(self.tmp)
         self.written = 0

@@ -127,7 +127,10 @@ def test_refusals_leave_no_output(bundle, source, tmp_path):
         embed_h5ad(model, source, tmp_path / "out.csv", progress=False)
     with pytest.raises(ValueError, match="choose with --layer"):
         embed_h5ad(model, source, tmp_path / "out.h5ad", layer="missing", progress=False)
-    assert list(tmp_path.iterdir()) == []
+    ad.read_h5ad(source).write_zarr(tmp_path / "input.zarr")
+    with pytest.raises(ValueError, match="a zarr input; this command reads .h5ad files: write one first"):
+        embed_h5ad(model, tmp_path / "input.zarr", tmp_path / "out.h5ad", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["input.zarr"]
 
 
 def test_a_layer_is_read_as_x_is(bundle, source, embedded, tmp_path):
@@ -137,6 +140,10 @@ def test_a_layer_is_read_as_x_is(bundle, source, embedded, tmp_path):
                chunk_cells=16)
     np.testing.assert_array_equal(ad.read_zarr(tmp_path / "layer.zarr").obsm["X_scfm"],
                                   ad.read_zarr(embedded[1]).obsm["X_scfm"])
+    import zarr
+
+    # stored in chunks of the cells embedded at a time (whole rows: a read of some cells touches their chunks)
+    assert zarr.open_group(str(tmp_path / "layer.zarr"), mode="r")["obsm"]["X_scfm"].chunks == (16, 32)
 
 
 # --- streaming: memory grows by a fraction of the matrix ------------------------------------------------
