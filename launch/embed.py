@@ -1,7 +1,11 @@
 """Embed the cells of an .h5ad of raw counts with an exported bundle:
 
     python launch/embed.py BUNDLE INPUT.h5ad --out OUT.h5ad     # the input plus obsm["X_<name>"]
-    python launch/embed.py BUNDLE INPUT.h5ad --out OUT.zarr     # only the array, for very large inputs
+    python launch/embed.py BUNDLE INPUT.h5ad --out OUT.zarr     # AnnData zarr: obs, var, obsm; no copy of X
+
+Both open with anndata (`read_h5ad` / `read_zarr`); scanpy takes `use_rep="X_<name>"`. The input is
+read --chunk-cells rows at a time and the embedding written as it comes: inputs larger than memory
+embed.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output .h5ad or .zarr")
     parser.add_argument("--name", default="scfm", help="obsm key suffix: obsm['X_<name>'] (default scfm)")
     add_cell_input_arguments(parser)
+    parser.add_argument("--chunk-cells", type=int, default=8192,
+                        help="cells read and embedded at a time: memory grows with this many cells' counts "
+                             "(default 8192)")
     parser.add_argument("--cap", choices=GENE_CAPS, default="auto",
                         help="genes of a long cell the model sees: none (all; the auto choice for FAVOR+ models and "
                              "models trained without data.max_genes), top (its most expressed, up to the trained "
@@ -36,7 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     model = load_pretrained(args.bundle, device=args.device)
     report = embed_h5ad(model, args.input, args.out, name=args.name, layer=args.layer, min_coverage=args.min_coverage,
                         token_budget=args.token_budget, device=args.device, gene_column=args.gene_column,
-                        symbol_table=args.symbol_table, cap=args.cap)
+                        symbol_table=args.symbol_table, cap=args.cap,
+                        chunk_cells=args.chunk_cells)
     print(json.dumps(report, indent=1))
 
 

@@ -1,6 +1,7 @@
 """Model, objectives and DeepSpeed training of single-cell foundation models.
 
-`load_pretrained(bundle)` loads an exported model without DeepSpeed.
+`load_pretrained(bundle)` (or `pretrain.model.CellModel.from_pretrained(bundle)`) loads an exported
+bundle without DeepSpeed.
 """
 
 from .export import load_pretrained

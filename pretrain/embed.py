@@ -9,9 +9,10 @@ vocabulary gives to several genes means the first listed (lowest token id). Beyo
 for rows still unmatched: an Ensembl id the vocabulary lacks (another annotation release) or a
 symbol differing only in case is matched by the row's symbol, unless the file holds that gene
 under the vocabulary's id. Each cell's total
-counts are over all its genes, as in the corpus. Cells are read in chunks of rows (backed mode), so
-the input need not fit in memory when the output is a `.zarr` array; an `.h5ad` output is the
-input with ``obsm["X_<name>"]`` added.
+counts are over all its genes, as in the corpus. Cells are read in chunks of rows by the converter's
+reader and their embeddings written as they come (`pretrain.embed_output`), so the input need not
+fit in memory: an `.h5ad` output is the input with ``obsm["X_<name>"]`` added, a `.zarr` output an
+AnnData store of obs, var and that obsm.
 """
 
 from __future__ import annotations
@@ -232,56 +233,57 @@ def embed_counts(model: CellModel, indptr, genes, counts, totals, token_budget: 
     return out
 
 
+def open_cells(source: str | Path, layer: str | None = None):
+    """``source`` (.h5ad) as the converter reads it (`data_pipeline.conversion.readers.open_source`:
+    row ranges of X or ``layer``, never the whole matrix); errors name --layer."""
+    from data_pipeline.conversion.readers import open_source
+
+    try:
+        cells = open_source(source, matrix=layer)
+    except SourceError as err:
+        raise SourceError(str(err).replace("(choose with --matrix)", "(choose with --layer)")) from None
+    if cells.format != "h5ad":  # the outputs copy the input's .h5ad (embed_output)
+        cells.close()
+        raise SourceError(f"{source}: a {cells.format} input; this command reads .h5ad files: write one first "
+                          "(e.g. `anndata.read_zarr(path).write_h5ad(path.h5ad)`, or scanpy's read_10x_h5 / "
+                          "read_10x_mtx then write_h5ad)")
+    return cells
+
+
 def embed_h5ad(model: CellModel, source: str | Path, out: str | Path, name: str = "scfm", layer: str | None = None,
                min_coverage: float = 0.5, chunk_cells: int = 8192, token_budget: int = 16384,
                device: str | torch.device = "cpu", progress: bool = True, gene_column: str | None = None,
                symbol_table: str | Path | dict[str, str] | None = None, cap: str = "auto") -> dict:
-    """Embed every cell of ``source``; write ``out`` (.h5ad: the input plus ``obsm["X_<name>"]``;
-    .zarr: the embedding array ``[n_cells, d]`` with ``obs_names``). Refuses inputs where less
-    than ``min_coverage`` of the counts fall on vocabulary genes. ``gene_column`` /
-    ``symbol_table`` (a symbol -> Ensembl CSV/TSV[.gz] or pickled dict, or a dict) mean what the
-    converter's ``--gene-column`` / ``--symbol-table`` mean; ``cap`` as in `embed_counts`. Returns a
-    coverage report."""
-    import anndata
+    """Embed every cell of ``source``; write ``out`` (`pretrain.embed_output`: .h5ad, the input
+    plus ``obsm["X_<name>"]``; .zarr, an AnnData store of obs, var and that obsm), ``chunk_cells``
+    rows at a time: neither the input's matrix nor the whole embedding is held in memory. Refuses
+    inputs where less than ``min_coverage`` of the counts fall on vocabulary genes.
+    ``gene_column`` / ``symbol_table`` (a symbol -> Ensembl CSV/TSV[.gz] or pickled dict, or a
+    dict) mean what the converter's ``--gene-column`` / ``--symbol-table`` mean; ``cap`` as in
+    `embed_counts`. Returns a coverage report."""
+    from .embed_output import EmbeddingWriter, check_output
 
-    source, out = Path(source), Path(out)
-    if out.suffix not in (".h5ad", ".zarr"):
-        raise ValueError(f"--out {out}: write .h5ad (the input plus obsm['X_{name}']) or .zarr (the array only)")
+    key = f"X_{name}"
+    check_output(source, out, key)  # before the input is read: a typo costs nothing
     if symbol_table is not None and not isinstance(symbol_table, dict):
         symbol_table = read_symbol_table(symbol_table)
-    adata = anndata.read_h5ad(source, backed="r")
-    tokens, report = gene_tokens(adata.var, model.vocab, str(source), gene_column, symbol_table)
-    matrix = adata.layers[layer] if layer else adata.X
-    n = adata.n_obs
-    try:
-        require_coverage(matrix[0 : min(n, chunk_cells)], tokens, report, str(source), min_coverage)
-    except ValueError:
-        adata.file.close()
-        raise
-    embedding = np.zeros((n, model.config.cell_dim), np.float32)
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    with open_cells(source, layer) as cells:
+        tokens, report = gene_tokens(cells.var, model.vocab, str(source), gene_column, symbol_table)
+        n = cells.n_cells
+        require_coverage(cells.read_rows(0, min(n, chunk_cells)), tokens, report, str(source), min_coverage)
+        bar = None
+        if progress:
+            from tqdm import tqdm
 
-        bar = tqdm(total=n, desc="embed", unit="cell")
-    for a in range(0, n, chunk_cells):
-        b = min(n, a + chunk_cells)
-        indptr, genes, counts, totals = token_csr(matrix[a:b], tokens, model.config.vocab_size)
-        embedding[a:b] = embed_counts(model, indptr, genes, counts, totals, token_budget, device=device, cap=cap)
+            bar = tqdm(total=n, desc="embed", unit="cell")
+        with EmbeddingWriter(source, out, key, n, model.config.cell_dim, chunk_cells) as writer:
+            for a in range(0, n, chunk_cells):
+                b = min(n, a + chunk_cells)
+                indptr, genes, counts, totals = token_csr(cells.read_rows(a, b), tokens, model.config.vocab_size)
+                writer.write(embed_counts(model, indptr, genes, counts, totals, token_budget, device=device, cap=cap))
+                if bar is not None:
+                    bar.update(b - a)
         if bar is not None:
-            bar.update(b - a)
-    if bar is not None:
-        bar.close()
-    if out.suffix == ".zarr":
-        import zarr
-
-        root = zarr.open_group(str(out), mode="w")
-        root.create_array(f"X_{name}", data=embedding)
-        root.attrs["obs_names"] = list(map(str, adata.obs_names))
-    else:
-        full = adata.to_memory()
-        full.obsm[f"X_{name}"] = embedding
-        full.write_h5ad(out)
-    adata.file.close()
-    report.update(n_cells=n, dim=int(embedding.shape[1]), out=str(out), key=f"X_{name}")
+            bar.close()
+    report.update(n_cells=n, dim=int(model.config.cell_dim), out=str(out), key=key)
     return report

@@ -230,9 +230,7 @@ def test_cli_accepts_both_gene_options(bundle, reference, embed_options, tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert report["mapped_by_symbol"] == 30 and report["input_genes"] == 32
-    import zarr
-
-    np.testing.assert_array_equal(np.asarray(zarr.open_group(str(out), mode="r")["X_scfm"]), reference)
+    np.testing.assert_array_equal(ad.read_zarr(out).obsm["X_scfm"], reference)
 
 
 def test_real_file_by_symbols_embeds_as_by_ensembl_ids(shared_data, tmp_path):

@@ -143,7 +143,7 @@ def test_bundle_records_model_vocabulary_and_normalization(bundle_a, run_a, corp
 
     resolved = yaml.safe_load((run_a / "config.yaml").read_text())
     meta = json.loads((bundle_a / "config.json").read_text())
-    assert meta["bundle_format"] == 1 and meta["model"] == resolved["model"]
+    assert meta["bundle_format"] == 2 and meta["model"] == resolved["model"]
     assert (bundle_a / "vocab.tsv").read_bytes() == (corpus / "vocab.tsv").read_bytes()
     norm = json.loads((bundle_a / "normalization.json").read_text())
     assert norm["mode"] == "log1p_bins" and norm["max_genes"] == 32 and norm["n_bins"] == resolved["model"]["n_bins"]

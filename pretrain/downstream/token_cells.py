@@ -1,8 +1,10 @@
 """Cells of .h5ad files of raw counts in the model's token layout, with their labels: what
 fine-tuning, prediction (and any other downstream task that trains on cells) read.
 
-Genes are matched to the bundle's vocabulary exactly as `pretrain.embed` matches them
-(`gene_tokens`, the same coverage check), so a cell is the same model input here as when embedded.
+Files are read as `pretrain.embed` and the converter read them (`pretrain.embed.open_cells`: the
+converter's reader, in row ranges) and genes are matched to the bundle's vocabulary exactly as
+`pretrain.embed` matches them (`gene_tokens`, the same coverage check), so a cell is the same model
+input here as when embedded.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import pandas as pd
 
 from data_pipeline.conversion.vocab import read_symbol_table
 
-from ..embed import gene_tokens, require_coverage, token_csr
+from ..embed import gene_tokens, open_cells, require_coverage, token_csr
 
 
 @dataclass
@@ -69,39 +71,30 @@ def read_token_cells(path: str | Path, model, label_column: str | None = None, l
     """Every cell of ``path`` (raw counts in X or ``layer``) over ``model``'s vocabulary (a bundle's
     model: `pretrain.load_pretrained`), with ``obs[label_column]`` when asked for. Refuses a file
     whose counts fall less than ``min_coverage`` on vocabulary genes, or without the label column."""
-    import anndata
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file; pass an .h5ad of raw counts")
     if symbol_table is not None and not isinstance(symbol_table, dict):
         symbol_table = read_symbol_table(symbol_table)
-    adata = anndata.read_h5ad(path, backed="r")
-    try:
+    with open_cells(path, layer) as source:
         labels = None
         if label_column is not None:
-            if label_column not in adata.obs.columns:
-                columns = list(map(str, adata.obs.columns))
+            columns = source.obs_columns()
+            if label_column not in columns:
                 shown = ", ".join(columns[:40]) + (f", ... ({len(columns)} in all)" if len(columns) > 40 else "")
                 raise ValueError(f"{path}: no obs column {label_column!r} to take the labels from (obs columns: "
                                  f"{shown or 'none'}); pass --label-column with the column holding the cell types")
-            labels = label_strings(adata.obs[label_column])
-        if layer is not None and layer not in adata.layers:
-            raise ValueError(f"{path}: no layer {layer!r} (layers: {', '.join(adata.layers) or 'none'}); pass one of "
-                             "them to --layer, or leave it out to read X")
-        tokens, report = gene_tokens(adata.var, model.vocab, str(path), gene_column, symbol_table)
-        matrix = adata.layers[layer] if layer else adata.X
-        n = adata.n_obs
-        require_coverage(matrix[0 : min(n, chunk_cells)], tokens, report, str(path), min_coverage)
+            labels = label_strings(pd.Series(source.obs_values(label_column)))
+        tokens, report = gene_tokens(source.var, model.vocab, str(path), gene_column, symbol_table)
+        n = source.n_cells
+        require_coverage(source.read_rows(0, min(n, chunk_cells)), tokens, report, str(path), min_coverage)
         parts = []
         for a in range(0, n, chunk_cells):
-            indptr, genes, counts, totals = token_csr(matrix[a : min(n, a + chunk_cells)], tokens,
+            indptr, genes, counts, totals = token_csr(source.read_rows(a, min(n, a + chunk_cells)), tokens,
                                                       model.config.vocab_size)
             parts.append(TokenCells(indptr, genes, counts, totals, np.zeros(len(indptr) - 1, object), None, []))
         cells = TokenCells.concat(parts) if parts else TokenCells(np.zeros(1, np.int64), np.zeros(0, np.int64),
                                                                   np.zeros(0), np.zeros(0), np.zeros(0, object),
                                                                   None, [])
         report["file"] = str(path)
-        return replace(cells, obs_names=np.asarray(adata.obs_names, dtype=object), labels=labels, coverage=[report])
-    finally:
-        adata.file.close()
+        return replace(cells, obs_names=source.obs_names(), labels=labels, coverage=[report])

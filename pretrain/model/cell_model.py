@@ -33,6 +33,7 @@ and the encoder-decoder passes their encoder outputs to the decoder as two more 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -120,6 +121,15 @@ class CellModel(nn.Module):
         model built (so the same seed gives the same weights whatever ran before)."""
         torch.manual_seed(seed)
         return cls(config, vocab=vocab, seed=seed)
+
+    @classmethod
+    def from_pretrained(cls, bundle: str | Path, device: str | torch.device = "cpu") -> CellModel:
+        """The model of an exported bundle (a folder written by `launch/export.py`), in eval mode,
+        with ``.normalization`` and ``.vocab`` attached: `pretrain.load_pretrained`, which owns the
+        bundle format."""
+        from ..export import load_pretrained
+
+        return load_pretrained(bundle, device=device)
 
     @staticmethod
     def _init(module: nn.Module) -> None:

@@ -1,0 +1,129 @@
+"""The export bundle as other tools and users meet it (issue 24, point 2): config.json carries
+``model_type`` and the architecture at top level beside the full model config, the safetensors
+metadata names the format, `CellModel.from_pretrained` and `pretrain.load_pretrained` load it,
+bundles of the format before still load, and the model card says what the model is, what it was
+trained on, and embeds with the one command it shows.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from data_pipeline.conversion.vocab import Vocabulary
+from data_pipeline.loading.normalize import Normalization
+from pretrain.config import ModelConfig
+from pretrain.export import normalization_record, write_bundle
+from pretrain.model import CellModel
+from tests.train_helpers import TINY, make_corpus, run_pretrain
+
+ROOT = Path(__file__).resolve().parents[1]
+GENES = [f"ENSG{100000000 + i:011d}" for i in range(30)]
+
+
+def _parts(preset_attention: str = "favor"):
+    vocab = Vocabulary.from_genes(GENES, [f"GN{chr(65 + i)}" for i in range(len(GENES))])
+    config = ModelConfig(vocab_size=len(vocab), d_model=32, n_layers=1, n_heads=2, attention=preset_attention,
+                         favor_features=16, n_bins=7, dropout=0.0)
+    return CellModel.initial(config, seed=0), config, vocab
+
+
+def _same_weights(a: CellModel, b: CellModel) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert set(sa) == set(sb)
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=k)
+
+
+def test_config_json_has_model_type_and_architecture_at_top_level(tmp_path):
+    model, config, vocab = _parts()
+    bundle = write_bundle(tmp_path / "b", model.state_dict(), config, vocab.to_tsv(),
+                          Normalization(mode="log1p_bins", n_bins=7), "# card\n", preset="celllm")
+    meta = json.loads((bundle / "config.json").read_text())
+    assert meta["bundle_format"] == 2 and meta["model_type"] == "scfm-performer" and meta["preset"] == "celllm"
+    assert (meta["d_model"], meta["n_layers"], meta["n_heads"], meta["vocab_size"]) == (32, 1, 2, len(vocab))
+    assert meta["attention"] == "favor" and meta["pooling"] == "cls" and meta["embedding_dim"] == 32
+    assert meta["n_genes"] == len(GENES) and meta["model"] == asdict(config)  # the full config kept
+    with safe_open(str(bundle / "model.safetensors"), framework="pt") as f:
+        assert f.metadata()["bundle_format"] == "2" and f.metadata()["model_type"] == "scfm-performer"
+
+
+def test_from_pretrained_and_load_pretrained_load_the_bundle(tmp_path):
+    import pretrain
+
+    model, config, vocab = _parts("sdpa")
+    bundle = write_bundle(tmp_path / "b", model.state_dict(), config, vocab.to_tsv(),
+                          Normalization(mode="log1p_bins", n_bins=7), "# card\n")
+    assert json.loads((bundle / "config.json").read_text())["model_type"] == "scfm-transformer"
+    for loaded in (CellModel.from_pretrained(bundle), pretrain.load_pretrained(bundle)):
+        assert isinstance(loaded, CellModel) and not loaded.training
+        _same_weights(loaded, model)
+        assert loaded.vocab.n_genes == len(GENES) and loaded.normalization.mode == "log1p_bins"
+
+
+def test_a_bundle_of_the_format_before_still_loads(tmp_path):
+    """Format 1 as `launch/export.py` wrote it until now: config.json = {bundle_format: 1, model: ...},
+    safetensors without metadata."""
+    model, config, vocab = _parts()
+    old = tmp_path / "old"
+    old.mkdir()
+    save_file({k: v.contiguous().clone() for k, v in model.state_dict().items()}, str(old / "model.safetensors"))
+    (old / "config.json").write_text(json.dumps({"bundle_format": 1, "model": asdict(config)}))
+    (old / "vocab.tsv").write_bytes(vocab.to_tsv())
+    (old / "normalization.json").write_text(json.dumps(normalization_record(Normalization(mode="log1p_bins",
+                                                                                          n_bins=7))))
+    _same_weights(CellModel.from_pretrained(old), model)
+
+
+def test_unreadable_and_edited_configs_are_refused_naming_the_fix(tmp_path):
+    from pretrain import load_pretrained
+
+    model, config, vocab = _parts()
+    bundle = write_bundle(tmp_path / "b", model.state_dict(), config, vocab.to_tsv(),
+                          Normalization(mode="log1p_bins", n_bins=7), "# card\n")
+    meta = json.loads((bundle / "config.json").read_text())
+    (bundle / "config.json").write_text(json.dumps({**meta, "d_model": 64}))
+    with pytest.raises(ValueError, match="top-level d_model differ .* export the run again"):
+        load_pretrained(bundle)
+    (bundle / "config.json").write_text(json.dumps({**meta, "bundle_format": 9}))
+    with pytest.raises(ValueError, match="bundle format 9; this code reads formats 1, 2: update this code"):
+        load_pretrained(bundle)
+
+
+@pytest.mark.slow
+def test_exported_bundle_card_describes_the_model_and_its_command_embeds(tmp_path):
+    corpus = make_corpus(tmp_path / "data", n_cells=96, n_genes=300)
+    run = tmp_path / "run"
+    run_pretrain([*TINY, f"data.corpus={corpus}", f"run.out={run}", "schedule.max_steps=1", "run.checkpoint_every=1"])
+    bundle = tmp_path / "bundle"
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "export.py"), str(run), "--out", str(bundle)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads((bundle / "config.json").read_text())
+    assert meta["model_type"] == "scfm-performer" and meta["d_model"] == 32 and meta["n_layers"] == 1
+    card = (bundle / "README.md").read_text()
+    assert "scfm-performer" in card and "96 cells" in card and "cells.h5ad (96 cells)" in card  # the corpus's source
+    assert "trained for 1 optimizer steps" in card and "embedding width 32" in card
+    # the card's one command, as a user would paste it (with their file names)
+    command = re.search(r"```\n(python launch/embed\.py [^\n]+)\n```", card).group(1)
+    source, out = corpus.parent / "cells.h5ad", tmp_path / "embedded.h5ad"
+    argv = [str(ROOT / a) if a.startswith("launch/") else a for a in shlex.split(command)]
+    argv = [{"THIS_FOLDER": str(bundle), "cells.h5ad": str(source), "cells_embedded.h5ad": str(out)}.get(a, a)
+            for a in argv]
+    proc = subprocess.run([sys.executable, *argv[1:], "--threads", "1"], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    embedded = ad.read_h5ad(out)
+    assert embedded.obsm["X_scfm"].shape == (embedded.n_obs, 32) and np.isfinite(embedded.obsm["X_scfm"]).all()
