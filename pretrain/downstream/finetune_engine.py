@@ -163,32 +163,19 @@ class DeepSpeedTrainer(Trainer):
 
     def load(self, out: Path, check) -> dict | None:
         """As `PlainTrainer.load`, from the newest intact complete checkpoint (`--resume auto` of
-        pretraining); rank 0 checks it, every rank gets its answer."""
-        import torch.distributed as dist
-
+        pretraining: `pretrain.checkpoint.agreed_resume_point`)."""
         from .. import checkpoint
 
-        answer: list = [None]
-        if self.rank == 0:
-            try:
-                if (out / CHECKPOINT_FILE).exists():
-                    raise ValueError(f"{out} holds a single-process fine-tuning run ({CHECKPOINT_FILE}): resume it "
-                                     "with plain `python launch/finetune.py ...`, or pass another --out")
-                found = checkpoint.resume_point(out, "auto")
-                if found is not None:
-                    check(checkpoint.read_marker(found))
-                answer = [("ok", None if found is None else str(found))]
-            except ValueError as err:
-                answer = [("error", str(err))]
-        dist.broadcast_object_list(answer, src=0)
-        kind, value = answer[0]
-        if kind == "error":
-            raise ValueError(value)
-        if value is None:
+        if (out / CHECKPOINT_FILE).exists():  # every rank sees it (the run folder is shared, as for checkpoints)
+            raise ValueError(f"{out} holds a single-process fine-tuning run ({CHECKPOINT_FILE}): resume it with "
+                             "plain `python launch/finetune.py ...`, or pass another --out")
+        found = checkpoint.agreed_resume_point(out, "auto", self.rank,
+                                               lambda found: check(checkpoint.read_marker(found)))
+        if found is None:
             return None
-        saved = checkpoint.load(self.engine, Path(value))["finetune"]
+        saved = checkpoint.load(self.engine, found)["finetune"]
         if saved["world"] != self.world:
-            raise ValueError(f"{value} was saved by {saved['world']} ranks, and each rank's random state (dropout) "
+            raise ValueError(f"{found} was saved by {saved['world']} ranks, and each rank's random state (dropout) "
                              f"is restored: resume with {saved['world']} ranks, or pass another --out")
         return {**saved, "rng": saved["rng"][self.rank]}
 
