@@ -213,10 +213,11 @@ class _Cells:
     def embed(self) -> np.ndarray:
         """Embeddings of every cell, in order, as prediction computes them (each rank embeds its
         share).  [n, cell_dim]"""
-        c = self.cells.subset(self.trainer.share_of(np.arange(len(self.cells))))
+        shared = self.trainer is not None and self.trainer.world > 1
+        c = self.cells.subset(self.trainer.share_of(np.arange(len(self.cells)))) if shared else self.cells
         part = embed_counts(self.model, c.indptr, c.genes, c.counts, c.totals, self.config.token_budget,
                             device=self.device)
-        return self.trainer.gather(part)
+        return self.trainer.gather(part) if shared else part
 
     def batch(self, rows: np.ndarray):
         """`Classifier` inputs of cells ``rows``: their fixed embeddings [B, cell_dim] (head mode),
@@ -252,7 +253,8 @@ def class_probabilities(head: ClassifierHead, embeddings: torch.Tensor | np.ndar
     head.eval()
     x = torch.as_tensor(embeddings)
     dtype = next(head.parameters()).dtype  # bf16 under a DeepSpeed engine in bf16
-    parts = [torch.softmax(head(x[a : a + chunk].to(device, dtype)).float(), dim=-1).cpu() for a in range(0, len(x), chunk)]
+    parts = [torch.softmax(head(x[a : a + chunk].to(device, dtype)).float(), dim=-1).cpu()
+             for a in range(0, len(x), chunk)]
     return torch.cat(parts).numpy() if parts else np.zeros((0, head.net[-1].out_features), np.float32)
 
 
@@ -464,8 +466,8 @@ def _write_finetuned(folder: Path, source: Path, model: CellModel, head: Classif
 Predict: `python launch/predict.py THIS_FOLDER cells.h5ad --out annotated.h5ad`; load in Python with
 `pretrain.downstream.finetune.load_finetuned("THIS_FOLDER")`. Embedding (`launch/embed.py`) works as with any bundle.
 """
-    write_bundle(folder, _full_precision(model.state_dict()), model.config, (source / "vocab.tsv").read_bytes(), model.normalization,
-                 card, extra={HEAD_FILE: save({k: v.detach().cpu().contiguous()
+    write_bundle(folder, _full_precision(model.state_dict()), model.config, (source / "vocab.tsv").read_bytes(),
+                 model.normalization, card, extra={HEAD_FILE: save({k: v.detach().cpu().contiguous()
                                                for k, v in _full_precision(head.state_dict()).items()}),
                               LABELS_FILE: json.dumps(labels, indent=1).encode()})
 
