@@ -33,6 +33,10 @@ from pretrain.config import DeepSpeedConfig, FinetuneConfig  # noqa: E402
 from pretrain.downstream.finetune import finetune  # noqa: E402
 from pretrain.threads import add_runtime_arguments, apply_threads, use_project_extension_dir  # noqa: E402
 
+# the `deepspeed.*` keys fine-tuning takes (chunks_per_step: one batch per step, --batch-size is global);
+# zero_stage, bf16 and overrides act under a launcher only, gradient_clipping in one process too
+DEEPSPEED_FLAGS = ("zero_stage", "bf16", "gradient_clipping", "overrides")
+
 
 def config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per `FinetuneConfig` field (--field-name), its help and default from the field; the
@@ -41,6 +45,8 @@ def config_arguments(parser: argparse.ArgumentParser) -> None:
         default = f.default_factory() if f.default is MISSING else f.default
         if f.name == "deepspeed":
             for sub in fields(DeepSpeedConfig):
+                if sub.name not in DEEPSPEED_FLAGS:
+                    continue
                 _add(parser, f"--deepspeed.{sub.name}", str(sub.type), sub.metadata["help"], getattr(default, sub.name))
         else:
             _add(parser, "--" + f.name.replace("_", "-"), str(f.type), f.metadata["help"], default)
@@ -63,8 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundle", help="folder written by launch/export.py (or a fine-tuned bundle)")
     parser.add_argument("inputs", nargs="+", help=".h5ad files of raw counts with the labels in obs")
-    parser.add_argument("--out", required=True, help="run folder: checkpoint.pt, bundle/, report.json, confusion.png; "
-                                                     "rerunning into it resumes")
+    parser.add_argument("--out", required=True, help="run folder: checkpoint.pt (checkpoints/ under a launcher), bundle/, "
+                                                     "report.json, confusion.png; rerunning into it resumes")
     parser.add_argument("--validation", default=None,
                         help="labelled .h5ad of validation cells (default: a stratified --val-fraction of the inputs)")
     config_arguments(parser)
@@ -75,8 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
     apply_threads(args.threads)
     values = {f.name: getattr(args, f.name) for f in fields(FinetuneConfig) if f.name != "deepspeed"}
-    deepspeed = DeepSpeedConfig(**{f.name: getattr(args, f"deepspeed.{f.name}") for f in fields(DeepSpeedConfig)})
-    config = FinetuneConfig(**values, deepspeed=deepspeed)
+    deepspeed = {name: getattr(args, f"deepspeed.{name}") for name in DEEPSPEED_FLAGS}
+    config = FinetuneConfig(**values, deepspeed=DeepSpeedConfig(**deepspeed))
     use_project_extension_dir()  # before DeepSpeed builds its CPU op (it imports lazily)
     try:
         report = finetune(args.bundle, args.inputs, args.out, config, validation=args.validation, device=args.device)
