@@ -228,22 +228,8 @@ class Checkpointer:
     @staticmethod
     def resume_point(run_dir: Path, resume: str | None, config, record: dict, rank: int) -> Path | None:
         """The checkpoint to resume from, intact and trained with a config this run may change into
-        (`pretrain.config.resume_changes`; the changes applied are said). Rank 0 reads the
-        checkpoints; every rank gets its answer, or raises its `ResumeError`."""
-        answer: list = [None]
-        if rank == 0:
-            try:
-                found = resume_point(run_dir, resume)
-                if found is not None:
-                    _check_resumed_config(found, config, record)
-                answer = [("ok", None if found is None else str(found))]
-            except ValueError as err:
-                answer = [("error", str(err))]
-        dist.broadcast_object_list(answer, src=0)
-        kind, value = answer[0]
-        if kind == "error":
-            raise ResumeError(value)
-        return None if value is None else Path(value)
+        (`pretrain.config.resume_changes`; the changes applied are said): `agreed_resume_point`."""
+        return agreed_resume_point(run_dir, resume, rank, lambda found: _check_resumed_config(found, config, record))
 
     def load(self, found: Path | None, restart_epoch: bool = False) -> tuple[int, list[dict], int]:
         """Restore the engine and the loader from ``found`` (None: a fresh start); returns (step,
@@ -292,6 +278,25 @@ class Checkpointer:
         self.last_saved = step
         log.restart_clock()  # a save is no training time
         return folder
+
+
+def agreed_resume_point(run_dir: Path, resume: str | None, rank: int, check=None) -> Path | None:
+    """`resume_point` on rank 0, then ``check(found)`` there (raises ValueError to refuse it); every
+    rank gets the answer, or raises the `ResumeError`. Collective: every rank calls it."""
+    answer: list = [None]
+    if rank == 0:
+        try:
+            found = resume_point(run_dir, resume)
+            if found is not None and check is not None:
+                check(found)
+            answer = [("ok", None if found is None else str(found))]
+        except ValueError as err:
+            answer = [("error", str(err))]
+    dist.broadcast_object_list(answer, src=0)
+    kind, value = answer[0]
+    if kind == "error":
+        raise ResumeError(value)
+    return None if value is None else Path(value)
 
 
 def _check_resumed_config(found: Path, config, record: dict) -> None:

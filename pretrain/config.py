@@ -410,6 +410,9 @@ class FinetuneConfig:
     symbol_table: str | None = _help("symbol -> Ensembl table (CSV/TSV[.gz] or pickled dict) for symbols the "
                                      "vocabulary lacks", None)
     min_coverage: float = _help("refuse inputs with a smaller share of their counts on vocabulary genes", 0.5)
+    deepspeed: DeepSpeedConfig = _help("under a launcher (`deepspeed` / `torchrun`): the DeepSpeed engine, keys as in "
+                                       "pretraining; gradient_clipping applies to single-process runs too",
+                                       factory=lambda: DeepSpeedConfig(gradient_clipping=0.0))
 
     def validate(self) -> FinetuneConfig:
         if self.mode not in FINETUNE_MODES:
@@ -420,4 +423,14 @@ class FinetuneConfig:
             raise ValueError(f"--threshold {self.threshold}: a probability in [0, 1] (0: never unassigned)")
         if self.batch_size < 1 or self.epochs < 0 or self.patience < 0:
             raise ValueError("--batch-size must be >= 1, --epochs and --patience >= 0")
+        ds = self.deepspeed
+        if ds.zero_stage not in (0, 1, 2):
+            # the best epoch's weights are kept as a copy of the module's parameters, which ZeRO-3 partitions
+            raise ValueError(f"--deepspeed.zero_stage {ds.zero_stage}: fine-tuning runs ZeRO stages 0-2 (the head and "
+                             "a cell encoder fit on one device); pass --deepspeed.zero_stage 2")
+        if ds.chunks_per_step != 1:
+            raise ValueError(f"--deepspeed.chunks_per_step {ds.chunks_per_step}: fine-tuning takes one batch per "
+                             "optimizer step; set the global batch with --batch-size (it is split over the ranks)")
+        if ds.gradient_clipping < 0:
+            raise ValueError("--deepspeed.gradient_clipping must be >= 0 (0: off)")
         return self

@@ -1,4 +1,5 @@
-"""Process group setup that works under the `deepspeed` launcher, `torchrun` and plain `python`."""
+"""Process group setup that works under the `deepspeed` launcher, `torchrun` and plain `python`, and
+the DeepSpeed engine that pretraining and fine-tuning build from their `deepspeed.*` keys."""
 
 from __future__ import annotations
 
@@ -57,3 +58,27 @@ def host_all_reduce(values: list[float]) -> list[float]:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, group=host_group())
     return t.tolist()
+
+
+def launched() -> bool:
+    """Whether a launcher (`deepspeed`, `torchrun`) started this process: it sets RANK."""
+    return "RANK" in os.environ
+
+
+def deepspeed_engine(module: torch.nn.Module, optimizer: torch.optim.Optimizer, ds, device: torch.device,
+                     micro_steps: int = 1, scheduler=None):
+    """(DeepSpeed engine over ``module`` and the client ``optimizer`` (its parameter groups kept),
+    whether bf16 is on) from ``ds`` (a `pretrain.config.DeepSpeedConfig`): one micro-batch per rank
+    per micro-step, ``micro_steps`` of them per optimizer step."""
+    import deepspeed
+
+    bf16 = ds.bf16 if ds.bf16 is not None else (device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if ds.zero_stage == 0 and not bf16:
+        raise ValueError("deepspeed.zero_stage=0 in fp32 applies updates whose gradients are NaN (DeepSpeed skips "
+                         "them only with ZeRO 1-3 or bf16): use deepspeed.zero_stage=1 or more")
+    ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": micro_steps,
+                 "zero_optimization": {"stage": ds.zero_stage}, "bf16": {"enabled": bool(bf16)},
+                 "gradient_clipping": ds.gradient_clipping, "zero_allow_untested_optimizer": True,
+                 "steps_per_print": 10**12, "wall_clock_breakdown": False, **ds.overrides}
+    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    return engine, bool(bf16)

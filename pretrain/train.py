@@ -29,7 +29,7 @@ from data_pipeline.loading.masking import Views
 from . import checkpoint
 from .checkpoint import Checkpointer
 from .config import TrainConfig
-from .distributed import init_distributed
+from .distributed import deepspeed_engine, init_distributed
 from .metrics import RunLog, StepLog, device_peak_tflops, history_tail
 from .model import CellModel
 from .model.attention import require_attention_device
@@ -118,25 +118,14 @@ def lr_factor(schedule, step: int) -> float:
 
 
 def build_engine(config: TrainConfig, module: PretrainModule, device: torch.device):
-    import deepspeed
-
     o, ds = config.optimizer, config.deepspeed
-    bf16 = ds.bf16 if ds.bf16 is not None else (device.type == "cuda" and torch.cuda.is_bf16_supported())
     decay = [p for p in module.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in module.parameters() if p.requires_grad and p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(config.schedule, s))
-    if ds.zero_stage == 0 and not bf16:
-        raise ValueError("deepspeed.zero_stage=0 in fp32 applies updates whose gradients are NaN (DeepSpeed skips "
-                         "them only with ZeRO 1-3 or bf16): use deepspeed.zero_stage=1 or more")
     micro_steps = ds.chunks_per_step if config.objectives.gradient_cache else 1
-    ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": micro_steps,
-                 "zero_optimization": {"stage": ds.zero_stage}, "bf16": {"enabled": bool(bf16)},
-                 "gradient_clipping": ds.gradient_clipping, "zero_allow_untested_optimizer": True,
-                 "steps_per_print": 10**12, "wall_clock_breakdown": False, **ds.overrides}
-    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-    return engine, bool(bf16)
+    return deepspeed_engine(module, optimizer, ds, device, micro_steps, scheduler)
 
 
 def _batches(loader: CellLoader):

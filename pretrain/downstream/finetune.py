@@ -7,17 +7,19 @@ macro-F1 with the best epoch kept. Two modes:
 
 - ``head``: the encoder is frozen; every cell is embedded once (`pretrain.embed.embed_counts`)
   and only the head trains on those embeddings;
-- ``full``: every weight trains, the encoder at ``lr x encoder_lr_scale``; cells enter the
+- ``full``: every weight the cell embedding depends on trains (the pretraining heads stay as
+  exported), the encoder at ``lr x encoder_lr_scale``; cells enter the
   encoder exactly as `embed_counts` normalizes them (each cell's random draws seeded by its
   content), so training sees the input prediction will see. FAVOR+ projections stay as exported
   (no redraws: the fine-tuned encoder is evaluated with the projections it was tuned with).
 
 A run writes into its output folder ``OUT``:
 
-- ``checkpoint.pt`` after every epoch (head, encoder in full mode, best weights so far, optimizer,
-  RNG states, epoch, best score): a rerun with the same ``OUT`` and settings resumes from it, and
-  gives exactly what an uninterrupted run gives (``--epochs`` may grow; other settings that shape
-  the training are refused);
+- a checkpoint after every epoch (head, encoder in full mode, best weights so far, optimizer,
+  RNG states, epoch, best score): ``checkpoint.pt`` in one process, pretraining's
+  ``checkpoints/step-NNNNNNNN`` under a launcher (`finetune_engine`); a rerun with the same
+  ``OUT`` and settings resumes from it, and gives exactly what an uninterrupted run gives
+  (``--epochs`` may grow; other settings that shape the training are refused);
 - ``bundle/``: the fine-tuned bundle (`pretrain.export.write_bundle`'s format, loadable with
   `pretrain.load_pretrained`) plus ``head.safetensors`` and ``labels.json`` (label names, the
   head's shape, the confidence threshold); `load_finetuned` reads it;
@@ -26,7 +28,9 @@ A run writes into its output folder ``OUT``:
   order), how many cells fall below the threshold (``unassigned``) and the per-epoch history;
   ``confusion.png`` beside it.
 
-Multi-GPU (DeepSpeed) fine-tuning is not implemented: one process, on the device given.
+One process on the device given (plain torch), or data-parallel ranks under `deepspeed` /
+`torchrun` in a DeepSpeed engine built from the config's ``deepspeed`` keys, as pretraining does
+(`finetune_engine`: the same optimizer step on both paths). Rank 0 writes the outputs.
 """
 
 from __future__ import annotations
@@ -40,16 +44,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import xxhash
 from torch import nn
 
-from data_pipeline.conversion.fsio import atomic_write_json, atomic_write_with, source_checksum
+from data_pipeline.conversion.fsio import atomic_write_json, source_checksum
 
 from ..config import FinetuneConfig, resume_changes
 from ..embed import embed_counts, model_input
 from ..export import write_bundle
 from ..model import CellModel
+from .finetune_engine import CHECKPOINT_FILE, Classifier, Trainer, make_trainer
 from .token_cells import TokenCells, read_token_cells
 
 logger = logging.getLogger(__name__)
@@ -57,7 +61,6 @@ logger = logging.getLogger(__name__)
 FINETUNE_FORMAT = 1
 HEAD_FILE = "head.safetensors"
 LABELS_FILE = "labels.json"
-CHECKPOINT_FILE = "checkpoint.pt"
 UNASSIGNED = "unassigned"
 
 
@@ -194,25 +197,31 @@ def _digest(*arrays) -> str:
 
 
 class _Cells:
-    """Cell embeddings of a `TokenCells`, computed once (head mode) or by the trained encoder."""
+    """Cell embeddings of a `TokenCells`, computed once (head mode) or by the trained encoder;
+    ``trainer`` shares the embedding of every cell over the ranks (`Trainer.share_of`, `gather`)."""
 
     def __init__(self, model: CellModel, cells: TokenCells, config: FinetuneConfig, device,
-                 embeddings: np.ndarray | None = None):
-        self.model, self.cells, self.config, self.device = model, cells, config, device
+                 trainer: Trainer | None = None, embeddings: np.ndarray | None = None):
+        self.model, self.cells, self.config, self.device, self.trainer = model, cells, config, device, trainer
         self.fixed: torch.Tensor | None = None
         if config.mode == "head":
             self.fixed = torch.from_numpy(self.embed() if embeddings is None else embeddings).to(device)
         else:
             self.norm, self.depth = model_input(model, cells.indptr, cells.genes, cells.counts, cells.totals)
 
+    @torch.no_grad()
     def embed(self) -> np.ndarray:
-        """Embeddings of every cell, in order, as prediction computes them.  [n, cell_dim]"""
-        c = self.cells
-        return embed_counts(self.model, c.indptr, c.genes, c.counts, c.totals, self.config.token_budget,
+        """Embeddings of every cell, in order, as prediction computes them (each rank embeds its
+        share).  [n, cell_dim]"""
+        shared = self.trainer is not None and self.trainer.world > 1
+        c = self.cells.subset(self.trainer.share_of(np.arange(len(self.cells)))) if shared else self.cells
+        part = embed_counts(self.model, c.indptr, c.genes, c.counts, c.totals, self.config.token_budget,
                             device=self.device)
+        return self.trainer.gather(part) if shared else part
 
-    def batch(self, rows: np.ndarray) -> torch.Tensor:
-        """Embeddings of cells ``rows`` with autograd through the encoder in full mode.  [B, cell_dim]"""
+    def batch(self, rows: np.ndarray):
+        """`Classifier` inputs of cells ``rows``: their fixed embeddings [B, cell_dim] (head mode),
+        or their packed encoder input (full mode)."""
         if self.fixed is not None:
             return self.fixed[torch.from_numpy(rows).to(self.device)]
         norm = self.norm
@@ -221,10 +230,19 @@ class _Cells:
         cu = np.zeros(len(rows) + 1, np.int32)
         cu[1:] = np.cumsum(lengths)
         d = self.device
-        _, cells = self.model.encode(torch.from_numpy(norm.genes[index]).to(d),
-                                     torch.from_numpy(norm.values[index]).to(d), torch.from_numpy(cu).to(d),
-                                     int(lengths.max(initial=0)), torch.from_numpy(self.depth[rows]).to(d))
-        return cells
+        return (torch.from_numpy(norm.genes[index]).to(d), torch.from_numpy(norm.values[index]).to(d),
+                torch.from_numpy(cu).to(d), int(lengths.max(initial=0)), torch.from_numpy(self.depth[rows]).to(d))
+
+
+def _encoder_parameters(model: CellModel, cells: _Cells) -> list[nn.Parameter]:
+    """The parameters a cell embedding depends on (not the pretraining heads): the ones full mode
+    trains. Found by a gradient through one cell in eval mode (no dropout draw)."""
+    model.eval()
+    _, embedding = model.encode(*cells.batch(np.arange(1)))
+    embedding.float().sum().backward()
+    used = [p for p in model.parameters() if p.grad is not None]
+    model.zero_grad(set_to_none=True)
+    return used
 
 
 @torch.no_grad()
@@ -234,7 +252,9 @@ def class_probabilities(head: ClassifierHead, embeddings: torch.Tensor | np.ndar
     hidden activations of a million cells at once would take gigabytes)."""
     head.eval()
     x = torch.as_tensor(embeddings)
-    parts = [torch.softmax(head(x[a : a + chunk].to(device)).float(), dim=-1).cpu() for a in range(0, len(x), chunk)]
+    dtype = next(head.parameters()).dtype  # bf16 under a DeepSpeed engine in bf16
+    parts = [torch.softmax(head(x[a : a + chunk].to(device, dtype)).float(), dim=-1).cpu()
+             for a in range(0, len(x), chunk)]
     return torch.cat(parts).numpy() if parts else np.zeros((0, head.net[-1].out_features), np.float32)
 
 
@@ -279,10 +299,16 @@ def finetune(bundle: str | Path, inputs: list[str | Path], out: str | Path, conf
              validation: str | Path | None = None, device: str | torch.device = "cpu") -> dict:
     """Fine-tune ``bundle`` on the labelled cells of ``inputs`` (obs[config.label_column]); write
     ``out``/checkpoint.pt (each epoch), ``out``/bundle, ``out``/report.json (+ confusion.png).
-    Resumes from ``out``/checkpoint.pt when present. Returns the report."""
+    Resumes from ``out``/checkpoint.pt when present. Under a launcher (`deepspeed`, `torchrun`):
+    data-parallel over the ranks on their devices (``device`` is not used), checkpoints in
+    ``out``/checkpoints/ (`finetune_engine.DeepSpeedTrainer`), rank 0 writes the outputs. Returns
+    the report."""
+    from ..distributed import init_distributed, launched
     from ..export import load_pretrained
 
     config.validate()
+    if launched():
+        _, _, device = init_distributed()
     if (Path(bundle) / LABELS_FILE).exists():
         logger.info(f"{bundle} is a fine-tuned bundle: its encoder is fine-tuned again with a new head")
     model = load_pretrained(bundle, device=device)
@@ -310,13 +336,23 @@ def finetune_split(bundle: str | Path, model: CellModel, split: LabelledSplit, o
     torch.manual_seed(config.seed)
     head = ClassifierHead(model.config.cell_dim, list(config.hidden), k, config.dropout).to(device)
     full = config.mode == "full"
-    for p in model.parameters():
-        p.requires_grad_(full and p.requires_grad)
     groups = [{"params": list(head.parameters()), "lr": config.lr}]
+    given = embeddings if config.mode == "head" and embeddings is not None else (None, None)
     if full:
-        groups.append({"params": [p for p in model.parameters() if p.requires_grad],
-                       "lr": config.lr * config.encoder_lr_scale})
-    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+        trainable = {id(p) for p in model.parameters() if p.requires_grad}
+        probe = _Cells(model, split.train.subset(np.arange(1)), config, device)
+        encoder = [p for p in _encoder_parameters(model, probe) if id(p) in trainable]
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in encoder:
+            p.requires_grad_(True)
+        groups.append({"params": encoder, "lr": config.lr * config.encoder_lr_scale})
+    else:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    trainer = make_trainer(Classifier(head, model if full else None), groups, config, device)
+    if trainer.rank:  # dropout differs between ranks; the head's initialization (above) does not
+        torch.manual_seed(config.seed + 7919 * trainer.rank)
     shuffle = torch.Generator().manual_seed(config.seed)
     weight = class_weights(split.y_train, k).to(device) if config.class_weights else None
     y_train = torch.from_numpy(split.y_train).to(device)
@@ -324,24 +360,18 @@ def finetune_split(bundle: str | Path, model: CellModel, split: LabelledSplit, o
     run = {"epoch": 0, "best_f1": -1.0, "best_epoch": 0, "since_best": 0, "stopped": False, "history": []}
     best = {"head": _copy(head.state_dict()), "model": _copy(model.state_dict()) if full else None}
     out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / CHECKPOINT_FILE
-    if ckpt_path.exists():
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        _check_resume(saved, config, identity, classes, out)
-        head.load_state_dict(saved["head"])
-        if full:
-            model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
+    saved = trainer.load(out, lambda saved: _check_resume(saved, config, identity, classes, out))
+    if saved is not None:
         run = saved["run"]
         best = saved["best"]
         _set_rng_state(saved["rng"], device, shuffle)
         logger.info(f"resumed {out} after epoch {run['epoch']} (best macro-F1 {run['best_f1']:.4f} at epoch "
                     f"{run['best_epoch']})")
 
-    given = embeddings if config.mode == "head" and embeddings is not None else (None, None)
-    train_cells = _Cells(model, split.train, config, device, given[0])
-    val_cells = _Cells(model, split.val, config, device, given[1])
+    train_cells = _Cells(model, split.train, config, device, trainer, given[0])
+    val_cells = _Cells(model, split.val, config, device, trainer, given[1])
     n = len(split.train)
+    steps_per_epoch = math.ceil(n / config.batch_size)
     if run["stopped"]:
         logger.info(f"the run stopped early at epoch {run['epoch']} (no better validation macro-F1 for "
                     f"{run['since_best']} epochs): nothing left to train; writing its outputs again")
@@ -349,20 +379,14 @@ def finetune_split(bundle: str | Path, model: CellModel, split: LabelledSplit, o
         head.train()
         model.train(full)
         order = torch.randperm(n, generator=shuffle).numpy()
-        total, steps = 0.0, 0
-        for start in range(0, n, config.batch_size):
-            rows = order[start : start + config.batch_size]
-            logits = head(train_cells.batch(rows))
-            loss = F.cross_entropy(logits.float(), y_train[torch.from_numpy(rows).to(device)], weight=weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total, steps = total + float(loss.detach()), steps + 1
+        total = sum(trainer.step(train_cells, order[start : start + config.batch_size], y_train, weight)
+                    for start in range(0, n, config.batch_size))
+        total = trainer.sum(total)
         probs = _val_probabilities(model, head, val_cells, device)
         s = scores(split.y_val, probs, classes, config.threshold)
         run["epoch"] += 1
-        run["history"].append({"epoch": run["epoch"], "loss": total / max(1, steps), "val_macro_f1": s["macro_f1"],
-                               "val_accuracy": s["accuracy"]})
+        run["history"].append({"epoch": run["epoch"], "loss": total / max(1, steps_per_epoch),
+                               "val_macro_f1": s["macro_f1"], "val_accuracy": s["accuracy"]})
         if s["macro_f1"] > run["best_f1"]:
             run.update(best_f1=s["macro_f1"], best_epoch=run["epoch"], since_best=0)
             best = {"head": _copy(head.state_dict()), "model": _copy(model.state_dict()) if full else None}
@@ -374,9 +398,8 @@ def finetune_split(bundle: str | Path, model: CellModel, split: LabelledSplit, o
                     f"{s['macro_f1']:.4f}, accuracy {s['accuracy']:.4f}"
                     + (f"; no better for {run['since_best']} epochs: stopping" if run["stopped"] else ""))
         state = {"format": FINETUNE_FORMAT, "config": asdict(config), "identity": identity, "classes": classes,
-                 "run": run, "head": head.state_dict(), "model": model.state_dict() if full else None,
-                 "best": best, "optimizer": optimizer.state_dict(), "rng": _rng_state(device, shuffle)}
-        atomic_write_with(ckpt_path, lambda fh, state=state: torch.save(state, fh))
+                 "run": run, "best": best, "rng": _rng_state(device, shuffle)}
+        trainer.save(out, state, run["epoch"] * steps_per_epoch)
 
     head.load_state_dict(best["head"])
     if full:
@@ -389,9 +412,11 @@ def finetune_split(bundle: str | Path, model: CellModel, split: LabelledSplit, o
               "left_out": split.left_out, "best_epoch": run["best_epoch"], "epochs_run": run["epoch"],
               "stopped_early": run["stopped"], "history": run["history"], "config": asdict(config),
               "bundle": str(bundle), "inputs": list(inputs)}
-    _write_finetuned(out / "bundle", bundle, model, head, config, classes, report)
-    atomic_write_json(out / "report.json", report, indent=1)
-    _plot_confusion(report, out / "confusion.png")
+    if trainer.rank == 0:  # every rank holds the same weights and report
+        _write_finetuned(out / "bundle", bundle, model, head, config, classes, report)
+        atomic_write_json(out / "report.json", report, indent=1)
+        _plot_confusion(report, out / "confusion.png")
+    trainer.barrier()
     logger.info(f"best epoch {run['best_epoch']}: validation macro-F1 {report['macro_f1']:.4f}, accuracy "
                 f"{report['accuracy']:.4f}, {report['unassigned']} of {len(split.val)} cells unassigned at threshold "
                 f"{config.threshold}; bundle {out / 'bundle'}")
@@ -441,9 +466,16 @@ def _write_finetuned(folder: Path, source: Path, model: CellModel, head: Classif
 Predict: `python launch/predict.py THIS_FOLDER cells.h5ad --out annotated.h5ad`; load in Python with
 `pretrain.downstream.finetune.load_finetuned("THIS_FOLDER")`. Embedding (`launch/embed.py`) works as with any bundle.
 """
-    write_bundle(folder, model.state_dict(), model.config, (source / "vocab.tsv").read_bytes(), model.normalization,
-                 card, extra={HEAD_FILE: save({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}),
+    write_bundle(folder, _full_precision(model.state_dict()), model.config, (source / "vocab.tsv").read_bytes(),
+                 model.normalization, card, extra={HEAD_FILE: save({k: v.detach().cpu().contiguous()
+                                               for k, v in _full_precision(head.state_dict()).items()}),
                               LABELS_FILE: json.dumps(labels, indent=1).encode()})
+
+
+def _full_precision(state: dict) -> dict:
+    """float32 for the half-precision tensors a bf16 DeepSpeed engine trains in place (ZeRO keeps
+    its float32 master copy partitioned over the ranks); a bundle holds float32 weights."""
+    return {k: v.float() if v.dtype in (torch.bfloat16, torch.float16) else v for k, v in state.items()}
 
 
 def _plot_confusion(report: dict, path: Path) -> None:
