@@ -558,22 +558,40 @@ def _var_frame(ids: np.ndarray, names: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame({"gene_ids": ids, "gene_symbol": names}, index=pd.Index(ids, dtype=object))
 
 
-class TenXH5Source(Source):
+class _HDF5FileSource(Source):
+    """A source held in one HDF5 file: opened in ``__init__``, closed again if ``_open`` (the
+    subclass's reading of its layout) fails, so a refused file leaves no handle behind."""
+
+    _FORMAT = ""
+
+    def __init__(self, path: Path, matrix: str | None = None):
+        self.path, self.format = path, self._FORMAT
+        self._open_handles()
+        try:
+            self._open(matrix)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_handles(self):
+        self._f = open_h5(self.path)
+
+    def _open(self, matrix: str | None):
+        raise NotImplementedError
+
+
+class TenXH5Source(_HDF5FileSource):
     """Cell Ranger `.h5` (v3: ``matrix/`` with ``features/``; v2: one group per genome).
 
     The stored matrix is CSC of genes x cells, i.e. per-cell pointers: rows read like CSR.
     Only "Gene Expression" features are presented (antibody / CRISPR features are dropped).
     """
 
-    def __init__(self, path: Path, matrix: str | None = None):
-        self.path, self.format = path, "10x-h5"
-        self._f = open_h5(path)
-        self._ranges = _Ranges(path)
-        try:
-            self._open(matrix)
-        except BaseException:
-            self.close()
-            raise
+    _FORMAT = "10x-h5"
+
+    def _open_handles(self):
+        super()._open_handles()
+        self._ranges = _Ranges(self.path)
 
     def _open(self, matrix: str | None):
         f, path = self._f, self.path
@@ -653,7 +671,7 @@ _LOOM_GENE_IDS = ("Accession", "Gene")
 _LOOM_CELL_IDS = ("CellID", "obs_names", "cell_id")
 
 
-class LoomSource(Source):
+class LoomSource(_HDF5FileSource):
     """A `.loom` file (loom spec 2.0.1 / 3.0.0): ``/matrix`` genes x cells (dense, chunked),
     ``/row_attrs/<name>`` per gene, ``/col_attrs/<name>`` per cell, ``/layers/<name>``.
 
@@ -662,14 +680,7 @@ class LoomSource(Source):
     ``/matrix``; anything else names a layer.
     """
 
-    def __init__(self, path: Path, matrix: str | None = None):
-        self.path, self.format = path, "loom"
-        self._f = open_h5(path)
-        try:
-            self._open(matrix)
-        except BaseException:
-            self.close()
-            raise
+    _FORMAT = "loom"
 
     def _open(self, matrix: str | None):
         f, path = self._f, self.path
