@@ -41,9 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("convert", help="convert count matrices into a corpus (resumable)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    c.add_argument("inputs", nargs="+", help=".h5ad files, AnnData .zarr stores, 10x matrix.mtx folders, 10x .h5 files")
+    c.add_argument("inputs", nargs="+", help=".h5ad files, AnnData .zarr stores, 10x matrix.mtx folders, 10x .h5 files, .loom files")
     c.add_argument("--out", required=True, help="corpus folder to create (or resume)")
-    c.add_argument("--matrix", default="X", help="what to read from AnnData inputs: X, raw.X or layers/NAME")
+    c.add_argument("--matrix", default="X", help="what to read from AnnData inputs: X, raw.X or layers/NAME (.loom: X or a layer NAME)")
     c.add_argument("--gene-column", help="var column holding gene ids (or 'var_names'); detected if omitted")
     c.add_argument("--symbol-table", help="symbol -> Ensembl table (CSV/TSV[.gz] or pickled dict) for inputs named by symbols")
     c.add_argument("--vocab", help="use this vocabulary (our vocab.tsv or a Geneformer token dictionary .pkl) instead of building one")

@@ -126,3 +126,31 @@ def write_anndata(path, X, gene_ids, symbols, barcodes, layout="csr", matrix="X"
         else:
             adata.write_h5ad(path)
     return path
+
+
+def write_loom(path, X, gene_ids, symbols, barcodes, layer=None, id_attr="Accession") -> Path:
+    """A `.loom` file in the loom spec 3.0.0 layout, written with h5py (loompy is not a project
+    dependency): ``/matrix`` genes x cells, dense, chunked 64 x 64 and gzipped as loompy writes it;
+    gene ids in ``row_attrs/<id_attr>`` (None: no id attribute), symbols in ``row_attrs/Gene``
+    unless that is the id attribute, cell ids in ``col_attrs/CellID``. With ``layer``, X is stored
+    in ``/layers/<layer>`` and ``/matrix`` holds X x 10 (a reader of the wrong one fails)."""
+    import h5py
+
+    dense = np.asarray(sp.csr_matrix(X).toarray().T, dtype=np.float32)  # genes x cells
+    strings = h5py.string_dtype()
+    with h5py.File(path, "w") as f:
+        f.attrs["LOOM_SPEC_VERSION"] = "3.0.0"
+        kw = dict(chunks=(min(64, dense.shape[0]), min(64, dense.shape[1])), compression="gzip")
+        f.create_dataset("matrix", data=dense * 10 if layer else dense, **kw)
+        f.create_group("layers")
+        if layer:
+            f["layers"].create_dataset(layer, data=dense, **kw)
+        rows, cols = f.create_group("row_attrs"), f.create_group("col_attrs")
+        if id_attr is not None:
+            rows.create_dataset(id_attr, data=np.array(list(gene_ids), dtype=object), dtype=strings)
+        if id_attr not in (None, "Gene"):
+            rows.create_dataset("Gene", data=np.array(list(symbols), dtype=object), dtype=strings)
+        cols.create_dataset("CellID", data=np.array(list(barcodes), dtype=object), dtype=strings)
+        f.create_group("col_graphs")
+        f.create_group("row_graphs")
+    return Path(path)

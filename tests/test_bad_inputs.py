@@ -245,3 +245,14 @@ def test_mixed_species_vocabulary_warns_and_inspect_counts_prefixes(tmp_path, ca
     convert(tmp_path / "c2", ConvertOptions([str(human)]), progress=False)
     assert "mixes" not in capsys.readouterr().err
     assert "vocabulary genes by id prefix: ENSG 12" in summary(tmp_path / "c2")
+
+
+def test_loom_without_gene_ids_names_the_attribute_to_add(tmp_path):
+    from data_pipeline.conversion.readers import open_source
+    from tests.source_writers import write_loom
+
+    x = random_counts(20, 6, seed=3)
+    path = write_loom(tmp_path / "noids.loom", x, [ensembl(i) for i in range(6)],
+                      [f"S{i}" for i in range(6)], [f"c{i}" for i in range(20)], id_attr=None)
+    with pytest.raises(SourceError, match=r"noids.loom: no gene id attribute.*row_attrs\['Accession'\]"):
+        open_source(path)

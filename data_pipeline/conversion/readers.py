@@ -1,4 +1,5 @@
-"""Readers for count matrices: `.h5ad`, AnnData zarr stores, 10x `matrix.mtx` folders, 10x `.h5`.
+"""Readers for count matrices: `.h5ad`, AnnData zarr stores, 10x `matrix.mtx` folders, 10x `.h5`,
+`.loom`.
 
 Every reader presents a file as a `Source`: cells x genes, read in row ranges as CSR, never loaded
 whole where the format allows random access:
@@ -8,6 +9,8 @@ whole where the format allows random access:
   memory, but the whole matrix is read once per range; prefer CSR for very large files).
 - h5ad / zarr dense: rows are read directly.
 - 10x h5 (v2 and v3): per-cell pointers, read like CSR.
+- loom: the dense genes x cells ``/matrix`` is read a column (cell) block at a time, one
+  hyperslab per range (h5py reads whole chunks, never cell by cell).
 - 10x mtx: MatrixMarket has no index, so the file is parsed once, whole, when first read.
 
 Cell metadata is read per row range too (`Source.obs_names`, `Source.obs_values`), so a work unit
@@ -67,7 +70,7 @@ def open_h5(path: Path):
 
 
 def detect_format(path: Path) -> str:
-    """One of ``h5ad``, ``zarr``, ``10x-mtx``, ``10x-h5``, from the path and a peek inside."""
+    """One of ``h5ad``, ``zarr``, ``10x-mtx``, ``10x-h5``, ``loom``, from the path and a peek inside."""
     if path.is_dir():
         names = {p.name for p in path.iterdir()}
         if names & {"matrix.mtx", "matrix.mtx.gz"}:
@@ -80,11 +83,13 @@ def detect_format(path: Path) -> str:
         return "10x-mtx"
     if path.suffix == ".h5ad":
         return "h5ad"
+    if path.suffix == ".loom":
+        return "loom"
     if path.suffix in (".h5", ".hdf5"):
         with open_h5(path) as f:
             return "h5ad" if "X" in f or "obs" in f else "10x-h5"
     raise SourceError(f"{path}: unknown input type; expected .h5ad, an AnnData .zarr store, a 10x "
-                      "matrix.mtx(.gz) folder or a 10x .h5 file")
+                      "matrix.mtx(.gz) folder, a 10x .h5 file or a .loom file")
 
 
 def open_source(path: str | Path, matrix: str | None = "X") -> Source:
@@ -100,6 +105,8 @@ def open_source(path: str | Path, matrix: str | None = "X") -> Source:
             return AnnDataSource(path, fmt, matrix)
         if fmt == "10x-h5":
             return TenXH5Source(path, matrix)
+        if fmt == "loom":
+            return LoomSource(path, matrix)
         return TenXMtxSource(path, matrix)
     except SourceError:
         raise
@@ -551,22 +558,40 @@ def _var_frame(ids: np.ndarray, names: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame({"gene_ids": ids, "gene_symbol": names}, index=pd.Index(ids, dtype=object))
 
 
-class TenXH5Source(Source):
+class _HDF5FileSource(Source):
+    """A source held in one HDF5 file: opened in ``__init__``, closed again if ``_open`` (the
+    subclass's reading of its layout) fails, so a refused file leaves no handle behind."""
+
+    _FORMAT = ""
+
+    def __init__(self, path: Path, matrix: str | None = None):
+        self.path, self.format = path, self._FORMAT
+        self._open_handles()
+        try:
+            self._open(matrix)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_handles(self):
+        self._f = open_h5(self.path)
+
+    def _open(self, matrix: str | None):
+        raise NotImplementedError
+
+
+class TenXH5Source(_HDF5FileSource):
     """Cell Ranger `.h5` (v3: ``matrix/`` with ``features/``; v2: one group per genome).
 
     The stored matrix is CSC of genes x cells, i.e. per-cell pointers: rows read like CSR.
     Only "Gene Expression" features are presented (antibody / CRISPR features are dropped).
     """
 
-    def __init__(self, path: Path, matrix: str | None = None):
-        self.path, self.format = path, "10x-h5"
-        self._f = open_h5(path)
-        self._ranges = _Ranges(path)
-        try:
-            self._open(matrix)
-        except BaseException:
-            self.close()
-            raise
+    _FORMAT = "10x-h5"
+
+    def _open_handles(self):
+        super()._open_handles()
+        self._ranges = _Ranges(self.path)
 
     def _open(self, matrix: str | None):
         f, path = self._f, self.path
@@ -639,6 +664,74 @@ class TenXH5Source(Source):
     def close(self):
         self._f.close()
         self._ranges.close()
+
+
+# row_attrs holding gene ids, most specific first (loompy / velocyto / SCope write Accession + Gene)
+_LOOM_GENE_IDS = ("Accession", "Gene")
+_LOOM_CELL_IDS = ("CellID", "obs_names", "cell_id")
+
+
+class LoomSource(_HDF5FileSource):
+    """A `.loom` file (loom spec 2.0.1 / 3.0.0): ``/matrix`` genes x cells (dense, chunked),
+    ``/row_attrs/<name>`` per gene, ``/col_attrs/<name>`` per cell, ``/layers/<name>``.
+
+    Gene ids: ``row_attrs/Accession`` (Ensembl in velocyto / loompy files), else ``Gene``.
+    Cell ids: ``col_attrs/CellID``, else the column number. ``matrix``: ``X`` (default) is
+    ``/matrix``; anything else names a layer.
+    """
+
+    _FORMAT = "loom"
+
+    def _open(self, matrix: str | None):
+        f, path = self._f, self.path
+        if matrix in _DEFAULT_MATRIX:
+            self.matrix, key = "X", "matrix"
+        else:
+            name = matrix.removeprefix("layers/")
+            self.matrix, key = f"layers/{name}", f"layers/{name}"
+            if not _has(f, key):
+                layers = list(f["layers"].keys()) if "layers" in f else []
+                raise SourceError(f"{path}: no loom layer {name!r} (layers: {', '.join(layers) or 'none'}); "
+                                  "pass --matrix X for /matrix or one of the layers")
+        if "matrix" not in f:
+            raise SourceError(f"{path}: not a loom file (no /matrix)")
+        self._x = f[key]
+        self.n_vars, self.n_cells = (int(s) for s in self._x.shape)
+        rows = f["row_attrs"] if "row_attrs" in f else {}
+        id_attr = next((a for a in _LOOM_GENE_IDS if a in rows), None)
+        if id_attr is None:
+            raise SourceError(f"{path}: no gene id attribute (row_attrs has "
+                              f"{', '.join(rows.keys()) or 'nothing'}; expected one of "
+                              f"{', '.join(_LOOM_GENE_IDS)}): add the genes' Ensembl ids as "
+                              "row_attrs['Accession'] (loompy: ds.ra['Accession'] = ids)")
+        ids = _to_str_array(rows[id_attr][...])
+        names = _to_str_array(rows["Gene"][...]) if "Gene" in rows else ids
+        if len(ids) != self.n_vars:
+            raise SourceError(f"{path}: /matrix has {self.n_vars} genes but row_attrs/{id_attr} lists {len(ids)}")
+        self.var = _var_frame(ids, names)
+        self._cols = f["col_attrs"] if "col_attrs" in f else None
+        self._cell_id = next((a for a in _LOOM_CELL_IDS if self._cols is not None and a in self._cols), None)
+        self.compressed = self._x.compression is not None
+
+    def obs_columns(self) -> list[str]:
+        if self._cols is None:
+            return []
+        return [k for k, v in self._cols.items() if len(v.shape) == 1 and v.shape[0] == self.n_cells]
+
+    def _obs_names(self, start: int, stop: int) -> np.ndarray:
+        if self._cell_id is None:
+            return np.array([str(i) for i in range(start, stop)], dtype=object)
+        return _to_str_array(self._cols[self._cell_id][start:stop])
+
+    def _obs_values(self, name: str, start: int, stop: int) -> np.ndarray:
+        return _to_str_array(self._cols[name][start:stop])
+
+    def _read_rows(self, start: int, stop: int, buffers: Buffers | None) -> sp.csr_matrix:
+        block = _values(np.asarray(self._x[:, start:stop]))  # [n_vars, cells] one hyperslab
+        return sp.csr_matrix(block.T)
+
+    def close(self):
+        self._f.close()
 
 
 def _read_tsv_column_table(path: Path) -> pd.DataFrame:
