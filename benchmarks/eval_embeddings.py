@@ -17,7 +17,8 @@ absent. What it does:
    (``--seeds``), the same steps and token budget each, through `launch/pretrain.py`, keeping a
    checkpoint at every step of the learning curve (``--curve``; step 0 is the initialization, the
    "random-init twin": the trainer's seed gives every mix the same initial encoder). A killed run
-   resumes; a finished one is reused.
+   resumes; a finished one is reused. ``--reuse RESULT.json`` takes the runs an earlier result
+   computed with the same settings as they are (neither trained nor evaluated again).
 3. ``--phase validation`` evaluates on the validation file only: recipes (normalization, pooling,
    objectives' weights, ...) are chosen there. ``--phase final`` evaluates on the held-out files
    (`EVAL_FILES`, never in pretraining), touched only for the report.
@@ -77,7 +78,13 @@ MIXES = {
     "mlm": ["objectives.contrastive_weight=0", "objectives.label_weight=0", "data.views=false"],
     "mlm+contrastive": ["objectives.contrastive_weight=0.5", "objectives.label_weight=0", "data.views=true"],
     "mlm+contrastive+label": ["objectives.contrastive_weight=0.5", "objectives.label_weight=0.5", "data.views=true"],
+    # issue 23's lever "a loss on the pooled embedding": scGPT's MVC / GEPC predicts each masked gene's value
+    # from the cell embedding alone, so the embedding the probes read must hold the cell's expression
+    "mlm+mvc": ["objectives.contrastive_weight=0", "objectives.label_weight=0", "data.views=false",
+                "model.mvc_head=true", "objectives.mvc_weight=1.0"],
 }
+# settings of a result that may differ from this run's and still let --reuse take its runs
+REUSE_FREE = ("seeds", "finetune")
 FOLDS, K = 5, 10
 PREVIOUS = RESULTS / "eval.json"  # the report before issue 23 (250 steps, random 512-gene cap): "today's gap"
 
@@ -415,6 +422,36 @@ def spread(values: list[float]) -> dict:
             "max": round(float(np.max(values)), 4), "n": len(values)}
 
 
+def reusable_runs(path: Path, phase: str, settings: dict, baselines: dict) -> dict:
+    """The runs of an earlier result (``--reuse``) that this call would compute again: same phase and
+    settings (all but the seeds, the reuse record and the fine-tuning modes, of which it must hold at
+    least this call's), same overrides per mix and seed. Their embeddings are not kept: the t-SNE figure
+    lacks them. Fills ``baselines`` with its PCA of the model
+    input (computed from a model otherwise) and widens ``settings``' fine-tuning modes to the taken
+    runs'. Exits naming what differs when the settings do.
+    -> {mix: {seed: run entry, with "reused": where it came from}}"""
+    old = json.loads(Path(path).read_text())
+    theirs, ours = old.get("settings", {}), settings
+    differ = sorted(k for k in set(theirs) | set(ours) if k not in REUSE_FREE and theirs.get(k) != ours.get(k))
+    ft_old, ft_new = theirs.get("finetune") or {}, ours.get("finetune") or {}
+    if {k: v for k, v in ft_old.items() if k != "modes"} != {k: v for k, v in ft_new.items() if k != "modes"} \
+            or not set(ft_new.get("modes", [])) <= set(ft_old.get("modes", [])):
+        differ.append("finetune")
+    if old.get("phase") != phase:
+        differ.append("phase")
+    if differ:
+        sys.exit(f"--reuse {path}: its runs were made with other settings ({', '.join(differ)} differ): run with the "
+                 "same settings, or drop --reuse to compute everything")
+    for name, rows in old.get("baselines", {}).items():
+        if name in baselines and "PCA-50 (model input)" in rows:
+            baselines[name].setdefault("PCA-50 (model input)", rows["PCA-50 (model input)"])
+    # the modes of the runs taken (a reused run keeps its rows of modes this call does not compute)
+    settings["finetune"]["modes"] = [m for m in ("head", "full") if m in ft_new["modes"] + ft_old["modes"]]
+    origin = {"file": Path(path).name, "date": old["date"], "command": old["command"]}
+    return {mix: {seed: {**entry, "reused": entry.get("reused", origin)} for seed, entry in per_seed.items()}
+            for mix, per_seed in old.get("runs", {}).items()}
+
+
 def summarize(runs: dict) -> dict:
     """runs[mix][seed][step][file][metric] -> summary[mix][step][file][metric] = `spread` over seeds."""
     out = {}
@@ -547,6 +584,10 @@ def main() -> None:
     parser.add_argument("--max-cells", type=int, default=2000,
                         help="evaluate a random subset of at most this many labeled cells per file (default 2000; "
                              "0: all)")
+    parser.add_argument("--reuse", type=Path,
+                        help="an earlier result JSON (e.g. benchmarks/results/eval_validation.json) whose runs of the "
+                             "same settings and overrides are taken as they are, not trained and evaluated again; "
+                             "its runs not asked for here are dropped")
     parser.add_argument("--result", type=Path, help="default benchmarks/results/eval_<phase>.json")
     parser.add_argument("--plot", type=Path, help="default benchmarks/results/eval_<phase>.png")
     parser.add_argument("overrides", nargs="*", help="extra pretraining overrides, key.sub=value")
@@ -586,12 +627,36 @@ def main() -> None:
             baselines[name][rep] = probe(x, f.labels, f.folds)
         baselines[name]["label fractions"] = fraction_probes(features, f, fractions)
         print(f"baselines {name}: {json.dumps(baselines[name])}", file=sys.stderr)
+    settings = {
+        "steps": args.steps, "curve": curve, "seeds": seeds, "cap": args.cap,
+        "cluster": {"vae_steps": args.cluster_vae_steps, "epochs": args.cluster_epochs,
+                    "how": "pretrain.downstream.hybrid.cluster_with_baselines; k-means with k = the file's number "
+                           "of labels for scHybridBERT, PCA-50 and the embedding alone"} if args.cluster else None,
+        "finetune": {"modes": modes, "fractions": fractions, "epochs": args.finetune_epochs,
+                     "how": "pretrain.downstream.finetune on each fold's training cells (a stratified share, at least "
+                            "one cell per class), the epoch kept by training macro-F1, argmax predictions on the "
+                            "fold's test cells; the baselines' logistic regression on the same shares"},
+        "config": str(CONFIG.relative_to(REPO)), "config_text": CONFIG.read_text(), "overrides": args.overrides,
+        "probe": f"{FOLDS}-fold stratified CV (folds fixed per file, seed 0, shared by every row); kNN k={K} "
+                 "Euclidean; logistic regression (lbfgs, max_iter 2000) on standardized features; macro-F1",
+        "baselines": {"PCA-50": "log1p(CP10k) over all the file's genes, centred, 50 components",
+                      "PCA-50 (model input)": "the same over the model's vocabulary genes and cap",
+                      "HVG-2000": "log1p(CP10k) of the 2,000 highly variable genes (scanpy seurat flavour)"},
+        "random_init": "step 0: the trained model's architecture and seed at initialization",
+        "max_cells": args.max_cells}
+    reused = reusable_runs(args.reuse, args.phase, settings, baselines) if args.reuse else {}
     runs: dict = {}
     coverage, csrs = {}, {}
     for mix in mixes:
         runs[mix] = {}
         for seed in seeds:
             extra = [*args.overrides, f"run.seed={seed}"]
+            earlier = reused.get(mix, {}).get(str(seed))
+            if earlier is not None and earlier["train"]["overrides"] == MIXES[mix] + extra:
+                runs[mix][str(seed)] = earlier
+                print(f"{mix} seed {seed}: taken from {earlier['reused']['file']} of {earlier['reused']['date']}",
+                      file=sys.stderr)
+                continue
             run = args.work / "runs" / run_name(mix, args.steps, seed, extra)
             train = pretrain(corpus, run, mix, args.steps, curve, extra)
             entry = runs[mix][str(seed)] = {"train": train, "steps": {}}
@@ -622,25 +687,7 @@ def main() -> None:
     summary = summarize(runs)
     record = result_record(
         "eval_embeddings", device=device_record(), versions=versions("torch", "sklearn", "deepspeed"), phase=args.phase,
-        settings={"steps": args.steps, "curve": curve, "seeds": seeds, "cap": args.cap,
-                  "cluster": {"vae_steps": args.cluster_vae_steps, "epochs": args.cluster_epochs,
-                              "how": "pretrain.downstream.hybrid.cluster_with_baselines; k-means with k = the "
-                                     "file's number of labels for scHybridBERT, PCA-50 and the embedding alone"}
-                  if args.cluster else None,
-                  "finetune": {"modes": modes, "fractions": fractions, "epochs": args.finetune_epochs,
-                               "how": "pretrain.downstream.finetune on each fold's training cells (a stratified "
-                                      "share, at least one cell per class), the epoch kept by training macro-F1, "
-                                      "argmax predictions on the fold's test cells; the baselines' logistic "
-                                      "regression on the same shares"},
-                  "config": str(CONFIG.relative_to(REPO)), "config_text": CONFIG.read_text(),
-                  "overrides": args.overrides, "probe": f"{FOLDS}-fold stratified CV (folds fixed per file, seed 0, "
-                  f"shared by every row); kNN k={K} Euclidean; logistic regression (lbfgs, max_iter 2000) on "
-                  "standardized features; macro-F1",
-                  "baselines": {"PCA-50": "log1p(CP10k) over all the file's genes, centred, 50 components",
-                                "PCA-50 (model input)": "the same over the model's vocabulary genes and cap",
-                                "HVG-2000": "log1p(CP10k) of the 2,000 highly variable genes (scanpy seurat flavour)"},
-                  "random_init": "step 0: the trained model's architecture and seed at initialization",
-                  "max_cells": args.max_cells},
+        settings=settings,
         corpus={"files": PRETRAIN_FILES + [f"{SPLIT_SOURCE} (pretraining half)"], "excluded": EXCLUDED,
                 "cells": made.n_cells, "tokens": made.n_tokens, "vocab_genes": made.vocab.n_genes,
                 "label_column": LABEL_COLUMN},

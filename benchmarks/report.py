@@ -129,6 +129,12 @@ def _report(name: str, r: dict) -> str:
            f"{', '.join(map(str, s['seeds']))}, curve at steps {', '.join(map(str, s['curve']))}, embedding cap "
            f"`{s['cap']}`, {r['device'].get('gpu') or 'CPU'}. Probes: {s['probe']}. Numbers: mean [min, max] over "
            "seeds.", ""]
+    taken = [(mix, seed, e["reused"]) for mix, per_seed in r["runs"].items() for seed, e in per_seed.items()
+             if "reused" in e]
+    if taken:
+        out += ["Taken unchanged from an earlier result of the same settings (`--reuse`; not in the t-SNE figure): "
+                + "; ".join(f"`{mix}` seed {seed} ({w['date'][:10]}, `python {w['command']}`)" for mix, seed, w in taken)
+                + ".", ""]
     last = str(s["curve"][-1])
     for file, meta in r["files"].items():
         out += [f"**{file}** ({n(meta['cells'])} cells, {meta['classes']} classes of `{meta['label_key']}`)", ""]

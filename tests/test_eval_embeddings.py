@@ -271,3 +271,39 @@ def test_eval_embeddings_end_to_end(shared_data, tmp_path):
     assert all("cluster_schybridbert_minus_pca50_ari" in row for row in v["mlm"].values())
     assert all("finetuned_0.1_minus_hvg2000_lr" in row for row in v["mlm"].values())
     assert (tmp_path / "eval.png").stat().st_size > 10_000
+
+
+def _settings(**changed) -> dict:
+    settings = {"steps": 1000, "curve": [250, 1000], "seeds": [0], "cap": "auto", "cluster": None,
+                "finetune": {"modes": ["head"], "fractions": [0.1, 1.0], "epochs": 10, "how": "."},
+                "config_text": "data: {}\n", "overrides": [], "max_cells": 2000}
+    return {**settings, **changed}
+
+
+def test_reuse_takes_runs_of_the_same_settings_and_refuses_others(tmp_path):
+    """--reuse: an earlier result's runs are taken with where they came from, its model-input PCA fills
+    the baselines, fine-tuning modes widen to the taken runs'; other settings or phase: an exit naming them."""
+    entry = {"train": {"overrides": ev.MIXES["mlm"] + ["run.seed=0"]},
+             "steps": {"0": {"f": {"knn_macro_f1": 0.2, "finetuned full 1": 0.5}}}}
+    earlier = {"date": "2026-12-05T05:44:09+00:00", "command": "benchmarks/eval_embeddings.py --mixes mlm",
+               "phase": "validation", "baselines": {"f": {"PCA-50 (model input)": {"knn_macro_f1": 0.9}}},
+               "settings": _settings(finetune={**_settings()["finetune"], "modes": ["head", "full"]}, seeds=[0, 1]),
+               "runs": {"mlm": {"0": entry}}}
+    path = tmp_path / "eval_validation.json"
+    path.write_text(json.dumps(earlier))
+    settings, baselines = _settings(), {"f": {}}
+    taken = ev.reusable_runs(path, "validation", settings, baselines)
+    assert taken["mlm"]["0"]["steps"] == entry["steps"]
+    assert taken["mlm"]["0"]["reused"] == {"file": path.name, "date": earlier["date"], "command": earlier["command"]}
+    assert baselines["f"]["PCA-50 (model input)"] == {"knn_macro_f1": 0.9}
+    assert settings["finetune"]["modes"] == ["head", "full"]
+    # a run taken twice keeps the result it was first computed for
+    again = {**earlier, "date": "2026-12-06T00:00:00+00:00", "runs": taken}
+    path.write_text(json.dumps(again))
+    assert ev.reusable_runs(path, "validation", _settings(), {"f": {}})["mlm"]["0"]["reused"]["date"] == earlier["date"]
+    for settings, phase, named in ((_settings(steps=3000), "validation", "steps"),
+                                   (_settings(config_text="data: {x: 1}\n"), "validation", "config_text"),
+                                   (_settings(finetune={**_settings()["finetune"], "epochs": 3}), "validation", "finetune"),
+                                   (_settings(), "final", "phase")):
+        with pytest.raises(SystemExit, match=f"other settings \\({named} differ"):
+            ev.reusable_runs(path, phase, settings, {"f": {}})
