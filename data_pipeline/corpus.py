@@ -181,6 +181,11 @@ class Corpus:
         return dict(self.manifest["accounting"])
 
     @property
+    def sources(self) -> list[dict]:
+        """The converted input files in order: name, path, cells read / written / skipped (by reason)."""
+        return [dict(s) for s in self.manifest.get("sources") or []]
+
+    @property
     def cell_lengths_file(self) -> str:
         """The length index's file name (for messages)."""
         return self.manifest["cell_lengths"]["file"]

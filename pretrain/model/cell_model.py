@@ -125,11 +125,15 @@ class CellModel(nn.Module):
     @classmethod
     def from_pretrained(cls, bundle: str | Path, device: str | torch.device = "cpu") -> CellModel:
         """The model of an exported bundle (a folder written by `launch/export.py`), in eval mode,
-        with ``.normalization`` and ``.vocab`` attached: `pretrain.load_pretrained`, which owns the
-        bundle format."""
-        from ..export import load_pretrained
+        with ``.normalization`` and ``.vocab`` attached (`pretrain.load_pretrained` is this; the
+        format is `pretrain.model.bundle`'s)."""
+        from .bundle import read_bundle
 
-        return load_pretrained(bundle, device=device)
+        config, weights, normalization, vocab = read_bundle(bundle, device)
+        model = cls(config)
+        model.load_state_dict(weights)
+        model.normalization, model.vocab = normalization, vocab
+        return model.to(device).eval()
 
     @staticmethod
     def _init(module: nn.Module) -> None:

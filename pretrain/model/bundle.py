@@ -1,0 +1,171 @@
+"""The bundle format: the folder downstream teams load, without DeepSpeed or the training config.
+
+A bundle is a folder:
+
+- ``model.safetensors``: the cell model's weights (ZeRO shards consolidated to fp32), buffers
+  (the FAVOR+ projections) included; its metadata names the bundle format and the model type;
+- ``config.json``: the bundle format version, ``model_type`` (`model_type`), the architecture
+  fields at top level (`ARCHITECTURE_FIELDS`, what other tools read without knowing this
+  project), and the full `ModelConfig` under ``model`` (what `read_bundle_config` builds from);
+- ``vocab.tsv``: the corpus vocabulary (token id, Ensembl id, symbol);
+- ``normalization.json``: how counts become model input (mode, bins, target sum, gene cap, and
+  in rank mode the per-token medians with their sha256);
+- ``README.md``: a model card (what `pretrain.export` writes from a run);
+- extra files a writer adds (a fine-tuned head and its labels).
+
+This module writes (`write_bundle`) and reads (`read_bundle`) the format, of this version or of the
+ones before it (`READABLE_FORMATS`). It sits in the model layer so that `CellModel.from_pretrained`
+needs nothing above it; `pretrain.export` makes bundles of training runs, and its `load_pretrained`
+is `CellModel.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_pipeline.conversion.vocab import Vocabulary, read_vocab
+from data_pipeline.loading.normalize import FIXED_BIN_MODES, Normalization
+
+from .attention import CUDA_ONLY_BACKENDS
+from .shape import DecoderConfig, ModelConfig
+
+# 1: config.json held the ModelConfig under "model" only; 2: model_type and the architecture fields at top
+# level, the format in the safetensors metadata
+BUNDLE_FORMAT = 2
+READABLE_FORMATS = (1, 2)
+# config.json's top-level copy of the architecture, beside "model" (and "embedding_dim": the cell embedding's width)
+ARCHITECTURE_FIELDS = ("architecture", "vocab_size", "d_model", "n_layers", "n_heads", "ffn_multiplier", "attention",
+                       "attention_mask", "pooling", "value_mode", "n_bins", "gene_set", "use_cls", "depth_tokens",
+                       "norm_position", "activation")
+
+
+def model_type(config: ModelConfig) -> str:
+    """``scfm-performer`` (FAVOR+ attention, scBERT / CellLM-like), ``scfm-transformer`` (exact softmax
+    attention, Geneformer / scGPT-like), ``-encoder-decoder`` appended for the xTrimoGene / scFoundation
+    layout: the family a reader of config.json needs to know which code runs the weights."""
+    family = "scfm-performer" if config.attention == "favor" else "scfm-transformer"
+    return family + ("-encoder-decoder" if config.architecture == "encoder_decoder" else "")
+
+
+def bundle_config(config: ModelConfig, preset: str | None = None) -> dict:
+    """What config.json holds (`BUNDLE_FORMAT`)."""
+    full = asdict(config)
+    return {"bundle_format": BUNDLE_FORMAT, "model_type": model_type(config), "preset": preset,
+            **{k: full[k] for k in ARCHITECTURE_FIELDS}, "embedding_dim": config.cell_dim,
+            "n_genes": config.n_genes, "model": full}
+
+
+def normalization_record(norm: Normalization) -> dict:
+    record = {"mode": norm.mode, "n_bins": norm.n_bins, "bin_edges": list(map(float, norm.edges))
+              if norm.mode in FIXED_BIN_MODES else None, "target_sum": norm.target_sum, "max_genes": norm.max_genes,
+              "medians": None, "medians_sha256": None,
+              "quantile_ties": norm.quantile_ties}
+    if norm.medians is not None:
+        medians = np.asarray(norm.medians, np.float64)
+        record["medians"] = [None if np.isnan(x) else float(x) for x in medians]
+        record["medians_sha256"] = hashlib.sha256(medians.tobytes()).hexdigest()
+    return record
+
+
+def normalization_from_record(record: dict) -> Normalization:
+    medians = None
+    if record.get("medians") is not None:
+        medians = np.array([np.nan if x is None else x for x in record["medians"]], np.float64)
+        if hashlib.sha256(medians.tobytes()).hexdigest() != record["medians_sha256"]:
+            raise ValueError("normalization.json: the medians do not match their sha256; the bundle is damaged")
+    edges = record.get("bin_edges")
+    return Normalization(mode=record["mode"], n_bins=record["n_bins"], target_sum=record["target_sum"],
+                         max_genes=record["max_genes"], medians=medians,
+                         quantile_ties=record.get("quantile_ties", "high"),  # bundles from before the key
+                         bin_edges=tuple(edges) if edges is not None else None)
+
+
+def write_bundle(out: str | Path, weights: dict[str, torch.Tensor], config: ModelConfig, vocab_tsv: bytes,
+                 norm: Normalization, card: str, extra: dict[str, bytes] | None = None,
+                 preset: str | None = None) -> Path:
+    """Write bundle folder ``out`` (replaced if it exists; written beside it, then renamed):
+    the model's ``weights`` and ``config`` (``preset``: the anchor preset it was trained from, if
+    any), the vocabulary (vocab.tsv bytes), the normalization, the model card (README.md) and
+    ``extra`` files (name -> bytes, e.g. a fine-tuned head)."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"),
+              metadata={"format": "pt", "bundle_format": str(BUNDLE_FORMAT), "model_type": model_type(config)})
+    (tmp / "config.json").write_text(json.dumps(bundle_config(config, preset), indent=1))
+    (tmp / "vocab.tsv").write_bytes(vocab_tsv)
+    (tmp / "normalization.json").write_text(json.dumps(normalization_record(norm)))
+    (tmp / "README.md").write_text(card)
+    for name, data in (extra or {}).items():
+        (tmp / name).write_bytes(data)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def exact_backends_to_sdpa(config: ModelConfig) -> ModelConfig:
+    """``config`` with the CUDA-only exact backends (flash, varlen) replaced by sdpa: the same
+    softmax attention and the same weights, so a bundle trained on GPUs embeds on a CPU."""
+    decoder = config.decoder
+    if decoder.attention in CUDA_ONLY_BACKENDS:
+        decoder = replace(decoder, attention="sdpa")
+    attention = "sdpa" if config.attention in CUDA_ONLY_BACKENDS else config.attention
+    return replace(config, attention=attention, decoder=decoder)
+
+
+def read_bundle_config(bundle: str | Path) -> ModelConfig:
+    """The `ModelConfig` of ``bundle``'s config.json, of any format in `READABLE_FORMATS`; refuses a
+    config.json whose top-level architecture fields were edited away from the model config."""
+    bundle = Path(bundle)
+    meta = json.loads((bundle / "config.json").read_text())
+    version = meta.get("bundle_format")
+    if version not in READABLE_FORMATS:
+        fix = ("update this code to the version that exported it" if isinstance(version, int) and version > BUNDLE_FORMAT
+               else "export the run again with `python launch/export.py RUN --out BUNDLE`")
+        raise ValueError(f"{bundle}: bundle format {version!r}; this code reads formats "
+                         f"{', '.join(map(str, READABLE_FORMATS))}: {fix}")
+    raw = dict(meta["model"])
+    differ = [k for k in ARCHITECTURE_FIELDS if version >= 2 and k in meta and meta[k] != raw.get(k)]
+    if differ:
+        raise ValueError(f"{bundle}/config.json: top-level {', '.join(differ)} differ from the same fields under "
+                         "'model' (what the weights were trained with); the file was edited: restore it, or export "
+                         "the run again with `python launch/export.py RUN --out BUNDLE`")
+    raw["decoder"] = DecoderConfig(**raw["decoder"])
+    known = {f.name for f in fields(ModelConfig)}
+    return replace(ModelConfig(**{k: v for k, v in raw.items() if k in known}), gene_embedding_file=None)
+
+
+def read_bundle(bundle: str | Path, device: str | torch.device = "cpu"
+                ) -> tuple[ModelConfig, dict[str, torch.Tensor], Normalization, Vocabulary]:
+    """What a bundle holds, checked: its `ModelConfig` (exact CUDA-only attention backends read as
+    sdpa off CUDA), the weights, the `Normalization` and the `Vocabulary`. `CellModel.from_pretrained`
+    builds the model from them."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    bundle = Path(bundle)
+    for name in ("model.safetensors", "config.json", "vocab.tsv", "normalization.json"):
+        if not (bundle / name).exists():
+            raise FileNotFoundError(f"{bundle}: no {name}; pass a folder written by `python launch/export.py`")
+    config = read_bundle_config(bundle)
+    with safe_open(str(bundle / "model.safetensors"), framework="pt") as f:
+        stored = (f.metadata() or {}).get("bundle_format")  # absent before format 2
+    if stored is not None and int(stored) not in READABLE_FORMATS:
+        raise ValueError(f"{bundle}/model.safetensors: bundle format {stored}; this code reads formats "
+                         f"{', '.join(map(str, READABLE_FORMATS))}: update this code to the version that exported it")
+    if torch.device(device).type != "cuda":
+        config = exact_backends_to_sdpa(config)
+    weights = load_file(str(bundle / "model.safetensors"))
+    norm = normalization_from_record(json.loads((bundle / "normalization.json").read_text()))
+    return config, weights, norm, read_vocab(bundle / "vocab.tsv")
