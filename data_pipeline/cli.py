@@ -82,10 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("synthetic", help="write a synthetic count matrix (.h5ad) for demos and tests",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    s.add_argument("--out", required=True, help="output .h5ad")
+    s.add_argument("--out", required=True, help="output .h5ad (--preset atlas: a folder of .h5ad files)")
+    s.add_argument("--preset", choices=("default", "atlas"), default="default",
+                   help="atlas: 20 cell types of 5 tissues fitted to real files (depth, genes per cell up to "
+                        "~8,000, 28,000 genes), written as many files (see data_pipeline/synthetic_atlas.py)")
+    s.add_argument("--cells-per-file", type=int, default=250_000, help="--preset atlas: cells per .h5ad file")
     s.add_argument("--cells", type=int, default=10000)
-    s.add_argument("--genes", type=int, default=20000)
-    s.add_argument("--cell-types", type=int, default=8)
+    s.add_argument("--genes", type=int, default=20000, help="genes (--preset default)")
+    s.add_argument("--cell-types", type=int, default=8, help="cell types (--preset default)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-progress", action="store_true")
     return p
@@ -152,6 +156,16 @@ def main(argv=None) -> int:
 
             n = to_h5ad(args.corpus, args.out, args.limit)
             print(f"wrote {n:,} cells to {args.out}", file=sys.stderr)
+            return 0
+        if args.command == "synthetic" and args.preset == "atlas":
+            from .synthetic_atlas import write_atlas
+
+            try:
+                info = write_atlas(args.out, args.cells, args.cells_per_file, args.seed, progress=not args.no_progress)
+            except ValueError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+            print(f"wrote {args.out}: {len(info['files'])} files, {args.cells:,} cells", file=sys.stderr)
             return 0
         if args.command == "synthetic":
             from .synthetic import write_synthetic_h5ad

@@ -81,6 +81,9 @@ class SyntheticModel:
     active_r: np.ndarray              # [sum of active set sizes] float64
     markers: tuple[np.ndarray, ...]   # per type: sorted gene indices of its marker program
     dispersion: np.ndarray            # [n_genes] phi_g
+    # per type library sizes (`synthetic_atlas`: each tissue its own depth); None: one for all cells
+    library_median: np.ndarray | None = None   # [n_cell_types]
+    library_sigma: np.ndarray | None = None    # [n_cell_types] log-sd
 
     @property
     def n_cell_types(self) -> int:
@@ -253,8 +256,13 @@ def _generate_block(model: SyntheticModel, seed: int, block: int, n: int,
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(1, block))))
     # Always draw a full block so that a partial last block is a prefix of the full one.
     codes = rng.choice(model.n_cell_types, size=BLOCK_CELLS, p=model.type_proportions).astype(np.int32)
-    lib = median_library_size * np.exp(_LIB_SIGMA * rng.standard_normal(BLOCK_CELLS))
-    lib = np.clip(lib, median_library_size / 8, median_library_size * 8)
+    if model.library_median is None:
+        lib = median_library_size * np.exp(_LIB_SIGMA * rng.standard_normal(BLOCK_CELLS))
+        lib = np.clip(lib, median_library_size / 8, median_library_size * 8)
+    else:
+        median = model.library_median[codes]
+        lib = np.clip(median * np.exp(model.library_sigma[codes] * rng.standard_normal(BLOCK_CELLS)), median / 8,
+                      median * 8)
     state = rng.integers(0, np.iinfo(np.uint64).max, size=4, dtype=np.uint64, endpoint=True)
     state[0] |= np.uint64(1)       # xoshiro's state must not be all zero
     codes, lib = codes[:n], lib[:n]
@@ -267,27 +275,35 @@ def _generate_block(model: SyntheticModel, seed: int, block: int, n: int,
 
 
 def iter_synthetic_chunks(n_cells: int, n_genes: int = 20000, n_cell_types: int = 8, seed: int = 0,
-                          median_library_size: float = 5000, *, chunk_cells: int = BLOCK_CELLS
+                          median_library_size: float = 5000, *, chunk_cells: int = BLOCK_CELLS,
+                          model: SyntheticModel | None = None, first_cell: int = 0
                           ) -> Iterator[tuple[int, sp.csr_matrix, np.ndarray]]:
-    """Yield ``(start_row, counts, cell_type_codes)`` covering cells ``0..n_cells-1`` in order.
+    """Yield ``(start_row, counts, cell_type_codes)`` covering cells ``first_cell..first_cell +
+    n_cells - 1`` of the data set in order (``start_row`` counts from ``first_cell``).
 
     ``counts``: [rows, n_genes] int32 CSR (indices sorted within rows, no explicit zeros);
     ``cell_type_codes``: [rows] int32 indices into ``synthetic_model(...).type_names``.
     ``rows`` is ``chunk_cells`` except for the last chunk. The values do not depend on
-    ``chunk_cells``.
+    ``chunk_cells`` nor on how the cells are split over calls (``first_cell``). ``model``: another
+    generator than ``synthetic_model(n_genes, n_cell_types, seed)`` (`synthetic_atlas`).
     """
     _check_args(n_cells, n_genes, n_cell_types, seed, median_library_size)
-    if chunk_cells < 1:
-        raise ValueError(f"chunk_cells must be >= 1, got {chunk_cells}")
-    model = synthetic_model(n_genes, n_cell_types, seed)
-    n_blocks = -(-n_cells // BLOCK_CELLS)
+    if chunk_cells < 1 or first_cell < 0:
+        raise ValueError(f"chunk_cells must be >= 1 and first_cell >= 0, got {chunk_cells} and {first_cell}")
+    model = model or synthetic_model(n_genes, n_cell_types, seed)
+    stop_cell = first_cell + n_cells
     pending: list[tuple[sp.csr_matrix, np.ndarray]] = []
     pending_rows = 0
     out_start = 0
-    for block in range(n_blocks):
-        n = min(BLOCK_CELLS, n_cells - block * BLOCK_CELLS)
+    first_block, n_blocks = first_cell // BLOCK_CELLS, -(-stop_cell // BLOCK_CELLS)
+    for block in range(first_block, n_blocks):
+        n = min(BLOCK_CELLS, stop_cell - block * BLOCK_CELLS)
         m, codes = _generate_block(model, seed, block, n, median_library_size)
-        if chunk_cells == BLOCK_CELLS and not pending:
+        skip = first_cell - block * BLOCK_CELLS if block == first_block else 0
+        if skip > 0:  # a call that starts inside a block: the block's tail (the rows are drawn alike)
+            m, codes, n = m[skip:], codes[skip:], n - skip
+            m.has_sorted_indices = True
+        if chunk_cells == BLOCK_CELLS and not pending and skip <= 0:
             yield out_start, m, codes
             out_start += n
             continue
@@ -320,8 +336,11 @@ def _write_elem():
 
 
 def write_synthetic_h5ad(path: str | os.PathLike, n_cells: int, n_genes: int = 20000, n_cell_types: int = 8,
-                         seed: int = 0, median_library_size: float = 5000, progress: bool = False) -> dict:
-    """Write ``n_cells`` synthetic cells to ``path`` as an `.h5ad` with CSR ``X`` [n_cells, n_genes].
+                         seed: int = 0, median_library_size: float = 5000, progress: bool = False, *,
+                         model: SyntheticModel | None = None, first_cell: int = 0, id_width: int = 7) -> dict:
+    """Write ``n_cells`` synthetic cells to ``path`` as an `.h5ad` with CSR ``X`` [n_cells, n_genes]:
+    cells ``first_cell..`` of the data set of ``model`` (default ``synthetic_model(n_genes,
+    n_cell_types, seed)``), named ``syn-<index in the data set>`` (at least ``id_width`` digits).
 
     Memory is bounded by one block of cells plus per-cell summaries (the matrix is appended
     block by block). The file appears atomically (temporary name, fsync, rename). Returns
@@ -333,7 +352,8 @@ def write_synthetic_h5ad(path: str | os.PathLike, n_cells: int, n_genes: int = 2
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
-    model = synthetic_model(n_genes, n_cell_types, seed)
+    model = model or synthetic_model(n_genes, n_cell_types, seed)
+    n_genes = model.n_genes
     codes_all = np.empty(n_cells, np.int32)
     genes_per_cell = np.empty(n_cells, np.int32)
     totals = np.empty(n_cells, np.int64)
@@ -352,8 +372,8 @@ def write_synthetic_h5ad(path: str | os.PathLike, n_cells: int, n_genes: int = 2
             indptr_ds = x.create_dataset("indptr", shape=(n_cells + 1,), dtype=np.int64)
             indptr_ds[0] = 0
             nnz = 0
-            for start, m, codes in iter_synthetic_chunks(n_cells, n_genes, n_cell_types, seed,
-                                                         median_library_size):
+            for start, m, codes in iter_synthetic_chunks(n_cells, n_genes, model.n_cell_types, seed,
+                                                         median_library_size, model=model, first_cell=first_cell):
                 stop = start + m.shape[0]
                 k = m.nnz
                 data_ds.resize((nnz + k,))
@@ -371,8 +391,8 @@ def write_synthetic_h5ad(path: str | os.PathLike, n_cells: int, n_genes: int = 2
                     last_report = now
                     print(f"synthetic: {stop:,}/{n_cells:,} cells, {stop / (now - t0):,.0f} cells/s",
                           file=sys.stderr, flush=True)
-            width = max(7, len(str(max(n_cells - 1, 0))))
-            write_elem(f, "obs", synthetic_obs(codes_all, model.type_names, width=width))
+            width = max(id_width, len(str(max(first_cell + n_cells - 1, 0))))
+            write_elem(f, "obs", synthetic_obs(codes_all, model.type_names, start=first_cell, width=width))
             write_elem(f, "var", synthetic_var(n_genes))
             for name in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
                 write_elem(f, name, {})
