@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
 import sys
 import time
 
 from .conversion.plan import ConvertError, ConvertOptions
+from .log_setup import add_verbosity_flags, setup_logging
+
+log = logging.getLogger(__name__)
 
 
 def _size(text: str) -> int:
@@ -92,12 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cell-types", type=int, default=8, help="cell types (--preset default)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-progress", action="store_true")
+    for command in sub.choices.values():  # -v/-q after the command, where its other flags go
+        add_verbosity_flags(command)
     return p
 
 
 def _convert(args) -> int:
     from .conversion.convert import convert
-    from .conversion.merge import print_report
+    from .conversion.merge import format_report
 
     options = ConvertOptions(
         inputs=args.inputs, matrix=args.matrix, gene_column=args.gene_column,
@@ -112,17 +118,18 @@ def _convert(args) -> int:
                        overwrite=args.overwrite, progress=not args.no_progress,
                        keep_work=args.keep_work, wait_s=args.wait, timings=timings)
     if manifest is None:
-        print(f"node {node_rank}/{num_nodes}: units done; when every node has finished run "
-              f"`python -m data_pipeline merge {args.out}`", file=sys.stderr)
+        log.info(f"node {node_rank}/{num_nodes}: units done; when every node has finished run "
+                 f"`python -m data_pipeline merge {args.out}`")
         return 0
-    print_report(manifest)
+    log.info(format_report(manifest))
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
-    print(f"done in {time.perf_counter() - t0:.1f} s ({stages}): {args.out}", file=sys.stderr)
+    log.info(f"done in {time.perf_counter() - t0:.1f} s ({stages}): {args.out}")
     return 0
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    setup_logging(args.verbose, args.quiet)
     from .conversion.readers import SourceError
     from .conversion.vocab import VocabError
     from .corpus import CorpusError
@@ -131,10 +138,10 @@ def main(argv=None) -> int:
         if args.command == "convert":
             return _convert(args)
         if args.command == "merge":
-            from .conversion.merge import merge_corpus, print_report
+            from .conversion.merge import format_report, merge_corpus
 
-            print_report(merge_corpus(args.corpus, keep_work=args.keep_work, progress=not args.no_progress,
-                                      workers=args.workers))
+            log.info(format_report(merge_corpus(args.corpus, keep_work=args.keep_work,
+                                                progress=not args.no_progress, workers=args.workers)))
             return 0
         if args.command == "verify":
             from .corpus import verify
@@ -155,7 +162,7 @@ def main(argv=None) -> int:
             from .corpus import to_h5ad
 
             n = to_h5ad(args.corpus, args.out, args.limit)
-            print(f"wrote {n:,} cells to {args.out}", file=sys.stderr)
+            log.info(f"wrote {n:,} cells to {args.out}")
             return 0
         if args.command == "synthetic" and args.preset == "atlas":
             from .synthetic_atlas import write_atlas
@@ -173,7 +180,7 @@ def main(argv=None) -> int:
             info = write_synthetic_h5ad(args.out, args.cells, n_genes=args.genes,
                                         n_cell_types=args.cell_types, seed=args.seed,
                                         progress=not args.no_progress)
-            print(f"wrote {args.out}: {info}", file=sys.stderr)
+            log.info(f"wrote {args.out}: {info}")
             return 0
     except (ConvertError, SourceError, CorpusError, VocabError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -85,7 +85,7 @@ class Corpus:
     """A corpus folder: ``manifest.json``, ``vocab.tsv``, ``shards/``, ``stats.zarr``,
     ``cell_lengths.npy``. The one reader and writer of this layout: every other module asks it
     (properties below) rather than parsing the manifest. ``manifest`` is the whole record, for
-    reports to people (`summary`, `merge.print_report`)."""
+    reports to people (`summary`, `merge.format_report`)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)

@@ -35,8 +35,8 @@ a large mean use an explicit Gamma then Poisson draw. Both are exact samplers.
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,6 +49,8 @@ import scipy.sparse as sp
 from numba import njit
 
 from .conversion.fsio import commit, fsync_file, temp_path
+
+log = logging.getLogger(__name__)
 
 # Fixed so that results do not depend on how many cells a caller asks for per chunk.
 BLOCK_CELLS = 4096
@@ -389,8 +391,7 @@ def write_synthetic_h5ad(path: str | os.PathLike, n_cells: int, n_genes: int = 2
                 now = time.perf_counter()
                 if progress and (now - last_report > 5 or stop == n_cells):
                     last_report = now
-                    print(f"synthetic: {stop:,}/{n_cells:,} cells, {stop / (now - t0):,.0f} cells/s",
-                          file=sys.stderr, flush=True)
+                    log.info(f"synthetic: {stop:,}/{n_cells:,} cells, {stop / (now - t0):,.0f} cells/s")
             width = max(id_width, len(str(max(first_cell + n_cells - 1, 0))))
             write_elem(f, "obs", synthetic_obs(codes_all, model.type_names, start=first_cell, width=width))
             write_elem(f, "var", synthetic_var(n_genes))

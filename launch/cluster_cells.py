@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data_pipeline.log_setup import add_verbosity_flags, setup_logging  # noqa: E402
 from pretrain.downstream.hybrid import HybridConfig, cluster_with_baselines  # noqa: E402
 from pretrain.downstream.token_cells import read_token_cells  # noqa: E402
 from pretrain.downstream.vae import VAEConfig  # noqa: E402
@@ -58,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"full-batch steps training the GAT and fusion (default {d.epochs})")
     add_cell_input_arguments(parser)
     add_runtime_arguments(parser)
+    add_verbosity_flags(parser)
     args = parser.parse_args(argv)
     if args.n_clusters is not None and args.n_clusters < 1:
         parser.error("--n-clusters must be at least 1")
@@ -69,6 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     import pandas as pd
 
     args = parse_args(argv)
+    setup_logging(args.verbose, args.quiet)
     apply_threads(args.threads)
     source, out = Path(args.input), Path(args.out)
     if out.suffix != ".h5ad":

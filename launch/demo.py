@@ -15,6 +15,7 @@ _STARTED = time.perf_counter()  # the wall time a user waits includes the import
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import logging  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 from datetime import datetime, timezone  # noqa: E402
@@ -25,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_pipeline.conversion.convert import convert  # noqa: E402
 from data_pipeline.conversion.plan import ConvertOptions  # noqa: E402
 from data_pipeline.corpus import Corpus  # noqa: E402
+from data_pipeline.log_setup import add_verbosity_flags, setup_logging  # noqa: E402
 from data_pipeline.synthetic import write_synthetic_h5ad  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
 from pretrain.embed import embed_h5ad  # noqa: E402
@@ -33,6 +35,7 @@ from pretrain.threads import apply_threads, usable_cores, use_project_extension_
 from pretrain.train import train  # noqa: E402
 
 TINY = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
+log = logging.getLogger("launch.demo")  # under "launch": setup_logging sets its level
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,7 +45,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
     parser.add_argument("--summary", default=None, help="also write the printed summary as JSON here")
     parser.add_argument("overrides", nargs="*", help="config overrides for training, key.sub=value")
+    add_verbosity_flags(parser)
     args = parser.parse_args(argv)
+    setup_logging(args.verbose, args.quiet)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     use_project_extension_dir()  # DeepSpeed's CPU op, built on the first run, is kept in the checkout
@@ -80,12 +85,12 @@ def main(argv: list[str] | None = None) -> None:
     if steps_before >= summary["steps"]:
         reused.append("pretrain")
         # its throughput and losses below are that earlier run's, not measured now: say so
-        print(f"demo: pretraining reused: {config.run.out} had already finished {steps_before} steps in a previous "
-              f"invocation, so no step ran now and the throughput reported is the earlier run's; use a new --out "
-              f"(or delete {config.run.out}) to measure again", file=sys.stderr)
+        log.info(f"demo: pretraining reused: {config.run.out} had already finished {steps_before} steps in a previous "
+                 f"invocation, so no step ran now and the throughput reported is the earlier run's; use a new --out "
+                 f"(or delete {config.run.out}) to measure again")
     elif steps_before:
-        print(f"demo: pretraining resumed from step {steps_before} of an earlier invocation; the throughput "
-              f"reported mixes both", file=sys.stderr)
+        log.info(f"demo: pretraining resumed from step {steps_before} of an earlier invocation; the throughput "
+                 f"reported mixes both")
     bundle = export_bundle(out / "run", out / "bundle")
     lap("export")
     report = embed_h5ad(load_pretrained(bundle), held_out, out / "held_out_embedded.h5ad", progress=False)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data_pipeline.log_setup import add_verbosity_flags, setup_logging  # noqa: E402
 from pretrain.embed import GENE_CAPS, add_cell_input_arguments, embed_h5ad  # noqa: E402
 from pretrain.export import load_pretrained  # noqa: E402
 from pretrain.threads import add_runtime_arguments, apply_threads  # noqa: E402
@@ -38,7 +39,9 @@ def main(argv: list[str] | None = None) -> None:
                              "data.max_genes; auto for exact attention, whose memory grows with the square of the "
                              "length), sample (a random subset of that size, seeded by the cell: the training input)")
     add_runtime_arguments(parser)
+    add_verbosity_flags(parser)
     args = parser.parse_args(argv)
+    setup_logging(args.verbose, args.quiet)
     apply_threads(args.threads)  # torch's default counts the machine's cores, not this process's share
     model = load_pretrained(args.bundle, device=args.device)
     report = embed_h5ad(model, args.input, args.out, name=args.name, layer=args.layer, min_coverage=args.min_coverage,

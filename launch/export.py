@@ -12,6 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data_pipeline.log_setup import add_verbosity_flags, setup_logging  # noqa: E402
 from pretrain.export import export_bundle  # noqa: E402
 
 
@@ -19,7 +20,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="run directory (run.out) or a checkpoints/step-N folder")
     parser.add_argument("--out", required=True, help="bundle folder to write (replaced if it exists)")
+    add_verbosity_flags(parser)
     args = parser.parse_args(argv)
+    setup_logging(args.verbose, args.quiet)
     try:
         print(export_bundle(args.source, args.out))
     except ValueError as err:  # no, a damaged or a refused checkpoint: one line naming the file

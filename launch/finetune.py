@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from dataclasses import MISSING, fields
@@ -29,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data_pipeline.log_setup import add_verbosity_flags, setup_logging  # noqa: E402
 from pretrain.config import DeepSpeedConfig, FinetuneConfig  # noqa: E402
 from pretrain.downstream.finetune import finetune  # noqa: E402
 from pretrain.threads import add_runtime_arguments, apply_threads, use_project_extension_dir  # noqa: E402
@@ -76,9 +76,10 @@ def main(argv: list[str] | None = None) -> None:
     config_arguments(parser)
     add_runtime_arguments(parser)
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
+    add_verbosity_flags(parser)
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))  # set by a launcher
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
+    setup_logging(args.verbose, args.quiet, rank)
     apply_threads(args.threads)
     values = {f.name: getattr(args, f.name) for f in fields(FinetuneConfig) if f.name != "deepspeed"}
     deepspeed = {name: getattr(args, f"deepspeed.{name}") for name in DEEPSPEED_FLAGS}

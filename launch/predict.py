@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data_pipeline.log_setup import add_verbosity_flags, setup_logging  # noqa: E402
 from pretrain.downstream.finetune import predict_h5ad  # noqa: E402
 from pretrain.embed import add_cell_input_arguments  # noqa: E402
 from pretrain.threads import add_runtime_arguments, apply_threads  # noqa: E402
@@ -36,8 +36,9 @@ def main(argv: list[str] | None = None) -> None:
                              "predictions (macro-F1, accuracy, per-class F1, confusion matrix)")
     add_cell_input_arguments(parser)
     add_runtime_arguments(parser)
+    add_verbosity_flags(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging(args.verbose, args.quiet)
     apply_threads(args.threads)
     try:
         summary = predict_h5ad(args.bundle, args.input, args.out, name=args.name, threshold=args.threshold,

@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from data_pipeline.corpus import CorpusError  # noqa: E402
+from data_pipeline.log_setup import add_verbosity_flags, setup_logging  # noqa: E402
 from pretrain.checkpoint import ResumeError  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
 from pretrain.threads import apply_threads, use_project_extension_dir  # noqa: E402
@@ -33,7 +34,9 @@ def main(argv: list[str] | None = None) -> None:
                              "over (its cells seen before the interruption are seen again) instead of refusing")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
     parser.add_argument("overrides", nargs="*", help="key.sub=value, e.g. schedule.max_steps=200 run.out=runs/x")
+    add_verbosity_flags(parser)
     args = parser.parse_args(argv)
+    setup_logging(args.verbose, args.quiet)
     use_project_extension_dir()  # before DeepSpeed builds its CPU op (it imports lazily): once per checkout
     try:
         config = load_config(args.config, args.overrides)

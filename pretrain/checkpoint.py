@@ -23,7 +23,6 @@ import pickle
 import re
 import shutil
 import signal
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -246,7 +245,7 @@ class Checkpointer:
                               "again), or resume with the world size and data.num_workers that saved it") from None
         self.last_saved = state["step"]
         if dist.get_rank() == 0:
-            print(f"resumed from {found} (step {state['step']})", file=sys.stderr, flush=True)
+            logger.info(f"resumed from {found} (step {state['step']})")
         return state["step"], state["history"], state["skipped"]
 
     def agree(self, counts) -> tuple:

@@ -16,9 +16,9 @@ machines and containers lose; :func:`use_project_extension_dir` keeps it in the 
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 CGROUP = Path("/sys/fs/cgroup")
 # launchers' "processes on this host": torchrun, the `deepspeed` launcher, Open MPI, SLURM
 LOCAL_RANK_VARS = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE")
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -121,15 +122,15 @@ def choose_threads(requested: int = 0, loader_workers: int = 0, env: Mapping[str
     return ThreadChoice(threads, reason + "; set run.threads / --threads or OMP_NUM_THREADS to override")
 
 
-def _stderr(line: str) -> None:
+def _log_once(line: str) -> None:
     if os.environ.get("RANK", "0") == "0":  # one line per job, not per rank (all ranks choose alike)
-        print(line, file=sys.stderr, flush=True)
+        logger.info(line)
 
 
 def apply_threads(requested: int = 0, loader_workers: int = 0,
-                  log: Callable[[str], None] | None = _stderr) -> ThreadChoice:
-    """Choose (see :func:`choose_threads`), set torch's intra-op threads, and log one line (on
-    stderr: stdout carries the entry points' JSON summaries)."""
+                  log: Callable[[str], None] | None = _log_once) -> ThreadChoice:
+    """Choose (see :func:`choose_threads`), set torch's intra-op threads, and log one line (at INFO,
+    through ``logging``: stdout carries the entry points' JSON summaries)."""
     import torch
 
     choice = choose_threads(requested, loader_workers)

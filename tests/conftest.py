@@ -26,3 +26,14 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "h5ad").is_dir():
         pytest.skip("../shared/data is not present (real-data tests run where it is)")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _no_cli_logging_left():
+    """A test calling a CLI's ``main`` in-process sets up logging for the whole process (a handler on
+    the root logger, the project loggers' levels): undo it, so that the next test sees the library's
+    defaults (nothing printed)."""
+    yield
+    from data_pipeline.log_setup import reset_logging
+
+    reset_logging()

@@ -4,9 +4,11 @@ overrides, the resolved config.yaml a run saves)."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import sys
+import urllib.request
 from dataclasses import asdict, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,6 +31,7 @@ from tests.train_helpers import (
     export,
     make_corpus,
     metrics,
+    mlflow_ui,
     run_pretrain,
     same_number,
     summary,
@@ -172,6 +175,30 @@ def test_mlflow_artifacts_are_kept_in_the_run_directory(nan_run):
     assert where.resolve().is_relative_to(nan_run.resolve()), record.info.artifact_uri
     assert (where / "loss.png").is_file() and (where / "metrics.json").is_file()
     assert not (nan_run.parent / "mlruns").exists()
+
+
+@pytest.mark.slow
+def test_the_mlflow_ui_serves_the_run(nan_run, tmp_path):
+    """The README's `mlflow ui` command (the full `mlflow` package: mlflow-skinny has no UI) serves
+    the UI page and, through its REST API, the run with its metrics."""
+    run_id = (nan_run / "mlflow_run_id").read_text().strip()
+    with mlflow_ui(nan_run, tmp_path / "mlflow-ui.log") as url:
+        with urllib.request.urlopen(url, timeout=30) as page:
+            assert page.status == 200 and b"mlflow-ui-container" in page.read()
+        with urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=scfm-pretrain",
+                                    timeout=30) as answer:
+            experiment = json.load(answer)["experiment"]["experiment_id"]
+        search = urllib.request.Request(f"{url}/api/2.0/mlflow/runs/search", method="POST",
+                                        data=json.dumps({"experiment_ids": [experiment]}).encode(),
+                                        headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(search, timeout=30) as answer:
+            runs = {r["info"]["run_id"]: r for r in json.load(answer)["runs"]}
+    assert run_id in runs, runs.keys()
+    record = runs[run_id]
+    assert record["info"]["status"] == "FINISHED" and record["info"]["run_name"] == "run"
+    served = {m["key"]: m for m in record["data"]["metrics"]}  # each metric's last value
+    assert served["loss"]["step"] == 6
+    assert same_number(served["loss"]["value"], metrics(nan_run)[-1]["loss"])
 
 
 # --- configuration ---------------------------------------------------------------------------------

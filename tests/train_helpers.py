@@ -9,9 +9,12 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,6 +118,57 @@ def kill_job(proc: subprocess.Popen) -> list[int]:
         assert time.monotonic() < deadline, f"ranks {ranks} still alive 30 s after SIGKILL"
         time.sleep(0.05)
     return ranks
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def mlflow_ui(run: Path, log: Path, timeout: float = JOB_TIMEOUT):
+    """The README's `mlflow ui --backend-store-uri sqlite:///RUN/mlflow.db` on a free 127.0.0.1 port,
+    in its own process group; yields its base URL once it answers ``/health``. On exit, whatever the
+    test did, the whole group (server, uvicorn worker) is killed and gone before this returns."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{run / 'mlflow.db'}",
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    # no job runner (MLflow's GenAI jobs, a pool of huey consumers): the UI and REST API serve without it
+    env = {**job_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    url = f"http://127.0.0.1:{port}"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, env=env, cwd=log.parent, stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"mlflow ui ended (exit {proc.returncode}):\n{log.read_text()[-5000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:  # not listening yet
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"mlflow ui did not answer in {timeout:.0f} s:\n{log.read_text()[-5000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        kill_group(proc)
+        deadline = time.monotonic() + 30
+        while _group_alive(proc.pid):
+            assert time.monotonic() < deadline, f"processes of mlflow ui's group {proc.pid} alive 30 s after SIGKILL"
+            time.sleep(0.1)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _alive(pid: int) -> bool:

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import shutil
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
@@ -70,6 +70,8 @@ from .shards import END_OF_ARCHIVE, CellBlock, block_checksum, encode_block_part
 from .stats import GeneStats
 from .validate import SKIP_REASONS
 from .vocab import VocabError, Vocabulary, read_vocab, vocabulary_coverage
+
+log = logging.getLogger(__name__)
 
 _OPEN_SOURCES = 8  # per worker; thousands of inputs must not exhaust file handles
 
@@ -176,7 +178,7 @@ def _unreadable(exc: SourceError, lo: int, hi: int) -> str:
     if not _CTX.options.skip_bad_files:
         raise exc
     note = f"rows {lo}:{hi} skipped: {exc}"
-    print(f"warning: {note}", file=sys.stderr)
+    log.warning(note)
     return note
 
 
@@ -465,7 +467,7 @@ def _wait_for(missing_fn, num_nodes: int, wait_s: float, what: str) -> list:
     if not missing or num_nodes <= 1:
         return missing
     deadline = time.monotonic() + wait_s
-    print(f"waiting for the other nodes' {what} ({len(missing)} units left)", file=sys.stderr)
+    log.info(f"waiting for the other nodes' {what} ({len(missing)} units left)")
     while missing and time.monotonic() < deadline:
         time.sleep(5)
         missing = missing_fn()
@@ -504,6 +506,7 @@ def _convert_locked(out: Path, options: ConvertOptions, workers: int, num_nodes:
         nonlocal clock
         now = time.perf_counter()
         timings[stage] = timings.get(stage, 0.0) + now - clock
+        log.debug(f"convert: {stage} took {now - clock:.1f} s")
         clock = now
 
     others_may_write = num_nodes > 1  # the other nodes' temps in .work are theirs to finish
@@ -522,12 +525,13 @@ def _convert_locked(out: Path, options: ConvertOptions, workers: int, num_nodes:
     vocab_path = ensure_vocab(out, plan, workers, mine, progress, num_nodes, wait_s)
     mixed = read_vocab(vocab_path).mixed_species_warning()
     if mixed:
-        print(f"warning: {mixed}", file=sys.stderr)
+        log.warning(mixed)
     lap("vocab")
 
     (work / "units").mkdir(exist_ok=True)
     remove_stale_temps(work / "units", others_may_write)
     todo = _largest_first(plan, [u for u in mine if not (work / "units" / f"{unit_name(u)}.json").exists()])
+    log.debug(f"convert: {len(todo)} of this node's {len(mine)} work units left to do")
     with progress_bar(sum(unit_rows(plan, u) for u in todo), "convert", progress) as bar:
         run_pool(convert_unit, todo, workers, (work, vocab_path), lambda r: bar.update(r["cells_read"]))
     lap("units")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -247,25 +246,26 @@ def build_manifest(out: Path, plan: dict, vocab, results: list[dict], shard_reco
     }
 
 
-def print_report(manifest: dict, file=sys.stderr) -> None:
-    """Per-source coverage and accounting, for people."""
+def format_report(manifest: dict) -> str:
+    """Per-source coverage and accounting, for people (the CLIs log it)."""
     acc = manifest["accounting"]
     t = manifest["totals"]
-    print(f"corpus: {t['n_cells']:,} cells, {t['n_tokens']:,} tokens, {t['n_shards']} shards, "
-          f"{t['bytes'] / 1e6:.1f} MB; vocabulary {manifest['vocab']['n_genes']:,} genes", file=file)
-    print(f"cells read {acc['cells_read']:,} = written {acc['cells_written']:,} + skipped "
-          f"{sum(acc['cells_skipped'].values()):,} {acc['cells_skipped']}", file=file)
+    lines = [f"corpus: {t['n_cells']:,} cells, {t['n_tokens']:,} tokens, {t['n_shards']} shards, "
+             f"{t['bytes'] / 1e6:.1f} MB; vocabulary {manifest['vocab']['n_genes']:,} genes",
+             f"cells read {acc['cells_read']:,} = written {acc['cells_written']:,} + skipped "
+             f"{sum(acc['cells_skipped'].values()):,} {acc['cells_skipped']}"]
     for s in manifest["sources"]:
         if "refused" in s:
-            print(f"  {s['name']}: REFUSED ({s['refused']})", file=file)
+            lines.append(f"  {s['name']}: REFUSED ({s['refused']})")
             continue
         if s.get("read_errors"):
-            print(f"  {s['name']}: {len(s['read_errors'])} unreadable row ranges skipped, e.g. "
-                  f"{s['read_errors'][0]}", file=file)
+            lines.append(f"  {s['name']}: {len(s['read_errors'])} unreadable row ranges skipped, e.g. "
+                         f"{s['read_errors'][0]}")
         fc = s["fraction_counts_in_vocab"]
-        print(f"  {s['name']}: {s['cells_written']:,}/{s['cells_read']:,} cells; genes in vocab "
-              f"{s['fraction_genes_in_vocab']:.1%}, counts in vocab {fc:.1%}" if fc is not None else
-              f"  {s['name']}: {s['cells_written']:,}/{s['cells_read']:,} cells", file=file, end="")
+        line = (f"  {s['name']}: {s['cells_written']:,}/{s['cells_read']:,} cells; genes in vocab "
+                f"{s['fraction_genes_in_vocab']:.1%}, counts in vocab {fc:.1%}" if fc is not None else
+                f"  {s['name']}: {s['cells_written']:,}/{s['cells_read']:,} cells")
         if s["duplicate_columns_summed"]:
-            print(f"; {s['duplicate_columns_summed']} duplicate columns summed", file=file, end="")
-        print(f"; genes from {s['gene_identity']}", file=file)
+            line += f"; {s['duplicate_columns_summed']} duplicate columns summed"
+        lines.append(f"{line}; genes from {s['gene_identity']}")
+    return "\n".join(lines)
