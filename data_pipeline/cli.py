@@ -172,7 +172,7 @@ def main(argv=None) -> int:
             except ValueError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 2
-            print(f"wrote {args.out}: {len(info['files'])} files, {args.cells:,} cells", file=sys.stderr)
+            log.info(f"wrote {args.out}: {len(info['files'])} files, {args.cells:,} cells")
             return 0
         if args.command == "synthetic":
             from .synthetic import write_synthetic_h5ad
