@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from .normalize import choose_within_cells
+from .normalize import CONTINUOUS_MODES, choose_within_cells
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def apply_masking(masking: Masking, indptr, inputs: np.ndarray, mask_id, random_
 def mask_for_mode(masking: Masking, mode: str, n_bins: int, indptr, genes: np.ndarray, values: np.ndarray,
                   mask_token: int, gene_tokens: tuple[int, int], rng: np.random.Generator):
     """Masked expression in each normalization ``mode``'s convention: rank mode masks and predicts
-    the gene token (Geneformer; random draws from ``gene_tokens = (first, end)``); continuous masks
+    the gene token (Geneformer; random draws from ``gene_tokens = (first, end)``); continuous and raw mask
     the value with -1; bins mask with the extra bin ``n_bins`` and draw random bins in [1, n_bins).
     -> (genes, values, mlm_mask, targets), inputs after masking."""
     if masking.nonzero_only and mode not in ("log1p_bins", "log2_floor_bins", "quantile_bins"):
@@ -121,7 +121,7 @@ def mask_for_mode(masking: Masking, mode: str, n_bins: int, indptr, genes: np.nd
                          "use a binned normalization or set data.mask_nonzero_only=false")
     if mode == "rank":
         genes, mlm, targets = apply_masking(masking, indptr, genes, mask_token, gene_tokens, rng)
-    elif mode == "continuous":
+    elif mode in CONTINUOUS_MODES:
         values, mlm, targets = apply_masking(masking, indptr, values, -1.0, (0.0, float(values.max(initial=1.0))), rng)
     else:
         values, mlm, targets = apply_masking(masking, indptr, values, n_bins, (1, n_bins), rng)

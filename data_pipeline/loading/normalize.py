@@ -26,7 +26,11 @@ order the model sees them. Modes (DESIGN.md, "Normalization modes"):
 - ``rank`` (Geneformer): ``v = count / total * target_sum / median[gene]``, genes without a
   median dropped, tokens sorted by descending ``v`` (ties: ascending token, i.e. stable) and
   truncated to ``max_genes``; the value is the rank (0 = highest).
-- ``continuous`` (scFoundation-style): ``x`` itself, float32.
+- ``continuous`` (scFoundation-style): ``x`` itself, float32 (the log1p-CP10k values of the
+  expressed genes: what other loaders hand out as "log1p-normalized").
+- ``raw``: the raw counts of the expressed genes, float32 (counts above 2**24 rounded as float32
+  rounds them): the loader as a plain sparse-row reader, for models that normalize themselves
+  and for comparing loaders like for like (`benchmarks/bench_loader_peers.py`).
 
 Genes are kept in ascending token order except in rank mode. ``max_genes`` caps a cell: a random
 subset (order kept, from the caller's generator; ``cap="random"``, what training sees), or with
@@ -46,7 +50,8 @@ from numba import njit
 
 from ..radix import radix_sort_pairs
 
-MODES = ("log1p_bins", "log2_floor_bins", "quantile_bins", "rank", "continuous")
+MODES = ("log1p_bins", "log2_floor_bins", "quantile_bins", "rank", "continuous", "raw")
+CONTINUOUS_MODES = ("continuous", "raw")  # float32 values (masked with -1), not bins or ranks
 FIXED_BIN_MODES = ("log1p_bins", "log2_floor_bins")  # bins from fixed edges (`Normalization.edges`)
 BINNED_MODES = (*FIXED_BIN_MODES, "quantile_bins")
 QUANTILE_TIES = ("high", "random")
@@ -225,6 +230,8 @@ def normalize(norm: Normalization, indptr, genes, counts, total_counts,
         _threshold_bins(indptr, counts, np.asarray(total_counts, np.float64), norm.target_sum, norm.thresholds,
                         norm.first_bin, norm.n_bins - 1, values)
         return _capped(norm, indptr, genes, values, counts, rng)
+    if norm.mode == "raw":
+        return _capped(norm, indptr, genes, np.asarray(counts).astype(np.float32), counts, rng)
     x = log1p_cp10k(counts, indptr, total_counts, norm.target_sum)
     if norm.mode == "quantile_bins":
         ties = norm.quantile_ties == "random"
