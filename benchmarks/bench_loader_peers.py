@@ -188,7 +188,7 @@ def main() -> None:
                           check=True, capture_output=True, text=True)
     peer_data = json.loads(prep.stdout.strip().splitlines()[-1])
     warm_page_cache([*sorted(Path(corpus).rglob("*.tar")), Path(peer_data["union_h5ad"]),
-                     *sorted(Path(peer_data["annbatch_collection"]).rglob("*")),])
+                     *sorted(p for p in Path(peer_data["annbatch_collection"]).rglob("*") if p.is_file())])
 
     core = pin_one_core(args.core)
     load_before = os.getloadavg()

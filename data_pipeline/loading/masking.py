@@ -99,15 +99,28 @@ def apply_masking(masking: Masking, indptr, inputs: np.ndarray, mask_id, random_
     out = inputs.copy()
     where = np.flatnonzero(mlm)
     u = rng.random(len(where))
-    to_mask = where[u < masking.mask_prob]
-    to_random = where[(u >= masking.mask_prob) & (u < masking.mask_prob + masking.random_prob)]
-    out[to_mask] = mask_id
+    # the masked entries in order: u < mask_prob -> mask_id, u in [mask_prob, mask_prob + random_prob)
+    # -> the next random draw, else kept; written in one pass (`_replace`)
+    n_random = int(np.count_nonzero((u >= masking.mask_prob) & (u < masking.mask_prob + masking.random_prob)))
     low, high = random_ids
     if np.issubdtype(out.dtype, np.integer):
-        out[to_random] = rng.integers(low, high, len(to_random))
+        random = rng.integers(low, high, n_random).astype(out.dtype, copy=False)
     else:
-        out[to_random] = rng.uniform(low, high, len(to_random))
+        random = rng.uniform(low, high, n_random).astype(out.dtype, copy=False)
+    _replace(out, where, u, masking.mask_prob, masking.mask_prob + masking.random_prob,
+             out.dtype.type(mask_id), random)
     return out, mlm, targets
+
+
+@njit(cache=True, nogil=True)
+def _replace(out, where, u, mask_below, random_below, mask_id, random):  # pragma: no cover
+    r = 0
+    for k in range(len(where)):
+        if u[k] < mask_below:
+            out[where[k]] = mask_id
+        elif u[k] < random_below:
+            out[where[k]] = random[r]
+            r += 1
 
 
 def mask_for_mode(masking: Masking, mode: str, n_bins: int, indptr, genes: np.ndarray, values: np.ndarray,
