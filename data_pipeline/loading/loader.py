@@ -198,9 +198,10 @@ def _worker_init(_: int) -> None:
 
 def _gather(blocks: list, first_cells: np.ndarray, cells: np.ndarray):
     """Rows ``cells`` (global indices) of ``blocks`` (whose first cells are ``first_cells``, sorted)
-    as CSR arrays in that order: indptr, genes, counts, total_counts, labels. Each block's rows are
-    copied straight from its arrays (no concatenation of the blocks first: that would copy every
-    entry twice, and the copies are most of the loader's time in the unnormalized modes)."""
+    as CSR arrays in that order: indptr, genes (int64, as batches carry them: widened while copied
+    rather than in a pass of their own), counts, total_counts, labels. Each block's rows are copied
+    straight from its arrays (no concatenation of the blocks first: that would copy every entry
+    twice, and the copies are most of the loader's time in the unnormalized modes)."""
     which = np.searchsorted(first_cells, cells, side="right") - 1
     local = cells - first_cells[which]
     lengths = np.empty(len(cells), np.int64)
@@ -208,7 +209,7 @@ def _gather(blocks: list, first_cells: np.ndarray, cells: np.ndarray):
     for b, at in zip(blocks, members):
         lengths[at] = np.diff(b.indptr)[local[at]]
     indptr = np.concatenate([[0], np.cumsum(lengths)])
-    genes = np.empty(int(indptr[-1]), np.result_type(*(b.genes.dtype for b in blocks)))
+    genes = np.empty(int(indptr[-1]), np.int64)
     counts = np.empty(int(indptr[-1]), np.result_type(*(b.counts.dtype for b in blocks)))
     for b, at in zip(blocks, members):
         if len(at):
