@@ -353,7 +353,12 @@ def loader_peers() -> str:
     busy = (f" The machine was shared (1-minute load average {la['before'][0]:.1f} before, {la['after'][0]:.1f} "
             "after, on 2 cores): CPU time is less disturbed by other processes than wall time, but not immune, "
             "hence the spread of the rounds.") if la.get("before") and la.get("after") else ""
-    goals = "; ".join(f"{k}: {v:.2f}x ({'met' if v >= 1 else 'not met'})" for k, v in r["ratios"].items())
+    def paired(key: str) -> str:  # the ratio round by round: how far the rounds' spread leaves the median ratio
+        ours, peer = (r["results"][name].get("cells_per_cpu_s_rounds") for name in key.split(" / "))
+        return ", ".join(f"{a / b:.2f}" for a, b in zip(ours, peer)) if ours and peer else "-"
+
+    goals = "; ".join(f"{k}: {v:.2f}x ({'met' if v >= 1 else 'not met'}; round by round {paired(k)})"
+                      for k, v in r["ratios"].items())
     versions = ", ".join(f"{k} {v}" for k, v in r["peer_versions"].items() if v)
     return "\n".join([
         f"**Loader against its peers** (issue 24). {source('loader_peers_cpu.json', r, 'python benchmarks/bench_loader_peers.py --peer-python PYTHON3.12')} "

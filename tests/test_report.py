@@ -178,6 +178,9 @@ def test_loader_peers_block_quotes_rates_and_says_which_goals_are_met(monkeypatc
     monkeypatch.setattr(report, "load", lambda name: r if name == "loader_peers_cpu.json" else None)
     block = report.loader_peers()
     assert "| project raw | raw counts, unmasked | 1,000 | 300 | 300-300 | 207,000 | 150 | 1.50x |" in block
-    assert "project raw / annbatch raw: 1.50x (met)" in block
-    assert "project log1p_bins + masking / annbatch raw: 0.75x (not met)" in block
+    assert "project raw / annbatch raw: 1.50x (met; round by round -)" in block
+    assert "project log1p_bins + masking / annbatch raw: 0.75x (not met; round by round -)" in block
+    r["results"]["project raw"]["cells_per_cpu_s_rounds"] = [300, 330]
+    r["results"]["annbatch raw"]["cells_per_cpu_s_rounds"] = [200, 300]
+    assert "project raw / annbatch raw: 1.50x (met; round by round 1.50, 1.10)" in report.loader_peers()
     assert "/somewhere" not in block  # the reproduce line names no machine's path
