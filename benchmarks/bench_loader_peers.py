@@ -1,8 +1,11 @@
 """The project's loader against its peers on the same real cells, one core, in cells per CPU-second
 (issue 24 point 5). Writes ``benchmarks/results/loader_peers_cpu.json``.
 
-    python benchmarks/bench_loader_peers.py --peer-python /path/to/python3.12   # ~5 min after setup
-    python benchmarks/bench_loader_peers.py --real-cells 20000 --rounds 1       # quick
+    python benchmarks/bench_loader_peers.py --peer-python /path/to/python3.12   # ~1.5 min (2 cores)
+    python benchmarks/bench_loader_peers.py --real-cells 20000 --rounds 1       # quick, ~40 s
+
+The first run also converts the corpus and writes the peers' files under ``benchmarks/data/``
+(a few minutes for 216,064 cells); later runs reuse them.
 
 Cells: the shared real files (all but the one without gene ids), each repeated until together they
 hold ``--real-cells`` (default 200,000: 8 copies of 27,008 cells = 216,064), as `bench_loader.py`
