@@ -340,6 +340,46 @@ def loader() -> str:
                      + integrity_cost())
 
 
+def loader_peers() -> str:
+    """The loader against annbatch, scDataset and backed AnnData on the same cells, one core."""
+    r = load("loader_peers_cpu.json")
+    if r is None:
+        return ""
+    setup, cells, peer = r["setup"], r["cells"], r["peer_interpreter"]
+    what = {"project raw": "raw counts, unmasked", "project log1p_cp10k": "log1p-CP10k (`continuous`), unmasked",
+            "project log1p_bins + masking": "`log1p_bins` + 15 % masking", "annbatch raw": "raw CSR",
+            "annbatch log1p_cp10k": "log1p-CP10k of each CSR batch", "scDataset raw": "raw CSR",
+            "anndata backed raw": "raw CSR, X[sorted random rows]"}
+    annbatch = r["results"]["annbatch raw"]["cells_per_cpu_s"]
+    rows = [[name, what.get(name, ""), n(x["cells_per_round"]), n(x["cells_per_cpu_s"]),
+             "-".join(n(f(x.get("cells_per_cpu_s_rounds") or [x["cells_per_cpu_s"]])) for f in (min, max)),
+             n(x["nonzeros_per_cpu_s"]), n(x["cells_per_s_wall"]), f"{x['cells_per_cpu_s'] / annbatch:.2f}x"]
+            for name, x in r["results"].items()]
+    la = r.get("load_average") or {}
+    busy = (f" The machine was shared (1-minute load average {la['before'][0]:.1f} before, {la['after'][0]:.1f} "
+            "after, on 2 cores): CPU time is less disturbed by other processes than wall time, but not immune, "
+            "hence the spread of the rounds.") if la.get("before") and la.get("after") else ""
+    def paired(key: str) -> str:  # the ratio round by round: how far the rounds' spread leaves the median ratio
+        ours, peer = (r["results"][name].get("cells_per_cpu_s_rounds") for name in key.split(" / "))
+        return ", ".join(f"{a / b:.2f}" for a, b in zip(ours, peer)) if ours and peer else "-"
+
+    goals = "; ".join(f"{k}: {v:.2f}x ({'met' if v >= 1 else 'not met'}; round by round {paired(k)})"
+                      for k, v in r["ratios"].items())
+    versions = ", ".join(f"{k} {v}" for k, v in r["peer_versions"].items() if v)
+    return "\n".join([
+        f"**Loader against its peers** (issue 24). {source('loader_peers_cpu.json', r, 'python benchmarks/bench_loader_peers.py --peer-python PYTHON3.12')} "
+        f"The same {n(cells['peer_cells'])} real cells ({len(cells['files'])} shared files, {cells['copies_of_each']} "
+        f"copies each) for everyone, batches of {n(setup['batch_cells'])} cells, 0 workers, one core "
+        f"({setup['one_core']}); cells per CPU-second of the process making the batches, median of "
+        f"{setup['rounds']} interleaved rounds. The peers ran in python {r['peer_versions']['python']} ({versions}), "
+        f"{peer['run_as']}. The project's corpus keeps the genes with gene ids, so its cells carry "
+        f"{r['results']['project raw']['nonzeros_per_cell']:.0f} nonzeros on average against the peers' "
+        f"{r['results']['annbatch raw']['nonzeros_per_cell']:.0f}.{busy}", "",
+        table(["loader", "values", "cells per round", "cells per CPU-second", "rounds (min-max)",
+               "nonzeros per CPU-second", "cells/s (wall)", "vs annbatch raw"], rows), "",
+        f"Against annbatch: {goals}."])
+
+
 def integrity_cost() -> list[str]:
     """The block checks' share of loader throughput: epochs with and without them, alternating in one run."""
     r = load("loader_integrity.json")
@@ -457,7 +497,7 @@ def anchors() -> str:
 
 def performance() -> str:
     blocks = [gpu_status(), training(), anchors(), scaling(), train_loop(), contrastive(), conversion(), loader(),
-              demo()]
+              loader_peers(), demo()]
     return "\n\n".join(b for b in blocks if b)
 
 

@@ -37,7 +37,8 @@ from .objectives import PretrainModule, StepCounts, step_seed, train_step
 
 logger = logging.getLogger(__name__)
 
-VALUE_MODE_OF = {"log1p_bins": "bins", "log2_floor_bins": "bins", "quantile_bins": "bins", "rank": "rank", "continuous": "continuous"}
+VALUE_MODE_OF = {"log1p_bins": "bins", "log2_floor_bins": "bins", "quantile_bins": "bins", "rank": "rank", "continuous": "continuous",
+                 "raw": "continuous"}
 
 
 def open_corpus(config: TrainConfig) -> Corpus:

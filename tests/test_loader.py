@@ -98,6 +98,24 @@ def test_batches_hold_the_normalized_cells(corpus, cells):
     assert 0.14 < masked / total < 0.17
 
 
+@pytest.mark.parametrize("mode", ["raw", "continuous"])
+def test_unmasked_raw_and_log1p_cp10k_batches_hold_the_cells_packed(corpus, cells, mode):
+    """The like-for-like modes of `benchmarks/bench_loader_peers.py`: each cell's expressed genes
+    with their raw counts (raw) or log1p-CP10k values (continuous), packed, nothing masked."""
+    reference = ref.raw if mode == "raw" else ref.continuous
+    seen = 0
+    for b in _loader(corpus, normalization=Normalization(mode), masking=None):
+        cu = b.cu_seqlens.numpy()
+        assert b.values.dtype == torch.float32 and not b.mlm_mask.any()
+        for s, cell in enumerate(b.cell_index.numpy()):
+            genes, counts, tc, _ = cells[cell]
+            want_g, want_v = reference(genes, counts, tc)
+            np.testing.assert_array_equal(b.gene_ids[cu[s]:cu[s + 1]].numpy(), want_g)
+            np.testing.assert_array_equal(b.values[cu[s]:cu[s + 1]].numpy(), want_v)
+            seen += 1
+    assert seen == len(cells)
+
+
 def test_deterministic_and_epochs_differ(corpus):
     a = list(_loader(corpus, seed=5, views=Views()))
     b = list(_loader(corpus, seed=5, views=Views()))

@@ -70,6 +70,7 @@ def _modes(medians):
         "quantile_bins_few": (Normalization("quantile_bins", n_bins=5, quantile_ties="high"),
                               lambda g, c, t: ref.quantile_bins(g, c, t, 5)),
         "continuous": (Normalization("continuous"), lambda g, c, t: ref.continuous(g, c, t)),
+        "raw": (Normalization("raw"), lambda g, c, t: ref.raw(g, c, t)),
         "rank": (Normalization("rank", medians=medians, max_genes=2048),
                  lambda g, c, t: ref.rank_value(g, c, t, medians, 2048)),
         "rank_short": (Normalization("rank", medians=medians, max_genes=25),
@@ -78,7 +79,7 @@ def _modes(medians):
 
 
 @pytest.mark.parametrize("mode", ["log1p_bins", "log1p_bins_edges", "log2_floor_bins", "quantile_bins",
-                                  "quantile_bins_few", "continuous", "rank", "rank_short"])
+                                  "quantile_bins_few", "continuous", "raw", "rank", "rank_short"])
 def test_modes_equal_reference_on_real_cells(real_corpus, mode):
     medians = GeneStats.from_zarr(real_corpus.path / "stats.zarr").nonzero_medians()
     norm, reference = _modes(medians)[mode]
@@ -88,7 +89,7 @@ def test_modes_equal_reference_on_real_cells(real_corpus, mode):
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("mode", ["log1p_bins", "log2_floor_bins", "log2_floor_bins_7", "quantile_bins",
-                                  "quantile_bins_few", "continuous", "rank_short"])
+                                  "quantile_bins_few", "continuous", "raw", "rank_short"])
 def test_modes_equal_reference_on_random_cells(seed, mode):
     rng = np.random.default_rng(100 + seed)
     medians = rng.uniform(0.5, 20, 5003)

@@ -162,3 +162,25 @@ def test_quality_renders_the_current_evaluation_beside_the_previous_one(monkeypa
     assert "| PCA-50 of log1p-CP10k (HVG) | 0.700 [0.700, 0.700] | 0.700 [0.700, 0.700] |" in text
     assert "| random init: scHybridBERT | 0.200 [0.200, 0.200] |" in text and "| mlm (1000 steps): embedding alone | 0.300" in text
     assert "previous evaluation" not in text  # no legacy file here
+
+
+def test_loader_peers_block_quotes_rates_and_says_which_goals_are_met(monkeypatch):
+    row = lambda rate, nnz: {"cells_per_cpu_s": rate, "nonzeros_per_cpu_s": rate * nnz, "cells_per_s_wall": rate // 2,  # noqa: E731
+                             "cells_per_round": 1000, "nonzeros_per_cell": nnz}
+    r = {"date": "2026-12-05T09:00:00+00:00", "device": "cpu", "versions": {"python": "3.11.7"},
+         "command": "benchmarks/bench_loader_peers.py --peer-python /somewhere/python3.12",
+         "peer_versions": {"python": "3.12.1", "annbatch": "0.3.1"}, "peer_interpreter": {"run_as": "a child process"},
+         "cells": {"files": ["a.h5ad", "b.h5ad"], "copies_of_each": 8, "peer_cells": 1000},
+         "setup": {"batch_cells": 1024, "rounds": 3, "one_core": "core 0"},
+         "results": {"project raw": row(300, 690), "project log1p_bins + masking": row(150, 690),
+                     "annbatch raw": row(200, 730)},
+         "ratios": {"project raw / annbatch raw": 1.5, "project log1p_bins + masking / annbatch raw": 0.75}}
+    monkeypatch.setattr(report, "load", lambda name: r if name == "loader_peers_cpu.json" else None)
+    block = report.loader_peers()
+    assert "| project raw | raw counts, unmasked | 1,000 | 300 | 300-300 | 207,000 | 150 | 1.50x |" in block
+    assert "project raw / annbatch raw: 1.50x (met; round by round -)" in block
+    assert "project log1p_bins + masking / annbatch raw: 0.75x (not met; round by round -)" in block
+    r["results"]["project raw"]["cells_per_cpu_s_rounds"] = [300, 330]
+    r["results"]["annbatch raw"]["cells_per_cpu_s_rounds"] = [200, 300]
+    assert "project raw / annbatch raw: 1.50x (met; round by round 1.50, 1.10)" in report.loader_peers()
+    assert "/somewhere" not in block  # the reproduce line names no machine's path

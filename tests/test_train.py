@@ -19,6 +19,7 @@ import pytest
 import torch
 import yaml
 
+from data_pipeline.corpus import Corpus
 from data_pipeline.loading.masking import Masking
 from pretrain.config import TrainConfig, load_config
 from pretrain.train import VALUE_MODE_OF, build_loader, resolve_model_config
@@ -431,3 +432,19 @@ def test_a_resume_on_another_worker_count_is_refused_unless_the_epoch_restarts(c
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert summary(run)["resumed_from_step"] == 2 and summary(run)["steps"] == 4
+
+
+def test_raw_normalization_trains_continuous_values(corpus):
+    """data.normalization=raw: the counts as continuous values (masked with -1), with
+    model.value_mode=continuous; bins refused naming the key."""
+    config = load_config(str(TINY_CONFIG), [f"data.corpus={corpus}", "data.normalization=raw",
+                                            "model.value_mode=continuous"])
+    batch = next(iter(build_loader(config, torch.device("cpu"))))
+    assert batch.values.dtype == torch.float32
+    kept = ~batch.mlm_mask
+    assert (batch.values[kept] >= 1).all() and (batch.values[kept] == batch.values[kept].round()).all()
+    masked = batch.values[batch.mlm_mask]
+    assert (masked == -1).float().mean() > 0.5  # 80 % become -1, 10 % a random value, 10 % stay
+    binned = load_config(str(TINY_CONFIG), [f"data.corpus={corpus}", "data.normalization=raw", "model.value_mode=bins"])
+    with pytest.raises(ValueError, match="model.value_mode=continuous"):
+        resolve_model_config(binned, Corpus(corpus))

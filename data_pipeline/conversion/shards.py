@@ -136,7 +136,7 @@ def read_block(fd: int, offset: int, nbytes: int, checksum: int | None = None) -
     views of one buffer read for the block. With ``checksum`` (the record's xxh3-64) the bytes
     are checked before anything is decoded. Raises `BlockError` for bytes that are not a whole,
     well-formed block (the members of one key, each once, with the dtypes the format allows)."""
-    buf = bytearray(nbytes)
+    buf = np.empty(nbytes, np.uint8)  # not bytearray: that zeroes the buffer first, a pass the read then overwrites
     view = memoryview(buf)
     got = os.preadv(fd, [view], offset)
     if got != nbytes:

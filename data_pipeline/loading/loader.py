@@ -198,30 +198,37 @@ def _worker_init(_: int) -> None:
 
 def _gather(blocks: list, first_cells: np.ndarray, cells: np.ndarray):
     """Rows ``cells`` (global indices) of ``blocks`` (whose first cells are ``first_cells``, sorted)
-    as CSR arrays in that order: indptr, genes, counts, total_counts, labels."""
-    lengths = np.concatenate([np.diff(b.indptr) for b in blocks])
-    starts = np.concatenate([[0], np.cumsum(lengths)])
-    row_base = np.concatenate([[0], np.cumsum([b.n_cells for b in blocks])])
+    as CSR arrays in that order: indptr, genes (int64, as batches carry them: widened while copied
+    rather than in a pass of their own), counts, total_counts, labels. Each block's rows are copied
+    straight from its arrays (no concatenation of the blocks first: that would copy every entry
+    twice, and the copies are most of the loader's time in the unnormalized modes)."""
     which = np.searchsorted(first_cells, cells, side="right") - 1
-    rows = row_base[which] + cells - first_cells[which]
-    indptr = np.concatenate([[0], np.cumsum(lengths[rows])])
-    all_genes = np.concatenate([b.genes for b in blocks])
-    all_counts = np.concatenate([b.counts for b in blocks])
-    genes = np.empty(int(indptr[-1]), all_genes.dtype)
-    counts = np.empty(int(indptr[-1]), all_counts.dtype)
-    _gather_rows(starts, rows, indptr, all_genes, all_counts, genes, counts)
-    totals = np.concatenate([b.total_counts for b in blocks])[rows]
-    labels = np.concatenate([b.labels.reshape(b.n_cells, -1) for b in blocks]).astype(np.int64)[rows]
-    return indptr, genes, counts, totals, labels
+    local = cells - first_cells[which]
+    lengths = np.empty(len(cells), np.int64)
+    members = [np.flatnonzero(which == k) for k in range(len(blocks))]
+    for b, at in zip(blocks, members):
+        lengths[at] = np.diff(b.indptr)[local[at]]
+    indptr = np.concatenate([[0], np.cumsum(lengths)])
+    genes = np.empty(int(indptr[-1]), np.int64)
+    counts = np.empty(int(indptr[-1]), np.result_type(*(b.counts.dtype for b in blocks)))
+    for b, at in zip(blocks, members):
+        if len(at):
+            _gather_rows(np.asarray(b.indptr, np.int64), local[at], indptr[at], lengths[at], b.genes, b.counts, genes,
+                         counts)
+    totals = np.concatenate([b.total_counts for b in blocks])
+    labels = np.concatenate([b.labels.reshape(b.n_cells, -1) for b in blocks])
+    row_base = np.concatenate([[0], np.cumsum([b.n_cells for b in blocks])])
+    rows = row_base[which] + local
+    return indptr, genes, counts, totals[rows], labels[rows].astype(np.int64)
 
 
 @njit(cache=True, nogil=True)
-def _gather_rows(starts, rows, indptr, src_genes, src_counts, genes, counts):  # pragma: no cover
+def _gather_rows(src_indptr, rows, dest, lengths, src_genes, src_counts, genes, counts):  # pragma: no cover
+    """Row ``rows[i]`` of one block (``src_indptr``) to ``dest[i]`` onwards, ``lengths[i]`` entries."""
     for i in range(len(rows)):
-        a = starts[rows[i]]
-        for j in range(indptr[i + 1] - indptr[i]):
-            genes[indptr[i] + j] = src_genes[a + j]
-            counts[indptr[i] + j] = src_counts[a + j]
+        a, d, n = src_indptr[rows[i]], dest[i], lengths[i]
+        genes[d : d + n] = src_genes[a : a + n]
+        counts[d : d + n] = src_counts[a : a + n]
 
 
 def _check_zero_masking(spec: _Spec) -> None:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from .normalize import choose_within_cells
+from .normalize import CONTINUOUS_MODES, choose_within_cells
 
 
 @dataclass(frozen=True)
@@ -99,21 +99,34 @@ def apply_masking(masking: Masking, indptr, inputs: np.ndarray, mask_id, random_
     out = inputs.copy()
     where = np.flatnonzero(mlm)
     u = rng.random(len(where))
-    to_mask = where[u < masking.mask_prob]
-    to_random = where[(u >= masking.mask_prob) & (u < masking.mask_prob + masking.random_prob)]
-    out[to_mask] = mask_id
+    # the masked entries in order: u < mask_prob -> mask_id, u in [mask_prob, mask_prob + random_prob)
+    # -> the next random draw, else kept; written in one pass (`_replace`)
+    n_random = int(np.count_nonzero((u >= masking.mask_prob) & (u < masking.mask_prob + masking.random_prob)))
     low, high = random_ids
     if np.issubdtype(out.dtype, np.integer):
-        out[to_random] = rng.integers(low, high, len(to_random))
+        random = rng.integers(low, high, n_random).astype(out.dtype, copy=False)
     else:
-        out[to_random] = rng.uniform(low, high, len(to_random))
+        random = rng.uniform(low, high, n_random).astype(out.dtype, copy=False)
+    _replace(out, where, u, masking.mask_prob, masking.mask_prob + masking.random_prob,
+             out.dtype.type(mask_id), random)
     return out, mlm, targets
+
+
+@njit(cache=True, nogil=True)
+def _replace(out, where, u, mask_below, random_below, mask_id, random):  # pragma: no cover
+    r = 0
+    for k in range(len(where)):
+        if u[k] < mask_below:
+            out[where[k]] = mask_id
+        elif u[k] < random_below:
+            out[where[k]] = random[r]
+            r += 1
 
 
 def mask_for_mode(masking: Masking, mode: str, n_bins: int, indptr, genes: np.ndarray, values: np.ndarray,
                   mask_token: int, gene_tokens: tuple[int, int], rng: np.random.Generator):
     """Masked expression in each normalization ``mode``'s convention: rank mode masks and predicts
-    the gene token (Geneformer; random draws from ``gene_tokens = (first, end)``); continuous masks
+    the gene token (Geneformer; random draws from ``gene_tokens = (first, end)``); continuous and raw mask
     the value with -1; bins mask with the extra bin ``n_bins`` and draw random bins in [1, n_bins).
     -> (genes, values, mlm_mask, targets), inputs after masking."""
     if masking.nonzero_only and mode not in ("log1p_bins", "log2_floor_bins", "quantile_bins"):
@@ -121,7 +134,7 @@ def mask_for_mode(masking: Masking, mode: str, n_bins: int, indptr, genes: np.nd
                          "use a binned normalization or set data.mask_nonzero_only=false")
     if mode == "rank":
         genes, mlm, targets = apply_masking(masking, indptr, genes, mask_token, gene_tokens, rng)
-    elif mode == "continuous":
+    elif mode in CONTINUOUS_MODES:
         values, mlm, targets = apply_masking(masking, indptr, values, -1.0, (0.0, float(values.max(initial=1.0))), rng)
     else:
         values, mlm, targets = apply_masking(masking, indptr, values, n_bins, (1, n_bins), rng)

@@ -26,7 +26,11 @@ order the model sees them. Modes (DESIGN.md, "Normalization modes"):
 - ``rank`` (Geneformer): ``v = count / total * target_sum / median[gene]``, genes without a
   median dropped, tokens sorted by descending ``v`` (ties: ascending token, i.e. stable) and
   truncated to ``max_genes``; the value is the rank (0 = highest).
-- ``continuous`` (scFoundation-style): ``x`` itself, float32.
+- ``continuous`` (scFoundation-style): ``x`` itself, float32 (the log1p-CP10k values of the
+  expressed genes: what other loaders hand out as "log1p-normalized").
+- ``raw``: the raw counts of the expressed genes, float32 (counts above 2**24 rounded as float32
+  rounds them): the loader as a plain sparse-row reader, for models that normalize themselves
+  and for comparing loaders like for like (`benchmarks/bench_loader_peers.py`).
 
 Genes are kept in ascending token order except in rank mode. ``max_genes`` caps a cell: a random
 subset (order kept, from the caller's generator; ``cap="random"``, what training sees), or with
@@ -46,7 +50,8 @@ from numba import njit
 
 from ..radix import radix_sort_pairs
 
-MODES = ("log1p_bins", "log2_floor_bins", "quantile_bins", "rank", "continuous")
+MODES = ("log1p_bins", "log2_floor_bins", "quantile_bins", "rank", "continuous", "raw")
+CONTINUOUS_MODES = ("continuous", "raw")  # float32 values (masked with -1), not bins or ranks
 FIXED_BIN_MODES = ("log1p_bins", "log2_floor_bins")  # bins from fixed edges (`Normalization.edges`)
 BINNED_MODES = (*FIXED_BIN_MODES, "quantile_bins")
 QUANTILE_TIES = ("high", "random")
@@ -123,6 +128,45 @@ def log1p_cp10k(counts: np.ndarray, indptr: np.ndarray, total_counts: np.ndarray
     return np.log1p(np.asarray(counts, np.float64) / per_entry_total * target_sum)
 
 
+_SMALL_COUNTS = 64  # integer counts below this get their bin or value from a per-cell table
+
+
+def log1p_cp10k_float32(counts: np.ndarray, indptr: np.ndarray, total_counts: np.ndarray,
+                        target_sum: float = 1e4) -> np.ndarray:
+    """`log1p_cp10k` as float32, equal to it entry for entry with far fewer logarithms: in a cell the
+    value depends only on the count, so small integer counts (most entries) take it from a per-cell
+    table of ``np.log1p(c / total * target_sum)`` for c < `_SMALL_COUNTS` (the same float64
+    operations on the same numbers), and only the other entries take a log1p each.  [nnz]"""
+    indptr = np.asarray(indptr, np.int64)
+    totals = np.asarray(total_counts, np.float64)
+    table = np.log1p(np.arange(_SMALL_COUNTS, dtype=np.float64) / totals[:, None] * target_sum).astype(np.float32)
+    out = np.empty(int(indptr[-1]), np.float32)
+    rest = np.empty(len(out), np.int64)
+    n_rest = _from_count_table(indptr, counts, table, out, rest)
+    if n_rest:
+        rest = rest[:n_rest]
+        cell = np.searchsorted(indptr, rest, side="right") - 1
+        out[rest] = np.log1p(np.asarray(counts[rest], np.float64) / totals[cell] * target_sum).astype(np.float32)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _from_count_table(indptr, counts, table, out, rest):  # pragma: no cover
+    """``out[j] = table[cell of j, counts[j]]`` where the count is a small integer; the positions of
+    the other entries to ``rest``.  -> how many of those"""
+    m = 0
+    small = table.shape[1]
+    for i in range(len(indptr) - 1):
+        for j in range(indptr[i], indptr[i + 1]):
+            c = counts[j]
+            if c == np.floor(c) and 0 <= c < small:
+                out[j] = table[i, np.int64(c)]
+            else:
+                rest[m] = j
+                m += 1
+    return m
+
+
 # scanpy's log1p(base=2) divides the natural log1p by np.log(2) (scBERT's preprocess.py uses it)
 LOG2_SCALE = float(np.log(2.0))
 
@@ -147,7 +191,6 @@ def log1p_thresholds(edges: np.ndarray, scale: float = 1.0) -> np.ndarray:
     return out
 
 
-_SMALL_COUNTS = 64  # integer counts below this get their bin from a per-cell table
 
 
 @njit(cache=True, nogil=True)
@@ -225,6 +268,11 @@ def normalize(norm: Normalization, indptr, genes, counts, total_counts,
         _threshold_bins(indptr, counts, np.asarray(total_counts, np.float64), norm.target_sum, norm.thresholds,
                         norm.first_bin, norm.n_bins - 1, values)
         return _capped(norm, indptr, genes, values, counts, rng)
+    if norm.mode == "raw":
+        return _capped(norm, indptr, genes, np.asarray(counts).astype(np.float32), counts, rng)
+    if norm.mode == "continuous":
+        return _capped(norm, indptr, genes, log1p_cp10k_float32(counts, indptr, total_counts, norm.target_sum), counts,
+                       rng)
     x = log1p_cp10k(counts, indptr, total_counts, norm.target_sum)
     if norm.mode == "quantile_bins":
         ties = norm.quantile_ties == "random"
@@ -235,8 +283,6 @@ def normalize(norm: Normalization, indptr, genes, counts, total_counts,
                 raise ValueError("quantile_ties='random' draws the bins of tied values: pass rng=")
             # scGPT's ceil(high - u * (high - left)) with u ~ U[0, 1): uniform over lowest ... values
             values -= np.floor(_uniforms(rng, np.diff(indptr), _TIES) * (values - lowest + 1)).astype(np.int64)
-    else:
-        values = x.astype(np.float32)
     return _capped(norm, indptr, genes, values, counts, rng)
 
 

@@ -49,6 +49,11 @@ def continuous(genes, counts, total, target_sum=1e4):
     return np.asarray(genes), _log1p_cp10k(counts, total, target_sum).astype(np.float32)
 
 
+def raw(genes, counts, total):
+    """The counts themselves, as float32 (``total`` unused: no normalization)."""
+    return np.asarray(genes), np.asarray(counts).astype(np.float32)
+
+
 def rank_value(genes, counts, total, medians, max_len, target_sum=1e4):
     """Geneformer's rank-value encoding (``tokenizer.tokenize_cell``): normalize by total counts
     and by each gene's nonzero median, keep genes with a median, sort descending, truncate.
