@@ -45,9 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("convert", help="convert count matrices into a corpus (resumable)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    c.add_argument("inputs", nargs="+", help=".h5ad files, AnnData .zarr stores, 10x matrix.mtx folders, 10x .h5 files, .loom files")
+    c.add_argument("inputs", nargs="+", help=".h5ad files, AnnData .zarr stores, 10x matrix.mtx folders, 10x .h5 files, .loom files, "
+                   "TileDB-SOMA experiments (a local experiment folder, or a URI: tiledb://, s3://, file:// ...)")
     c.add_argument("--out", required=True, help="corpus folder to create (or resume)")
     c.add_argument("--matrix", default="X", help="what to read from AnnData inputs: X, raw.X or layers/NAME (.loom: X or a layer NAME)")
+    c.add_argument("--soma-measurement", default="RNA", help="SOMA experiments: the measurement to read")
+    c.add_argument("--soma-layer", default="raw", help="SOMA experiments: the X layer (raw counts) to read")
+    c.add_argument("--soma-filter", help="SOMA experiments: obs value filter choosing the cells, e.g. "
+                   "\"is_primary_data == True and disease == 'normal'\" (default: every cell; the others "
+                   "are counted as skipped, excluded_by_filter)")
     c.add_argument("--gene-column", help="var column holding gene ids (or 'var_names'); detected if omitted")
     c.add_argument("--symbol-table", help="symbol -> Ensembl table (CSV/TSV[.gz] or pickled dict) for inputs named by symbols")
     c.add_argument("--vocab", help="use this vocabulary (our vocab.tsv or a Geneformer token dictionary .pkl) instead of building one")
@@ -110,7 +116,8 @@ def _convert(args) -> int:
         symbol_table=args.symbol_table, vocab=args.vocab, min_cells_per_gene=args.min_cells_per_gene,
         min_genes=args.min_genes, allow_non_integer=args.allow_non_integer,
         label_columns=args.label_columns, block_cells=args.block_cells, unit_cells=args.unit_cells,
-        shard_bytes=args.shard_size, skip_bad_files=args.skip_bad_files)
+        shard_bytes=args.shard_size, skip_bad_files=args.skip_bad_files,
+        soma_measurement=args.soma_measurement, soma_layer=args.soma_layer, soma_filter=args.soma_filter)
     num_nodes, node_rank = _node_from_env(args)
     t0 = time.perf_counter()
     timings = {}

@@ -154,3 +154,18 @@ def write_loom(path, X, gene_ids, symbols, barcodes, layer=None, id_attr="Access
         f.create_group("col_graphs")
         f.create_group("row_graphs")
     return Path(path)
+
+
+def write_soma(folder, X, gene_ids, symbols, barcodes, obs=None, layer="raw", measurement="RNA") -> Path:
+    """A local TileDB-SOMA experiment, written by ``tiledbsoma.io.from_h5ad`` from the `.h5ad`
+    `write_anndata` makes (kept beside it as ``<folder>.h5ad``): X as layer ``layer`` of
+    ``measurement``, var index ``var_id`` = symbols with ``gene_ids``, obs index ``obs_id`` =
+    barcodes. The Census names its layer ``raw``; from_h5ad's own default is ``data``."""
+    import tiledbsoma.io
+
+    folder = Path(folder)
+    h5ad = write_anndata(folder.with_suffix(".h5ad"), X, gene_ids, symbols, barcodes, obs=obs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tiledbsoma's notices about its own defaults
+        tiledbsoma.io.from_h5ad(str(folder), str(h5ad), measurement_name=measurement, X_layer_name=layer)
+    return folder

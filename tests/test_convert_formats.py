@@ -7,7 +7,7 @@ import pytest
 from data_pipeline.conversion.convert import convert
 from data_pipeline.conversion.plan import ConvertOptions
 from tests.corpus_helpers import corpus_cells, ensembl, random_counts
-from tests.source_writers import write_10x_h5, write_10x_mtx, write_anndata, write_loom
+from tests.source_writers import write_10x_h5, write_10x_mtx, write_anndata, write_loom, write_soma
 
 N_CELLS, N_GENES = 700, 90
 
@@ -45,13 +45,15 @@ def _write(kind: str, folder, matrix):
         return write_loom(folder / "in.loom", x, ids, syms, barcodes), "X"
     if kind == "loom-layer":
         return write_loom(folder / "layer.loom", x, ids, syms, barcodes, layer="spliced"), "spliced"
+    if kind == "soma":  # --matrix does not apply: the layer is --soma-layer (default raw)
+        return write_soma(folder / "exp", x, ids, syms, barcodes), "X"
     layout, matrix_name, suffix = kind.split(":")
     return write_anndata(folder / f"in{suffix}", x, ids, syms, barcodes, layout=layout, matrix=matrix_name), matrix_name
 
 
 KINDS = ["10x-mtx-v3", "10x-mtx-v2", "10x-h5-v3", "10x-h5-v2",
          "csc:X:.h5ad", "dense:X:.h5ad", "csr:layers/counts:.h5ad", "csc:raw.X:.h5ad",
-         "csr:X:.zarr", "csc:X:.zarr", "dense:layers/counts:.zarr", "loom", "loom-layer"]
+         "csr:X:.zarr", "csc:X:.zarr", "dense:layers/counts:.zarr", "loom", "loom-layer", "soma"]
 
 
 @pytest.mark.parametrize("kind", KINDS)

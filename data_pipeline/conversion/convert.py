@@ -46,7 +46,6 @@ from .fsio import (
     atomic_write_with,
     is_lock_file,
     remove_stale_temps,
-    source_checksum,
 )
 from .merge import finish_if_complete, merge_units
 from .plan import (
@@ -54,6 +53,7 @@ from .plan import (
     ConvertError,
     ConvertOptions,
     build_plan,
+    input_checksum,
     label_codes,
     load_gene_table,
     load_plan,
@@ -64,7 +64,7 @@ from .plan import (
     source_label,
     unit_name,
 )
-from .readers import SourceError, open_source
+from .readers import SourceError, open_source, pool_start_method
 from .rowkernels import convert_rows, scan_counts
 from .shards import END_OF_ARCHIVE, CellBlock, block_checksum, encode_block_parts, length_histogram
 from .stats import GeneStats
@@ -94,7 +94,7 @@ class _Context:
             if len(self._sources) >= _OPEN_SOURCES:  # units come in file order: close the oldest
                 self._sources.pop(next(iter(self._sources))).close()
             entry = self.plan["sources"][index]
-            self._sources[index] = open_source(entry["path"], self.options.matrix)
+            self._sources[index] = open_source(entry["path"], self.options.matrix, self.options.soma_selection())
         return self._sources[index]
 
     def close(self) -> None:
@@ -336,7 +336,7 @@ def convert_unit(unit: int) -> dict:
     for piece in pieces.values():
         piece["cells_skipped"] = dict(zip(SKIP_REASONS, piece["cells_skipped"].tolist()))
         if piece["start"] == 0:  # per-source facts ride on its first unit, overlapping other units
-            piece["source_checksum"] = source_checksum(_CTX.plan["sources"][piece["source"]]["path"])
+            piece["source_checksum"] = input_checksum(_CTX.plan["sources"][piece["source"]]["path"])
             piece["vocabulary_coverage"] = vocabulary_coverage(_CTX.colmap(piece["source"]))
     result = {
         "unit": unit, "cells_read": unit_rows(_CTX.plan, unit),
@@ -353,8 +353,9 @@ def convert_unit(unit: int) -> dict:
 # --- orchestration ----------------------------------------------------------------------------
 
 def run_pool(fn, items: list[int], workers: int, init_args: tuple, on_done) -> None:
-    """Run ``fn(item)`` for every item, in ``workers`` forked processes (inline for 1), after
-    ``_init_worker(*init_args)`` (load the plan and vocabulary) in each."""
+    """Run ``fn(item)`` for every item, in ``workers`` processes (inline for 1; forked, or spawned
+    where an input needs it: `readers.pool_start_method`), after ``_init_worker(*init_args)``
+    (load the plan and vocabulary) in each."""
     if not items:
         return
     if workers <= 1:
@@ -362,8 +363,10 @@ def run_pool(fn, items: list[int], workers: int, init_args: tuple, on_done) -> N
         for it in items:
             on_done(fn(it))
         return
-    _load_kernels(init_args)
-    ctx = get_context("fork")
+    start_method = pool_start_method(s["path"] for s in load_plan(init_args[0])["sources"])
+    if start_method == "fork":  # spawned workers load their kernels themselves
+        _load_kernels(init_args)
+    ctx = get_context(start_method)
     with ProcessPoolExecutor(min(workers, len(items)), mp_context=ctx, initializer=_init_pool_worker,
                              initargs=(os.getpid(), *init_args)) as pool:
         for fut in as_completed([pool.submit(fn, it) for it in items]):

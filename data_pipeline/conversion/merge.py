@@ -34,10 +34,9 @@ from .fsio import (
     fsync_dir,
     remove_stale_temps,
     sha256_path,
-    source_checksum,
     temp_path,
 )
-from .plan import WORK, ConvertError, load_gene_table, load_plan, locked_output, unit_name
+from .plan import WORK, ConvertError, input_checksum, load_gene_table, load_plan, locked_output, unit_name
 from .shards import DTYPES, LENGTH_BINS, block_checksum
 from .stats import merge_partials
 from .validate import SKIP_REASONS
@@ -175,7 +174,7 @@ def _source_report(work: Path, entry: dict, vocab, results: list[dict]) -> dict:
     mine = [p for r in results for p in r["pieces"] if p["source"] == entry["index"]]
     counts_total = sum(r["counts_total"] for r in mine)
     first = [r for r in mine if r["start"] == 0]
-    rep["checksum"] = first[0]["source_checksum"] if first else source_checksum(entry["path"])  # no rows: no unit
+    rep["checksum"] = first[0]["source_checksum"] if first else input_checksum(entry["path"])  # no rows: no unit
     coverage = first[0].get("vocabulary_coverage") if first else None
     if coverage is None:  # no unit, or one written by a version that did not record it
         coverage = vocabulary_coverage(vocab.lookup(load_gene_table(work, entry["index"])["ids"]))
@@ -192,6 +191,11 @@ def _source_report(work: Path, entry: dict, vocab, results: list[dict]) -> dict:
         # .get: units finished by a version with fewer skip reasons
         "cells_skipped": {k: sum(r["cells_skipped"].get(k, 0) for r in mine) for k in SKIP_REASONS},
     })
+    if "cells_excluded_by_filter" in entry:  # cells a SOMA obs filter left out: not read, not lost
+        n = entry["cells_excluded_by_filter"]
+        rep["obs_filter"] = entry["obs_filter"]
+        rep["cells_read"] += n
+        rep["cells_skipped"]["excluded_by_filter"] = n
     errors = [e for r in mine for e in r.get("read_errors", [])]
     if errors:
         rep["read_errors"] = errors
@@ -267,5 +271,7 @@ def format_report(manifest: dict) -> str:
                 f"  {s['name']}: {s['cells_written']:,}/{s['cells_read']:,} cells")
         if s["duplicate_columns_summed"]:
             line += f"; {s['duplicate_columns_summed']} duplicate columns summed"
+        if "obs_filter" in s:
+            line += f"; {s['cells_skipped']['excluded_by_filter']:,} left out by --soma-filter {s['obs_filter']!r}"
         lines.append(f"{line}; genes from {s['gene_identity']}")
     return "\n".join(lines)

@@ -14,14 +14,15 @@ import hashlib
 import json
 import os
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
-from .fsio import FolderBusy, OutputLock, atomic_write_json, remove_stale_temps
+from .fsio import FolderBusy, OutputLock, atomic_write_json, remove_stale_temps, source_checksum
 from .gene_ids import resolve_gene_ids
-from .readers import Source, SourceError, open_source
+from .readers import Source, SourceError, is_soma, is_uri, open_source, pool_start_method
+from .soma_source import SomaSelection
 from .validate import check_integer_counts, non_integer_message, sample_rows
 from .vocab import VocabError, read_symbol_table
 
@@ -54,10 +55,14 @@ class ConvertOptions:
     unit_cells: int = 1 << 17              # most rows per work unit (= shard)
     shard_bytes: int = 64 << 20            # target shard (work unit) size
     skip_bad_files: bool = False           # count unusable files as skipped instead of stopping
+    soma_measurement: str = "RNA"          # SOMA experiments: the measurement read
+    soma_layer: str = "raw"                # SOMA experiments: the X layer read
+    soma_filter: str | None = None         # SOMA experiments: obs value filter (None: every cell)
 
     def validate(self) -> None:
         if not self.inputs:
-            raise ConvertError("no inputs: pass one or more .h5ad / .zarr / 10x folders or .h5 files")
+            raise ConvertError("no inputs: pass one or more .h5ad / .zarr / 10x folders, .h5 or .loom "
+                               "files, or SOMA experiments")
         for name in ("block_cells", "unit_cells", "shard_bytes"):
             if getattr(self, name) < 1:
                 raise ConvertError(f"--{name.replace('_', '-')} must be >= 1")
@@ -66,14 +71,40 @@ class ConvertOptions:
         if self.unit_cells % self.block_cells:
             raise ConvertError(f"--unit-cells ({self.unit_cells}) must be a multiple of --block-cells "
                                f"({self.block_cells}) so blocks are full except at a file's end")
+        if self.soma_filter is not None and not self.soma_filter.strip():
+            raise ConvertError("--soma-filter is empty: give a value filter such as "
+                               "\"is_primary_data == True\", or leave the flag out to read every cell")
+        if self.soma_filter and not any(is_soma(p) for p in self.inputs):
+            raise ConvertError("--soma-filter applies to TileDB-SOMA experiments only, and no input is "
+                               "one (a URI, or a folder holding __tiledb_group.tdb); leave it out")
+
+    def soma_selection(self) -> SomaSelection:
+        """What SOMA inputs are read as (`open_source`'s ``soma``)."""
+        return SomaSelection(self.soma_measurement, self.soma_layer, self.soma_filter)
+
+
+# Options added after corpora were made enter the plan hash only when set away from their
+# default, so the same command still finds the corpus (or unfinished conversion) it made before.
+_HASHED_WHEN_SET = ("soma_measurement", "soma_layer", "soma_filter")
+
+
+def _hashed_options(options: ConvertOptions) -> dict:
+    defaults = {f.name: f.default for f in fields(ConvertOptions)}
+    return {k: v for k, v in asdict(options).items() if k not in _HASHED_WHEN_SET or v != defaults[k]}
 
 
 def _identity_key(path: str) -> dict:
+    if is_uri(path):  # a remote experiment: its URI is all there is to hash (Census URIs name a release)
+        return {"uri": path}
     st = os.stat(path)
     return {"path": str(Path(path).resolve()), "bytes": _size(Path(path)), "mtime_ns": st.st_mtime_ns}
 
 
-def _size(path: Path) -> int:
+def _size(path: Path | str) -> int | None:
+    """Bytes of an input file or folder; None for a URI."""
+    if is_uri(path):
+        return None
+    path = Path(path)
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     return path.stat().st_size
@@ -87,7 +118,8 @@ def plan_hash(options: ConvertOptions) -> str:
             keys.append(_identity_key(p))
         except OSError:
             keys.append({"path": str(Path(p).resolve()), "missing": True})
-    blob = json.dumps({"version": PLAN_VERSION, "options": asdict(options), "inputs": keys}, sort_keys=True)
+    blob = json.dumps({"version": PLAN_VERSION, "options": _hashed_options(options), "inputs": keys},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -111,7 +143,7 @@ def _alternatives(source: Source) -> list[str]:
 
 def _plan_source(index: int, path: str, options: ConvertOptions, symbol_table) -> tuple[dict, dict]:
     """(source entry, gene table) for one input; raises SourceError naming the fix."""
-    src = open_source(path, options.matrix)
+    src = open_source(path, options.matrix, options.soma_selection())
     try:
         identity = resolve_gene_ids(src.var, path, options.gene_column, symbol_table)
         row_pointers = src.row_pointers()
@@ -135,6 +167,8 @@ def _plan_source(index: int, path: str, options: ConvertOptions, symbol_table) -
             "label_columns_missing": [c for c, v in labels.items() if v is None],
             "pieces": source_pieces(src.n_cells, row_pointers, sample.nnz / max(b - a, 1), options),
         }
+        if src.format == "soma" and options.soma_filter:
+            entry.update({"obs_filter": options.soma_filter, "cells_excluded_by_filter": src.cells_excluded})
         genes = {"ids": [str(g) for g in identity.ids],
                  "symbols": [str(s) for s in getattr(identity, "symbols", [""] * len(identity.ids))]}
         return entry, genes
@@ -241,20 +275,21 @@ def build_plan(options: ConvertOptions, workers: int = 1) -> tuple[dict, list[di
         from ..child_processes import exit_with_parent
 
         # a SIGKILLed converter must not leave its workers waiting forever on the pool's queue
-        with get_context("fork").Pool(min(workers, len(jobs)), exit_with_parent, (os.getpid(),)) as pool:
+        start_method = pool_start_method(options.inputs)
+        with get_context(start_method).Pool(min(workers, len(jobs)), exit_with_parent, (os.getpid(),)) as pool:
             planned = pool.map(_plan_one, jobs, chunksize=1)
     else:
         planned = [_plan_one(j) for j in jobs]
     for (i, path, *_), outcome in zip(jobs, planned):
         if not isinstance(outcome, str):
             entry, table = outcome
-            entry["bytes"] = _size(Path(path))
+            entry["bytes"] = _size(path)
         else:
             if not options.skip_bad_files:
                 errors.append(outcome)
                 continue
             entry = {"index": i, "path": path, "name": Path(path).name, "refused": outcome,
-                     "n_cells": _cells_if_known(path, options.matrix)}
+                     "n_cells": _cells_if_known(path, options)}
             table = {"ids": [], "symbols": []}
         sources.append(entry)
         genes.append(table)
@@ -283,15 +318,21 @@ def build_plan(options: ConvertOptions, workers: int = 1) -> tuple[dict, list[di
     return plan, genes
 
 
-def _cells_if_known(path: str, matrix: str) -> int | None:
+def _cells_if_known(path: str, options: ConvertOptions) -> int | None:
     try:
-        src = open_source(path, matrix)
+        src = open_source(path, options.matrix, options.soma_selection())
     except SourceError:
         return None
     try:
-        return src.n_cells
+        return src.n_cells + src.cells_excluded
     finally:
         src.close()
+
+
+def input_checksum(path: str) -> str | None:
+    """`fsio.source_checksum` of a local input, for provenance; None for a URI (nothing local to
+    hash: the URI itself is recorded)."""
+    return None if is_uri(path) else source_checksum(path)
 
 
 def save_plan(work: Path, plan: dict, genes: list[dict]) -> None:

@@ -1,5 +1,5 @@
 """Readers for count matrices: `.h5ad`, AnnData zarr stores, 10x `matrix.mtx` folders, 10x `.h5`,
-`.loom`.
+`.loom`, and TileDB-SOMA experiments (`soma_source`).
 
 Every reader presents a file as a `Source`: cells x genes, read in row ranges as CSR, never loaded
 whole where the format allows random access:
@@ -12,6 +12,8 @@ whole where the format allows random access:
 - loom: the dense genes x cells ``/matrix`` is read a column (cell) block at a time, one
   hyperslab per range (h5py reads whole chunks, never cell by cell).
 - 10x mtx: MatrixMarket has no index, so the file is parsed once, whole, when first read.
+- SOMA experiment (a URI such as ``tiledb://`` / ``s3://``, or a local folder that is a TileDB
+  group): the sparse X layer is read per row range of obs joinids (see `soma_source`).
 
 Cell metadata is read per row range too (`Source.obs_names`, `Source.obs_values`), so a work unit
 of a converter touches only its own slice of obs.
@@ -19,14 +21,14 @@ of a converter touches only its own slice of obs.
 ``matrix`` picks what is read in AnnData files: ``"X"`` (default), ``"raw.X"`` or
 ``"layers/<name>"`` (``"<name>"`` alone is taken as a layer). 10x files hold one matrix and
 ignore it (so one ``--matrix`` serves a mixed set of inputs), except a 10x v2 ``.h5`` with several
-genome groups, where it names the genome.
+genome groups, where it names the genome. SOMA experiments take a `soma_source.SomaSelection`
+(measurement, X layer, obs filter) instead.
 """
 
 from __future__ import annotations
 
 import gzip
 import os
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -35,24 +37,20 @@ import scipy.sparse as sp
 
 from .buffers import Buffers
 from .h5direct import DirectReader
+from .source import (  # noqa: F401 - re-exported: the names the readers share
+    _DAMAGED,
+    Source,
+    SourceError,
+    _cause,
+    _to_str_array,
+    _values,
+    check_column_indices,
+    check_row_pointers,
+)
 
 # Elements read per slice when scanning CSC or dense matrices (bounds memory per read).
 _SCAN_ELEMENTS = 1 << 24
 _DEFAULT_MATRIX = (None, "", "X")
-
-
-class SourceError(ValueError):
-    """A source file that cannot be read as asked; the message says what to change."""
-
-
-def _cause(exc: Exception) -> str:
-    """A low-level read failure for people; HDF5's own words for a missing filter plugin
-    ("can't open directory (.../plugin)") do not say what to install."""
-    text = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, OSError) and ("plugin" in text or "filter" in text):
-        text += ("; the file is compressed with an HDF5 filter that needs a plugin: install the "
-                 "project's requirements (hdf5plugin)")
-    return text
 
 
 def open_h5(path: Path):
@@ -69,16 +67,40 @@ def open_h5(path: Path):
     return h5py.File(path, "r")
 
 
+def is_uri(path: str | Path) -> bool:
+    """Whether an input is a URI (``s3://``, ``tiledb://``, ``file://`` ...) rather than a local
+    path. The only URIs read are SOMA experiments (passed to tiledbsoma as given); a URI has no
+    local file to stat or checksum."""
+    return isinstance(path, str) and "://" in path
+
+
+def is_soma(path: str | Path) -> bool:
+    """Whether an input is a TileDB-SOMA experiment: a URI, or a local folder that is a TileDB
+    group (holds ``__tiledb_group.tdb``)."""
+    return is_uri(path) or (Path(path) / "__tiledb_group.tdb").is_file()
+
+
+def pool_start_method(paths) -> str:
+    """How a converter starts worker processes that read ``paths``: ``fork`` (cheap: workers
+    inherit the loaded libraries and compiled kernels), or ``spawn`` when an input is a SOMA
+    experiment: TileDB is not fork-safe, and a child forked after the parent has read one hangs on
+    its own first read (even with a context of its own)."""
+    return "spawn" if any(is_soma(p) for p in paths) else "fork"
+
+
 def detect_format(path: Path) -> str:
-    """One of ``h5ad``, ``zarr``, ``10x-mtx``, ``10x-h5``, ``loom``, from the path and a peek inside."""
+    """One of ``h5ad``, ``zarr``, ``10x-mtx``, ``10x-h5``, ``loom``, ``soma``, from the path and a
+    peek inside."""
     if path.is_dir():
+        if is_soma(path):
+            return "soma"
         names = {p.name for p in path.iterdir()}
         if names & {"matrix.mtx", "matrix.mtx.gz"}:
             return "10x-mtx"
         if names & {".zattrs", "zarr.json", ".zgroup"}:
             return "zarr"
-        raise SourceError(f"{path}: a folder that is neither a 10x matrix.mtx(.gz) folder nor an "
-                          "AnnData zarr store")
+        raise SourceError(f"{path}: a folder that is neither a 10x matrix.mtx(.gz) folder, an "
+                          "AnnData zarr store nor a TileDB-SOMA experiment")
     if path.name.endswith(".mtx") or path.name.endswith(".mtx.gz"):
         return "10x-mtx"
     if path.suffix == ".h5ad":
@@ -89,18 +111,25 @@ def detect_format(path: Path) -> str:
         with open_h5(path) as f:
             return "h5ad" if "X" in f or "obs" in f else "10x-h5"
     raise SourceError(f"{path}: unknown input type; expected .h5ad, an AnnData .zarr store, a 10x "
-                      "matrix.mtx(.gz) folder, a 10x .h5 file or a .loom file")
+                      "matrix.mtx(.gz) folder, a 10x .h5 file, a .loom file or a TileDB-SOMA "
+                      "experiment (folder or URI)")
 
 
-def open_source(path: str | Path, matrix: str | None = "X") -> Source:
+def open_source(path: str | Path, matrix: str | None = "X", soma=None) -> Source:
     """Open ``path`` (any supported format) as a `Source`; SourceError (naming the path) if it
-    cannot be read."""
-    path = Path(path)
-    if not path.exists():
-        raise SourceError(f"{path}: no such file or folder")
+    cannot be read. ``soma``: the `soma_source.SomaSelection` for SOMA experiments (default:
+    measurement RNA, layer raw, every cell)."""
     fmt = "input"
+    if not is_uri(path):
+        path = Path(path)
+        if not path.exists():
+            raise SourceError(f"{path}: no such file or folder")
     try:
-        fmt = detect_format(path)
+        fmt = "soma" if is_uri(path) else detect_format(path)
+        if fmt == "soma":
+            from .soma_source import SomaSource  # tiledbsoma only when a SOMA input is given
+
+            return SomaSource(path, soma)
         if fmt in ("h5ad", "zarr"):
             return AnnDataSource(path, fmt, matrix)
         if fmt == "10x-h5":
@@ -112,176 +141,6 @@ def open_source(path: str | Path, matrix: str | None = "X") -> Source:
         raise
     except Exception as exc:  # corrupt or truncated files surface here with their cause
         raise SourceError(f"{path}: cannot be read as {fmt} ({_cause(exc)})") from exc
-
-
-class Source:
-    """A cells x genes count matrix read in row ranges.
-
-    Attributes: ``path``, ``format``, ``matrix`` (what is read), ``n_cells``, ``n_vars``,
-    ``var`` (DataFrame indexed by var names, with the file's gene annotation columns),
-    ``compressed`` (reading costs decompression or parsing, so a second pass should not re-read).
-    Subclasses implement ``_read_rows``; the public methods check ranges and turn low-level
-    read failures (a corrupt chunk deep in a file) into SourceError naming the file.
-    """
-
-    path: Path
-    format: str
-    matrix: str
-    n_cells: int
-    n_vars: int
-    var: pd.DataFrame
-    compressed: bool = True
-
-    def read_rows(self, start: int, stop: int, buffers: Buffers | None = None) -> sp.csr_matrix:
-        """Rows ``start:stop`` as CSR ``[stop-start, n_vars]`` (source dtype; may hold explicit
-        zeros; indices sorted or not, as stored). With ``buffers``, the matrix's arrays may be
-        views of its arrays, valid until they are next used (a converter's chunk loop)."""
-        start, stop = self._range(start, stop)
-        with self._reading(f"rows {start}:{stop}"):
-            return self._read_rows(start, stop, buffers)
-
-    def obs_names(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Cell ids of rows ``start:stop``: object array of str ``[stop-start]``."""
-        start, stop = self._range(start, stop)
-        with self._reading(f"obs names {start}:{stop}"):
-            return self._obs_names(start, stop)
-
-    def obs_columns(self) -> list[str]:
-        """Names of the per-cell metadata columns (empty for 10x files)."""
-        return []
-
-    def row_pointers(self) -> np.ndarray | None:
-        """Stored nonzeros before each row, ``[n_cells + 1]`` int64, where the format keeps them
-        (CSR-like layouts); None otherwise. Used to cut work units of even size. SourceError if
-        they are not a valid CSR row index (see `check_row_pointers`)."""
-        with self._reading("indptr"):
-            pointers = self._row_pointers()
-        if pointers is not None:
-            check_row_pointers(pointers, self._stored_nonzeros(), self.path, 0)
-        return pointers
-
-    def _row_pointers(self) -> np.ndarray | None:
-        return None
-
-    def _stored_nonzeros(self) -> int:
-        """Length of the stored ``data``/``indices`` arrays (CSR-like layouts)."""
-        raise NotImplementedError
-
-    def obs_values(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Column ``name`` of obs for rows ``start:stop``: object array ``[stop-start]`` of str,
-        None where missing. Numbers become their str() (integral floats without ".0").
-        KeyError if there is no such column."""
-        if name not in self.obs_columns():
-            raise KeyError(f"{self.path}: no obs column {name!r} (columns: "
-                           f"{', '.join(self.obs_columns()) or 'none'})")
-        start, stop = self._range(start, stop)
-        with self._reading(f"obs[{name!r}] {start}:{stop}"):
-            return self._obs_values(name, start, stop)
-
-    def close(self):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def _read_rows(self, start: int, stop: int, buffers: Buffers | None) -> sp.csr_matrix:
-        raise NotImplementedError
-
-    def _obs_names(self, start: int, stop: int) -> np.ndarray:
-        raise NotImplementedError
-
-    def _obs_values(self, name: str, start: int, stop: int) -> np.ndarray:
-        raise KeyError(name)
-
-    def _range(self, start: int, stop: int | None) -> tuple[int, int]:
-        stop = self.n_cells if stop is None else int(stop)
-        start = int(start)
-        if not 0 <= start <= stop <= self.n_cells:
-            raise IndexError(f"{self.path}: row range {start}:{stop} is outside 0:{self.n_cells}")
-        return start, stop
-
-    @contextmanager
-    def _reading(self, what: str):
-        try:
-            yield
-        except (SourceError, KeyError):
-            raise
-        except Exception as exc:
-            raise SourceError(f"{self.path}: cannot read {what} ({_cause(exc)})") from exc
-
-
-_DAMAGED = ("the file is damaged or was written wrongly: rewrite it from its origin, or pass "
-            "--skip-bad-files to count these cells as skipped")
-
-
-def check_row_pointers(indptr: np.ndarray, n_stored: int, path: Path, start: int) -> None:
-    """SourceError unless CSR row pointers ``indptr`` [n+1] (of rows ``start``:``start+n``) start
-    at >= 0, never decrease and stay within the ``n_stored`` stored entries: the compiled row
-    kernels trust them, so a bad one would read out of bounds (a crash) or misplace counts."""
-    if not len(indptr):
-        return
-    stop = start + len(indptr) - 1
-    where = f"{path}: rows {start}:{stop}"
-    if indptr[0] < 0:
-        raise SourceError(f"{where}: the row index (indptr) starts at {int(indptr[0])}, below 0; {_DAMAGED}")
-    steps = np.diff(indptr)
-    if len(steps) and steps.min() < 0:
-        r = int(np.argmax(steps < 0))
-        raise SourceError(f"{where}: the row index (indptr) decreases at row {start + r} ({int(indptr[r])} -> "
-                          f"{int(indptr[r + 1])}); {_DAMAGED}")
-    if indptr[-1] > n_stored:
-        raise SourceError(f"{where}: the row index (indptr) points to entry {int(indptr[-1])} but only "
-                          f"{n_stored} are stored; {_DAMAGED}")
-
-
-def check_column_indices(indices: np.ndarray, indptr: np.ndarray, n_cols: int, path: Path, start: int) -> None:
-    """SourceError unless every column index of CSR rows ``start``: (``indptr`` relative to
-    ``indices``) is in ``[0, n_cols)``; one vectorized pass (min and max) when they are. A negative
-    index would otherwise be credited to the last gene and one >= n_cols read past the gene map."""
-    if not len(indices):
-        return
-    low = int(indices.min()) if indices.dtype.kind == "i" else 0
-    high = int(indices.max())
-    if low >= 0 and high < n_cols:
-        return
-    bad = int(np.argmax((indices < 0) | (indices >= n_cols)))
-    row = int(np.searchsorted(indptr, bad, side="right")) - 1
-    raise SourceError(f"{path}: rows {start}:{start + len(indptr) - 1}: row {start + row} has gene column "
-                      f"{int(indices[bad])}, outside the matrix's {n_cols} columns; {_DAMAGED}")
-
-
-def _values(values: np.ndarray) -> np.ndarray:
-    """Stored matrix values as the row kernels take them: float16 (neither scipy.sparse nor numba
-    handles it) as float32, which holds every float16 exactly; anything else unchanged."""
-    return values.astype(np.float32) if values.dtype == np.float16 else values
-
-
-def _to_str_array(values) -> np.ndarray:
-    """Values of any stored dtype -> object array of str, None for NaN / None.  [n]"""
-    values = np.asarray(values)
-    kind = values.dtype.kind
-    if kind in "iu":
-        return np.array([str(v) for v in values.tolist()], dtype=object)
-    if kind == "f":
-        # numpy scalars keep their own precision in str(): float32 0.1 prints "0.1", not 0.1000000015
-        return np.array([None if v != v else str(int(v)) if float(v).is_integer() else str(v)
-                         for v in values], dtype=object)
-    if kind == "S" or (kind == "O" and values.size and all(type(v) is bytes for v in values)):
-        try:  # vectorized decode of the common case: ASCII bytes (h5py variable-length strings)
-            return values.astype("S").astype("U").astype(object)
-        except (UnicodeDecodeError, UnicodeEncodeError, TypeError, ValueError):
-            pass
-    out = np.empty(len(values), dtype=object)
-    for i, v in enumerate(values.tolist()):
-        if isinstance(v, bytes):
-            v = v.decode()
-        elif isinstance(v, float):
-            v = None if v != v else str(int(v)) if v.is_integer() else str(v)
-        out[i] = v if v is None or isinstance(v, str) else str(v)
-    return out
 
 
 def _has(root, key: str) -> bool:

@@ -14,6 +14,10 @@ in this order (the accounting in ``manifest.json`` uses these names):
 - ``unreadable_rows``   rows of a file that could not be read (a damaged chunk, an index out of
                         range) with ``--skip-bad-files``; without it the conversion stops there
 
+Per source, the manifest adds ``file_refused`` (every cell of a file refused whole) and
+``excluded_by_filter`` (cells of a SOMA experiment that ``--soma-filter`` left out: never read,
+counted so that the accounting covers every cell of the experiment).
+
 A whole file that looks normalized (fractional values in its first rows) is refused before any
 work starts (`check_integer_counts`), because silently skipping every cell would hide the mistake.
 """
