@@ -121,11 +121,11 @@ class Corpus:
         return state
 
     @staticmethod
-    def is_finished(path: str | Path) -> bool:
-        """Whether ``path`` holds a finished corpus (its manifest is written last)."""
+    def is_finished(path: str | Path, cache_dir: str | Path | None = None) -> bool:
+        """Whether ``path`` (a folder or URL) holds a finished corpus (its manifest is written last)."""
         if is_url(path):
             try:
-                fetch_metadata(path)
+                fetch_metadata(path, cache_dir)
             except RemoteError:
                 return False
             return True
@@ -281,7 +281,7 @@ class Corpus:
                    if isinstance(k, int) and 0 <= k < len(known)]
         written = f" ({name} was written from {', '.join(sources)})" if sources else ""
         return CorpusError(
-            f"{self.path}: damaged {self.block_place(table, block)} of {name}: {problem}. Do not train on "
+            f"{self.url or self.path}: damaged {self.block_place(table, block)} of {name}: {problem}. Do not train on "
             f"this corpus: run `python -m data_pipeline verify {self.path}` to list every damaged shard, then "
             f"convert the sources of the damaged shards again{written}: rerun the convert command with "
             "--overwrite, or restore the corpus from a copy")

@@ -9,6 +9,7 @@ import threading
 
 import fsspec
 import pytest
+import torch
 
 from data_pipeline.corpus import Corpus, CorpusError
 from data_pipeline.loading.masking import Views
@@ -79,3 +80,32 @@ def test_missing_corpus_or_server_names_the_url(served, tmp_path):
         Corpus(f"{url}/nowhere", cache_dir=tmp_path)
     with pytest.raises(CorpusError, match=r"127.0.0.1:1/corpus: cannot read manifest.json.*server is up"):
         Corpus("http://127.0.0.1:1/corpus", cache_dir=tmp_path)
+
+
+def test_training_config_takes_a_corpus_url(corpus, served, tmp_path):  # noqa: F811
+    """`data.corpus` may be a URL and `data.cache_dir` names the cache: the trainer's loader gives the
+    batches of the same config on the folder."""
+    from pretrain.config import load_config
+    from pretrain.train import build_loader
+
+    url, _ = served
+    common = ["data.token_budget=3000", f"data.cache_dir={tmp_path / 'cache'}"]
+    by_url = build_loader(load_config(None, [f"data.corpus={url}", *common]), torch.device("cpu"))
+    by_path = build_loader(load_config(None, [f"data.corpus={corpus}", *common]), torch.device("cpu"))
+    assert (tmp_path / "cache").is_dir()
+    a, b = list(by_url), list(by_path)
+    assert len(a) == len(b) > 0 and all(_same(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.slow
+def test_launch_trains_from_a_corpus_url(served, tmp_path):
+    """`launch/pretrain.py` end to end, the corpus given by URL (no Path() on the way breaks it)."""
+    from tests.train_helpers import TINY, run_pretrain
+
+    url, requests = served
+    run_pretrain([*TINY, f"data.corpus={url}", f"data.cache_dir={tmp_path / 'cache'}", f"run.out={tmp_path / 'run'}",
+                  "schedule.max_steps=2", "run.checkpoint_every=0", "run.mlflow=false"])
+    assert any("/shards/" in r for r in requests)
+    missing = run_pretrain([*TINY, f"data.corpus={url}/nowhere", f"run.out={tmp_path / 'run2'}"], check=False)
+    assert missing.returncode != 0 and "no manifest.json there" in missing.stderr
+    assert "Traceback" not in missing.stderr
