@@ -14,8 +14,9 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from .conversion.fsio import atomic_write_json, commit, fsync_file, sha256_path, temp_path
-from .conversion.shards import END_OF_ARCHIVE, BlockError, CellBlock, block_problem, read_block
+from .conversion.shards import END_OF_ARCHIVE, BlockError, CellBlock, block_problem, parse_block, read_block
 from .conversion.vocab import Vocabulary, read_vocab
+from .remote import RemoteError, RemoteShards, fetch_metadata, is_url
 
 # 2: per-block offsets in shard records, cell_lengths.npy; 3: each block record ends with the
 # block's xxh3-64 (hex), each shard record lists the sources that wrote it. 2 is still read.
@@ -87,7 +88,16 @@ class Corpus:
     (properties below) rather than parsing the manifest. ``manifest`` is the whole record, for
     reports to people (`summary`, `merge.format_report`)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, cache_dir: str | Path | None = None):
+        # A URL (`remote.is_url`): the small files are read from a local copy, blocks by ranged reads.
+        self.url = path.rstrip("/") if is_url(path) else None
+        self.remote = None
+        if self.url:
+            try:
+                path = fetch_metadata(self.url, cache_dir)
+            except RemoteError as exc:
+                raise CorpusError(str(exc)) from None
+            self.remote = RemoteShards(self.url, path)
         self.path = Path(path)
         manifest = self.path / MANIFEST
         if not manifest.exists():
@@ -111,8 +121,14 @@ class Corpus:
         return state
 
     @staticmethod
-    def is_finished(path: str | Path) -> bool:
-        """Whether ``path`` holds a finished corpus (its manifest is written last)."""
+    def is_finished(path: str | Path, cache_dir: str | Path | None = None) -> bool:
+        """Whether ``path`` (a folder or URL) holds a finished corpus (its manifest is written last)."""
+        if is_url(path):
+            try:
+                fetch_metadata(path, cache_dir)
+            except RemoteError:
+                return False
+            return True
         return (Path(path) / MANIFEST).is_file()
 
     @staticmethod
@@ -199,7 +215,8 @@ class Corpus:
         mode divides by).  [vocab_size] float64, NaN for tokens never expressed"""
         from .conversion.stats import GeneStats
 
-        return GeneStats.from_zarr(self.path / STATS).nonzero_medians()
+        # zarr reads a URL through fsspec itself (by its known keys: no folder listing needed)
+        return GeneStats.from_zarr(f"{self.url}/{STATS}" if self.url else self.path / STATS).nonzero_medians()
 
     def shard_path(self, name: str) -> Path:
         """The file of shard ``name`` (as the manifest names it), refused unless it lies inside the
@@ -269,7 +286,7 @@ class Corpus:
                    if isinstance(k, int) and 0 <= k < len(known)]
         written = f" ({name} was written from {', '.join(sources)})" if sources else ""
         return CorpusError(
-            f"{self.path}: damaged {self.block_place(table, block)} of {name}: {problem}. Do not train on "
+            f"{self.url or self.path}: damaged {self.block_place(table, block)} of {name}: {problem}. Do not train on "
             f"this corpus: run `python -m data_pipeline verify {self.path}` to list every damaged shard, then "
             f"convert the sources of the damaged shards again{written}: rerun the convert command with "
             "--overwrite, or restore the corpus from a copy")
@@ -310,14 +327,25 @@ class BlockReader:
         t = self.table
         s = int(t.shard[block])
         try:
-            if s not in self.fds:
-                self.fds[s] = os.open(self.corpus.shard_path(t.shard_files[s]), os.O_RDONLY)
             checksum = int(t.checksum[block]) if self.check and t.checksum is not None else None
-            data = read_block(self.fds[s], int(t.offset[block]), int(t.nbytes[block]), checksum)
+            offset, nbytes = int(t.offset[block]), int(t.nbytes[block])
+            if self.corpus.remote is not None:
+                self.corpus.shard_path(t.shard_files[s])  # the same confinement as a local corpus
+                raw = self.corpus.remote.read(t.shard_files[s], offset, nbytes)
+                data = parse_block(memoryview(raw), offset, nbytes, checksum)
+            else:
+                if s not in self.fds:
+                    self.fds[s] = os.open(self.corpus.shard_path(t.shard_files[s]), os.O_RDONLY)
+                data = read_block(self.fds[s], offset, nbytes, checksum)
         except BlockError as exc:
             return str(exc)
         except OSError as exc:
             return f"unreadable ({exc.strerror or exc})"
+        except Exception as exc:  # noqa: BLE001 - a remote store's own errors (aiohttp, botocore, ...)
+            if self.corpus.remote is None:
+                raise
+            return (f"unreadable from {self.corpus.url} ({type(exc).__name__}: {exc}): check that the server is "
+                    "up and reachable from this machine")
         if self.check:
             first = int(t.first_cell[block])
             n_tokens = int(t.n_tokens[block]) if t.n_tokens is not None else None

@@ -42,7 +42,10 @@ class DataConfig:
     """The corpus and how the loader turns it into batches."""
 
     # a resumed run may find its corpus elsewhere; the corpus itself (its plan hash) is checked by pretrain.train
-    corpus: str = _help("corpus folder (`python -m data_pipeline convert ... --out CORPUS`)", "", resume=FREE)
+    corpus: str = _help("corpus folder (`python -m data_pipeline convert ... --out CORPUS`), or its URL (https://, "
+                        "s3://, gs://: anything fsspec opens)", "", resume=FREE)
+    cache_dir: str = _help("local folder caching a corpus read from a URL (its small files and fetched blocks); "
+                           "empty: $DATA_PIPELINE_CACHE, else ~/.cache/data_pipeline", "", resume=FREE)
     normalization: str = _help(" | ".join(MODES), "log1p_bins")
     quantile_ties: str = _help("quantile_bins: values tied over several edges get a random bin of the span (random, "
                                "scGPT's tie-breaking) or its top bin (high: np.digitize alone)", "random")

@@ -25,6 +25,7 @@ from data_pipeline.corpus import Corpus
 from data_pipeline.loading.epoch_plan import Batching
 from data_pipeline.loading.loader import CellLoader
 from data_pipeline.loading.masking import Views
+from data_pipeline.remote import is_url
 
 from . import checkpoint
 from .checkpoint import Checkpointer
@@ -48,10 +49,11 @@ def open_corpus(config: TrainConfig) -> Corpus:
     if not d.corpus:
         raise ValueError("data.corpus is not set: pass data.corpus=PATH (a folder made by "
                          "`python -m data_pipeline convert`)")
-    if not Corpus.is_finished(d.corpus):
+    # a URL's own errors (nothing there, server down) are clearer: Corpus raises them
+    if not is_url(d.corpus) and not Corpus.is_finished(d.corpus):
         raise ValueError(f"data.corpus={d.corpus}: no manifest.json there, so not a finished corpus: pass "
                          "data.corpus=PATH of a folder made by `python -m data_pipeline convert`")
-    return Corpus(d.corpus)
+    return Corpus(d.corpus, d.cache_dir or None)
 
 
 def build_loader(config: TrainConfig, device: torch.device, corpus: Corpus | None = None) -> CellLoader:

@@ -139,6 +139,14 @@ def read_block(fd: int, offset: int, nbytes: int, checksum: int | None = None) -
     buf = np.empty(nbytes, np.uint8)  # not bytearray: that zeroes the buffer first, a pass the read then overwrites
     view = memoryview(buf)
     got = os.preadv(fd, [view], offset)
+    return parse_block(view[:got], offset, nbytes, checksum)
+
+
+def parse_block(view: memoryview, offset: int, nbytes: int, checksum: int | None = None) -> CellBlock:
+    """`read_block` on bytes already read (``view``: what was read of the record's ``nbytes``
+    starting at ``offset``; a remote corpus fetches them by ranged reads)."""
+    view = memoryview(view)
+    got = len(view)
     if got != nbytes:
         raise BlockError(f"cut short ({got} of {nbytes} bytes): the shard is truncated")
     if checksum is not None and xxhash.xxh3_64_intdigest(view) != checksum:

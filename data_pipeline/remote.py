@@ -1,0 +1,116 @@
+"""A corpus at a URL (``https://``, ``s3://``, ``gs://``, ``memory://`` …: anything fsspec opens),
+read without a shared filesystem. Used by `corpus.Corpus` only: the small files (manifest,
+vocabulary, length index, stats) are copied once into a local cache folder, so every reader of
+them works on local paths; shard blocks are fetched by ranged reads of their records' bytes and
+kept in the same cache folder, so a second epoch (or a second worker) does not fetch them again.
+Credentials come from fsspec's usual environment (AWS_*, GOOGLE_APPLICATION_CREDENTIALS, …)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+CACHE_ENV = "DATA_PIPELINE_CACHE"  # the cache folder of remote corpora (default ~/.cache/data_pipeline)
+# Copied whole. stats.zarr is not (HTTP cannot list a folder): `Corpus.medians` opens it at its URL.
+SMALL_FILES = ("manifest.json", "vocab.tsv", "cell_lengths.npy")
+
+
+def is_url(path) -> bool:
+    """Whether ``path`` names a corpus by URL (a protocol), not a local folder."""
+    return isinstance(path, str) and "://" in path and not path.startswith("file://")
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    return Path(cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "data_pipeline")
+
+
+class RemoteError(Exception):
+    """A remote corpus that cannot be read: names the URL and what to do."""
+
+
+def _fs(url: str):
+    import fsspec
+
+    return fsspec.core.url_to_fs(url)
+
+
+def fetch_metadata(url: str, cache_dir: str | Path | None = None) -> Path:
+    """The local copy of the corpus at ``url`` without its shards (manifest, vocab.tsv,
+    cell_lengths.npy), fetched unless the cache holds it already. The copy is keyed by
+    the URL and the manifest's bytes, so a corpus converted again at the same URL is fetched
+    again; it is written to a temporary folder and renamed, so ranks fetching at once do not
+    see each other's half-written files."""
+    url = url.rstrip("/")
+    try:
+        fs, root = _fs(url)
+        manifest = fs.cat_file(f"{root}/manifest.json")
+    except FileNotFoundError:
+        raise RemoteError(f"{url}: no manifest.json there, so not a finished corpus: check the URL (the "
+                          "folder `python -m data_pipeline convert ... --out CORPUS` made, copied whole)") from None
+    except ImportError as exc:
+        raise RemoteError(f"{url}: no filesystem for this protocol ({exc}): install the package fsspec names "
+                          "(s3fs for s3://, gcsfs for gs://, aiohttp for https://)") from None
+    except Exception as exc:  # noqa: BLE001 - connection errors differ per protocol (aiohttp, botocore, ...)
+        raise RemoteError(f"{url}: cannot read manifest.json ({type(exc).__name__}: {exc}): check that the "
+                          "server is up and reachable from this machine, and the credentials "
+                          "(fsspec's environment, e.g. AWS_PROFILE)") from None
+    key = hashlib.sha256(url.encode() + b"\0" + manifest).hexdigest()[:24]
+    local = cache_root(cache_dir) / key
+    if (local / "manifest.json").is_file():
+        return local
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=local.parent))
+    try:
+        for name in SMALL_FILES[1:]:
+            if fs.exists(f"{root}/{name}"):
+                fs.get_file(f"{root}/{name}", str(tmp / name))
+        (tmp / "manifest.json").write_bytes(manifest)  # last: a copy with a manifest is whole
+        try:
+            os.rename(tmp, local)
+        except OSError:  # another process renamed its copy first: use that one
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return local
+
+
+class RemoteShards:
+    """Ranged reads of a remote corpus's shards, each block cached in ``cache/blocks`` under its
+    shard and offset; a store that ignores ranges gives whole shards, cached whole. The caller
+    checks each block's checksum, cached or not."""
+
+    def __init__(self, url: str, cache: Path):
+        self.url, self.cache = url.rstrip("/"), cache / "blocks"
+        self._fs = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fs": None}  # each worker opens its own (sessions do not pickle)
+
+    def read(self, name: str, offset: int, nbytes: int) -> bytes:
+        """Bytes ``offset:offset+nbytes`` of shard ``name`` (a path relative to the corpus)."""
+        flat = name.replace("/", "__")
+        cached, whole = self.cache / f"{flat}.{offset}.{nbytes}", self.cache / flat
+        for path in (cached, whole):
+            if path.is_file():
+                with open(path, "rb") as fh:
+                    fh.seek(0 if path is cached else offset)
+                    return fh.read(nbytes)
+        if self._fs is None:
+            self._fs = _fs(self.url)
+        fs, root = self._fs
+        data = fs.cat_file(f"{root}/{name}", start=offset, end=offset + nbytes)
+        if len(data) > nbytes:
+            # The store ignored the range (a plain HTTP server answers 200 with the whole shard):
+            # keep the whole shard, so its other blocks are read from it rather than fetched again.
+            cached, data = whole, data
+        self._store(cached, data)
+        return data[offset : offset + nbytes] if cached is whole else data
+
+    def _store(self, path: Path, data: bytes) -> None:
+        self.cache.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)  # atomic: workers and ranks share the cache
