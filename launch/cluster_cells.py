@@ -21,7 +21,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as a script (`deepspeed launch/pretrain.py`): the checkout's packages
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_pipeline.log_setup import add_verbosity_flags, setup_logging  # noqa: E402
 from pretrain.downstream.hybrid import HybridConfig, cluster_with_baselines  # noqa: E402

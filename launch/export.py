@@ -10,7 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as a script (`deepspeed launch/pretrain.py`): the checkout's packages
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_pipeline.log_setup import add_verbosity_flags, setup_logging  # noqa: E402
 from pretrain.export import export_bundle  # noqa: E402
