@@ -63,8 +63,9 @@ def installed():
         before, started = _litter(), time.perf_counter()
         env = {**os.environ, "PIP_CONSTRAINT": str(ROOT / "constraints.txt")}
         env.pop("PYTHONPATH", None)
-        install = subprocess.run([str(folder / "bin" / "pip"), "install", "--quiet", "."], cwd=ROOT, env=env,
-                                 capture_output=True, text=True, timeout=1500)
+        # --no-compile: no .pyc for all of torch up front (imports compile what they use)
+        install = subprocess.run([str(folder / "bin" / "pip"), "install", "--quiet", "--no-compile", "."],
+                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
         assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
         print(f"pip install . into a fresh venv: {time.perf_counter() - started:.0f} s")
         assert _litter() == before, f"`pip install .` left {sorted(_litter() - before)} in the checkout"
