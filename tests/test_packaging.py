@@ -117,3 +117,16 @@ def test_installed_demo_writes_its_bundle(installed, run_outside):
     assert "scfm embed THIS_FOLDER" in (out / "bundle" / "README.md").read_text()
     assert (out / "held_out_embedded.h5ad").is_file()
     assert '"steps": 2' in summary.read_text()
+
+
+def test_pretrain_config_is_a_file_or_a_shipped_config_by_name(tmp_path, monkeypatch):
+    """Installed, `launch/configs/tiny.yaml` is no path in the user's folder: `--config tiny` finds the
+    package's copy; a file the user names wins; anything else is an error listing the shipped names."""
+    from launch.pretrain import CONFIGS, config_path
+
+    monkeypatch.chdir(tmp_path)
+    assert config_path("tiny") == config_path("tiny.yaml") == str(CONFIGS / "tiny.yaml")
+    (tmp_path / "tiny.yaml").write_text("run: {threads: 1}\n")
+    assert config_path("tiny.yaml") == "tiny.yaml" and config_path(None) is None
+    with pytest.raises(FileNotFoundError, match=r"--config launch/configs/tiny.yaml: no such file.*celllm.*tiny"):
+        config_path("launch/configs/tiny.yaml")
