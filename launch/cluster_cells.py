@@ -21,7 +21,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-if not __package__:  # run as a script (`deepspeed launch/pretrain.py`): the checkout's packages
+if not __package__:  # run as a script from a checkout (`python launch/X.py`, `deepspeed launch/X.py`): its code
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_pipeline.log_setup import add_verbosity_flags, setup_logging  # noqa: E402

@@ -21,7 +21,7 @@ import sys  # noqa: E402
 from datetime import datetime, timezone  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-if not __package__:  # run as a script (`deepspeed launch/pretrain.py`): the checkout's packages
+if not __package__:  # run as a script from a checkout (`python launch/X.py`, `deepspeed launch/X.py`): its code
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_pipeline.conversion.convert import convert  # noqa: E402
