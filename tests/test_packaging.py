@@ -55,8 +55,9 @@ def _litter() -> set[str]:
 @pytest.fixture(scope="module")
 def installed():
     """A fresh venv (nothing of this environment's packages) with the checkout installed the way the
-    README says: `PIP_CONSTRAINT=constraints.txt pip install .`. About 4 minutes on the 2-core dev
-    machine, most of it unpacking torch; pip's cache spares the downloads. Removed afterwards (~3 GB)."""
+    README says: `PIP_CONSTRAINT=constraints.txt pip install .`. About a minute on the busy 2-core dev
+    machine (pip's cache spares the downloads); the whole module took 5 minutes there, the demo 2 of
+    them. Removed afterwards (~3 GB)."""
     folder = Path(tempfile.mkdtemp(prefix="scfm-venv-"))
     try:
         subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True)
