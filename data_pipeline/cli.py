@@ -38,8 +38,8 @@ def _node_from_env(args) -> tuple[int, int]:
     return 1, 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m data_pipeline",
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog,
                                 description="Single-cell count matrices -> sparse webdataset corpus.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -134,8 +134,10 @@ def _convert(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv=None, prog: str | None = None) -> int:
+    """``prog``: the command name usage lines show (default: the program's own, e.g. ``scfm-data``;
+    ``scfm`` runs these commands as its subcommands)."""
+    args = build_parser(prog).parse_args(argv)
     setup_logging(args.verbose, args.quiet)
     from .conversion.readers import SourceError
     from .conversion.vocab import VocabError

@@ -21,7 +21,8 @@ import sys  # noqa: E402
 from datetime import datetime, timezone  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as a script from a checkout (`python launch/X.py`, `deepspeed launch/X.py`): its code
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_pipeline.conversion.convert import convert  # noqa: E402
 from data_pipeline.conversion.plan import ConvertOptions  # noqa: E402
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="demo", help="folder for everything the demo writes (default demo)")
     parser.add_argument("--cells", type=int, default=20000, help="synthetic training cells (default 20000)")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
+    parser.add_argument("--held-out-cells", type=int, default=2000,
+                        help="other synthetic cells (another seed) that the exported bundle embeds (default 2000)")
     parser.add_argument("--summary", default=None, help="also write the printed summary as JSON here")
     parser.add_argument("overrides", nargs="*", help="config overrides for training, key.sub=value")
     add_verbosity_flags(parser)
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     if not cells.exists():
         write_synthetic_h5ad(cells, args.cells, seed=0)
     if not held_out.exists():  # other synthetic cells (another seed) over the same genes
-        write_synthetic_h5ad(held_out, 2000, seed=1)
+        write_synthetic_h5ad(held_out, args.held_out_cells, seed=1)
     lap("synthetic cells")
     corpus = out / "corpus"
     if Corpus.is_finished(corpus):

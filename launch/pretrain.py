@@ -2,6 +2,7 @@
 
     deepspeed launch/pretrain.py --config launch/configs/tiny.yaml [key.sub=value ...]
     torchrun --nproc_per_node 8 launch/pretrain.py --config ... ;  python launch/pretrain.py --config ...
+    scfm pretrain --config tiny [key.sub=value ...]     # installed: a shipped config by its name
 
 The config keys and their defaults: `pretrain/config.py` (and the README's table).
 """
@@ -13,7 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+if not __package__:  # run as a script from a checkout (`python launch/X.py`, `deepspeed launch/X.py`): its code
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_pipeline.corpus import CorpusError  # noqa: E402
 from data_pipeline.log_setup import add_verbosity_flags, setup_logging  # noqa: E402
@@ -22,10 +24,25 @@ from pretrain.config import load_config  # noqa: E402
 from pretrain.threads import apply_threads, use_project_extension_dir  # noqa: E402
 from pretrain.train import train  # noqa: E402
 
+CONFIGS = Path(__file__).resolve().parent / "configs"  # shipped with the package (launch/configs/*.yaml)
+
+
+def config_path(name: str | None) -> str | None:
+    """``--config``: a YAML file, else the name of a shipped config (``tiny``, ``celllm.yaml``), so that
+    an installed package finds its configs from any folder. Raises FileNotFoundError naming both."""
+    if not name or Path(name).is_file():
+        return name
+    shipped = CONFIGS / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
+    if "/" not in name and shipped.is_file():
+        return str(shipped)
+    names = ", ".join(sorted(p.stem for p in CONFIGS.glob("*.yaml")))
+    raise FileNotFoundError(f"--config {name}: no such file, nor a shipped config (one of: {names})")
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file (launch/configs/*.yaml)")
+    parser.add_argument("--config", help="YAML file, or a shipped config by name: "
+                                         + ", ".join(sorted(p.stem for p in CONFIGS.glob("*.yaml"))))
     parser.add_argument("--resume", default=None,
                         help="'auto': continue from the run directory's latest complete checkpoint (if any); "
                              "or a checkpoint folder")
@@ -39,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(args.verbose, args.quiet)
     use_project_extension_dir()  # before DeepSpeed builds its CPU op (it imports lazily): once per checkout
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_config(config_path(args.config), args.overrides)
     except (ValueError, FileNotFoundError) as err:  # a config mistake: one line naming the fix, exit code 2
         parser.error(str(err))
     apply_threads(config.run.threads, config.data.num_workers)  # before any torch work sizes its pools

@@ -135,9 +135,11 @@ label transfer, or fine-tuning).{about}
 ## Embed cells with one command
 
 ```
-python launch/embed.py THIS_FOLDER cells.h5ad --out cells_embedded.h5ad
+scfm embed THIS_FOLDER cells.h5ad --out cells_embedded.h5ad
 ```
 
+`scfm` comes with the package (`pip install .` in the scfm-pretrain checkout); a checkout without
+installing runs `python launch/embed.py` with the same arguments.
 `cells.h5ad` holds raw UMI counts in X (or `--layer NAME`), genes as Ensembl ids or symbols. The
 output is the input plus `obsm["X_scfm"]` (`--out cells.zarr`: an AnnData zarr store of obs, var and
 the embedding); then in scanpy: `sc.pp.neighbors(adata, use_rep="X_scfm")`.

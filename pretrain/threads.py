@@ -146,14 +146,16 @@ def apply_threads(requested: int = 0, loader_workers: int = 0,
     return choice
 
 
-def use_project_extension_dir(env: dict[str, str] | None = None, repo: Path = REPO) -> str:
+def use_project_extension_dir(env: dict[str, str] | None = None, repo: Path = REPO) -> str | None:
     """Point TORCH_EXTENSIONS_DIR at ``<repo>/.cache/torch_extensions`` unless the user set it,
     so DeepSpeed's shm op is built once per checkout. Must run before DeepSpeed builds it (in
-    ``init_distributed``; torch reads the variable at build time). Returns the folder in use."""
+    ``init_distributed``; torch reads the variable at build time). Returns the folder in use
+    (None: torch's default under the home folder, where the package is installed, not a checkout:
+    site-packages is no place for build products)."""
     env = os.environ if env is None else env
-    if not env.get("TORCH_EXTENSIONS_DIR"):
+    if not env.get("TORCH_EXTENSIONS_DIR") and (repo / "pyproject.toml").is_file():
         env["TORCH_EXTENSIONS_DIR"] = str(repo / ".cache" / "torch_extensions")
-    return env["TORCH_EXTENSIONS_DIR"]
+    return env.get("TORCH_EXTENSIONS_DIR")
 
 
 def add_runtime_arguments(parser) -> None:

@@ -8,6 +8,7 @@ trained on, and embeds with the one command it shows.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -117,13 +118,13 @@ def test_exported_bundle_card_describes_the_model_and_its_command_embeds(tmp_pat
     assert "scfm-performer" in card and "96 cells" in card and "cells.h5ad (96 cells)" in card  # the corpus's source
     assert "trained for 1 optimizer steps" in card and "embedding width 32" in card
     # the card's one command, as a user would paste it (with their file names)
-    command = re.search(r"```\n(python launch/embed\.py [^\n]+)\n```", card).group(1)
+    command = re.search(r"```\n(scfm embed [^\n]+)\n```", card).group(1)
     source, out = corpus.parent / "cells.h5ad", tmp_path / "embedded.h5ad"
-    argv = [str(ROOT / a) if a.startswith("launch/") else a for a in shlex.split(command)]
     argv = [{"THIS_FOLDER": str(bundle), "cells.h5ad": str(source), "cells_embedded.h5ad": str(out)}.get(a, a)
-            for a in argv]
-    proc = subprocess.run([sys.executable, *argv[1:], "--threads", "1"], capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path)
+            for a in shlex.split(command)]
+    # `scfm` as installed (tests/test_packaging.py runs the installed script itself): its module, from the checkout
+    proc = subprocess.run([sys.executable, "-m", "launch.scfm", *argv[1:], "--threads", "1"], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     embedded = ad.read_h5ad(out)
     assert embedded.obsm["X_scfm"].shape == (embedded.n_obs, 32) and np.isfinite(embedded.obsm["X_scfm"]).all()

@@ -284,7 +284,7 @@ def test_a_label_with_one_cell_names_the_fix(bundle, tmp_path):
 
 
 def test_predict_with_a_pretrained_bundle_says_to_fine_tune_first(bundle, labelled, tmp_path):
-    with pytest.raises(ValueError, match=r"not a fine-tuned bundle.*launch/finetune.py"):
+    with pytest.raises(ValueError, match=r"not a fine-tuned bundle.*scfm finetune"):
         predict_h5ad(bundle, labelled, tmp_path / "out.h5ad")
 
 

@@ -127,11 +127,19 @@ def test_apply_sets_torch_and_logs(monkeypatch):
 
 
 def test_extension_dir_per_project(tmp_path):
+    (tmp_path / "pyproject.toml").write_text("")  # a checkout
     env = {}
     assert use_project_extension_dir(env, repo=tmp_path) == str(tmp_path / ".cache" / "torch_extensions")
     assert env["TORCH_EXTENSIONS_DIR"] == str(tmp_path / ".cache" / "torch_extensions")
     env = {"TORCH_EXTENSIONS_DIR": "/elsewhere"}
     assert use_project_extension_dir(env, repo=tmp_path) == "/elsewhere"  # the user's choice is kept
+
+
+def test_extension_dir_of_an_installed_package_is_torchs_default(tmp_path):
+    """Installed (`pip install .`), the package's parent is site-packages: nothing is built there."""
+    env = {}
+    assert use_project_extension_dir(env, repo=tmp_path / "site-packages") is None
+    assert "TORCH_EXTENSIONS_DIR" not in env
 
 
 PROBE = """

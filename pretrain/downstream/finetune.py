@@ -463,8 +463,8 @@ def _write_finetuned(folder: Path, source: Path, model: CellModel, head: Classif
 - best epoch {report['best_epoch']}: validation macro-F1 {report['macro_f1']:.4f}, accuracy {report['accuracy']:.4f}
   ({report['validation']})
 
-Predict: `python launch/predict.py THIS_FOLDER cells.h5ad --out annotated.h5ad`; load in Python with
-`pretrain.downstream.finetune.load_finetuned("THIS_FOLDER")`. Embedding (`launch/embed.py`) works as with any bundle.
+Predict: `scfm predict THIS_FOLDER cells.h5ad --out annotated.h5ad`; load in Python with
+`pretrain.downstream.finetune.load_finetuned("THIS_FOLDER")`. Embedding (`scfm embed`) works as with any bundle.
 """
     write_bundle(folder, _full_precision(model.state_dict()), model.config, (source / "vocab.tsv").read_bytes(),
                  model.normalization, card, extra={HEAD_FILE: save({k: v.detach().cpu().contiguous()
@@ -516,7 +516,7 @@ def load_finetuned(bundle: str | Path, device: str | torch.device = "cpu") -> tu
     if not (bundle / LABELS_FILE).exists() or not (bundle / HEAD_FILE).exists():
         missing = [name for name in (LABELS_FILE, HEAD_FILE) if not (bundle / name).exists()]
         raise ValueError(f"{bundle} is not a fine-tuned bundle (no {' or '.join(missing)}): a pretrained bundle has no "
-                         "classification head. Fine-tune it first: python launch/finetune.py "
+                         "classification head. Fine-tune it first: scfm finetune "
                          f"{bundle} LABELLED.h5ad --label-column COLUMN --out RUN, then predict with RUN/bundle")
     labels = json.loads((bundle / LABELS_FILE).read_text())
     if labels.get("finetune_format") != FINETUNE_FORMAT:

@@ -132,7 +132,7 @@ def read_bundle_config(bundle: str | Path) -> ModelConfig:
     version = meta.get("bundle_format")
     if version not in READABLE_FORMATS:
         fix = ("update this code to the version that exported it" if isinstance(version, int) and version > BUNDLE_FORMAT
-               else "export the run again with `python launch/export.py RUN --out BUNDLE`")
+               else "export the run again with `scfm export RUN --out BUNDLE`")
         raise ValueError(f"{bundle}: bundle format {version!r}; this code reads formats "
                          f"{', '.join(map(str, READABLE_FORMATS))}: {fix}")
     raw = dict(meta["model"])
@@ -140,7 +140,7 @@ def read_bundle_config(bundle: str | Path) -> ModelConfig:
     if differ:
         raise ValueError(f"{bundle}/config.json: top-level {', '.join(differ)} differ from the same fields under "
                          "'model' (what the weights were trained with); the file was edited: restore it, or export "
-                         "the run again with `python launch/export.py RUN --out BUNDLE`")
+                         "the run again with `scfm export RUN --out BUNDLE`")
     raw["decoder"] = DecoderConfig(**raw["decoder"])
     known = {f.name for f in fields(ModelConfig)}
     return replace(ModelConfig(**{k: v for k, v in raw.items() if k in known}), gene_embedding_file=None)
@@ -157,7 +157,7 @@ def read_bundle(bundle: str | Path, device: str | torch.device = "cpu"
     bundle = Path(bundle)
     for name in ("model.safetensors", "config.json", "vocab.tsv", "normalization.json"):
         if not (bundle / name).exists():
-            raise FileNotFoundError(f"{bundle}: no {name}; pass a folder written by `python launch/export.py`")
+            raise FileNotFoundError(f"{bundle}: no {name}; pass a folder written by `scfm export`")
     config = read_bundle_config(bundle)
     with safe_open(str(bundle / "model.safetensors"), framework="pt") as f:
         stored = (f.metadata() or {}).get("bundle_format")  # absent before format 2
