@@ -331,8 +331,7 @@ class BlockReader:
             offset, nbytes = int(t.offset[block]), int(t.nbytes[block])
             if self.corpus.remote is not None:
                 self.corpus.shard_path(t.shard_files[s])  # the same confinement as a local corpus
-                raw = self.corpus.remote.read(t.shard_files[s], offset, nbytes)
-                data = parse_block(memoryview(raw), offset, nbytes, checksum)
+                data = parse_block(memoryview(self._fetch(block)), offset, nbytes, checksum)
             else:
                 if s not in self.fds:
                     self.fds[s] = os.open(self.corpus.shard_path(t.shard_files[s]), os.O_RDONLY)
@@ -341,11 +340,6 @@ class BlockReader:
             return str(exc)
         except OSError as exc:
             return f"unreadable ({exc.strerror or exc})"
-        except Exception as exc:  # noqa: BLE001 - a remote store's own errors (aiohttp, botocore, ...)
-            if self.corpus.remote is None:
-                raise
-            return (f"unreadable from {self.corpus.url} ({type(exc).__name__}: {exc}): check that the server is "
-                    "up and reachable from this machine")
         if self.check:
             first = int(t.first_cell[block])
             n_tokens = int(t.n_tokens[block]) if t.n_tokens is not None else None
@@ -354,6 +348,19 @@ class BlockReader:
             if problem:
                 return problem
         return data
+
+    def _fetch(self, block: int) -> bytes:
+        """A remote block's bytes. A failed fetch is the store's or the network's fault, not the
+        corpus's: it is named as such (the blocks fetched so far stay cached for the rerun)."""
+        t = self.table
+        offset, nbytes, name = int(t.offset[block]), int(t.nbytes[block]), t.shard_files[int(t.shard[block])]
+        try:
+            return self.corpus.remote.read(name, offset, nbytes)
+        except Exception as exc:  # noqa: BLE001 - a store's own errors differ (aiohttp, botocore, OSError, ...)
+            raise CorpusError(f"{self.corpus.url}: cannot fetch block {block} (bytes {offset}-{offset + nbytes}) of "
+                              f"{name} ({type(exc).__name__}: {exc}): check that the server is up and reachable "
+                              "from this machine and the credentials (fsspec's environment, e.g. AWS_PROFILE), "
+                              "then resume the run (--resume auto)") from None
 
     def close(self) -> None:
         for fd in self.fds.values():

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import functools
 import http.server
+import re
 import threading
+from pathlib import Path
 
 import fsspec
 import pytest
@@ -27,15 +29,53 @@ class _Counting(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+class _Ranged(_Counting):
+    """Answers ``Range: bytes=A-B`` with 206 and those bytes, as object stores and most web servers
+    do (python's own handler ignores ranges and sends the whole file)."""
+
+    ranges: list[tuple[str, str | None]] = []
+
+    def do_GET(self):
+        rng = self.headers.get("Range")
+        type(self).ranges.append((self.path, rng))
+        match = re.fullmatch(r"bytes=(\d+)-(\d+)", rng or "")
+        if match is None:
+            return super().do_GET()
+        type(self).requests.append(self.path)
+        data = Path(self.translate_path(self.path)).read_bytes()
+        start, end = int(match[1]), min(int(match[2]), len(data) - 1)
+        self.send_response(206)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+        self.send_header("Content-Length", str(end + 1 - start))
+        self.end_headers()
+        self.wfile.write(data[start : end + 1])
+
+
+def _serve(folder, handler):
+    handler.requests = []
+    handler.ranges = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return server, thread
+
+
 @pytest.fixture
 def served(corpus):  # noqa: F811
     """(URL, request log) of the corpus folder served on 127.0.0.1, stopped after the test."""
-    _Counting.requests = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                             functools.partial(_Counting, directory=str(corpus)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server, thread = _serve(corpus, _Counting)
     yield f"http://127.0.0.1:{server.server_address[1]}", _Counting.requests
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+@pytest.fixture
+def served_ranged(corpus):  # noqa: F811
+    """(URL, [(path, Range header)]) of the corpus served by a server that honours ranges."""
+    server, thread = _serve(corpus, _Ranged)
+    yield f"http://127.0.0.1:{server.server_address[1]}", _Ranged.ranges
     server.shutdown()
     server.server_close()
     thread.join()
@@ -62,6 +102,21 @@ def test_memory_filesystem_corpus_gives_the_local_batches(corpus, tmp_path, monk
         assert len(local) == len(remote) > 0 and all(_same(a, b) for a, b in zip(local, remote))
     finally:
         fs.rm("/corpus_copy", recursive=True)
+
+
+def test_a_server_that_honours_ranges_sends_each_block_once(corpus, served_ranged, tmp_path):  # noqa: F811
+    """Against a server answering 206, every shard read is a ranged request for one block, the
+    cache holds blocks (no whole shard), and the batches are the local ones."""
+    url, ranges = served_ranged
+    cache = tmp_path / "cache"
+    remote = list(_loader(Corpus(url, cache_dir=cache), seed=7, views=Views()))
+    local = list(_loader(corpus, seed=7, views=Views()))
+    assert len(local) == len(remote) > 0 and all(_same(a, b) for a, b in zip(local, remote))
+    shard_reads = [r for path, r in ranges if "/shards/" in path]
+    blocks = Corpus(corpus).block_table()
+    assert len(shard_reads) == len(blocks.offset) and all(r and r.startswith("bytes=") for r in shard_reads)
+    cached = [p.name for p in cache.glob("*/blocks/*")]
+    assert len(cached) == len(blocks.offset) and all(name.count(".") == 3 for name in cached)
 
 
 def test_second_epoch_reads_blocks_from_the_cache(served, tmp_path):
@@ -109,3 +164,18 @@ def test_launch_trains_from_a_corpus_url(served, tmp_path):
     missing = run_pretrain([*TINY, f"data.corpus={url}/nowhere", f"run.out={tmp_path / 'run2'}"], check=False)
     assert missing.returncode != 0 and "no manifest.json there" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_a_server_gone_mid_run_is_named_as_such(corpus, tmp_path):  # noqa: F811
+    """Blocks that cannot be fetched (the server went away after the manifest was read) stop the
+    loader with the URL and the cause, not as a damaged block."""
+    server, thread = _serve(corpus, _Counting)
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    loader = _loader(Corpus(url, cache_dir=tmp_path / "cache"), seed=7, views=Views())
+    server.shutdown()
+    server.server_close()
+    thread.join()
+    with pytest.raises(CorpusError) as err:
+        list(loader)
+    assert url in str(err.value) and "damaged" not in str(err.value)
+    assert "server is up" in str(err.value)
