@@ -28,6 +28,9 @@ STATS = "stats.zarr"
 CELL_LENGTHS = "cell_lengths.npy"  # genes per cell in corpus order (the loader's length index)
 SHARDS = "shards"
 LAYOUT = (MANIFEST, VOCAB, STATS, CELL_LENGTHS, SHARDS)  # what a corpus folder holds
+# What a corpus at a URL is read from locally (copied once; the manifest first, it keys the copy).
+# stats.zarr is not copied (HTTP cannot list a folder): `Corpus.medians` opens it at its URL.
+REMOTE_COPIED = (MANIFEST, VOCAB, CELL_LENGTHS)
 
 
 def shard_name(i: int) -> str:
@@ -94,7 +97,7 @@ class Corpus:
         self.remote = None
         if self.url:
             try:
-                path = fetch_metadata(self.url, cache_dir)
+                path = fetch_metadata(self.url, REMOTE_COPIED, cache_dir)
             except RemoteError as exc:
                 raise CorpusError(str(exc)) from None
             self.remote = RemoteShards(self.url, path)
@@ -125,7 +128,7 @@ class Corpus:
         """Whether ``path`` (a folder or URL) holds a finished corpus (its manifest is written last)."""
         if is_url(path):
             try:
-                fetch_metadata(path, cache_dir)
+                fetch_metadata(path, REMOTE_COPIED, cache_dir)
             except RemoteError:
                 return False
             return True

@@ -14,8 +14,6 @@ import tempfile
 from pathlib import Path
 
 CACHE_ENV = "DATA_PIPELINE_CACHE"  # the cache folder of remote corpora (default ~/.cache/data_pipeline)
-# Copied whole. stats.zarr is not (HTTP cannot list a folder): `Corpus.medians` opens it at its URL.
-SMALL_FILES = ("manifest.json", "vocab.tsv", "cell_lengths.npy")
 
 
 def is_url(path) -> bool:
@@ -37,37 +35,37 @@ def _fs(url: str):
     return fsspec.core.url_to_fs(url)
 
 
-def fetch_metadata(url: str, cache_dir: str | Path | None = None) -> Path:
-    """The local copy of the corpus at ``url`` without its shards (manifest, vocab.tsv,
-    cell_lengths.npy), fetched unless the cache holds it already. The copy is keyed by
-    the URL and the manifest's bytes, so a corpus converted again at the same URL is fetched
-    again; it is written to a temporary folder and renamed, so ranks fetching at once do not
-    see each other's half-written files."""
-    url = url.rstrip("/")
+def fetch_metadata(url: str, files: tuple[str, ...], cache_dir: str | Path | None = None) -> Path:
+    """A local folder holding ``files`` of the folder at ``url`` (`corpus.Corpus` names them: its
+    manifest first, then the other small files; a file the folder lacks is left out), fetched
+    unless the cache holds it already. The copy is keyed by the URL and the first file's bytes, so
+    a corpus converted again at the same URL is fetched again; it is written to a temporary folder
+    and renamed, so ranks fetching at once do not see each other's half-written files."""
+    url, (manifest_name, *others) = url.rstrip("/"), files
     try:
         fs, root = _fs(url)
-        manifest = fs.cat_file(f"{root}/manifest.json")
+        manifest = fs.cat_file(f"{root}/{manifest_name}")
     except FileNotFoundError:
-        raise RemoteError(f"{url}: no manifest.json there, so not a finished corpus: check the URL (the "
+        raise RemoteError(f"{url}: no {manifest_name} there, so not a finished corpus: check the URL (the "
                           "folder `python -m data_pipeline convert ... --out CORPUS` made, copied whole)") from None
     except ImportError as exc:
         raise RemoteError(f"{url}: no filesystem for this protocol ({exc}): install the package fsspec names "
                           "(s3fs for s3://, gcsfs for gs://, aiohttp for https://)") from None
     except Exception as exc:  # noqa: BLE001 - connection errors differ per protocol (aiohttp, botocore, ...)
-        raise RemoteError(f"{url}: cannot read manifest.json ({type(exc).__name__}: {exc}): check that the "
+        raise RemoteError(f"{url}: cannot read {manifest_name} ({type(exc).__name__}: {exc}): check that the "
                           "server is up and reachable from this machine, and the credentials "
                           "(fsspec's environment, e.g. AWS_PROFILE)") from None
     key = hashlib.sha256(url.encode() + b"\0" + manifest).hexdigest()[:24]
     local = cache_root(cache_dir) / key
-    if (local / "manifest.json").is_file():
+    if (local / manifest_name).is_file():
         return local
     local.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=local.parent))
     try:
-        for name in SMALL_FILES[1:]:
+        for name in others:
             if fs.exists(f"{root}/{name}"):
                 fs.get_file(f"{root}/{name}", str(tmp / name))
-        (tmp / "manifest.json").write_bytes(manifest)  # last: a copy with a manifest is whole
+        (tmp / manifest_name).write_bytes(manifest)  # last: a copy with a manifest is whole
         try:
             os.rename(tmp, local)
         except OSError:  # another process renamed its copy first: use that one

@@ -4,7 +4,6 @@ filter keeps exactly its cells and the others are accounted as excluded_by_filte
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import pytest
 
 from data_pipeline import cli
 from data_pipeline.conversion.convert import convert
-from data_pipeline.conversion.merge import print_report
+from data_pipeline.conversion.merge import format_report
 from data_pipeline.conversion.plan import PLAN_VERSION, ConvertError, ConvertOptions, plan_hash
 from data_pipeline.conversion.readers import SourceError, open_source
 from data_pipeline.conversion.soma_source import SomaSelection
@@ -171,10 +170,9 @@ def test_cli_flags_and_errors(experiment, tmp_path, capfd):
     m = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert m["sources"][0]["cells_written"] == N_CELLS // 3
     assert m["conversion"]["soma_filter"] == "cell_type == 'NK'"
-    report = io.StringIO()
-    print_report(m, file=report)
-    assert "200/600 cells" in report.getvalue()
-    assert "400 left out by --soma-filter \"cell_type == 'NK'\"" in report.getvalue()
+    report = format_report(m)
+    assert "200/600 cells" in report
+    assert "400 left out by --soma-filter \"cell_type == 'NK'\"" in report
     capfd.readouterr()
     assert cli.main(["convert", exp, "--out", str(tmp_path / "d"), "--soma-layer", "data", "--no-progress"]) == 2
     assert "has no X layer 'data' (layers: raw); choose one with --soma-layer" in capfd.readouterr().err
