@@ -141,7 +141,10 @@ def _eval_record() -> dict:
                                        "masked_loss_below_random_init": True, "knn_minus_pca50": -0.2,
                                        "previous_knn": 0.4, "share_of_previous_gap_closed": 0.5,
                                        "finetuned_0.1_minus_hvg2000_lr": 0.2}},
-                         "all_beat_random_init": True}}
+                         "all_beat_random_init": True},
+            "runs": {"mlm": {"0": {"reused": {"date": "2026-12-04T10:00:00+00:00",
+                                              "command": "benchmarks/eval_embeddings.py --phase final --seeds 0"}},
+                             "1": {}, "2": {}}}}
 
 
 def test_quality_renders_the_current_evaluation_beside_the_previous_one(monkeypatch):
@@ -162,6 +165,8 @@ def test_quality_renders_the_current_evaluation_beside_the_previous_one(monkeypa
     assert "| PCA-50 of log1p-CP10k (HVG) | 0.700 [0.700, 0.700] | 0.700 [0.700, 0.700] |" in text
     assert "| random init: scHybridBERT | 0.200 [0.200, 0.200] |" in text and "| mlm (1000 steps): embedding alone | 0.300" in text
     assert "previous evaluation" not in text  # no legacy file here
+    assert ("Taken unchanged from an earlier result of the same settings (`--reuse`; not in the t-SNE figure): `mlm` "
+            "seed 0 (2026-12-04, `python benchmarks/eval_embeddings.py --phase final --seeds 0`)." in text)
 
 
 def test_loader_peers_block_quotes_rates_and_says_which_goals_are_met(monkeypatch):
