@@ -94,3 +94,18 @@ def test_worker_skip_matches_round_robin():
             for i in range(done):
                 produced[i % workers] += 1
             assert [worker_skip(done, workers, w) for w in range(workers)] == produced
+
+
+@pytest.mark.parametrize("world_size,streams", [(1, 1), (2, 3)])
+def test_a_plan_from_shared_batch_counts_is_the_same_plan(world_size, streams):
+    """What a loader worker builds from the counts its rank computed equals the plan computed whole."""
+    table, cost = _random_corpus(4)
+    batching = Batching(token_budget=2000, megabatch_cells=150)
+    whole = EpochPlan(table, cost, batching, 7, 2, world_size, streams)
+    shared = EpochPlan(table, cost, batching, 7, 2, world_size, streams, batch_counts=whole.batch_counts)
+    assert shared.batches_per_stream == whole.batches_per_stream
+    for s in range(whole.n_streams):
+        for a, b in zip(whole.stream_megabatches(s), shared.stream_megabatches(s), strict=True):
+            assert a.index == b.index and np.array_equal(a.cells, b.cells) and np.array_equal(a.bounds, b.bounds)
+    with pytest.raises(ValueError, match="not this plan's counts"):
+        EpochPlan(table, cost, batching, 7, 2, world_size, streams, batch_counts=whole.batch_counts[:-1])

@@ -22,6 +22,12 @@ process without communication and without reading a shard:
 
 So every cell is in exactly one batch of one stream per epoch, every batch respects the budget,
 and a rank's batch ``i`` is batch ``i // W`` of its worker ``i % W``.
+
+Step 4 needs every megabatch's batch count (``batch_counts`` [K]: one sort and cut per megabatch,
+a pass over every cell of the corpus), the only part of the plan that is not either cheap (steps
+1-2: O(blocks)) or a stream's own (steps 3 and 5, for its megabatches only). A loader computes it
+once per epoch in its own process (which needs it for ``len()``) and hands it to its DataLoader
+workers (``EpochPlan(..., batch_counts=...)``), so a worker cuts only its own stream's megabatches.
 """
 
 from __future__ import annotations
@@ -71,10 +77,15 @@ class EpochPlan:
     streams each (DataLoader workers, or 1 without workers). ``cost`` [N] is each cell's token
     cost (`batching.TokenCost.cells`: its length as the model will run it); ``padded``: a batch
     costs ``n_cells x`` its costliest cell instead of the sum (`TokenCost.padded`).
+
+    ``batch_counts`` [K]: the ``batch_counts`` of this same plan (same index, costs, batching,
+    seed, epoch and layout) computed by another process; given, the plan skips computing them
+    (a pass over every cell) and is otherwise the same plan. None: computed here.
     """
 
     def __init__(self, blocks: BlockTable, cost: np.ndarray, batching: Batching, seed: int, epoch: int,
-                 world_size: int, streams_per_rank: int, padded: bool = False):
+                 world_size: int, streams_per_rank: int, padded: bool = False,
+                 batch_counts: np.ndarray | None = None):
         if world_size < 1 or streams_per_rank < 1:
             raise ValueError("world_size and streams_per_rank must be >= 1")
         cost = np.asarray(cost)
@@ -96,14 +107,20 @@ class EpochPlan:
         sizes = np.diff(blocks.first_cell)[self.block_order]
         # where each permuted block starts in the permuted cell sequence
         self.perm_start = np.concatenate([[0], np.cumsum(sizes)])
-        k = max(1, -(-n // batching.megabatch_cells))
-        self.n_megabatches = -(-k // self.n_streams) * self.n_streams
+        self.n_megabatches = megabatch_count(n, batching, self.n_streams)
         if n < self.n_megabatches and n < self.n_streams:
             raise ValueError(f"{n} cells cannot give every one of {self.n_streams} loader streams "
                              f"(ranks x workers) a cell: use fewer ranks or workers")
         self.mb_start = (np.arange(self.n_megabatches + 1) * n) // self.n_megabatches
         self._cost = cost
-        counts = self._batch_counts()
+        if batch_counts is None:
+            counts = self._batch_counts()
+        else:
+            counts = np.array(batch_counts, np.int64)  # a copy: the caller's buffer may be reused
+            if counts.shape != (self.n_megabatches,):
+                raise ValueError(f"{counts.shape} batch_counts for a plan of {self.n_megabatches} megabatches: "
+                                 "not this plan's counts")
+        self.batch_counts = counts  # [K] batches of each megabatch before the splits of step 4
         per_stream = np.bincount(np.arange(self.n_megabatches) % self.n_streams, weights=counts,
                                  minlength=self.n_streams).astype(np.int64)
         self.batches_per_stream = int(per_stream.max())
@@ -186,6 +203,13 @@ class EpochPlan:
             bounds.insert(bounds.index(start) + 1, start + half)
             heapq.heappush(heap, (-half, m, start))
             heapq.heappush(heap, (-(-size - half), m, start + half))
+
+
+def megabatch_count(n_cells: int, batching: Batching, n_streams: int) -> int:
+    """``K``, the megabatches of an epoch of ``n_cells`` cells over ``n_streams`` streams (the same
+    every epoch): at least ``n_cells / megabatch_cells``, a multiple of ``n_streams``."""
+    k = max(1, -(-n_cells // batching.megabatch_cells))
+    return -(-k // n_streams) * n_streams
 
 
 def worker_skip(batches_done: int, streams_per_rank: int, worker: int) -> int:
