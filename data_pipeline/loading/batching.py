@@ -136,7 +136,11 @@ def cut_batches_reference(cost, budget: int, max_cells: int | None = None, padde
 def longest_first(cost: np.ndarray) -> np.ndarray:
     """Order of cells costing ``cost`` [n], costliest first, ties kept in the given order (so a
     shuffled input keeps its shuffle among equal costs).  -> [n]"""
-    return np.argsort(-np.asarray(cost, np.int64), kind="stable")
+    cost = np.asarray(cost, np.int64)
+    if len(cost) and int(cost.max()) - int(cost.min()) < 1 << 16:
+        # 16-bit keys: numpy's stable sort of them is a radix sort, the same order ~10x faster
+        return np.argsort((cost.max() - cost).astype(np.uint16), kind="stable")
+    return np.argsort(-cost, kind="stable")
 
 
 def group_by_length(cost: np.ndarray, budget: int, max_cells: int | None = None,

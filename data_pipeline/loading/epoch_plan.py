@@ -180,18 +180,26 @@ class EpochPlan:
         if deficit:
             self._split(mine, deficit, stream)
         out = []
-        for k, cells, bounds, rng in mine:
+        for entry in mine:
+            k, cells, bounds, rng = entry
+            entry[1] = None  # one copy of the stream's cells at a time, not the sorted and the reordered
             bounds = np.asarray(bounds, np.int64)
             order = rng.permutation(len(bounds) - 1)
-            sizes = np.diff(bounds)[order]
-            in_order = np.concatenate([cells[bounds[j]:bounds[j + 1]] for j in order]) if len(order) else cells
-            out.append(Megabatch(k, in_order, np.concatenate([[0], np.cumsum(sizes)])))
+            out.append(Megabatch(k, *reorder_batches(cells, bounds, order)))
         return out
 
     @staticmethod
     def _split(mine: list, deficit: int, stream: int) -> None:
-        """Split the batches with the most cells (earliest first on ties) in two, ``deficit`` times."""
-        heap = [(-(b[j + 1] - b[j]), m, b[j]) for m, (_, _, b, _) in enumerate(mine) for j in range(len(b) - 1)]
+        """Split the batches with the most cells (earliest first on ties) in two, ``deficit`` times.
+
+        Only batches at least as large as the ``deficit``-th largest can be split (until ``deficit``
+        splits are done one of those is always left, and halves are smaller), so the heap holds only
+        those: the same splits as a heap of every batch of the stream."""
+        sizes = [np.diff(np.asarray(b, np.int64)) for _, _, b, _ in mine]
+        flat = np.concatenate(sizes) if sizes else np.zeros(0, np.int64)
+        least = np.partition(flat, len(flat) - deficit)[len(flat) - deficit] if deficit < len(flat) else 0
+        heap = [(-int(sizes[m][j]), m, b[j]) for m, (_, _, b, _) in enumerate(mine)
+                for j in np.flatnonzero(sizes[m] >= least)]
         heapq.heapify(heap)
         for _ in range(deficit):
             if not heap or -heap[0][0] < 2:
@@ -203,6 +211,23 @@ class EpochPlan:
             bounds.insert(bounds.index(start) + 1, start + half)
             heapq.heappush(heap, (-half, m, start))
             heapq.heappush(heap, (-(-size - half), m, start + half))
+
+
+def reorder_batches(cells: np.ndarray, bounds: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Batches ``cells[bounds[j]:bounds[j+1]]`` put in the order ``order`` [n_batches], in one
+    gather.  -> (cells [n], bounds [n_batches + 1]) of the reordered batches"""
+    sizes = np.diff(bounds)[order]
+    new_bounds = np.concatenate([[0], np.cumsum(sizes)])
+    # entry i of reordered batch j is entry i - new_bounds[j] of batch order[j]
+    source = np.repeat(bounds[:-1][order] - new_bounds[:-1], sizes) + np.arange(len(cells))
+    return cells[source], new_bounds
+
+
+def reorder_batches_reference(cells: np.ndarray, bounds: np.ndarray, order: np.ndarray):
+    """The definition `reorder_batches` is tested against: the batches concatenated in order."""
+    sizes = np.diff(bounds)[order]
+    in_order = np.concatenate([cells[bounds[j]:bounds[j + 1]] for j in order]) if len(order) else cells
+    return in_order, np.concatenate([[0], np.cumsum(sizes)])
 
 
 def megabatch_count(n_cells: int, batching: Batching, n_streams: int) -> int:
