@@ -133,7 +133,7 @@ def test_reorder_batches_equals_its_reference():
 
 
 def _split_every_batch(mine: list, deficit: int) -> None:
-    """The splits as first written: a heap of every batch of the stream."""
+    """The splits as first written: a heap of every batch of the stream, bounds inserted in lists."""
     heap = [(-(b[j + 1] - b[j]), m, b[j]) for m, (_, _, b, _) in enumerate(mine) for j in range(len(b) - 1)]
     heapq.heapify(heap)
     for _ in range(deficit):
@@ -154,7 +154,7 @@ def test_splits_from_the_largest_batches_only_equal_a_heap_of_every_batch(seed):
         mine.append([k, None, np.concatenate([[0], np.cumsum(sizes)]).tolist(), None])
     total = sum(len(b) - 1 for _, _, b, _ in mine)
     deficit = int(rng.integers(1, 2 * total))
-    expected = [[k, c, list(b), r] for k, c, b, r in mine]
-    _split_every_batch(expected, deficit)
-    EpochPlan._split(mine, deficit, 0)
-    assert [b for _, _, b, _ in mine] == [b for _, _, b, _ in expected]
+    got = EpochPlan._split([np.array(b, np.int64) for _, _, b, _ in mine], deficit, 0)
+    _split_every_batch(mine, deficit)
+    assert [b.tolist() for b in got] == [b for _, _, b, _ in mine]
+    assert all(b.dtype == np.int64 for b in got)

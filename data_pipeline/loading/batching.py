@@ -88,7 +88,7 @@ def cut_batches(cost: np.ndarray, budget: int, max_cells: int | None = None, pad
     cost = np.ascontiguousarray(cost, dtype=np.int64)
     bounds = np.empty(len(cost) + 1, np.int64)
     n = _cut(cost, int(budget), int(max_cells or NO_LIMIT), bool(padded), bounds)
-    return bounds[: n + 1]
+    return bounds[: n + 1].copy()  # not a view that keeps a slot per cell alive
 
 
 @njit(cache=True, nogil=True)

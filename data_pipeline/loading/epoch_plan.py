@@ -27,7 +27,9 @@ Step 4 needs every megabatch's batch count (``batch_counts`` [K]: one sort and c
 a pass over every cell of the corpus), the only part of the plan that is not either cheap (steps
 1-2: O(blocks)) or a stream's own (steps 3 and 5, for its megabatches only). A loader computes it
 once per epoch in its own process (which needs it for ``len()``) and hands it to its DataLoader
-workers (``EpochPlan(..., batch_counts=...)``), so a worker cuts only its own stream's megabatches.
+workers (``EpochPlan(..., batch_counts=...)``), so a worker cuts only its own stream's megabatches,
+one at a time as it reads them (`EpochPlan.iter_stream_megabatches`): it holds one megabatch's
+cells, not its stream's (a stream that needs splits keeps its batch bounds, 8 bytes a batch).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..corpus import BlockTable
-from .batching import cut_batches, group_by_length
+from .batching import cut_batches, group_by_length, longest_first
 
 
 @dataclass(frozen=True)
@@ -158,59 +160,70 @@ class EpochPlan:
     def _batch_counts(self) -> np.ndarray:
         """Greedy batch count of every megabatch (needs only its sorted costs).  [K]"""
         counts = np.zeros(self.n_megabatches, np.int64)
-        budget, max_cells = self.batching.token_budget, self.batching.max_batch_cells
         for k in range(self.n_megabatches):
-            c = np.sort(self._cost[self.megabatch_cells(k)])[::-1]
-            counts[k] = len(cut_batches(c, budget, max_cells, self.padded)) - 1
+            counts[k] = len(self._sorted_cut(k)) - 1
         return counts
 
     def stream_megabatches(self, stream: int) -> list[Megabatch]:
         """The megabatches of ``stream`` (rank * streams_per_rank + worker), in order, cut into
         batches, padded to ``batches_per_stream`` batches by splits, batch order shuffled."""
+        return list(self.iter_stream_megabatches(stream))
+
+    def iter_stream_megabatches(self, stream: int):
+        """`stream_megabatches` one at a time, each made when asked for: a loader worker holds one
+        megabatch's cells, not its stream's. A stream short of ``batches_per_stream`` first cuts its
+        megabatches' sorted costs to choose its splits (the cut depends on the costs alone, not on
+        their shuffle), keeping their batch bounds (8 bytes a batch).  -> iterator of Megabatch"""
         if not 0 <= stream < self.n_streams:
             raise ValueError(f"stream {stream} outside 0..{self.n_streams - 1}")
         budget, max_cells = self.batching.token_budget, self.batching.max_batch_cells
-        mine = []
-        for k in range(stream, self.n_megabatches, self.n_streams):
+        mine = range(stream, self.n_megabatches, self.n_streams)
+        deficit = self.batches_per_stream - int(self.batch_counts[stream :: self.n_streams].sum())
+        split = self._split([self._sorted_cut(k) for k in mine], deficit, stream) if deficit else None
+        for i, k in enumerate(mine):
             rng = np.random.default_rng([self.seed, self.epoch, k])
             cells = rng.permutation(self.megabatch_cells(k))  # the shuffle buffer
-            order, bounds = group_by_length(self._cost[cells], budget, max_cells, self.padded)
-            mine.append([k, cells[order], bounds.tolist(), rng])
-        deficit = self.batches_per_stream - sum(len(b) - 1 for _, _, b, _ in mine)
-        if deficit:
-            self._split(mine, deficit, stream)
-        out = []
-        for entry in mine:
-            k, cells, bounds, rng = entry
-            entry[1] = None  # one copy of the stream's cells at a time, not the sorted and the reordered
-            bounds = np.asarray(bounds, np.int64)
-            order = rng.permutation(len(bounds) - 1)
-            out.append(Megabatch(k, *reorder_batches(cells, bounds, order)))
-        return out
+            if split is None:
+                order, bounds = group_by_length(self._cost[cells], budget, max_cells, self.padded)
+            else:
+                order, bounds = longest_first(self._cost[cells]), split[i]
+                split[i] = None
+            yield Megabatch(k, *reorder_batches(cells[order], bounds, rng.permutation(len(bounds) - 1)))
+
+    def _sorted_cut(self, k: int) -> np.ndarray:
+        """Batch bounds of megabatch ``k``'s cells sorted costliest first.  [n_batches + 1]"""
+        cost = np.sort(self._cost[self.megabatch_cells(k)])[::-1]
+        return cut_batches(cost, self.batching.token_budget, self.batching.max_batch_cells, self.padded)
 
     @staticmethod
-    def _split(mine: list, deficit: int, stream: int) -> None:
-        """Split the batches with the most cells (earliest first on ties) in two, ``deficit`` times.
+    def _split(bounds: list[np.ndarray], deficit: int, stream: int) -> list[np.ndarray]:
+        """Split the batches with the most cells (earliest first on ties: megabatch, then position)
+        in two, ``deficit`` times; ``bounds``: each megabatch's batch bounds.  -> the new bounds
 
         Only batches at least as large as the ``deficit``-th largest can be split (until ``deficit``
         splits are done one of those is always left, and halves are smaller), so the heap holds only
         those: the same splits as a heap of every batch of the stream."""
-        sizes = [np.diff(np.asarray(b, np.int64)) for _, _, b, _ in mine]
-        flat = np.concatenate(sizes) if sizes else np.zeros(0, np.int64)
-        least = np.partition(flat, len(flat) - deficit)[len(flat) - deficit] if deficit < len(flat) else 0
-        heap = [(-int(sizes[m][j]), m, b[j]) for m, (_, _, b, _) in enumerate(mine)
+        sizes = [np.diff(b).astype(np.int32) for b in bounds]  # a batch holds at most a megabatch
+        flat = np.concatenate(sizes) if sizes else np.zeros(0, np.int32)
+        least = 0
+        if deficit < len(flat):
+            flat.partition(len(flat) - deficit)
+            least = int(flat[len(flat) - deficit])
+        del flat
+        heap = [(-int(sizes[m][j]), m, int(bounds[m][j])) for m in range(len(bounds))
                 for j in np.flatnonzero(sizes[m] >= least)]
         heapq.heapify(heap)
+        added: dict[int, list[int]] = {}
         for _ in range(deficit):
             if not heap or -heap[0][0] < 2:
                 raise ValueError(f"loader stream {stream} has too few cells to give the same number of "
                                  "batches as the others: use fewer ranks or workers, or a larger token_budget")
             size, m, start = heapq.heappop(heap)
             half = -size // 2
-            bounds = mine[m][2]
-            bounds.insert(bounds.index(start) + 1, start + half)
+            added.setdefault(m, []).append(start + half)
             heapq.heappush(heap, (-half, m, start))
             heapq.heappush(heap, (-(-size - half), m, start + half))
+        return [np.union1d(b, added[m]).astype(np.int64) if m in added else b for m, b in enumerate(bounds)]
 
 
 def reorder_batches(cells: np.ndarray, bounds: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -168,7 +168,7 @@ class _EpochStream(IterableDataset):
         skip = worker_skip(start, spec.streams_per_rank, worker)
         reader = BlockReader(spec.corpus, spec.table, spec.check_blocks)
         try:
-            for m in plan.stream_megabatches(spec.rank * spec.streams_per_rank + worker):
+            for m in plan.iter_stream_megabatches(spec.rank * spec.streams_per_rank + worker):
                 if skip >= m.n_batches:
                     skip -= m.n_batches
                     continue
