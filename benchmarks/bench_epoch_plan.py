@@ -17,11 +17,13 @@ size x workers per rank):
 
 - ``loader_process``: the loader's own process, which computes the plan for ``len()``: full plan
   construction (the batch counts: a sort and cut of every megabatch).
-- ``worker_before`` / ``worker_now``: one DataLoader worker, forked from a process holding the
-  index and the costs (as the loader's are): the whole plan then its stream's megabatches
-  (before), or the plan rebuilt from the shared counts then its stream's megabatches (now).
-  Peak RSS added while planning (``VmHWM`` reset at the start, minus ``VmRSS`` there) and RSS after.
-- ``per_rank_cpu_s``: planning CPU time of one rank per epoch, loader process + all its workers.
+- ``worker_whole_plan`` / ``worker_shared_plan``: each DataLoader worker of rank 0 (``streams``),
+  forked from a process holding the index and the costs (as the loader's are): the whole plan
+  computed there, or rebuilt from the shared batch counts, then its stream's megabatches made one
+  after another as the loader takes them. Peak RSS added while planning (``VmHWM`` reset at the
+  start, minus ``VmRSS`` there) and RSS after; ``seconds`` and ``peak_rss_added_mb``: the
+  slowest worker's and the most any added.
+- ``per_rank_cpu_s``: planning time of one rank per epoch, loader process + all its workers.
 
 Times are medians of ``--repeats``; each worker measurement runs in a fresh forked process. On
 code whose ``EpochPlan`` takes no ``batch_counts`` only the whole-plan path is measured.
@@ -72,8 +74,8 @@ def _status_kb(field: str) -> int:
     raise KeyError(field)
 
 
-def _worker(conn, table, cost, world_size, workers, counts):
-    """In a forked child: plan as a loader worker of rank 0, stream 0; send seconds and RSS."""
+def _worker(conn, table, cost, world_size, workers, counts, stream):
+    """In a forked child: plan as the loader worker of ``stream`` (of rank 0); send seconds and RSS."""
     try:
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     except OSError:
@@ -83,18 +85,20 @@ def _worker(conn, table, cost, world_size, workers, counts):
     shared = {} if counts is None else {"batch_counts": counts}
     plan = EpochPlan(table, cost, BATCHING, 0, 0, world_size, workers, **shared)
     t1 = time.perf_counter()
-    megabatches = plan.stream_megabatches(0)
+    # as the loader takes them: one at a time where the plan makes them so (else the stream's list)
+    megabatches = getattr(plan, "iter_stream_megabatches", plan.stream_megabatches)(stream)
+    cells = sum(len(m.cells) for m in megabatches)
     t2 = time.perf_counter()
     conn.send({"plan_s": t1 - t0, "stream_s": t2 - t1, "seconds": t2 - t0,
                "peak_rss_added_mb": (_status_kb("VmHWM") - rss0) / 1024, "rss_after_mb": _status_kb("VmRSS") / 1024,
-               "stream_cells": int(sum(len(m.cells) for m in megabatches))})
+               "stream_cells": int(cells)})
     conn.close()
 
 
-def in_forked_worker(table, cost, world_size, workers, counts) -> dict:
+def in_forked_worker(table, cost, world_size, workers, counts, stream) -> dict:
     ctx = multiprocessing.get_context("fork")
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_worker, args=(child, table, cost, world_size, workers, counts))
+    proc = ctx.Process(target=_worker, args=(child, table, cost, world_size, workers, counts, stream))
     proc.start()
     out = parent.recv()
     proc.join()
@@ -104,6 +108,14 @@ def in_forked_worker(table, cost, world_size, workers, counts) -> dict:
 def _median(rows: list[dict]) -> dict:
     return {k: round(statistics.median(r[k] for r in rows), 4) if isinstance(rows[0][k], float) else rows[0][k]
             for k in rows[0]}
+
+
+def rank_workers(table, cost, world_size: int, workers: int, counts, repeats: int) -> dict:
+    """Each of rank 0's workers (medians over repeats), the slowest's seconds, the most RSS added."""
+    streams = [_median([in_forked_worker(table, cost, world_size, workers, counts, w) for _ in range(repeats)])
+               for w in range(workers)]
+    return {"seconds": max(r["seconds"] for r in streams), "seconds_all": round(sum(r["seconds"] for r in streams), 4),
+            "peak_rss_added_mb": max(r["peak_rss_added_mb"] for r in streams), "streams": streams}
 
 
 def measure(n: int, repeats: int) -> list[dict]:
@@ -117,9 +129,8 @@ def measure(n: int, repeats: int) -> list[dict]:
             plan = EpochPlan(table, cost, BATCHING, 0, 0, world_size, workers)
             seconds.append(time.perf_counter() - t0)
         main = statistics.median(seconds)
-        before = _median([in_forked_worker(table, cost, world_size, workers, None) for _ in range(repeats)])
-        now = _median([in_forked_worker(table, cost, world_size, workers, plan.batch_counts)
-                       for _ in range(repeats)]) if sharing else None
+        before = rank_workers(table, cost, world_size, workers, None, repeats)
+        now = rank_workers(table, cost, world_size, workers, plan.batch_counts, repeats) if sharing else None
         row = {"cells": n, "blocks": len(table), "world_size": world_size, "workers_per_rank": workers,
                "megabatches": plan.n_megabatches, "batches_per_stream": plan.batches_per_stream,
                "loader_process": {"plan_s": round(main, 4)},
@@ -128,8 +139,8 @@ def measure(n: int, repeats: int) -> list[dict]:
                 f"{before['seconds']:.3f} s (+{before['peak_rss_added_mb']:.0f} MB peak)")
         if now is not None:
             row.update(worker_shared_plan=now,
-                       per_rank_cpu_s={"whole_plan_in_every_worker": round(main + workers * before["seconds"], 3),
-                                       "shared_plan": round(main + workers * now["seconds"], 3)},
+                       per_rank_cpu_s={"whole_plan_in_every_worker": round(main + before["seconds_all"], 3),
+                                       "shared_plan": round(main + now["seconds_all"], 3)},
                        full_plans_per_rank_epoch={"whole_plan_in_every_worker": 1 + workers, "shared_plan": 1})
             line += (f", from the shared counts {now['seconds']:.3f} s (+{now['peak_rss_added_mb']:.0f} MB peak); "
                      f"per rank {row['per_rank_cpu_s']}")
