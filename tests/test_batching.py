@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.loading.batching import TokenCost, cut_batches, cut_batches_reference, group_by_length
+from data_pipeline.loading.batching import (
+    TokenCost,
+    cut_batches,
+    cut_batches_reference,
+    group_by_length,
+    longest_first,
+)
 from data_pipeline.loading.epoch_plan import Batching, BlockTable, EpochPlan
 from pretrain.config import ModelConfig
 
@@ -199,6 +205,16 @@ def test_an_epoch_plan_with_padded_batches_keeps_its_guarantees(seed):
 def test_group_by_length_sorts_costliest_first_keeping_ties_in_order():
     order, bounds = group_by_length(np.array([3, 9, 3, 9, 1]), 100)
     assert order.tolist() == [1, 3, 0, 2, 4] and bounds.tolist() == [0, 5]
+
+
+@pytest.mark.parametrize("spread", [1, 5, 65535, 65536, 1 << 40])
+def test_longest_first_is_the_stable_descending_sort(spread):
+    """Costs within 65,536 of each other take the 16-bit radix sort, wider ones the general one:
+    both give numpy's stable argsort of the negated costs (ties in the given order)."""
+    rng = np.random.default_rng(spread % 1000)
+    for n in (0, 1, 7, 5000):
+        cost = rng.integers(0, spread, n) + int(rng.integers(-3, 3)) * spread
+        assert np.array_equal(longest_first(cost), np.argsort(-cost.astype(np.int64), kind="stable"))
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "launch" / "configs").glob("*.yaml")), ids=lambda p: p.stem)

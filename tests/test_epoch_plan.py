@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import heapq
+
 import numpy as np
 import pytest
 
-from data_pipeline.loading.epoch_plan import Batching, BlockTable, EpochPlan, worker_skip
+from data_pipeline.loading.epoch_plan import (
+    Batching,
+    BlockTable,
+    EpochPlan,
+    reorder_batches,
+    reorder_batches_reference,
+    worker_skip,
+)
 
 
 def _table(block_cells: list[int]) -> BlockTable:
@@ -94,3 +103,58 @@ def test_worker_skip_matches_round_robin():
             for i in range(done):
                 produced[i % workers] += 1
             assert [worker_skip(done, workers, w) for w in range(workers)] == produced
+
+
+@pytest.mark.parametrize("world_size,streams", [(1, 1), (2, 3)])
+def test_a_plan_from_shared_batch_counts_is_the_same_plan(world_size, streams):
+    """What a loader worker builds from the counts its rank computed equals the plan computed whole."""
+    table, cost = _random_corpus(4)
+    batching = Batching(token_budget=2000, megabatch_cells=150)
+    whole = EpochPlan(table, cost, batching, 7, 2, world_size, streams)
+    shared = EpochPlan(table, cost, batching, 7, 2, world_size, streams, batch_counts=whole.batch_counts)
+    assert shared.batches_per_stream == whole.batches_per_stream
+    for s in range(whole.n_streams):
+        for a, b in zip(whole.stream_megabatches(s), shared.stream_megabatches(s), strict=True):
+            assert a.index == b.index and np.array_equal(a.cells, b.cells) and np.array_equal(a.bounds, b.bounds)
+    with pytest.raises(ValueError, match="not this plan's counts"):
+        EpochPlan(table, cost, batching, 7, 2, world_size, streams, batch_counts=whole.batch_counts[:-1])
+
+
+def test_reorder_batches_equals_its_reference():
+    rng = np.random.default_rng(0)
+    for n_batches in (0, 1, 2, 50):
+        sizes = rng.integers(1, 20, n_batches)
+        bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        cells = rng.permutation(int(bounds[-1])).astype(np.int64)
+        order = rng.permutation(n_batches)
+        got, expected = reorder_batches(cells, bounds, order), reorder_batches_reference(cells, bounds, order)
+        for a, b in zip(got, expected):
+            assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+def _split_every_batch(mine: list, deficit: int) -> None:
+    """The splits as first written: a heap of every batch of the stream, bounds inserted in lists."""
+    heap = [(-(b[j + 1] - b[j]), m, b[j]) for m, (_, _, b, _) in enumerate(mine) for j in range(len(b) - 1)]
+    heapq.heapify(heap)
+    for _ in range(deficit):
+        size, m, start = heapq.heappop(heap)
+        half = -size // 2
+        bounds = mine[m][2]
+        bounds.insert(bounds.index(start) + 1, start + half)
+        heapq.heappush(heap, (-half, m, start))
+        heapq.heappush(heap, (-(-size - half), m, start + half))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_splits_from_the_largest_batches_only_equal_a_heap_of_every_batch(seed):
+    rng = np.random.default_rng(seed)
+    mine = []
+    for k in range(int(rng.integers(1, 6))):
+        sizes = rng.integers(2, 12, int(rng.integers(1, 30)))  # many ties
+        mine.append([k, None, np.concatenate([[0], np.cumsum(sizes)]).tolist(), None])
+    total = sum(len(b) - 1 for _, _, b, _ in mine)
+    deficit = int(rng.integers(1, 2 * total))
+    got = EpochPlan._split([np.array(b, np.int64) for _, _, b, _ in mine], deficit, 0)
+    _split_every_batch(mine, deficit)
+    assert [b.tolist() for b in got] == [b for _, _, b, _ in mine]
+    assert all(b.dtype == np.int64 for b in got)

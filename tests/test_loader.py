@@ -3,15 +3,21 @@ content equal to the per-cell normalization reference, views and labels."""
 
 from __future__ import annotations
 
+import functools
+import inspect
+import os
+
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from data_pipeline.conversion.convert import convert
 from data_pipeline.conversion.plan import ConvertOptions
 from data_pipeline.corpus import Corpus
+from data_pipeline.loading import loader as loader_module
 from data_pipeline.loading import normalize_reference as ref
-from data_pipeline.loading.epoch_plan import Batching
+from data_pipeline.loading.epoch_plan import Batching, EpochPlan
 from data_pipeline.loading.loader import CellLoader
 from data_pipeline.loading.masking import Views
 from data_pipeline.loading.normalize import Normalization
@@ -159,6 +165,78 @@ def test_resume_mid_epoch_gives_the_uninterrupted_batches(corpus, workers):
             got += list(resumed)  # then the next epoch, whole
         assert len(got) == len(expected), stop
         assert all(_same(x, y) for x, y in zip(got, expected)), stop
+
+
+@pytest.fixture
+def plan_log(monkeypatch, tmp_path):
+    """Every `EpochPlan` built in this process or its forked loader workers, as (pid, epoch,
+    whether it computed the batch counts itself) lines of a file."""
+    log = tmp_path / "plans.txt"
+    build = EpochPlan.__init__
+
+    def logged(self, *args, **kw):
+        build(self, *args, **kw)
+        given = inspect.signature(build).bind(self, *args, **kw).arguments.get("batch_counts")
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()} {self.epoch} {int(given is None)}\n")
+
+    monkeypatch.setattr(EpochPlan, "__init__", logged)
+
+    def read():
+        return [tuple(map(int, line.split())) for line in log.read_text().splitlines()] if log.exists() else []
+    return read
+
+
+def test_the_epoch_plan_is_computed_once_per_epoch(corpus, plan_log):
+    """``len()`` and the epoch share one plan; its 2 workers rebuild it from the batch counts the
+    loader's process computed (a pass over every cell, made once), also in a resumed epoch."""
+    loader = _loader(corpus, num_workers=2, seed=1)
+    n = len(loader)
+    assert len(list(loader)) == n  # epoch 0
+    assert len(loader) == len(list(loader))  # epoch 1
+    resumed = _loader(corpus, num_workers=2, seed=1)
+    resumed.load_state_dict({**loader.state_dict(), "epoch": 2, "batches_done": 3})
+    n = len(resumed)
+    assert len(list(resumed)) == n - 3  # the rest of epoch 2
+    plans = plan_log()
+    computed = [(pid, epoch) for pid, epoch, whole in plans if whole]
+    assert computed == [(os.getpid(), 0), (os.getpid(), 1), (os.getpid(), 2)]
+    in_workers = [(pid, epoch) for pid, epoch, whole in plans if not whole]
+    assert sorted(e for _, e in in_workers) == [0, 0, 1, 1, 2, 2]  # one per worker per epoch
+    assert os.getpid() not in {pid for pid, _ in in_workers}
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_the_shared_plan_gives_the_batches_of_a_plan_computed_in_every_worker(corpus, plan_log, workers):
+    """The reference: every worker (and ``len()``) computing the whole plan itself, as before the
+    plan was shared. Two epochs, views, masking, a resume mid-epoch."""
+    def batches(share: bool, resume_at: int | None = None):
+        loader = _loader(corpus, seed=4, num_workers=workers, views=Views())
+        loader.spec.share_plan = share
+        if resume_at is not None:
+            loader.load_state_dict({**loader.state_dict(), "batches_done": resume_at})
+        return list(loader) + list(loader)
+
+    reference = batches(False)
+    shared = batches(True)
+    assert len(shared) == len(reference) and all(_same(x, y) for x, y in zip(shared, reference))
+    resumed = batches(True, resume_at=5)
+    assert all(_same(x, y) for x, y in zip(resumed, reference[5:], strict=True))
+    whole = sum(w for _, _, w in plan_log())
+    # the reference computes in len() and in every worker (in-process: once more for the stream);
+    # shared, once per epoch
+    assert whole == 2 * (1 + max(1, workers)) + 2 + 2
+
+
+def test_spawned_workers_get_the_shared_plan(corpus, monkeypatch):
+    """Workers started by spawn (a fresh interpreter, the loader pickled to it) rebuild the same
+    plan from the shared counts."""
+    fork = list(_loader(corpus, seed=2, num_workers=2))
+    monkeypatch.setattr(loader_module, "DataLoader", functools.partial(DataLoader, multiprocessing_context="spawn"))
+    loader = _loader(corpus, seed=2, num_workers=2)
+    spawned = list(loader)
+    assert loader._dataloader.multiprocessing_context.get_start_method() == "spawn"
+    assert len(spawned) == len(fork) and all(_same(x, y) for x, y in zip(spawned, fork))
 
 
 def test_state_from_another_layout_is_refused_or_restarts(corpus):

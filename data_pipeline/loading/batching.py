@@ -88,7 +88,7 @@ def cut_batches(cost: np.ndarray, budget: int, max_cells: int | None = None, pad
     cost = np.ascontiguousarray(cost, dtype=np.int64)
     bounds = np.empty(len(cost) + 1, np.int64)
     n = _cut(cost, int(budget), int(max_cells or NO_LIMIT), bool(padded), bounds)
-    return bounds[: n + 1]
+    return bounds[: n + 1].copy()  # not a view that keeps a slot per cell alive
 
 
 @njit(cache=True, nogil=True)
@@ -136,7 +136,11 @@ def cut_batches_reference(cost, budget: int, max_cells: int | None = None, padde
 def longest_first(cost: np.ndarray) -> np.ndarray:
     """Order of cells costing ``cost`` [n], costliest first, ties kept in the given order (so a
     shuffled input keeps its shuffle among equal costs).  -> [n]"""
-    return np.argsort(-np.asarray(cost, np.int64), kind="stable")
+    cost = np.asarray(cost, np.int64)
+    if len(cost) and int(cost.max()) - int(cost.min()) < 1 << 16:
+        # 16-bit keys: numpy's stable sort of them is a radix sort, the same order ~10x faster
+        return np.argsort((cost.max() - cost).astype(np.uint16), kind="stable")
+    return np.argsort(-cost, kind="stable")
 
 
 def group_by_length(cost: np.ndarray, budget: int, max_cells: int | None = None,

@@ -22,6 +22,14 @@ process without communication and without reading a shard:
 
 So every cell is in exactly one batch of one stream per epoch, every batch respects the budget,
 and a rank's batch ``i`` is batch ``i // W`` of its worker ``i % W``.
+
+Step 4 needs every megabatch's batch count (``batch_counts`` [K]: one sort and cut per megabatch,
+a pass over every cell of the corpus), the only part of the plan that is not either cheap (steps
+1-2: O(blocks)) or a stream's own (steps 3 and 5, for its megabatches only). A loader computes it
+once per epoch in its own process (which needs it for ``len()``) and hands it to its DataLoader
+workers (``EpochPlan(..., batch_counts=...)``), so a worker cuts only its own stream's megabatches,
+one at a time as it reads them (`EpochPlan.iter_stream_megabatches`): it holds one megabatch's
+cells, not its stream's (a stream that needs splits keeps its batch bounds, 8 bytes a batch).
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..corpus import BlockTable
-from .batching import cut_batches, group_by_length
+from .batching import cut_batches, group_by_length, longest_first
 
 
 @dataclass(frozen=True)
@@ -71,10 +79,15 @@ class EpochPlan:
     streams each (DataLoader workers, or 1 without workers). ``cost`` [N] is each cell's token
     cost (`batching.TokenCost.cells`: its length as the model will run it); ``padded``: a batch
     costs ``n_cells x`` its costliest cell instead of the sum (`TokenCost.padded`).
+
+    ``batch_counts`` [K]: the ``batch_counts`` of this same plan (same index, costs, batching,
+    seed, epoch and layout) computed by another process; given, the plan skips computing them
+    (a pass over every cell) and is otherwise the same plan. None: computed here.
     """
 
     def __init__(self, blocks: BlockTable, cost: np.ndarray, batching: Batching, seed: int, epoch: int,
-                 world_size: int, streams_per_rank: int, padded: bool = False):
+                 world_size: int, streams_per_rank: int, padded: bool = False,
+                 batch_counts: np.ndarray | None = None):
         if world_size < 1 or streams_per_rank < 1:
             raise ValueError("world_size and streams_per_rank must be >= 1")
         cost = np.asarray(cost)
@@ -96,14 +109,20 @@ class EpochPlan:
         sizes = np.diff(blocks.first_cell)[self.block_order]
         # where each permuted block starts in the permuted cell sequence
         self.perm_start = np.concatenate([[0], np.cumsum(sizes)])
-        k = max(1, -(-n // batching.megabatch_cells))
-        self.n_megabatches = -(-k // self.n_streams) * self.n_streams
+        self.n_megabatches = megabatch_count(n, batching, self.n_streams)
         if n < self.n_megabatches and n < self.n_streams:
             raise ValueError(f"{n} cells cannot give every one of {self.n_streams} loader streams "
                              f"(ranks x workers) a cell: use fewer ranks or workers")
         self.mb_start = (np.arange(self.n_megabatches + 1) * n) // self.n_megabatches
         self._cost = cost
-        counts = self._batch_counts()
+        if batch_counts is None:
+            counts = self._batch_counts()
+        else:
+            counts = np.array(batch_counts, np.int64)  # a copy: the caller's buffer may be reused
+            if counts.shape != (self.n_megabatches,):
+                raise ValueError(f"{counts.shape} batch_counts for a plan of {self.n_megabatches} megabatches: "
+                                 "not this plan's counts")
+        self.batch_counts = counts  # [K] batches of each megabatch before the splits of step 4
         per_stream = np.bincount(np.arange(self.n_megabatches) % self.n_streams, weights=counts,
                                  minlength=self.n_streams).astype(np.int64)
         self.batches_per_stream = int(per_stream.max())
@@ -141,51 +160,94 @@ class EpochPlan:
     def _batch_counts(self) -> np.ndarray:
         """Greedy batch count of every megabatch (needs only its sorted costs).  [K]"""
         counts = np.zeros(self.n_megabatches, np.int64)
-        budget, max_cells = self.batching.token_budget, self.batching.max_batch_cells
         for k in range(self.n_megabatches):
-            c = np.sort(self._cost[self.megabatch_cells(k)])[::-1]
-            counts[k] = len(cut_batches(c, budget, max_cells, self.padded)) - 1
+            counts[k] = len(self._sorted_cut(k)) - 1
         return counts
 
     def stream_megabatches(self, stream: int) -> list[Megabatch]:
         """The megabatches of ``stream`` (rank * streams_per_rank + worker), in order, cut into
         batches, padded to ``batches_per_stream`` batches by splits, batch order shuffled."""
+        return list(self.iter_stream_megabatches(stream))
+
+    def iter_stream_megabatches(self, stream: int):
+        """`stream_megabatches` one at a time, each made when asked for: a loader worker holds one
+        megabatch's cells, not its stream's. A stream short of ``batches_per_stream`` first cuts its
+        megabatches' sorted costs to choose its splits (the cut depends on the costs alone, not on
+        their shuffle), keeping their batch bounds (8 bytes a batch).  -> iterator of Megabatch"""
         if not 0 <= stream < self.n_streams:
             raise ValueError(f"stream {stream} outside 0..{self.n_streams - 1}")
         budget, max_cells = self.batching.token_budget, self.batching.max_batch_cells
-        mine = []
-        for k in range(stream, self.n_megabatches, self.n_streams):
+        mine = range(stream, self.n_megabatches, self.n_streams)
+        deficit = self.batches_per_stream - int(self.batch_counts[stream :: self.n_streams].sum())
+        split = self._split([self._sorted_cut(k) for k in mine], deficit, stream) if deficit else None
+        for i, k in enumerate(mine):
             rng = np.random.default_rng([self.seed, self.epoch, k])
             cells = rng.permutation(self.megabatch_cells(k))  # the shuffle buffer
-            order, bounds = group_by_length(self._cost[cells], budget, max_cells, self.padded)
-            mine.append([k, cells[order], bounds.tolist(), rng])
-        deficit = self.batches_per_stream - sum(len(b) - 1 for _, _, b, _ in mine)
-        if deficit:
-            self._split(mine, deficit, stream)
-        out = []
-        for k, cells, bounds, rng in mine:
-            bounds = np.asarray(bounds, np.int64)
-            order = rng.permutation(len(bounds) - 1)
-            sizes = np.diff(bounds)[order]
-            in_order = np.concatenate([cells[bounds[j]:bounds[j + 1]] for j in order]) if len(order) else cells
-            out.append(Megabatch(k, in_order, np.concatenate([[0], np.cumsum(sizes)])))
-        return out
+            if split is None:
+                order, bounds = group_by_length(self._cost[cells], budget, max_cells, self.padded)
+            else:
+                order, bounds = longest_first(self._cost[cells]), split[i]
+                split[i] = None
+            yield Megabatch(k, *reorder_batches(cells[order], bounds, rng.permutation(len(bounds) - 1)))
+
+    def _sorted_cut(self, k: int) -> np.ndarray:
+        """Batch bounds of megabatch ``k``'s cells sorted costliest first.  [n_batches + 1]"""
+        cost = np.sort(self._cost[self.megabatch_cells(k)])[::-1]
+        return cut_batches(cost, self.batching.token_budget, self.batching.max_batch_cells, self.padded)
 
     @staticmethod
-    def _split(mine: list, deficit: int, stream: int) -> None:
-        """Split the batches with the most cells (earliest first on ties) in two, ``deficit`` times."""
-        heap = [(-(b[j + 1] - b[j]), m, b[j]) for m, (_, _, b, _) in enumerate(mine) for j in range(len(b) - 1)]
+    def _split(bounds: list[np.ndarray], deficit: int, stream: int) -> list[np.ndarray]:
+        """Split the batches with the most cells (earliest first on ties: megabatch, then position)
+        in two, ``deficit`` times; ``bounds``: each megabatch's batch bounds.  -> the new bounds
+
+        Only batches at least as large as the ``deficit``-th largest can be split (until ``deficit``
+        splits are done one of those is always left, and halves are smaller), so the heap holds only
+        those: the same splits as a heap of every batch of the stream."""
+        sizes = [np.diff(b).astype(np.int32) for b in bounds]  # a batch holds at most a megabatch
+        flat = np.concatenate(sizes) if sizes else np.zeros(0, np.int32)
+        least = 0
+        if deficit < len(flat):
+            flat.partition(len(flat) - deficit)
+            least = int(flat[len(flat) - deficit])
+        del flat
+        heap = [(-int(sizes[m][j]), m, int(bounds[m][j])) for m in range(len(bounds))
+                for j in np.flatnonzero(sizes[m] >= least)]
         heapq.heapify(heap)
+        added: dict[int, list[int]] = {}
         for _ in range(deficit):
             if not heap or -heap[0][0] < 2:
                 raise ValueError(f"loader stream {stream} has too few cells to give the same number of "
                                  "batches as the others: use fewer ranks or workers, or a larger token_budget")
             size, m, start = heapq.heappop(heap)
             half = -size // 2
-            bounds = mine[m][2]
-            bounds.insert(bounds.index(start) + 1, start + half)
+            added.setdefault(m, []).append(start + half)
             heapq.heappush(heap, (-half, m, start))
             heapq.heappush(heap, (-(-size - half), m, start + half))
+        return [np.union1d(b, added[m]).astype(np.int64) if m in added else b for m, b in enumerate(bounds)]
+
+
+def reorder_batches(cells: np.ndarray, bounds: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Batches ``cells[bounds[j]:bounds[j+1]]`` put in the order ``order`` [n_batches], in one
+    gather.  -> (cells [n], bounds [n_batches + 1]) of the reordered batches"""
+    sizes = np.diff(bounds)[order]
+    new_bounds = np.concatenate([[0], np.cumsum(sizes)])
+    # entry i of reordered batch j is entry i - new_bounds[j] of batch order[j]
+    source = np.repeat(bounds[:-1][order] - new_bounds[:-1], sizes) + np.arange(len(cells))
+    return cells[source], new_bounds
+
+
+def reorder_batches_reference(cells: np.ndarray, bounds: np.ndarray, order: np.ndarray):
+    """The definition `reorder_batches` is tested against: the batches concatenated in order."""
+    sizes = np.diff(bounds)[order]
+    in_order = np.concatenate([cells[bounds[j]:bounds[j + 1]] for j in order]) if len(order) else cells
+    return in_order, np.concatenate([[0], np.cumsum(sizes)])
+
+
+def megabatch_count(n_cells: int, batching: Batching, n_streams: int) -> int:
+    """``K``, the megabatches of an epoch of ``n_cells`` cells over ``n_streams`` streams (the same
+    every epoch): at least ``n_cells / megabatch_cells``, a multiple of ``n_streams``."""
+    k = max(1, -(-n_cells // batching.megabatch_cells))
+    return -(-k // n_streams) * n_streams
 
 
 def worker_skip(batches_done: int, streams_per_rank: int, worker: int) -> int:

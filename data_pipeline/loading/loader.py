@@ -2,12 +2,17 @@
 
 Per epoch, `epoch_plan.EpochPlan` decides from the corpus index alone which cells form which
 batch on which rank and DataLoader worker (every cell once per epoch, the same number of batches
-on every rank, token budgets kept). Each worker then reads only the blocks of its megabatches
-(random access through the manifest's block records, each block checked before use: checksum,
-structure, agreement with its record and ``cell_lengths.npy``; a damaged one stops the loader with
-a `CorpusError` naming it), gathers their cells in batch order, makes the contrastive views,
-normalizes, masks, and cuts the megabatch into batches; all of it vectorized over the megabatch. Random draws come from generators seeded by (seed, epoch,
-megabatch), so a megabatch gives the same batches whichever process makes it and whenever.
+on every rank, token budgets kept). Each rank's loader computes the plan once per epoch, in its
+own process (it needs the batch count for ``len()``), and hands the part that passes over every
+cell, its megabatches' batch counts, to its workers in a small shared-memory array: a worker
+rebuilds the rest (O(blocks)) and cuts only its own stream's megabatches, so no cell is planned
+twice in a rank. Each worker then reads only the blocks of its megabatches (random access
+through the manifest's block records, each block checked before use: checksum, structure,
+agreement with its record and ``cell_lengths.npy``; a damaged one stops the loader with a
+`CorpusError` naming it), gathers their cells in batch order, makes the contrastive views,
+normalizes, masks, and cuts the megabatch into batches; all of it vectorized over the megabatch.
+Random draws come from generators seeded by (seed, epoch, megabatch), so a megabatch gives the
+same batches whichever process makes it and whenever.
 
 Resume: ``state_dict()`` records the epoch and how many batches this rank has yielded in it; a
 loader given that state (same corpus, seed, world size and worker count) yields exactly the
@@ -36,7 +41,7 @@ from ..child_processes import leave_stop_signals_to_parent
 from ..corpus import BlockReader, BlockTable, Corpus
 from .batch import PackedBatch
 from .batching import TokenCost
-from .epoch_plan import Batching, EpochPlan, worker_skip
+from .epoch_plan import Batching, EpochPlan, megabatch_count, worker_skip
 from .masking import Masking, Views, make_views, mask_for_mode
 from .normalize import Normalization, normalize
 from .read_depth import Downsampling, downsample
@@ -65,6 +70,9 @@ class _Spec:
                  downsampling: Downsampling | None = None):
         self.corpus = corpus
         self.check_blocks = True  # False only in benchmarks/bench_loader.py, to measure what the checks cost
+        # False: every worker computes the whole epoch plan itself, the loader shares nothing (the
+        # reference path tests compare the shared plan with)
+        self.share_plan = True
         self.normalization, self.batching, self.masking, self.views = normalization, batching, masking, views
         self.downsampling = downsampling
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -109,9 +117,11 @@ class _Spec:
             self._checked = self.length_cost.cells(self.corpus.cell_lengths())
         return self._checked
 
-    def plan(self, epoch: int) -> EpochPlan:
+    def plan(self, epoch: int, batch_counts: np.ndarray | None = None) -> EpochPlan:
+        """The plan of ``epoch``; ``batch_counts``: its megabatches' batch counts, computed by the
+        loader's own process (None: computed here, a pass over every cell)."""
         return EpochPlan(self.table, self.cost, self.batching, self.seed, epoch, self.world_size,
-                         self.streams_per_rank, self.token_cost.padded)
+                         self.streams_per_rank, self.token_cost.padded, batch_counts=batch_counts)
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -121,13 +131,30 @@ class _Spec:
 
 class _EpochStream(IterableDataset):
     """The rest of one epoch of one rank: ``control`` (shared with the workers, which persist
-    from epoch to epoch) holds the epoch and how many of its batches the rank has had. In a
-    DataLoader, worker w makes stream ``rank * W + w`` and the DataLoader's round-robin over
-    workers gives the rank's order."""
+    from epoch to epoch) holds the epoch, how many of its batches the rank has had, and the epoch
+    whose plan ``counts`` holds (-1: none). ``counts`` [K] (shared memory, with workers only): the
+    epoch plan's ``batch_counts``, written by `CellLoader` before each epoch, so that workers
+    rebuild the plan without computing them; ``plan``: the plan itself, for batches made in the
+    loader's own process (not sent to workers). In a DataLoader, worker w makes stream
+    ``rank * W + w`` and the DataLoader's round-robin over workers gives the rank's order."""
 
-    def __init__(self, spec: _Spec, control, rings: list | None = None):
-        self.spec, self.control, self.rings = spec, control, rings
+    def __init__(self, spec: _Spec, control, rings: list | None = None, counts=None):
+        self.spec, self.control, self.rings, self.counts = spec, control, rings, counts
+        self.plan: EpochPlan | None = None
         self._slot = -1
+
+    def __getstate__(self):
+        return {**self.__dict__, "plan": None}  # a spawned worker rebuilds it from ``counts``
+
+    def _plan(self, epoch: int, in_worker: bool) -> EpochPlan:
+        if not in_worker:
+            return self.plan if self.plan is not None and self.plan.epoch == epoch else self.spec.plan(epoch)
+        counts = None
+        if self.counts is not None and int(self.control[2]) == epoch:
+            counts = np.frombuffer(self.counts, np.int64).copy()
+            if int(self.control[2]) != epoch:  # rewritten meanwhile (an iteration dropped at its start)
+                counts = None
+        return self.spec.plan(epoch, counts)
 
     def __iter__(self):
         # in this CellLoader's own DataLoader worker (not in some outer one, nor in-process)
@@ -137,11 +164,11 @@ class _EpochStream(IterableDataset):
         # the DataLoader asks its workers round-robin from worker 0: after ``start`` batches the
         # next one is due from stream ``start % W``, so worker 0 plays that stream, and so on
         worker = ((info.id if info is not None else 0) + start) % spec.streams_per_rank
-        plan = spec.plan(epoch)
+        plan = self._plan(epoch, info is not None)
         skip = worker_skip(start, spec.streams_per_rank, worker)
         reader = BlockReader(spec.corpus, spec.table, spec.check_blocks)
         try:
-            for m in plan.stream_megabatches(spec.rank * spec.streams_per_rank + worker):
+            for m in plan.iter_stream_megabatches(spec.rank * spec.streams_per_rank + worker):
                 if skip >= m.n_batches:
                     skip -= m.n_batches
                     continue
@@ -390,8 +417,9 @@ class CellLoader:
             raise ValueError(f"{len(normalization.medians)} medians for a vocabulary of {vocab_size} tokens")
         self.epoch = 0
         self.batches_done = 0  # in the current epoch, by this rank
-        self._control = multiprocessing.Array("q", 2, lock=False)  # read by the workers at each epoch
-        rings = None
+        self._control = multiprocessing.Array("q", 3, lock=False)  # read by the workers at each epoch
+        self._control[2] = -1
+        rings = counts = None
         if num_workers:
             # a batch holds at most budget // (cheapest cell's cost) cells: few where every cell
             # costs the full gene set, so the rings need not have room for a sequence per token
@@ -401,16 +429,24 @@ class CellLoader:
             slot = wire_bytes_bound(budget, self.spec.n_label_columns, seqs)
             rings = [[torch.empty(slot, dtype=torch.uint8).share_memory_() for _ in range(prefetch_factor + 2)]
                      for _ in range(num_workers)]
-        self._stream = _EpochStream(self.spec, self._control, rings)
+            # the epoch plan's batch counts for the workers (K is the same every epoch): 8 bytes a
+            # megabatch, ~100 KB at 100M cells; freed with the loader, like the rings
+            k = megabatch_count(self.spec.table.n_cells, self.spec.batching, world_size * num_workers)
+            counts = multiprocessing.Array("q", k, lock=False)
+        self._stream = _EpochStream(self.spec, self._control, rings, counts)
         self._dataloader = None
-        self._lengths: dict[int, int] = {}
+        self._plan: EpochPlan | None = None  # of the current epoch, computed once
+
+    def epoch_plan(self) -> EpochPlan:
+        """This rank's plan of the current epoch, computed at most once per epoch (here, in the
+        loader's process; workers get its batch counts rather than computing them again)."""
+        if self._plan is None or self._plan.epoch != self.epoch:
+            self._plan = self.spec.plan(self.epoch)
+        return self._plan
 
     def __len__(self) -> int:
         """Batches per epoch on this rank (the same on every rank)."""
-        if self.epoch not in self._lengths:
-            plan = self.spec.plan(self.epoch)
-            self._lengths = {self.epoch: plan.batches_per_stream * self.spec.streams_per_rank}
-        return self._lengths[self.epoch]
+        return self.epoch_plan().batches_per_stream * self.spec.streams_per_rank
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.batches_done = epoch, 0
@@ -418,6 +454,12 @@ class CellLoader:
     def __iter__(self):
         if self.batches_done >= len(self):  # a state saved after the epoch's last batch
             self.set_epoch(self.epoch + 1)
+        plan = self.epoch_plan()
+        self._stream.plan = plan if self.spec.share_plan else None
+        self._control[2] = -1  # while the counts are rewritten
+        if self._stream.counts is not None and self.spec.share_plan:  # before the workers start the epoch
+            np.frombuffer(self._stream.counts, np.int64)[:] = plan.batch_counts
+            self._control[2] = self.epoch
         self._control[0], self._control[1] = self.epoch, self.batches_done
         if self.num_workers == 0:
             source = iter(self._stream)
