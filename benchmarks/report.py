@@ -340,6 +340,32 @@ def loader() -> str:
                      + integrity_cost())
 
 
+def epoch_plan() -> str:
+    """What planning an epoch costs each process of a rank, now and at the baseline commit."""
+    r = load("epoch_plan_cpu.json")
+    if r is None:
+        return ""
+    before = {(b["cells"], b["world_size"]): b for b in r["baseline"]["rows"]}
+    rows = []
+    for row in r["rows"]:
+        b = before.get((row["cells"], row["world_size"]))
+        now, old = row["worker_shared_plan"], (b or {}).get("worker_whole_plan")
+        rows.append([n(row["cells"]), f"{row['world_size']} × {row['workers_per_rank']}",
+                     f"{row['loader_process']['plan_s']:.2f}",
+                     f"{now['seconds']:.2f}" + (f" ({old['seconds']:.2f})" if old else ""),
+                     f"+{now['peak_rss_added_mb']:.0f} MB" + (f" (+{old['peak_rss_added_mb']:.0f} MB)" if old else ""),
+                     f"{row['full_plans_per_rank_epoch']['shared_plan']} "
+                     f"({row['full_plans_per_rank_epoch']['whole_plan_in_every_worker']})"])
+    base = r["baseline"]
+    return "\n".join([f"**Epoch plan.** {source('epoch_plan_cpu.json', r)} Synthetic index "
+                      f"({r['config']['lengths']}), blocks of {n(r['config']['block_cells'])} cells, median of "
+                      f"{r['config']['repeats']} repeats, load average {r['load_average_1min']['before']}. In brackets: "
+                      f"the same script at commit {base['commit']} ({base['date'][:10]}), where every worker planned "
+                      "the whole epoch.", "",
+                      table(["cells", "ranks × workers", "loader's plan (s)", "slowest worker (s)",
+                             "worker peak RSS added", "full plans per rank and epoch"], rows)])
+
+
 def loader_peers() -> str:
     """The loader against annbatch, scDataset and backed AnnData on the same cells, one core."""
     r = load("loader_peers_cpu.json")
@@ -497,7 +523,7 @@ def anchors() -> str:
 
 def performance() -> str:
     blocks = [gpu_status(), training(), anchors(), scaling(), train_loop(), contrastive(), conversion(), loader(),
-              loader_peers(), demo()]
+              epoch_plan(), loader_peers(), demo()]
     return "\n\n".join(b for b in blocks if b)
 
 
