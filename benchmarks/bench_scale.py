@@ -1,0 +1,729 @@
+"""How conversion, statistics and the loader grow with the number of cells (issue 25 points 2 and 4).
+
+    python benchmarks/bench_scale.py                              # 0.25M and 1M cells, ~1 h on 2 cores
+    python benchmarks/bench_scale.py --sizes 0.25M,1M,4M,10M      # as far as the disk allows (below)
+    python benchmarks/bench_scale.py --project-only --node-cores 64 --nodes 8   # redo the projection only
+
+For each size, the synthetic atlas (`python -m data_pipeline synthetic --preset atlas`, many h5ad
+files) is generated once under ``benchmarks/data/scale/atlas-SIZE/`` and reused; a smaller atlas
+takes the files of a larger one by hard link (the atlas's cells do not depend on how many are
+asked for, only on their index). Then each step runs as its own process, as a user runs it:
+
+- ``convert_built``: ``convert`` building the vocabulary (scan pass, units, merge);
+- ``convert_supplied``: ``convert --vocab`` (the vocabulary of the first; no scan pass);
+- ``convert_4_nodes``: the multi-node path on this machine: ``--num-nodes 4`` node ranks run
+  concurrently on one filesystem (``--workers 1`` each, built vocabulary, so they wait for each
+  other's gene scans as the ranks of a SLURM array do), then ``merge`` (timed as its own step).
+  The merged corpus is compared byte for byte, every file (shards, manifest, vocabulary,
+  ``cell_lengths.npy``, ``stats.zarr``), with the one-node corpus (``multinode_identity``);
+- ``verify``, ``inspect``;
+- ``loader_plan``: opening the corpus, ``CellLoader`` construction and the epoch plan (``len()``;
+  then a second epoch's plan), in one process;
+- ``loader_log1p_bins``, ``loader_rank``: one epoch (capped at ``--loader-max-batches`` batches
+  where given: the JSON says so) with ``--loader-workers`` DataLoader workers.
+
+Measured per step: wall time; CPU time (user + system of the step's process and every descendant,
+from the ``RUSAGE_CHILDREN`` of a small wrapper process that runs only that step); peak RSS: the
+largest of any one process (the same ``getrusage``, exact), and per process by sampling the
+process tree with psutil every 50 ms (the main process, the largest worker, and the largest sum
+over the tree at one sample: forked workers share pages with their parent, which the sum counts
+twice); disk written (the output folder's size); the machine's load (1-minute load average, and
+the cores busy with other processes' work: /proc/stat busy time minus the step's own CPU time, per
+second of the step). Bytes per nonzero: corpus bytes / tokens.
+
+Fits (``fits``): per step and metric, the slope of log(metric) against log(cells) over the sizes
+(1: linear; 0: flat), CPU microseconds per cell (one core's time per cell) at each size, and for
+memory the bytes each additional cell adds. A time slope above 1.15, or memory that grows where it
+should be flat (conversion workers, merge, loader workers, verify), is listed under ``defects``.
+
+The projection (``projection``) to 30M and 100M cells on one node of ``--node-cores`` cores and on
+``--nodes`` nodes is computed from the per-core rates and fitted slopes, stated as a projection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from common import RESULTS, cpu_device, result_record, versions, write_result  # noqa: E402
+
+DATA = REPO / "benchmarks" / "data" / "scale"
+RESULT = RESULTS / "scale_cpu.json"
+PLOT = RESULTS / "scale_cpu.png"
+PY = sys.executable
+SAMPLE_S = 0.05
+TOKEN_BUDGET, MEGABATCH = 65536, 8192
+# steps whose memory should not grow with the corpus (issue 25): a worker holds a chunk, a merge streams
+FLAT_MEMORY = {"convert_built": ("worker_peak_rss",), "convert_supplied": ("worker_peak_rss",),
+               "merge": ("main_peak_rss",), "verify": ("main_peak_rss",),
+               "loader_log1p_bins": ("worker_peak_rss",), "loader_rank": ("worker_peak_rss",)}
+
+
+# --- sizes ----------------------------------------------------------------------------------------
+
+def parse_size(text: str) -> int:
+    t = text.strip().lower()
+    mult = {"k": 1_000, "m": 1_000_000}.get(t[-1], 1)
+    return int(round(float(t.rstrip("km")) * mult))
+
+
+def label(cells: int) -> str:
+    if cells >= 1_000_000:
+        return f"{cells / 1e6:g}M"
+    return f"{cells / 1e3:g}k" if cells >= 1000 else str(cells)
+
+
+# --- measuring one step ---------------------------------------------------------------------------
+
+def _wrapper(out: str, cmd: list[str]) -> int:
+    """Run ``cmd``, wait for it, write this wrapper's RUSAGE_CHILDREN (the step and every process it
+    waited for) to ``out``: a fresh wrapper per step, so the peak RSS is this step's alone."""
+    proc = subprocess.run(cmd)
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    Path(out).write_text(json.dumps({"returncode": proc.returncode, "user_s": ru.ru_utime, "sys_s": ru.ru_stime,
+                                     "maxrss_bytes": ru.ru_maxrss * 1024}))
+    return proc.returncode
+
+
+def _busy_jiffies() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat."""
+    try:
+        fields = [float(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except OSError:
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields) - idle) / tick, sum(fields) / tick
+
+
+class _Sampler(threading.Thread):
+    """Peak RSS per process of the tree under ``root`` (the wrapper, left out), every SAMPLE_S."""
+
+    def __init__(self, root: int):
+        super().__init__(daemon=True)
+        import psutil
+
+        self.psutil, self.root = psutil, psutil.Process(root)
+        self.peaks: dict[int, int] = {}
+        self.names: dict[int, str] = {}
+        self.parents: dict[int, int] = {}
+        self.tree_peak = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        ps = self.psutil
+        while not self.stop.is_set():
+            total = 0
+            try:
+                procs = self.root.children(recursive=True)
+            except ps.Error:
+                break
+            for p in procs:
+                try:
+                    rss = p.memory_info().rss
+                    if p.pid not in self.parents:
+                        self.parents[p.pid] = p.ppid()
+                        self.names[p.pid] = " ".join(p.cmdline()[:4])[:120]
+                except ps.Error:
+                    continue
+                total += rss
+                self.peaks[p.pid] = max(self.peaks.get(p.pid, 0), rss)
+            self.tree_peak = max(self.tree_peak, total)
+            self.stop.wait(SAMPLE_S)
+
+
+def measure(name: str, cmds: list[list[str]], log_dir: Path, outputs: list[Path] | None = None) -> dict:
+    """Run ``cmds`` concurrently (one for a plain step, several for node ranks), each under its own
+    wrapper; wall time (the last to finish), CPU time (all), peak RSS (exact and sampled), the
+    machine's load, disk written to ``outputs``."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()
+    busy0, _ = _busy_jiffies()
+    t0 = time.perf_counter()
+    runs = []
+    for i, cmd in enumerate(cmds):
+        ru_file = log_dir / f"{name}-{i}.rusage.json"
+        ru_file.unlink(missing_ok=True)
+        log = open(log_dir / f"{name}-{i}.log", "w")
+        proc = subprocess.Popen([PY, str(Path(__file__).resolve()), "--_wrap", str(ru_file), "--", *cmd],
+                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONPATH": str(REPO)})
+        sampler = _Sampler(proc.pid)
+        sampler.start()
+        runs.append((cmd, proc, sampler, ru_file, log))
+    per = []
+    for cmd, proc, sampler, ru_file, log in runs:
+        proc.wait()
+        wall = time.perf_counter() - t0
+        sampler.stop.set()
+        sampler.join()
+        log.close()
+        ru = json.loads(ru_file.read_text())
+        text = Path(log.name).read_text()
+        if ru["returncode"] != 0:
+            raise SystemExit(f"{name}: `{' '.join(cmd)}` failed ({ru['returncode']}):\n{text[-3000:]}")
+        main = next((pid for pid, parent in sampler.parents.items() if parent == proc.pid), None)
+        workers = {pid: rss for pid, rss in sampler.peaks.items() if pid != main}
+        per.append({"command": " ".join(Path(c).name if c == PY else c for c in cmd), "wall_s": wall,
+                    "cpu_s": ru["user_s"] + ru["sys_s"], "user_s": ru["user_s"], "sys_s": ru["sys_s"],
+                    "max_rss_any_process": ru["maxrss_bytes"],
+                    "main_peak_rss": sampler.peaks.get(main, 0),
+                    "worker_peak_rss": max(workers.values(), default=0), "n_workers_seen": len(workers),
+                    "tree_peak_rss": sampler.tree_peak, "log": text[-4000:]})
+    wall = time.perf_counter() - t0
+    busy1, _ = _busy_jiffies()
+    cpu = sum(p["cpu_s"] for p in per)
+    row = {"wall_s": wall, "cpu_s": cpu, "user_s": sum(p["user_s"] for p in per),
+           "sys_s": sum(p["sys_s"] for p in per),
+           "max_rss_any_process": max(p["max_rss_any_process"] for p in per),
+           "main_peak_rss": max(p["main_peak_rss"] for p in per),
+           "worker_peak_rss": max(p["worker_peak_rss"] for p in per),
+           "tree_peak_rss": sum(p["tree_peak_rss"] for p in per),
+           "load_avg_1min": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+           "other_cores_busy": round(max(0.0, (busy1 - busy0) - cpu) / wall, 2) if busy1 else None}
+    if outputs:
+        row["disk_bytes"] = sum(du(p) for p in outputs)
+    if len(per) > 1:
+        row["processes"] = [{k: v for k, v in p.items() if k != "log"} for p in per]
+    else:
+        row["command"] = per[0]["command"]
+    row["_logs"] = [p["log"] for p in per]
+    print(f"  {name}: {wall:.1f} s wall, {cpu:.1f} s CPU, peak RSS {row['max_rss_any_process'] / 2**20:.0f} MiB "
+          f"(main {row['main_peak_rss'] / 2**20:.0f}, worker {row['worker_peak_rss'] / 2**20:.0f}), load "
+          f"{row['load_avg_1min']}, other cores busy {row['other_cores_busy']}", file=sys.stderr, flush=True)
+    return row
+
+
+def du(path: Path) -> int:
+    """Bytes allocated on disk under ``path`` (st_blocks, hard links counted once)."""
+    if not path.exists():
+        return 0
+    seen, total = set(), 0
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        st = p.lstat()
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        total += st.st_blocks * 512
+    return total
+
+
+def stage_times(log: str) -> dict | None:
+    """The convert command's own stage timings, from its last log line ("done in ... (plan x s, ...)")."""
+    for line in reversed(log.splitlines()):
+        if "done in" in line and "(" in line:
+            inner = line.split("(", 1)[1].split(")", 1)[0]
+            try:
+                return {k: float(v.removesuffix(" s")) for k, v in (part.strip().split(" ", 1)
+                                                                    for part in inner.split(","))}
+            except ValueError:
+                return None
+    return None
+
+
+# --- the atlas ------------------------------------------------------------------------------------
+
+def ensure_atlas(cells: int, cells_per_file: int, log_dir: Path) -> tuple[Path, dict]:
+    """The atlas of ``cells`` cells (generated once; files of a larger cached atlas hard-linked)."""
+    folder = DATA / (f"atlas-{label(cells)}" + ("" if cells_per_file == 250_000 else f"-f{cells_per_file}"))
+    manifest = folder / "synthetic_atlas.json"
+    info = {"folder": str(folder.relative_to(REPO)), "cells_per_file": cells_per_file}
+    done = manifest.exists() and len(json.loads(manifest.read_text()).get("files", [])) == \
+        math.ceil(cells / cells_per_file)
+    if not done:
+        folder.mkdir(parents=True, exist_ok=True)
+        linked = _link_from_larger(folder, cells, cells_per_file)
+        info["files_hard_linked"] = linked
+        row = measure(f"atlas-{label(cells)}", [[PY, "-m", "data_pipeline", "synthetic", "--preset", "atlas",
+                                                  "--cells", str(cells), "--cells-per-file", str(cells_per_file),
+                                                  "--out", str(folder), "--no-progress"]], log_dir)
+        row.pop("_logs")
+        info["generated"] = row
+    else:
+        info["generated"] = "cached (an earlier run)"
+    files = sorted(folder.glob("part-*.h5ad"))
+    info["files"] = len(files)
+    info["bytes"] = du(folder)
+    info["nonzeros"] = _nonzeros(files)
+    return folder, info
+
+
+def _link_from_larger(folder: Path, cells: int, cells_per_file: int) -> int:
+    """Hard-link the files a larger cached atlas shares with this one: same file boundaries and the
+    same cell-id width (the only thing the asked size changes in a file)."""
+    width = len(str(cells - 1))
+    linked = 0
+    for other in sorted(DATA.glob("atlas-*")):
+        m = other / "synthetic_atlas.json"
+        if other == folder or not m.exists():
+            continue
+        meta = json.loads(m.read_text())
+        if meta.get("cells_per_file") != cells_per_file or meta.get("n_cells", 0) < cells or \
+                len(str(meta["n_cells"] - 1)) != width or meta.get("seed") != 0:
+            continue
+        for i in range(cells // cells_per_file):
+            src, dst = other / f"part-{i:05d}.h5ad", folder / f"part-{i:05d}.h5ad"
+            if src.exists() and not dst.exists():
+                os.link(src, dst)
+                linked += 1
+    return linked
+
+
+def _nonzeros(files: list[Path]) -> int:
+    import h5py
+
+    total = 0
+    for f in files:
+        with h5py.File(f, "r") as h:
+            x = h["X"]
+            total += int(x["indptr"][-1]) if isinstance(x, h5py.Group) else int((x[...] != 0).sum())
+    return total
+
+
+# --- corpus comparison ----------------------------------------------------------------------------
+
+def file_hashes(corpus: Path) -> dict[str, str]:
+    out = {}
+    for p in sorted(corpus.rglob("*")):
+        if p.is_file() and ".work" not in p.parts and not p.name.startswith(".lock"):
+            h = hashlib.sha256()
+            with open(p, "rb") as fh:
+                for chunk in iter(lambda fh=fh: fh.read(1 << 24), b""):
+                    h.update(chunk)
+            out[str(p.relative_to(corpus))] = h.hexdigest()
+    return out
+
+
+def compare_corpora(a: Path, b: Path) -> dict:
+    ha, hb = file_hashes(a), file_hashes(b)
+    differ = sorted(k for k in ha.keys() & hb.keys() if ha[k] != hb[k])
+    only = sorted(ha.keys() ^ hb.keys())
+    return {"files_compared": len(ha.keys() & hb.keys()), "bytes_compared": du(a),
+            "differing_files": differ, "files_in_one_only": only,
+            "identical": not differ and not only,
+            "what": "sha256 of every file: shards, manifest.json, vocab.tsv, cell_lengths.npy, stats.zarr/*"}
+
+
+# --- the loader steps (run as child processes) -----------------------------------------------------
+
+def _loader_kwargs(mode: str):
+    from data_pipeline.loading.epoch_plan import Batching
+    from data_pipeline.loading.masking import Masking
+    from data_pipeline.loading.normalize import Normalization
+
+    norm = Normalization("rank", max_genes=2048) if mode == "rank" else Normalization("log1p_bins", n_bins=51)
+    return dict(normalization=norm, batching=Batching(token_budget=TOKEN_BUDGET, megabatch_cells=MEGABATCH),
+                masking=Masking())
+
+
+def child_plan(corpus: str, report: str) -> None:
+    import psutil
+
+    from data_pipeline.corpus import Corpus
+    from data_pipeline.loading.loader import CellLoader
+
+    me = psutil.Process()
+    out = {"rss_start": me.memory_info().rss}
+    t = time.perf_counter()
+    c = Corpus(corpus)
+    out["open_corpus_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    loader = CellLoader(c, num_workers=0, **_loader_kwargs("log1p_bins"))
+    out["construct_s"] = time.perf_counter() - t
+    out["rss_after_construct"] = me.memory_info().rss
+    t = time.perf_counter()
+    out["batches_per_epoch"] = len(loader)
+    out["epoch_plan_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    loader.spec.plan(1)
+    out["second_epoch_plan_s"] = time.perf_counter() - t
+    out["rss_after_plan"] = me.memory_info().rss
+    Path(report).write_text(json.dumps(out))
+
+
+def child_loader(corpus: str, mode: str, workers: int, max_batches: int, report: str) -> None:
+    from data_pipeline.loading.loader import CellLoader
+
+    t = time.perf_counter()
+    loader = CellLoader(corpus, num_workers=workers, **_loader_kwargs(mode))
+    construct = time.perf_counter() - t
+    total = len(loader)
+    cells = tokens = batches = 0
+    t = time.perf_counter()
+    first = None
+    for batch in loader:
+        if first is None:
+            first = time.perf_counter() - t
+        cells += len(batch.cell_index)
+        tokens += int(batch.gene_ids.numel())
+        batches += 1
+        if max_batches and batches >= max_batches:
+            break
+    Path(report).write_text(json.dumps({
+        "construct_s": construct, "epoch_s": time.perf_counter() - t, "first_batch_s": first, "cells": cells,
+        "tokens": tokens, "batches": batches, "batches_per_epoch": total, "full_epoch": batches == total}))
+
+
+# --- one size -------------------------------------------------------------------------------------
+
+def run_size(cells: int, args, result: dict, save) -> dict:
+    name = label(cells)
+    logs = DATA / "logs" / name
+    print(f"{name} cells", file=sys.stderr, flush=True)
+    atlas, atlas_info = ensure_atlas(cells, args.cells_per_file, logs)
+    inputs = [str(p) for p in sorted(atlas.glob("part-*.h5ad"))]
+    entry = {"cells": cells, "label": name, "date": result_record("x")["date"], "atlas": atlas_info, "steps": {}}
+    steps = entry["steps"]
+    result["sizes"] = [s for s in result.get("sizes", []) if s["cells"] != cells] + [entry]
+    result["sizes"].sort(key=lambda s: s["cells"])
+
+    def step(key: str, row: dict) -> dict:
+        row.pop("_logs", None)
+        steps[key] = row
+        save()
+        return row
+
+    def convert_cmd(out: Path, *extra: str) -> list[str]:
+        return [PY, "-m", "data_pipeline", "convert", *inputs, "--out", str(out), "--no-progress", "--overwrite",
+                *extra]
+
+    one = DATA / f"corpus-{name}"
+    row = measure("convert_built", [convert_cmd(one, "--workers", str(args.workers))], logs, [one])
+    row["stages_s"] = stage_times(row["_logs"][0])
+    step("convert_built", row)
+    manifest = json.loads((one / "manifest.json").read_text())
+    t = manifest["totals"]
+    entry["corpus"] = {"bytes": t["bytes"], "disk_bytes": du(one), "n_tokens": t["n_tokens"],
+                       "n_cells": t["n_cells"], "n_shards": t["n_shards"],
+                       "bytes_per_nonzero": t["bytes"] / t["n_tokens"], "bytes_per_cell": t["bytes"] / t["n_cells"],
+                       "nonzeros_per_cell": t["n_tokens"] / t["n_cells"], "vocab_genes": manifest["vocab"]["n_genes"]}
+    save()
+
+    supplied = DATA / f"corpus-{name}-vocab"
+    vocab = DATA / f"vocab-{name}.tsv"
+    shutil.copyfile(one / "vocab.tsv", vocab)
+    row = measure("convert_supplied", [convert_cmd(supplied, "--workers", str(args.workers), "--vocab", str(vocab))],
+                  logs, [supplied])
+    row["stages_s"] = stage_times(row["_logs"][0])
+    step("convert_supplied", row)
+    shutil.rmtree(supplied)
+
+    if args.nodes > 1 and cells in args.multinode_sizes:
+        nodes = DATA / f"corpus-{name}-{args.nodes}nodes"
+        row = measure(f"convert_{args.nodes}_nodes",
+                      [convert_cmd(nodes, "--workers", "1", "--num-nodes", str(args.nodes), "--node-rank", str(r))
+                       for r in range(args.nodes)], logs, [nodes])
+        row["note"] = (f"{args.nodes} node ranks at once on this {os.cpu_count()}-core machine, --workers 1 each, "
+                       "built vocabulary (the ranks wait for each other's gene scans): its wall time is not a "
+                       "cluster's")
+        step(f"convert_{args.nodes}_nodes", row)
+        step("merge", measure("merge", [[PY, "-m", "data_pipeline", "merge", str(nodes), "--workers",
+                                         str(args.workers), "--no-progress"]], logs))
+        ident = compare_corpora(one, nodes)
+        ident.update(cells=cells, nodes=args.nodes, one_node=str(one.relative_to(REPO)),
+                     multi_node=str(nodes.relative_to(REPO)))
+        entry["multinode_identity"] = ident
+        save()
+        print(f"  {args.nodes}-node corpus identical to the one-node corpus: {ident['identical']} "
+              f"({ident['files_compared']} files)", file=sys.stderr, flush=True)
+        shutil.rmtree(nodes)
+
+    step("verify", measure("verify", [[PY, "-m", "data_pipeline", "verify", str(one)]], logs))
+    step("inspect", measure("inspect", [[PY, "-m", "data_pipeline", "inspect", str(one)]], logs))
+    report = logs / "child.json"
+    row = measure("loader_plan", [[PY, str(Path(__file__).resolve()), "--child", "plan", "--corpus", str(one),
+                                   "--report", str(report)]], logs)
+    row.update(json.loads(report.read_text()))
+    step("loader_plan", row)
+    for mode in ("log1p_bins", "rank"):
+        row = measure(f"loader_{mode}", [[PY, str(Path(__file__).resolve()), "--child", "loader", "--corpus",
+                                          str(one), "--mode", mode, "--workers", str(args.loader_workers),
+                                          "--max-batches", str(args.loader_max_batches), "--report", str(report)]],
+                      logs)
+        row.update(json.loads(report.read_text()))
+        row["cells_per_s"] = row["cells"] / row["epoch_s"]
+        row["cells_per_cpu_s"] = row["cells"] / row["cpu_s"]
+        step(f"loader_{mode}", row)
+    if not args.keep_corpora:
+        shutil.rmtree(one)
+    entry["disk_needed_bytes"] = {
+        "atlas": atlas_info["bytes"], "corpus": entry["corpus"]["disk_bytes"],
+        "peak_during_run": atlas_info["bytes"] + 2 * entry["corpus"]["disk_bytes"],
+        "what": "the atlas, plus two corpora at once (the one-node corpus beside the supplied-vocabulary or the "
+                "multi-node one); a conversion's .work needs no more than its corpus (units are renamed into "
+                "shards)"}
+    save()
+    return entry
+
+
+# --- fits, defects, projection -------------------------------------------------------------------
+
+METRICS = ("wall_s", "cpu_s", "max_rss_any_process", "main_peak_rss", "worker_peak_rss")
+
+
+def _slope(xs: list[float], ys: list[float]) -> float | None:
+    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if x > 0 and y and y > 0]
+    if len(pts) < 2:
+        return None
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    den = sum((p[0] - mx) ** 2 for p in pts)
+    return sum((p[0] - mx) * (p[1] - my) for p in pts) / den if den else None
+
+
+def fits(result: dict) -> tuple[dict, list[str]]:
+    sizes = result.get("sizes", [])
+    names = sorted({k for s in sizes for k in s["steps"]}, key=lambda k: list(sizes[-1]["steps"]).index(k)
+                   if k in sizes[-1]["steps"] else 99)
+    out, defects = {}, []
+    for name in names:
+        have = [s for s in sizes if name in s["steps"]]
+        cells = [s["cells"] for s in have]
+        rows = [s["steps"][name] for s in have]
+        f = {"cells": cells}
+        for m in METRICS:
+            f[f"{m}_slope"] = _slope(cells, [r.get(m) for r in rows])
+        # work per cell: the loader's capped epochs did not read every cell
+        done = [r.get("cells", c) if name.startswith("loader_") and name != "loader_plan" else c
+                for r, c in zip(rows, cells)]
+        f["cpu_us_per_cell"] = [r["cpu_s"] / d * 1e6 for r, d in zip(rows, done)]
+        f["wall_us_per_cell"] = [r["wall_s"] / d * 1e6 for r, d in zip(rows, done)]
+        if name.startswith("loader_") and name != "loader_plan":
+            f["cpu_slope_per_cell_read"] = _slope(cells, f["cpu_us_per_cell"])
+        if len(cells) >= 2:
+            for m in ("main_peak_rss", "worker_peak_rss", "max_rss_any_process"):
+                a, b = rows[0].get(m), rows[-1].get(m)
+                if a and b:
+                    f[f"{m}_bytes_per_added_cell"] = (b - a) / (cells[-1] - cells[0])
+            slope = f.get("cpu_slope_per_cell_read") if "cpu_slope_per_cell_read" in f else f["cpu_s_slope"]
+            if name.startswith("loader_") and name != "loader_plan":
+                slope = None if slope is None else slope + 1  # per-cell slope 0 = linear
+            if slope is not None and slope > 1.15 and name not in ("inspect",):
+                defects.append(f"{name}: CPU time grows as cells^{slope:.2f} from {label(cells[0])} to "
+                               f"{label(cells[-1])} ({f['cpu_us_per_cell'][0]:.1f} -> {f['cpu_us_per_cell'][-1]:.1f} "
+                               "CPU-us per cell)")
+            for m in FLAT_MEMORY.get(name, ()):
+                a, b = rows[0].get(m), rows[-1].get(m)
+                if a and b and b > 1.10 * a and b - a > 32 << 20:
+                    per = (b - a) / (cells[-1] - cells[0])
+                    defects.append(f"{name}: {m.replace('_', ' ')} grows from {a / 2**20:,.0f} MiB to "
+                                   f"{b / 2**20:,.0f} MiB ({label(cells[0])} -> {label(cells[-1])} cells), "
+                                   f"{per:.1f} bytes per added cell: {(a + per * (100e6 - cells[0])) / 2**30:.1f} GiB "
+                                   "at 100M cells where it should be flat")
+        out[name] = f
+    return out, defects
+
+
+def projection(result: dict, node_cores: int, nodes: int, efficiency: float, targets=(30e6, 100e6)) -> dict:
+    """Time, disk and memory per node at ``targets`` cells, from the largest measured size's per-core
+    rates grown by the fitted slopes. A projection: it assumes CPU-bound work spreading over cores at
+    ``efficiency`` (measured 2-worker conversion scaling), local disks as fast as this VM's, and the
+    growth fitted over the measured sizes continuing."""
+    sizes = [s for s in result.get("sizes") or [] if s.get("corpus") and s.get("disk_needed_bytes")]
+    if not sizes:
+        return {}
+    ref = sizes[-1]
+    f = result.get("fits", {})
+    n0 = ref["cells"]
+
+    def grow(name: str, value: float, cells: float) -> float:
+        """Time at ``cells``: the reference size's, grown as cells^slope, the slope at least 1 (the
+        measured times include fixed start-up costs, so a slope under 1 at these sizes is not a
+        promise of sublinear work)."""
+        slope = (f.get(name) or {}).get("cpu_s_slope")
+        return value * (cells / n0) ** max(1.0, slope or 1.0)
+
+    def mem(name: str, metric: str, cells: float) -> float | None:
+        row = ref["steps"].get(name) or {}
+        per = (f.get(name) or {}).get(f"{metric}_bytes_per_added_cell")
+        if not row.get(metric):
+            return None
+        return row[metric] + max(0.0, per or 0.0) * (cells - n0)  # linear growth in bytes per added cell
+
+    out = {"basis": f"measured at {label(n0)} cells (largest size) on {result['device']['cpu']}, "
+                    f"{result['device']['cores']} cores, with the fitted log-log slopes over "
+                    f"{', '.join(s['label'] for s in sizes)}",
+           "assumptions": {"node_cores": node_cores, "nodes": nodes, "core_efficiency": efficiency,
+                           "conversion_workers_per_node": node_cores,
+                           "text": "CPU time of the largest measured size, grown as cells^max(1, fitted CPU slope); "
+                                   "spread over "
+                                   "node_cores x nodes cores at core_efficiency; the merge runs once, on one node; "
+                                   "memory: the measured peak plus the fitted bytes per added cell; disk: the "
+                                   "measured bytes per cell. Not measured: shared-filesystem contention, stragglers."},
+           "targets": []}
+    corpus_per_cell = ref["corpus"]["disk_bytes"] / n0
+    atlas_per_cell = ref["atlas"]["bytes"] / n0
+    for cells in targets:
+        row = {"cells": cells, "corpus_disk_bytes": corpus_per_cell * cells,
+               "input_h5ad_bytes": atlas_per_cell * cells}
+        for vocab, name in (("built", "convert_built"), ("supplied", "convert_supplied")):
+            st = ref["steps"].get(name)
+            if not st:
+                continue
+            cpu = grow(name, st["cpu_s"], cells)
+            merge = ref["steps"].get("merge")
+            merge_s = grow("merge", merge["cpu_s"], cells) if merge else None
+            one = cpu / (node_cores * efficiency)
+            many = cpu / (node_cores * nodes * efficiency) + (merge_s or 0.0)
+            row[f"convert_{vocab}"] = {
+                "cpu_hours": cpu / 3600, "one_node_hours": one / 3600, f"{nodes}_nodes_hours": many / 3600,
+                "merge_hours": None if merge_s is None else merge_s / 3600,
+                "worker_rss_bytes": mem(name, "worker_peak_rss", cells),
+                "main_rss_bytes": mem(name, "main_peak_rss", cells),
+                "node_rss_bytes_upper_bound": (mem(name, "worker_peak_rss", cells) or 0) * node_cores
+                + (mem(name, "main_peak_rss", cells) or 0)}
+        if ref["steps"].get("merge"):
+            row["merge_rss_bytes"] = mem("merge", "main_peak_rss", cells)
+        for name in ("verify", "loader_plan"):
+            st = ref["steps"].get(name)
+            if st:
+                row[name] = {"hours_one_core" if name == "verify" else "seconds":
+                             grow(name, st["cpu_s"], cells) / (3600 if name == "verify" else 1),
+                             "rss_bytes": mem(name, "main_peak_rss", cells)}
+        if row.get("verify"):
+            row["verify"]["one_process"] = True
+        for mode in ("log1p_bins", "rank"):
+            st = ref["steps"].get(f"loader_{mode}")
+            if st:
+                row[f"loader_{mode}"] = {"worker_rss_bytes": mem(f"loader_{mode}", "worker_peak_rss", cells),
+                                         "main_rss_bytes": mem(f"loader_{mode}", "main_peak_rss", cells),
+                                         "epoch_cpu_hours": st["cpu_s"] / st["cells"] * cells / 3600}
+        out["targets"].append(row)
+    peak = ref["disk_needed_bytes"]["peak_during_run"] / n0
+    out["disk_needed_for_sizes"] = {label(int(c)): peak * c for c in (0.25e6, 1e6, 4e6, 10e6)}
+    out["disk_needed_what"] = ("this benchmark's peak disk (the atlas's h5ad files + two corpora), at the measured bytes "
+                               f"per cell of {label(n0)} cells")
+    return out
+
+
+def core_efficiency() -> float:
+    """The 2-worker conversion's scaling efficiency from `convert.json` (synthetic cells), else 0.8."""
+    try:
+        r = json.loads((RESULTS / "convert.json").read_text())
+        return float(r["scaling_efficiency"]["synthetic/w2"])
+    except (OSError, KeyError, ValueError, TypeError):
+        return 0.8
+
+
+# --- plot -----------------------------------------------------------------------------------------
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = result["sizes"]
+    names = [k for k in sizes[-1]["steps"]]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5))
+    for name in names:
+        have = [s for s in sizes if name in s["steps"]]
+        xs = [s["cells"] for s in have]
+        ax1.plot(xs, [s["steps"][name]["wall_s"] for s in have], "o-", label=name)
+        ax2.plot(xs, [s["steps"][name]["max_rss_any_process"] / 2**20 for s in have], "o-", label=name)
+    for ax, what in ((ax1, "wall time (s)"), (ax2, "peak RSS of any one process (MiB)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("cells")
+        ax.set_ylabel(what)
+        ax.grid(True, which="both", alpha=0.3)
+    xs = [s["cells"] for s in sizes]
+    ref = [min(s["steps"][k]["wall_s"] for k in names if k in s["steps"]) for s in sizes[:1]][0]
+    ax1.plot(xs, [ref * x / xs[0] for x in xs], "k:", label="linear")
+    ax1.legend(fontsize=7)
+    ax2.legend(fontsize=7)
+    fig.suptitle(f"bench_scale.py: {result['device']['cpu']}, {result['device']['cores']} cores "
+                 f"({result['date'][:10]})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+# --- main -----------------------------------------------------------------------------------------
+
+def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--_wrap":
+        sys.exit(_wrapper(sys.argv[2], sys.argv[4:]))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="0.25M,1M", help="cells per run, comma-separated (e.g. 0.25M,1M,4M,10M)")
+    ap.add_argument("--cells-per-file", type=int, default=250_000, help="atlas cells per h5ad file")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="conversion workers / merge threads")
+    ap.add_argument("--loader-workers", type=int, default=2, help="DataLoader workers for the loader epochs")
+    ap.add_argument("--loader-max-batches", type=int, default=0, help="cap each loader epoch (0: a full epoch)")
+    ap.add_argument("--nodes", type=int, default=4, help="node ranks of the multi-node check (1: skip it)")
+    ap.add_argument("--multinode-sizes", default="1M", help="sizes at which to run the multi-node path (or 'all')")
+    ap.add_argument("--keep-corpora", action="store_true", help="keep the one-node corpora (else deleted after)")
+    ap.add_argument("--fresh", action="store_true", help="start the JSON anew (default: keep its other sizes)")
+    ap.add_argument("--result", type=Path, default=RESULT)
+    ap.add_argument("--plot", type=Path, default=PLOT)
+    ap.add_argument("--node-cores", type=int, default=64, help="projection: cores per node")
+    ap.add_argument("--project-nodes", type=int, default=8, help="projection: nodes")
+    ap.add_argument("--project-only", action="store_true", help="recompute fits, projection and plot from --result")
+    ap.add_argument("--child", choices=("plan", "loader"), help=argparse.SUPPRESS)
+    ap.add_argument("--corpus", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", help=argparse.SUPPRESS)
+    ap.add_argument("--max-batches", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--report", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child == "plan":
+        return child_plan(args.corpus, args.report)
+    if args.child == "loader":
+        return child_loader(args.corpus, args.mode, args.workers, args.max_batches, args.report)
+
+    sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+    args.multinode_sizes = sizes if args.multinode_sizes == "all" else \
+        [parse_size(s) for s in args.multinode_sizes.split(",") if s.strip()]
+    old = json.loads(args.result.read_text()) if args.result.exists() and not args.fresh else {}
+    result = result_record("bench_scale", device=cpu_device(),
+                           versions=versions("numpy", "scipy", "h5py", "numba", "torch"),
+                           settings={"workers": args.workers, "loader_workers": args.loader_workers,
+                                     "loader_max_batches": args.loader_max_batches or None,
+                                     "token_budget": TOKEN_BUDGET, "megabatch_cells": MEGABATCH,
+                                     "cells_per_file": args.cells_per_file, "nodes": args.nodes,
+                                     "rss_sampling_s": SAMPLE_S},
+                           memory_total_bytes=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+                           load_avg_at_start=[round(x, 2) for x in os.getloadavg()])
+    if args.project_only:
+        result = old
+    else:
+        result["sizes"] = old.get("sizes", [])
+        result["runs"] = old.get("runs", []) + [{"date": result["date"], "command": result["command"],
+                                                 "sizes": [label(c) for c in sizes],
+                                                 "load_avg_at_start": result["load_avg_at_start"]}]
+
+    def save() -> None:
+        result["fits"], result["defects"] = fits(result)
+        result["projection"] = projection(result, args.node_cores, args.project_nodes, core_efficiency())
+        result["partial"] = any(s.get("disk_needed_bytes") is None for s in result.get("sizes", []))
+        command = result.pop("command")
+        result["command"] = command
+        write_result(args.result, result, quiet=True)
+
+    if not args.project_only:
+        for cells in sizes:
+            free = shutil.disk_usage(REPO).free
+            print(f"free disk {free / 1e9:.0f} GB", file=sys.stderr)
+            run_size(cells, args, result, save)
+    save()
+    if result.get("sizes"):
+        plot(result, args.plot)
+    print(f"wrote {args.result} and {args.plot}", file=sys.stderr)
+    for d in result["defects"]:
+        print(f"DEFECT {d}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
