@@ -27,7 +27,8 @@ from the ``RUSAGE_CHILDREN`` of a small wrapper process that runs only that step
 largest of any one process (the same ``getrusage``, exact), and per process by sampling the
 process tree with psutil every 50 ms (the main process, the largest worker, and the largest sum
 over the tree at one sample: forked workers share pages with their parent, which the sum counts
-twice); disk written (the output folder's size); the machine's load (1-minute load average, and
+twice), each also as its anonymous part (RssAnon: heap and private memory, without the file
+pages a process maps); disk written (the output folder's size); the machine's load (1-minute load average, and
 the cores busy with other processes' work: /proc/stat busy time minus the step's own CPU time, per
 second of the step). Bytes per nonzero: corpus bytes / tokens.
 
@@ -119,6 +120,7 @@ class _Sampler(threading.Thread):
 
         self.psutil, self.root = psutil, psutil.Process(root)
         self.peaks: dict[int, int] = {}
+        self.anon: dict[int, int] = {}  # RssAnon: heap and other private memory, no file pages
         self.names: dict[int, str] = {}
         self.parents: dict[int, int] = {}
         self.tree_peak = 0
@@ -142,8 +144,20 @@ class _Sampler(threading.Thread):
                     continue
                 total += rss
                 self.peaks[p.pid] = max(self.peaks.get(p.pid, 0), rss)
+                self.anon[p.pid] = max(self.anon.get(p.pid, 0), _rss_anon(p.pid))
             self.tree_peak = max(self.tree_peak, total)
             self.stop.wait(SAMPLE_S)
+
+
+def _rss_anon(pid: int) -> int:
+    """The process's anonymous resident memory (RssAnon of /proc/PID/status), bytes; 0 if unknown."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def measure(name: str, cmds: list[list[str]], log_dir: Path, outputs: list[Path] | None = None) -> dict:
@@ -183,6 +197,8 @@ def measure(name: str, cmds: list[list[str]], log_dir: Path, outputs: list[Path]
                     "max_rss_any_process": ru["maxrss_bytes"],
                     "main_peak_rss": sampler.peaks.get(main, 0),
                     "worker_peak_rss": max(workers.values(), default=0), "n_workers_seen": len(workers),
+                    "main_peak_rss_anon": sampler.anon.get(main, 0),
+                    "worker_peak_rss_anon": max((v for pid, v in sampler.anon.items() if pid != main), default=0),
                     "tree_peak_rss": sampler.tree_peak, "log": text[-4000:]})
     wall = time.perf_counter() - t0
     busy1, _ = _busy_jiffies()
@@ -192,6 +208,8 @@ def measure(name: str, cmds: list[list[str]], log_dir: Path, outputs: list[Path]
            "max_rss_any_process": max(p["max_rss_any_process"] for p in per),
            "main_peak_rss": max(p["main_peak_rss"] for p in per),
            "worker_peak_rss": max(p["worker_peak_rss"] for p in per),
+           "main_peak_rss_anon": max(p["main_peak_rss_anon"] for p in per),
+           "worker_peak_rss_anon": max(p["worker_peak_rss_anon"] for p in per),
            "tree_peak_rss": sum(p["tree_peak_rss"] for p in per),
            "load_avg_1min": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
            "other_cores_busy": round(max(0.0, (busy1 - busy0) - cpu) / wall, 2) if busy1 else None}
@@ -316,6 +334,26 @@ def compare_corpora(a: Path, b: Path) -> dict:
             "differing_files": differ, "files_in_one_only": only,
             "identical": not differ and not only,
             "what": "sha256 of every file: shards, manifest.json, vocab.tsv, cell_lengths.npy, stats.zarr/*"}
+
+
+def merge_window(corpus: Path) -> dict:
+    """The statistics merge's dense window for this corpus (`stats.merge_partials`): per token, the
+    sketch buckets from its lowest to its highest, 8 bytes each. It grows with the range of values a
+    gene takes, not with cells, up to ``_DENSE_MERGE_MAX`` buckets (then the merge goes pairwise)."""
+    import numpy as np
+    import zarr
+
+    from data_pipeline.conversion import stats
+
+    z = zarr.open_group(str(corpus / "stats.zarr"), mode="r")
+    keys = z["sketch_keys"][...].astype(np.int64)
+    token, bucket = keys // stats._BUCKETS, keys % stats._BUCKETS
+    starts = np.flatnonzero(np.r_[True, token[1:] != token[:-1]])  # keys sort by token, then bucket
+    ends = np.r_[starts[1:], len(keys)] - 1
+    width = bucket[ends] - bucket[starts] + 1
+    return {"buckets": int(width.sum()), "bytes": int(width.sum()) * 8, "sketch_entries": len(keys),
+            "tokens": len(starts), "widest_token_buckets": int(width.max(initial=0)),
+            "cap_bytes": stats._DENSE_MERGE_MAX * 8}
 
 
 # --- the loader steps (run as child processes) -----------------------------------------------------
@@ -458,6 +496,7 @@ def run_size(cells: int, args, result: dict, save) -> dict:
         row["cells_per_s"] = row["cells"] / row["epoch_s"]
         row["cells_per_cpu_s"] = row["cells"] / row["cpu_s"]
         step(f"loader_{mode}", row)
+    entry["merge_window"] = merge_window(one)
     if not args.keep_corpora:
         shutil.rmtree(one)
     entry["disk_needed_bytes"] = {
@@ -472,7 +511,8 @@ def run_size(cells: int, args, result: dict, save) -> dict:
 
 # --- fits, defects, projection -------------------------------------------------------------------
 
-METRICS = ("wall_s", "cpu_s", "max_rss_any_process", "main_peak_rss", "worker_peak_rss")
+METRICS = ("wall_s", "cpu_s", "max_rss_any_process", "main_peak_rss", "worker_peak_rss", "main_peak_rss_anon",
+           "worker_peak_rss_anon")
 
 
 def _slope(xs: list[float], ys: list[float]) -> float | None:
@@ -505,7 +545,8 @@ def fits(result: dict) -> tuple[dict, list[str]]:
         if name.startswith("loader_") and name != "loader_plan":
             f["cpu_slope_per_cell_read"] = _slope(cells, f["cpu_us_per_cell"])
         if len(cells) >= 2:
-            for m in ("main_peak_rss", "worker_peak_rss", "max_rss_any_process"):
+            for m in ("main_peak_rss", "worker_peak_rss", "max_rss_any_process", "main_peak_rss_anon",
+                      "worker_peak_rss_anon"):
                 a, b = rows[0].get(m), rows[-1].get(m)
                 if a and b:
                     f[f"{m}_bytes_per_added_cell"] = (b - a) / (cells[-1] - cells[0])
@@ -517,6 +558,8 @@ def fits(result: dict) -> tuple[dict, list[str]]:
                                f"{label(cells[-1])} ({f['cpu_us_per_cell'][0]:.1f} -> {f['cpu_us_per_cell'][-1]:.1f} "
                                "CPU-us per cell)")
             for m in FLAT_MEMORY.get(name, ()):
+                # anonymous memory where sampled: a peak of RSS also catches transient file pages
+                m = f"{m}_anon" if all(r.get(f"{m}_anon") for r in rows) else m
                 a, b = rows[0].get(m), rows[-1].get(m)
                 if a and b and b > 1.10 * a and b - a > 32 << 20:
                     per = (b - a) / (cells[-1] - cells[0])
@@ -528,7 +571,8 @@ def fits(result: dict) -> tuple[dict, list[str]]:
     return out, defects
 
 
-def projection(result: dict, node_cores: int, nodes: int, efficiency: float, targets=(30e6, 100e6)) -> dict:
+def projection(result: dict, node_cores: int, nodes: int, efficiency: float, node_disk_gbs: float = 2.0,
+               fs_gbs: float = 10.0, targets=(30e6, 100e6)) -> dict:
     """Time, disk and memory per node at ``targets`` cells, from the largest measured size's per-core
     rates grown by the fitted slopes. A projection: it assumes CPU-bound work spreading over cores at
     ``efficiency`` (measured 2-worker conversion scaling), local disks as fast as this VM's, and the
@@ -549,7 +593,8 @@ def projection(result: dict, node_cores: int, nodes: int, efficiency: float, tar
 
     def mem(name: str, metric: str, cells: float) -> float | None:
         row = ref["steps"].get(name) or {}
-        per = (f.get(name) or {}).get(f"{metric}_bytes_per_added_cell")
+        per = (f.get(name) or {}).get(f"{metric}_anon_bytes_per_added_cell",
+                                      (f.get(name) or {}).get(f"{metric}_bytes_per_added_cell"))
         if not row.get(metric):
             return None
         return row[metric] + max(0.0, per or 0.0) * (cells - n0)  # linear growth in bytes per added cell
@@ -558,11 +603,15 @@ def projection(result: dict, node_cores: int, nodes: int, efficiency: float, tar
                     f"{result['device']['cores']} cores, with the fitted log-log slopes over "
                     f"{', '.join(s['label'] for s in sizes)}",
            "assumptions": {"node_cores": node_cores, "nodes": nodes, "core_efficiency": efficiency,
+                           "node_disk_gbs": node_disk_gbs, "shared_fs_gbs": fs_gbs,
                            "conversion_workers_per_node": node_cores,
                            "text": "CPU time of the largest measured size, grown as cells^max(1, fitted CPU slope); "
                                    "spread over "
-                                   "node_cores x nodes cores at core_efficiency; the merge runs once, on one node; "
-                                   "memory: the measured peak plus the fitted bytes per added cell; disk: the "
+                                   "node_cores x nodes cores at core_efficiency, or bound by reading the input and "
+                                   "writing the corpus at node_disk_gbs per node (shared_fs_gbs for all nodes "
+                                   "together), whichever is slower; the merge runs once, on one node; "
+                                   "memory: the measured peak RSS plus the bytes per added cell of anonymous memory "
+                                   "(RSS where that was not sampled); disk: the "
                                    "measured bytes per cell. Not measured: shared-filesystem contention, stragglers."},
            "targets": []}
     corpus_per_cell = ref["corpus"]["disk_bytes"] / n0
@@ -577,11 +626,15 @@ def projection(result: dict, node_cores: int, nodes: int, efficiency: float, tar
             cpu = grow(name, st["cpu_s"], cells)
             merge = ref["steps"].get("merge")
             merge_s = grow("merge", merge["cpu_s"], cells) if merge else None
-            one = cpu / (node_cores * efficiency)
-            many = cpu / (node_cores * nodes * efficiency) + (merge_s or 0.0)
+            io = (row["input_h5ad_bytes"] + row["corpus_disk_bytes"]) / 1e9  # read once, written once
+            io_one, io_many = io / node_disk_gbs, io / min(nodes * node_disk_gbs, fs_gbs)
+            one = max(cpu / (node_cores * efficiency), io_one)
+            many = max(cpu / (node_cores * nodes * efficiency), io_many) + (merge_s or 0.0)
             row[f"convert_{vocab}"] = {
                 "cpu_hours": cpu / 3600, "one_node_hours": one / 3600, f"{nodes}_nodes_hours": many / 3600,
                 "merge_hours": None if merge_s is None else merge_s / 3600,
+                "cpu_bound_one_node_hours": cpu / (node_cores * efficiency) / 3600,
+                "io_bound_one_node_hours": io_one / 3600, f"io_bound_{nodes}_nodes_hours": io_many / 3600,
                 "worker_rss_bytes": mem(name, "worker_peak_rss", cells),
                 "main_rss_bytes": mem(name, "main_peak_rss", cells),
                 "node_rss_bytes_upper_bound": (mem(name, "worker_peak_rss", cells) or 0) * node_cores
@@ -671,6 +724,10 @@ def main() -> None:
     ap.add_argument("--plot", type=Path, default=PLOT)
     ap.add_argument("--node-cores", type=int, default=64, help="projection: cores per node")
     ap.add_argument("--project-nodes", type=int, default=8, help="projection: nodes")
+    ap.add_argument("--node-disk-gbs", type=float, default=2.0,
+                    help="projection: GB/s a node reads its input and writes its corpus at (an assumption)")
+    ap.add_argument("--fs-gbs", type=float, default=10.0,
+                    help="projection: GB/s of the shared filesystem for all nodes together (an assumption)")
     ap.add_argument("--project-only", action="store_true", help="recompute fits, projection and plot from --result")
     ap.add_argument("--child", choices=("plan", "loader"), help=argparse.SUPPRESS)
     ap.add_argument("--corpus", help=argparse.SUPPRESS)
@@ -697,6 +754,8 @@ def main() -> None:
                            memory_total_bytes=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
                            load_avg_at_start=[round(x, 2) for x in os.getloadavg()])
     if args.project_only:
+        if not old:
+            sys.exit(f"{args.result}: no result to project from; run the benchmark first")
         result = old
     else:
         result["sizes"] = old.get("sizes", [])
@@ -706,12 +765,17 @@ def main() -> None:
 
     def save() -> None:
         result["fits"], result["defects"] = fits(result)
-        result["projection"] = projection(result, args.node_cores, args.project_nodes, core_efficiency())
+        result["projection"] = projection(result, args.node_cores, args.project_nodes, core_efficiency(),
+                                          args.node_disk_gbs, args.fs_gbs)
         result["partial"] = any(s.get("disk_needed_bytes") is None for s in result.get("sizes", []))
         command = result.pop("command")
         result["command"] = command
         write_result(args.result, result, quiet=True)
 
+    for entry in result.get("sizes", []):  # a size measured before this was recorded, its corpus kept
+        corpus = DATA / f"corpus-{entry['label']}"
+        if "merge_window" not in entry and (corpus / "stats.zarr").exists():
+            entry["merge_window"] = merge_window(corpus)
     if not args.project_only:
         for cells in sizes:
             free = shutil.disk_usage(REPO).free

@@ -522,7 +522,7 @@ def scale() -> str:
     head = sizes[-1]
     busy = [s["steps"][k]["other_cores_busy"] for s in sizes for k in s["steps"]
             if s["steps"][k].get("other_cores_busy") is not None]
-    atlas = "; ".join(f"{_cells(s['cells'])}: {s['atlas']['files']} files, {s['atlas']['bytes'] / 1e9:.1f} GB, "
+    atlas = "; ".join(f"{_cells(s['cells'])}: {s['atlas']['files']} file{'s' if s['atlas']['files'] > 1 else ''}, {s['atlas']['bytes'] / 1e9:.1f} GB, "
                       f"{s['corpus']['nonzeros_per_cell']:,.0f} nonzeros per cell, corpus "
                       f"{s['corpus']['disk_bytes'] / 1e9:.1f} GB ({s['corpus']['bytes_per_nonzero']:.2f} bytes per "
                       f"nonzero, {s['corpus']['n_shards']} shards)" for s in sizes if s.get("corpus"))
@@ -568,6 +568,15 @@ def scale() -> str:
            "at these sizes." + ident_text, "",
            table(["step", "wall / CPU time", "CPU µs per cell (one core)", "CPU slope",
                   "peak RSS: main / largest worker", "RSS bytes per added cell"], rows)]
+    windows = [(s["cells"], s["merge_window"]) for s in sizes if s.get("merge_window")]
+    if windows:
+        w = windows[-1][1]
+        out += ["", "The statistics merge (in `merge`, and at the end of a one-node `convert`) adds every unit's "
+                    "median sketch into a dense window per gene, from its lowest to its highest value bucket: "
+                    + ", ".join(f"{_gib(x['bytes'])} at {_cells(c)} cells" for c, x in windows)
+                    + f" ({w['tokens']:,} genes, at most {w['widest_token_buckets']:,} buckets for one gene). It grows "
+                      "with the range of values a gene takes, which saturates, not with cells, and is capped at "
+                      f"{_gib(w['cap_bytes'])} (`stats._DENSE_MERGE_MAX`; past it the merge goes pairwise)."]
     if r.get("defects"):
         out += ["", "Growth that should not be there (`defects` in the JSON):"] + [f"- {d}" for d in r["defects"]]
     else:
@@ -582,7 +591,9 @@ def scale() -> str:
         for t in p["targets"]:
             b, s = t.get("convert_built", {}), t.get("convert_supplied", {})
             prow.append([_cells(t["cells"]), f"{t['input_h5ad_bytes'] / 1e12:.2f} TB", f"{t['corpus_disk_bytes'] / 1e12:.2f} TB",
-                         f"{b.get('cpu_hours', 0):,.0f} h", _hours(b.get("one_node_hours")),
+                         f"{b.get('cpu_hours', 0):,.1f} h", f"{_hours(b.get('cpu_bound_one_node_hours'))} / "
+                         f"{_hours(b.get('io_bound_one_node_hours'))} / {_hours(b.get(f'io_bound_{n}_nodes_hours'))}",
+                         _hours(b.get("one_node_hours")),
                          _hours(s.get("one_node_hours")), _hours(b.get(f"{n}_nodes_hours")),
                          _hours(s.get(f"{n}_nodes_hours")), _hours(b.get("merge_hours")),
                          f"{_gib(b.get('worker_rss_bytes'))} / {_gib(t.get('merge_rss_bytes'))}",
@@ -592,13 +603,16 @@ def scale() -> str:
         out += ["", f"**Projection to 30M and 100M cells (a projection, not a measurement).** From "
                     f"`scale_cpu.json`: {p['basis']}. One node of {a['node_cores']} cores, and {n} nodes "
                     f"(conversion as a SLURM array of {n} `--num-nodes` ranks, then `merge` on one node), cores "
-                    f"used at {a['core_efficiency']:.2f} of linear (the 2-worker conversion scaling of `convert.json`). "
+                    f"used at {a['core_efficiency']:.2f} of linear (the 2-worker conversion scaling of `convert.json`); "
+                    f"disks assumed, not measured: {a.get('node_disk_gbs', '?'):g} GB/s per node, "
+                    f"{a.get('shared_fs_gbs', '?'):g} GB/s for the shared filesystem. "
                     f"{a['text']} Memory: conversion worker (the node holds {a['node_cores']} of them: at most "
                     f"{_gib(p['targets'][-1].get('convert_built', {}).get('node_rss_bytes_upper_bound'))} at "
                     f"{_cells(p['targets'][-1]['cells'])}, forked workers sharing pages) and merge; loader worker "
                     f"RSS with the epoch plan in it. Disk this benchmark needs per size ({p['disk_needed_what']}): "
                     f"{disk}.", "",
-                table(["cells", "input h5ad", "corpus", "convert CPU", "1 node, built vocabulary", "1 node, supplied",
+                table(["cells", "input h5ad", "corpus", "convert CPU", f"CPU-bound 1 node / disk-bound 1 node / {n} nodes",
+                       "1 node, built vocabulary", "1 node, supplied",
                        f"{n} nodes, built (incl. merge)", f"{n} nodes, supplied", "merge",
                        "RSS: convert worker / merge", "RSS per loader worker: log1p_bins / rank"], prow)]
     if (RESULTS / "scale_cpu.png").exists():
