@@ -683,20 +683,22 @@ def plot(result: dict, path: Path) -> None:
     sizes = result["sizes"]
     names = [k for k in sizes[-1]["steps"]]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5))
-    for name in names:
+    for i, name in enumerate(names):
         have = [s for s in sizes if name in s["steps"]]
         xs = [s["cells"] for s in have]
-        ax1.plot(xs, [s["steps"][name]["wall_s"] for s in have], "o-", label=name)
-        ax2.plot(xs, [s["steps"][name]["max_rss_any_process"] / 2**20 for s in have], "o-", label=name)
-    for ax, what in ((ax1, "wall time (s)"), (ax2, "peak RSS of any one process (MiB)")):
+        color = f"C{i % 10}"
+        ax1.plot(xs, [s["steps"][name]["cpu_s"] for s in have], "o-", color=color, label=name)
+        ax2.plot(xs, [s["steps"][name]["max_rss_any_process"] / 2**20 for s in have], "o-", color=color, label=name)
+    for ax, what in ((ax1, "CPU time, all processes (s)"), (ax2, "peak RSS of any one process (MiB)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("cells")
         ax.set_ylabel(what)
         ax.grid(True, which="both", alpha=0.3)
     xs = [s["cells"] for s in sizes]
-    ref = [min(s["steps"][k]["wall_s"] for k in names if k in s["steps"]) for s in sizes[:1]][0]
-    ax1.plot(xs, [ref * x / xs[0] for x in xs], "k:", label="linear")
+    first = sizes[0]["steps"].get("convert_built", {}).get("cpu_s")
+    if first:
+        ax1.plot(xs, [first * x / xs[0] for x in xs], "k:", label="linear (from convert_built)")
     ax1.legend(fontsize=7)
     ax2.legend(fontsize=7)
     fig.suptitle(f"bench_scale.py: {result['device']['cpu']}, {result['device']['cores']} cores "

@@ -534,15 +534,19 @@ def scale() -> str:
         f = fits.get(key, {})
         per_size = "; ".join(f"{_cells(s['cells'])}: {s['steps'][key]['wall_s']:,.0f} s / "
                              f"{s['steps'][key]['cpu_s']:,.0f} s" for s in have)
-        rss = "; ".join(f"{_gib(s['steps'][key]['main_peak_rss'])}"
-                        + (f" / {_gib(s['steps'][key]['worker_peak_rss'])}" if s["steps"][key].get("worker_peak_rss")
+        def peaks(row: dict, suffix: str = "") -> str:
+            return _gib(row[f"main_peak_rss{suffix}"]) + (f" / {_gib(row[f'worker_peak_rss{suffix}'])}"
+                                                         if row.get("worker_peak_rss") else "")
+
+        rss = "; ".join(f"{_cells(s['cells'])}: {peaks(s['steps'][key])}"
+                        + (f" (anonymous {peaks(s['steps'][key], '_anon')})" if s["steps"][key].get("main_peak_rss_anon")
                            else "") for s in have)
         us = ", ".join(f"{x:,.1f}" for x in f.get("cpu_us_per_cell", []))
         slope = f.get("cpu_s_slope")
         if key.startswith("loader_") and key != "loader_plan" and f.get("cpu_slope_per_cell_read") is not None:
             slope = f["cpu_slope_per_cell_read"] + 1
-        grow = f.get("worker_peak_rss_bytes_per_added_cell") if have[-1]["steps"][key].get("worker_peak_rss") \
-            else f.get("main_peak_rss_bytes_per_added_cell")
+        which = "worker_peak_rss" if have[-1]["steps"][key].get("worker_peak_rss") else "main_peak_rss"
+        grow = f.get(f"{which}_anon_bytes_per_added_cell", f.get(f"{which}_bytes_per_added_cell"))
         rows.append([what, per_size, us, "-" if slope is None else f"{slope:.2f}", rss,
                      "-" if grow is None else f"{grow:+,.0f}"])
     ident = [s["multinode_identity"] for s in sizes if s.get("multinode_identity")]
@@ -561,13 +565,15 @@ def scale() -> str:
            f"{st['loader_workers']} DataLoader workers ({loader_note}; token budget {st['token_budget']:,}, megabatches "
            f"of {st['megabatch_cells']:,} cells). CPU time: user + system of the step and every process it waited for "
            "(`getrusage`); peak RSS sampled per process with psutil every "
-           f"{st['rss_sampling_s'] * 1000:.0f} ms. The machine was shared: other processes kept "
+           f"{st['rss_sampling_s'] * 1000:.0f} ms, with its anonymous part (RssAnon: heap and private memory, "
+           "without the file pages a process maps; a peak of RSS also catches transient file pages). The machine "
+           "was shared: other processes kept "
            f"{min(busy):.1f}-{max(busy):.1f} of its {r['device']['cores']} cores busy during the steps, so wall times "
            "are inflated and the CPU times are the figures to read. Slope: of log CPU time against log cells (1 = "
            "linear; loader epochs per cell read); fixed start-up costs (imports, numba kernels) pull it below 1 "
            "at these sizes." + ident_text, "",
            table(["step", "wall / CPU time", "CPU µs per cell (one core)", "CPU slope",
-                  "peak RSS: main / largest worker", "RSS bytes per added cell"], rows)]
+                  "peak RSS: main / largest worker", "bytes per added cell (anonymous memory)"], rows)]
     windows = [(s["cells"], s["merge_window"]) for s in sizes if s.get("merge_window")]
     if windows:
         w = windows[-1][1]
