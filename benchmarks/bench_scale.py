@@ -525,6 +525,17 @@ def _slope(xs: list[float], ys: list[float]) -> float | None:
     return sum((p[0] - mx) * (p[1] - my) for p in pts) / den if den else None
 
 
+def _sketch_note(name: str, sizes: list[dict]) -> str:
+    """For the steps that hold the median sketch (the merge; a one-node convert, which merges; rank
+    mode's medians): how full its window was, which bounds what it can grow to."""
+    w = [s.get("merge_window") for s in sizes]
+    if name not in ("merge", "convert_built", "convert_supplied", "loader_rank") or not all(w):
+        return ""
+    return (f" (the median sketch it holds: {w[0]['sketch_entries'] / 1e6:.1f}M -> {w[-1]['sketch_entries'] / 1e6:.1f}M "
+            f"entries, in a window of {w[-1]['buckets'] / 1e6:.1f}M buckets that bounds them; the window grows with "
+            f"the range of each gene's values, not cells, capped at {w[-1]['cap_bytes'] // 8 / 1e6:.0f}M buckets)")
+
+
 def fits(result: dict) -> tuple[dict, list[str]]:
     sizes = result.get("sizes", [])
     names = sorted({k for s in sizes for k in s["steps"]}, key=lambda k: list(sizes[-1]["steps"]).index(k)
@@ -556,7 +567,9 @@ def fits(result: dict) -> tuple[dict, list[str]]:
             if slope is not None and slope > 1.15 and name not in ("inspect",):
                 defects.append(f"{name}: CPU time grows as cells^{slope:.2f} from {label(cells[0])} to "
                                f"{label(cells[-1])} ({f['cpu_us_per_cell'][0]:.1f} -> {f['cpu_us_per_cell'][-1]:.1f} "
-                               "CPU-us per cell)")
+                               f"CPU-us per cell; user {rows[0]['user_s']:.1f} -> {rows[-1]['user_s']:.1f} s, system "
+                               f"{rows[0]['sys_s']:.1f} -> {rows[-1]['sys_s']:.1f} s; other processes kept "
+                               f"{rows[0].get('other_cores_busy')} -> {rows[-1].get('other_cores_busy')} cores busy)")
             for m in FLAT_MEMORY.get(name, ()):
                 # anonymous memory where sampled: a peak of RSS also catches transient file pages
                 m = f"{m}_anon" if all(r.get(f"{m}_anon") for r in rows) else m
@@ -566,7 +579,7 @@ def fits(result: dict) -> tuple[dict, list[str]]:
                     defects.append(f"{name}: {m.replace('_', ' ')} grows from {a / 2**20:,.0f} MiB to "
                                    f"{b / 2**20:,.0f} MiB ({label(cells[0])} -> {label(cells[-1])} cells), "
                                    f"{per:.1f} bytes per added cell: {(a + per * (100e6 - cells[0])) / 2**30:.1f} GiB "
-                                   "at 100M cells where it should be flat")
+                                   "at 100M cells where it should be flat" + _sketch_note(name, have))
         out[name] = f
     return out, defects
 
@@ -641,6 +654,9 @@ def projection(result: dict, node_cores: int, nodes: int, efficiency: float, nod
                 + (mem(name, "main_peak_rss", cells) or 0)}
         if ref["steps"].get("merge"):
             row["merge_rss_bytes"] = mem("merge", "main_peak_rss", cells)
+            bound = sketch_bound(sizes, "merge")
+            if bound is not None and row["merge_rss_bytes"] is not None and bound < row["merge_rss_bytes"]:
+                row["merge_rss_bytes"], row["merge_rss_bounded_by_sketch"] = bound, True
         for name in ("verify", "loader_plan"):
             st = ref["steps"].get(name)
             if st:
@@ -661,6 +677,22 @@ def projection(result: dict, node_cores: int, nodes: int, efficiency: float, nod
     out["disk_needed_what"] = ("this benchmark's peak disk (the atlas's h5ad files + two corpora), at the measured bytes "
                                f"per cell of {label(n0)} cells")
     return out
+
+
+def sketch_bound(sizes: list[dict], name: str) -> float | None:
+    """Peak RSS of ``name`` once the median sketch fills its largest possible window: the measured
+    peak at the largest size plus the anonymous bytes per added sketch entry (fitted between the
+    sizes) times the entries still missing to ``_DENSE_MERGE_MAX`` buckets."""
+    have = [s for s in sizes if s.get("merge_window") and name in s["steps"]]
+    if len(have) < 2:
+        return None
+    a, b = have[0], have[-1]
+    de = b["merge_window"]["sketch_entries"] - a["merge_window"]["sketch_entries"]
+    dm = b["steps"][name].get("main_peak_rss_anon", 0) - a["steps"][name].get("main_peak_rss_anon", 0)
+    if de <= 0 or dm <= 0:
+        return None
+    cap = b["merge_window"]["cap_bytes"] // 8
+    return b["steps"][name]["main_peak_rss"] + dm / de * max(0, cap - b["merge_window"]["sketch_entries"])
 
 
 def core_efficiency() -> float:

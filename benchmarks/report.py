@@ -584,7 +584,10 @@ def scale() -> str:
                       "with the range of values a gene takes, which saturates, not with cells, and is capped at "
                       f"{_gib(w['cap_bytes'])} (`stats._DENSE_MERGE_MAX`; past it the merge goes pairwise)."]
     if r.get("defects"):
-        out += ["", "Growth that should not be there (`defects` in the JSON):"] + [f"- {d}" for d in r["defects"]]
+        out += ["", "Flagged by the benchmark's rule (`defects` in the JSON: CPU time growing faster than cells^1.15, or "
+                    "memory that should be flat, the conversion and loader workers', the merge's and verify's, growing "
+                    "by more than 10 %), each with what bounds or explains it where the JSON records that:"] + \
+               [f"- {d}" for d in r["defects"]]
     else:
         out += ["", "No step's CPU time grew faster than linearly, and no memory that should be flat grew "
                     f"(conversion workers, merge, verify, loader workers), from {_cells(sizes[0]['cells'])} to "
@@ -602,7 +605,8 @@ def scale() -> str:
                          _hours(b.get("one_node_hours")),
                          _hours(s.get("one_node_hours")), _hours(b.get(f"{n}_nodes_hours")),
                          _hours(s.get(f"{n}_nodes_hours")), _hours(b.get("merge_hours")),
-                         f"{_gib(b.get('worker_rss_bytes'))} / {_gib(t.get('merge_rss_bytes'))}",
+                         f"{_gib(b.get('worker_rss_bytes'))} / {_gib(t.get('merge_rss_bytes'))}"
+                         + (" (sketch bound)" if t.get("merge_rss_bounded_by_sketch") else ""),
                          f"{_gib((t.get('loader_log1p_bins') or {}).get('worker_rss_bytes'))} / "
                          f"{_gib((t.get('loader_rank') or {}).get('worker_rss_bytes'))}"])
         disk = ", ".join(f"{k} {v / 1e9:,.0f} GB" for k, v in p.get("disk_needed_for_sizes", {}).items())
