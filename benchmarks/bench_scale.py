@@ -695,6 +695,25 @@ def sketch_bound(sizes: list[dict], name: str) -> float | None:
     return b["steps"][name]["main_peak_rss"] + dm / de * max(0, cap - b["merge_window"]["sketch_entries"])
 
 
+# bytes per cell of the atlas (h5ad) + two corpora, measured at 1M cells (scale_cpu.json, 2026-12-05)
+DISK_PER_CELL = 32_400
+
+
+def disk_needed(cells: int, result: dict, cells_per_file: int) -> float:
+    """Disk a size still needs: the atlas files not generated yet (none when a larger cached atlas
+    lends them by hard link) and two corpora, at the measured bytes per cell (the largest size
+    measured, else ``DISK_PER_CELL``)."""
+    measured = [s for s in result.get("sizes", []) if s.get("disk_needed_bytes")]
+    per_cell = measured[-1]["disk_needed_bytes"]["peak_during_run"] / measured[-1]["cells"] if measured \
+        else DISK_PER_CELL
+    atlas_share = measured[-1]["atlas"]["bytes"] / measured[-1]["disk_needed_bytes"]["peak_during_run"] if measured \
+        else 0.5
+    cached = any(len(json.loads((o / "synthetic_atlas.json").read_text()).get("files", [])) and
+                 json.loads((o / "synthetic_atlas.json").read_text())["n_cells"] >= cells
+                 for o in DATA.glob("atlas-*") if (o / "synthetic_atlas.json").exists())
+    return per_cell * cells * ((1 - atlas_share) if cached else 1.0)
+
+
 def core_efficiency() -> float:
     """The 2-worker conversion's scaling efficiency from `convert.json` (synthetic cells), else 0.8."""
     try:
@@ -753,6 +772,7 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, default=4, help="node ranks of the multi-node check (1: skip it)")
     ap.add_argument("--multinode-sizes", default="1M", help="sizes at which to run the multi-node path (or 'all')")
     ap.add_argument("--keep-corpora", action="store_true", help="keep the one-node corpora (else deleted after)")
+    ap.add_argument("--ignore-disk", action="store_true", help="run a size even where the free disk looks too small")
     ap.add_argument("--fresh", action="store_true", help="start the JSON anew (default: keep its other sizes)")
     ap.add_argument("--result", type=Path, default=RESULT)
     ap.add_argument("--plot", type=Path, default=PLOT)
@@ -813,7 +833,12 @@ def main() -> None:
     if not args.project_only:
         for cells in sizes:
             free = shutil.disk_usage(REPO).free
-            print(f"free disk {free / 1e9:.0f} GB", file=sys.stderr)
+            need = disk_needed(cells, result, args.cells_per_file)
+            print(f"free disk {free / 1e9:.0f} GB; {label(cells)} cells need about {need / 1e9:.0f} GB", file=sys.stderr)
+            if need > free and not args.ignore_disk:
+                sys.exit(f"{label(cells)} cells need about {need / 1e9:.0f} GB of disk under {DATA} (the atlas's h5ad "
+                         f"files and two corpora at once), {free / 1e9:.0f} GB are free: free some, or pass "
+                         "--ignore-disk")
             run_size(cells, args, result, save)
     save()
     if result.get("sizes"):
