@@ -1,7 +1,9 @@
 """How conversion, statistics and the loader grow with the number of cells (issue 25 points 2 and 4).
 
-    python benchmarks/bench_scale.py                              # 0.25M and 1M cells, ~1 h on 2 cores
-    python benchmarks/bench_scale.py --sizes 0.25M,1M,4M,10M      # as far as the disk allows (below)
+    python benchmarks/bench_scale.py                              # 0.25M and 1M cells: 9-15 min on 2 cores,
+                                                                  # + ~8 min and 16 GB to generate the atlas once
+    python benchmarks/bench_scale.py --sizes 0.25M,1M,4M,10M      # as far as the disk allows (4M: ~130 GB, 10M: ~324 GB)
+    python benchmarks/bench_scale.py --trace-workers --sizes 0.25M,1M   # a conversion worker's memory by units done
     python benchmarks/bench_scale.py --project-only --node-cores 64 --nodes 8   # redo the projection only
 
 For each size, the synthetic atlas (`python -m data_pipeline synthetic --preset atlas`, many h5ad
@@ -11,7 +13,7 @@ asked for, only on their index). Then each step runs as its own process, as a us
 
 - ``convert_built``: ``convert`` building the vocabulary (scan pass, units, merge);
 - ``convert_supplied``: ``convert --vocab`` (the vocabulary of the first; no scan pass);
-- ``convert_4_nodes``: the multi-node path on this machine: ``--num-nodes 4`` node ranks run
+- ``convert_4_nodes`` (at ``--multinode-sizes``): the multi-node path on this machine: ``--num-nodes 4`` node ranks run
   concurrently on one filesystem (``--workers 1`` each, built vocabulary, so they wait for each
   other's gene scans as the ranks of a SLURM array do), then ``merge`` (timed as its own step).
   The merged corpus is compared byte for byte, every file (shards, manifest, vocabulary,
@@ -509,6 +511,46 @@ def run_size(cells: int, args, result: dict, save) -> dict:
     return entry
 
 
+def trace_workers(cells: int, args, result: dict) -> dict:
+    """A conversion worker's anonymous memory against the work units finished: convert (built
+    vocabulary, ``--workers``) once more, sampling the workers every 0.1 s and counting the units'
+    result files. A worker converts units of one size (``--shard-size``) whatever the corpus size,
+    so its memory should stop growing after its first units: ``plateau`` says whether the peak at
+    the end is within 3 % of the peak at half the units."""
+    import psutil
+
+    atlas = DATA / (f"atlas-{label(cells)}" + ("" if args.cells_per_file == 250_000 else f"-f{args.cells_per_file}"))
+    inputs = [str(p) for p in sorted(atlas.glob("part-*.h5ad"))]
+    if not inputs:
+        sys.exit(f"{atlas}: no atlas to convert; run the benchmark for {label(cells)} cells first")
+    out = DATA / f"trace-{label(cells)}"
+    cmd = [PY, "-m", "data_pipeline", "convert", *inputs, "--out", str(out), "--no-progress", "--overwrite",
+           "--workers", str(args.workers)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    root, peak, series, units, last_count = psutil.Process(proc.pid), 0, [], 0, 0.0
+    while proc.poll() is None:
+        try:
+            peak = max([peak] + [_rss_anon(c.pid) for c in root.children()])
+        except psutil.Error:
+            pass
+        if time.monotonic() - last_count > 1.0:
+            last_count = time.monotonic()
+            units = len(list((out / ".work" / "units").glob("*.json")))
+            if not series or series[-1][0] != units or series[-1][1] != peak:
+                series.append([units, peak])
+        time.sleep(0.1)
+    if proc.returncode != 0:
+        sys.exit(f"trace: `{' '.join(cmd)}` failed ({proc.returncode})")
+    total = json.loads((out / "manifest.json").read_text())["totals"]["n_shards"]
+    shutil.rmtree(out)
+    half = max((p for u, p in series if u <= total / 2), default=0)
+    end = max((p for _, p in series), default=0)
+    return {"date": result_record("x")["date"], "command": result_record("x")["command"], "units": total,
+            "workers": args.workers, "worker_anon_peak_by_units_done": series, "peak_at_half_the_units": half,
+            "peak_at_end": end, "plateau": bool(half) and end <= 1.03 * half}
+
+
 # --- fits, defects, projection -------------------------------------------------------------------
 
 METRICS = ("wall_s", "cpu_s", "max_rss_any_process", "main_peak_rss", "worker_peak_rss", "main_peak_rss_anon",
@@ -604,8 +646,12 @@ def projection(result: dict, node_cores: int, nodes: int, efficiency: float, nod
         slope = (f.get(name) or {}).get("cpu_s_slope")
         return value * (cells / n0) ** max(1.0, slope or 1.0)
 
+    plateau = (ref.get("convert_worker_trace") or {}).get("plateau")
+
     def mem(name: str, metric: str, cells: float) -> float | None:
         row = ref["steps"].get(name) or {}
+        if plateau and name.startswith("convert_") and metric == "worker_peak_rss":
+            return row.get(metric)  # the trace saw it stop growing: flat
         per = (f.get(name) or {}).get(f"{metric}_anon_bytes_per_added_cell",
                                       (f.get(name) or {}).get(f"{metric}_bytes_per_added_cell"))
         if not row.get(metric):
@@ -624,7 +670,8 @@ def projection(result: dict, node_cores: int, nodes: int, efficiency: float, nod
                                    "writing the corpus at node_disk_gbs per node (shared_fs_gbs for all nodes "
                                    "together), whichever is slower; the merge runs once, on one node; "
                                    "memory: the measured peak RSS plus the bytes per added cell of anonymous memory "
-                                   "(RSS where that was not sampled); disk: the "
+                                   "(RSS where that was not sampled; a conversion worker's flat where the trace of "
+                                   "its memory against units done saw it stop growing); disk: the "
                                    "measured bytes per cell. Not measured: shared-filesystem contention, stragglers."},
            "targets": []}
     corpus_per_cell = ref["corpus"]["disk_bytes"] / n0
@@ -770,8 +817,10 @@ def main() -> None:
     ap.add_argument("--loader-workers", type=int, default=2, help="DataLoader workers for the loader epochs")
     ap.add_argument("--loader-max-batches", type=int, default=0, help="cap each loader epoch (0: a full epoch)")
     ap.add_argument("--nodes", type=int, default=4, help="node ranks of the multi-node check (1: skip it)")
-    ap.add_argument("--multinode-sizes", default="1M", help="sizes at which to run the multi-node path (or 'all')")
+    ap.add_argument("--multinode-sizes", default="all", help="sizes at which to run the multi-node path (or 'all')")
     ap.add_argument("--keep-corpora", action="store_true", help="keep the one-node corpora (else deleted after)")
+    ap.add_argument("--trace-workers", action="store_true",
+                    help="only trace a conversion worker's memory against units done, for --sizes already measured")
     ap.add_argument("--ignore-disk", action="store_true", help="run a size even where the free disk looks too small")
     ap.add_argument("--fresh", action="store_true", help="start the JSON anew (default: keep its other sizes)")
     ap.add_argument("--result", type=Path, default=RESULT)
@@ -807,7 +856,7 @@ def main() -> None:
                                      "rss_sampling_s": SAMPLE_S},
                            memory_total_bytes=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
                            load_avg_at_start=[round(x, 2) for x in os.getloadavg()])
-    if args.project_only:
+    if args.project_only or args.trace_workers:
         if not old:
             sys.exit(f"{args.result}: no result to project from; run the benchmark first")
         result = old
@@ -830,7 +879,16 @@ def main() -> None:
         corpus = DATA / f"corpus-{entry['label']}"
         if "merge_window" not in entry and (corpus / "stats.zarr").exists():
             entry["merge_window"] = merge_window(corpus)
-    if not args.project_only:
+    if args.trace_workers:
+        for cells in sizes:
+            entry = next((s for s in result.get("sizes", []) if s["cells"] == cells), None)
+            if entry is None:
+                sys.exit(f"{label(cells)} cells: not in {args.result}; run the benchmark for that size first")
+            entry["convert_worker_trace"] = trace_workers(cells, args, result)
+            t = entry["convert_worker_trace"]
+            print(f"{label(cells)}: worker anonymous peak {t['peak_at_half_the_units'] / 2**20:.0f} MiB at half the "
+                  f"{t['units']} units, {t['peak_at_end'] / 2**20:.0f} MiB at the end", file=sys.stderr)
+    elif not args.project_only:
         for cells in sizes:
             free = shutil.disk_usage(REPO).free
             need = disk_needed(cells, result, args.cells_per_file)

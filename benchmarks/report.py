@@ -574,6 +574,20 @@ def scale() -> str:
            "at these sizes." + ident_text, "",
            table(["step", "wall / CPU time", "CPU µs per cell (one core)", "CPU slope",
                   "peak RSS: main / largest worker", "bytes per added cell (anonymous memory)"], rows)]
+    traces = [(s["cells"], s["convert_worker_trace"]) for s in sizes if s.get("convert_worker_trace")]
+    if traces:
+        def reached(t: dict) -> int:  # units done when the worker's peak first came within 1 % of its final value
+            return next(u for u, p in t["worker_anon_peak_by_units_done"] if p >= 0.99 * t["peak_at_end"])
+
+        out += ["", "A conversion worker's anonymous memory against the work units finished (`bench_scale.py "
+                    "--trace-workers`, the conversion run once more with the workers sampled every 0.1 s): "
+                + "; ".join(f"{_cells(c)} cells: {_gib(t['peak_at_end'])}, reached at unit {reached(t)} of "
+                            f"{t['units']} and {'flat' if t['plateau'] else 'still growing'} after"
+                            for c, t in traces)
+                + ". Units are cut to one size whatever the corpus size; the few MiB between the sizes go with "
+                  "the input files a worker holds open (at most 8)." + (
+                      " The projection takes the conversion worker's memory as flat." if traces[-1][1]["plateau"]
+                      else "")]
     windows = [(s["cells"], s["merge_window"]) for s in sizes if s.get("merge_window")]
     if windows:
         w = windows[-1][1]

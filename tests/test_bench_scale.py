@@ -68,3 +68,11 @@ def test_the_disk_bounds_the_projection():
     io_bytes = (16_000 + 8_000) * 30e6 / 1e9  # GB read and written
     assert built["one_node_hours"] == pytest.approx(io_bytes / 1.0 / 3600)
     assert built["io_bound_8_nodes_hours"] == pytest.approx(io_bytes / 4.0 / 3600)  # the shared filesystem's limit
+
+
+def test_a_worker_seen_to_stop_growing_is_projected_flat():
+    r = _result([_size(250_000, 25.0, 800 << 20, 900 << 20), _size(1_000_000, 100.0, 1800 << 20, 905 << 20)])
+    r["sizes"][-1]["convert_worker_trace"] = {"plateau": True}
+    r["fits"], _ = fits(r)
+    p = projection(r, node_cores=64, nodes=8, efficiency=1.0)
+    assert p["targets"][-1]["convert_built"]["worker_rss_bytes"] == 1800 << 20
