@@ -656,6 +656,11 @@ def projection(result: dict, node_cores: int, nodes: int, efficiency: float, nod
                                       (f.get(name) or {}).get(f"{metric}_bytes_per_added_cell"))
         if not row.get(metric):
             return None
+        same = f"{metric}_anon" if row.get(f"{metric}_anon") and \
+            (sizes[0]["steps"].get(name) or {}).get(f"{metric}_anon") else metric  # what the flags compare
+        first = (sizes[0]["steps"].get(name) or {}).get(same)
+        if first and row[same] <= 1.10 * first:  # within the spread of a peak between runs: flat, as the flags
+            return row[metric]
         return row[metric] + max(0.0, per or 0.0) * (cells - n0)  # linear growth in bytes per added cell
 
     out = {"basis": f"measured at {label(n0)} cells (largest size) on {result['device']['cpu']}, "
@@ -670,8 +675,9 @@ def projection(result: dict, node_cores: int, nodes: int, efficiency: float, nod
                                    "writing the corpus at node_disk_gbs per node (shared_fs_gbs for all nodes "
                                    "together), whichever is slower; the merge runs once, on one node; "
                                    "memory: the measured peak RSS plus the bytes per added cell of anonymous memory "
-                                   "(RSS where that was not sampled; a conversion worker's flat where the trace of "
-                                   "its memory against units done saw it stop growing); disk: the "
+                                   "(RSS where that was not sampled; flat where the peak grew by 10 % or less over "
+                                   "the sizes, as the flags count it, or where the trace of a conversion worker's "
+                                   "memory against units done saw it stop growing); disk: the "
                                    "measured bytes per cell. Not measured: shared-filesystem contention, stragglers."},
            "targets": []}
     corpus_per_cell = ref["corpus"]["disk_bytes"] / n0
