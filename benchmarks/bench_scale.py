@@ -702,9 +702,12 @@ def projection(result: dict, node_cores: int, nodes: int, efficiency: float, nod
                 "cpu_bound_one_node_hours": cpu / (node_cores * efficiency) / 3600,
                 "io_bound_one_node_hours": io_one / 3600, f"io_bound_{nodes}_nodes_hours": io_many / 3600,
                 "worker_rss_bytes": mem(name, "worker_peak_rss", cells),
-                "main_rss_bytes": mem(name, "main_peak_rss", cells),
-                "node_rss_bytes_upper_bound": (mem(name, "worker_peak_rss", cells) or 0) * node_cores
-                + (mem(name, "main_peak_rss", cells) or 0)}
+                # the main process merges: bounded as the merge is, by the median sketch's window
+                "main_rss_bytes": min(x for x in (mem(name, "main_peak_rss", cells), sketch_bound(sizes, name))
+                                      if x is not None) if mem(name, "main_peak_rss", cells) is not None else None,
+            }
+            row[f"convert_{vocab}"]["node_rss_bytes_upper_bound"] = \
+                (mem(name, "worker_peak_rss", cells) or 0) * node_cores + (row[f"convert_{vocab}"]["main_rss_bytes"] or 0)
         if ref["steps"].get("merge"):
             row["merge_rss_bytes"] = mem("merge", "main_peak_rss", cells)
             bound = sketch_bound(sizes, "merge")
