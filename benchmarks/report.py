@@ -521,9 +521,159 @@ def anchors() -> str:
                       table(["anchor", "anchor, per PFLOP/s", "ours", "ours, per PFLOP/s"], rows)])
 
 
+SCALE_STEPS = {"convert_built": "convert, built vocabulary", "convert_supplied": "convert, supplied vocabulary",
+               "convert_4_nodes": "convert, 4 node ranks at once", "merge": "merge (after the 4 node ranks)",
+               "verify": "verify", "inspect": "inspect", "loader_plan": "CellLoader construction + epoch plan",
+               "loader_log1p_bins": "loader epoch, log1p_bins + mask", "loader_rank": "loader epoch, rank + mask"}
+
+
+def _cells(c: float) -> str:
+    return f"{c / 1e6:g}M"
+
+
+def _gib(b) -> str:
+    return "-" if b is None else (f"{b / 2**30:,.1f} GiB" if b >= 2**30 else f"{b / 2**20:,.0f} MiB")
+
+
+def _hours(h) -> str:
+    return "-" if h is None else duration(h)
+
+
+def scale() -> str:
+    """How conversion, statistics and the loader grow with cells, and the 30M/100M projection."""
+    r = load("scale_cpu.json")
+    if r is None or not r.get("sizes"):
+        return ""
+    sizes, fits, st = r["sizes"], r["fits"], r["settings"]
+    head = sizes[-1]
+    busy = [s["steps"][k]["other_cores_busy"] for s in sizes for k in s["steps"]
+            if s["steps"][k].get("other_cores_busy") is not None]
+    atlas = "; ".join(f"{_cells(s['cells'])}: {s['atlas']['files']} file{'s' if s['atlas']['files'] > 1 else ''}, {s['atlas']['bytes'] / 1e9:.1f} GB, "
+                      f"{s['corpus']['nonzeros_per_cell']:,.0f} nonzeros per cell, corpus "
+                      f"{s['corpus']['disk_bytes'] / 1e9:.1f} GB ({s['corpus']['bytes_per_nonzero']:.2f} bytes per "
+                      f"nonzero, {s['corpus']['n_shards']} shards)" for s in sizes if s.get("corpus"))
+    rows = []
+    for key, what in SCALE_STEPS.items():
+        have = [s for s in sizes if key in s["steps"]]
+        if not have:
+            continue
+        f = fits.get(key, {})
+        per_size = "; ".join(f"{_cells(s['cells'])}: {s['steps'][key]['wall_s']:,.0f} s / "
+                             f"{s['steps'][key]['cpu_s']:,.0f} s" for s in have)
+        def peaks(row: dict, suffix: str = "") -> str:
+            return _gib(row[f"main_peak_rss{suffix}"]) + (f" / {_gib(row[f'worker_peak_rss{suffix}'])}"
+                                                         if row.get("worker_peak_rss") else "")
+
+        rss = "; ".join(f"{_cells(s['cells'])}: {peaks(s['steps'][key])}"
+                        + (f" (anonymous {peaks(s['steps'][key], '_anon')})" if s["steps"][key].get("main_peak_rss_anon")
+                           else "") for s in have)
+        us = ", ".join(f"{x:,.1f}" for x in f.get("cpu_us_per_cell", []))
+        slope = f.get("cpu_s_slope")
+        if key.startswith("loader_") and key != "loader_plan" and f.get("cpu_slope_per_cell_read") is not None:
+            slope = f["cpu_slope_per_cell_read"] + 1
+        which = "worker_peak_rss" if have[-1]["steps"][key].get("worker_peak_rss") else "main_peak_rss"
+        grow = f.get(f"{which}_anon_bytes_per_added_cell", f.get(f"{which}_bytes_per_added_cell"))
+        rows.append([what, per_size, us, "-" if slope is None else f"{slope:.2f}", rss,
+                     "-" if grow is None else f"{grow:+,.0f}"])
+    ident = [s["multinode_identity"] for s in sizes if s.get("multinode_identity")]
+    ident_text = "".join(
+        f" **Multi-node identity:** {i['nodes']} node ranks (`--num-nodes {i['nodes']} --node-rank R`, run at once on "
+        f"this machine's one filesystem, `--workers 1` each, built vocabulary) then `merge`, at {_cells(i['cells'])} "
+        f"cells: {'byte-identical' if i['identical'] else 'NOT identical'} to the one-node corpus ({i['files_compared']} "
+        f"files, {i['bytes_compared'] / 1e9:.1f} GB compared by sha256: shards, manifest, vocabulary, "
+        "cell_lengths.npy, stats.zarr" + (f"; differing: {', '.join(i['differing_files'] + i['files_in_one_only'])}"
+                                          if not i["identical"] else "") + ")." for i in ident)
+    loader_note = ("full epochs" if not st.get("loader_max_batches") else
+                   f"epochs capped at {st['loader_max_batches']} batches")
+    out = [f"**Scaling with the number of cells** (issue 25). {source('scale_cpu.json', r)} The synthetic atlas "
+           f"(`python -m data_pipeline synthetic --preset atlas`, files of {st['cells_per_file']:,} cells; {atlas}). "
+           f"Each step is its own process, as a user runs it: conversion with {st['workers']} workers, the loader with "
+           f"{st['loader_workers']} DataLoader workers ({loader_note}; token budget {st['token_budget']:,}, megabatches "
+           f"of {st['megabatch_cells']:,} cells). CPU time: user + system of the step and every process it waited for "
+           "(`getrusage`); peak RSS sampled per process with psutil every "
+           f"{st['rss_sampling_s'] * 1000:.0f} ms, with its anonymous part (RssAnon: heap and private memory, "
+           "without the file pages a process maps; a peak of RSS also catches transient file pages). The machine "
+           "was shared: other processes kept "
+           f"{min(busy):.1f}-{max(busy):.1f} of its {r['device']['cores']} cores busy during the steps, so wall times "
+           "are inflated and the CPU times are the figures to read. Slope: of log CPU time against log cells (1 = "
+           "linear; loader epochs per cell read); fixed start-up costs (imports, numba kernels) pull it below 1 "
+           "at these sizes." + ident_text, "",
+           table(["step", "wall / CPU time", "CPU µs per cell (one core)", "CPU slope",
+                  "peak RSS: main / largest worker", "bytes per added cell (anonymous memory)"], rows)]
+    traces = [(s["cells"], s["convert_worker_trace"]) for s in sizes if s.get("convert_worker_trace")]
+    if traces:
+        def reached(t: dict) -> int:  # units done when the worker's peak first came within 1 % of its final value
+            return next(u for u, p in t["worker_anon_peak_by_units_done"] if p >= 0.99 * t["peak_at_end"])
+
+        out += ["", "A conversion worker's anonymous memory against the work units finished (`bench_scale.py "
+                    "--trace-workers`, the conversion run once more with the workers sampled every 0.1 s): "
+                + "; ".join(f"{_cells(c)} cells: {_gib(t['peak_at_end'])}, reached at unit {reached(t)} of "
+                            f"{t['units']} and {'flat' if t['plateau'] else 'still growing'} after"
+                            for c, t in traces)
+                + ". Units are cut to one size whatever the corpus size; the few MiB between the sizes go with "
+                  "the input files a worker holds open (at most 8)." + (
+                      " The projection takes the conversion worker's memory as flat." if traces[-1][1]["plateau"]
+                      else "")]
+    windows = [(s["cells"], s["merge_window"]) for s in sizes if s.get("merge_window")]
+    if windows:
+        w = windows[-1][1]
+        out += ["", "The statistics merge (in `merge`, and at the end of a one-node `convert`) adds every unit's "
+                    "median sketch into a dense window per gene, from its lowest to its highest value bucket: "
+                    + ", ".join(f"{_gib(x['bytes'])} at {_cells(c)} cells" for c, x in windows)
+                    + f" ({w['tokens']:,} genes, at most {w['widest_token_buckets']:,} buckets for one gene). It grows "
+                      "with the range of values a gene takes, which saturates, not with cells, and is capped at "
+                      f"{_gib(w['cap_bytes'])} (`stats._DENSE_MERGE_MAX`; past it the merge goes pairwise)."]
+    if r.get("defects"):
+        out += ["", "Flagged by the benchmark's rule (`defects` in the JSON: CPU time growing faster than cells^1.15, or "
+                    "memory that should be flat, the conversion and loader workers', the merge's and verify's, growing "
+                    "by more than 10 %), each with what bounds or explains it where the JSON records that:"] + \
+               [f"- {d}" for d in r["defects"]]
+    else:
+        out += ["", "No step's CPU time grew faster than linearly, and no memory that should be flat grew "
+                    f"(conversion workers, merge, verify, loader workers), from {_cells(sizes[0]['cells'])} to "
+                    f"{_cells(head['cells'])} cells."]
+    p = r.get("projection") or {}
+    if p.get("targets"):
+        a = p["assumptions"]
+        n = a["nodes"]
+        prow = []
+        for t in p["targets"]:
+            b, s = t.get("convert_built", {}), t.get("convert_supplied", {})
+            prow.append([_cells(t["cells"]), f"{t['input_h5ad_bytes'] / 1e12:.2f} TB", f"{t['corpus_disk_bytes'] / 1e12:.2f} TB",
+                         f"{b.get('cpu_hours', 0):,.1f} h", f"{_hours(b.get('cpu_bound_one_node_hours'))} / "
+                         f"{_hours(b.get('io_bound_one_node_hours'))} / {_hours(b.get(f'io_bound_{n}_nodes_hours'))}",
+                         _hours(b.get("one_node_hours")),
+                         _hours(s.get("one_node_hours")), _hours(b.get(f"{n}_nodes_hours")),
+                         _hours(s.get(f"{n}_nodes_hours")), _hours(b.get("merge_hours")),
+                         f"{_gib(b.get('worker_rss_bytes'))} / {_gib(t.get('merge_rss_bytes'))}"
+                         + (" (sketch bound)" if t.get("merge_rss_bounded_by_sketch") else ""),
+                         f"{_gib((t.get('loader_log1p_bins') or {}).get('worker_rss_bytes'))} / "
+                         f"{_gib((t.get('loader_rank') or {}).get('worker_rss_bytes'))}"])
+        disk = ", ".join(f"{k} {v / 1e9:,.0f} GB" for k, v in p.get("disk_needed_for_sizes", {}).items())
+        out += ["", f"**Projection to 30M and 100M cells (a projection, not a measurement).** From "
+                    f"`scale_cpu.json`: {p['basis']}. One node of {a['node_cores']} cores, and {n} nodes "
+                    f"(conversion as a SLURM array of {n} `--num-nodes` ranks, then `merge` on one node), cores "
+                    f"used at {a['core_efficiency']:.2f} of linear (the 2-worker conversion scaling of `convert.json`); "
+                    f"disks assumed, not measured: {a.get('node_disk_gbs', '?'):g} GB/s per node, "
+                    f"{a.get('shared_fs_gbs', '?'):g} GB/s for the shared filesystem. "
+                    f"{a['text']} Memory: conversion worker (the node holds {a['node_cores']} of them: at most "
+                    f"{_gib(p['targets'][-1].get('convert_built', {}).get('node_rss_bytes_upper_bound'))} at "
+                    f"{_cells(p['targets'][-1]['cells'])}, forked workers sharing pages) and merge; loader worker "
+                    f"RSS with the epoch plan in it. Disk this benchmark needs per size ({p['disk_needed_what']}): "
+                    f"{disk}.", "",
+                table(["cells", "input h5ad", "corpus", "convert CPU", f"CPU-bound 1 node / disk-bound 1 node / {n} nodes",
+                       "1 node, built vocabulary", "1 node, supplied",
+                       f"{n} nodes, built (incl. merge)", f"{n} nodes, supplied", "merge",
+                       "RSS: convert worker / merge", "RSS per loader worker: log1p_bins / rank"], prow)]
+    if (RESULTS / "scale_cpu.png").exists():
+        out += ["", "Time and peak RSS against cells, log-log: [`benchmarks/results/scale_cpu.png`]"
+                    "(benchmarks/results/scale_cpu.png)."]
+    return "\n".join(out)
+
+
 def performance() -> str:
-    blocks = [gpu_status(), training(), anchors(), scaling(), train_loop(), contrastive(), conversion(), loader(),
-              epoch_plan(), loader_peers(), demo()]
+    blocks = [gpu_status(), training(), anchors(), scaling(), train_loop(), contrastive(), conversion(), scale(),
+              loader(), epoch_plan(), loader_peers(), demo()]
     return "\n\n".join(b for b in blocks if b)
 
 

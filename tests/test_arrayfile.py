@@ -71,3 +71,22 @@ def test_failed_stream_write_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError):
         atomic_write_stream(tmp_path / "f.bin", fail)
     assert not (tmp_path / "f.bin").exists()
+
+
+def test_source_checksum_maps_a_window_at_a_time(tmp_path, monkeypatch):
+    """Inputs are hashed through memory maps of a bounded window (a whole-file map put a 4 GB input
+    in a worker's resident set); the hash is that of the whole bytes, window size or not."""
+    import mmap
+
+    import xxhash
+
+    from data_pipeline.conversion import fsio
+
+    data = np.random.default_rng(0).integers(0, 256, 3 * mmap.ALLOCATIONGRANULARITY + 123, np.uint8).tobytes()
+    (tmp_path / "a.bin").write_bytes(data)
+    (tmp_path / "empty.bin").write_bytes(b"")
+    whole = f"xxh3_128:{xxhash.xxh3_128(data).hexdigest()}"
+    assert fsio.source_checksum(tmp_path / "a.bin") == whole
+    monkeypatch.setattr(fsio, "_HASH_WINDOW", mmap.ALLOCATIONGRANULARITY)  # four windows, the last short
+    assert fsio.source_checksum(tmp_path / "a.bin") == whole
+    assert fsio.source_checksum(tmp_path / "empty.bin") == f"xxh3_128:{xxhash.xxh3_128(b'').hexdigest()}"
