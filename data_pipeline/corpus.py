@@ -219,7 +219,7 @@ class Corpus:
         from .conversion.stats import GeneStats
 
         # zarr reads a URL through fsspec itself (by its known keys: no folder listing needed)
-        return GeneStats.from_zarr(f"{self.url}/{STATS}" if self.url else self.path / STATS).nonzero_medians()
+        return GeneStats.read_nonzero_medians(f"{self.url}/{STATS}" if self.url else self.path / STATS)
 
     def shard_path(self, name: str) -> Path:
         """The file of shard ``name`` (as the manifest names it), refused unless it lies inside the

@@ -406,6 +406,9 @@ def test_zarr_round_trip(block, tmp_path):
     _assert_same_stats(s, back)
     root = zarr.open_group(str(tmp_path / "stats.zarr"), mode="r")
     np.testing.assert_array_equal(root["nonzero_median"][...], s.nonzero_medians())
+    np.testing.assert_array_equal(GeneStats.read_nonzero_medians(tmp_path / "stats.zarr"), s.nonzero_medians())
+    del zarr.open_group(str(tmp_path / "stats.zarr"), mode="a")["nonzero_median"]  # as an older writer left it
+    np.testing.assert_array_equal(GeneStats.read_nonzero_medians(tmp_path / "stats.zarr"), s.nonzero_medians())
     assert root.attrs["sketch"]["buckets_per_token"] == BUCKETS
     assert root.attrs["sketch"]["relative_error"] == RELATIVE_ERROR
 

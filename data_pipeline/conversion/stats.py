@@ -817,6 +817,17 @@ class GeneStats:
         for name, arr in arrays.items():
             root.create_array(name, data=np.ascontiguousarray(arr), chunks=(max(len(arr), 1),), compressors=codec)
 
+    @staticmethod
+    def read_nonzero_medians(path: Path) -> np.ndarray:
+        """The ``nonzero_medians()`` that `to_zarr` stored: one array read, instead of loading the
+        sketch (tens of millions of entries at a million cells) and computing them again."""
+        import zarr
+
+        root = zarr.open_group(str(path), mode="r")
+        if "nonzero_median" not in root:  # written by a converter that did not store them
+            return GeneStats.from_zarr(path).nonzero_medians()
+        return root["nonzero_median"][...]
+
     @classmethod
     def from_zarr(cls, path: Path) -> GeneStats:
         import zarr
