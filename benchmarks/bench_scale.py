@@ -64,6 +64,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from common import RESULTS, cpu_device, result_record, versions, write_result  # noqa: E402
 
+from data_pipeline.corpus import Corpus  # noqa: E402
+
 DATA = REPO / "benchmarks" / "data" / "scale"
 RESULT = RESULTS / "scale_cpu.json"
 PLOT = RESULTS / "scale_cpu.png"
@@ -445,12 +447,13 @@ def run_size(cells: int, args, result: dict, save) -> dict:
     row = measure("convert_built", [convert_cmd(one, "--workers", str(args.workers))], logs, [one])
     row["stages_s"] = stage_times(row["_logs"][0])
     step("convert_built", row)
-    manifest = json.loads((one / "manifest.json").read_text())
-    t = manifest["totals"]
+    corpus = Corpus(one)
+    t = corpus.totals
     entry["corpus"] = {"bytes": t["bytes"], "disk_bytes": du(one), "n_tokens": t["n_tokens"],
                        "n_cells": t["n_cells"], "n_shards": t["n_shards"],
                        "bytes_per_nonzero": t["bytes"] / t["n_tokens"], "bytes_per_cell": t["bytes"] / t["n_cells"],
-                       "nonzeros_per_cell": t["n_tokens"] / t["n_cells"], "vocab_genes": manifest["vocab"]["n_genes"]}
+                       "nonzeros_per_cell": t["n_tokens"] / t["n_cells"],
+                       "vocab_genes": corpus.vocab_size - len(corpus.special_tokens)}
     save()
 
     supplied = DATA / f"corpus-{name}-vocab"
@@ -542,7 +545,7 @@ def trace_workers(cells: int, args, result: dict) -> dict:
         time.sleep(0.1)
     if proc.returncode != 0:
         sys.exit(f"trace: `{' '.join(cmd)}` failed ({proc.returncode})")
-    total = json.loads((out / "manifest.json").read_text())["totals"]["n_shards"]
+    total = Corpus(out).totals["n_shards"]
     shutil.rmtree(out)
     half = max((p for u, p in series if u <= total / 2), default=0)
     end = max((p for _, p in series), default=0)
