@@ -522,7 +522,7 @@ def _rank_cells(indptr, genes, counts, totals, medians, target_sum, cap, out_ptr
             for r in range(n):
                 keys[r] = top - bits[r]
             _insertion_sort_pairs(keys, entries, 0, n)
-            sk, se = keys, entries
+            se = entries
         else:
             kmin, kmax = top, 0
             for r in range(n):
@@ -555,7 +555,7 @@ def _rank_cells(indptr, genes, counts, totals, medians, target_sum, cap, out_ptr
                 else:  # keys, entries: scratch
                     radix_sort_pairs(sorted_k[lo:hi], sorted_e[lo:hi], hi - lo, keys[lo:hi], entries[lo:hi], 64)
                 lo = hi
-            sk, se = sorted_k, sorted_e
+            se = sorted_e
         for r in range(min(n, cap)):
             out_genes[o] = genes[se[r]]
             ranks[o] = r
