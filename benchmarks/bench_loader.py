@@ -7,6 +7,8 @@ corpus read with and without the checks in the same run. Writes ``benchmarks/res
 
     python benchmarks/bench_loader.py                          # ~10 min, ~3 GB of corpora
     python benchmarks/bench_loader.py --synthetic-cells 50000 --repeats 1 --workers 0   # quick
+    python benchmarks/bench_loader.py --modes "rank+mask (2048)" "log1p_bins+mask+2 views" --skip-integrity \
+        --result /tmp/loader_some.json                         # some modes only (not for loader.json)
     python benchmarks/bench_loader.py --integrity-only --real-cells 50000 --synthetic-cells 50000 --repeats 9
                                                                # the checks' cost only: loader_integrity.json
 
@@ -224,10 +226,16 @@ def main() -> None:
                          "needs repeats)")
     ap.add_argument("--integrity-only", action="store_true",
                     help="measure only what the block checks cost (default result: loader_integrity.json)")
+    ap.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES), metavar="MODE",
+                    help="time only these modes (default all: %(choices)s); a run of some modes leaves out the "
+                    "AnnData baseline unless log1p_bins+mask is among them")
+    ap.add_argument("--skip-integrity", action="store_true", help="leave out the block checks' cost")
     ap.add_argument("--result", type=Path, default=None, help="default benchmarks/results/loader.json, or "
                     "loader_integrity.json with --integrity-only")
     args = ap.parse_args()
     results = REPO / "benchmarks" / "results"
+    if args.result is None and not args.integrity_only and set(args.modes) != set(MODES):
+        ap.error("--modes times some modes only: pass --result (loader.json holds runs of every mode)")
     args.result = args.result or results / ("loader_integrity.json" if args.integrity_only else "loader.json")
     batching = Batching(token_budget=args.token_budget, megabatch_cells=args.megabatch_cells)
 
@@ -248,7 +256,7 @@ def main() -> None:
                   batching={"token_budget": batching.token_budget, "megabatch_cells": batching.megabatch_cells})
     integrity = []
     load_before = os.getloadavg()  # the checks' cost is a few %: say how busy the machine was
-    for name, corpus, _ in datasets:
+    for name, corpus, _ in ([] if args.skip_integrity and not args.integrity_only else datasets):
         for mode_name in INTEGRITY_MODES:
             for w in args.workers:
                 r = {"dataset": name, "corpus_cells": Corpus(corpus).n_cells,
@@ -265,11 +273,15 @@ def main() -> None:
     for name, corpus, files in datasets:
         padding[name] = padding_waste(corpus, batching)
         for mode_name, mode in MODES.items():
+            if mode_name not in args.modes:
+                continue
             for w in args.workers:
                 r = {"dataset": name, "mode": mode_name, "corpus_cells": Corpus(corpus).n_cells,
                      **epoch_rate(corpus, mode, w, batching, args.repeats)}
                 print(json.dumps(r), file=sys.stderr)
                 runs.append(r)
+        if "log1p_bins+mask" not in args.modes:
+            continue
         baseline[name] = anndata_baseline(files, padding[name]["cells_per_batch"])
         ours = next(r for r in runs if r["dataset"] == name and r["mode"] == "log1p_bins+mask" and r["workers"] == 0)
         baseline[name]["loader_log1p_bins_mask_over_anndata"] = round(ours["cells_per_s"] / baseline[name]["cells_per_s"], 2)

@@ -256,3 +256,28 @@ def test_bad_settings_name_the_fix():
         Normalization("log2")
     with pytest.raises(ValueError, match="at least 3"):
         Normalization("quantile_bins", n_bins=2)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_rank_mode_equals_reference_on_long_cells_with_many_ties(seed):
+    """Rank mode's bucket sort (counting pass on leading bits, then insertion sort per bucket or
+    radix sort per large bucket) against the plain sort: cells of 1 ... 6,000 genes (over the cap,
+    and over the 4,096 buckets), values with heavy ties (few distinct medians and counts: large
+    buckets of equal keys) and spread over many magnitudes, non-integer counts too."""
+    rng = np.random.default_rng(300 + seed)
+    n_genes = 8000
+    medians = rng.choice([0.5, 1.0, 2.0, 3.0], n_genes) if seed % 2 else np.exp(rng.uniform(-8, 8, n_genes))
+    medians[rng.random(n_genes) < 0.05] = np.nan
+    medians[rng.random(n_genes) < 0.02] = 0.0  # no median either
+    lengths = np.concatenate([rng.integers(1, 80, 20), rng.integers(40, 6000, 12), [0, 49, 48, 50]])
+    genes = np.concatenate([np.sort(rng.choice(n_genes, k, replace=False)) for k in lengths]).astype(np.int64)
+    small = rng.random(len(genes)) < 0.7
+    counts = np.where(small, rng.integers(1, 4, len(genes)), rng.integers(1, 100_000, len(genes)))
+    if seed == 3:
+        counts = (counts * 0.25).astype(np.float32)
+    indptr = np.concatenate([[0], np.cumsum(lengths)])
+    totals = np.maximum(np.add.reduceat(counts, indptr[:-1]), 1) * rng.uniform(1.0, 1.5, len(lengths))
+    for cap in (2048, 25, None):
+        norm = Normalization("rank", medians=medians, max_genes=cap)
+        _check(norm, indptr, genes, counts, totals,
+               lambda g, c, t, cap=cap: ref.rank_value(g, c, t, medians, cap if cap is not None else len(g)))

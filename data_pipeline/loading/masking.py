@@ -148,20 +148,25 @@ def make_views(views: Views, indptr, genes, counts, total_counts, rng: np.random
     the view's depth instead."""
     n = len(indptr) - 1
     indptr = np.asarray(indptr, np.int64)
+    counts = np.asarray(counts)
     depth = rng.uniform(views.min_depth, 1.0, (n, 2))
+    integer = np.issubdtype(counts.dtype, np.integer)
+    if not integer:
+        counts = counts.astype(np.float64, copy=False)
     out_ptr = np.empty(2 * n + 1, np.int64)
     out_genes = np.empty(2 * int(indptr[-1]), np.asarray(genes).dtype)
-    out_counts = np.empty(2 * int(indptr[-1]), np.float64)
+    out_counts = np.empty(2 * int(indptr[-1]), np.int64 if integer else np.float64)
     kept_sum = np.empty(2 * n)
-    integer = np.issubdtype(np.asarray(counts).dtype, np.integer)
+    source_sum = np.empty(n)
     uniforms = rng.random(2 * int(indptr[-1]))
-    _views(indptr, genes, np.asarray(counts, np.float64), integer, depth, views.gene_dropout, uniforms,
-           int(rng.integers(1 << 62)), out_ptr, out_genes, out_counts, kept_sum)
+    _views(indptr, genes, counts, integer, depth, views.gene_dropout, uniforms, int(rng.integers(1 << 62)), out_ptr,
+           out_genes, out_counts, kept_sum, source_sum)
     m = out_ptr[-1]
-    source_sum = np.add.reduceat(np.asarray(counts, np.float64), indptr[:-1]) if n and indptr[-1] else np.zeros(n)
+    if not integer:  # float sums as numpy adds them (integer ones are exact in any order)
+        source_sum = np.add.reduceat(counts, indptr[:-1]) if n and indptr[-1] else np.zeros(n)
     source_sum = np.where(np.diff(indptr) > 0, source_sum, 1.0)
     total = np.repeat(np.asarray(total_counts, np.float64), 2) * kept_sum / np.repeat(source_sum, 2)
-    return out_ptr, out_genes[:m], (out_counts[:m].astype(np.int64) if integer else out_counts[:m]), total
+    return out_ptr, out_genes[:m], out_counts[:m], total
 
 
 _TABLE_COUNTS = 32  # counts up to this are drawn from a per-cell table with one uniform
@@ -169,32 +174,67 @@ _TABLE_COUNTS = 32  # counts up to this are drawn from a per-cell table with one
 
 @njit(cache=True, nogil=True)
 def _views(indptr, genes, counts, integer, depth, dropout, uniforms, seed, out_ptr, out_genes, out_counts,
-           kept_sum):  # pragma: no cover
+           kept_sum, source_sum):  # pragma: no cover
     """Per cell and view: drop each gene with probability ``dropout``, else thin its count to
     Binomial(count, depth); keep the genes left with a count (at least the cell's first
     highest-count gene), in order. ``uniforms`` [2 nnz] from the caller's generator; counts above
-    ``_TABLE_COUNTS`` use numba's binomial, seeded with ``seed``: reproducible.
+    ``_TABLE_COUNTS`` use numba's binomial, seeded with ``seed``: reproducible. ``source_sum``:
+    each cell's count sum (as float64; integer counts only).
 
     Dropout and thinning together give count k with probability ``d [k=0] + (1-d) pmf(k)``; for
     counts up to ``_TABLE_COUNTS`` (nearly all) that distribution's CDF is tabulated per cell and
-    view, a row when its count first occurs, so an entry costs one uniform and a short walk."""
+    view, the rows of the counts the cell has (all rows stepped together: each row's recurrence is
+    a chain of dependent divisions), so an entry costs one uniform and a short walk. Counts up to 4
+    (most entries) take no branch on their draw: the kept count is how many of the row's first 4
+    entries the uniform reaches (the row is nondecreasing; its entries from the count on are 1,
+    above any uniform), and every entry is written at the output's end, which moves on only when
+    the entry keeps a count."""
     np.random.seed(seed)
-    cdf = np.empty((_TABLE_COUNTS + 1, _TABLE_COUNTS + 1))
-    ready = np.zeros(_TABLE_COUNTS + 1, np.bool_)
+    cdf = np.ones((_TABLE_COUNTS + 1, _TABLE_COUNTS + 1))
+    row_of = np.empty(_TABLE_COUNTS + 1, np.int64)  # the small counts present in the cell, ascending
+    seen = np.zeros(_TABLE_COUNTS + 1, np.bool_)
+    pmf = np.empty(_TABLE_COUNTS + 1)
+    acc = np.empty(_TABLE_COUNTS + 1)
     o = 0
     d = 0
     out_ptr[0] = 0
     for i in range(len(indptr) - 1):
         lo, hi = indptr[i], indptr[i + 1]
         top = lo
+        s = 0.0
         for j in range(lo, hi):
-            if counts[j] > counts[top]:
+            c = counts[j]
+            if c > counts[top]:
                 top = j
+            s += np.float64(c)
+            if integer and c <= _TABLE_COUNTS:
+                seen[np.int64(c)] = True
+        source_sum[i] = s
+        rows = 0
+        for c in range(_TABLE_COUNTS + 1):
+            if seen[c]:
+                row_of[rows] = c
+                rows += 1
+                seen[c] = False
         for v in range(2):
             p = depth[i, v]
             q = 1.0 - p
             ratio = p / q if q > 0 else 0.0
-            ready[:] = False
+            # the CDF rows of the counts present: the recurrence of each row is one chain of
+            # dependent operations; stepping all rows together lets them overlap
+            for r in range(rows):
+                pmf[r] = q ** row_of[r]
+                acc[r] = 0.0
+                cdf[row_of[r], row_of[r]] = 1.0
+            first = 0
+            for k in range(row_of[rows - 1] if rows else 0):
+                while row_of[first] <= k:
+                    first += 1
+                for r in range(first, rows):
+                    ci = row_of[r]
+                    acc[r] += pmf[r]
+                    cdf[ci, k] = dropout + (1.0 - dropout) * acc[r]
+                    pmf[r] = pmf[r] * (ci - k) / (k + 1) * ratio if q > 0 else (1.0 if k + 1 == ci else 0.0)
             start = o
             total = 0.0
             for j in range(lo, hi):
@@ -203,18 +243,13 @@ def _views(indptr, genes, counts, integer, depth, dropout, uniforms, seed, out_p
                 d += 1
                 if integer and c <= _TABLE_COUNTS:
                     ci = np.int64(c)
-                    if not ready[ci]:
-                        pmf = q ** ci
-                        acc = 0.0
-                        for k in range(ci):
-                            acc += pmf
-                            cdf[ci, k] = dropout + (1.0 - dropout) * acc
-                            pmf = pmf * (ci - k) / (k + 1) * ratio if q > 0 else (1.0 if k + 1 == ci else 0.0)
-                        cdf[ci, ci] = 1.0
-                        ready[ci] = True
-                    k = 0
-                    while k < ci and u >= cdf[ci, k]:
-                        k += 1
+                    if ci <= 4:  # u < 1 <= cdf[ci, t] for t >= ci: count the entries u passes, no branch
+                        k = (np.int64(u >= cdf[ci, 0]) + np.int64(u >= cdf[ci, 1]) + np.int64(u >= cdf[ci, 2])
+                             + np.int64(u >= cdf[ci, 3]))
+                    else:
+                        k = 0
+                        while k < ci and u >= cdf[ci, k]:
+                            k += 1
                     kept = np.float64(k)
                 elif u < dropout:
                     kept = 0.0
@@ -222,11 +257,10 @@ def _views(indptr, genes, counts, integer, depth, dropout, uniforms, seed, out_p
                     kept = np.float64(np.random.binomial(np.int64(c), p))
                 else:  # counts of a non-integer corpus are scaled
                     kept = c * p
-                if kept > 0:
-                    out_genes[o] = genes[j]
-                    out_counts[o] = kept
-                    total += kept
-                    o += 1
+                out_genes[o] = genes[j]
+                out_counts[o] = kept
+                total += kept
+                o += kept > 0
             if o == start and hi > lo:  # never an empty view
                 out_genes[o] = genes[top]
                 out_counts[o] = 1.0 if integer else counts[top] * p

@@ -454,44 +454,110 @@ def top_subset(indptr: np.ndarray, counts: np.ndarray, cap: int) -> np.ndarray:
 
 
 def _rank(norm: Normalization, indptr, genes, counts, total_counts) -> Normalized:
-    medians = norm.medians[genes]
-    known = np.isfinite(medians) & (medians > 0)
-    per_entry_total = np.repeat(np.asarray(total_counts, np.float64), np.diff(indptr))
-    v = np.asarray(counts, np.float64) / per_entry_total * norm.target_sum / np.where(known, medians, 1.0)
     cap = norm.max_genes if norm.max_genes is not None else 1 << 62
-    # descending v as ascending integers: a positive double's bits order like its value
-    keys = np.int64(np.iinfo(np.int64).max) - np.where(known, v, 0.0).view(np.int64)
     out_ptr = np.empty(len(indptr), np.int64)
-    order = np.empty(int(known.sum()), np.int64)
-    ranks = np.empty(len(order), np.int64)
-    m = _rank_cells(indptr, keys, known, cap, out_ptr, order, ranks)
-    return Normalized(out_ptr, genes[order[:m]], ranks[:m])
+    out_genes = np.empty(len(genes), np.int64)
+    ranks = np.empty(len(genes), np.int64)
+    m = _rank_cells(indptr, genes, counts, np.asarray(total_counts, np.float64), np.asarray(norm.medians, np.float64),
+                    float(norm.target_sum), cap, out_ptr, out_genes, ranks)
+    return Normalized(out_ptr, out_genes[:m], ranks[:m])
+
+
+_INSERTION_SORT = 48  # a bucket of at most this many keys is finished by insertion sort, a larger one by radix
 
 
 @njit(cache=True, nogil=True)
-def _rank_cells(indptr, keys, known, cap, out_ptr, order, ranks):  # pragma: no cover
-    """Per cell: its known entries by ascending ``keys`` (descending value), ties in entry order
-    (ascending token: the radix sort is stable), the first ``cap``; entry positions to
-    ``order``, ranks to ``ranks``."""
-    out_ptr[0] = 0
-    o = 0
+def _insertion_sort_pairs(keys, vals, lo, hi):  # pragma: no cover
+    """Stable insertion sort of ``keys[lo:hi]`` ascending, carrying ``vals``."""
+    for i in range(lo + 1, hi):
+        k, v = keys[i], vals[i]
+        j = i - 1
+        while j >= lo and keys[j] > k:
+            keys[j + 1] = keys[j]
+            vals[j + 1] = vals[j]
+            j -= 1
+        keys[j + 1] = k
+        vals[j + 1] = v
+
+
+@njit(cache=True, nogil=True)
+def _rank_cells(indptr, genes, counts, totals, medians, target_sum, cap, out_ptr, out_genes, ranks):  # pragma: no cover
+    """Per cell: ``v = count / total * target_sum / median[gene]`` of its genes with a median
+    (finite, > 0), sorted by descending ``v``, ties in entry order (ascending token), the first
+    ``cap``: tokens to ``out_genes``, ranks to ``ranks``, cells' starts to ``out_ptr``.  -> entries
+
+    Descending v is ascending ``int64 max - bits(v)`` (a positive double's bits order like its
+    value). A cell's keys are sorted stably in one counting pass into buckets of their leading bits
+    (about one bucket per key: the bits of a double grow with its logarithm, so buckets spread over
+    the cell's range of magnitudes), then each bucket by insertion sort, or by radix sort when it
+    is large: the same order as one stable sort of the whole cell, in far fewer passes than a
+    64-bit radix sort."""
     longest = 0
     for i in range(len(indptr) - 1):
         longest = max(longest, indptr[i + 1] - indptr[i])
-    cell_keys = np.empty(longest, np.int64)
+    value = np.empty(max(longest, 1), np.float64)
+    bits = value.view(np.int64)
+    keys = np.empty(longest, np.int64)
     entries = np.empty(longest, np.int64)
-    tmp_k = np.empty(longest, np.int64)
-    tmp_e = np.empty(longest, np.int64)
+    sorted_k = np.empty(longest, np.int64)
+    sorted_e = np.empty(longest, np.int64)
+    n_buckets = 1
+    while n_buckets < longest:
+        n_buckets *= 2
+    n_buckets = min(n_buckets, 4096)
+    hist = np.empty(n_buckets + 1, np.int64)
+    top = np.iinfo(np.int64).max
+    out_ptr[0] = 0
+    o = 0
     for c in range(len(indptr) - 1):
+        t = totals[c]
         n = 0
         for j in range(indptr[c], indptr[c + 1]):
-            if known[j]:
-                cell_keys[n] = keys[j]
+            med = medians[genes[j]]
+            if np.isfinite(med) and med > 0:
+                value[n] = np.float64(counts[j]) / t * target_sum / med
                 entries[n] = j
                 n += 1
-        radix_sort_pairs(cell_keys, entries, n, tmp_k, tmp_e, 64)
+        if n <= _INSERTION_SORT:
+            for r in range(n):
+                keys[r] = top - bits[r]
+            _insertion_sort_pairs(keys, entries, 0, n)
+            se = entries
+        else:
+            kmin, kmax = top, 0
+            for r in range(n):
+                k = top - bits[r]
+                keys[r] = k
+                kmin = min(kmin, k)
+                kmax = max(kmax, k)
+            nb = 1
+            while nb < n and nb < n_buckets:
+                nb *= 2
+            span = kmax - kmin
+            shift = 0
+            while (span >> shift) >= nb:
+                shift += 1
+            hist[: nb + 1] = 0
+            for r in range(n):
+                hist[((keys[r] - kmin) >> shift) + 1] += 1
+            for b in range(nb):
+                hist[b + 1] += hist[b]
+            for r in range(n):
+                b = (keys[r] - kmin) >> shift
+                sorted_k[hist[b]] = keys[r]
+                sorted_e[hist[b]] = entries[r]
+                hist[b] += 1
+            lo = 0  # hist[b] is now the end of bucket b
+            for b in range(nb):
+                hi = hist[b]
+                if hi - lo <= _INSERTION_SORT:
+                    _insertion_sort_pairs(sorted_k, sorted_e, lo, hi)
+                else:  # keys, entries: scratch
+                    radix_sort_pairs(sorted_k[lo:hi], sorted_e[lo:hi], hi - lo, keys[lo:hi], entries[lo:hi], 64)
+                lo = hi
+            se = sorted_e
         for r in range(min(n, cap)):
-            order[o] = entries[r]
+            out_genes[o] = genes[se[r]]
             ranks[o] = r
             o += 1
         out_ptr[c + 1] = o
