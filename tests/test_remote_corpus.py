@@ -3,6 +3,7 @@ batches as the same corpus read from its folder; blocks are cached; errors name 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import re
@@ -52,33 +53,34 @@ class _Ranged(_Counting):
         self.wfile.write(data[start : end + 1])
 
 
+@contextlib.contextmanager
 def _serve(folder, handler):
+    """The URL of ``folder`` served on 127.0.0.1 by ``handler`` (its logs emptied), stopped on exit."""
     handler.requests = []
     handler.ranges = []
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(folder)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    return server, thread
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
 
 
 @pytest.fixture
 def served(corpus):  # noqa: F811
     """(URL, request log) of the corpus folder served on 127.0.0.1, stopped after the test."""
-    server, thread = _serve(corpus, _Counting)
-    yield f"http://127.0.0.1:{server.server_address[1]}", _Counting.requests
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    with _serve(corpus, _Counting) as url:
+        yield url, _Counting.requests
 
 
 @pytest.fixture
 def served_ranged(corpus):  # noqa: F811
     """(URL, [(path, Range header)]) of the corpus served by a server that honours ranges."""
-    server, thread = _serve(corpus, _Ranged)
-    yield f"http://127.0.0.1:{server.server_address[1]}", _Ranged.ranges
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    with _serve(corpus, _Ranged) as url:
+        yield url, _Ranged.ranges
 
 
 def _epoch(source, workers=0, seed=7):
@@ -169,12 +171,8 @@ def test_launch_trains_from_a_corpus_url(served, tmp_path):
 def test_a_server_gone_mid_run_is_named_as_such(corpus, tmp_path):  # noqa: F811
     """Blocks that cannot be fetched (the server went away after the manifest was read) stop the
     loader with the URL and the cause, not as a damaged block."""
-    server, thread = _serve(corpus, _Counting)
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    loader = _loader(Corpus(url, cache_dir=tmp_path / "cache"), seed=7, views=Views())
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    with _serve(corpus, _Counting) as url:
+        loader = _loader(Corpus(url, cache_dir=tmp_path / "cache"), seed=7, views=Views())
     with pytest.raises(CorpusError) as err:
         list(loader)
     assert url in str(err.value) and "damaged" not in str(err.value)
