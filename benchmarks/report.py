@@ -590,7 +590,10 @@ def scale() -> str:
            f"Each step is its own process, as a user runs it: conversion with {st['workers']} workers, the loader with "
            f"{st['loader_workers']} DataLoader workers ({loader_note}; token budget {st['token_budget']:,}, megabatches "
            f"of {st['megabatch_cells']:,} cells). CPU time: user + system of the step and every process it waited for "
-           "(`getrusage`); peak RSS sampled per process with psutil every "
+           "(`getrusage`); " + ("each step starts with its inputs (the atlas, or the corpus it reads) dropped from "
+                                "the page cache (`POSIX_FADV_DONTNEED`), as at atlas scale, where they outgrow memory; "
+                                if "inputs_dropped_from_page_cache_bytes" in head["steps"].get("verify", {}) else "")
+           + "peak RSS sampled per process with psutil every "
            f"{st['rss_sampling_s'] * 1000:.0f} ms, with its anonymous part (RssAnon: heap and private memory, "
            "without the file pages a process maps; a peak of RSS also catches transient file pages). The machine "
            "was shared: other processes kept "
@@ -631,7 +634,11 @@ def scale() -> str:
     else:
         out += ["", "No step's CPU time grew faster than linearly, and no memory that should be flat grew "
                     f"(conversion workers, merge, verify, loader workers), from {_cells(sizes[0]['cells'])} to "
-                    f"{_cells(head['cells'])} cells."]
+                    f"{_cells(head['cells'])} cells" + (", but for the bounded growth below." if r.get("bounded")
+                                                         else ".")]
+    if r.get("bounded"):
+        out += ["", "Memory that grows and has a bound independent of the number of cells (`bounded` in the JSON):"] + \
+               [f"- {d}" for d in r["bounded"]]
     p = r.get("projection") or {}
     if p.get("targets"):
         a = p["assumptions"]

@@ -3,6 +3,7 @@ and `to_h5ad`."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -325,14 +326,18 @@ class BlockReader:
             raise self.corpus.damaged(self.table, block, block_or_problem)
         return block_or_problem
 
-    def read_or_problem(self, block: int) -> CellBlock | str:
-        """Block ``block``, or what is wrong with it."""
+    def read_or_problem(self, block: int, view: memoryview | None = None) -> CellBlock | str:
+        """Block ``block``, or what is wrong with it. ``view``: its bytes, read already (`verify`
+        reads each shard once, hashing and checking the same bytes); the block's arrays are views of
+        them."""
         t = self.table
         s = int(t.shard[block])
         try:
             checksum = int(t.checksum[block]) if self.check and t.checksum is not None else None
             offset, nbytes = int(t.offset[block]), int(t.nbytes[block])
-            if self.corpus.remote is not None:
+            if view is not None:
+                data = parse_block(view, offset, nbytes, checksum)
+            elif self.corpus.remote is not None:
                 self.corpus.shard_path(t.shard_files[s])  # the same confinement as a local corpus
                 data = parse_block(memoryview(self._fetch(block)), offset, nbytes, checksum)
             else:
@@ -442,29 +447,49 @@ MAX_BLOCK_PROBLEMS = 10  # per shard: a shard damaged throughout is named once, 
 
 
 def _verify_shard(corpus: Corpus, reader: BlockReader, index: int, record: dict, lengths: list) -> list[str]:
-    """Shard ``index``'s file against its record, then each of its blocks (genes per cell of the
-    sound ones appended to ``lengths``)."""
+    """Shard ``index``'s file against its record (size, sha256), then each of its blocks (genes
+    per cell of the sound ones appended to ``lengths``). The shard is read once, in order: each
+    block's bytes feed the sha256 and are then checked as a block. Reading it twice (hash, then
+    blocks) doubled what verify read, and on a corpus larger than the page cache both passes came
+    from disk (at 1M cells its system time grew 10x for 4x the cells)."""
     name = record["file"]
     path = corpus.shard_path(name)
     if not path.exists():
         return [f"{name}: missing"]
     size = path.stat().st_size
-    problems = []
-    if size != record["bytes"] or sha256_path(path) != record["sha256"]:
-        problems.append(f"{name}: sha256/size differ from the manifest (truncated or edited)")
+    changed = f"{name}: sha256/size differ from the manifest (truncated or edited)"
     bad = _block_records_problem(record, size)
-    if bad:
-        return problems + bad
+    if bad:  # the records cannot guide the read: the file is hashed on its own
+        same = size == record["bytes"] and sha256_path(path) == record["sha256"]
+        return ([] if same else [changed]) + bad
     t = reader.table
     blocks = np.flatnonzero(t.shard == index)
+    h = hashlib.sha256()
     damaged = []
-    for b in blocks:
-        got = reader.read_or_problem(int(b))
-        problem = got if isinstance(got, str) else _block_problem(got)
-        if problem:
-            damaged.append(f"{name}: {corpus.block_place(t, int(b))}: {problem}")
-        else:
-            lengths.append(np.diff(got.indptr))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        # one buffer for the shard (blocks are checked and dropped before the next read; a fresh
+        # buffer per block costs a page fault per 4 KiB)
+        buf = memoryview(np.empty(int(t.nbytes[blocks].max()) if len(blocks) else 0, np.uint8))
+        for b in blocks:
+            offset, nbytes = int(t.offset[b]), int(t.nbytes[b])
+            view = buf[: os.preadv(fd, [buf[:nbytes]], offset)]
+            h.update(view)
+            got = reader.read_or_problem(int(b), view)
+            problem = got if isinstance(got, str) else _block_problem(got)
+            if problem:
+                damaged.append(f"{name}: {corpus.block_place(t, int(b))}: {problem}")
+            else:
+                lengths.append(np.diff(got.indptr))
+            del got
+        h.update(os.pread(fd, size, int(t.offset[blocks[-1]] + t.nbytes[blocks[-1]]) if len(blocks) else 0))
+    except OSError as exc:
+        return [f"{name}: unreadable ({exc.strerror or exc})"]
+    finally:
+        os.close(fd)
+    problems = [changed] if size != record["bytes"] or h.hexdigest() != record["sha256"] else []
     if len(damaged) > MAX_BLOCK_PROBLEMS:
         damaged = damaged[:MAX_BLOCK_PROBLEMS] + [f"{name}: {len(damaged) - MAX_BLOCK_PROBLEMS} more damaged blocks"]
     return problems + damaged

@@ -17,6 +17,7 @@ from pathlib import Path
 if not __package__:  # run as a script from a checkout (`python launch/X.py`, `deepspeed launch/X.py`): its code
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data_pipeline.conversion.fsio import FolderBusy  # noqa: E402
 from data_pipeline.corpus import CorpusError  # noqa: E402
 from data_pipeline.log_setup import add_verbosity_flags, setup_logging  # noqa: E402
 from pretrain.checkpoint import ResumeError  # noqa: E402
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     apply_threads(config.run.threads, config.data.num_workers)  # before any torch work sizes its pools
     try:
         summary = train(config, resume=args.resume, restart_epoch=args.restart_epoch)
-    except (ResumeError, CorpusError) as err:  # the run's inputs, not a bug: one line naming the fix, as above
+    except (ResumeError, CorpusError, FolderBusy) as err:  # the run's inputs, not a bug: one line naming the fix
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     if summary.get("run_dir") and summary.get("final") is not None and summary.get("steps") is not None:

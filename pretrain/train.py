@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import shutil
+from contextlib import ExitStack
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from data_pipeline.conversion.fsio import OutputLock
 from data_pipeline.corpus import Corpus
 from data_pipeline.loading.epoch_plan import Batching
 from data_pipeline.loading.loader import CellLoader
@@ -144,7 +146,10 @@ def train(config: TrainConfig, resume: str | None = None, restart_epoch: bool = 
 
     What the config and the corpus decide is checked before the run folder exists. A run that
     raises later ends its MLflow run FAILED, and a run folder this call made that holds nothing
-    durable is cleared (`_clear_failed_start`)."""
+    durable is cleared (`_clear_failed_start`). Rank 0 holds the run folder's lock (`OutputLock`)
+    for the whole run: a second run on the same ``run.out`` (a job submitted twice, a restart
+    while the first still runs) is refused with `FolderBusy` naming the holder, before it writes
+    anything; two trainers in one folder overwrite each other's checkpoints and metrics."""
     rank, world, device = init_distributed()
     require_attention_device(config.model, device)  # before any run folder, engine or MLflow run exists
     corpus = open_corpus(config)  # a wrong data.corpus fails here, also before the run folder
@@ -155,17 +160,19 @@ def train(config: TrainConfig, resume: str | None = None, restart_epoch: bool = 
     run_dir = Path(config.run.out)
     made_here = not run_dir.exists()  # a folder that held anything before (a previous run's) is never removed
     log = None
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        log = RunLog(run_dir, config.run.experiment, config.run.mlflow)
-    try:
-        return _run(config, resume, loader, log, run_dir, rank, world, device, restart_epoch)
-    except BaseException:
-        if log is not None:
-            log.fail()
-            if made_here:
-                _clear_failed_start(run_dir, log)
-        raise
+    with ExitStack() as held:
+        if rank == 0:
+            held.enter_context(OutputLock(run_dir))  # makes the folder
+            log = RunLog(run_dir, config.run.experiment, config.run.mlflow)
+        try:
+            return _run(config, resume, loader, log, run_dir, rank, world, device, restart_epoch)
+        except BaseException:
+            if log is not None:
+                log.fail()
+                if made_here:
+                    held.close()  # the lock file goes with the rest
+                    _clear_failed_start(run_dir, log)
+            raise
 
 
 def _run(config: TrainConfig, resume: str | None, loader: CellLoader, log: RunLog | None, run_dir: Path,

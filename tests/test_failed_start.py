@@ -126,3 +126,24 @@ def test_the_label_warning_needs_a_label_weight_and_an_unlabeled_corpus(tmp_path
         "loss is 0 and trains nothing: set objectives.label_weight=0 (or convert the corpus with --label-columns "
         "COLUMN)"]
     assert all(messages == [] for messages in said.values()), said
+
+
+@pytest.mark.slow
+def test_a_second_trainer_on_a_busy_run_folder_is_refused_and_changes_nothing(tmp_path):
+    """Two trainers in one run folder (a job submitted twice, a rerun while the first still runs)
+    overwrite each other's checkpoints and metrics: the second is refused at once, naming the first."""
+    from data_pipeline.conversion.fsio import OutputLock
+
+    corpus = make_corpus(tmp_path, n_cells=96, n_genes=300)
+    run = tmp_path / "run"
+    args = [*TINY, f"data.corpus={corpus}", f"run.out={run}", "run.log_every=1", "schedule.max_steps=1"]
+    run_pretrain(args)
+    before = {p.relative_to(run): p.stat().st_mtime_ns for p in run.rglob("*")}
+    with OutputLock(run, command="deepspeed launch/pretrain.py (the first job)"):
+        proc = run_pretrain([*args, "schedule.max_steps=2"], resume="auto", check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"error: {run} is in use by another command (host " in proc.stderr
+    assert "(the first job)). Wait for it to finish, or stop it" in proc.stderr, proc.stderr[-3000:]
+    assert {p.relative_to(run): p.stat().st_mtime_ns for p in run.rglob("*")} == before
+    run_pretrain([*args, "schedule.max_steps=2"], resume="auto")  # the folder is free again
+    assert not (run / ".lock").exists()
