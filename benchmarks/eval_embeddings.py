@@ -662,7 +662,9 @@ def main() -> None:
                 continue
             run = args.work / "runs" / run_name(mix, args.steps, seed, extra)
             train = pretrain(corpus, run, mix, args.steps, curve, extra)
-            entry = runs[mix][str(seed)] = {"train": train, "steps": {}}
+            # where the time goes (seconds per part, summed over steps and files): sizes a final phase
+            spent = {"embed_probe_masked": 0.0, "cluster": 0.0, "finetune": 0.0}
+            entry = runs[mix][str(seed)] = {"train": train, "steps": {}, "evaluation_seconds": spent}
             for step in [0, *curve]:
                 bundle = checkpoint_bundle(run, curve[-1] if step == 0 else step)
                 model = random_init_twin(bundle, seed) if step == 0 else load_pretrained(bundle)
@@ -675,18 +677,28 @@ def main() -> None:
                         x = model_input_pca(model, csr, args.cap)
                         panels.setdefault("PCA-50 (model input)", {})[name] = x
                         baselines[name]["PCA-50 (model input)"] = probe(x, f.labels, f.folds)
+                    began = time.perf_counter()
                     embedding = embed_cells(model, csr, args.cap)
                     rows[name] = {**probe(embedding, f.labels, f.folds), **masked_modelling(model, csr, args.cap)}
+                    spent["embed_probe_masked"] += time.perf_counter() - began
                     if args.cluster and (step == curve[-1] or (step == 0 and mix == mixes[0])):
+                        began = time.perf_counter()
                         rows[name].update(clustered(f, embedding, args.cluster_vae_steps, args.cluster_epochs, seed))
+                        spent["cluster"] += time.perf_counter() - began
                     if modes and (step == curve[-1] or (step == 0 and mix == mixes[0])):
+                        began = time.perf_counter()
                         tuned = twin_bundle(bundle, seed) if step == 0 else bundle
                         rows[name].update(finetuned(tuned, f, csr, embedding, modes, fractions, args.finetune_epochs,
                                                     run / "finetune" / f"step{step}" / name))
+                        spent["finetune"] += time.perf_counter() - began
                     if seed == seeds[0] and step in (0, curve[-1]):
                         panels.setdefault("random init" if step == 0 else mix, {})[name] = embedding
                     print(f"{mix} seed {seed} step {step} {name}: {rows[name]['knn_macro_f1']:.3f} knn, "
                           f"{rows[name]['masked_loss']:.3f} masked loss", file=sys.stderr)
+    for per_seed in runs.values():
+        for entry in per_seed.values():
+            if "evaluation_seconds" in entry:
+                entry["evaluation_seconds"] = {k: round(v, 1) for k, v in entry["evaluation_seconds"].items()}
     summary = summarize(runs)
     record = result_record(
         "eval_embeddings", device=device_record(), versions=versions("torch", "sklearn", "deepspeed"), phase=args.phase,

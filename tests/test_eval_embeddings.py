@@ -251,6 +251,8 @@ def test_eval_embeddings_end_to_end(shared_data, tmp_path):
     result = json.loads(out.read_text())
     assert set(result["files"]) == set(ev.EVAL_FILES) and result["phase"] == "final"
     assert result["corpus"]["cells"] > 5000 and result["runs"]["mlm"]["0"]["train"]["steps"] == 3
+    spent = result["runs"]["mlm"]["0"]["evaluation_seconds"]  # what sizes a longer run
+    assert set(spent) == {"embed_probe_masked", "cluster", "finetune"} and all(v > 0 for v in spent.values())
     for name in ev.EVAL_FILES:
         assert result["files"][name]["gene_coverage"]["count_fraction"] > 0.5
         assert set(result["baselines"][name]) == {"PCA-50", "HVG-2000", "PCA-50 (model input)", "label fractions"}
