@@ -52,6 +52,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -455,6 +456,16 @@ def reusable_runs(path: Path, phase: str, settings: dict, baselines: dict) -> di
             for mix, per_seed in old.get("runs", {}).items()}
 
 
+@contextmanager
+def timed(spent: dict, part: str):
+    """Add the seconds the block takes to ``spent[part]``."""
+    began = time.perf_counter()
+    try:
+        yield
+    finally:
+        spent[part] += time.perf_counter() - began
+
+
 def summarize(runs: dict) -> dict:
     """runs[mix][seed][step][file][metric] -> summary[mix][step][file][metric] = `spread` over seeds."""
     out = {}
@@ -664,7 +675,7 @@ def main() -> None:
             train = pretrain(corpus, run, mix, args.steps, curve, extra)
             # where the time goes (seconds per part, summed over steps and files): sizes a final phase
             spent = {"embed_probe_masked": 0.0, "cluster": 0.0, "finetune": 0.0}
-            entry = runs[mix][str(seed)] = {"train": train, "steps": {}, "evaluation_seconds": spent}
+            entry = runs[mix][str(seed)] = {"train": train, "steps": {}}
             for step in [0, *curve]:
                 bundle = checkpoint_bundle(run, curve[-1] if step == 0 else step)
                 model = random_init_twin(bundle, seed) if step == 0 else load_pretrained(bundle)
@@ -677,28 +688,25 @@ def main() -> None:
                         x = model_input_pca(model, csr, args.cap)
                         panels.setdefault("PCA-50 (model input)", {})[name] = x
                         baselines[name]["PCA-50 (model input)"] = probe(x, f.labels, f.folds)
-                    began = time.perf_counter()
-                    embedding = embed_cells(model, csr, args.cap)
-                    rows[name] = {**probe(embedding, f.labels, f.folds), **masked_modelling(model, csr, args.cap)}
-                    spent["embed_probe_masked"] += time.perf_counter() - began
-                    if args.cluster and (step == curve[-1] or (step == 0 and mix == mixes[0])):
-                        began = time.perf_counter()
-                        rows[name].update(clustered(f, embedding, args.cluster_vae_steps, args.cluster_epochs, seed))
-                        spent["cluster"] += time.perf_counter() - began
-                    if modes and (step == curve[-1] or (step == 0 and mix == mixes[0])):
-                        began = time.perf_counter()
-                        tuned = twin_bundle(bundle, seed) if step == 0 else bundle
-                        rows[name].update(finetuned(tuned, f, csr, embedding, modes, fractions, args.finetune_epochs,
-                                                    run / "finetune" / f"step{step}" / name))
-                        spent["finetune"] += time.perf_counter() - began
+                    with timed(spent, "embed_probe_masked"):
+                        embedding = embed_cells(model, csr, args.cap)
+                        rows[name] = {**probe(embedding, f.labels, f.folds), **masked_modelling(model, csr, args.cap)}
+                    # the last curve step, and the random-init twin once per file
+                    full_rows = step == curve[-1] or (step == 0 and mix == mixes[0])
+                    if args.cluster and full_rows:
+                        with timed(spent, "cluster"):
+                            rows[name].update(clustered(f, embedding, args.cluster_vae_steps, args.cluster_epochs,
+                                                        seed))
+                    if modes and full_rows:
+                        with timed(spent, "finetune"):
+                            tuned = twin_bundle(bundle, seed) if step == 0 else bundle
+                            rows[name].update(finetuned(tuned, f, csr, embedding, modes, fractions,
+                                                        args.finetune_epochs, run / "finetune" / f"step{step}" / name))
                     if seed == seeds[0] and step in (0, curve[-1]):
                         panels.setdefault("random init" if step == 0 else mix, {})[name] = embedding
                     print(f"{mix} seed {seed} step {step} {name}: {rows[name]['knn_macro_f1']:.3f} knn, "
                           f"{rows[name]['masked_loss']:.3f} masked loss", file=sys.stderr)
-    for per_seed in runs.values():
-        for entry in per_seed.values():
-            if "evaluation_seconds" in entry:
-                entry["evaluation_seconds"] = {k: round(v, 1) for k, v in entry["evaluation_seconds"].items()}
+            entry["evaluation_seconds"] = {part: round(sec, 1) for part, sec in spent.items()}
     summary = summarize(runs)
     record = result_record(
         "eval_embeddings", device=device_record(), versions=versions("torch", "sklearn", "deepspeed"), phase=args.phase,

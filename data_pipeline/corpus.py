@@ -483,7 +483,6 @@ def _verify_shard(corpus: Corpus, reader: BlockReader, index: int, record: dict,
                 damaged.append(f"{name}: {corpus.block_place(t, int(b))}: {problem}")
             else:
                 lengths.append(np.diff(got.indptr))
-            del got
         h.update(os.pread(fd, size, int(t.offset[blocks[-1]] + t.nbytes[blocks[-1]]) if len(blocks) else 0))
     except OSError as exc:
         return [f"{name}: unreadable ({exc.strerror or exc})"]
