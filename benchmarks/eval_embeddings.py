@@ -17,8 +17,10 @@ absent. What it does:
    (``--seeds``), the same steps and token budget each, through `launch/pretrain.py`, keeping a
    checkpoint at every step of the learning curve (``--curve``; step 0 is the initialization, the
    "random-init twin": the trainer's seed gives every mix the same initial encoder). A killed run
-   resumes; a finished one is reused. ``--reuse RESULT.json`` takes the runs an earlier result
-   computed with the same settings as they are (neither trained nor evaluated again).
+   resumes; a finished one is reused, and so is its evaluation (``evaluation-<phase>.json`` in the
+   run folder, for the same settings), so a killed phase goes on from the seed it was evaluating.
+   ``--reuse RESULT.json`` takes the runs an earlier result computed with the same settings as they
+   are (neither trained nor evaluated again).
 3. ``--phase validation`` evaluates on the validation file only: recipes (normalization, pooling,
    objectives' weights, ...) are chosen there. ``--phase final`` evaluates on the held-out files
    (`EVAL_FILES`, never in pretraining), touched only for the report.
@@ -86,6 +88,10 @@ MIXES = {
     # in 50 steps), so 0.02 puts the two on one scale
     "mlm+mvc": ["objectives.contrastive_weight=0", "objectives.label_weight=0", "data.views=false",
                 "model.mvc_head=true", "objectives.mvc_weight=0.02"],
+    # issue 23's lever "an ordinal value encoding": scGPT's value MLP over the bin index in place of a table of
+    # 51 unrelated bin vectors, so neighbouring bins start with neighbouring embeddings
+    "mlm+ordinal": ["objectives.contrastive_weight=0", "objectives.label_weight=0", "data.views=false",
+                    "model.bin_embedding=mlp"],
 }
 # settings of a result that may differ from this run's and still let --reuse take its runs
 REUSE_FREE = ("seeds", "finetune")
@@ -456,6 +462,37 @@ def reusable_runs(path: Path, phase: str, settings: dict, baselines: dict) -> di
             for mix, per_seed in old.get("runs", {}).items()}
 
 
+def evaluation_key(settings: dict, files: list[str]) -> str:
+    """What a run's saved evaluation depends on besides its run folder (which names its training):
+    the settings but the seeds (the fine-tuning modes as this call computes them) and the files."""
+    kept = {k: v for k, v in settings.items() if k != "seeds"}
+    return hashlib.sha256(json.dumps([kept, sorted(files)], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def saved_evaluation(path: Path, key: str) -> tuple[dict, dict[str, np.ndarray]] | None:
+    """A run's evaluation written by `save_evaluation` for the same ``key``, with its arrays (the
+    figure's embeddings): a killed final phase resumes after its last evaluated seed. None when
+    there is none, or it was computed for other settings."""
+    arrays = path.with_suffix(".npz")
+    if not (path.exists() and arrays.exists()):
+        return None
+    saved = json.loads(path.read_text())
+    if saved.get("key") != key:
+        return None
+    with np.load(arrays) as z:
+        return saved, {name: z[name] for name in z.files}
+
+
+def save_evaluation(path: Path, key: str, record: dict, arrays: dict[str, np.ndarray]) -> None:
+    """Write one run's evaluation beside it (arrays first, each file whole or not at all)."""
+    for target, write in ((path.with_suffix(".npz"), lambda f: np.savez(f, **arrays)),
+                          (path, lambda f: f.write(json.dumps({"key": key, **record}).encode()))):
+        partial = target.with_name(target.name + ".partial")
+        with open(partial, "wb") as f:
+            write(f)
+        partial.replace(target)
+
+
 @contextmanager
 def timed(spent: dict, part: str):
     """Add the seconds the block takes to ``spent[part]``."""
@@ -658,6 +695,7 @@ def main() -> None:
                       "HVG-2000": "log1p(CP10k) of the 2,000 highly variable genes (scanpy seurat flavour)"},
         "random_init": "step 0: the trained model's architecture and seed at initialization",
         "max_cells": args.max_cells}
+    key = evaluation_key(settings, list(files))  # before --reuse widens the modes to the taken runs'
     reused = reusable_runs(args.reuse, args.phase, settings, baselines) if args.reuse else {}
     runs: dict = {}
     coverage, csrs = {}, {}
@@ -672,6 +710,22 @@ def main() -> None:
                       file=sys.stderr)
                 continue
             run = args.work / "runs" / run_name(mix, args.steps, seed, extra)
+            saved_path = run / f"evaluation-{args.phase}.json"
+            saved = saved_evaluation(saved_path, key)
+            if saved is not None:
+                record, arrays = saved
+                runs[mix][str(seed)] = record["entry"]
+                for name in files:
+                    coverage.setdefault(name, record["coverage"][name])
+                    baselines[name].setdefault("PCA-50 (model input)", record["model_input_pca"][name])
+                    if f"model input/{name}" in arrays:
+                        panels.setdefault("PCA-50 (model input)", {}).setdefault(name, arrays[f"model input/{name}"])
+                    if seed == seeds[0]:
+                        for panel in ("random init", mix):
+                            panels.setdefault(panel, {})[name] = arrays[f"{panel}/{name}"]
+                print(f"{mix} seed {seed}: evaluated before ({saved_path})", file=sys.stderr)
+                continue
+            arrays = {}
             train = pretrain(corpus, run, mix, args.steps, curve, extra)
             # where the time goes (seconds per part, summed over steps and files): sizes a final phase
             spent = {"embed_probe_masked": 0.0, "cluster": 0.0, "finetune": 0.0}
@@ -686,7 +740,7 @@ def main() -> None:
                     csr = csrs[name]
                     if "PCA-50 (model input)" not in baselines[name]:
                         x = model_input_pca(model, csr, args.cap)
-                        panels.setdefault("PCA-50 (model input)", {})[name] = x
+                        panels.setdefault("PCA-50 (model input)", {})[name] = arrays[f"model input/{name}"] = x
                         baselines[name]["PCA-50 (model input)"] = probe(x, f.labels, f.folds)
                     with timed(spent, "embed_probe_masked"):
                         embedding = embed_cells(model, csr, args.cap)
@@ -702,11 +756,19 @@ def main() -> None:
                             tuned = twin_bundle(bundle, seed) if step == 0 else bundle
                             rows[name].update(finetuned(tuned, f, csr, embedding, modes, fractions,
                                                         args.finetune_epochs, run / "finetune" / f"step{step}" / name))
-                    if seed == seeds[0] and step in (0, curve[-1]):
-                        panels.setdefault("random init" if step == 0 else mix, {})[name] = embedding
+                    if step in (0, curve[-1]):
+                        panel = "random init" if step == 0 else mix
+                        arrays[f"{panel}/{name}"] = embedding
+                        if seed == seeds[0]:
+                            panels.setdefault(panel, {})[name] = embedding
                     print(f"{mix} seed {seed} step {step} {name}: {rows[name]['knn_macro_f1']:.3f} knn, "
                           f"{rows[name]['masked_loss']:.3f} masked loss", file=sys.stderr)
             entry["evaluation_seconds"] = {part: round(sec, 1) for part, sec in spent.items()}
+            for name, x in panels.get("PCA-50 (model input)", {}).items():  # for a rerun that starts here
+                arrays.setdefault(f"model input/{name}", x)
+            save_evaluation(saved_path, key, {"entry": entry, "coverage": coverage,
+                                              "model_input_pca": {n: baselines[n]["PCA-50 (model input)"] for n in files}},
+                            arrays)
     summary = summarize(runs)
     record = result_record(
         "eval_embeddings", device=device_record(), versions=versions("torch", "sklearn", "deepspeed"), phase=args.phase,

@@ -241,12 +241,16 @@ def test_eval_embeddings_end_to_end(shared_data, tmp_path):
     step's probes and masked modelling, and the figure; the verdicts are whatever they are after 3
     steps."""
     out = tmp_path / "eval.json"
-    r = subprocess.run([sys.executable, "benchmarks/eval_embeddings.py", "--phase", "final", "--steps", "3",
-                        "--curve", "3", "--seeds", "0", "--mixes", "mlm", "--max-cells", "150",
-                        "--finetune", "head", "--fractions", "0.1,1", "--finetune-epochs", "1",
-                        "--cluster-vae-steps", "30", "--cluster-epochs", "10",
-                        "--work", str(tmp_path / "work"), "--result", str(out), "--plot", str(tmp_path / "eval.png")],
-                       cwd=REPO, capture_output=True, text=True, timeout=900)
+
+    def run(result: Path, plot: Path):
+        return subprocess.run([sys.executable, "benchmarks/eval_embeddings.py", "--phase", "final", "--steps", "3",
+                               "--curve", "3", "--seeds", "0", "--mixes", "mlm", "--max-cells", "150",
+                               "--finetune", "head", "--fractions", "0.1,1", "--finetune-epochs", "1",
+                               "--cluster-vae-steps", "30", "--cluster-epochs", "10",
+                               "--work", str(tmp_path / "work"), "--result", str(result), "--plot", str(plot)],
+                              cwd=REPO, capture_output=True, text=True, timeout=900)
+
+    r = run(out, tmp_path / "eval.png")
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(out.read_text())
     assert set(result["files"]) == set(ev.EVAL_FILES) and result["phase"] == "final"
@@ -273,6 +277,31 @@ def test_eval_embeddings_end_to_end(shared_data, tmp_path):
     assert all("cluster_schybridbert_minus_pca50_ari" in row for row in v["mlm"].values())
     assert all("finetuned_0.1_minus_hvg2000_lr" in row for row in v["mlm"].values())
     assert (tmp_path / "eval.png").stat().st_size > 10_000
+    # a rerun of the same settings takes the run's saved evaluation (a killed phase resumes at its seed)
+    again = run(tmp_path / "again.json", tmp_path / "again.png")
+    assert again.returncode == 0 and "mlm seed 0: evaluated before" in again.stderr, again.stderr[-3000:]
+    second = json.loads((tmp_path / "again.json").read_text())
+    assert second["runs"] == result["runs"] and second["files"] == result["files"]
+    assert all(second["baselines"][n]["PCA-50 (model input)"] == result["baselines"][n]["PCA-50 (model input)"]
+               for n in ev.EVAL_FILES)
+    assert (tmp_path / "again.png").stat().st_size > 10_000  # every panel, from the saved embeddings
+
+
+def test_saved_evaluation_is_taken_only_for_its_settings(tmp_path):
+    settings = _settings()
+    key = ev.evaluation_key(settings, ["f"])
+    path = tmp_path / "run" / "evaluation-final.json"
+    path.parent.mkdir()
+    record, arrays = {"entry": {"steps": {"0": {"f": {"knn_macro_f1": 0.5}}}}}, {"random init/f": np.eye(3)}
+    ev.save_evaluation(path, key, record, arrays)
+    saved, loaded = ev.saved_evaluation(path, key)
+    assert saved["entry"] == record["entry"] and np.array_equal(loaded["random init/f"], np.eye(3))
+    assert not list(path.parent.glob("*.partial"))
+    for other in (ev.evaluation_key(_settings(steps=3000), ["f"]), ev.evaluation_key(settings, ["f", "g"])):
+        assert other != key and ev.saved_evaluation(path, other) is None
+    assert ev.evaluation_key(_settings(seeds=[0, 1, 2]), ["f"]) == key  # one run's evaluation holds for any seed list
+    path.with_suffix(".npz").unlink()
+    assert ev.saved_evaluation(path, key) is None
 
 
 def _settings(**changed) -> dict:
