@@ -485,12 +485,10 @@ def saved_evaluation(path: Path, key: str) -> tuple[dict, dict[str, np.ndarray]]
 
 def save_evaluation(path: Path, key: str, record: dict, arrays: dict[str, np.ndarray]) -> None:
     """Write one run's evaluation beside it (arrays first, each file whole or not at all)."""
-    for target, write in ((path.with_suffix(".npz"), lambda f: np.savez(f, **arrays)),
-                          (path, lambda f: f.write(json.dumps({"key": key, **record}).encode()))):
-        partial = target.with_name(target.name + ".partial")
-        with open(partial, "wb") as f:
-            write(f)
-        partial.replace(target)
+    from data_pipeline.conversion.fsio import atomic_write_json, atomic_write_with
+
+    atomic_write_with(path.with_suffix(".npz"), lambda fh: np.savez(fh, **arrays), durable=False)
+    atomic_write_json(path, {"key": key, **record})
 
 
 @contextmanager
@@ -740,7 +738,7 @@ def main() -> None:
                     csr = csrs[name]
                     if "PCA-50 (model input)" not in baselines[name]:
                         x = model_input_pca(model, csr, args.cap)
-                        panels.setdefault("PCA-50 (model input)", {})[name] = arrays[f"model input/{name}"] = x
+                        panels.setdefault("PCA-50 (model input)", {})[name] = x
                         baselines[name]["PCA-50 (model input)"] = probe(x, f.labels, f.folds)
                     with timed(spent, "embed_probe_masked"):
                         embedding = embed_cells(model, csr, args.cap)
