@@ -20,7 +20,8 @@ absent. What it does:
    resumes; a finished one is reused, and so is its evaluation (``evaluation-<phase>.json`` in the
    run folder, for the same settings), so a killed phase goes on from the seed it was evaluating.
    ``--reuse RESULT.json`` takes the runs an earlier result computed with the same settings as they
-   are (neither trained nor evaluated again).
+   are (neither trained nor evaluated again). A call that only adds fine-tuned rows (a mode, or full
+   fine-tuning at more label shares) computes those and keeps the rest of the saved evaluation.
 3. ``--phase validation`` evaluates on the validation file only: recipes (normalization, pooling,
    objectives' weights, ...) are chosen there. ``--phase final`` evaluates on the held-out files
    (`EVAL_FILES`, never in pretraining), touched only for the report.
@@ -37,8 +38,9 @@ absent. What it does:
    span: no predictor beats the mean of 1/span) and the most frequent bin, and the masked loss.
 7. Fine-tuning (``--finetune head,full``; `pretrain.downstream.finetune`, the path of
    `launch/finetune.py`) of the last checkpoint and of the random-init twin on 1 %, 10 % and 100 %
-   of each fold's training labels (``--fractions``), scored on the fold's test cells, beside
-   logistic regression on HVG-2000 and PCA-50 trained on the same cells.
+   of each fold's training labels (``--fractions``; full fine-tuning at ``--full-fractions`` of them),
+   scored on the fold's test cells, beside logistic regression on HVG-2000 and PCA-50 trained on the
+   same cells.
 8. Mean and spread (min, max) over the seeds of every number; verdicts against the goals.
 
 Writes ``--result`` (JSON) and a t-SNE figure (``--plot``): the baselines, the random-init twin and
@@ -335,15 +337,21 @@ def twin_bundle(bundle: Path, seed: int) -> Path:
     return folder
 
 
-def finetuned(bundle: Path, f: EvalFile, csr, embedding: np.ndarray, modes: list[str], fractions: list[float],
+def finetune_rows(modes: list[str], fractions: list[float], full_fractions: list[float]) -> list[tuple[str, float]]:
+    """The fine-tuned rows a call computes: (mode, share of labels), full fine-tuning at its own shares
+    (``--full-fractions``: it costs the encoder's backward pass on every training cell)."""
+    return [(mode, x) for mode in modes for x in (full_fractions if mode == "full" else fractions)]
+
+
+def finetuned(bundle: Path, f: EvalFile, csr, embedding: np.ndarray, rows_wanted: list[tuple[str, float]],
               epochs: int, work: Path) -> dict[str, float]:
     """Fine-tuned cell-type macro-F1 (`pretrain.downstream.finetune`, the path `launch/finetune.py`
-    runs) over the file's fixed folds, per mode and share of each fold's training labels: trained on
-    that share for ``epochs`` epochs, the epoch kept by training macro-F1 (the fold's test cells are
-    never seen before the final prediction), scored on the test cells. Each fold's run resumes from
-    its folder under ``work``. ``embedding``: the bundle's embedding of the file's cells, which head
-    mode trains on (what it would compute itself).  -> {"finetuned <mode> <fraction>": macro-F1 mean
-    over folds}"""
+    runs) over the file's fixed folds, per (mode, share of each fold's training labels) of
+    ``rows_wanted``: trained on that share for ``epochs`` epochs, the epoch kept by training macro-F1
+    (the fold's test cells are never seen before the final prediction), scored on the test cells.
+    Each fold's run resumes from its folder under ``work``. ``embedding``: the bundle's embedding of
+    the file's cells, which head mode trains on (what it would compute itself).
+    -> {"finetuned <mode> <fraction>": macro-F1 mean over folds}"""
     from sklearn.metrics import f1_score
 
     from pretrain.config import FinetuneConfig
@@ -359,25 +367,24 @@ def finetuned(bundle: Path, f: EvalFile, csr, embedding: np.ndarray, modes: list
 
     cells = TokenCells(*csr, obs_names=np.arange(len(f.labels)).astype(str), labels=f.labels, coverage=[])
     out = {}
-    for mode in modes:
-        for fraction in fractions:
-            scores = []
-            for k, (train, test) in enumerate(f.folds):
-                rows = label_subset(train, f.labels, fraction, seed=k)
-                split = make_split(cells.subset(rows), cells.subset(rows), "the training cells (the fold's test "
-                                   "cells unseen until the final prediction)")
-                folder = work / f"{mode}-{fraction:g}-fold{k}"
-                config = FinetuneConfig(label_column=f.label_key, mode=mode, epochs=epochs, patience=0, seed=k)
-                given = (embedding[rows], embedding[rows]) if mode == "head" else None
-                finetune_split(bundle, load_pretrained(bundle), split, folder, config, embeddings=given)
-                model, head, labels = load_finetuned(folder / "bundle")
-                if mode == "head":  # the frozen encoder's embedding of the test cells, as predict_cells computes it
-                    probs = class_probabilities(head, embedding[test])
-                else:
-                    probs = predict_cells(model, head, cells.subset(test))
-                predicted = np.asarray(labels["classes"], dtype=object)[probs.argmax(axis=1)]
-                scores.append(f1_score(f.labels[test], predicted, average="macro"))
-            out[f"finetuned {mode} {fraction:g}"] = round(float(np.mean(scores)), 4)
+    for mode, fraction in rows_wanted:
+        scores = []
+        for k, (train, test) in enumerate(f.folds):
+            rows = label_subset(train, f.labels, fraction, seed=k)
+            split = make_split(cells.subset(rows), cells.subset(rows), "the training cells (the fold's test "
+                               "cells unseen until the final prediction)")
+            folder = work / f"{mode}-{fraction:g}-fold{k}"
+            config = FinetuneConfig(label_column=f.label_key, mode=mode, epochs=epochs, patience=0, seed=k)
+            given = (embedding[rows], embedding[rows]) if mode == "head" else None
+            finetune_split(bundle, load_pretrained(bundle), split, folder, config, embeddings=given)
+            model, head, labels = load_finetuned(folder / "bundle")
+            if mode == "head":  # the frozen encoder's embedding of the test cells, as predict_cells computes it
+                probs = class_probabilities(head, embedding[test])
+            else:
+                probs = predict_cells(model, head, cells.subset(test))
+            predicted = np.asarray(labels["classes"], dtype=object)[probs.argmax(axis=1)]
+            scores.append(f1_score(f.labels[test], predicted, average="macro"))
+        out[f"finetuned {mode} {fraction:g}"] = round(float(np.mean(scores)), 4)
     return out
 
 
@@ -489,6 +496,58 @@ def save_evaluation(path: Path, key: str, record: dict, arrays: dict[str, np.nda
 
     atomic_write_with(path.with_suffix(".npz"), lambda fh: np.savez(fh, **arrays), durable=False)
     atomic_write_json(path, {"key": key, **record})
+
+
+def narrower_evaluation(path: Path, settings: dict, files: list[str]) -> tuple[dict, dict[str, np.ndarray]] | None:
+    """A run's saved evaluation for these settings but fewer fine-tuned rows (fewer modes, or full
+    fine-tuning at fewer label shares): `extend_finetuning` adds the missing rows to it instead of
+    evaluating the run again. None when there is none."""
+    from itertools import chain, combinations
+
+    ft = settings["finetune"]
+    full = ft.get("full_fractions", ft["fractions"])
+    exact = evaluation_key(settings, files)
+    for modes in chain.from_iterable(combinations(ft["modes"], k) for k in range(len(ft["modes"]) + 1)):
+        shares = ([list(c) for k in range(1, len(full) + 1) for c in combinations(full, k)] if "full" in modes
+                  else [None])
+        for share in shares:
+            narrower = {k: v for k, v in ft.items() if k != "full_fractions"} | {"modes": list(modes)}
+            if share is not None and share != ft["fractions"]:
+                narrower["full_fractions"] = share
+            key = evaluation_key({**settings, "finetune": narrower}, files)
+            if key != exact and (saved := saved_evaluation(path, key)) is not None:
+                return saved
+    return None
+
+
+def extend_finetuning(saved: tuple[dict, dict[str, np.ndarray]], path: Path, key: str, run: Path, mix: str, seed: int,
+                      last: int, files: dict, csrs: dict, rows_wanted: list[tuple[str, float]], epochs: int,
+                      twin: bool) -> tuple[dict, dict[str, np.ndarray]]:
+    """Add the fine-tuned rows of ``rows_wanted`` that a saved evaluation (`narrower_evaluation`)
+    lacks: the last curve step's and, with ``twin``, the random-init twin's, each from the embedding
+    saved with it; saved again under ``key``. -> the evaluation, as `saved_evaluation` gives it"""
+    from pretrain.export import load_pretrained
+
+    record, arrays = saved
+    entry = record["entry"]
+    began = time.perf_counter()
+    bundle = checkpoint_bundle(run, last)
+    for step in ([0] if twin else []) + [last]:
+        panel = "random init" if step == 0 else mix
+        for name, f in files.items():
+            rows = entry["steps"][str(step)][name]
+            missing = [(mode, x) for mode, x in rows_wanted if f"finetuned {mode} {x:g}" not in rows]
+            if not missing:
+                continue
+            if name not in csrs:
+                csrs[name] = model_csr(load_pretrained(bundle), f)[0]
+            tuned = twin_bundle(bundle, seed) if step == 0 else bundle
+            rows.update(finetuned(tuned, f, csrs[name], arrays[f"{panel}/{name}"], missing, epochs,
+                                  run / "finetune" / f"step{step}" / name))
+    spent = entry.setdefault("evaluation_seconds", {})
+    spent["finetune"] = round(spent.get("finetune", 0.0) + time.perf_counter() - began, 1)
+    save_evaluation(path, key, record, arrays)
+    return record, arrays
 
 
 @contextmanager
@@ -624,6 +683,9 @@ def main() -> None:
     parser.add_argument("--fractions", default="0.01,0.1,1",
                         help="shares of each fold's training labels fine-tuning and the baselines' logistic "
                              "regression get (default 0.01,0.1,1)")
+    parser.add_argument("--full-fractions",
+                        help="the shares full fine-tuning gets, a subset of --fractions (default: all of them); on "
+                             "CPU, where it trains the encoder on every training cell, 0.01,0.1 keeps it to hours")
     parser.add_argument("--finetune-epochs", type=int, default=10, help="fine-tuning epochs (default 10)")
     parser.add_argument("--cluster", action=argparse.BooleanOptionalAction, default=True,
                         help="scHybridBERT clustering (ARI / NMI) at the last curve step and on the random-init twin, "
@@ -648,10 +710,17 @@ def main() -> None:
     if unknown:
         sys.exit(f"--mixes: unknown {', '.join(unknown)}; choose from {', '.join(MIXES)}")
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
-    modes = [m.strip() for m in args.finetune.split(",") if m.strip()]
+    asked = {m.strip() for m in args.finetune.split(",") if m.strip()}
+    modes = [m for m in ("head", "full") if m in asked]
     fractions = sorted({float(x) for x in args.fractions.split(",") if x.strip()})
-    if set(modes) - {"head", "full"} or not all(0 < x <= 1 for x in fractions):
+    full_fractions = (fractions if args.full_fractions is None
+                      else sorted({float(x) for x in args.full_fractions.split(",") if x.strip()}))
+    if asked - {"head", "full"} or not all(0 < x <= 1 for x in fractions):
         sys.exit("--finetune takes head and/or full; --fractions shares in (0, 1]")
+    if not full_fractions or not set(full_fractions) <= set(fractions):
+        sys.exit(f"--full-fractions: give a subset of --fractions ({','.join(f'{x:g}' for x in fractions)}), whose "
+                 "baselines it is compared with")
+    wanted = finetune_rows(modes, fractions, full_fractions)
     curve = sorted({int(x) for x in args.curve.split(",") if x.strip()} | {args.steps})
     if curve[0] <= 0 or curve[-1] > args.steps:
         sys.exit(f"--curve: steps must lie in 1..--steps ({args.steps})")
@@ -684,7 +753,8 @@ def main() -> None:
         "finetune": {"modes": modes, "fractions": fractions, "epochs": args.finetune_epochs,
                      "how": "pretrain.downstream.finetune on each fold's training cells (a stratified share, at least "
                             "one cell per class), the epoch kept by training macro-F1, argmax predictions on the "
-                            "fold's test cells; the baselines' logistic regression on the same shares"},
+                            "fold's test cells; the baselines' logistic regression on the same shares"}
+                    | ({"full_fractions": full_fractions} if "full" in modes and full_fractions != fractions else {}),
         "config": str(CONFIG.relative_to(REPO)), "config_text": CONFIG.read_text(), "overrides": args.overrides,
         "probe": f"{FOLDS}-fold stratified CV (folds fixed per file, seed 0, shared by every row); kNN k={K} "
                  "Euclidean; logistic regression (lbfgs, max_iter 2000) on standardized features; macro-F1",
@@ -710,6 +780,10 @@ def main() -> None:
             run = args.work / "runs" / run_name(mix, args.steps, seed, extra)
             saved_path = run / f"evaluation-{args.phase}.json"
             saved = saved_evaluation(saved_path, key)
+            if saved is None and wanted and (narrower := narrower_evaluation(saved_path, settings, list(files))):
+                saved = extend_finetuning(narrower, saved_path, key, run, mix, seed, curve[-1], files, csrs, wanted,
+                                          args.finetune_epochs, twin=mix == mixes[0])
+                print(f"{mix} seed {seed}: fine-tuned rows added to its saved evaluation", file=sys.stderr)
             if saved is not None:
                 record, arrays = saved
                 runs[mix][str(seed)] = record["entry"]
@@ -752,7 +826,7 @@ def main() -> None:
                     if modes and full_rows:
                         with timed(spent, "finetune"):
                             tuned = twin_bundle(bundle, seed) if step == 0 else bundle
-                            rows[name].update(finetuned(tuned, f, csr, embedding, modes, fractions,
+                            rows[name].update(finetuned(tuned, f, csr, embedding, wanted,
                                                         args.finetune_epochs, run / "finetune" / f"step{step}" / name))
                     if step in (0, curve[-1]):
                         panel = "random init" if step == 0 else mix

@@ -196,11 +196,13 @@ def _finetuned_table(r: dict, file: str, last: str) -> list[str]:
         for mix, steps in r["summary"].items():
             for label, step in (("random init", "0"), (f"{mix} ({last} steps)", last)):
                 row = steps.get(step, {}).get(file, {})
-                if f"finetuned {mode} {fractions[0]}" in row and (step != "0" or mix == first):
+                if any(f"finetuned {mode} {x}" in row for x in fractions) and (step != "0" or mix == first):
                     rows.append([f"{label}, fine-tuned ({mode})",
                                  *(_spread(row, f"finetuned {mode} {x}") for x in fractions)])
+    only = (f"; full fine-tuning at {', '.join(f'{x:.0%}' for x in ft['full_fractions'])} of labels only"
+            if "full_fractions" in ft else "")
     return [f"Fine-tuned cell-type macro-F1 by share of each fold's training labels ({ft['epochs']} epochs; "
-            f"{ft['how']}):", "", table(["model", *(f"{float(x):.0%} of labels" for x in fractions)], rows), ""]
+            f"{ft['how']}{only}):", "", table(["model", *(f"{float(x):.0%} of labels" for x in fractions)], rows), ""]
 
 
 def _cluster_table(r: dict, file: str, last: str) -> list[str]:

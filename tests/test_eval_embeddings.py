@@ -242,10 +242,10 @@ def test_eval_embeddings_end_to_end(shared_data, tmp_path):
     steps."""
     out = tmp_path / "eval.json"
 
-    def run(result: Path, plot: Path):
+    def run(result: Path, plot: Path, modes="head", *more):
         return subprocess.run([sys.executable, "benchmarks/eval_embeddings.py", "--phase", "final", "--steps", "3",
                                "--curve", "3", "--seeds", "0", "--mixes", "mlm", "--max-cells", "150",
-                               "--finetune", "head", "--fractions", "0.1,1", "--finetune-epochs", "1",
+                               "--finetune", modes, *more, "--fractions", "0.1,1", "--finetune-epochs", "1",
                                "--cluster-vae-steps", "30", "--cluster-epochs", "10",
                                "--work", str(tmp_path / "work"), "--result", str(result), "--plot", str(plot)],
                               cwd=REPO, capture_output=True, text=True, timeout=900)
@@ -277,11 +277,21 @@ def test_eval_embeddings_end_to_end(shared_data, tmp_path):
     assert all("cluster_schybridbert_minus_pca50_ari" in row for row in v["mlm"].values())
     assert all("finetuned_0.1_minus_hvg2000_lr" in row for row in v["mlm"].values())
     assert (tmp_path / "eval.png").stat().st_size > 10_000
-    # a rerun of the same settings takes the run's saved evaluation (a killed phase resumes at its seed)
-    again = run(tmp_path / "again.json", tmp_path / "again.png")
-    assert again.returncode == 0 and "mlm seed 0: evaluated before" in again.stderr, again.stderr[-3000:]
+    # a rerun of the same settings and one more fine-tuned row takes the run's saved evaluation (a killed
+    # phase resumes at its seed) and computes that row only: full fine-tuning at 10 % of the labels
+    again = run(tmp_path / "again.json", tmp_path / "again.png", "head,full", "--full-fractions", "0.1")
+    assert again.returncode == 0 and "mlm seed 0: fine-tuned rows added" in again.stderr, again.stderr[-3000:]
+    assert "mlm seed 0: evaluated before" in again.stderr
     second = json.loads((tmp_path / "again.json").read_text())
-    assert second["runs"] == result["runs"] and second["files"] == result["files"]
+    assert second["settings"]["finetune"]["modes"] == ["head", "full"] and second["files"] == result["files"]
+    assert second["settings"]["finetune"]["full_fractions"] == [0.1]
+    for step in ("0", "3"):
+        for name in ev.EVAL_FILES:
+            before, after = result["runs"]["mlm"]["0"]["steps"][step][name], second["runs"]["mlm"]["0"]["steps"][step][name]
+            assert {k: v for k, v in after.items() if k != "finetuned full 0.1"} == before
+            assert 0 <= after["finetuned full 0.1"] <= 1
+    taken = second["runs"]["mlm"]["0"]["evaluation_seconds"]
+    assert taken["finetune"] > spent["finetune"] and taken["cluster"] == spent["cluster"]
     assert all(second["baselines"][n]["PCA-50 (model input)"] == result["baselines"][n]["PCA-50 (model input)"]
                for n in ev.EVAL_FILES)
     assert (tmp_path / "again.png").stat().st_size > 10_000  # every panel, from the saved embeddings
@@ -302,6 +312,27 @@ def test_saved_evaluation_is_taken_only_for_its_settings(tmp_path):
     assert ev.evaluation_key(_settings(seeds=[0, 1, 2]), ["f"]) == key  # one run's evaluation holds for any seed list
     path.with_suffix(".npz").unlink()
     assert ev.saved_evaluation(path, key) is None
+
+
+def test_narrower_evaluation_is_one_with_fewer_finetuned_rows(tmp_path):
+    """A call adding full fine-tuning (at some label shares) to a saved head-only evaluation extends it;
+    one that changes anything else, or asks for fewer rows than were saved, does not."""
+    path = tmp_path / "evaluation-final.json"
+    record = {"entry": {"steps": {}}}
+    ev.save_evaluation(path, ev.evaluation_key(_settings(), ["f"]), record, {"random init/f": np.eye(2)})
+    more = _settings(finetune={**_settings()["finetune"], "modes": ["head", "full"], "full_fractions": [0.1]})
+    saved, arrays = ev.narrower_evaluation(path, more, ["f"])
+    assert saved["entry"] == record["entry"] and np.array_equal(arrays["random init/f"], np.eye(2))
+    assert ev.narrower_evaluation(path, {**more, "steps": 3000}, ["f"]) is None
+    assert ev.narrower_evaluation(path, more, ["f", "g"]) is None
+    assert ev.narrower_evaluation(path, _settings(), ["f"]) is None  # the same rows: the saved one, taken as it is
+    fewer = _settings(finetune={**_settings()["finetune"], "modes": []})
+    assert ev.narrower_evaluation(path, fewer, ["f"]) is None
+    # full fine-tuning saved at 10 %: asking for it at 10 % and 100 % extends that one
+    ev.save_evaluation(path, ev.evaluation_key(more, ["f"]), record, {})
+    every = _settings(finetune={**_settings()["finetune"], "modes": ["head", "full"]})
+    assert ev.narrower_evaluation(path, every, ["f"]) is not None
+    assert ev.finetune_rows(["head", "full"], [0.1, 1.0], [0.1]) == [("head", 0.1), ("head", 1.0), ("full", 0.1)]
 
 
 def _settings(**changed) -> dict:
