@@ -92,8 +92,9 @@ class Corpus:
     (properties below) rather than parsing the manifest. ``manifest`` is the whole record, for
     reports to people (`summary`, `merge.format_report`)."""
 
-    def __init__(self, path: str | Path, cache_dir: str | Path | None = None):
-        # A URL (`remote.is_url`): the small files are read from a local copy, blocks by ranged reads.
+    def __init__(self, path: str | Path, cache_dir: str | Path | None = None, cache_limit_gb: float = 0.0):
+        # A URL (`remote.is_url`): the small files are read from a local copy, blocks by ranged reads,
+        # cached up to ``cache_limit_gb`` (0: no limit; `remote.RemoteShards`).
         self.url = path.rstrip("/") if is_url(path) else None
         self.remote = None
         if self.url:
@@ -101,7 +102,9 @@ class Corpus:
                 path = fetch_metadata(self.url, REMOTE_COPIED, cache_dir)
             except RemoteError as exc:
                 raise CorpusError(str(exc)) from None
-            self.remote = RemoteShards(self.url, path)
+            if not cache_limit_gb >= 0:
+                raise CorpusError(f"cache limit {cache_limit_gb} GB: give a size in GB, or 0 for no limit")
+            self.remote = RemoteShards(self.url, path, int(cache_limit_gb * 2**30))
         self.path = Path(path)
         manifest = self.path / MANIFEST
         if not manifest.exists():

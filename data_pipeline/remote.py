@@ -3,10 +3,13 @@ read without a shared filesystem. Used by `corpus.Corpus` only: the small files 
 vocabulary, length index, stats) are copied once into a local cache folder, so every reader of
 them works on local paths; shard blocks are fetched by ranged reads of their records' bytes and
 kept in the same cache folder, so a second epoch (or a second worker) does not fetch them again.
-Credentials come from fsspec's usual environment (AWS_*, GOOGLE_APPLICATION_CREDENTIALS, …)."""
+With a limit, the least recently used blocks are deleted once the blocks pass it (a node whose
+local disk cannot hold the whole corpus). Credentials come from fsspec's usual environment
+(AWS_*, GOOGLE_APPLICATION_CREDENTIALS, …)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -78,11 +81,22 @@ def fetch_metadata(url: str, files: tuple[str, ...], cache_dir: str | Path | Non
 class RemoteShards:
     """Ranged reads of a remote corpus's shards, each block cached in ``cache/blocks`` under its
     shard and offset; a store that ignores ranges gives whole shards, cached whole. The caller
-    checks each block's checksum, cached or not."""
+    checks each block's checksum, cached or not.
 
-    def __init__(self, url: str, cache: Path):
+    ``limit_bytes`` (0: none) bounds the cached blocks: a process that has stored another
+    `TRIM_SHARE` of the limit since it last looked deletes the least recently used blocks (a read
+    from the cache counts as a use) until the folder holds `TRIM_TO` of the limit. Loader workers
+    and ranks share the folder and each trims it, so between trims it may pass the limit by
+    `TRIM_SHARE` per process; a block deleted under another process is fetched again."""
+
+    TRIM_SHARE = 0.05
+    TRIM_TO = 0.9
+
+    def __init__(self, url: str, cache: Path, limit_bytes: int = 0):
         self.url, self.cache = url.rstrip("/"), cache / "blocks"
+        self.limit_bytes = int(limit_bytes)
         self._fs = None
+        self._stored = 0  # bytes this process stored since it last trimmed
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_fs": None}  # each worker opens its own (sessions do not pickle)
@@ -92,10 +106,16 @@ class RemoteShards:
         flat = name.replace("/", "__")
         cached, whole = self.cache / f"{flat}.{offset}.{nbytes}", self.cache / flat
         for path in (cached, whole):
-            if path.is_file():
+            try:
                 with open(path, "rb") as fh:
                     fh.seek(0 if path is cached else offset)
-                    return fh.read(nbytes)
+                    data = fh.read(nbytes)
+            except FileNotFoundError:  # never fetched, or trimmed away (by any process sharing the cache)
+                continue
+            if self.limit_bytes:
+                with contextlib.suppress(FileNotFoundError):  # trimmed since: the bytes are read already
+                    os.utime(path)  # recently used: trimmed last
+            return data
         if self._fs is None:
             self._fs = _fs(self.url)
         fs, root = self._fs
@@ -112,3 +132,31 @@ class RemoteShards:
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
         tmp.write_bytes(data)
         os.replace(tmp, path)  # atomic: workers and ranks share the cache
+        self._stored += len(data)
+        if self.limit_bytes and self._stored >= self.TRIM_SHARE * self.limit_bytes:
+            self.trim()
+
+    def trim(self) -> int:
+        """Delete the least recently used cached blocks while the folder holds more than the limit,
+        down to `TRIM_TO` of it.  -> bytes the folder holds after"""
+        self._stored = 0
+        blocks = []
+        with os.scandir(self.cache) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):  # another process's block being written
+                    continue
+                try:
+                    st = entry.stat()
+                except FileNotFoundError:
+                    continue
+                blocks.append((st.st_mtime, st.st_size, entry.path))
+        held = sum(size for _, size, _ in blocks)
+        if held <= self.limit_bytes:
+            return held
+        for _, size, path in sorted(blocks):
+            if held <= self.TRIM_TO * self.limit_bytes:
+                break
+            with contextlib.suppress(FileNotFoundError):  # another process trimmed it first
+                os.unlink(path)
+            held -= size
+        return held

@@ -46,6 +46,9 @@ class DataConfig:
                         "s3://, gs://: anything fsspec opens)", "", resume=FREE)
     cache_dir: str = _help("local folder caching a corpus read from a URL (its small files and fetched blocks); "
                            "empty: $DATA_PIPELINE_CACHE, else ~/.cache/data_pipeline", "", resume=FREE)
+    cache_limit_gb: float = _help("most GB of fetched blocks the cache keeps (the least recently used deleted first; "
+                                  "it may pass the limit by 5 % per loader process between clean-ups); 0: no limit",
+                                  0.0, resume=FREE)
     normalization: str = _help(" | ".join(MODES), "log1p_bins")
     quantile_ties: str = _help("quantile_bins: values tied over several edges get a random bin of the span (random, "
                                "scGPT's tie-breaking) or its top bin (high: np.digitize alone)", "random")
@@ -191,6 +194,7 @@ class TrainConfig:
              f"data.mask_nonzero_only=true skips bin 0, which data.normalization={self.data.normalization} does not "
              f"have: use a binned normalization ({', '.join(BINNED_MODES)}) or set data.mask_nonzero_only=false"),
             (self.data.num_workers >= 0, "data.num_workers must be >= 0"),
+            (self.data.cache_limit_gb >= 0, "data.cache_limit_gb must be >= 0 (0: no limit)"),
             (self.run.threads >= 0, "run.threads must be >= 0 (0: automatic)"),
             (self.optimizer.lr > 0, f"optimizer.lr={self.optimizer.lr} must be > 0"),
             (len(self.optimizer.betas) == 2, "optimizer.betas needs two values, e.g. [0.9, 0.98]"),

@@ -80,7 +80,7 @@ def export_bundle(source: str | Path, out: str | Path) -> Path:
     if missing:
         raise ValueError(f"{ckpt}: the checkpoint does not match the run's model config (differing keys: "
                          f"{sorted(missing)[:5]})")
-    corpus = Corpus(config.data.corpus, config.data.cache_dir or None)
+    corpus = Corpus(config.data.corpus, config.data.cache_dir or None, config.data.cache_limit_gb)
     norm = config.input_normalization()
     if norm.mode == "rank":
         norm = Normalization(**{**asdict(norm), "medians": corpus.medians()})

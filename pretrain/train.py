@@ -55,7 +55,7 @@ def open_corpus(config: TrainConfig) -> Corpus:
     if not is_url(d.corpus) and not Corpus.is_finished(d.corpus):
         raise ValueError(f"data.corpus={d.corpus}: no manifest.json there, so not a finished corpus: pass "
                          "data.corpus=PATH of a folder made by `python -m data_pipeline convert`")
-    return Corpus(d.corpus, d.cache_dir or None)
+    return Corpus(d.corpus, d.cache_dir or None, d.cache_limit_gb)
 
 
 def build_loader(config: TrainConfig, device: torch.device, corpus: Corpus | None = None) -> CellLoader:

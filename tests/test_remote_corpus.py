@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.server
+import os
 import re
 import threading
 from pathlib import Path
@@ -177,3 +178,46 @@ def test_a_server_gone_mid_run_is_named_as_such(corpus, tmp_path):  # noqa: F811
         list(loader)
     assert url in str(err.value) and "damaged" not in str(err.value)
     assert "server is up" in str(err.value)
+
+
+def test_cache_limit_keeps_the_blocks_within_it_and_the_batches_the_same(corpus, served_ranged, tmp_path):  # noqa: F811
+    """`data.cache_limit_gb` below the corpus: two epochs give the local batches, the cached blocks
+    stay within the limit (plus one process's trim share), and the second epoch fetches again what
+    was deleted."""
+    from data_pipeline.remote import RemoteShards
+
+    url, ranges = served_ranged
+    total = int(Corpus(corpus).block_table().nbytes.sum())
+    limit = 0.4 * total
+    loader = _loader(Corpus(url, cache_dir=tmp_path / "cache", cache_limit_gb=limit / 2**30), seed=7, views=Views())
+    local = _loader(corpus, seed=7, views=Views())
+    fetched = []
+    for _ in range(2):  # epochs
+        before = len(ranges)
+        remote, expected = list(loader), list(local)
+        assert len(remote) == len(expected) > 0 and all(_same(a, b) for a, b in zip(remote, expected))
+        held = sum(p.stat().st_size for p in (tmp_path / "cache").glob("*/blocks/*"))
+        assert 0 < held <= limit * (1 + RemoteShards.TRIM_SHARE)
+        fetched.append(sum("/shards/" in path for path, _ in ranges[before:]))
+    assert fetched[0] == len(Corpus(corpus).block_table().offset) and fetched[1] > 0
+
+
+def test_trim_deletes_the_least_recently_used_blocks(tmp_path):
+    """Blocks stored in order a, b, c, d with d over the limit: a read of a makes b the oldest use, so
+    the trim deletes b (and c if needed), keeps a and d."""
+    from data_pipeline.remote import RemoteShards
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/trim_corpus/shards/s.tar", bytes(range(256)) * 40)  # 10,240 bytes
+    try:
+        shards = RemoteShards("memory://trim_corpus", tmp_path, limit_bytes=3000)
+        for i, t in zip(range(3), (100, 200, 300)):  # 1,000 bytes each: a, b, c at times 100, 200, 300
+            assert shards.read("shards/s.tar", 1000 * i, 1000) == (bytes(range(256)) * 40)[1000 * i : 1000 * (i + 1)]
+            os.utime(tmp_path / "blocks" / f"shards__s.tar.{1000 * i}.1000", (t, t))
+        shards.read("shards/s.tar", 0, 1000)  # a, from the cache: used now
+        shards.read("shards/s.tar", 3000, 1000)  # d: 4,000 bytes held, over the limit: trimmed to 2,700
+        left = sorted(p.name for p in (tmp_path / "blocks").iterdir())
+        assert left == ["shards__s.tar.0.1000", "shards__s.tar.3000.1000"]
+        assert shards.read("shards/s.tar", 1000, 1000) == (bytes(range(256)) * 40)[1000:2000]  # fetched again
+    finally:
+        fs.rm("/trim_corpus", recursive=True)
