@@ -388,6 +388,14 @@ def finetuned(bundle: Path, f: EvalFile, csr, embedding: np.ndarray, rows_wanted
     return out
 
 
+def step_finetuned(run: Path, bundle: Path, seed: int, step: int, f: EvalFile, csr, embedding: np.ndarray,
+                   rows_wanted: list[tuple[str, float]], epochs: int) -> dict[str, float]:
+    """`finetuned` for one curve step of ``run`` on one file: step 0 fine-tunes the random-init twin of
+    ``bundle`` (the last step's), each step in its own folder of the run."""
+    tuned = twin_bundle(bundle, seed) if step == 0 else bundle
+    return finetuned(tuned, f, csr, embedding, rows_wanted, epochs, run / "finetune" / f"step{step}" / f.name)
+
+
 def clustered(f: EvalFile, embedding: np.ndarray, vae_steps: int, epochs: int, seed: int) -> dict[str, float]:
     """ARI and NMI of the scHybridBERT pipeline (`pretrain.downstream.hybrid`, the path of
     `launch/cluster_cells.py`) on the file's cells and this embedding, beside the same run's PCA-50
@@ -541,9 +549,8 @@ def extend_finetuning(saved: tuple[dict, dict[str, np.ndarray]], path: Path, key
                 continue
             if name not in csrs:
                 csrs[name] = model_csr(load_pretrained(bundle), f)[0]
-            tuned = twin_bundle(bundle, seed) if step == 0 else bundle
-            rows.update(finetuned(tuned, f, csrs[name], arrays[f"{panel}/{name}"], missing, epochs,
-                                  run / "finetune" / f"step{step}" / name))
+            rows.update(step_finetuned(run, bundle, seed, step, f, csrs[name], arrays[f"{panel}/{name}"], missing,
+                                       epochs))
     spent = entry.setdefault("evaluation_seconds", {})
     spent["finetune"] = round(spent.get("finetune", 0.0) + time.perf_counter() - began, 1)
     save_evaluation(path, key, record, arrays)
@@ -825,9 +832,8 @@ def main() -> None:
                                                         seed))
                     if modes and full_rows:
                         with timed(spent, "finetune"):
-                            tuned = twin_bundle(bundle, seed) if step == 0 else bundle
-                            rows[name].update(finetuned(tuned, f, csr, embedding, wanted,
-                                                        args.finetune_epochs, run / "finetune" / f"step{step}" / name))
+                            rows[name].update(step_finetuned(run, bundle, seed, step, f, csr, embedding, wanted,
+                                                             args.finetune_epochs))
                     if step in (0, curve[-1]):
                         panel = "random init" if step == 0 else mix
                         arrays[f"{panel}/{name}"] = embedding
