@@ -79,8 +79,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     m.add_argument("--keep-work", action="store_true")
     m.add_argument("--no-progress", action="store_true")
 
-    v = sub.add_parser("verify", help="re-read every shard; check checksums and accounting")
-    v.add_argument("corpus")
+    v = sub.add_parser("verify", help="re-read every shard (of a folder or URL); check checksums and accounting")
+    v.add_argument("corpus", help="a corpus folder, or its URL (https://, s3://, gs://: streamed from the store)")
 
     i = sub.add_parser("inspect", help="summary: cells, tokens, genes/cell histogram, sources, coverage")
     i.add_argument("corpus")

@@ -32,7 +32,8 @@ class RemoteError(Exception):
     """A remote corpus that cannot be read: names the URL and what to do."""
 
 
-def _fs(url: str):
+def remote_fs(url: str):
+    """(fsspec filesystem, root path) of ``url``."""
     import fsspec
 
     return fsspec.core.url_to_fs(url)
@@ -46,7 +47,7 @@ def fetch_metadata(url: str, files: tuple[str, ...], cache_dir: str | Path | Non
     and renamed, so ranks fetching at once do not see each other's half-written files."""
     url, (manifest_name, *others) = url.rstrip("/"), files
     try:
-        fs, root = _fs(url)
+        fs, root = remote_fs(url)
         manifest = fs.cat_file(f"{root}/{manifest_name}")
     except FileNotFoundError:
         raise RemoteError(f"{url}: no {manifest_name} there, so not a finished corpus: check the URL (the "
@@ -117,7 +118,7 @@ class RemoteShards:
                     os.utime(path)  # recently used: trimmed last
             return data
         if self._fs is None:
-            self._fs = _fs(self.url)
+            self._fs = remote_fs(self.url)
         fs, root = self._fs
         data = fs.cat_file(f"{root}/{name}", start=offset, end=offset + nbytes)
         if len(data) > nbytes:

@@ -221,3 +221,32 @@ def test_trim_deletes_the_least_recently_used_blocks(tmp_path):
         assert shards.read("shards/s.tar", 1000, 1000) == (bytes(range(256)) * 40)[1000:2000]  # fetched again
     finally:
         fs.rm("/trim_corpus", recursive=True)
+
+
+@pytest.mark.parametrize("handler", [_Counting, _Ranged])
+def test_verify_checks_a_corpus_at_a_url_as_its_store_holds_it(corpus, tmp_path, monkeypatch, handler):  # noqa: F811
+    """`verify URL` streams every shard from the store (a server answering ranges or not) and finds
+    what the local verify finds, fetching the small files afresh: a stale copy in the block cache
+    must not hide a change, and verify adds nothing to that cache."""
+    from data_pipeline.corpus import verify
+    from tests.test_corpus_integrity import _copy, _manifest, _xor
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DATA_PIPELINE_CACHE", str(cache))
+    served = _copy(corpus, tmp_path)
+    with _serve(served, handler) as url:
+        assert verify(url) == [] == verify(served)
+        Corpus(url).block_table()  # a reader's copy of the small files, cached before the changes below
+        before = sorted(p.relative_to(cache) for p in cache.rglob("*"))
+        shards = _manifest(served)["shards"]
+        name = _xor(served, shard=0, block=1, field="counts")
+        (served / shards[1]["file"]).unlink()
+        lengths = served / "cell_lengths.npy"
+        lengths.write_bytes(lengths.read_bytes()[:-8])
+        problems = verify(url)
+        assert problems == verify(served), problems
+        assert f"{name}: sha256/size differ from the manifest (truncated or edited)" in problems
+        assert any(p.startswith(f"{name}: block 1 ") and "checksum mismatch" in p for p in problems)
+        assert f"{shards[1]['file']}: missing" in problems
+        assert any(p.startswith("cell_lengths.npy") for p in problems)
+        assert sorted(p.relative_to(cache) for p in cache.rglob("*")) == before
