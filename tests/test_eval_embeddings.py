@@ -24,6 +24,17 @@ from pretrain.embed import length_batches  # noqa: E402
 from pretrain.model import CellModel  # noqa: E402
 
 
+@pytest.mark.parametrize("mix", list(ev.MIXES))
+def test_every_mix_is_a_valid_training_config(mix):
+    """A mix's overrides load over eval.yaml into a config the trainer accepts (a typo in a key, or a value
+    out of range, is caught here, not an hour into a phase)."""
+    from pretrain.config import load_config
+
+    config = load_config(str(ev.CONFIG), ev.MIXES[mix])
+    config.validate()
+    assert (config.objectives.contrastive_weight > 0) == config.data.views == ("contrastive" in mix)
+
+
 def test_probe_separates_clusters_and_not_noise():
     rng = np.random.default_rng(0)
     labels = np.repeat(np.array(["a", "b", "c", "d"]), 60)
