@@ -276,7 +276,7 @@ def masked_modelling(model, csr, cap: str, seed: int = 0) -> dict:
     normalized, _ = model_input(model, *csr, cap=cap)  # the cells as the embedding sees them
     _, values, mlm, targets = mask_for_mode(Masking(ratio=0.15), norm.mode, norm.n_bins, normalized.indptr,
                                             normalized.genes, normalized.values, model.config.mask_token,
-                                            (model.n_special, model.config.vocab_size), rng)
+                                            model.gene_range, rng)
     cost = model.config.token_cost(norm.max_genes)
     right = total = 0
     loss = 0.0

@@ -257,16 +257,17 @@ class Corpus:
                 rows += [r[:4] for r in records]
                 sums += [int(r[4], 16) for r in records] if with_checksums else []
             except (TypeError, ValueError) as exc:
-                raise CorpusError(f"{self.path}: the block records of {s['file']} in manifest.json are malformed "
-                                  f"({exc}): run `python -m data_pipeline verify {self.path}`") from None
+                raise CorpusError(f"{self.url or self.path}: the block records of {s['file']} in manifest.json are malformed "
+                                  f"({exc}): run `python -m data_pipeline verify {self.url or self.path}`") from None
             shard.append(np.full(len(records), i, np.int64))
         try:
             rec = np.asarray(rows, np.int64).reshape(-1, 4)
         except (TypeError, ValueError, OverflowError):
             rec = np.full((1, 4), -1, np.int64)
         if (rec < 0).any() or (rec[:, 1] < 512).any():
-            raise CorpusError(f"{self.path}: manifest.json has block records with negative or impossible values: "
-                              f"run `python -m data_pipeline verify {self.path}`")
+            raise CorpusError(f"{self.url or self.path}: manifest.json has block records with negative or impossible "
+                              "values: "
+                              f"run `python -m data_pipeline verify {self.url or self.path}`")
         return BlockTable(tuple(s["file"] for s in m["shards"]),
                           np.concatenate(shard) if shard else np.zeros(0, np.int64), rec[:, 0], rec[:, 1],
                           np.concatenate([[0], np.cumsum(rec[:, 2])]), rec[:, 3],
@@ -298,7 +299,7 @@ class Corpus:
         written = f" ({name} was written from {', '.join(sources)})" if sources else ""
         return CorpusError(
             f"{self.url or self.path}: damaged {self.block_place(table, block)} of {name}: {problem}. Do not train on "
-            f"this corpus: run `python -m data_pipeline verify {self.path}` to list every damaged shard, then "
+            f"this corpus: run `python -m data_pipeline verify {self.url or self.path}` to list every damaged shard, then "
             f"convert the sources of the damaged shards again{written}: rerun the convert command with "
             "--overwrite, or restore the corpus from a copy")
 

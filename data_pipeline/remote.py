@@ -41,18 +41,22 @@ def remote_fs(url: str):
 
 def fetch_metadata(url: str, files: tuple[str, ...], cache_dir: str | Path | None = None) -> Path:
     """A local folder holding ``files`` of the folder at ``url`` (`corpus.Corpus` names them: its
-    manifest first, then the other small files; a file the folder lacks is left out), fetched
+    manifest first, then the other small files, each of which must be there), fetched
     unless the cache holds it already. The copy is keyed by the URL and the first file's bytes, so
     a corpus converted again at the same URL is fetched again; it is written to a temporary folder
     and renamed, so ranks fetching at once do not see each other's half-written files."""
     url, (manifest_name, *others) = url.rstrip("/"), files
     try:
         fs, root = remote_fs(url)
+    except (ImportError, ValueError) as exc:  # fsspec: ValueError for a protocol it does not know
+        raise RemoteError(f"{url}: no filesystem for this protocol ({exc}): check the URL's protocol, or install "
+                          "the package fsspec names (s3fs for s3://, gcsfs for gs://, aiohttp for https://)") from None
+    try:
         manifest = fs.cat_file(f"{root}/{manifest_name}")
     except FileNotFoundError:
         raise RemoteError(f"{url}: no {manifest_name} there, so not a finished corpus: check the URL (the "
                           "folder `python -m data_pipeline convert ... --out CORPUS` made, copied whole)") from None
-    except ImportError as exc:
+    except ImportError as exc:  # a filesystem that imports its client on first use
         raise RemoteError(f"{url}: no filesystem for this protocol ({exc}): install the package fsspec names "
                           "(s3fs for s3://, gcsfs for gs://, aiohttp for https://)") from None
     except Exception as exc:  # noqa: BLE001 - connection errors differ per protocol (aiohttp, botocore, ...)
@@ -67,8 +71,14 @@ def fetch_metadata(url: str, files: tuple[str, ...], cache_dir: str | Path | Non
     tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=local.parent))
     try:
         for name in others:
-            if fs.exists(f"{root}/{name}"):
+            try:
                 fs.get_file(f"{root}/{name}", str(tmp / name))
+            except FileNotFoundError:
+                # the converter writes manifest.json last, but an upload (`aws s3 sync`, `gsutil cp -r`) may
+                # not: a copy cached without this file would be kept as whole for good
+                raise RemoteError(f"{url}: {manifest_name} is there but {name} is not, so the corpus is not whole: "
+                                  "an upload still under way, or one that left files out. Wait for it to finish (or "
+                                  f"copy the corpus folder again, {manifest_name} last), then rerun") from None
         (tmp / manifest_name).write_bytes(manifest)  # last: a copy with a manifest is whole
         try:
             os.rename(tmp, local)

@@ -19,9 +19,9 @@ from data_pipeline.loading import loader as loader_module
 from data_pipeline.loading import normalize_reference as ref
 from data_pipeline.loading.epoch_plan import Batching, EpochPlan
 from data_pipeline.loading.loader import CellLoader
-from data_pipeline.loading.masking import Views
+from data_pipeline.loading.masking import Masking, Views
 from data_pipeline.loading.normalize import Normalization
-from tests.corpus_helpers import random_counts, write_h5ad
+from tests.corpus_helpers import ensembl, random_counts, write_h5ad
 
 BUDGET = 3000
 
@@ -300,3 +300,51 @@ def test_pinned_memory(corpus):
         assert b.gene_ids.is_pinned() and b.cu_seqlens.is_pinned()
         assert b.to("cuda").gene_ids.is_cuda
 
+
+
+def test_rank_mode_over_a_token_dictionary_without_cls(tmp_path):
+    """A Geneformer-style pickled token dictionary ({<pad>: 0, <mask>: 1, genes...}: no <cls>, which the
+    vocabulary appends after the genes) in rank mode: masking's random replacements are gene tokens,
+    never the appended <cls> (which left no ids to draw from and failed on the first batch)."""
+    import pickle
+
+    from data_pipeline.conversion.vocab import gene_token_range
+
+    n_genes = 300
+    mapping = {"<pad>": 0, "<mask>": 1, **{ensembl(i): i + 2 for i in range(n_genes)}}
+    vocab = tmp_path / "token_dictionary.pkl"
+    vocab.write_bytes(pickle.dumps(mapping))
+    source = write_h5ad(tmp_path / "cells.h5ad", random_counts(200, n_genes, seed=3, density=0.2))
+    out = tmp_path / "corpus"
+    convert(out, ConvertOptions([str(source)], vocab=str(vocab)), progress=False)
+    made = Corpus(out)
+    cls = made.special_tokens["<cls>"]
+    assert cls == n_genes + 2 == made.vocab_size - 1 and gene_token_range([0, 1, cls], made.vocab_size) == (2, cls)
+    norm = Normalization("rank", medians=np.ones(made.vocab_size), max_genes=64)
+    loader = _loader(out, normalization=norm, masking=Masking(ratio=0.5, mask_prob=0.2, random_prob=0.8))
+    replaced = 0
+    for batch in loader:
+        ids, masked = batch.gene_ids.numpy(), batch.mlm_mask.numpy()
+        drawn = ids[masked & (ids != 1)]
+        assert ((drawn >= 2) & (drawn < cls)).all()
+        replaced += int((masked & (ids != 1) & (ids != batch.mlm_targets.numpy())).sum())
+    assert replaced > 100
+
+
+def test_gene_token_range_takes_special_tokens_on_either_side():
+    from data_pipeline.conversion.vocab import VocabError, gene_token_range
+
+    assert gene_token_range([0, 1, 2], 10) == (3, 10)
+    assert gene_token_range([0, 1, 9], 10) == (2, 9)
+    with pytest.raises(VocabError, match="contiguous"):
+        gene_token_range([0, 1, 5], 10)
+
+
+def test_rank_without_world_size_is_refused(corpus):
+    """`CellLoader(corpus, rank=1)` alone once streamed the whole corpus as rank 0 of 1 (the world size
+    from an unset environment): every such process read the same cells."""
+    for given in ({"rank": 1}, {"world_size": 4}):
+        with pytest.raises(ValueError, match="pass both"):
+            _loader(corpus, **given)
+    with pytest.raises(ValueError, match="outside world size"):
+        _loader(corpus, rank=2, world_size=2)

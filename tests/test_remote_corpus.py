@@ -250,3 +250,31 @@ def test_verify_checks_a_corpus_at_a_url_as_its_store_holds_it(corpus, tmp_path,
         assert f"{shards[1]['file']}: missing" in problems
         assert any(p.startswith("cell_lengths.npy") for p in problems)
         assert sorted(p.relative_to(cache) for p in cache.rglob("*")) == before
+
+
+def test_a_partly_uploaded_corpus_is_refused_and_not_cached(corpus, tmp_path, monkeypatch):  # noqa: F811
+    """A store holding manifest.json but not yet cell_lengths.npy (an upload under way) is refused,
+    naming the missing file, and nothing is cached: once the upload ends, the corpus reads."""
+    from data_pipeline.loading.loader import CellLoader
+    from tests.test_corpus_integrity import _copy
+
+    served = _copy(corpus, tmp_path)
+    held = (served / "cell_lengths.npy").read_bytes()
+    (served / "cell_lengths.npy").unlink()
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DATA_PIPELINE_CACHE", str(cache))
+    with _serve(served, _Counting) as url:
+        with pytest.raises(CorpusError, match="cell_lengths.npy is not, so the corpus is not whole"):
+            Corpus(url, cache_dir=cache)
+        with pytest.raises(CorpusError, match="cell_lengths.npy is not"):
+            CellLoader(url)  # the loader's message is the corpus's, not "no manifest.json"
+        assert not list(cache.rglob("manifest.json"))
+        (served / "cell_lengths.npy").write_bytes(held)
+        assert Corpus(url, cache_dir=cache).n_cells == Corpus(corpus).n_cells
+
+
+def test_the_loader_names_a_url_problem_as_the_corpus_does(tmp_path):
+    from data_pipeline.loading.loader import CellLoader
+
+    with pytest.raises(CorpusError, match="nosuchproto://bucket/corpus: no filesystem for this protocol"):
+        CellLoader("nosuchproto://bucket/corpus")

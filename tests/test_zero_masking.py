@@ -162,7 +162,8 @@ def decoder_reference(model: CellModel, batch) -> torch.Tensor:
     decoder row per vocabulary gene (decoder gene embedding + the encoder output projected | the mask
     vector where masked, masked zeros included | the zero vector), T and S after them; the head at the
     masked genes, in token order.  -> [n_masked]"""
-    n_special = model.n_special
+    c = model.config
+    n_special = max(c.pad_token, c.cls_token, c.mask_token) + 1  # this test's vocabularies: special tokens first
     preds = []
     for s, a in sequences(batch):
         genes, values, masked = batch.gene_ids[a], batch.values[a], batch.mlm_mask[a]

@@ -173,6 +173,25 @@ def read_vocab(path: str | Path) -> Vocabulary:
         return _read_vocab(path)
 
 
+def gene_token_range(special_ids, vocab_size: int) -> tuple[int, int]:
+    """[low, high) of the gene tokens of a vocabulary of ``vocab_size`` tokens whose special tokens
+    are ``special_ids``. Ours put the special tokens first; a token dictionary that lacked some
+    (Geneformer's pickled ones have no ``<cls>``) gets them appended after its genes. Either way the
+    genes are one contiguous run, which masking's random replacements and the full gene set draw from."""
+    special = {int(i) for i in special_ids}
+    low, high = 0, int(vocab_size)
+    while low in special:
+        low += 1
+    while high - 1 in special and high > low:
+        high -= 1
+    inside = sorted(i for i in special if low <= i < high)
+    if inside or high <= low:
+        raise VocabError(f"special token ids {sorted(special)} of a {vocab_size}-token vocabulary: they must lie "
+                         "before or after the gene tokens, which must be one contiguous run (convert with a vocabulary "
+                         "whose special tokens come first, or a token dictionary that maps genes to a dense range)")
+    return low, high
+
+
 def _read_vocab(path: Path) -> Vocabulary:
     if path.suffix == ".pkl":
         mapping = read_pickled_dict(path)

@@ -38,7 +38,9 @@ from numba import njit
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..child_processes import leave_stop_signals_to_parent
+from ..conversion.vocab import gene_token_range
 from ..corpus import BlockReader, BlockTable, Corpus
+from ..remote import is_url
 from .batch import PackedBatch
 from .batching import TokenCost
 from .epoch_plan import Batching, EpochPlan, megabatch_count, worker_skip
@@ -53,9 +55,13 @@ DEFAULT_MASKING = Masking()  # 15 % of each cell's genes; 80 % mask id, 10 % ran
 
 def rank_and_world_size(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
     """Explicit values, else torch.distributed's (when initialized), else ``RANK``/``WORLD_SIZE``
-    from the environment (set by the deepspeed and torchrun launchers), else (0, 1)."""
+    from the environment (set by the deepspeed and torchrun launchers), else (0, 1). One of the two
+    alone is refused: the other taken from elsewhere could make every process read the same cells."""
     if rank is not None and world_size is not None:
         return rank, world_size
+    if rank is not None or world_size is not None:
+        raise ValueError(f"rank={rank}, world_size={world_size}: pass both (this process's rank among world_size "
+                         "readers), or neither to take them from torch.distributed or RANK / WORLD_SIZE")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -85,7 +91,7 @@ class _Spec:
         if "<mask>" not in special:
             raise ValueError(f"{corpus.path}: the vocabulary has no <mask> token (special tokens: {special})")
         self.mask_token = special["<mask>"]
-        self.n_special = max(special.values()) + 1  # gene tokens follow the special ones
+        self.gene_range = gene_token_range(special.values(), corpus.vocab_size)  # [low, high) of the gene tokens
         n_columns = len(corpus.label_columns)
         self.label_columns = list(range(n_columns)) if label_columns is None else list(label_columns)
         if any(not 0 <= c < n_columns for c in self.label_columns):
@@ -265,7 +271,7 @@ def _check_zero_masking(spec: _Spec) -> None:
         raise ValueError(f"masking unexpressed genes gives them the continuous target 0, but the normalization is "
                          f"{spec.normalization.mode}: use normalization continuous (data.normalization=continuous) "
                          "or turn it off (data.mask_zero_prob=0)")
-    n_genes, token_cost = spec.vocab_size - spec.n_special, spec.token_cost
+    n_genes, token_cost = spec.gene_range[1] - spec.gene_range[0], spec.token_cost
     if token_cost.full_length is None or token_cost.full_length < n_genes:
         raise ValueError(f"masking unexpressed genes adds tokens to a cell, up to the {n_genes} genes of the "
                          f"vocabulary, but the token cost counts a cell as {token_cost.full_length or 'its expressed'} "
@@ -309,13 +315,13 @@ def _megabatch_batches(spec: _Spec, plan: EpochPlan, m, reader: BlockReader, fir
     if spec.masking is not None:
         genes, values, mlm, targets = mask_for_mode(spec.masking, spec.normalization.mode, spec.normalization.n_bins,
                                                     norm.indptr, genes, values, spec.mask_token,
-                                                    (spec.n_special, spec.vocab_size), rng)
+                                                    spec.gene_range, rng)
         if original is not None:
             targets = original
         if spec.masking.zero_prob:  # its own generator: the draws above stay what they are without it
             seq_ptr, genes, values, mlm, targets = add_masked_zeros(
                 spec.masking.zero_prob, stored_ptr, stored_genes, norm.indptr, genes, values, mlm, targets,
-                (spec.n_special, spec.vocab_size), np.random.default_rng([spec.seed, epoch, m.index, 2]))
+                spec.gene_range, np.random.default_rng([spec.seed, epoch, m.index, 2]))
     else:
         mlm = np.zeros(len(genes), bool)
         targets = np.zeros_like(values)
@@ -375,7 +381,9 @@ class CellLoader:
                  token_cost: TokenCost | None = None, malloc_tuning: bool = True, label_columns: list[int] | None = None,
                  downsampling: Downsampling | None = None):
         if not isinstance(corpus, Corpus):
-            if not Corpus.is_finished(corpus):
+            # a URL's own errors (nothing there, no filesystem for the protocol, server down) are clearer:
+            # Corpus raises them
+            if not is_url(corpus) and not Corpus.is_finished(corpus):
                 raise ValueError(f"{corpus}: no manifest.json; pass a finished corpus folder "
                                  "(`python -m data_pipeline convert ... --out CORPUS`)")
             corpus = Corpus(corpus)

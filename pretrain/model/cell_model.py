@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from data_pipeline.conversion.vocab import gene_token_range
 from data_pipeline.loading.batch import PackedBatch
 from kernels.packing import compact, max_per_sequence, mean_per_sequence, sequence_ids, with_prefix
 
@@ -83,7 +84,7 @@ class CellModel(nn.Module):
         self.encoder = Encoder(c.d_model, c.n_layers, c.n_heads, c.ffn_multiplier, c.dropout, c.norm_eps, c.attention,
                                c.favor_features, c.activation_checkpointing, c.norm_position, c.activation)
         mlm_out = c.mlm_outputs
-        self.n_special = max(c.pad_token, c.cls_token, c.mask_token) + 1  # gene tokens follow the special ones
+        self.gene_range = gene_token_range((c.pad_token, c.cls_token, c.mask_token), c.vocab_size)  # [low, high)
         if c.architecture == "encoder_decoder":
             dec = c.decoder
             self.to_decoder = nn.Linear(c.d_model, dec.d_model)
@@ -195,10 +196,11 @@ class CellModel(nn.Module):
         caller to fill; the other gene rows are ``gene_table(gene) + fill``.
         -> (rows [B * (G + n_extra), d], slot of each token [T], cu_seqlens [B+1], G + n_extra)"""
         b = cu_seqlens.shape[0] - 1
-        n_genes = self.config.vocab_size - self.n_special
+        low, high = self.gene_range
+        n_genes = high - low
         per_cell = n_genes + n_extra
-        slots = sequence_ids(cu_seqlens, gene_ids.shape[0]) * per_cell + (gene_ids - self.n_special)
-        all_genes = torch.arange(self.n_special, self.config.vocab_size, device=x.device)
+        slots = sequence_ids(cu_seqlens, gene_ids.shape[0]) * per_cell + (gene_ids - low)
+        all_genes = torch.arange(low, high, device=x.device)
         dense = (gene_table(all_genes) + fill)[None].expand(b, n_genes, -1)
         if n_extra:
             dense = torch.cat([dense, dense.new_zeros(b, n_extra, dense.shape[-1])], dim=1)
