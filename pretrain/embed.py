@@ -17,6 +17,7 @@ AnnData store of obs, var and that obsm.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +27,14 @@ import xxhash
 
 from data_pipeline.conversion.gene_ids import resolve_gene_ids, vocabulary_symbol_table
 from data_pipeline.conversion.readers import SourceError
-from data_pipeline.conversion.vocab import read_symbol_table
+from data_pipeline.conversion.vocab import ensembl_prefix, read_symbol_table
 from data_pipeline.loading.batch import PackedBatch
 from data_pipeline.loading.batching import TokenCost, group_by_length
 from data_pipeline.loading.normalize import CellSeeds, Normalized, normalize
 
 from .model import CellModel
+
+logger = logging.getLogger(__name__)
 
 
 def gene_tokens(var, vocab, source: str, gene_column: str | None = None,
@@ -54,7 +57,9 @@ def gene_tokens(var, vocab, source: str, gene_column: str | None = None,
     # rows still unmatched that have a symbol: an Ensembl id of another annotation release (CCL5, SOD2,
     # TXNIP changed ids), or a symbol that differs only in case (C2ORF15 for C2orf15). The symbol names
     # the vocabulary's gene, unless the file also holds that gene under the vocabulary's id.
+    # Rows rescued onto one gene (CD4 and Cd4) are summed, as rows of one id are.
     rows = np.flatnonzero((tokens < 0) & (syms != ""))
+    other_species = 0
     if len(rows):
         upper: dict[str, str] = {}
         for symbol, gene in table.items():
@@ -62,10 +67,16 @@ def gene_tokens(var, vocab, source: str, gene_column: str | None = None,
         via = vocab.lookup(np.array([table.get(str(s)) or upper.get(str(s).upper(), "") for s in syms[rows]],
                                     dtype=object))
         taken = set(tokens[tokens >= 0].tolist())
+        species = next((k for k in vocab.id_prefixes() if k != "other"), None)
         for row, token in zip(rows, via):
             if token >= 0 and token not in taken:
                 tokens[row], by_symbol[row] = token, True
-                taken.add(token)
+                own = ensembl_prefix(identity.ids[row])
+                other_species += bool(own and species and own != species)
+        if other_species:
+            logger.warning(f"{source}: {other_species} genes with Ensembl ids of another species than the model's "
+                           f"({species}) were matched to its genes by symbol (Cd4 -> CD4): a mapping by name, not "
+                           "by orthology; map the genes to the model's species first if that is not intended")
     mapped = tokens >= 0
     # matched through a symbol that the vocabulary gives to several genes (the first listed was taken)
     symbol_genes: dict[str, int] = {}
@@ -79,6 +90,7 @@ def gene_tokens(var, vocab, source: str, gene_column: str | None = None,
               "input_fraction": float(mapped.mean()) if len(tokens) else 0.0,
               "mapped_by_ensembl": int((mapped & ~by_symbol).sum()),
               "mapped_by_symbol": int((mapped & by_symbol).sum()), "ambiguous_symbols": int(ambiguous.sum()),
+              "mapped_from_other_species": other_species,
               "gene_identity": identity.how.replace("the symbol table", "the vocabulary's symbols"
                                                     + (" and --symbol-table" if symbol_table else "")),
               "vocab_genes": int(vocab.n_genes), "vocab_fraction": float(len(set(tokens[mapped])) / max(1, vocab.n_genes))}
@@ -102,12 +114,21 @@ def add_cell_input_arguments(parser) -> None:
                              "model costs the full gene set (default 16384)")
 
 
-def require_coverage(first_rows, tokens: np.ndarray, report: dict, source: str, min_coverage: float) -> None:
-    """Refuse an input where less than ``min_coverage`` of the counts of ``first_rows`` (the
-    input's first cells, [n, n_vars]) fall on vocabulary genes; sets ``report["count_fraction"]``
-    (``report``: `gene_tokens`'s)."""
-    first = sp.csr_matrix(first_rows)
-    report["count_fraction"] = float(first.data[tokens[first.indices] >= 0].sum() / max(first.data.sum(), 1))
+def require_coverage(cells, chunk_cells: int, tokens: np.ndarray, report: dict, source: str,
+                     min_coverage: float) -> None:
+    """Refuse an input where less than ``min_coverage`` of the counts of its first cells (``cells``:
+    `open_cells`'s reader; the first chunk of ``chunk_cells`` cells that holds any counts, since empty
+    droplets may come first) fall on vocabulary genes; sets ``report["count_fraction"]`` (``report``:
+    `gene_tokens`'s), None when the input holds no counts at all (no cells, or only empty ones:
+    nothing to judge, and every embedding is the empty cell's)."""
+    report["count_fraction"] = None
+    for a in range(0, cells.n_cells, chunk_cells):
+        first = sp.csr_matrix(cells.read_rows(a, min(cells.n_cells, a + chunk_cells)))
+        if first.data.sum() > 0:
+            break
+    else:
+        return
+    report["count_fraction"] = float(first.data[tokens[first.indices] >= 0].sum() / first.data.sum())
     if report["count_fraction"] < min_coverage:
         raise ValueError(f"{source}: only {report['count_fraction']:.0%} of the counts fall on genes of the model's "
                          f"vocabulary (minimum {min_coverage:.0%}; {report['mapped_genes']} of "
@@ -125,11 +146,14 @@ def token_csr(x, tokens: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.nd
     if (x.data < 0).any() or not np.all(np.mod(x.data, 1) == 0):
         raise ValueError("the input is not raw counts (negative or fractional values): embed the raw UMI counts "
                          "(pass --layer counts if they are in a layer)")
-    totals = np.asarray(x.sum(axis=1)).ravel().astype(np.float64)
+    totals = np.asarray(x.sum(axis=1, dtype=np.float64)).ravel()
     cols = tokens[x.indices]
     keep = cols >= 0
     rows = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))[keep]
-    m = sp.csr_matrix((x.data[keep], (rows, cols[keep])), shape=(x.shape[0], vocab_size))
+    data = x.data[keep]
+    if np.issubdtype(data.dtype, np.integer):  # genes summed below: a uint16 sum of two 40,000s wraps around
+        data = data.astype(np.int64)
+    m = sp.csr_matrix((data, (rows, cols[keep])), shape=(x.shape[0], vocab_size))
     m.sum_duplicates()
     m.sort_indices()
     return m.indptr.astype(np.int64), m.indices.astype(np.int64), m.data, totals
@@ -190,6 +214,8 @@ def embedding_normalization(model: CellModel, cap: str = "auto"):
     if cap not in GENE_CAPS:
         raise ValueError(f"gene cap {cap!r} is not one of {', '.join(GENE_CAPS)}")
     norm = model.normalization
+    if norm.mode == "rank":  # its input is the top ranks by definition (Geneformer's truncation, model.max_rank)
+        return norm
     if cap == "auto":
         cap = "none" if model.config.attention == "favor" or norm.max_genes is None else "top"
     if cap == "none":
@@ -270,7 +296,7 @@ def embed_h5ad(model: CellModel, source: str | Path, out: str | Path, name: str 
     with open_cells(source, layer) as cells:
         tokens, report = gene_tokens(cells.var, model.vocab, str(source), gene_column, symbol_table)
         n = cells.n_cells
-        require_coverage(cells.read_rows(0, min(n, chunk_cells)), tokens, report, str(source), min_coverage)
+        require_coverage(cells, chunk_cells, tokens, report, str(source), min_coverage)
         bar = None
         if progress:
             from tqdm import tqdm

@@ -75,10 +75,10 @@ class FakeVarlen:
 
 @pytest.fixture
 def fake_varlen(monkeypatch):
-    """The fake kernel installed, and the CUDA/bf16 guard lifted (CPU float64 tensors pass)."""
+    """The fake kernel installed, and the CUDA guard lifted (CPU float64 tensors run as they are)."""
     fake = FakeVarlen()
     monkeypatch.setattr(attention, "_torch_varlen", fake)
-    monkeypatch.setattr(attention, "_require_half_cuda", lambda backend, q: None)
+    monkeypatch.setattr(attention, "_kernel_dtype", lambda backend, q: q.dtype)
     return fake
 
 
@@ -263,7 +263,7 @@ def test_flash_attn_generative_two_pass(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "flash_attn", FakeFlashAttn)
     monkeypatch.setattr(attention, "_flash_varlen", attention._UNSET)
-    monkeypatch.setattr(attention, "_require_half_cuda", lambda backend, q: None)
+    monkeypatch.setattr(attention, "_kernel_dtype", lambda backend, q: q.dtype)
     monkeypatch.setattr(attention, "_torch_varlen", lambda *a, **kw: pytest.fail("varlen called"))
     q, k, v, cu, known = generative_inputs(GENERATIVE_LENGTHS, 8, seed=31)
     out = attention.flash(q, k, v, cu, max(GENERATIVE_LENGTHS), known=known)
@@ -294,7 +294,7 @@ def test_flash_uses_flash_attn_when_importable(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "flash_attn", FakeFlashAttn)
     monkeypatch.setattr(attention, "_flash_varlen", attention._UNSET)
-    monkeypatch.setattr(attention, "_require_half_cuda", lambda backend, q: None)
+    monkeypatch.setattr(attention, "_kernel_dtype", lambda backend, q: q.dtype)
     monkeypatch.setattr(attention, "_torch_varlen", lambda *a, **kw: pytest.fail("varlen called"))
     q, k, v, cu = packed([3, 5], heads=2, width=8, seed=6)
     out = attention.flash(q, k, v, cu.long(), 5)
@@ -305,10 +305,10 @@ def test_flash_uses_flash_attn_when_importable(monkeypatch):
 # --- refusals name the fix ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", ["varlen", "flash"])
-def test_cpu_or_fp32_tensors_are_refused_naming_sdpa(backend, no_flash_attn):
+def test_cpu_tensors_are_refused_naming_sdpa(backend, no_flash_attn):
     for dtype in (torch.bfloat16, torch.float32):
         q, k, v, cu = packed([2, 3], heads=2, width=8, dtype=dtype)
-        with pytest.raises(RuntimeError, match=r"bf16.*model\.attention=sdpa"):
+        with pytest.raises(RuntimeError, match=r"CUDA only.*model\.attention=sdpa"):
             attention.BACKENDS[backend](q, k, v, cu, 3)
 
 
@@ -381,6 +381,16 @@ def test_gpu_varlen_pads_a_head_width_that_is_no_multiple_of_8():
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("backend", ["varlen", "flash"])
+def test_gpu_fp32_inputs_run_in_bf16(backend):
+    """An fp32 model's attention (embedding a bundle loaded in fp32) on the real kernels."""
+    q, k, v, cu = packed(GPU_LENGTHS, 8, 64, device="cuda", seed=13)
+    out = attention.BACKENDS[backend](*(x.float() for x in (q, k, v)), cu, max(GPU_LENGTHS))
+    assert out.dtype == torch.float32 and relative(out, reference_attention(q, k, v, cu)) <= 1e-2
+
+
+@pytest.mark.gpu
+@gpu
 def test_gpu_flash_equals_varlen():
     """flash is varlen without flash-attn (the same numbers); with flash-attn, the same attention."""
     _, out_v, grads_v = _bf16_against_float64(varlen, GPU_LENGTHS, heads=8, width=64, seed=12)
@@ -409,6 +419,21 @@ def test_gpu_generative_two_pass_in_bf16_equals_the_float64_definition(backend):
     grads = torch.autograd.grad(out, low, grad.to(torch.bfloat16))
     errors = [relative(out, ref)] + [relative(a, b) for a, b in zip(grads, ref_grads)]
     assert max(errors) <= 1e-2, dict(zip(["out", "dq", "dk", "dv"], errors))
+
+
+def test_fp32_inputs_run_the_kernel_in_bf16_and_come_back_in_fp32(fake_varlen, monkeypatch):
+    """An fp32 model on CUDA (a bundle loaded to embed or fine-tune) runs the FlashAttention kernel in
+    bf16 and gets fp32 back, with gradients; it was refused ("train with deepspeed.bf16=true"), so
+    `scfm embed` of a varlen/flash bundle failed on any GPU. Off CUDA the backends still refuse."""
+    q, k, v, cu = packed([5, 1, 17], heads=2, width=16, seed=3, dtype=torch.float32)
+    monkeypatch.setattr(attention, "_kernel_dtype", lambda backend, x: torch.bfloat16)  # as on CUDA
+    ins = [x.detach().requires_grad_(True) for x in (q, k, v)]
+    out = varlen(*ins, cu, 17)
+    assert out.dtype == torch.float32 and all(a.dtype == torch.bfloat16 for a in fake_varlen.calls[-1][0][:3])
+    ref = reference_attention(*(x.double() for x in (q, k, v)), cu)
+    assert relative(out, ref) < 1e-2
+    out.sum().backward()
+    assert all(x.grad is not None and x.grad.dtype == torch.float32 for x in ins)
 
 
 def test_a_bundle_trained_with_exact_cuda_attention_embeds_on_cpu():

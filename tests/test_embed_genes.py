@@ -268,3 +268,72 @@ def test_real_file_by_symbols_embeds_as_by_ensembl_ids(shared_data, tmp_path):
         assert report["mapped_genes"] == len(ids) and report[f"mapped_by_{name}"] == len(ids)
         x[name] = ad.read_h5ad(tmp_path / f"{name}_out.h5ad").obsm["X_scfm"]
     np.testing.assert_array_equal(x["symbol"], x["ensembl"])
+
+
+def test_duplicate_genes_in_a_narrow_integer_type_sum_without_wrapping():
+    """Two columns of one gene are summed in int64: in the file's uint16 two counts of 40,000 wrapped
+    to 14,464, below the cell's own total."""
+    from pretrain.embed import token_csr
+
+    x = sp.csr_matrix(np.array([[40000, 40000, 3], [200, 100, 0]], np.uint16))
+    indptr, genes, counts, totals = token_csr(x, np.array([5, 5, 6]), 10)
+    assert indptr.tolist() == [0, 2, 3] and genes.tolist() == [5, 6, 5]
+    assert counts.tolist() == [80000, 3, 300] and totals.tolist() == [80003, 300]
+
+
+def test_rank_mode_keeps_its_top_ranks_under_every_cap():
+    """A rank model's input is its top ranks, whatever the cap: `--cap none` let a long cell reach
+    ranks past model.max_rank (refused on CPU, out of bounds on CUDA)."""
+    from pretrain.embed import embedding_normalization
+
+    model = CellModel(ModelConfig(vocab_size=50, d_model=16, n_layers=1, n_heads=2, attention="favor",
+                                  favor_features=16, value_mode="rank", max_rank=32))
+    model.normalization = Normalization(mode="rank", medians=np.ones(50), max_genes=32)
+    for cap in ("auto", "none", "top", "sample"):
+        assert embedding_normalization(model, cap) == model.normalization
+
+
+def test_empty_first_cells_or_no_cells_are_not_taken_for_a_gene_mismatch(model, reference, tmp_path):
+    """The coverage check reads the first chunk of cells that holds counts (empty droplets may come
+    first): an input of empty cells, or of none, embeds (count_fraction None) instead of being refused
+    for its genes; a later chunk of foreign genes is still refused."""
+    counts = _counts(len(IDS))
+    empty_first = sp.vstack([sp.csr_matrix((20, len(IDS)), dtype=np.int32), counts]).tocsr()
+    obs = pd.DataFrame(index=[f"cell{i:03d}" for i in range(empty_first.shape[0])])
+    source = tmp_path / "empty_first.h5ad"
+    ad.AnnData(X=empty_first, obs=obs, var=pd.DataFrame(index=IDS)).write_h5ad(source)
+    x, report = _embed(model, source, tmp_path / "a.h5ad", chunk_cells=16)
+    assert report["count_fraction"] > 0.9
+    np.testing.assert_allclose(x[20:], reference, rtol=0, atol=1e-5)
+    for n in (0, 5):
+        none = tmp_path / f"none{n}.h5ad"
+        ad.AnnData(X=sp.csr_matrix((n, len(IDS)), dtype=np.int32), obs=pd.DataFrame(index=[f"c{i}" for i in range(n)]),
+                   var=pd.DataFrame(index=IDS)).write_h5ad(none)
+        x, report = _embed(model, none, tmp_path / f"out{n}.h5ad")
+        assert x.shape == (n, 32) and report["count_fraction"] is None
+    foreign = tmp_path / "foreign.h5ad"
+    ad.AnnData(X=empty_first, obs=obs, var=pd.DataFrame(index=[f"ENSG{900000000 + i:011d}" for i in range(len(IDS))])
+               ).write_h5ad(foreign)
+    with pytest.raises(ValueError, match="only 0% of the counts"):
+        _embed(model, foreign, tmp_path / "b.h5ad", chunk_cells=16)
+
+
+def test_case_variants_of_one_symbol_are_summed_and_other_species_are_reported(model, caplog):
+    """Two rows whose symbols differ only in case (Gnaa, gnaa) name one gene: both map to it and are
+    summed, as two rows of one id are (the second was dropped). Rows with another species' Ensembl ids
+    matched by symbol are counted and warned about: a mapping by name, not orthology."""
+    import logging
+
+    from pretrain.embed import gene_tokens
+
+    mouse = [f"ENSMUSG{200000000 + i:011d}" for i in range(4)]
+    syms = [SYMBOLS[0].capitalize(), SYMBOLS[0].lower(), SYMBOLS[1].lower(), "NOTINVOCAB"]
+    var = pd.DataFrame({"gene_symbol": syms}, index=mouse)
+    with caplog.at_level(logging.WARNING, logger="pretrain.embed"):
+        tokens, report = gene_tokens(var, model.vocab, "mouse.h5ad")
+    expect = model.vocab.lookup([GENES[0], GENES[0], GENES[1]]).tolist()
+    assert tokens.tolist() == expect + [-1]
+    assert report["mapped_by_symbol"] == 3 and report["mapped_from_other_species"] == 3
+    assert "3 genes with Ensembl ids of another species than the model's (ENSG)" in caplog.text
+    human = pd.DataFrame({"gene_symbol": [SYMBOLS[0].lower()]}, index=["ENSG00000999990"])  # another release
+    assert gene_tokens(human, model.vocab, "human.h5ad")[1]["mapped_from_other_species"] == 0

@@ -112,8 +112,7 @@ class Vocabulary:
         first; genes whose id is not an Ensembl id count as ``other``."""
         counts: dict[str, int] = {}
         for g in self.index:
-            m = _ENSEMBL_PREFIX.match(g)
-            key = m.group(1) if m else "other"
+            key = ensembl_prefix(g) or "other"
             counts[key] = counts.get(key, 0) + 1
         return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
@@ -171,6 +170,12 @@ def read_vocab(path: str | Path) -> Vocabulary:
     path = Path(path)
     with _reading_table(path, "a vocab.tsv or a Geneformer token dictionary .pkl"):
         return _read_vocab(path)
+
+
+def ensembl_prefix(gene_id: str) -> str | None:
+    """The species prefix of an Ensembl gene id (ENSG human, ENSMUSG mouse, ...), None for another id."""
+    m = _ENSEMBL_PREFIX.match(str(gene_id))
+    return m.group(1) if m else None
 
 
 def gene_token_range(special_ids, vocab_size: int) -> tuple[int, int]:

@@ -87,7 +87,7 @@ def read_token_cells(path: str | Path, model, label_column: str | None = None, l
             labels = label_strings(pd.Series(source.obs_values(label_column)))
         tokens, report = gene_tokens(source.var, model.vocab, str(path), gene_column, symbol_table)
         n = source.n_cells
-        require_coverage(source.read_rows(0, min(n, chunk_cells)), tokens, report, str(path), min_coverage)
+        require_coverage(source, chunk_cells, tokens, report, str(path), min_coverage)
         parts = []
         for a in range(0, n, chunk_cells):
             indptr, genes, counts, totals = token_csr(source.read_rows(a, min(n, a + chunk_cells)), tokens,

@@ -58,12 +58,15 @@ def favor(q, k, v, cu_seqlens, max_seqlen, projection):
     return fn(q, k, v, projection, cu_seqlens, max_seqlen)
 
 
-def _require_half_cuda(backend: str, q: torch.Tensor) -> None:
-    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+def _kernel_dtype(backend: str, q: torch.Tensor) -> torch.dtype:
+    """The dtype the FlashAttention kernels run ``q`` in: its own in half precision; bf16 for fp32
+    on CUDA (a bundle loaded in fp32 to embed, fine-tune or predict: attention in bf16, its output
+    back in fp32, the rest of the model in fp32). They do not run off CUDA."""
+    if not q.is_cuda:
         raise RuntimeError(
-            f"attention backend {backend!r} runs FlashAttention kernels on CUDA in bf16/fp16 (got {q.dtype} on "
-            f"{q.device}): train on a GPU with deepspeed.bf16=true (or run the model under "
-            "torch.autocast('cuda', dtype=torch.bfloat16)), or set model.attention=sdpa")
+            f"attention backend {backend!r} runs FlashAttention kernels on CUDA only (got {q.dtype} on "
+            f"{q.device}): run on a GPU, or set model.attention=sdpa (exact attention on any device)")
+    return q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
 
 
 _torch_varlen = None
@@ -121,7 +124,10 @@ def varlen(q, k, v, cu_seqlens, max_seqlen, projection=None, known=None):
 def _packed_exact(backend: str, kernel, q, k, v, cu_seqlens, max_seqlen, known):
     """The FlashAttention-kernel backends' one path: ``kernel`` (`_varlen_kernel`'s signature) over
     the packed sequences, or `generative_two_pass` with ``known``.  -> [T, H, D]"""
-    _require_half_cuda(backend, q)
+    low = _kernel_dtype(backend, q)
+    if q.dtype != low:
+        return _packed_exact(backend, kernel, q.to(low), k.to(low), v.to(low), cu_seqlens, max_seqlen,
+                             known).to(q.dtype)
     if q.shape[0] == 0:  # every token masked away: nothing to attend, keep the graph for the gradients
         return q * 0
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
