@@ -346,3 +346,38 @@ def test_real_pbmc_subset_fine_tunes(shared_data, tmp_path):
     assert 0 <= report["macro_f1"] <= 1 and len(report["classes"]) >= 3
     summary = predict_h5ad(tmp_path / "run" / "bundle", tmp_path / "pbmc.h5ad", tmp_path / "pred.h5ad")
     assert summary["n_cells"] == 300
+
+
+def test_a_file_holding_some_of_the_classes_is_scored_on_those(head_run, tmp_path):
+    """A held-out file with two of the bundle's three types: macro-F1 averages over the types it holds
+    (or that are predicted), not counting the absent type as an F1 of 0; a file with none of the
+    bundle's labels is written and left unscored instead of failing in sklearn."""
+    from pretrain.downstream.finetune import scores
+
+    two = cells(90, seed=8, types=TYPES[:2])
+    two.write_h5ad(tmp_path / "two.h5ad")
+    summary = predict_h5ad(head_run / "bundle", tmp_path / "two.h5ad", tmp_path / "two_out.h5ad", threshold=0.0,
+                           label_column="cell_type")
+    s = summary["scores"]
+    held = s["scored"]
+    assert set(TYPES[:2]) <= set(held)
+    assert s["macro_f1"] == pytest.approx(np.mean([s["per_class_f1"][c] for c in held]))
+    assert all(s["per_class_f1"][c] is None for c in TYPES if c not in held)
+    perfect = scores(np.array([0, 0, 1]), np.eye(3)[[0, 0, 1]], ["a", "b", "c"], 0.5)
+    assert perfect["macro_f1"] == 1.0 and perfect["accuracy"] == 1.0 and perfect["per_class_f1"]["c"] is None
+    other = two.copy()
+    other.obs["cell_type"] = pd.Categorical(["neuron"] * len(other))
+    other.write_h5ad(tmp_path / "other.h5ad")
+    summary = predict_h5ad(head_run / "bundle", tmp_path / "other.h5ad", tmp_path / "other_out.h5ad",
+                           label_column="cell_type")
+    assert summary["scores"] is None and (tmp_path / "other_out.h5ad").exists()
+
+
+def test_a_label_named_unassigned_is_refused_for_cells_the_caller_chose(bundle, labelled):
+    from pretrain.downstream.token_cells import read_token_cells
+
+    model = load_pretrained(bundle)
+    chosen = read_token_cells(labelled, model, label_column="cell_type")
+    chosen = replace(chosen, labels=np.where(chosen.labels == TYPES[0], UNASSIGNED, chosen.labels))
+    with pytest.raises(ValueError, match="rename it"):
+        make_split(chosen, chosen, "the caller's cells")

@@ -137,9 +137,6 @@ def labelled_split(inputs, model: CellModel, config: FinetuneConfig, validation=
         left_out["rare label"] = int((~keep).sum())
         logger.warning(f"labels with fewer than {config.min_class_cells} cells left out: {rare}")
         cells = cells.subset(np.flatnonzero(keep))
-    if UNASSIGNED in counts:
-        raise ValueError(f"the label {UNASSIGNED!r} is what prediction gives low-confidence cells; rename it in "
-                         f"obs[{config.label_column!r}] (or leave those cells out) before fine-tuning")
     if len(cells) == 0:
         raise ValueError(f"no labelled cells in {', '.join(map(str, inputs))} (column {config.label_column!r})")
     if validation is None:
@@ -161,6 +158,9 @@ def make_split(train: TokenCells, val: TokenCells, how: str, left_out: dict | No
         left_out["no label"] = left_out.get("no label", 0) + int((train.labels == "").sum())
         train = train.subset(np.flatnonzero(train.labels != ""))
     classes = sorted(set(train.labels.tolist()))
+    if UNASSIGNED in classes:
+        raise ValueError(f"the label {UNASSIGNED!r} is what prediction gives low-confidence cells; rename it in "
+                         "the label column (or leave those cells out) before fine-tuning")
     if len(classes) < 2:
         raise ValueError(f"the training cells have one label ({classes}); classification needs at least two: check "
                          "--label-column")
@@ -267,16 +267,21 @@ def _val_probabilities(model: CellModel, head: ClassifierHead, val: _Cells, devi
 
 def scores(y: np.ndarray, probs: np.ndarray, classes: list[str], threshold: float) -> dict:
     """Macro-F1, accuracy, per-class F1, confusion matrix [true][predicted] (argmax predictions)
-    and the number of cells whose top probability is below ``threshold``."""
+    and the number of cells whose top probability is below ``threshold``. Macro-F1 averages over
+    the classes the cells hold or are predicted as (``scored``): a held-out file often holds a few
+    of a model's classes, and a class it lacks and nothing predicts is no error of the model
+    (per-class F1: None for those)."""
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
     labels = list(range(len(classes)))
     pred = probs.argmax(axis=1)
     per_class = f1_score(y, pred, labels=labels, average=None, zero_division=0)
+    scored = sorted(set(y.tolist()) | set(pred.tolist()))
     unassigned = int((probs.max(axis=1) < threshold).sum())
-    return {"macro_f1": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
+    return {"macro_f1": float(f1_score(y, pred, labels=scored, average="macro", zero_division=0)),
             "accuracy": float(accuracy_score(y, pred)),
-            "per_class_f1": {c: float(f) for c, f in zip(classes, per_class)},
+            "scored": [classes[i] for i in scored],
+            "per_class_f1": {c: float(f) if i in scored else None for i, (c, f) in enumerate(zip(classes, per_class))},
             "confusion": confusion_matrix(y, pred, labels=labels).tolist(),
             "threshold": threshold, "unassigned": unassigned, "unassigned_fraction": unassigned / max(1, len(y))}
 
@@ -582,7 +587,12 @@ def predict_h5ad(bundle: str | Path, source: str | Path, out: str | Path, name: 
                "columns": [f"{name}_prediction", f"{name}_confidence"], "obsm": f"{name}_probabilities",
                "predicted": {c: counts.get(c, 0) for c in [*classes, UNASSIGNED]}, "coverage": cells.coverage[0]}
     logger.info(f"{summary['unassigned']} of {len(cells)} cells unassigned (top probability below {threshold})")
-    if label_column is not None:
+    if label_column is not None and not np.isin(cells.labels, classes).any():
+        summary["scores"] = None
+        logger.warning(f"no cell's obs[{label_column!r}] is one of the bundle's labels ({', '.join(classes[:10])}"
+                       f"{', ...' if len(classes) > 10 else ''}): nothing scored; check the column and how it names "
+                       "the cell types")
+    elif label_column is not None:
         known = np.isin(cells.labels, classes)
         index = {c: i for i, c in enumerate(classes)}
         y = np.array([index[label] for label in cells.labels[known]], np.int64)
