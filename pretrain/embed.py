@@ -250,12 +250,18 @@ def embed_counts(model: CellModel, indptr, genes, counts, totals, token_budget: 
     e.g. a higher target depth; not offered here)."""
     norm, depth = model_input(model, indptr, genes, counts, totals, seed, cap)
     out = np.zeros((len(norm.indptr) - 1, model.config.cell_dim), np.float32)
+    training = model.training
+    model.eval()  # no dropout draws: the same cell, the same embedding (restored below)
     cost = model.config.token_cost(embedding_normalization(model, cap).max_genes)
-    for cells, batch in length_batches(norm.indptr, norm.genes, norm.values, token_budget, cost, read_depth=depth):
-        batch = batch.to(device)
-        _, cell_states = model.encode(batch.gene_ids, batch.values, batch.cu_seqlens, batch.max_seqlen,
-                                      batch.read_depth)
-        out[cells] = cell_states.float().cpu().numpy()
+    try:
+        for cells, batch in length_batches(norm.indptr, norm.genes, norm.values, token_budget, cost,
+                                           read_depth=depth):
+            batch = batch.to(device)
+            _, cell_states = model.encode(batch.gene_ids, batch.values, batch.cu_seqlens, batch.max_seqlen,
+                                          batch.read_depth)
+            out[cells] = cell_states.float().cpu().numpy()
+    finally:
+        model.train(training)
     return out
 
 

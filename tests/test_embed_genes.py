@@ -337,3 +337,20 @@ def test_case_variants_of_one_symbol_are_summed_and_other_species_are_reported(m
     assert "3 genes with Ensembl ids of another species than the model's (ENSG)" in caplog.text
     human = pd.DataFrame({"gene_symbol": [SYMBOLS[0].lower()]}, index=["ENSG00000999990"])  # another release
     assert gene_tokens(human, model.vocab, "human.h5ad")[1]["mapped_from_other_species"] == 0
+
+
+def test_a_model_left_in_training_mode_embeds_without_dropout_and_stays_in_it(bundle):
+    """`embed_counts` on a model a caller left in training mode (dropout on) gives the eval-mode
+    embedding, and hands the model back in training mode."""
+    from pretrain.embed import embed_counts, token_csr
+
+    model = load_pretrained(bundle)
+    model.config.dropout = 0.5
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.5
+    csr = token_csr(_counts(N_GENES), np.arange(N_GENES) + 3, model.config.vocab_size)
+    expect = embed_counts(model, *csr)
+    model.train()
+    np.testing.assert_array_equal(embed_counts(model, *csr), expect)
+    assert model.training

@@ -94,6 +94,12 @@ def test_clear_errors():
     tiny = _table([2, 1])
     with pytest.raises(ValueError, match="fewer ranks or workers"):
         EpochPlan(tiny, np.ones(3, np.int64), Batching(token_budget=10), 0, 0, 2, 2).stream_megabatches(0)
+    # every cell costs more than half the budget: one-cell batches, and 8 streams of 1,001 cells and 1,000
+    # cannot give the same number of batches; refused when the plan is made (on every rank), not later in
+    # one rank's loader worker
+    lone = _table([8001])
+    with pytest.raises(ValueError, match="holds 1000 cells this epoch but every stream must give 1001 batches"):
+        EpochPlan(lone, np.full(8001, 2049, np.int64), Batching(token_budget=4096, megabatch_cells=1000), 0, 0, 8, 1)
 
 
 def test_worker_skip_matches_round_robin():

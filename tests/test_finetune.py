@@ -381,3 +381,14 @@ def test_a_label_named_unassigned_is_refused_for_cells_the_caller_chose(bundle, 
     chosen = replace(chosen, labels=np.where(chosen.labels == TYPES[0], UNASSIGNED, chosen.labels))
     with pytest.raises(ValueError, match="rename it"):
         make_split(chosen, chosen, "the caller's cells")
+
+
+def test_predict_refuses_to_write_over_its_input_and_leaves_no_temporary_file(head_run, tmp_path):
+    source = tmp_path / "cells.h5ad"
+    cells(30, seed=9).write_h5ad(source)
+    before = source.read_bytes()
+    with pytest.raises(ValueError, match="is the input"):
+        predict_h5ad(head_run / "bundle", source, source)
+    assert source.read_bytes() == before
+    predict_h5ad(head_run / "bundle", source, tmp_path / "out.h5ad")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.h5ad", "out.h5ad"]

@@ -126,6 +126,17 @@ class EpochPlan:
         per_stream = np.bincount(np.arange(self.n_megabatches) % self.n_streams, weights=counts,
                                  minlength=self.n_streams).astype(np.int64)
         self.batches_per_stream = int(per_stream.max())
+        # Each stream must reach that count by splitting batches, and a batch holds at least one cell:
+        # found here, on every rank alike, not in one rank's loader worker while the others wait in a
+        # collective.
+        cells = np.bincount(np.arange(self.n_megabatches) % self.n_streams, weights=np.diff(self.mb_start),
+                            minlength=self.n_streams).astype(np.int64)
+        short = np.flatnonzero(cells < self.batches_per_stream)
+        if len(short):
+            raise ValueError(f"loader stream {int(short[0])} (rank x worker) holds {int(cells[short[0]])} cells this "
+                             f"epoch but every stream must give {self.batches_per_stream} batches of at least one cell "
+                             "(cells costing more than half the token_budget make one-cell batches): use fewer ranks "
+                             "or workers, or a larger token_budget")
 
     # --- cells of a megabatch -----------------------------------------------------------------
     def megabatch_cells(self, k: int) -> np.ndarray:

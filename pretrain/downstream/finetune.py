@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -563,6 +564,8 @@ def predict_h5ad(bundle: str | Path, source: str | Path, out: str | Path, name: 
     source, out = Path(source), Path(out)
     if out.suffix != ".h5ad":
         raise ValueError(f"--out {out}: write an .h5ad (the input plus the prediction columns)")
+    if out.exists() and out.resolve() == source.resolve():
+        raise ValueError(f"--out {out} is the input: name another file (the input is read again to write it)")
     model, head, labels = load_finetuned(bundle, device)
     threshold = labels["threshold"] if threshold is None else threshold
     if not 0 <= threshold <= 1:
@@ -581,7 +584,12 @@ def predict_h5ad(bundle: str | Path, source: str | Path, out: str | Path, name: 
     adata.obs[f"{name}_confidence"] = confidence.astype(np.float32)
     adata.obsm[f"{name}_probabilities"] = probs.astype(np.float32)
     adata.uns[f"{name}_classes"] = list(classes)
-    adata.write_h5ad(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:  # named when whole: a failure mid-write leaves no half file under the output's name
+        adata.write_h5ad(tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     counts = Counter(predicted.tolist())
     summary = {"n_cells": len(cells), "unassigned": int(low.sum()), "threshold": threshold, "out": str(out),
                "columns": [f"{name}_prediction", f"{name}_confidence"], "obsm": f"{name}_probabilities",
