@@ -234,6 +234,35 @@ def test_loader_inputs_are_the_downsampled_cell_and_targets_the_original(corpus,
     assert seen == 300 and lowered > 250 and (whole == 300 or ratio > 0)
 
 
+@pytest.mark.parametrize("cap", ["top", "random"])
+def test_a_capped_downsampled_cell_has_the_original_values_of_its_input_genes_as_targets(corpus, cap):
+    """With a cap of 20 genes, the input keeps some of a cell's genes (``top``: the thinned counts'
+    most expressed, not the original's); each target is the original value of that position's gene
+    (the targets were capped on the original counts, so ``top`` gave other genes' values)."""
+    from data_pipeline.corpus import Corpus
+
+    c = Corpus(corpus)
+    reference = {}
+    for first, block in c.iter_blocks():
+        for i in range(block.n_cells):
+            lo, hi = block.indptr[i], block.indptr[i + 1]
+            reference[first + i] = dict(zip(block.genes[lo:hi].tolist(),
+                                             np.log1p(block.counts[lo:hi] / float(block.total_counts[i]) * 1e4)))
+    loader = CellLoader(c, normalization=Normalization(mode="continuous", max_genes=20, cap=cap), masking=Masking(0.3),
+                        downsampling=Downsampling(1.0, 2.0, 2.0, 0.0), seed=4)
+    capped = 0
+    for batch in loader:
+        cu = batch.cu_seqlens.tolist()
+        for s, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
+            original = reference[int(batch.cell_index[s])]
+            genes = batch.gene_ids[a:b].tolist()
+            assert b - a == min(20, len(original)) and set(genes) <= set(original)
+            np.testing.assert_allclose(batch.mlm_targets[a:b].double().numpy(), [original[g] for g in genes],
+                                       rtol=1e-6)
+            capped += len(original) > 20
+    assert capped > 100
+
+
 def test_downsampling_draws_are_the_same_on_a_second_pass(corpus):
     """Draws come from the (seed, epoch, megabatch) generator: a new loader repeats them exactly."""
     make = lambda: CellLoader(corpus, normalization=Normalization(mode="continuous"),  # noqa: E731

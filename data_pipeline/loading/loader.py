@@ -24,7 +24,6 @@ seen again; later epochs are unaffected).
 
 from __future__ import annotations
 
-import copy
 import ctypes
 import multiprocessing
 import os
@@ -45,7 +44,7 @@ from .batch import PackedBatch
 from .batching import TokenCost
 from .epoch_plan import Batching, EpochPlan, megabatch_count, worker_skip
 from .masking import Masking, Views, make_views, mask_for_mode
-from .normalize import Normalization, normalize
+from .normalize import Normalization, Normalized, normalize
 from .read_depth import Downsampling, downsample
 from .zero_masking import add_masked_zeros
 
@@ -264,6 +263,15 @@ def _gather_rows(src_indptr, rows, dest, lengths, src_genes, src_counts, genes, 
         counts[d : d + n] = src_counts[a : a + n]
 
 
+def _values_at(full: Normalized, subset: Normalized) -> np.ndarray:
+    """``full``'s values at ``subset``'s entries: the same cells, each with a subset of its genes
+    (ascending in both).  [len(subset.genes)]"""
+    width = int(max(full.genes.max(initial=0), subset.genes.max(initial=0))) + 1
+    key = np.repeat(np.arange(len(full.indptr) - 1), np.diff(full.indptr)) * width + full.genes
+    wanted = np.repeat(np.arange(len(subset.indptr) - 1), np.diff(subset.indptr)) * width + subset.genes
+    return full.values[np.searchsorted(key, wanted)]
+
+
 def _check_zero_masking(spec: _Spec) -> None:
     """Masked unexpressed genes (`zero_masking`) are continuous zeros, and tokens beyond a cell's
     expressed genes, which only a cost of the full gene set per cell keeps within the budget."""
@@ -307,11 +315,15 @@ def _megabatch_batches(spec: _Spec, plan: EpochPlan, m, reader: BlockReader, fir
     stored_ptr, stored_genes = indptr, genes  # the genes with a count, before the cap and downsampling
     if spec.downsampling is not None:  # read-depth-aware: a lower-depth input, the original as the target
         counts_in, input_totals, _ = downsample(spec.downsampling, indptr, counts, totals, rng)
-        same_subset = copy.deepcopy(rng)  # the targets' normalization draws the inputs' gene subset
-        original = normalize(spec.normalization, indptr, genes, counts, totals, same_subset).values
+        # every stored gene's original value (continuous: a gene's value needs only its count and the
+        # total), taken below at the genes the input keeps: a cap of the thinned counts' top genes is
+        # not the original counts' top genes
+        original = normalize(replace(spec.normalization, max_genes=None), indptr, genes, counts, totals)
         counts = counts_in
     norm = normalize(spec.normalization, indptr, genes, counts, input_totals, rng)
     values, genes, seq_ptr = norm.values, norm.genes, norm.indptr
+    if original is not None:
+        original = _values_at(original, norm)
     if spec.masking is not None:
         genes, values, mlm, targets = mask_for_mode(spec.masking, spec.normalization.mode, spec.normalization.n_bins,
                                                     norm.indptr, genes, values, spec.mask_token,
