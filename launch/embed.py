@@ -44,11 +44,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_logging(args.verbose, args.quiet)
     apply_threads(args.threads)  # torch's default counts the machine's cores, not this process's share
-    model = load_pretrained(args.bundle, device=args.device)
-    report = embed_h5ad(model, args.input, args.out, name=args.name, layer=args.layer, min_coverage=args.min_coverage,
-                        token_budget=args.token_budget, device=args.device, gene_column=args.gene_column,
-                        symbol_table=args.symbol_table, cap=args.cap,
-                        chunk_cells=args.chunk_cells)
+    try:  # a bundle, input or option refused: one line naming the fix, as export and predict say it
+        model = load_pretrained(args.bundle, device=args.device)
+        report = embed_h5ad(model, args.input, args.out, name=args.name, layer=args.layer,
+                            min_coverage=args.min_coverage, token_budget=args.token_budget, device=args.device,
+                            gene_column=args.gene_column, symbol_table=args.symbol_table, cap=args.cap,
+                            chunk_cells=args.chunk_cells)
+    except (ValueError, FileNotFoundError) as err:
+        parser.exit(2, f"error: {err}\n")
     print(json.dumps(report, indent=1))
 
 

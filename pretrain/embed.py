@@ -145,7 +145,7 @@ def token_csr(x, tokens: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.nd
     x = sp.csr_matrix(x)
     if (x.data < 0).any() or not np.all(np.mod(x.data, 1) == 0):
         raise ValueError("the input is not raw counts (negative or fractional values): embed the raw UMI counts "
-                         "(pass --layer counts if they are in a layer)")
+                         "(pass --layer counts if they are in a layer, or --layer raw.X if they are in raw)")
     totals = np.asarray(x.sum(axis=1, dtype=np.float64)).ravel()
     cols = tokens[x.indices]
     keep = cols >= 0

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.corpus import Corpus
+from data_pipeline.corpus import Corpus, CorpusError
 from data_pipeline.loading.normalize import Normalization
+from data_pipeline.remote import is_url
 
 from .model import CellModel
 from .model.bundle import (  # noqa: F401 (re-exported: the format's names as before it moved down a layer)
@@ -56,9 +57,11 @@ def _find_checkpoint(path: Path) -> tuple[Path, Path]:
                      "(a checkpoints/step-N folder with a COMPLETE marker)")
 
 
-def export_bundle(source: str | Path, out: str | Path) -> Path:
+def export_bundle(source: str | Path, out: str | Path, corpus: str | None = None) -> Path:
     """Consolidate the latest complete checkpoint of run directory ``source`` (or the checkpoint
-    ``source``) into a bundle at ``out``."""
+    ``source``) into a bundle at ``out``. The vocabulary (and rank mode's medians) come from the
+    run's corpus: ``corpus`` (a folder or URL) when it has moved since, else the run's
+    ``data.corpus``; either must be the corpus the checkpoint records."""
     import yaml
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -67,7 +70,8 @@ def export_bundle(source: str | Path, out: str | Path) -> Path:
 
     run_dir, ckpt = _find_checkpoint(Path(source))
     # the config that trained this checkpoint (its marker's; config.yaml is the latest start's)
-    saved = read_marker(ckpt).get("config") or yaml.safe_load((run_dir / "config.yaml").read_text())
+    marker = read_marker(ckpt)
+    saved = marker.get("config") or yaml.safe_load((run_dir / "config.yaml").read_text())
     config = from_dict(TrainConfig, saved)
     # every file unpickled weights-only first, so that a refusal names the file; DeepSpeed's own
     # loads (which ask for full unpickling) are made weights-only too
@@ -80,7 +84,7 @@ def export_bundle(source: str | Path, out: str | Path) -> Path:
     if missing:
         raise ValueError(f"{ckpt}: the checkpoint does not match the run's model config (differing keys: "
                          f"{sorted(missing)[:5]})")
-    corpus = Corpus(config.data.corpus, config.data.cache_dir or None, config.data.cache_limit_gb)
+    corpus = _run_corpus(corpus or config.data.corpus, config, marker.get("corpus"), given=corpus is not None)
     norm = config.input_normalization()
     if norm.mode == "rank":
         norm = Normalization(**{**asdict(norm), "medians": corpus.medians()})
@@ -89,6 +93,22 @@ def export_bundle(source: str | Path, out: str | Path) -> Path:
                   if name in loaded)
     return write_bundle(out, weights, config.model, corpus.vocab_path.read_bytes(), norm,
                         _model_card(config, client, corpus, ckpt), preset=config.preset)
+
+
+def _run_corpus(path: str, config, recorded: dict | None, given: bool) -> Corpus:
+    """The corpus at ``path``, refused unless it has the vocabulary the checkpoint recorded."""
+    try:
+        corpus = Corpus(path, config.data.cache_dir or None, config.data.cache_limit_gb)
+    except CorpusError as exc:
+        where = "" if given or is_url(path) else (f" (the run's data.corpus, relative to the folder the run was "
+                                                 f"started from; here {Path(path).resolve()})")
+        raise ValueError(f"the corpus{where} cannot be read: {exc}. Pass --corpus PATH: the folder (or URL) "
+                         "the run trained on, wherever it is now") from None
+    if recorded and recorded.get("vocab_sha256") not in (None, corpus.vocab_sha256):
+        raise ValueError(f"{path}: its vocabulary is not the one the checkpoint was trained with (vocab.tsv sha256 "
+                         f"{corpus.vocab_sha256[:12]}..., the checkpoint's {recorded['vocab_sha256'][:12]}...): pass "
+                         "--corpus with the corpus the run trained on")
+    return corpus
 
 
 def _model_card(config, client: dict, corpus: Corpus, ckpt: Path) -> str:

@@ -128,3 +128,21 @@ def test_exported_bundle_card_describes_the_model_and_its_command_embeds(tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     embedded = ad.read_h5ad(out)
     assert embedded.obsm["X_scfm"].shape == (embedded.n_obs, 32) and np.isfinite(embedded.obsm["X_scfm"]).all()
+    # the corpus moved since the run: export names --corpus, which takes it where it is now, and refuses
+    # a corpus of another vocabulary
+    moved = tmp_path / "moved"
+    corpus.rename(moved)
+
+    def export(*more):
+        return subprocess.run([sys.executable, str(ROOT / "launch" / "export.py"), str(run), "--out",
+                               str(tmp_path / "again"), *more], capture_output=True, text=True, timeout=300,
+                              cwd=tmp_path)
+
+    proc = export()
+    assert proc.returncode == 2 and "Pass --corpus PATH" in proc.stderr and str(corpus) in proc.stderr, proc.stderr
+    proc = export("--corpus", str(moved))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "again" / "vocab.tsv").read_bytes() == (bundle / "vocab.tsv").read_bytes()
+    other = make_corpus(tmp_path / "other", n_cells=40, n_genes=120)
+    proc = export("--corpus", str(other))
+    assert proc.returncode == 2 and "not the one the checkpoint was trained with" in proc.stderr, proc.stderr

@@ -354,3 +354,14 @@ def test_a_model_left_in_training_mode_embeds_without_dropout_and_stays_in_it(bu
     model.train()
     np.testing.assert_array_equal(embed_counts(model, *csr), expect)
     assert model.training
+
+
+def test_cli_refusals_are_one_line_naming_the_fix(bundle, tmp_path):
+    """`launch/embed.py` reports a refused input as export and predict do: exit 2, one `error:` line,
+    no traceback."""
+    source = _write(tmp_path / "placeholders.h5ad", pd.DataFrame(index=[f"g{i}" for i in range(len(IDS))]))
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "embed.py"), str(bundle), str(source), "--out",
+                           str(tmp_path / "out.h5ad"), "--threads", "1"], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "no gene identifiers" in proc.stderr

@@ -91,6 +91,10 @@ def test_mask_ratios_are_drawn_per_cell_from_the_list():
     assert (out[mlm] == 51).all() and (out[~mlm] == values[~mlm]).all()
     again = apply_masking(masking, indptr, values, 51, (1, 51), np.random.default_rng(1))[1]
     assert np.array_equal(mlm, again)  # drawn from the loader's seeded generator: a resume sees the same
+    # a ratio of 0 in the list masks nothing in the cells that draw it (it masked one gene)
+    with_zero = Masking(mask_prob=1.0, random_prob=0.0, ratios=(0.0, 0.5))
+    mlm = apply_masking(with_zero, indptr, values, 51, (1, 51), np.random.default_rng(2))[1]
+    assert set(np.add.reduceat(mlm, indptr[:-1]).tolist()) == {0, 20}
 
 
 def test_scgpt_preset_and_its_refusals():

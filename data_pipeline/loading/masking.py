@@ -69,7 +69,8 @@ def mask_positions(indptr: np.ndarray, ratio, rng: np.random.Generator) -> np.nd
     lengths = np.diff(indptr)
     if np.ndim(ratio) == 0 and ratio == 0:
         return np.zeros(int(indptr[-1]), bool)
-    return choose_within_cells(indptr, np.maximum(1, np.rint(ratio * lengths).astype(np.int64)), rng)
+    picks = np.maximum(1, np.rint(ratio * lengths).astype(np.int64))
+    return choose_within_cells(indptr, np.where(np.asarray(ratio) == 0, 0, picks), rng)  # ratio 0 drawn for a cell
 
 
 def mask_nonzero_positions(indptr: np.ndarray, values: np.ndarray, ratio: float, rng: np.random.Generator) -> np.ndarray:
