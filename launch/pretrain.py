@@ -23,7 +23,7 @@ from data_pipeline.log_setup import add_verbosity_flags, setup_logging  # noqa: 
 from pretrain.checkpoint import ResumeError  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
 from pretrain.threads import apply_threads, use_project_extension_dir  # noqa: E402
-from pretrain.train import train  # noqa: E402
+from pretrain.train import SetupError, train  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent / "configs"  # shipped with the package (launch/configs/*.yaml)
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     apply_threads(config.run.threads, config.data.num_workers)  # before any torch work sizes its pools
     try:
         summary = train(config, resume=args.resume, restart_epoch=args.restart_epoch)
-    except (ResumeError, CorpusError, FolderBusy) as err:  # the run's inputs, not a bug: one line naming the fix
+    except (ResumeError, CorpusError, FolderBusy, SetupError) as err:  # the run's inputs, not a bug: one line
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     if summary.get("run_dir") and summary.get("final") is not None and summary.get("steps") is not None:

@@ -23,6 +23,7 @@ import pickle
 import re
 import shutil
 import signal
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -154,6 +155,10 @@ def resume_point(run_dir: Path, resume: str | None) -> Path | None:
     ``run_dir``, if any; damaged ones are skipped with a warning saying why) or a checkpoint
     folder (refused, naming the file, when damaged)."""
     if resume is None:
+        earlier = complete_checkpoints(run_dir)
+        if earlier:  # a fresh start here would mix two runs' checkpoints, and --resume auto then take the other's
+            raise ResumeError(f"{run_dir} holds checkpoints of an earlier run (the newest {earlier[-1].name}): continue "
+                              "it with --resume auto (or --resume CHECKPOINT), or train anew in another run.out")
         return None
     if resume != "auto":
         checkpoint = Path(resume)
@@ -176,6 +181,27 @@ def resume_point(run_dir: Path, resume: str | None) -> Path | None:
     if complete_checkpoints(run_dir):
         logger.warning(f"--resume auto: no intact checkpoint in {Path(run_dir) / 'checkpoints'}: training from step 0")
     return None
+
+
+def set_aside_later(run_dir: Path, step: int) -> list[Path]:
+    """Move the run's checkpoint folders of steps after ``step`` (the one it resumed from) into
+    ``checkpoints/set-aside/``: the steps of a branch the resume abandoned (an earlier checkpoint
+    resumed on purpose, or damaged ones --resume auto skipped), which a later --resume auto would
+    otherwise take. Moved, not deleted.  -> their new paths"""
+    folder = Path(run_dir) / "checkpoints"
+    later = sorted(p for p in folder.iterdir() if p.is_dir() and _TAG.fullmatch(p.name) and step_of(p) > step) \
+        if folder.is_dir() else []
+    moved = []
+    for old in later:
+        new = folder / "set-aside" / f"{old.name}-{int(time.time())}"
+        new.parent.mkdir(exist_ok=True)
+        os.replace(old, new)
+        moved.append(new)
+    if moved:
+        logger.warning(f"resumed at step {step}: the run's later checkpoints ({', '.join(p.name for p in later)}) "
+                       f"belong to the branch this resume leaves; moved to {folder / 'set-aside'} so that --resume auto "
+                       "does not take them (delete them when no longer wanted)")
+    return moved
 
 
 def _note_unverified(checkpoint: Path) -> None:
@@ -205,11 +231,18 @@ class StopSignal:
 
     def __init__(self):
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self.before = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            # a second Ctrl-C stops at once: a run stuck in a collective or a data wait never reaches the vote
+            raise KeyboardInterrupt
         self.requested = True
+
+    def restore(self) -> None:
+        """The handlers from before (the run is over: a caller's own Ctrl-C works again)."""
+        for sig, handler in self.before.items():
+            signal.signal(sig, handler)
 
 
 class Checkpointer:
@@ -246,6 +279,8 @@ class Checkpointer:
         self.last_saved = state["step"]
         if dist.get_rank() == 0:
             logger.info(f"resumed from {found} (step {state['step']})")
+            set_aside_later(self.run_dir, state["step"])
+        dist.barrier()
         return state["step"], state["history"], state["skipped"]
 
     def agree(self, counts) -> tuple:

@@ -18,6 +18,8 @@ from .knobs import knob as _help
 from .model.shape import ATTENTION_BACKENDS, DecoderConfig, ModelConfig  # noqa: F401 (re-exported: a run's parts)
 from .presets import preset
 
+MIN_TEMPERATURE = 0.01  # the learnable InfoNCE temperature's floor (its log-scale is clamped to [1, 100])
+
 
 @dataclass
 class ObjectiveConfig:
@@ -197,7 +199,22 @@ class TrainConfig:
             (self.data.cache_limit_gb >= 0, "data.cache_limit_gb must be >= 0 (0: no limit)"),
             (self.run.threads >= 0, "run.threads must be >= 0 (0: automatic)"),
             (self.optimizer.lr > 0, f"optimizer.lr={self.optimizer.lr} must be > 0"),
-            (len(self.optimizer.betas) == 2, "optimizer.betas needs two values, e.g. [0.9, 0.98]"),
+            (len(self.optimizer.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1
+                                                    for b in self.optimizer.betas),
+             f"optimizer.betas={self.optimizer.betas}: two numbers in [0, 1), e.g. [0.9, 0.98]"),
+            (self.optimizer.eps > 0, f"optimizer.eps={self.optimizer.eps} must be > 0, e.g. 1e-8"),
+            (MIN_TEMPERATURE <= self.objectives.temperature <= 1,
+             f"objectives.temperature={self.objectives.temperature} must be in [{MIN_TEMPERATURE}, 1] (the learnable "
+             "temperature is clamped there, and out of it would neither apply nor learn), e.g. 0.07"),
+            (self.run.peak_tflops is None or self.run.peak_tflops > 0,
+             f"run.peak_tflops={self.run.peak_tflops} must be > 0 (or null: known GPUs' datasheet peak)"),
+            (self.model.favor_redraw_interval >= 0,
+             f"model.favor_redraw_interval={self.model.favor_redraw_interval} must be >= 0 (0: never redraw)"),
+            (not self.data.views or (0 <= self.data.gene_dropout < 1 and 0 < self.data.min_depth <= 1),
+             f"data.gene_dropout={self.data.gene_dropout} must be in [0, 1) and data.min_depth={self.data.min_depth} "
+             "in (0, 1]"),
+            (all(isinstance(s, int) and s >= 1 for s in self.run.inject_nan_steps),
+             f"run.inject_nan_steps={self.run.inject_nan_steps}: steps are integers >= 1"),
             (self.schedule.max_steps >= 1 and self.schedule.warmup_steps >= 0,
              "schedule.max_steps must be >= 1 and schedule.warmup_steps >= 0"),
             (self.schedule.decay in ("cosine", "linear", "constant"),

@@ -44,6 +44,10 @@ VALUE_MODE_OF = {"log1p_bins": "bins", "log2_floor_bins": "bins", "quantile_bins
                  "raw": "continuous"}
 
 
+class SetupError(ValueError):
+    """The config refused against the device and the corpus, before the run folder exists."""
+
+
 def open_corpus(config: TrainConfig) -> Corpus:
     """The corpus ``data.corpus`` names; a path that is not a finished corpus fails here, before
     any run folder exists."""
@@ -151,10 +155,13 @@ def train(config: TrainConfig, resume: str | None = None, restart_epoch: bool = 
     while the first still runs) is refused with `FolderBusy` naming the holder, before it writes
     anything; two trainers in one folder overwrite each other's checkpoints and metrics."""
     rank, world, device = init_distributed()
-    require_attention_device(config.model, device)  # before any run folder, engine or MLflow run exists
-    corpus = open_corpus(config)  # a wrong data.corpus fails here, also before the run folder
-    loader = build_loader(config, device, corpus)
-    config = resolve_model_config(config, corpus)
+    try:
+        require_attention_device(config.model, device)  # before any run folder, engine or MLflow run exists
+        corpus = open_corpus(config)  # a wrong data.corpus fails here, also before the run folder
+        loader = build_loader(config, device, corpus)
+        config = resolve_model_config(config, corpus)
+    except ValueError as err:  # the config against this device and corpus: nothing was written
+        raise SetupError(str(err)) from None
     if rank == 0:
         warn_unused_objectives(config, corpus)
     run_dir = Path(config.run.out)
@@ -188,6 +195,11 @@ def _run(config: TrainConfig, resume: str | None, loader: CellLoader, log: RunLo
     engine, bf16 = build_engine(config, PretrainModule(model, config.objectives), device)
     checkpointer = Checkpointer(engine, loader, run_dir, config.run, record)
     step, history, skipped = checkpointer.load(found, restart_epoch)
+    if found is not None:
+        # the restored optimizer holds the saved schedule's rate for this step; the schedule may have
+        # changed since (schedule.max_steps may change on resume): this step trains at this run's rate
+        for group, base in zip(engine.lr_scheduler.optimizer.param_groups, engine.lr_scheduler.base_lrs):
+            group["lr"] = base * lr_factor(config.schedule, step)
     resumed_from_step = step
     if log is not None:
         log.start(asdict(config), history, resumed=found is not None)
@@ -213,6 +225,7 @@ def _run(config: TrainConfig, resume: str | None, loader: CellLoader, log: RunLo
         raise
     finally:
         steps.close()
+        checkpointer.stop.restore()
     summary = {"steps": step, "resumed_from_step": resumed_from_step,
                "resumed_from": str(found) if found is not None else None, "stopped_by_signal": stop,
                "skipped_steps": steps.skipped,

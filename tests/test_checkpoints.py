@@ -136,7 +136,11 @@ def test_resume_auto_falls_back_to_the_newest_intact_checkpoint_and_keeps_it(run
     assert f"resumed from {_ckpt(run, 1)} (step 1)" in proc.stderr
     done = summary(run)
     assert done["resumed_from_step"] == 1 and done["resumed_from"] == str(_ckpt(run, 1)) and done["steps"] == 2
-    assert complete_steps(run) == [2, 3]  # step 1 pruned (keep 1); step 3 (damaged, later) left for its re-save
+    assert complete_steps(run) == [2]  # step 1 pruned (keep 1)
+    # steps 2 and 3 (damaged, of the branch this resume left) moved aside, not deleted: --resume auto never
+    # takes them, and the new step 2 is saved in a folder of its own
+    assert sorted(p.name[:13] for p in (run / "checkpoints" / "set-aside").iterdir()) == ["step-00000002",
+                                                                                          "step-00000003"]
     assert checkpoint.problems(_ckpt(run, 2)) == []
     assert [h["step"] for h in metrics(run)] == [1, 2]
     # a changed free key is applied and said
@@ -183,3 +187,65 @@ def test_a_resume_that_changes_the_optimizer_or_the_normalization_is_refused_nam
     assert "optimizer.lr: 0.002 in the checkpoint, 0.5 now" in err
     assert (run / "config.yaml").read_text() == before and complete_steps(run) == [1, 2, 3]
     assert summary(run)["steps"] == 3
+
+
+# --- branches, schedules and signals ----------------------------------------------------------------
+
+def _marked(run: Path, *steps: int) -> None:
+    for step in steps:
+        ckpt = _ckpt(run, step)
+        ckpt.mkdir(parents=True)
+        (ckpt / MODEL_STATES).write_bytes(b"x")
+        (ckpt / checkpoint.MARKER).write_text(json.dumps({"step": step}))
+
+
+def test_a_fresh_start_in_a_folder_holding_checkpoints_is_refused(tmp_path):
+    """Training anew where an earlier run saved checkpoints mixed the two runs' steps, and a later
+    --resume auto took the earlier run's newest."""
+    _marked(tmp_path / "run", 2, 4)
+    with pytest.raises(checkpoint.ResumeError, match=r"holds checkpoints of an earlier run \(the newest "
+                                                     r"step-00000004\): continue it with --resume auto"):
+        checkpoint.resume_point(tmp_path / "run", None)
+    assert checkpoint.resume_point(tmp_path / "empty", None) is None
+
+
+def test_resuming_an_earlier_checkpoint_sets_the_later_branch_aside(tmp_path):
+    """Resumed at step 2 (on purpose, say after a divergence) of a run that saved 2, 4 and 6: 4 and 6 are
+    moved into set-aside/, so that --resume auto after a preemption continues the new branch."""
+    run = tmp_path / "run"
+    _marked(run, 2, 4, 6)
+    moved = checkpoint.set_aside_later(run, 2)
+    assert complete_steps(run) == [2] and [p.name[:13] for p in moved] == ["step-00000004", "step-00000006"]
+    assert all((p / MODEL_STATES).read_bytes() == b"x" for p in moved)  # moved, not deleted
+    assert checkpoint.resume_point(run, "auto") == _ckpt(run, 2)
+
+
+@pytest.mark.slow
+def test_a_resume_with_more_steps_trains_its_first_step_at_the_new_schedules_rate(corpus, tmp_path):
+    """schedule.max_steps may change on resume: every resumed step trains at the new schedule's rate,
+    the first one too (the restored optimizer held the old schedule's rate for it: its floor, past
+    the old end)."""
+    from pretrain.train import lr_factor
+
+    run = tmp_path / "run"
+    run_pretrain(_args(corpus, run, "schedule.max_steps=2", "schedule.warmup_steps=1"))
+    longer = _args(corpus, run, "schedule.max_steps=6", "schedule.warmup_steps=1")
+    run_pretrain(longer, resume="auto")
+    config = load_config(str(TINY_CONFIG), longer)
+    lrs = {m["step"]: m["lr"] for m in metrics(run)}
+    for step in range(3, 7):  # metrics' steps are 1-based; lr_factor's 0-based
+        assert lrs[step] == pytest.approx(config.optimizer.lr * lr_factor(config.schedule, step - 1), rel=1e-6), step
+
+
+def test_a_second_ctrl_c_stops_at_once_and_the_handlers_are_given_back():
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    stop = checkpoint.StopSignal()
+    stop._handle(signal.SIGINT, None)
+    assert stop.requested
+    with pytest.raises(KeyboardInterrupt):
+        stop._handle(signal.SIGINT, None)
+    stop._handle(signal.SIGTERM, None)  # a repeated SIGTERM (a scheduler's reminder) still waits for the save
+    stop.restore()
+    assert signal.getsignal(signal.SIGINT) is before

@@ -49,6 +49,7 @@ def test_a_missing_corpus_fails_before_the_run_folder_exists(tmp_path):
                          "schedule.max_steps=1"], check=False)
     assert proc.returncode != 0
     assert "data.corpus=" in proc.stderr and "data_pipeline convert" in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr  # the config's mistake: one line naming the fix
     assert not run.exists()
 
 

@@ -4,6 +4,7 @@ and a FLOP counter, pretrained gene-embedding files, and validation errors that 
 from __future__ import annotations
 
 import ast
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -360,3 +361,26 @@ def test_every_preset_pools_what_a_loss_trains(caplog):
     with caplog.at_level(logging.WARNING, logger="pretrain.config"):
         load_config(overrides=["model.pooling=cls", "objectives.contrastive_weight=0", "objectives.label_weight=0"])
     assert any("model.pooling=cls: no loss reads the <cls> output" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("override, named", [
+    ("objectives.temperature=5", "objectives.temperature=5"), ("objectives.temperature=0", "objectives.temperature=0"),
+    ("optimizer.betas=[0.9,1.5]", "optimizer.betas"), ("optimizer.betas=[a,b]", "optimizer.betas"),
+    ("optimizer.eps=-1", "optimizer.eps=-1"), ("run.peak_tflops=-1", "run.peak_tflops=-1"),
+    ("model.favor_redraw_interval=-5", "model.favor_redraw_interval=-5"),
+    ("run.inject_nan_steps=[x]", "run.inject_nan_steps"),
+])
+def test_values_that_would_fail_or_mislead_mid_run_are_refused_when_loaded(override, named):
+    """Each was accepted: a temperature above 1 trained at 1 and never learned, negative betas or eps
+    failed after the run folder existed, a negative peak gave a negative MFU."""
+    from pretrain.config import load_config
+
+    with pytest.raises(ValueError, match=re.escape(named)):
+        load_config(None, [override])
+
+
+def test_view_settings_out_of_range_name_their_keys():
+    from pretrain.config import load_config
+
+    with pytest.raises(ValueError, match=r"data.gene_dropout=1.0 must be in \[0, 1\)"):
+        load_config(None, ["data.views=true", "objectives.contrastive_weight=0.5", "data.gene_dropout=1"])

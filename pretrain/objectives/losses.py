@@ -17,8 +17,6 @@ import torch.nn.functional as F
 
 from data_pipeline.loading.batch import PackedBatch
 
-MIN_TEMPERATURE = 0.01
-
 
 def mlm_loss_sum(prediction: torch.Tensor, batch: PackedBatch, regress: bool) -> tuple[torch.Tensor, int]:
     """(sum of the per-position loss, number of masked positions).  prediction: [n_masked, C]

@@ -11,9 +11,8 @@ from torch import nn
 
 from data_pipeline.loading.batch import PackedBatch
 
-from ..config import ObjectiveConfig
+from ..config import MIN_TEMPERATURE, ObjectiveConfig
 from ..model.cell_model import CellModel, ModelOutput
-from .losses import MIN_TEMPERATURE
 
 
 class PretrainModule(nn.Module):
