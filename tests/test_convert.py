@@ -202,6 +202,39 @@ def test_rerun_and_conflicting_out(tmp_path):
     convert(tmp_path / "c", ConvertOptions([str(path)], min_genes=3), overwrite=True, progress=False)
 
 
+def test_overwrite_checks_the_new_command_before_it_deletes_the_old_corpus(tmp_path):
+    """--overwrite with a mistake in the new command (options that do not fit, an input that is not
+    there) leaves the old corpus whole; one killed while it deleted the old corpus (only a corpus's
+    names left) is taken up by the rerun; several nodes may not overwrite."""
+    import shutil
+
+    path = write_h5ad(tmp_path / "a.h5ad", random_counts(40, 20, seed=4))
+    out = tmp_path / "c"
+    convert(out, ConvertOptions([str(path)]), progress=False)
+    for bad in (ConvertOptions([str(path)], block_cells=1000),  # the unit size is no multiple of it
+                ConvertOptions([str(tmp_path / "missing.h5ad")])):
+        with pytest.raises(ConvertError):
+            convert(out, bad, overwrite=True, progress=False)
+        assert verify(out) == []
+    (out / "manifest.json").unlink()  # as a kill during the deletion leaves it
+    shutil.rmtree(out / "stats.zarr")
+    convert(out, ConvertOptions([str(path)], min_genes=3), overwrite=True, progress=False)
+    assert verify(out) == []
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ConvertError, match="not a corpus .*notes.txt"):
+        convert(out, ConvertOptions([str(path)]), overwrite=True, progress=False)
+    with pytest.raises(ConvertError, match="--overwrite with --num-nodes 2"):
+        convert(tmp_path / "d", ConvertOptions([str(path)]), num_nodes=2, node_rank=0, overwrite=True, progress=False)
+
+
+def test_every_input_refused_is_said_as_such(tmp_path):
+    bad = tmp_path / "bad.h5ad"
+    bad.write_bytes(b"not an h5ad")
+    with pytest.raises(ConvertError, match="--skip-bad-files refused every input"):
+        convert(tmp_path / "c", ConvertOptions([str(bad)], skip_bad_files=True, label_columns=["cell_type"]),
+                progress=False)
+
+
 def test_cli_commands(tmp_path):
     """The CLI end to end: convert, verify, inspect, to-h5ad; errors exit 2 with a message."""
     path = write_h5ad(tmp_path / "a.h5ad", random_counts(300, 50, seed=5), obs={"kind": ["x", "y", "z"] * 100})

@@ -328,3 +328,16 @@ def test_real_h5ad_rows_and_obs_match_anndata(path):
             np.testing.assert_array_equal(src.obs_names(a, b), adata.obs_names[a:b].astype(str))
             for name in adata.obs.columns:
                 assert list(src.obs_values(name, a, b)) == _expected_strings(adata.obs[name])[a:b]
+
+
+@pytest.mark.parametrize("n_cells", [0, 4])
+def test_10x_folder_without_entries_reads_as_empty_cells(n_cells, tmp_path):
+    """A matrix.mtx whose size line says 0 entries (every cell empty), or a folder of no cells at all
+    (empty barcodes.tsv), reads as such instead of failing in pandas ("No columns to parse")."""
+    folder = write_10x_mtx(tmp_path / "tenx", sp.csr_matrix((n_cells, 3), dtype=np.int32),
+                           [f"ENSG{i:011d}" for i in range(3)], ["A", "B", "C"], [f"c{i}" for i in range(n_cells)],
+                           version=2)
+    with open_source(folder) as src:
+        assert (src.n_cells, src.n_vars) == (n_cells, 3)
+        rows = sp.csr_matrix(src.read_rows(0, n_cells))
+        assert rows.shape == (n_cells, 3) and rows.nnz == 0

@@ -408,14 +408,20 @@ def _largest_first(plan: dict, units: list[int]) -> list[int]:
 
 
 def prepare_out(out: Path, options: ConvertOptions, overwrite: bool) -> str:
-    """Check ``out`` against this command; returns 'complete', 'resume' or 'new'."""
+    """Check ``out`` against this command; returns 'complete', 'resume' or 'new'. ``overwrite``
+    deletes what a corpus (or a conversion) left there: the caller has checked the new command
+    first (`build_plan`), so that a mistake in it does not cost the old corpus."""
     work = out / WORK
     h = plan_hash(options)
     if overwrite and out.exists():
-        if any(not is_lock_file(p.name) for p in out.iterdir()) and not (Corpus.is_finished(out) or work.exists()):
-            raise ConvertError(f"--out {out} is a non-empty folder that is not a corpus; refusing to "
-                               "overwrite it: choose an empty or new folder")
-        for name in (*LAYOUT, WORK):
+        # a folder holding nothing but a corpus's names is one (a replacement killed while it deleted
+        # the old one leaves part of them: a rerun goes on deleting)
+        foreign = [p.name for p in out.iterdir() if p.name not in (*LAYOUT, WORK) and not is_lock_file(p.name)]
+        if foreign:
+            raise ConvertError(f"--out {out} is a non-empty folder that is not a corpus (it holds "
+                               f"{', '.join(sorted(foreign)[:5])}); refusing to overwrite it: choose an empty or new "
+                               "folder")
+        for name in (WORK, *LAYOUT):
             p = out / name
             if p.is_dir():
                 shutil.rmtree(p)
@@ -488,6 +494,10 @@ def convert(out: str | Path, options: ConvertOptions, workers: int = 1, num_node
     out = Path(out)
     if not 0 <= node_rank < num_nodes:
         raise ConvertError(f"--node-rank {node_rank} must be in [0, --num-nodes {num_nodes})")
+    if overwrite and num_nodes > 1:  # each node would delete the others' finished units as it starts
+        raise ConvertError(f"--overwrite with --num-nodes {num_nodes}: nodes start at different times, and each would "
+                           f"delete the work of those already running; delete {out} once, then start every node "
+                           "without --overwrite")
     if options.vocab:  # a bad --vocab fails now, not after planning thousands of inputs
         try:
             read_vocab(options.vocab)
@@ -513,6 +523,7 @@ def _convert_locked(out: Path, options: ConvertOptions, workers: int, num_nodes:
         clock = now
 
     others_may_write = num_nodes > 1  # the other nodes' temps in .work are theirs to finish
+    planned = build_plan(options, workers) if overwrite else None  # the new command checked before a deletion
     state = prepare_out(out, options, overwrite)
     if state == "complete":
         return finish_if_complete(out, keep_work)
@@ -520,7 +531,7 @@ def _convert_locked(out: Path, options: ConvertOptions, workers: int, num_nodes:
     work.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(work, others_may_write)
     if state == "new":
-        plan, genes = build_plan(options, workers)
+        plan, genes = planned or build_plan(options, workers)
         save_plan(work, plan, genes)
     plan = load_plan(work)
     lap("plan")

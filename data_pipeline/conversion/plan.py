@@ -297,6 +297,9 @@ def build_plan(options: ConvertOptions, workers: int = 1) -> tuple[dict, list[di
         more = "" if options.skip_bad_files else ("\n(fix these inputs, leave them out, or pass "
                                                   "--skip-bad-files to count their cells as skipped)")
         raise ConvertError("cannot convert:\n- " + "\n- ".join(errors) + more)
+    if sources and all("refused" in s for s in sources):  # said as such, not as a vocabulary or label problem
+        raise ConvertError("cannot convert: --skip-bad-files refused every input, so nothing is left:\n- "
+                           + "\n- ".join(f"{s['path']}: {s['refused']}" for s in sources))
     categories = {}
     for col in options.label_columns:
         seen = [s["label_values"][col] for s in sources if "refused" not in s]

@@ -595,7 +595,10 @@ class LoomSource(_HDF5FileSource):
 
 def _read_tsv_column_table(path: Path) -> pd.DataFrame:
     # every field as a literal string: a gene called "NA" or "nan" must not become NaN
-    return pd.read_csv(path, sep="\t", header=None, dtype=str, keep_default_na=False, na_filter=False)
+    try:
+        return pd.read_csv(path, sep="\t", header=None, dtype=str, keep_default_na=False, na_filter=False)
+    except pd.errors.EmptyDataError:  # an empty file (a folder of no cells): no rows, one column
+        return pd.DataFrame({0: pd.Series([], dtype=object)})
 
 
 class TenXMtxSource(Source):
@@ -660,10 +663,13 @@ class TenXMtxSource(Source):
         if self._csr is None:
             n_cols = 2 if self._field == "pattern" else 3
             value_dtype = np.float64 if self._field in ("real", "double") else np.int64
-            entries = pd.read_csv(self._mtx, sep=r"\s+", header=None, skiprows=self._header_lines,
-                                  comment="%", usecols=range(n_cols), engine="c",
-                                  dtype={0: np.int64, 1: np.int64, 2: value_dtype}
-                                  if n_cols == 3 else np.int64)
+            if self._nnz == 0:  # no entries (every cell empty): pandas finds no columns to parse
+                entries = pd.DataFrame({c: np.zeros(0, value_dtype if c == 2 else np.int64) for c in range(n_cols)})
+            else:
+                entries = pd.read_csv(self._mtx, sep=r"\s+", header=None, skiprows=self._header_lines,
+                                      comment="%", usecols=range(n_cols), engine="c",
+                                      dtype={0: np.int64, 1: np.int64, 2: value_dtype}
+                                      if n_cols == 3 else np.int64)
             if len(entries) != self._nnz:
                 raise SourceError(f"{self._mtx}: the size line promises {self._nnz} entries but "
                                   f"{len(entries)} were read (truncated file?)")
