@@ -23,7 +23,7 @@ import torch.distributed as dist
 import yaml
 
 from data_pipeline.conversion.fsio import OutputLock
-from data_pipeline.corpus import Corpus
+from data_pipeline.corpus import Corpus, CorpusError
 from data_pipeline.loading.epoch_plan import Batching
 from data_pipeline.loading.loader import CellLoader
 from data_pipeline.loading.masking import Views
@@ -160,6 +160,8 @@ def train(config: TrainConfig, resume: str | None = None, restart_epoch: bool = 
         corpus = open_corpus(config)  # a wrong data.corpus fails here, also before the run folder
         loader = build_loader(config, device, corpus)
         config = resolve_model_config(config, corpus)
+    except CorpusError:  # the corpus's own error, as the loader and the corpus raise it
+        raise
     except ValueError as err:  # the config against this device and corpus: nothing was written
         raise SetupError(str(err)) from None
     if rank == 0:

@@ -66,9 +66,11 @@ def test_embedding_a_real_file_keeps_every_cell_in_order(shared_data, bundle, tm
     assert np.unique(x.round(5), axis=0).shape[0] > 2000  # one embedding per cell, not a constant
 
 
-def test_a_file_without_gene_identifiers_is_refused(shared_data, bundle, tmp_path):
+def test_a_file_without_gene_identifiers_is_refused(shared_data, bundle, tmp_path, capsys):
     out = tmp_path / "embedded.h5ad"
-    with pytest.raises(ValueError, match="no gene identifiers") as err:
+    with pytest.raises(SystemExit) as exited:  # one error line, exit 2
         _embed_main()([str(bundle), str(shared_data / "h5ad" / "scdcc_10X_PBMC_top2000.h5ad"), "--out", str(out)])
-    assert "Ensembl ids or gene symbols" in str(err.value)  # the advice is the embedder's, not the converter's
+    said = capsys.readouterr().err
+    assert exited.value.code == 2 and "error: " in said and "no gene identifiers" in said
+    assert "Ensembl ids or gene symbols" in said  # the advice is the embedder's, not the converter's
     assert not out.exists()
