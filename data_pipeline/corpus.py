@@ -123,6 +123,11 @@ class Corpus:
                               f"reads ({OLDEST_SCHEMA_VERSION} to {SCHEMA_VERSION}): convert the inputs again "
                               f"(`python -m data_pipeline convert ... --out {self.path} --overwrite`)")
 
+    @property
+    def location(self) -> str | Path:
+        """Where the corpus is, for messages: its URL, else its folder."""
+        return self.url or self.path
+
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state.pop("vocab", None)  # read again where asked for, not pickled into every loader worker
@@ -257,17 +262,16 @@ class Corpus:
                 rows += [r[:4] for r in records]
                 sums += [int(r[4], 16) for r in records] if with_checksums else []
             except (TypeError, ValueError) as exc:
-                raise CorpusError(f"{self.url or self.path}: the block records of {s['file']} in manifest.json are malformed "
-                                  f"({exc}): run `python -m data_pipeline verify {self.url or self.path}`") from None
+                raise CorpusError(f"{self.location}: the block records of {s['file']} in manifest.json are malformed "
+                                  f"({exc}): run `python -m data_pipeline verify {self.location}`") from None
             shard.append(np.full(len(records), i, np.int64))
         try:
             rec = np.asarray(rows, np.int64).reshape(-1, 4)
         except (TypeError, ValueError, OverflowError):
             rec = np.full((1, 4), -1, np.int64)
         if (rec < 0).any() or (rec[:, 1] < 512).any():
-            raise CorpusError(f"{self.url or self.path}: manifest.json has block records with negative or impossible "
-                              "values: "
-                              f"run `python -m data_pipeline verify {self.url or self.path}`")
+            raise CorpusError(f"{self.location}: manifest.json has block records with negative or impossible "
+                              f"values: run `python -m data_pipeline verify {self.location}`")
         return BlockTable(tuple(s["file"] for s in m["shards"]),
                           np.concatenate(shard) if shard else np.zeros(0, np.int64), rec[:, 0], rec[:, 1],
                           np.concatenate([[0], np.cumsum(rec[:, 2])]), rec[:, 3],
@@ -298,8 +302,8 @@ class Corpus:
                    if isinstance(k, int) and 0 <= k < len(known)]
         written = f" ({name} was written from {', '.join(sources)})" if sources else ""
         return CorpusError(
-            f"{self.url or self.path}: damaged {self.block_place(table, block)} of {name}: {problem}. Do not train on "
-            f"this corpus: run `python -m data_pipeline verify {self.url or self.path}` to list every damaged shard, then "
+            f"{self.location}: damaged {self.block_place(table, block)} of {name}: {problem}. Do not train on "
+            f"this corpus: run `python -m data_pipeline verify {self.location}` to list every damaged shard, then "
             f"convert the sources of the damaged shards again{written}: rerun the convert command with "
             "--overwrite, or restore the corpus from a copy")
 

@@ -192,11 +192,11 @@ def set_aside_later(run_dir: Path, step: int) -> list[Path]:
     later = sorted(p for p in folder.iterdir() if p.is_dir() and _TAG.fullmatch(p.name) and step_of(p) > step) \
         if folder.is_dir() else []
     moved = []
+    if later:
+        (folder / "set-aside").mkdir(exist_ok=True)
     for old in later:
-        new = folder / "set-aside" / f"{old.name}-{int(time.time())}"
-        new.parent.mkdir(exist_ok=True)
-        os.replace(old, new)
-        moved.append(new)
+        moved.append(folder / "set-aside" / f"{old.name}-{int(time.time())}")
+        os.replace(old, moved[-1])
     if moved:
         logger.warning(f"resumed at step {step}: the run's later checkpoints ({', '.join(p.name for p in later)}) "
                        f"belong to the branch this resume leaves; moved to {folder / 'set-aside'} so that --resume auto "

@@ -34,6 +34,12 @@ def check_output(source: str | Path, out: str | Path, key: str) -> None:
     if out.suffix not in OUTPUT_SUFFIXES:
         raise ValueError(f"--out {out}: write .h5ad (the input plus obsm['{key}']) or .zarr (an AnnData zarr store "
                          f"of obs, var and obsm['{key}'], without X)")
+    check_not_input(source, out)
+
+
+def check_not_input(source: str | Path, out: str | Path) -> None:
+    """Refuse an output that is the input (it is read while the output is written)."""
+    source, out = Path(source), Path(out)
     if out.exists() and out.resolve() == source.resolve():
         raise ValueError(f"--out {out} is the input: name another file (the input is read while the output is "
                          "written)")

@@ -123,14 +123,13 @@ class EpochPlan:
                 raise ValueError(f"{counts.shape} batch_counts for a plan of {self.n_megabatches} megabatches: "
                                  "not this plan's counts")
         self.batch_counts = counts  # [K] batches of each megabatch before the splits of step 4
-        per_stream = np.bincount(np.arange(self.n_megabatches) % self.n_streams, weights=counts,
-                                 minlength=self.n_streams).astype(np.int64)
+        stream_of = np.arange(self.n_megabatches) % self.n_streams
+        per_stream = np.bincount(stream_of, weights=counts, minlength=self.n_streams).astype(np.int64)
         self.batches_per_stream = int(per_stream.max())
         # Each stream must reach that count by splitting batches, and a batch holds at least one cell:
         # found here, on every rank alike, not in one rank's loader worker while the others wait in a
         # collective.
-        cells = np.bincount(np.arange(self.n_megabatches) % self.n_streams, weights=np.diff(self.mb_start),
-                            minlength=self.n_streams).astype(np.int64)
+        cells = np.bincount(stream_of, weights=np.diff(self.mb_start), minlength=self.n_streams).astype(np.int64)
         short = np.flatnonzero(cells < self.batches_per_stream)
         if len(short):
             raise ValueError(f"loader stream {int(short[0])} (rank x worker) holds {int(cells[short[0]])} cells this "

@@ -322,8 +322,8 @@ def _megabatch_batches(spec: _Spec, plan: EpochPlan, m, reader: BlockReader, fir
         counts = counts_in
     norm = normalize(spec.normalization, indptr, genes, counts, input_totals, rng)
     values, genes, seq_ptr = norm.values, norm.genes, norm.indptr
-    if original is not None:
-        original = _values_at(original, norm)
+    if original is not None:  # the input kept a subset of the genes (a cap): the originals at those
+        original = original.values if len(original.genes) == len(genes) else _values_at(original, norm)
     if spec.masking is not None:
         genes, values, mlm, targets = mask_for_mode(spec.masking, spec.normalization.mode, spec.normalization.n_bins,
                                                     norm.indptr, genes, values, spec.mask_token,

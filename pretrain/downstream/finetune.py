@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,7 +47,7 @@ import torch
 import xxhash
 from torch import nn
 
-from data_pipeline.conversion.fsio import atomic_write_json, source_checksum
+from data_pipeline.conversion.fsio import atomic_write_json, commit, fsync_file, source_checksum, temp_path
 
 from ..config import FinetuneConfig, resume_changes
 from ..embed import embed_counts, model_input
@@ -561,11 +560,12 @@ def predict_h5ad(bundle: str | Path, source: str | Path, out: str | Path, name: 
     import anndata
     import pandas as pd
 
+    from ..embed_output import check_not_input
+
     source, out = Path(source), Path(out)
     if out.suffix != ".h5ad":
         raise ValueError(f"--out {out}: write an .h5ad (the input plus the prediction columns)")
-    if out.exists() and out.resolve() == source.resolve():
-        raise ValueError(f"--out {out} is the input: name another file (the input is read again to write it)")
+    check_not_input(source, out)
     model, head, labels = load_finetuned(bundle, device)
     threshold = labels["threshold"] if threshold is None else threshold
     if not 0 <= threshold <= 1:
@@ -584,10 +584,11 @@ def predict_h5ad(bundle: str | Path, source: str | Path, out: str | Path, name: 
     adata.obs[f"{name}_confidence"] = confidence.astype(np.float32)
     adata.obsm[f"{name}_probabilities"] = probs.astype(np.float32)
     adata.uns[f"{name}_classes"] = list(classes)
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = temp_path(out)
     try:  # named when whole: a failure mid-write leaves no half file under the output's name
         adata.write_h5ad(tmp)
-        os.replace(tmp, out)
+        fsync_file(tmp)
+        commit(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     counts = Counter(predicted.tolist())
