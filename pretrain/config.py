@@ -34,7 +34,7 @@ class ObjectiveConfig:
     mvc_weight: float = _help("weight of scGPT's MVC / GEPC loss: masked genes' values predicted from the cell embedding "
                               "(needs model.mvc_head=true; 0: off)", 0.0)
     temperature: float = _help("InfoNCE temperature (initial value when learnable)", 0.07)
-    learnable_temperature: bool = _help("learn the temperature (as a log-scale, clamped to [1/100, 1])", True)
+    learnable_temperature: bool = _help("learn the temperature (as a log-scale, clamped to [1/100, 1]; past a bound, only the gradient leading back is kept)", True)
     gradient_cache: bool = _help("divide-and-conquer contrastive: embed chunks without a graph, "
                                  "recompute each with its cached embedding gradient", True)
 

@@ -15,8 +15,6 @@ from pathlib import Path
 
 import torch
 
-from .model import model_cost
-
 logger = logging.getLogger(__name__)
 
 # dense bf16 peak of known GPUs (TFLOP/s, no sparsity), for MFU; others need run.peak_tflops
@@ -172,8 +170,8 @@ class StepLog:
     (``engine.was_step_applied()``, a host bool) or its loss is not finite (seen at the read).
 
     Throughput is measured per window, the steps since the previous read: their cells, sequences,
-    tokens and FLOPs over the window's wall time (loader waits included, checkpoint saves not),
-    taken after a device sync at the read. Every record of a window carries the window's rates
+    tokens and FLOPs (`StepCounts.flops`: each sequence at its own length) over the window's wall
+    time (loader waits included, checkpoint saves not), taken after a device sync at the read. Every record of a window carries the window's rates
     (``cells_per_s``, ``sequences_per_s`` with views, ``tokens_per_s``, ``tflops_per_device``,
     ``mfu``) and its ``peak_memory_bytes``; ``padding_waste`` is the step's own; ``time`` is the
     Unix time of the read."""
@@ -221,9 +219,7 @@ class StepLog:
         cells = sum(c.cells for _, _, c, _, _, _ in self.pending)
         seqs = sum(c.seqs for _, _, c, _, _, _ in self.pending)
         tokens = sum(c.tokens for _, _, c, _, _, _ in self.pending)
-        # the model runs sequences (a cell's two views are two): FLOPs per sequence of its mean length
-        flops = sum(model_cost(self.config.model, c.tokens / max(c.seqs, 1)).flops_per_cell * c.seqs
-                    for _, _, c, _, _, _ in self.pending)
+        flops = sum(c.flops for _, _, c, _, _, _ in self.pending)
         tflops = flops / seconds / self.world / 1e12
         rates = {"cells_per_s": cells / seconds, "tokens_per_s": tokens / seconds, "tflops_per_device": tflops,
                  "mfu": tflops / self.peak_tflops if self.peak_tflops else None}

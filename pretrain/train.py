@@ -16,6 +16,7 @@ import math
 import shutil
 from contextlib import ExitStack
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -34,7 +35,7 @@ from .checkpoint import Checkpointer
 from .config import TrainConfig
 from .distributed import deepspeed_engine, init_distributed
 from .metrics import RunLog, StepLog, device_peak_tflops, history_tail
-from .model import CellModel
+from .model import CellModel, sequences_flops
 from .model.attention import require_attention_device
 from .objectives import PretrainModule, StepCounts, step_seed, train_step
 
@@ -199,19 +200,23 @@ def _run(config: TrainConfig, resume: str | None, loader: CellLoader, log: RunLo
     step, history, skipped = checkpointer.load(found, restart_epoch)
     if found is not None:
         # the restored optimizer holds the saved schedule's rate for this step; the schedule may have
-        # changed since (schedule.max_steps may change on resume): this step trains at this run's rate
-        for group, base in zip(engine.lr_scheduler.optimizer.param_groups, engine.lr_scheduler.base_lrs):
-            group["lr"] = base * lr_factor(config.schedule, step)
+        # changed since (schedule.max_steps may change on resume): this step trains at this run's rate.
+        # The schedule counts applied updates (DeepSpeed does not step it on a skipped one): its own
+        # restored position, not the step number
+        sched = engine.lr_scheduler
+        for group, base in zip(sched.optimizer.param_groups, sched.base_lrs):
+            group["lr"] = base * lr_factor(config.schedule, sched.last_epoch)
     resumed_from_step = step
     if log is not None:
         log.start(asdict(config), history, resumed=found is not None)
     peak_tflops, peak_source = device_peak_tflops(device, config.run.peak_tflops)
     steps = StepLog(config, world, device, peak_tflops, log, step, skipped)
     batches, stop = _batches(loader), False
+    flops = partial(sequences_flops, model.config)
     try:
         while step < config.schedule.max_steps and not stop:
             chunks = [next(batches) for _ in range(config.deepspeed.chunks_per_step)]
-            counts, stop = checkpointer.agree(StepCounts.of(chunks))  # host numbers of the CPU batches
+            counts, stop = checkpointer.agree(StepCounts.of(chunks, flops))  # host numbers of the CPU batches
             chunks = [c.to(device) for c in chunks]
             lr = engine.get_lr()[0]  # the rate this step uses (the scheduler moves on inside the step)
             seed = step_seed(config.run.seed, step)

@@ -237,6 +237,22 @@ def test_a_resume_with_more_steps_trains_its_first_step_at_the_new_schedules_rat
         assert lrs[step] == pytest.approx(config.optimizer.lr * lr_factor(config.schedule, step - 1), rel=1e-6), step
 
 
+@pytest.mark.slow
+def test_a_skipped_step_does_not_advance_the_schedule_across_a_resume(corpus, tmp_path):
+    """DeepSpeed does not step the scheduler on a skipped update: a resumed run goes on from the
+    schedule's own position, at the rates the uninterrupted run has."""
+    nan = ("run.inject_nan_steps=[2]", "schedule.warmup_steps=4", "schedule.max_steps=6")
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    run_pretrain(_args(corpus, whole, *nan))
+    run_pretrain(_args(corpus, split, *nan[:2], "schedule.max_steps=3"))  # the warm-up does not depend on max_steps
+    run_pretrain(_args(corpus, split, *nan), resume="auto")
+    expected = {m["step"]: m["lr"] for m in metrics(whole)}
+    assert [m["skipped_steps"] for m in metrics(whole)][-1] == 1
+    assert expected[3] == expected[2]  # the skipped step 2 left the warm-up where it was
+    resumed = {m["step"]: m["lr"] for m in metrics(split) if m["step"] > 3}
+    assert resumed == pytest.approx({s: expected[s] for s in (4, 5, 6)}, rel=1e-6)
+
+
 def test_a_second_ctrl_c_stops_at_once_and_the_handlers_are_given_back():
     import signal
 

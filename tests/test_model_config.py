@@ -14,7 +14,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from pretrain.config import DecoderConfig, ModelConfig
-from pretrain.model import CellModel, model_cost
+from pretrain.model import CellModel, model_cost, sequences_flops
 from pretrain.model.embeddings import read_gene_embedding_file
 from pretrain.presets import PRESETS
 from tests.model_helpers import one_thread, pack, random_cells, seeded, small_config  # noqa: F401 (autouse fixtures)
@@ -97,6 +97,23 @@ def test_flops_linear_in_length_for_favor_and_quadratic_for_exact_attention():
     # gene_set=all (scBERT): the encoder always sees every gene, only the masked head grows with L
     scbert = cpu_preset("scbert")
     assert f(scbert, 2 * 30) / f(scbert, 30) < 1.05
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_a_batch_costs_the_sum_of_its_sequences(name):
+    """`sequences_flops` on a ragged batch equals the sum of `model_cost` of each sequence at its
+    own length and masked share; for exact attention that exceeds the cost at the mean length."""
+    config = cpu_preset(name)
+    rng = np.random.default_rng(list(PRESETS).index(name))
+    lengths = torch.from_numpy(rng.integers(1, 3000, size=17))
+    masked = torch.from_numpy(rng.binomial(lengths.numpy(), 0.15))
+    summed = sum(model_cost(config, int(n), mask_ratio=int(m) / int(n)).flops_per_cell for n, m in zip(lengths, masked))
+    assert sequences_flops(config, lengths, masked) == pytest.approx(summed, rel=1e-12)
+    at_mean = model_cost(config, float(lengths.double().mean()), int(masked.sum()) / int(lengths.sum())).flops_per_cell * 17
+    if config.attention == "favor" or config.gene_set == "all":  # affine in the length: the mean is exact
+        assert at_mean == pytest.approx(summed, rel=1e-9)
+    else:
+        assert summed > 1.01 * at_mean
 
 
 # --- 5. pretrained gene embeddings -------------------------------------------------------------

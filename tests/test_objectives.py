@@ -134,3 +134,27 @@ def test_temperature_is_clamped_and_can_be_fixed():
     assert float(learn(batch)[1].detach()) == pytest.approx(100.0)
     with pytest.raises(ValueError, match="temperature"):
         PretrainModule(model, ObjectiveConfig(temperature=0.001))
+
+
+@pytest.mark.parametrize("log_scale", [math.log(100) + 0.3, -0.3])
+def test_a_temperature_past_its_bound_can_come_back(log_scale):
+    """Outside [log 1, log 100] the clamped scale keeps the gradient that leads back into the range
+    and drops the one that leads further out; inside, it is the plain gradient."""
+    model = CellModel(ModelConfig(vocab_size=20, d_model=16, n_heads=2, n_layers=1, attention="sdpa"))
+    learn = PretrainModule(model, ObjectiveConfig(temperature=0.07))
+    batch = _batch(torch.ones(4, dtype=torch.long), torch.zeros(4, dtype=torch.bool), torch.zeros(4, dtype=torch.long),
+                   torch.zeros(2, 0, dtype=torch.long))
+    inward = 1.0 if log_scale > 0 else -1.0  # the sign of d loss / d scale whose descent step moves the log-scale inward
+    for sign, kept in ((inward, True), (-inward, False)):
+        with torch.no_grad():
+            learn.log_logit_scale.fill_(log_scale)
+        learn.zero_grad()
+        scale = learn(batch)[1]
+        (sign * scale).sum().backward()
+        grad = float(learn.log_logit_scale.grad)
+        assert (grad != 0) == kept and (not kept or math.copysign(1, grad) == sign)
+    with torch.no_grad():
+        learn.log_logit_scale.fill_(math.log(10.0))
+    learn.zero_grad()
+    (learn(batch)[1] * 3).sum().backward()
+    assert float(learn.log_logit_scale.grad) == pytest.approx(30.0)  # d(3 e^s)/ds at e^s = 10

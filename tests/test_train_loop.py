@@ -165,6 +165,13 @@ def test_step_counts_come_from_the_cpu_batches():
     assert counts.masked == sum(int(c.mlm_mask.sum()) for c in chunks)
     assert counts.labels == sum(int((c.labels >= 0).sum()) for c in chunks)
     assert counts.slots == 4 * 7 + 2 * 3
+    assert counts.flops == 0  # no cost model given
+    seen = []
+    costed = StepCounts.of(chunks, cost=lambda lengths, masked: seen.append((lengths, masked)) or 1.5)
+    assert costed.flops == 3.0 and costed.as_list()[:6] == counts.as_list()[:6]
+    assert [x.tolist() for x, _ in seen] == [[5, 5, 7, 7], [3, 3]]
+    for (_, masked), chunk in zip(seen, chunks):
+        assert masked.tolist() == [int(m.sum()) for m in chunk.mlm_mask.split(chunk.cu_seqlens.diff().tolist())]
 
 
 def test_the_model_decides_its_favor_redraws():

@@ -111,6 +111,8 @@ def test_unexpressed_genes_are_added_masked_at_zero_without_changing_the_rest(co
         assert StepCounts.of([y]).masked == StepCounts.of([x]).masked + extra_masked
         # throughput counts the input: the added targets are not tokens the encoder reads
         assert StepCounts.of([y]).tokens == StepCounts.of([x]).tokens
+        for per_seq in (lambda lengths, _: float(lengths.pow(2).sum()), lambda _, masked: float(masked.pow(2).sum())):
+            assert StepCounts.of([y], per_seq).flops == StepCounts.of([x], per_seq).flops  # FLOPs: the same input
         assert y.n_masked_zeros == x.n_masked_zeros + extra_masked  # x: masked-but-kept genes that lost every read
     assert abs(added - p * unexpressed) < 5 * math.sqrt(unexpressed * p * (1 - p))
     if max_genes is not None:  # the cases where a wrong draw would pick an expressed gene did occur

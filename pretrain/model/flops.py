@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from .shape import ModelConfig
 
 
@@ -47,10 +49,8 @@ def _stack_flops(n: float, d: int, n_layers: int, ffn: int, attention: str, m: i
     return n_layers * n * (2 * (4 * d * d + 2 * d * ffn) + attn)
 
 
-def model_cost(config: ModelConfig, seq_len: float, mask_ratio: float = 0.15) -> ModelCost:
-    c = config
+def _params(c: ModelConfig) -> int:
     d, ffn = c.d_model, int(round(c.d_model * c.ffn_multiplier))
-    n_genes = c.n_genes
     params = c.vocab_size * d
     if c.value_mode == "bins" and c.bin_embedding == "mlp":
         params += _linear(1, d) + _linear(d, d) + 2 * d
@@ -67,10 +67,21 @@ def model_cost(config: ModelConfig, seq_len: float, mask_ratio: float = 0.15) ->
     params += d if c.use_cls else 0
     params += 2 * d if c.depth_tokens else 0
     params += _stack_params(d, c.n_layers, ffn)
-    e = c.cell_dim
-    params += _linear(e, d) + _linear(d, c.contrastive_dim) + sum(_linear(e, n) for n in c.label_classes)
-    cls = c.n_prefix
-    masked = mask_ratio * seq_len
+    params += _linear(c.cell_dim, d) + _linear(d, c.contrastive_dim) + sum(_linear(c.cell_dim, n) for n in c.label_classes)
+    if c.architecture == "encoder_decoder":
+        dd, dffn = c.decoder.d_model, int(round(c.decoder.d_model * c.ffn_multiplier))
+        params += _linear(d, dd) + c.vocab_size * dd + 2 * dd + _stack_params(dd, c.decoder.n_layers, dffn) + _linear(dd, 1)
+    else:
+        params += _linear(d, d) + 2 * d + _linear(d, c.mlm_outputs)
+        params += _linear(d, d) + d * d if c.mvc_head else 0
+    return params
+
+
+def _training_flops(c: ModelConfig, seq_len, masked):
+    """Training FLOPs of one sequence of ``seq_len`` input genes, ``masked`` of them masked. Only
+    ``+ - *`` on the two, so that tensors of per-sequence values give per-sequence FLOPs."""
+    d, ffn = c.d_model, int(round(c.d_model * c.ffn_multiplier))
+    n_genes, e, cls = c.n_genes, c.cell_dim, c.n_prefix
     depth = 2 * int(c.depth_tokens)
     autobin = 0.0  # per embedded value
     if c.value_mode == "continuous" and c.continuous_embedding == "autobin":
@@ -79,7 +90,6 @@ def model_cost(config: ModelConfig, seq_len: float, mask_ratio: float = 0.15) ->
     heads = 2 * (e * d + d * c.contrastive_dim + sum(e * n for n in c.label_classes))
     if c.architecture == "encoder_decoder":
         dd, dffn = c.decoder.d_model, int(round(c.decoder.d_model * c.ffn_multiplier))
-        params += _linear(d, dd) + c.vocab_size * dd + 2 * dd + _stack_params(dd, c.decoder.n_layers, dffn) + _linear(dd, 1)
         enc_len = seq_len - masked + cls
         # T and S: encoder outputs passed to the decoder too
         forward = (_stack_flops(enc_len, d, c.n_layers, ffn, c.attention, c.favor_features)
@@ -88,14 +98,22 @@ def model_cost(config: ModelConfig, seq_len: float, mask_ratio: float = 0.15) ->
                    + _stack_flops(n_genes + depth, dd, c.decoder.n_layers, dffn, c.decoder.attention, c.favor_features)
                    + 2 * masked * dd + heads)
     else:
-        mlm_out = c.mlm_outputs
-        params += _linear(d, d) + 2 * d + _linear(d, mlm_out)
-        mvc = 0.0  # MVC / GEPC per masked position: gene2query, W, the dot product with the cell
-        if c.mvc_head:
-            params += _linear(d, d) + d * d
-            mvc = 2 * masked * (2 * d * d + d)
-        enc_len = (n_genes if c.gene_set == "all" else seq_len) + cls
+        mvc = 2 * masked * (2 * d * d + d) if c.mvc_head else 0.0  # MVC / GEPC: gene2query, W, the dot product
+        enc_len = (n_genes + 0 * seq_len if c.gene_set == "all" else seq_len) + cls
         forward = (_stack_flops(enc_len, d, c.n_layers, ffn, c.attention, c.favor_features)
-                   + (autobin + bin_mlp) * (seq_len + depth) + 2 * masked * (d * d + d * mlm_out) + mvc + heads)
-    per_cell = 3 * forward
-    return ModelCost(params=int(params), flops_per_cell=float(per_cell), flops_per_token=float(per_cell / max(seq_len, 1)))
+                   + (autobin + bin_mlp) * (seq_len + depth) + 2 * masked * (d * d + d * c.mlm_outputs) + mvc + heads)
+    return 3 * forward
+
+
+def model_cost(config: ModelConfig, seq_len: float, mask_ratio: float = 0.15) -> ModelCost:
+    """Parameters and training FLOPs per cell of ``seq_len`` input genes, ``mask_ratio`` of them masked."""
+    per_cell = _training_flops(config, seq_len, mask_ratio * seq_len)
+    return ModelCost(params=int(_params(config)), flops_per_cell=float(per_cell),
+                     flops_per_token=float(per_cell / max(seq_len, 1)))
+
+
+def sequences_flops(config: ModelConfig, lengths: torch.Tensor, masked: torch.Tensor) -> float:
+    """Training FLOPs of a batch's sequences, each at its own length: ``lengths`` [B] input genes,
+    ``masked`` [B] of them masked. Exact attention is quadratic in the length, so FLOPs at the
+    batch's mean length undercount a ragged batch; this sums each sequence's own."""
+    return float(_training_flops(config, lengths.double(), masked.double()).sum())

@@ -29,5 +29,25 @@ class PretrainModule(nn.Module):
 
     def forward(self, batch: PackedBatch) -> tuple[ModelOutput, torch.Tensor]:
         """(model outputs, logit scale [1] = 1 / temperature, clamped to [1, 1 / MIN_TEMPERATURE])."""
-        scale = self.log_logit_scale.float().clamp(0.0, math.log(1.0 / MIN_TEMPERATURE)).exp()
+        scale = _ClampBack.apply(self.log_logit_scale.float(), 0.0, math.log(1.0 / MIN_TEMPERATURE)).exp()
         return self.model(batch), scale
+
+
+class _ClampBack(torch.autograd.Function):
+    """``x.clamp(low, high)`` whose gradient is kept where a descent step would bring ``x`` back
+    towards the range. A plain clamp's gradient is zero outside it: a log-scale that overshot the
+    bound (Adam's momentum) would stay there for good, the temperature frozen at its floor even
+    when the loss wants it higher. Clamping the parameter in place after the step (CLIP's way)
+    would not reach ZeRO's fp32 master copy."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.low, ctx.high = low, high
+        return x.clamp(low, high)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        outward = ((x > ctx.high) & (grad < 0)) | ((x < ctx.low) & (grad > 0))  # descent moves x by -grad
+        return grad.masked_fill(outward, 0.0), None, None

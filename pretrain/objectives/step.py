@@ -32,6 +32,7 @@ cache would only add a forward pass). `full_batch_loss` computes L in one graph
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -55,18 +56,32 @@ class StepCounts:
     seqs: float       # sequences (views count separately: what the model ran)
     tokens: float     # gene tokens of the input (masked unexpressed genes, decoder targets only, left out)
     slots: float      # token slots a padded [B, max_seqlen] layout would have had
+    flops: float = 0.0  # model training FLOPs of the sequences, each at its own length (0: not counted)
 
     @classmethod
-    def of(cls, chunks: list[PackedBatch]) -> StepCounts:
+    def of(cls, chunks: list[PackedBatch], cost: Callable[[torch.Tensor, torch.Tensor], float] | None = None) -> StepCounts:
         """This rank's counts (reads the chunks' masks and labels: cheap on CPU tensors, a device
-        sync on device ones)."""
+        sync on device ones). ``cost(lengths [B], masked [B])``: the training FLOPs of sequences
+        of those input lengths and masked genes (`pretrain.model.flops.sequences_flops`)."""
+        flops = sum(cost(*_input_lengths(c)) for c in chunks) if cost is not None else 0.0
         return cls(masked=float(sum(int(c.mlm_mask.sum()) for c in chunks)),
                    labels=float(sum(int((c.labels >= 0).sum()) for c in chunks)),
                    cells=float(sum(c.n_cells for c in chunks)), seqs=float(sum(c.n_seqs for c in chunks)),
-                   tokens=float(sum(c.n_tokens - c.n_masked_zeros for c in chunks)), slots=float(sum(c.padded_tokens for c in chunks)))
+                   tokens=float(sum(c.n_tokens - c.n_masked_zeros for c in chunks)), slots=float(sum(c.padded_tokens for c in chunks)),
+                   flops=float(flops))
 
     def as_list(self) -> list[float]:
-        return [self.masked, self.labels, self.cells, self.seqs, self.tokens, self.slots]
+        return [self.masked, self.labels, self.cells, self.seqs, self.tokens, self.slots, self.flops]
+
+
+def _input_lengths(batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence [B]: its input genes and the masked ones among them; masked unexpressed genes
+    (decoder targets, not input: `PackedBatch.n_masked_zeros`) count in neither."""
+    lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()
+    seq = torch.repeat_interleave(torch.arange(batch.n_seqs, device=lengths.device), lengths)
+    zero = batch.mlm_mask & (batch.values == 0) if batch.values.is_floating_point() else torch.zeros_like(batch.mlm_mask)
+    per_seq = lambda where: torch.bincount(seq[where], minlength=batch.n_seqs)  # noqa: E731
+    return lengths - per_seq(zero), per_seq(batch.mlm_mask & ~zero)
 
 
 @dataclass
