@@ -14,7 +14,7 @@ step shows. Both runs train the same ``--steps`` steps on the same cells from th
 in a process of its own (one process accumulates what earlier engines leave behind and slows
 down), alternating ``--repeats`` times:
 
-- ``log_every=1``: every step's values read back and logged, metrics.json rewritten each step:
+- ``log_every=1``: every step's values read back and logged:
   the sync count of the loop before issue 21 (which read the counts, the contrastive loss, the
   totals and the loss on every step);
 - ``log_every=N``: values stay on the device between log steps and are read in one transfer.

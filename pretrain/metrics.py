@@ -17,6 +17,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+FLUSH_SECONDS = 30.0  # metrics.json is rewritten on a log step at most this often (and at the end)
+
 # dense bf16 peak of known GPUs (TFLOP/s, no sparsity), for MFU; others need run.peak_tflops
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
 
@@ -60,6 +62,7 @@ class RunLog:
         self.restored = 0  # steps that came from the checkpoint, not from this invocation
         self.mlflow, self.tracking_uri, self.run_id = None, None, None
         self.mlflow_logged_through = 0  # steps MLflow already has (a resume after a kill retrains some)
+        self.flushed_at = -math.inf  # when metrics.json was last written (time.monotonic)
         # decided now: mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, our own store's included
         self.local_store = use_mlflow and not os.environ.get("MLFLOW_TRACKING_URI")
 
@@ -95,7 +98,10 @@ class RunLog:
     def record(self, metrics: dict, log: bool) -> None:
         self.history.append(metrics)
         if log:
-            self.flush()
+            # the whole history is rewritten (an atomic replace): at most every FLUSH_SECONDS, so that
+            # a long run's growing file costs O(steps) in all, not O(steps^2) at every log step
+            if time.monotonic() - self.flushed_at >= FLUSH_SECONDS:
+                self.flush()
             if self.mlflow is not None and metrics["step"] > self.mlflow_logged_through:
                 step = metrics["step"]
                 self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()  # MLflow stamps its own time
@@ -105,6 +111,7 @@ class RunLog:
         tmp = self.run_dir / "metrics.json.tmp"
         tmp.write_text(json.dumps(self.history, indent=0))
         tmp.replace(self.run_dir / "metrics.json")
+        self.flushed_at = time.monotonic()
 
     def plot(self) -> Path | None:
         if not self.history:

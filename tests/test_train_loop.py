@@ -5,6 +5,7 @@ FAVOR+ redraw decision."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -90,7 +91,7 @@ def _result(loss: float) -> StepResult:
                       mvc=t(loss / 16))
 
 
-COUNTS = StepCounts(masked=10, labels=4, cells=4, seqs=8, tokens=120, slots=160)
+COUNTS = StepCounts(masked=10, labels=4, cells=4, seqs=8, tokens=120, slots=160, flops=3e9)
 
 
 @pytest.fixture
@@ -120,6 +121,10 @@ def test_device_values_are_read_on_log_steps_only_and_every_step_is_kept(tmp_pat
         if step == 4:
             assert reads == ["tolist"] and [h["step"] for h in run_log.history] == [1, 2, 3, 4]
     assert reads == ["tolist"] * 3  # steps 4, 8 and 10 (the last)
+    # metrics.json: written at the first log step, then at most every FLUSH_SECONDS, and at the end
+    assert [h["step"] for h in json.loads((tmp_path / "metrics.json").read_text())] == [1, 2, 3, 4]
+    run_log.flush()
+    assert len(json.loads((tmp_path / "metrics.json").read_text())) == 10
     history = run_log.history
     assert [h["loss"] for h in history] == [float(s) for s in range(1, 11)]
     assert [h["mlm"] for h in history] == [s / 2 for s in range(1, 11)]
@@ -130,6 +135,7 @@ def test_device_values_are_read_on_log_steps_only_and_every_step_is_kept(tmp_pat
         assert h["sequences_per_s"] == pytest.approx(2 * h["cells_per_s"])
         assert h["tokens_per_s"] == pytest.approx(30 * h["cells_per_s"])
         assert h["padding_waste"] == pytest.approx(0.25)
+        assert h["tflops_per_device"] / h["cells_per_s"] == pytest.approx(COUNTS.flops / COUNTS.cells / 1e12)
 
 
 def test_skipped_steps_in_a_row_stop_the_run_at_once_without_a_log_step(tmp_path):
