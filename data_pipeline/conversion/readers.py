@@ -9,8 +9,8 @@ whole where the format allows random access:
   memory, but the whole matrix is read once per range; prefer CSR for very large files).
 - h5ad / zarr dense: rows are read directly.
 - 10x h5 (v2 and v3): per-cell pointers, read like CSR.
-- loom: the dense genes x cells ``/matrix`` is read a column (cell) block at a time, one
-  hyperslab per range (h5py reads whole chunks, never cell by cell).
+- loom: the dense genes x cells ``/matrix`` is read a column (cell) block at a time, hyperslabs
+  of a bounded number of values (h5py reads whole chunks, never cell by cell).
 - 10x mtx: MatrixMarket has no index, so the file is parsed once, whole, when first read.
 - SOMA experiment (a URI such as ``tiledb://`` / ``s3://``, or a local folder that is a TileDB
   group): the sparse X layer is read per row range of obs joinids (see `soma_source`).
@@ -586,8 +586,14 @@ class LoomSource(_HDF5FileSource):
         return _to_str_array(self._cols[name][start:stop])
 
     def _read_rows(self, start: int, stop: int, buffers: Buffers | None) -> sp.csr_matrix:
-        block = _values(np.asarray(self._x[:, start:stop]))  # [n_vars, cells] one hyperslab
-        return sp.csr_matrix(block.T)
+        # [n_vars, cells] hyperslabs of at most _SCAN_ELEMENTS values: a converter's chunk of cells
+        # over every gene, dense, would be gigabytes per worker
+        cells_per_read = max(1, _SCAN_ELEMENTS // max(self.n_vars, 1))
+        parts = [sp.csr_matrix(_values(np.asarray(self._x[:, s : min(s + cells_per_read, stop)])).T)
+                 for s in range(start, stop, cells_per_read)]
+        if not parts:
+            return sp.csr_matrix((0, self.n_vars), dtype=_values(np.zeros(0, self._x.dtype)).dtype)
+        return sp.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
 
     def close(self):
         self._f.close()
