@@ -33,8 +33,14 @@ def _node_from_env(args) -> tuple[int, int]:
     if args.num_nodes is not None or args.node_rank is not None:
         return args.num_nodes or 1, args.node_rank or 0
     if "SLURM_ARRAY_TASK_ID" in os.environ and "SLURM_ARRAY_TASK_COUNT" in os.environ:
-        first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
-        return int(os.environ["SLURM_ARRAY_TASK_COUNT"]), int(os.environ["SLURM_ARRAY_TASK_ID"]) - first
+        env = os.environ
+        first, stride = int(env.get("SLURM_ARRAY_TASK_MIN", "0")), int(env.get("SLURM_ARRAY_TASK_STEP", "1") or 1)
+        count, rank = int(env["SLURM_ARRAY_TASK_COUNT"]), (int(env["SLURM_ARRAY_TASK_ID"]) - first) // stride
+        # an array of independent conversions (one input and output per task) would otherwise wait
+        # for "other nodes" that convert something else
+        log.info(f"SLURM array task {env['SLURM_ARRAY_TASK_ID']}: node {rank} of {count} sharing this "
+                 "conversion (an array of independent conversions: pass --num-nodes 1)")
+        return count, rank
     return 1, 0
 
 

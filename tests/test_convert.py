@@ -334,6 +334,10 @@ def test_node_rank_from_a_slurm_array(monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
     monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "10")
     assert _node_from_env(args) == (4, 2)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "16")  # --array=10-16:2: tasks 10, 12, 14, 16
+    monkeypatch.setenv("SLURM_ARRAY_TASK_STEP", "2")
+    assert _node_from_env(args) == (4, 3)
+    assert _node_from_env(build_parser().parse_args(["convert", "x.h5ad", "--out", "c", "--num-nodes", "1"])) == (1, 0)
     explicit = build_parser().parse_args(["convert", "x.h5ad", "--out", "c", "--num-nodes", "3", "--node-rank", "1"])
     assert _node_from_env(explicit) == (3, 1)
     with pytest.raises(ConvertError, match="--node-rank 5"):
