@@ -5,7 +5,9 @@ Rules, in order:
    or symbols with a table); otherwise every var column of strings and ``var_names`` are
    candidates. Symbols, for filling gaps and for ``GeneIdentity.symbols``, may come from any
    column.
-2. The candidate whose values are most often Ensembl ids (at least half of them) gives the ids;
+2. The candidate whose values are most often Ensembl ids (at least half of them) gives the ids:
+   plain ids, or ids inside names that join one to a symbol (``ENSG00000000003_TSPAN6``,
+   ``TSPAN6|ENSG00000000003``; ``_ | : -`` between, the symbols kept when no column has them);
    its empty or non-Ensembl entries are filled from a symbol column through the symbol table,
    when one is supplied.
 3. With no Ensembl candidate, a symbol column is mapped through ``--symbol-table``; without a
@@ -32,6 +34,9 @@ from .vocab import SPECIAL_TOKENS, ensembl_ids, is_ensembl
 _SYMBOL_COLUMN_NAMES = ("gene_symbol", "gene_symbols", "symbol", "symbols", "gene_name",
                         "gene_names", "feature_name", "gene_short_name", "name", "genes")
 _TRAILING_NUMBER = re.compile(r"^(.*?)(\d+)$")
+# an Ensembl id and a symbol in one name, either way round: ENSG00000000003_TSPAN6, TSPAN6|ENSG00000000003.15
+_ID_THEN_SYMBOL = re.compile(r"^(ENS[A-Z]*G\d{11})(?:\.\d+)?[_|:\-](.+)$")
+_SYMBOL_THEN_ID = re.compile(r"^(.+?)[_|:\-](ENS[A-Z]*G\d{11})(?:\.\d+)?$")
 
 
 @dataclass
@@ -78,6 +83,21 @@ def looks_like_placeholders(values: np.ndarray) -> bool:
     return numbered >= 0.9 * len(values) and len(prefixes) <= 2
 
 
+def _split_names(values) -> tuple[np.ndarray, np.ndarray]:
+    """Each name's Ensembl id (version stripped) and symbol where it joins both, "" and "" where it
+    does not.  [n] -> ([n] object, [n] object)"""
+    ids, symbols = [], []
+    for v in values:
+        v = str(v)
+        m = _ID_THEN_SYMBOL.match(v)
+        if m:
+            ids.append(m.group(1)), symbols.append(m.group(2))
+            continue
+        m = _SYMBOL_THEN_ID.match(v)
+        ids.append(m.group(2) if m else ""), symbols.append(m.group(1) if m else "")
+    return np.array(ids, dtype=object), np.array(symbols, dtype=object)
+
+
 def resolve_gene_ids(var: pd.DataFrame, source: str, gene_column: str | None = None,
                      symbol_table: dict[str, str] | None = None) -> GeneIdentity:
     """Resolve each var row of ``source`` to an Ensembl id; raise SourceError naming the fix.
@@ -96,14 +116,23 @@ def resolve_gene_ids(var: pd.DataFrame, source: str, gene_column: str | None = N
             raise SourceError(f"{source}: --gene-column {gene_column!r} is not a var column of "
                               f"strings (available: {', '.join(columns)})")
     # scored on an even sample: a regex per value of every string column costs ~1 s per 10 files
-    scored = [(float(is_ensembl(vals[:: max(1, len(vals) // 4000)]).mean()) if len(vals) else 0.0, name, vals)
-              for name, vals in candidates]
-    best_frac, best_name, best_vals = max(scored, key=lambda t: t[0])
+    def fraction(vals, split: bool) -> float:
+        sample = vals[:: max(1, len(vals) // 4000)]
+        return float(((_split_names(sample)[0] != "") if split else is_ensembl(sample)).mean()) if len(vals) else 0.0
+
+    scored = [(fraction(vals, split), name, vals, split) for name, vals in candidates for split in (False, True)]
+    best_frac, best_name, best_vals, split = max(scored, key=lambda t: (t[0], not t[3]))  # a tie: plain ids
 
     if best_frac >= 0.5:
         symbol_col = _pick_symbol_column(all_candidates, symbol_table, exclude=best_name)
         symbols = symbol_col[1] if symbol_col is not None else np.full(len(best_vals), "", dtype=object)
-        ids = ensembl_ids(best_vals)
+        if split:  # names joining an id and a symbol (ENSG00000000003_TSPAN6)
+            ids, joined_symbols = _split_names(best_vals)
+            best_name += " (the Ensembl ids inside its names)"
+            if symbol_col is None:
+                symbols = joined_symbols
+        else:
+            ids = ensembl_ids(best_vals)
         mask = ids != ""
         n_from_symbols = 0
         how = best_name
