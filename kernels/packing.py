@@ -75,11 +75,15 @@ def with_cls(x: torch.Tensor, cls: torch.Tensor, cu_seqlens: torch.Tensor) -> tu
 
 
 def mean_per_sequence(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """Mean of each packed sequence's rows.  x [T, d] -> [B, d] (zero for empty sequences)"""
+    """Mean of each packed sequence's rows, summed in at least fp32.  x [T, d] -> [B, d] in x's dtype
+    (zero for empty sequences). CUDA's index_add of bf16 rounds every addition to bf16: a sum of
+    thousands of rows would stop growing, and a length of 2001 is 2000 in bf16."""
     b = cu_seqlens.shape[0] - 1
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    sums = x.new_zeros(b, x.shape[1]).index_add(0, sequence_ids(cu_seqlens, x.shape[0]), x)
-    return sums / lengths.clamp_min(1).to(x.dtype)[:, None]
+    acc = torch.promote_types(x.dtype, torch.float32)
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(acc)
+    sums = torch.zeros(b, x.shape[1], dtype=acc, device=x.device).index_add(0, sequence_ids(cu_seqlens, x.shape[0]),
+                                                                           x.to(acc))
+    return (sums / lengths.clamp_min(1)[:, None]).to(x.dtype)
 
 
 def max_per_sequence(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:

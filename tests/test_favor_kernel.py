@@ -101,6 +101,29 @@ def test_gradients_equal_reference(case, device):
         assert _rel(a.grad, b.grad) < (1e-4 if device == "cpu" else TF32_BOUND), name
 
 
+@pytest.mark.parametrize("d", [20, 8, 40])
+def test_any_head_width_runs_zero_padded(d, device):
+    """Head widths the kernels do not take (scBERT's 20; 8; 40) run padded to a power of two >= 16
+    with the true width's input scale: forward and gradients equal the float64 reference."""
+    from kernels.favor import favor_attention as fused
+    from kernels.favor import kernel_width
+
+    assert kernel_width(d) == {20: 32, 8: 16, 40: 64}[d]
+    lengths = [1, 17, 40]
+    q, k, v, cu = _inputs(lengths, 2, d, seed=d, device=device)
+    projection = draw_projection(32, d, seed=d).to(device)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(d)).to(device)
+    ref_in = [x.double().requires_grad_(True) for x in (q, k, v)]
+    ref = favor_attention_reference(*ref_in, projection.double(), cu, max(lengths))
+    ref.backward(grad.double())
+    got_in = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    out = fused(*got_in, projection, cu, max(lengths))
+    out.backward(grad)
+    assert out.shape == v.shape and _rel(out, ref) < (1e-4 if device == "cpu" else TF32_BOUND)
+    for name, a, b in zip("qkv", got_in, ref_in):
+        assert a.grad.shape == b.grad.shape and _rel(a.grad, b.grad) < (1e-4 if device == "cpu" else TF32_BOUND), name
+
+
 def test_backward_without_saved_query_max(device):
     """`favor_backward` called without the forward's row stabilizers computes them itself (in
     PyTorch: on GPU they differ from the kernels' TF32 ones by ~1e-3, which moves the weight of

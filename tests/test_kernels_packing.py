@@ -7,6 +7,7 @@ import importlib
 import inspect
 import pkgutil
 
+import pytest
 import torch
 
 import kernels
@@ -55,3 +56,16 @@ def test_with_cls_mean_and_compact():
     assert mean_per_sequence(x, CU).tolist() == [[1, 2], [0, 0], [6, 7]]
     kept_cu, longest = compact(torch.tensor([True, False, True, True, False]), CU)
     assert kept_cu.tolist() == [0, 1, 1, 3] and longest == 2
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_a_long_bf16_sequence_has_its_mean(device):
+    """bf16 rows of long sequences (2,001 and 4,000 tokens): the mean is the float64 one up to
+    bf16's rounding of the result (a bf16 running sum would stall near 1,024 x the row value)."""
+    x = (3 + torch.rand(6001, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    cu = torch.tensor([0, 2001, 6001], dtype=torch.int32)
+    got = mean_per_sequence(x.to(device, torch.bfloat16), cu.to(device))
+    assert got.dtype == torch.bfloat16
+    want = torch.stack([x.to(torch.bfloat16).double()[:2001].mean(0), x.to(torch.bfloat16).double()[2001:].mean(0)])
+    torch.testing.assert_close(got.double().cpu(), want, rtol=2**-8, atol=0)

@@ -271,6 +271,9 @@ INVALID = {
     "all_genes_encoder_decoder": (dict(gene_set="all", value_mode="continuous", architecture="encoder_decoder"),
                                   r"model\.gene_set=all needs .*architecture=encoder"),
     "features": (dict(favor_features=40), r"model\.favor_features=40 must be a positive multiple of 16"),
+    "favor_head_width": (dict(attention="favor", d_model=512, n_heads=2),
+                         r"model: head width model\.d_model / n_heads = 256 is over FAVOR\+'s 128: raise model\.n_heads "
+                         r"to at least 4"),
     "bins": (dict(n_bins=2), r"model\.n_bins=2: bins need at least 3"),
     "dropout": (dict(dropout=1.0), r"model\.dropout=1\.0 must be in \[0, 1\)"),
     "value_mode": (dict(value_mode="log"), r"model\.value_mode='log': choose one of bins, continuous, rank"),

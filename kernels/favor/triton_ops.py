@@ -57,14 +57,17 @@ def combine(pieces_: Pieces, n_seq: int, partial: torch.Tensor, fill: float) -> 
 
 def favor_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor,
                   cu_seqlens: torch.Tensor, max_seqlen: int, eps: float = 1e-4, block_rows: int | None = None,
-                  chunk_rows: int = CHUNK, *, return_backward_extras: bool = False) -> tuple[torch.Tensor, ...]:
+                  chunk_rows: int = CHUNK, *, return_backward_extras: bool = False,
+                  head_dim: int | None = None) -> tuple[torch.Tensor, ...]:
     """``(out [T, H, Dv], state S [B, H, m, Dv] fp32, normalizer z [B, H, m] fp32, den [T, H] fp32,
     key stabilizer M [B, H] fp32)`` of FAVOR+ over packed sequences; all but ``out`` are what the
     backward pass reuses. With ``return_backward_extras`` also ``query_max`` (each query row's
     stabilizer ``max_f (W q')_f`` [T, H] fp32) and ``out_lo`` (bf16/fp16 inputs: ``out``'s
     rounding error [T, H, Dv] bf16; fp32: None), `favor_backward`'s keyword arguments. ``block_rows``: rows per tile
     (a power of two >= 16; default: per head dim, `launch.py`); ``chunk_rows``: key rows per
-    program. ``max_seqlen`` must be at least the longest sequence."""
+    program. ``max_seqlen`` must be at least the longest sequence. ``head_dim``: the heads' true
+    width, for the input scale ``head_dim^-1/4``, where q, k (and the projection) are zero-padded
+    past it to a width the kernels take (default: q's width)."""
     t, h, d = q.shape
     dv = v.shape[-1]
     m = projection.shape[0]
@@ -74,7 +77,7 @@ def favor_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection:
     n_seq = cu_seqlens.numel() - 1
     w, _ = cfg.projection_operands(projection, device)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    scale_in = d ** -0.25
+    scale_in = (head_dim or d) ** -0.25
 
     chunks = pieces(cu_seqlens, t, max_seqlen, chunk_rows)
     n_chunks = len(chunks.start)
@@ -110,21 +113,23 @@ def favor_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection:
     return (*result, query_max, out_lo) if return_backward_extras else result
 
 
-def query_max_reference(q: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+def query_max_reference(q: torch.Tensor, projection: torch.Tensor, head_dim: int | None = None) -> torch.Tensor:
     """Each query row's stabilizer ``max_f (W q')_f`` [T, H] fp32 in PyTorch, for callers of
     `favor_backward` that did not keep the forward's (it costs a [T, H, m] temporary)."""
-    proj = torch.einsum("thd,md->thm", q.float() * q.shape[-1] ** -0.25, projection.to(q.device, torch.float32))
+    proj = torch.einsum("thd,md->thm", q.float() * (head_dim or q.shape[-1]) ** -0.25,
+                        projection.to(q.device, torch.float32))
     return proj.amax(-1)
 
 
 def favor_backward(grad_out, q, k, v, projection, cu_seqlens, max_seqlen: int, out, state, norm, den, key_max,
                    eps: float = 1e-4, block_rows: int | None = None, chunk_rows: int = CHUNK, *,
-                   query_max: torch.Tensor | None = None, out_lo: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   query_max: torch.Tensor | None = None, out_lo: torch.Tensor | None = None,
+                   head_dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` [T, H, D] of FAVOR+ over packed sequences, from what `favor_forward` saved.
     ``query_max`` [T, H] and ``out_lo`` [T, H, Dv]: ``favor_forward(..., return_backward_extras=True)``'s
     last two results; without them the stabilizers are computed here in PyTorch and, for bf16/fp16,
-    the rounded output is taken as exact (gradients then carry ~2^-9 relative errors of o)."""
+    the rounded output is taken as exact (gradients then carry ~2^-9 relative errors of o).
+    ``head_dim``: as for `favor_forward`."""
     t, h, d = q.shape
     dv_dim = v.shape[-1]
     m = projection.shape[0]
@@ -136,14 +141,14 @@ def favor_backward(grad_out, q, k, v, projection, cu_seqlens, max_seqlen: int, o
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     grad_out = grad_out.contiguous()
     if query_max is None:
-        query_max = query_max_reference(q, projection)
+        query_max = query_max_reference(q, projection, head_dim)
     query_max = query_max.to(torch.float32).contiguous()
     den = den.contiguous()
     out = out.contiguous()
     if out_lo is None:
         out_lo = torch.zeros(out.shape, device=device, dtype=torch.bfloat16) if q.dtype != torch.float32 else out
     out_lo = out_lo.contiguous()
-    scale_in = d ** -0.25
+    scale_in = (head_dim or d) ** -0.25
     feat_scale = m ** -0.5
 
     chunks = pieces(cu_seqlens, t, max_seqlen, chunk_rows)

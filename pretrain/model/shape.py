@@ -169,6 +169,13 @@ class ModelConfig:
                                     (self.decoder.d_model, self.decoder.n_heads, "model.decoder")):
             if width % heads:
                 raise ValueError(f"{where}.d_model={width} is not a multiple of {where}.n_heads={heads}")
+        # the FAVOR+ kernels' tile sizes are set (and compile-checked for sm_90) up to head width 128
+        for width, heads, backend, where in ((self.d_model, self.n_heads, self.attention, "model"),
+                                             (self.decoder.d_model, self.decoder.n_heads, self.decoder.attention,
+                                              "model.decoder")):
+            if backend == "favor" and width // heads > 128:
+                raise ValueError(f"{where}: head width {where}.d_model / n_heads = {width // heads} is over FAVOR+'s "
+                                 f"128: raise {where}.n_heads to at least {-(-width // 128)}")
         if self.favor_features % 16 or self.favor_features < 16:
             raise ValueError(f"model.favor_features={self.favor_features} must be a positive multiple of 16")
         if self.pooling == "cls" and not self.use_cls:
