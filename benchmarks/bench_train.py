@@ -8,7 +8,7 @@ cells/s, tokens/s (real gene tokens, no padding), MFU, peak memory and padding w
     python benchmarks/bench_train.py --smoke --result /tmp/t.json  # tiny shapes on CPU: checks the script
     torchrun --nproc_per_node 8 benchmarks/bench_train.py          # one node, 8 GPUs (or `deepspeed ...`)
     python benchmarks/bench_train.py --device cpu --scaling 1,2,4  # relaunch under torchrun with 1, 2, 4 ranks
-    python benchmarks/bench_train.py --write-lengths benchmarks/data/lengths.npy   # real lengths, to carry
+    python benchmarks/bench_train.py --write-lengths benchmarks/gpu_inputs/lengths.npy   # real lengths, to carry
 
 The comparison (Geneformer credits length grouping with a 29.4x speed-up over padding every cell to
 2,048): the SAME cells, with a REAL length distribution, batched four ways at the same memory

@@ -104,7 +104,9 @@ def run_trainer(tree: Path, corpus: Path, out: Path, steps: int, log_every: int,
             f"run.log_every={log_every}", *overrides]
     # a world of its own: not this process's (init_distributed exported its rank and port)
     launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    env = {**{k: v for k, v in os.environ.items() if k not in launcher}, "PYTHONPATH": str(tree)}
+    # the tree first, then what the caller had (the GPU suite's carried wheels: deepspeed is there)
+    env = {**{k: v for k, v in os.environ.items() if k not in launcher},
+           "PYTHONPATH": os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH", "")) if p)}
     # launch/pretrain.py as a user runs it (its thread choice included), the wrapper in place
     proc = subprocess.run([sys.executable, "-c", DRIVER, str(tree / "launch" / "pretrain.py"), "--config", str(config),
                            *args], cwd=out.parent,
@@ -131,7 +133,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=2, help="runs of each setting, alternating (default 2)")
     parser.add_argument("--cells", type=int, default=2000, help="synthetic cells in the corpus (default 2000)")
     parser.add_argument("--corpus", help="a finished corpus to train on instead of the synthetic one (the GPU suite "
-                        "passes benchmarks/data/gpu_test_corpus: making one needs anndata, which the GPU image lacks)")
+                        "passes benchmarks/gpu_inputs/gpu_test_corpus: making one needs anndata, which the GPU image lacks)")
     parser.add_argument("--work", help="folder for the corpus and the runs (default: a temporary one)")
     parser.add_argument("--result", help="results JSON (default benchmarks/results/train_loop_<device>.json)")
     parser.add_argument("--baseline", metavar="REF", help="also time the trainer of this commit (e.g. the one before "
@@ -150,6 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser_.error(f"--steps {args.steps} leaves no span after the first window: use at least 2 x --log-every")
     import torch
 
+    path = Path(args.result) if args.result else RESULTS / f"train_loop_{device_slug()}.json"
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -167,6 +170,9 @@ def main(argv: list[str] | None = None) -> dict:
                              **steps_per_s(history, args.log_every), "final_loss": history[-1]["loss"]})
                 print(f"{code} log_every={log_every} repeat {repeat}: {rows[-1]['steps_per_s']:.2f} steps/s",
                       file=sys.stderr)
+                # each run's row at once: a time limit (the GPU suite's) keeps the runs that finished
+                write_result(path, result_record("train_loop", device=device_record(), rows=rows, partial=True),
+                             quiet=True)
         wall = time.perf_counter() - started
 
     def measured(code: str, log_every: int) -> list[float]:
@@ -202,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
                  **({f"steps_per_s_baseline_{args.baseline}": before, "ratio_to_baseline": windowed / before,
                      "paired_ratio_to_baseline": paired(args.baseline, args.log_every)} if before else {})},
         load_avg_1min={"start": load_at_start, "end": os.getloadavg()[0]}, wall_s=round(wall, 1))
-    write_result(Path(args.result) if args.result else RESULTS / f"train_loop_{device_slug()}.json", result)
+    write_result(path, result)
     return result
 
 

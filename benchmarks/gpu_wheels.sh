@@ -11,7 +11,7 @@
 #
 # Afterwards it checks the folder (tests/test_gpu_wheels.py: one wheel per manifest line, every
 # Requires-Dist met by the image or another wheel) and the size of what travels: tracked and untracked
-# non-ignored files + DIR + benchmarks/data must stay under 60 MiB (the copy's limit is 64 MiB).
+# non-ignored files + DIR + benchmarks/gpu_inputs must stay under 60 MiB (the copy's limit is 64 MiB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir="${1:-.whl}"
@@ -42,10 +42,10 @@ tree = sum(Path(f).stat().st_size for f in files if f and Path(f).is_file())
 def folder(p):
     p = Path(p)
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else 0
-wheels, data = folder(sys.argv[1]), folder("benchmarks/data")
+wheels, data = folder(sys.argv[1]), folder("benchmarks/gpu_inputs")
 total = tree + wheels + data
 mib = lambda n: f"{n / 2**20:.1f} MiB"
-print(f"travels: tree {mib(tree)} + wheels {mib(wheels)} + benchmarks/data {mib(data)} = {mib(total)} "
+print(f"travels: tree {mib(tree)} + wheels {mib(wheels)} + benchmarks/gpu_inputs {mib(data)} = {mib(total)} "
       f"(limit here 60 MiB; the copy's 64 MiB)")
 sys.exit(f"over 60 MiB: drop wheels or data before carrying" if total > limit else 0)
 EOF

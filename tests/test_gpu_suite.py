@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import time
 import zipfile
 from pathlib import Path
@@ -47,15 +48,22 @@ def test_gpu_suite_smoke_runs_every_part(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("OUT", None)
     started = time.monotonic()
+    back = tmp_path / "back"  # as the device tool's $OUT: at most 8 files come back
     r = subprocess.run([sys.executable, "benchmarks/gpu_suite.py", "--smoke", "--out", str(out),
-                        "--wheels", str(wheel.parent)], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=600)
+                        "--wheels", str(wheel.parent), "--bundle", str(back)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
     wall = time.monotonic() - started
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     print(f"gpu_suite --smoke: {wall:.0f} s")
 
     suite = json.loads((out / "gpu_suite_cpu.json").read_text())
     assert suite["status"] == "ok" and suite["smoke"] is True
+    assert sorted(p.name for p in back.iterdir()) == ["gpu_suite_cpu.json", "gpu_suite_results_cpu.tar.gz"]
+    assert json.loads((back / "gpu_suite_cpu.json").read_text()) == suite
+    with tarfile.open(back / "gpu_suite_results_cpu.tar.gz") as tar:
+        packed = set(tar.getnames())
+    assert {"gpu_suite_cpu.json", "train_cpu.json", "favor_cpu.json", "train.log"} <= packed
+    assert packed == {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
     assert list(suite["parts"]) == list(PARTS)
     assert sum(p["budget_s"] for p in suite["plan"]) <= 560  # of the 600 s a part may run; the rest: start-up
     for part, rec in suite["parts"].items():
@@ -68,7 +76,7 @@ def test_gpu_suite_smoke_runs_every_part(tmp_path):
                  "favor_fp32_cpu.json", "embed_cpu.json"):
         assert name in results and (out / name).exists(), name
     # the loop benchmark trains on the corpus gpu_prepare.sh makes (a clean checkout has none)
-    prepared = (REPO / "benchmarks" / "data" / "gpu_test_corpus").is_dir()
+    prepared = (REPO / "benchmarks" / "gpu_inputs" / "gpu_test_corpus").is_dir()
     assert ("train_loop_cpu.json" in results) == prepared, suite["parts"]["train_loop"]
     if not prepared:
         assert "gpu_prepare.sh" in suite["parts"]["train_loop"]["note"]
@@ -98,7 +106,7 @@ def test_gpu_suite_smoke_runs_every_part(tmp_path):
     ran = [row for row in train["rows"] if not row["skipped"]]
     assert ran and all(row["mfu_measured_gemm"] > 0 for row in ran)
     lengths = train["settings"]["lengths"]
-    data = REPO / "benchmarks" / "data"
+    data = REPO / "benchmarks" / "gpu_inputs"
     shared = REPO.parent / "shared" / "data" / "h5ad"  # bench_train's --data default
     assert lengths == ("real" if (data / "lengths.json").exists() else "file" if (data / "lengths.npy").exists()
                        else "real" if shared.is_dir() else "synthetic")
@@ -187,6 +195,14 @@ def test_gpu_commands_parse(tmp_path):
 
     loop = bench_train_loop.parser().parse_args(commands["train_loop"][2:])
     assert (loop.repeats, loop.steps, loop.overrides) == (1, 150, ["model.attention=sdpa"]) and loop.baseline is None
+
+    from gpu_suite import gpu_test_files
+
+    tests = part_commands("pytest_gpu", tmp_path, "nvidia-h200", smoke=False, timeout=150)[0]
+    assert tests[tests.index("-k") + 1] == "not float32"  # the fp32 kernels compile for minutes
+    files = gpu_test_files()  # what proves training first, the kernel file (compiles) last
+    assert files[0] == "tests/test_gpu_training.py" and files[-1] == "tests/test_favor_kernel.py"
+    assert tests[-len(files):] == files
 
     contrastive = bench_contrastive.parser().parse_args(commands["contrastive"][2:])
     assert contrastive.device == "cuda" and contrastive.budget_s == 140 and contrastive.in_process is None

@@ -12,7 +12,8 @@ batches or a non-finite step fail them. At this initialization the loss barely d
 (favor and sdpa agree to 1e-5), so the attention kernels themselves are checked against float64 in
 tests/test_attention_backends.py; this test checks that each backend trains under DeepSpeed bf16.
 
-The CPU half (the fp32 reference run) is exercised in CI: it runs twice and must repeat exactly.
+The CPU half (the fp32 reference run) is exercised in CI: it runs twice and must repeat exactly;
+where `benchmarks/gpu_prepare.sh` made the carried reference, the first of the two is that file.
 """
 
 from __future__ import annotations
@@ -25,13 +26,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train_helpers import LOSS_KEYS, ROOT, job_env, make_corpus, summary, two_step_run
+from tests.train_helpers import (
+    LOSS_KEYS,
+    PREPARED_CORPUS,
+    ROOT,
+    job_env,
+    make_corpus,
+    prepared_reference,
+    summary,
+    two_step_run,
+)
 
 LOSS_RTOL, GRAD_NORM_RTOL, LOSS_CHANGE_RTOL = 5e-3, 5e-2, 0.1
 REFERENCE_OF = {"favor": "favor", "varlen": "sdpa", "sdpa": "sdpa"}
-
-
-PREPARED_CORPUS = ROOT / "benchmarks" / "data" / "gpu_test_corpus"  # made by benchmarks/gpu_prepare.sh
 
 
 @pytest.fixture(scope="module")
@@ -44,17 +51,19 @@ def corpus(tmp_path_factory) -> Path:
         return make_corpus(tmp_path_factory.mktemp("corpus"), n_cells=200, n_genes=300)
     except ImportError as err:
         pytest.fail(f"cannot write the test corpus here ({err}): run `bash benchmarks/gpu_prepare.sh` on a machine "
-                    f"with the project's requirements and carry benchmarks/data along")
+                    f"with the project's requirements and carry benchmarks/gpu_inputs along")
 
 
 @pytest.fixture(scope="module")
 def reference(corpus, tmp_path_factory):
-    """``reference(backend)``: the metrics of the fp32 CPU run with that backend (each run once)."""
+    """``reference(backend)``: the metrics of the fp32 CPU run with that backend (each run once): the
+    one `gpu_prepare.sh` made and carried when it was made by this code on this corpus, else run here."""
     runs: dict[str, list[dict]] = {}
 
     def get(backend: str) -> list[dict]:
         if backend not in runs:
-            runs[backend] = two_step_run(corpus, tmp_path_factory.mktemp(f"cpu-{backend}") / "run", backend, cpu=True)
+            runs[backend] = prepared_reference(corpus, backend) or two_step_run(
+                corpus, tmp_path_factory.mktemp(f"cpu-{backend}") / "run", backend, cpu=True)
         return runs[backend]
 
     return get

@@ -280,3 +280,48 @@ def signal_every_group(proc: subprocess.Popen, sig: int) -> list[int]:
         except ProcessLookupError:
             pass
     return groups
+
+
+# --- the GPU training test's fp32 CPU reference, made before the device call --------------------------
+
+GPU_INPUTS = ROOT / "benchmarks" / "gpu_inputs"  # made by benchmarks/gpu_prepare.sh, carried to the GPU
+PREPARED_CORPUS = GPU_INPUTS / "gpu_test_corpus"
+PREPARED_REFERENCE = GPU_INPUTS / "gpu_training_reference.json"
+REFERENCE_BACKENDS = ("sdpa", "favor")
+
+
+def source_digest() -> str:
+    """sha256 over the code a training run executes (pretrain, data_pipeline, kernels, launch and
+    this file): a carried reference stands only for the code that made it."""
+    import hashlib
+
+    h = hashlib.sha256()
+    files = [p for d in ("pretrain", "data_pipeline", "kernels", "launch") for p in (ROOT / d).rglob("*")
+             if p.suffix in (".py", ".yaml") and "__pycache__" not in p.parts]
+    for p in sorted({*files, Path(__file__).resolve()}):
+        h.update(str(p.relative_to(ROOT)).encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def write_gpu_reference(corpus: Path = PREPARED_CORPUS, path: Path = PREPARED_REFERENCE) -> Path:
+    """The fp32 CPU runs `tests/test_gpu_training.py` compares the GPU with, made here: on the GPU
+    machine a CPU run of DeepSpeed would first JIT-build its shared-memory op (g++, minutes of a
+    lease, or a failure where the image lacks the headers)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {b: two_step_run(corpus, Path(tmp) / b / "run", b, cpu=True) for b in REFERENCE_BACKENDS}
+    record = {"source_digest": source_digest(), "corpus": str(corpus.relative_to(ROOT)), "runs": runs}
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return path
+
+
+def prepared_reference(corpus: Path, backend: str) -> list[dict] | None:
+    """The carried reference run of ``backend`` on ``corpus``, when it was made by this code on
+    this corpus; else None (the caller runs it)."""
+    if not PREPARED_REFERENCE.exists() or corpus.resolve() != PREPARED_CORPUS.resolve():
+        return None
+    record = json.loads(PREPARED_REFERENCE.read_text())
+    if record.get("source_digest") != source_digest():
+        return None
+    return record["runs"].get(backend)
