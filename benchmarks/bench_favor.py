@@ -28,7 +28,10 @@ The two numbers (METHOD.md) per kernel and size come from one function, `attenti
   backward q, k, v and the output gradient read once, dq, dk, dv written once.
 performer-pytorch is charged FAVOR+'s counts (it materializes the features: its true traffic is
 larger). Every row gives its floor ``max(FLOP / GEMM rate, bytes / copy bandwidth)`` and its gap
-(time over floor) against the measured ceilings (TF32 rate for fp32 inputs).
+(time over floor) against the measured ceilings (TF32 rate for fp32 inputs). The floor takes every
+FLOP at the inputs' GEMM rate, for every implementation alike: on bf16 inputs the FAVOR+ kernel
+runs 6 of its 11 dots (the feature side) at the TF32 rate, half of bf16's, by design (see
+kernels/favor/launch.py), so its gap includes up to that factor.
 """
 
 from __future__ import annotations
