@@ -216,6 +216,8 @@ def generative_two_pass(kernel, q, k, v, cu_seqlens, max_seqlen: int, split: Kno
     the unknown queries (q and k held constant, the known keys as the values), and L is given the
     term (q_i . E_i) / sqrt(D) whose value is cancelled and whose gradient is those two: through
     q_i with E_i constant, and through E_i's values (the kernel's backward sums over the queries)."""
+    if split.known_rows.shape[0] == 0:  # no known token in the batch: each sees only itself (and the
+        return v                          # kernels may refuse keys of zero rows)
     kk, vk = k[split.known_rows], v[split.known_rows]
     out, lse = kernel(q, kk, vk, cu_seqlens, split.cu_known, max_seqlen, max_seqlen, with_lse=True)
     rows = split.unknown_rows
@@ -238,10 +240,12 @@ def generative_two_pass(kernel, q, k, v, cu_seqlens, max_seqlen: int, split: Kno
 
 def generative_mask(known: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     """scGPT's generative attention on the padded layout: query i may attend key j when j is a real
-    token and j is known or j is i.  known, real [B, L] bool -> [B, 1, L, L] bool"""
+    token and j is known or j is i. A padding query attends itself (its output is dropped): a row
+    with no key at all gives NaN in some CUDA kernels, and a NaN there reaches the real rows'
+    gradients.  known, real [B, L] bool -> [B, 1, L, L] bool"""
     length = known.shape[1]
     self_pair = torch.eye(length, dtype=torch.bool, device=known.device)
-    return (real & known)[:, None, None, :] | (self_pair & real[:, :, None])[:, None]
+    return (real & known)[:, None, None, :] | self_pair[None, None]
 
 
 def sdpa(q, k, v, cu_seqlens, max_seqlen, projection=None, known=None):
