@@ -66,6 +66,12 @@ class FakeVarlen:
     def __call__(self, *args, **kwargs):
         self.calls.append((args, kwargs))
         q, k, v, cu_q, cu_k, max_q, max_k = args
+        # the kernel's contract (CUDA's, checked here too): int32 offsets on q's device, python int
+        # maxima, one dtype, a head width the FlashAttention kernels take
+        for cu in (cu_q, cu_k):
+            assert cu.dtype == torch.int32 and cu.device == q.device and cu.is_contiguous() and cu.dim() == 1
+        assert isinstance(max_q, int) and isinstance(max_k, int)
+        assert q.dtype == k.dtype == v.dtype and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
         assert max_q >= int((cu_q[1:] - cu_q[:-1]).max()) and max_k >= int((cu_k[1:] - cu_k[:-1]).max())
         out, lse = kernel_definition(q, k, v, cu_q, cu_k)
         aux = kwargs.pop("return_aux", None)
