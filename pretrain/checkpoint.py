@@ -32,6 +32,7 @@ import torch.distributed as dist
 import xxhash
 
 from data_pipeline.conversion.fsio import atomic_write_with
+from data_pipeline.loading.loader import LoaderStateError
 
 from .config import resume_changes
 from .distributed import host_all_reduce
@@ -272,7 +273,11 @@ class Checkpointer:
         state = load(self.engine, found)
         try:
             self.loader.load_state_dict(state["loader"], restart_epoch=restart_epoch)
-        except ValueError as err:
+        except LoaderStateError as err:
+            if not err.restartable:
+                raise ResumeError(f"--resume {found}: {err}: this run cannot continue that checkpoint's cell order "
+                                  "(--restart-epoch would not help); resume with the corpus, seed, data settings "
+                                  "and version that saved it, or start a new run in another run.out") from None
             raise ResumeError(f"--resume {found}: {err}. From launch/pretrain.py: add --restart-epoch (the "
                               "interrupted epoch starts over: its cells seen before the interruption are seen "
                               "again), or resume with the world size and data.num_workers that saved it") from None

@@ -18,7 +18,7 @@ from data_pipeline.corpus import Corpus
 from data_pipeline.loading import loader as loader_module
 from data_pipeline.loading import normalize_reference as ref
 from data_pipeline.loading.epoch_plan import Batching, EpochPlan
-from data_pipeline.loading.loader import CellLoader
+from data_pipeline.loading.loader import CellLoader, LoaderStateError
 from data_pipeline.loading.masking import Masking, Views
 from data_pipeline.loading.normalize import Normalization
 from tests.corpus_helpers import ensembl, random_counts, write_h5ad
@@ -245,12 +245,17 @@ def test_state_from_another_layout_is_refused_or_restarts(corpus):
     next(it)
     state = first.state_dict()
     other = _loader(corpus, world_size=1, rank=0)
-    with pytest.raises(ValueError, match="restart_epoch"):
+    with pytest.raises(LoaderStateError, match="restart_epoch") as layout:
         other.load_state_dict(state)
+    assert layout.value.restartable  # the trainer then names --restart-epoch
     other.load_state_dict(state, restart_epoch=True)
     assert (other.epoch, other.batches_done) == (0, 0)
-    with pytest.raises(ValueError, match="seed"):
-        _loader(corpus, world_size=2, rank=0, seed=9).load_state_dict(state)
+    for loader, changed, what in ((_loader(corpus, world_size=2, rank=0, seed=9), state, "seed"),
+                                  (other, {**state, "version": 0}, "version"),
+                                  (other, {**state, "corpus": "x"}, "another corpus")):
+        with pytest.raises(LoaderStateError, match=what) as refused:
+            loader.load_state_dict(changed, restart_epoch=True)  # starting the epoch over would not do
+        assert not refused.value.restartable
 
 
 def test_views_are_linked_and_from_the_same_cell(corpus, cells):

@@ -49,6 +49,16 @@ from .read_depth import Downsampling, downsample
 from .zero_masking import add_masked_zeros
 
 STATE_VERSION = 1
+
+
+class LoaderStateError(ValueError):
+    """A saved loader position this loader cannot continue. ``restartable``: starting the saved
+    epoch over (``restart_epoch=True``) would do (another layout or token cost); otherwise the
+    state is of another corpus, seed, batching or state version, and only those would."""
+
+    def __init__(self, message: str, restartable: bool):
+        super().__init__(message)
+        self.restartable = restartable
 DEFAULT_MASKING = Masking()  # 15 % of each cell's genes; 80 % mask id, 10 % random, 10 % kept
 
 
@@ -509,26 +519,28 @@ class CellLoader:
     def load_state_dict(self, state: dict, restart_epoch: bool = False) -> None:
         s = self.spec
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
+            raise LoaderStateError(f"loader state version {state.get('version')} is not {STATE_VERSION} (saved by "
+                                   "another version of the loader)", restartable=False)
         if state["corpus"] != s.corpus.plan_hash:
-            raise ValueError("the loader state is from another corpus")
+            raise LoaderStateError("the loader state is from another corpus", restartable=False)
         if state["seed"] != s.seed or state["batching"] != asdict(s.batching):
-            raise ValueError("the loader state was taken with another seed or batching; pass the same ones")
+            raise LoaderStateError("the loader state was taken with another seed or batching; pass the same ones",
+                                   restartable=False)
         # states saved before the token cost was recorded summed capped lengths (+ extra tokens, per view)
         cost = state.get("token_cost", asdict(replace(s.token_cost, full_length=None, padded=False)))
         same_cost = cost == asdict(s.token_cost)
         if not same_cost and not restart_epoch:
-            raise ValueError(f"the loader state was taken with cells costing {cost} against the token budget, this "
+            raise LoaderStateError(f"the loader state was taken with cells costing {cost} against the token budget, this "
                              f"loader counts {asdict(s.token_cost)} (another model shape or attention backend, or a "
                              "state saved before sdpa batches and full-gene-set cells were counted as the model runs "
                              "them): the epoch's batches differ, so it cannot continue exactly; pass "
-                             "restart_epoch=True to start that epoch over")
+                             "restart_epoch=True to start that epoch over", restartable=True)
         same_layout = (state["world_size"], state["streams_per_rank"]) == (s.world_size, s.streams_per_rank)
         if not same_layout and not restart_epoch:
-            raise ValueError(f"the loader state was taken with world size {state['world_size']} and "
+            raise LoaderStateError(f"the loader state was taken with world size {state['world_size']} and "
                              f"{state['streams_per_rank']} streams per rank, this loader has {s.world_size} "
                              f"and {s.streams_per_rank}: the epoch's layout differs, so it cannot continue "
-                             "exactly; pass restart_epoch=True to start that epoch over")
+                             "exactly; pass restart_epoch=True to start that epoch over", restartable=True)
         self.set_epoch(state["epoch"])
         if same_layout and same_cost:
             self.batches_done = state["batches_done"]
