@@ -9,6 +9,9 @@ Both are AnnData files written with anndata's own element writer (`anndata.io.wr
 - ``.zarr``: an AnnData zarr store without X (for inputs too large to duplicate): the input's
   obs and var and ``obsm["X_<name>"]``, chunked by cells.
 
+`annotated_copy` writes fine-tuning's predictions the same way (the input copied, obs columns,
+obsm and uns entries added).
+
 The embedding is written as it is computed, a row range at a time (`EmbeddingWriter.write`), so
 memory holds one chunk of it, not ``n_cells x d``. Outputs are written beside their final name and
 renamed when complete: a killed embed leaves no half-written file under the name asked for.
@@ -138,6 +141,38 @@ class EmbeddingWriter:
             self.commit()
         else:
             self.abort()
+
+
+def annotated_copy(source: str | Path, out: str | Path, obs: dict, obsm: dict, uns: dict) -> None:
+    """``out``: the .h5ad ``source`` copied as a file (X never passes through memory) with the
+    ``obs`` columns (each [n_cells]), ``obsm`` arrays and ``uns`` entries added or replaced;
+    written beside its name and renamed when whole (fsync'd)."""
+    import h5py
+
+    from data_pipeline.conversion.fsio import commit, fsync_file, temp_path
+
+    source, out = Path(source), Path(out)
+    check_not_input(source, out)
+    tmp = temp_path(out)
+    try:
+        shutil.copyfile(source, tmp)
+        with h5py.File(tmp, "r+") as f:
+            table = read_elem(f["obs"])
+            for name, values in obs.items():
+                table[name] = values
+            del f["obs"]
+            write_elem(f, "obs", table)
+            for group, entries in (("obsm", obsm), ("uns", uns)):
+                if group not in f:
+                    write_elem(f, group, {})
+                for name, value in entries.items():
+                    if name in f[group]:
+                        del f[group][name]
+                    write_elem(f[group], name, value)
+        fsync_file(tmp)
+        commit(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _remove(path: Path) -> None:

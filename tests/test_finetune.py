@@ -318,7 +318,13 @@ def test_cli_finetune_then_predict(bundle, labelled, tmp_path, monkeypatch, caps
                                 "--name", "ct", "--threads", "1"], monkeypatch)
     assert json.loads(capsys.readouterr().out)["columns"] == ["ct_prediction", "ct_confidence"]
     assert "unassigned" in caplog.text
-    assert "ct_prediction" in ad.read_h5ad(tmp_path / "pred.h5ad").obs
+    predicted, given = ad.read_h5ad(tmp_path / "pred.h5ad"), ad.read_h5ad(labelled)
+    assert "ct_prediction" in predicted.obs and set(given.obs) < set(predicted.obs)  # the input, plus the columns
+    assert (predicted.X != given.X).nnz == 0 if hasattr(given.X, "nnz") else np.array_equal(predicted.X, given.X)
+    assert predicted.obs_names.equals(given.obs_names) and list(predicted.obs["cell_type"]) == list(given.obs["cell_type"])
+    classes = list(predicted.uns["ct_classes"])
+    assert predicted.obsm["ct_probabilities"].shape == (given.n_obs, len(classes))
+    assert set(predicted.obs["ct_prediction"].cat.categories) == {*classes, "unassigned"}
     # a CLI error is one line naming the fix, exit status 2
     with pytest.raises(SystemExit) as stop:
         _run_cli("finetune.py", [*argv[:2], "--label-column", "nope", "--out", str(tmp_path / "run2")], monkeypatch)

@@ -47,7 +47,7 @@ import torch
 import xxhash
 from torch import nn
 
-from data_pipeline.conversion.fsio import atomic_write_json, commit, fsync_file, source_checksum, temp_path
+from data_pipeline.conversion.fsio import atomic_write_json, source_checksum
 
 from ..config import FinetuneConfig, resume_changes
 from ..embed import embed_counts, model_input
@@ -557,10 +557,9 @@ def predict_h5ad(bundle: str | Path, source: str | Path, out: str | Path, name: 
     cell order. ``name`` defaults to the label column the bundle was fine-tuned on. Returns a
     summary; with ``label_column`` (the input's true labels) it holds `scores` of the cells whose
     label is one of the bundle's (``scores["not_scored"]``: the others)."""
-    import anndata
     import pandas as pd
 
-    from ..embed_output import check_not_input
+    from ..embed_output import annotated_copy, check_not_input
 
     source, out = Path(source), Path(out)
     if out.suffix != ".h5ad":
@@ -579,18 +578,12 @@ def predict_h5ad(bundle: str | Path, source: str | Path, out: str | Path, name: 
     predicted = np.asarray(classes, dtype=object)[probs.argmax(axis=1)] if len(probs) else np.zeros(0, object)
     low = confidence < threshold
     predicted[low] = UNASSIGNED
-    adata = anndata.read_h5ad(source)
-    adata.obs[f"{name}_prediction"] = pd.Categorical(predicted, categories=[*classes, UNASSIGNED])
-    adata.obs[f"{name}_confidence"] = confidence.astype(np.float32)
-    adata.obsm[f"{name}_probabilities"] = probs.astype(np.float32)
-    adata.uns[f"{name}_classes"] = list(classes)
-    tmp = temp_path(out)
-    try:  # named when whole: a failure mid-write leaves no half file under the output's name
-        adata.write_h5ad(tmp)
-        fsync_file(tmp)
-        commit(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # the input copied as a file with the columns added: its X and layers are never read into memory
+    annotated_copy(source, out,
+                   obs={f"{name}_prediction": pd.Categorical(predicted, categories=[*classes, UNASSIGNED]),
+                        f"{name}_confidence": confidence.astype(np.float32)},
+                   obsm={f"{name}_probabilities": probs.astype(np.float32)},
+                   uns={f"{name}_classes": np.asarray(classes, dtype=object)})
     counts = Counter(predicted.tolist())
     summary = {"n_cells": len(cells), "unassigned": int(low.sum()), "threshold": threshold, "out": str(out),
                "columns": [f"{name}_prediction", f"{name}_confidence"], "obsm": f"{name}_probabilities",
