@@ -12,6 +12,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from data_pipeline.loading.epoch_plan import Batching
 from data_pipeline.loading.loader import CellLoader
@@ -109,6 +110,28 @@ def test_depth_tokens_need_the_batch_read_depth_and_change_the_embedding():
         with pytest.raises(ValueError, match="read_depth"):
             model(batch)
     assert not torch.allclose(base, lower)
+
+
+@pytest.mark.parametrize("embedding", ["autobin", "mlp"])
+def test_bf16_value_embedding_keeps_a_few_percent_of_depth(embedding):
+    """In bf16 (DeepSpeed's training dtype), log10 of 20,000, 19,000 and 18,500 round to two values;
+    the value embedding's first layer takes them in fp32, so the three T/S inputs stay distinct
+    (and in fp32 it is the plain linear layer)."""
+    from pretrain.model.embeddings import ValueEmbedding
+
+    torch.manual_seed(0)
+    module = ValueEmbedding("continuous", 32, 7, 8, continuous_embedding=embedding, autobin_bins=16)
+    logs = torch.log10(torch.tensor([20000.0, 19000.0, 18500.0]))
+    assert len(set(logs.bfloat16().tolist())) < 3  # what a bf16 input would be
+    wide = module(logs)
+    first = module.autobin.to_logits if embedding == "autobin" else module.mlp[0]
+    torch.testing.assert_close(first(logs[:, None]), nn.functional.linear(logs[:, None], first.weight, first.bias),
+                               rtol=0, atol=0)
+    narrow = module.to(torch.bfloat16)(logs)
+    assert narrow.dtype == torch.bfloat16
+    assert all(not torch.equal(narrow[i], narrow[j]) for i, j in ((0, 1), (1, 2), (0, 2)))
+    # each row still the fp32 embedding, to bf16's rounding of the layers after the first
+    assert ((narrow.float() - wide).norm(dim=1) / wide.norm(dim=1)).max() < 0.05
 
 
 def test_encoder_decoder_leaves_zero_inputs_to_the_decoder():

@@ -98,6 +98,23 @@ def align_gene_embeddings(ids: list[str], vectors: np.ndarray, vocab_ensembl: li
     return rows, found, coverage
 
 
+class ScalarLinear(nn.Linear):
+    """``nn.Linear(1, n)`` of a continuous value, computed in at least fp32 and returned in the
+    weights' dtype. Under bf16 training the value itself would otherwise be rounded to bf16's 8
+    significant bits first: log10 total counts 4.28 and 4.31 (T and S of a cell downsampled by
+    7 %) would be one input. The output is still rounded, but each of the n units rounds its own
+    affine image, so together they keep the difference.  x [N, 1] -> [N, n]"""
+
+    def __init__(self, out_features: int):
+        super().__init__(1, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        wide = torch.promote_types(self.weight.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):  # bf16 autocast (embedding on a GPU) would narrow it
+            out = nn.functional.linear(x.to(wide), self.weight.to(wide), self.bias.to(wide))
+        return out.to(self.weight.dtype)
+
+
 class AutoDiscretization(nn.Module):
     """xTrimoGene / scFoundation's value embedding (biomap-research/scFoundation,
     model/pretrainmodels/mae_autobin.py, AutoDiscretizationEmbedding2): a scalar value v becomes
@@ -107,7 +124,7 @@ class AutoDiscretization(nn.Module):
 
     def __init__(self, d_model: int, n_bins: int, alpha: float):
         super().__init__()
-        self.to_logits = nn.Linear(1, n_bins)
+        self.to_logits = ScalarLinear(n_bins)
         self.mix = nn.Linear(n_bins, n_bins)
         self.bins = nn.Embedding(n_bins, d_model)
         self.alpha = alpha
@@ -162,12 +179,12 @@ class ValueEmbedding(nn.Module):
                 self.autobin = AutoDiscretization(d_model, autobin_bins, autobin_alpha)
             else:
                 hidden = max(32, d_model // 4)
-                self.mlp = nn.Sequential(nn.Linear(1, hidden), nn.GELU(), nn.Linear(hidden, d_model))
+                self.mlp = nn.Sequential(ScalarLinear(hidden), nn.GELU(), nn.Linear(hidden, d_model))
             self.mask = nn.Parameter(torch.zeros(d_model))
 
     def forward(self, values: torch.Tensor) -> torch.Tensor:
         if self.mode == "continuous":
-            x = values.to(self.mask.dtype)
+            x = values.to(torch.promote_types(self.mask.dtype, torch.float32))  # the first layer takes it wide
             masked = x < 0
             x = x.clamp_min(0)
             out = self.autobin(x) if hasattr(self, "autobin") else self.mlp(x[:, None])
