@@ -14,7 +14,7 @@ import scipy.sparse as sp
 
 from data_pipeline.conversion.convert import convert
 from data_pipeline.conversion.plan import ConvertError, ConvertOptions, group_pieces, source_pieces
-from data_pipeline.conversion.vocab import read_vocab, strip_version
+from data_pipeline.conversion.vocab import SPECIAL_TOKENS, read_vocab, strip_version
 from data_pipeline.corpus import verify
 from tests.conftest import REFUSED_FILE, real_h5ad_files
 from tests.corpus_helpers import corpus_cells, ensembl, random_counts, write_h5ad
@@ -190,6 +190,21 @@ def test_duplicate_gene_columns_are_summed(tmp_path):
     for r in range(30):
         if dense[r, 2] + dense[r, 7]:
             assert cells[(0, r)][ids[2]] == dense[r, 2] + dense[r, 7]
+
+
+def test_a_gene_of_two_columns_counts_each_cell_once_for_min_cells(tmp_path):
+    """--min-cells-per-gene counts cells, not columns: a gene whose two columns are both positive in
+    3 cells is in 3 cells (it was counted 6 times, and kept under a threshold of 4)."""
+    x = np.zeros((10, 4), np.int64)
+    x[:3, 0] = x[:3, 1] = 2          # gene A: columns 0 and 1, the same 3 cells
+    x[:, 2] = 1                      # gene B: every cell
+    x[3:8, 3] = 5                    # gene C: 5 cells
+    ids = [ensembl(0), ensembl(0), ensembl(1), ensembl(2)]
+    path = write_h5ad(tmp_path / "dup.h5ad", sp.csr_matrix(x), gene_ids=ids, var_names=["a1", "a2", "b", "c"])
+    convert(tmp_path / "c", ConvertOptions([str(path)], min_cells_per_gene=4), progress=False)
+    assert read_vocab(tmp_path / "c" / "vocab.tsv").ensembl_ids[len(SPECIAL_TOKENS):] == [ensembl(1), ensembl(2)]
+    convert(tmp_path / "d", ConvertOptions([str(path)], min_cells_per_gene=3), progress=False)
+    assert read_vocab(tmp_path / "d" / "vocab.tsv").ensembl_ids[len(SPECIAL_TOKENS):] == [ensembl(i) for i in range(3)]
 
 
 def test_rerun_and_conflicting_out(tmp_path):

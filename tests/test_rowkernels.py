@@ -84,10 +84,16 @@ def test_scan_rows_counts_cells_of_valid_rows(dtype):
     x = _random_source(rng, 150, 90, dtype, bad=True, shuffle=True)
     counts = np.zeros(90, np.int64)
     is_float = np.dtype(dtype).kind == "f"
-    scan_rows(x.indptr.astype(np.int64), x.indices, x.data, is_float, is_float, counts)
+    scan_rows(x.indptr.astype(np.int64), x.indices, x.data, is_float, is_float, np.arange(90), counts)
     ok = row_flags(x, True) < 0
     expect = ((x[np.flatnonzero(ok)] > 0).astype(np.int64)).sum(axis=0).A1
     np.testing.assert_array_equal(counts, expect)
+    # columns of one gene: a cell counts once for it; unresolved columns (-1) count for nothing
+    slot_of = rng.integers(-1, 30, size=90)
+    genes = np.zeros(30, np.int64)
+    scan_rows(x.indptr.astype(np.int64), x.indices, x.data, is_float, is_float, slot_of, genes)
+    good = (x[np.flatnonzero(ok)] > 0).toarray()
+    np.testing.assert_array_equal(genes, [good[:, slot_of == g].any(axis=1).sum() for g in range(30)])
 
 
 @pytest.mark.parametrize("colmap", [[3, 3, 5], [5, 5, 3]], ids=["ordered", "scattered"])

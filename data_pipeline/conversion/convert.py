@@ -88,6 +88,7 @@ class _Context:
         self.cache_buffers = Buffers()  # rows read back from the scan's cache
         self._sources = {}
         self._colmaps = {}
+        self._slots = {}
 
     def source(self, index: int):
         if index not in self._sources:
@@ -101,6 +102,12 @@ class _Context:
         for src in self._sources.values():
             src.close()
         self._sources.clear()
+
+    def gene_slots(self, index: int) -> tuple[np.ndarray, list[str]]:
+        """`gene_slots` of source ``index``'s columns (cached)."""
+        if index not in self._slots:
+            self._slots[index] = gene_slots(load_gene_table(self.work, index)["ids"])
+        return self._slots[index]
 
     def colmap(self, index: int) -> np.ndarray:
         """Token id per source column, -1 where the gene is unresolved or not in the vocabulary."""
@@ -204,20 +211,30 @@ def unit_rows(plan: dict, unit: int) -> int:
 
 # --- stage 2: scan (vocabulary from the corpus) -----------------------------------------------
 
+def gene_slots(ids: list[str]) -> tuple[np.ndarray, list[str]]:
+    """A source's genes in the order their first column comes, and each column's gene among them
+    (-1: unresolved).  ids [n_vars] -> (slot_of [n_vars] int64, genes [n_genes])"""
+    genes: dict[str, int] = {}
+    slot_of = np.array([genes.setdefault(g, len(genes)) if g else -1 for g in ids], np.int64)
+    return slot_of, list(genes)
+
+
 def scan_unit(unit: int) -> int:
-    """Cells with a positive count per source column, over cells passing the value checks;
-    saved per source (``s{index}`` arrays)."""
+    """Cells with a positive count of each gene of each source (`gene_slots`; a cell counts once
+    per gene, whatever its columns), over cells passing the value checks; saved per source
+    (``s{index}`` arrays)."""
     counts = {}
     for k, (s, lo, hi) in enumerate(_chunks(unit)):
         entry = _CTX.plan["sources"][s]
         src = _CTX.source(s)
-        per_column = counts.setdefault(f"s{s}", np.zeros(entry["n_vars"], np.int64))
+        slot_of, genes = _CTX.gene_slots(s)
+        per_gene = counts.setdefault(f"s{s}", np.zeros(len(genes), np.int64))
         try:
             x = src.read_rows(lo, hi, _CTX.buffers)
         except SourceError as exc:  # the conversion pass meets the same rows and counts them
             _unreadable(exc, lo, hi)
             continue
-        scan_counts(x, entry["integer_counts"], per_column)
+        scan_counts(x, entry["integer_counts"], slot_of, per_gene)
         if src.compressed:
             _write_cache(unit, k, x)
     atomic_write_with(_scan_path(_CTX.work, unit), lambda fh: np.savez(fh, **counts))
@@ -225,7 +242,8 @@ def scan_unit(unit: int) -> int:
 
 
 def _scan_path(work: Path, unit: int) -> Path:
-    return work / "scan" / f"{unit_name(unit)}.npz"
+    # per gene ("genes"), not per column as the scans of earlier versions, which a rerun leaves aside
+    return work / "scan" / f"{unit_name(unit)}.genes.npz"
 
 
 def build_vocab(work: Path, plan: dict) -> Vocabulary:
@@ -236,19 +254,21 @@ def build_vocab(work: Path, plan: dict) -> Vocabulary:
         with np.load(_scan_path(work, u)) as z:
             for key in z.files:
                 per_source[key] = per_source[key] + z[key] if key in per_source else z[key]
-    ids, cells, syms = [], [], []
+    genes, cells, ids, syms = [], [], [], []
     for s in plan["sources"]:
         if "refused" in s:
             continue
         table = load_gene_table(work, s["index"])
         ids += table["ids"]
         syms += table["symbols"]
-        cells.append(per_source.get(f"s{s['index']}", np.zeros(s["n_vars"], np.int64)))
-    frame = pd.DataFrame({"gene": ids, "cells": np.concatenate(cells) if cells else [], "symbol": syms})
-    frame = frame[frame.gene != ""]
-    # columns of one gene (in a file or across files) add up; its symbol is the first one given
+        source_genes = gene_slots(table["ids"])[1]
+        genes += source_genes
+        cells.append(per_source.get(f"s{s['index']}", np.zeros(len(source_genes), np.int64)))
+    # a gene's cells of different files add up (they are different cells); its symbol is the first one given
+    frame = pd.DataFrame({"gene": genes, "cells": np.concatenate(cells) if cells else []})
     per_gene = frame.groupby("gene", sort=False)["cells"].sum().to_dict()
-    named = frame[frame.symbol != ""].drop_duplicates("gene")
+    named = pd.DataFrame({"gene": ids, "symbol": syms})
+    named = named[(named.gene != "") & (named.symbol != "")].drop_duplicates("gene")
     symbols = dict(zip(named.gene, named.symbol))
     genes = sorted(g for g, c in per_gene.items() if c >= options.min_cells_per_gene)
     if not genes:
@@ -384,7 +404,7 @@ def _load_kernels(init_args: tuple) -> None:
             return
         entry = _CTX.plan["sources"][s]
         x = _CTX.source(s).read_rows(a, min(a + 64, b))
-        scan_counts(x, entry["integer_counts"], np.zeros(x.shape[1], np.int64))
+        scan_counts(x, entry["integer_counts"], np.arange(x.shape[1]), np.zeros(x.shape[1], np.int64))
         if _CTX.vocab is not None:
             colmap = _CTX.colmap(s)
             # both row kernels: reversed, the columns are out of vocabulary order

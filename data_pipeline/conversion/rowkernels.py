@@ -59,19 +59,21 @@ def _reason_of(flags):
     return -1
 
 
-def scan_counts(x, integer_counts: bool, cells_per_column: np.ndarray) -> None:
+def scan_counts(x, integer_counts: bool, slot_of: np.ndarray, cells_per_gene: np.ndarray) -> None:
     """Python entry of `scan_rows` for a CSR matrix ``x``: float data gets the finite (and, for
     counts, integer) checks; integer data cannot fail them."""
     float_input = x.data.dtype.kind == "f"
     scan_rows(np.asarray(x.indptr, np.int64), x.indices, x.data, float_input,
-              float_input and integer_counts, cells_per_column)
+              float_input and integer_counts, np.asarray(slot_of, np.int64), cells_per_gene)
 
 
 @njit(cache=True, nogil=True)
-def scan_rows(indptr, indices, data, check_finite, check_integer, cells_per_column):
-    """Add to ``cells_per_column`` [n_vars] the cells with a positive value, over rows passing
-    the value checks (the input of a vocabulary built from the corpus; ``check_finite``: float
-    data)."""
+def scan_rows(indptr, indices, data, check_finite, check_integer, slot_of, cells_per_gene):
+    """Add to ``cells_per_gene`` [n_genes] the cells with a positive value of each gene, over rows
+    passing the value checks (the input of a vocabulary built from the corpus; ``check_finite``:
+    float data). ``slot_of`` [n_vars]: each column's gene (-1: none); a cell counts once per gene
+    however many of its columns hold that gene (their counts are summed when converted)."""
+    counted_in = np.full(len(cells_per_gene), -1, np.int64)  # the row that last counted each gene
     for r in range(len(indptr) - 1):
         lo, hi = indptr[r], indptr[r + 1]
         # one pass, counting as if the row passes; the rare row that fails is taken back out
@@ -79,10 +81,16 @@ def scan_rows(indptr, indices, data, check_finite, check_integer, cells_per_colu
         for j in range(lo, hi):
             v = np.float64(data[j])
             flags |= _value_flags(v, check_finite, check_integer)
-            cells_per_column[indices[j]] += v > 0
+            g = slot_of[indices[j]]
+            if v > 0 and g >= 0 and counted_in[g] != r:
+                cells_per_gene[g] += 1
+                counted_in[g] = r
         if _reason_of(flags) >= 0:
             for j in range(lo, hi):
-                cells_per_column[indices[j]] -= data[j] > 0
+                g = slot_of[indices[j]]
+                if g >= 0 and counted_in[g] == r:
+                    cells_per_gene[g] -= 1
+                    counted_in[g] = -1
 
 
 @intrinsic
