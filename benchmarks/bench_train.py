@@ -793,7 +793,8 @@ def run_benchmark(args, write=None) -> dict:
                         engine, settings["bf16"], params = build(config, args, device)
                     except Exception as err:  # noqa: BLE001 - recorded; the next backend runs
                         traceback.print_exc()
-                        engine = _release(None, device)
+                        engine = None
+                        _free_memory(device)
                         emit({**row, "skipped": None, "oom": _is_oom(err), "error": f"building the engine: "
                               f"{type(err).__name__}: {str(err)[:300]}"})
                         continue
@@ -804,9 +805,11 @@ def run_benchmark(args, write=None) -> dict:
                 local, error = run_row(engine, config, longest, mode, pool, args, device, memory, rng)
                 result = summarize(gather(local, device), peak_tflops, args.timed, error, measured)
                 if result["oom"] or result["error"]:  # a failed step can leave partial ZeRO state: a fresh engine
-                    engine = _release(engine, device)
+                    engine = _destroyed(engine)
+                    _free_memory(device)  # after the last reference is gone, or nothing is freed
                 emit({**row, **result, "skipped": None, "row_seconds": round(time.monotonic() - row_started, 1)})
-            _release(engine, device)
+            engine = _destroyed(engine)
+            _free_memory(device)
     settings["seconds"] = round(time.monotonic() - started, 1)
     if dist.is_initialized():
         dist.barrier()
@@ -814,17 +817,21 @@ def run_benchmark(args, write=None) -> dict:
     return {"rank": rank, "settings": settings, "rows": rows, "speedups": speedups(rows)}
 
 
-def _release(engine, device) -> None:  # returns None: `engine = _release(engine, device)`
-    """Free an engine's memory (before the next one is built, or after an OOM)."""
-    import torch
-
+def _destroyed(engine) -> None:  # `engine = _destroyed(engine)`, then `_free_memory(device)`
+    """Let an engine go (DeepSpeed's own references too): the caller drops its last reference."""
     if engine is not None and hasattr(engine, "destroy"):
         engine.destroy()
-    del engine
+    return None
+
+
+def _free_memory(device) -> None:
+    """Collect what no one references any more and give the GPU's cached blocks back (before the
+    next engine is built, or after an OOM): models of different sizes would fragment them."""
+    import torch
+
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return None
 
 
 def speedups(rows: list[dict]) -> list[dict]:

@@ -61,16 +61,19 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError) as err:  # a config mistake: one line naming the fix, exit code 2
         parser.error(str(err))
     apply_threads(config.run.threads, config.data.num_workers)  # before any torch work sizes its pools
+    import torch.distributed as dist
+
     try:
         summary = train(config, resume=args.resume, restart_epoch=args.restart_epoch)
+        if summary.get("run_dir") and summary.get("final") is not None and summary.get("steps") is not None:
+            if dist.get_rank() == 0:
+                print(json.dumps(summary, indent=1))
     except (ResumeError, CorpusError, FolderBusy, SetupError) as err:  # the run's inputs, not a bug: one line
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
-    if summary.get("run_dir") and summary.get("final") is not None and summary.get("steps") is not None:
-        import torch.distributed as dist
-
-        if dist.get_rank() == 0:
-            print(json.dumps(summary, indent=1))
+    finally:
+        if dist.is_initialized():  # NCCL warns (and can hang at exit) when its group is left to the interpreter
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

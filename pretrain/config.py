@@ -107,7 +107,8 @@ class DeepSpeedConfig:
     chunks_per_step: int = _help("loader batches per optimizer step per rank (gradient accumulation; with the "
                                  "contrastive gradient cache, the chunks of one contrastive batch)", 1)
     gradient_clipping: float = _help("clip the global gradient norm (0: off)", 1.0, resume=FREE)
-    overrides: dict = _help("extra DeepSpeed config entries, merged last", factory=dict)
+    overrides: dict = _help("extra DeepSpeed config entries, merged last, nested keys one by one "
+                            "(zero_optimization: {overlap_comm: true} keeps the stage)", factory=dict)
 
 
 @dataclass

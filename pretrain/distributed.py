@@ -25,6 +25,10 @@ def init_distributed() -> tuple[int, int, torch.device]:
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():  # NCCL takes one GPU per rank
+            raise RuntimeError(f"local rank {local_rank} but {torch.cuda.device_count()} GPU(s) on this node: launch "
+                               "at most one process per GPU (--nproc_per_node / --num_gpus), or hide the GPUs "
+                               "(CUDA_VISIBLE_DEVICES=) to run the ranks on the CPU")
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
@@ -73,12 +77,24 @@ def deepspeed_engine(module: torch.nn.Module, optimizer: torch.optim.Optimizer, 
     import deepspeed
 
     bf16 = ds.bf16 if ds.bf16 is not None else (device.type == "cuda" and torch.cuda.is_bf16_supported())
-    if ds.zero_stage == 0 and not bf16:
+    ds_config = merged({"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": micro_steps,
+                        "zero_optimization": {"stage": ds.zero_stage}, "bf16": {"enabled": bool(bf16)},
+                        "gradient_clipping": ds.gradient_clipping, "zero_allow_untested_optimizer": True,
+                        "steps_per_print": 10**12, "wall_clock_breakdown": False}, ds.overrides)
+    # what DeepSpeed will run, overrides included (zero_optimization.overlap_comm alone keeps the stage)
+    bf16 = bool(ds_config.get("bf16", {}).get("enabled", False))
+    half = bf16 or bool(ds_config.get("fp16", {}).get("enabled", False))
+    if ds_config.get("zero_optimization", {}).get("stage", 0) == 0 and not half:
         raise ValueError("deepspeed.zero_stage=0 in fp32 applies updates whose gradients are NaN (DeepSpeed skips "
                          "them only with ZeRO 1-3 or bf16): use deepspeed.zero_stage=1 or more")
-    ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": micro_steps,
-                 "zero_optimization": {"stage": ds.zero_stage}, "bf16": {"enabled": bool(bf16)},
-                 "gradient_clipping": ds.gradient_clipping, "zero_allow_untested_optimizer": True,
-                 "steps_per_print": 10**12, "wall_clock_breakdown": False, **ds.overrides}
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-    return engine, bool(bf16)
+    return engine, bf16
+
+
+def merged(base: dict, overrides: dict) -> dict:
+    """``base`` with ``overrides`` merged in, nested dicts key by key (an override of one ZeRO key
+    keeps the others, the stage included)."""
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out

@@ -19,8 +19,10 @@ logger = logging.getLogger(__name__)
 
 FLUSH_SECONDS = 30.0  # metrics.json is rewritten on a log step at most this often (and at the end)
 
-# dense bf16 peak of known GPUs (TFLOP/s, no sparsity), for MFU; others need run.peak_tflops
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
+# dense bf16 peak of known GPUs (TFLOP/s, no sparsity), for MFU; others need run.peak_tflops. The
+# first name part found in the device's name wins: the PCIe and NVL H100s before the SXM one
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0,
+               "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
 
 
 def device_peak_tflops(device: torch.device, configured: float | None) -> tuple[float | None, str]:
@@ -285,8 +287,12 @@ def _tensor_or_nan(grad_norm, like: torch.Tensor) -> torch.Tensor:
 
 
 def _peak_memory(device: torch.device) -> int:
+    """The window's peak on a GPU (the counter is reset for the next window); a CPU process's
+    lifetime peak RSS."""
     if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
+        peak = int(torch.cuda.max_memory_allocated(device))
+        torch.cuda.reset_peak_memory_stats(device)
+        return peak
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 

@@ -10,6 +10,7 @@ SIGTERM/SIGINT and at the end).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -158,6 +159,9 @@ def train(config: TrainConfig, resume: str | None = None, restart_epoch: bool = 
     rank, world, device = init_distributed()
     try:
         require_attention_device(config.model, device)  # before any run folder, engine or MLflow run exists
+        if config.run.mlflow and importlib.util.find_spec("mlflow") is None:
+            raise ValueError("run.mlflow=true but mlflow is not installed here: pip install mlflow, or set "
+                             "run.mlflow=false (metrics.json and the loss plot are written either way)")
         corpus = open_corpus(config)  # a wrong data.corpus fails here, also before the run folder
         loader = build_loader(config, device, corpus)
         config = resolve_model_config(config, corpus)

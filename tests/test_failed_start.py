@@ -54,6 +54,27 @@ def test_a_missing_corpus_fails_before_the_run_folder_exists(tmp_path):
 
 
 @pytest.mark.slow
+def test_mlflow_on_without_mlflow_installed_fails_before_the_run_folder_exists(tmp_path):
+    """As on the GPU image: mlflow is absent. run.mlflow=true is refused at setup (one line naming
+    run.mlflow=false), not after the engine is built."""
+    import subprocess
+    import sys
+
+    from tests.train_helpers import ROOT, _cwd, job_env
+
+    corpus = make_corpus(tmp_path)
+    run = tmp_path / "run"
+    overrides = [*TINY, f"data.corpus={corpus}", f"run.out={run}", "run.mlflow=true", "schedule.max_steps=1"]
+    code = ("import runpy, sys; sys.modules['mlflow'] = None; "
+            f"sys.argv = ['pretrain.py', '--config', {str(TINY_CONFIG)!r}, *{overrides!r}]; "
+            f"runpy.run_path({str(ROOT / 'launch' / 'pretrain.py')!r}, run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], env=job_env(), cwd=_cwd(overrides), capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 2 and "run.mlflow=false" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not run.exists()
+
+
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")  # mlflow's SQLAlchemy store
 def test_a_start_that_fails_after_mlflow_began_ends_failed_and_leaves_no_half_run(tmp_path):
     good = unlabeled_corpus(tmp_path)

@@ -185,3 +185,39 @@ def test_the_model_decides_its_favor_redraws():
     assert [s for s in range(9) if favor.redraws_after(s)] == [2, 5, 8]
     assert not any(CellModel(small_config(attention="favor", favor_redraw_interval=0)).redraws_after(s) for s in range(9))
     assert not any(CellModel(small_config(attention="sdpa", favor_redraw_interval=3)).redraws_after(s) for s in range(9))
+
+
+def test_deepspeed_overrides_merge_key_by_key_and_the_guard_sees_the_result(monkeypatch):
+    """An override of one ZeRO key keeps the stage; the fp32 stage-0 refusal and the bf16 answer
+    come from the merged config (what DeepSpeed runs)."""
+    import deepspeed
+
+    from pretrain.config import DeepSpeedConfig
+    from pretrain.distributed import deepspeed_engine, merged
+
+    assert merged({"a": {"b": 1, "c": 2}, "d": 3}, {"a": {"c": 5}, "e": {"f": 1}}) == {"a": {"b": 1, "c": 5}, "d": 3,
+                                                                                     "e": {"f": 1}}
+    seen = {}
+    monkeypatch.setattr(deepspeed, "initialize", lambda **kw: seen.update(kw["config"]) or ("engine",))
+    module, cpu = torch.nn.Linear(2, 2), torch.device("cpu")
+    optimizer = torch.optim.AdamW(module.parameters())
+    tuned = DeepSpeedConfig(zero_stage=2, bf16=False, overrides={"zero_optimization": {"overlap_comm": True}})
+    assert deepspeed_engine(module, optimizer, tuned, cpu) == ("engine", False)
+    assert seen["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    to_zero = DeepSpeedConfig(zero_stage=2, bf16=False, overrides={"zero_optimization": {"stage": 0}})
+    with pytest.raises(ValueError, match="zero_stage=0 in fp32"):
+        deepspeed_engine(module, optimizer, to_zero, cpu)
+    half = DeepSpeedConfig(zero_stage=0, bf16=False, overrides={"bf16": {"enabled": True}})
+    assert deepspeed_engine(module, optimizer, half, cpu) == ("engine", True)
+
+
+def test_mfu_peak_of_each_h100_variant(monkeypatch):
+    from pretrain.metrics import device_peak_tflops
+
+    cuda = torch.device("cuda", 0)
+    for name, peak in (("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
+                       ("NVIDIA H200", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, n=name: n)
+        assert device_peak_tflops(cuda, None)[0] == peak, name
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Some GPU")
+    assert device_peak_tflops(cuda, None)[0] is None and device_peak_tflops(cuda, 123.0)[0] == 123.0
