@@ -158,3 +158,30 @@ def test_a_temperature_past_its_bound_can_come_back(log_scale):
     learn.zero_grad()
     (learn(batch)[1] * 3).sum().backward()
     assert float(learn.log_logit_scale.grad) == pytest.approx(30.0)  # d(3 e^s)/ds at e^s = 10
+
+
+GPU = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                         reason="needs CUDA")])
+
+
+@pytest.mark.parametrize("device", ["cpu", GPU])
+@pytest.mark.parametrize("attention", ["sdpa", "favor", "varlen"])
+def test_a_seeded_replay_is_the_first_pass_exactly(device, attention):
+    """The gradient cache embeds a chunk, then replays it under the same seed for the backward:
+    with dropout on (and bf16 on a GPU) the two passes must give the same embeddings bit for bit,
+    or the cached gradients belong to other embeddings."""
+    from tests.model_helpers import random_batch, small_config
+
+    if attention == "varlen" and device == "cpu":
+        pytest.skip("varlen runs on CUDA only")
+    model = CellModel(small_config(attention=attention, dropout=0.1, d_model=32, favor_features=32)).to(device)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = model.to(dtype).train()
+    batch = random_batch([40, 7, 23, 55], seed=5).to(torch.device(device))
+    passes = []
+    for seed in (11, 11, 12):
+        with seeded(seed):
+            out = model(batch)
+        passes.append(torch.cat([out.contrastive.float(), out.cells.float()], dim=1))
+    assert torch.equal(passes[0], passes[1])
+    assert not torch.equal(passes[0], passes[2])  # the seed does reach the dropout
