@@ -393,7 +393,8 @@ def print_summary(report: dict) -> None:
                 what = (f"{_f(x.get('ms_per_cell'), '.3f')} ms, {_f(mib, '.0f')} MiB" if x["status"] == "ok"
                         else x["status"])
                 print(f"  {x['mode']:<9}{x['batch_cells']:>6}: {what}", flush=True)
-    print(f"suite: {report['status']} in {report['seconds']:.0f} s; JSON: {report['file']}", flush=True)
+    print(f"suite: {report['status']} in {report['seconds']:.0f} s; JSON: {report['file']}"
+          + (f"; every file packed in {report['bundle']}" if report.get("bundle") else ""), flush=True)
 
 
 def bundle(out: Path, dest: Path, slug: str, suite_file: Path) -> Path:
@@ -481,7 +482,8 @@ def main(argv=None) -> None:
                            lengths_file=str(LENGTHS_FILE.relative_to(REPO)) if LENGTHS_FILE.exists() else None,
                            lengths=("real (benchmarks/gpu_inputs/lengths.npy)" if LENGTHS_FILE.exists() else
                                     "synthetic: benchmarks/gpu_inputs/lengths.npy was not carried"),
-                           parts={}, status="running", seconds=0.0, file=str(suite_file))
+                           parts={}, status="running", seconds=0.0, file=str(suite_file),
+                           bundle=str(bundle_to / f"gpu_suite_results_{slug}.tar.gz") if bundle_to else None)
     started = time.monotonic()
     allowed = 0.0  # budget of the parts so far: spare time rolls over
     for part in planned:
