@@ -3,7 +3,7 @@
 Stages, each resumable because each output is written atomically and its presence means "done":
 
 1. plan      ``.work/plan.json``            inputs opened, genes resolved, units cut (`plan.py`)
-2. scan      ``.work/scan/uNNNNNN.npz``     per-column cell counts, only when the vocabulary is
+2. scan      ``.work/scan/uNNNNNN.genes.npz``  per-gene cell counts, only when the vocabulary is
                                             built from the corpus (``--vocab`` skips it); rows of
                                             compressed sources are kept in ``.work/cache/`` so they
                                             are decompressed once
