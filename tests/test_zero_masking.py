@@ -111,6 +111,7 @@ def test_unexpressed_genes_are_added_masked_at_zero_without_changing_the_rest(co
         assert StepCounts.of([y]).masked == StepCounts.of([x]).masked + extra_masked
         # throughput counts the input: the added targets are not tokens the encoder reads
         assert StepCounts.of([y]).tokens == StepCounts.of([x]).tokens
+        assert StepCounts.of([y]).slots == StepCounts.of([x]).slots  # padding waste: of the input too
         for per_seq in (lambda lengths, _: float(lengths.pow(2).sum()), lambda _, masked: float(masked.pow(2).sum())):
             assert StepCounts.of([y], per_seq).flops == StepCounts.of([x], per_seq).flops  # FLOPs: the same input
         assert y.n_masked_zeros == x.n_masked_zeros + extra_masked  # x: masked-but-kept genes that lost every read

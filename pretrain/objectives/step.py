@@ -55,7 +55,7 @@ class StepCounts:
     cells: float      # distinct cells (a cell's two views are one cell)
     seqs: float       # sequences (views count separately: what the model ran)
     tokens: float     # gene tokens of the input (masked unexpressed genes, decoder targets only, left out)
-    slots: float      # token slots a padded [B, max_seqlen] layout would have had
+    slots: float      # token slots a padded [B, longest input] layout of the input would have had
     flops: float = 0.0  # model training FLOPs of the sequences, each at its own length (0: not counted)
 
     @classmethod
@@ -63,12 +63,13 @@ class StepCounts:
         """This rank's counts (reads the chunks' masks and labels: cheap on CPU tensors, a device
         sync on device ones). ``cost(lengths [B], masked [B])``: the training FLOPs of sequences
         of those input lengths and masked genes (`pretrain.model.flops.sequences_flops`)."""
-        flops = sum(cost(*_input_lengths(c)) for c in chunks) if cost is not None else 0.0
+        inputs = [_input_lengths(c) for c in chunks]
         return cls(masked=float(sum(int(c.mlm_mask.sum()) for c in chunks)),
                    labels=float(sum(int((c.labels >= 0).sum()) for c in chunks)),
                    cells=float(sum(c.n_cells for c in chunks)), seqs=float(sum(c.n_seqs for c in chunks)),
-                   tokens=float(sum(c.n_tokens - c.n_masked_zeros for c in chunks)), slots=float(sum(c.padded_tokens for c in chunks)),
-                   flops=float(flops))
+                   tokens=float(sum(int(lengths.sum()) for lengths, _ in inputs)),
+                   slots=float(sum(len(lengths) * int(lengths.max()) for lengths, _ in inputs if len(lengths))),
+                   flops=float(sum(cost(*x) for x in inputs)) if cost is not None else 0.0)
 
     def as_list(self) -> list[float]:
         return [self.masked, self.labels, self.cells, self.seqs, self.tokens, self.slots, self.flops]
