@@ -65,15 +65,26 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         summary = train(config, resume=args.resume, restart_epoch=args.restart_epoch)
-        if summary.get("run_dir") and summary.get("final") is not None and summary.get("steps") is not None:
-            if dist.get_rank() == 0:
-                print(json.dumps(summary, indent=1))
     except (ResumeError, CorpusError, FolderBusy, SetupError) as err:  # the run's inputs, not a bug: one line
         print(f"error: {err}", file=sys.stderr, flush=True)
+        _close_process_group()
         sys.exit(2)
-    finally:
-        if dist.is_initialized():  # NCCL warns (and can hang at exit) when its group is left to the interpreter
+    if summary.get("run_dir") and summary.get("final") is not None and summary.get("steps") is not None:
+        if dist.get_rank() == 0:
+            print(json.dumps(summary, indent=1))
+    _close_process_group()
+
+
+def _close_process_group() -> None:
+    """NCCL warns (and can hang at exit) when its group is left to the interpreter; after a crash
+    (another rank may be stuck in a collective) the group is left as it is."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        try:
             dist.destroy_process_group()
+        except Exception as err:  # noqa: BLE001 - the run's outcome is already out; say it and go on
+            print(f"warning: closing the process group: {err}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

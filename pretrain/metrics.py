@@ -17,7 +17,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-FLUSH_SECONDS = 30.0  # metrics.json is rewritten on a log step at most this often (and at the end)
+# metrics.json is rewritten whole on a log step (and at the end): as often as keeps that writing under
+# FLUSH_SHARE of the run's time, and at least every FLUSH_SECONDS
+FLUSH_SHARE, FLUSH_SECONDS = 0.05, 30.0
 
 # dense bf16 peak of known GPUs (TFLOP/s, no sparsity), for MFU; others need run.peak_tflops. The
 # first name part found in the device's name wins: the PCIe and NVL H100s before the SXM one
@@ -65,6 +67,7 @@ class RunLog:
         self.mlflow, self.tracking_uri, self.run_id = None, None, None
         self.mlflow_logged_through = 0  # steps MLflow already has (a resume after a kill retrains some)
         self.flushed_at = -math.inf  # when metrics.json was last written (time.monotonic)
+        self.flush_seconds = 0.0  # how long that write took
         # decided now: mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, our own store's included
         self.local_store = use_mlflow and not os.environ.get("MLFLOW_TRACKING_URI")
 
@@ -100,9 +103,9 @@ class RunLog:
     def record(self, metrics: dict, log: bool) -> None:
         self.history.append(metrics)
         if log:
-            # the whole history is rewritten (an atomic replace): at most every FLUSH_SECONDS, so that
-            # a long run's growing file costs O(steps) in all, not O(steps^2) at every log step
-            if time.monotonic() - self.flushed_at >= FLUSH_SECONDS:
+            # the whole history is rewritten (an atomic replace): spaced by its own cost, so that a long
+            # run's growing file does not cost O(steps^2), while a short run's stays current
+            if time.monotonic() - self.flushed_at >= min(FLUSH_SECONDS, self.flush_seconds / FLUSH_SHARE):
                 self.flush()
             if self.mlflow is not None and metrics["step"] > self.mlflow_logged_through:
                 step = metrics["step"]
@@ -110,10 +113,12 @@ class RunLog:
                                          if k not in ("step", "time") and isinstance(v, (int, float))}, step=step)
 
     def flush(self) -> None:
+        started = time.monotonic()
         tmp = self.run_dir / "metrics.json.tmp"
         tmp.write_text(json.dumps(self.history, indent=0))
         tmp.replace(self.run_dir / "metrics.json")
         self.flushed_at = time.monotonic()
+        self.flush_seconds = self.flushed_at - started
 
     def plot(self) -> Path | None:
         if not self.history:

@@ -218,3 +218,30 @@ def test_embed_streams_an_input_larger_than_its_memory_growth(bundle, source, tm
         assert f["obsm"]["X_scfm"].shape == (BIG_CELLS, 32) and f["X"]["data"].shape == (BIG_CELLS * 4040,)
     assert ad.read_zarr(outs[1]).obsm["X_scfm"].shape == (BIG_CELLS, 32)
 
+
+
+@pytest.mark.parametrize("layout", ["current", "anndata<0.7"])
+def test_annotated_copy_adds_columns_and_keeps_the_rest(layout, tmp_path):
+    """Predict's writer: the input copied with obs columns, obsm and uns entries added; X, obs and
+    its index as they were. A file in anndata < 0.7's layout (obs a compound dataset) too."""
+    import scipy.sparse as sp
+
+    from pretrain.embed_output import annotated_copy
+
+    given = ad.AnnData(X=sp.random(6, 4, density=0.5, format="csr", dtype=np.float32, random_state=0),
+                            obs=pd.DataFrame({"n": np.arange(6)}, index=[f"c{i}" for i in range(6)]))
+    source = tmp_path / "in.h5ad"
+    given.write_h5ad(source)
+    if layout != "current":
+        with h5py.File(source, "r+") as f:
+            del f["obs"]
+            f.create_dataset("obs", data=np.array([(f"c{i}".encode(), i) for i in range(6)],
+                                                  dtype=[("index", "S4"), ("n", "<i8")]))
+    out = tmp_path / "out.h5ad"
+    annotated_copy(source, out, obs={"p": pd.Categorical(list("abcabc"))}, obsm={"q": np.ones((6, 2), np.float32)},
+                   uns={"k": np.array(["x", "y"], dtype=object)})
+    got = ad.read_h5ad(out)
+    assert list(got.obs_names) == [f"c{i}" for i in range(6)] and list(got.obs["n"]) == list(range(6))
+    assert list(got.obs["p"]) == list("abcabc") and got.obsm["q"].shape == (6, 2) and list(got.uns["k"]) == ["x", "y"]
+    assert (got.X != given.X).nnz == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.h5ad", "out.h5ad"]  # no temporary file left

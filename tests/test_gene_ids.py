@@ -48,15 +48,16 @@ def test_ensembl_column_wins_and_versions_are_stripped():
 def test_names_that_join_an_id_and_a_symbol_give_both(join):
     genes = [("ENSG00000198851", "CD3E"), ("ENSG00000156738", "MS4A1"), ("ENSG00000090382", "LYZ"),
              ("ENSG00000254682", "RP11-466F5.8"), ("ENSG00000000003", "TSPAN6")]
-    var = pd.DataFrame(index=[join.format(id=i, sym=s) for i, s in genes] + ["not-a-gene"])
+    extra = ["not-a-gene", "ENSG00000000005", "ENSG00000182378.14_PAR_Y"]  # a plain id; GENCODE's Y copy
+    var = pd.DataFrame(index=[join.format(id=i, sym=s) for i, s in genes] + extra)
     got = resolve_gene_ids(var, "f.h5ad")
-    assert list(got.ids) == [i for i, _ in genes] + [""]
-    assert list(got.symbols) == [s for _, s in genes] + [""]
-    assert got.how == "var_names (the Ensembl ids inside its names)" and got.n_unresolved == 1
+    assert list(got.ids) == [i for i, _ in genes] + ["", "ENSG00000000005", ""]
+    assert list(got.symbols) == [s for _, s in genes] + ["", "", ""]
+    assert got.how == "var_names (the Ensembl ids inside its names)" and got.n_unresolved == 2
     # a symbol column is still the symbols' source; plain ids win a tie with joined names
-    var["gene_symbol"] = ["a", "b", "c", "d", "e", "f"]
-    assert list(resolve_gene_ids(var, "f.h5ad").symbols) == ["a", "b", "c", "d", "e", "f"]
-    var["gene_ids"] = [i for i, _ in genes] + [""]
+    var["gene_symbol"] = list("abcdefgh")
+    assert list(resolve_gene_ids(var, "f.h5ad").symbols) == list("abcdefgh")
+    var["gene_ids"] = [i for i, _ in genes] + ["", "ENSG00000000005", ""]
     assert resolve_gene_ids(var, "f.h5ad").how == "var['gene_ids']"
 
 

@@ -199,7 +199,17 @@ def test_gpu_commands_parse(tmp_path):
     from gpu_suite import gpu_test_files
 
     tests = part_commands("pytest_gpu", tmp_path, "nvidia-h200", smoke=False, timeout=150)[0]
-    assert tests[tests.index("-k") + 1] == "not float32"  # the fp32 kernels compile for minutes
+    marks = tests[tests.index("-m", tests.index("pytest")) + 1]
+    assert marks == "gpu and not fp32_kernels"  # the fp32 kernels compile for minutes
+    # what that selects of the kernel file: the half-precision tests only (fp32 inputs compile the fp32 kernels)
+    listed = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m",
+                             marks, "tests/test_favor_kernel.py"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120).stdout
+    selected = {line.split("::")[1].split("[")[0] for line in listed.splitlines() if "::" in line}
+    assert selected == {"test_half_precision_inputs", "test_one_token_sequence_has_no_query_gradient",
+                        "test_compiled_kernels_equal_float64_reference_at_model_size",
+                        "test_compiled_kernels_are_deterministic"}, listed
+    assert "reference_at_model_size[dtype0" not in listed and "deterministic[dtype0]" not in listed  # float32
     files = gpu_test_files()  # what proves training first, the kernel file (compiles) last
     assert files[0] == "tests/test_gpu_training.py" and files[-1] == "tests/test_favor_kernel.py"
     assert tests[-len(files):] == files

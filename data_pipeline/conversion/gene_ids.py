@@ -35,7 +35,7 @@ _SYMBOL_COLUMN_NAMES = ("gene_symbol", "gene_symbols", "symbol", "symbols", "gen
                         "gene_names", "feature_name", "gene_short_name", "name", "genes")
 _TRAILING_NUMBER = re.compile(r"^(.*?)(\d+)$")
 # an Ensembl id and a symbol in one name, either way round: ENSG00000000003_TSPAN6, TSPAN6|ENSG00000000003.15
-_ID_THEN_SYMBOL = re.compile(r"^(ENS[A-Z]*G\d{11})(?:\.\d+)?[_|:\-](.+)$")
+_ID_THEN_SYMBOL = re.compile(r"^(ENS[A-Z]*G\d{11})(?:\.\d+)?[_|:\-](.*)$")
 _SYMBOL_THEN_ID = re.compile(r"^(.+?)[_|:\-](ENS[A-Z]*G\d{11})(?:\.\d+)?$")
 
 
@@ -87,8 +87,12 @@ def _split_names(values) -> tuple[np.ndarray, np.ndarray]:
     """Each name's Ensembl id (version stripped) and symbol where it joins both, "" and "" where it
     does not.  [n] -> ([n] object, [n] object)"""
     ids, symbols = [], []
-    for v in values:
+    plain = ensembl_ids(values)
+    for v, alone in zip(values, plain):
         v = str(v)
+        if alone or v.endswith("_PAR_Y"):  # a plain id in the column; GENCODE's Y copy of a PAR gene: no id
+            ids.append(alone), symbols.append("")
+            continue
         m = _ID_THEN_SYMBOL.match(v)
         if m:
             ids.append(m.group(1)), symbols.append(m.group(2))
