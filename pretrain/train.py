@@ -112,6 +112,13 @@ def warn_unused_objectives(config: TrainConfig, corpus: Corpus) -> None:
                        "convert the corpus with --label-columns COLUMN)")
 
 
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # an import hook refusing it; a module set to None
+        return False
+
+
 def lr_factor(schedule, step: int) -> float:
     """Multiplier of the peak learning rate at optimizer step ``step`` (0-based)."""
     if step < schedule.warmup_steps:
@@ -159,7 +166,7 @@ def train(config: TrainConfig, resume: str | None = None, restart_epoch: bool = 
     rank, world, device = init_distributed()
     try:
         require_attention_device(config.model, device)  # before any run folder, engine or MLflow run exists
-        if config.run.mlflow and importlib.util.find_spec("mlflow") is None:
+        if config.run.mlflow and not _importable("mlflow"):
             raise ValueError("run.mlflow=true but mlflow is not installed here: pip install mlflow, or set "
                              "run.mlflow=false (metrics.json and the loss plot are written either way)")
         corpus = open_corpus(config)  # a wrong data.corpus fails here, also before the run folder
