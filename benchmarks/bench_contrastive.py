@@ -64,7 +64,8 @@ what a step adds, the quantity the flatness target is about; ``held_peak_bytes``
 
 A configuration that runs out of memory (``torch.cuda.OutOfMemoryError``, or a CPU process killed)
 is recorded as ``"oom"`` (one over ``--timeout`` as ``"timeout"``), larger batches of that mode are
-skipped, and ``largest_batch_fits`` reports the largest batch that ran, per mode.
+skipped, and ``largest_batch_fits`` reports the largest batch that ran, per mode (``limited_by``: what
+stopped the sweep, out of memory, the time budget or nothing).
 
 Note: both modes compute InfoNCE over the whole batch at once (`pretrain.objectives.info_nce`), with
 [B, B] fp32 tensors (the logits, a log-softmax per direction and their gradients): 16 GiB each at
@@ -184,8 +185,9 @@ def run_one(job: dict) -> dict:
     import torch
 
     from pretrain.config import ModelConfig, ObjectiveConfig
+    from pretrain.distributed import host_all_reduce
     from pretrain.model import CellModel
-    from pretrain.objectives import PretrainModule, train_step
+    from pretrain.objectives import PretrainModule, StepCounts, train_step
 
     cuda = job["device"] == "cuda"
     if cuda:
@@ -225,17 +227,20 @@ def run_one(job: dict) -> dict:
         else:
             baseline = memory.reset()
         times, cpu_times, losses = [], [], []
+        # the step's counts as the trainer gives them (taken once, outside the clock: counting them inside
+        # the step would add device reads per chunk, which the trainer does not pay)
+        counts = StepCounts(*host_all_reduce(StepCounts.of(chunks).as_list()))
         for step in range(job["warmup"] + job["repeats"]):
             if cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                result = train_step(engine, chunks, objectives, step_seed=step + 1)
+                result = train_step(engine, chunks, objectives, step_seed=step + 1, counts=counts)
                 end.record()
                 torch.cuda.synchronize()
                 seconds = start.elapsed_time(end) / 1e3
             else:
                 t, cpu = time.perf_counter(), time.process_time()
-                result = train_step(engine, chunks, objectives, step_seed=step + 1)
+                result = train_step(engine, chunks, objectives, step_seed=step + 1, counts=counts)
                 seconds, cpu_seconds = time.perf_counter() - t, time.process_time() - cpu
             if step >= job["warmup"]:
                 times.append(seconds)
@@ -410,7 +415,11 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+FINISH_RESERVE_S = 5.0  # of --budget-s, kept for writing the summary and the plot after the last size
+
+
 def main(argv=None) -> None:
+    begun = time.monotonic()  # --budget-s counts from here: the imports and CUDA's start-up are the suite's seconds too
     if len(sys.argv) == 4 and sys.argv[1] == "--one":  # the child of run_config: job file, row file
         row = run_here(json.loads(Path(sys.argv[2]).read_text()))
         Path(sys.argv[3]).write_text(json.dumps(row))
@@ -489,9 +498,9 @@ def main(argv=None) -> None:
                 overhead = 3.0 if prev_wall is None else max(3.0, prev_wall - prev_step * prev_steps)
                 predicted = overhead + step * (args.warmup + repeats + 1)
             if args.budget_s is not None and predicted is not None and \
-                    time.monotonic() - started + predicted > args.budget_s:
+                    time.monotonic() - begun + predicted > args.budget_s - FINISH_RESERVE_S:
                 stopped[mode] = (f"time budget: {cells} cells predicted {predicted:.0f} s, "
-                                 f"{args.budget_s - (time.monotonic() - started):.0f} s of --budget-s left")
+                                 f"{args.budget_s - (time.monotonic() - begun):.0f} s of --budget-s left")
                 result.add({"mode": mode, "batch_cells": cells, "status": "skipped", "error": stopped[mode]})
                 continue
             job = {"mode": mode, "batch_cells": cells, "chunk_cells": args.chunk_cells, "genes": args.genes,
@@ -517,7 +526,12 @@ def main(argv=None) -> None:
     result.finish(method=method,
                   # other work on the machine skews CPU times: the 1-minute load average around the sweep
                   load_average_1min={"before": load_before[0], "after": os.getloadavg()[0]},
-                  sweep_seconds=round(time.monotonic() - started, 1), **summarize(rows, args.chunk_cells))
+                  sweep_seconds=round(time.monotonic() - started, 1), **summarize(rows, args.chunk_cells),
+                  # what ended each mode's sweep: the largest batch that ran is the largest that fits only
+                  # when memory ended it
+                  limited_by={mode: ("out of memory" if stopped.get(mode, "").startswith("oom") else
+                                     "time budget" if stopped.get(mode, "").startswith("time budget") else
+                                     stopped.get(mode) or "none: every batch ran") for mode in args.modes})
     print_table(rows)
     result = result.record
     _plot(result, out.with_suffix(".png"))

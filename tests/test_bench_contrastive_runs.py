@@ -39,4 +39,22 @@ def test_bench_contrastive_smoke(tmp_path):
     assert {c["batch_cells"] for c in result["comparison"]} == batches
     assert all(c["time_per_cell_ratio"] > 0 for c in result["comparison"])
     assert result["largest_batch_fits"] == {"cached": max(batches), "uncached": max(batches)}
+    assert result["limited_by"] == {"cached": "none: every batch ran", "uncached": "none: every batch ran"}
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_a_budget_stops_the_sweep_and_says_so(tmp_path):
+    """Past the first size of each mode, a size whose predicted time passes --budget-s (counted from
+    the start, its finishing reserve kept) is skipped; the largest batch that ran is then said to be
+    limited by the budget, not by memory."""
+    out = tmp_path / "contrastive.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "benchmarks/bench_contrastive.py", "--smoke", "--budget-s", "1", "--out",
+                        str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["partial"] is False
+    for mode in ("cached", "uncached"):
+        statuses = [row["status"] for row in result["rows"] if row["mode"] == mode]
+        assert statuses[0] == "ok" and set(statuses[1:]) == {"skipped"}, statuses
+        assert result["limited_by"][mode] == "time budget"

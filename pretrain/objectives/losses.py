@@ -91,13 +91,18 @@ class _BlockedInfoNCE(torch.autograd.Function):
         grad_scale = torch.zeros_like(scale)
         for i in range(0, n, block):
             rows = slice(i, min(n, i + block))
-            logits = scale * a[rows] @ b.T  # [block, N]
+            # at most three [block, N] tensors live at once (in place where it can be): the block's
+            # memory, not the batch's, bounds the step
+            logits = (a[rows] @ b.T).mul_(scale)  # [block, N]
             # d loss / d logits: the row and column softmaxes, minus the positives, over 2N
-            g = (torch.exp(logits - row_lse[rows, None]) + torch.exp(logits - col_lse[None, :])) / (2 * n)
+            g = torch.exp(logits - row_lse[rows, None])
+            g.add_(torch.exp(logits - col_lse[None, :])).div_(2 * n)
             g[torch.arange(rows.stop - i, device=a.device), torch.arange(i, rows.stop, device=a.device)] -= 1.0 / n
-            grad_a[rows] = scale * g @ b
-            grad_b += scale * g.T @ a[rows]
-            grad_scale += (g * logits).sum() / scale
+            grad_scale += torch.dot(g.flatten(), logits.flatten()) / scale
+            del logits
+            grad_a[rows] = (g @ b).mul_(scale)
+            grad_b += (g.T @ a[rows]).mul_(scale)
+            del g
         return grad * grad_a, grad * grad_b, grad * grad_scale, None
 
 
