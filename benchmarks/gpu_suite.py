@@ -38,8 +38,9 @@ total):
    64K tokens per call, fwd and fwd+bwd, FLOP and byte counts, floors and gaps against the ceilings.
    ``favor_<device>.json``.
 5. ``train`` (140): `bench_train.py`, geneformer-10m and scgpt at full size, bf16, ZeRO-2, one GPU,
-   backends favor, varlen and sdpa on packed batches and sdpa on length-grouped and random padded
-   ones and on every cell padded to the preset's cap (Geneformer's 29.4x baseline: 2,048 genes); 2 warm-up and 8 timed steps per row (the scgpt rows are the long ones, about 1-2 s each);
+   backends sdpa, varlen and favor (in that order: the two never run on a GPU last) on packed
+   batches and sdpa on length-grouped padded ones, on every cell padded to the preset's cap and on
+   random padded ones (Geneformer's 29.4x baseline: 2,048 genes); 2 warm-up and 8 timed steps per row (the scgpt rows are the long ones, about 1-2 s each);
    rows not started within the part's budget minus 25 s are skipped and recorded so (``--budget-s``);
    MFU against the datasheet peak and the measured GEMM rate. ``train_<device>.json``.
 6. ``contrastive`` (55): `bench_contrastive.py`, the gradient-cached and the uncached step, 256 to
@@ -201,8 +202,10 @@ def part_commands(part: str, out: Path, slug: str, smoke: bool, timeout: float) 
         if smoke:
             command += ["--smoke"]
         else:
-            command += ["--device", "cuda", "--presets", "geneformer-10m", "scgpt", "--backends", "favor", "varlen",
-                        "sdpa", "--modes", "packed", "grouped_padded", "random_padded", "padded_to_cap", "--warmup", "2",
+            # sdpa first: the backends never run on a GPU (varlen, the FAVOR+ kernel) come after the rows
+            # that a CUDA fault in them would otherwise take down with the process
+            command += ["--device", "cuda", "--presets", "geneformer-10m", "scgpt", "--backends", "sdpa", "varlen",
+                        "favor", "--modes", "packed", "grouped_padded", "padded_to_cap", "random_padded", "--warmup", "2",
                         "--timed", "8"]
         if LENGTHS_FILE.exists():
             command += ["--lengths-file", str(LENGTHS_FILE.relative_to(REPO))]
