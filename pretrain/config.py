@@ -34,7 +34,8 @@ class ObjectiveConfig:
     mvc_weight: float = _help("weight of scGPT's MVC / GEPC loss: masked genes' values predicted from the cell embedding "
                               "(needs model.mvc_head=true; 0: off)", 0.0)
     temperature: float = _help("InfoNCE temperature (initial value when learnable)", 0.07)
-    learnable_temperature: bool = _help("learn the temperature (as a log-scale, clamped to [1/100, 1]; past a bound, only the gradient leading back is kept)", True)
+    learnable_temperature: bool = _help("learn the temperature (as a log-scale, clamped to [1/100, 1]; past a bound, "
+                                        "only the gradient leading back is kept)", True)
     gradient_cache: bool = _help("divide-and-conquer contrastive: embed chunks without a graph, "
                                  "recompute each with its cached embedding gradient", True)
 
@@ -363,10 +364,12 @@ def _set(tree: dict, dotted: str, value) -> None:
     tree[keys[-1]] = value
 
 
-def _merge(base: dict, top: dict) -> dict:
+def merge_nested(base: dict, top: dict) -> dict:
+    """``base`` with ``top`` merged in, nested dicts key by key (a YAML file's or an override's one
+    key of a section keeps the section's others)."""
     out = dict(base)
     for key, value in top.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = merge_nested(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 
@@ -391,7 +394,7 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConf
         base = {"model": asdict(chosen.model),
                 "data": {"normalization": chosen.normalization, "max_genes": chosen.max_genes, **chosen.data},
                 "objectives": dict(chosen.objectives)}
-    return from_dict(TrainConfig, _merge(base, raw)).validate()
+    return from_dict(TrainConfig, merge_nested(base, raw)).validate()
 
 
 _NESTED = {"DecoderConfig": DecoderConfig, "DataConfig": DataConfig, "ModelConfig": ModelConfig,

@@ -8,6 +8,8 @@ import socket
 
 import torch
 
+from .config import merge_nested
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -77,7 +79,7 @@ def deepspeed_engine(module: torch.nn.Module, optimizer: torch.optim.Optimizer, 
     import deepspeed
 
     bf16 = ds.bf16 if ds.bf16 is not None else (device.type == "cuda" and torch.cuda.is_bf16_supported())
-    ds_config = merged({"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": micro_steps,
+    ds_config = merge_nested({"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": micro_steps,
                         "zero_optimization": {"stage": ds.zero_stage}, "bf16": {"enabled": bool(bf16)},
                         "gradient_clipping": ds.gradient_clipping, "zero_allow_untested_optimizer": True,
                         "steps_per_print": 10**12, "wall_clock_breakdown": False}, ds.overrides)
@@ -90,11 +92,3 @@ def deepspeed_engine(module: torch.nn.Module, optimizer: torch.optim.Optimizer, 
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     return engine, bf16
 
-
-def merged(base: dict, overrides: dict) -> dict:
-    """``base`` with ``overrides`` merged in, nested dicts key by key (an override of one ZeRO key
-    keeps the others, the stage included)."""
-    out = dict(base)
-    for key, value in overrides.items():
-        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out

@@ -157,43 +157,34 @@ def annotated_copy(source: str | Path, out: str | Path, obs: dict, obsm: dict, u
     with h5py.File(source, "r") as f:
         current = isinstance(f.get("obs"), h5py.Group) and f["obs"].attrs.get("encoding-type") == "dataframe"
     try:
-        if not current:  # anndata < 0.7's layout (obs a compound dataset): anndata's reader converts it
-            _annotated_rewrite(source, tmp, obs, obsm, uns)
-            fsync_file(tmp)
-            commit(tmp, out)
-            return
-        shutil.copyfile(source, tmp)
-        with h5py.File(tmp, "r+") as f:
-            table = read_elem(f["obs"])
+        if current:
+            shutil.copyfile(source, tmp)
+            with h5py.File(tmp, "r+") as f:
+                table = read_elem(f["obs"])
+                for name, values in obs.items():
+                    table[name] = values
+                del f["obs"]
+                write_elem(f, "obs", table)
+                for group, entries in (("obsm", obsm), ("uns", uns)):
+                    if group not in f:
+                        write_elem(f, group, {})
+                    for name, value in entries.items():
+                        if name in f[group]:
+                            del f[group][name]
+                        write_elem(f[group], name, value)
+        else:  # anndata < 0.7's layout (obs a compound dataset): read whole, written in today's
+            import anndata
+
+            adata = anndata.read_h5ad(source)
             for name, values in obs.items():
-                table[name] = values
-            del f["obs"]
-            write_elem(f, "obs", table)
-            for group, entries in (("obsm", obsm), ("uns", uns)):
-                if group not in f:
-                    write_elem(f, group, {})
-                for name, value in entries.items():
-                    if name in f[group]:
-                        del f[group][name]
-                    write_elem(f[group], name, value)
+                adata.obs[name] = values
+            adata.obsm.update(obsm)
+            adata.uns.update(uns)
+            adata.write_h5ad(tmp)
         fsync_file(tmp)
         commit(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def _annotated_rewrite(source: Path, tmp: Path, obs: dict, obsm: dict, uns: dict) -> None:
-    """`annotated_copy` of a file in an old layout: read whole, annotated, written in today's."""
-    import anndata
-
-    adata = anndata.read_h5ad(source)
-    for name, values in obs.items():
-        adata.obs[name] = values
-    for name, value in obsm.items():
-        adata.obsm[name] = value
-    for name, value in uns.items():
-        adata.uns[name] = value
-    adata.write_h5ad(tmp)
 
 
 def _remove(path: Path) -> None:

@@ -185,10 +185,10 @@ class StepLog:
 
     Throughput is measured per window, the steps since the previous read: their cells, sequences,
     tokens and FLOPs (`StepCounts.flops`: each sequence at its own length) over the window's wall
-    time (loader waits included, checkpoint saves not), taken after a device sync at the read. Every record of a window carries the window's rates
-    (``cells_per_s``, ``sequences_per_s`` with views, ``tokens_per_s``, ``tflops_per_device``,
-    ``mfu``) and its ``peak_memory_bytes``; ``padding_waste`` is the step's own; ``time`` is the
-    Unix time of the read."""
+    time (loader waits included, checkpoint saves not), taken after a device sync at the read.
+    Every record of a window carries the window's rates (``cells_per_s``, ``sequences_per_s`` with
+    views, ``tokens_per_s``, ``tflops_per_device``, ``mfu``) and its ``peak_memory_bytes``;
+    ``padding_waste`` is the step's own; ``time`` is the Unix time of the read."""
 
     def __init__(self, config, world: int, device: torch.device, peak_tflops: float | None, run_log: RunLog | None,
                  step: int = 0, skipped: int = 0):

@@ -194,10 +194,10 @@ def test_deepspeed_overrides_merge_key_by_key_and_the_guard_sees_the_result(monk
     come from the merged config (what DeepSpeed runs)."""
     import deepspeed
 
-    from pretrain.config import DeepSpeedConfig
-    from pretrain.distributed import deepspeed_engine, merged
+    from pretrain.config import DeepSpeedConfig, merge_nested
+    from pretrain.distributed import deepspeed_engine
 
-    assert merged({"a": {"b": 1, "c": 2}, "d": 3}, {"a": {"c": 5}, "e": {"f": 1}}) == {"a": {"b": 1, "c": 5}, "d": 3,
+    assert merge_nested({"a": {"b": 1, "c": 2}, "d": 3}, {"a": {"c": 5}, "e": {"f": 1}}) == {"a": {"b": 1, "c": 5}, "d": 3,
                                                                                      "e": {"f": 1}}
     seen = {}
     monkeypatch.setattr(deepspeed, "initialize", lambda **kw: seen.update(kw["config"]) or ("engine",))

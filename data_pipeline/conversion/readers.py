@@ -50,6 +50,18 @@ from .source import (  # noqa: F401 - re-exported: the names the readers share
 
 # Elements read per slice when scanning CSC or dense matrices (bounds memory per read).
 _SCAN_ELEMENTS = 1 << 24
+
+
+def _dense_rows(read, start: int, stop: int, n_vars: int, dtype) -> sp.csr_matrix:
+    """Rows ``start:stop`` of a dense matrix as CSR, read ``read(a, b)`` -> [b - a, n_vars] at most
+    `_SCAN_ELEMENTS` values at a time: a converter's chunk of cells over every gene, dense, would be
+    gigabytes per worker."""
+    rows_per_read = max(1, _SCAN_ELEMENTS // max(n_vars, 1))
+    parts = [sp.csr_matrix(_values(np.asarray(read(a, min(a + rows_per_read, stop)))))
+             for a in range(start, stop, rows_per_read)]
+    if not parts:
+        return sp.csr_matrix((0, n_vars), dtype=_values(np.zeros(0, dtype)).dtype)
+    return sp.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
 _DEFAULT_MATRIX = (None, "", "X")
 
 
@@ -325,12 +337,7 @@ class AnnDataSource(Source):
             check_column_indices(indices, indptr - lo, self.n_vars, self.path, start)
             return sp.csr_matrix((data, indices, indptr - lo), shape=(n, self.n_vars))
         if self._layout == "dense":
-            rows_per_read = max(1, _SCAN_ELEMENTS // max(self.n_vars, 1))
-            parts = [sp.csr_matrix(_values(np.asarray(self._x[s : min(s + rows_per_read, stop)])))
-                     for s in range(start, stop, rows_per_read)]
-            if not parts:
-                return sp.csr_matrix((0, self.n_vars), dtype=_values(np.zeros(0, self._x.dtype)).dtype)
-            return sp.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
+            return _dense_rows(lambda a, b: self._x[a:b], start, stop, self.n_vars, self._x.dtype)
         return self._read_rows_csc(start, stop)
 
     def _row_pointers(self) -> np.ndarray | None:
@@ -586,14 +593,8 @@ class LoomSource(_HDF5FileSource):
         return _to_str_array(self._cols[name][start:stop])
 
     def _read_rows(self, start: int, stop: int, buffers: Buffers | None) -> sp.csr_matrix:
-        # [n_vars, cells] hyperslabs of at most _SCAN_ELEMENTS values: a converter's chunk of cells
-        # over every gene, dense, would be gigabytes per worker
-        cells_per_read = max(1, _SCAN_ELEMENTS // max(self.n_vars, 1))
-        parts = [sp.csr_matrix(_values(np.asarray(self._x[:, s : min(s + cells_per_read, stop)])).T)
-                 for s in range(start, stop, cells_per_read)]
-        if not parts:
-            return sp.csr_matrix((0, self.n_vars), dtype=_values(np.zeros(0, self._x.dtype)).dtype)
-        return sp.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
+        # /matrix is genes x cells: each hyperslab of cells read whole, then turned to cells x genes
+        return _dense_rows(lambda a, b: np.asarray(self._x[:, a:b]).T, start, stop, self.n_vars, self._x.dtype)
 
     def close(self):
         self._f.close()

@@ -49,6 +49,7 @@ from .read_depth import Downsampling, downsample
 from .zero_masking import add_masked_zeros
 
 STATE_VERSION = 1
+DEFAULT_MASKING = Masking()  # 15 % of each cell's genes; 80 % mask id, 10 % random, 10 % kept
 
 
 class LoaderStateError(ValueError):
@@ -59,7 +60,6 @@ class LoaderStateError(ValueError):
     def __init__(self, message: str, restartable: bool):
         super().__init__(message)
         self.restartable = restartable
-DEFAULT_MASKING = Masking()  # 15 % of each cell's genes; 80 % mask id, 10 % random, 10 % kept
 
 
 def rank_and_world_size(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:

@@ -56,8 +56,8 @@ def favor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projectio
                     cu_seqlens: torch.Tensor, max_seqlen: int, eps: float = 1e-4) -> torch.Tensor:
     """Non-causal FAVOR+ attention over packed sequences: q, k, v [T, H, D] (fp32 / bf16 / fp16),
     projection [m, D] (m a multiple of 16), cu_seqlens [B+1], max_seqlen at least the longest
-    sequence -> [T, H, D] in q's dtype. Any head width: the kernels run it padded to `kernel_width`. The projection gets no gradient. Definition:
-    `favor_attention_reference`."""
+    sequence -> [T, H, D] in q's dtype. Any head width: the kernels run it padded to `kernel_width`.
+    The projection gets no gradient. Definition: `favor_attention_reference`."""
     if q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
         # the kernels take power-of-two head widths >= 16: other widths (scBERT's 20) run zero-padded,
         # which changes no dot product or norm; the input scale stays the true width's
