@@ -291,7 +291,10 @@ def run_here(job: dict) -> dict:
     finally:
         gc.collect()
         if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+            try:
+                torch.cuda.empty_cache()
+            except Exception:  # noqa: BLE001 - a faulted device raises its fault again: the row already says why
+                traceback.print_exc()
 
 
 def run_config(job: dict, timeout: float, env: dict | None = None) -> dict:

@@ -48,7 +48,8 @@ with a reason, as are ``flash`` without CUDA, bf16 or flash-attn, ``varlen`` wit
 and any backend `pretrain.config.ATTENTION_BACKENDS` does not offer.
 
 Length distribution: genes detected per cell (``np.diff(X.indptr)``) pooled over the real files in
-``--data`` (``../shared/data/h5ad``, minus ``scdcc_10X_PBMC_top2000.h5ad``, which has no gene ids),
+``--data`` (``../shared/data/h5ad``, minus ``scdcc_10X_PBMC_top2000.h5ad``, which has no gene ids,
+and the files of fewer than 5,000 genes, gene subsets whose cells are not a transcriptome's length),
 or a ``--lengths-file`` (``.npy`` of genes per cell, e.g. a corpus's cell lengths; ``--write-lengths
 NPY`` writes the real files' lengths to one, with a ``.json`` beside it naming the files: read back,
 it is recorded as ``"lengths": "real"``, without the ``.json`` as ``"file"``; this is how the real
@@ -108,10 +109,15 @@ JSON: ``benchmark``, ``date``, ``device``, ``versions``, ``settings`` (budget, s
 source with percentiles, memory method, datasheet and measured peak TFLOP/s), ``rows`` (one per
 preset x backend x mode: shape, ``cells_per_s``, ``tokens_per_s``, ``median_step_s``,
 ``cells_per_step``, ``padding_waste``, ``mfu``, ``mfu_measured_gemm``, ``tflops``, ``peak_memory_bytes``, ``world_size``, ``per_rank_cells_per_s``,
-``aggregate_cells_per_s``, ``skipped`` / ``oom`` / ``error``), ``speedups`` (per preset x backend:
-``speedup_vs_random_padded`` of grouped_padded and packed, ``speedup_vs_padded_to_cap`` of the other
-three modes, every mode's waste), ``scaling`` (with
-``--scaling``), ``command``.
+``aggregate_cells_per_s``, ``attention_padding_waste`` (packed under sdpa pads for the attention
+only), ``flops_over_useful`` (the FLOPs of the slots every layer runs on over the real cells'),
+``skipped`` / ``oom`` / ``error``), ``speedups`` (per preset x backend: ``speedup_vs_random_padded``
+of grouped_padded and packed, ``speedup_vs_padded_to_cap`` of the other three modes, every mode's
+waste; a backend that runs packed only is compared with the preset's padded rows, measured under
+sdpa, and ``baseline_backend`` says so; ``padded_to_cap_flops_over_useful``: the most a FLOP-bound
+step can gain over padding every cell to the cap), ``scaling`` (with ``--scaling``), ``command``.
+A CUDA fault (not an out-of-memory) leaves the device unusable for the process: the rows after it
+are skipped with that reason.
 """
 
 from __future__ import annotations
@@ -246,23 +252,33 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 
 # --- the length distribution -------------------------------------------------------------------------
+# a file of fewer genes is a panel or a gene subset: its cells' lengths are not a transcriptome's
+MIN_FILE_GENES = 5_000
+
+
 def real_lengths(folder: Path) -> tuple[np.ndarray, dict] | None:
-    """Genes detected per cell, pooled over the CSR .h5ad files in ``folder``.  -> ([N] int64, source)"""
+    """Genes detected per cell, pooled over the CSR .h5ad files in ``folder`` that hold a
+    transcriptome (at least `MIN_FILE_GENES` genes; the others are listed under ``left_out``).
+    -> ([N] int64, source)"""
     import h5py
 
     files = sorted(p for p in folder.glob("*.h5ad") if p.name != NO_GENE_IDS) if folder.is_dir() else []
-    parts, used = [], {}
+    parts, used, left_out = [], {}, {}
     for path in files:
         with h5py.File(path, "r") as h5:
             x = h5.get("X")
             if not isinstance(x, h5py.Group) or "indptr" not in x:  # dense X: not a count matrix we read
+                continue
+            n_genes = int(x.attrs["shape"][1])
+            if n_genes < MIN_FILE_GENES:
+                left_out[path.name] = f"{n_genes:,} genes: a gene subset, not a transcriptome"
                 continue
             lengths = np.diff(x["indptr"][:]).astype(np.int64)
         parts.append(lengths)
         used[path.name] = int(len(lengths))
     if not parts:
         return None
-    return np.concatenate(parts), {"kind": "real", "folder": str(folder), "files": used}
+    return np.concatenate(parts), {"kind": "real", "folder": str(folder), "files": used, "left_out": left_out}
 
 
 def synthetic_lengths() -> tuple[np.ndarray, dict]:
@@ -338,25 +354,43 @@ def plan_batches(mode: str, lengths: np.ndarray, token_cost, budget: int, longes
     return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def padding_counts(mode: str, batches: list[np.ndarray], lengths: np.ndarray, longest: int) -> dict:
+def padding_counts(mode: str, batches: list[np.ndarray], lengths: np.ndarray, longest: int, config=None,
+                   padded_attention: bool = False) -> dict:
     """Totals over all of ``batches`` (summed over ranks, then `padding_figures`): cells, batches,
     real gene tokens and the slots they take (padded: cells x longest cell, per batch;
-    padded_to_cap: cells x ``longest``, the preset's cap)."""
+    padded_to_cap: cells x ``longest``, the preset's cap); the slots attention runs over (a packed
+    batch under a backend that pads it for the attention itself, ``padded_attention``: sdpa, is
+    padded there only); with ``config``, the training FLOPs of the real cells and of the slots every
+    layer runs on (a padded cell costs a cell of its padded length)."""
     real = sum(int(lengths[b].sum()) for b in batches)
     if mode == "padded_to_cap":
-        slots = sum(len(b) for b in batches) * longest
+        padded_to = [np.full(len(b), longest) for b in batches]
     else:
-        slots = real if mode == "packed" else sum(len(b) * int(lengths[b].max()) for b in batches)
-    return {"pool_cells": sum(len(b) for b in batches), "pool_batches": len(batches), "pool_real": real,
-            "pool_slots": slots}
+        padded_to = [np.full(len(b), int(lengths[b].max())) if len(b) else b for b in batches]
+    padded_slots = sum(int(p.sum()) for p in padded_to)
+    slots = real if mode == "packed" else padded_slots
+    counts = {"pool_cells": sum(len(b) for b in batches), "pool_batches": len(batches), "pool_real": real,
+              "pool_slots": slots, "pool_attn_slots": padded_slots if mode != "packed" or padded_attention else real}
+    if config is not None:
+        useful = useful_flops(config, np.concatenate([lengths[b] for b in batches])) if batches else 0.0
+        run = useful if mode == "packed" else useful_flops(config, np.concatenate(padded_to))
+        counts.update(pool_useful_flops=useful, pool_run_flops=run)
+    return counts
 
 
 def padding_figures(ranks: list[dict]) -> dict:
-    """Mean cells per batch and padding waste (1 - real tokens / padded slots) over every rank's
-    megabatch."""
-    total = {key: sum(r[key] for r in ranks) for key in ("pool_cells", "pool_batches", "pool_real", "pool_slots")}
+    """Mean cells per batch, padding waste (1 - real tokens / padded slots), the attention's
+    padding waste and the FLOPs the slots cost over the real cells' (``flops_over_useful``: padding
+    every cell to the cap costs this many times the useful work, the most any batching of those
+    cells can gain where a step is bound by its FLOPs) over every rank's megabatch."""
+    keys = ("pool_cells", "pool_batches", "pool_real", "pool_slots", "pool_attn_slots", "pool_useful_flops",
+            "pool_run_flops")
+    total = {key: sum(r.get(key, 0.0) for r in ranks) for key in keys}
     return {"cells_per_step": total["pool_cells"] / total["pool_batches"],
             "padding_waste": 1.0 - total["pool_real"] / total["pool_slots"],
+            "attention_padding_waste": 1.0 - total["pool_real"] / total["pool_attn_slots"],
+            "flops_over_useful": (total["pool_run_flops"] / total["pool_useful_flops"]
+                                  if total["pool_useful_flops"] else None),
             "batches_in_megabatch": total["pool_batches"] / len(ranks)}
 
 
@@ -649,11 +683,12 @@ def measure(engine, warm: list, timed: list, device) -> tuple[list[float], float
 
 
 # a measured row's fields (None where a row is skipped or ran out of memory)
-RESULT_KEYS = ("cells_per_s", "tokens_per_s", "median_step_s", "cells_per_step", "padding_waste", "batches_in_megabatch",
+RESULT_KEYS = ("cells_per_s", "tokens_per_s", "median_step_s", "cells_per_step", "padding_waste",
+               "attention_padding_waste", "flops_over_useful", "batches_in_megabatch",
                "mfu", "mfu_measured_gemm", "tflops", "peak_memory_bytes", "per_rank_cells_per_s", "aggregate_cells_per_s", "timed_steps",
                "timed_cells_per_rank", "loss", "error")
 LOCAL = ("cells", "tokens", "seconds", "median_step_s", "flops", "peak_bytes", "oom", "failed", "loss", "pool_cells",
-         "pool_batches", "pool_real", "pool_slots")
+         "pool_batches", "pool_real", "pool_slots", "pool_attn_slots", "pool_useful_flops", "pool_run_flops")
 
 
 def run_row(engine, config, longest: int, mode: str, pool: np.ndarray, args, device, memory: Memory,
@@ -664,15 +699,17 @@ def run_row(engine, config, longest: int, mode: str, pool: np.ndarray, args, dev
     out of memory)"""
     import torch
 
-    batches = plan_batches(mode, pool, config.token_cost(longest), args.token_budget, longest, rng)
+    cost = config.token_cost(longest)
+    batches = plan_batches(mode, pool, cost, args.token_budget, longest, rng)
     warm_idx, timed_idx = choose_steps(mode, batches, pool, args.warmup, args.timed, rng)
     generator = torch.Generator().manual_seed(int(rng.integers(1 << 31)))
-    inputs = {i: model_input(mode, make_batch(pool[batches[i]], config, args.n_genes, generator), device, longest)
-              for i in dict.fromkeys(warm_idx + timed_idx)}
     timed_lengths = np.concatenate([pool[batches[i]] for i in timed_idx])
-    local, error = {**dict.fromkeys(LOCAL, 0.0), **padding_counts(mode, batches, pool, longest)}, None
-    memory.reset()
-    try:
+    local = {**dict.fromkeys(LOCAL, 0.0), **padding_counts(mode, batches, pool, longest, config, cost.padded)}
+    error, inputs = None, {}
+    try:  # everything that touches the device: after a CUDA fault, even resetting its counters raises
+        memory.reset()
+        inputs = {i: model_input(mode, make_batch(pool[batches[i]], config, args.n_genes, generator), device, longest)
+                  for i in dict.fromkeys(warm_idx + timed_idx)}
         seconds, loss = measure(engine, [inputs[i] for i in warm_idx], [inputs[i] for i in timed_idx], device)
         local.update(cells=len(timed_lengths), tokens=float(timed_lengths.sum()), seconds=sum(seconds),
                      median_step_s=statistics.median(seconds), flops=useful_flops(config, timed_lengths), loss=loss)
@@ -684,16 +721,38 @@ def run_row(engine, config, longest: int, mode: str, pool: np.ndarray, args, dev
             error = f"{type(err).__name__}: {err}"
             if not isinstance(err, _OtherRankFailed):
                 traceback.print_exc()
-    local["peak_bytes"] = float(memory.peak())
+    try:
+        local["peak_bytes"] = float(memory.peak())
+    except Exception:  # noqa: BLE001 - a device that faulted: the row's error says why
+        local["peak_bytes"] = 0.0
     del inputs
     return local, error
 
 
+def device_fault(device) -> str | None:
+    """Why ``device`` can run nothing more in this process, or None. A CUDA fault (an illegal
+    address, a kernel's failed assert) poisons the context: every later call raises it again, so
+    the rows after it are skipped with the reason rather than failing one by one."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    try:
+        torch.cuda.synchronize(device)
+        torch.zeros(1, device=device).add_(1).item()
+    except Exception as err:  # noqa: BLE001 - the fault itself is the answer
+        return f"{type(err).__name__}: {str(err)[:300]}"
+    return None
+
+
 def gather(local: dict, device) -> list[dict]:
-    """Every rank's LOCAL figures, in rank order."""
+    """Every rank's LOCAL figures, in rank order (no collective in a world of one: after a CUDA
+    fault, it would raise before the row that failed is written)."""
     import torch
     import torch.distributed as dist
 
+    if dist.get_world_size() == 1:
+        return [dict(local)]
     mine = torch.tensor([float(local[k]) for k in LOCAL], dtype=torch.float64, device=device)
     everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(everyone, mine)
@@ -768,6 +827,7 @@ def run_benchmark(args, write=None) -> dict:
 
     if rank == 0:
         print(HEADER, flush=True)
+    fault = None  # set when the device can run nothing more in this process
     for name in args.presets:
         for backend in args.backends:
             config, longest = bench_config(name, backend, args)
@@ -781,7 +841,8 @@ def run_benchmark(args, write=None) -> dict:
                        "max_genes": longest, "world_size": world, **dict.fromkeys(RESULT_KEYS)}
                 if config.architecture == "encoder_decoder":
                     row.update(decoder_d_model=config.decoder.d_model, decoder_layers=config.decoder.n_layers)
-                reason = skip_reason(config, backend, mode, device, bf16)
+                reason = skip_reason(config, backend, mode, device, bf16) or (
+                    f"the device faulted in an earlier row ({fault}); a new process is needed" if fault else None)
                 over = args.budget_s is not None and time.monotonic() - started > args.budget_s
                 if not reason and not _agree(not over, device):
                     reason = f"time budget: --budget-s {args.budget_s:g} s spent before this row"
@@ -794,7 +855,9 @@ def run_benchmark(args, write=None) -> dict:
                     except Exception as err:  # noqa: BLE001 - recorded; the next backend runs
                         traceback.print_exc()
                         engine = None
-                        _free_memory(device)
+                        fault = None if _is_oom(err) else device_fault(device)
+                        if not fault:
+                            _free_memory(device)
                         emit({**row, "skipped": None, "oom": _is_oom(err), "error": f"building the engine: "
                               f"{type(err).__name__}: {str(err)[:300]}"})
                         continue
@@ -804,15 +867,20 @@ def run_benchmark(args, write=None) -> dict:
                 row_started = time.monotonic()
                 local, error = run_row(engine, config, longest, mode, pool, args, device, memory, rng)
                 result = summarize(gather(local, device), peak_tflops, args.timed, error, measured)
-                if result["oom"] or result["error"]:  # a failed step can leave partial ZeRO state: a fresh engine
+                fault = fault or (device_fault(device) if result["error"] else None)
+                if fault:
+                    engine = None  # destroying it would touch the faulted device
+                elif result["oom"] or result["error"]:  # a failed step can leave partial ZeRO state: a fresh engine
                     engine = _destroyed(engine)
                     _free_memory(device)  # after the last reference is gone, or nothing is freed
                 emit({**row, **result, "skipped": None, "row_seconds": round(time.monotonic() - row_started, 1)})
-            engine = _destroyed(engine)
-            _free_memory(device)
+            if not fault:  # (after a fault, engine is already None: nothing may touch the device)
+                engine = _destroyed(engine)
+                _free_memory(device)
     settings["seconds"] = round(time.monotonic() - started, 1)
     if dist.is_initialized():
-        dist.barrier()
+        if not fault:  # a faulted device would raise it again in the barrier
+            dist.barrier()
         dist.destroy_process_group()
     return {"rank": rank, "settings": settings, "rows": rows, "speedups": speedups(rows)}
 
@@ -836,25 +904,35 @@ def _free_memory(device) -> None:
 
 def speedups(rows: list[dict]) -> list[dict]:
     """Per preset x backend: cells/s of grouped_padded and packed over random_padded, of the other
-    three modes over padded_to_cap (Geneformer's baseline), and every mode's padding waste."""
+    three modes over padded_to_cap (Geneformer's baseline), and every mode's padding waste. The
+    padded modes run SDPA whatever the exact backend, so they are measured under ``sdpa`` only: a
+    backend without its own baselines (``varlen``, ``flash``, ``favor``: packed only) is compared
+    with the preset's, and ``baseline_backend`` names where each came from.
+    ``padded_to_cap_flops_over_useful``: what padding every cell to the cap costs in FLOPs over the
+    cells' own, the ratio a FLOP-bound step's speed-up cannot pass."""
+    ran = [row for row in rows if not row.get("skipped")]
     out = {}
-    for row in rows:
-        if row.get("skipped"):
-            continue
+    for row in ran:
         entry = out.setdefault((row["preset"], row["backend"]), {"preset": row["preset"], "backend": row["backend"],
                                                                  "cells_per_s": {}, "padding_waste": {}})
         entry["padding_waste"][row["mode"]] = row["padding_waste"]
         entry["cells_per_s"][row["mode"]] = row["cells_per_s"]  # None where it ran out of memory or failed
-    for entry in out.values():
-        base = entry["cells_per_s"].get("random_padded")
-        entry["speedup_vs_random_padded"] = {
-            mode: entry["cells_per_s"][mode] / base if base and entry["cells_per_s"].get(mode) else None
-            for mode in ("grouped_padded", "packed") if mode in entry["cells_per_s"]}
-        cap = entry["cells_per_s"].get("padded_to_cap")
-        if "padded_to_cap" in entry["cells_per_s"]:
-            entry["speedup_vs_padded_to_cap"] = {
-                mode: entry["cells_per_s"][mode] / cap if cap and entry["cells_per_s"].get(mode) else None
-                for mode in ("random_padded", "grouped_padded", "packed") if mode in entry["cells_per_s"]}
+    for (preset, backend), entry in out.items():
+        # the baselines: this backend's rows, else the first backend's that ran them (sdpa)
+        base = {mode: next((r for r in ran if (r["preset"], r["backend"], r["mode"]) == (preset, backend, mode)),
+                           next((r for r in ran if (r["preset"], r["mode"]) == (preset, mode)), None))
+                for mode in ("random_padded", "padded_to_cap")}
+        entry["baseline_backend"] = {mode: row["backend"] for mode, row in base.items() if row is not None}
+        ratio = {mode: {m: (entry["cells_per_s"][m] / row["cells_per_s"]
+                            if row is not None and row["cells_per_s"] and entry["cells_per_s"][m] else None)
+                        for m in entry["cells_per_s"]} for mode, row in base.items()}
+        entry["speedup_vs_random_padded"] = {m: ratio["random_padded"][m] for m in ("grouped_padded", "packed")
+                                             if m in entry["cells_per_s"]}
+        if base["padded_to_cap"] is not None:
+            entry["speedup_vs_padded_to_cap"] = {m: ratio["padded_to_cap"][m]
+                                                 for m in ("random_padded", "grouped_padded", "packed")
+                                                 if m in entry["cells_per_s"]}
+            entry["padded_to_cap_flops_over_useful"] = base["padded_to_cap"].get("flops_over_useful")
     return list(out.values())
 
 

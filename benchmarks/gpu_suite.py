@@ -39,8 +39,10 @@ total):
    ``favor_<device>.json``.
 5. ``train`` (140): `bench_train.py`, geneformer-10m and scgpt at full size, bf16, ZeRO-2, one GPU,
    backends sdpa, varlen and favor (in that order: the two never run on a GPU last) on packed
-   batches and sdpa on length-grouped padded ones, on every cell padded to the preset's cap and on
-   random padded ones (Geneformer's 29.4x baseline: 2,048 genes); 2 warm-up and 8 timed steps per row (the scgpt rows are the long ones, about 1-2 s each);
+   batches, and sdpa on length-grouped padded ones, on random padded ones and on every cell padded
+   to the preset's cap (Geneformer's 29.4x baseline: 2,048 genes for geneformer-10m), the padded
+   rows that the packed varlen and favor rows are compared with; 2 warm-up and 8 timed steps per
+   row (the scgpt rows are the long ones, about 1-2 s each); a CUDA fault skips the rows after it;
    rows not started within the part's budget minus 25 s are skipped and recorded so (``--budget-s``);
    MFU against the datasheet peak and the measured GEMM rate. ``train_<device>.json``.
 6. ``contrastive`` (55): `bench_contrastive.py`, the gradient-cached and the uncached step, 256 to
