@@ -114,10 +114,12 @@ only), ``flops_over_useful`` (the FLOPs of the slots every layer runs on over th
 ``skipped`` / ``oom`` / ``error``), ``speedups`` (per preset x backend: ``speedup_vs_random_padded``
 of grouped_padded and packed, ``speedup_vs_padded_to_cap`` of the other three modes, every mode's
 waste; a backend that runs packed only is compared with the preset's padded rows, measured under
-sdpa, and ``baseline_backend`` says so; ``padded_to_cap_flops_over_useful``: the most a FLOP-bound
-step can gain over padding every cell to the cap), ``scaling`` (with ``--scaling``), ``command``.
-A CUDA fault (not an out-of-memory) leaves the device unusable for the process: the rows after it
-are skipped with that reason.
+sdpa, and ``baseline_backend`` says so; ``padded_to_cap_flops_over_useful``, exact attention only:
+the most a FLOP-bound step can gain over padding every cell to the cap), ``scaling`` (with
+``--scaling``), ``command``.
+A CUDA fault (not an out-of-memory) leaves the device unusable for the process: at world size 1, the
+row that hit it is written with its error and the rows after it are skipped with that reason (under
+several ranks, a fault on one rank still ends the collective and the run).
 """
 
 from __future__ import annotations
@@ -257,23 +259,24 @@ MIN_FILE_GENES = 5_000
 
 
 def real_lengths(folder: Path) -> tuple[np.ndarray, dict] | None:
-    """Genes detected per cell, pooled over the CSR .h5ad files in ``folder`` that hold a
-    transcriptome (at least `MIN_FILE_GENES` genes; the others are listed under ``left_out``).
+    """Genes detected per cell (stored nonzeros per row), pooled over the .h5ad files in ``folder``
+    whose X is CSR (as the converter reads it: `data_pipeline.conversion.readers`) and holds a
+    transcriptome (at least `MIN_FILE_GENES` genes); the others are listed under ``left_out``.
     -> ([N] int64, source)"""
-    import h5py
+    from data_pipeline.conversion.readers import open_source
 
     files = sorted(p for p in folder.glob("*.h5ad") if p.name != NO_GENE_IDS) if folder.is_dir() else []
     parts, used, left_out = [], {}, {}
     for path in files:
-        with h5py.File(path, "r") as h5:
-            x = h5.get("X")
-            if not isinstance(x, h5py.Group) or "indptr" not in x:  # dense X: not a count matrix we read
+        with open_source(path) as source:
+            pointers = source.row_pointers()  # None for CSC or dense X: no per-cell counts without a scan
+            if pointers is None:
+                left_out[path.name] = "X is not CSR"
                 continue
-            n_genes = int(x.attrs["shape"][1])
-            if n_genes < MIN_FILE_GENES:
-                left_out[path.name] = f"{n_genes:,} genes: a gene subset, not a transcriptome"
+            if source.n_vars < MIN_FILE_GENES:
+                left_out[path.name] = f"{source.n_vars:,} genes: a gene subset, not a transcriptome"
                 continue
-            lengths = np.diff(x["indptr"][:]).astype(np.int64)
+            lengths = np.diff(pointers).astype(np.int64)
         parts.append(lengths)
         used[path.name] = int(len(lengths))
     if not parts:
@@ -301,6 +304,9 @@ def file_lengths(path: Path) -> tuple[np.ndarray, dict]:
     sidecar = Path(path).with_suffix(".json")
     if sidecar.exists():
         source.update(json.loads(sidecar.read_text()))
+        if source.get("kind") == "real" and "left_out" not in source:
+            print(f"warning: {path} was written before gene-subset files were left out of the real lengths: "
+                  f"rewrite it (--write-lengths {path}; benchmarks/gpu_prepare.sh does)", file=sys.stderr)
     return lengths.astype(np.int64), {**source, "file": str(path)}
 
 
@@ -361,7 +367,8 @@ def padding_counts(mode: str, batches: list[np.ndarray], lengths: np.ndarray, lo
     padded_to_cap: cells x ``longest``, the preset's cap); the slots attention runs over (a packed
     batch under a backend that pads it for the attention itself, ``padded_attention``: sdpa, is
     padded there only); with ``config``, the training FLOPs of the real cells and of the slots every
-    layer runs on (a padded cell costs a cell of its padded length)."""
+    layer runs on (a padded cell costs a cell of its padded length with its own masked genes; a
+    packed batch's attention padding under sdpa is not counted there: ``pool_attn_slots`` is)."""
     real = sum(int(lengths[b].sum()) for b in batches)
     if mode == "padded_to_cap":
         padded_to = [np.full(len(b), longest) for b in batches]
@@ -371,9 +378,16 @@ def padding_counts(mode: str, batches: list[np.ndarray], lengths: np.ndarray, lo
     slots = real if mode == "packed" else padded_slots
     counts = {"pool_cells": sum(len(b) for b in batches), "pool_batches": len(batches), "pool_real": real,
               "pool_slots": slots, "pool_attn_slots": padded_slots if mode != "packed" or padded_attention else real}
-    if config is not None:
-        useful = useful_flops(config, np.concatenate([lengths[b] for b in batches])) if batches else 0.0
-        run = useful if mode == "packed" else useful_flops(config, np.concatenate(padded_to))
+    if config is not None and batches:
+        import torch
+
+        from pretrain.model.flops import sequences_flops
+
+        real_len = torch.from_numpy(np.concatenate([lengths[b] for b in batches]))
+        masked = MASK_RATIO * real_len  # the masked-expression head runs on real masked genes only
+        useful = sequences_flops(config, real_len, masked)
+        run = useful if mode == "packed" else sequences_flops(config, torch.from_numpy(np.concatenate(padded_to)),
+                                                               masked)
         counts.update(pool_useful_flops=useful, pool_run_flops=run)
     return counts
 
@@ -828,11 +842,11 @@ def run_benchmark(args, write=None) -> dict:
     if rank == 0:
         print(HEADER, flush=True)
     fault = None  # set when the device can run nothing more in this process
+    bf16 = args.bf16 if args.bf16 is not None else device.type == "cuda" and torch.cuda.is_bf16_supported()
     for name in args.presets:
         for backend in args.backends:
             config, longest = bench_config(name, backend, args)
             pool = np.minimum(pool_all, longest)
-            bf16 = args.bf16 if args.bf16 is not None else device.type == "cuda" and torch.cuda.is_bf16_supported()
             engine, params = None, None
             for mode in args.modes:
                 row = {"preset": name, "backend": backend, "mode": mode, "d_model": config.d_model,
@@ -881,7 +895,12 @@ def run_benchmark(args, write=None) -> dict:
     if dist.is_initialized():
         if not fault:  # a faulted device would raise it again in the barrier
             dist.barrier()
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - NCCL's teardown on a faulted device: the rows are written
+            if not fault:
+                raise
+            traceback.print_exc()
     return {"rank": rank, "settings": settings, "rows": rows, "speedups": speedups(rows)}
 
 
@@ -905,11 +924,12 @@ def _free_memory(device) -> None:
 def speedups(rows: list[dict]) -> list[dict]:
     """Per preset x backend: cells/s of grouped_padded and packed over random_padded, of the other
     three modes over padded_to_cap (Geneformer's baseline), and every mode's padding waste. The
-    padded modes run SDPA whatever the exact backend, so they are measured under ``sdpa`` only: a
-    backend without its own baselines (``varlen``, ``flash``, ``favor``: packed only) is compared
-    with the preset's, and ``baseline_backend`` names where each came from.
-    ``padded_to_cap_flops_over_useful``: what padding every cell to the cap costs in FLOPs over the
-    cells' own, the ratio a FLOP-bound step's speed-up cannot pass."""
+    padded modes are measured under ``sdpa`` only (exact attention with a key mask): a backend
+    without its own baselines (``varlen``, ``flash``, ``favor``: packed only) is compared with the
+    preset's, and ``baseline_backend`` names where each came from; for ``favor`` that ratio also
+    holds the change from exact to linear attention. ``padded_to_cap_flops_over_useful`` (exact
+    backends): what padding every cell to the cap costs in FLOPs over the cells' own, the ratio a
+    FLOP-bound step's speed-up cannot pass."""
     ran = [row for row in rows if not row.get("skipped")]
     out = {}
     for row in ran:
@@ -932,7 +952,9 @@ def speedups(rows: list[dict]) -> list[dict]:
             entry["speedup_vs_padded_to_cap"] = {m: ratio["padded_to_cap"][m]
                                                  for m in ("random_padded", "grouped_padded", "packed")
                                                  if m in entry["cells_per_s"]}
-            entry["padded_to_cap_flops_over_useful"] = base["padded_to_cap"].get("flops_over_useful")
+            # a bound for exact attention only: FAVOR+ also changes the attention's cost, not just the padding
+            entry["padded_to_cap_flops_over_useful"] = (base["padded_to_cap"].get("flops_over_useful")
+                                                        if backend != "favor" else None)
     return list(out.values())
 
 

@@ -330,7 +330,8 @@ def summary(part: str, files: list[Path]) -> dict:
         out["lengths"] = (r.get("settings") or {}).get("lengths")
         out["lines"] = [{k: row.get(k) for k in ("preset", "backend", "mode", "cells_per_s", "tokens_per_s", "mfu",
                                                   "mfu_measured_gemm", "oom", "error", "skipped")}
-                        for row in r["rows"] if not row.get("skipped") or "budget" in str(row.get("skipped"))]
+                        for row in r["rows"] if not row.get("skipped")
+                        or any(why in str(row["skipped"]) for why in ("budget", "device faulted"))]
     elif part == "embed":
         out["lines"] = [{k: row.get(k) for k in ("preset", "backend", "cells_per_s", "error")} for row in r["rows"]]
     elif part == "train_loop":

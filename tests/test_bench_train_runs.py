@@ -50,11 +50,9 @@ def test_bench_train_smoke(tmp_path):
             # sdpa pads a packed batch for the attention only; padded modes pad every layer's slots
             assert got["packed"]["attention_padding_waste"] > 0
             assert all(got[mode]["attention_padding_waste"] == waste[mode] for mode in MODES - {"packed"})
-            # padding costs FLOPs: most at the cap, none for packed cells; exact attention is quadratic in
-            # the length, so the FLOP ratio passes the slot ratio
+            # padding costs FLOPs: most at the cap, none for packed cells
             work = {mode: got[mode]["flops_over_useful"] for mode in MODES}
             assert work["packed"] == 1 and work["padded_to_cap"] > work["random_padded"] > work["grouped_padded"] >= 1
-            assert work["padded_to_cap"] >= 1 / (1 - waste["padded_to_cap"]) - 1e-9
             # the same cells: random batches pad more than length-sorted ones, which pad a little
             assert waste["random_padded"] > waste["grouped_padded"] >= 0
             # Geneformer's baseline pads every cell to the cap: the most waste, exactly 1 - mean length / cap
@@ -85,7 +83,9 @@ def test_bench_train_smoke(tmp_path):
         packed = by_row[preset, backend, "packed"]["cells_per_s"]
         assert math.isclose(s["speedup_vs_random_padded"]["packed"], packed / random["cells_per_s"])
         assert math.isclose(s["speedup_vs_padded_to_cap"]["packed"], packed / cap["cells_per_s"])
-        assert s["padded_to_cap_flops_over_useful"] == cap["flops_over_useful"] > 1
+        # a bound for exact attention only
+        assert s["padded_to_cap_flops_over_useful"] == (cap["flops_over_useful"] if backend == "sdpa" else None)
+        assert cap["flops_over_useful"] > 1
         if backend == "sdpa":
             assert set(s["speedup_vs_random_padded"]) == {"grouped_padded", "packed"}
             assert all(v > 0 for v in s["speedup_vs_random_padded"].values())
@@ -125,11 +125,15 @@ def test_padded_to_cap_pads_every_cell_to_the_cap():
     counts = padding_counts("padded_to_cap", batches, lengths, longest, config)
     assert counts["pool_slots"] == counts["pool_attn_slots"] == 4 * len(batches) * 64
     assert counts["pool_slots"] > padding_counts("random_padded", batches, lengths, longest)["pool_slots"]
-    # its FLOPs: every cell costs a cell of the cap's length
+    # its FLOPs: every cell runs the layers at the cap's length, the masked-expression head at its own
+    # masked genes (a cell of the cap's length with the same masked genes)
     cells = np.concatenate(batches)
-    assert counts["pool_run_flops"] == pytest.approx(len(cells) * model_cost(config, 64, MASK_RATIO).flops_per_cell)
     assert counts["pool_useful_flops"] == pytest.approx(
         sum(model_cost(config, int(n), MASK_RATIO).flops_per_cell for n in lengths[cells]))
+    assert counts["pool_run_flops"] == pytest.approx(
+        sum(model_cost(config, 64, MASK_RATIO * int(n) / 64).flops_per_cell for n in lengths[cells]))
+    assert counts["pool_useful_flops"] < counts["pool_run_flops"] < len(cells) * model_cost(
+        config, 64, MASK_RATIO).flops_per_cell
     batch = make_batch(lengths[batches[0]], config, args.n_genes, torch.Generator().manual_seed(0))
     padded = model_input("padded_to_cap", batch, torch.device("cpu"), longest)
     assert padded["gene_ids"].shape == (4, 64) and padded["key_padding_mask"].sum() == lengths[batches[0]].sum()
@@ -236,3 +240,27 @@ def test_rows_after_a_device_fault_are_skipped_with_its_reason(monkeypatch, tmp_
     assert len(rows) == 2 * 2 * 4 and all(
         "device faulted in an earlier row (AcceleratorError: illegal address)" in row["skipped"]
         for row in rows[1:] if not row["skipped"].startswith("FAVOR+ has no padded"))
+
+
+def test_a_row_on_a_faulted_device_is_recorded_not_raised():
+    """After a CUDA fault even resetting the memory counters raises: the real `run_row` records
+    the row as failed with the fault (its padding figures kept), and its peak as 0."""
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_train import bench_config, parse_args, resolve_defaults, run_row
+
+    class Faulted:
+        def reset(self):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        peak = reset
+
+    args = resolve_defaults(parse_args(["--smoke", "--presets", "geneformer-10m"]))
+    config, longest = bench_config("geneformer-10m", "sdpa", args)
+    pool = np.random.default_rng(0).integers(5, 60, size=200)
+    local, error = run_row(None, config, longest, "packed", pool, args, torch.device("cpu"), Faulted(),
+                           np.random.default_rng(1))
+    assert local["failed"] == 1 and local["oom"] == 0 and "illegal memory access" in error
+    assert local["peak_bytes"] == 0 and local["pool_cells"] > 0 and local["pool_run_flops"] > 0
