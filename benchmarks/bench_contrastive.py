@@ -184,8 +184,8 @@ def run_one(job: dict) -> dict:
     import deepspeed
     import torch
 
-    from pretrain.config import ModelConfig, ObjectiveConfig
-    from pretrain.distributed import host_all_reduce
+    from pretrain.config import DeepSpeedConfig, ModelConfig, ObjectiveConfig
+    from pretrain.distributed import deepspeed_engine, host_all_reduce
     from pretrain.model import CellModel
     from pretrain.objectives import PretrainModule, StepCounts, train_step
 
@@ -206,11 +206,11 @@ def run_one(job: dict) -> dict:
     n_params = sum(p.numel() for p in module.parameters())
     cells, chunk_cells = job["batch_cells"], job["chunk_cells"] if cached else job["batch_cells"]
     n_chunks = -(-cells // chunk_cells)
-    ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": n_chunks,
-                 "zero_optimization": {"stage": job["zero_stage"]}, "zero_allow_untested_optimizer": True,
-                 "gradient_clipping": 1.0, "steps_per_print": 10**9, "bf16": {"enabled": job["bf16"]}}
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
-    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
+    # the trainer's engine (its ZeRO and precision settings: under bf16, fp32 sums of the chunks' gradients)
+    ds = DeepSpeedConfig(zero_stage=job["zero_stage"], bf16=job["bf16"], gradient_clipping=1.0)
+    engine, _ = deepspeed_engine(module, optimizer, ds, torch.device("cuda", 0) if cuda else torch.device("cpu"),
+                                 micro_steps=n_chunks)
     try:
         device = torch.device("cuda", 0) if cuda else torch.device("cpu")
         batch = synthetic_batch(cells, job["genes"], device, seed=1)

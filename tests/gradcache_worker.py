@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.loading.batch import PackedBatch
-from pretrain.config import ModelConfig, ObjectiveConfig
-from pretrain.distributed import host_all_reduce
+from pretrain.config import DeepSpeedConfig, ModelConfig, ObjectiveConfig
+from pretrain.distributed import deepspeed_engine, host_all_reduce
 from pretrain.model import CellModel
 from pretrain.objectives import PretrainModule, StepCounts, full_batch_loss, train_step
 from pretrain.objectives import step as step_module
@@ -73,11 +73,10 @@ def one_case(stage: int, cells_per_chunk: int | None, cells_per_rank: tuple[int,
     n_chunks = len(rank_chunks[rank])
     module = build(objectives)
     before = flat(module.parameters())
-    ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": n_chunks,
-                 "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
-                 "gradient_clipping": 0.0, "steps_per_print": 10**9, "bf16": {"enabled": bf16}}
-    engine, *_ = deepspeed.initialize(model=module, optimizer=torch.optim.SGD(module.parameters(), lr=LR),
-                                      config=ds_config)
+    # the trainer's engine: its ZeRO and precision settings (under bf16, fp32 sums of the chunks' gradients)
+    ds = DeepSpeedConfig(zero_stage=stage, bf16=bf16, gradient_clipping=0.0)
+    engine, _ = deepspeed_engine(module, torch.optim.SGD(module.parameters(), lr=LR), ds, torch.device("cpu"),
+                                 micro_steps=n_chunks)
     if host_counts:
         local = StepCounts.of(rank_chunks[rank])
         counts = StepCounts(*host_all_reduce(local.as_list()))

@@ -1,6 +1,6 @@
 """The gradient cache's chunks are a step's micro-steps, whose gradients DeepSpeed sums. Under bf16
 it sums them in bf16 unless told otherwise, about 1 % off at 64 chunks; `deepspeed_engine` has
-ZeRO 2 and 3 sum them in fp32, and says so where it cannot (ZeRO 1)."""
+ZeRO 2 and 3 sum them in fp32, and says so where it does not (ZeRO 1)."""
 
 from __future__ import annotations
 
@@ -10,17 +10,19 @@ import pytest
 import torch
 
 CHUNKS = 64
+SHAPES = ((31, 17), (5,), (64, 3))  # odd sizes: partitions split parameters, buckets flush mid-backward
 
 
 class _Weights(torch.nn.Module):
-    """loss(g) = sum(w * g): the gradient of a micro-step is its input, so the step's sum is known."""
+    """outputs w_i * g_i: a micro-step's loss sum_i sum(w_i * g_i), built outside the engine as
+    `train_step` builds its loss, has gradient g_i, so the step's sum is known."""
 
     def __init__(self):
         super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(32, 32))
+        self.w = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(shape)) for shape in SHAPES])
 
-    def forward(self, g: torch.Tensor) -> torch.Tensor:
-        return (self.w * g).sum()
+    def forward(self, *g: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(w * x for w, x in zip(self.w, g))
 
 
 def _summed_error(stage: int, overrides: dict, monkeypatch) -> float:
@@ -36,22 +38,25 @@ def _summed_error(stage: int, overrides: dict, monkeypatch) -> float:
     for name, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                             MASTER_PORT=str(_free_port())).items():
         monkeypatch.setenv(name, value)
-    if not dist.is_initialized():
+    if not dist.is_initialized():  # a world of one, left initialized: DeepSpeed keeps its groups
         deepspeed.init_distributed(dist_backend="gloo")
-        # (left initialized, as the other in-process engines leave theirs: DeepSpeed keeps its groups)
     module = _Weights()
-    ds = DeepSpeedConfig(zero_stage=stage, bf16=True, gradient_clipping=0.0, overrides=overrides)
+    small_buckets = {"zero_optimization": {"reduce_bucket_size": 100, "allgather_bucket_size": 100}}
+    ds = DeepSpeedConfig(zero_stage=stage, bf16=True, gradient_clipping=0.0, overrides={**small_buckets, **overrides})
     engine, bf16 = deepspeed_engine(module, torch.optim.SGD(module.parameters(), lr=1.0), ds, torch.device("cpu"),
                                     micro_steps=CHUNKS)
-    assert bf16
-    generator = torch.Generator().manual_seed(stage)
-    grads = [torch.randn(32, 32, generator=generator).bfloat16() for _ in range(CHUNKS)]
-    for g in grads:  # as `train_step` runs its chunks
-        engine.backward(engine(g), scale_wrt_gas=False)
-        engine.step()
-    exact = -sum(g.double() for g in grads)
-    got = safe_get_full_fp32_param(engine.module.w).double()
-    engine.destroy()
+    try:
+        assert bf16
+        generator = torch.Generator().manual_seed(stage)
+        grads = [[torch.randn(shape, generator=generator).bfloat16() for shape in SHAPES] for _ in range(CHUNKS)]
+        for g in grads:  # as `train_step` runs its chunks
+            loss = sum(out.float().sum() for out in engine(*g))
+            engine.backward(loss, scale_wrt_gas=False)
+            engine.step()
+        exact = torch.cat([-sum(g[i].double() for g in grads).flatten() for i in range(len(SHAPES))])
+        got = torch.cat([safe_get_full_fp32_param(w).double().flatten() for w in engine.module.w])
+    finally:
+        engine.destroy()
     return float((got - exact).norm() / exact.norm())
 
 
