@@ -67,6 +67,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def layer_counts(adata, layer: str | None, source: Path):
+    """The matrix ``--layer`` names, as the cells were read for the embedding: X, raw.X or a layer."""
+    if layer in (None, "X"):
+        return adata.X
+    if layer in ("raw.X", "raw/X"):
+        if adata.raw is None:
+            sys.exit(f"--layer {layer}: {source} has no raw; omit --layer to use X, or name one of its layers "
+                     f"({', '.join(adata.layers.keys()) or 'none'})")
+        return adata.raw.X
+    name = layer.removeprefix("layers/")
+    if name not in adata.layers:
+        sys.exit(f"--layer {layer}: {source} has no such layer (layers: {', '.join(adata.layers.keys()) or 'none'}; "
+                 "or X, raw.X)")
+    return adata.layers[name]
+
+
 def main(argv: list[str] | None = None) -> dict:
     import anndata
     import pandas as pd
@@ -77,7 +93,10 @@ def main(argv: list[str] | None = None) -> dict:
     source, out = Path(args.input), Path(args.out)
     if out.suffix != ".h5ad":
         sys.exit(f"--out {out}: write an .h5ad (the input plus the clusters)")
+    if not out.parent.is_dir():
+        sys.exit(f"--out {out}: the folder {out.parent} does not exist; create it first")
     adata = anndata.read_h5ad(source)
+    counts = layer_counts(adata, args.layer, source)  # before the embedding: a wrong --layer fails at once
     if args.n_clusters is not None and args.n_clusters > adata.n_obs:
         sys.exit(f"--n-clusters {args.n_clusters}: {source} has only {adata.n_obs} cells; ask for fewer clusters")
     labels = None
@@ -96,7 +115,6 @@ def main(argv: list[str] | None = None) -> dict:
     config = HybridConfig(n_top_genes=args.n_top_genes, vae=replace(VAEConfig(), steps=args.vae_steps),
                           graph_neighbors=args.graph_neighbors, sim_alpha=args.sim_alpha, epochs=args.epochs,
                           seed=args.seed)
-    counts = adata.layers[args.layer] if args.layer else adata.X
     report, result = cluster_with_baselines(counts, embedding, labels, args.n_clusters, args.leiden_resolution, config)
     report.update(input=str(source), bundle=str(args.bundle), label_column=args.label_column, seed=args.seed,
                   coverage={k: coverage[k] for k in ("mapped_genes", "input_genes", "count_fraction")})

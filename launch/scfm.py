@@ -20,7 +20,7 @@ import sys
 # the others the modules of launch/ (each also runs as a script and with `python -m`).
 DATA = "data_pipeline.cli"
 COMMANDS: dict[str, tuple[str, str]] = {
-    "convert": (DATA, "count matrices (.h5ad, AnnData zarr, 10x) -> sparse webdataset corpus (resumable)"),
+    "convert": (DATA, "count matrices (.h5ad, AnnData zarr, 10x, loom, TileDB-SOMA) -> sparse webdataset corpus (resumable)"),
     "merge": (DATA, "finish a multi-node conversion: shards, statistics, manifest"),
     "verify": (DATA, "re-read every shard of a corpus; check checksums and accounting"),
     "inspect": (DATA, "a corpus summary: cells, tokens, genes per cell, sources"),

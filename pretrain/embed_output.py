@@ -41,8 +41,11 @@ def check_output(source: str | Path, out: str | Path, key: str) -> None:
 
 
 def check_not_input(source: str | Path, out: str | Path) -> None:
-    """Refuse an output that is the input (it is read while the output is written)."""
+    """Refuse an output that is the input (it is read while the output is written), or whose
+    folder does not exist (found before the cells are embedded, not after)."""
     source, out = Path(source), Path(out)
+    if not out.parent.is_dir():
+        raise ValueError(f"--out {out}: the folder {out.parent} does not exist; create it first")
     if out.exists() and out.resolve() == source.resolve():
         raise ValueError(f"--out {out} is the input: name another file (the input is read while the output is "
                          "written)")
@@ -149,10 +152,11 @@ def annotated_copy(source: str | Path, out: str | Path, obs: dict, obsm: dict, u
     written beside its name and renamed when whole (fsync'd)."""
     import h5py
 
-    from data_pipeline.conversion.fsio import commit, fsync_file, temp_path
+    from data_pipeline.conversion.fsio import commit, fsync_file, remove_stale_temps, temp_path
 
     source, out = Path(source), Path(out)
     check_not_input(source, out)
+    remove_stale_temps(out.parent, others_may_write=True)  # copies a killed run left: this host's, dead pids
     tmp = temp_path(out)
     with h5py.File(source, "r") as f:
         current = isinstance(f.get("obs"), h5py.Group) and f["obs"].attrs.get("encoding-type") == "dataframe"

@@ -171,3 +171,25 @@ def test_real_labelled_file(shared_data, tmp_path):
     methods = report["methods"]
     assert methods["pca50"]["ari"] > 0.3
     assert methods["schybridbert"]["ari"] > 0.2 and methods["schybridbert"]["nmi"] > 0.3
+
+
+def test_layer_names_the_matrix_the_embedding_read():
+    """--layer X, raw.X (raw/X) and a layer name give those matrices; a missing one exits at once,
+    naming the layers, before any cell is embedded."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from launch.cluster_cells import layer_counts
+
+    x = sp.random(6, 4, density=0.5, format="csr", random_state=0)
+    adata = ad.AnnData(X=x, layers={"counts": x * 2})
+    adata.raw = ad.AnnData(X=x * 3)
+    source = Path("in.h5ad")
+    assert layer_counts(adata, None, source) is adata.X and layer_counts(adata, "X", source) is adata.X
+    for name in ("raw.X", "raw/X"):
+        assert (layer_counts(adata, name, source) != x * 3).nnz == 0
+    for name in ("counts", "layers/counts"):
+        assert (layer_counts(adata, name, source) != x * 2).nnz == 0
+    with pytest.raises(SystemExit, match="no such layer \\(layers: counts; or X, raw.X\\)"):
+        layer_counts(adata, "spliced", source)
+    adata.raw = None
+    with pytest.raises(SystemExit, match="has no raw"):
+        layer_counts(adata, "raw.X", source)

@@ -39,6 +39,8 @@ from pretrain.downstream.finetune import (
     load_finetuned,
     make_split,
     predict_h5ad,
+    scores,
+    stratified_split,
 )
 from pretrain.export import load_pretrained, write_bundle
 from pretrain.model import CellModel
@@ -164,6 +166,12 @@ def test_early_stopping_keeps_the_best_epoch_and_a_rerun_stays_stopped(bundle, l
     assert report["stopped_early"] and report["epochs_run"] == 3 and report["best_epoch"] == 1
     again = finetune(bundle, [labelled], tmp_path, config(epochs=20, patience=2, lr=0.0))
     assert again == {**report, "config": {**report["config"], "epochs": 20}}
+    # a larger patience goes on from where it stopped, as an uninterrupted run with it would
+    longer = finetune(bundle, [labelled], tmp_path, config(epochs=20, patience=4, lr=0.0))
+    assert longer["stopped_early"] and longer["epochs_run"] == 5 and longer["best_epoch"] == 1
+    whole = finetune(bundle, [labelled], tmp_path / "whole", config(epochs=20, patience=4, lr=0.0))
+    assert {k: whole[k] for k in ("epochs_run", "best_epoch", "macro_f1", "history")} == {
+        k: longer[k] for k in ("epochs_run", "best_epoch", "macro_f1", "history")}
 
 
 def test_folds_chosen_by_the_caller_train_as_a_split_read_from_files(bundle, labelled, tmp_path):
@@ -245,6 +253,34 @@ def test_threshold_marks_low_confidence_cells_unassigned(head_run, tmp_path):
     mid = predict_h5ad(head_run / "bundle", tmp_path / "novel.h5ad", tmp_path / "novel_out.h5ad", threshold=0.9)
     known = predict_h5ad(head_run / "bundle", tmp_path / "in.h5ad", tmp_path / "known_out.h5ad", threshold=0.9)
     assert mid["unassigned"] / 40 > known["unassigned"] / 60
+
+
+def test_scores_of_the_written_labels_count_unassigned_cells_wrong():
+    """The argmax scores, and those of the column predict writes, where a cell under the threshold
+    is `unassigned`: no class's true positive, a miss of its own class."""
+    probs = np.array([[0.9, 0.1], [0.4, 0.6], [0.55, 0.45], [0.2, 0.8]])
+    y = np.array([0, 1, 0, 1])
+    got = scores(y, probs, ["a", "b"], threshold=0.7)
+    assert got["accuracy"] == 1.0 and got["macro_f1"] == 1.0 and got["unassigned"] == 2
+    assert got["thresholded"]["accuracy"] == 0.5
+    assert got["thresholded"]["macro_f1"] == pytest.approx(2 / 3)  # each class: 1 hit, 1 miss, no false alarm
+    assert scores(y, probs, ["a", "b"], threshold=0.0)["thresholded"] == {"macro_f1": 1.0, "accuracy": 1.0}
+
+
+def test_a_small_label_gets_validation_cells(caplog):
+    """sklearn's stratified split can give all of a small label's cells to training: one moves to
+    validation, with a warning, so that early stopping and the report see the label."""
+    labels = np.array(["a"] * 997 + ["b"] * 3)
+    with caplog.at_level("WARNING"):
+        train, val = stratified_split(labels, 0.1, seed=0)
+    assert set(labels[val]) == set(labels[train]) == {"a", "b"}
+    assert sorted(np.concatenate([train, val]).tolist()) == list(range(1000))
+    assert "one cell of each moved from training to validation: b" in caplog.text
+
+
+def test_an_output_folder_that_does_not_exist_is_refused_before_any_cell_is_read(head_run, tmp_path):
+    with pytest.raises(ValueError, match="does not exist; create it first"):
+        predict_h5ad(head_run / "bundle", tmp_path / "in_missing.h5ad", tmp_path / "no" / "out.h5ad")
 
 
 def test_report_counts_unassigned_validation_cells(bundle, labelled, tmp_path):
@@ -398,3 +434,19 @@ def test_predict_refuses_to_write_over_its_input_and_leaves_no_temporary_file(he
     assert source.read_bytes() == before
     predict_h5ad(head_run / "bundle", source, tmp_path / "out.h5ad")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.h5ad", "out.h5ad"]
+
+
+def test_fine_tuning_on_a_cpu_keeps_a_gpu_bundles_backend_and_preset(labelled, tmp_path):
+    """A bundle trained with varlen (CUDA only) runs as sdpa on a CPU; the fine-tuned bundle keeps
+    varlen and the preset, so that on a GPU it runs what its source ran."""
+    vocab = Vocabulary.from_genes(GENES, SYMBOLS)
+    gpu_config = ModelConfig(vocab_size=len(vocab), d_model=32, n_layers=1, n_heads=2, attention="varlen", n_bins=7,
+                             dropout=0.1, pooling="mean")
+    source = write_bundle(tmp_path / "gpu_bundle", CellModel.initial(gpu_config, seed=0).state_dict(), gpu_config,
+                          vocab.to_tsv(), Normalization(mode="log1p_bins", n_bins=7), "# test bundle\n",
+                          preset="geneformer-10m")
+    finetune(source, [labelled], tmp_path / "run", config(epochs=1))
+    written = json.loads((tmp_path / "run" / "bundle" / "config.json").read_text())
+    assert written["model"]["attention"] == "varlen" and written["preset"] == "geneformer-10m"
+    model, _, _ = load_finetuned(tmp_path / "run" / "bundle", "cpu")  # and it still loads here, as sdpa
+    assert model.config.attention == "sdpa"

@@ -39,7 +39,7 @@ import json
 import logging
 import math
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,12 +47,13 @@ import torch
 import xxhash
 from torch import nn
 
-from data_pipeline.conversion.fsio import atomic_write_json, source_checksum
+from data_pipeline.conversion.fsio import atomic_write_json, remove_stale_temps, source_checksum
 
 from ..config import FinetuneConfig, resume_changes
 from ..embed import embed_counts, model_input
 from ..export import write_bundle
 from ..model import CellModel
+from ..model.bundle import read_bundle_config
 from .finetune_engine import CHECKPOINT_FILE, Classifier, Trainer, make_trainer
 from .token_cells import TokenCells, read_token_cells
 
@@ -117,6 +118,18 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
                          f"between {len(counts) / len(labels):.3f} and {1 - len(counts) / len(labels):.3f}, or pass "
                          "--validation FILE")
     train, val = train_test_split(np.arange(len(labels)), test_size=n_val, stratify=labels, random_state=seed)
+    # sklearn rounds each label's share and can leave a small label without validation cells: one of
+    # its training cells moves across, so that early stopping and the report see every label
+    moved = []
+    for label in sorted(counts):
+        if not (labels[val] == label).any():
+            cell = train[labels[train] == label][0]
+            train, val = train[train != cell], np.append(val, cell)
+            moved.append(label)
+    if moved:
+        logger.warning(f"the stratified split left {len(moved)} label(s) without validation cells; one cell of each "
+                       f"moved from training to validation: {', '.join(map(str, moved[:10]))}"
+                       f"{', ...' if len(moved) > 10 else ''}")
     return np.sort(train), np.sort(val)
 
 
@@ -267,23 +280,30 @@ def _val_probabilities(model: CellModel, head: ClassifierHead, val: _Cells, devi
 
 def scores(y: np.ndarray, probs: np.ndarray, classes: list[str], threshold: float) -> dict:
     """Macro-F1, accuracy, per-class F1, confusion matrix [true][predicted] (argmax predictions)
-    and the number of cells whose top probability is below ``threshold``. Macro-F1 averages over
-    the classes the cells hold or are predicted as (``scored``): a held-out file often holds a few
-    of a model's classes, and a class it lacks and nothing predicts is no error of the model
-    (per-class F1: None for those)."""
+    and the number of cells whose top probability is below ``threshold``; ``thresholded``: macro-F1
+    and accuracy of the labels as predict writes them, a cell below the threshold `unassigned`
+    (wrong whatever its label). Macro-F1 averages over the classes the cells hold or are predicted
+    as (``scored``): a held-out file often holds a few of a model's classes, and a class it lacks
+    and nothing predicts is no error of the model (per-class F1: None for those)."""
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
     labels = list(range(len(classes)))
     pred = probs.argmax(axis=1)
     per_class = f1_score(y, pred, labels=labels, average=None, zero_division=0)
     scored = sorted(set(y.tolist()) | set(pred.tolist()))
-    unassigned = int((probs.max(axis=1) < threshold).sum())
+    low = probs.max(axis=1, initial=0.0) < threshold
+    written = np.where(low, -1, pred)  # -1: unassigned, no class's true positive
+    scored_written = sorted(set(y.tolist()) | set(written[~low].tolist()))
+    unassigned = int(low.sum())
     return {"macro_f1": float(f1_score(y, pred, labels=scored, average="macro", zero_division=0)),
             "accuracy": float(accuracy_score(y, pred)),
             "scored": [classes[i] for i in scored],
             "per_class_f1": {c: float(f) if i in scored else None for i, (c, f) in enumerate(zip(classes, per_class))},
             "confusion": confusion_matrix(y, pred, labels=labels).tolist(),
-            "threshold": threshold, "unassigned": unassigned, "unassigned_fraction": unassigned / max(1, len(y))}
+            "threshold": threshold, "unassigned": unassigned, "unassigned_fraction": unassigned / max(1, len(y)),
+            "thresholded": {
+                "macro_f1": float(f1_score(y, written, labels=scored_written, average="macro", zero_division=0)),
+                "accuracy": float(accuracy_score(y, written))}}
 
 
 def _rng_state(device, shuffle: torch.Generator) -> dict:
@@ -365,6 +385,8 @@ def finetune_split(bundle: str | Path, model: CellModel, split: LabelledSplit, o
     run = {"epoch": 0, "best_f1": -1.0, "best_epoch": 0, "since_best": 0, "stopped": False, "history": []}
     best = {"head": _copy(head.state_dict()), "model": _copy(model.state_dict()) if full else None}
     out.mkdir(parents=True, exist_ok=True)
+    if trainer.rank == 0:  # a checkpoint a killed save left half-written: this host's, of dead processes
+        remove_stale_temps(out, others_may_write=True)
     saved = trainer.load(out, lambda saved: _check_resume(saved, config, identity, classes, out))
     if saved is not None:
         run = saved["run"]
@@ -377,9 +399,14 @@ def finetune_split(bundle: str | Path, model: CellModel, split: LabelledSplit, o
     val_cells = _Cells(model, split.val, config, device, trainer, given[1])
     n = len(split.train)
     steps_per_epoch = math.ceil(n / config.batch_size)
+    if run["stopped"] and run["epoch"] < config.epochs and (config.patience == 0 or run["since_best"] < config.patience):
+        # a larger --patience: an uninterrupted run with it would have gone on from this very state
+        run["stopped"] = False
+        logger.info(f"the run had stopped early at epoch {run['epoch']}; with --patience {config.patience} it goes on")
     if run["stopped"]:
         logger.info(f"the run stopped early at epoch {run['epoch']} (no better validation macro-F1 for "
-                    f"{run['since_best']} epochs): nothing left to train; writing its outputs again")
+                    f"{run['since_best']} epochs): nothing left to train; writing its outputs again (a larger "
+                    "--patience, or 0, trains on)")
     while run["epoch"] < config.epochs and not run["stopped"]:
         head.train()
         model.train(full)
@@ -471,10 +498,16 @@ def _write_finetuned(folder: Path, source: Path, model: CellModel, head: Classif
 Predict: `scfm predict THIS_FOLDER cells.h5ad --out annotated.h5ad`; load in Python with
 `pretrain.downstream.finetune.load_finetuned("THIS_FOLDER")`. Embedding (`scfm embed`) works as with any bundle.
 """
-    write_bundle(folder, _full_precision(model.state_dict()), model.config, (source / "vocab.tsv").read_bytes(),
+    # the source's attention backends (a GPU bundle's flash / varlen, read as sdpa on a CPU) and preset:
+    # fine-tuning on a CPU does not downgrade what the bundle runs on a GPU
+    stored = read_bundle_config(source)
+    kept = replace(model.config, attention=stored.attention,
+                   decoder=replace(model.config.decoder, attention=stored.decoder.attention))
+    preset = json.loads((source / "config.json").read_text()).get("preset")
+    write_bundle(folder, _full_precision(model.state_dict()), kept, (source / "vocab.tsv").read_bytes(),
                  model.normalization, card, extra={HEAD_FILE: save({k: v.detach().cpu().contiguous()
                                                for k, v in _full_precision(head.state_dict()).items()}),
-                              LABELS_FILE: json.dumps(labels, indent=1).encode()})
+                              LABELS_FILE: json.dumps(labels, indent=1).encode()}, preset=preset)
 
 
 def _full_precision(state: dict) -> dict:
@@ -599,6 +632,9 @@ def predict_h5ad(bundle: str | Path, source: str | Path, out: str | Path, name: 
         index = {c: i for i, c in enumerate(classes)}
         y = np.array([index[label] for label in cells.labels[known]], np.int64)
         summary["scores"] = {**scores(y, probs[known], classes, threshold), "not_scored": int((~known).sum())}
-        logger.info(f"against obs[{label_column!r}]: macro-F1 {summary['scores']['macro_f1']:.4f}, accuracy "
-                    f"{summary['scores']['accuracy']:.4f} ({int((~known).sum())} cells of other labels not scored)")
+        got = summary["scores"]
+        logger.info(f"against obs[{label_column!r}]: macro-F1 {got['macro_f1']:.4f}, accuracy {got['accuracy']:.4f} "
+                    f"(the top label of every cell); as written, unassigned counted wrong: macro-F1 "
+                    f"{got['thresholded']['macro_f1']:.4f}, accuracy {got['thresholded']['accuracy']:.4f} "
+                    f"({int((~known).sum())} cells of other labels not scored)")
     return summary
