@@ -93,8 +93,9 @@ def main(argv: list[str] | None = None) -> dict:
     source, out = Path(args.input), Path(args.out)
     if out.suffix != ".h5ad":
         sys.exit(f"--out {out}: write an .h5ad (the input plus the clusters)")
-    if not out.parent.is_dir():
-        sys.exit(f"--out {out}: the folder {out.parent} does not exist; create it first")
+    for flag, path in (("--out", out), ("--report", Path(args.report) if args.report else None)):
+        if path is not None and not path.parent.is_dir():
+            sys.exit(f"{flag} {path}: the folder {path.parent} does not exist; create it first")
     adata = anndata.read_h5ad(source)
     counts = layer_counts(adata, args.layer, source)  # before the embedding: a wrong --layer fails at once
     if args.n_clusters is not None and args.n_clusters > adata.n_obs:

@@ -139,8 +139,9 @@ class RunConfig:
 
 @dataclass
 class TrainConfig:
-    """Everything `launch/pretrain.py` needs. ``preset`` fills the model shape and the loader's
-    normalization from `pretrain.presets` before the YAML and command-line values."""
+    """Everything `launch/pretrain.py` needs. ``preset`` fills the model shape, the loader's
+    normalization and the preset's other ``data.*`` and ``objectives.*`` values from
+    `pretrain.presets` before the YAML and command-line values."""
 
     preset: str | None = _help("anchor preset: scbert, geneformer-10m, celllm, scgpt, scfoundation", None, resume=FREE)
     data: DataConfig = _help("corpus and loader", factory=DataConfig)

@@ -31,6 +31,9 @@ OUTPUT_SUFFIXES = (".h5ad", ".zarr")
 _CHUNK_BYTES = 4 << 20
 
 
+# a temp file unchanged this long, of a process of this host that no longer runs, is stale
+STALE_TEMP_S = 3600.0
+
 def check_output(source: str | Path, out: str | Path, key: str) -> None:
     """Refuse an output this module cannot write (before any work is done)."""
     source, out = Path(source), Path(out)
@@ -41,10 +44,10 @@ def check_output(source: str | Path, out: str | Path, key: str) -> None:
 
 
 def check_not_input(source: str | Path, out: str | Path) -> None:
-    """Refuse an output that is the input (it is read while the output is written), or whose
-    folder does not exist (found before the cells are embedded, not after)."""
+    """Refuse an output that is the input (it is read while the output is written), or an .h5ad
+    whose folder does not exist (found before the cells are embedded, not after)."""
     source, out = Path(source), Path(out)
-    if not out.parent.is_dir():
+    if not out.parent.is_dir() and out.suffix != ".zarr":  # (a zarr store makes its parent folders)
         raise ValueError(f"--out {out}: the folder {out.parent} does not exist; create it first")
     if out.exists() and out.resolve() == source.resolve():
         raise ValueError(f"--out {out} is the input: name another file (the input is read while the output is "
@@ -156,7 +159,8 @@ def annotated_copy(source: str | Path, out: str | Path, obs: dict, obsm: dict, u
 
     source, out = Path(source), Path(out)
     check_not_input(source, out)
-    remove_stale_temps(out.parent, others_may_write=True)  # copies a killed run left: this host's, dead pids
+    # copies of this output a killed run left: this host's dead processes', untouched for an hour
+    remove_stale_temps(out.parent, others_may_write=True, names={out.name}, min_age_s=STALE_TEMP_S)
     tmp = temp_path(out)
     with h5py.File(source, "r") as f:
         current = isinstance(f.get("obs"), h5py.Group) and f["obs"].attrs.get("encoding-type") == "dataframe"

@@ -229,3 +229,23 @@ def test_a_filesystem_without_flock_runs_unlocked_with_a_warning(tmp_path, monke
     with pytest.warns(UserWarning, match="refuses file locks.*make sure no other command writes there"):
         with OutputLock(tmp_path / "corpus"):
             pass
+
+
+def test_without_a_lock_only_old_temps_of_the_named_outputs_are_swept(tmp_path):
+    """predict and fine-tuning sweep a user's folder without holding its lock: only the temps of
+    their own files, of this host's dead processes, and unchanged for the given age."""
+    import os
+    import socket
+    import time
+
+    host, dead = socket.gethostname(), 2**22 + 12345  # above the default pid_max: no such process
+    old_ours = tmp_path / f".out.h5ad.tmp-{host}-{dead}"
+    new_ours = tmp_path / f".out.h5ad.tmp-{host}-{dead + 1}"
+    old_other = tmp_path / f".theirs.h5ad.tmp-{host}-{dead}"
+    for path in (old_ours, new_ours, old_other):
+        path.write_bytes(b"partial")
+    hour_ago = time.time() - 7200
+    for path in (old_ours, old_other):
+        os.utime(path, (hour_ago, hour_ago))
+    assert remove_stale_temps(tmp_path, others_may_write=True, names={"out.h5ad"}, min_age_s=3600) == 1
+    assert not old_ours.exists() and new_ours.exists() and old_other.exists()

@@ -278,16 +278,22 @@ def atomic_replace_dir(tmp_dir: Path, path: Path) -> None:
 _TEMP_NAME = re.compile(r"^\.(?P<name>.+)" + re.escape(_TMP_MARK) + r"(?P<host>.+)-(?P<pid>\d+)$")  # `temp_path`
 
 
-def remove_stale_temps(folder: Path, others_may_write: bool = False) -> int:
+def remove_stale_temps(folder: Path, others_may_write: bool = False, names: set[str] | None = None,
+                       min_age_s: float = 0.0) -> int:
     """Delete the temp files/folders (`temp_path` names only) that a killed or failed writer left
     in ``folder``; returns how many. Call it holding the folder's `OutputLock`: exclusively, every
     temp there is stale; ``others_may_write`` (a shared lock: the nodes of a multi-node conversion)
-    leaves every temp but those of this host's processes that no longer run."""
+    leaves every temp but those of this host's processes that no longer run. Without a lock (a
+    user's folder): ``names``, only the temps of those files, and ``min_age_s``, only those unchanged
+    for that long (containers can share a host name without sharing their processes)."""
     n = 0
     if folder.is_dir():
         for p in folder.iterdir():
             m = _TEMP_NAME.match(p.name)
             if not m or (others_may_write and (m["host"] != socket.gethostname() or _running(int(m["pid"])))):
+                continue
+            if (names is not None and m["name"] not in names) or (
+                    min_age_s and time.time() - p.lstat().st_mtime < min_age_s):
                 continue
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
             n += 1

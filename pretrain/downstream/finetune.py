@@ -51,6 +51,7 @@ from data_pipeline.conversion.fsio import atomic_write_json, remove_stale_temps,
 
 from ..config import FinetuneConfig, resume_changes
 from ..embed import embed_counts, model_input
+from ..embed_output import STALE_TEMP_S
 from ..export import write_bundle
 from ..model import CellModel
 from ..model.bundle import read_bundle_config
@@ -118,18 +119,20 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
                          f"between {len(counts) / len(labels):.3f} and {1 - len(counts) / len(labels):.3f}, or pass "
                          "--validation FILE")
     train, val = train_test_split(np.arange(len(labels)), test_size=n_val, stratify=labels, random_state=seed)
-    # sklearn rounds each label's share and can leave a small label without validation cells: one of
-    # its training cells moves across, so that early stopping and the report see every label
-    moved = []
-    for label in sorted(counts):
-        if not (labels[val] == label).any():
-            cell = train[labels[train] == label][0]
-            train, val = train[train != cell], np.append(val, cell)
-            moved.append(label)
-    if moved:
-        logger.warning(f"the stratified split left {len(moved)} label(s) without validation cells; one cell of each "
-                       f"moved from training to validation: {', '.join(map(str, moved[:10]))}"
-                       f"{', ...' if len(moved) > 10 else ''}")
+    # sklearn rounds each label's share and can leave a small label on one side only: one of its cells
+    # moves across, so that training, early stopping and the report see every label
+    for side in ("validation", "training"):
+        moved = []
+        for label in sorted(counts):
+            lacking, other = (val, train) if side == "validation" else (train, val)
+            if not (labels[lacking] == label).any():
+                cell = other[labels[other] == label][0]
+                other, lacking = other[other != cell], np.append(lacking, cell)
+                val, train = (lacking, other) if side == "validation" else (other, lacking)
+                moved.append(label)
+        if moved:
+            logger.warning(f"the stratified split left {len(moved)} label(s) without {side} cells; one cell of each "
+                           f"moved there: {', '.join(map(str, moved[:10]))}{', ...' if len(moved) > 10 else ''}")
     return np.sort(train), np.sort(val)
 
 
@@ -385,8 +388,9 @@ def finetune_split(bundle: str | Path, model: CellModel, split: LabelledSplit, o
     run = {"epoch": 0, "best_f1": -1.0, "best_epoch": 0, "since_best": 0, "stopped": False, "history": []}
     best = {"head": _copy(head.state_dict()), "model": _copy(model.state_dict()) if full else None}
     out.mkdir(parents=True, exist_ok=True)
-    if trainer.rank == 0:  # a checkpoint a killed save left half-written: this host's, of dead processes
-        remove_stale_temps(out, others_may_write=True)
+    if trainer.rank == 0:  # what a killed save left half-written: this host's dead processes', an hour old
+        remove_stale_temps(out, others_may_write=True, names={CHECKPOINT_FILE, "report.json"},
+                           min_age_s=STALE_TEMP_S)
     saved = trainer.load(out, lambda saved: _check_resume(saved, config, identity, classes, out))
     if saved is not None:
         run = saved["run"]
@@ -399,14 +403,17 @@ def finetune_split(bundle: str | Path, model: CellModel, split: LabelledSplit, o
     val_cells = _Cells(model, split.val, config, device, trainer, given[1])
     n = len(split.train)
     steps_per_epoch = math.ceil(n / config.batch_size)
-    if run["stopped"] and run["epoch"] < config.epochs and (config.patience == 0 or run["since_best"] < config.patience):
-        # a larger --patience: an uninterrupted run with it would have gone on from this very state
+    # a changed --patience decides from the resumed state, as an uninterrupted run with it would have
+    patient = config.patience == 0 or run["since_best"] < config.patience
+    if run["stopped"] and patient and run["epoch"] < config.epochs:
         run["stopped"] = False
         logger.info(f"the run had stopped early at epoch {run['epoch']}; with --patience {config.patience} it goes on")
+    elif not run["stopped"] and not patient:
+        run["stopped"] = True
     if run["stopped"]:
         logger.info(f"the run stopped early at epoch {run['epoch']} (no better validation macro-F1 for "
-                    f"{run['since_best']} epochs): nothing left to train; writing its outputs again (a larger "
-                    "--patience, or 0, trains on)")
+                    f"{run['since_best']} epochs): nothing left to train; writing its outputs again"
+                    + (" (a larger --patience, or 0, trains on)" if run["epoch"] < config.epochs else ""))
     while run["epoch"] < config.epochs and not run["stopped"]:
         head.train()
         model.train(full)
