@@ -37,6 +37,8 @@ from pretrain.threads import add_runtime_arguments, apply_threads, use_project_e
 # the `deepspeed.*` keys fine-tuning takes (chunks_per_step: one batch per step, --batch-size is global);
 # zero_stage, bf16 and overrides act under a launcher only, gradient_clipping in one process too
 DEEPSPEED_FLAGS = ("zero_stage", "bf16", "gradient_clipping", "overrides")
+# where fine-tuning's meaning differs from pretraining's help text
+DEEPSPEED_HELP = {"zero_stage": "ZeRO stage 0-2 (3 is refused: the head and a cell encoder fit on one device)"}
 
 
 def config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +50,8 @@ def config_arguments(parser: argparse.ArgumentParser) -> None:
             for sub in fields(DeepSpeedConfig):
                 if sub.name not in DEEPSPEED_FLAGS:
                     continue
-                _add(parser, f"--deepspeed.{sub.name}", str(sub.type), sub.metadata["help"], getattr(default, sub.name))
+                _add(parser, f"--deepspeed.{sub.name}", str(sub.type), DEEPSPEED_HELP.get(sub.name, sub.metadata["help"]),
+                     getattr(default, sub.name))
         else:
             _add(parser, "--" + f.name.replace("_", "-"), str(f.type), f.metadata["help"], default)
 
