@@ -373,21 +373,15 @@ def padding_counts(mode: str, batches: list[np.ndarray], lengths: np.ndarray, lo
     if mode == "padded_to_cap":
         padded_to = [np.full(len(b), longest) for b in batches]
     else:
-        padded_to = [np.full(len(b), int(lengths[b].max())) if len(b) else b for b in batches]
+        padded_to = [np.full(len(b), int(lengths[b].max())) for b in batches]
     padded_slots = sum(int(p.sum()) for p in padded_to)
     slots = real if mode == "packed" else padded_slots
     counts = {"pool_cells": sum(len(b) for b in batches), "pool_batches": len(batches), "pool_real": real,
               "pool_slots": slots, "pool_attn_slots": padded_slots if mode != "packed" or padded_attention else real}
     if config is not None and batches:
-        import torch
-
-        from pretrain.model.flops import sequences_flops
-
-        real_len = torch.from_numpy(np.concatenate([lengths[b] for b in batches]))
-        masked = MASK_RATIO * real_len  # the masked-expression head runs on real masked genes only
-        useful = sequences_flops(config, real_len, masked)
-        run = useful if mode == "packed" else sequences_flops(config, torch.from_numpy(np.concatenate(padded_to)),
-                                                               masked)
+        real_len = np.concatenate([lengths[b] for b in batches])
+        useful = useful_flops(config, real_len)
+        run = useful if mode == "packed" else useful_flops(config, real_len, np.concatenate(padded_to))
         counts.update(pool_useful_flops=useful, pool_run_flops=run)
     return counts
 
@@ -648,13 +642,17 @@ def _agree(ok: bool, device) -> bool:
     return bool(flag.item())
 
 
-def useful_flops(config, lengths: np.ndarray) -> float:
-    """Training FLOPs of the real tokens of cells with ``lengths`` [n] (per distinct length:
-    exact attention is quadratic in it)."""
-    from pretrain.model.flops import model_cost
+def useful_flops(config, lengths: np.ndarray, padded_to: np.ndarray | None = None) -> float:
+    """Training FLOPs of cells with ``lengths`` [n] real genes, each at its own length (exact
+    attention is quadratic in it); ``padded_to`` [n]: run at those lengths instead, the
+    masked-expression head still on the real masked genes only."""
+    import torch
 
-    values, counts = np.unique(lengths, return_counts=True)
-    return float(sum(model_cost(config, int(v), MASK_RATIO).flops_per_cell * int(c) for v, c in zip(values, counts)))
+    from pretrain.model.flops import sequences_flops
+
+    real = torch.from_numpy(np.asarray(lengths))
+    run = real if padded_to is None else torch.from_numpy(np.asarray(padded_to))
+    return sequences_flops(config, run, MASK_RATIO * real)
 
 
 def measure(engine, warm: list, timed: list, device) -> tuple[list[float], float]:

@@ -31,9 +31,6 @@ OUTPUT_SUFFIXES = (".h5ad", ".zarr")
 _CHUNK_BYTES = 4 << 20
 
 
-# a temp file unchanged this long, of a process of this host that no longer runs, is stale
-STALE_TEMP_S = 3600.0
-
 def check_output(source: str | Path, out: str | Path, key: str) -> None:
     """Refuse an output this module cannot write (before any work is done)."""
     source, out = Path(source), Path(out)
@@ -155,7 +152,7 @@ def annotated_copy(source: str | Path, out: str | Path, obs: dict, obsm: dict, u
     written beside its name and renamed when whole (fsync'd)."""
     import h5py
 
-    from data_pipeline.conversion.fsio import commit, fsync_file, remove_stale_temps, temp_path
+    from data_pipeline.conversion.fsio import STALE_TEMP_S, commit, fsync_file, remove_stale_temps, temp_path
 
     source, out = Path(source), Path(out)
     check_not_input(source, out)

@@ -278,6 +278,10 @@ def atomic_replace_dir(tmp_dir: Path, path: Path) -> None:
 _TEMP_NAME = re.compile(r"^\.(?P<name>.+)" + re.escape(_TMP_MARK) + r"(?P<host>.+)-(?P<pid>\d+)$")  # `temp_path`
 
 
+# without a lock: a temp unchanged this long, of a process of this host that no longer runs, is stale
+STALE_TEMP_S = 3600.0
+
+
 def remove_stale_temps(folder: Path, others_may_write: bool = False, names: set[str] | None = None,
                        min_age_s: float = 0.0) -> int:
     """Delete the temp files/folders (`temp_path` names only) that a killed or failed writer left

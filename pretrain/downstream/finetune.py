@@ -47,11 +47,10 @@ import torch
 import xxhash
 from torch import nn
 
-from data_pipeline.conversion.fsio import atomic_write_json, remove_stale_temps, source_checksum
+from data_pipeline.conversion.fsio import STALE_TEMP_S, atomic_write_json, remove_stale_temps, source_checksum
 
 from ..config import FinetuneConfig, resume_changes
 from ..embed import embed_counts, model_input
-from ..embed_output import STALE_TEMP_S
 from ..export import write_bundle
 from ..model import CellModel
 from ..model.bundle import read_bundle_config
