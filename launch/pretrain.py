@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="'auto': continue from the run directory's latest complete checkpoint (if any); "
                              "or a checkpoint folder")
     parser.add_argument("--restart-epoch", action="store_true",
-                        help="with --resume, on another world size or data.num_workers: start the interrupted epoch "
+                        help="with --resume, on another world size or data.num_workers, or from a checkpoint saved "
+                             "before loader state version 2: start the interrupted epoch "
                              "over (its cells seen before the interruption are seen again) instead of refusing")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
     parser.add_argument("overrides", nargs="*", help="key.sub=value, e.g. schedule.max_steps=200 run.out=runs/x")

@@ -267,7 +267,8 @@ class Checkpointer:
     def load(self, found: Path | None, restart_epoch: bool = False) -> tuple[int, list[dict], int]:
         """Restore the engine and the loader from ``found`` (None: a fresh start); returns (step,
         metrics history, skipped steps). ``restart_epoch``: a loader position taken under another
-        layout (world size, loader workers, token cost) starts its epoch over instead of being refused."""
+        layout (world size, loader workers, token cost), or saved before loader state version 2 (another
+        block order), starts its epoch over instead of being refused."""
         if found is None:
             return 0, [], 0
         state = load(self.engine, found)
@@ -280,7 +281,7 @@ class Checkpointer:
                                   "and version that saved it, or start a new run in another run.out") from None
             raise ResumeError(f"--resume {found}: {err}. From launch/pretrain.py: add --restart-epoch (the "
                               "interrupted epoch starts over: its cells seen before the interruption are seen "
-                              "again), or resume with the world size and data.num_workers that saved it") from None
+                              "again), or resume with the settings that saved it where the error names them") from None
         self.last_saved = state["step"]
         if dist.get_rank() == 0:
             logger.info(f"resumed from {found} (step {state['step']})")

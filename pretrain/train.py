@@ -154,8 +154,8 @@ def _batches(loader: CellLoader):
 def train(config: TrainConfig, resume: str | None = None, restart_epoch: bool = False) -> dict:
     """Train as ``config`` says; ``resume``: "auto" (the latest complete checkpoint of the run
     directory, if any), a checkpoint folder, or None; ``restart_epoch``: a resumed loader position
-    of another layout (world size, workers, token cost) starts its epoch over instead of being
-    refused. Returns the run summary (rank 0).
+    of another layout (world size, workers, token cost), or saved before loader state version 2,
+    starts its epoch over instead of being refused. Returns the run summary (rank 0).
 
     What the config and the corpus decide is checked before the run folder exists. A run that
     raises later ends its MLflow run FAILED, and a run folder this call made that holds nothing

@@ -85,6 +85,20 @@ def test_length_grouping_sorts_within_batches_of_a_megabatch():
         assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
 
 
+def test_every_random_stream_of_an_epoch_is_its_own():
+    """SeedSequence drops trailing zeros, so keys like [s, e] and [s, e, 0] are one stream: the
+    block order, each megabatch's shuffle, views and masking, and masked zeros must all differ."""
+    from data_pipeline.loading.epoch_plan import MASKED_ZEROS, VIEWS_AND_MASKING, stream_key
+
+    for seed, epoch in ((0, 0), (5, 0), (5, 1)):
+        keys = [stream_key(seed, epoch)] + [stream_key(seed, epoch, k, use) for k in range(4)
+                                            for use in (None, VIEWS_AND_MASKING, MASKED_ZEROS)]
+        first = {tuple(np.random.default_rng(key).integers(0, 2**63, 4)) for key in keys}
+        assert len(first) == len(keys), keys
+    with pytest.raises(ValueError, match="pass the megabatch"):
+        stream_key(0, 0, use=VIEWS_AND_MASKING)
+
+
 def test_clear_errors():
     table, cost = _random_corpus(3)
     with pytest.raises(ValueError, match="token_budget"):

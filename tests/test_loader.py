@@ -258,6 +258,26 @@ def test_state_from_another_layout_is_refused_or_restarts(corpus):
         assert not refused.value.restartable
 
 
+def test_state_of_the_earlier_block_order_restarts_its_epoch(corpus):
+    """A state saved by state version 1 (whose block order was megabatch 0's shuffle stream) cannot
+    continue its epoch's batches: it is refused as restartable, and starts the epoch over."""
+    first = _loader(corpus, seed=3)
+    it = iter(first)
+    next(it)
+    state = {**first.state_dict(), "version": 1, "epoch": 1}
+    again = _loader(corpus, seed=3)
+    with pytest.raises(LoaderStateError, match="state version 1.*restart_epoch") as refused:
+        again.load_state_dict(state)
+    assert refused.value.restartable
+    again.load_state_dict(state, restart_epoch=True)
+    assert (again.epoch, again.batches_done) == (1, 0)
+    same = _loader(corpus, seed=3)
+    same.load_state_dict(first.state_dict())  # this version's own state continues where it was
+    assert (same.epoch, same.batches_done) == (0, 1)
+    same.load_state_dict({**state, "batches_done": 0})  # an epoch not begun loses nothing: no refusal
+    assert (same.epoch, same.batches_done) == (1, 0)
+
+
 def test_views_are_linked_and_from_the_same_cell(corpus, cells):
     for b in _loader(corpus, views=Views(gene_dropout=0.3, min_depth=0.3), masking=None,
                      normalization=Normalization("continuous")):

@@ -42,6 +42,24 @@ import numpy as np
 from ..corpus import BlockTable
 from .batching import cut_batches, group_by_length, longest_first
 
+# The epoch's random streams, one key each. numpy's SeedSequence pads a key shorter than its 4-word pool
+# with zeros (``[s, e]`` and ``[s, e, 0]`` are one stream), so keys must differ in more than that: the
+# shuffle of megabatch k is [seed, epoch, k], its views and masking [seed, epoch, k, VIEWS_AND_MASKING],
+# its masked zeros [seed, epoch, k, MASKED_ZEROS], and the block order [seed, epoch, 0, BLOCK_ORDER]
+# (it was [seed, epoch], megabatch 0's shuffle, until loader state version 2).
+VIEWS_AND_MASKING, MASKED_ZEROS, BLOCK_ORDER = 1, 2, 3
+
+
+def stream_key(seed: int, epoch: int, megabatch: int | None = None, use: int | None = None) -> list[int]:
+    """The SeedSequence key of one of an epoch's random streams: ``megabatch`` k's shuffle (``use``
+    None), one of its other streams (``use`` VIEWS_AND_MASKING or MASKED_ZEROS), or the block order
+    (neither given)."""
+    if megabatch is None:
+        if use is not None:
+            raise ValueError(f"stream {use} is a megabatch's: pass the megabatch")
+        return [seed, epoch, 0, BLOCK_ORDER]
+    return [seed, epoch, megabatch] + ([] if use is None else [use])
+
 
 @dataclass(frozen=True)
 class Batching:
@@ -104,7 +122,7 @@ class EpochPlan:
         self.world_size, self.streams_per_rank = world_size, streams_per_rank
         self.n_streams = world_size * streams_per_rank
         n = blocks.n_cells
-        rng = np.random.default_rng([seed, epoch])
+        rng = np.random.default_rng(stream_key(seed, epoch))
         self.block_order = rng.permutation(len(blocks))
         sizes = np.diff(blocks.first_cell)[self.block_order]
         # where each permuted block starts in the permuted cell sequence
@@ -191,7 +209,7 @@ class EpochPlan:
         deficit = self.batches_per_stream - int(self.batch_counts[stream :: self.n_streams].sum())
         split = self._split([self._sorted_cut(k) for k in mine], deficit, stream) if deficit else None
         for i, k in enumerate(mine):
-            rng = np.random.default_rng([self.seed, self.epoch, k])
+            rng = np.random.default_rng(stream_key(self.seed, self.epoch, k))
             cells = rng.permutation(self.megabatch_cells(k))  # the shuffle buffer
             if split is None:
                 order, bounds = group_by_length(self._cost[cells], budget, max_cells, self.padded)

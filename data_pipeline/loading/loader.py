@@ -19,7 +19,8 @@ loader given that state (same corpus, seed, world size and worker count) yields 
 batches that would have followed. With another world size or worker count the epoch's layout
 differs, so `load_state_dict` refuses the state unless ``restart_epoch=True``: the interrupted
 epoch then starts over under the new layout (cells of that epoch before the interruption are
-seen again; later epochs are unaffected).
+seen again; later epochs are unaffected). A state of version 1 (before the block order had its
+own random stream) is refused mid-epoch the same way.
 """
 
 from __future__ import annotations
@@ -42,13 +43,21 @@ from ..corpus import BlockReader, BlockTable, Corpus
 from ..remote import is_url
 from .batch import PackedBatch
 from .batching import TokenCost
-from .epoch_plan import Batching, EpochPlan, megabatch_count, worker_skip
+from .epoch_plan import (
+    MASKED_ZEROS,
+    VIEWS_AND_MASKING,
+    Batching,
+    EpochPlan,
+    megabatch_count,
+    stream_key,
+    worker_skip,
+)
 from .masking import Masking, Views, make_views, mask_for_mode
 from .normalize import Normalization, Normalized, normalize
 from .read_depth import Downsampling, downsample
 from .zero_masking import add_masked_zeros
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the block order has its own random stream (epoch_plan.stream_key); 1's epochs differ
 DEFAULT_MASKING = Masking()  # 15 % of each cell's genes; 80 % mask id, 10 % random, 10 % kept
 
 
@@ -316,7 +325,7 @@ def _megabatch_batches(spec: _Spec, plan: EpochPlan, m, reader: BlockReader, fir
         _check_cell_lengths(spec, block_ids, blocks)
     indptr, genes, counts, totals, labels = _gather(blocks, spec.table.first_cell[block_ids], m.cells)
     labels = labels[:, spec.label_columns]
-    rng = np.random.default_rng([spec.seed, epoch, m.index, 1])
+    rng = np.random.default_rng(stream_key(spec.seed, epoch, m.index, VIEWS_AND_MASKING))
     per_cell = 1
     if spec.views is not None:
         indptr, genes, counts, totals = make_views(spec.views, indptr, genes, counts, totals, rng)
@@ -343,7 +352,7 @@ def _megabatch_batches(spec: _Spec, plan: EpochPlan, m, reader: BlockReader, fir
         if spec.masking.zero_prob:  # its own generator: the draws above stay what they are without it
             seq_ptr, genes, values, mlm, targets = add_masked_zeros(
                 spec.masking.zero_prob, stored_ptr, stored_genes, norm.indptr, genes, values, mlm, targets,
-                spec.gene_range, np.random.default_rng([spec.seed, epoch, m.index, 2]))
+                spec.gene_range, np.random.default_rng(stream_key(spec.seed, epoch, m.index, MASKED_ZEROS)))
     else:
         mlm = np.zeros(len(genes), bool)
         targets = np.zeros_like(values)
@@ -518,9 +527,10 @@ class CellLoader:
 
     def load_state_dict(self, state: dict, restart_epoch: bool = False) -> None:
         s = self.spec
-        if state.get("version") != STATE_VERSION:
-            raise LoaderStateError(f"loader state version {state.get('version')} is not {STATE_VERSION} (saved by "
-                                   "another version of the loader)", restartable=False)
+        version = state.get("version")
+        if version not in (1, STATE_VERSION):
+            raise LoaderStateError(f"loader state version {version} is not {STATE_VERSION} (saved by another version "
+                                   "of the loader)", restartable=False)
         if state["corpus"] != s.corpus.plan_hash:
             raise LoaderStateError("the loader state is from another corpus", restartable=False)
         if state["seed"] != s.seed or state["batching"] != asdict(s.batching):
@@ -541,6 +551,13 @@ class CellLoader:
                              f"{state['streams_per_rank']} streams per rank, this loader has {s.world_size} "
                              f"and {s.streams_per_rank}: the epoch's layout differs, so it cannot continue "
                              "exactly; pass restart_epoch=True to start that epoch over", restartable=True)
+        # version 1 drew the block order from megabatch 0's shuffle stream: the same epoch, other batches
+        # (a state taken before its epoch's first batch loses nothing)
+        same_order = version == STATE_VERSION or state["batches_done"] == 0
+        if not same_order and not restart_epoch:
+            raise LoaderStateError("the loader state was saved by an earlier loader (state version 1), whose epochs "
+                                   "order the blocks differently: it cannot continue exactly; pass restart_epoch=True "
+                                   "to start that epoch over", restartable=True)
         self.set_epoch(state["epoch"])
-        if same_layout and same_cost:
+        if same_layout and same_cost and same_order:
             self.batches_done = state["batches_done"]

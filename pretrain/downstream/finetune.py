@@ -120,19 +120,23 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     train, val = train_test_split(np.arange(len(labels)), test_size=n_val, stratify=labels, random_state=seed)
     # sklearn rounds each label's share and can leave a small label on one side only: one of its cells
     # moves across, so that training, early stopping and the report see every label
-    for side in ("validation", "training"):
-        moved = []
-        for label in sorted(counts):
-            lacking, other = (val, train) if side == "validation" else (train, val)
-            if not (labels[lacking] == label).any():
-                cell = other[labels[other] == label][0]
-                other, lacking = other[other != cell], np.append(lacking, cell)
-                val, train = (lacking, other) if side == "validation" else (other, lacking)
-                moved.append(label)
-        if moved:
-            logger.warning(f"the stratified split left {len(moved)} label(s) without {side} cells; one cell of each "
-                           f"moved there: {', '.join(map(str, moved[:10]))}{', ...' if len(moved) > 10 else ''}")
+    val, train = _every_label_on(val, train, labels, "validation")
+    train, val = _every_label_on(train, val, labels, "training")
     return np.sort(train), np.sort(val)
+
+
+def _every_label_on(side: np.ndarray, other: np.ndarray, labels: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(side, other) with one cell of each label ``side`` lacks moved there from ``other`` (which
+    keeps at least one: a label on one side only has at least 2 cells there)."""
+    moved = []
+    for label in sorted(set(labels[other].tolist()) - set(labels[side].tolist())):
+        cell = other[labels[other] == label][0]
+        other, side = other[other != cell], np.append(side, cell)
+        moved.append(label)
+    if moved:
+        logger.warning(f"the stratified split left {len(moved)} label(s) without {name} cells; one cell of each "
+                       f"moved there: {', '.join(map(str, moved[:10]))}{', ...' if len(moved) > 10 else ''}")
+    return side, other
 
 
 def labelled_split(inputs, model: CellModel, config: FinetuneConfig, validation=None) -> LabelledSplit:
