@@ -20,7 +20,9 @@ from pretrain.export import export_bundle  # noqa: E402
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="run directory (run.out) or a checkpoints/step-N folder")
-    parser.add_argument("--out", required=True, help="bundle folder to write (replaced if it exists)")
+    parser.add_argument("--out", required=True,
+                        help="bundle folder to write (an earlier bundle there is replaced; any other existing, "
+                             "non-empty folder is refused)")
     parser.add_argument("--corpus", default=None,
                         help="the corpus the run trained on (folder or URL), where it is now; default: the run's "
                              "data.corpus (a relative path is read from the current folder)")
@@ -29,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(args.verbose, args.quiet)
     try:
         print(export_bundle(args.source, args.out, corpus=args.corpus))
-    except ValueError as err:  # no, a damaged or a refused checkpoint: one line naming the file
+    except (ValueError, FileExistsError) as err:  # no, a damaged or a refused checkpoint, a refused --out
         parser.exit(2, f"error: {err}\n")
 
 

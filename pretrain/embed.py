@@ -141,14 +141,15 @@ def require_coverage(cells, chunk_cells: int, tokens: np.ndarray, report: dict, 
 
 def token_csr(x, tokens: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Rows of counts ``x`` [n, n_vars] as CSR over tokens, ascending within a cell, duplicate
-    genes summed: (indptr, genes, counts, total_counts)."""
+    genes summed, stored zeros dropped (the converter keeps only counts > 0, so a zero is not an
+    expressed gene): (indptr, genes, counts, total_counts)."""
     x = sp.csr_matrix(x)
     if (x.data < 0).any() or not np.all(np.mod(x.data, 1) == 0):
         raise ValueError("the input is not raw counts (negative or fractional values): embed the raw UMI counts "
                          "(pass --layer counts if they are in a layer, or --layer raw.X if they are in raw)")
     totals = np.asarray(x.sum(axis=1, dtype=np.float64)).ravel()
     cols = tokens[x.indices]
-    keep = cols >= 0
+    keep = (cols >= 0) & (x.data != 0)
     rows = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))[keep]
     data = x.data[keep]
     if np.issubdtype(data.dtype, np.integer):  # genes summed below: a uint16 sum of two 40,000s wraps around

@@ -19,12 +19,13 @@ renamed when complete: a killed embed leaves no half-written file under the name
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 from anndata.io import read_elem, write_elem
+
+from data_pipeline.conversion.fsio import STALE_TEMP_S, commit, fsync_file, remove_stale_temps, temp_path
 
 OUTPUT_SUFFIXES = (".h5ad", ".zarr")
 # rows per stored chunk: at most this many bytes of float32 per chunk (zarr reads whole chunks)
@@ -71,8 +72,10 @@ class EmbeddingWriter:
         check_output(source, out, key)
         self.source, self.out, self.key = Path(source), Path(out), key
         self.n_cells, self.dim, self.rows = n_cells, dim, chunk_rows(min(chunk_cells, max(n_cells, 1)), dim)
-        self.tmp = self.out.with_name(self.out.name + ".tmp")
-        _remove(self.tmp)
+        # this process's own temp name (two embeds to one --out do not share one); copies a killed run
+        # left: this host's dead processes', untouched for an hour
+        remove_stale_temps(self.out.parent, others_may_write=True, names={self.out.name}, min_age_s=STALE_TEMP_S)
+        self.tmp = temp_path(self.out)
         self.written = 0
         self._array = None
         self._file = self._open_h5ad() if self.out.suffix == ".h5ad" else self._open_zarr()
@@ -124,12 +127,13 @@ class EmbeddingWriter:
             self.write(np.zeros((0, self.dim), np.float32))
         if self.out.suffix == ".h5ad":
             self._file.close()
+            fsync_file(self.tmp)
         else:
             import zarr
 
             zarr.consolidate_metadata(str(self.tmp))  # what anndata.read_zarr opens quickest
         _remove(self.out)
-        os.replace(self.tmp, self.out)
+        commit(self.tmp, self.out)
 
     def abort(self) -> None:
         if self.out.suffix == ".h5ad":
@@ -151,8 +155,6 @@ def annotated_copy(source: str | Path, out: str | Path, obs: dict, obsm: dict, u
     ``obs`` columns (each [n_cells]), ``obsm`` arrays and ``uns`` entries added or replaced;
     written beside its name and renamed when whole (fsync'd)."""
     import h5py
-
-    from data_pipeline.conversion.fsio import STALE_TEMP_S, commit, fsync_file, remove_stale_temps, temp_path
 
     source, out = Path(source), Path(out)
     check_not_input(source, out)

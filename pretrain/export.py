@@ -21,6 +21,7 @@ from .model.bundle import (  # noqa: F401 (re-exported: the format's names as be
     BUNDLE_FORMAT,
     READABLE_FORMATS,
     bundle_config,
+    check_bundle_out,
     exact_backends_to_sdpa,
     model_type,
     normalization_from_record,
@@ -68,7 +69,9 @@ def export_bundle(source: str | Path, out: str | Path, corpus: str | None = None
     from .checkpoint import load_state_file, read_marker, weights_only_loads
     from .config import TrainConfig, from_dict
 
-    run_dir, ckpt = _find_checkpoint(Path(source))
+    check_bundle_out(out)  # before the consolidation: a refused --out costs nothing
+    # resolved: a checkpoint named from inside its checkpoints/ folder still finds its run's config
+    run_dir, ckpt = _find_checkpoint(Path(source).resolve())
     # the config that trained this checkpoint (its marker's; config.yaml is the latest start's)
     marker = read_marker(ckpt)
     saved = marker.get("config") or yaml.safe_load((run_dir / "config.yaml").read_text())

@@ -61,6 +61,29 @@ def test_config_json_has_model_type_and_architecture_at_top_level(tmp_path):
         assert f.metadata()["bundle_format"] == "2" and f.metadata()["model_type"] == "scfm-performer"
 
 
+def test_a_bundle_replaces_only_a_bundle_or_an_empty_folder(tmp_path):
+    """`--out` naming a run folder or a folder of bundles is refused with nothing deleted; an
+    earlier bundle is replaced, an empty folder filled, and no temp is left beside them."""
+    model, config, vocab = _parts()
+    norm = Normalization(mode="log1p_bins", n_bins=7)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("model: {}\n")
+    shelf = tmp_path / "bundles"
+    write_bundle(shelf / "first", model.state_dict(), config, vocab.to_tsv(), norm, "# first\n")
+    for taken in (run, shelf, run / "config.yaml"):
+        before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+        with pytest.raises(FileExistsError, match="neither a bundle nor an empty folder"):
+            write_bundle(taken, model.state_dict(), config, vocab.to_tsv(), norm, "# card\n")
+        assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    write_bundle(shelf / "first", model.state_dict(), config, vocab.to_tsv(), norm, "# second\n")
+    assert (shelf / "first" / "README.md").read_text() == "# second\n"
+    (tmp_path / "empty").mkdir()
+    write_bundle(tmp_path / "empty", model.state_dict(), config, vocab.to_tsv(), norm, "# card\n")
+    _same_weights(CellModel.from_pretrained(tmp_path / "empty"), model)
+    assert sorted(p.name for p in shelf.iterdir()) == ["first"]  # the old bundle and the temp are gone
+
+
 def test_from_pretrained_and_load_pretrained_load_the_bundle(tmp_path):
     import pretrain
 

@@ -281,6 +281,24 @@ def test_duplicate_genes_in_a_narrow_integer_type_sum_without_wrapping():
     assert counts.tolist() == [80000, 3, 300] and totals.tolist() == [80003, 300]
 
 
+def test_stored_zeros_are_not_expressed_genes():
+    """A stored zero (left by rounding ambient-corrected counts, or written explicitly) is not a
+    token: the converter keeps counts > 0 only, so the model never trained on a zero-count gene."""
+    from pretrain.embed import token_csr
+
+    rng = np.random.default_rng()
+    dense = rng.poisson(0.7, (30, 12)) * (rng.random((30, 12)) < 0.5)
+    stored = sp.csr_matrix(dense)
+    stored.data[rng.random(stored.nnz) < 0.3] = 0  # explicit zeros in the structure
+    assert (stored.data == 0).any()
+    clean = stored.copy()
+    clean.eliminate_zeros()
+    tokens = rng.permutation(12) + 4
+    for got, want in zip(token_csr(stored, tokens, 20), token_csr(clean, tokens, 20)):
+        np.testing.assert_array_equal(got, want)
+    assert (token_csr(stored, tokens, 20)[2] > 0).all()
+
+
 def test_rank_mode_keeps_its_top_ranks_under_every_cap():
     """A rank model's input is its top ranks, whatever the cap: `--cap none` let a long cell reach
     ranks past model.max_rank (refused on CPU, out of bounds on CUDA)."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import asdict, fields, replace
 from pathlib import Path
@@ -30,6 +31,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_pipeline.conversion.fsio import (
+    STALE_TEMP_S,
+    commit,
+    fsync_dir,
+    fsync_file,
+    remove_stale_temps,
+    temp_path,
+)
 from data_pipeline.conversion.vocab import Vocabulary, read_vocab
 from data_pipeline.loading.normalize import FIXED_BIN_MODES, Normalization
 
@@ -90,16 +99,19 @@ def normalization_from_record(record: dict) -> Normalization:
 def write_bundle(out: str | Path, weights: dict[str, torch.Tensor], config: ModelConfig, vocab_tsv: bytes,
                  norm: Normalization, card: str, extra: dict[str, bytes] | None = None,
                  preset: str | None = None) -> Path:
-    """Write bundle folder ``out`` (replaced if it exists; written beside it, then renamed):
-    the model's ``weights`` and ``config`` (``preset``: the anchor preset it was trained from, if
-    any), the vocabulary (vocab.tsv bytes), the normalization, the model card (README.md) and
-    ``extra`` files (name -> bytes, e.g. a fine-tuned head)."""
+    """Write bundle folder ``out``: the model's ``weights`` and ``config`` (``preset``: the anchor
+    preset it was trained from, if any), the vocabulary (vocab.tsv bytes), the normalization, the
+    model card (README.md) and ``extra`` files (name -> bytes, e.g. a fine-tuned head). Written and
+    fsynced beside ``out``, then renamed: a killed writer leaves ``out`` as it was. An existing
+    ``out`` is replaced only when it is a bundle or an empty folder (never, say, a run folder)."""
     from safetensors.torch import save_file
 
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    check_bundle_out(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out.parent, names={out.name, out.name + ".old"}, min_age_s=STALE_TEMP_S)
+    tmp = temp_path(out)
+    tmp.mkdir()
     save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"),
               metadata={"format": "pt", "bundle_format": str(BUNDLE_FORMAT), "model_type": model_type(config)})
     (tmp / "config.json").write_text(json.dumps(bundle_config(config, preset), indent=1))
@@ -108,10 +120,36 @@ def write_bundle(out: str | Path, weights: dict[str, torch.Tensor], config: Mode
     (tmp / "README.md").write_text(card)
     for name, data in (extra or {}).items():
         (tmp / name).write_bytes(data)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    for path in tmp.iterdir():
+        fsync_file(path)
+    fsync_dir(tmp)
+    # the old bundle is moved aside before the new one takes its name (a folder cannot replace a
+    # folder in one rename): a kill in between leaves no `out` and the old one under a temp name
+    old = temp_path(out.with_name(out.name + ".old")) if out.exists() else None
+    if old is not None:
+        os.replace(out, old)
+    commit(tmp, out)
+    if old is not None:
+        shutil.rmtree(old)
     return out
+
+
+def check_bundle_out(out: str | Path) -> None:
+    """Refuse (FileExistsError) a bundle destination ``out`` that exists and is neither an earlier
+    bundle nor an empty folder: a run folder or a folder of bundles is not replaced."""
+    out = Path(out)
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    try:
+        record = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        record = None
+    # format 1 held the model's config under "model" only
+    if isinstance(record, dict) and ("bundle_format" in record or "model" in record) \
+            and (out / "model.safetensors").is_file():
+        return
+    raise FileExistsError(f"{out} exists and is neither a bundle nor an empty folder: it is not replaced; pass "
+                          "--out a new folder (or an earlier bundle, to replace it)")
 
 
 def exact_backends_to_sdpa(config: ModelConfig) -> ModelConfig:
