@@ -84,6 +84,30 @@ def test_a_bundle_replaces_only_a_bundle_or_an_empty_folder(tmp_path):
     assert sorted(p.name for p in shelf.iterdir()) == ["first"]  # the old bundle and the temp are gone
 
 
+def test_reading_checks_the_files_agree_and_the_gpu_runs_the_backend(tmp_path, monkeypatch, caplog):
+    """A vocabulary of another export is refused; a model key this code does not know is named; a
+    FlashAttention backend reads as sdpa on a GPU before Ampere, and stays on one after."""
+    from pretrain.model.bundle import read_bundle
+
+    model, config, vocab = _parts("varlen")
+    norm = Normalization(mode="log1p_bins", n_bins=7)
+    bundle = write_bundle(tmp_path / "b", model.state_dict(), config, vocab.to_tsv(), norm, "# card\n")
+    for capability, attention in (((7, 0), "sdpa"), ((9, 0), "varlen")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert read_bundle(bundle, device="cuda")[0].attention == attention
+    assert read_bundle(bundle)[0].attention == "sdpa"  # on the CPU
+    meta = json.loads((bundle / "config.json").read_text())
+    meta["model"]["future_switch"] = True
+    (bundle / "config.json").write_text(json.dumps(meta))
+    with caplog.at_level("WARNING", logger="pretrain.model.bundle"):
+        read_bundle(bundle)
+    assert "model keys this code does not know: future_switch" in caplog.text
+    shorter = Vocabulary.from_genes(GENES[:-1], [f"GN{chr(65 + i)}" for i in range(len(GENES) - 1)])
+    (bundle / "vocab.tsv").write_bytes(shorter.to_tsv())
+    with pytest.raises(ValueError, match="vocab.tsv holds .* tokens, config.json's vocab_size is"):
+        read_bundle(bundle)
+
+
 def test_from_pretrained_and_load_pretrained_load_the_bundle(tmp_path):
     import pretrain
 

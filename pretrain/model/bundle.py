@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from dataclasses import asdict, fields, replace
@@ -44,6 +45,8 @@ from data_pipeline.loading.normalize import FIXED_BIN_MODES, Normalization
 
 from .attention import CUDA_ONLY_BACKENDS
 from .shape import DecoderConfig, ModelConfig
+
+logger = logging.getLogger(__name__)
 
 # 1: config.json held the ModelConfig under "model" only; 2: model_type and the architecture fields at top
 # level, the format in the safetensors metadata
@@ -181,13 +184,17 @@ def read_bundle_config(bundle: str | Path) -> ModelConfig:
                          "the run again with `scfm export RUN --out BUNDLE`")
     raw["decoder"] = DecoderConfig(**raw["decoder"])
     known = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:  # a newer exporter's keys: their defaults here may not be what the weights were trained with
+        logger.warning(f"{bundle}/config.json: model keys this code does not know: {', '.join(unknown)}; the model "
+                       "runs without them: update this code to the version that exported the bundle")
     return replace(ModelConfig(**{k: v for k, v in raw.items() if k in known}), gene_embedding_file=None)
 
 
 def read_bundle(bundle: str | Path, device: str | torch.device = "cpu"
                 ) -> tuple[ModelConfig, dict[str, torch.Tensor], Normalization, Vocabulary]:
     """What a bundle holds, checked: its `ModelConfig` (exact CUDA-only attention backends read as
-    sdpa off CUDA), the weights, the `Normalization` and the `Vocabulary`. `CellModel.from_pretrained`
+    sdpa off CUDA and on GPUs before Ampere), the weights, the `Normalization` and the `Vocabulary`. `CellModel.from_pretrained`
     builds the model from them."""
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -202,8 +209,15 @@ def read_bundle(bundle: str | Path, device: str | torch.device = "cpu"
     if stored is not None and int(stored) not in READABLE_FORMATS:
         raise ValueError(f"{bundle}/model.safetensors: bundle format {stored}; this code reads formats "
                          f"{', '.join(map(str, READABLE_FORMATS))}: update this code to the version that exported it")
-    if torch.device(device).type != "cuda":
+    device = torch.device(device)
+    # FlashAttention kernels need a CUDA device of compute capability 8.0 (Ampere) or later
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 0):
         config = exact_backends_to_sdpa(config)
     weights = load_file(str(bundle / "model.safetensors"))
     norm = normalization_from_record(json.loads((bundle / "normalization.json").read_text()))
-    return config, weights, norm, read_vocab(bundle / "vocab.tsv")
+    vocab = read_vocab(bundle / "vocab.tsv")
+    if len(vocab) != config.vocab_size:
+        raise ValueError(f"{bundle}/vocab.tsv holds {len(vocab)} tokens, config.json's vocab_size is "
+                         f"{config.vocab_size}: the files are not of one export; export the run again with "
+                         "`scfm export RUN --out BUNDLE`")
+    return config, weights, norm, vocab
