@@ -10,6 +10,7 @@ import sys
 import time
 
 from .conversion.plan import ConvertError, ConvertOptions
+from .cores import usable_cores
 from .log_setup import add_verbosity_flags, setup_logging
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     c.add_argument("--unit-cells", type=int, default=1 << 17, help="most cells per work unit = shard (a multiple of --block-cells)")
     c.add_argument("--shard-size", type=_size, default=64 << 20, help="target shard size (e.g. 64M); a shard is one work unit")
     c.add_argument("--skip-bad-files", action="store_true", help="count unusable input files as skipped instead of stopping")
-    c.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes")
+    c.add_argument("--workers", type=int, default=usable_cores()[0],
+                   help="worker processes (default: the cores this process may use, its affinity mask capped by a "
+                        "cgroup CPU quota)")
     c.add_argument("--num-nodes", type=int, help="nodes sharing this conversion (default: SLURM array size, else 1)")
     c.add_argument("--node-rank", type=int, help="this node's rank (default: SLURM array index, else 0)")
     c.add_argument("--wait", type=float, default=86400, help="multi-node: seconds to wait for other nodes' gene scans")
@@ -81,7 +84,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
     m = sub.add_parser("merge", help="build shards, stats and manifest after a multi-node conversion")
     m.add_argument("corpus")
-    m.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="threads merging the statistics")
+    m.add_argument("--workers", type=int, default=usable_cores()[0],
+                   help="threads merging the statistics (default: the cores this process may use)")
     m.add_argument("--keep-work", action="store_true")
     m.add_argument("--no-progress", action="store_true")
 

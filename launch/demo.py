@@ -26,13 +26,14 @@ if not __package__:  # run as a script from a checkout (`python launch/X.py`, `d
 
 from data_pipeline.conversion.convert import convert  # noqa: E402
 from data_pipeline.conversion.plan import ConvertOptions  # noqa: E402
+from data_pipeline.cores import usable_cores  # noqa: E402
 from data_pipeline.corpus import Corpus  # noqa: E402
 from data_pipeline.log_setup import add_verbosity_flags, setup_logging  # noqa: E402
 from data_pipeline.synthetic import write_synthetic_h5ad  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
 from pretrain.embed import embed_h5ad  # noqa: E402
 from pretrain.export import export_bundle, load_pretrained  # noqa: E402
-from pretrain.threads import apply_threads, usable_cores, use_project_extension_dir  # noqa: E402
+from pretrain.threads import apply_threads, use_project_extension_dir  # noqa: E402
 from pretrain.train import train  # noqa: E402
 
 TINY = Path(__file__).resolve().parent / "configs" / "tiny.yaml"

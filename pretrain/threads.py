@@ -17,14 +17,14 @@ machines and containers lose; :func:`use_project_extension_dir` keeps it in the 
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_pipeline.cores import CGROUP, usable_cores
+
 REPO = Path(__file__).resolve().parents[1]
-CGROUP = Path("/sys/fs/cgroup")
 # launchers' "processes on this host": torchrun, the `deepspeed` launcher, Open MPI, SLURM
 LOCAL_RANK_VARS = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE")
 logger = logging.getLogger(__name__)
@@ -37,40 +37,6 @@ class ThreadChoice:
 
     def line(self) -> str:
         return f"torch threads: {self.threads} ({self.reason})"
-
-
-def cgroup_cpu_limit(root: Path = CGROUP) -> float | None:
-    """Cores allowed by a CFS quota (cgroup v2 ``cpu.max``, else v1 ``cpu.cfs_quota_us`` /
-    ``cpu.cfs_period_us``), or None when there is no quota or no cgroup file to read. Containers
-    see their own cgroup at the root of the mount, which is the case this reads."""
-    try:
-        quota, period = (root / "cpu.max").read_text().split()[:2]
-        return None if quota == "max" else int(quota) / int(period)
-    except (OSError, ValueError):
-        pass
-    for v1 in (root / "cpu", root / "cpu,cpuacct", root):
-        try:
-            quota = int((v1 / "cpu.cfs_quota_us").read_text())
-            period = int((v1 / "cpu.cfs_period_us").read_text())
-        except (OSError, ValueError):
-            continue
-        return None if quota <= 0 or period <= 0 else quota / period
-    return None
-
-
-def usable_cores(affinity: set[int] | None = None, cgroup_root: Path = CGROUP) -> tuple[int, str]:
-    """(cores this process may use, how that was found): the affinity mask, capped by a cgroup
-    CPU quota (rounded up: a 1.5-core quota still runs 2 threads without stalls of note)."""
-    if affinity is None:
-        try:
-            affinity = os.sched_getaffinity(0)
-        except AttributeError:  # not on Linux
-            affinity = set(range(os.cpu_count() or 1))
-    cores, how = len(affinity), f"{len(affinity)} cores in the affinity mask"
-    quota = cgroup_cpu_limit(cgroup_root)
-    if quota is not None and math.ceil(quota) < cores:
-        cores, how = max(1, math.ceil(quota)), f"cgroup CPU quota of {quota:g} cores ({how})"
-    return max(1, cores), how
 
 
 def local_ranks(env: Mapping[str, str]) -> int:

@@ -141,6 +141,18 @@ def test_bad_cells_are_counted(tmp_path):
     assert manifest["accounting"]["balanced"]
 
 
+def test_a_few_fractions_in_most_cells_are_refused_not_skipped(tmp_path):
+    """Multi-mapper EM counts: integers but for about one value in 200, in nearly every cell. Each
+    such cell would be skipped as non_integer, so the file is refused naming the fix instead."""
+    x = random_counts(50, 400, seed=3, density=0.5).astype(np.float32)
+    x.data[x.indptr[:45]] += 0.5  # the first value of each of 45 of the 50 cells: fractional
+    path = write_h5ad(tmp_path / "em.h5ad", x)
+    with pytest.raises(ConvertError, match=r"a few fractional values in 90% of the cells.*--allow-non-integer"):
+        convert(tmp_path / "c", ConvertOptions([str(path)]), progress=False)
+    manifest = convert(tmp_path / "c2", ConvertOptions([str(path)], allow_non_integer=True), progress=False)
+    assert manifest["accounting"]["cells_written"] == 50
+
+
 def test_log_normalized_input_is_refused(tmp_path):
     x = random_counts(50, 30, seed=2)
     x.data = np.log1p(x.data / 7.0).astype(np.float32)

@@ -63,3 +63,19 @@ def test_format_converts_to_the_same_cells(kind, matrix, expected, tmp_path):
                                                       block_cells=64), progress=False)
     assert manifest["accounting"]["cells_written"] == N_CELLS
     assert corpus_cells(tmp_path / "c") == expected
+
+
+def test_a_long_csc_matrix_is_converted_with_a_warning_naming_the_fix(matrix, expected, tmp_path, caplog):
+    """CSC has no row ranges: every chunk of rows scans the whole matrix. The cells are right, and
+    a file needing more than a few scans is named with the fix (rewrite it by row)."""
+    x, ids, syms, barcodes = matrix
+    path = write_anndata(tmp_path / "in.h5ad", x, ids, syms, barcodes, layout="csc")
+    with caplog.at_level("WARNING", logger="data_pipeline.conversion.plan"):
+        convert(tmp_path / "c", ConvertOptions([str(path)], unit_cells=256, block_cells=8), progress=False)
+    assert "stored by column (CSC)" in caplog.text and "6 reads of the whole matrix" in caplog.text
+    assert "Rewrite it by row first" in caplog.text
+    assert corpus_cells(tmp_path / "c") == expected
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="data_pipeline.conversion.plan"):  # 1 scan: nothing to say
+        convert(tmp_path / "c2", ConvertOptions([str(path)], unit_cells=1024, block_cells=64), progress=False)
+    assert "CSC" not in caplog.text

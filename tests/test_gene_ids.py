@@ -150,6 +150,18 @@ def test_vocab_tsv_round_trip(tmp_path):
     assert list(back.lookup(["ENSG00000000005.2", "ENSG00000999999"])) == [4, -1]
 
 
+def test_a_supplied_vocab_tsv_of_versioned_ids_matches_the_inputs(tmp_path):
+    """A vocab.tsv written elsewhere with versioned ids: read without versions, as the inputs' ids
+    are, so its genes match (they matched none before)."""
+    path = tmp_path / "vocab.tsv"
+    path.write_text("token_id\tensembl_id\tsymbol\n" + "".join(
+        f"{i}\t{g}\t{sym}\n" for i, (g, sym) in enumerate([*((t, "") for t in SPECIAL_TOKENS),
+                                                         ("ENSG00000000003.15", "TSPAN6"), ("ENSG00000000005.6", "TNMD")])))
+    vocab = read_vocab(path)
+    n = len(SPECIAL_TOKENS)
+    assert list(vocab.lookup(["ENSG00000000003", "ENSG00000000005.2"])) == [n, n + 1]
+
+
 def test_geneformer_token_dictionary_keeps_its_ids():
     path = _shared("genes", "geneformer_token_dictionary.pkl")
     mapping = read_pickled_dict(path)

@@ -13,14 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from data_pipeline.cores import cgroup_cpu_limit, usable_cores
 from pretrain.config import load_config
 from pretrain.threads import (
     ThreadChoice,
     apply_threads,
-    cgroup_cpu_limit,
     choose_threads,
     local_ranks,
-    usable_cores,
     use_project_extension_dir,
 )
 

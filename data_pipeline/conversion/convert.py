@@ -49,6 +49,7 @@ from .fsio import (
 )
 from .merge import finish_if_complete, merge_units
 from .plan import (
+    CHUNK_BLOCKS,
     WORK,
     ConvertError,
     ConvertOptions,
@@ -131,13 +132,9 @@ def _init_pool_worker(parent_pid: int, *init_args) -> None:
     _init_worker(*init_args)
 
 
-# Rows read and converted at once (in blocks): bounds a worker's memory whatever the unit size.
-_CHUNK_BLOCKS = 16
-
-
 def _chunks(unit: int) -> list[tuple[int, int, int]]:
     """``(source, start, stop)`` row ranges a unit is read in, over all its pieces."""
-    step = _CTX.options.block_cells * _CHUNK_BLOCKS
+    step = _CTX.options.block_cells * CHUNK_BLOCKS
     return [(s, lo, min(lo + step, b)) for s, a, b in _CTX.plan["units"][unit] for lo in range(a, b, step)]
 
 
@@ -389,8 +386,14 @@ def run_pool(fn, items: list[int], workers: int, init_args: tuple, on_done) -> N
     ctx = get_context(start_method)
     with ProcessPoolExecutor(min(workers, len(items)), mp_context=ctx, initializer=_init_pool_worker,
                              initargs=(os.getpid(), *init_args)) as pool:
-        for fut in as_completed([pool.submit(fn, it) for it in items]):
-            on_done(fut.result())
+        try:
+            for fut in as_completed([pool.submit(fn, it) for it in items]):
+                on_done(fut.result())
+        except BaseException:
+            # a failed unit (or Ctrl-C) stops the run now: the queued units are dropped, not run for
+            # hours before the error is seen (the units running finish; a rerun resumes after them)
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
 def _load_kernels(init_args: tuple) -> None:

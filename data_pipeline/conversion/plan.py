@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, fields
@@ -32,6 +33,12 @@ PLAN_VERSION = 3
 # first rows is fractional; a normalized matrix is ~100% fractional, while a stray bad cell in a
 # count matrix is skipped and counted as ``non_integer`` instead.
 NORMALIZED_FRACTION = 0.01
+# ... or when more than this fraction of those rows' cells holds a fractional value (a few fractions
+# in most cells, as multi-mapper EM counts have, would skip most cells as ``non_integer``)
+FRACTIONAL_CELLS = 0.1
+# Rows read and converted at once (in blocks): bounds a worker's memory whatever the unit size.
+CHUNK_BLOCKS = 16
+logger = logging.getLogger(__name__)
 
 
 class ConvertError(RuntimeError):
@@ -141,6 +148,19 @@ def _alternatives(source: Source) -> list[str]:
     return [m for m in out if m != source.matrix]
 
 
+def _warn_column_major(src: Source, options: ConvertOptions) -> None:
+    """A CSC matrix holds no row ranges: each chunk of rows the converter reads (`CHUNK_BLOCKS`
+    blocks) scans the whole matrix, in the gene scan and in the conversion, so the time grows with
+    the square of the file. Said once per file, with the fix, where it takes more than a few scans."""
+    chunk = options.block_cells * CHUNK_BLOCKS
+    scans = -(-src.n_cells // chunk)
+    if getattr(src, "layout", None) == "csc" and scans > 4:
+        logger.warning(f"{src.path}: matrix '{src.matrix}' is stored by column (CSC), so every {chunk:,} cells the "
+                       f"converter reads all of it again: {scans} reads of the whole matrix per pass, twice. Rewrite "
+                       "it by row first (CSR: e.g. `adata.X = adata.X.tocsr()` then write_h5ad, where it fits in "
+                       "memory), then convert that file")
+
+
 def _plan_source(index: int, path: str, options: ConvertOptions, symbol_table) -> tuple[dict, dict]:
     """(source entry, gene table) for one input; raises SourceError naming the fix."""
     src = open_source(path, options.matrix, options.soma_selection())
@@ -149,9 +169,12 @@ def _plan_source(index: int, path: str, options: ConvertOptions, symbol_table) -
         row_pointers = src.row_pointers()
         a, b = sample_rows(src.n_cells, row_pointers)
         sample = src.read_rows(a, b)
-        frac, max_value = check_integer_counts(sample)
-        if frac > NORMALIZED_FRACTION and not options.allow_non_integer:
-            raise SourceError(non_integer_message(path, frac, max_value, src.matrix, _alternatives(src)))
+        _warn_column_major(src, options)
+        frac, cells, max_value = check_integer_counts(sample)
+        integer_counts = frac <= NORMALIZED_FRACTION and cells <= FRACTIONAL_CELLS
+        if not integer_counts and not options.allow_non_integer:
+            raise SourceError(non_integer_message(path, frac, cells, max_value, src.matrix, _alternatives(src),
+                                                  NORMALIZED_FRACTION))
         labels = {}
         for col in options.label_columns:
             values = source_label(src, col)
@@ -159,7 +182,7 @@ def _plan_source(index: int, path: str, options: ConvertOptions, symbol_table) -
         entry = {
             "index": index, "path": path, "name": Path(path).name, "format": src.format,
             "matrix": src.matrix, "n_cells": src.n_cells, "n_vars": src.n_vars,
-            "integer_counts": frac <= NORMALIZED_FRACTION,
+            "integer_counts": integer_counts,
             "gene_identity": identity.how,
             "genes_resolved": int(len(identity.ids) - identity.n_unresolved),
             "genes_from_symbols": identity.n_from_symbols,

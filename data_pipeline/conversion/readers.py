@@ -340,6 +340,12 @@ class AnnDataSource(Source):
             return _dense_rows(lambda a, b: self._x[a:b], start, stop, self.n_vars, self._x.dtype)
         return self._read_rows_csc(start, stop)
 
+    @property
+    def layout(self) -> str:
+        """How the matrix is stored: "csr", "csc" (read column block by column block, whole, for any
+        row range) or "dense"."""
+        return self._layout
+
     def _row_pointers(self) -> np.ndarray | None:
         if self._layout != "csr":
             return None

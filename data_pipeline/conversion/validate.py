@@ -18,8 +18,9 @@ Per source, the manifest adds ``file_refused`` (every cell of a file refused who
 ``excluded_by_filter`` (cells of a SOMA experiment that ``--soma-filter`` left out: never read,
 counted so that the accounting covers every cell of the experiment).
 
-A whole file that looks normalized (fractional values in its first rows) is refused before any
-work starts (`check_integer_counts`), because silently skipping every cell would hide the mistake.
+A whole file that looks normalized (fractional values in its first rows), or whose first rows hold
+a fractional value in many of their cells, is refused before any work starts
+(`check_integer_counts`), because silently skipping those cells would hide the mistake.
 """
 
 from __future__ import annotations
@@ -66,16 +67,19 @@ def row_flags(x: sp.csr_matrix, integer_counts: bool) -> np.ndarray:
     return reason
 
 
-def check_integer_counts(sample: sp.csr_matrix) -> tuple[float, float]:
-    """Fraction of finite nonzeros that are fractional, and the largest finite value, in a sample
-    of rows.  ``sample``: [n, n_vars]"""
+def check_integer_counts(sample: sp.csr_matrix) -> tuple[float, float, float]:
+    """In a sample of rows: the fraction of finite nonzeros that are fractional, the fraction of
+    cells holding at least one, and the largest finite value.  ``sample``: [n, n_vars]"""
     data = sample.data
     if data.dtype.kind != "f" or data.size == 0:
-        return 0.0, float(data.max()) if data.size else 0.0
-    data = data[np.isfinite(data) & (data != 0)]
-    if data.size == 0:
-        return 0.0, 0.0
-    return float(np.mean(data != np.rint(data))), float(data.max())
+        return 0.0, 0.0, float(data.max()) if data.size else 0.0
+    kept = np.isfinite(data) & (data != 0)
+    if not kept.any():
+        return 0.0, 0.0, 0.0
+    fractional = kept & (data != np.rint(np.where(kept, data, 0)))
+    row_of = np.repeat(np.arange(sample.shape[0]), np.diff(sample.indptr))
+    cells = np.unique(row_of[fractional]).size / max(sample.shape[0], 1)
+    return float(fractional.sum() / kept.sum()), float(cells), float(data[kept].max())
 
 
 def sample_rows(n_cells: int, row_pointers: np.ndarray | None = None) -> tuple[int, int]:
@@ -86,10 +90,16 @@ def sample_rows(n_cells: int, row_pointers: np.ndarray | None = None) -> tuple[i
     return 0, b
 
 
-def non_integer_message(path, frac: float, max_value: float, matrix: str, alternatives: list[str]) -> str:
+def non_integer_message(path, frac: float, cells: float, max_value: float, matrix: str, alternatives: list[str],
+                        normalized_fraction: float) -> str:
+    alt = f"; this file also has {', '.join(alternatives)} (choose with --matrix)" if alternatives else ""
+    if frac <= normalized_fraction:  # mostly integers, a few fractions in many cells: not a normalized matrix
+        return (f"{path}: matrix '{matrix}' holds a few fractional values in {cells:.0%} of the cells of its first "
+                f"rows ({frac:.1%} of their nonzeros; e.g. multi-mapper EM counts): each such cell would be skipped "
+                f"as non_integer. Round the counts first, pass integer counts{alt}, or --allow-non-integer to store "
+                "the values as float32")
     looks = ("looks log-normalized (log1p of normalized counts)" if max_value < 30
              else "looks normalized or scaled")
-    alt = f"; this file also has {', '.join(alternatives)} (choose with --matrix)" if alternatives else ""
     return (f"{path}: matrix '{matrix}' holds non-integer values ({frac:.0%} of nonzeros in the first "
             f"rows are fractional, max {max_value:.3g}): it {looks}, not raw counts. Pass the raw "
             f"counts{alt}, or --allow-non-integer to store the values as float32")

@@ -223,7 +223,8 @@ def _read_vocab(path: Path) -> Vocabulary:
     for expect, row in enumerate(body):
         if int(row[0]) != expect:
             raise VocabError(f"{path}: token ids must be 0..N-1 in order; row {expect + 2} has {row[0]}")
-    return Vocabulary([r[1] for r in body], [r[2] if len(r) > 2 else "" for r in body])
+    # versions stripped, as the inputs' ids are: a supplied vocab.tsv of versioned ids would match none
+    return Vocabulary([strip_version(r[1]) for r in body], [r[2] if len(r) > 2 else "" for r in body])
 
 
 class _PlainDataUnpickler(pickle.Unpickler):
