@@ -142,7 +142,18 @@ def _cache_path(unit: int, chunk: int) -> Path:
     return _CTX.work / "cache" / f"{unit_name(unit)}-c{chunk:05d}.rows"
 
 
-_CACHE_MAGIC = b"ROWCACHE1\n"  # an `arrayfile` of CSR indptr, indices, data
+_CACHE_MAGIC = b"ROWCACHE2\n"  # an `arrayfile` of CSR indptr, indices, data and their xxh3-128 checksum
+
+
+def _cache_checksum(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> np.ndarray:
+    """[2] uint64: a torn cache (unsynced: after a power cut its blocks may read back as zeros, a
+    structure that still parses) is told from a whole one by its contents, not its shape."""
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    for a in (indptr, indices, data):
+        h.update(np.ascontiguousarray(a).view(np.uint8))
+    return np.frombuffer(h.digest(), np.uint64).copy()
 
 
 def _read_chunk(unit: int, chunk: int, s: int, lo: int, hi: int) -> sp.csr_matrix:
@@ -151,9 +162,10 @@ def _read_chunk(unit: int, chunk: int, s: int, lo: int, hi: int) -> sp.csr_matri
     if cached.exists():
         try:
             _, a = read_arrays(cached, _CACHE_MAGIC, buffers=_CTX.cache_buffers)
-            return sp.csr_matrix((a["data"], a["indices"], a["indptr"]),
-                                 shape=(hi - lo, _CTX.plan["sources"][s]["n_vars"]))
-        except (OSError, ValueError, KeyError):  # torn by a crash: re-read
+            if np.array_equal(a["checksum"], _cache_checksum(a["indptr"], a["indices"], a["data"])):
+                return sp.csr_matrix((a["data"], a["indices"], a["indptr"]),
+                                     shape=(hi - lo, _CTX.plan["sources"][s]["n_vars"]))
+        except (OSError, ValueError, KeyError):  # torn by a crash, or of an earlier cache format: re-read
             pass
     return _CTX.source(s).read_rows(lo, hi, _CTX.buffers)
 
@@ -161,8 +173,8 @@ def _read_chunk(unit: int, chunk: int, s: int, lo: int, hi: int) -> sp.csr_matri
 def _write_cache(unit: int, chunk: int, x: sp.csr_matrix) -> None:
     """Keep a compressed source's rows for the conversion pass: decompressing (or parsing) twice
     costs more than writing and re-reading raw arrays. Counts that fit uint16 are kept so (float
-    ones too, when every value is an integer); no fsync (a cache torn by a crash is detected and
-    the rows re-read)."""
+    ones too, when every value is an integer); no fsync (a cache torn by a crash is detected by its
+    checksum and the rows re-read)."""
     data = x.data
     if data.size and data.dtype.itemsize > 2 and data.min() >= 0 and data.max() <= np.iinfo(np.uint16).max:
         narrow = _CTX.buffers.get("cache_data", len(data), np.uint16)
@@ -171,9 +183,10 @@ def _write_cache(unit: int, chunk: int, x: sp.csr_matrix) -> None:
             data = narrow
     indices = _CTX.buffers.get("cache_indices", len(x.indices), np.uint16 if x.shape[1] <= 1 << 16 else np.uint32)
     np.copyto(indices, x.indices, casting="unsafe")
-    atomic_write_with(_cache_path(unit, chunk), lambda fh: write_arrays(
-        fh, _CACHE_MAGIC, {"indptr": np.asarray(x.indptr, np.int64), "indices": indices, "data": data}),
-        durable=False)
+    indptr = np.asarray(x.indptr, np.int64)
+    arrays = {"indptr": indptr, "indices": indices, "data": data,
+              "checksum": _cache_checksum(indptr, indices, data)}
+    atomic_write_with(_cache_path(unit, chunk), lambda fh: write_arrays(fh, _CACHE_MAGIC, arrays), durable=False)
 
 
 def _unreadable(exc: SourceError, lo: int, hi: int) -> str:

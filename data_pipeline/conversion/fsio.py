@@ -48,6 +48,15 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_tree(folder: Path) -> None:
+    """Flush every file and folder under ``folder`` (a store a library wrote file by file, e.g. zarr),
+    so that a rename after it cannot outlive its contents in a power cut."""
+    for sub, _, files in os.walk(folder):
+        for name in files:
+            fsync_file(Path(sub) / name)
+        fsync_dir(Path(sub))
+
+
 def commit(tmp: Path, path: Path) -> None:
     """Rename a fully written, fsynced ``tmp`` onto ``path`` and make the rename durable."""
     os.replace(tmp, path)
