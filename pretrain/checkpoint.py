@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 import xxhash
 
-from data_pipeline.conversion.fsio import atomic_write_with
+from data_pipeline.conversion.fsio import atomic_write_with, fsync_tree
 from data_pipeline.loading.loader import LoaderStateError
 
 from .config import resume_changes
@@ -68,6 +68,9 @@ def save(engine, run_dir: Path, step: int, client_state: dict, keep: int, record
         # until its new marker is written
         (folder / tag / MARKER).unlink(missing_ok=True)
     engine.save_checkpoint(str(folder), tag=tag, client_state=client_state, save_latest=False)
+    # on disk before the marker calls the checkpoint complete and older ones are deleted: each rank
+    # flushes what it wrote (the others' files are clean here, their fsync costs little)
+    fsync_tree(folder / tag)
     dist.barrier()
     if dist.get_rank() == 0:
         # every rank's files are in the folder (a shared filesystem) once all have passed the barrier
@@ -180,7 +183,10 @@ def resume_point(run_dir: Path, resume: str | None) -> Path | None:
         logger.warning(f"--resume auto: skipping the damaged checkpoint {checkpoint} ({'; '.join(found)}); "
                        "trying the one before it")
     if complete_checkpoints(run_dir):
-        logger.warning(f"--resume auto: no intact checkpoint in {Path(run_dir) / 'checkpoints'}: training from step 0")
+        # not a silent start over (a requeued job would discard the run): the user decides
+        raise ResumeError(f"--resume auto: every complete checkpoint in {Path(run_dir) / 'checkpoints'} is damaged "
+                          "(each named above): nothing to resume. Restore one, start afresh in another run.out, or "
+                          "move the checkpoints folder away and start without --resume")
     return None
 
 
@@ -332,6 +338,8 @@ def agreed_resume_point(run_dir: Path, resume: str | None, rank: int, check=None
             answer = [("ok", None if found is None else str(found))]
         except ValueError as err:
             answer = [("error", str(err))]
+        except OSError as err:  # a shared filesystem's error: every rank hears it, none waits in the broadcast
+            answer = [("error", f"--resume: reading the checkpoints of {run_dir} failed: {err}")]
     dist.broadcast_object_list(answer, src=0)
     kind, value = answer[0]
     if kind == "error":

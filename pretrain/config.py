@@ -126,7 +126,7 @@ class RunConfig:
     checkpoint_every: int = _help("steps between checkpoints (0: only on signals and at the end)", 500, resume=FREE)
     keep_checkpoints: int = _help("checkpoints kept (oldest deleted)", 3, resume=FREE)
     max_nan_steps: int = _help("stop after this many non-finite losses in a row (each is skipped)", 5, resume=FREE)
-    peak_tflops: float | None = _help("device peak TFLOP/s for MFU (None: known GPUs' bf16/tf32 dense peak)", None,
+    peak_tflops: float | None = _help("device peak TFLOP/s for MFU (None: known GPUs' dense bf16 peak, for bf16 runs)", None,
                                       resume=FREE)
     seed: int = _help("model initialization and dropout seed", 0)
     progress: bool = _help("show a progress bar on rank 0", True, resume=FREE)

@@ -22,17 +22,21 @@ logger = logging.getLogger(__name__)
 FLUSH_SHARE, FLUSH_SECONDS = 0.05, 30.0
 
 # dense bf16 peak of known GPUs (TFLOP/s, no sparsity), for MFU; others need run.peak_tflops. The
-# first name part found in the device's name wins: the PCIe and NVL H100s before the SXM one
-PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0,
+# first name part found in the device's name wins: the PCIe and NVL variants before the SXM ones
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200 NVL": 835.0, "H200": 989.0,
                "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
 
 
-def device_peak_tflops(device: torch.device, configured: float | None) -> tuple[float | None, str]:
-    """(peak TFLOP/s, where it comes from) for MFU; (None, why) when unknown."""
+def device_peak_tflops(device: torch.device, configured: float | None, bf16: bool = True) -> tuple[float | None, str]:
+    """(peak TFLOP/s, where it comes from) for MFU; (None, why) when unknown. The table holds bf16
+    peaks: a run without bf16 gets one only from ``configured``."""
     if configured:
         return configured, "run.peak_tflops"
     if device.type != "cuda":
         return None, "no peak known for a CPU; set run.peak_tflops to report MFU"
+    if not bf16:
+        return None, ("the known peaks are bf16 ones and this run is not bf16; set run.peak_tflops (e.g. the "
+                      "device's TF32 or FP32 dense peak) to report MFU")
     name = torch.cuda.get_device_name(device)
     for key, peak in PEAK_TFLOPS.items():
         if key in name:
@@ -66,6 +70,7 @@ class RunLog:
         self.restored = 0  # steps that came from the checkpoint, not from this invocation
         self.mlflow, self.tracking_uri, self.run_id = None, None, None
         self.mlflow_logged_through = 0  # steps MLflow already has (a resume after a kill retrains some)
+        self.mlflow_failed = False  # a logging call failed: no more are made (metrics.json keeps every step)
         self.flushed_at = -math.inf  # when metrics.json was last written (time.monotonic)
         self.flush_seconds = 0.0  # how long that write took
         # decided now: mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, our own store's included
@@ -107,10 +112,15 @@ class RunLog:
             # run's growing file does not cost O(steps^2), while a short run's stays current
             if time.monotonic() - self.flushed_at >= min(FLUSH_SECONDS, self.flush_seconds / FLUSH_SHARE):
                 self.flush()
-            if self.mlflow is not None and metrics["step"] > self.mlflow_logged_through:
+            if self.mlflow is not None and not self.mlflow_failed and metrics["step"] > self.mlflow_logged_through:
                 step = metrics["step"]
-                self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()  # MLflow stamps its own time
-                                         if k not in ("step", "time") and isinstance(v, (int, float))}, step=step)
+                try:
+                    self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()  # MLflow stamps its own time
+                                             if k not in ("step", "time") and isinstance(v, (int, float))}, step=step)
+                except Exception as err:  # noqa: BLE001 - a tracking server's hiccup must not end a multi-day run
+                    self.mlflow_failed = True
+                    logger.warning(f"MLflow logging failed at step {step} ({type(err).__name__}: {err}); the run goes "
+                                   f"on without it: every step's record stays in {self.run_dir / 'metrics.json'}")
 
     def flush(self) -> None:
         started = time.monotonic()
@@ -227,7 +237,10 @@ class StepLog:
             return
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        seconds = max(time.perf_counter() - self.clock, 1e-9)
+        # the next window starts here: the records, metrics.json and MLflow writes below are run time
+        # that the next window's rates count (checkpoint saves alone are left out: `restart_clock`)
+        read_at = time.perf_counter()
+        seconds = max(read_at - self.clock, 1e-9)
         values = torch.stack([torch.cat([r.stacked(), _tensor_or_nan(g, r.loss)])
                               for _, r, _, _, g, _ in self.pending]).tolist()
         cells = sum(c.cells for _, _, c, _, _, _ in self.pending)
@@ -265,7 +278,7 @@ class StepLog:
             raise NonFiniteStreak(f"{stop_at[0]} non-finite losses in a row (step {stop_at[1]}): lower optimizer.lr, "
                                   "raise deepspeed.gradient_clipping or check the corpus; "
                                   + (f"the last complete checkpoint is {saved}" if saved else "no checkpoint was saved"))
-        self.restart_clock()
+        self.clock = read_at
 
     def read_what_is_left(self) -> None:
         """After a failure: the pending steps' records, if the device can still give them (a failed

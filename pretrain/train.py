@@ -200,15 +200,14 @@ def _run(config: TrainConfig, resume: str | None, loader: CellLoader, log: RunLo
          rank: int, world: int, device: torch.device, restart_epoch: bool = False) -> dict:
     """`train` once the run folder exists: the engine, the resume, the steps, the summary."""
     record = checkpoint_record(config, loader.corpus)
-    # before config.yaml: a refused resume changes nothing
     found = Checkpointer.resume_point(run_dir, resume, config, record, rank)
-    if rank == 0:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(config), sort_keys=False))
     vocab = loader.corpus.vocab
     model = CellModel.initial(config.model, config.run.seed, vocab=(vocab.ensembl_ids, vocab.symbols))
     engine, bf16 = build_engine(config, PretrainModule(model, config.objectives), device)
     checkpointer = Checkpointer(engine, loader, run_dir, config.run, record)
     step, history, skipped = checkpointer.load(found, restart_epoch)
+    if rank == 0:  # after the resume point and the loader's position are accepted: a refused resume changes nothing
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(config), sort_keys=False))
     if found is not None:
         # the restored optimizer holds the saved schedule's rate for this step; the schedule may have
         # changed since (schedule.max_steps may change on resume): this step trains at this run's rate.
@@ -220,7 +219,7 @@ def _run(config: TrainConfig, resume: str | None, loader: CellLoader, log: RunLo
     resumed_from_step = step
     if log is not None:
         log.start(asdict(config), history, resumed=found is not None)
-    peak_tflops, peak_source = device_peak_tflops(device, config.run.peak_tflops)
+    peak_tflops, peak_source = device_peak_tflops(device, config.run.peak_tflops, bf16)
     steps = StepLog(config, world, device, peak_tflops, log, step, skipped)
     batches, stop = _batches(loader), False
     flops = partial(sequences_flops, model.config)

@@ -113,6 +113,19 @@ def test_the_marker_records_every_file_and_problems_name_the_damaged_one(run):
     assert MODEL_STATES in problem and "checksum" in problem
 
 
+def test_resume_auto_refuses_when_every_complete_checkpoint_is_damaged(tmp_path):
+    """Not a silent start from step 0 (a requeued job would discard the run): refused, naming why."""
+    for step in (2, 4):
+        ckpt = tmp_path / "run" / "checkpoints" / checkpoint.tag_of(step)
+        ckpt.mkdir(parents=True)
+        (ckpt / MODEL_STATES).write_bytes(b"weights")
+        (ckpt / checkpoint.MARKER).write_text(json.dumps({"step": step, "files": checkpoint.file_digests(ckpt)}))
+        (ckpt / MODEL_STATES).write_bytes(b"other!!")  # same size, other contents
+    with pytest.raises(checkpoint.ResumeError, match="every complete checkpoint .* is damaged"):
+        checkpoint.resume_point(tmp_path / "run", "auto")
+    assert checkpoint.resume_point(tmp_path / "other", "auto") is None  # no checkpoint at all: a fresh start
+
+
 def test_a_marker_from_before_checksums_is_accepted_and_said_once(tmp_path, caplog):
     ckpt = tmp_path / "run" / "checkpoints" / checkpoint.tag_of(5)
     ckpt.mkdir(parents=True)

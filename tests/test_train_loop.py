@@ -218,8 +218,50 @@ def test_mfu_peak_of_each_h100_variant(monkeypatch):
 
     cuda = torch.device("cuda", 0)
     for name, peak in (("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
-                       ("NVIDIA H200", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0)):
+                       ("NVIDIA H200", 989.0), ("NVIDIA H200 NVL", 835.0), ("NVIDIA A100-SXM4-80GB", 312.0)):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, n=name: n)
         assert device_peak_tflops(cuda, None)[0] == peak, name
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Some GPU")
     assert device_peak_tflops(cuda, None)[0] is None and device_peak_tflops(cuda, 123.0)[0] == 123.0
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H100 80GB HBM3")
+    peak, why = device_peak_tflops(cuda, None, bf16=False)  # an fp32 run against the bf16 peak would read low
+    assert peak is None and "not bf16" in why and device_peak_tflops(cuda, 400.0, bf16=False)[0] == 400.0
+
+
+def test_the_time_a_read_spends_logging_counts_in_the_next_window(tmp_path, monkeypatch):
+    """Rates are over wall time, checkpoint saves alone left out: a slow log write (a remote MLflow,
+    a long metrics.json) falls in the next window instead of in none, which overstated the rates."""
+    import time
+
+    run_log = RunLog(tmp_path, "e", use_mlflow=False)
+    run_log.start({}, [], resumed=False)
+    slow = run_log.record
+
+    def record(metrics, log):
+        slow(metrics, log)
+        time.sleep(0.3)
+
+    monkeypatch.setattr(run_log, "record", record)
+    log = StepLog(config(log_every=1), 1, torch.device("cpu"), None, run_log)
+    for step in (1, 2):
+        log.step(step, _result(1.0), COUNTS, lr=0.1, grad_norm=None, applied=True)
+    assert run_log.history[1]["cells_per_s"] <= COUNTS.cells / 0.3
+
+
+def test_an_mlflow_failure_is_said_once_and_the_run_goes_on(tmp_path, caplog):
+    class Failing:
+        calls = 0
+
+        def log_metrics(self, metrics, step):
+            Failing.calls += 1
+            raise ConnectionError("tracking server unreachable")
+
+    run_log = RunLog(tmp_path, "e", use_mlflow=False)
+    run_log.start({}, [], resumed=False)
+    run_log.mlflow = Failing()
+    with caplog.at_level("WARNING", logger="pretrain.metrics"):
+        for step in (1, 2, 3):
+            run_log.record({"step": step, "loss": 1.0, "time": 0.0}, log=True)
+    run_log.flush()
+    assert Failing.calls == 1 and caplog.text.count("MLflow logging failed at step 1") == 1
+    assert [h["step"] for h in json.loads((tmp_path / "metrics.json").read_text())] == [1, 2, 3]
