@@ -39,6 +39,13 @@ class ObjectiveConfig:
     gradient_cache: bool = _help("divide-and-conquer contrastive: embed chunks without a graph, "
                                  "recompute each with its cached embedding gradient", True)
 
+    @property
+    def joins_chunks(self) -> bool:
+        """Whether a step's chunks run as one graph: the contrastive loss without the gradient cache
+        (its negatives must meet in one graph). Otherwise each chunk is a micro-step of its own, the
+        gradient cache's or plain accumulation's (no contrastive loss: nothing joins the chunks)."""
+        return not self.gradient_cache and self.contrastive_weight > 0
+
 
 @dataclass
 class DataConfig:

@@ -142,7 +142,7 @@ def build_engine(config: TrainConfig, module: PretrainModule, device: torch.devi
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(config.schedule, s))
-    micro_steps = ds.chunks_per_step if config.objectives.gradient_cache else 1
+    micro_steps = 1 if config.objectives.joins_chunks else ds.chunks_per_step
     return deepspeed_engine(module, optimizer, ds, device, micro_steps, scheduler)
 
 

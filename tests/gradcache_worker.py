@@ -68,7 +68,7 @@ def one_case(stage: int, cells_per_chunk: int | None, cells_per_rank: tuple[int,
     rank = dist.get_rank()
     batches = [rank_batch(r, n) for r, n in enumerate(cells_per_rank)]
     rank_chunks = [[b] if cells_per_chunk is None else b.split(cells_per_chunk) for b in batches]
-    if not objectives.gradient_cache:  # train_step joins the chunks: one dropout draw over all
+    if objectives.joins_chunks:  # train_step joins the chunks: one dropout draw over all
         rank_chunks = [[PackedBatch.concat(chunks)] for chunks in rank_chunks]
     n_chunks = len(rank_chunks[rank])
     module = build(objectives)

@@ -265,3 +265,12 @@ def test_an_mlflow_failure_is_said_once_and_the_run_goes_on(tmp_path, caplog):
     run_log.flush()
     assert Failing.calls == 1 and caplog.text.count("MLflow logging failed at step 1") == 1
     assert [h["step"] for h in json.loads((tmp_path / "metrics.json").read_text())] == [1, 2, 3]
+
+
+def test_chunks_are_joined_only_for_a_contrastive_loss_without_the_cache():
+    """Without the gradient cache the contrastive negatives must meet in one graph; masked modelling
+    alone needs no such graph, so its chunks stay micro-steps (memory of one chunk, not of all)."""
+    from pretrain.config import ObjectiveConfig
+
+    for cache, contrastive, joined in ((True, 0.5, False), (True, 0.0, False), (False, 0.5, True), (False, 0.0, False)):
+        assert ObjectiveConfig(gradient_cache=cache, contrastive_weight=contrastive).joins_chunks is joined

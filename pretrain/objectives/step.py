@@ -186,12 +186,12 @@ def train_step(engine, chunks: list[PackedBatch], objectives: ObjectiveConfig, s
     rank, world = _world()
     regress = module.model.config.mlm_regresses
     contrastive = objectives.contrastive_weight > 0
-    if not objectives.gradient_cache and len(chunks) > 1:
+    if objectives.joins_chunks and len(chunks) > 1:
         chunks = [PackedBatch.concat(chunks)]  # one graph over the whole rank batch
     if engine.gradient_accumulation_steps() != len(chunks):
         raise ValueError(f"{len(chunks)} chunks per step but DeepSpeed gradient_accumulation_steps="
                          f"{engine.gradient_accumulation_steps()}: set it to the chunks per step "
-                         "(1 without the gradient cache)")
+                         "(1 where the contrastive loss runs without the gradient cache)")
     device = chunks[0].gene_ids.device
     if counts is None:  # a caller other than the trainer: count here (a device sync on device chunks)
         counts = StepCounts(*host_all_reduce(StepCounts.of(chunks).as_list()))
