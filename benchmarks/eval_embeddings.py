@@ -44,7 +44,10 @@ absent. What it does:
 8. Mean and spread (min, max) over the seeds of every number; verdicts against the goals.
 
 Writes ``--result`` (JSON) and a t-SNE figure (``--plot``): the baselines, the random-init twin and
-each mix at the last curve step, coloured by cell type.
+each mix at the last curve step, coloured by cell type. Each model's panel shows the first seed this call
+has embeddings of, computed or saved in its run folder (``figure_seeds`` in the JSON); a run taken by
+``--reuse`` has none, so a mix whose every seed is taken has no panel (nor has the random-init twin when
+the first mix's seeds all are).
 """
 
 from __future__ import annotations
@@ -456,8 +459,8 @@ def spread(values: list[float]) -> dict:
 def reusable_runs(path: Path, phase: str, settings: dict, baselines: dict) -> dict:
     """The runs of an earlier result (``--reuse``) that this call would compute again: same phase and
     settings (all but the seeds, the reuse record and the fine-tuning modes, of which it must hold at
-    least this call's), same overrides per mix and seed. Their embeddings are not kept: the t-SNE figure
-    lacks them. Fills ``baselines`` with its PCA of the model
+    least this call's), same overrides per mix and seed. Their embeddings are not kept: a model's panel in
+    the t-SNE figure is the first seed this call has embeddings of, none where every seed is taken. Fills ``baselines`` with its PCA of the model
     input (computed from a model otherwise) and widens ``settings``' fine-tuning modes to the taken
     runs'. Exits naming what differs when the settings do.
     -> {mix: {seed: run entry, with "reused": where it came from}}"""
@@ -644,6 +647,14 @@ def previous_knn() -> dict | None:
     return best
 
 
+def figure_panel(panels: dict, figure_seeds: dict, panel: str, name: str, embedding: np.ndarray, seed: int) -> None:
+    """Keep ``embedding`` as the figure's ``panel`` of file ``name`` unless it has one: each model's
+    panel is the first seed this call has embeddings of (``figure_seeds`` records which)."""
+    if name not in panels.setdefault(panel, {}):
+        panels[panel][name] = embedding
+        figure_seeds.setdefault(panel, seed)
+
+
 def plot(panels: dict[str, dict[str, np.ndarray]], labels: dict[str, np.ndarray], path: Path, seed: int = 0) -> None:
     """t-SNE of each representation (columns) of each evaluation file (rows), coloured by cell type."""
     import matplotlib
@@ -750,6 +761,7 @@ def main() -> None:
     files = {name: EvalFile(path, keys[name], args.max_cells) for name, path in paths.items()}
     labels = {name: f.labels for name, f in files.items()}
     panels: dict[str, dict[str, np.ndarray]] = {}
+    figure_seeds: dict[str, int] = {}  # the pretraining seed each model's panel shows (a reused run has no embeddings)
     baselines: dict[str, dict] = {name: {} for name in files}
     for name, f in files.items():
         features = f.baselines()
@@ -805,9 +817,8 @@ def main() -> None:
                     baselines[name].setdefault("PCA-50 (model input)", record["model_input_pca"][name])
                     if f"model input/{name}" in arrays:
                         panels.setdefault("PCA-50 (model input)", {}).setdefault(name, arrays[f"model input/{name}"])
-                    if seed == seeds[0]:
-                        for panel in ("random init", mix):
-                            panels.setdefault(panel, {})[name] = arrays[f"{panel}/{name}"]
+                    for panel in ("random init", mix) if mix == mixes[0] else (mix,):
+                        figure_panel(panels, figure_seeds, panel, name, arrays[f"{panel}/{name}"], seed)
                 print(f"{mix} seed {seed}: evaluated before ({saved_path})", file=sys.stderr)
                 continue
             arrays = {}
@@ -843,8 +854,8 @@ def main() -> None:
                     if step in (0, curve[-1]):
                         panel = "random init" if step == 0 else mix
                         arrays[f"{panel}/{name}"] = embedding
-                        if seed == seeds[0]:
-                            panels.setdefault(panel, {})[name] = embedding
+                        if step == curve[-1] or mix == mixes[0]:  # the report's random-init twin is the first mix's
+                            figure_panel(panels, figure_seeds, panel, name, embedding, seed)
                     print(f"{mix} seed {seed} step {step} {name}: {rows[name]['knn_macro_f1']:.3f} knn, "
                           f"{rows[name]['masked_loss']:.3f} masked loss", file=sys.stderr)
             entry["evaluation_seconds"] = {part: round(sec, 1) for part, sec in spent.items()}
@@ -865,7 +876,7 @@ def main() -> None:
                       "gene_coverage": coverage.get(name)} for name, f in files.items()},
         baselines=baselines, summary=summary,
         verdicts=verdicts(summary, baselines, curve[-1], previous_knn() if args.phase == "final" else None),
-        runs=runs, seconds=round(time.perf_counter() - started, 1))
+        runs=runs, figure_seeds=figure_seeds, seconds=round(time.perf_counter() - started, 1))
     write_result(result_path, record)
     plot(panels, labels, plot_path)
     print(json.dumps(record["verdicts"], indent=1))

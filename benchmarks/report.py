@@ -129,10 +129,13 @@ def _report(name: str, r: dict) -> str:
            f"{', '.join(map(str, s['seeds']))}, curve at steps {', '.join(map(str, s['curve']))}, embedding cap "
            f"`{s['cap']}`, {r['device'].get('gpu') or 'CPU'}. Probes: {s['probe']}. Numbers: mean [min, max] over "
            "seeds.", ""]
+    shown = r.get("figure_seeds")  # {panel: the seed it shows}; None in results from before it was recorded
     taken = [(mix, seed, e["reused"]) for mix, per_seed in r["runs"].items() for seed, e in per_seed.items()
              if "reused" in e]
     if taken:
-        out += ["Taken unchanged from an earlier result of the same settings (`--reuse`; not in the t-SNE figure): "
+        # before figure_seeds, a figure left out the mixes whose first seed was taken
+        out += ["Taken unchanged from an earlier result of the same settings (`--reuse`"
+                + ("" if shown is not None else "; not in the t-SNE figure") + "): "
                 + "; ".join(f"`{mix}` seed {seed} ({w['date'][:10]}, `python {w['command']}`)" for mix, seed, w in taken)
                 + ".", ""]
     last = str(s["curve"][-1])
@@ -178,6 +181,16 @@ def _report(name: str, r: dict) -> str:
     figure = f"eval_{r['phase']}.png"
     if (RESULTS / figure).exists():
         out += ["", f"![t-SNE of each representation, coloured by cell type](benchmarks/results/{figure})"]
+        if shown is not None:
+            said = []
+            if any(seed != s["seeds"][0] for seed in shown.values()):
+                said.append("The t-SNE shows " + ", ".join(f"{panel} of seed {seed}" for panel, seed in shown.items())
+                            + ".")
+            missing = [panel for panel in ("random init", *r["runs"]) if panel not in shown]
+            if missing:
+                said.append("Not in it (every seed taken with `--reuse`, whose embeddings are not kept): "
+                            + ", ".join(f"`{panel}`" for panel in missing) + ".")
+            out += ["", " ".join(said)] if said else []
     return "\n".join(out)
 
 
@@ -363,7 +376,9 @@ def epoch_plan() -> str:
                       f"({r['config']['lengths']}), blocks of {n(r['config']['block_cells'])} cells, median of "
                       f"{r['config']['repeats']} repeats, load average {r['load_average_1min']['before']}. In brackets: "
                       f"the same script at commit {base['commit']} ({base['date'][:10]}), where every worker planned "
-                      "the whole epoch.", "",
+                      f"the whole epoch (its `--baseline` JSON is made first by running this script on that commit's "
+                      f"code: `git archive {base['commit']} | tar -x -C /tmp/old`, copy the script there and run it "
+                      "with `--out`, as its docstring shows).", "",
                       table(["cells", "ranks × workers", "loader's plan (s)", "slowest worker (s)",
                              "worker peak RSS added", "full plans per rank and epoch"], rows)])
 

@@ -306,6 +306,15 @@ def test_eval_embeddings_end_to_end(shared_data, tmp_path):
     assert all(second["baselines"][n]["PCA-50 (model input)"] == result["baselines"][n]["PCA-50 (model input)"]
                for n in ev.EVAL_FILES)
     assert (tmp_path / "again.png").stat().st_size > 10_000  # every panel, from the saved embeddings
+    assert result["figure_seeds"] == second["figure_seeds"] == {"random init": 0, "mlm": 0}
+    # seed 0 taken from that result, seed 1 computed: the figure shows seed 1's panels, not none
+    third = run(tmp_path / "third.json", tmp_path / "third.png", "head,full", "--full-fractions", "0.1",
+                "--seeds", "0,1", "--reuse", str(tmp_path / "again.json"))
+    assert third.returncode == 0 and "mlm seed 0: taken from again.json" in third.stderr, third.stderr[-3000:]
+    combined = json.loads((tmp_path / "third.json").read_text())
+    assert set(combined["runs"]["mlm"]) == {"0", "1"} and "reused" in combined["runs"]["mlm"]["0"]
+    assert combined["figure_seeds"] == {"random init": 1, "mlm": 1}
+    assert (tmp_path / "third.png").stat().st_size > 10_000
 
 
 def test_saved_evaluation_is_taken_only_for_its_settings(tmp_path):

@@ -178,6 +178,25 @@ def test_quality_renders_the_current_evaluation_beside_the_previous_one(monkeypa
             "seed 0 (2026-12-04, `python benchmarks/eval_embeddings.py --phase final --seeds 0`)." in text)
 
 
+
+def test_quality_says_which_seeds_the_figure_shows(monkeypatch, tmp_path):
+    current = _eval_record()
+    monkeypatch.setattr(report, "load", lambda name: current if name == "eval_final.json" else None)
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    (tmp_path / "eval_final.png").write_bytes(b"png")
+    text = report.quality()  # a result from before figure_seeds: a taken seed's mix was not in the figure
+    assert "(`--reuse`; not in the t-SNE figure): `mlm` seed 0" in text and "The t-SNE shows" not in text
+    current["figure_seeds"] = {"random init": 1, "mlm": 1}  # seed 0 taken: the figure shows the seed computed
+    text = report.quality()
+    assert "same settings (`--reuse`): `mlm` seed 0" in text
+    assert "The t-SNE shows random init of seed 1, mlm of seed 1." in text and "Not in it" not in text
+    current["figure_seeds"] = {}  # every seed taken: no model panel
+    assert "Not in it (every seed taken with `--reuse`, whose embeddings are not kept): `random init`, `mlm`." \
+        in report.quality()
+    current["figure_seeds"] = {"random init": 0, "mlm": 0}  # the usual case says nothing more
+    assert "The t-SNE shows" not in report.quality() and "Not in it" not in report.quality()
+
+
 def test_loader_peers_block_quotes_rates_and_says_which_goals_are_met(monkeypatch):
     row = lambda rate, nnz: {"cells_per_cpu_s": rate, "nonzeros_per_cpu_s": rate * nnz, "cells_per_s_wall": rate // 2,  # noqa: E731
                              "cells_per_round": 1000, "nonzeros_per_cell": nnz}
