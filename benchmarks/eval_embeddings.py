@@ -155,11 +155,15 @@ def pretrain(corpus: Path, run: Path, mix: str, steps: int, curve: list[int], ex
                f"run.checkpoint_every={every}", f"run.keep_checkpoints={steps // every + 1}", *MIXES[mix], *extra]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     started = time.perf_counter()
-    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+    finished = (run / "summary.json").exists() and json.loads((run / "summary.json").read_text()).get("steps") == steps
+    if not finished:  # a finished run (an evaluation killed after its training) is not started again
+        subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
     summary = json.loads((run / "summary.json").read_text())
     history = json.loads((run / "metrics.json").read_text())
     keys = ("loss", "mlm", "contrastive", "label")
-    return {"steps": summary["steps"], "seconds_this_call": round(time.perf_counter() - started, 1),
+    # a finished run's time is its own record's (first to last logged step), not this call's
+    seconds = time.perf_counter() - started if not finished else history[-1]["time"] - history[0]["time"]
+    return {"steps": summary["steps"], "seconds_this_call": round(seconds, 1),
             "first_losses": {k: round(history[0][k], 4) for k in keys if history[0].get(k) is not None},
             "last_losses": {k: round(summary["final"][k], 4) for k in keys if k in summary["final"]},
             "cells_per_s": round(summary["final"].get("cells_per_s", 0.0), 1),
