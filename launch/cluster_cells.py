@@ -24,7 +24,7 @@ from pathlib import Path
 if not __package__:  # run as a script from a checkout (`python launch/X.py`, `deepspeed launch/X.py`): its code
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_pipeline.conversion.fsio import STALE_TEMP_S, commit, fsync_file, remove_stale_temps, temp_path  # noqa: E402
+from data_pipeline.conversion.fsio import commit, fsync_file, output_temp  # noqa: E402
 from data_pipeline.log_setup import add_verbosity_flags, setup_logging  # noqa: E402
 from pretrain.downstream.hybrid import HybridConfig, cluster_with_baselines  # noqa: E402
 from pretrain.downstream.token_cells import read_token_cells  # noqa: E402
@@ -128,8 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     adata.obsm[f"X_{name}_view_weights"] = result["hybrid"].view_weights
     adata.obsm[f"X_{name}_embedding"] = embedding
     adata.uns[f"{name}_report"] = json.dumps(report)
-    remove_stale_temps(out.parent, others_may_write=True, names={out.name}, min_age_s=STALE_TEMP_S)
-    tmp_out = temp_path(out)  # this process's own: a killed or a second run does not leave or take it
+    tmp_out = output_temp(out)  # this process's own: a killed or a second run does not leave or take it
     adata.write_h5ad(tmp_out)
     fsync_file(tmp_out)
     commit(tmp_out, out)

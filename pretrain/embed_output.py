@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from anndata.io import read_elem, write_elem
 
-from data_pipeline.conversion.fsio import STALE_TEMP_S, commit, fsync_file, remove_stale_temps, temp_path
+from data_pipeline.conversion.fsio import commit, fsync_file, output_temp
 
 OUTPUT_SUFFIXES = (".h5ad", ".zarr")
 # rows per stored chunk: at most this many bytes of float32 per chunk (zarr reads whole chunks)
@@ -72,10 +72,7 @@ class EmbeddingWriter:
         check_output(source, out, key)
         self.source, self.out, self.key = Path(source), Path(out), key
         self.n_cells, self.dim, self.rows = n_cells, dim, chunk_rows(min(chunk_cells, max(n_cells, 1)), dim)
-        # this process's own temp name (two embeds to one --out do not share one); copies a killed run
-        # left: this host's dead processes', untouched for an hour
-        remove_stale_temps(self.out.parent, others_may_write=True, names={self.out.name}, min_age_s=STALE_TEMP_S)
-        self.tmp = temp_path(self.out)
+        self.tmp = output_temp(self.out)  # this process's own: two embeds to one --out do not share one
         self.written = 0
         self._array = None
         self._file = self._open_h5ad() if self.out.suffix == ".h5ad" else self._open_zarr()
@@ -158,9 +155,7 @@ def annotated_copy(source: str | Path, out: str | Path, obs: dict, obsm: dict, u
 
     source, out = Path(source), Path(out)
     check_not_input(source, out)
-    # copies of this output a killed run left: this host's dead processes', untouched for an hour
-    remove_stale_temps(out.parent, others_may_write=True, names={out.name}, min_age_s=STALE_TEMP_S)
-    tmp = temp_path(out)
+    tmp = output_temp(out)
     with h5py.File(source, "r") as f:
         current = isinstance(f.get("obs"), h5py.Group) and f["obs"].attrs.get("encoding-type") == "dataframe"
     try:

@@ -276,12 +276,26 @@ def atomic_write_json(path: str | Path, obj, indent: int | None = None) -> None:
 
 
 def atomic_replace_dir(tmp_dir: Path, path: Path) -> None:
-    """Replace folder ``path`` by ``tmp_dir``; a crash in between leaves ``path`` absent or old,
-    and the caller rebuilds it (folders cannot be swapped atomically on POSIX)."""
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp_dir, path)
-    fsync_dir(path.parent)
+    """Replace folder ``path`` by the fully written ``tmp_dir``: its files are fsynced, the old
+    folder is moved aside (to a temp name of ``path.old``), the new one renamed in, the old one
+    deleted. Folders cannot be swapped in one rename on POSIX: a crash in between leaves ``path``
+    absent or old, never half-deleted, and the caller rebuilds it."""
+    fsync_tree(tmp_dir)
+    aside = temp_path(path.with_name(path.name + ".old")) if path.exists() else None
+    if aside is not None:
+        os.replace(path, aside)
+    commit(tmp_dir, path)
+    if aside is not None:
+        shutil.rmtree(aside)
+
+
+def output_temp(path: Path) -> Path:
+    """This process's temp name for ``path`` in a user's folder (no lock held), after deleting the
+    temps killed writers left of it: this host's dead processes', untouched for `STALE_TEMP_S`
+    (``path.old`` ones too: `atomic_replace_dir`'s old folder moved aside)."""
+    remove_stale_temps(path.parent, others_may_write=True, names={path.name, path.name + ".old"},
+                       min_age_s=STALE_TEMP_S)
+    return temp_path(path)
 
 
 _TEMP_NAME = re.compile(r"^\.(?P<name>.+)" + re.escape(_TMP_MARK) + r"(?P<host>.+)-(?P<pid>\d+)$")  # `temp_path`

@@ -32,7 +32,6 @@ from .fsio import (
     atomic_replace_dir,
     atomic_write_with,
     fsync_dir,
-    fsync_tree,
     remove_stale_temps,
     sha256_path,
     temp_path,
@@ -130,8 +129,7 @@ def merge_units(out: Path, keep_work: bool = False, progress: bool = True, worke
     if tmp.exists():
         shutil.rmtree(tmp)
     stats.to_zarr(tmp)
-    fsync_tree(tmp)  # before the manifest (fsynced) says the corpus is finished
-    atomic_replace_dir(tmp, out / STATS)
+    atomic_replace_dir(tmp, out / STATS)  # fsynced before the manifest says the corpus is finished
 
     manifest = build_manifest(out, plan, vocab, results, shards)
     manifest["cell_lengths"] = lengths

@@ -24,18 +24,11 @@ from .fsio import FolderBusy, OutputLock, atomic_write_json, remove_stale_temps,
 from .gene_ids import resolve_gene_ids
 from .readers import Source, SourceError, is_soma, is_uri, open_source, pool_start_method
 from .soma_source import SomaSelection
-from .validate import check_integer_counts, non_integer_message, sample_rows
+from .validate import check_integer_counts, looks_integer, non_integer_message, sample_rows
 from .vocab import VocabError, read_symbol_table
 
 WORK = ".work"  # a conversion's work folder inside the corpus folder: plan, units, scans
 PLAN_VERSION = 3
-# A file is taken as normalized (and refused) when more than this fraction of the nonzeros in its
-# first rows is fractional; a normalized matrix is ~100% fractional, while a stray bad cell in a
-# count matrix is skipped and counted as ``non_integer`` instead.
-NORMALIZED_FRACTION = 0.01
-# ... or when more than this fraction of those rows' cells holds a fractional value (a few fractions
-# in most cells, as multi-mapper EM counts have, would skip most cells as ``non_integer``)
-FRACTIONAL_CELLS = 0.1
 # Rows read and converted at once (in blocks): bounds a worker's memory whatever the unit size.
 CHUNK_BLOCKS = 16
 logger = logging.getLogger(__name__)
@@ -171,10 +164,9 @@ def _plan_source(index: int, path: str, options: ConvertOptions, symbol_table) -
         sample = src.read_rows(a, b)
         _warn_column_major(src, options)
         frac, cells, max_value = check_integer_counts(sample)
-        integer_counts = frac <= NORMALIZED_FRACTION and cells <= FRACTIONAL_CELLS
+        integer_counts = looks_integer(frac, cells)
         if not integer_counts and not options.allow_non_integer:
-            raise SourceError(non_integer_message(path, frac, cells, max_value, src.matrix, _alternatives(src),
-                                                  NORMALIZED_FRACTION))
+            raise SourceError(non_integer_message(path, frac, cells, max_value, src.matrix, _alternatives(src)))
         labels = {}
         for col in options.label_columns:
             values = source_label(src, col)

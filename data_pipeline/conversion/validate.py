@@ -67,6 +67,15 @@ def row_flags(x: sp.csr_matrix, integer_counts: bool) -> np.ndarray:
     return reason
 
 
+# A file is taken as non-integer (and refused) when more than this fraction of the nonzeros in its
+# first rows is fractional (a normalized matrix is ~100% fractional, while a stray bad cell in a count
+# matrix is skipped and counted as ``non_integer`` instead) ...
+NORMALIZED_FRACTION = 0.01
+# ... or when more than this fraction of those rows' cells holds a fractional value (a few fractions
+# in most cells, as multi-mapper EM counts have, would skip most cells as ``non_integer``)
+FRACTIONAL_CELLS = 0.1
+
+
 def check_integer_counts(sample: sp.csr_matrix) -> tuple[float, float, float]:
     """In a sample of rows: the fraction of finite nonzeros that are fractional, the fraction of
     cells holding at least one, and the largest finite value.  ``sample``: [n, n_vars]"""
@@ -76,10 +85,16 @@ def check_integer_counts(sample: sp.csr_matrix) -> tuple[float, float, float]:
     kept = np.isfinite(data) & (data != 0)
     if not kept.any():
         return 0.0, 0.0, 0.0
-    fractional = kept & (data != np.rint(np.where(kept, data, 0)))
-    row_of = np.repeat(np.arange(sample.shape[0]), np.diff(sample.indptr))
-    cells = np.unique(row_of[fractional]).size / max(sample.shape[0], 1)
-    return float(fractional.sum() / kept.sum()), float(cells), float(data[kept].max())
+    values = data[kept]
+    fractional = values != np.rint(values)
+    rows = np.repeat(np.arange(sample.shape[0]), np.diff(sample.indptr))[kept]
+    cells = np.unique(rows[fractional]).size / max(sample.shape[0], 1)
+    return float(fractional.mean()), float(cells), float(values.max())
+
+
+def looks_integer(frac: float, cells: float) -> bool:
+    """Whether `check_integer_counts`'s fractions leave a file taken as integer counts."""
+    return frac <= NORMALIZED_FRACTION and cells <= FRACTIONAL_CELLS
 
 
 def sample_rows(n_cells: int, row_pointers: np.ndarray | None = None) -> tuple[int, int]:
@@ -90,10 +105,9 @@ def sample_rows(n_cells: int, row_pointers: np.ndarray | None = None) -> tuple[i
     return 0, b
 
 
-def non_integer_message(path, frac: float, cells: float, max_value: float, matrix: str, alternatives: list[str],
-                        normalized_fraction: float) -> str:
+def non_integer_message(path, frac: float, cells: float, max_value: float, matrix: str, alternatives: list[str]) -> str:
     alt = f"; this file also has {', '.join(alternatives)} (choose with --matrix)" if alternatives else ""
-    if frac <= normalized_fraction:  # mostly integers, a few fractions in many cells: not a normalized matrix
+    if frac <= NORMALIZED_FRACTION:  # mostly integers, a few fractions in many cells: not a normalized matrix
         return (f"{path}: matrix '{matrix}' holds a few fractional values in {cells:.0%} of the cells of its first "
                 f"rows ({frac:.1%} of their nonzeros; e.g. multi-mapper EM counts): each such cell would be skipped "
                 f"as non_integer. Round the counts first, pass integer counts{alt}, or --allow-non-integer to store "

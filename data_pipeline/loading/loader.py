@@ -538,26 +538,23 @@ class CellLoader:
                                    restartable=False)
         # states saved before the token cost was recorded summed capped lengths (+ extra tokens, per view)
         cost = state.get("token_cost", asdict(replace(s.token_cost, full_length=None, padded=False)))
-        same_cost = cost == asdict(s.token_cost)
-        if not same_cost and not restart_epoch:
-            raise LoaderStateError(f"the loader state was taken with cells costing {cost} against the token budget, this "
-                             f"loader counts {asdict(s.token_cost)} (another model shape or attention backend, or a "
-                             "state saved before sdpa batches and full-gene-set cells were counted as the model runs "
-                             "them): the epoch's batches differ, so it cannot continue exactly; pass "
-                             "restart_epoch=True to start that epoch over", restartable=True)
-        same_layout = (state["world_size"], state["streams_per_rank"]) == (s.world_size, s.streams_per_rank)
-        if not same_layout and not restart_epoch:
-            raise LoaderStateError(f"the loader state was taken with world size {state['world_size']} and "
-                             f"{state['streams_per_rank']} streams per rank, this loader has {s.world_size} "
-                             f"and {s.streams_per_rank}: the epoch's layout differs, so it cannot continue "
-                             "exactly; pass restart_epoch=True to start that epoch over", restartable=True)
-        # version 1 drew the block order from megabatch 0's shuffle stream: the same epoch, other batches
-        # (a state taken before its epoch's first batch loses nothing)
-        same_order = version == STATE_VERSION or state["batches_done"] == 0
-        if not same_order and not restart_epoch:
-            raise LoaderStateError("the loader state was saved by an earlier loader (state version 1), whose epochs "
-                                   "order the blocks differently: it cannot continue exactly; pass restart_epoch=True "
-                                   "to start that epoch over", restartable=True)
+        # what makes the saved epoch's batches other than this loader's: it can only start over
+        differs = [why for same, why in (
+            (cost == asdict(s.token_cost),
+             f"the loader state was taken with cells costing {cost} against the token budget, this loader counts "
+             f"{asdict(s.token_cost)} (another model shape or attention backend, or a state saved before sdpa "
+             "batches and full-gene-set cells were counted as the model runs them): the epoch's batches differ"),
+            ((state["world_size"], state["streams_per_rank"]) == (s.world_size, s.streams_per_rank),
+             f"the loader state was taken with world size {state['world_size']} and {state['streams_per_rank']} "
+             f"streams per rank, this loader has {s.world_size} and {s.streams_per_rank}: the epoch's layout differs"),
+            # version 1 drew the block order from megabatch 0's shuffle stream (a state taken before its
+            # epoch's first batch loses nothing)
+            (version == STATE_VERSION or state["batches_done"] == 0,
+             "the loader state was saved by an earlier loader (state version 1), whose epochs order the blocks "
+             "differently")) if not same]
+        if differs and not restart_epoch:
+            raise LoaderStateError(f"{differs[0]}, so it cannot continue exactly; pass restart_epoch=True to start "
+                                   "that epoch over", restartable=True)
         self.set_epoch(state["epoch"])
-        if same_layout and same_cost and same_order:
+        if not differs:
             self.batches_done = state["batches_done"]

@@ -24,22 +24,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from data_pipeline.conversion.fsio import (
-    STALE_TEMP_S,
-    commit,
-    fsync_dir,
-    fsync_file,
-    remove_stale_temps,
-    temp_path,
-)
+from data_pipeline.conversion.fsio import atomic_replace_dir, output_temp
 from data_pipeline.conversion.vocab import Vocabulary, read_vocab
 from data_pipeline.loading.normalize import FIXED_BIN_MODES, Normalization
 
@@ -112,8 +103,7 @@ def write_bundle(out: str | Path, weights: dict[str, torch.Tensor], config: Mode
     out = Path(out)
     check_bundle_out(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out.parent, names={out.name, out.name + ".old"}, min_age_s=STALE_TEMP_S)
-    tmp = temp_path(out)
+    tmp = output_temp(out)
     tmp.mkdir()
     save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"),
               metadata={"format": "pt", "bundle_format": str(BUNDLE_FORMAT), "model_type": model_type(config)})
@@ -123,17 +113,7 @@ def write_bundle(out: str | Path, weights: dict[str, torch.Tensor], config: Mode
     (tmp / "README.md").write_text(card)
     for name, data in (extra or {}).items():
         (tmp / name).write_bytes(data)
-    for path in tmp.iterdir():
-        fsync_file(path)
-    fsync_dir(tmp)
-    # the old bundle is moved aside before the new one takes its name (a folder cannot replace a
-    # folder in one rename): a kill in between leaves no `out` and the old one under a temp name
-    old = temp_path(out.with_name(out.name + ".old")) if out.exists() else None
-    if old is not None:
-        os.replace(out, old)
-    commit(tmp, out)
-    if old is not None:
-        shutil.rmtree(old)
+    atomic_replace_dir(tmp, out)
     return out
 
 
