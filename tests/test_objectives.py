@@ -47,8 +47,11 @@ def test_blocked_info_nce_equals_the_full_one_with_gradients(n, block):
     full = info_nce(a, b, scale)
     blocked = info_nce_blocked(a, b, scale, block_rows=block)
     assert blocked.item() == pytest.approx(full.item(), rel=1e-6, abs=1e-6)
+    # each gradient sums terms of size ~scale (the logits' slope), which fp32 rounds at scale * eps:
+    # all that a gradient which cancels to zero (n = 1) can show, and a CPU's matmul kernel decides
+    floor = 8 * torch.finfo(torch.float32).eps * scale.item()
     for x, y in zip(torch.autograd.grad(full, (a, b, scale)), torch.autograd.grad(blocked, (a, b, scale))):
-        assert (x - y).abs().max() <= 1e-6 * max(1.0, x.abs().max().item())
+        assert (x - y).abs().max() <= 1e-6 * max(1.0, x.abs().max().item()) + floor
 
 
 def test_info_nce_prefers_matched_views_and_gradients_reach_temperature():
