@@ -113,29 +113,41 @@ def _brute_force_graph(z: np.ndarray, k: int, alpha: float) -> dict[tuple[int, i
     for i in range(n):
         others = [j for j in range(n) if j != i]
         nearest = sorted(others, key=lambda j: (-logsim[i, j], j))[:k]
-        values = np.array([logsim[i, j] for j in nearest])
+        values = np.array([np.exp(logsim[i, j]) for j in nearest])
         threshold = values.mean() - values.std()
         for rank, j in enumerate(nearest):
-            if rank == 0 or logsim[i, j] >= threshold:
+            if rank == 0 or np.exp(logsim[i, j]) >= threshold:
                 kept[(j, i)] = kept[(i, j)] = float(np.exp(logsim[i, j]))
     return kept
 
 
-@pytest.mark.parametrize("k", [3, 8])
-def test_knn_graph_is_the_pruned_symmetric_exp_mah_graph(k):
+@pytest.mark.parametrize("k, alpha", [(3, 1.0), (8, 1.0), (8, 0.2), (8, 5.0)])
+def test_knn_graph_is_the_pruned_symmetric_exp_mah_graph(k, alpha):
     rng = np.random.default_rng(k)
     z = np.concatenate([rng.normal(size=(20, 5)), rng.normal(3, 1, size=(20, 5))])
-    graph = exp_mah_knn_graph(z, k=k, alpha=1.0, block=7)
+    graph = exp_mah_knn_graph(z, k=k, alpha=alpha, block=7)
     src, dst = graph.edge_index
     got = {(int(s), int(d)): float(w) for s, d, w in zip(src, dst, graph.weight)}
-    want = _brute_force_graph(z, k, 1.0)
+    want = _brute_force_graph(z, k, alpha)
     assert got.keys() == want.keys()
     np.testing.assert_allclose([got[e] for e in want], list(want.values()), rtol=1e-9)
     assert (src != dst).all()
     assert len(got) < 2 * k * len(z)  # something was pruned
     # the block size does not change the graph
-    other = exp_mah_knn_graph(z, k=k, alpha=1.0, block=1024)
+    other = exp_mah_knn_graph(z, k=k, alpha=alpha, block=1024)
     np.testing.assert_array_equal(other.edge_index, graph.edge_index)
+
+
+def test_alpha_shapes_the_graph_and_must_be_positive():
+    """alpha (the --sim-alpha of launch/cluster_cells.py) changes which edges survive pruning; 0 or a
+    negative one is refused, naming the fix."""
+    rng = np.random.default_rng(0)
+    z = np.concatenate([rng.normal(size=(30, 5)), rng.normal(3, 1, size=(30, 5))])
+    low, high = (exp_mah_knn_graph(z, k=10, alpha=a) for a in (0.2, 5.0))
+    assert low.edge_index.shape != high.edge_index.shape or not np.array_equal(low.edge_index, high.edge_index)
+    for alpha in (0.0, -1.0):
+        with pytest.raises(ValueError, match="needs alpha > 0"):
+            exp_mah_knn_graph(z, k=10, alpha=alpha)
 
 
 def test_vae_loss_matches_its_formula():

@@ -116,6 +116,20 @@ def test_a_batch_costs_the_sum_of_its_sequences(name):
         assert summed > 1.01 * at_mean
 
 
+@pytest.mark.parametrize("gene_set, architecture", [("all", "encoder"), ("expressed", "encoder_decoder")])
+def test_the_full_gene_set_is_the_models_when_cls_comes_after_the_genes(gene_set, architecture):
+    """A Geneformer token dictionary has no <cls>: conversion appends it after the genes. The gene
+    count that sizes batches (token_cost) and FLOPs is the run of genes the model itself draws."""
+    config = ModelConfig(vocab_size=12, pad_token=0, mask_token=1, cls_token=11, gene_set=gene_set,
+                         architecture=architecture, d_model=16, n_heads=2, n_layers=1, attention="sdpa",
+                         value_mode="continuous" if architecture == "encoder_decoder" else "bins",
+                         decoder=DecoderConfig(d_model=16, n_heads=2, n_layers=1, attention="sdpa"))
+    low, high = CellModel(config).gene_range
+    assert config.n_genes == high - low == 9
+    cost = config.token_cost(None)
+    assert cost.full_length == 9 + (config.n_prefix if gene_set == "all" else 0)
+
+
 # --- 5. pretrained gene embeddings -------------------------------------------------------------
 
 ENSEMBL = ["<pad>", "<cls>", "<mask>", "ENSG00000000003", "ENSG00000000005", "ENSG00000000419", "ENSG00000000457",

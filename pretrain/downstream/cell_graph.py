@@ -13,12 +13,14 @@ This project's choices, where the paper's formula (as issue 23 gives it) leaves 
   cells get a similarity near 0, ranked below every positively correlated cell, and the ranking
   among positive correlations is the formula's own. ((1 + r) / 2 instead would rank a close but
   anti-correlated cell above a distant, well-correlated one.)
-- ranking and pruning use ``log sim = alpha * dM * log r`` (the similarity itself underflows to 0
-  for distant cells, which would make ties);
+- ranking uses ``log sim = alpha * dM * log r`` (the similarity itself underflows to 0 for
+  distant cells, which would make ties); alpha > 0 does not change the ranking;
 - pruning (after scGNN's adaptive kNN pruning, not from the scHybridBERT paper): of a cell's K
-  neighbours, those whose log-similarity is below the mean minus one standard deviation of the
-  K are dropped (the nearest is always kept); the graph is then made undirected by the union of
-  the kept edges, each weighted by its similarity. No self-loops (the GAT adds its own).
+  neighbours, those whose similarity is below the mean minus one standard deviation of the K
+  are dropped (the nearest is always kept). On the similarity, not its log: that is where alpha
+  acts (a larger alpha spreads the K similarities and prunes differently), whereas any cut on
+  the log, alpha * (...), would be the same for every alpha. The graph is then made undirected by
+  the union of the kept edges, each weighted by its similarity. No self-loops (the GAT adds its own).
 """
 
 from __future__ import annotations
@@ -60,6 +62,9 @@ def exp_mah_knn_graph(z: np.ndarray, k: int = 15, alpha: float = 1.0, block: int
     n = len(z)
     if n < 2:
         raise ValueError(f"a cell graph needs at least 2 cells, got {n}")
+    if not alpha > 0:
+        raise ValueError(f"alpha {alpha}: the Exp-Mah exponent alpha * dM needs alpha > 0 (0 makes every cell "
+                         "equally similar, a negative one ranks the least similar first); the default is 1.0")
     k = min(k, n - 1)
     data = torch.from_numpy(np.asarray(z, np.float64))
     sources, targets, logs = [], [], []
@@ -70,7 +75,8 @@ def exp_mah_knn_graph(z: np.ndarray, k: int = 15, alpha: float = 1.0, block: int
         # stable sort: ties broken by cell index, so the graph does not depend on the block size
         nearest = np.argsort(-s, axis=1, kind="stable")[:, :k]
         best = np.take_along_axis(s, nearest, axis=1)
-        keep = best >= (best.mean(axis=1, keepdims=True) - best.std(axis=1, keepdims=True))
+        sim = np.exp(best)
+        keep = sim >= (sim.mean(axis=1, keepdims=True) - sim.std(axis=1, keepdims=True))
         keep[:, 0] = True
         rows = np.broadcast_to(np.arange(start, stop)[:, None], nearest.shape)
         sources.append(nearest[keep])

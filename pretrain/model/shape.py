@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from data_pipeline.conversion.vocab import gene_token_range
 from data_pipeline.loading.batching import TokenCost
 
 from ..knobs import FREE, knob
@@ -128,8 +129,10 @@ class ModelConfig:
 
     @property
     def n_genes(self) -> int:
-        """Gene tokens of the vocabulary (the ids after the special tokens): the full gene set."""
-        return self.vocab_size - (max(self.pad_token, self.cls_token, self.mask_token) + 1)
+        """Gene tokens of the vocabulary, the full gene set: the run the model draws genes from, with
+        special tokens before it or after it (a Geneformer dictionary's appended ``<cls>``)."""
+        low, high = gene_token_range((self.pad_token, self.cls_token, self.mask_token), self.vocab_size)
+        return high - low
 
     def token_cost(self, max_genes: int | None, views: int = 1) -> TokenCost:
         """What a cell costs against the token budget when this model runs it (the one place the
