@@ -149,19 +149,30 @@ def gpu_test_files() -> list[str]:
 
 
 # --- one part ------------------------------------------------------------------------------------------
-def run_command(command: list[str], log: Path, timeout: float, env: dict) -> tuple[int | str, float]:
+def run_command(command: list[str], log: Path, timeout: float, env: dict, every=None,
+                interval: float = 30.0) -> tuple[int | str, float]:
     """Run ``command`` from the repository root, its output into ``log``; on timeout kill its whole
-    process group.  -> (exit code or "timeout", seconds)"""
+    process group. ``every()`` is called each ``interval`` seconds while it runs (the suite packs
+    its files then: a kill of the whole suite by the device tool keeps the rows a part has written).
+    -> (exit code or "timeout", seconds)"""
     started = time.monotonic()
+    deadline = started + max(1.0, timeout)
     with log.open("w") as out:
         out.write("$ " + " ".join(command) + "\n")
         out.flush()
         proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-        try:
-            code: int | str = proc.wait(timeout=max(1.0, timeout))
-        except subprocess.TimeoutExpired:
-            code = "timeout"
+        code: int | str | None = None
+        while code is None:
+            left = deadline - time.monotonic()
+            try:
+                code = proc.wait(timeout=max(0.01, min(interval, left)) if every else max(0.01, left))
+            except subprocess.TimeoutExpired:
+                if time.monotonic() >= deadline:
+                    code = "timeout"
+                elif every:
+                    every()
+        if code == "timeout":
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -527,7 +538,11 @@ def main(argv=None) -> None:
             command, files = part_commands(part, out, slug, args.smoke, timeout)
             for f in files:  # nothing stale from an earlier run counts as this run's result
                 f.unlink(missing_ok=True)
-            code, seconds = run_command(command, log, timeout, env)
+            # said before it runs: a suite killed during this part says which part that was
+            report["parts"][part] = {"status": "running", "timeout_s": round(timeout, 1), "log": log.name}
+            write_result(suite_file, report, quiet=True)
+            code, seconds = run_command(command, log, timeout, env,
+                                        every=(lambda: bundle(out, bundle_to, slug, suite_file)) if bundle_to else None)
             if part == "pytest_gpu":
                 code = 0 if code == 5 else code  # 5: nothing selected (no GPU test collected): not a failure
             rec = {"command": _show(command), "exit_code": code, "seconds": round(seconds, 1),

@@ -164,6 +164,20 @@ def test_pytest_counts_from_the_log_when_no_xml(tmp_path):
     assert (counts["passed"], counts["failed"], counts["errors"], counts["skipped"]) == (1, 1, 0, 1)
 
 
+def test_a_running_part_is_packed_while_it_runs_and_a_timeout_kills_it(tmp_path):
+    """run_command calls ``every`` (the suite's packing) while the part runs, so a suite killed by
+    the device tool mid-part keeps that part's rows; at its limit the part's process group dies."""
+    from gpu_suite import run_command
+
+    calls = []
+    code, seconds = run_command([sys.executable, "-c", "import time; time.sleep(1.5)"], tmp_path / "a.log", 20,
+                                dict(os.environ), every=lambda: calls.append(time.monotonic()), interval=0.2)
+    assert code == 0 and len(calls) >= 3
+    code, seconds = run_command([sys.executable, "-c", "import time; time.sleep(30)"], tmp_path / "b.log", 1.0,
+                                dict(os.environ))
+    assert code == "timeout" and seconds < 10 and "killed after 1 s" in (tmp_path / "b.log").read_text()
+
+
 def test_gpu_commands_parse(tmp_path):
     """The GPU forms of the parts' commands (never run here) are accepted by each script's parser,
     with the values the suite means: a typo in a flag would cost a device call."""
