@@ -335,7 +335,8 @@ def summary(part: str, files: list[Path]) -> dict:
                 "versions": r.get("versions")}
     out = {"partial": r.get("partial", False), "rows": len(r.get("rows") or [])}
     if part in ("favor", "favor_fp32"):
-        out["lines"] = [{k: row.get(k) for k in ("impl", "L", "fwd_ms", "fwd_bwd_ms", "fwd_gap", "fwd_bwd_gap",
+        out["lines"] = [{k: row.get(k) for k in ("impl", "L", "fwd_ms", "fwd_bwd_ms", "fwd_kernel_ms",
+                                                  "fwd_bwd_kernel_ms", "fwd_gap", "fwd_bwd_gap",
                                                   "fwd_bwd_tflops", "error", "skipped")} for row in r["rows"]]
     elif part == "train":
         out["lengths"] = (r.get("settings") or {}).get("lengths")

@@ -98,6 +98,8 @@ def test_gpu_suite_smoke_runs_every_part(tmp_path):
     measured = [row for row in favor["rows"] if row.get("fwd_ms") is not None]
     assert {row["impl"] for row in measured} >= {"favor_triton", "performer_pytorch", "sdpa"}
     assert all(row["fwd_gap"] > 0 and row["counts"]["fwd_flops"] > 0 for row in measured)
+    # the operators' own time beside the timed calls (on a GPU the kernels'), and how many they were
+    assert all(0 < row["fwd_kernel_ms"] and row["fwd_launches"] < row["fwd_bwd_launches"] for row in measured)
     fp32 = json.loads((out / "favor_fp32_cpu.json").read_text())
     assert {row["impl"] for row in fp32["rows"]} == {"favor_triton"} and fp32["dtype"] == "fp32"
 
