@@ -37,10 +37,15 @@ def float64_model(**overrides) -> CellModel:
 # --- 1. packed forward = padded reference ------------------------------------------------------
 
 @pytest.mark.parametrize("attention", ["favor", "sdpa"])
-@pytest.mark.parametrize("use_cls,pooling", [(True, "cls"), (True, "mean"), (False, "mean")])
+@pytest.mark.parametrize("use_cls,pooling,head_dim", [(True, "cls", None), (True, "mean", None), (False, "mean", None),
+                                                      (True, "cls", 12)])
 @pytest.mark.parametrize("value_mode", ["bins", "continuous", "rank"])
-def test_packed_encode_equals_padded_reference(attention, use_cls, pooling, value_mode):
-    model = float64_model(attention=attention, use_cls=use_cls, pooling=pooling, value_mode=value_mode)
+def test_packed_encode_equals_padded_reference(attention, use_cls, pooling, head_dim, value_mode):
+    """head_dim 12: two heads of 12 (24 wide) in a 16-wide model, as performer-pytorch's 64-wide heads."""
+    model = float64_model(attention=attention, use_cls=use_cls, pooling=pooling, value_mode=value_mode,
+                          head_dim=head_dim)
+    if head_dim:
+        assert model.encoder.blocks[0].attn.qkv.weight.shape == (3 * 2 * head_dim, 16)
     batch = random_batch(RAGGED, seed=1, value_mode=value_mode)
     with torch.no_grad():
         tokens, cells = model.encode(batch.gene_ids, batch.values, batch.cu_seqlens, batch.max_seqlen)

@@ -82,7 +82,7 @@ class CellModel(nn.Module):
         self.depth = nn.Parameter(torch.randn(2, c.d_model) * 0.02) if c.depth_tokens else None
         self.drop = nn.Dropout(c.dropout)
         self.encoder = Encoder(c.d_model, c.n_layers, c.n_heads, c.ffn_multiplier, c.dropout, c.norm_eps, c.attention,
-                               c.favor_features, c.activation_checkpointing, c.norm_position, c.activation)
+                               c.favor_features, c.activation_checkpointing, c.norm_position, c.activation, c.head_dim)
         mlm_out = c.mlm_outputs
         self.gene_range = gene_token_range((c.pad_token, c.cls_token, c.mask_token), c.vocab_size)  # [low, high)
         if c.architecture == "encoder_decoder":
