@@ -57,7 +57,7 @@ from .shape import ModelConfig
 
 @dataclass
 class ModelOutput:
-    mlm: torch.Tensor            # [n_masked, C] logits or [n_masked] values
+    mlm: torch.Tensor | None     # [n_masked, C] logits or [n_masked] values (None: contrastive_only)
     cells: torch.Tensor          # [B, cell_dim]
     contrastive: torch.Tensor    # [B, contrastive_dim]
     labels: list[torch.Tensor]   # per label column [B, n_classes]
@@ -284,7 +284,14 @@ class CellModel(nn.Module):
         weights = key_padding_mask.to(h.dtype)[..., None]
         return h, (h * weights).sum(1) / weights.sum(1).clamp_min(1)
 
-    def forward(self, batch: PackedBatch) -> ModelOutput:
+    def forward(self, batch: PackedBatch, contrastive_only: bool = False) -> ModelOutput:
+        """``contrastive_only``: the cell and contrastive embeddings alone (no masked-expression,
+        MVC or label head, no decoder; the other fields None or empty): the gradient cache's first
+        pass, which keeps only those. The encoder draws the same random numbers either way, and no
+        head after it draws any, so the embeddings equal a full forward's under the same seed."""
+        if contrastive_only:
+            cells = self._cells(batch)
+            return ModelOutput(mlm=None, cells=cells, contrastive=self.contrastive_head(cells), labels=[], tokens=None)
         if self.config.architecture == "encoder_decoder":
             return self._forward_encoder_decoder(batch)
         known = ~batch.mlm_mask if self.config.attention_mask == "generative" else None
@@ -307,6 +314,15 @@ class CellModel(nn.Module):
     def _outputs(self, mlm, cells, tokens, mvc=None) -> ModelOutput:
         return ModelOutput(mlm=mlm, cells=cells, contrastive=self.contrastive_head(cells),
                            labels=[head(cells) for head in self.label_heads], tokens=tokens, mvc=mvc)
+
+    def _cells(self, batch: PackedBatch) -> torch.Tensor:
+        """The cell embeddings [B, cell_dim] of `forward`, by the encoder alone."""
+        if self.config.architecture == "encoder_decoder":
+            keep = ~batch.mlm_mask & (batch.values > 0)
+            enc_cu, enc_max = compact(keep, batch.cu_seqlens)
+            return self._encode(batch.gene_ids[keep], batch.values[keep], enc_cu, enc_max, batch.read_depth)[1]
+        known = ~batch.mlm_mask if self.config.attention_mask == "generative" else None
+        return self.encode(batch.gene_ids, batch.values, batch.cu_seqlens, batch.max_seqlen, batch.read_depth, known)[1]
 
     def _forward_encoder_decoder(self, batch: PackedBatch) -> ModelOutput:
         # the encoder sees the expressed (input > 0; masked inputs are -1), unmasked genes
