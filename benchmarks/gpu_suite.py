@@ -32,9 +32,8 @@ total):
    kernel file first (its model-size tests at its top: the never-compiled kernels are the first
    thing to prove), then the training test, every dtype (each kernel compiles in 1-1.5 s under
    Triton 3.6: benchmarks/results/compile_sm90_triton360.json), 90 s per test where pytest-timeout
-   is installed; JUnit XML and
-   the ``-rA`` log under ``--out``; ``gpu_tests_<device>.json`` with the pass / fail / skip counts
-   (read from the log when a timeout kept the XML from being written).
+   is installed; JUnit XML and the ``-rA`` log under ``--out``; ``gpu_tests_<device>.json`` with the
+   pass / fail / skip counts (read from the log when a timeout kept the XML from being written).
 4. ``favor`` (85): `bench_favor.py`, bf16: our Triton kernel, performer-pytorch (eager, same
    projection), varlen_attn (exact, packed) and SDPA (exact, padded) at L = 256 ... 16,906, about
    64K tokens per call, fwd and fwd+bwd, FLOP and byte counts, floors and gaps against the ceilings.
