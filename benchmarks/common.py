@@ -115,10 +115,26 @@ def versions(*modules: str) -> dict:
     return out
 
 
+def code_version() -> dict | None:
+    """The checkout's commit, and whether tracked files differ from it: which code a number came
+    from (None outside a git checkout, as on the device machine, which gets a copy of the files)."""
+    def git(*args) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=RESULTS.parents[1], capture_output=True, text=True, timeout=30)
+
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode:
+            return None
+        return {"commit": head.stdout.strip(),
+                "modified": bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip())}
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
 def result_record(benchmark: str, **fields) -> dict:
-    """A results JSON's fields: the benchmark's name and date first, the command that made it last."""
-    return {"benchmark": benchmark, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **fields,
-            "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}
+    """A results JSON's fields: the benchmark's name, date and code first, the command that made it last."""
+    return {"benchmark": benchmark, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "code": code_version(), **fields, "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}
 
 
 def write_result(path: Path, result: dict, quiet: bool = False) -> None:

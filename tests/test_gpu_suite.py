@@ -139,6 +139,12 @@ def test_result_file_is_rewritten_after_every_row(tmp_path):
     assert last["rows"] == [{"x": 1}, {"x": 2}] and last["partial"] is False and last["done"] is True
     assert list(last)[-1] == "command"
     assert not list(tmp_path.glob(".*tmp"))  # no temporary file left behind
+    # which code made it: this checkout's commit (None where there is no git checkout, as on the device)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    if head.returncode == 0:
+        assert last["code"]["commit"] == head.stdout.strip() and isinstance(last["code"]["modified"], bool)
+    else:
+        assert last["code"] is None
 
 
 def test_attention_cost_counts():
