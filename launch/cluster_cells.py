@@ -56,7 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--graph-neighbors", type=int, default=d.graph_neighbors,
                         help=f"K of the Exp-Mah kNN cell graph, before pruning (default {d.graph_neighbors})")
     parser.add_argument("--sim-alpha", type=float, default=d.sim_alpha,
-                        help=f"alpha of the Exp-Mah similarity Rcor ** (alpha * dM) (default {d.sim_alpha})")
+                        help=f"alpha of the Exp-Mah similarity Rcor ** (alpha * dM), > 0; it scales the edge weights, "
+                             f"not which edges the pruned graph keeps (default {d.sim_alpha})")
     parser.add_argument("--vae-steps", type=int, default=v.steps, help=f"VAE optimizer steps (default {v.steps})")
     parser.add_argument("--epochs", type=int, default=d.epochs,
                         help=f"full-batch steps training the GAT and fusion (default {d.epochs})")

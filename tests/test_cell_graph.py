@@ -113,10 +113,10 @@ def _brute_force_graph(z: np.ndarray, k: int, alpha: float) -> dict[tuple[int, i
     for i in range(n):
         others = [j for j in range(n) if j != i]
         nearest = sorted(others, key=lambda j: (-logsim[i, j], j))[:k]
-        values = np.array([np.exp(logsim[i, j]) for j in nearest])
+        values = np.array([logsim[i, j] for j in nearest])
         threshold = values.mean() - values.std()
         for rank, j in enumerate(nearest):
-            if rank == 0 or np.exp(logsim[i, j]) >= threshold:
+            if rank == 0 or logsim[i, j] >= threshold:
                 kept[(j, i)] = kept[(i, j)] = float(np.exp(logsim[i, j]))
     return kept
 
@@ -138,13 +138,14 @@ def test_knn_graph_is_the_pruned_symmetric_exp_mah_graph(k, alpha):
     np.testing.assert_array_equal(other.edge_index, graph.edge_index)
 
 
-def test_alpha_shapes_the_graph_and_must_be_positive():
-    """alpha (the --sim-alpha of launch/cluster_cells.py) changes which edges survive pruning; 0 or a
-    negative one is refused, naming the fix."""
+def test_alpha_must_be_positive_and_scales_only_the_weights():
+    """alpha (the --sim-alpha of launch/cluster_cells.py): 0 or a negative one is refused, naming the
+    fix; a positive one changes the edges' weights, not which edges there are (pruning on the
+    log-similarity, as documented in cell_graph)."""
     rng = np.random.default_rng(0)
     z = np.concatenate([rng.normal(size=(30, 5)), rng.normal(3, 1, size=(30, 5))])
     low, high = (exp_mah_knn_graph(z, k=10, alpha=a) for a in (0.2, 5.0))
-    assert low.edge_index.shape != high.edge_index.shape or not np.array_equal(low.edge_index, high.edge_index)
+    assert np.array_equal(low.edge_index, high.edge_index) and not np.allclose(low.weight, high.weight)
     for alpha in (0.0, -1.0):
         with pytest.raises(ValueError, match="needs alpha > 0"):
             exp_mah_knn_graph(z, k=10, alpha=alpha)

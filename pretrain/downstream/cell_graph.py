@@ -13,14 +13,16 @@ This project's choices, where the paper's formula (as issue 23 gives it) leaves 
   cells get a similarity near 0, ranked below every positively correlated cell, and the ranking
   among positive correlations is the formula's own. ((1 + r) / 2 instead would rank a close but
   anti-correlated cell above a distant, well-correlated one.)
-- ranking uses ``log sim = alpha * dM * log r`` (the similarity itself underflows to 0 for
-  distant cells, which would make ties); alpha > 0 does not change the ranking;
+- ranking and pruning use ``log sim = alpha * dM * log r`` (the similarity itself underflows to 0
+  for distant cells, which would make ties);
 - pruning (after scGNN's adaptive kNN pruning, not from the scHybridBERT paper): of a cell's K
-  neighbours, those whose similarity is below the mean minus one standard deviation of the K
-  are dropped (the nearest is always kept). On the similarity, not its log: that is where alpha
-  acts (a larger alpha spreads the K similarities and prunes differently), whereas any cut on
-  the log, alpha * (...), would be the same for every alpha. The graph is then made undirected by
-  the union of the kept edges, each weighted by its similarity. No self-loops (the GAT adds its own).
+  neighbours, those whose log-similarity is below the mean minus one standard deviation of the
+  K are dropped (the nearest is always kept); the graph is then made undirected by the union of
+  the kept edges, each weighted by its similarity. No self-loops (the GAT adds its own).
+- so alpha (> 0) scales every log-similarity alike and changes no edge, only the weights, which
+  the GAT does not read: ``--sim-alpha`` does not change the clusters. Pruning on the similarity
+  itself would let alpha act; it waits until the evaluation's clustering rows (3 seeds of
+  benchmarks/results/eval_final*.json, computed with this graph) can be recomputed with it.
 """
 
 from __future__ import annotations
@@ -75,8 +77,7 @@ def exp_mah_knn_graph(z: np.ndarray, k: int = 15, alpha: float = 1.0, block: int
         # stable sort: ties broken by cell index, so the graph does not depend on the block size
         nearest = np.argsort(-s, axis=1, kind="stable")[:, :k]
         best = np.take_along_axis(s, nearest, axis=1)
-        sim = np.exp(best)
-        keep = sim >= (sim.mean(axis=1, keepdims=True) - sim.std(axis=1, keepdims=True))
+        keep = best >= (best.mean(axis=1, keepdims=True) - best.std(axis=1, keepdims=True))
         keep[:, 0] = True
         rows = np.broadcast_to(np.arange(start, stop)[:, None], nearest.shape)
         sources.append(nearest[keep])
