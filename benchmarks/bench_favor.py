@@ -49,10 +49,21 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from common import RESULTS, ResultFile, device_record, device_slug, read_ceilings, time_ms, versions  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    ResultFile,
+    device_kernel_ms,
+    device_record,
+    device_slug,
+    read_ceilings,
+    time_ms,
+    versions,
+)
 
 IMPLS = ("favor_triton", "performer_pytorch", "varlen", "sdpa", "favor_reference")
-GPU_IMPLS = ["favor_triton", "performer_pytorch", "varlen", "sdpa"]
+# ours last at each length: a CUDA fault in a kernel that never ran on a GPU is sticky (the process
+# is lost), so the baselines at that length are recorded before it
+GPU_IMPLS = ["performer_pytorch", "varlen", "sdpa", "favor_triton"]
 SMOKE_IMPLS = ["favor_triton", "favor_reference", "performer_pytorch", "varlen", "sdpa"]
 LENGTHS = [256, 1024, 2048, 8192, 16906]
 L2_BYTES = 60 << 20  # H100 / H200 (read off the device where it says)
@@ -192,6 +203,13 @@ def measure(fn, sets, cuda: bool, warmup_ms: float, rep_ms: float, min_reps: int
     out = {"fwd_ms": time_ms(forward, cuda, warmup_ms, rep_ms, min_reps),
            "fwd_bwd_ms": time_ms(forward_backward, cuda, warmup_ms, rep_ms, min_reps)}
     out["bwd_ms"] = out["fwd_bwd_ms"] - out["fwd_ms"]
+    # the device's own time: a fwd_ms far above fwd_kernel_ms is the host's launches, not the kernels
+    for what, call in (("fwd", forward), ("fwd_bwd", forward_backward)):
+        try:
+            got = device_kernel_ms(call, runs=5 if cuda else 1, cuda=cuda)
+            out[f"{what}_kernel_ms"], out[f"{what}_launches"] = got["kernel_ms"], got["kernels_per_call"]
+        except Exception as err:  # noqa: BLE001 - a profiler that cannot run here loses only these fields
+            out[f"{what}_kernel_ms_error"] = f"{type(err).__name__}: {str(err)[:200]}"
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -242,7 +260,10 @@ def bench_one(name: str, length: int, args, projection, device: str, dtype, ceil
     finally:
         del sets
         if cuda:
-            torch.cuda.empty_cache()
+            try:
+                torch.cuda.empty_cache()
+            except RuntimeError:  # the device is gone (a fault above, already recorded): keep the row
+                pass
     row["seconds"] = round(time.perf_counter() - started, 2)
     return row
 
@@ -321,7 +342,8 @@ def main(argv=None) -> None:
         versions=versions("torch", "triton", "performer_pytorch"),
         dtype=dtype_name, heads=args.heads, head_dim=args.head_dim, features=args.features, tokens=args.tokens,
         impls=impls, lengths=args.lengths, ceilings=ceilings, ceilings_file=str(args.ceilings) if args.ceilings else None,
-        timing="triton.testing.do_bench median (warm-up, L2 flushed between calls), inputs rotated" if device == "cuda"
+        timing="triton.testing.do_bench median (warm-up, L2 flushed between calls), inputs rotated; *_kernel_ms: "
+               "the device time of the kernels launched, torch.profiler, mean of 5 calls" if device == "cuda"
         else "time.perf_counter median (CPU smoke)",
         flop_counts="attention_cost(): FAVOR+ fwd per token-head 4mD + 4mDv + 3m (+2m exp), exact fwd 4BHL^2D; "
                     "bwd 2.5x fwd; bytes: q,k,v read + out written (fwd), q,k,v,dO read + dq,dk,dv written (bwd)")

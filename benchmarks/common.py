@@ -115,10 +115,26 @@ def versions(*modules: str) -> dict:
     return out
 
 
+def code_version() -> dict | None:
+    """The checkout's commit, and whether tracked files differ from it: which code a number came
+    from (None outside a git checkout, as on the device machine, which gets a copy of the files)."""
+    def git(*args) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=RESULTS.parents[1], capture_output=True, text=True, timeout=30)
+
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode:
+            return None
+        return {"commit": head.stdout.strip(),
+                "modified": bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip())}
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
 def result_record(benchmark: str, **fields) -> dict:
-    """A results JSON's fields: the benchmark's name and date first, the command that made it last."""
-    return {"benchmark": benchmark, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **fields,
-            "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}
+    """A results JSON's fields: the benchmark's name, date and code first, the command that made it last."""
+    return {"benchmark": benchmark, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "code": code_version(), **fields, "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}
 
 
 def write_result(path: Path, result: dict, quiet: bool = False) -> None:
@@ -198,6 +214,31 @@ def time_ms(fn, cuda: bool, warmup_ms: float = 25, rep_ms: float = 100, min_reps
         times.append(time.perf_counter() - t)
         spent += times[-1]
     return statistics.median(times) * 1e3
+
+
+def device_kernel_ms(fn, runs: int = 5, cuda: bool = True) -> dict:
+    """The GPU's own time in ``fn()``: the device time of every kernel, copy and fill it launched,
+    summed over ``runs`` calls under torch.profiler, per call. Beside `time_ms` (CUDA events around
+    each call: the device's timeline, idle gaps included) it shows what the host's launches cost:
+    ``wall - kernels`` is time the device sat waiting. ``cuda=False``: the CPU operators' own time
+    instead (what the CPU smoke runs).  -> {"kernel_ms", "kernels_per_call"}"""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    fn()  # anything lazy (a first-call allocation, a plan) outside the profile
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(runs):
+            fn()
+        sync()
+    events = prof.key_averages()
+    if cuda:  # the attribute's name changed in torch 2.4 (self_cuda_time_total before)
+        total_us = sum(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0
+                       for e in events)
+    else:
+        total_us = sum(e.self_cpu_time_total for e in events)
+    return {"kernel_ms": total_us / 1e3 / runs, "kernels_per_call": sum(e.count for e in events) / runs}
 
 
 # --- the two ceilings -------------------------------------------------------------------------------

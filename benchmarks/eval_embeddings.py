@@ -200,9 +200,11 @@ class EvalFile:
         import anndata
         import scipy.sparse as sp
 
+        from pretrain.downstream.token_cells import label_strings
+
         adata = anndata.read_h5ad(path)
-        labels = adata.obs[label_key].astype(str).to_numpy()
-        known = (adata.obs[label_key].notna().to_numpy()) & (labels != "nan")
+        labels = label_strings(adata.obs[label_key])  # "" where missing, as fine-tuning reads them
+        known = labels != ""
         classes, counts = np.unique(labels[known], return_counts=True)
         keep = known & np.isin(labels, classes[counts >= FOLDS])
         rows = np.flatnonzero(keep)

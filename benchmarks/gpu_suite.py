@@ -28,11 +28,12 @@ total):
    device-to-device copy (bytes read + written); do_bench medians, each twice. Writes
    ``ceilings_<device>.json`` at once; the later parts read it.
 3. ``pytest_gpu`` (135): ``pytest -m gpu`` on the test files that carry GPU marks (found by grep at
-   run time, so collection imports no test module whose packages the device lacks), the training
-   test first, the FAVOR+ kernel file last, ``-m "gpu and not fp32_kernels"`` (the fp32 kernels
-   compile for minutes), 90 s per test where pytest-timeout is installed; JUnit XML and
-   the ``-rA`` log under ``--out``; ``gpu_tests_<device>.json`` with the pass / fail / skip counts
-   (read from the log when a timeout kept the XML from being written).
+   run time, so collection imports no test module whose packages the device lacks), the FAVOR+
+   kernel file first (its model-size tests at its top: the never-compiled kernels are the first
+   thing to prove), then the training test, every dtype (each kernel compiles in 1-1.5 s under
+   Triton 3.6: benchmarks/results/compile_sm90_triton360.json), 90 s per test where pytest-timeout
+   is installed; JUnit XML and the ``-rA`` log under ``--out``; ``gpu_tests_<device>.json`` with the
+   pass / fail / skip counts (read from the log when a timeout kept the XML from being written).
 4. ``favor`` (85): `bench_favor.py`, bf16: our Triton kernel, performer-pytorch (eager, same
    projection), varlen_attn (exact, packed) and SDPA (exact, padded) at L = 256 ... 16,906, about
    64K tokens per call, fwd and fwd+bwd, FLOP and byte counts, floors and gaps against the ceilings.
@@ -57,9 +58,9 @@ total):
    it: `gpu_prepare.sh` makes it), the real trainer (tiny model, sdpa, bf16) run twice,
    reading the device every step and every 10th step, 150 steps each, one process per run: what
    the per-step reads cost a GPU's launch queue (issue 21). ``train_loop_<device>.json``.
-9. ``favor_fp32`` (what the others left, run only when that is at least 330 s; else skipped, which
-   is no failure): our kernel on fp32 inputs (TF32 products) at the same sizes. Last, since
-   compiling the fp32 kernels took minutes where it was tried.
+9. ``favor_fp32`` (what the others left, run only when that is at least 30 s; else skipped, which
+   is no failure): our kernel on fp32 inputs (TF32 products) at the same sizes; the fp32 kernels'
+   correctness is pytest_gpu's.
 
 ``gpu_suite_<device>.json`` (rewritten after every part) lists per part its command, exit code,
 seconds, time limit, result files and, when it failed, the end of its output; each part's whole
@@ -93,7 +94,7 @@ from common import RESULTS, cpu_device, nvidia_smi, result_record, slug_of, writ
 PLAN = (
     ("wheels", 30, "install the carried wheels (.whl/) into a --target folder for the parts' PYTHONPATH"),
     ("setup", 40, "versions, device, ceilings (bf16 and TF32 8192^3 GEMM, 2 GiB copy) -> ceilings_<device>.json"),
-    ("pytest_gpu", 135, "pytest -m gpu on the test files with GPU marks, training first, no fp32 kernel compiles "
+    ("pytest_gpu", 135, "pytest -m gpu on the test files with GPU marks, the FAVOR+ kernel's first, then training "
                         "-> gpu_tests_<device>.json, JUnit XML"),
     ("favor", 85, "FAVOR+ kernel vs performer-pytorch, varlen_attn, SDPA; bf16; fwd, fwd+bwd -> favor_<device>.json"),
     ("train", 140, "geneformer-10m, scgpt: favor / varlen / sdpa, packed vs padded (also to the cap); cells/s, MFU "
@@ -101,15 +102,15 @@ PLAN = (
     ("contrastive", 55, "gradient-cached vs uncached step, 256 ... 65,536 cells -> contrastive_<device>.json"),
     ("embed", 35, "cells embedded per second per device, each preset, bf16 -> embed_<device>.json"),
     ("train_loop", 40, "the trainer's steps/s reading the device every step vs every 10th -> train_loop_<device>.json"),
-    ("favor_fp32", 0, "our FAVOR+ kernel on fp32 inputs (TF32 products) -> favor_fp32_<device>.json; only with "
-                      "330 s left (the fp32 kernels' compile took minutes)"),
+    ("favor_fp32", 0, "our FAVOR+ kernel on fp32 inputs (TF32 products), in the time the others left "
+                      "-> favor_fp32_<device>.json"),
 )
 # a part that cannot finish in less starts only with this much left (on a GPU; --smoke runs all)
-MIN_START_S = {"favor_fp32": 330}
-# pytest_gpu runs the files in this order (the rest after them, by name): what proves training first,
-# the FAVOR+ kernel files last (each dtype's kernels compile on first use)
-TEST_ORDER = ("tests/test_gpu_training.py", "tests/test_attention_backends.py", "tests/test_kernels_packing.py")
-TEST_LAST = ("tests/test_favor_kernel.py",)
+MIN_START_S = {"favor_fp32": 30}
+# pytest_gpu runs the files in this order (the rest after them, by name): the kernels that never ran
+# on a GPU first, then what proves training
+TEST_ORDER = ("tests/test_favor_kernel.py", "tests/test_gpu_training.py", "tests/test_attention_backends.py",
+              "tests/test_kernels_packing.py")
 PER_TEST_S = 90  # pytest-timeout's limit per test, where it is installed (the GPU image has it)
 PARTS = tuple(name for name, _, _ in PLAN)
 LENGTHS_FILE = REPO / "benchmarks" / "gpu_inputs" / "lengths.npy"
@@ -143,23 +144,34 @@ def gpu_test_files() -> list[str]:
     found = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py")
                    if GPU_MARK.search(p.read_text(errors="replace")))
     rank = {name: i for i, name in enumerate(TEST_ORDER)}
-    return sorted(found, key=lambda f: (f in TEST_LAST, rank.get(f, len(rank)), f))
+    return sorted(found, key=lambda f: (rank.get(f, len(rank)), f))
 
 
 # --- one part ------------------------------------------------------------------------------------------
-def run_command(command: list[str], log: Path, timeout: float, env: dict) -> tuple[int | str, float]:
+def run_command(command: list[str], log: Path, timeout: float, env: dict, every=None,
+                interval: float = 30.0) -> tuple[int | str, float]:
     """Run ``command`` from the repository root, its output into ``log``; on timeout kill its whole
-    process group.  -> (exit code or "timeout", seconds)"""
+    process group. ``every()`` is called each ``interval`` seconds while it runs (the suite packs
+    its files then: a kill of the whole suite by the device tool keeps the rows a part has written).
+    -> (exit code or "timeout", seconds)"""
     started = time.monotonic()
+    deadline = started + max(1.0, timeout)
     with log.open("w") as out:
         out.write("$ " + " ".join(command) + "\n")
         out.flush()
         proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-        try:
-            code: int | str = proc.wait(timeout=max(1.0, timeout))
-        except subprocess.TimeoutExpired:
-            code = "timeout"
+        code: int | str | None = None
+        while code is None:
+            left = deadline - time.monotonic()
+            try:
+                code = proc.wait(timeout=max(0.01, min(interval, left)) if every else max(0.01, left))
+            except subprocess.TimeoutExpired:
+                if time.monotonic() >= deadline:
+                    code = "timeout"
+                elif every:
+                    every()
+        if code == "timeout":
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -185,10 +197,8 @@ def part_commands(part: str, out: Path, slug: str, smoke: bool, timeout: float) 
     if part == "pytest_gpu":
         files = gpu_test_files()
         xml = out / f"pytest_gpu_{slug}.xml"
-        # fp32 FAVOR+ kernels compile for minutes (favor_fp32 measures them when time is left)
-        select = "gpu" if smoke else "gpu and not fp32_kernels"
         limit = [f"--timeout={PER_TEST_S}"] if importlib.util.find_spec("pytest_timeout") else []
-        return [py, "-m", "pytest", "-m", select, *limit, "-p", "no:cacheprovider", "-rA", "-v",
+        return [py, "-m", "pytest", "-m", "gpu", *limit, "-p", "no:cacheprovider", "-rA", "-v",
                 f"--junitxml={xml}", *files], [xml]
     if part in ("favor", "favor_fp32"):
         result = out / f"{part}_{slug}.json"
@@ -324,7 +334,8 @@ def summary(part: str, files: list[Path]) -> dict:
                 "versions": r.get("versions")}
     out = {"partial": r.get("partial", False), "rows": len(r.get("rows") or [])}
     if part in ("favor", "favor_fp32"):
-        out["lines"] = [{k: row.get(k) for k in ("impl", "L", "fwd_ms", "fwd_bwd_ms", "fwd_gap", "fwd_bwd_gap",
+        out["lines"] = [{k: row.get(k) for k in ("impl", "L", "fwd_ms", "fwd_bwd_ms", "fwd_kernel_ms",
+                                                  "fwd_bwd_kernel_ms", "fwd_gap", "fwd_bwd_gap",
                                                   "fwd_bwd_tflops", "error", "skipped")} for row in r["rows"]]
     elif part == "train":
         out["lengths"] = (r.get("settings") or {}).get("lengths")
@@ -527,7 +538,11 @@ def main(argv=None) -> None:
             command, files = part_commands(part, out, slug, args.smoke, timeout)
             for f in files:  # nothing stale from an earlier run counts as this run's result
                 f.unlink(missing_ok=True)
-            code, seconds = run_command(command, log, timeout, env)
+            # said before it runs: a suite killed during this part says which part that was
+            report["parts"][part] = {"status": "running", "timeout_s": round(timeout, 1), "log": log.name}
+            write_result(suite_file, report, quiet=True)
+            code, seconds = run_command(command, log, timeout, env,
+                                        every=(lambda: bundle(out, bundle_to, slug, suite_file)) if bundle_to else None)
             if part == "pytest_gpu":
                 code = 0 if code == 5 else code  # 5: nothing selected (no GPU test collected): not a failure
             rec = {"command": _show(command), "exit_code": code, "seconds": round(seconds, 1),

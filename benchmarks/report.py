@@ -60,7 +60,10 @@ def source(name: str, result: dict, reproduce: str | None = None) -> str:
     """The line that says where a table comes from."""
     versions = ", ".join(f"{k} {v}" for k, v in (result.get("versions") or {}).items() if v)
     date = result.get("date", "?")[:10]
-    text = f"From `benchmarks/results/{name}` ({device_text(result.get('device', '?'))}; {date}; {versions})."
+    code = result.get("code") or {}  # recorded since 2026-12-06: which commit made it
+    commit = (f"; commit {code['commit'][:10]}" + (" with local changes" if code.get("modified") else "")
+              if code.get("commit") else "")
+    text = f"From `benchmarks/results/{name}` ({device_text(result.get('device', '?'))}; {date}{commit}; {versions})."
     return text + f" Reproduce: `{reproduce or 'python ' + result.get('command', '?')}`."
 
 

@@ -24,12 +24,13 @@ from pathlib import Path
 if not __package__:  # run as a script from a checkout (`python launch/X.py`, `deepspeed launch/X.py`): its code
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_pipeline.conversion.fsio import commit, fsync_file, output_temp  # noqa: E402
+from data_pipeline.conversion.fsio import atomic_write_json  # noqa: E402
 from data_pipeline.log_setup import add_verbosity_flags, setup_logging  # noqa: E402
 from pretrain.downstream.hybrid import HybridConfig, cluster_with_baselines  # noqa: E402
 from pretrain.downstream.token_cells import read_token_cells  # noqa: E402
 from pretrain.downstream.vae import VAEConfig  # noqa: E402
 from pretrain.embed import add_cell_input_arguments, embed_counts  # noqa: E402
+from pretrain.embed_output import annotated_copy, check_not_input  # noqa: E402
 from pretrain.export import load_pretrained  # noqa: E402
 from pretrain.threads import add_runtime_arguments, apply_threads  # noqa: E402
 
@@ -55,7 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--graph-neighbors", type=int, default=d.graph_neighbors,
                         help=f"K of the Exp-Mah kNN cell graph, before pruning (default {d.graph_neighbors})")
     parser.add_argument("--sim-alpha", type=float, default=d.sim_alpha,
-                        help=f"alpha of the Exp-Mah similarity Rcor ** (alpha * dM) (default {d.sim_alpha})")
+                        help=f"alpha of the Exp-Mah similarity Rcor ** (alpha * dM), > 0; it scales the edge weights, "
+                             f"not which edges the pruned graph keeps (default {d.sim_alpha})")
     parser.add_argument("--vae-steps", type=int, default=v.steps, help=f"VAE optimizer steps (default {v.steps})")
     parser.add_argument("--epochs", type=int, default=d.epochs,
                         help=f"full-batch steps training the GAT and fusion (default {d.epochs})")
@@ -94,9 +96,12 @@ def main(argv: list[str] | None = None) -> dict:
     source, out = Path(args.input), Path(args.out)
     if out.suffix != ".h5ad":
         sys.exit(f"--out {out}: write an .h5ad (the input plus the clusters)")
-    for flag, path in (("--out", out), ("--report", Path(args.report) if args.report else None)):
-        if path is not None and not path.parent.is_dir():
-            sys.exit(f"{flag} {path}: the folder {path.parent} does not exist; create it first")
+    if args.report and not Path(args.report).parent.is_dir():
+        sys.exit(f"--report {args.report}: the folder {Path(args.report).parent} does not exist; create it first")
+    try:
+        check_not_input(source, out)  # and --out's folder exists: found before the work, not after
+    except ValueError as e:
+        sys.exit(str(e))
     adata = anndata.read_h5ad(source)
     counts = layer_counts(adata, args.layer, source)  # before the embedding: a wrong --layer fails at once
     if args.n_clusters is not None and args.n_clusters > adata.n_obs:
@@ -121,19 +126,16 @@ def main(argv: list[str] | None = None) -> dict:
     report.update(input=str(source), bundle=str(args.bundle), label_column=args.label_column, seed=args.seed,
                   coverage={k: coverage[k] for k in ("mapped_genes", "input_genes", "count_fraction")})
     name = args.name
-    for method, column in (("schybridbert", f"{name}_cluster"), ("pca50", f"{name}_pca50_cluster"),
-                           ("embedding_kmeans", f"{name}_embedding_kmeans_cluster")):
-        adata.obs[column] = pd.Categorical(result["clusters"][method].astype(str))
-    adata.obsm[f"X_{name}"] = result["hybrid"].fused
-    adata.obsm[f"X_{name}_view_weights"] = result["hybrid"].view_weights
-    adata.obsm[f"X_{name}_embedding"] = embedding
-    adata.uns[f"{name}_report"] = json.dumps(report)
-    tmp_out = output_temp(out)  # this process's own: a killed or a second run does not leave or take it
-    adata.write_h5ad(tmp_out)
-    fsync_file(tmp_out)
-    commit(tmp_out, out)
+    clusters = {column: pd.Categorical(result["clusters"][method].astype(str))
+                for method, column in (("schybridbert", f"{name}_cluster"), ("pca50", f"{name}_pca50_cluster"),
+                                       ("embedding_kmeans", f"{name}_embedding_kmeans_cluster"))}
+    # the input copied as a file with these added, as predict writes its columns (one writer of users' .h5ad)
+    annotated_copy(source, out, obs=clusters,
+                   obsm={f"X_{name}": result["hybrid"].fused, f"X_{name}_view_weights": result["hybrid"].view_weights,
+                         f"X_{name}_embedding": embedding},
+                   uns={f"{name}_report": json.dumps(report)})
     if args.report:
-        Path(args.report).write_text(json.dumps(report, indent=1) + "\n")
+        atomic_write_json(args.report, report, indent=1)
     print(json.dumps(report, indent=1))
     return report
 

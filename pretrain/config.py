@@ -435,8 +435,8 @@ class FinetuneConfig:
     class_weights: bool = _help("weight the cross-entropy by inverse class frequency (imbalanced cell types)", True)
     val_fraction: float = _help("without a validation file: the share of labelled cells held out, stratified by label",
                                 0.1)
-    min_class_cells: int = _help("leave out labels with fewer training cells than this (0: keep all; a stratified "
-                                 "split needs 2)", 0)
+    min_class_cells: int = _help("leave out labels with fewer labelled cells than this, counted before the "
+                                 "validation split (0: keep all; a stratified split needs 2)", 0)
     threshold: float = _help("predictions with a lower top probability are 'unassigned' (scBERT's novel types); "
                              "written to labels.json as predict's default", 0.5, resume=FREE)
     seed: int = _help("head initialization, split, shuffling and dropout seed", 0)

@@ -85,7 +85,11 @@ def deepspeed_engine(module: torch.nn.Module, optimizer: torch.optim.Optimizer, 
     ds_config = merge_nested({"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": micro_steps,
                         "zero_optimization": {"stage": ds.zero_stage}, "bf16": {"enabled": bool(bf16)},
                         "gradient_clipping": ds.gradient_clipping, "zero_allow_untested_optimizer": True,
-                        "steps_per_print": 10**12, "wall_clock_breakdown": False}, ds.overrides)
+                        "steps_per_print": 10**12, "wall_clock_breakdown": False,
+                        # its throughput timer (on by default) synchronizes the device at every forward and
+                        # step: the GPU would idle while the host prepares the next batch; the trainer measures
+                        # its own throughput
+                        "timers": {"throughput": {"enabled": False}}}, ds.overrides)
     # what DeepSpeed will run, overrides included (zero_optimization.overlap_comm alone keeps the stage)
     bf16 = bool(ds_config.get("bf16", {}).get("enabled", False))
     half = bf16 or bool(ds_config.get("fp16", {}).get("enabled", False))

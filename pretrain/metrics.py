@@ -71,6 +71,10 @@ class RunLog:
         self.mlflow, self.tracking_uri, self.run_id = None, None, None
         self.mlflow_logged_through = 0  # steps MLflow already has (a resume after a kill retrains some)
         self.mlflow_failed = False  # a logging call failed: no more are made (metrics.json keeps every step)
+        # the last asynchronous log_metrics (MLflow's RunOperations) and its step: a store's write (SQLite, a
+        # server) runs beside the training instead of stalling every rank at each log step; its failure is
+        # found at the next log step or at the end
+        self.mlflow_pending, self.mlflow_pending_step = None, None
         self.flushed_at = -math.inf  # when metrics.json was last written (time.monotonic)
         self.flush_seconds = 0.0  # how long that write took
         # decided now: mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, our own store's included
@@ -112,15 +116,31 @@ class RunLog:
             # run's growing file does not cost O(steps^2), while a short run's stays current
             if time.monotonic() - self.flushed_at >= min(FLUSH_SECONDS, self.flush_seconds / FLUSH_SHARE):
                 self.flush()
+            self.settle_mlflow()
             if self.mlflow is not None and not self.mlflow_failed and metrics["step"] > self.mlflow_logged_through:
                 step = metrics["step"]
                 try:
-                    self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()  # MLflow stamps its own time
-                                             if k not in ("step", "time") and isinstance(v, (int, float))}, step=step)
+                    self.mlflow_pending = self.mlflow.log_metrics(
+                        {k: float(v) for k, v in metrics.items()  # MLflow stamps its own time
+                         if k not in ("step", "time") and isinstance(v, (int, float))}, step=step, synchronous=False)
+                    self.mlflow_pending_step = step
                 except Exception as err:  # noqa: BLE001 - a tracking server's hiccup must not end a multi-day run
-                    self.mlflow_failed = True
-                    logger.warning(f"MLflow logging failed at step {step} ({type(err).__name__}: {err}); the run goes "
-                                   f"on without it: every step's record stays in {self.run_dir / 'metrics.json'}")
+                    self._mlflow_failed_at(step, err)
+
+    def settle_mlflow(self) -> None:
+        """Wait for the last asynchronous MLflow write (done by now, unless the store is slower than
+        ``log_every`` steps) and say if it failed."""
+        pending, self.mlflow_pending = self.mlflow_pending, None
+        if pending is not None and not self.mlflow_failed:
+            try:
+                pending.wait()
+            except Exception as err:  # noqa: BLE001 - as above
+                self._mlflow_failed_at(self.mlflow_pending_step, err)
+
+    def _mlflow_failed_at(self, step: int, err: Exception) -> None:
+        self.mlflow_failed = True
+        logger.warning(f"MLflow logging failed at step {step} ({type(err).__name__}: {err}); the run goes "
+                       f"on without it: every step's record stays in {self.run_dir / 'metrics.json'}")
 
     def flush(self) -> None:
         started = time.monotonic()
@@ -156,6 +176,7 @@ class RunLog:
 
     def finish(self, summary: dict) -> None:
         self.flush()
+        self.settle_mlflow()
         png = self.plot()
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         if self.mlflow is not None:
@@ -174,6 +195,7 @@ class RunLog:
         run as FAILED (without this, MLflow's exit hook ends it FINISHED)."""
         if self.took_steps:
             self.flush()
+        self.settle_mlflow()
         if self.mlflow is not None and self.mlflow.active_run() is not None:
             self.mlflow.end_run(status="FAILED")
 

@@ -121,21 +121,34 @@ def _brute_force_graph(z: np.ndarray, k: int, alpha: float) -> dict[tuple[int, i
     return kept
 
 
-@pytest.mark.parametrize("k", [3, 8])
-def test_knn_graph_is_the_pruned_symmetric_exp_mah_graph(k):
+@pytest.mark.parametrize("k, alpha", [(3, 1.0), (8, 1.0), (8, 0.2), (8, 5.0)])
+def test_knn_graph_is_the_pruned_symmetric_exp_mah_graph(k, alpha):
     rng = np.random.default_rng(k)
     z = np.concatenate([rng.normal(size=(20, 5)), rng.normal(3, 1, size=(20, 5))])
-    graph = exp_mah_knn_graph(z, k=k, alpha=1.0, block=7)
+    graph = exp_mah_knn_graph(z, k=k, alpha=alpha, block=7)
     src, dst = graph.edge_index
     got = {(int(s), int(d)): float(w) for s, d, w in zip(src, dst, graph.weight)}
-    want = _brute_force_graph(z, k, 1.0)
+    want = _brute_force_graph(z, k, alpha)
     assert got.keys() == want.keys()
     np.testing.assert_allclose([got[e] for e in want], list(want.values()), rtol=1e-9)
     assert (src != dst).all()
     assert len(got) < 2 * k * len(z)  # something was pruned
     # the block size does not change the graph
-    other = exp_mah_knn_graph(z, k=k, alpha=1.0, block=1024)
+    other = exp_mah_knn_graph(z, k=k, alpha=alpha, block=1024)
     np.testing.assert_array_equal(other.edge_index, graph.edge_index)
+
+
+def test_alpha_must_be_positive_and_scales_only_the_weights():
+    """alpha (the --sim-alpha of launch/cluster_cells.py): 0 or a negative one is refused, naming the
+    fix; a positive one changes the edges' weights, not which edges there are (pruning on the
+    log-similarity, as documented in cell_graph)."""
+    rng = np.random.default_rng(0)
+    z = np.concatenate([rng.normal(size=(30, 5)), rng.normal(3, 1, size=(30, 5))])
+    low, high = (exp_mah_knn_graph(z, k=10, alpha=a) for a in (0.2, 5.0))
+    assert np.array_equal(low.edge_index, high.edge_index) and not np.allclose(low.weight, high.weight)
+    for alpha in (0.0, -1.0):
+        with pytest.raises(ValueError, match="needs alpha > 0"):
+            exp_mah_knn_graph(z, k=10, alpha=alpha)
 
 
 def test_vae_loss_matches_its_formula():

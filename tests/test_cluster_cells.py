@@ -22,6 +22,7 @@ from data_pipeline.loading.normalize import Normalization
 from pretrain.config import ModelConfig
 from pretrain.downstream.clustering import assign_clusters, scores
 from pretrain.downstream.hybrid import HybridConfig, cluster_with_baselines, hybrid_representation
+from pretrain.downstream.token_cells import label_strings
 from pretrain.downstream.vae import VAEConfig
 from pretrain.export import write_bundle
 from pretrain.model import CellModel
@@ -59,9 +60,11 @@ def test_pipeline_finds_separable_types_deterministically():
 
 
 def test_scores_leave_unlabelled_cells_out():
-    truth = np.array(["a", "a", None, "b", "b", np.nan, ""], dtype=object)
-    got = scores(truth, np.array([0, 0, 1, 1, 1, 0, 0]))
+    """Missing labels as NaN or None, and as the texts a column through astype(str) or a CSV holds."""
+    truth = np.array(["a", "a", None, "b", "b", np.nan, "", "nan", "NA", "None", "<NA>"], dtype=object)
+    got = scores(truth, np.array([0, 0, 1, 1, 1, 0, 0, 1, 1, 0, 1]))
     assert got["n_labelled"] == 4 and got["ari"] == pytest.approx(1.0)
+    assert label_strings(pd.Series(truth).astype(str)).tolist() == ["a", "a"] + [""] + ["b", "b"] + [""] * 6
 
 
 N_GENES = 150
@@ -121,6 +124,10 @@ def test_command_writes_clusters_in_input_order(bundle, tmp_path):
     assert proc.returncode != 0 and "no obs column 'celltype'" in proc.stderr and "cell_type" in proc.stderr
     proc = _cluster_command(bundle, source, "--out", out, "--n-clusters", 151)
     assert proc.returncode != 0 and "only 150 cells" in proc.stderr
+    proc = _cluster_command(bundle, source, "--out", source, "--n-clusters", 3)
+    assert proc.returncode != 0 and "is the input" in proc.stderr
+    # written through a temp file of its own, renamed when whole: nothing else is left beside the outputs
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.h5ad", "clustered.h5ad", "embedded.h5ad", "report.json"]
 
 
 def test_bench_cluster_runs(bundle, tmp_path):

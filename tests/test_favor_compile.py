@@ -3,7 +3,7 @@ and the shared-memory limit — checked on this CPU machine with the ptxas / cuo
 inside Triton's package (kernels/favor/aot.py; `python -m kernels.favor.aot` prints the table).
 
 The launches are the ones `kernels/favor/launch.py` gives the forward and backward (the combine in
-between is PyTorch): 5 kernels x D 32/64/128 x m 128/256 x fp32/bf16/fp16 = 90 compiles, ~2 min
+between is PyTorch): 5 kernels x D 16/32/64/128 x m 128/256 x fp32/bf16/fp16 = 120 compiles, ~1 min
 on 2 cores in 2 processes. They run in a subprocess because tests/conftest.py turns on Triton's
 interpreter before any import, and under it ``@triton.jit`` yields interpreted functions that
 cannot be compiled; the subprocess also compiles into a fresh private TRITON_CACHE_DIR.

@@ -4,7 +4,7 @@ Every test runs on each device there is: "cpu" through Triton's interpreter (tes
 turns it on when there is no CUDA; there bf16/fp16 dots are emulated by rounding their operands,
 see kernels/favor/launch.py), and "cuda" with the compiled kernels (marked ``gpu``). On a CUDA
 machine the interpreter is off, so the "cpu" variants skip: CPU tensors cannot reach compiled
-kernels. The ``gpu``-only tests at the end check the compiled kernels at model size.
+kernels. The ``gpu``-only tests first check the compiled kernels at model size.
 """
 
 from __future__ import annotations
@@ -18,11 +18,7 @@ from kernels.favor.triton_ops import favor_backward, favor_forward
 
 HAS_CUDA = torch.cuda.is_available()
 _ON_CUDA = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")]
-# the tests on fp32 inputs compile the fp32 kernels on CUDA (minutes where it was tried): the GPU
-# suite's first pass leaves them out (-m "not fp32_kernels"); the half-precision ones stay
-CUDA = pytest.param("cuda", marks=[*_ON_CUDA, pytest.mark.fp32_kernels])
-DEVICES = ["cpu", CUDA]
-HALF_DEVICES = ["cpu", pytest.param("cuda", marks=_ON_CUDA)]
+DEVICES = HALF_DEVICES = ["cpu", pytest.param("cuda", marks=_ON_CUDA)]
 # fp32 inputs multiply in TF32 on GPU, whose tensor cores drop the 13 low mantissa bits. With that
 # truncation emulated (interpreter, D=64, m=256): 7e-4 in the output, 2.6-2.7e-3 in dq and dk (the
 # backward's cancellations, see launch.py), so 5e-3; the interpreter itself multiplies fp32 exactly.
@@ -63,6 +59,72 @@ def _inputs(lengths, h, d, seed, scale=1.0, device="cpu", dtype=torch.float32):
 
 def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# ---- compiled kernels at model size (GPU only: the interpreter would take hours); first in the file,
+# so that the GPU suite's pytest part, which runs this file first, has them before its time runs out
+
+RAGGED = [1, 17, 2048, 16906]  # a single token, a short tile, a few chunks, many chunks
+
+
+def _model_size(dtype, seed=0):
+    q, k, v, cu = _inputs(RAGGED, 8, 64, seed=seed, device="cuda", dtype=dtype)
+    projection = draw_projection(256, 64, seed=seed + 1).to("cuda")
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 2)).to("cuda", dtype)
+    return q, k, v, cu, projection, grad
+
+
+def _fused_run(q, k, v, cu, projection, grad):
+    from kernels.favor import favor_attention as fused
+
+    inputs = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+    out = fused(*inputs, projection, cu, max(RAGGED))
+    out.backward(grad)
+    return [out.detach()] + [x.grad for x in inputs]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype, bound", [(torch.float32, TF32_BOUND),
+                                          (torch.bfloat16, 1e-2), (torch.float16, 1e-2)])
+def test_compiled_kernels_equal_float64_reference_at_model_size(dtype, bound):
+    """H=8, D=64, m=256, ragged lengths 1, 17, 2048, 16906: output and dq, dk, dv of the compiled
+    kernels against autograd through the float64 reference. fp32 multiplies in TF32 (TF32_BOUND)."""
+    q, k, v, cu, projection, grad = _model_size(dtype)
+    got = _fused_run(q, k, v, cu, projection, grad)
+    ref_in = [x.detach().double().requires_grad_(True) for x in (q, k, v)]
+    ref = favor_attention_reference(*ref_in, projection.double(), cu, max(RAGGED))
+    ref.backward(grad.double())
+    want = [ref.detach()] + [x.grad for x in ref_in]
+    errors = {name: _rel(a, b) for name, a, b in zip(("out", "dq", "dk", "dv"), got, want)}
+    assert all(a.dtype == dtype for a in got)
+    assert max(errors.values()) < bound, errors
+    # every sequence on its own too (the one-token sequence is not drowned by the long one)
+    bounds = cu.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        assert _rel(got[0][a:b], want[0][a:b]) < bound, (b - a, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_kernels_are_deterministic(dtype):
+    """Two runs give bitwise equal outputs and gradients (no atomics, fixed-order sums)."""
+    args = _model_size(dtype, seed=3)
+    first, second = _fused_run(*args), _fused_run(*args)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_boundaries_given_on_the_host_run_on_the_device():
+    """cu_seqlens on the CPU (a padding mask's, a caller's) with CUDA q, k, v: moved, same output."""
+    from kernels.favor import favor_attention as fused
+
+    q, k, v, cu = _inputs([5, 40, 1], 2, 16, seed=4, device="cuda", dtype=torch.bfloat16)
+    projection = draw_projection(32, 16, seed=2).to("cuda")
+    assert torch.equal(fused(q, k, v, projection, cu.cpu(), 40), fused(q, k, v, projection, cu, 40))
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))
@@ -240,57 +302,3 @@ def test_empty_sequences_are_allowed(device):
     projection = draw_projection(32, 16, seed=13).to(device)
     ref = favor_attention_reference(q.double(), k.double(), v.double(), projection.double(), cu, 21)
     assert _rel(fused(q, k, v, projection, cu, 21), ref) < (1e-4 if device == "cpu" else TF32_BOUND)
-
-
-# ---- compiled kernels at model size (GPU only: the interpreter would take hours) -------------
-
-RAGGED = [1, 17, 2048, 16906]  # a single token, a short tile, a few chunks, many chunks
-
-
-def _model_size(dtype, seed=0):
-    q, k, v, cu = _inputs(RAGGED, 8, 64, seed=seed, device="cuda", dtype=dtype)
-    projection = draw_projection(256, 64, seed=seed + 1).to("cuda")
-    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 2)).to("cuda", dtype)
-    return q, k, v, cu, projection, grad
-
-
-def _fused_run(q, k, v, cu, projection, grad):
-    from kernels.favor import favor_attention as fused
-
-    inputs = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
-    out = fused(*inputs, projection, cu, max(RAGGED))
-    out.backward(grad)
-    return [out.detach()] + [x.grad for x in inputs]
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("dtype, bound", [pytest.param(torch.float32, TF32_BOUND, marks=pytest.mark.fp32_kernels),
-                                          (torch.bfloat16, 1e-2), (torch.float16, 1e-2)])
-def test_compiled_kernels_equal_float64_reference_at_model_size(dtype, bound):
-    """H=8, D=64, m=256, ragged lengths 1, 17, 2048, 16906: output and dq, dk, dv of the compiled
-    kernels against autograd through the float64 reference. fp32 multiplies in TF32 (TF32_BOUND)."""
-    q, k, v, cu, projection, grad = _model_size(dtype)
-    got = _fused_run(q, k, v, cu, projection, grad)
-    ref_in = [x.detach().double().requires_grad_(True) for x in (q, k, v)]
-    ref = favor_attention_reference(*ref_in, projection.double(), cu, max(RAGGED))
-    ref.backward(grad.double())
-    want = [ref.detach()] + [x.grad for x in ref_in]
-    errors = {name: _rel(a, b) for name, a, b in zip(("out", "dq", "dk", "dv"), got, want)}
-    assert all(a.dtype == dtype for a in got)
-    assert max(errors.values()) < bound, errors
-    # every sequence on its own too (the one-token sequence is not drowned by the long one)
-    bounds = cu.tolist()
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        assert _rel(got[0][a:b], want[0][a:b]) < bound, (b - a, dtype)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, marks=pytest.mark.fp32_kernels), torch.bfloat16])
-def test_compiled_kernels_are_deterministic(dtype):
-    """Two runs give bitwise equal outputs and gradients (no atomics, fixed-order sums)."""
-    args = _model_size(dtype, seed=3)
-    first, second = _fused_run(*args), _fused_run(*args)
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)

@@ -25,21 +25,55 @@ class _Weights(torch.nn.Module):
         return tuple(w * x for w, x in zip(self.w, g))
 
 
-def _summed_error(stage: int, overrides: dict, monkeypatch) -> float:
-    """Relative error of one bf16 step's summed gradient (SGD, lr 1: the fp32 master weights become
-    minus the sum) over `CHUNKS` micro-steps whose gradients are exact in bf16."""
+def _world_of_one(monkeypatch) -> None:
     import deepspeed
     import torch.distributed as dist
-    from deepspeed.utils import safe_get_full_fp32_param
 
-    from pretrain.config import DeepSpeedConfig
-    from pretrain.distributed import _free_port, deepspeed_engine
+    from pretrain.distributed import _free_port
 
     for name, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                             MASTER_PORT=str(_free_port())).items():
         monkeypatch.setenv(name, value)
     if not dist.is_initialized():  # a world of one, left initialized: DeepSpeed keeps its groups
         deepspeed.init_distributed(dist_backend="gloo")
+
+
+def test_the_engine_does_not_synchronize_the_device_each_micro_step(monkeypatch):
+    """DeepSpeed's throughput timer (on by default) synchronizes the device at every forward and
+    optimizer step, idling the GPU while the host prepares the next one; the trainer measures its
+    own throughput, so the engine runs with the timer off."""
+    from deepspeed.accelerator import get_accelerator
+
+    from pretrain.config import DeepSpeedConfig
+    from pretrain.distributed import deepspeed_engine
+
+    _world_of_one(monkeypatch)
+    syncs = []
+    accelerator = get_accelerator()
+    monkeypatch.setattr(accelerator, "synchronize", lambda *a, **k: syncs.append(1))
+    module = _Weights()
+    ds = DeepSpeedConfig(zero_stage=2, bf16=False, gradient_clipping=0.0)
+    engine, _ = deepspeed_engine(module, torch.optim.SGD(module.parameters(), lr=0.1), ds, torch.device("cpu"),
+                                 micro_steps=3)
+    try:
+        for _ in range(5 * 3):
+            loss = sum(out.sum() for out in engine(*(torch.ones(shape) for shape in SHAPES)))
+            engine.backward(loss, scale_wrt_gas=False)
+            engine.step()
+        assert not syncs  # (destroy synchronizes once, at the end)
+    finally:
+        engine.destroy()
+
+
+def _summed_error(stage: int, overrides: dict, monkeypatch) -> float:
+    """Relative error of one bf16 step's summed gradient (SGD, lr 1: the fp32 master weights become
+    minus the sum) over `CHUNKS` micro-steps whose gradients are exact in bf16."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from pretrain.config import DeepSpeedConfig
+    from pretrain.distributed import deepspeed_engine
+
+    _world_of_one(monkeypatch)
     module = _Weights()
     small_buckets = {"zero_optimization": {"reduce_bucket_size": 100, "allgather_bucket_size": 100}}
     ds = DeepSpeedConfig(zero_stage=stage, bf16=True, gradient_clipping=0.0, overrides={**small_buckets, **overrides})

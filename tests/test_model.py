@@ -37,10 +37,15 @@ def float64_model(**overrides) -> CellModel:
 # --- 1. packed forward = padded reference ------------------------------------------------------
 
 @pytest.mark.parametrize("attention", ["favor", "sdpa"])
-@pytest.mark.parametrize("use_cls,pooling", [(True, "cls"), (True, "mean"), (False, "mean")])
+@pytest.mark.parametrize("use_cls,pooling,head_dim", [(True, "cls", None), (True, "mean", None), (False, "mean", None),
+                                                      (True, "cls", 12)])
 @pytest.mark.parametrize("value_mode", ["bins", "continuous", "rank"])
-def test_packed_encode_equals_padded_reference(attention, use_cls, pooling, value_mode):
-    model = float64_model(attention=attention, use_cls=use_cls, pooling=pooling, value_mode=value_mode)
+def test_packed_encode_equals_padded_reference(attention, use_cls, pooling, head_dim, value_mode):
+    """head_dim 12: two heads of 12 (24 wide) in a 16-wide model, as performer-pytorch's 64-wide heads."""
+    model = float64_model(attention=attention, use_cls=use_cls, pooling=pooling, value_mode=value_mode,
+                          head_dim=head_dim)
+    if head_dim:
+        assert model.encoder.blocks[0].attn.qkv.weight.shape == (3 * 2 * head_dim, 16)
     batch = random_batch(RAGGED, seed=1, value_mode=value_mode)
     with torch.no_grad():
         tokens, cells = model.encode(batch.gene_ids, batch.values, batch.cu_seqlens, batch.max_seqlen)
@@ -131,6 +136,31 @@ def test_changing_one_cell_changes_no_other_cell(name):
         if i != victim:
             assert_same(after[i], before[i])
     assert (after[victim]["cells"] - before[victim]["cells"]).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("name", ["favor", "sdpa", "encoder_decoder", "generative"])
+def test_contrastive_only_forward_equals_the_full_forwards_embeddings_with_dropout(name):
+    """The gradient cache's first pass (`contrastive_only`: no decoder, no masked-expression, MVC or
+    label head) gives the full forward's cell and contrastive embeddings under the same seed,
+    dropout on: the heads it skips come after the encoder and draw no random numbers."""
+    overrides = dict(VARIANTS.get(name, {}))
+    if name == "encoder_decoder":
+        overrides["decoder"] = DecoderConfig(**overrides["decoder"])
+    if name == "generative":
+        overrides = dict(attention="sdpa", attention_mask="generative", mvc_head=True)
+    model = CellModel(small_config(dropout=0.2, **overrides), seed=2).double().train()
+    batch = random_batch(RAGGED, seed=6, vocab_size=model.config.vocab_size, value_mode=model.config.value_mode)
+    calls = []
+    model.mlm_head.register_forward_hook(lambda *_: calls.append(1))
+    torch.manual_seed(7)
+    full = model(batch)
+    torch.manual_seed(7)
+    first = model(batch, contrastive_only=True)
+    exact(first.cells, full.cells)
+    exact(first.contrastive, full.contrastive)
+    assert calls == [1] and first.mlm is None and first.labels == []  # the heads ran for the full forward only
+    torch.manual_seed(8)
+    assert (model(batch, contrastive_only=True).cells - full.cells).abs().max() > 1e-6  # dropout is on
 
 
 def encoder_decoder_without_cls(attention: str) -> CellModel:

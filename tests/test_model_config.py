@@ -30,10 +30,12 @@ def cpu_preset(name: str, **overrides) -> ModelConfig:
 
 # --- 4. parameters and FLOPs -------------------------------------------------------------------
 
+@pytest.mark.parametrize("head_dim", [None, 24])
 @pytest.mark.parametrize("name", list(PRESETS))
-def test_param_count_equals_the_built_model(name):
+def test_param_count_equals_the_built_model(name, head_dim):
+    """Also with heads of their own width (model.head_dim: n_heads x 24 != d_model)."""
     for vocab_size in (64, 101):
-        config = replace(cpu_preset(name), vocab_size=vocab_size)
+        config = replace(cpu_preset(name), vocab_size=vocab_size, head_dim=head_dim)
         with torch.device("meta"):  # full-size shapes, no memory or init time
             model = CellModel(config)
         built = sum(p.numel() for p in model.parameters())
@@ -41,23 +43,24 @@ def test_param_count_equals_the_built_model(name):
         assert model_cost(config, 2000).params == built  # no dependence on the cell length
 
 
-def shrunk_preset(name: str) -> ModelConfig:
+def shrunk_preset(name: str, head_dim: int | None = None) -> ModelConfig:
     """A preset's structure (attention, value mode, gene set, <cls>, pooling, architecture) at
     width 64 and 2 layers, so that a forward pass is quick."""
     return cpu_preset(name, d_model=64, n_heads=4, n_layers=2, max_rank=64, favor_features=32, contrastive_dim=16,
-                      dropout=0.0, decoder=DecoderConfig(n_layers=1, d_model=16, n_heads=2,
-                                                         attention=PRESETS[name].model.decoder.attention))
+                      dropout=0.0, head_dim=head_dim, decoder=DecoderConfig(
+                          n_layers=1, d_model=16, n_heads=2, attention=PRESETS[name].model.decoder.attention))
 
 
+@pytest.mark.parametrize("head_dim", [None, 24])
 @pytest.mark.parametrize("name", list(PRESETS))
-def test_flops_match_a_flop_counter(name):
+def test_flops_match_a_flop_counter(name, head_dim):
     """Forward FLOPs counted by torch's FlopCounterMode on B cells of L genes, 3 of them masked,
     against ``model_cost(config, L, mask_ratio=3/L).flops_per_cell / 3 * B``. CPU sdpa is not
     counted by FlopCounterMode, so its scores and weighted sum (4 n^2 d per layer, n tokens as the
     model sees them) are added. Measured: exact for sdpa presets; +0.2% for favor (its
     denominators, 2 m per head and token, are not counted by model_cost); +1.8% for the
     encoder-decoder (the continuous value MLP is not counted)."""
-    config = shrunk_preset(name)
+    config = shrunk_preset(name, head_dim)
     model = CellModel(config).eval()
     length, n_cells, n_masked = 20, 3, 3
     cells = random_cells([length] * n_cells, seed=0, value_mode=config.value_mode, n_bins=config.n_bins,
@@ -70,7 +73,7 @@ def test_flops_match_a_flop_counter(name):
     n_genes, cls, depth = 64 - 3, config.n_prefix, 2 * int(config.depth_tokens)  # <cls>, T and S
     if config.attention != "favor":
         n = n_genes if config.gene_set == "all" else length - (n_masked if config.architecture != "encoder" else 0)
-        counted += n_cells * config.n_layers * 4 * (n + cls) ** 2 * config.d_model
+        counted += n_cells * config.n_layers * 4 * (n + cls) ** 2 * config.n_heads * config.attention_head_dim
     if config.architecture == "encoder_decoder" and config.decoder.attention != "favor":
         counted += n_cells * config.decoder.n_layers * 4 * (n_genes + depth) ** 2 * config.decoder.d_model
     expected = model_cost(config, length, mask_ratio=n_masked / length).flops_per_cell / 3 * n_cells
@@ -114,6 +117,20 @@ def test_a_batch_costs_the_sum_of_its_sequences(name):
         assert at_mean == pytest.approx(summed, rel=1e-9)
     else:
         assert summed > 1.01 * at_mean
+
+
+@pytest.mark.parametrize("gene_set, architecture", [("all", "encoder"), ("expressed", "encoder_decoder")])
+def test_the_full_gene_set_is_the_models_when_cls_comes_after_the_genes(gene_set, architecture):
+    """A Geneformer token dictionary has no <cls>: conversion appends it after the genes. The gene
+    count that sizes batches (token_cost) and FLOPs is the run of genes the model itself draws."""
+    config = ModelConfig(vocab_size=12, pad_token=0, mask_token=1, cls_token=11, gene_set=gene_set,
+                         architecture=architecture, d_model=16, n_heads=2, n_layers=1, attention="sdpa",
+                         value_mode="continuous" if architecture == "encoder_decoder" else "bins",
+                         decoder=DecoderConfig(d_model=16, n_heads=2, n_layers=1, attention="sdpa"))
+    low, high = CellModel(config).gene_range
+    assert config.n_genes == high - low == 9
+    cost = config.token_cost(None)
+    assert cost.full_length == 9 + (config.n_prefix if gene_set == "all" else 0)
 
 
 # --- 5. pretrained gene embeddings -------------------------------------------------------------
@@ -274,6 +291,9 @@ INVALID = {
     "favor_head_width": (dict(attention="favor", d_model=512, n_heads=2),
                          r"model: head width model\.d_model / n_heads = 256 is over FAVOR\+'s 128: raise model\.n_heads "
                          r"to at least 4"),
+    "favor_head_dim": (dict(attention="favor", head_dim=256), r"model: head width model\.head_dim = 256 is over "
+                                                               r"FAVOR\+'s 128: lower it"),
+    "head_dim": (dict(head_dim=0), r"model\.head_dim=0: give a positive width"),
     "bins": (dict(n_bins=2), r"model\.n_bins=2: bins need at least 3"),
     "dropout": (dict(dropout=1.0), r"model\.dropout=1\.0 must be in \[0, 1\)"),
     "value_mode": (dict(value_mode="log"), r"model\.value_mode='log': choose one of bins, continuous, rank"),

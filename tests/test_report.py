@@ -17,6 +17,13 @@ def test_readme_matches_the_result_files():
     assert r.returncode == 0, r.stderr
 
 
+def test_source_line_names_the_commit_where_the_result_has_it():
+    base = {"device": "cpu", "date": "2026-12-06T18:00:00+00:00", "command": "benchmarks/x.py"}
+    with_code = report.source("x.json", {**base, "code": {"commit": "0123456789abcdef", "modified": True}})
+    assert "2026-12-06; commit 0123456789 with local changes;" in with_code
+    assert "commit" not in report.source("x.json", base)  # results from before it was recorded
+
+
 def test_render_replaces_only_the_blocks():
     text = ("intro\n<!-- report:quality -->\nstale\n<!-- /report:quality -->\nmiddle\n"
             "<!-- report:performance -->\n<!-- /report:performance -->\n"

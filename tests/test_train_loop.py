@@ -248,13 +248,23 @@ def test_the_time_a_read_spends_logging_counts_in_the_next_window(tmp_path, monk
     assert run_log.history[1]["cells_per_s"] <= COUNTS.cells / 0.3
 
 
-def test_an_mlflow_failure_is_said_once_and_the_run_goes_on(tmp_path, caplog):
+@pytest.mark.parametrize("when", ["call", "write"])
+def test_an_mlflow_failure_is_said_once_and_the_run_goes_on(tmp_path, caplog, when):
+    """Steps are logged asynchronously (the store writes beside the training): a failure, of the
+    call itself or of its write in the background, is found by the next log step or the end."""
+    class Failed:
+        def wait(self):
+            raise ConnectionError("tracking server unreachable")
+
     class Failing:
         calls = 0
 
-        def log_metrics(self, metrics, step):
+        def log_metrics(self, metrics, step, synchronous):
+            assert synchronous is False
             Failing.calls += 1
-            raise ConnectionError("tracking server unreachable")
+            if when == "call":
+                raise ConnectionError("tracking server unreachable")
+            return Failed()
 
     run_log = RunLog(tmp_path, "e", use_mlflow=False)
     run_log.start({}, [], resumed=False)
@@ -262,8 +272,10 @@ def test_an_mlflow_failure_is_said_once_and_the_run_goes_on(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="pretrain.metrics"):
         for step in (1, 2, 3):
             run_log.record({"step": step, "loss": 1.0, "time": 0.0}, log=True)
+        run_log.settle_mlflow()
     run_log.flush()
-    assert Failing.calls == 1 and caplog.text.count("MLflow logging failed at step 1") == 1
+    assert Failing.calls == 1  # a failed write is found when the next step logs, before that step's call
+    assert caplog.text.count("MLflow logging failed at step 1") == 1 and "failed at step 2" not in caplog.text
     assert [h["step"] for h in json.loads((tmp_path / "metrics.json").read_text())] == [1, 2, 3]
 
 

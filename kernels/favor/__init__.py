@@ -63,6 +63,8 @@ def favor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projectio
         # which changes no dot product or norm; the input scale stays the true width's
         d, dv = q.shape[-1], v.shape[-1]
         width, width_v = kernel_width(d), kernel_width(dv)
+        # boundaries given on the host (a padding mask's, a caller's) go where the kernels read them
+        cu_seqlens = cu_seqlens.to(q.device)
         out = _FavorAttention.apply(_pad(q, width), _pad(k, width), _pad(v, width_v), _pad(projection, width),
                                     cu_seqlens, max_seqlen, eps, d)
         return out if width_v == dv else out[..., :dv]

@@ -114,7 +114,7 @@ def _work(item):
     return dict(dtype=dtype_name, m=m, **compile_launch(launch, arch))
 
 
-def compile_all(dtypes=("fp32", "bf16", "fp16"), head_dims=(32, 64, 128), features=(128, 256), jobs: int = 2,
+def compile_all(dtypes=("fp32", "bf16", "fp16"), head_dims=(16, 32, 64, 128), features=(128, 256), jobs: int = 2,
                 arch: int = 90) -> list[dict]:
     """Rows for every launch of every (dtype, D, m) (Dv = D), compiled in ``jobs`` processes."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -151,7 +151,7 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="compiling processes")
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
     parser.add_argument("--dtypes", default="fp32,bf16,fp16")
-    parser.add_argument("--head-dims", default="32,64,128")
+    parser.add_argument("--head-dims", default="16,32,64,128")
     parser.add_argument("--features", default="128,256")
     parser.add_argument("--keep-cache", action="store_true",
                         help="use the usual TRITON_CACHE_DIR (default: a fresh one, so every launch compiles)")

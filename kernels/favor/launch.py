@@ -216,8 +216,8 @@ def _launches(d: int, dv: int, m: int, dtype: torch.dtype, block_rows: int | Non
                          make(B._key_grad), torch_dtype[x], torch_dtype[f])
 
 
-def compile_grid(head_dims=(32, 64, 128), features=(128, 256), dtypes=(torch.float32, torch.bfloat16,
-                                                                           torch.float16)) -> list[tuple]:
+def compile_grid(head_dims=(16, 32, 64, 128), features=(128, 256),
+                 dtypes=(torch.float32, torch.bfloat16, torch.float16)) -> list[tuple]:
     """``(dtype, D, m, Launch)`` for every launch the compile check covers (Dv = D)."""
     return [(dt, d, m, launch) for dt in dtypes for d in head_dims for m in features
             for launch in launches(d, d, m, dt, emulate=False).all()]

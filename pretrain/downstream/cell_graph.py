@@ -19,6 +19,10 @@ This project's choices, where the paper's formula (as issue 23 gives it) leaves 
   neighbours, those whose log-similarity is below the mean minus one standard deviation of the
   K are dropped (the nearest is always kept); the graph is then made undirected by the union of
   the kept edges, each weighted by its similarity. No self-loops (the GAT adds its own).
+- so alpha (> 0) scales every log-similarity alike and changes no edge, only the weights, which
+  the GAT does not read: ``--sim-alpha`` does not change the clusters. Pruning on the similarity
+  itself would let alpha act; it waits until the evaluation's clustering rows (3 seeds of
+  benchmarks/results/eval_final*.json, computed with this graph) can be recomputed with it.
 """
 
 from __future__ import annotations
@@ -60,6 +64,9 @@ def exp_mah_knn_graph(z: np.ndarray, k: int = 15, alpha: float = 1.0, block: int
     n = len(z)
     if n < 2:
         raise ValueError(f"a cell graph needs at least 2 cells, got {n}")
+    if not alpha > 0:
+        raise ValueError(f"alpha {alpha}: the Exp-Mah exponent alpha * dM needs alpha > 0 (0 makes every cell "
+                         "equally similar, a negative one ranks the least similar first); the default is 1.0")
     k = min(k, n - 1)
     data = torch.from_numpy(np.asarray(z, np.float64))
     sources, targets, logs = [], [], []

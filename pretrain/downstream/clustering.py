@@ -86,11 +86,12 @@ def assign_clusters(x: np.ndarray, n_clusters: int | None, resolution: float = 1
 
 def scores(truth, predicted: np.ndarray) -> dict:
     """ARI and NMI of ``predicted`` against ``truth`` over the cells whose label is known."""
-    import pandas as pd
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-    truth = pd.Series(np.asarray(truth, dtype=object))
-    known = (truth.notna() & (truth.astype(str) != "") & (truth.astype(str).str.lower() != "nan")).to_numpy()
-    t, p = truth[known].astype(str).to_numpy(), np.asarray(predicted)[known]
+    from .token_cells import label_strings
+
+    truth = label_strings(truth)
+    known = truth != ""
+    t, p = truth[known].astype(str), np.asarray(predicted)[known]
     return {"ari": float(adjusted_rand_score(t, p)), "nmi": float(normalized_mutual_info_score(t, p)),
             "n_labelled": int(known.sum()), "n_clusters": int(len(np.unique(predicted)))}

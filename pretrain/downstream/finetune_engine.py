@@ -7,7 +7,9 @@ Data parallelism: every rank holds every cell and draws the same shuffled order;
 of ``batch_size`` cells is cut into one contiguous share per rank (`np.array_split`). A rank's loss
 is its share's weighted cross-entropy divided by the global batch's total class weight, times the
 world size: DeepSpeed averages gradients over ranks, so the update is the one the whole batch
-gives in one process (up to float summation order). Embedding every cell (head mode's fixed
+gives in one process (up to float summation order) where no dropout runs: each rank draws its
+own dropout masks for its share, so with ``dropout`` > 0 (the head's default 0.1) a run on N ranks
+is another draw of the same recipe, not the one-process run's weights. Embedding every cell (head mode's fixed
 embeddings, the validation each epoch in full mode) is shared the same way and gathered, so every
 rank scores the same validation probabilities and takes the same early-stopping decision.
 """

@@ -58,10 +58,16 @@ class TokenCells:
                           labels, [c for p in parts for c in p.coverage])
 
 
-def label_strings(values: pd.Series) -> np.ndarray:
-    """Labels as strings, "" for missing ones (NaN, None, empty).  [n] object"""
-    out = np.array([str(v).strip() for v in values.astype(object)], dtype=object)
-    out[pd.isna(values.astype(object)).to_numpy()] = ""
+# what a missing label reads as once a column went through astype(str) or a CSV ("nan", "None", "<NA>")
+MISSING_LABELS = frozenset({"", "nan", "none", "<na>", "na"})
+
+
+def label_strings(values) -> np.ndarray:
+    """Labels as strings, "" for missing ones (NaN, None, empty, or their `MISSING_LABELS` texts:
+    a class called "nan" would be trained and predicted).  [n] object"""
+    values = pd.Series(np.asarray(values, dtype=object))
+    out = np.array([str(v).strip() for v in values], dtype=object)
+    out[pd.isna(values).to_numpy() | np.isin(np.char.lower(out.astype(str)), list(MISSING_LABELS))] = ""
     return out
 
 

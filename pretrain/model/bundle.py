@@ -44,9 +44,9 @@ logger = logging.getLogger(__name__)
 BUNDLE_FORMAT = 2
 READABLE_FORMATS = (1, 2)
 # config.json's top-level copy of the architecture, beside "model" (and "embedding_dim": the cell embedding's width)
-ARCHITECTURE_FIELDS = ("architecture", "vocab_size", "d_model", "n_layers", "n_heads", "ffn_multiplier", "attention",
-                       "attention_mask", "pooling", "value_mode", "n_bins", "gene_set", "use_cls", "depth_tokens",
-                       "norm_position", "activation")
+ARCHITECTURE_FIELDS = ("architecture", "vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "ffn_multiplier",
+                       "attention", "attention_mask", "pooling", "value_mode", "n_bins", "gene_set", "use_cls",
+                       "depth_tokens", "norm_position", "activation")
 
 
 def model_type(config: ModelConfig) -> str:

@@ -57,7 +57,7 @@ from .shape import ModelConfig
 
 @dataclass
 class ModelOutput:
-    mlm: torch.Tensor            # [n_masked, C] logits or [n_masked] values
+    mlm: torch.Tensor | None     # [n_masked, C] logits or [n_masked] values (None: contrastive_only)
     cells: torch.Tensor          # [B, cell_dim]
     contrastive: torch.Tensor    # [B, contrastive_dim]
     labels: list[torch.Tensor]   # per label column [B, n_classes]
@@ -82,7 +82,7 @@ class CellModel(nn.Module):
         self.depth = nn.Parameter(torch.randn(2, c.d_model) * 0.02) if c.depth_tokens else None
         self.drop = nn.Dropout(c.dropout)
         self.encoder = Encoder(c.d_model, c.n_layers, c.n_heads, c.ffn_multiplier, c.dropout, c.norm_eps, c.attention,
-                               c.favor_features, c.activation_checkpointing, c.norm_position, c.activation)
+                               c.favor_features, c.activation_checkpointing, c.norm_position, c.activation, c.head_dim)
         mlm_out = c.mlm_outputs
         self.gene_range = gene_token_range((c.pad_token, c.cls_token, c.mask_token), c.vocab_size)  # [low, high)
         if c.architecture == "encoder_decoder":
@@ -284,15 +284,32 @@ class CellModel(nn.Module):
         weights = key_padding_mask.to(h.dtype)[..., None]
         return h, (h * weights).sum(1) / weights.sum(1).clamp_min(1)
 
-    def forward(self, batch: PackedBatch) -> ModelOutput:
+    def forward(self, batch: PackedBatch, contrastive_only: bool = False) -> ModelOutput:
+        """``contrastive_only``: the cell and contrastive embeddings alone (no masked-expression,
+        MVC or label head, no decoder; the other fields None or empty): the gradient cache's first
+        pass, which keeps only those. The encoder draws the same random numbers either way, and no
+        head after it draws any, so the embeddings equal a full forward's under the same seed."""
+        tokens, cells, depth, keep = self._encoder_pass(batch)
+        if contrastive_only:
+            return ModelOutput(mlm=None, cells=cells, contrastive=self.contrastive_head(cells), labels=[], tokens=None)
         if self.config.architecture == "encoder_decoder":
-            return self._forward_encoder_decoder(batch)
-        known = ~batch.mlm_mask if self.config.attention_mask == "generative" else None
-        tokens, cells = self.encode(batch.gene_ids, batch.values, batch.cu_seqlens, batch.max_seqlen, batch.read_depth,
-                                    known)
+            return self._decode(batch, tokens, cells, depth, keep)
         mlm = self.mlm_head(tokens[batch.mlm_mask])
         mvc = self.mvc(batch, cells) if self.config.mvc_head else None
         return self._outputs(mlm.squeeze(-1) if self.config.mlm_regresses else mlm, cells, tokens, mvc)
+
+    def _encoder_pass(self, batch: PackedBatch):
+        """(token states, cells [B, cell_dim], T and S states or None, the batch's rows the encoder saw
+        (None: all)). The encoder-decoder's encoder sees the expressed (input > 0; masked inputs are
+        -1), unmasked genes."""
+        if self.config.architecture == "encoder_decoder":
+            keep = ~batch.mlm_mask & (batch.values > 0)
+            enc_cu, enc_max = compact(keep, batch.cu_seqlens)
+            return *self._encode(batch.gene_ids[keep], batch.values[keep], enc_cu, enc_max, batch.read_depth), keep
+        known = ~batch.mlm_mask if self.config.attention_mask == "generative" else None
+        tokens, cells = self.encode(batch.gene_ids, batch.values, batch.cu_seqlens, batch.max_seqlen, batch.read_depth,
+                                    known)
+        return tokens, cells, None, None
 
     def mvc(self, batch: PackedBatch, cells: torch.Tensor) -> torch.Tensor:
         """scGPT's MVC / GEPC (bowang-lab/scGPT scgpt/model/model.py, MVCDecoder, "inner product"):
@@ -308,11 +325,8 @@ class CellModel(nn.Module):
         return ModelOutput(mlm=mlm, cells=cells, contrastive=self.contrastive_head(cells),
                            labels=[head(cells) for head in self.label_heads], tokens=tokens, mvc=mvc)
 
-    def _forward_encoder_decoder(self, batch: PackedBatch) -> ModelOutput:
-        # the encoder sees the expressed (input > 0; masked inputs are -1), unmasked genes
-        keep = ~batch.mlm_mask & (batch.values > 0)
-        enc_cu, enc_max = compact(keep, batch.cu_seqlens)
-        tokens, cells, depth = self._encode(batch.gene_ids[keep], batch.values[keep], enc_cu, enc_max, batch.read_depth)
+    def _decode(self, batch: PackedBatch, tokens, cells, depth, keep) -> ModelOutput:
+        """The encoder-decoder's decoder over every gene of each cell, from `_encoder_pass`'s outputs."""
         # every cell x every gene: gene embedding + (encoder output | mask | zero expression)
         present = self.decoder_gene_embedding(batch.gene_ids)
         filled = present + torch.where(batch.mlm_mask[:, None], self.decoder_mask, self.decoder_zero)

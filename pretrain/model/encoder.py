@@ -19,15 +19,17 @@ from .attention import BACKENDS, MASKED_BACKENDS, KnownSplit
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over packed sequences. For ``favor`` it owns the projection
-    ``[m, head_dim]`` as a buffer, redrawn by `redraw` (at optimizer steps only, so that a
-    gradient-cache pass and its recompute use the same one)."""
+    """Multi-head self-attention over packed sequences: ``n_heads`` heads of ``head_dim`` (default
+    d_model / n_heads; performer-pytorch's are 64 wide whatever d_model is). For ``favor`` it owns
+    the projection ``[m, head_dim]`` as a buffer, redrawn by `redraw` (at optimizer steps only, so
+    that a gradient-cache pass and its recompute use the same one)."""
 
-    def __init__(self, d_model: int, n_heads: int, backend: str, favor_features: int):
+    def __init__(self, d_model: int, n_heads: int, backend: str, favor_features: int, head_dim: int | None = None):
         super().__init__()
-        self.n_heads, self.head_dim, self.backend = n_heads, d_model // n_heads, backend
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.out = nn.Linear(d_model, d_model)
+        self.n_heads, self.head_dim, self.backend = n_heads, head_dim or d_model // n_heads, backend
+        inner = n_heads * self.head_dim
+        self.qkv = nn.Linear(d_model, 3 * inner)
+        self.out = nn.Linear(inner, d_model)
         projection = draw_projection(favor_features, self.head_dim, seed=0) if backend == "favor" else torch.empty(0)
         self.register_buffer("projection", projection)
 
@@ -68,11 +70,12 @@ ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
 
 class Block(nn.Module):
     def __init__(self, d_model: int, n_heads: int, ffn_multiplier: float, dropout: float, norm_eps: float,
-                 backend: str, favor_features: int, norm_position: str = "pre", activation: str = "gelu"):
+                 backend: str, favor_features: int, norm_position: str = "pre", activation: str = "gelu",
+                 head_dim: int | None = None):
         super().__init__()
         self.post_norm = norm_position == "post"
         self.norm1 = nn.LayerNorm(d_model, eps=norm_eps)
-        self.attn = Attention(d_model, n_heads, backend, favor_features)
+        self.attn = Attention(d_model, n_heads, backend, favor_features, head_dim)
         self.norm2 = nn.LayerNorm(d_model, eps=norm_eps)
         hidden = int(round(d_model * ffn_multiplier))
         self.ffn = nn.Sequential(nn.Linear(d_model, hidden), ACTIVATIONS[activation](), nn.Linear(hidden, d_model))
@@ -99,10 +102,10 @@ class Encoder(nn.Module):
 
     def __init__(self, d_model: int, n_layers: int, n_heads: int, ffn_multiplier: float, dropout: float,
                  norm_eps: float, backend: str, favor_features: int, activation_checkpointing: bool = False,
-                 norm_position: str = "pre", activation: str = "gelu"):
+                 norm_position: str = "pre", activation: str = "gelu", head_dim: int | None = None):
         super().__init__()
         self.blocks = nn.ModuleList(Block(d_model, n_heads, ffn_multiplier, dropout, norm_eps, backend, favor_features,
-                                          norm_position, activation)
+                                          norm_position, activation, head_dim)
                                     for _ in range(n_layers))
         self.norm = nn.LayerNorm(d_model, eps=norm_eps)
         self.post_norm = norm_position == "post"

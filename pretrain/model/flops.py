@@ -3,10 +3,11 @@
 FLOPs count matrix multiplies only (2 per multiply-add), forward, times 3 for training
 (backward = 2 x forward), per cell of ``seq_len`` input (expressed) genes:
 
-- a block on a sequence of n tokens: ``n * 2 * (4 d^2 + 2 d f)`` for the projections and the
-  feed-forward (f = hidden width), plus attention: exact softmax (``sdpa``, ``flash``)
-  ``n * 4 * n * d`` (scores and weighted sum), FAVOR+ ``n * 8 * m * d`` (query and key features,
-  the key-value state and the query-state product, each ``m * head_dim`` per head);
+- a block on a sequence of n tokens: ``n * 2 * (4 d a + 2 d f)`` for the projections and the
+  feed-forward (a = n_heads x head_dim, the heads' total width, d unless ``head_dim`` is set;
+  f = hidden width), plus attention: exact softmax (``sdpa``, ``flash``) ``n * 4 * n * a``
+  (scores and weighted sum), FAVOR+ ``n * 8 * m * a`` (query and key features, the key-value
+  state and the query-state product, each ``m * head_dim`` per head);
 - the masked-expression head on ``mask_ratio`` of the genes, the contrastive and label heads on
   the cell embedding;
 - the value embedding only where it is auto-discretization (``2 (b + b^2 + b d)`` per embedded
@@ -39,14 +40,17 @@ def _linear(i: int, o: int) -> int:
     return i * o + o
 
 
-def _stack_params(d: int, n_layers: int, ffn: int) -> int:
-    block = 2 * d + _linear(d, 3 * d) + _linear(d, d) + 2 * d + _linear(d, ffn) + _linear(ffn, d)
+def _stack_params(d: int, n_layers: int, ffn: int, inner: int | None = None) -> int:
+    """``inner``: the heads' total width, n_heads x head_dim (default d)."""
+    inner = inner or d
+    block = 2 * d + _linear(d, 3 * inner) + _linear(inner, d) + 2 * d + _linear(d, ffn) + _linear(ffn, d)
     return n_layers * block + 2 * d
 
 
-def _stack_flops(n: float, d: int, n_layers: int, ffn: int, attention: str, m: int) -> float:
-    attn = 8 * m * d if attention == "favor" else 4 * n * d
-    return n_layers * n * (2 * (4 * d * d + 2 * d * ffn) + attn)
+def _stack_flops(n: float, d: int, n_layers: int, ffn: int, attention: str, m: int, inner: int | None = None) -> float:
+    inner = inner or d
+    attn = 8 * m * inner if attention == "favor" else 4 * n * inner
+    return n_layers * n * (2 * (4 * d * inner + 2 * d * ffn) + attn)
 
 
 def _params(c: ModelConfig) -> int:
@@ -66,7 +70,7 @@ def _params(c: ModelConfig) -> int:
         params += _linear(1, hidden) + _linear(hidden, d) + d
     params += d if c.use_cls else 0
     params += 2 * d if c.depth_tokens else 0
-    params += _stack_params(d, c.n_layers, ffn)
+    params += _stack_params(d, c.n_layers, ffn, c.n_heads * c.attention_head_dim)
     params += _linear(c.cell_dim, d) + _linear(d, c.contrastive_dim) + sum(_linear(c.cell_dim, n) for n in c.label_classes)
     if c.architecture == "encoder_decoder":
         dd, dffn = c.decoder.d_model, int(round(c.decoder.d_model * c.ffn_multiplier))
@@ -81,6 +85,7 @@ def _training_flops(c: ModelConfig, seq_len, masked):
     """Training FLOPs of one sequence of ``seq_len`` input genes, ``masked`` of them masked. Only
     ``+ - *`` on the two, so that tensors of per-sequence values give per-sequence FLOPs."""
     d, ffn = c.d_model, int(round(c.d_model * c.ffn_multiplier))
+    inner = c.n_heads * c.attention_head_dim  # the heads' total width
     n_genes, e, cls = c.n_genes, c.cell_dim, c.n_prefix
     depth = 2 * int(c.depth_tokens)
     autobin = 0.0  # per embedded value
@@ -92,7 +97,7 @@ def _training_flops(c: ModelConfig, seq_len, masked):
         dd, dffn = c.decoder.d_model, int(round(c.decoder.d_model * c.ffn_multiplier))
         enc_len = seq_len - masked + cls
         # T and S: encoder outputs passed to the decoder too
-        forward = (_stack_flops(enc_len, d, c.n_layers, ffn, c.attention, c.favor_features)
+        forward = (_stack_flops(enc_len, d, c.n_layers, ffn, c.attention, c.favor_features, inner)
                    + autobin * (seq_len - masked + depth)
                    + 2 * (seq_len - masked + depth) * d * dd
                    + _stack_flops(n_genes + depth, dd, c.decoder.n_layers, dffn, c.decoder.attention, c.favor_features)
@@ -100,7 +105,7 @@ def _training_flops(c: ModelConfig, seq_len, masked):
     else:
         mvc = 2 * masked * (2 * d * d + d) if c.mvc_head else 0.0  # MVC / GEPC: gene2query, W, the dot product
         enc_len = (n_genes + 0 * seq_len if c.gene_set == "all" else seq_len) + cls
-        forward = (_stack_flops(enc_len, d, c.n_layers, ffn, c.attention, c.favor_features)
+        forward = (_stack_flops(enc_len, d, c.n_layers, ffn, c.attention, c.favor_features, inner)
                    + (autobin + bin_mlp) * (seq_len + depth) + 2 * masked * (d * d + d * c.mlm_outputs) + mvc + heads)
     return 3 * forward
 

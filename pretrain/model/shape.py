@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from data_pipeline.conversion.vocab import gene_token_range
 from data_pipeline.loading.batching import TokenCost
 
 from ..knobs import FREE, knob
@@ -55,7 +56,10 @@ class ModelConfig:
     mask_token: int = knob("the <mask> token id", 2)
     d_model: int = knob("hidden width", 256)
     n_layers: int = knob("transformer blocks", 6)
-    n_heads: int = knob("attention heads (d_model must be a multiple)", 8)
+    n_heads: int = knob("attention heads (d_model must be a multiple, unless head_dim is set)", 8)
+    head_dim: int | None = knob("width of each attention head; q, k, v are n_heads x head_dim wide, projected back "
+                                "to d_model (None: d_model / n_heads; performer-pytorch, which scBERT and CellLM "
+                                "use, has 64)", None)
     ffn_multiplier: float = knob("feed-forward width as a multiple of d_model", 4.0)
     dropout: float = knob("dropout on the residual branches and embeddings", 0.1, resume=FREE)
     norm_eps: float = knob("LayerNorm epsilon", 1e-5)
@@ -122,14 +126,21 @@ class ModelConfig:
         return self.vocab_size if self.value_mode == "rank" else self.n_bins
 
     @property
+    def attention_head_dim(self) -> int:
+        """The width of each attention head: ``head_dim``, or d_model / n_heads."""
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
     def n_prefix(self) -> int:
         """Tokens the model adds to each cell before its genes: <cls>, then T and S."""
         return int(self.use_cls) + 2 * int(self.depth_tokens)
 
     @property
     def n_genes(self) -> int:
-        """Gene tokens of the vocabulary (the ids after the special tokens): the full gene set."""
-        return self.vocab_size - (max(self.pad_token, self.cls_token, self.mask_token) + 1)
+        """Gene tokens of the vocabulary, the full gene set: the run the model draws genes from, with
+        special tokens before it or after it (a Geneformer dictionary's appended ``<cls>``)."""
+        low, high = gene_token_range((self.pad_token, self.cls_token, self.mask_token), self.vocab_size)
+        return high - low
 
     def token_cost(self, max_genes: int | None, views: int = 1) -> TokenCost:
         """What a cell costs against the token budget when this model runs it (the one place the
@@ -165,17 +176,24 @@ class ModelConfig:
         if self.vocab_size <= max(self.pad_token, self.cls_token, self.mask_token):
             raise ValueError(f"model.vocab_size={self.vocab_size}: set it to the corpus vocabulary size "
                              "(the trainer does this from manifest.json)")
-        for width, heads, where in ((self.d_model, self.n_heads, "model"),
-                                    (self.decoder.d_model, self.decoder.n_heads, "model.decoder")):
-            if width % heads:
-                raise ValueError(f"{where}.d_model={width} is not a multiple of {where}.n_heads={heads}")
+        if self.head_dim is not None and self.head_dim < 1:
+            raise ValueError(f"model.head_dim={self.head_dim}: give a positive width, or null for d_model / n_heads")
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ValueError(f"model.d_model={self.d_model} is not a multiple of model.n_heads={self.n_heads} "
+                             "(or set model.head_dim)")
+        if self.decoder.d_model % self.decoder.n_heads:
+            raise ValueError(f"model.decoder.d_model={self.decoder.d_model} is not a multiple of "
+                             f"model.decoder.n_heads={self.decoder.n_heads}")
         # the FAVOR+ kernels' tile sizes are set (and compile-checked for sm_90) up to head width 128
-        for width, heads, backend, where in ((self.d_model, self.n_heads, self.attention, "model"),
-                                             (self.decoder.d_model, self.decoder.n_heads, self.decoder.attention,
-                                              "model.decoder")):
-            if backend == "favor" and width // heads > 128:
-                raise ValueError(f"{where}: head width {where}.d_model / n_heads = {width // heads} is over FAVOR+'s "
-                                 f"128: raise {where}.n_heads to at least {-(-width // 128)}")
+        for width, head, backend, where in (
+                (self.d_model, self.attention_head_dim, self.attention, "model"),
+                (self.decoder.d_model, self.decoder.d_model // self.decoder.n_heads, self.decoder.attention,
+                 "model.decoder")):
+            if backend == "favor" and head > 128:
+                if where == "model" and self.head_dim:
+                    raise ValueError(f"model: head width model.head_dim = {head} is over FAVOR+'s 128: lower it")
+                raise ValueError(f"{where}: head width {where}.d_model / n_heads = {head} is over FAVOR+'s 128: raise "
+                                 f"{where}.n_heads to at least {-(-width // 128)}")
         if self.favor_features % 16 or self.favor_features < 16:
             raise ValueError(f"model.favor_features={self.favor_features} must be a positive multiple of 16")
         if self.pooling == "cls" and not self.use_cls:

@@ -38,9 +38,11 @@ def label_loss_sum(logits: list[torch.Tensor], labels: torch.Tensor) -> tuple[to
     for column, column_logits in enumerate(logits):
         target = labels[:, column]
         known = target >= 0
-        # the sum over no known labels is still a function of the head, so that every rank's
-        # backward reaches the same parameters (ZeRO reduces gradients in buckets that must match)
-        total = total + F.cross_entropy(column_logits[known].float(), target[known], reduction="sum")
+        # unknown labels ignored rather than indexed out: a boolean index waits for the device. The sum
+        # over no known labels is still a function of the head, so that every rank's backward reaches
+        # the same parameters (ZeRO reduces gradients in buckets that must match)
+        total = total + F.cross_entropy(column_logits.float(), torch.where(known, target, -1), ignore_index=-1,
+                                        reduction="sum")
         count = count + known.sum()
     return total, count
 

@@ -27,10 +27,11 @@ class PretrainModule(nn.Module):
         else:
             self.register_buffer("log_logit_scale", log_scale)
 
-    def forward(self, batch: PackedBatch) -> tuple[ModelOutput, torch.Tensor]:
-        """(model outputs, logit scale [1] = 1 / temperature, clamped to [1, 1 / MIN_TEMPERATURE])."""
+    def forward(self, batch: PackedBatch, contrastive_only: bool = False) -> tuple[ModelOutput, torch.Tensor]:
+        """(model outputs, logit scale [1] = 1 / temperature, clamped to [1, 1 / MIN_TEMPERATURE]);
+        ``contrastive_only``: `CellModel.forward`'s."""
         scale = _ClampBack.apply(self.log_logit_scale.float(), 0.0, math.log(1.0 / MIN_TEMPERATURE)).exp()
-        return self.model(batch), scale
+        return self.model(batch, contrastive_only), scale
 
 
 class _ClampBack(torch.autograd.Function):

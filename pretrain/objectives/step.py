@@ -209,8 +209,8 @@ def train_step(engine, chunks: list[PackedBatch], objectives: ObjectiveConfig, s
         with torch.no_grad():
             embeddings, scale = [], None
             for j, chunk in enumerate(chunks):
-                with seeded(chunk_seed(step_seed, rank, j)):
-                    out, scale = engine(chunk)
+                with seeded(chunk_seed(step_seed, rank, j)):  # the replay below draws the same dropout
+                    out, scale = engine(chunk, contrastive_only=True)  # the other heads' outputs would be dropped
                 embeddings.append(out.contrastive.float())
         first = torch.cat([e[a] for e, (a, _) in zip(embeddings, pairs)]).requires_grad_()
         second = torch.cat([e[b] for e, (_, b) in zip(embeddings, pairs)]).requires_grad_()
