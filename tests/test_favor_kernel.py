@@ -18,7 +18,7 @@ from kernels.favor.triton_ops import favor_backward, favor_forward
 
 HAS_CUDA = torch.cuda.is_available()
 _ON_CUDA = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")]
-DEVICES = HALF_DEVICES = ["cpu", pytest.param("cuda", marks=_ON_CUDA)]
+DEVICES = ["cpu", pytest.param("cuda", marks=_ON_CUDA)]
 # fp32 inputs multiply in TF32 on GPU, whose tensor cores drop the 13 low mantissa bits. With that
 # truncation emulated (interpreter, D=64, m=256): 7e-4 in the output, 2.6-2.7e-3 in dq and dk (the
 # backward's cancellations, see launch.py), so 5e-3; the interpreter itself multiplies fp32 exactly.
@@ -32,22 +32,12 @@ CASES = [  # (sequence lengths, heads, head dim, features, key rows per program)
 ]
 
 
-def _device(request) -> str:
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    """Where a test runs, on inputs of any dtype."""
     if request.param == "cpu" and not interpreting():
         pytest.skip("Triton's interpreter is off (CUDA is present): the cuda variant runs this")
     return request.param
-
-
-@pytest.fixture(params=DEVICES)
-def device(request) -> str:
-    """Where a test on fp32 inputs runs."""
-    return _device(request)
-
-
-@pytest.fixture(params=HALF_DEVICES)
-def half_device(request) -> str:
-    """Where a test on bf16 / fp16 inputs runs."""
-    return _device(request)
 
 
 def _inputs(lengths, h, d, seed, scale=1.0, device="cpu", dtype=torch.float32):
@@ -254,24 +244,24 @@ def _half_case(lengths, h, d, m, dtype, device, seed):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [([1, 30, 12], 2, 16, 32), ([70, 1, 33], 2, 64, 128)])
-def test_half_precision_inputs(dtype, shape, half_device):
+def test_half_precision_inputs(dtype, shape, device):
     """bf16 / fp16 in, the same dtype out; output and gradients within 1e-2 of the float64
     reference on the same (rounded) inputs. Under the interpreter the kernels round every dot
     operand as the GPU takes it: bf16/fp16 projections, TF32 feature-side operands (truncated,
     the worst case; launch.py). Measured there: bf16 ~4e-3 out, ~5e-3 gradients (~1.6e-3 of it
     the bf16 rounding of the results themselves; the same at L=4096), fp16 ~1e-3 / ~2.5e-3."""
-    errors = _half_case(*shape, dtype, half_device, seed=7)
+    errors = _half_case(*shape, dtype, device, seed=7)
     assert max(errors) < 1e-2, errors
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_one_token_sequence_has_no_query_gradient(dtype, half_device):
+def test_one_token_sequence_has_no_query_gradient(dtype, device):
     """A one-token sequence's output is its v whatever q is: dq = 0, which the kernels only get
     (to TF32 rounding) when the backward uses the exact output, not the bf16/fp16 one it returned
     (``out_lo``; with the rounded one this dq was ~1% of the others' norm)."""
     from kernels.favor import favor_attention as fused
 
-    device = half_device
+    device = device
     q, k, v, cu = _inputs([40, 1, 25], 2, 64, seed=21, device=device, dtype=dtype)
     q.requires_grad_(True)
     out = fused(q, k, v, draw_projection(128, 64, seed=22).to(device), cu, 40)
