@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_train import MASK_RATIO, N_SPECIAL, length_distribution, make_batch  # noqa: E402
+from bench_train import MASK_RATIO, N_SPECIAL, length_distribution, make_batch, shrink_config  # noqa: E402
 from common import RESULTS, SHARED_H5AD, ResultFile, device_record, time_ms, versions  # noqa: E402
 
 SCBERT_GENES = 16906  # scBERT's gene2vec vocabulary (its Performer runs over all of them)
@@ -79,11 +79,7 @@ def configs(args) -> dict:
     from pretrain.presets import preset
 
     base = preset("scbert", vocab_size=N_SPECIAL + args.n_genes, pad_token=0, cls_token=1, mask_token=2).model
-    div = args.width_div or 1
-    heads = base.n_heads
-    shrunk = replace(base, d_model=max(heads, base.d_model // div // heads * heads),
-                     n_layers=min(base.n_layers, args.max_layers or base.n_layers),
-                     favor_features=max(16, base.favor_features // div // 16 * 16))
+    shrunk = shrink_config(base, args.width_div or 1, args.max_layers)
     return {name: (c.validate(), replace(c, gene_set="expressed").validate())
             for name, c in (("full", base), ("measured", shrunk))}
 
@@ -166,10 +162,12 @@ def main(argv=None) -> None:
     shrunk = measured[0].d_model != full[0].d_model or measured[0].n_layers != full[0].n_layers
     settings = {"preset": "scbert", "n_genes": args.n_genes, "mask_ratio": MASK_RATIO, "threads": args.threads,
                 "full_shape": {"d_model": full[0].d_model, "n_layers": full[0].n_layers, "n_heads": full[0].n_heads,
-                               "attention": full[0].attention, "favor_features": full[0].favor_features},
+                               "head_dim": full[0].attention_head_dim, "attention": full[0].attention,
+                               "favor_features": full[0].favor_features},
                 "measured_shape": {"d_model": measured[0].d_model, "n_layers": measured[0].n_layers,
+                                   "head_dim": measured[0].attention_head_dim,
                                    "favor_features": measured[0].favor_features},
-                "shrunk": shrunk, "shrink": (f"width / {args.width_div} (FAVOR+ features too), at most "
+                "shrunk": shrunk, "shrink": (f"width / {args.width_div} (head width and FAVOR+ features too), at most "
                                              f"{args.max_layers} layers, for the FLOP counter and the timing; "
                                              "model_cost rows at the full shape") if shrunk else None,
                 "lengths": source["kind"], "length_source": source, "points": points, "claim": CLAIM,

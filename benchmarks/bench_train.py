@@ -465,6 +465,23 @@ def model_input(mode: str, batch, device, longest: int):
 
 
 # --- the model and its step ---------------------------------------------------------------------------
+def shrink_config(config, width_div: int, max_layers: int | None):
+    """``config`` with every width divided by ``width_div`` (kept a multiple of the heads, the heads
+    kept) and at most ``max_layers`` layers in the encoder and the decoder. A set ``head_dim`` and
+    the FAVOR+ features shrink with the width, so that attention keeps its share of the cost."""
+    layers = max_layers or config.n_layers
+
+    def width(d, heads):
+        return max(heads, d // width_div // heads * heads)
+
+    features = max(16, config.favor_features // width_div // 16 * 16)
+    head_dim = None if config.head_dim is None else max(1, config.head_dim // width_div)
+    return replace(config, d_model=width(config.d_model, config.n_heads), n_layers=min(config.n_layers, layers),
+                   head_dim=head_dim, favor_features=features,
+                   decoder=replace(config.decoder, d_model=width(config.decoder.d_model, config.decoder.n_heads),
+                                   n_layers=min(config.decoder.n_layers, layers)))
+
+
 def bench_config(name: str, backend: str, args) -> tuple:
     """(ModelConfig, longest cell in expressed genes) of preset ``name`` with ``backend``, shrunk as
     the arguments say. The encoder-decoder's decoder keeps its own backend (FAVOR+ over every gene)."""
@@ -474,17 +491,7 @@ def bench_config(name: str, backend: str, args) -> tuple:
                attention=backend)
     config = p.model
     if args.shrunk:
-        div, layers = args.width_div or 1, args.max_layers or config.n_layers
-
-        def width(d, heads):  # a multiple of the heads
-            return max(heads, d // div // heads * heads)
-
-        # FAVOR+ features scale with the head width, so that attention keeps its share of the cost
-        features = max(16, config.favor_features // div // 16 * 16)
-        config = replace(config, d_model=width(config.d_model, config.n_heads), n_layers=min(config.n_layers, layers),
-                         favor_features=features,
-                         decoder=replace(config.decoder, d_model=width(config.decoder.d_model, config.decoder.n_heads),
-                                         n_layers=min(config.decoder.n_layers, layers)))
+        config = shrink_config(config, args.width_div or 1, args.max_layers)
     longest = min(p.max_genes or args.n_genes, args.max_genes or args.n_genes, args.n_genes)
     if config.value_mode == "rank":
         config = replace(config, max_rank=max(config.max_rank, longest))
@@ -849,7 +856,7 @@ def run_benchmark(args, write=None) -> dict:
             engine, params = None, None
             for mode in args.modes:
                 row = {"preset": name, "backend": backend, "mode": mode, "d_model": config.d_model,
-                       "n_layers": config.n_layers, "n_heads": config.n_heads,
+                       "n_layers": config.n_layers, "n_heads": config.n_heads, "head_dim": config.attention_head_dim,
                        "favor_features": config.favor_features, "params": params, "shrunk": args.shrunk, "bf16": bf16,
                        "max_genes": longest, "world_size": world, **dict.fromkeys(RESULT_KEYS)}
                 if config.architecture == "encoder_decoder":

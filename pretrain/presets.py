@@ -31,9 +31,12 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "scbert": Preset(
         # scBERT pretrain.py: dim 200, depth 6, heads 10, num_tokens CLASS = bin_num + 2 = 7 (bins 0..5 + the
-        # mask/pad token 6): n_bins 6 here (mask bin 6); input every gene (SEQ_LEN = gene_num + 1)
-        ModelConfig(d_model=200, n_layers=6, n_heads=10, attention="favor", value_mode="bins", n_bins=6,
-                    gene_set="all", use_cls=False, pooling="mean", freeze_gene_embedding=True),
+        # mask/pad token 6): n_bins 6 here (mask bin 6); input every gene (SEQ_LEN = gene_num + 1). Its PerformerLM
+        # leaves performer-pytorch's defaults: dim_head 64 (heads 10 x 64 wide, projected back to 200) and every
+        # dropout (emb, ff, attn) 0
+        ModelConfig(d_model=200, n_layers=6, n_heads=10, head_dim=64, dropout=0.0, attention="favor",
+                    value_mode="bins", n_bins=6, gene_set="all", use_cls=False, pooling="mean",
+                    freeze_gene_embedding=True),
         "log2_floor_bins", None,
         "scBERT: 6 Performer layers of width 200 over the full gene set, expression as floor(log2(1 + CP10k)) "
         "capped at 5, nonzero bins masked (90 % mask, 10 % kept), gene2vec frozen",
@@ -50,12 +53,14 @@ PRESETS: dict[str, Preset] = {
         "Geneformer 10M: 6 post-norm ReLU BERT layers of width 256 over the top 2,048 genes in rank-value order, "
         "masked gene prediction"),
     "celllm": Preset(
-        # PharMolix/OpenBioMed configs/ctc/cellLM.json: dim 512, depth 10, heads 16, max_seq_len 6000,
-        # num_tokens 8 = bins 0..6 + the mask token under scBERT's CLASS = bin_num + 2 (CellLM builds on scBERT's
-        # code): n_bins 7 here (mask bin 7), binned as scBERT (floor(log2(1 + CP10k)), capped at 6)
-        ModelConfig(d_model=512, n_layers=10, n_heads=16, attention="favor", value_mode="bins", n_bins=7),
+        # PharMolix/OpenBioMed configs/ctc/cellLM.json: dim 512, depth 10, heads 16, max_seq_len 6000, num_tokens 8:
+        # its CellLM wrapper caps values at 5, so six bins (0..5) and then <cls> and <pad>; n_bins 6 here (mask bin 6,
+        # our <cls> is a gene-vocabulary token), binned as scBERT (floor(log2(1 + CP10k)), capped at 5: CellLM
+        # builds on scBERT's code). Its performer-pytorch attention keeps dim_head 64 and dropout 0
+        ModelConfig(d_model=512, n_layers=10, n_heads=16, head_dim=64, dropout=0.0, attention="favor",
+                    value_mode="bins", n_bins=6),
         "log2_floor_bins", 6000,
-        "CellLM: 10 Performer layers of width 512, 16 heads, over at most 6,000 expressed genes in 7 bins; "
+        "CellLM: 10 Performer layers of width 512, 16 heads, over at most 6,000 expressed genes in 6 bins; "
         "contrastive + masked bins + the [cls] tumour/normal task (label column tumor_normal)",
         # the [cls] tumour / normal discrimination task reads the corpus label column "tumor_normal"; the contrastive
         # loss between two views of a cell and the label task are what train the pooled <cls>

@@ -264,3 +264,26 @@ def test_a_row_on_a_faulted_device_is_recorded_not_raised():
                            np.random.default_rng(1))
     assert local["failed"] == 1 and local["oom"] == 0 and "illegal memory access" in error
     assert local["peak_bytes"] == 0 and local["pool_cells"] > 0 and local["pool_run_flops"] > 0
+
+
+def test_shrunk_presets_keep_the_attention_share():
+    """The CPU rows' shrinking divides every width, the head width included: a preset with a set
+    head_dim (scBERT's and CellLM's 64) keeps its q/k/v width in proportion to d_model, the heads
+    and the FAVOR+ features' ratio to the head width, instead of attention growing to dominate."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from dataclasses import replace
+
+    from bench_train import shrink_config
+
+    from pretrain.presets import PRESETS
+
+    for p in PRESETS.values():
+        full = replace(p.model, vocab_size=64, gene_embedding_file=None)
+        small = shrink_config(full, 4, 2).validate()
+        assert (small.n_heads, small.n_layers) == (full.n_heads, min(2, full.n_layers))
+        assert small.d_model == full.d_model // 4 // full.n_heads * full.n_heads
+        assert small.attention_head_dim == full.attention_head_dim // 4 or full.head_dim is None
+        assert small.favor_features == full.favor_features // 4
+        assert small.decoder.n_layers == min(2, full.decoder.n_layers)
+    scbert = shrink_config(PRESETS["scbert"].model, 4, None)
+    assert (scbert.head_dim, scbert.d_model, scbert.n_layers) == (16, 50, 6)

@@ -62,7 +62,7 @@ def test_preset_trains_twenty_steps_and_exports(corpus, tmp_path, name):
     if name == "scbert":
         assert norm["mode"] == "log2_floor_bins" and norm["n_bins"] == 6 and model["freeze_gene_embedding"]
     elif name == "celllm":
-        assert norm["mode"] == "log2_floor_bins" and norm["n_bins"] == 7 and model["label_classes"] == [8]
+        assert norm["mode"] == "log2_floor_bins" and norm["n_bins"] == 6 and model["label_classes"] == [8]
     elif name == "scgpt":
         assert norm["mode"] == "quantile_bins" and (model["bin_embedding"], model["bin_loss"]) == ("mlp", "mse")
         mvc = [record["mvc"] for record in metrics(run)]

@@ -391,9 +391,12 @@ def test_presets_carry_their_recipes():
     assert (scbert.data.normalization, scbert.model.n_bins) == ("log2_floor_bins", 6)
     assert scbert.input_masking() == Masking(0.15, mask_prob=0.9, random_prob=0.0, nonzero_only=True)
     assert scbert.model.freeze_gene_embedding and scbert.model.d_model == 200
+    # performer-pytorch's defaults, which scBERT and CellLM keep: heads 64 wide, no dropout anywhere
+    assert (scbert.model.attention_head_dim, scbert.model.dropout) == (64, 0.0)
     celllm = load_config(None, ["preset=celllm"])
-    assert (celllm.data.normalization, celllm.model.n_bins, celllm.model.n_heads) == ("log2_floor_bins", 7, 16)
-    assert celllm.model.n_bins + 1 == 8  # CellLM's num_tokens: bins 0..6 and the mask token
+    assert (celllm.data.normalization, celllm.model.n_bins, celllm.model.n_heads) == ("log2_floor_bins", 6, 16)
+    assert celllm.model.n_bins + 2 == 8  # CellLM's num_tokens: bins 0..5, <cls> and <pad>
+    assert (celllm.model.attention_head_dim, celllm.model.dropout) == (64, 0.0)
     # contrastive between two views and the [cls] task: what trains the pooled <cls>
     assert (celllm.data.views, celllm.objectives.contrastive_weight, celllm.objectives.label_weight) == (True, 1.0, 0.1)
     geneformer = load_config(None, ["preset=geneformer-10m"])
