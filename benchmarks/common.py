@@ -116,8 +116,10 @@ def versions(*modules: str) -> dict:
 
 
 def code_version() -> dict | None:
-    """The checkout's commit, and whether tracked files differ from it: which code a number came
-    from (None outside a git checkout, as on the device machine, which gets a copy of the files)."""
+    """The checkout's commit, and whether tracked files other than the results differ from it:
+    which code a number came from (None outside a git checkout, as on the device machine, which
+    gets a copy of the files). The results folder is left out: a benchmark that writes its file
+    row by row, or a run after another benchmark's, would otherwise mark its own code modified."""
     def git(*args) -> subprocess.CompletedProcess:
         return subprocess.run(["git", *args], cwd=RESULTS.parents[1], capture_output=True, text=True, timeout=30)
 
@@ -126,7 +128,8 @@ def code_version() -> dict | None:
         if head.returncode:
             return None
         return {"commit": head.stdout.strip(),
-                "modified": bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip())}
+                "modified": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                                     f":(exclude){RESULTS.relative_to(RESULTS.parents[1]).as_posix()}").stdout.strip())}
     except (OSError, subprocess.TimeoutExpired):
         return None
 
