@@ -70,12 +70,14 @@ PRESETS: dict[str, Preset] = {
         # bowang-lab/scGPT scgpt/model/model.py: ContinuousValueEncoder over the bin index (input_emb_style
         # "continuous" with binned input), ExprDecoder regressing one value, MVCDecoder ("inner product"), and
         # scgpt/loss.py masked_mse_loss for both; scgpt/data_collator.py: mlm_probability [0.25, 0.5, 0.75], masked
-        # inputs all set to mask_value (no random or kept ones)
-        ModelConfig(d_model=512, n_layers=12, n_heads=8, attention="flash", value_mode="bins", n_bins=51,
-                    bin_embedding="mlp", bin_loss="mse", mvc_head=True),
+        # inputs all set to mask_value (no random or kept ones); blocks as FlashTransformerEncoderLayer builds them
+        # for the whole-human model (norm_scheme "post", activation "relu", d_hid 512 = 1x, dropout 0.2)
+        ModelConfig(d_model=512, n_layers=12, n_heads=8, ffn_multiplier=1.0, dropout=0.2, norm_position="post",
+                    activation="relu", attention="flash", value_mode="bins", n_bins=51, bin_embedding="mlp",
+                    bin_loss="mse", mvc_head=True),
         "quantile_bins", 1200,
-        "scGPT: 12 flash-attention layers of width 512 over 1,200 expressed genes, per-cell quantile bins through "
-        "a value MLP, squared error on masked bins (25/50/75 % masked) plus MVC/GEPC from the <cls> embedding",
+        "scGPT: 12 post-norm ReLU flash-attention layers of width 512 over 1,200 expressed genes, per-cell quantile "
+        "bins through a value MLP, squared error on masked bins (25/50/75 % masked) plus MVC/GEPC from the <cls> embedding",
         data={"mask_ratios": [0.25, 0.5, 0.75], "mask_replace_prob": 1.0, "mask_random_prob": 0.0},
         objectives={"mvc_weight": 1.0}),
     "scfoundation": Preset(

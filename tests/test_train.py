@@ -317,6 +317,15 @@ def _fake_corpus(n_labels: int = 5):
                            label_classes=[n_labels], label_columns=[SimpleNamespace(name="tumor_normal")])
 
 
+def test_geneformer_config_carries_its_optimizer_and_schedule():
+    """examples/pretraining_new_model/pretrain_geneformer_w_deepspeed.py: AdamW through transformers'
+    Trainer (betas 0.9 / 0.999), max_lr 1e-3, weight_decay 0.001, warmup_steps 10,000, lr_scheduler_type
+    linear (to 0 at the end)."""
+    config = load_config(str(ROOT / "launch" / "configs" / "geneformer-10m.yaml"), [])
+    assert (config.optimizer.lr, config.optimizer.weight_decay, config.optimizer.betas) == (1e-3, 1e-3, [0.9, 0.999])
+    assert (config.schedule.warmup_steps, config.schedule.decay, config.schedule.min_lr_ratio) == (10_000, "linear", 0)
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_every_shipped_config_loads_and_validates(path):
     config = load_config(str(path), ["data.corpus=/some/corpus"])
@@ -401,9 +410,10 @@ def test_presets_carry_their_recipes():
     assert (celllm.data.views, celllm.objectives.contrastive_weight, celllm.objectives.label_weight) == (True, 1.0, 0.1)
     geneformer = load_config(None, ["preset=geneformer-10m"])
     assert (geneformer.model.norm_position, geneformer.model.activation) == ("post", "relu")
-    for name in ("scgpt", "scfoundation"):
-        other = load_config(None, [f"preset={name}"])
-        assert (other.model.norm_position, other.model.activation) == ("pre", "gelu")
+    scgpt = load_config(None, ["preset=scgpt"]).model  # FlashTransformerEncoderLayer, whole-human args.json
+    assert (scgpt.norm_position, scgpt.activation, scgpt.ffn_multiplier, scgpt.dropout) == ("post", "relu", 1.0, 0.2)
+    scfoundation = load_config(None, ["preset=scfoundation"]).model
+    assert (scfoundation.norm_position, scfoundation.activation) == ("pre", "gelu")
     # scFoundation masks 30 % of values (training_hyperparameter.txt value_mask_prob), BERT's 80/10/10, and 3 % of
     # the unexpressed genes (zero_mask_prob)
     assert load_config(None, ["preset=scfoundation"]).input_masking() == Masking(0.3, zero_prob=0.03)
