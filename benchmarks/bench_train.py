@@ -567,8 +567,10 @@ def bench_module(config):
                 prediction = model.mlm_head(tokens[batch["mlm_mask"]])  # [n_masked, C]
                 if config.mlm_regresses:
                     prediction = prediction.squeeze(-1)
-                # the loss reads only these two fields of a batch; here [B, L], masked positions in the same order
-                where = SimpleNamespace(mlm_mask=batch["mlm_mask"], mlm_targets=batch["mlm_targets"])
+                # the loss reads only the targets at the masked positions: here of [B, L] flattened, in the
+                # same (row-major) order as the boolean index above
+                masked = torch.nonzero(batch["mlm_mask"].flatten()).flatten()
+                where = SimpleNamespace(mlm_targets=batch["mlm_targets"].flatten(), masked_index=lambda: masked)
             total, count = mlm_loss_sum(prediction, where, config.mlm_regresses)
             return total / max(count, 1)
 

@@ -98,3 +98,51 @@ def test_model_outputs_per_chunk_equal_the_whole_batch(overrides):
     torch.testing.assert_close(torch.cat([p.mlm for p in parts]), whole.mlm, rtol=0, atol=1e-12)
     # and concat of rebuilt cells is the same batch
     assert_batches_equal(pack(cells_of(batch), views_per_cell=2), batch)
+
+
+def test_to_finds_the_masked_positions_on_the_host_and_concat_carries_them():
+    """`to` lists the masked positions while the mask is on the host, so that the model and the loss
+    gather them on the device with an index instead of a boolean mask (which waits for the device
+    to count them); concat offsets them like the tokens. The model's outputs and the loss are the
+    same either way."""
+    from dataclasses import replace
+
+    from pretrain.objectives.losses import mlm_loss_sum
+
+    batch = random_batch(LENGTHS, seed=2, views_per_cell=2)
+    assert batch.mlm_index is None and batch.mlm_mask.any()
+    moved = batch.to("cpu")
+    assert torch.equal(moved.mlm_index, torch.nonzero(batch.mlm_mask).flatten())
+    assert torch.equal(batch.masked_index(), moved.mlm_index)  # the fallback finds the same positions
+    chunks = [c.to("cpu") for c in batch.split(2)]
+    joined = PackedBatch.concat(chunks)
+    assert torch.equal(joined.mlm_index, moved.mlm_index)
+    assert_batches_equal(replace(joined, mlm_index=None), batch)
+    assert PackedBatch.concat([chunks[0], batch.split(2)[1]]).mlm_index is None  # one chunk without: found later
+    model = CellModel(small_config(mvc_head=True)).eval()
+    with torch.no_grad():
+        a, b = model(batch), model(moved)
+    for name in ("mlm", "cells", "mvc"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert torch.equal(mlm_loss_sum(a.mlm, batch, False)[0], mlm_loss_sum(b.mlm, moved, False)[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("attention", ["sdpa", "favor"])
+def test_forward_and_masked_loss_do_not_wait_for_the_device(attention):
+    """A training forward of a batch moved by `to` (the trainer's way), its masked-expression and MVC
+    losses, launch without one device-to-host synchronization: a sync there stalls the launch queue
+    every step. CUDA's sync debug mode raises at the first one, with its place in the traceback."""
+    from pretrain.objectives.losses import mlm_loss_sum
+
+    model = CellModel(small_config(attention=attention, mvc_head=True)).cuda().train()
+    batch = random_batch(LENGTHS, seed=3, views_per_cell=2).to("cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = model(batch)
+        loss = mlm_loss_sum(out.mlm, batch, False)[0] + mlm_loss_sum(out.mvc, batch, True)[0]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss)

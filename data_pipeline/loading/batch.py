@@ -8,7 +8,7 @@ genes (capped at ``max_genes``), plus, with masked unexpressed genes (``data.mas
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -27,6 +27,9 @@ class PackedBatch:
     # [B, 2] float32 total counts per sequence: T (the raw cell's, as the corpus stores it) and S (its
     # input's: lower than T when the loader downsampled the cell); scFoundation's T and S tokens read it
     read_depth: torch.Tensor | None = None
+    # [M] int64, the positions where mlm_mask is True, ascending: found on the host by `to` (a boolean
+    # index on the device waits for it to count the positions); None: found from the mask when asked
+    mlm_index: torch.Tensor | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -50,6 +53,11 @@ class PackedBatch:
         if not self.values.is_floating_point():
             return 0
         return int((self.mlm_mask & (self.values == 0)).sum())
+
+    def masked_index(self) -> torch.Tensor:
+        """The masked positions [M] int64, ascending (``mlm_index``, else found from ``mlm_mask``:
+        a device sync where the mask is on a device)."""
+        return self.mlm_index if self.mlm_index is not None else torch.nonzero(self.mlm_mask).flatten()
 
     @property
     def padded_tokens(self) -> int:
@@ -100,18 +108,23 @@ class PackedBatch:
     @classmethod
     def concat(cls, batches: list[PackedBatch]) -> PackedBatch:
         """One batch of all sequences of ``batches``, in order (view_index kept distinct)."""
-        cu, view, tokens, cells = [batches[0].cu_seqlens[:1]], [], 0, 0
+        cu, view, index, tokens = [batches[0].cu_seqlens[:1]], [], [], 0
+        cells = torch.zeros((), dtype=batches[0].view_index.dtype, device=batches[0].view_index.device)
         for b in batches:
             cu.append(b.cu_seqlens[1:] + tokens)
             view.append(b.view_index + cells)
+            if b.mlm_index is not None:
+                index.append(b.mlm_index + tokens)
             tokens += b.n_tokens
-            cells += b.n_cells
+            # the cells so far as a tensor: an int would wait for a device batch's view_index.max()
+            cells = cells + (b.view_index.max() + 1 if b.n_seqs else 0)
         cat = lambda name: torch.cat([getattr(b, name) for b in batches])  # noqa: E731
         return cls(gene_ids=cat("gene_ids"), values=cat("values"), cu_seqlens=torch.cat(cu),
                    max_seqlen=max(b.max_seqlen for b in batches), mlm_mask=cat("mlm_mask"),
                    mlm_targets=cat("mlm_targets"), labels=cat("labels"), view_index=torch.cat(view),
                    cell_index=cat("cell_index"),
-                   read_depth=None if any(b.read_depth is None for b in batches) else cat("read_depth"))
+                   read_depth=None if any(b.read_depth is None for b in batches) else cat("read_depth"),
+                   mlm_index=torch.cat(index) if len(index) == len(batches) else None)
 
     # --- one buffer per batch between processes --------------------------------------------------
     _TENSORS = ("gene_ids", "values", "cu_seqlens", "mlm_mask", "mlm_targets", "labels", "view_index", "cell_index",
@@ -163,4 +176,8 @@ class PackedBatch:
         return self._map(lambda t: t.pin_memory())
 
     def to(self, device, non_blocking: bool = True) -> PackedBatch:
-        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+        """The batch on ``device``, with ``mlm_index`` found here first when the mask is on the host."""
+        batch = self
+        if self.mlm_index is None and self.mlm_mask.device.type == "cpu":
+            batch = replace(self, mlm_index=torch.nonzero(self.mlm_mask).flatten())
+        return batch._map(lambda t: t.to(device, non_blocking=non_blocking))

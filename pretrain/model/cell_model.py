@@ -294,7 +294,7 @@ class CellModel(nn.Module):
             return ModelOutput(mlm=None, cells=cells, contrastive=self.contrastive_head(cells), labels=[], tokens=None)
         if self.config.architecture == "encoder_decoder":
             return self._decode(batch, tokens, cells, depth, keep)
-        mlm = self.mlm_head(tokens[batch.mlm_mask])
+        mlm = self.mlm_head(tokens[batch.masked_index()])
         mvc = self.mvc(batch, cells) if self.config.mvc_head else None
         return self._outputs(mlm.squeeze(-1) if self.config.mlm_regresses else mlm, cells, tokens, mvc)
 
@@ -316,7 +316,7 @@ class CellModel(nn.Module):
         each masked gene's value predicted from its cell's embedding alone, queried by the gene's
         identity embedding: ``(W sigmoid(Q e_gene + q)) . cell``. What trains the cell embedding
         (``<cls>``) to hold the cell's expression.  cells [B, d] -> [n_masked]"""
-        where = batch.mlm_mask
+        where = batch.masked_index()
         seq = sequence_ids(batch.cu_seqlens, batch.gene_ids.shape[0])[where]
         query = self.mvc_weight(self.mvc_query(self.gene_embedding(batch.gene_ids[where])))
         return (query * cells[seq].to(query.dtype)).sum(-1)
@@ -339,5 +339,5 @@ class CellModel(nn.Module):
             rows = (torch.arange(b, device=dec.device) * per_cell + per_cell - 2)[:, None] + torch.arange(2, device=dec.device)
             dec = dec.index_put((rows.flatten(),), self.to_decoder(depth).reshape(2 * b, -1).to(dec.dtype))
         out = self.decoder(self.drop(dec), dec_cu, per_cell)
-        mlm = self.mlm_head(out[slot[batch.mlm_mask]]).squeeze(-1)
+        mlm = self.mlm_head(out[slot[batch.masked_index()]]).squeeze(-1)
         return self._outputs(mlm, cells, None)

@@ -21,7 +21,7 @@ from data_pipeline.loading.batch import PackedBatch
 def mlm_loss_sum(prediction: torch.Tensor, batch: PackedBatch, regress: bool) -> tuple[torch.Tensor, int]:
     """(sum of the per-position loss, number of masked positions).  prediction: [n_masked, C]
     logits, or [n_masked] values (``regress``: `ModelConfig.mlm_regresses`, or the MVC output)."""
-    targets = batch.mlm_targets[batch.mlm_mask]
+    targets = batch.mlm_targets[batch.masked_index()]
     if regress:
         loss = F.mse_loss(prediction.float(), targets.float(), reduction="sum")
     else:
