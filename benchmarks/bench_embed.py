@@ -205,7 +205,8 @@ def main(argv=None) -> None:
             del model
             continue
         row = {"preset": name, "backend": config.attention, "d_model": config.d_model, "n_layers": config.n_layers,
-               "n_heads": config.n_heads, "head_dim": config.attention_head_dim, "params": sum(p.numel() for p in model.parameters()), "max_genes": longest,
+               "n_heads": config.n_heads, "head_dim": config.attention_head_dim,
+               "params": sum(p.numel() for p in model.parameters()), "max_genes": longest,
                "gene_set": config.gene_set, "architecture": config.architecture, "shrunk": args.shrunk,
                "chunk_cells": chunk_cells, "cells": n, "seconds": seconds, "cells_per_s": n / seconds, "cells_per_hour": n / seconds * 3600,
                "tokens_per_s": tokens / seconds, "vs_claim": n / seconds / per_device, "error": None}
