@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> None:
                              "models trained without data.max_genes), top (its most expressed, up to the trained "
                              "data.max_genes; auto for exact attention, whose memory grows with the square of the "
                              "length), sample (a random subset of that size, seeded by the cell: the training input)")
+    parser.add_argument("--encoder-layer", type=int, default=-1,
+                        help="the encoder block whose states are pooled: -1 the last (default), -2 the "
+                             "second-to-last (Geneformer's EmbExtractor default), down to minus the model's layers")
     add_runtime_arguments(parser)
     add_verbosity_flags(parser)
     args = parser.parse_args(argv)
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         report = embed_h5ad(model, args.input, args.out, name=args.name, layer=args.layer,
                             min_coverage=args.min_coverage, token_budget=args.token_budget, device=args.device,
                             gene_column=args.gene_column, symbol_table=args.symbol_table, cap=args.cap,
-                            chunk_cells=args.chunk_cells)
+                            chunk_cells=args.chunk_cells, encoder_layer=args.encoder_layer)
     except (ValueError, FileNotFoundError) as err:
         parser.exit(2, f"error: {err}\n")
     print(json.dumps(report, indent=1))

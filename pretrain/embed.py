@@ -237,7 +237,7 @@ def model_input(model: CellModel, indptr, genes, counts, totals, seed: int = 0,
 
 @torch.inference_mode()
 def embed_counts(model: CellModel, indptr, genes, counts, totals, token_budget: int = 16384, seed: int = 0,
-                 device: str | torch.device = "cpu", cap: str = "auto") -> np.ndarray:
+                 device: str | torch.device = "cpu", cap: str = "auto", encoder_layer: int = -1) -> np.ndarray:
     """Cell embeddings ``[n, d]`` (float32) of cells given as CSR over tokens, batched by length as
     the trainer batches them (``token_budget`` counted by the model's `ModelConfig.token_cost`).
 
@@ -248,7 +248,11 @@ def embed_counts(model: CellModel, indptr, genes, counts, totals, token_budget: 
 
     With depth tokens (scFoundation's T and S) a cell is embedded at its own depth: T = S = its
     total count (scFoundation's get_embedding.py sets S = the cell's total and T by --tgthighres,
-    e.g. a higher target depth; not offered here)."""
+    e.g. a higher target depth; not offered here).
+
+    ``encoder_layer``: the encoder block whose states are pooled (-1, the last; -2, the
+    second-to-last: Geneformer's `EmbExtractor` default, ``emb_layer=-1`` there)."""
+    model.encoder.blocks_through(encoder_layer)  # refused before any cell is read
     norm, depth = model_input(model, indptr, genes, counts, totals, seed, cap)
     out = np.zeros((len(norm.indptr) - 1, model.config.cell_dim), np.float32)
     training = model.training
@@ -259,7 +263,7 @@ def embed_counts(model: CellModel, indptr, genes, counts, totals, token_budget: 
                                            read_depth=depth):
             batch = batch.to(device)
             _, cell_states = model.encode(batch.gene_ids, batch.values, batch.cu_seqlens, batch.max_seqlen,
-                                          batch.read_depth)
+                                          batch.read_depth, layer=encoder_layer)
             out[cells] = cell_states.float().cpu().numpy()
     finally:
         model.train(training)
@@ -286,18 +290,20 @@ def open_cells(source: str | Path, layer: str | None = None):
 def embed_h5ad(model: CellModel, source: str | Path, out: str | Path, name: str = "scfm", layer: str | None = None,
                min_coverage: float = 0.5, chunk_cells: int = 8192, token_budget: int = 16384,
                device: str | torch.device = "cpu", progress: bool = True, gene_column: str | None = None,
-               symbol_table: str | Path | dict[str, str] | None = None, cap: str = "auto") -> dict:
+               symbol_table: str | Path | dict[str, str] | None = None, cap: str = "auto",
+               encoder_layer: int = -1) -> dict:
     """Embed every cell of ``source``; write ``out`` (`pretrain.embed_output`: .h5ad, the input
     plus ``obsm["X_<name>"]``; .zarr, an AnnData store of obs, var and that obsm), ``chunk_cells``
     rows at a time: neither the input's matrix nor the whole embedding is held in memory. Refuses
     inputs where less than ``min_coverage`` of the counts fall on vocabulary genes.
     ``gene_column`` / ``symbol_table`` (a symbol -> Ensembl CSV/TSV[.gz] or pickled dict, or a
-    dict) mean what the converter's ``--gene-column`` / ``--symbol-table`` mean; ``cap`` as in
-    `embed_counts`. Returns a coverage report."""
+    dict) mean what the converter's ``--gene-column`` / ``--symbol-table`` mean; ``cap`` and
+    ``encoder_layer`` as in `embed_counts`. Returns a coverage report."""
     from .embed_output import EmbeddingWriter, check_output
 
     key = f"X_{name}"
     check_output(source, out, key)  # before the input is read: a typo costs nothing
+    model.encoder.blocks_through(encoder_layer)
     if symbol_table is not None and not isinstance(symbol_table, dict):
         symbol_table = read_symbol_table(symbol_table)
     with open_cells(source, layer) as cells:
@@ -313,10 +319,11 @@ def embed_h5ad(model: CellModel, source: str | Path, out: str | Path, name: str 
             for a in range(0, n, chunk_cells):
                 b = min(n, a + chunk_cells)
                 indptr, genes, counts, totals = token_csr(cells.read_rows(a, b), tokens, model.config.vocab_size)
-                writer.write(embed_counts(model, indptr, genes, counts, totals, token_budget, device=device, cap=cap))
+                writer.write(embed_counts(model, indptr, genes, counts, totals, token_budget, device=device, cap=cap,
+                                          encoder_layer=encoder_layer))
                 if bar is not None:
                     bar.update(b - a)
         if bar is not None:
             bar.close()
-    report.update(n_cells=n, dim=int(model.config.cell_dim), out=str(out), key=key)
+    report.update(n_cells=n, dim=int(model.config.cell_dim), out=str(out), key=key, encoder_layer=encoder_layer)
     return report

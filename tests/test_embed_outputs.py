@@ -144,6 +144,32 @@ def test_a_layer_is_read_as_x_is(bundle, source, embedded, tmp_path):
     assert zarr.open_group(str(tmp_path / "layer.zarr"), mode="r")["obsm"]["X_scfm"].chunks == (16, 32)
 
 
+def test_encoder_layer_picks_the_block_whose_states_are_pooled(source, tmp_path):
+    """``--encoder-layer -2`` (Geneformer's embedding layer) embeds from the second-to-last block,
+    as `embed_h5ad` does in-process; a layer the model lacks is one line naming the range, before any
+    output is written."""
+    from pretrain.embed import embed_h5ad
+
+    vocab = Vocabulary.from_genes(GENES, [f"GN{chr(65 + i // 26)}{chr(65 + i % 26)}" for i in range(N_GENES)])
+    config = ModelConfig(vocab_size=len(vocab), d_model=32, n_layers=3, n_heads=2, attention="sdpa", n_bins=7,
+                         dropout=0.0, norm_position="post", activation="relu")
+    bundle = write_bundle(tmp_path / "bundle", CellModel.initial(config, seed=1).state_dict(), config,
+                          vocab.to_tsv(), Normalization(mode="log1p_bins", n_bins=7), "# test bundle\n")
+    report = _embed(bundle, source, tmp_path / "second.h5ad", "--encoder-layer", "-2")
+    assert report["encoder_layer"] == -2
+    model = load_pretrained(bundle)
+    embed_h5ad(model, source, tmp_path / "in_process.h5ad", progress=False, encoder_layer=-2)
+    embed_h5ad(model, source, tmp_path / "last.h5ad", progress=False)
+    second = ad.read_h5ad(tmp_path / "second.h5ad").obsm["X_scfm"]
+    np.testing.assert_array_equal(second, ad.read_h5ad(tmp_path / "in_process.h5ad").obsm["X_scfm"])
+    assert np.abs(second - ad.read_h5ad(tmp_path / "last.h5ad").obsm["X_scfm"]).max() > 1e-3
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "embed.py"), str(bundle), str(source), "--out",
+                           str(tmp_path / "refused.h5ad"), "--encoder-layer", "-4"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 2 and "encoder layer -4: give -1" in proc.stderr and "down to -3" in proc.stderr
+    assert not (tmp_path / "refused.h5ad").exists()
+
+
 # --- streaming: memory grows by a fraction of the matrix ------------------------------------------------
 
 BIG_CELLS, OFF_GENES = 8000, 4000  # every cell: its 40 vocabulary genes + 4000 others of count 1 (~260 MB of X)

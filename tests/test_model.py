@@ -336,3 +336,24 @@ def test_post_norm_model_packed_equals_padded_reference():
         h, cells_ref = model.encode_padded(padded["gene_ids"], padded["values"], real)
     exact(tokens, h[real], atol=1e-10)
     exact(cells, cells_ref, atol=1e-10)
+
+
+@pytest.mark.parametrize("norm_position", ["pre", "post"])
+def test_an_earlier_encoder_layer_is_the_output_of_the_model_cut_there(norm_position):
+    """``layer=-2`` (Geneformer's embedding layer) gives the states a model without the last block
+    gives, with the same weights and the same final LayerNorm (pre-norm) or none (post-norm blocks
+    end normalized); every other layer number is refused naming the range."""
+    full = CellModel(small_config(n_layers=3, norm_position=norm_position)).eval()
+    cut = CellModel(small_config(n_layers=2, norm_position=norm_position)).eval()
+    cut.load_state_dict({k: v for k, v in full.state_dict().items() if not k.startswith("encoder.blocks.2.")})
+    batch = random_batch([5, 9, 3, 7], seed=4)
+    with torch.no_grad():
+        body, cells = full.encode(batch.gene_ids, batch.values, batch.cu_seqlens, batch.max_seqlen, layer=-2)
+        want_body, want_cells = cut.encode(batch.gene_ids, batch.values, batch.cu_seqlens, batch.max_seqlen)
+        last_body, _ = full.encode(batch.gene_ids, batch.values, batch.cu_seqlens, batch.max_seqlen)
+    torch.testing.assert_close(body, want_body, rtol=0, atol=0)
+    torch.testing.assert_close(cells, want_cells, rtol=0, atol=0)
+    assert (body - last_body).abs().max() > 1e-3
+    for bad in (0, 1, -4):
+        with pytest.raises(ValueError, match=r"encoder layer .*-1 .* down to -3"):
+            full.encode(batch.gene_ids, batch.values, batch.cu_seqlens, batch.max_seqlen, layer=bad)

@@ -208,13 +208,15 @@ class CellModel(nn.Module):
         return dense.reshape(b * per_cell, -1).index_put((slots,), x), slots, dense_cu, per_cell
 
     def encode(self, gene_ids, values, cu_seqlens, max_seqlen, read_depth: torch.Tensor | None = None,
-               known: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               known: torch.Tensor | None = None, layer: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder over packed tokens: (gene-token states [T, d], cell embeddings [B, cell_dim]).
         ``read_depth`` [B, 2] (T, S total counts per sequence): needed with ``depth_tokens``.
         ``known`` [T] bool: scGPT's generative attention mask (``attention_mask=generative``: the
         tokens whose value is not known, the masked ones, attend to the known ones and themselves;
-        the prefix tokens are known); None: full attention."""
-        body, cells, _ = self._encode(gene_ids, values, cu_seqlens, max_seqlen, read_depth, known)
+        the prefix tokens are known); None: full attention. ``layer``: the states (and the pooled
+        cell embedding) of that encoder block (-1 the last; -2 the second-to-last, Geneformer's
+        embedding layer; `Encoder.forward`)."""
+        body, cells, _ = self._encode(gene_ids, values, cu_seqlens, max_seqlen, read_depth, known, layer)
         return body, cells
 
     def depth_embedding(self, read_depth: torch.Tensor | None, n_seqs: int) -> torch.Tensor:
@@ -227,7 +229,7 @@ class CellModel(nn.Module):
         logs = torch.log10(read_depth.to(torch.promote_types(self.depth.dtype, torch.float32)).clamp_min(1))
         return self.depth + self.value_embedding(logs.flatten()).view(n_seqs, 2, -1)
 
-    def _encode(self, gene_ids, values, cu_seqlens, max_seqlen, read_depth=None, known=None):
+    def _encode(self, gene_ids, values, cu_seqlens, max_seqlen, read_depth=None, known=None, layer: int = -1):
         """`encode`, plus the T and S tokens' states [B, 2, d] (None without ``depth_tokens``)."""
         c = self.config
         x = self.gene_embedding(gene_ids) + self.value_embedding(values)
@@ -244,12 +246,12 @@ class CellModel(nn.Module):
             prefix.append(self.depth_embedding(read_depth, b))
         cls_state = depth_states = None
         if not prefix:
-            body = self.encoder(x, cu_seqlens, max_seqlen, known)
+            body = self.encoder(x, cu_seqlens, max_seqlen, known, layer)
         else:
             x, prefix_cu, rows, prefix_rows = with_prefix(x, torch.cat(prefix, dim=1), cu_seqlens)
             if known is not None:  # <cls> (and T, S) are known
                 known = torch.ones(x.shape[0], dtype=torch.bool, device=x.device).index_put((rows,), known)
-            h = self.encoder(x, prefix_cu, max_seqlen + c.n_prefix, known)
+            h = self.encoder(x, prefix_cu, max_seqlen + c.n_prefix, known, layer)
             body = h[rows]
             if self.cls is not None:
                 cls_state = h[prefix_rows[:, 0]]

@@ -111,14 +111,25 @@ class Encoder(nn.Module):
         self.post_norm = norm_position == "post"
         self.activation_checkpointing = activation_checkpointing
 
+    def blocks_through(self, layer: int) -> int:
+        """How many blocks run to give the output of block ``layer`` (-1: the last, -2: the one
+        before it, ...: Python's negative indexing over the blocks)."""
+        if layer != -1 and not -len(self.blocks) <= layer < -1:
+            raise ValueError(f"encoder layer {layer}: give -1 (the last block, the default) down to "
+                             f"-{len(self.blocks)} (the first); -2 is the second-to-last, Geneformer's embedding layer")
+        return len(self.blocks) + 1 + layer
+
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                known: torch.Tensor | None = None) -> torch.Tensor:
-        """``known`` [T] bool: scGPT's generative attention mask (None: full attention per sequence)."""
+                known: torch.Tensor | None = None, layer: int = -1) -> torch.Tensor:
+        """``known`` [T] bool: scGPT's generative attention mask (None: full attention per sequence).
+        ``layer``: the output of that block (`blocks_through`), the later blocks skipped; pre-norm
+        applies the final LayerNorm to it as to the last block's (post-norm blocks end normalized)."""
+        blocks = self.blocks if layer == -1 else self.blocks[:self.blocks_through(layer)]
         if known is not None and self.blocks and self.blocks[0].attn.backend != "sdpa":
             known = KnownSplit.of(known, cu_seqlens)  # the two-pass kernels' rows, found once for every layer
         if self.post_norm:
             x = self.norm(x)
-        for block in self.blocks:
+        for block in blocks:
             if self.activation_checkpointing and torch.is_grad_enabled():
                 # non-reentrant checkpointing replays the RNG, so dropout matches in the recompute
                 x = checkpoint(block, x, cu_seqlens, max_seqlen, known, use_reentrant=False)
