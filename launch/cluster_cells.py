@@ -29,7 +29,7 @@ from data_pipeline.log_setup import add_verbosity_flags, setup_logging  # noqa: 
 from pretrain.downstream.hybrid import HybridConfig, cluster_with_baselines  # noqa: E402
 from pretrain.downstream.token_cells import read_token_cells  # noqa: E402
 from pretrain.downstream.vae import VAEConfig  # noqa: E402
-from pretrain.embed import add_cell_input_arguments, embed_counts  # noqa: E402
+from pretrain.embed import add_cell_input_arguments, add_encoder_layer_argument, embed_counts  # noqa: E402
 from pretrain.embed_output import annotated_copy, check_not_input  # noqa: E402
 from pretrain.export import load_pretrained  # noqa: E402
 from pretrain.threads import add_runtime_arguments, apply_threads  # noqa: E402
@@ -62,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=d.epochs,
                         help=f"full-batch steps training the GAT and fusion (default {d.epochs})")
     add_cell_input_arguments(parser)
+    add_encoder_layer_argument(parser)
     add_runtime_arguments(parser)
     add_verbosity_flags(parser)
     args = parser.parse_args(argv)
@@ -113,17 +114,22 @@ def main(argv: list[str] | None = None) -> dict:
                      "pass --label-column with one of them, or omit it to cluster without scores")
         labels = adata.obs[args.label_column].to_numpy()
     model = load_pretrained(args.bundle, device=args.device)
+    try:
+        model.encoder.blocks_through(args.encoder_layer)  # before the cells are read
+    except ValueError as e:
+        sys.exit(f"--encoder-layer: {e}")
     # gene matching and the coverage check as every command reads cells; the embedding as launch/embed.py's
     cells = read_token_cells(source, model, layer=args.layer, gene_column=args.gene_column,
                              symbol_table=args.symbol_table, min_coverage=args.min_coverage)
     embedding = embed_counts(model, cells.indptr, cells.genes, cells.counts, cells.totals, args.token_budget,
-                             device=args.device)
+                             device=args.device, encoder_layer=args.encoder_layer)
     coverage = cells.coverage[0]
     config = HybridConfig(n_top_genes=args.n_top_genes, vae=replace(VAEConfig(), steps=args.vae_steps),
                           graph_neighbors=args.graph_neighbors, sim_alpha=args.sim_alpha, epochs=args.epochs,
                           seed=args.seed)
     report, result = cluster_with_baselines(counts, embedding, labels, args.n_clusters, args.leiden_resolution, config)
     report.update(input=str(source), bundle=str(args.bundle), label_column=args.label_column, seed=args.seed,
+                  encoder_layer=args.encoder_layer,
                   coverage={k: coverage[k] for k in ("mapped_genes", "input_genes", "count_fraction")})
     name = args.name
     clusters = {column: pd.Categorical(result["clusters"][method].astype(str))

@@ -19,7 +19,7 @@ if not __package__:  # run as a script from a checkout (`python launch/X.py`, `d
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_pipeline.log_setup import add_verbosity_flags, setup_logging  # noqa: E402
-from pretrain.embed import GENE_CAPS, add_cell_input_arguments, embed_h5ad  # noqa: E402
+from pretrain.embed import GENE_CAPS, add_cell_input_arguments, add_encoder_layer_argument, embed_h5ad  # noqa: E402
 from pretrain.export import load_pretrained  # noqa: E402
 from pretrain.threads import add_runtime_arguments, apply_threads  # noqa: E402
 
@@ -39,9 +39,7 @@ def main(argv: list[str] | None = None) -> None:
                              "models trained without data.max_genes), top (its most expressed, up to the trained "
                              "data.max_genes; auto for exact attention, whose memory grows with the square of the "
                              "length), sample (a random subset of that size, seeded by the cell: the training input)")
-    parser.add_argument("--encoder-layer", type=int, default=-1,
-                        help="the encoder block whose states are pooled: -1 the last (default), -2 the "
-                             "second-to-last (Geneformer's EmbExtractor default), down to minus the model's layers")
+    add_encoder_layer_argument(parser)
     add_runtime_arguments(parser)
     add_verbosity_flags(parser)
     args = parser.parse_args(argv)

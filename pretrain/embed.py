@@ -114,6 +114,13 @@ def add_cell_input_arguments(parser) -> None:
                              "model costs the full gene set (default 16384)")
 
 
+def add_encoder_layer_argument(parser) -> None:
+    """--encoder-layer, for the commands whose output is the embedding itself (embed, cluster)."""
+    parser.add_argument("--encoder-layer", type=int, default=-1,
+                        help="the encoder block whose states are pooled: -1 the last (default), -2 the "
+                             "second-to-last (Geneformer's EmbExtractor default), down to minus the model's layers")
+
+
 def require_coverage(cells, chunk_cells: int, tokens: np.ndarray, report: dict, source: str,
                      min_coverage: float) -> None:
     """Refuse an input where less than ``min_coverage`` of the counts of its first cells (``cells``:

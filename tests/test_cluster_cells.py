@@ -126,6 +126,10 @@ def test_command_writes_clusters_in_input_order(bundle, tmp_path):
     assert proc.returncode != 0 and "only 150 cells" in proc.stderr
     proc = _cluster_command(bundle, source, "--out", source, "--n-clusters", 3)
     assert proc.returncode != 0 and "is the input" in proc.stderr
+    # the embedding's encoder block as `embed --encoder-layer` takes it: this one-block model has only -1
+    assert report["encoder_layer"] == -1
+    proc = _cluster_command(bundle, source, "--out", tmp_path / "other.h5ad", "--encoder-layer", -2)
+    assert proc.returncode != 0 and "--encoder-layer: encoder layer -2: give -1" in proc.stderr
     # written through a temp file of its own, renamed when whole: nothing else is left beside the outputs
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.h5ad", "clustered.h5ad", "embedded.h5ad", "report.json"]
 
