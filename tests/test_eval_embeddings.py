@@ -247,6 +247,10 @@ def _write_bundle_meta(bundle: Path, model: CellModel) -> None:
     (bundle / "vocab.tsv").write_text("\n".join(rows) + "\n")
 
 
+# the pipeline, not the model, is under test: eval.yaml's model at a quarter of the width and one layer
+SMALL_MODEL = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.favor_features=32"]
+
+
 def test_eval_embeddings_end_to_end(shared_data, tmp_path):
     """A few steps of one mix on the real files: the JSON has every file, the baselines, each curve
     step's probes and masked modelling, and the figure; the verdicts are whatever they are after 3
@@ -258,8 +262,8 @@ def test_eval_embeddings_end_to_end(shared_data, tmp_path):
                                "--curve", "3", "--seeds", "0", "--mixes", "mlm", "--max-cells", "150",
                                "--finetune", modes, *more, "--fractions", "0.1,1", "--finetune-epochs", "1",
                                "--cluster-vae-steps", "30", "--cluster-epochs", "10",
-                               "--work", str(tmp_path / "work"), "--result", str(result), "--plot", str(plot)],
-                              cwd=REPO, capture_output=True, text=True, timeout=900)
+                               "--work", str(tmp_path / "work"), "--result", str(result), "--plot", str(plot),
+                               *SMALL_MODEL], cwd=REPO, capture_output=True, text=True, timeout=900)
 
     r = run(out, tmp_path / "eval.png")
     assert r.returncode == 0, r.stderr[-3000:]
