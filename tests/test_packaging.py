@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -98,14 +99,18 @@ def test_installed_commands_answer_help_outside_the_checkout(installed, run_outs
     where = run_outside(python, "-c", "import data_pipeline, kernels, launch, pretrain; "
                         "print(data_pipeline.__file__, kernels.__file__, launch.__file__, pretrain.__file__)")
     assert all(path.startswith(str(installed.parent)) for path in where.split()), where
-    listing = run_outside(scfm, "--help")
+    calls = {command: (scfm, command, "--help") for command in COMMANDS}
+    calls.update({"(listing)": (scfm, "--help"), "(scfm-data)": (str(installed / "scfm-data"), "--help"),
+                  "(data_pipeline)": (python, "-m", "data_pipeline", "--help"),
+                  "(launch.pretrain)": (python, "-m", "launch.pretrain", "--help")})  # `deepspeed --module`'s form
+    with ThreadPoolExecutor(4) as pool:  # each one mostly imports torch: side by side, not one after another
+        out = dict(zip(calls, pool.map(lambda args: run_outside(*args), calls.values())))
     for command in COMMANDS:
-        assert f"  {command} " in listing
-        assert f"usage: scfm {command}" in run_outside(scfm, command, "--help")
-    assert "usage: scfm-data" in run_outside(str(installed / "scfm-data"), "--help")
-    assert "usage: python -m data_pipeline" in run_outside(python, "-m", "data_pipeline", "--help")
-    help_text = run_outside(python, "-m", "launch.pretrain", "--help")  # `deepspeed --module launch.pretrain`'s form
-    assert "tiny" in help_text  # the shipped configs, found as package data
+        assert f"  {command} " in out["(listing)"]
+        assert f"usage: scfm {command}" in out[command]
+    assert "usage: scfm-data" in out["(scfm-data)"]
+    assert "usage: python -m data_pipeline" in out["(data_pipeline)"]
+    assert "tiny" in out["(launch.pretrain)"]  # the shipped configs, found as package data
 
 
 @pytest.mark.slow
