@@ -1,6 +1,7 @@
 """The GPU suite's one command stays runnable end to end: ``gpu_suite.py --smoke`` runs every part
 (wheels, setup with the ceilings, pytest on the GPU-marked files, FAVOR+ bf16 and fp32, training,
-contrastive) as its own process on CPU at tiny sizes, each writing its JSON, within about 90 s here;
+contrastive) as its own process on CPU at tiny sizes, each writing its JSON, within about 90 s here
+(the run is shared with the GPU image's import check, tests/test_gpu_wheels.py, under which it runs);
 and the pieces the parts share (atomic incremental result files, the FLOP / byte counts, the
 pytest counts read back from a log) do what they say."""
 
@@ -12,7 +13,6 @@ import subprocess
 import sys
 import tarfile
 import time
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -23,38 +23,15 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 PARTS = ("wheels", "setup", "pytest_gpu", "favor", "train", "contrastive", "embed", "train_loop", "favor_fp32")
 
 
-def _probe_wheel(folder: Path) -> Path:
-    """A minimal pure-Python wheel, so the wheels part installs something without an index."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "suite_probe-0.1-py3-none-any.whl"
-    info = "suite_probe-0.1.dist-info"
-    files = {"suite_probe/__init__.py": "VERSION = '0.1'\n",
-             f"{info}/METADATA": "Metadata-Version: 2.1\nName: suite-probe\nVersion: 0.1\n",
-             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
-    record = "".join(f"{name},,\n" for name in files) + f"{info}/RECORD,,\n"
-    with zipfile.ZipFile(path, "w") as z:
-        for name, text in {**files, f"{info}/RECORD": record}.items():
-            z.writestr(name, text)
-    return path
-
-
-def test_gpu_suite_smoke_runs_every_part(tmp_path):
+def test_gpu_suite_smoke_runs_every_part(gpu_suite_smoke):
+    """The run is the import check's (tests/test_gpu_wheels.py): one smoke run serves both tests."""
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("--smoke is the CPU check; on a GPU run the suite itself")
-    out = tmp_path / "out"
-    wheel = _probe_wheel(tmp_path / "wheels")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("OUT", None)
-    started = time.monotonic()
-    back = tmp_path / "back"  # as the device tool's $OUT: at most 8 files come back
-    r = subprocess.run([sys.executable, "benchmarks/gpu_suite.py", "--smoke", "--out", str(out),
-                        "--wheels", str(wheel.parent), "--bundle", str(back)], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=600)
-    wall = time.monotonic() - started
+    r, out, back, wheel = (gpu_suite_smoke[k] for k in ("done", "out", "back", "wheel"))
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    print(f"gpu_suite --smoke: {wall:.0f} s")
+    print(f"gpu_suite --smoke: {gpu_suite_smoke['seconds']:.0f} s")
 
     suite = json.loads((out / "gpu_suite_cpu.json").read_text())
     assert suite["status"] == "ok" and suite["smoke"] is True

@@ -3,8 +3,9 @@
 the list ``benchmarks/gpu_wheels.sh`` downloads into ``.whl/``), and every carried wheel's requirements
 must be met there too.
 
-``test_device_imports_are_on_image_or_carried`` runs ``benchmarks/gpu_suite.py --smoke`` (all its parts,
-each its own process, ``pytest -m gpu`` on the test files with gpu marks among them), with a
+``test_device_imports_are_on_image_or_carried`` reads a run of ``benchmarks/gpu_suite.py --smoke`` (all its
+parts, each its own process, ``pytest -m gpu`` on the test files with gpu marks among them; the run
+tests/test_gpu_suite.py checks too, made once by `suite_smoke_under_check`), with a
 ``sitecustomize.py`` first on PYTHONPATH. In every process (children inherit the environment) it
 
 * refuses, as the image would, a top-level import whose distribution is neither on the image nor
@@ -61,6 +62,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import warnings
 import zipfile
 from email.parser import Parser
@@ -302,21 +304,44 @@ def check_env(folder: Path, carried: set[str], image: set[str]) -> dict:
             "PYTHONPATH": os.pathsep.join([str(folder), *filter(None, [os.environ.get("PYTHONPATH")])])}
 
 
-@pytest.fixture(scope="module")
-def import_trace(tmp_path_factory):
-    """Run the device commands under the import check; -> (dumps, {command: (exit code, output)}, ...)."""
+def probe_wheel(folder: Path) -> Path:
+    """A minimal pure-Python wheel, so the suite's wheels part installs something without an index."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "suite_probe-0.1-py3-none-any.whl"
+    info = "suite_probe-0.1.dist-info"
+    files = {"suite_probe/__init__.py": "VERSION = '0.1'\n",
+             f"{info}/METADATA": "Metadata-Version: 2.1\nName: suite-probe\nVersion: 0.1\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = "".join(f"{name},,\n" for name in files) + f"{info}/RECORD,,\n"
+    with zipfile.ZipFile(path, "w") as z:
+        for name, text in {**files, f"{info}/RECORD": record}.items():
+            z.writestr(name, text)
+    return path
+
+
+def suite_smoke_under_check(folder: Path) -> dict:
+    """Run ``gpu_suite.py --smoke`` (every part, each its own process; `pytest -m gpu` on the test files
+    with gpu marks among them) under the import check, installing a probe wheel and bundling as the
+    device tool's $OUT would. The one run both tests/test_gpu_suite.py (the suite works) and
+    `test_device_imports_are_on_image_or_carried` (it imports only what the GPU has) read, through the
+    session fixture ``gpu_suite_smoke`` of tests/conftest.py: about 60 s here, once.
+    -> {"done": CompletedProcess, "seconds", "out", "back", "wheel", "dumps", "folder", "carried", "image"}"""
     image, carried = read_pins(IMAGE_LIST), read_pins(MANIFEST)
-    folder = tmp_path_factory.mktemp("gpu_import_check")
     env = check_env(folder, set(carried), set(image))
-    env.pop("MLFLOW_TRACKING_URI", None)
-    # the suite runs every part as its own process, `pytest -m gpu` on the test files with gpu marks
-    # among them. Without --wheels: the wheels are for CPython 3.12 (pydantic-core is compiled), this
-    # venv may be another Python; it holds the manifest's versions (test_manifest_pins_and_image_list).
-    command = [sys.executable, "benchmarks/gpu_suite.py", "--smoke", "--out", str(folder / "out")]
+    for name in ("MLFLOW_TRACKING_URI", "OUT"):
+        env.pop(name, None)
+    # a pure-Python probe rather than .whl/: the carried wheels are for CPython 3.12 (pydantic-core is
+    # compiled), this venv may be another Python; it holds the manifest's versions
+    # (test_manifest_pins_and_image_list)
+    wheel = probe_wheel(folder / "wheels")
+    out, back = folder / "out", folder / "back"  # back: as the device tool's $OUT (at most 8 files return)
+    command = [sys.executable, "benchmarks/gpu_suite.py", "--smoke", "--out", str(out), "--wheels", str(wheel.parent),
+               "--bundle", str(back)]
+    started = time.monotonic()
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    runs = {" ".join(command[1:]): (done.returncode, done.stdout + done.stderr)}
-    dumps = [json.loads(p.read_text()) for p in sorted(folder.glob("imports-*.json"))]
-    return dumps, runs, folder, carried, image
+    return {"done": done, "seconds": time.monotonic() - started, "out": out, "back": back, "wheel": wheel,
+            "dumps": [json.loads(p.read_text()) for p in sorted(folder.glob("imports-*.json"))],
+            "folder": folder, "carried": carried, "image": image}
 
 
 def test_import_check_refuses_what_the_image_lacks(tmp_path):
@@ -342,8 +367,10 @@ def test_import_check_refuses_what_the_image_lacks(tmp_path):
 
 
 @pytest.mark.slow
-def test_device_imports_are_on_image_or_carried(import_trace):
-    dumps, runs, folder, carried, image = import_trace
+def test_device_imports_are_on_image_or_carried(gpu_suite_smoke):
+    run = gpu_suite_smoke
+    dumps, folder, carried, image = run["dumps"], run["folder"], run["carried"], run["image"]
+    runs = {" ".join(run["done"].args[1:]): (run["done"].returncode, run["done"].stdout + run["done"].stderr)}
     refused = {}
     for dump in dumps:
         for entry in dump["refused"]:
