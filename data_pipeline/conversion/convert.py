@@ -3,6 +3,10 @@
 Stages, each resumable because each output is written atomically and its presence means "done":
 
 1. plan      ``.work/plan.json``            inputs opened, genes resolved, units cut (`plan.py`)
+   index     ``.work/mtx/sNNNNNN/``         a CSR index of each 10x ``matrix.mtx`` input (`mtx_index`):
+                                            MatrixMarket has none, and parsing the file whole in
+                                            every worker that reads it would cost its size in memory
+                                            each time
 2. scan      ``.work/scan/uNNNNNN.genes.npz``  per-gene cell counts, only when the vocabulary is
                                             built from the corpus (``--vocab`` skips it); rows of
                                             compressed sources are kept in ``.work/cache/`` so they
@@ -96,7 +100,9 @@ class _Context:
             if len(self._sources) >= _OPEN_SOURCES:  # units come in file order: close the oldest
                 self._sources.pop(next(iter(self._sources))).close()
             entry = self.plan["sources"][index]
-            self._sources[index] = open_source(entry["path"], self.options.matrix, self.options.soma_selection())
+            index_folder = mtx_index_folder(self.work, index)
+            self._sources[index] = open_source(entry["path"], self.options.matrix, self.options.soma_selection(),
+                                               mtx_index=index_folder if index_folder.is_dir() else None)
         return self._sources[index]
 
     def close(self) -> None:
@@ -217,6 +223,62 @@ def _refuse_overflow(reason: np.ndarray, src, path: str, lo: int) -> None:
 
 def unit_rows(plan: dict, unit: int) -> int:
     return sum(b - a for _, a, b in plan["units"][unit])
+
+
+# --- stage 1b: index the 10x mtx inputs --------------------------------------------------------
+
+def mtx_index_folder(work: Path, index: int) -> Path:
+    return work / "mtx" / f"s{index:06d}"
+
+
+def mtx_sources(plan: dict) -> list[int]:
+    """The plan's 10x mtx inputs (those not refused), by source index."""
+    return [s["index"] for s in plan["sources"] if s.get("format") == "10x-mtx" and "refused" not in s]
+
+
+def _index_failed(work: Path, index: int) -> Path:
+    """Where --skip-bad-files notes that source ``index`` could not be indexed (its message)."""
+    return work / "mtx" / f"s{index:06d}.failed"
+
+
+def index_source(index: int) -> int:
+    """Build source ``index``'s `mtx_index` (one worker, bounded memory); -> its cells. With
+    --skip-bad-files a file that fails is noted (`_index_failed`) and warned about, not indexed:
+    the stages after read it pass by pass, each read fails the same way, and its rows are counted
+    unreadable."""
+    entry = _CTX.plan["sources"][index]
+    try:
+        with open_source(entry["path"], _CTX.options.matrix) as src:
+            src.build_index(mtx_index_folder(_CTX.work, index))
+    except SourceError as exc:
+        if not _CTX.options.skip_bad_files:
+            raise
+        log.warning(f"{exc}: no index built; its rows will be counted unreadable where they fail")
+        atomic_write_bytes(_index_failed(_CTX.work, index), str(exc).encode())
+    return entry["n_cells"]
+
+
+def ensure_mtx_indexes(work: Path, plan: dict, workers: int, num_nodes: int, node_rank: int, progress: bool,
+                       wait_s: float) -> None:
+    """Index every 10x mtx input not indexed yet (node ``r`` of a multi-node run indexes sources
+    ``i % num_nodes == r``, then waits for the others' indexes)."""
+    wanted = mtx_sources(plan)
+    if not wanted:
+        return
+    (work / "mtx").mkdir(exist_ok=True)
+    remove_stale_temps(work / "mtx", num_nodes > 1)
+
+    def missing(sources):
+        return [i for i in sources if not (mtx_index_folder(work, i).is_dir() or _index_failed(work, i).exists())]
+
+    todo = missing(i for i in wanted if i % num_nodes == node_rank)
+    with progress_bar(sum(plan["sources"][i]["n_cells"] for i in todo), "index mtx", progress) as bar:
+        # no kernels: their warm-up reads rows, which before the index is a pass over a whole mtx file
+        run_pool(index_source, todo, workers, (work, None), bar.update, kernels=False)
+    late = _wait_for(lambda: missing(wanted), num_nodes, wait_s, "mtx indexes")
+    if late:
+        raise ConvertError(f"{len(late)} 10x mtx inputs were not indexed by the other nodes within {wait_s:.0f} s "
+                           f"(e.g. {plan['sources'][late[0]]['path']}); run every node")
 
 
 # --- stage 2: scan (vocabulary from the corpus) -----------------------------------------------
@@ -382,10 +444,11 @@ def convert_unit(unit: int) -> dict:
 
 # --- orchestration ----------------------------------------------------------------------------
 
-def run_pool(fn, items: list[int], workers: int, init_args: tuple, on_done) -> None:
+def run_pool(fn, items: list[int], workers: int, init_args: tuple, on_done, kernels: bool = True) -> None:
     """Run ``fn(item)`` for every item, in ``workers`` processes (inline for 1; forked, or spawned
     where an input needs it: `readers.pool_start_method`), after ``_init_worker(*init_args)``
-    (load the plan and vocabulary) in each."""
+    (load the plan and vocabulary) in each. ``kernels``: ``fn`` runs the compiled row kernels
+    (`_load_kernels` before forking)."""
     if not items:
         return
     if workers <= 1:
@@ -394,7 +457,7 @@ def run_pool(fn, items: list[int], workers: int, init_args: tuple, on_done) -> N
             on_done(fn(it))
         return
     start_method = pool_start_method(s["path"] for s in load_plan(init_args[0])["sources"])
-    if start_method == "fork":  # spawned workers load their kernels themselves
+    if start_method == "fork" and kernels:  # spawned workers load their kernels themselves
         _load_kernels(init_args)
     ctx = get_context(start_method)
     with ProcessPoolExecutor(min(workers, len(items)), mp_context=ctx, initializer=_init_pool_worker,
@@ -571,6 +634,8 @@ def _convert_locked(out: Path, options: ConvertOptions, workers: int, num_nodes:
         save_plan(work, plan, genes)
     plan = load_plan(work)
     lap("plan")
+    ensure_mtx_indexes(work, plan, workers, num_nodes, node_rank, progress, wait_s)
+    lap("index")
     mine = [u for u in range(len(plan["units"])) if u % num_nodes == node_rank]
     vocab_path = ensure_vocab(out, plan, workers, mine, progress, num_nodes, wait_s)
     mixed = read_vocab(vocab_path).mixed_species_warning()

@@ -11,7 +11,8 @@ whole where the format allows random access:
 - 10x h5 (v2 and v3): per-cell pointers, read like CSR.
 - loom: the dense genes x cells ``/matrix`` is read a column (cell) block at a time, hyperslabs
   of a bounded number of values (h5py reads whole chunks, never cell by cell).
-- 10x mtx: MatrixMarket has no index, so the file is parsed once, whole, when first read.
+- 10x mtx: MatrixMarket has no index: the converter builds one per file (`mtx_index`), then reads
+  rows through it; without it a read is one bounded-memory pass over the file.
 - SOMA experiment (a URI such as ``tiledb://`` / ``s3://``, or a local folder that is a TileDB
   group): the sparse X layer is read per row range of obs joinids (see `soma_source`).
 
@@ -27,7 +28,6 @@ genome groups, where it names the genome. SOMA experiments take a `soma_source.S
 
 from __future__ import annotations
 
-import gzip
 import os
 from pathlib import Path
 
@@ -37,6 +37,7 @@ import scipy.sparse as sp
 
 from .buffers import Buffers
 from .h5direct import DirectReader
+from .mtx_index import MtxIndex, build_index, read_header, stream_rows
 from .source import (  # noqa: F401 - re-exported: the names the readers share
     _DAMAGED,
     Source,
@@ -127,10 +128,11 @@ def detect_format(path: Path) -> str:
                       "experiment (folder or URI)")
 
 
-def open_source(path: str | Path, matrix: str | None = "X", soma=None) -> Source:
+def open_source(path: str | Path, matrix: str | None = "X", soma=None, mtx_index: Path | None = None) -> Source:
     """Open ``path`` (any supported format) as a `Source`; SourceError (naming the path) if it
     cannot be read. ``soma``: the `soma_source.SomaSelection` for SOMA experiments (default:
-    measurement RNA, layer raw, every cell)."""
+    measurement RNA, layer raw, every cell). ``mtx_index``: a 10x mtx file's index folder
+    (`TenXMtxSource`), ignored for other formats."""
     fmt = "input"
     if not is_uri(path):
         path = Path(path)
@@ -148,7 +150,7 @@ def open_source(path: str | Path, matrix: str | None = "X", soma=None) -> Source
             return TenXH5Source(path, matrix)
         if fmt == "loom":
             return LoomSource(path, matrix)
-        return TenXMtxSource(path, matrix)
+        return TenXMtxSource(path, matrix, mtx_index)
     except SourceError:
         raise
     except Exception as exc:  # corrupt or truncated files surface here with their cause
@@ -616,9 +618,12 @@ def _read_tsv_column_table(path: Path) -> pd.DataFrame:
 
 class TenXMtxSource(Source):
     """A 10x folder: ``matrix.mtx(.gz)`` (genes x cells) with ``features.tsv.gz`` (v3) or
-    ``genes.tsv`` (v2) and ``barcodes.tsv(.gz)``. Parsed whole on first read (no index in mtx)."""
+    ``genes.tsv`` (v2) and ``barcodes.tsv(.gz)``. MatrixMarket has no index (`mtx_index`): with
+    ``index`` (a `build_index` folder, which the converter builds once per file before it reads
+    rows) rows are read through it; without, each read is one pass over the whole file, in
+    bounded memory."""
 
-    def __init__(self, path: Path, matrix: str | None = None):
+    def __init__(self, path: Path, matrix: str | None = None, index: Path | None = None):
         self.format, self.matrix = "10x-mtx", "matrix.mtx"
         folder = path if path.is_dir() else path.parent
         self.path = folder
@@ -640,66 +645,24 @@ class TenXMtxSource(Source):
         gex = ftype == "Gene Expression"
         self._feature_map = np.where(gex, np.cumsum(gex) - 1, -1).astype(np.int64)
         self._barcodes = _read_tsv_column_table(barcodes)[0].to_numpy(dtype=object)
-        self._field, (n_features, n_cells, self._nnz), self._header_lines = self._read_header()
-        if n_features != len(ids) or n_cells != len(self._barcodes):
-            raise SourceError(f"{folder}: matrix.mtx is {n_features} x {n_cells} but the folder "
-                              f"lists {len(ids)} features and {len(self._barcodes)} barcodes")
-        self.n_cells, self.n_vars = n_cells, int(gex.sum())
+        self._header = read_header(self._mtx)
+        if self._header.n_features != len(ids) or self._header.n_cells != len(self._barcodes):
+            raise SourceError(f"{folder}: matrix.mtx is {self._header.n_features} x {self._header.n_cells} but the "
+                              f"folder lists {len(ids)} features and {len(self._barcodes)} barcodes")
+        self.n_cells, self.n_vars = self._header.n_cells, int(gex.sum())
         self.var = _var_frame(ids[gex], names[gex])
-        self._csr: sp.csr_matrix | None = None
+        self._index = None if index is None else MtxIndex(index, self._header, self.n_vars)
+        self.compressed = self._index is None  # through the index a read is two slices of a memory map
 
-    def _open(self):
-        return gzip.open(self._mtx, "rb") if self._mtx.suffix == ".gz" else open(self._mtx, "rb")
+    def build_index(self, folder: Path) -> None:
+        """Write the file's CSR index to ``folder`` (`mtx_index.build_index`)."""
+        with self._reading("every entry, for its index"):
+            build_index(self._header, self._feature_map, self.n_vars, folder)
 
-    def _read_header(self) -> tuple[str, tuple[int, int, int], int]:
-        """(value field, (rows, cols, nnz), number of lines before the first entry)."""
-        with self._open() as fh:
-            banner = fh.readline().decode().split()
-            if (len(banner) < 5 or banner[0].lower() != "%%matrixmarket"
-                    or banner[2].lower() != "coordinate"):
-                raise SourceError(f"{self._mtx}: not a MatrixMarket coordinate file")
-            field, symmetry = banner[3].lower(), banner[4].lower()
-            if field not in ("integer", "real", "double", "pattern") or symmetry != "general":
-                raise SourceError(f"{self._mtx}: MatrixMarket '{field} {symmetry}' is not supported "
-                                  "(expected 'integer general' or 'real general' counts)")
-            n_lines = 1
-            line = fh.readline()
-            while line.startswith(b"%") or not line.strip():
-                if not line:
-                    raise SourceError(f"{self._mtx}: no size line after the MatrixMarket header")
-                n_lines += 1
-                line = fh.readline()
-            rows, cols, nnz = (int(x) for x in line.split())
-        return field, (rows, cols, nnz), n_lines + 1
-
-    def _load(self) -> sp.csr_matrix:
-        if self._csr is None:
-            n_cols = 2 if self._field == "pattern" else 3
-            value_dtype = np.float64 if self._field in ("real", "double") else np.int64
-            if self._nnz == 0:  # no entries (every cell empty): pandas finds no columns to parse
-                entries = pd.DataFrame({c: np.zeros(0, value_dtype if c == 2 else np.int64) for c in range(n_cols)})
-            else:
-                entries = pd.read_csv(self._mtx, sep=r"\s+", header=None, skiprows=self._header_lines,
-                                      comment="%", usecols=range(n_cols), engine="c",
-                                      dtype={0: np.int64, 1: np.int64, 2: value_dtype}
-                                      if n_cols == 3 else np.int64)
-            if len(entries) != self._nnz:
-                raise SourceError(f"{self._mtx}: the size line promises {self._nnz} entries but "
-                                  f"{len(entries)} were read (truncated file?)")
-            genes1, cells1 = entries[0].to_numpy(), entries[1].to_numpy()
-            if len(entries) and (genes1.min() < 1 or cells1.min() < 1 or genes1.max() > len(self._feature_map)
-                                 or cells1.max() > self.n_cells):
-                raise SourceError(f"{self._mtx}: entry indices outside the declared size (MatrixMarket "
-                                  "is 1-based)")
-            vals = entries[2].to_numpy() if n_cols == 3 else np.ones(len(entries), dtype=np.int64)
-            genes = self._feature_map[genes1 - 1]
-            keep = genes >= 0
-            self._csr = sp.csr_matrix((vals[keep], (cells1[keep] - 1, genes[keep])),
-                                      shape=(self.n_cells, self.n_vars))
-        return self._csr
+    def _read_rows(self, start: int, stop: int, buffers: Buffers | None) -> sp.csr_matrix:
+        if self._index is not None:
+            return self._index.rows(start, stop)
+        return stream_rows(self._header, self._feature_map, self.n_vars, start, stop)
 
     def _obs_names(self, start: int, stop: int) -> np.ndarray:
         return self._barcodes[start:stop].copy()
-
-    def _read_rows(self, start: int, stop: int, buffers: Buffers | None) -> sp.csr_matrix:
-        return self._load()[start:stop]
