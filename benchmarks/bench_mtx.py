@@ -1,8 +1,9 @@
 """Reading 10x ``matrix.mtx`` inputs: peak memory and time of the converter's indexed path
-(`data_pipeline.conversion.mtx_index`) against parsing the file whole, on one Cell Ranger-style
-folder (``matrix.mtx.gz``, entries by cell) of ``--cells`` synthetic cells.
+(`data_pipeline.conversion.mtx_index`) against parsing the file whole, on two 10x folders
+(``matrix.mtx.gz``) of the same ``--cells`` synthetic cells: entries by cell (as Cell Ranger writes
+them) and by gene (as ``scipy.io.mmwrite`` of a genes x cells CSR matrix does).
 
-    python benchmarks/bench_mtx.py                   # 40,000 cells (about 90 M entries; ~10 min here)
+    python benchmarks/bench_mtx.py                   # 40,000 cells (56 M entries; ~6 min here)
     python benchmarks/bench_mtx.py --cells 5000      # a try-out
 
 Rows, each in a fresh process:
@@ -40,15 +41,21 @@ RESULT = REPO / "benchmarks" / "results" / "mtx_cpu.json"
 MEASURES = ("whole_parse_pandas", "whole_parse_scipy", "index_build", "convert_workers_2")
 
 
-def write_input(n_cells: int, n_genes: int) -> Path:
+ORDERS = ("cell", "gene")
+
+
+def write_input(n_cells: int, n_genes: int, order: str) -> Path:
     """A 10x v3 folder of synthetic cells (`data_pipeline.synthetic`), entries ordered by cell as
-    Cell Ranger writes them; written once, under a temp name until whole."""
+    Cell Ranger (and R's ``writeMM`` of a genes x cells matrix) write them, or by gene (as
+    ``scipy.io.mmwrite`` of a genes x cells CSR matrix does); written once, under a temp name until
+    whole."""
     import numpy as np
     import pandas as pd
+    import scipy.sparse as sp
 
     from data_pipeline.synthetic import iter_synthetic_chunks, synthetic_var
 
-    folder = DATA / f"mtx_{n_cells}x{n_genes}"
+    folder = DATA / f"mtx_{n_cells}x{n_genes}_by_{order}"
     if (folder / "matrix.mtx.gz").exists():
         return folder
     tmp = DATA / f".{folder.name}.tmp"
@@ -59,13 +66,18 @@ def write_input(n_cells: int, n_genes: int) -> Path:
         fh.writelines(f"{i}\t{s}\tGene Expression\n" for i, s in zip(var.index, var["gene_symbol"]))
     with gzip.open(tmp / "barcodes.tsv.gz", "wt") as fh:
         fh.writelines(f"cell{i:08d}-1\n" for i in range(n_cells))
+    chunks = ((start, counts) for start, counts, _ in iter_synthetic_chunks(n_cells, n_genes, seed=0))
+    if order == "gene":  # the whole matrix by gene: genes x cells CSR, a gene's cells at a time
+        whole = sp.vstack([counts for _, counts in chunks], format="csr").T.tocsr()
+        chunks = ((g, whole[g:g + 256]) for g in range(0, n_genes, 256))
     body = tmp / "entries.txt"
     nnz = 0
     with open(body, "w") as fh:
-        for start, counts, _ in iter_synthetic_chunks(n_cells, n_genes, seed=0):
-            coo = counts.tocoo()
-            frame = pd.DataFrame({"g": coo.col + 1, "c": coo.row + start + 1, "v": coo.data})
-            frame.to_csv(fh, sep=" ", header=False, index=False)
+        for start, rows in chunks:
+            coo = rows.tocoo()
+            genes, cells = (coo.col, coo.row + start) if order == "cell" else (coo.row + start, coo.col)
+            pd.DataFrame({"g": genes + 1, "c": cells + 1, "v": coo.data}).to_csv(fh, sep=" ", header=False,
+                                                                                 index=False)
             nnz += coo.nnz
     with gzip.open(tmp / "matrix.mtx.gz", "wb", compresslevel=1) as out, open(body, "rb") as src:
         out.write(b"%%MatrixMarket matrix coordinate integer general\n%metadata_json: {}\n")
@@ -139,6 +151,8 @@ def main() -> None:
     ap.add_argument("--cells", type=int, default=40_000)
     ap.add_argument("--genes", type=int, default=20_000)
     ap.add_argument("--measures", default=",".join(MEASURES))
+    ap.add_argument("--orders", default=",".join(ORDERS), help="entry orders of the input file: by cell (Cell "
+                    "Ranger), by gene (scipy.io.mmwrite of a genes x cells CSR matrix)")
     ap.add_argument("--result", type=Path, default=RESULT)
     ap.add_argument("--measure", help=argparse.SUPPRESS)  # one row, in a fresh process
     ap.add_argument("--input", type=Path, help=argparse.SUPPRESS)
@@ -148,33 +162,34 @@ def main() -> None:
         print(json.dumps(measure(args.measure, args.input)))
         return
     if args.write_input:
-        print(write_input(args.cells, args.genes))
+        print(write_input(args.cells, args.genes, args.orders))
         return
     from common import cpu_device, result_record, versions, write_result
 
     began = time.perf_counter()
-    # in a process of its own: a child's peak memory (ru_maxrss) starts from its parent's at the fork
-    made = subprocess.run([sys.executable, __file__, "--write-input", "--cells", str(args.cells), "--genes",
-                           str(args.genes)], capture_output=True, text=True, cwd=REPO)
-    if made.returncode:
-        raise SystemExit(f"writing the input failed:\n{made.stderr[-3000:]}")
-    folder = Path(made.stdout.strip().splitlines()[-1])
-    import numpy as np
+    rows, inputs = [], {}
+    for order in [o.strip() for o in args.orders.split(",") if o.strip()]:
+        # in a process of its own: a child's peak memory (ru_maxrss) starts from its parent's at the fork
+        made = subprocess.run([sys.executable, __file__, "--write-input", "--cells", str(args.cells), "--genes",
+                               str(args.genes), "--orders", order], capture_output=True, text=True, cwd=REPO)
+        if made.returncode:
+            raise SystemExit(f"writing the input failed:\n{made.stderr[-3000:]}")
+        folder = Path(made.stdout.strip().splitlines()[-1])
+        import numpy as np
 
-    nnz = int(np.load(folder / "nnz.npy")[0])
-    size = (folder / "matrix.mtx.gz").stat().st_size
-    print(f"{folder}: {args.cells:,} cells, {nnz:,} entries, {size / 2**20:,.0f} MiB gzip", file=sys.stderr)
-    rows = []
-    for name in [m.strip() for m in args.measures.split(",") if m.strip()]:
-        done = subprocess.run([sys.executable, __file__, "--measure", name, "--input", str(folder)],
-                              capture_output=True, text=True, cwd=REPO)
-        if done.returncode:
-            raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(json.dumps(rows[-1]), file=sys.stderr)
+        nnz = int(np.load(folder / "nnz.npy")[0])
+        inputs[order] = {"entries": nnz, "gzip_bytes": (folder / "matrix.mtx.gz").stat().st_size}
+        print(f"{folder}: {args.cells:,} cells, {nnz:,} entries, {inputs[order]['gzip_bytes'] / 2**20:,.0f} MiB gzip",
+              file=sys.stderr)
+        for name in [m.strip() for m in args.measures.split(",") if m.strip()]:
+            done = subprocess.run([sys.executable, __file__, "--measure", name, "--input", str(folder)],
+                                  capture_output=True, text=True, cwd=REPO)
+            if done.returncode:
+                raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
+            rows.append({"order": order, **json.loads(done.stdout.strip().splitlines()[-1])})
+            print(json.dumps(rows[-1]), file=sys.stderr)
     record = result_record("bench_mtx", device=cpu_device(), versions=versions("numpy", "pandas", "scipy"),
-                           input={"cells": args.cells, "genes": args.genes, "entries": nnz, "gzip_bytes": size,
-                                  "order": "by cell (Cell Ranger)"},
+                           input={"cells": args.cells, "genes": args.genes, "orders": inputs},
                            rows=rows, seconds=round(time.perf_counter() - began, 1))
     write_result(args.result, record)
 

@@ -84,7 +84,8 @@ def test_streamed_rows_and_the_index_equal_mmread(field, gz, tmp_path):
     n_vars = int((feature_map >= 0).sum())
     want = _reference(path, feature_map)
     chunk = int(rng.integers(3, 50))  # many chunks: a cell's entries spread over several
-    build_index(header, feature_map, n_vars, tmp_path / "index", chunk=chunk)
+    bucket = int(rng.integers(1, 80))  # many buckets of cells in the second pass (or one)
+    build_index(header, feature_map, n_vars, tmp_path / "index", chunk=chunk, bucket=bucket)
     index = MtxIndex(tmp_path / "index", header, n_vars)
     assert not list(tmp_path.glob(".index*")), "the build left its temp folder"
     cuts = sorted({0, n_cells, *rng.integers(0, n_cells + 1, 4).tolist()})
@@ -203,25 +204,39 @@ def test_converter_indexes_each_mtx_input_once_and_reads_through_it(tmp_path, mo
     assert manifest["accounting"]["balanced"] and manifest["totals"]["n_shards"] > 2
 
 
-def test_an_index_that_fails_is_noted_with_skip_bad_files(tmp_path, monkeypatch, caplog):
-    """With --skip-bad-files a file whose index cannot be built (an I/O error after the plan read it)
-    is noted and warned about, and its rows are read pass by pass; without, the run stops naming it."""
+def test_a_line_that_does_not_parse_names_the_file(tmp_path):
+    path = tmp_path / "matrix.mtx"
+    path.write_text("%%MatrixMarket matrix coordinate integer general\n3 2 2\n1 1 5\n2 x 1\n")
+    with pytest.raises(SourceError, match=rf"{path}: cannot parse the MatrixMarket entries .*rewrite it"):
+        build_index(read_header(path), np.arange(3), 3, tmp_path / "index")
+    assert not list(tmp_path.glob("*index*"))
+
+
+def test_a_write_failure_stops_the_run_naming_the_index_and_a_rerun_goes_on(tmp_path, monkeypatch):
+    """What fails in the index stage is the machine (the plan read every entry): a full disk stops
+    the run, --skip-bad-files or not, with an error naming the index folder and the space it needs
+    (the CLI's message for a full disk); the same command then goes on."""
+    import errno
+
+    from data_pipeline.conversion import mtx_index
     from data_pipeline.conversion.plan import ConvertOptions
 
     rng = np.random.default_rng()
     X, ids, syms, bcs = _counts(rng, n_cells=150)
     folder = str(write_10x_mtx(tmp_path / "tenx", X, ids, syms, bcs, version=2))
+    real = mtx_index._build
 
-    def failing(header, *a, **k):
-        raise OSError("Input/output error")
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("data_pipeline.conversion.readers.build_index", failing)
-    with pytest.raises(SourceError, match=r"tenx: cannot read every entry, for its index .*Input/output error"):
-        convert_module.convert(tmp_path / "stops", ConvertOptions(inputs=[folder]), progress=False)
+    monkeypatch.setattr(mtx_index, "_build", full_disk)
     options = ConvertOptions(inputs=[folder], skip_bad_files=True)
-    manifest = convert_module.convert(tmp_path / "goes_on", options, progress=False, keep_work=True)
-    note = tmp_path / "goes_on" / ".work" / "mtx" / "s000000.failed"
-    assert "Input/output error" in note.read_text() and "no index built" in caplog.text
+    with pytest.raises(OSError, match=r"No space left on device \(indexing .*matrix.mtx needs about .* GiB") as caught:
+        convert_module.convert(tmp_path / "corpus", options, progress=False)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename.endswith("mtx/s000000")
+    assert not list((tmp_path / "corpus" / ".work" / "mtx").iterdir())
+    monkeypatch.setattr(mtx_index, "_build", real)
+    manifest = convert_module.convert(tmp_path / "corpus", options, progress=False)
     assert manifest["accounting"]["balanced"] and manifest["totals"]["n_cells"] == (np.diff(X.indptr) > 0).sum()
 
 

@@ -100,9 +100,10 @@ class _Context:
             if len(self._sources) >= _OPEN_SOURCES:  # units come in file order: close the oldest
                 self._sources.pop(next(iter(self._sources))).close()
             entry = self.plan["sources"][index]
-            index_folder = mtx_index_folder(self.work, index)
+            # a 10x mtx input is read through its index (`ensure_mtx_indexes` made it before any stage that reads rows)
+            index_folder = mtx_index_folder(self.work, index) if entry.get("format") == "10x-mtx" else None
             self._sources[index] = open_source(entry["path"], self.options.matrix, self.options.soma_selection(),
-                                               mtx_index=index_folder if index_folder.is_dir() else None)
+                                               mtx_index=index_folder)
         return self._sources[index]
 
     def close(self) -> None:
@@ -236,25 +237,14 @@ def mtx_sources(plan: dict) -> list[int]:
     return [s["index"] for s in plan["sources"] if s.get("format") == "10x-mtx" and "refused" not in s]
 
 
-def _index_failed(work: Path, index: int) -> Path:
-    """Where --skip-bad-files notes that source ``index`` could not be indexed (its message)."""
-    return work / "mtx" / f"s{index:06d}.failed"
-
-
 def index_source(index: int) -> int:
-    """Build source ``index``'s `mtx_index` (one worker, bounded memory); -> its cells. With
-    --skip-bad-files a file that fails is noted (`_index_failed`) and warned about, not indexed:
-    the stages after read it pass by pass, each read fails the same way, and its rows are counted
-    unreadable."""
+    """Build source ``index``'s `mtx_index` (one worker, bounded memory); -> its cells. A failure
+    stops the run, --skip-bad-files or not: the plan has read and checked every entry of the file
+    (a bad one is refused there), so what fails here is the machine (a full disk, an I/O error),
+    which a rerun of the same command goes on from once it is fixed."""
     entry = _CTX.plan["sources"][index]
-    try:
-        with open_source(entry["path"], _CTX.options.matrix) as src:
-            src.build_index(mtx_index_folder(_CTX.work, index))
-    except SourceError as exc:
-        if not _CTX.options.skip_bad_files:
-            raise
-        log.warning(f"{exc}: no index built; its rows will be counted unreadable where they fail")
-        atomic_write_bytes(_index_failed(_CTX.work, index), str(exc).encode())
+    with open_source(entry["path"], _CTX.options.matrix) as src:
+        src.build_index(mtx_index_folder(_CTX.work, index))
     return entry["n_cells"]
 
 
@@ -269,7 +259,7 @@ def ensure_mtx_indexes(work: Path, plan: dict, workers: int, num_nodes: int, nod
     remove_stale_temps(work / "mtx", num_nodes > 1)
 
     def missing(sources):
-        return [i for i in sources if not (mtx_index_folder(work, i).is_dir() or _index_failed(work, i).exists())]
+        return [i for i in sources if not mtx_index_folder(work, i).is_dir()]
 
     todo = missing(i for i in wanted if i % num_nodes == node_rank)
     with progress_bar(sum(plan["sources"][i]["n_cells"] for i in todo), "index mtx", progress) as bar:

@@ -655,9 +655,9 @@ class TenXMtxSource(Source):
         self.compressed = self._index is None  # through the index a read is two slices of a memory map
 
     def build_index(self, folder: Path) -> None:
-        """Write the file's CSR index to ``folder`` (`mtx_index.build_index`)."""
-        with self._reading("every entry, for its index"):
-            build_index(self._header, self._feature_map, self.n_vars, folder)
+        """Write the file's CSR index to ``folder`` (`mtx_index.build_index`: SourceError for a
+        fault of the file, OSError for one of writing the index)."""
+        build_index(self._header, self._feature_map, self.n_vars, folder)
 
     def _read_rows(self, start: int, stop: int, buffers: Buffers | None) -> sp.csr_matrix:
         if self._index is not None:
