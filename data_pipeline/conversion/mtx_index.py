@@ -12,7 +12,7 @@ MatrixMarket has no index: any entry of a cell may sit anywhere in the file. Par
   sorted by cell and appended to a CSR copy (cells x genes): ``indptr.npy``, ``indices.npy``,
   ``data.npy`` and ``index.json`` in a folder, renamed into place whole (its presence means it is
   complete). Every write is sequential, whatever order the file's entries come in. Memory: the
-  per-cell counts, one chunk and one bucket. Disk: 12 bytes per entry, 16 more while it is built.
+  per-cell counts, one chunk and one bucket (`BUCKET_ENTRIES`, larger past `MAX_BUCKETS` of them). Disk: 12 bytes per entry, 16 more while it is built.
 - `MtxIndex`: that folder; a row range is two positioned reads.
 
 Both check the file as they go: entries past the declared size, and fewer or more entries than
@@ -36,8 +36,9 @@ import scipy.sparse as sp
 from .fsio import commit, fsync_tree, temp_path
 from .source import _DAMAGED, SourceError
 
-CHUNK_ENTRIES = 1 << 21  # entries parsed at a time: ~50 MB of parsed columns
-BUCKET_ENTRIES = 1 << 23  # entries sorted at a time in the second pass: 128 MB of (cell, gene, count)
+CHUNK_ENTRIES = 1 << 20  # entries parsed at a time: ~25 MB of parsed columns
+BUCKET_ENTRIES = 1 << 22  # entries sorted at a time in the second pass: 64 MB of (cell, gene, count) records
+MAX_BUCKETS = 256  # bucket files open at once in the first pass (larger files get larger buckets)
 INDEX_VERSION = 1
 
 
@@ -169,7 +170,7 @@ def _build(header: MtxHeader, feature_map: np.ndarray, n_vars: int, tmp: Path, c
     if max(header.n_cells, n_vars) >= 2 ** 31:
         raise SourceError(f"{header.path}: {header.n_cells} cells x {n_vars} genes: the index keeps cell and gene "
                           "numbers as int32; split the file")
-    n_buckets = max(1, -(-header.nnz // bucket))
+    n_buckets = min(MAX_BUCKETS, max(1, -(-header.nnz // bucket)))
     cells_per_bucket = max(1, -(-header.n_cells // n_buckets))
     n_buckets = max(1, -(-header.n_cells // cells_per_bucket))
     record = np.dtype([("cell", np.int32), ("col", np.int32), ("value", header.value_dtype)])
@@ -206,9 +207,10 @@ def _build(header: MtxHeader, feature_map: np.ndarray, n_vars: int, tmp: Path, c
         for b, path in enumerate(paths):
             rec = np.fromfile(path, record)
             path.unlink()
-            rec = rec[np.argsort(rec["cell"], kind="stable")]
-            rec["col"].tofile(fi)
-            rec["value"].tofile(fd)
+            order = np.argsort(rec["cell"], kind="stable")
+            rec["col"][order].tofile(fi)
+            rec["value"][order].tofile(fd)
+            del rec, order
             last = min(header.n_cells, (b + 1) * cells_per_bucket)
             if fi.tell() - base != 4 * indptr[last]:
                 raise SourceError(f"{header.path}: the index's entries do not add up to its cells' counts "
