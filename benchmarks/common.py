@@ -134,10 +134,20 @@ def code_version() -> dict | None:
         return None
 
 
+# the code this process started from: a benchmark of hours writes its record at the end, after the
+# checkout may have moved on (its own modules were read at the start)
+CODE_AT_START = code_version()
+
+
 def result_record(benchmark: str, **fields) -> dict:
-    """A results JSON's fields: the benchmark's name, date and code first, the command that made it last."""
+    """A results JSON's fields: the benchmark's name, date and code first, the command that made it
+    last. ``code`` is the checkout's when this process started; ``code_at_write`` is added where the
+    checkout changed since (a module imported late would come from it)."""
+    now = code_version()
+    moved = {"code_at_write": now} if now != CODE_AT_START else {}
     return {"benchmark": benchmark, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "code": code_version(), **fields, "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}
+            "code": CODE_AT_START, **moved, **fields,
+            "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}
 
 
 def write_result(path: Path, result: dict, quiet: bool = False) -> None:

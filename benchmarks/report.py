@@ -63,6 +63,10 @@ def source(name: str, result: dict, reproduce: str | None = None) -> str:
     code = result.get("code") or {}  # recorded since 2026-12-06: which commit made it
     commit = (f"; commit {code['commit'][:10]}" + (" with local changes" if code.get("modified") else "")
               if code.get("commit") else "")
+    later = result.get("code_at_write") or {}  # the checkout moved on while it ran (recorded since 2026-12-07)
+    if commit and later.get("commit"):
+        commit += (f" (the checkout was at {later['commit'][:10]}" + (" with local changes" if later.get("modified")
+                   else "") + " when it wrote the file)")
     text = f"From `benchmarks/results/{name}` ({device_text(result.get('device', '?'))}; {date}{commit}; {versions})."
     return text + f" Reproduce: `{reproduce or 'python ' + result.get('command', '?')}`."
 

@@ -101,6 +101,22 @@ def test_gpu_suite_smoke_runs_every_part(gpu_suite_smoke):
     assert len(r.stdout) < 12_000  # the device tool returns the last 12,000 characters
 
 
+def test_a_record_names_the_code_its_process_started_from(monkeypatch):
+    """A benchmark of hours writes its record at the end: ``code`` is the checkout it started from,
+    and ``code_at_write`` says where the checkout moved on meanwhile (absent when it did not)."""
+    import common
+
+    started = {"commit": "a" * 40, "modified": False}
+    monkeypatch.setattr(common, "CODE_AT_START", started)
+    monkeypatch.setattr(common, "code_version", lambda: started)
+    assert common.result_record("probe")["code"] == started and "code_at_write" not in common.result_record("probe")
+    later = {"commit": "b" * 40, "modified": True}
+    monkeypatch.setattr(common, "code_version", lambda: later)
+    record = common.result_record("probe", x=1)
+    assert record["code"] == started and record["code_at_write"] == later
+    assert list(record)[:5] == ["benchmark", "date", "code", "code_at_write", "x"]
+
+
 def test_result_file_is_rewritten_after_every_row(tmp_path):
     from common import ResultFile
 

@@ -22,6 +22,9 @@ def test_source_line_names_the_commit_where_the_result_has_it():
     with_code = report.source("x.json", {**base, "code": {"commit": "0123456789abcdef", "modified": True}})
     assert "2026-12-06; commit 0123456789 with local changes;" in with_code
     assert "commit" not in report.source("x.json", base)  # results from before it was recorded
+    moved = report.source("x.json", {**base, "code": {"commit": "0123456789abcdef", "modified": False},
+                                     "code_at_write": {"commit": "fedcba9876543210", "modified": False}})
+    assert "; commit 0123456789 (the checkout was at fedcba9876 when it wrote the file);" in moved
 
 
 def test_render_replaces_only_the_blocks():
