@@ -2,8 +2,9 @@
 bounded memory, and the on-disk CSR index the converter reads them through.
 
 MatrixMarket has no index: any entry of a cell may sit anywhere in the file. Parsing it whole
-(pandas, ``scipy.io.mmread``) holds about 24 bytes per entry in every process that reads it: a
-100,000-cell file of 3,000 expressed genes per cell is 7 GB, once per converter worker. Here:
+holds the file in every process that reads it: about 60 bytes per entry with pandas, 27 with
+``scipy.io.mmread`` (benchmarks/bench_mtx.py: 3.2 and 1.5 GB for 56 M entries), so a 100,000-cell
+file of 3,000 expressed genes per cell is 18 GB once per converter worker. Here:
 
 - `stream_rows`: one pass over the file in chunks of ``chunk`` entries, keeping a row range's
   cells (the converter's plan reads its sample so). Memory: one chunk and the range.
@@ -12,7 +13,8 @@ MatrixMarket has no index: any entry of a cell may sit anywhere in the file. Par
   sorted by cell and appended to a CSR copy (cells x genes): ``indptr.npy``, ``indices.npy``,
   ``data.npy`` and ``index.json`` in a folder, renamed into place whole (its presence means it is
   complete). Every write is sequential, whatever order the file's entries come in. Memory: the
-  per-cell counts, one chunk and one bucket (`BUCKET_ENTRIES`, larger past `MAX_BUCKETS` of them). Disk: 12 bytes per entry, 16 more while it is built.
+  per-cell counts, one chunk and one bucket (`BUCKET_ENTRIES`, larger past `MAX_BUCKETS` of
+  them). Disk: 12 bytes per entry, 16 more while it is built.
 - `MtxIndex`: that folder; a row range is two positioned reads.
 
 Both check the file as they go: entries past the declared size, and fewer or more entries than
