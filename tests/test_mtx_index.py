@@ -128,6 +128,8 @@ def test_an_index_of_another_file_is_refused(tmp_path):
     (tmp_path / "index" / "index.json").unlink()  # a folder that is not a whole index
     with pytest.raises(SourceError, match="not a complete index .* delete the folder"):
         MtxIndex(tmp_path / "index", read_header(a), 10)
+    with pytest.raises(SourceError, match="no index of .*a.mtx; rerun the conversion"):
+        MtxIndex(tmp_path / "absent", read_header(a), 10)
 
 
 def _counts(rng, n_cells=300, n_genes=40):

@@ -228,6 +228,8 @@ class MtxIndex:
 
     def __init__(self, folder: Path, header: MtxHeader, n_vars: int):
         folder = Path(folder)
+        if not folder.is_dir():
+            raise SourceError(f"{folder}: no index of {header.path}; rerun the conversion (its index stage builds it)")
         try:
             meta = json.loads((folder / "index.json").read_text())
         except (OSError, ValueError) as exc:
