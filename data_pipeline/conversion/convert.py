@@ -101,7 +101,7 @@ class _Context:
                 self._sources.pop(next(iter(self._sources))).close()
             entry = self.plan["sources"][index]
             # a 10x mtx input is read through its index (`ensure_mtx_indexes` made it before any stage that reads rows)
-            index_folder = mtx_index_folder(self.work, index) if entry.get("format") == "10x-mtx" else None
+            index_folder = mtx_index_folder(self.work, index) if _indexed(entry) else None
             self._sources[index] = open_source(entry["path"], self.options.matrix, self.options.soma_selection(),
                                                mtx_index=index_folder)
         return self._sources[index]
@@ -232,9 +232,14 @@ def mtx_index_folder(work: Path, index: int) -> Path:
     return work / "mtx" / f"s{index:06d}"
 
 
+def _indexed(entry: dict) -> bool:
+    """Whether a plan's source is read through an `mtx_index` (a 10x mtx input the plan did not refuse)."""
+    return entry.get("format") == "10x-mtx" and "refused" not in entry
+
+
 def mtx_sources(plan: dict) -> list[int]:
-    """The plan's 10x mtx inputs (those not refused), by source index."""
-    return [s["index"] for s in plan["sources"] if s.get("format") == "10x-mtx" and "refused" not in s]
+    """The plan's sources read through an `mtx_index`, by source index."""
+    return [s["index"] for s in plan["sources"] if _indexed(s)]
 
 
 def index_source(index: int) -> int:

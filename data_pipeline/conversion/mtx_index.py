@@ -93,11 +93,12 @@ def read_header(path: Path) -> MtxHeader:
     return MtxHeader(path, field, rows, cols, nnz, lines + 1)
 
 
-def _entries(header: MtxHeader, chunk: int):
-    """The file's entries in chunks: (gene rows [m] int64, cell columns [m] int64, values [m]), both
-    0-based, checked against the declared size; SourceError at the end unless exactly ``nnz``, and
-    for any line that does not parse (naming the file: a read error is the input's, never the
-    index's)."""
+def _entries(header: MtxHeader, feature_map: np.ndarray, chunk: int):
+    """The file's entries in chunks, those of features ``feature_map`` drops left out: (cells [m]
+    int64, gene columns [m] int64, values [m]), 0-based, checked against the declared size;
+    SourceError at the end unless exactly ``nnz`` were read, and for any line that does not parse
+    (naming the file: a read error is the input's, never the index's). ``feature_map``
+    [n_features]: each feature's column, -1 to drop it (a feature that is not gene expression)."""
     n_cols = 2 if header.field == "pattern" else 3
     seen = 0
     if header.nnz:  # no entries: pandas finds no columns to parse
@@ -113,7 +114,9 @@ def _entries(header: MtxHeader, chunk: int):
                                           "is 1-based)")
                     values = frame[2].to_numpy() if n_cols == 3 else np.ones(len(frame), np.int64)
                     seen += len(frame)
-                    yield genes, cells, values
+                    cols = feature_map[genes]
+                    keep = cols >= 0
+                    yield cells[keep], cols[keep], values[keep]
         except (ValueError, OSError, EOFError) as exc:  # a bad line, a damaged gzip stream, an I/O error
             if isinstance(exc, SourceError):
                 raise
@@ -127,12 +130,10 @@ def _entries(header: MtxHeader, chunk: int):
 def stream_rows(header: MtxHeader, feature_map: np.ndarray, n_vars: int, start: int, stop: int,
                 chunk: int = CHUNK_ENTRIES) -> sp.csr_matrix:
     """Cells ``start:stop`` as CSR [stop - start, n_vars] in one pass over the file (every entry is
-    read and checked). ``feature_map`` [n_features]: each feature's column, -1 to drop it (a
-    feature that is not gene expression)."""
+    read and checked; ``feature_map`` as `_entries` takes it)."""
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    for genes, cells, values in _entries(header, chunk):
-        cols = feature_map[genes]
-        keep = (cells >= start) & (cells < stop) & (cols >= 0)
+    for cells, cols, values in _entries(header, feature_map, chunk):
+        keep = (cells >= start) & (cells < stop)
         parts.append((cells[keep] - start, cols[keep], values[keep]))
     rows, cols, values = (np.concatenate([p[k] for p in parts]) if parts else
                           np.zeros(0, header.value_dtype if k == 2 else np.int64) for k in range(3))
@@ -155,7 +156,7 @@ def build_index(header: MtxHeader, feature_map: np.ndarray, n_vars: int, folder:
         commit(tmp, folder)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        need = header.nnz * (16 + 12 + header.value_dtype.itemsize - 8)
+        need = header.nnz * (16 + 12)  # a (cell, gene, value) record per entry while building, then the index
         raise OSError(exc.errno, f"{exc.strerror or exc} (indexing {header.path} needs about {need / 2**30:.1f} "
                                  "GiB free while it runs, half of it after)", str(folder)) from exc
     except BaseException:
@@ -180,13 +181,10 @@ def _build(header: MtxHeader, feature_map: np.ndarray, n_vars: int, tmp: Path, c
     counts = np.zeros(header.n_cells, np.int64)
     handles = [open(path, "wb") for path in paths]
     try:
-        for genes, cells, values in _entries(header, chunk):
-            cols = feature_map[genes]
-            keep = cols >= 0
-            cells = cells[keep]
+        for cells, cols, values in _entries(header, feature_map, chunk):
             counts += np.bincount(cells, minlength=header.n_cells)
             rec = np.empty(len(cells), record)
-            rec["cell"], rec["col"], rec["value"] = cells, cols[keep], values[keep]
+            rec["cell"], rec["col"], rec["value"] = cells, cols, values
             which = cells // cells_per_bucket
             order = np.argsort(which, kind="stable")
             rec, which = rec[order], which[order]
