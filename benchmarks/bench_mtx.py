@@ -125,16 +125,16 @@ def measure(name: str, folder: Path) -> dict:
             from data_pipeline.conversion.readers import open_source
 
             with open_source(folder) as src:
-                src.build_index(Path(scratch) / "index")
-            entries = json.loads((Path(scratch) / "index" / "index.json").read_text())["entries"]
+                entries = src.build_index(Path(scratch) / "index")
         elif name == "convert_workers_2":
             from data_pipeline.conversion.convert import convert
             from data_pipeline.conversion.plan import ConvertOptions
+            from data_pipeline.corpus import Corpus
 
             timings: dict = {}
-            manifest = convert(Path(scratch) / "corpus", ConvertOptions(inputs=[str(folder)]), workers=2,
-                               progress=False, timings=timings)
-            entries = manifest["totals"].get("n_tokens")
+            convert(Path(scratch) / "corpus", ConvertOptions(inputs=[str(folder)]), workers=2, progress=False,
+                    timings=timings)
+            entries = Corpus(Path(scratch) / "corpus").n_tokens
         else:
             raise SystemExit(f"unknown measure {name}")
     seconds = time.perf_counter() - began

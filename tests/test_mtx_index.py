@@ -148,7 +148,7 @@ def test_a_10x_source_reads_through_its_index(tmp_path):
     folder = write_10x_mtx(tmp_path / "tenx", X, ids, syms, bcs, version=3, extra=sp.csr_matrix(extra.astype(np.int32)))
     with open_source(folder) as src:
         assert src.compressed
-        src.build_index(tmp_path / "index")
+        assert src.build_index(tmp_path / "index") == X.nnz  # the gene entries it holds (the extra features dropped)
         streamed = src.read_rows(0, X.shape[0])
     with open_source(folder, mtx_index=tmp_path / "index") as src:
         assert not src.compressed

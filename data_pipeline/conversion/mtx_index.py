@@ -141,8 +141,9 @@ def stream_rows(header: MtxHeader, feature_map: np.ndarray, n_vars: int, start: 
 
 
 def build_index(header: MtxHeader, feature_map: np.ndarray, n_vars: int, folder: Path,
-                chunk: int = CHUNK_ENTRIES, bucket: int = BUCKET_ENTRIES) -> None:
-    """Write the CSR index of the file to ``folder`` (see the module docstring); nothing is left
+                chunk: int = CHUNK_ENTRIES, bucket: int = BUCKET_ENTRIES) -> int:
+    """Write the CSR index of the file to ``folder`` (see the module docstring); -> the entries it
+    holds (those of gene features). Nothing is left
     under ``folder``'s name unless it is complete. A temp folder left by a killed build is
     `fsio.remove_stale_temps`' to delete. SourceError for a fault of the file; OSError for one of
     writing (a full disk: the error names the folder and the space the build needs)."""
@@ -151,9 +152,10 @@ def build_index(header: MtxHeader, feature_map: np.ndarray, n_vars: int, folder:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        _build(header, feature_map, n_vars, tmp, chunk, bucket)
+        entries = _build(header, feature_map, n_vars, tmp, chunk, bucket)
         fsync_tree(tmp)
         commit(tmp, folder)
+        return entries
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         need = header.nnz * (16 + 12)  # a (cell, gene, value) record per entry while building, then the index
@@ -164,7 +166,7 @@ def build_index(header: MtxHeader, feature_map: np.ndarray, n_vars: int, folder:
         raise
 
 
-def _build(header: MtxHeader, feature_map: np.ndarray, n_vars: int, tmp: Path, chunk: int, bucket: int) -> None:
+def _build(header: MtxHeader, feature_map: np.ndarray, n_vars: int, tmp: Path, chunk: int, bucket: int) -> int:
     """Pass 1 parses the file, counting each cell's entries and appending every kept entry to the
     bucket file of its cell range (about ``bucket`` entries each); pass 2 sorts one bucket at a time
     by cell (stable: a cell's entries keep the file's order) and appends it to ``indices.npy`` /
@@ -218,6 +220,7 @@ def _build(header: MtxHeader, feature_map: np.ndarray, n_vars: int, tmp: Path, c
     (tmp / "index.json").write_text(json.dumps({
         "version": INDEX_VERSION, "source": str(header.path), "source_bytes": os.path.getsize(header.path),
         "n_cells": header.n_cells, "n_vars": n_vars, "entries": kept, "field": header.field}))
+    return kept
 
 
 class MtxIndex:

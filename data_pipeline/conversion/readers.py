@@ -654,10 +654,10 @@ class TenXMtxSource(Source):
         self._index = None if index is None else MtxIndex(index, self._header, self.n_vars)
         self.compressed = self._index is None  # through the index a read is two slices of a memory map
 
-    def build_index(self, folder: Path) -> None:
+    def build_index(self, folder: Path) -> int:
         """Write the file's CSR index to ``folder`` (`mtx_index.build_index`: SourceError for a
-        fault of the file, OSError for one of writing the index)."""
-        build_index(self._header, self._feature_map, self.n_vars, folder)
+        fault of the file, OSError for one of writing the index); -> the entries it holds."""
+        return build_index(self._header, self._feature_map, self.n_vars, folder)
 
     def _read_rows(self, start: int, stop: int, buffers: Buffers | None) -> sp.csr_matrix:
         if self._index is not None:
