@@ -242,22 +242,30 @@ def test_a_write_failure_stops_the_run_naming_the_index_and_a_rerun_goes_on(tmp_
     assert manifest["accounting"]["balanced"] and manifest["totals"]["n_cells"] == (np.diff(X.indptr) > 0).sum()
 
 
-def test_nodes_index_their_share_and_wait_for_the_others(tmp_path):
-    """Node r indexes mtx inputs i % num_nodes == r, then waits for the rest (a shared filesystem);
-    one that waits in vain says which file and what to run. The corpus equals one node's."""
-    from data_pipeline.conversion.convert import ConvertError
-    from data_pipeline.conversion.merge import merge_corpus
+def _two_inputs_alone(tmp_path: Path):
+    """Two random 10x mtx inputs converted by one node -> (its manifest, the options of a multi-node
+    run of the same inputs with that run's vocabulary)."""
     from data_pipeline.conversion.plan import ConvertOptions
 
     rng = np.random.default_rng()
     inputs = []
     for k in range(2):
-        X, ids, syms, bcs = _counts(rng, n_cells=150 + 40 * k)
+        X, ids, syms, bcs = _counts(rng, n_cells=int(rng.integers(100, 200)))
         inputs.append(str(write_10x_mtx(tmp_path / f"tenx{k}", X, ids, syms, [f"s{k}_{b}" for b in bcs], version=2)))
     alone = convert_module.convert(tmp_path / "alone", ConvertOptions(inputs, block_cells=64, unit_cells=128),
                                    progress=False)
-    options = ConvertOptions(inputs, block_cells=64, unit_cells=128, vocab=str(tmp_path / "alone" / "vocab.tsv"))
+    return alone, ConvertOptions(inputs, block_cells=64, unit_cells=128, vocab=str(tmp_path / "alone" / "vocab.tsv"))
+
+
+def test_nodes_index_their_share_and_wait_for_the_others(tmp_path, monkeypatch):
+    """Node r indexes mtx inputs i % num_nodes == r, then waits for the rest (a shared filesystem);
+    one that waits in vain says which file and what to run. The corpus equals one node's."""
+    from data_pipeline.conversion.convert import ConvertError
+    from data_pipeline.conversion.merge import merge_corpus
+
+    alone, options = _two_inputs_alone(tmp_path)
     out = tmp_path / "nodes"
+    monkeypatch.setattr(convert_module, "WAIT_POLL_S", 0.05)
     with pytest.raises(ConvertError, match=r"1 10x mtx inputs were not indexed by the other nodes .*tenx0.*run every"):
         convert_module.convert(out, options, num_nodes=2, node_rank=1, progress=False, wait_s=0.2)
     assert sorted(p.name for p in (out / ".work" / "mtx").iterdir()) == ["s000001"]
@@ -265,3 +273,41 @@ def test_nodes_index_their_share_and_wait_for_the_others(tmp_path):
         assert convert_module.convert(out, options, num_nodes=2, node_rank=rank, progress=False) is None
     merged = merge_corpus(out, progress=False)
     assert merged["shards"] == alone["shards"]
+
+
+def test_a_failed_node_stops_the_nodes_waiting_for_its_share(tmp_path, monkeypatch):
+    """A node whose index build fails records its error; a node waiting for that share stops at once
+    naming it (not after ``wait_s``), and records no failure of its own, which would stop the first
+    node in turn once rerun. Rerun, both go on from where they stopped, and the merged corpus equals
+    one node's."""
+    import errno
+    import time
+
+    from data_pipeline.conversion import mtx_index
+    from data_pipeline.conversion.convert import ConvertError, node_failure_path
+    from data_pipeline.conversion.merge import merge_corpus
+
+    alone, options = _two_inputs_alone(tmp_path)
+    out = tmp_path / "nodes"
+    real = mtx_index._build
+
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(mtx_index, "_build", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        convert_module.convert(out, options, num_nodes=2, node_rank=0, progress=False)
+    assert "No space left on device" in node_failure_path(out / ".work", 0).read_text()
+    monkeypatch.setattr(mtx_index, "_build", real)
+    monkeypatch.setattr(convert_module, "WAIT_POLL_S", 0.05)
+    start = time.monotonic()
+    with pytest.raises(ConvertError, match=r"node 0 stopped with an error .*No space left on device.* waiting for the "
+                                           r"other nodes' mtx indexes: fix the cause, rerun that node"):
+        convert_module.convert(out, options, num_nodes=2, node_rank=1, progress=False, wait_s=600)
+    assert time.monotonic() - start < 60
+    assert not node_failure_path(out / ".work", 1).exists()
+    assert sorted(p.name for p in (out / ".work" / "mtx").iterdir()) == ["s000001"]  # node 1 did its share
+    for rank in (0, 1):
+        assert convert_module.convert(out, options, num_nodes=2, node_rank=rank, progress=False, wait_s=0.2) is None
+    assert not list((out / ".work").glob("node-*.failed"))
+    assert merge_corpus(out, progress=False)["shards"] == alone["shards"]

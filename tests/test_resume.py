@@ -192,7 +192,7 @@ def test_torn_or_missing_row_cache_is_read_again(inputs, reference, tmp_path):
     (out / WORK).mkdir(parents=True)
     save_plan(out / WORK, *build_plan(options))
     plan = load_plan(out / WORK)
-    ensure_vocab(out, plan, 1, list(range(len(plan["units"]))), False, 1, 0.0)
+    ensure_vocab(out, plan, 1, list(range(len(plan["units"]))), False, 1, 0, 0.0)
     caches = sorted((out / WORK / "cache").glob("u*.rows"))
     assert len(caches) >= 3
     blob = caches[0].read_bytes()

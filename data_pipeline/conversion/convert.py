@@ -20,7 +20,9 @@ Stages, each resumable because each output is written atomically and its presenc
              (`merge.py`)
 
 Units run in a process pool (``workers``) and across nodes (unit ``u`` belongs to node
-``u % num_nodes``); neither changes any output byte.
+``u % num_nodes``); neither changes any output byte. A node that stops with an error leaves it in
+``.work/node-R.failed`` (cleared when that node is rerun), and the nodes waiting for its share stop
+with it instead of waiting ``wait_s``.
 """
 
 from __future__ import annotations
@@ -270,7 +272,7 @@ def ensure_mtx_indexes(work: Path, plan: dict, workers: int, num_nodes: int, nod
     with progress_bar(sum(plan["sources"][i]["n_cells"] for i in todo), "index mtx", progress) as bar:
         # no kernels: their warm-up reads rows, which before the index is a pass over a whole mtx file
         run_pool(index_source, todo, workers, (work, None), bar.update, kernels=False)
-    late = _wait_for(lambda: missing(wanted), num_nodes, wait_s, "mtx indexes")
+    late = _wait_for(lambda: missing(wanted), num_nodes, wait_s, "mtx indexes", work, node_rank)
     if late:
         raise ConvertError(f"{len(late)} 10x mtx inputs were not indexed by the other nodes within {wait_s:.0f} s "
                            f"(e.g. {plan['sources'][late[0]]['path']}); run every node")
@@ -539,7 +541,7 @@ def prepare_out(out: Path, options: ConvertOptions, overwrite: bool) -> str:
 
 
 def ensure_vocab(out: Path, plan: dict, workers: int, mine: list[int], progress: bool,
-                 num_nodes: int, wait_s: float) -> Path:
+                 num_nodes: int, node_rank: int, wait_s: float) -> Path:
     """Write ``vocab.tsv`` (supplied, or scanned from the corpus) unless it is already there."""
     vocab_path = out / VOCAB
     if vocab_path.exists():
@@ -556,7 +558,7 @@ def ensure_vocab(out: Path, plan: dict, workers: int, mine: list[int], progress:
     with progress_bar(sum(unit_rows(plan, u) for u in todo), "scan genes", progress) as bar:
         run_pool(scan_unit, todo, workers, (work, None), bar.update)
     missing = _wait_for(lambda: [u for u in range(len(plan["units"])) if not _scan_path(work, u).exists()],
-                        num_nodes, wait_s, "gene scans")
+                        num_nodes, wait_s, "gene scans", work, node_rank)
     if missing:
         raise ConvertError(f"{len(missing)} units were not scanned by the other nodes within "
                            f"{wait_s:.0f} s (e.g. {missing[:5]}); run every node, or pass --vocab")
@@ -565,14 +567,46 @@ def ensure_vocab(out: Path, plan: dict, workers: int, mine: list[int], progress:
     return vocab_path
 
 
-def _wait_for(missing_fn, num_nodes: int, wait_s: float, what: str) -> list:
+WAIT_POLL_S = 5.0  # how often a waiting node looks at the shared folder
+
+
+def node_failure_path(work: Path, node_rank: int) -> Path:
+    """Where node ``node_rank`` of a multi-node run leaves the error that stopped it, so that the
+    nodes waiting for its share stop too instead of waiting ``wait_s`` (24 h by default)."""
+    return work / f"node-{node_rank}.failed"
+
+
+class OtherNodeFailed(ConvertError):
+    """A node stopped because another node recorded a failure: it records none of its own, which would
+    stop that node in turn when it is rerun and waits for this one's share."""
+
+
+def _others_failure(work: Path, num_nodes: int, node_rank: int) -> str | None:
+    """The first other node's failure record (`node_failure_path`), None when none has failed."""
+    for rank in range(num_nodes):
+        path = node_failure_path(work, rank)
+        if rank != node_rank and path.exists():
+            try:
+                return f"node {rank} stopped with an error ({path}): {path.read_text().strip()}"
+            except FileNotFoundError:  # that node was rerun meanwhile and cleared it
+                continue
+    return None
+
+
+def _wait_for(missing_fn, num_nodes: int, wait_s: float, what: str, work: Path, node_rank: int) -> list:
+    """Wait for the other nodes' share of a stage; -> what is still missing after ``wait_s``.
+    Raises `OtherNodeFailed` as soon as another node records a failure (`node_failure_path`)."""
     missing = missing_fn()
     if not missing or num_nodes <= 1:
         return missing
     deadline = time.monotonic() + wait_s
     log.info(f"waiting for the other nodes' {what} ({len(missing)} units left)")
     while missing and time.monotonic() < deadline:
-        time.sleep(5)
+        failed = _others_failure(work, num_nodes, node_rank)
+        if failed:
+            raise OtherNodeFailed(f"{failed}. This node was waiting for the other nodes' {what}: fix the cause, "
+                                  "rerun that node, then rerun this one (each goes on from where it stopped)")
+        time.sleep(WAIT_POLL_S)
         missing = missing_fn()
     return missing
 
@@ -598,8 +632,18 @@ def convert(out: str | Path, options: ConvertOptions, workers: int = 1, num_node
         except VocabError as exc:
             raise ConvertError(f"--vocab: {exc}") from None
     with locked_output(out, node_rank if num_nodes > 1 else None):
-        return _convert_locked(out, options, workers, num_nodes, node_rank, overwrite, progress, keep_work,
-                               wait_s, timings)
+        if num_nodes == 1:
+            return _convert_locked(out, options, workers, num_nodes, node_rank, overwrite, progress, keep_work,
+                                   wait_s, timings)
+        failure = node_failure_path(out / WORK, node_rank)
+        failure.unlink(missing_ok=True)  # this rerun is the fix the waiting nodes were told to run
+        try:
+            return _convert_locked(out, options, workers, num_nodes, node_rank, overwrite, progress, keep_work,
+                                   wait_s, timings)
+        except Exception as exc:  # not a kill (KeyboardInterrupt, SIGKILL): a killed node is rerun, and waited for
+            if failure.parent.is_dir() and not isinstance(exc, OtherNodeFailed):
+                atomic_write_bytes(failure, f"{type(exc).__name__}: {exc}\n".encode())
+            raise
 
 
 def _convert_locked(out: Path, options: ConvertOptions, workers: int, num_nodes: int, node_rank: int,
@@ -632,7 +676,7 @@ def _convert_locked(out: Path, options: ConvertOptions, workers: int, num_nodes:
     ensure_mtx_indexes(work, plan, workers, num_nodes, node_rank, progress, wait_s)
     lap("index")
     mine = [u for u in range(len(plan["units"])) if u % num_nodes == node_rank]
-    vocab_path = ensure_vocab(out, plan, workers, mine, progress, num_nodes, wait_s)
+    vocab_path = ensure_vocab(out, plan, workers, mine, progress, num_nodes, node_rank, wait_s)
     mixed = read_vocab(vocab_path).mixed_species_warning()
     if mixed:
         log.warning(mixed)
