@@ -132,7 +132,8 @@ class RunConfig:
                            "(every step is still recorded in metrics.json)", 10, resume=FREE)
     checkpoint_every: int = _help("steps between checkpoints (0: only on signals and at the end)", 500, resume=FREE)
     keep_checkpoints: int = _help("checkpoints kept (oldest deleted)", 3, resume=FREE)
-    max_nan_steps: int = _help("stop after this many non-finite losses in a row (each is skipped)", 5, resume=FREE)
+    max_nan_steps: int = _help("stop after this many non-finite losses in a row (each is skipped; a resume goes on "
+                               "counting the ones its checkpoint ended with)", 5, resume=FREE)
     peak_tflops: float | None = _help("device peak TFLOP/s for MFU (None: known GPUs' dense bf16 peak, for bf16 runs)", None,
                                       resume=FREE)
     seed: int = _help("model initialization and dropout seed", 0)

@@ -204,6 +204,16 @@ class NonFiniteStreak(RuntimeError):
     """``run.max_nan_steps`` non-finite losses in a row: the run stops (each of them was skipped)."""
 
 
+def skip_streak(history: list[dict]) -> int:
+    """The skipped steps in a row at the end of a run's history (every step's record, as a checkpoint
+    keeps it): a resumed run goes on counting them toward ``run.max_nan_steps``, so that a run that
+    keeps failing at the same place stops whether or not it was interrupted."""
+    streak = 0
+    for before, record in zip([{"skipped_steps": 0}, *history], history):
+        streak = streak + 1 if record["skipped_steps"] > before["skipped_steps"] else 0
+    return streak
+
+
 class StepLog:
     """Every rank's bookkeeping of the steps: their metrics records, the skipped steps and the
     non-finite streak, on every rank alike (all ranks stop at the same step).
@@ -223,11 +233,11 @@ class StepLog:
     ``padding_waste`` is the step's own; ``time`` is the Unix time of the read."""
 
     def __init__(self, config, world: int, device: torch.device, peak_tflops: float | None, run_log: RunLog | None,
-                 step: int = 0, skipped: int = 0):
+                 step: int = 0, skipped: int = 0, streak: int = 0):
         self.config, self.world, self.device, self.peak_tflops = config, world, device, peak_tflops
-        self.run_log, self.skipped, self.streak = run_log, skipped, 0
+        self.run_log, self.skipped, self.streak = run_log, skipped, streak  # a resumed run's: `skip_streak`
         self.pending: list[tuple] = []
-        self.known_streak = 0  # the streak as far as the host knows without a read (DeepSpeed's skips)
+        self.known_streak = streak  # the streak as far as the host knows without a read (DeepSpeed's skips)
         self.progress = None
         if run_log is not None and config.run.progress:
             from tqdm import tqdm

@@ -35,7 +35,7 @@ from . import checkpoint
 from .checkpoint import Checkpointer
 from .config import TrainConfig
 from .distributed import deepspeed_engine, init_distributed
-from .metrics import RunLog, StepLog, device_peak_tflops, history_tail
+from .metrics import RunLog, StepLog, device_peak_tflops, history_tail, skip_streak
 from .model import CellModel, sequences_flops
 from .model.attention import require_attention_device
 from .objectives import PretrainModule, StepCounts, step_seed, train_step
@@ -220,7 +220,7 @@ def _run(config: TrainConfig, resume: str | None, loader: CellLoader, log: RunLo
     if log is not None:
         log.start(asdict(config), history, resumed=found is not None)
     peak_tflops, peak_source = device_peak_tflops(device, config.run.peak_tflops, bf16)
-    steps = StepLog(config, world, device, peak_tflops, log, step, skipped)
+    steps = StepLog(config, world, device, peak_tflops, log, step, skipped, skip_streak(history))
     batches, stop = _batches(loader), False
     flops = partial(sequences_flops, model.config)
     try:

@@ -18,7 +18,7 @@ import torch
 from pretrain import checkpoint
 from pretrain.checkpoint import Checkpointer
 from pretrain.config import TrainConfig
-from pretrain.metrics import NonFiniteStreak, RunLog, StepLog
+from pretrain.metrics import NonFiniteStreak, RunLog, StepLog, skip_streak
 from pretrain.model import CellModel
 from pretrain.objectives import StepCounts, StepResult
 from tests.model_helpers import random_batch, small_config
@@ -164,6 +164,30 @@ def test_a_non_finite_loss_of_an_applied_step_is_caught_at_the_next_read(tmp_pat
     with pytest.raises(NonFiniteStreak, match=r"2 non-finite losses in a row \(step 3\)"):
         log.step(5, _result(1.0), COUNTS, 0.1, None, applied=True)
     assert log.skipped == 2
+
+
+def test_a_resumed_run_goes_on_counting_the_skipped_steps_in_a_row(tmp_path):
+    """The streak a checkpoint's history ends with counts toward run.max_nan_steps after a resume, on
+    every rank (each gets the history from the checkpoint): an interruption does not reset it."""
+    assert skip_streak([]) == 0
+    assert skip_streak([{"skipped_steps": s} for s in (0, 0, 1, 2)]) == 2
+    assert skip_streak([{"skipped_steps": s} for s in (1, 2, 2)]) == 0
+    assert skip_streak([{"skipped_steps": s} for s in (1, 2, 3)]) == 3
+    c = config(log_every=100, max_nan_steps=3)
+    first = RunLog(tmp_path / "first", "e", use_mlflow=False)
+    first.start({}, [], resumed=False)
+    log = StepLog(c, 1, torch.device("cpu"), None, first)
+    log.step(1, _result(1.0), COUNTS, 0.1, None, applied=True)
+    for step in (2, 3):
+        log.step(step, _result(math.nan), COUNTS, 0.1, None, applied=False)
+    log.read()  # as a checkpoint save does
+    history, skipped = deepcopy(first.history), log.skipped
+    for run_log in (RunLog(tmp_path / "again", "e", use_mlflow=False), None):  # rank 0, another rank
+        if run_log is not None:
+            run_log.start({}, history, resumed=True)
+        log = StepLog(c, 1, torch.device("cpu"), None, run_log, 3, skipped, skip_streak(history))
+        with pytest.raises(NonFiniteStreak, match=r"3 non-finite losses in a row \(step 4\)"):
+            log.step(4, _result(math.nan), COUNTS, 0.1, None, applied=False)
 
 
 def test_step_counts_come_from_the_cpu_batches():
