@@ -28,15 +28,6 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-@pytest.fixture(scope="session")
-def gpu_suite_smoke(tmp_path_factory) -> dict:
-    """``gpu_suite.py --smoke`` run once under the GPU image's import check, for the suite's test and the
-    import check's (see `tests.test_gpu_wheels.suite_smoke_under_check`)."""
-    from tests.test_gpu_wheels import suite_smoke_under_check
-
-    return suite_smoke_under_check(tmp_path_factory.mktemp("gpu_suite_smoke"))
-
-
 @pytest.fixture(autouse=True)
 def _no_cli_logging_left():
     """A test calling a CLI's ``main`` in-process sets up logging for the whole process (a handler on

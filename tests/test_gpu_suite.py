@@ -1,7 +1,8 @@
 """The GPU suite's one command stays runnable end to end: ``gpu_suite.py --smoke`` runs every part
 (wheels, setup with the ceilings, pytest on the GPU-marked files, FAVOR+ bf16 and fp32, training,
 contrastive) as its own process on CPU at tiny sizes, each writing its JSON, within about 90 s here
-(the run is shared with the GPU image's import check, tests/test_gpu_wheels.py, under which it runs);
+under the GPU image's import check (tests/test_gpu_wheels.py describes it), and imports only what that
+image has or the carried wheels add (`test_device_imports_are_on_image_or_carried`, on the same run);
 and the pieces the parts share (atomic incremental result files, the FLOP / byte counts, the
 pytest counts read back from a log) do what they say."""
 
@@ -13,14 +14,32 @@ import subprocess
 import sys
 import tarfile
 import time
+from importlib import metadata
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+
+from tests.test_gpu_wheels import (
+    TARGET_ENV,
+    TOLERATED_ABSENT,
+    gpu_marked_test_files,
+    normalize,
+    suite_smoke_under_check,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 PARTS = ("wheels", "setup", "pytest_gpu", "favor", "train", "contrastive", "embed", "train_loop", "favor_fp32")
+
+
+@pytest.fixture(scope="module")
+def gpu_suite_smoke(tmp_path_factory) -> dict:
+    """``gpu_suite.py --smoke`` run once under the GPU image's import check, for the suite's test and the
+    import check's (`tests.test_gpu_wheels.suite_smoke_under_check`). Both tests live in this file so that
+    a run split over processes by file (the README's ``pytest -n ... --dist loadfile``) still runs it once."""
+    return suite_smoke_under_check(tmp_path_factory.mktemp("gpu_suite_smoke"))
 
 
 def test_gpu_suite_smoke_runs_every_part(gpu_suite_smoke):
@@ -233,3 +252,65 @@ def test_gpu_commands_parse(tmp_path):
 
     setup = part_commands("setup", tmp_path, "nvidia-h200", smoke=False, timeout=45)[0]
     assert setup[2:] == ["--setup-only", ceilings]
+
+
+def test_device_imports_are_on_image_or_carried(gpu_suite_smoke):
+    run = gpu_suite_smoke
+    dumps, folder, carried, image = run["dumps"], run["folder"], run["carried"], run["image"]
+    runs = {" ".join(run["done"].args[1:]): (run["done"].returncode, run["done"].stdout + run["done"].stderr)}
+    refused = {}
+    for dump in dumps:
+        for entry in dump["refused"]:
+            refused.setdefault(entry["module"], (entry["dists"], set()))[1].add(entry["importer"])
+    report = "; ".join(f"{m} ({', '.join(d) or 'no distribution'}) imported by {', '.join(sorted(i))}"
+                       for m, (d, i) in sorted(refused.items()))
+    print("refused as on the GPU image:", report or "nothing")
+    via = sorted({f"{e['module']} <- {e['importer']}" for dump in dumps for e in dump["via_image"]})
+    print("let through for the image's own packages (their dependencies there):", ", ".join(via) or "nothing")
+
+    suite_file = folder / "out" / "gpu_suite_cpu.json"
+    assert suite_file.exists(), f"the suite wrote no {suite_file.name}: {next(iter(runs.values()))[1][-4000:]}"
+    parts = json.loads(suite_file.read_text())["parts"]
+    for command, (code, output) in runs.items():
+        detail = "\n".join(f"--- {p}: {r['status']}\n{r.get('output_tail', '')[-2500:]}"
+                           for p, r in parts.items() if r["status"] not in ("ok", "skipped")) or output[-4000:]
+        assert code == 0, (f"{command} failed under the import check (refused: {report or 'nothing'}); a part "
+                           f"that needs a refused module needs its wheel in benchmarks/gpu_wheels.txt:\n{detail}")
+
+    # every process of a part wrote its dump (one that did not, e.g. killed, would go unchecked)
+    argvs = [" ".join(d["argv"]) for d in dumps]
+    for part, record in parts.items():
+        if record.get("command"):
+            marker = {"setup": "--setup-only", "pytest_gpu": "--junitxml=", "wheels": None}.get(
+                part, f"{part}_cpu.json")
+            assert marker is None or any(marker in a for a in argvs), f"no import dump from the {part} part: {argvs}"
+    assert parts.get("pytest_gpu", {}).get("command") or not gpu_marked_test_files(), parts.get("pytest_gpu")
+
+    unexpected = {m: v for m, v in refused.items() if not set(v[0]) & set(TOLERATED_ABSENT)}
+    assert not unexpected, (
+        "device processes import modules that are neither on the GPU image nor carried; the runs passed "
+        "without them (optional imports), so either carry them (benchmarks/gpu_wheels.txt) or add their "
+        f"distribution to TOLERATED_ABSENT with the reason: {unexpected}")
+
+    allowed = set(image) | set(carried)
+    via_tops = {e["module"] for d in dumps for e in d["via_image"]}
+    loaded, stray = {}, {}
+    for dump in dumps:
+        for top, (kind, dists) in dump["modules"].items():
+            for dist in dists:
+                loaded.setdefault(dist, set()).add(top)
+            if top not in via_tops and (kind == "unknown" or (kind == "dist" and not set(dists) & allowed)):
+                stray.setdefault(top, (kind, dists, dump["argv"][:2]))
+    assert not stray, f"loaded, but neither stdlib, project, on the image nor carried: {stray}"
+
+    # exactly what is needed: each carried wheel imported, or required by another carried wheel
+    required = set()
+    for name in carried:
+        try:
+            required |= {normalize(Requirement(r).name) for r in metadata.distribution(name).requires or []
+                         if Requirement(r).marker is None or Requirement(r).marker.evaluate(TARGET_ENV)}
+        except metadata.PackageNotFoundError:
+            pass
+    unused = sorted(set(carried) - set(loaded) - required)
+    assert not unused, f"carried but neither imported by a device process nor required by a carried wheel: {unused}"
+    print("carried and imported:", ", ".join(sorted(set(carried) & set(loaded))))

@@ -3,9 +3,9 @@
 the list ``benchmarks/gpu_wheels.sh`` downloads into ``.whl/``), and every carried wheel's requirements
 must be met there too.
 
-``test_device_imports_are_on_image_or_carried`` reads a run of ``benchmarks/gpu_suite.py --smoke`` (all its
-parts, each its own process, ``pytest -m gpu`` on the test files with gpu marks among them; the run
-tests/test_gpu_suite.py checks too, made once by `suite_smoke_under_check`), with a
+``test_device_imports_are_on_image_or_carried`` (in tests/test_gpu_suite.py, beside the other test of the
+same run) reads a run of ``benchmarks/gpu_suite.py --smoke`` (all its parts, each its own process,
+``pytest -m gpu`` on the test files with gpu marks among them; made once by `suite_smoke_under_check`), with a
 ``sitecustomize.py`` first on PYTHONPATH. In every process (children inherit the environment) it
 
 * refuses, as the image would, a top-level import whose distribution is neither on the image nor
@@ -322,9 +322,8 @@ def probe_wheel(folder: Path) -> Path:
 def suite_smoke_under_check(folder: Path) -> dict:
     """Run ``gpu_suite.py --smoke`` (every part, each its own process; `pytest -m gpu` on the test files
     with gpu marks among them) under the import check, installing a probe wheel and bundling as the
-    device tool's $OUT would. The one run both tests/test_gpu_suite.py (the suite works) and
-    `test_device_imports_are_on_image_or_carried` (it imports only what the GPU has) read, through the
-    session fixture ``gpu_suite_smoke`` of tests/conftest.py: about 60 s here, once.
+    device tool's $OUT would. The one run both tests of tests/test_gpu_suite.py read (the suite works; it
+    imports only what the GPU has), through its module fixture ``gpu_suite_smoke``: about 60 s here, once.
     -> {"done": CompletedProcess, "seconds", "out", "back", "wheel", "dumps", "folder", "carried", "image"}"""
     image, carried = read_pins(IMAGE_LIST), read_pins(MANIFEST)
     env = check_env(folder, set(carried), set(image))
@@ -367,68 +366,6 @@ def test_import_check_refuses_what_the_image_lacks(tmp_path):
 
 
 @pytest.mark.slow
-def test_device_imports_are_on_image_or_carried(gpu_suite_smoke):
-    run = gpu_suite_smoke
-    dumps, folder, carried, image = run["dumps"], run["folder"], run["carried"], run["image"]
-    runs = {" ".join(run["done"].args[1:]): (run["done"].returncode, run["done"].stdout + run["done"].stderr)}
-    refused = {}
-    for dump in dumps:
-        for entry in dump["refused"]:
-            refused.setdefault(entry["module"], (entry["dists"], set()))[1].add(entry["importer"])
-    report = "; ".join(f"{m} ({', '.join(d) or 'no distribution'}) imported by {', '.join(sorted(i))}"
-                       for m, (d, i) in sorted(refused.items()))
-    print("refused as on the GPU image:", report or "nothing")
-    via = sorted({f"{e['module']} <- {e['importer']}" for dump in dumps for e in dump["via_image"]})
-    print("let through for the image's own packages (their dependencies there):", ", ".join(via) or "nothing")
-
-    suite_file = folder / "out" / "gpu_suite_cpu.json"
-    assert suite_file.exists(), f"the suite wrote no {suite_file.name}: {next(iter(runs.values()))[1][-4000:]}"
-    parts = json.loads(suite_file.read_text())["parts"]
-    for command, (code, output) in runs.items():
-        detail = "\n".join(f"--- {p}: {r['status']}\n{r.get('output_tail', '')[-2500:]}"
-                           for p, r in parts.items() if r["status"] not in ("ok", "skipped")) or output[-4000:]
-        assert code == 0, (f"{command} failed under the import check (refused: {report or 'nothing'}); a part "
-                           f"that needs a refused module needs its wheel in benchmarks/gpu_wheels.txt:\n{detail}")
-
-    # every process of a part wrote its dump (one that did not, e.g. killed, would go unchecked)
-    argvs = [" ".join(d["argv"]) for d in dumps]
-    for part, record in parts.items():
-        if record.get("command"):
-            marker = {"setup": "--setup-only", "pytest_gpu": "--junitxml=", "wheels": None}.get(
-                part, f"{part}_cpu.json")
-            assert marker is None or any(marker in a for a in argvs), f"no import dump from the {part} part: {argvs}"
-    assert parts.get("pytest_gpu", {}).get("command") or not gpu_marked_test_files(), parts.get("pytest_gpu")
-
-    unexpected = {m: v for m, v in refused.items() if not set(v[0]) & set(TOLERATED_ABSENT)}
-    assert not unexpected, (
-        "device processes import modules that are neither on the GPU image nor carried; the runs passed "
-        "without them (optional imports), so either carry them (benchmarks/gpu_wheels.txt) or add their "
-        f"distribution to TOLERATED_ABSENT with the reason: {unexpected}")
-
-    allowed = set(image) | set(carried)
-    via_tops = {e["module"] for d in dumps for e in d["via_image"]}
-    loaded, stray = {}, {}
-    for dump in dumps:
-        for top, (kind, dists) in dump["modules"].items():
-            for dist in dists:
-                loaded.setdefault(dist, set()).add(top)
-            if top not in via_tops and (kind == "unknown" or (kind == "dist" and not set(dists) & allowed)):
-                stray.setdefault(top, (kind, dists, dump["argv"][:2]))
-    assert not stray, f"loaded, but neither stdlib, project, on the image nor carried: {stray}"
-
-    # exactly what is needed: each carried wheel imported, or required by another carried wheel
-    required = set()
-    for name in carried:
-        try:
-            required |= {normalize(Requirement(r).name) for r in metadata.distribution(name).requires or []
-                         if Requirement(r).marker is None or Requirement(r).marker.evaluate(TARGET_ENV)}
-        except metadata.PackageNotFoundError:
-            pass
-    unused = sorted(set(carried) - set(loaded) - required)
-    assert not unused, f"carried but neither imported by a device process nor required by a carried wheel: {unused}"
-    print("carried and imported:", ", ".join(sorted(set(carried) & set(loaded))))
-
-
 def test_manifest_pins_and_image_list():
     carried, image = read_pins(MANIFEST), read_pins(IMAGE_LIST)
     assert all(carried.values()), f"every carried wheel needs name==version: {carried}"
