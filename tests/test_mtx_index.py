@@ -311,3 +311,16 @@ def test_a_failed_node_stops_the_nodes_waiting_for_its_share(tmp_path, monkeypat
         assert convert_module.convert(out, options, num_nodes=2, node_rank=rank, progress=False, wait_s=0.2) is None
     assert not list((out / ".work").glob("node-*.failed"))
     assert merge_corpus(out, progress=False)["shards"] == alone["shards"]
+
+
+def test_only_a_failure_of_a_node_whose_share_is_missing_stops_the_wait(tmp_path, monkeypatch):
+    """Item i of a stage is node i % num_nodes's: node 2's failure (its share done) does not stop node 0
+    waiting for node 1's item; node 1's does."""
+    from data_pipeline.conversion.convert import OtherNodeFailed, _wait_for, node_failure_path
+
+    monkeypatch.setattr(convert_module, "WAIT_POLL_S", 0.01)
+    node_failure_path(tmp_path, 2).write_text("OSError: disk full\n")
+    assert _wait_for(lambda: [4], 3, 0.1, "gene scans", tmp_path, 0) == [4]
+    node_failure_path(tmp_path, 1).write_text("ConvertError: bad input\n")
+    with pytest.raises(OtherNodeFailed, match=r"node 1 stopped with an error .*bad input"):
+        _wait_for(lambda: [4], 3, 60, "gene scans", tmp_path, 0)

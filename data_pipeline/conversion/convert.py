@@ -581,9 +581,10 @@ class OtherNodeFailed(ConvertError):
     stop that node in turn when it is rerun and waits for this one's share."""
 
 
-def _others_failure(work: Path, num_nodes: int, node_rank: int) -> str | None:
-    """The first other node's failure record (`node_failure_path`), None when none has failed."""
-    for rank in range(num_nodes):
+def _others_failure(work: Path, ranks, node_rank: int) -> str | None:
+    """The failure record (`node_failure_path`) of the first node of ``ranks`` other than this one that
+    has one, None when none has."""
+    for rank in sorted(set(ranks)):
         path = node_failure_path(work, rank)
         if rank != node_rank and path.exists():
             try:
@@ -594,15 +595,16 @@ def _others_failure(work: Path, num_nodes: int, node_rank: int) -> str | None:
 
 
 def _wait_for(missing_fn, num_nodes: int, wait_s: float, what: str, work: Path, node_rank: int) -> list:
-    """Wait for the other nodes' share of a stage; -> what is still missing after ``wait_s``.
-    Raises `OtherNodeFailed` as soon as another node records a failure (`node_failure_path`)."""
+    """Wait for the other nodes' share of a stage (``missing_fn() -> [item]``, item ``i`` node
+    ``i % num_nodes``'s); -> what is still missing after ``wait_s``. Raises `OtherNodeFailed` as soon as a
+    node whose share is missing records a failure (`node_failure_path`)."""
     missing = missing_fn()
     if not missing or num_nodes <= 1:
         return missing
     deadline = time.monotonic() + wait_s
     log.info(f"waiting for the other nodes' {what} ({len(missing)} units left)")
     while missing and time.monotonic() < deadline:
-        failed = _others_failure(work, num_nodes, node_rank)
+        failed = _others_failure(work, (i % num_nodes for i in missing), node_rank)
         if failed:
             raise OtherNodeFailed(f"{failed}. This node was waiting for the other nodes' {what}: fix the cause, "
                                   "rerun that node, then rerun this one (each goes on from where it stopped)")
