@@ -56,17 +56,21 @@ def device_text(device) -> str:
     return f"{device.get('cpu', 'CPU')}, {device.get('cores', '?')} cores, no GPU"
 
 
+def _commit(code: dict) -> str:
+    """A result's ``code`` record (`common.code_version`) as text: the short commit, and whether the
+    checkout had local changes."""
+    return code["commit"][:10] + (" with local changes" if code.get("modified") else "")
+
+
 def source(name: str, result: dict, reproduce: str | None = None) -> str:
     """The line that says where a table comes from."""
     versions = ", ".join(f"{k} {v}" for k, v in (result.get("versions") or {}).items() if v)
     date = result.get("date", "?")[:10]
     code = result.get("code") or {}  # recorded since 2026-12-06: which commit made it
-    commit = (f"; commit {code['commit'][:10]}" + (" with local changes" if code.get("modified") else "")
-              if code.get("commit") else "")
+    commit = f"; commit {_commit(code)}" if code.get("commit") else ""
     later = result.get("code_at_write") or {}  # the checkout moved on while it ran (recorded since 2026-12-07)
     if commit and later.get("commit"):
-        commit += (f" (the checkout was at {later['commit'][:10]}" + (" with local changes" if later.get("modified")
-                   else "") + " when it wrote the file)")
+        commit += f" (the checkout was at {_commit(later)} when it wrote the file)"
     text = f"From `benchmarks/results/{name}` ({device_text(result.get('device', '?'))}; {date}{commit}; {versions})."
     return text + f" Reproduce: `{reproduce or 'python ' + result.get('command', '?')}`."
 

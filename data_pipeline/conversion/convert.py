@@ -634,16 +634,14 @@ def convert(out: str | Path, options: ConvertOptions, workers: int = 1, num_node
         except VocabError as exc:
             raise ConvertError(f"--vocab: {exc}") from None
     with locked_output(out, node_rank if num_nodes > 1 else None):
-        if num_nodes == 1:
-            return _convert_locked(out, options, workers, num_nodes, node_rank, overwrite, progress, keep_work,
-                                   wait_s, timings)
-        failure = node_failure_path(out / WORK, node_rank)
-        failure.unlink(missing_ok=True)  # this rerun is the fix the waiting nodes were told to run
+        failure = node_failure_path(out / WORK, node_rank) if num_nodes > 1 else None
+        if failure is not None:
+            failure.unlink(missing_ok=True)  # this rerun is the fix the waiting nodes were told to run
         try:
             return _convert_locked(out, options, workers, num_nodes, node_rank, overwrite, progress, keep_work,
                                    wait_s, timings)
         except Exception as exc:  # not a kill (KeyboardInterrupt, SIGKILL): a killed node is rerun, and waited for
-            if failure.parent.is_dir() and not isinstance(exc, OtherNodeFailed):
+            if failure is not None and failure.parent.is_dir() and not isinstance(exc, OtherNodeFailed):
                 atomic_write_bytes(failure, f"{type(exc).__name__}: {exc}\n".encode())
             raise
 
