@@ -40,7 +40,9 @@ absent. What it does:
    `launch/finetune.py`) of the last checkpoint and of the random-init twin on 1 %, 10 % and 100 %
    of each fold's training labels (``--fractions``; full fine-tuning at ``--full-fractions`` of them),
    scored on the fold's test cells, beside logistic regression on HVG-2000 and PCA-50 trained on the
-   same cells.
+   same cells. The runs train with `FinetuneConfig`'s defaults, ``--finetune-set key=value`` over
+   them (the recipe is recorded with the result; a saved evaluation of another recipe keeps its
+   other rows and fine-tunes again).
 8. Mean and spread (min, max) over the seeds of every number; verdicts against the goals.
 
 Writes ``--result`` (JSON) and a t-SNE figure (``--plot``): the baselines, the random-init twin and
@@ -358,11 +360,43 @@ def finetune_rows(modes: list[str], fractions: list[float], full_fractions: list
     return [(mode, x) for mode in modes for x in (full_fractions if mode == "full" else fractions)]
 
 
+# the `FinetuneConfig` keys that shape every fold's training, recorded with the result (``--finetune-set``)
+RECIPE_KEYS = ("batch_size", "lr", "encoder_lr_scale", "weight_decay", "hidden", "dropout", "class_weights",
+               "standardize")
+
+
+def finetune_recipe(sets: list[str]) -> dict:
+    """The fine-tuning settings of every fold's run: `FinetuneConfig`'s defaults of `RECIPE_KEYS`,
+    ``sets`` (``key=value``, values read as YAML) over them. Exits naming the keys on a bad one."""
+    import yaml
+
+    from pretrain.config import FinetuneConfig, from_dict
+
+    given = {}
+    for item in sets:
+        key, sep, text = item.partition("=")
+        if not sep or key.strip() not in RECIPE_KEYS:
+            sys.exit(f"--finetune-set {item!r}: write key=value with a key of {', '.join(RECIPE_KEYS)}")
+        given[key.strip()] = yaml.safe_load(text)
+    try:
+        config = from_dict(FinetuneConfig, given)
+    except ValueError as e:
+        sys.exit(f"--finetune-set: {e}")
+    return {k: getattr(config, k) for k in RECIPE_KEYS}
+
+
+def recipe_folder(recipe: dict) -> str:
+    """The fine-tuning runs' folder of a recipe in a pretraining run's folder (a fold's run resumes
+    only under the settings it was trained with)."""
+    return "finetune-" + hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
+
+
 def finetuned(bundle: Path, f: EvalFile, csr, embedding: np.ndarray, rows_wanted: list[tuple[str, float]],
-              epochs: int, work: Path) -> dict[str, float]:
+              epochs: int, recipe: dict, work: Path) -> dict[str, float]:
     """Fine-tuned cell-type macro-F1 (`pretrain.downstream.finetune`, the path `launch/finetune.py`
     runs) over the file's fixed folds, per (mode, share of each fold's training labels) of
-    ``rows_wanted``: trained on that share for ``epochs`` epochs, the epoch kept by training macro-F1
+    ``rows_wanted``: trained on that share for ``epochs`` epochs with ``recipe`` (`finetune_recipe`), the
+    epoch kept by training macro-F1
     (the fold's test cells are never seen before the final prediction), scored on the test cells.
     Each fold's run resumes from its folder under ``work``. ``embedding``: the bundle's embedding of
     the file's cells, which head mode trains on (what it would compute itself).
@@ -389,7 +423,7 @@ def finetuned(bundle: Path, f: EvalFile, csr, embedding: np.ndarray, rows_wanted
             split = make_split(cells.subset(rows), cells.subset(rows), "the training cells (the fold's test "
                                "cells unseen until the final prediction)")
             folder = work / f"{mode}-{fraction:g}-fold{k}"
-            config = FinetuneConfig(label_column=f.label_key, mode=mode, epochs=epochs, patience=0, seed=k)
+            config = FinetuneConfig(label_column=f.label_key, mode=mode, epochs=epochs, patience=0, seed=k, **recipe)
             given = (embedding[rows], embedding[rows]) if mode == "head" else None
             finetune_split(bundle, load_pretrained(bundle), split, folder, config, embeddings=given)
             model, head, labels = load_finetuned(folder / "bundle")
@@ -404,11 +438,12 @@ def finetuned(bundle: Path, f: EvalFile, csr, embedding: np.ndarray, rows_wanted
 
 
 def step_finetuned(run: Path, bundle: Path, seed: int, step: int, f: EvalFile, csr, embedding: np.ndarray,
-                   rows_wanted: list[tuple[str, float]], epochs: int) -> dict[str, float]:
+                   rows_wanted: list[tuple[str, float]], epochs: int, recipe: dict) -> dict[str, float]:
     """`finetuned` for one curve step of ``run`` on one file: step 0 fine-tunes the random-init twin of
-    ``bundle`` (the last step's), each step in its own folder of the run."""
+    ``bundle`` (the last step's), each step and recipe in its own folder of the run."""
     tuned = twin_bundle(bundle, seed) if step == 0 else bundle
-    return finetuned(tuned, f, csr, embedding, rows_wanted, epochs, run / "finetune" / f"step{step}" / f.name)
+    return finetuned(tuned, f, csr, embedding, rows_wanted, epochs, recipe,
+                     run / recipe_folder(recipe) / f"step{step}" / f.name)
 
 
 def clustered(f: EvalFile, embedding: np.ndarray, vae_steps: int, epochs: int, seed: int) -> dict[str, float]:
@@ -521,31 +556,48 @@ def save_evaluation(path: Path, key: str, record: dict, arrays: dict[str, np.nda
     atomic_write_json(path, {"key": key, **record})
 
 
+# the fine-tuning recipe of the evaluations saved before their settings recorded one (FinetuneConfig's
+# defaults then: the head fed the embedding unscaled)
+UNRECORDED_RECIPE = {"batch_size": 32, "lr": 1e-3, "encoder_lr_scale": 0.1, "weight_decay": 0.01, "hidden": [512, 128],
+                     "dropout": 0.1, "class_weights": True, "standardize": False}
+
+
 def narrower_evaluation(path: Path, settings: dict, files: list[str]) -> tuple[dict, dict[str, np.ndarray]] | None:
     """A run's saved evaluation for these settings but fewer fine-tuned rows (fewer modes, or full
-    fine-tuning at fewer label shares): `extend_finetuning` adds the missing rows to it instead of
-    evaluating the run again. None when there is none."""
+    fine-tuning at fewer label shares), or fine-tuned rows of another recipe (an evaluation saved
+    before the settings recorded the recipe, `UNRECORDED_RECIPE`: those rows are dropped):
+    `extend_finetuning` adds the missing rows to it instead of evaluating the run again. None when
+    there is none."""
     from itertools import chain, combinations
 
     ft = settings["finetune"]
     full = ft.get("full_fractions", ft["fractions"])
     exact = evaluation_key(settings, files)
-    for modes in chain.from_iterable(combinations(ft["modes"], k) for k in range(len(ft["modes"]) + 1)):
-        shares = ([list(c) for k in range(1, len(full) + 1) for c in combinations(full, k)] if "full" in modes
-                  else [None])
-        for share in shares:
-            narrower = {k: v for k, v in ft.items() if k != "full_fractions"} | {"modes": list(modes)}
-            if share is not None and share != ft["fractions"]:
-                narrower["full_fractions"] = share
-            key = evaluation_key({**settings, "finetune": narrower}, files)
-            if key != exact and (saved := saved_evaluation(path, key)) is not None:
+    for recorded in (True, False):
+        for modes in chain.from_iterable(combinations(ft["modes"], k) for k in range(len(ft["modes"]) + 1)):
+            shares = ([list(c) for k in range(1, len(full) + 1) for c in combinations(full, k)] if "full" in modes
+                      else [None])
+            for share in shares:
+                narrower = {k: v for k, v in ft.items() if k != "full_fractions" and (recorded or k != "recipe")}
+                narrower["modes"] = list(modes)
+                if share is not None and share != ft["fractions"]:
+                    narrower["full_fractions"] = share
+                key = evaluation_key({**settings, "finetune": narrower}, files)
+                if key == exact or (saved := saved_evaluation(path, key)) is None:
+                    continue
+                if not recorded and ft["recipe"] != UNRECORDED_RECIPE:
+                    entry = saved[0]["entry"]
+                    for rows in (r for per_step in entry["steps"].values() for r in per_step.values()):
+                        for name in [n for n in rows if n.startswith("finetuned ")]:
+                            del rows[name]
+                    entry.get("evaluation_seconds", {}).pop("finetune", None)
                 return saved
     return None
 
 
 def extend_finetuning(saved: tuple[dict, dict[str, np.ndarray]], path: Path, key: str, run: Path, mix: str, seed: int,
                       last: int, files: dict, csrs: dict, rows_wanted: list[tuple[str, float]], epochs: int,
-                      twin: bool) -> tuple[dict, dict[str, np.ndarray]]:
+                      recipe: dict, twin: bool) -> tuple[dict, dict[str, np.ndarray]]:
     """Add the fine-tuned rows of ``rows_wanted`` that a saved evaluation (`narrower_evaluation`)
     lacks: the last curve step's and, with ``twin``, the random-init twin's, each from the embedding
     saved with it; saved again under ``key``. -> the evaluation, as `saved_evaluation` gives it"""
@@ -565,7 +617,7 @@ def extend_finetuning(saved: tuple[dict, dict[str, np.ndarray]], path: Path, key
             if name not in csrs:
                 csrs[name] = model_csr(load_pretrained(bundle), f)[0]
             rows.update(step_finetuned(run, bundle, seed, step, f, csrs[name], arrays[f"{panel}/{name}"], missing,
-                                       epochs))
+                                       epochs, recipe))
     spent = entry.setdefault("evaluation_seconds", {})
     spent["finetune"] = round(spent.get("finetune", 0.0) + time.perf_counter() - began, 1)
     save_evaluation(path, key, record, arrays)
@@ -717,6 +769,9 @@ def main() -> None:
                         help="the shares full fine-tuning gets, a subset of --fractions (default: all of them); on "
                              "CPU, where it trains the encoder on every training cell, 0.01,0.1 keeps it to hours")
     parser.add_argument("--finetune-epochs", type=int, default=10, help="fine-tuning epochs (default 10)")
+    parser.add_argument("--finetune-set", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"a fine-tuning setting other than its default, one of {', '.join(RECIPE_KEYS)} "
+                             "(repeatable; e.g. standardize=false)")
     parser.add_argument("--cluster", action=argparse.BooleanOptionalAction, default=True,
                         help="scHybridBERT clustering (ARI / NMI) at the last curve step and on the random-init twin, "
                              "beside PCA-50 and k-means on the embedding (default on)")
@@ -751,6 +806,7 @@ def main() -> None:
         sys.exit(f"--full-fractions: give a subset of --fractions ({','.join(f'{x:g}' for x in fractions)}), whose "
                  "baselines it is compared with")
     wanted = finetune_rows(modes, fractions, full_fractions)
+    recipe = finetune_recipe(args.finetune_set)
     curve = sorted({int(x) for x in args.curve.split(",") if x.strip()} | {args.steps})
     if curve[0] <= 0 or curve[-1] > args.steps:
         sys.exit(f"--curve: steps must lie in 1..--steps ({args.steps})")
@@ -781,7 +837,7 @@ def main() -> None:
         "cluster": {"vae_steps": args.cluster_vae_steps, "epochs": args.cluster_epochs,
                     "how": "pretrain.downstream.hybrid.cluster_with_baselines; k-means with k = the file's number "
                            "of labels for scHybridBERT, PCA-50 and the embedding alone"} if args.cluster else None,
-        "finetune": {"modes": modes, "fractions": fractions, "epochs": args.finetune_epochs,
+        "finetune": {"modes": modes, "fractions": fractions, "epochs": args.finetune_epochs, "recipe": recipe,
                      "how": "pretrain.downstream.finetune on each fold's training cells (a stratified share, at least "
                             "one cell per class), the epoch kept by training macro-F1, argmax predictions on the "
                             "fold's test cells; the baselines' logistic regression on the same shares"}
@@ -813,7 +869,7 @@ def main() -> None:
             saved = saved_evaluation(saved_path, key)
             if saved is None and wanted and (narrower := narrower_evaluation(saved_path, settings, list(files))):
                 saved = extend_finetuning(narrower, saved_path, key, run, mix, seed, curve[-1], files, csrs, wanted,
-                                          args.finetune_epochs, twin=mix == mixes[0])
+                                          args.finetune_epochs, recipe, twin=mix == mixes[0])
                 print(f"{mix} seed {seed}: fine-tuned rows added to its saved evaluation", file=sys.stderr)
             if saved is not None:
                 record, arrays = saved
@@ -856,7 +912,7 @@ def main() -> None:
                     if modes and full_rows:
                         with timed(spent, "finetune"):
                             rows[name].update(step_finetuned(run, bundle, seed, step, f, csr, embedding, wanted,
-                                                             args.finetune_epochs))
+                                                             args.finetune_epochs, recipe))
                     if step in (0, curve[-1]):
                         panel = "random init" if step == 0 else mix
                         arrays[f"{panel}/{name}"] = embedding

@@ -225,8 +225,13 @@ def _finetuned_table(r: dict, file: str, last: str) -> list[str]:
                                  *(_spread(row, f"finetuned {mode} {x}") for x in fractions)])
     only = (f"; full fine-tuning at {', '.join(f'{x:.0%}' for x in ft['full_fractions'])} of labels only"
             if "full_fractions" in ft else "")
+    recipe = ft.get("recipe")  # results written before it was recorded: the head fed the embedding unscaled
+    scaling = ("the head's input scaled by the training cells' mean and sd" if recipe and recipe.get("standardize")
+               else "the head's input unscaled")
+    settings = f"; {', '.join(f'{k} {v}' for k, v in recipe.items() if k != 'standardize')}" if recipe else ""
     return [f"Fine-tuned cell-type macro-F1 by share of each fold's training labels ({ft['epochs']} epochs; "
-            f"{ft['how']}{only}):", "", table(["model", *(f"{float(x):.0%} of labels" for x in fractions)], rows), ""]
+            f"{ft['how']}; {scaling}{settings}{only}):", "",
+            table(["model", *(f"{float(x):.0%} of labels" for x in fractions)], rows), ""]
 
 
 def _cluster_table(r: dict, file: str, last: str) -> list[str]:

@@ -434,6 +434,9 @@ class FinetuneConfig:
                               "-> Dropout", factory=lambda: [512, 128])
     dropout: float = _help("dropout after each hidden layer of the head", 0.1)
     class_weights: bool = _help("weight the cross-entropy by inverse class frequency (imbalanced cell types)", True)
+    standardize: bool = _help("scale each feature of the cell embedding by the training cells' mean and sd before "
+                              "the head (computed once at the start, with the encoder as loaded; kept in the head)",
+                              True)
     val_fraction: float = _help("without a validation file: the share of labelled cells held out, stratified by label",
                                 0.1)
     min_class_cells: int = _help("leave out labels with fewer labelled cells than this, counted before the "

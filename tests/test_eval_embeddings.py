@@ -19,7 +19,7 @@ import eval_embeddings as ev  # noqa: E402
 
 from data_pipeline.loading.batching import TokenCost  # noqa: E402
 from data_pipeline.loading.normalize import Normalization  # noqa: E402
-from pretrain.config import ModelConfig  # noqa: E402
+from pretrain.config import FinetuneConfig, ModelConfig  # noqa: E402
 from pretrain.embed import length_batches  # noqa: E402
 from pretrain.model import CellModel  # noqa: E402
 
@@ -359,9 +359,43 @@ def test_narrower_evaluation_is_one_with_fewer_finetuned_rows(tmp_path):
     assert ev.finetune_rows(["head", "full"], [0.1, 1.0], [0.1]) == [("head", 0.1), ("head", 1.0), ("full", 0.1)]
 
 
+def test_an_evaluation_saved_before_the_recipe_was_recorded_keeps_its_rows_but_the_fine_tuned(tmp_path):
+    """Saved before the settings held the fine-tuning recipe (its rows are `UNRECORDED_RECIPE`'s): a call
+    with another recipe takes the rest of it and computes the fine-tuned rows again; one with that
+    recipe takes it whole."""
+    path = tmp_path / "evaluation-final.json"
+    before = _settings(finetune={k: v for k, v in _settings()["finetune"].items() if k != "recipe"})
+    rows = {"knn_macro_f1": 0.5, "finetuned head 0.1": 0.3, "finetuned head 1": 0.4}
+    record = {"entry": {"steps": {"0": {"f": dict(rows)}, "3": {"f": dict(rows)}},
+                        "evaluation_seconds": {"cluster": 2.0, "finetune": 9.0}}}
+    ev.save_evaluation(path, ev.evaluation_key(before, ["f"]), record, {"random init/f": np.eye(2)})
+    assert ev.finetune_recipe([])["standardize"] is True
+    saved, arrays = ev.narrower_evaluation(path, _settings(), ["f"])
+    assert saved["entry"]["steps"] == {"0": {"f": {"knn_macro_f1": 0.5}}, "3": {"f": {"knn_macro_f1": 0.5}}}
+    assert saved["entry"]["evaluation_seconds"] == {"cluster": 2.0} and np.array_equal(arrays["random init/f"], np.eye(2))
+    unscaled = ev.finetune_recipe(["standardize=false"])
+    assert unscaled == ev.UNRECORDED_RECIPE
+    same = _settings(finetune={**_settings()["finetune"], "recipe": unscaled})
+    saved, _ = ev.narrower_evaluation(path, same, ["f"])
+    assert saved["entry"] == record["entry"]
+
+
+def test_finetune_settings_are_parsed_and_each_recipe_trains_in_its_own_folder():
+    recipe = ev.finetune_recipe(["lr=3e-4", "hidden=[64]", "standardize=false"])
+    assert recipe["lr"] == 3e-4 and recipe["hidden"] == [64] and recipe["standardize"] is False
+    assert recipe["batch_size"] == FinetuneConfig().batch_size
+    assert ev.recipe_folder(recipe) != ev.recipe_folder(ev.finetune_recipe([]))
+    assert ev.recipe_folder(recipe) == ev.recipe_folder(dict(reversed(list(recipe.items()))))
+    for bad, named in ((["epochs=3"], "key=value with a key of"), (["lr"], "key=value"),
+                       (["lr=fast"], "lr='fast' should be a number")):
+        with pytest.raises(SystemExit, match=named):
+            ev.finetune_recipe(bad)
+
+
 def _settings(**changed) -> dict:
     settings = {"steps": 1000, "curve": [250, 1000], "seeds": [0], "cap": "auto", "cluster": None,
-                "finetune": {"modes": ["head"], "fractions": [0.1, 1.0], "epochs": 10, "how": "."},
+                "finetune": {"modes": ["head"], "fractions": [0.1, 1.0], "epochs": 10, "how": ".",
+                             "recipe": ev.finetune_recipe([])},
                 "config_text": "data: {}\n", "overrides": [], "max_cells": 2000}
     return {**settings, **changed}
 

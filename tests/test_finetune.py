@@ -32,6 +32,7 @@ from pretrain.downstream.finetune import (
     HEAD_FILE,
     LABELS_FILE,
     UNASSIGNED,
+    ClassifierHead,
     class_probabilities,
     finetune,
     finetune_split,
@@ -158,6 +159,68 @@ def test_a_resumed_run_equals_an_uninterrupted_one(bundle, labelled, tmp_path, m
     a, b = (torch.load(tmp_path / d / CHECKPOINT_FILE, weights_only=True) for d in ("whole", "resumed"))
     assert all(torch.equal(a["head"][k], b["head"][k]) for k in a["head"])
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"]) and torch.equal(a["rng"]["shuffle"], b["rng"]["shuffle"])
+
+
+def test_the_head_scales_the_embedding_by_the_training_cells_mean_and_sd():
+    rng = np.random.default_rng(3)
+    x = rng.normal(5.0, 0.05, size=(40, 6))
+    x[:, 2] = 1.5  # constant over the training cells: only shifted
+    head = ClassifierHead(6, [8], 3, 0.0, standardize=True)
+    head.standardize_by(torch.from_numpy(x).float())
+    mean, sd = x.mean(axis=0), x.std(axis=0)
+    sd[2] = 1.0
+    np.testing.assert_allclose(head.shift.numpy(), mean, rtol=1e-6)
+    np.testing.assert_allclose(head.scale.numpy(), sd, rtol=1e-5)
+    fresh = rng.normal(5.0, 0.05, size=(9, 6)).astype(np.float32)
+    plain = ClassifierHead(6, [8], 3, 0.0)  # the same layers fed the scaled cells by hand
+    plain.net.load_state_dict(head.net.state_dict())
+    with torch.no_grad():
+        expected = plain(torch.from_numpy(((fresh - mean) / sd).astype(np.float32)))
+        np.testing.assert_allclose(head(torch.from_numpy(fresh)).numpy(), expected.numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["head", "full"])
+def test_a_fine_tuned_head_holds_the_scaling_of_its_training_cells(bundle, labelled, tmp_path, mode):
+    from pretrain.embed import embed_counts
+
+    settings = config(mode=mode, epochs=1, patience=0)
+    model = load_pretrained(bundle)
+    split = labelled_split([labelled], model, settings)
+    t = split.train
+    # before any step: in full mode, the encoder as loaded
+    before = embed_counts(model, t.indptr, t.genes, t.counts, t.totals).astype(np.float64)
+    finetune(bundle, [labelled], tmp_path, settings)
+    _, head, labels = load_finetuned(tmp_path / "bundle")
+    assert labels["head"]["standardize"] is True
+    np.testing.assert_allclose(head.shift.numpy(), before.mean(axis=0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(head.scale.numpy(), before.std(axis=0), rtol=1e-4, atol=1e-6)
+
+
+def test_heads_fine_tuned_before_the_scaling_load_and_resume_unscaled(bundle, labelled, head_run, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    settings = config(epochs=2, patience=0, standardize=False)
+    finetune(bundle, [labelled], tmp_path / "old", replace(settings, epochs=1))
+    _, head, labels = load_finetuned(tmp_path / "old" / "bundle")
+    assert not head.standardize and "shift" not in load_file(str(tmp_path / "old" / "bundle" / HEAD_FILE))
+    # a bundle and a checkpoint as written before the setting existed: without the key
+    labels["head"].pop("standardize")
+    (tmp_path / "old" / "bundle" / LABELS_FILE).write_text(json.dumps(labels))
+    _, legacy, _ = load_finetuned(tmp_path / "old" / "bundle")
+    x = torch.randn(5, legacy.net[0].in_features)
+    assert not legacy.standardize and torch.equal(legacy(x), head(x))
+    saved = torch.load(tmp_path / "old" / CHECKPOINT_FILE, weights_only=False)
+    saved["config"].pop("standardize")
+    torch.save(saved, tmp_path / "old" / CHECKPOINT_FILE)
+    with pytest.raises(ValueError, match=r"standardize: False in the checkpoint, True now"):
+        finetune(bundle, [labelled], tmp_path / "old", replace(settings, standardize=True))
+    assert finetune(bundle, [labelled], tmp_path / "old", settings)["epochs_run"] == 2
+    # a scaled head's weights written into an unscaled head are refused, not read half
+    scaled = load_file(str(head_run / "bundle" / HEAD_FILE))
+    assert {"shift", "scale"} <= set(scaled)
+    save_file(scaled, str(tmp_path / "old" / "bundle" / HEAD_FILE))
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        load_finetuned(tmp_path / "old" / "bundle")
 
 
 def test_early_stopping_keeps_the_best_epoch_and_a_rerun_stays_stopped(bundle, labelled, tmp_path):

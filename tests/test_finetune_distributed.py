@@ -114,7 +114,15 @@ def test_two_ranks_train_as_one_process_with_the_same_global_batch(bundle, label
         keys = ("macro_f1", "accuracy", "confusion", "best_epoch", "n_train", "n_val")
         assert {k: ranks[k] for k in keys} == {k: plain[mode][k] for k in keys}
         a, b = weights(tmp_path / f"plain-{mode}"), weights(run)
-        assert set(a) == set(b) and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5) for k in a), mode
+        assert set(a) == set(b)
+        for k in a:
+            if k.endswith(".attn.qkv.bias"):
+                # the key bias shifts every score of a query alike, so the softmax drops it: its gradient
+                # is rounding noise, whose sign AdamW turns into a full-size step that any other
+                # summation order (two ranks) draws differently; queries' and values' biases are compared
+                d = a[k].shape[0] // 3
+                a[k], b[k] = torch.cat([a[k][:d], a[k][2 * d:]]), torch.cat([b[k][:d], b[k][2 * d:]])
+            assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), (mode, k)
     # the encoder trained at its own (lower) rate: DeepSpeed's optimizer kept the parameter groups
     pretrained = load_file(str(bundle / "model.safetensors"))
     tuned = weights(tmp_path / "ranks-full")
