@@ -553,7 +553,7 @@ def save_evaluation(path: Path, key: str, record: dict, arrays: dict[str, np.nda
     from data_pipeline.conversion.fsio import atomic_write_json, atomic_write_with
 
     atomic_write_with(path.with_suffix(".npz"), lambda fh: np.savez(fh, **arrays), durable=False)
-    atomic_write_json(path, {"key": key, **record})
+    atomic_write_json(path, {**record, "key": key})  # a record read back holds the key it was saved under
 
 
 # the fine-tuning recipe of the evaluations saved before their settings recorded one (FinetuneConfig's

@@ -378,6 +378,11 @@ def test_an_evaluation_saved_before_the_recipe_was_recorded_keeps_its_rows_but_t
     same = _settings(finetune={**_settings()["finetune"], "recipe": unscaled})
     saved, _ = ev.narrower_evaluation(path, same, ["f"])
     assert saved["entry"] == record["entry"]
+    # saved again (as `extend_finetuning` does) under this call's key: found by it, not by the old one's
+    key = ev.evaluation_key(_settings(), ["f"])
+    ev.save_evaluation(path, key, saved, arrays)
+    assert ev.saved_evaluation(path, key) is not None
+    assert ev.narrower_evaluation(path, _settings(), ["f"]) is None
 
 
 def test_finetune_settings_are_parsed_and_each_recipe_trains_in_its_own_folder():
