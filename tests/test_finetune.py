@@ -177,6 +177,9 @@ def test_the_head_scales_the_embedding_by_the_training_cells_mean_and_sd():
     with torch.no_grad():
         expected = plain(torch.from_numpy(((fresh - mean) / sd).astype(np.float32)))
         np.testing.assert_allclose(head(torch.from_numpy(fresh)).numpy(), expected.numpy(), atol=1e-4)
+    head.standardize_by(torch.from_numpy(x[:1]).float())  # one training cell: no spread, only shifted
+    np.testing.assert_allclose(head.shift.numpy(), x[0], rtol=1e-6)
+    assert torch.equal(head.scale, torch.ones(6))
 
 
 @pytest.mark.parametrize("mode", ["head", "full"])

@@ -100,10 +100,9 @@ class ClassifierHead(nn.Module):
         """Set the scaling from the training cells' embeddings [n, in_dim]: their mean and standard
         deviation per feature (a feature constant over them is only shifted)."""
         x = embeddings.detach().double()
-        sd = x.std(dim=0, unbiased=False) if len(x) > 1 else torch.zeros(x.shape[1], dtype=x.dtype)
-        tiny = 1e-6 * max(1.0, float(x.abs().max())) if x.numel() else 1.0
-        self.shift.copy_(x.mean(dim=0) if len(x) else torch.zeros(x.shape[1]))
-        self.scale.copy_(torch.where(sd > tiny, sd, torch.ones_like(sd)))
+        sd = x.std(dim=0, unbiased=False)
+        self.shift.copy_(x.mean(dim=0))
+        self.scale.copy_(torch.where(sd > 1e-6 * max(1.0, float(x.abs().max())), sd, 1.0))
 
 
 # --- the labelled cells: reading, leaving out, splitting ------------------------------------------
