@@ -385,10 +385,12 @@ def finetune_recipe(sets: list[str]) -> dict:
     return {k: getattr(config, k) for k in RECIPE_KEYS}
 
 
-def recipe_folder(recipe: dict) -> str:
-    """The fine-tuning runs' folder of a recipe in a pretraining run's folder (a fold's run resumes
-    only under the settings it was trained with)."""
-    return "finetune-" + hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
+def recipe_folder(recipe: dict, epochs: int) -> str:
+    """The fine-tuning runs' folder of a recipe and number of epochs in a pretraining run's folder: a
+    fold's run resumes only under the settings it was trained with, and one of more epochs would
+    give its best epoch to a call asking for fewer."""
+    text = json.dumps({**recipe, "epochs": epochs}, sort_keys=True)
+    return "finetune-" + hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
 def finetuned(bundle: Path, f: EvalFile, csr, embedding: np.ndarray, rows_wanted: list[tuple[str, float]],
@@ -440,10 +442,10 @@ def finetuned(bundle: Path, f: EvalFile, csr, embedding: np.ndarray, rows_wanted
 def step_finetuned(run: Path, bundle: Path, seed: int, step: int, f: EvalFile, csr, embedding: np.ndarray,
                    rows_wanted: list[tuple[str, float]], epochs: int, recipe: dict) -> dict[str, float]:
     """`finetuned` for one curve step of ``run`` on one file: step 0 fine-tunes the random-init twin of
-    ``bundle`` (the last step's), each step and recipe in its own folder of the run."""
+    ``bundle`` (the last step's), each step, recipe and number of epochs in its own folder of the run."""
     tuned = twin_bundle(bundle, seed) if step == 0 else bundle
     return finetuned(tuned, f, csr, embedding, rows_wanted, epochs, recipe,
-                     run / recipe_folder(recipe) / f"step{step}" / f.name)
+                     run / recipe_folder(recipe, epochs) / f"step{step}" / f.name)
 
 
 def clustered(f: EvalFile, embedding: np.ndarray, vae_steps: int, epochs: int, seed: int) -> dict[str, float]:

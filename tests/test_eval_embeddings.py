@@ -385,12 +385,13 @@ def test_an_evaluation_saved_before_the_recipe_was_recorded_keeps_its_rows_but_t
     assert ev.narrower_evaluation(path, _settings(), ["f"]) is None
 
 
-def test_finetune_settings_are_parsed_and_each_recipe_trains_in_its_own_folder():
+def test_finetune_settings_are_parsed_and_each_recipe_and_length_trains_in_its_own_folder():
     recipe = ev.finetune_recipe(["lr=3e-4", "hidden=[64]", "standardize=false"])
     assert recipe["lr"] == 3e-4 and recipe["hidden"] == [64] and recipe["standardize"] is False
     assert recipe["batch_size"] == FinetuneConfig().batch_size
-    assert ev.recipe_folder(recipe) != ev.recipe_folder(ev.finetune_recipe([]))
-    assert ev.recipe_folder(recipe) == ev.recipe_folder(dict(reversed(list(recipe.items()))))
+    assert ev.recipe_folder(recipe, 10) != ev.recipe_folder(ev.finetune_recipe([]), 10)
+    assert ev.recipe_folder(recipe, 10) != ev.recipe_folder(recipe, 30)
+    assert ev.recipe_folder(recipe, 10) == ev.recipe_folder(dict(reversed(list(recipe.items()))), 10)
     for bad, named in ((["epochs=3"], "key=value with a key of"), (["lr"], "key=value"),
                        (["lr=fast"], "lr='fast' should be a number")):
         with pytest.raises(SystemExit, match=named):
