@@ -193,10 +193,13 @@ def test_a_fine_tuned_head_holds_the_scaling_of_its_training_cells(bundle, label
     # before any step: in full mode, the encoder as loaded
     before = embed_counts(model, t.indptr, t.genes, t.counts, t.totals).astype(np.float64)
     finetune(bundle, [labelled], tmp_path, settings)
-    _, head, labels = load_finetuned(tmp_path / "bundle")
+    tuned, head, labels = load_finetuned(tmp_path / "bundle")
     assert labels["head"]["standardize"] is True
     np.testing.assert_allclose(head.shift.numpy(), before.mean(axis=0), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(head.scale.numpy(), before.std(axis=0), rtol=1e-4, atol=1e-6)
+    if mode == "full":  # the tuned encoder embeds the cells otherwise: the scaling is the start's
+        after = embed_counts(tuned, t.indptr, t.genes, t.counts, t.totals).astype(np.float64)
+        assert not np.allclose(after.mean(axis=0), before.mean(axis=0), rtol=1e-4, atol=1e-6)
 
 
 def test_heads_fine_tuned_before_the_scaling_load_and_resume_unscaled(bundle, labelled, head_run, tmp_path):
