@@ -550,12 +550,16 @@ def saved_evaluation(path: Path, key: str) -> tuple[dict, dict[str, np.ndarray]]
         return saved, {name: z[name] for name in z.files}
 
 
-def save_evaluation(path: Path, key: str, record: dict, arrays: dict[str, np.ndarray]) -> None:
-    """Write one run's evaluation beside it (arrays first, each file whole or not at all)."""
+def save_evaluation(path: Path, settings: dict, files: list[str], record: dict, arrays: dict[str, np.ndarray]) -> None:
+    """Write one run's evaluation beside it (arrays first, each file whole or not at all), under
+    `evaluation_key` of ``settings`` and ``files``, with both (the settings but the seeds): what a
+    later call with other fine-tuning settings needs to tell which rows still hold."""
     from data_pipeline.conversion.fsio import atomic_write_json, atomic_write_with
 
     atomic_write_with(path.with_suffix(".npz"), lambda fh: np.savez(fh, **arrays), durable=False)
-    atomic_write_json(path, {**record, "key": key})  # a record read back holds the key it was saved under
+    # a record read back holds the key and settings it was saved under: these replace them
+    atomic_write_json(path, {**record, "key": evaluation_key(settings, files),
+                             "settings": {k: v for k, v in settings.items() if k != "seeds"}, "files": sorted(files)})
 
 
 # the fine-tuning recipe of the evaluations saved before their settings recorded one (FinetuneConfig's
@@ -597,12 +601,13 @@ def narrower_evaluation(path: Path, settings: dict, files: list[str]) -> tuple[d
     return None
 
 
-def extend_finetuning(saved: tuple[dict, dict[str, np.ndarray]], path: Path, key: str, run: Path, mix: str, seed: int,
+def extend_finetuning(saved: tuple[dict, dict[str, np.ndarray]], path: Path, settings: dict, run: Path, mix: str, seed: int,
                       last: int, files: dict, csrs: dict, rows_wanted: list[tuple[str, float]], epochs: int,
                       recipe: dict, twin: bool) -> tuple[dict, dict[str, np.ndarray]]:
     """Add the fine-tuned rows of ``rows_wanted`` that a saved evaluation (`narrower_evaluation`)
     lacks: the last curve step's and, with ``twin``, the random-init twin's, each from the embedding
-    saved with it; saved again under ``key``. -> the evaluation, as `saved_evaluation` gives it"""
+    saved with it; saved again for ``settings`` (this call's). -> the evaluation, as `saved_evaluation`
+    gives it"""
     from pretrain.export import load_pretrained
 
     record, arrays = saved
@@ -622,7 +627,7 @@ def extend_finetuning(saved: tuple[dict, dict[str, np.ndarray]], path: Path, key
                                        epochs, recipe))
     spent = entry.setdefault("evaluation_seconds", {})
     spent["finetune"] = round(spent.get("finetune", 0.0) + time.perf_counter() - began, 1)
-    save_evaluation(path, key, record, arrays)
+    save_evaluation(path, settings, list(files), record, arrays)
     return record, arrays
 
 
@@ -852,7 +857,8 @@ def main() -> None:
                       "HVG-2000": "log1p(CP10k) of the 2,000 highly variable genes (scanpy seurat flavour)"},
         "random_init": "step 0: the trained model's architecture and seed at initialization",
         "max_cells": args.max_cells}
-    key = evaluation_key(settings, list(files))  # before --reuse widens the modes to the taken runs'
+    keyed = json.loads(json.dumps(settings))  # before --reuse widens the modes to the taken runs'
+    key = evaluation_key(keyed, list(files))
     reused = reusable_runs(args.reuse, args.phase, settings, baselines) if args.reuse else {}
     runs: dict = {}
     coverage, csrs = {}, {}
@@ -870,7 +876,7 @@ def main() -> None:
             saved_path = run / f"evaluation-{args.phase}.json"
             saved = saved_evaluation(saved_path, key)
             if saved is None and wanted and (narrower := narrower_evaluation(saved_path, settings, list(files))):
-                saved = extend_finetuning(narrower, saved_path, key, run, mix, seed, curve[-1], files, csrs, wanted,
+                saved = extend_finetuning(narrower, saved_path, keyed, run, mix, seed, curve[-1], files, csrs, wanted,
                                           args.finetune_epochs, recipe, twin=mix == mixes[0])
                 print(f"{mix} seed {seed}: fine-tuned rows added to its saved evaluation", file=sys.stderr)
             if saved is not None:
@@ -925,7 +931,7 @@ def main() -> None:
             entry["evaluation_seconds"] = {part: round(sec, 1) for part, sec in spent.items()}
             for name, x in panels.get("PCA-50 (model input)", {}).items():  # for a rerun that starts here
                 arrays.setdefault(f"model input/{name}", x)
-            save_evaluation(saved_path, key, {"entry": entry, "coverage": coverage,
+            save_evaluation(saved_path, keyed, list(files), {"entry": entry, "coverage": coverage,
                                               "model_input_pca": {n: baselines[n]["PCA-50 (model input)"] for n in files}},
                             arrays)
     summary = summarize(runs)

@@ -327,9 +327,10 @@ def test_saved_evaluation_is_taken_only_for_its_settings(tmp_path):
     path = tmp_path / "run" / "evaluation-final.json"
     path.parent.mkdir()
     record, arrays = {"entry": {"steps": {"0": {"f": {"knn_macro_f1": 0.5}}}}}, {"random init/f": np.eye(3)}
-    ev.save_evaluation(path, key, record, arrays)
+    ev.save_evaluation(path, settings, ["f"], record, arrays)
     saved, loaded = ev.saved_evaluation(path, key)
     assert saved["entry"] == record["entry"] and np.array_equal(loaded["random init/f"], np.eye(3))
+    assert saved["files"] == ["f"] and saved["settings"] == {k: v for k, v in settings.items() if k != "seeds"}
     assert sorted(p.name for p in path.parent.iterdir()) == ["evaluation-final.json", "evaluation-final.npz"]
     for other in (ev.evaluation_key(_settings(steps=3000), ["f"]), ev.evaluation_key(settings, ["f", "g"])):
         assert other != key and ev.saved_evaluation(path, other) is None
@@ -343,7 +344,7 @@ def test_narrower_evaluation_is_one_with_fewer_finetuned_rows(tmp_path):
     one that changes anything else, or asks for fewer rows than were saved, does not."""
     path = tmp_path / "evaluation-final.json"
     record = {"entry": {"steps": {}}}
-    ev.save_evaluation(path, ev.evaluation_key(_settings(), ["f"]), record, {"random init/f": np.eye(2)})
+    ev.save_evaluation(path, _settings(), ["f"], record, {"random init/f": np.eye(2)})
     more = _settings(finetune={**_settings()["finetune"], "modes": ["head", "full"], "full_fractions": [0.1]})
     saved, arrays = ev.narrower_evaluation(path, more, ["f"])
     assert saved["entry"] == record["entry"] and np.array_equal(arrays["random init/f"], np.eye(2))
@@ -353,7 +354,7 @@ def test_narrower_evaluation_is_one_with_fewer_finetuned_rows(tmp_path):
     fewer = _settings(finetune={**_settings()["finetune"], "modes": []})
     assert ev.narrower_evaluation(path, fewer, ["f"]) is None
     # full fine-tuning saved at 10 %: asking for it at 10 % and 100 % extends that one
-    ev.save_evaluation(path, ev.evaluation_key(more, ["f"]), record, {})
+    ev.save_evaluation(path, more, ["f"], record, {})
     every = _settings(finetune={**_settings()["finetune"], "modes": ["head", "full"]})
     assert ev.narrower_evaluation(path, every, ["f"]) is not None
     assert ev.finetune_rows(["head", "full"], [0.1, 1.0], [0.1]) == [("head", 0.1), ("head", 1.0), ("full", 0.1)]
@@ -368,7 +369,7 @@ def test_an_evaluation_saved_before_the_recipe_was_recorded_keeps_its_rows_but_t
     rows = {"knn_macro_f1": 0.5, "finetuned head 0.1": 0.3, "finetuned head 1": 0.4}
     record = {"entry": {"steps": {"0": {"f": dict(rows)}, "3": {"f": dict(rows)}},
                         "evaluation_seconds": {"cluster": 2.0, "finetune": 9.0}}}
-    ev.save_evaluation(path, ev.evaluation_key(before, ["f"]), record, {"random init/f": np.eye(2)})
+    ev.save_evaluation(path, before, ["f"], record, {"random init/f": np.eye(2)})
     assert ev.finetune_recipe([])["standardize"] is True
     saved, arrays = ev.narrower_evaluation(path, _settings(), ["f"])
     assert saved["entry"]["steps"] == {"0": {"f": {"knn_macro_f1": 0.5}}, "3": {"f": {"knn_macro_f1": 0.5}}}
@@ -380,7 +381,7 @@ def test_an_evaluation_saved_before_the_recipe_was_recorded_keeps_its_rows_but_t
     assert saved["entry"] == record["entry"]
     # saved again (as `extend_finetuning` does) under this call's key: found by it, not by the old one's
     key = ev.evaluation_key(_settings(), ["f"])
-    ev.save_evaluation(path, key, saved, arrays)
+    ev.save_evaluation(path, _settings(), ["f"], saved, arrays)
     assert ev.saved_evaluation(path, key) is not None
     assert ev.narrower_evaluation(path, _settings(), ["f"]) is None
 
