@@ -41,8 +41,9 @@ absent. What it does:
    of each fold's training labels (``--fractions``; full fine-tuning at ``--full-fractions`` of them),
    scored on the fold's test cells, beside logistic regression on HVG-2000 and PCA-50 trained on the
    same cells. The runs train with `FinetuneConfig`'s defaults, ``--finetune-set key=value`` over
-   them (the recipe is recorded with the result; a saved evaluation of another recipe keeps its
-   other rows and fine-tunes again).
+   them, for ``--finetune-epochs`` (full fine-tuning for ``--full-epochs`` where given). A run's
+   saved evaluation records what each mode's rows were trained with: a call that trains a mode
+   otherwise keeps the other rows and fine-tunes that mode again.
 8. Mean and spread (min, max) over the seeds of every number; verdicts against the goals.
 
 Writes ``--result`` (JSON) and a t-SNE figure (``--plot``): the baselines, the random-init twin and
@@ -394,14 +395,14 @@ def recipe_folder(recipe: dict, epochs: int) -> str:
 
 
 def finetuned(bundle: Path, f: EvalFile, csr, embedding: np.ndarray, rows_wanted: list[tuple[str, float]],
-              epochs: int, recipe: dict, work: Path) -> dict[str, float]:
+              how: dict[str, dict], work: dict[str, Path]) -> dict[str, float]:
     """Fine-tuned cell-type macro-F1 (`pretrain.downstream.finetune`, the path `launch/finetune.py`
     runs) over the file's fixed folds, per (mode, share of each fold's training labels) of
-    ``rows_wanted``: trained on that share for ``epochs`` epochs with ``recipe`` (`finetune_recipe`), the
-    epoch kept by training macro-F1
-    (the fold's test cells are never seen before the final prediction), scored on the test cells.
-    Each fold's run resumes from its folder under ``work``. ``embedding``: the bundle's embedding of
-    the file's cells, which head mode trains on (what it would compute itself).
+    ``rows_wanted``: trained on that share with ``how[mode]`` (`mode_settings`: the recipe and the
+    epochs), the epoch kept by training macro-F1 (the fold's test cells are never seen before the
+    final prediction), scored on the test cells. Each fold's run resumes from its folder under
+    ``work[mode]``. ``embedding``: the bundle's embedding of the file's cells, which head mode trains
+    on (what it would compute itself).
     -> {"finetuned <mode> <fraction>": macro-F1 mean over folds}"""
     from sklearn.metrics import f1_score
 
@@ -424,8 +425,9 @@ def finetuned(bundle: Path, f: EvalFile, csr, embedding: np.ndarray, rows_wanted
             rows = label_subset(train, f.labels, fraction, seed=k)
             split = make_split(cells.subset(rows), cells.subset(rows), "the training cells (the fold's test "
                                "cells unseen until the final prediction)")
-            folder = work / f"{mode}-{fraction:g}-fold{k}"
-            config = FinetuneConfig(label_column=f.label_key, mode=mode, epochs=epochs, patience=0, seed=k, **recipe)
+            folder = work[mode] / f"{mode}-{fraction:g}-fold{k}"
+            config = FinetuneConfig(label_column=f.label_key, mode=mode, epochs=how[mode]["epochs"], patience=0,
+                                    seed=k, **how[mode]["recipe"])
             given = (embedding[rows], embedding[rows]) if mode == "head" else None
             finetune_split(bundle, load_pretrained(bundle), split, folder, config, embeddings=given)
             model, head, labels = load_finetuned(folder / "bundle")
@@ -440,12 +442,21 @@ def finetuned(bundle: Path, f: EvalFile, csr, embedding: np.ndarray, rows_wanted
 
 
 def step_finetuned(run: Path, bundle: Path, seed: int, step: int, f: EvalFile, csr, embedding: np.ndarray,
-                   rows_wanted: list[tuple[str, float]], epochs: int, recipe: dict) -> dict[str, float]:
+                   rows_wanted: list[tuple[str, float]], how: dict[str, dict]) -> dict[str, float]:
     """`finetuned` for one curve step of ``run`` on one file: step 0 fine-tunes the random-init twin of
     ``bundle`` (the last step's), each step, recipe and number of epochs in its own folder of the run."""
     tuned = twin_bundle(bundle, seed) if step == 0 else bundle
-    return finetuned(tuned, f, csr, embedding, rows_wanted, epochs, recipe,
-                     run / recipe_folder(recipe, epochs) / f"step{step}" / f.name)
+    work = {mode: run / recipe_folder(h["recipe"], h["epochs"]) / f"step{step}" / f.name for mode, h in how.items()}
+    return finetuned(tuned, f, csr, embedding, rows_wanted, how, work)
+
+
+def mode_settings(finetune: dict) -> dict[str, dict]:
+    """What each fine-tuning mode of a call's ``settings["finetune"]`` trains with: {mode: {"recipe",
+    "epochs"}} (full fine-tuning for ``full_epochs`` where given; a result written before recipes were
+    recorded: `UNRECORDED_RECIPE`)."""
+    recipe = finetune.get("recipe", UNRECORDED_RECIPE)
+    return {mode: {"recipe": recipe, "epochs": finetune.get("full_epochs", finetune["epochs"]) if mode == "full"
+                   else finetune["epochs"]} for mode in finetune["modes"]}
 
 
 def clustered(f: EvalFile, embedding: np.ndarray, vae_steps: int, epochs: int, seed: int) -> dict[str, float]:
@@ -569,11 +580,10 @@ UNRECORDED_RECIPE = {"batch_size": 32, "lr": 1e-3, "encoder_lr_scale": 0.1, "wei
 
 
 def narrower_evaluation(path: Path, settings: dict, files: list[str]) -> tuple[dict, dict[str, np.ndarray]] | None:
-    """A run's saved evaluation for these settings but fewer fine-tuned rows (fewer modes, or full
-    fine-tuning at fewer label shares), or fine-tuned rows of another recipe (an evaluation saved
-    before the settings recorded the recipe, `UNRECORDED_RECIPE`: those rows are dropped):
-    `extend_finetuning` adds the missing rows to it instead of evaluating the run again. None when
-    there is none."""
+    """A run's saved evaluation from before evaluations kept their settings (a key only) for these
+    settings but fewer fine-tuned rows (fewer modes, or full fine-tuning at fewer label shares), or
+    with fine-tuned rows of the recipe of before recipes were recorded (`UNRECORDED_RECIPE`), with
+    ``finetuned_with`` set to what its rows were trained with. None when there is none."""
     from itertools import chain, combinations
 
     ft = settings["finetune"]
@@ -591,29 +601,77 @@ def narrower_evaluation(path: Path, settings: dict, files: list[str]) -> tuple[d
                 key = evaluation_key({**settings, "finetune": narrower}, files)
                 if key == exact or (saved := saved_evaluation(path, key)) is None:
                     continue
-                if not recorded and ft["recipe"] != UNRECORDED_RECIPE:
-                    entry = saved[0]["entry"]
-                    for rows in (r for per_step in entry["steps"].values() for r in per_step.values()):
-                        for name in [n for n in rows if n.startswith("finetuned ")]:
-                            del rows[name]
-                    entry.get("evaluation_seconds", {}).pop("finetune", None)
+                saved[0]["finetuned_with"] = mode_settings(narrower)  # without "recipe": the unrecorded one
                 return saved
     return None
 
 
+def drop_finetuned(record: dict, mode: str | None = None) -> None:
+    """Remove a saved evaluation's fine-tuned rows of ``mode`` (None: every mode), and their record
+    in ``finetuned_with``."""
+    prefix = "finetuned " if mode is None else f"finetuned {mode} "
+    for rows in (r for per_step in record["entry"]["steps"].values() for r in per_step.values()):
+        for name in [n for n in rows if n.startswith(prefix)]:
+            del rows[name]
+    made = record.setdefault("finetuned_with", {})
+    for m in list(made) if mode is None else [mode]:
+        made.pop(m, None)
+    if mode is None:
+        record["entry"].get("evaluation_seconds", {}).pop("finetune", None)
+
+
+def reusable_evaluation(path: Path, settings: dict, files: list[str]) -> tuple[dict, dict[str, np.ndarray]] | None:
+    """A run's saved evaluation this call can take: saved with its settings, which equal this call's
+    but for fine-tuning, for the same files; or saved before settings were kept (a key only) for
+    these settings or by `narrower_evaluation`'s rules. Its fine-tuned rows of a mode this call
+    trains otherwise (another recipe or number of epochs: ``finetuned_with``, `mode_settings`) are
+    dropped; rows of modes or shares this call does not ask for stay in it (`result_entry` leaves
+    them out of the result). `extend_finetuning` then adds the rows it lacks. None when there is none."""
+    if not (path.exists() and path.with_suffix(".npz").exists()):
+        return None
+    saved = json.loads(path.read_text())
+    key = evaluation_key(settings, files)
+    if "settings" in saved:
+        ours = {k: v for k, v in settings.items() if k not in ("seeds", "finetune")}
+        if saved["files"] != sorted(files) or {k: v for k, v in saved["settings"].items() if k != "finetune"} != ours:
+            return None
+        found = saved_evaluation(path, saved["key"])
+        found[0].setdefault("finetuned_with", mode_settings(saved["settings"]["finetune"]))
+    elif saved.get("key") == key:
+        found = saved_evaluation(path, key)
+        found[0]["finetuned_with"] = mode_settings(settings["finetune"])
+    elif (found := narrower_evaluation(path, settings, files)) is None:
+        return None
+    want = mode_settings(settings["finetune"])
+    for mode, made in list(found[0]["finetuned_with"].items()):
+        if mode in want and made != want[mode]:
+            drop_finetuned(found[0], mode)
+    return found
+
+
+def result_entry(entry: dict, rows_wanted: list[tuple[str, float]]) -> dict:
+    """A run's saved entry as this call reports it: the fine-tuned rows it asked for, no others."""
+    keep = {f"finetuned {mode} {x:g}" for mode, x in rows_wanted}
+    steps = {step: {name: {k: v for k, v in rows.items() if not k.startswith("finetuned ") or k in keep}
+                    for name, rows in per_step.items()} for step, per_step in entry["steps"].items()}
+    return {**entry, "steps": steps}
+
+
 def extend_finetuning(saved: tuple[dict, dict[str, np.ndarray]], path: Path, settings: dict, run: Path, mix: str, seed: int,
-                      last: int, files: dict, csrs: dict, rows_wanted: list[tuple[str, float]], epochs: int,
-                      recipe: dict, twin: bool) -> tuple[dict, dict[str, np.ndarray]]:
-    """Add the fine-tuned rows of ``rows_wanted`` that a saved evaluation (`narrower_evaluation`)
+                      last: int, files: dict, csrs: dict, rows_wanted: list[tuple[str, float]],
+                      twin: bool) -> bool:
+    """Add the fine-tuned rows of ``rows_wanted`` that a saved evaluation (`reusable_evaluation`)
     lacks: the last curve step's and, with ``twin``, the random-init twin's, each from the embedding
-    saved with it; saved again for ``settings`` (this call's). -> the evaluation, as `saved_evaluation`
-    gives it"""
+    saved with it, trained as ``settings`` say; saved again for ``settings`` (this call's) when any
+    was added. -> whether any was"""
     from pretrain.export import load_pretrained
 
     record, arrays = saved
     entry = record["entry"]
     began = time.perf_counter()
     bundle = checkpoint_bundle(run, last)
+    how = mode_settings(settings["finetune"])
+    added = False
     for step in ([0] if twin else []) + [last]:
         panel = "random init" if step == 0 else mix
         for name, f in files.items():
@@ -624,11 +682,14 @@ def extend_finetuning(saved: tuple[dict, dict[str, np.ndarray]], path: Path, set
             if name not in csrs:
                 csrs[name] = model_csr(load_pretrained(bundle), f)[0]
             rows.update(step_finetuned(run, bundle, seed, step, f, csrs[name], arrays[f"{panel}/{name}"], missing,
-                                       epochs, recipe))
-    spent = entry.setdefault("evaluation_seconds", {})
-    spent["finetune"] = round(spent.get("finetune", 0.0) + time.perf_counter() - began, 1)
-    save_evaluation(path, settings, list(files), record, arrays)
-    return record, arrays
+                                       how))
+            record["finetuned_with"].update({mode: how[mode] for mode, _ in missing})
+            added = True
+    if added:
+        spent = entry.setdefault("evaluation_seconds", {})
+        spent["finetune"] = round(spent.get("finetune", 0.0) + time.perf_counter() - began, 1)
+        save_evaluation(path, settings, list(files), record, arrays)
+    return added
 
 
 @contextmanager
@@ -776,6 +837,9 @@ def main() -> None:
                         help="the shares full fine-tuning gets, a subset of --fractions (default: all of them); on "
                              "CPU, where it trains the encoder on every training cell, 0.01,0.1 keeps it to hours")
     parser.add_argument("--finetune-epochs", type=int, default=10, help="fine-tuning epochs (default 10)")
+    parser.add_argument("--full-epochs", type=int,
+                        help="full fine-tuning's epochs where they differ from --finetune-epochs (head fine-tuning "
+                             "is cheap, full fine-tuning costs the encoder's backward pass per epoch)")
     parser.add_argument("--finetune-set", action="append", default=[], metavar="KEY=VALUE",
                         help=f"a fine-tuning setting other than its default, one of {', '.join(RECIPE_KEYS)} "
                              "(repeatable; e.g. standardize=false)")
@@ -848,7 +912,9 @@ def main() -> None:
                      "how": "pretrain.downstream.finetune on each fold's training cells (a stratified share, at least "
                             "one cell per class), the epoch kept by training macro-F1, argmax predictions on the "
                             "fold's test cells; the baselines' logistic regression on the same shares"}
-                    | ({"full_fractions": full_fractions} if "full" in modes and full_fractions != fractions else {}),
+                    | ({"full_fractions": full_fractions} if "full" in modes and full_fractions != fractions else {})
+                    | ({"full_epochs": args.full_epochs} if "full" in modes and args.full_epochs is not None
+                       and args.full_epochs != args.finetune_epochs else {}),
         "config": str(CONFIG.relative_to(REPO)), "config_text": CONFIG.read_text(), "overrides": args.overrides,
         "probe": f"{FOLDS}-fold stratified CV (folds fixed per file, seed 0, shared by every row); kNN k={K} "
                  "Euclidean; logistic regression (lbfgs, max_iter 2000) on standardized features; macro-F1",
@@ -858,7 +924,6 @@ def main() -> None:
         "random_init": "step 0: the trained model's architecture and seed at initialization",
         "max_cells": args.max_cells}
     keyed = json.loads(json.dumps(settings))  # before --reuse widens the modes to the taken runs'
-    key = evaluation_key(keyed, list(files))
     reused = reusable_runs(args.reuse, args.phase, settings, baselines) if args.reuse else {}
     runs: dict = {}
     coverage, csrs = {}, {}
@@ -874,14 +939,13 @@ def main() -> None:
                 continue
             run = args.work / "runs" / run_name(mix, args.steps, seed, extra)
             saved_path = run / f"evaluation-{args.phase}.json"
-            saved = saved_evaluation(saved_path, key)
-            if saved is None and wanted and (narrower := narrower_evaluation(saved_path, settings, list(files))):
-                saved = extend_finetuning(narrower, saved_path, keyed, run, mix, seed, curve[-1], files, csrs, wanted,
-                                          args.finetune_epochs, recipe, twin=mix == mixes[0])
+            saved = reusable_evaluation(saved_path, keyed, list(files))
+            if saved is not None and extend_finetuning(saved, saved_path, keyed, run, mix, seed, curve[-1], files, csrs,
+                                                       wanted, twin=mix == mixes[0]):
                 print(f"{mix} seed {seed}: fine-tuned rows added to its saved evaluation", file=sys.stderr)
             if saved is not None:
                 record, arrays = saved
-                runs[mix][str(seed)] = record["entry"]
+                runs[mix][str(seed)] = result_entry(record["entry"], wanted)
                 for name in files:
                     coverage.setdefault(name, record["coverage"][name])
                     baselines[name].setdefault("PCA-50 (model input)", record["model_input_pca"][name])
@@ -920,7 +984,7 @@ def main() -> None:
                     if modes and full_rows:
                         with timed(spent, "finetune"):
                             rows[name].update(step_finetuned(run, bundle, seed, step, f, csr, embedding, wanted,
-                                                             args.finetune_epochs, recipe))
+                                                             mode_settings(keyed["finetune"])))
                     if step in (0, curve[-1]):
                         panel = "random init" if step == 0 else mix
                         arrays[f"{panel}/{name}"] = embedding
@@ -932,8 +996,8 @@ def main() -> None:
             for name, x in panels.get("PCA-50 (model input)", {}).items():  # for a rerun that starts here
                 arrays.setdefault(f"model input/{name}", x)
             save_evaluation(saved_path, keyed, list(files), {"entry": entry, "coverage": coverage,
-                                              "model_input_pca": {n: baselines[n]["PCA-50 (model input)"] for n in files}},
-                            arrays)
+                                              "model_input_pca": {n: baselines[n]["PCA-50 (model input)"] for n in files},
+                                              "finetuned_with": mode_settings(keyed["finetune"])}, arrays)
     summary = summarize(runs)
     record = result_record(
         "eval_embeddings", device=device_record(), versions=versions("torch", "sklearn", "deepspeed"), phase=args.phase,

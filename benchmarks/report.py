@@ -229,7 +229,9 @@ def _finetuned_table(r: dict, file: str, last: str) -> list[str]:
     scaling = ("the head's input scaled by the training cells' mean and sd" if recipe and recipe.get("standardize")
                else "the head's input unscaled")
     settings = f"; {', '.join(f'{k} {v}' for k, v in recipe.items() if k != 'standardize')}" if recipe else ""
-    return [f"Fine-tuned cell-type macro-F1 by share of each fold's training labels ({ft['epochs']} epochs; "
+    epochs = (f"head {ft['epochs']} epochs, full {ft['full_epochs']}" if "full_epochs" in ft
+              else f"{ft['epochs']} epochs")
+    return [f"Fine-tuned cell-type macro-F1 by share of each fold's training labels ({epochs}; "
             f"{ft['how']}; {scaling}{settings}{only}):", "",
             table(["model", *(f"{float(x):.0%} of labels" for x in fractions)], rows), ""]
 

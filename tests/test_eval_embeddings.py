@@ -339,22 +339,30 @@ def test_saved_evaluation_is_taken_only_for_its_settings(tmp_path):
     assert ev.saved_evaluation(path, key) is None
 
 
-def test_narrower_evaluation_is_one_with_fewer_finetuned_rows(tmp_path):
+def _save_keyed_only(path: Path, settings: dict, record: dict, arrays: dict) -> None:
+    """A run's evaluation as saved before evaluations kept their settings: under their key only."""
+    np.savez(path.with_suffix(".npz"), **arrays)
+    path.write_text(json.dumps({**record, "key": ev.evaluation_key(settings, ["f"])}))
+
+
+def test_an_evaluation_saved_with_a_key_only_is_taken_for_fewer_finetuned_rows(tmp_path):
     """A call adding full fine-tuning (at some label shares) to a saved head-only evaluation extends it;
     one that changes anything else, or asks for fewer rows than were saved, does not."""
     path = tmp_path / "evaluation-final.json"
     record = {"entry": {"steps": {}}}
-    ev.save_evaluation(path, _settings(), ["f"], record, {"random init/f": np.eye(2)})
+    _save_keyed_only(path, _settings(), record, {"random init/f": np.eye(2)})
     more = _settings(finetune={**_settings()["finetune"], "modes": ["head", "full"], "full_fractions": [0.1]})
     saved, arrays = ev.narrower_evaluation(path, more, ["f"])
     assert saved["entry"] == record["entry"] and np.array_equal(arrays["random init/f"], np.eye(2))
+    assert saved["finetuned_with"] == {"head": {"recipe": ev.finetune_recipe([]), "epochs": 10}}
     assert ev.narrower_evaluation(path, {**more, "steps": 3000}, ["f"]) is None
     assert ev.narrower_evaluation(path, more, ["f", "g"]) is None
     assert ev.narrower_evaluation(path, _settings(), ["f"]) is None  # the same rows: the saved one, taken as it is
+    assert ev.reusable_evaluation(path, _settings(), ["f"]) is not None
     fewer = _settings(finetune={**_settings()["finetune"], "modes": []})
     assert ev.narrower_evaluation(path, fewer, ["f"]) is None
     # full fine-tuning saved at 10 %: asking for it at 10 % and 100 % extends that one
-    ev.save_evaluation(path, more, ["f"], record, {})
+    _save_keyed_only(path, more, record, {})
     every = _settings(finetune={**_settings()["finetune"], "modes": ["head", "full"]})
     assert ev.narrower_evaluation(path, every, ["f"]) is not None
     assert ev.finetune_rows(["head", "full"], [0.1, 1.0], [0.1]) == [("head", 0.1), ("head", 1.0), ("full", 0.1)]
@@ -369,21 +377,43 @@ def test_an_evaluation_saved_before_the_recipe_was_recorded_keeps_its_rows_but_t
     rows = {"knn_macro_f1": 0.5, "finetuned head 0.1": 0.3, "finetuned head 1": 0.4}
     record = {"entry": {"steps": {"0": {"f": dict(rows)}, "3": {"f": dict(rows)}},
                         "evaluation_seconds": {"cluster": 2.0, "finetune": 9.0}}}
-    ev.save_evaluation(path, before, ["f"], record, {"random init/f": np.eye(2)})
+    _save_keyed_only(path, before, record, {"random init/f": np.eye(2)})
     assert ev.finetune_recipe([])["standardize"] is True
-    saved, arrays = ev.narrower_evaluation(path, _settings(), ["f"])
+    saved, arrays = ev.reusable_evaluation(path, _settings(), ["f"])
     assert saved["entry"]["steps"] == {"0": {"f": {"knn_macro_f1": 0.5}}, "3": {"f": {"knn_macro_f1": 0.5}}}
-    assert saved["entry"]["evaluation_seconds"] == {"cluster": 2.0} and np.array_equal(arrays["random init/f"], np.eye(2))
+    assert saved["finetuned_with"] == {} and np.array_equal(arrays["random init/f"], np.eye(2))
     unscaled = ev.finetune_recipe(["standardize=false"])
     assert unscaled == ev.UNRECORDED_RECIPE
     same = _settings(finetune={**_settings()["finetune"], "recipe": unscaled})
-    saved, _ = ev.narrower_evaluation(path, same, ["f"])
+    saved, _ = ev.reusable_evaluation(path, same, ["f"])
     assert saved["entry"] == record["entry"]
-    # saved again (as `extend_finetuning` does) under this call's key: found by it, not by the old one's
+    # saved again (as `extend_finetuning` does) under this call's settings: found by its key
     key = ev.evaluation_key(_settings(), ["f"])
     ev.save_evaluation(path, _settings(), ["f"], saved, arrays)
     assert ev.saved_evaluation(path, key) is not None
-    assert ev.narrower_evaluation(path, _settings(), ["f"]) is None
+
+
+def test_an_evaluation_saved_with_its_settings_keeps_the_rows_each_mode_trained_alike(tmp_path):
+    """Head fine-tuning made longer: its rows are dropped, full fine-tuning's kept; a head-only call takes
+    the head+full evaluation and reports the head rows alone; other pretraining settings or files: not taken."""
+    path = tmp_path / "evaluation-final.json"
+    both = _settings(finetune={**_settings()["finetune"], "modes": ["head", "full"]})
+    rows = {"knn_macro_f1": 0.5, "finetuned head 0.1": 0.3, "finetuned head 1": 0.4, "finetuned full 0.1": 0.35,
+            "finetuned full 1": 0.45}
+    record = {"entry": {"steps": {"0": {"f": dict(rows)}}}, "finetuned_with": ev.mode_settings(both["finetune"])}
+    ev.save_evaluation(path, both, ["f"], record, {"random init/f": np.eye(2)})
+    longer = _settings(finetune={**both["finetune"], "epochs": 30, "full_epochs": 10})
+    assert ev.mode_settings(longer["finetune"])["full"] == ev.mode_settings(both["finetune"])["full"]
+    saved, _ = ev.reusable_evaluation(path, longer, ["f"])
+    assert saved["entry"]["steps"]["0"]["f"] == {k: v for k, v in rows.items() if "head" not in k}
+    assert set(saved["finetuned_with"]) == {"full"}
+    head_only = ev.reusable_evaluation(path, _settings(), ["f"])[0]
+    assert head_only["entry"]["steps"]["0"]["f"] == rows  # the full rows stay saved ...
+    shown = ev.result_entry(head_only["entry"], ev.finetune_rows(["head"], [0.1, 1.0], [0.1, 1.0]))
+    assert shown["steps"]["0"]["f"] == {k: v for k, v in rows.items() if "full" not in k}  # ... and out of the result
+    assert ev.reusable_evaluation(path, _settings(steps=3000), ["f"]) is None
+    assert ev.reusable_evaluation(path, _settings(), ["f", "g"]) is None
+    assert ev.reusable_evaluation(tmp_path / "none.json", _settings(), ["f"]) is None
 
 
 def test_finetune_settings_are_parsed_and_each_recipe_and_length_trains_in_its_own_folder():
