@@ -943,6 +943,8 @@ def main() -> None:
             if saved is not None and extend_finetuning(saved, saved_path, keyed, run, mix, seed, curve[-1], files, csrs,
                                                        wanted, twin=mix == mixes[0]):
                 print(f"{mix} seed {seed}: fine-tuned rows added to its saved evaluation", file=sys.stderr)
+            elif saved is not None and "settings" not in saved[0]:  # saved under a key only: kept with them now
+                save_evaluation(saved_path, keyed, list(files), *saved)
             if saved is not None:
                 record, arrays = saved
                 runs[mix][str(seed)] = result_entry(record["entry"], wanted)
