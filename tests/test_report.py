@@ -191,6 +191,12 @@ def test_quality_renders_the_current_evaluation_beside_the_previous_one(monkeypa
     assert "| PCA-50 of log1p-CP10k (HVG) | 0.700 [0.700, 0.700] | 0.700 [0.700, 0.700] |" in text
     assert "| random init: scHybridBERT | 0.200 [0.200, 0.200] |" in text and "| mlm (1000 steps): embedding alone | 0.300" in text
     assert "previous evaluation" not in text  # no legacy file here
+    assert "(10 epochs; folds; the head's input unscaled):" in text  # written before recipes were recorded
+    current["settings"]["finetune"] |= {"modes": ["head", "full"], "epochs": 30, "full_epochs": 10,
+                                        "recipe": {"lr": 0.001, "standardize": True}}
+    assert ("(head 30 epochs, full 10; folds; the head's input scaled by the training cells' mean and sd; lr 0.001):"
+            in report.quality())
+    current = _eval_record()
     assert ("Taken unchanged from an earlier result of the same settings (`--reuse`; not in the t-SNE figure): `mlm` "
             "seed 0 (2026-12-04, `python benchmarks/eval_embeddings.py --phase final --seeds 0`)." in text)
 
