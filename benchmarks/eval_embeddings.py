@@ -551,14 +551,16 @@ def saved_evaluation(path: Path, key: str) -> tuple[dict, dict[str, np.ndarray]]
     """A run's evaluation written by `save_evaluation` for the same ``key``, with its arrays (the
     figure's embeddings): a killed final phase resumes after its last evaluated seed. None when
     there is none, or it was computed for other settings."""
-    arrays = path.with_suffix(".npz")
-    if not (path.exists() and arrays.exists()):
+    if not (path.exists() and path.with_suffix(".npz").exists()):
         return None
     saved = json.loads(path.read_text())
-    if saved.get("key") != key:
-        return None
-    with np.load(arrays) as z:
-        return saved, {name: z[name] for name in z.files}
+    return (saved, saved_arrays(path)) if saved.get("key") == key else None
+
+
+def saved_arrays(path: Path) -> dict[str, np.ndarray]:
+    """The arrays saved beside a run's evaluation ``path``."""
+    with np.load(path.with_suffix(".npz")) as z:
+        return {name: z[name] for name in z.files}
 
 
 def save_evaluation(path: Path, settings: dict, files: list[str], record: dict, arrays: dict[str, np.ndarray]) -> None:
@@ -606,18 +608,12 @@ def narrower_evaluation(path: Path, settings: dict, files: list[str]) -> tuple[d
     return None
 
 
-def drop_finetuned(record: dict, mode: str | None = None) -> None:
-    """Remove a saved evaluation's fine-tuned rows of ``mode`` (None: every mode), and their record
-    in ``finetuned_with``."""
-    prefix = "finetuned " if mode is None else f"finetuned {mode} "
+def drop_finetuned(record: dict, mode: str) -> None:
+    """Remove a saved evaluation's fine-tuned rows of ``mode``, and their record in ``finetuned_with``."""
     for rows in (r for per_step in record["entry"]["steps"].values() for r in per_step.values()):
-        for name in [n for n in rows if n.startswith(prefix)]:
+        for name in [n for n in rows if n.startswith(f"finetuned {mode} ")]:
             del rows[name]
-    made = record.setdefault("finetuned_with", {})
-    for m in list(made) if mode is None else [mode]:
-        made.pop(m, None)
-    if mode is None:
-        record["entry"].get("evaluation_seconds", {}).pop("finetune", None)
+    record["finetuned_with"].pop(mode, None)
 
 
 def reusable_evaluation(path: Path, settings: dict, files: list[str]) -> tuple[dict, dict[str, np.ndarray]] | None:
@@ -630,16 +626,14 @@ def reusable_evaluation(path: Path, settings: dict, files: list[str]) -> tuple[d
     if not (path.exists() and path.with_suffix(".npz").exists()):
         return None
     saved = json.loads(path.read_text())
-    key = evaluation_key(settings, files)
     if "settings" in saved:
         ours = {k: v for k, v in settings.items() if k not in ("seeds", "finetune")}
         if saved["files"] != sorted(files) or {k: v for k, v in saved["settings"].items() if k != "finetune"} != ours:
             return None
-        found = saved_evaluation(path, saved["key"])
-        found[0].setdefault("finetuned_with", mode_settings(saved["settings"]["finetune"]))
-    elif saved.get("key") == key:
-        found = saved_evaluation(path, key)
-        found[0]["finetuned_with"] = mode_settings(settings["finetune"])
+        saved.setdefault("finetuned_with", mode_settings(saved["settings"]["finetune"]))
+        found = saved, saved_arrays(path)
+    elif saved.get("key") == evaluation_key(settings, files):
+        found = {**saved, "finetuned_with": mode_settings(settings["finetune"])}, saved_arrays(path)
     elif (found := narrower_evaluation(path, settings, files)) is None:
         return None
     want = mode_settings(settings["finetune"])

@@ -296,23 +296,24 @@ def resume_changes(saved: dict, config: TrainConfig | FinetuneConfig) -> tuple[l
     """The keys whose value in ``config`` (a `TrainConfig` or a `FinetuneConfig`) differs from
     ``saved`` (the resolved config a checkpoint was trained with, as JSON): (refused, applied), one
     line each, by each field's ``resume`` class. Keys ``saved`` lacks (checkpoints from before the
-    key existed) are not compared."""
+    key existed) are compared as the field's ``before`` value where it has one, else not at all."""
     import json
 
     refused, applied = [], []
 
     def walk(cls, old: dict, new: dict, where: str) -> None:
         for f in fields(cls):
-            if f.name not in old:
+            if f.name not in old and "before" not in f.metadata:
                 continue
+            value = old.get(f.name, f.metadata.get("before"))
             nested = _NESTED.get(f.type)
             if nested:
-                walk(nested, old[f.name] or {}, new[f.name], f"{where}{f.name}.")
+                walk(nested, value or {}, new[f.name], f"{where}{f.name}.")
                 continue
-            if old[f.name] == new[f.name]:
+            if value == new[f.name]:
                 continue
             policy = f.metadata.get("resume", FIXED)
-            line = f"{where}{f.name}: {old[f.name]!r} in the checkpoint, {new[f.name]!r} now"
+            line = f"{where}{f.name}: {value!r} in the checkpoint, {new[f.name]!r} now"
             if policy == FREE:
                 applied.append(line)
             else:
@@ -436,7 +437,7 @@ class FinetuneConfig:
     class_weights: bool = _help("weight the cross-entropy by inverse class frequency (imbalanced cell types)", True)
     standardize: bool = _help("scale each feature of the cell embedding by the training cells' mean and sd before "
                               "the head (computed once at the start, with the encoder as loaded; kept in the head)",
-                              True)
+                              True, before=False)  # heads fine-tuned before the key were unscaled
     val_fraction: float = _help("without a validation file: the share of labelled cells held out, stratified by label",
                                 0.1)
     min_class_cells: int = _help("leave out labels with fewer labelled cells than this, counted before the "

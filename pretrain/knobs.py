@@ -15,8 +15,13 @@ RESTORED = "restored"  # the checkpoint's optimizer state holds its own value, w
 FREE = "free"  # applied from the resumed step on (run length, logging, checkpoints, loader workers): said
 
 
-def knob(text: str, default=None, factory=None, resume: str = FIXED):
-    metadata = {"help": text, "resume": resume}
+_UNSET = object()
+
+
+def knob(text: str, default=None, factory=None, resume: str = FIXED, before=_UNSET):
+    """``before``: what checkpoints written before the field existed were trained with, where that is
+    not its default (`resume_changes` compares it; without it such checkpoints are not)."""
+    metadata = {"help": text, "resume": resume} | ({} if before is _UNSET else {"before": before})
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)

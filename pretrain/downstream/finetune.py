@@ -500,8 +500,7 @@ def _check_resume(saved: dict, config: FinetuneConfig, identity: dict, classes: 
     if saved.get("format") != FINETUNE_FORMAT:
         raise ValueError(f"{out / CHECKPOINT_FILE}: fine-tuning checkpoint format {saved.get('format')}, not "
                          f"{FINETUNE_FORMAT}; pass another --out")
-    # checkpoints written before the key trained unscaled heads
-    refused, applied = resume_changes({"standardize": False, **saved["config"]}, config)
+    refused, applied = resume_changes(saved["config"], config)
     if refused:
         raise ValueError(f"{out}: a fine-tuning run with other settings is there ({'; '.join(refused)}); {fix}")
     for line in applied:
