@@ -32,7 +32,9 @@ absent. What it does:
    log1p-CP10k over all the file's genes, PCA-50 over the model's own input genes (its
    vocabulary, its cap), and the 2,000 highly variable genes (scanpy's seurat flavour).
 5. Clustering (``--cluster``): the scHybridBERT pipeline of `launch/cluster_cells.py` on each
-   file, ARI / NMI beside PCA-50 and k-means on the embedding alone (k = the number of labels).
+   file, ARI / NMI beside PCA-50 and k-means on the embedding alone (k = the number of labels), and
+   scanpy's default clustering of the file (Leiden on PCA-50, its own number of clusters; a baseline
+   row computed once per call, `clustering_baseline`).
 6. Masked modelling on the held-out cells (15 % masked as in training): masked-bin accuracy
    against its ceiling (quantile bins with random ties draw a tied gene's bin uniformly from its
    span: no predictor beats the mean of 1/span) and the most frequent bin, and the masked loss.
@@ -475,6 +477,21 @@ def clustered(f: EvalFile, embedding: np.ndarray, vae_steps: int, epochs: int, s
             for key in ("ari", "nmi")}
 
 
+def clustering_baseline(f: EvalFile) -> dict[str, dict]:
+    """What a user gets without a model: scanpy's default clustering (communities of the PCA-50 kNN
+    graph of the HVG log1p-CP10k, resolution 1; Leiden where leidenalg is installed), which picks its
+    own number of clusters, on the same expression as `clustered`'s PCA-50 row with k given.
+    -> {"PCA-50 communities": {"clustering": how, "ari", "nmi", "n_clusters"}}"""
+    from pretrain.downstream.clustering import scores
+    from pretrain.downstream.expression import hvg_expression
+    from pretrain.downstream.hybrid import HybridConfig, expression_clusters
+
+    predicted, how = expression_clusters(hvg_expression(f.counts, HybridConfig().n_top_genes))
+    found = scores(f.labels, predicted)
+    return {"PCA-50 communities": {"clustering": how, "ari": round(found["ari"], 4), "nmi": round(found["nmi"], 4),
+                                   "n_clusters": found["n_clusters"]}}
+
+
 def probe(x: np.ndarray, labels: np.ndarray, folds: list) -> dict:
     """Cell-type macro-F1 over the file's fixed folds: kNN (k=10) and logistic regression."""
     from sklearn.linear_model import LogisticRegression
@@ -896,6 +913,8 @@ def main() -> None:
             panels.setdefault(rep, {})[name] = x
             baselines[name][rep] = probe(x, f.labels, f.folds)
         baselines[name]["label fractions"] = fraction_probes(features, f, fractions)
+        if args.cluster:
+            baselines[name]["clustering"] = clustering_baseline(f)
         print(f"baselines {name}: {json.dumps(baselines[name])}", file=sys.stderr)
     settings = {
         "steps": args.steps, "curve": curve, "seeds": seeds, "cap": args.cap,
@@ -996,7 +1015,7 @@ def main() -> None:
                                               "finetuned_with": mode_settings(keyed["finetune"])}, arrays)
     summary = summarize(runs)
     record = result_record(
-        "eval_embeddings", device=device_record(), versions=versions("torch", "sklearn", "deepspeed"), phase=args.phase,
+        "eval_embeddings", device=device_record(), versions=versions("torch", "sklearn", "deepspeed", "leidenalg"), phase=args.phase,
         settings=settings,
         corpus={"files": PRETRAIN_FILES + [f"{SPLIT_SOURCE} (pretraining half)"], "excluded": EXCLUDED,
                 "cells": made.n_cells, "tokens": made.n_tokens, "vocab_genes": made.vocab.n_genes,

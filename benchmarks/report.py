@@ -153,7 +153,7 @@ def _report(name: str, r: dict) -> str:
     for file, meta in r["files"].items():
         out += [f"**{file}** ({n(meta['cells'])} cells, {meta['classes']} classes of `{meta['label_key']}`)", ""]
         rows = [[rep, f"{b['knn_macro_f1']:.3f}", f"{b['logreg_macro_f1']:.3f}", "-", "-"]
-                for rep, b in r["baselines"][file].items() if rep != "label fractions"]
+                for rep, b in r["baselines"][file].items() if rep not in ("label fractions", "clustering")]
         for mix, steps in r["summary"].items():
             for label, step in (("random init", "0"), (f"{mix} ({last} steps)", last)):
                 if label == "random init" and mix != next(iter(r["summary"])):
@@ -243,20 +243,25 @@ def _cluster_table(r: dict, file: str, last: str) -> list[str]:
     if not c:
         return []
     first = next(iter(r["summary"]))
+    k = r["files"][file]["classes"]
     rows = []
+    for b in r["baselines"][file].get("clustering", {}).values():  # it finds its own number of clusters
+        rows.append([f"PCA-50 of log1p-CP10k (HVG): {b['clustering']} (scanpy's default pipeline)",
+                     b["n_clusters"], f"{b['ari']:.3f}", f"{b['nmi']:.3f}"])
     pca = r["summary"][first].get(last, {}).get(file, {})
     if "cluster pca50 ari" in pca:
-        rows.append(["PCA-50 of log1p-CP10k (HVG)", _spread(pca, "cluster pca50 ari"), _spread(pca, "cluster pca50 nmi")])
+        rows.append(["PCA-50 of log1p-CP10k (HVG): k-means", k, _spread(pca, "cluster pca50 ari"),
+                     _spread(pca, "cluster pca50 nmi")])
     for mix, steps in r["summary"].items():
         for label, step in (("random init", "0"), (f"{mix} ({last} steps)", last)):
             row = steps.get(step, {}).get(file, {})
             if "cluster schybridbert ari" not in row or (step == "0" and mix != first):
                 continue
             for method, name in (("schybridbert", "scHybridBERT"), ("embedding_kmeans", "embedding alone")):
-                rows.append([f"{label}: {name}", _spread(row, f"cluster {method} ari"),
+                rows.append([f"{label}: {name}", k, _spread(row, f"cluster {method} ari"),
                              _spread(row, f"cluster {method} nmi")])
     return [f"Clustering ({c['how']}; VAE {c['vae_steps']} steps, fusion {c['epochs']}):", "",
-            table(["representation", "ARI", "NMI"], rows), ""]
+            table(["representation", "clusters", "ARI", "NMI"], rows), ""]
 
 
 LEGACY_EVAL = "ec04922"  # the last commit whose eval_embeddings.py wrote eval.json and eval_high_ties.json

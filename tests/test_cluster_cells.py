@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import anndata as ad
@@ -20,8 +21,15 @@ import torch
 from data_pipeline.conversion.vocab import Vocabulary
 from data_pipeline.loading.normalize import Normalization
 from pretrain.config import ModelConfig
-from pretrain.downstream.clustering import assign_clusters, scores
-from pretrain.downstream.hybrid import HybridConfig, cluster_with_baselines, hybrid_representation
+from pretrain.downstream import clustering
+from pretrain.downstream.clustering import assign_clusters, graph_communities, knn_adjacency, scores
+from pretrain.downstream.expression import hvg_expression
+from pretrain.downstream.hybrid import (
+    HybridConfig,
+    cluster_with_baselines,
+    expression_clusters,
+    hybrid_representation,
+)
 from pretrain.downstream.token_cells import label_strings
 from pretrain.downstream.vae import VAEConfig
 from pretrain.export import write_bundle
@@ -57,6 +65,40 @@ def test_pipeline_finds_separable_types_deterministically():
     # communities of the fused representation's kNN graph instead of k-means
     communities, method = assign_clusters(fused, None, resolution=0.5)
     assert scores(labels, communities)["ari"] > 0.9, method
+
+
+@pytest.mark.parametrize("louvain", [False, True], ids=["leiden", "louvain"])
+def test_graph_communities_find_planted_groups(louvain, monkeypatch):
+    """Both community paths (Leiden where leidenalg is installed, networkx's Louvain without it) recover
+    well-separated groups, numbered by decreasing size, and say which one ran."""
+    if louvain:
+        monkeypatch.setattr(clustering, "community_method", lambda: "louvain (networkx; install leidenalg and igraph "
+                                                                     "for Leiden)")
+    elif not clustering.community_method().startswith("leiden"):
+        pytest.skip("leidenalg and igraph are not installed (requirements.txt installs them)")
+    rng = np.random.default_rng(4)
+    sizes = [90, 60, 30]
+    truth = np.repeat(np.arange(3), sizes)
+    x = rng.normal(size=(len(truth), 8)) + 12 * rng.normal(size=(3, 8))[truth]
+    got, method = graph_communities(knn_adjacency(x, 10), resolution=0.5, seed=0)  # 1.0 splits the 90
+    assert method.split()[0] == ("louvain" if louvain else "leiden")
+    assert scores(truth, got)["ari"] == pytest.approx(1.0)
+    np.testing.assert_array_equal(got, truth)  # the largest community is 0
+    np.testing.assert_array_equal(graph_communities(knn_adjacency(x, 10), 0.5, seed=0)[0], got)
+
+
+def test_expression_baseline_is_scanpys_pipeline_on_hvg_expression():
+    """The PCA-50 baseline's clusters from raw counts: HVG log1p-CP10k, PCA-50, then k-means with k or
+    communities of its kNN graph; the separable types are found either way."""
+    counts, labels = _separable_counts(240, 150, 3, seed=2)
+    expression = hvg_expression(counts, 100)
+    with_k, how = expression_clusters(expression, 3)
+    assert how == "k-means (k=3)" and scores(labels, with_k)["ari"] > 0.95
+    found, how = expression_clusters(expression, None, resolution=0.5)
+    assert "resolution 0.5, 15 neighbours" in how and scores(labels, found)["ari"] > 0.9
+    report, _ = cluster_with_baselines(counts, np.zeros((240, 4), np.float32), labels, n_clusters=3,
+                                       config=replace(FAST, n_top_genes=100))
+    assert report["methods"]["pca50"]["ari"] == pytest.approx(scores(labels, with_k)["ari"])
 
 
 def test_scores_leave_unlabelled_cells_out():

@@ -274,7 +274,11 @@ def test_eval_embeddings_end_to_end(shared_data, tmp_path):
     assert set(spent) == {"embed_probe_masked", "cluster", "finetune"} and all(v > 0 for v in spent.values())
     for name in ev.EVAL_FILES:
         assert result["files"][name]["gene_coverage"]["count_fraction"] > 0.5
-        assert set(result["baselines"][name]) == {"PCA-50", "HVG-2000", "PCA-50 (model input)", "label fractions"}
+        assert set(result["baselines"][name]) == {"PCA-50", "HVG-2000", "PCA-50 (model input)", "label fractions",
+                                                  "clustering"}
+        scanpy = result["baselines"][name]["clustering"]["PCA-50 communities"]  # its own number of clusters
+        assert scanpy["clustering"].endswith("resolution 1.0, 15 neighbours") and scanpy["n_clusters"] >= 2
+        assert -1 <= scanpy["ari"] <= 1 and 0 <= scanpy["nmi"] <= 1
         for step in ("0", "3"):
             row = result["summary"]["mlm"][step][name]
             assert 0 <= row["knn_macro_f1"]["mean"] <= 1 and row["masked_loss"]["n"] == 1

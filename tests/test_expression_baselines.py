@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from pretrain.downstream.expression import highly_variable_genes, log1p_cp10k, pca
+from pretrain.downstream.expression import highly_variable_genes, hvg_expression, log1p_cp10k, pca
 
 
 def random_counts(seed: int, n: int = 300, g: int = 400) -> np.ndarray:
@@ -90,3 +90,14 @@ def test_pca_is_centred_and_capped_by_the_shape():
     centred = x - x.mean(0)
     np.testing.assert_allclose(np.sort(out.var(0, ddof=1))[::-1], np.sort(np.linalg.svd(centred, compute_uv=False) ** 2
                                                                / (len(x) - 1))[::-1][:12], rtol=1e-4)
+
+
+def test_hvg_expression_keeps_the_highly_variable_genes_of_log1p_cp10k():
+    counts = random_counts(3)
+    log_x = log1p_cp10k(counts).toarray()
+    got = hvg_expression(sp.csr_matrix(counts), 100)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, log_x[:, seurat_reference(log_x, 100)], rtol=1e-6)
+    # asked for as many genes as there are, or none: every gene, unexpressed ones included (nothing to rank)
+    for n_top in (0, counts.shape[1]):
+        np.testing.assert_allclose(hvg_expression(counts, n_top), log_x, rtol=1e-6)

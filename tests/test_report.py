@@ -161,7 +161,10 @@ def _eval_record() -> dict:
             "baselines": {"f": {"PCA-50": {"knn_macro_f1": 0.8, "logreg_macro_f1": 0.85},
                                 "HVG-2000": {"knn_macro_f1": 0.7, "logreg_macro_f1": 0.9},
                                 "label fractions": {"HVG-2000 LR 0.1": 0.6, "HVG-2000 LR 1": 0.9,
-                                                    "PCA-50 LR 0.1": 0.5, "PCA-50 LR 1": 0.85}}},
+                                                    "PCA-50 LR 0.1": 0.5, "PCA-50 LR 1": 0.85},
+                                "clustering": {"PCA-50 communities": {
+                                    "clustering": "leiden (leidenalg), resolution 1.0, 15 neighbours", "ari": 0.75,
+                                    "nmi": 0.8, "n_clusters": 6}}}},
             "summary": {"mlm": {"0": {"f": row(0.2, 3.0)}, "250": {"f": row(0.4, 2.5)}, "1000": {"f": row(0.6, 2.0)}}},
             "verdicts": {"mlm": {"f": {"knn_macro_f1_beats_random_init": True, "logreg_macro_f1_beats_random_init": True,
                                        "masked_loss_below_random_init": True, "knn_minus_pca50": -0.2,
@@ -188,8 +191,12 @@ def test_quality_renders_the_current_evaluation_beside_the_previous_one(monkeypa
     assert "| random init, fine-tuned (head) | 0.400 [0.400, 0.400] | 0.500 [0.500, 0.500] |" in text
     assert "| mlm (1000 steps), fine-tuned (head) | 0.800 [0.800, 0.800] | 0.900 [0.900, 0.900] |" in text
     assert "fine-tuned at 10% of labels +0.200 against HVG-2000" in text
-    assert "| PCA-50 of log1p-CP10k (HVG) | 0.700 [0.700, 0.700] | 0.700 [0.700, 0.700] |" in text
-    assert "| random init: scHybridBERT | 0.200 [0.200, 0.200] |" in text and "| mlm (1000 steps): embedding alone | 0.300" in text
+    assert ("| PCA-50 of log1p-CP10k (HVG): leiden (leidenalg), resolution 1.0, 15 neighbours (scanpy's default "
+            "pipeline) | 6 | 0.750 | 0.800 |") in text  # the clusters it found; the k-means rows have k = the classes
+    assert "| PCA-50 of log1p-CP10k (HVG): k-means | 4 | 0.700 [0.700, 0.700] | 0.700 [0.700, 0.700] |" in text
+    assert "| random init: scHybridBERT | 4 | 0.200 [0.200, 0.200] |" in text
+    assert "| mlm (1000 steps): embedding alone | 4 | 0.300" in text
+    assert "| clustering |" not in text  # not a probe row
     assert "previous evaluation" not in text  # no legacy file here
     assert "(10 epochs; folds; the head's input unscaled):" in text  # written before recipes were recorded
     current["settings"]["finetune"] |= {"modes": ["head", "full"], "epochs": 30, "full_epochs": 10,

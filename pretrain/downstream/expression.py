@@ -52,6 +52,14 @@ def highly_variable_genes(log_x, n_top: int = 2000, n_bins: int = 20) -> np.ndar
     return np.flatnonzero(np.nan_to_num(z) >= cutoff)
 
 
+def hvg_expression(counts, n_top_genes: int = 2000) -> np.ndarray:
+    """log1p-CP10k over all of a cell's genes, kept for the ``n_top_genes`` highly variable ones (every
+    gene when 0 or not fewer than the genes given).  counts [n, g] -> float32 [n, HVG]"""
+    x = log1p_cp10k(counts)
+    genes = highly_variable_genes(x, n_top_genes) if 0 < n_top_genes < x.shape[1] else slice(None)
+    return x[:, genes].toarray().astype(np.float32)
+
+
 def pca(x, n_components: int = 50, seed: int = 0) -> np.ndarray:
     """PCA of centred (not scaled) features, scanpy's default.  x [n, g] -> float32 [n, min(k, n - 1, g)]"""
     from sklearn.decomposition import PCA

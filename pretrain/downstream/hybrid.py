@@ -45,7 +45,7 @@ from torch.nn import functional as F
 
 from .cell_graph import CellGraph, exp_mah_knn_graph
 from .clustering import assign_clusters, kmeans, scores
-from .expression import highly_variable_genes, log1p_cp10k, pca
+from .expression import hvg_expression, pca
 from .gat import GATEncoder
 from .vae import VAEConfig, fit_vae_latent, unit_scale
 
@@ -155,13 +155,19 @@ def hybrid_representation(counts, embedding: np.ndarray, config: HybridConfig = 
     matrix) and their bundle ``embedding`` [N, d]."""
     if counts.shape[0] != len(embedding):
         raise ValueError(f"{counts.shape[0]} cells of counts but {len(embedding)} embeddings")
-    x = log1p_cp10k(counts)
-    genes = highly_variable_genes(x, config.n_top_genes) if 0 < config.n_top_genes < x.shape[1] else slice(None)
-    expression = x[:, genes].toarray().astype(np.float32)
+    expression = hvg_expression(counts, config.n_top_genes)
     latent = fit_vae_latent(unit_scale(expression), config.vae, config.seed)
     graph = exp_mah_knn_graph(latent, config.graph_neighbors, config.sim_alpha)
     fused, weights = fit_fusion(embedding, latent, graph, config)
     return HybridRepresentation(fused, weights, latent, graph, expression)
+
+
+def expression_clusters(expression: np.ndarray, n_clusters: int | None = None, resolution: float = 1.0,
+                        seed: int = 0) -> tuple[np.ndarray, str]:
+    """The expression baseline, scanpy's default pipeline from its log1p-CP10k HVG ``expression`` [N, HVG]
+    (`hvg_expression`) on: PCA-50, then k-means with ``n_clusters``, else communities of the 15-nearest-
+    neighbour graph at ``resolution`` (Leiden where installed). -> (cluster per cell [N], how)"""
+    return assign_clusters(pca(expression, 50, seed), n_clusters, resolution, seed=seed)
 
 
 def cluster_with_baselines(counts, embedding: np.ndarray, labels=None, n_clusters: int | None = None,
@@ -176,8 +182,7 @@ def cluster_with_baselines(counts, embedding: np.ndarray, labels=None, n_cluster
     seed = config.seed
     clusters, methods = {}, {}
     clusters["schybridbert"], methods["schybridbert"] = assign_clusters(rep.fused, n_clusters, resolution, seed=seed)
-    clusters["pca50"], methods["pca50"] = assign_clusters(pca(rep.expression, 50, seed), n_clusters, resolution,
-                                                          seed=seed)
+    clusters["pca50"], methods["pca50"] = expression_clusters(rep.expression, n_clusters, resolution, seed)
     k = n_clusters or int(clusters["schybridbert"].max() + 1)
     clusters["embedding_kmeans"] = kmeans(embedding, k, seed)
     methods["embedding_kmeans"] = f"k-means (k={k}{'' if n_clusters else ', as many as scHybridBERT found'})"
