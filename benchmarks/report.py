@@ -868,9 +868,10 @@ def clustering() -> str:
             rows.append([" ".join(run["args"]), label, m["clustering"], m["n_clusters"], f"{m['ari']:.3f}",
                          f"{m['nmi']:.3f}"])
         rows[-3][0] = f"{rows[-3][0]} ({run['wall_s']:.0f} s; {how})"
+    threads = f"OMP_NUM_THREADS={r['omp_num_threads']}" if r.get("omp_num_threads") else "the threads the command picks"
     return "\n".join([source("cluster_demo_cpu.json", r), "",
                       f"Input: `{Path(r['input']).name}` of `launch/demo.py` (2,000 synthetic labelled cells of 8 types) "
-                      "and its bundle; the threads the command picks.", "",
+                      f"and its bundle; {threads}.", "",
                       table(["command flags", "representation", "clustering", "clusters", "ARI", "NMI"], rows)])
 
 

@@ -247,3 +247,26 @@ def test_loader_peers_block_quotes_rates_and_says_which_goals_are_met(monkeypatc
     r["results"]["annbatch raw"]["cells_per_cpu_s_rounds"] = [200, 300]
     assert "project raw / annbatch raw: 1.50x (met; round by round 1.50, 1.10)" in report.loader_peers()
     assert "/somewhere" not in block  # the reproduce line names no machine's path
+
+
+def test_clustering_block_names_each_runs_method_and_the_threads(monkeypatch):
+    method = lambda how, n, ari: {"clustering": how, "n_clusters": n, "ari": ari, "nmi": ari}  # noqa: E731
+    r = {"date": "2026-12-07T10:00:00+00:00", "device": "cpu", "versions": {"python": "3.11.7"},
+         "command": "benchmarks/bench_cluster.py --n-clusters 8", "input": "demo/held_out.h5ad",
+         "omp_num_threads": None,
+         "runs": [{"args": ["--n-clusters", "8"], "wall_s": 96.4,
+                   "report": {"methods": {"schybridbert": method("k-means (k=8)", 8, 1.0),
+                                          "pca50": method("k-means (k=8)", 8, 0.9),
+                                          "embedding_kmeans": method("k-means (k=8)", 8, 0.1)}}},
+                  {"args": ["--leiden-resolution", "1.0"], "wall_s": 88.0,
+                   "report": {"methods": {"schybridbert": method("leiden (leidenalg), resolution 1.0", 26, 0.47),
+                                          "pca50": method("leiden (leidenalg), resolution 1.0", 8, 1.0),
+                                          "embedding_kmeans": method("k-means (k=26)", 26, 0.0)}}}]}
+    monkeypatch.setattr(report, "load", lambda name: r if name == "cluster_demo_cpu.json" else None)
+    block = report.clustering()
+    assert "| --n-clusters 8 (96 s; k-means) | scHybridBERT (fused) | k-means (k=8) | 8 | 1.000 | 1.000 |" in block
+    assert "| --leiden-resolution 1.0 | PCA-50 of log1p-CP10k | leiden (leidenalg), resolution 1.0 | 8 | 1.000 |" in block
+    assert "| --leiden-resolution 1.0 (88 s; communities) | scHybridBERT (fused) |" in block
+    assert "its bundle; the threads the command picks." in block
+    r["omp_num_threads"] = "1"
+    assert "its bundle; OMP_NUM_THREADS=1." in report.clustering()
