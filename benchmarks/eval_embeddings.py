@@ -431,7 +431,7 @@ def finetuned(bundle: Path, f: EvalFile, csr, embedding: np.ndarray, rows_wanted
             config = FinetuneConfig(label_column=f.label_key, mode=mode, epochs=how[mode]["epochs"], patience=0,
                                     seed=k, **how[mode]["recipe"])
             given = (embedding[rows], embedding[rows]) if mode == "head" else None
-            finetune_split(bundle, load_pretrained(bundle), split, folder, config, embeddings=given)
+            finetune_split(bundle, load_pretrained(bundle), split, folder, config, embeddings=given, plot=False)
             model, head, labels = load_finetuned(folder / "bundle")
             if mode == "head":  # the frozen encoder's embedding of the test cells, as predict_cells computes it
                 probs = class_probabilities(head, embedding[test])

@@ -271,9 +271,12 @@ def test_folds_chosen_by_the_caller_train_as_a_split_read_from_files(bundle, lab
     from pretrain.embed import embed_counts
 
     given = tuple(embed_counts(model, c.indptr, c.genes, c.counts, c.totals) for c in (fold.train, fold.val))
-    c = finetune_split(bundle, model, fold, tmp_path / "given", settings, embeddings=given)
+    c = finetune_split(bundle, model, fold, tmp_path / "given", settings, embeddings=given, plot=False)
     for key in ("macro_f1", "accuracy", "confusion", "history"):
         assert c[key] == a[key], key
+    # without the plot (a caller's many folds): the report keeps the matrix, no confusion.png is drawn
+    assert (tmp_path / "fold" / "confusion.png").exists() and not (tmp_path / "given" / "confusion.png").exists()
+    assert json.loads((tmp_path / "given" / "report.json").read_text())["confusion"] == a["confusion"]
 
 
 def test_a_rerun_with_other_settings_is_refused(bundle, labelled, head_run):
