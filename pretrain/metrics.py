@@ -82,6 +82,7 @@ class RunLog:
 
     def start(self, config: dict, history: list[dict], resumed: bool) -> None:
         self.history, self.restored = list(history), len(history)
+        self._set_aside_summary()
         if not self.use_mlflow:
             return
         import mlflow
@@ -108,6 +109,19 @@ class RunLog:
             # same values: resume is exact); MLflow keeps every value it is sent, so send each step once
             logged = mlflow.tracking.MlflowClient(uri).get_metric_history(run_id, "loss")
             self.mlflow_logged_through = max((m.step for m in logged), default=0)
+
+    def _set_aside_summary(self) -> None:
+        """summary.json says an invocation finished: from the start of the next one (a resume), it
+        describes an earlier state of the run, so it is renamed ``summary-step<N>.json`` (its steps), and
+        summary.json comes back only when this invocation finishes. A resume that fails leaves none."""
+        earlier = self.run_dir / "summary.json"
+        if not earlier.exists():
+            return
+        try:
+            steps = json.loads(earlier.read_text())["steps"]
+        except (ValueError, KeyError, TypeError):  # unreadable: kept all the same, under a name that says so
+            steps = "unknown"
+        earlier.replace(self.run_dir / f"summary-step{steps}.json")
 
     def record(self, metrics: dict, log: bool) -> None:
         self.history.append(metrics)

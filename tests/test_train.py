@@ -94,7 +94,10 @@ def test_too_many_non_finite_steps_in_a_row_stop_the_run(corpus, tmp_path):
     history = metrics(run)
     assert [h["step"] for h in history] == [1, 2, 3, 4]
     assert [math.isnan(h["loss"]) for h in history] == [False, True, True, True]
-    assert summary(run)["steps"] == 3  # the failed resume wrote none: the one there is the first run's
+    # the first run's summary is set aside when the resume starts; the failed resume writes none, so no
+    # summary.json says the run finished
+    assert not (run / "summary.json").exists()
+    assert json.loads((run / "summary-step3.json").read_text())["skipped_steps"] == 2
 
 
 # --- checkpoints ---------------------------------------------------------------------------------

@@ -310,3 +310,21 @@ def test_chunks_are_joined_only_for_a_contrastive_loss_without_the_cache():
 
     for cache, contrastive, joined in ((True, 0.5, False), (True, 0.0, False), (False, 0.5, True), (False, 0.0, False)):
         assert ObjectiveConfig(gradient_cache=cache, contrastive_weight=contrastive).joins_chunks is joined
+
+
+def test_a_started_invocation_sets_the_finished_ones_summary_aside(tmp_path):
+    """summary.json means the latest invocation finished: the next one renames it (its steps in the
+    name) as it starts and writes its own only at its end; an unreadable one is kept all the same."""
+    first = RunLog(tmp_path, "e", use_mlflow=False)
+    first.start({}, [], resumed=False)
+    first.finish({"steps": 4})
+    resumed = RunLog(tmp_path, "e", use_mlflow=False)
+    resumed.start({}, [{"step": 1}], resumed=True)
+    assert not (tmp_path / "summary.json").exists()
+    assert json.loads((tmp_path / "summary-step4.json").read_text()) == {"steps": 4}
+    resumed.finish({"steps": 9})
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"steps": 9}
+    (tmp_path / "summary.json").write_text("{cut off")
+    RunLog(tmp_path, "e", use_mlflow=False).start({}, [], resumed=True)
+    assert (tmp_path / "summary-stepunknown.json").read_text() == "{cut off"
+    assert sorted(p.name for p in tmp_path.glob("summary*")) == ["summary-step4.json", "summary-stepunknown.json"]
