@@ -118,7 +118,7 @@ class RunLog:
         if not earlier.exists():
             return
         try:
-            steps = json.loads(earlier.read_text())["steps"]
+            steps = int(json.loads(earlier.read_text())["steps"])  # a number: it becomes part of a file name
         except (ValueError, KeyError, TypeError):  # unreadable: kept all the same, under a name that says so
             steps = "unknown"
         earlier.replace(self.run_dir / f"summary-step{steps}.json")

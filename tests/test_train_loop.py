@@ -327,4 +327,7 @@ def test_a_started_invocation_sets_the_finished_ones_summary_aside(tmp_path):
     (tmp_path / "summary.json").write_text("{cut off")
     RunLog(tmp_path, "e", use_mlflow=False).start({}, [], resumed=True)
     assert (tmp_path / "summary-stepunknown.json").read_text() == "{cut off"
+    (tmp_path / "summary.json").write_text('{"steps": "../elsewhere"}')  # not a number: never part of a path
+    RunLog(tmp_path, "e", use_mlflow=False).start({}, [], resumed=True)
+    assert (tmp_path / "summary-stepunknown.json").read_text() == '{"steps": "../elsewhere"}'
     assert sorted(p.name for p in tmp_path.glob("summary*")) == ["summary-step4.json", "summary-stepunknown.json"]

@@ -164,9 +164,10 @@ def hybrid_representation(counts, embedding: np.ndarray, config: HybridConfig = 
 
 def expression_clusters(expression: np.ndarray, n_clusters: int | None = None, resolution: float = 1.0,
                         seed: int = 0) -> tuple[np.ndarray, str]:
-    """The expression baseline, scanpy's default pipeline from its log1p-CP10k HVG ``expression`` [N, HVG]
-    (`hvg_expression`) on: PCA-50, then k-means with ``n_clusters``, else communities of the 15-nearest-
-    neighbour graph at ``resolution`` (Leiden where installed). -> (cluster per cell [N], how)"""
+    """The expression baseline: scanpy's default pipeline on ``expression`` [N, HVG] (`hvg_expression`,
+    log1p-CP10k of the highly variable genes): PCA-50, then k-means with ``n_clusters``, else
+    communities of its 15-nearest-neighbour graph at ``resolution`` (Leiden where installed).
+    -> (cluster per cell [N], how)"""
     return assign_clusters(pca(expression, 50, seed), n_clusters, resolution, seed=seed)
 
 
