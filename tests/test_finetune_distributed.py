@@ -117,6 +117,7 @@ def test_two_ranks_train_as_one_process_with_the_same_global_batch(bundle, label
         assert set(a) == set(b)
         for k in a:
             if k.endswith(".attn.qkv.bias"):
+                # (exact attention, this bundle's sdpa; FAVOR+'s features would not drop it exactly)
                 # the key bias shifts every score of a query alike, so the softmax drops it: its gradient
                 # is rounding noise, whose sign AdamW turns into a full-size step that any other
                 # summation order (two ranks) draws differently; queries' and values' biases are compared
