@@ -203,7 +203,6 @@ def test_quality_renders_the_current_evaluation_beside_the_previous_one(monkeypa
                                         "recipe": {"lr": 0.001, "standardize": True}}
     assert ("(head 30 epochs, full 10; folds; the head's input scaled by the training cells' mean and sd; lr 0.001):"
             in report.quality())
-    current = _eval_record()
     assert ("Taken unchanged from an earlier result of the same settings (`--reuse`; not in the t-SNE figure): `mlm` "
             "seed 0 (2026-12-04, `python benchmarks/eval_embeddings.py --phase final --seeds 0`)." in text)
 
