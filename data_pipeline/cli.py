@@ -77,7 +77,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         "cgroup CPU quota)")
     c.add_argument("--num-nodes", type=int, help="nodes sharing this conversion (default: SLURM array size, else 1)")
     c.add_argument("--node-rank", type=int, help="this node's rank (default: SLURM array index, else 0)")
-    c.add_argument("--wait", type=float, default=86400, help="multi-node: seconds to wait for other nodes' gene scans")
+    c.add_argument("--wait", type=float, default=86400,
+                   help="multi-node: seconds to wait for the other nodes' mtx indexes and gene scans (a node that "
+                        "failed or was killed stops the wait sooner)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing corpus or unfinished conversion in --out")
     c.add_argument("--keep-work", action="store_true", help="keep the .work folder of per-unit results")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -16,6 +16,7 @@ import scipy.io
 import scipy.sparse as sp
 
 from data_pipeline.conversion import convert as convert_module
+from data_pipeline.conversion import nodes
 from data_pipeline.conversion.mtx_index import MtxIndex, build_index, read_header, stream_rows
 from data_pipeline.conversion.readers import SourceError, open_source
 from tests.source_writers import write_10x_mtx
@@ -265,12 +266,13 @@ def test_nodes_index_their_share_and_wait_for_the_others(tmp_path, monkeypatch):
 
     alone, options = _two_inputs_alone(tmp_path)
     out = tmp_path / "nodes"
-    monkeypatch.setattr(convert_module, "WAIT_POLL_S", 0.05)
+    monkeypatch.setattr(nodes, "WAIT_POLL_S", 0.05)
     with pytest.raises(ConvertError, match=r"1 10x mtx inputs were not indexed by the other nodes .*tenx0.*run every"):
         convert_module.convert(out, options, num_nodes=2, node_rank=1, progress=False, wait_s=0.2)
     assert sorted(p.name for p in (out / ".work" / "mtx").iterdir()) == ["s000001"]
     for rank in (0, 1):
         assert convert_module.convert(out, options, num_nodes=2, node_rank=rank, progress=False) is None
+    assert not list((out / ".work").glob("node-*.alive"))  # each node's heartbeat goes with it
     merged = merge_corpus(out, progress=False)
     assert merged["shards"] == alone["shards"]
 
@@ -284,7 +286,7 @@ def test_a_failed_node_stops_the_nodes_waiting_for_its_share(tmp_path, monkeypat
     import time
 
     from data_pipeline.conversion import mtx_index
-    from data_pipeline.conversion.convert import ConvertError, node_failure_path
+    from data_pipeline.conversion.convert import ConvertError
     from data_pipeline.conversion.merge import merge_corpus
 
     alone, options = _two_inputs_alone(tmp_path)
@@ -297,15 +299,16 @@ def test_a_failed_node_stops_the_nodes_waiting_for_its_share(tmp_path, monkeypat
     monkeypatch.setattr(mtx_index, "_build", full_disk)
     with pytest.raises(OSError, match="No space left"):
         convert_module.convert(out, options, num_nodes=2, node_rank=0, progress=False)
-    assert "No space left on device" in node_failure_path(out / ".work", 0).read_text()
+    assert "No space left on device" in nodes.failure_path(out / ".work", 0).read_text()
+    assert not nodes.heartbeat_path(out / ".work", 0).exists()  # its error, not a stale heartbeat, tells the others
     monkeypatch.setattr(mtx_index, "_build", real)
-    monkeypatch.setattr(convert_module, "WAIT_POLL_S", 0.05)
+    monkeypatch.setattr(nodes, "WAIT_POLL_S", 0.05)
     start = time.monotonic()
     with pytest.raises(ConvertError, match=r"node 0 stopped with an error .*No space left on device.* waiting for the "
                                            r"other nodes' mtx indexes: fix the cause, rerun that node"):
         convert_module.convert(out, options, num_nodes=2, node_rank=1, progress=False, wait_s=600)
     assert time.monotonic() - start < 60
-    assert not node_failure_path(out / ".work", 1).exists()
+    assert not nodes.failure_path(out / ".work", 1).exists()
     assert sorted(p.name for p in (out / ".work" / "mtx").iterdir()) == ["s000001"]  # node 1 did its share
     for rank in (0, 1):
         assert convert_module.convert(out, options, num_nodes=2, node_rank=rank, progress=False, wait_s=0.2) is None
@@ -313,14 +316,49 @@ def test_a_failed_node_stops_the_nodes_waiting_for_its_share(tmp_path, monkeypat
     assert merge_corpus(out, progress=False)["shards"] == alone["shards"]
 
 
-def test_only_a_failure_of_a_node_whose_share_is_missing_stops_the_wait(tmp_path, monkeypatch):
-    """Item i of a stage is node i % num_nodes's: node 2's failure (its share done) does not stop node 0
-    waiting for node 1's item; node 1's does."""
-    from data_pipeline.conversion.convert import OtherNodeFailed, _wait_for, node_failure_path
+def test_a_killed_node_stops_the_nodes_waiting_for_its_share(tmp_path, monkeypatch):
+    """Node 0 is killed (SIGKILL: no error recorded) while node 1 waits for its mtx index: node 1 stops
+    once node 0's heartbeat has not changed for HEARTBEAT_STALE_S, naming node 0 and what to rerun,
+    and records no failure of its own. Rerun, both go on, and the merged corpus equals one node's."""
+    import signal
+    import subprocess
+    import sys
+    import time
 
-    monkeypatch.setattr(convert_module, "WAIT_POLL_S", 0.01)
-    node_failure_path(tmp_path, 2).write_text("OSError: disk full\n")
-    assert _wait_for(lambda: [4], 3, 0.1, "gene scans", tmp_path, 0) == [4]
-    node_failure_path(tmp_path, 1).write_text("ConvertError: bad input\n")
-    with pytest.raises(OtherNodeFailed, match=r"node 1 stopped with an error .*bad input"):
-        _wait_for(lambda: [4], 3, 60, "gene scans", tmp_path, 0)
+    from data_pipeline.conversion.merge import merge_corpus
+
+    alone, options = _two_inputs_alone(tmp_path)
+    out = tmp_path / "nodes"
+    work = out / ".work"
+    work.mkdir(parents=True)
+    alive = nodes.heartbeat_path(work, 0)
+    node0 = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from data_pipeline.conversion import nodes; "
+        "nodes.HEARTBEAT_S = 0.05\n"
+        "with nodes.heartbeat(Path(sys.argv[1]), 0): time.sleep(600)"), str(work)],
+        cwd=Path(__file__).resolve().parent.parent)
+    try:
+        deadline = time.monotonic() + 60
+        while not alive.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        first = alive.read_text()
+        while alive.read_text() == first and time.monotonic() < deadline:
+            time.sleep(0.05)  # beating: the file changes while node 0 lives
+        assert alive.read_text() != first
+    finally:
+        node0.send_signal(signal.SIGKILL)
+        node0.wait()
+    assert alive.exists()  # a killed node leaves its heartbeat, which goes stale
+    monkeypatch.setattr(nodes, "WAIT_POLL_S", 0.05)
+    monkeypatch.setattr(nodes, "HEARTBEAT_STALE_S", 1.0)
+    start = time.monotonic()
+    with pytest.raises(nodes.OtherNodeFailed, match=r"node 0 stopped without recording an error: its heartbeat .* has "
+                                                    r"not changed for \d+ s, so it was killed.* waiting for the other "
+                                                    r"nodes' mtx indexes: rerun that node, then rerun this one"):
+        convert_module.convert(out, options, num_nodes=2, node_rank=1, progress=False, wait_s=600)
+    assert time.monotonic() - start < 60
+    assert not nodes.failure_path(work, 1).exists() and not nodes.heartbeat_path(work, 1).exists()
+    for rank in (0, 1):
+        assert convert_module.convert(out, options, num_nodes=2, node_rank=rank, progress=False, wait_s=0.2) is None
+    assert not list(work.glob("node-*"))
+    assert merge_corpus(out, progress=False)["shards"] == alone["shards"]

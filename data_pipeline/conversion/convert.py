@@ -20,9 +20,8 @@ Stages, each resumable because each output is written atomically and its presenc
              (`merge.py`)
 
 Units run in a process pool (``workers``) and across nodes (unit ``u`` belongs to node
-``u % num_nodes``); neither changes any output byte. A node that stops with an error leaves it in
-``.work/node-R.failed`` (cleared when that node is rerun), and the nodes waiting for its share stop
-with it instead of waiting ``wait_s``.
+``u % num_nodes``); neither changes any output byte. A node that stops with an error, or is killed,
+stops the nodes waiting for its share instead of leaving them waiting ``wait_s`` (`nodes.py`).
 """
 
 from __future__ import annotations
@@ -34,6 +33,7 @@ import os
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import nullcontext
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -54,6 +54,7 @@ from .fsio import (
     remove_stale_temps,
 )
 from .merge import finish_if_complete, merge_units
+from .nodes import failure_path, heartbeat, record_failure, wait_for_nodes
 from .plan import (
     CHUNK_BLOCKS,
     WORK,
@@ -272,7 +273,7 @@ def ensure_mtx_indexes(work: Path, plan: dict, workers: int, num_nodes: int, nod
     with progress_bar(sum(plan["sources"][i]["n_cells"] for i in todo), "index mtx", progress) as bar:
         # no kernels: their warm-up reads rows, which before the index is a pass over a whole mtx file
         run_pool(index_source, todo, workers, (work, None), bar.update, kernels=False)
-    late = _wait_for(lambda: missing(wanted), num_nodes, wait_s, "mtx indexes", work, node_rank)
+    late = wait_for_nodes(lambda: missing(wanted), num_nodes, wait_s, "mtx indexes", work, node_rank)
     if late:
         raise ConvertError(f"{len(late)} 10x mtx inputs were not indexed by the other nodes within {wait_s:.0f} s "
                            f"(e.g. {plan['sources'][late[0]]['path']}); run every node")
@@ -557,60 +558,14 @@ def ensure_vocab(out: Path, plan: dict, workers: int, mine: list[int], progress:
     todo = _largest_first(plan, [u for u in mine if not _scan_path(work, u).exists()])
     with progress_bar(sum(unit_rows(plan, u) for u in todo), "scan genes", progress) as bar:
         run_pool(scan_unit, todo, workers, (work, None), bar.update)
-    missing = _wait_for(lambda: [u for u in range(len(plan["units"])) if not _scan_path(work, u).exists()],
-                        num_nodes, wait_s, "gene scans", work, node_rank)
+    missing = wait_for_nodes(lambda: [u for u in range(len(plan["units"])) if not _scan_path(work, u).exists()],
+                             num_nodes, wait_s, "gene scans", work, node_rank)
     if missing:
         raise ConvertError(f"{len(missing)} units were not scanned by the other nodes within "
                            f"{wait_s:.0f} s (e.g. {missing[:5]}); run every node, or pass --vocab")
     vocab = build_vocab(work, plan)
     atomic_write_bytes(vocab_path, vocab.to_tsv())
     return vocab_path
-
-
-WAIT_POLL_S = 5.0  # how often a waiting node looks at the shared folder
-
-
-def node_failure_path(work: Path, node_rank: int) -> Path:
-    """Where node ``node_rank`` of a multi-node run leaves the error that stopped it, so that the
-    nodes waiting for its share stop too instead of waiting ``wait_s`` (24 h by default)."""
-    return work / f"node-{node_rank}.failed"
-
-
-class OtherNodeFailed(ConvertError):
-    """A node stopped because another node recorded a failure: it records none of its own, which would
-    stop that node in turn when it is rerun and waits for this one's share."""
-
-
-def _others_failure(work: Path, ranks, node_rank: int) -> str | None:
-    """The failure record (`node_failure_path`) of the first node of ``ranks`` other than this one that
-    has one, None when none has."""
-    for rank in sorted(set(ranks)):
-        path = node_failure_path(work, rank)
-        if rank != node_rank and path.exists():
-            try:
-                return f"node {rank} stopped with an error ({path}): {path.read_text().strip()}"
-            except FileNotFoundError:  # that node was rerun meanwhile and cleared it
-                continue
-    return None
-
-
-def _wait_for(missing_fn, num_nodes: int, wait_s: float, what: str, work: Path, node_rank: int) -> list:
-    """Wait for the other nodes' share of a stage (``missing_fn() -> [item]``, item ``i`` node
-    ``i % num_nodes``'s); -> what is still missing after ``wait_s``. Raises `OtherNodeFailed` as soon as a
-    node whose share is missing records a failure (`node_failure_path`)."""
-    missing = missing_fn()
-    if not missing or num_nodes <= 1:
-        return missing
-    deadline = time.monotonic() + wait_s
-    log.info(f"waiting for the other nodes' {what} ({len(missing)} units left)")
-    while missing and time.monotonic() < deadline:
-        failed = _others_failure(work, (i % num_nodes for i in missing), node_rank)
-        if failed:
-            raise OtherNodeFailed(f"{failed}. This node was waiting for the other nodes' {what}: fix the cause, "
-                                  "rerun that node, then rerun this one (each goes on from where it stopped)")
-        time.sleep(WAIT_POLL_S)
-        missing = missing_fn()
-    return missing
 
 
 def convert(out: str | Path, options: ConvertOptions, workers: int = 1, num_nodes: int = 1,
@@ -634,15 +589,14 @@ def convert(out: str | Path, options: ConvertOptions, workers: int = 1, num_node
         except VocabError as exc:
             raise ConvertError(f"--vocab: {exc}") from None
     with locked_output(out, node_rank if num_nodes > 1 else None):
-        failure = node_failure_path(out / WORK, node_rank) if num_nodes > 1 else None
-        if failure is not None:
-            failure.unlink(missing_ok=True)  # this rerun is the fix the waiting nodes were told to run
+        if num_nodes > 1:  # this rerun is the fix the waiting nodes were told to run
+            failure_path(out / WORK, node_rank).unlink(missing_ok=True)
         try:
             return _convert_locked(out, options, workers, num_nodes, node_rank, overwrite, progress, keep_work,
                                    wait_s, timings)
-        except Exception as exc:  # not a kill (KeyboardInterrupt, SIGKILL): a killed node is rerun, and waited for
-            if failure is not None and failure.parent.is_dir() and not isinstance(exc, OtherNodeFailed):
-                atomic_write_bytes(failure, f"{type(exc).__name__}: {exc}\n".encode())
+        except Exception as exc:  # not a kill (KeyboardInterrupt, SIGKILL): a killed node's heartbeat stops instead
+            if num_nodes > 1:
+                record_failure(out / WORK, node_rank, exc)
             raise
 
 
@@ -668,29 +622,30 @@ def _convert_locked(out: Path, options: ConvertOptions, workers: int, num_nodes:
     work = out / WORK
     work.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(work, others_may_write)
-    if state == "new":
-        plan, genes = planned or build_plan(options, workers)
-        save_plan(work, plan, genes)
-    plan = load_plan(work)
-    lap("plan")
-    ensure_mtx_indexes(work, plan, workers, num_nodes, node_rank, progress, wait_s)
-    lap("index")
-    mine = [u for u in range(len(plan["units"])) if u % num_nodes == node_rank]
-    vocab_path = ensure_vocab(out, plan, workers, mine, progress, num_nodes, node_rank, wait_s)
-    mixed = read_vocab(vocab_path).mixed_species_warning()
-    if mixed:
-        log.warning(mixed)
-    lap("vocab")
+    with heartbeat(work, node_rank) if num_nodes > 1 else nullcontext():  # the waiting nodes' sign that it lives
+        if state == "new":
+            plan, genes = planned or build_plan(options, workers)
+            save_plan(work, plan, genes)
+        plan = load_plan(work)
+        lap("plan")
+        ensure_mtx_indexes(work, plan, workers, num_nodes, node_rank, progress, wait_s)
+        lap("index")
+        mine = [u for u in range(len(plan["units"])) if u % num_nodes == node_rank]
+        vocab_path = ensure_vocab(out, plan, workers, mine, progress, num_nodes, node_rank, wait_s)
+        mixed = read_vocab(vocab_path).mixed_species_warning()
+        if mixed:
+            log.warning(mixed)
+        lap("vocab")
 
-    (work / "units").mkdir(exist_ok=True)
-    remove_stale_temps(work / "units", others_may_write)
-    todo = _largest_first(plan, [u for u in mine if not (work / "units" / f"{unit_name(u)}.json").exists()])
-    log.debug(f"convert: {len(todo)} of this node's {len(mine)} work units left to do")
-    with progress_bar(sum(unit_rows(plan, u) for u in todo), "convert", progress) as bar:
-        run_pool(convert_unit, todo, workers, (work, vocab_path), lambda r: bar.update(r["cells_read"]))
-    lap("units")
-    if num_nodes > 1:
-        return None
-    manifest = merge_units(out, keep_work=keep_work, progress=progress, workers=workers)
-    lap("merge")
-    return manifest
+        (work / "units").mkdir(exist_ok=True)
+        remove_stale_temps(work / "units", others_may_write)
+        todo = _largest_first(plan, [u for u in mine if not (work / "units" / f"{unit_name(u)}.json").exists()])
+        log.debug(f"convert: {len(todo)} of this node's {len(mine)} work units left to do")
+        with progress_bar(sum(unit_rows(plan, u) for u in todo), "convert", progress) as bar:
+            run_pool(convert_unit, todo, workers, (work, vocab_path), lambda r: bar.update(r["cells_read"]))
+        lap("units")
+        if num_nodes > 1:
+            return None
+        manifest = merge_units(out, keep_work=keep_work, progress=progress, workers=workers)
+        lap("merge")
+        return manifest
