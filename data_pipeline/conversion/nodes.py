@@ -26,7 +26,7 @@ from pathlib import Path
 from .fsio import atomic_write_bytes
 from .plan import ConvertError
 
-log = logging.getLogger("data_pipeline")
+log = logging.getLogger(__name__)
 
 WAIT_POLL_S = 5.0          # how often a waiting node looks at the shared folder
 HEARTBEAT_S = 30.0         # how often a running node rewrites its heartbeat
