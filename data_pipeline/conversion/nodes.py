@@ -79,20 +79,19 @@ def heartbeat(work: Path, node_rank: int):
 
     thread = threading.Thread(target=beat, name=f"node-{node_rank}-heartbeat", daemon=True)
     thread.start()
+    interrupted = False
     try:
         yield path
     except Exception:
-        stop.set()
-        thread.join()
-        path.unlink(missing_ok=True)
         raise
     except BaseException:
+        interrupted = True
+        raise
+    finally:
         stop.set()
         thread.join()
-        raise
-    stop.set()
-    thread.join()
-    path.unlink(missing_ok=True)
+        if not interrupted:
+            path.unlink(missing_ok=True)
 
 
 class _Heartbeats:
