@@ -19,12 +19,12 @@ def test_bench_favor_cpu_smoke(tmp_path):
     result = json.loads(out.read_text())
     assert result["partial"] is False and result["settings"]["smoke"] is True
     rows = result["rows"]
-    assert {row["layout"] for row in rows} == {"split", "padded", "reference"}
+    assert {row["layout"] for row in rows} == {"grouped", "ungrouped", "padded", "reference"}
     assert len({row["case"] for row in rows}) == 4
     for row in rows:
         assert row["max_rel_error_fp64"] < 1e-10 and row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0, row
         assert row["tokens"] == 600 and row["padded_tokens"] >= row["tokens"]
-    assert set(result["time_ratios"]) == {"padded / split", "reference / split"}
+    assert set(result["time_ratios"]) == {"ungrouped / grouped", "padded / grouped", "reference / grouped"}
 
 
 def test_the_padded_layout_is_the_same_definition():

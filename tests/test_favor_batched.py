@@ -18,13 +18,14 @@ def _inputs(lengths, heads, dim, seed, dtype=torch.float64):
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_batched_equals_reference_forward_and_gradients(seed):
+@pytest.mark.parametrize("group_tokens", [1, 20, 64, None])  # one sequence a group ... all in one group
+def test_batched_equals_reference_forward_and_gradients(seed, group_tokens):
     g = torch.Generator().manual_seed(100 + seed)
-    lengths = torch.randint(0, 30, (9,), generator=g).tolist() + [1, 0, 47]
+    lengths = [0] + torch.randint(0, 30, (9,), generator=g).tolist() + [1, 0, 47, 0, 0]
     q, k, v, cu, longest = _inputs(lengths, heads=3, dim=16, seed=seed)
     projection = draw_projection(48, 16, seed=seed, dtype=torch.float64)
     ref = favor_attention_reference(q, k, v, projection, cu, longest)
-    out = favor_attention_batched(q, k, v, projection, cu, longest)
+    out = favor_attention_batched(q, k, v, projection, cu, longest, group_tokens=group_tokens)
     assert (out - ref).norm() / ref.norm() < 1e-12
     grad = torch.randn(ref.shape, generator=g, dtype=torch.float64)
     for a, b in zip(torch.autograd.grad(ref, (q, k, v), grad), torch.autograd.grad(out, (q, k, v), grad)):
