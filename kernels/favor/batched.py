@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from ..packing import sequence_ids
 from .naive import check_inputs
 
 GROUP_TOKENS = 1024  # tokens per group: the features of one group of the report's model are 1 MB
@@ -35,12 +36,13 @@ def favor_attention_batched(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     bounds = check_inputs(q, k, v, projection, cu_seqlens)
     if q.shape[0] == 0:
         return torch.empty_like(q)
-    groups, current = [], []
+    groups, current, tokens = [], [], 0
     for start, end in zip(bounds[:-1], bounds[1:]):
         current.append(end - start)
-        if group_tokens is not None and sum(current) >= group_tokens:
+        tokens += end - start
+        if group_tokens is not None and tokens >= group_tokens:
             groups.append(current)
-            current = []
+            current, tokens = [], 0
     groups += [current] if current else []
     sizes = [sum(g) for g in groups]
     w = projection.to(q.dtype)
@@ -62,8 +64,9 @@ def _group(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, l
     proj_k, half_k = project(k)
     stab_q = proj_q.amax(-1, keepdim=True).detach()
     key_max = proj_k.detach().amax(-1)  # [H, n] -> per head and sequence
-    seq = torch.repeat_interleave(torch.arange(len(lengths), device=q.device),
-                                  torch.tensor(lengths, device=q.device), output_size=n)
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int64, device=q.device)
+    cu[1:] = torch.tensor(lengths, device=q.device).cumsum(0)
+    seq = sequence_ids(cu, n)
     seq_max = key_max.new_full((h, len(lengths)), float("-inf")).scatter_reduce(1, seq.expand(h, -1), key_max, "amax")
     # the definition's factor m^-1/2 on every feature cancels between numerator and denominator
     phi_q = torch.exp(proj_q - (half_q + stab_q)) + eps
