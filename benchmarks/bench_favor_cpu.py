@@ -16,8 +16,8 @@ of the encoder's forward time in the padded layout. Layouts, each checked agains
 - ``ungrouped``: the same with the whole batch as one group (``group_tokens=None``): its features,
   tens of MB, leave the cache between the elementwise passes.
 - ``padded``: the features scattered into a zeroed ``[B, max_seqlen, H, m]`` batch and contracted
-  with einsum over it (the CPU path before this benchmark; kept here as the measured alternative).
-  Its cost follows B x the longest sequence, not the tokens.
+  with einsum over it (the path with several torch threads, and the only one before this
+  benchmark). Its cost follows B x the longest sequence, not the tokens.
 - ``reference``: `favor_attention_reference`, one sequence at a time (`kernels/favor/naive.py`, the
   definition the others are tested against).
 
@@ -54,48 +54,14 @@ CASES = {  # name: (shortest, longest) genes per cell, and a fixed first cell wh
 SHAPES = {"eval.yaml (H 4, D 32, m 64)": (4, 32, 64), "wide (H 8, D 64, m 256)": (8, 64, 256)}
 
 
-def padded_layout(q, k, v, projection, cu_seqlens, max_seqlen, eps: float = 1e-4):
-    """FAVOR+ over a zero-padded ``[B, max_seqlen, H, m]`` batch of the features (the layout measured
-    against).  q, k, v [T, H, D] -> [T, H, D]"""
-    import torch
-
-    from kernels.packing import padding_index
-
-    t, h, d = q.shape
-    b, m = cu_seqlens.shape[0] - 1, projection.shape[0]
-    seq, pos = padding_index(cu_seqlens, t)
-    w = projection.to(q.dtype)
-
-    def project(x):
-        xs = x * d ** -0.25
-        return torch.einsum("thd,md->thm", xs, w), (xs * xs).sum(-1, keepdim=True) / 2
-
-    proj_q, half_q = project(q)
-    proj_k, half_k = project(k)
-    stab_q = proj_q.amax(-1, keepdim=True).detach()
-    key_max = proj_k.detach().amax(-1)
-    seq_max = key_max.new_full((b, h), float("-inf")).scatter_reduce(0, seq[:, None].expand(-1, h), key_max, "amax")
-    phi_q = m ** -0.5 * (torch.exp(proj_q - half_q - stab_q) + eps)
-    phi_k = m ** -0.5 * (torch.exp(proj_k - half_k - seq_max[seq][..., None]) + eps)
-
-    def pad(x):
-        return x.new_zeros(b, max_seqlen, h, x.shape[-1]).index_put((seq, pos), x)
-
-    phi_k_padded, phi_q_padded = pad(phi_k), pad(phi_q)
-    state = torch.einsum("blhm,blhe->bhme", phi_k_padded, pad(v.to(phi_k.dtype)))
-    norm = phi_k_padded.sum(1)
-    numerator = torch.einsum("blhm,bhme->blhe", phi_q_padded, state)[seq, pos]
-    denominator = torch.einsum("blhm,bhm->blh", phi_q_padded, norm)[seq, pos]
-    return (numerator / denominator[..., None]).to(q.dtype)
-
-
 def layouts() -> dict:
     from functools import partial
 
     from kernels.favor import favor_attention_batched, favor_attention_reference
 
-    return {"grouped": favor_attention_batched, "ungrouped": partial(favor_attention_batched, group_tokens=None),
-            "padded": padded_layout, "reference": favor_attention_reference}
+    return {"grouped": partial(favor_attention_batched, layout="grouped"),
+            "ungrouped": partial(favor_attention_batched, layout="grouped", group_tokens=None),
+            "padded": partial(favor_attention_batched, layout="padded"), "reference": favor_attention_reference}
 
 
 def cell_lengths(case: str, tokens: int, generator) -> list[int]:

@@ -18,14 +18,15 @@ def _inputs(lengths, heads, dim, seed, dtype=torch.float64):
 
 
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("group_tokens", [1, 20, 64, None])  # one sequence a group ... all in one group
-def test_batched_equals_reference_forward_and_gradients(seed, group_tokens):
+@pytest.mark.parametrize(("layout", "group_tokens"),  # one sequence a group ... all in one group; padded
+                         [("grouped", 1), ("grouped", 20), ("grouped", 64), ("grouped", None), ("padded", None)])
+def test_batched_equals_reference_forward_and_gradients(seed, layout, group_tokens):
     g = torch.Generator().manual_seed(100 + seed)
     lengths = [0] + torch.randint(0, 30, (9,), generator=g).tolist() + [1, 0, 47, 0, 0]
     q, k, v, cu, longest = _inputs(lengths, heads=3, dim=16, seed=seed)
     projection = draw_projection(48, 16, seed=seed, dtype=torch.float64)
     ref = favor_attention_reference(q, k, v, projection, cu, longest)
-    out = favor_attention_batched(q, k, v, projection, cu, longest, group_tokens=group_tokens)
+    out = favor_attention_batched(q, k, v, projection, cu, longest, group_tokens=group_tokens, layout=layout)
     assert (out - ref).norm() / ref.norm() < 1e-12
     grad = torch.randn(ref.shape, generator=g, dtype=torch.float64)
     for a, b in zip(torch.autograd.grad(ref, (q, k, v), grad), torch.autograd.grad(out, (q, k, v), grad)):
@@ -47,3 +48,22 @@ def test_batched_refuses_bad_cu_seqlens():
     q, k, v, cu, longest = _inputs([3, 2], heads=1, dim=4, seed=0)
     with pytest.raises(ValueError, match="cu_seqlens"):
         favor_attention_batched(q, k, v, draw_projection(16, 4, seed=0), cu[:-1], longest)
+
+
+def test_the_layout_follows_the_thread_count():
+    """One torch thread: grouped; several: padded (its few large parallel regions); the same result."""
+    q, k, v, cu, longest = _inputs([5, 9, 2], heads=2, dim=8, seed=3)
+    projection = draw_projection(16, 8, seed=3, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(favor_attention_batched(q, k, v, projection, cu, longest))
+    finally:
+        torch.set_num_threads(threads)
+    grouped = favor_attention_batched(q, k, v, projection, cu, longest, layout="grouped")
+    padded = favor_attention_batched(q, k, v, projection, cu, longest, layout="padded")
+    assert torch.allclose(outs[0], grouped, rtol=1e-12, atol=0) and torch.allclose(outs[1], padded, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="layout"):
+        favor_attention_batched(q, k, v, projection, cu, longest, layout="dense")
