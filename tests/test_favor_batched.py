@@ -50,16 +50,29 @@ def test_batched_refuses_bad_cu_seqlens():
         favor_attention_batched(q, k, v, draw_projection(16, 4, seed=0), cu[:-1], longest)
 
 
-def test_the_layout_follows_the_thread_count():
-    """One torch thread: grouped; several: padded (its few large parallel regions); the same result."""
+def test_the_layout_follows_the_thread_count(monkeypatch):
+    """One torch thread: grouped; several: padded (its few large parallel regions); the same result.
+    Both layouts agree to rounding, so which one ran is read from the calls, not from the output."""
+    import kernels.favor.batched as batched
+
     q, k, v, cu, longest = _inputs([5, 9, 2], heads=2, dim=8, seed=3)
     projection = draw_projection(16, 8, seed=3, dtype=torch.float64)
+    ran = []
+
+    def recorded(name):
+        original = getattr(batched, name)
+        return lambda *args: ran.append(name) or original(*args)
+
+    for name in ("_group", "_padded"):
+        monkeypatch.setattr(batched, name, recorded(name))
     threads = torch.get_num_threads()
     try:
         outs = []
         for n in (1, 2):
+            ran.clear()
             torch.set_num_threads(n)
             outs.append(favor_attention_batched(q, k, v, projection, cu, longest))
+            assert set(ran) == ({"_group"} if n == 1 else {"_padded"})
     finally:
         torch.set_num_threads(threads)
     grouped = favor_attention_batched(q, k, v, projection, cu, longest, layout="grouped")

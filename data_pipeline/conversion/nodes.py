@@ -82,10 +82,8 @@ def heartbeat(work: Path, node_rank: int):
     interrupted = False
     try:
         yield path
-    except Exception:
-        raise
-    except BaseException:
-        interrupted = True
+    except BaseException as exc:
+        interrupted = not isinstance(exc, Exception)
         raise
     finally:
         stop.set()
