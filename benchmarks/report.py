@@ -189,7 +189,7 @@ def _report(name: str, r: dict) -> str:
             out.append(f"- `{mix}` on {file}: " + (f"not above random init in {', '.join(lost)}" if lost
                                                    else "above random init") + f"; kNN {row['knn_minus_pca50']:+.3f} "
                        f"against PCA-50{closed}.")
-    figure = f"eval_{r['phase']}.png"
+    figure = name.removesuffix(".json") + ".png"
     if (RESULTS / figure).exists():
         out += ["", f"![t-SNE of each representation, coloured by cell type](benchmarks/results/{figure})"]
         if shown is not None:
@@ -264,12 +264,56 @@ def _cluster_table(r: dict, file: str, last: str) -> list[str]:
             table(["representation", "clusters", "ARI", "NMI"], rows), ""]
 
 
+RECIPE_COLUMNS = (("knn_macro_f1", "kNN"), ("logreg_macro_f1", "logistic regression"),
+                  ("finetuned head 0.01", "head 1 %"), ("finetuned head 0.1", "head 10 %"),
+                  ("finetuned head 1", "head 100 %"), ("cluster schybridbert ari", "scHybridBERT ARI"),
+                  ("cluster embedding_kmeans ari", "k-means ARI"), ("masked_loss", "masked loss"))
+
+
+def _recipes(reports: list[tuple[str, dict]]) -> str:
+    """Each final result's mixes at their last curve step, side by side per held-out file (means over
+    seeds), under the file's PCA-50 and HVG-2000 rows (logistic regression at the same label shares
+    in the head columns): the recipes the report has measured, compared where the goals are judged."""
+    files = list(reports[0][1]["files"])
+    rows = []
+    for file in files:
+        first = reports[0][1]["baselines"][file]
+        fractions = first.get("label fractions", {})
+        r0 = reports[0][1]
+        pca = next(iter(r0["summary"].values()))[str(r0["settings"]["curve"][-1])][file]
+        for rep in ("PCA-50", "HVG-2000"):
+            kmeans = f"{pca['cluster pca50 ari']['mean']:.3f}" if rep == "PCA-50" and "cluster pca50 ari" in pca else "-"
+            cells = [f"{first[rep]['knn_macro_f1']:.3f}", f"{first[rep]['logreg_macro_f1']:.3f}",
+                     *(f"{fractions[f'{rep} LR {x}']:.3f}" if f"{rep} LR {x}" in fractions else "-"
+                       for x in ("0.01", "0.1", "1")), "-", kmeans, "-"]
+            rows.append([file, f"{rep} (logistic regression in the head columns)", *cells])
+        for name, r in reports:
+            if file not in r["files"]:
+                continue
+            last = str(r["settings"]["curve"][-1])
+            seeds = len(r["settings"]["seeds"])
+            for mix, steps in r["summary"].items():
+                row = steps[last][file]
+                rows.append([file, f"`{mix}`, {n(int(last))} steps, {seeds} seed{'s' if seeds > 1 else ''} "
+                                   f"(`{name}`)",
+                             *(f"{row[k]['mean']:.3f}" if k in row else "-" for k, _ in RECIPE_COLUMNS)])
+    return ("**The recipes on the held-out files** (means over seeds at each run's last step; head: fine-tuned "
+            "head macro-F1 at 1 / 10 / 100 % of each fold's training labels; k-means with k = the file's number of labels, on "
+            "the model's embedding or on PCA-50):\n\n"
+            + table(["file", "model", *(label for _, label in RECIPE_COLUMNS)], rows))
+
+
+# the report's result first, then the earlier recipes' final results (their full tables are in the files)
+FINAL_REPORTS = ("eval_final.json", "eval_final_mlm.json")
 LEGACY_EVAL = "ec04922"  # the last commit whose eval_embeddings.py wrote eval.json and eval_high_ties.json
 LEGACY_RUN = f"git worktree add ../eval-{LEGACY_EVAL} {LEGACY_EVAL} && cd ../eval-{LEGACY_EVAL} &&"
 
 
 def quality() -> str:
     out = []
+    finals = [(name, r) for name in FINAL_REPORTS if (r := load(name)) is not None]
+    if len(finals) > 1:
+        out += [_recipes(finals), ""]
     for name in ("eval_final.json", "eval_validation.json"):
         current = load(name)
         if current is not None:

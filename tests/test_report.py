@@ -208,6 +208,25 @@ def test_quality_renders_the_current_evaluation_beside_the_previous_one(monkeypa
 
 
 
+def test_quality_compares_the_final_recipes_side_by_side(monkeypatch):
+    current, earlier = _eval_record(), _eval_record()
+    earlier["settings"] |= {"steps": 3000, "curve": [250, 1000, 3000], "seeds": [0, 1]}
+    earlier["summary"]["mlm"]["3000"] = earlier["summary"]["mlm"].pop("1000")
+    earlier["summary"]["mlm"]["3000"]["f"]["knn_macro_f1"]["mean"] = 0.45
+    current["summary"] = {"mlm+contrastive": current["summary"]["mlm"]}
+    files = {"eval_final.json": current}
+    monkeypatch.setattr(report, "load", lambda name: files.get(name))
+    assert "The recipes on the held-out files" not in report.quality()  # one final result: nothing to compare
+    files["eval_final_mlm.json"] = earlier
+    text = report.quality()
+    assert text.index("The recipes on the held-out files") < text.index("**Final report (held-out files).**")
+    assert "| f | PCA-50 (logistic regression in the head columns) | 0.800 | 0.850 | - | 0.500 | 0.850 | - | 0.700 | - |" in text
+    assert "| f | HVG-2000 (logistic regression in the head columns) | 0.700 | 0.900 | - | 0.600 | 0.900 | - | - | - |" in text
+    assert ("| f | `mlm+contrastive`, 1,000 steps, 3 seeds (`eval_final.json`) | 0.600 | 0.700 | - | 0.800 | 0.900 | "
+            "0.600 | 0.300 | 2.000 |") in text
+    assert "| f | `mlm`, 3,000 steps, 2 seeds (`eval_final_mlm.json`) | 0.450 | 0.700 | - | 0.800 |" in text
+
+
 def test_quality_says_which_seeds_the_figure_shows(monkeypatch, tmp_path):
     current = _eval_record()
     monkeypatch.setattr(report, "load", lambda name: current if name == "eval_final.json" else None)
