@@ -274,12 +274,11 @@ def _recipes(reports: list[tuple[str, dict]]) -> str:
     """Each final result's mixes at their last curve step, side by side per held-out file (means over
     seeds), under the file's PCA-50 and HVG-2000 rows (logistic regression at the same label shares
     in the head columns): the recipes the report has measured, compared where the goals are judged."""
-    files = list(reports[0][1]["files"])
+    r0 = reports[0][1]  # the baselines are the same cells in every result: the report's are shown
     rows = []
-    for file in files:
-        first = reports[0][1]["baselines"][file]
+    for file in r0["files"]:
+        first = r0["baselines"][file]
         fractions = first.get("label fractions", {})
-        r0 = reports[0][1]
         pca = next(iter(r0["summary"].values()))[str(r0["settings"]["curve"][-1])][file]
         for rep in ("PCA-50", "HVG-2000"):
             kmeans = f"{pca['cluster pca50 ari']['mean']:.3f}" if rep == "PCA-50" and "cluster pca50 ari" in pca else "-"
