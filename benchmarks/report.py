@@ -264,9 +264,10 @@ def _cluster_table(r: dict, file: str, last: str) -> list[str]:
             table(["representation", "clusters", "ARI", "NMI"], rows), ""]
 
 
+RECIPE_FRACTIONS = ("0.01", "0.1", "1")  # the label shares of the head columns, as the results key them
 RECIPE_COLUMNS = (("knn_macro_f1", "kNN"), ("logreg_macro_f1", "logistic regression"),
-                  ("finetuned head 0.01", "head 1 %"), ("finetuned head 0.1", "head 10 %"),
-                  ("finetuned head 1", "head 100 %"), ("cluster schybridbert ari", "scHybridBERT ARI"),
+                  *((f"finetuned head {x}", f"head {float(x):.0%}".replace("%", " %")) for x in RECIPE_FRACTIONS),
+                  ("cluster schybridbert ari", "scHybridBERT ARI"),
                   ("cluster embedding_kmeans ari", "k-means ARI"), ("masked_loss", "masked loss"))
 
 
@@ -284,7 +285,7 @@ def _recipes(reports: list[tuple[str, dict]]) -> str:
             kmeans = f"{pca['cluster pca50 ari']['mean']:.3f}" if rep == "PCA-50" and "cluster pca50 ari" in pca else "-"
             cells = [f"{first[rep]['knn_macro_f1']:.3f}", f"{first[rep]['logreg_macro_f1']:.3f}",
                      *(f"{fractions[f'{rep} LR {x}']:.3f}" if f"{rep} LR {x}" in fractions else "-"
-                       for x in ("0.01", "0.1", "1")), "-", kmeans, "-"]
+                       for x in RECIPE_FRACTIONS), "-", kmeans, "-"]
             rows.append([file, f"{rep} (logistic regression in the head columns)", *cells])
         for name, r in reports:
             if file not in r["files"]:
